@@ -1,0 +1,225 @@
+// Autograd for multi_scale_forward, in C++ so that libtorch users can train through the block too.
+//
+// The forward's per-branch optional tensors are flattened into one list of the tensors present (autograd
+// tracks tensors, not lists of optionals); backward calls multi_scale_backward, asking only for the
+// gradients some input needs, and maps its results back onto that list.
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include "../block_config.h"
+
+namespace msfused {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using TensorVector = std::vector<Tensor>;
+using ForwardResult = std::tuple<Tensor, TensorVector, TensorVector, TensorVector, TensorVector>;
+
+ForwardResult call_forward(const Tensor& x, at::TensorList weight, const OptionalTensorList& bias,
+                           const OptionalTensorList& scale, const OptionalTensorList& shift,
+                           const c10::List<bool>& batch_stats, c10::ArrayRef<double> eps, c10::IntArrayRef factor,
+                           c10::IntArrayRef bins, c10::string_view down_mode, c10::string_view up_mode,
+                           bool align_corners, c10::string_view activation, c10::string_view input_position) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("msfused::multi_scale_forward", "")
+                       .typed<ForwardResult(const Tensor&, at::TensorList, const OptionalTensorList&,
+                                            const OptionalTensorList&, const OptionalTensorList&,
+                                            const c10::List<bool>&, c10::ArrayRef<double>, c10::IntArrayRef,
+                                            c10::IntArrayRef, c10::string_view, c10::string_view, bool,
+                                            c10::string_view, c10::string_view)>();
+  return op.call(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
+                 activation, input_position);
+}
+
+using BackwardResult = ForwardResult;
+
+BackwardResult call_backward(const Tensor& grad, const Tensor& x, at::TensorList weight,
+                             const OptionalTensorList& scale, const OptionalTensorList& shift,
+                             at::TensorList level, at::TensorList pre, at::TensorList mean, at::TensorList var,
+                             const c10::List<bool>& batch_stats, c10::ArrayRef<double> eps, c10::IntArrayRef factor,
+                             c10::IntArrayRef bins, c10::string_view down_mode, c10::string_view up_mode,
+                             bool align_corners, c10::string_view activation, c10::string_view input_position,
+                             std::array<bool, 2> output_mask) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("msfused::multi_scale_backward", "")
+                       .typed<BackwardResult(const Tensor&, const Tensor&, at::TensorList, const OptionalTensorList&,
+                                             const OptionalTensorList&, at::TensorList, at::TensorList,
+                                             at::TensorList, at::TensorList, const c10::List<bool>&,
+                                             c10::ArrayRef<double>, c10::IntArrayRef, c10::IntArrayRef,
+                                             c10::string_view, c10::string_view, bool, c10::string_view,
+                                             c10::string_view, std::array<bool, 2>)>();
+  return op.call(grad, x, weight, scale, shift, level, pre, mean, var, batch_stats, eps, factor, bins, down_mode,
+                 up_mode, align_corners, activation, input_position, output_mask);
+}
+
+// Which optional per-branch tensors are present, and where each lives in the flat parameter list:
+// weight[0..B), then per branch bias, scale, shift where present.
+struct ParamLayout {
+  int64_t branches = 0;
+  std::vector<int64_t> bias_at, scale_at, shift_at;  // index into params, or -1
+
+  static ParamLayout make(int64_t B, const OptionalTensorList& bias, const OptionalTensorList& scale,
+                          const OptionalTensorList& shift) {
+    ParamLayout l;
+    l.branches = B;
+    int64_t next = B;
+    auto place = [&](const OptionalTensorList& list, std::vector<int64_t>& at) {
+      for (int64_t b = 0; b < B; ++b) {
+        const std::optional<Tensor> t = list.get(b);
+        at.push_back(t.has_value() && t->defined() ? next++ : -1);
+      }
+    };
+    place(bias, l.bias_at);
+    place(scale, l.scale_at);
+    place(shift, l.shift_at);
+    return l;
+  }
+  std::vector<int64_t> encode() const {
+    std::vector<int64_t> v{branches};
+    for (const auto* a : {&bias_at, &scale_at, &shift_at}) v.insert(v.end(), a->begin(), a->end());
+    return v;
+  }
+  static ParamLayout decode(const std::vector<int64_t>& v) {
+    ParamLayout l;
+    l.branches = v[0];
+    const int64_t B = l.branches;
+    l.bias_at.assign(v.begin() + 1, v.begin() + 1 + B);
+    l.scale_at.assign(v.begin() + 1 + B, v.begin() + 1 + 2 * B);
+    l.shift_at.assign(v.begin() + 1 + 2 * B, v.begin() + 1 + 3 * B);
+    return l;
+  }
+  OptionalTensorList gather(const variable_list& params, const std::vector<int64_t>& at) const {
+    OptionalTensorList list;
+    for (int64_t i : at) list.push_back(i >= 0 ? std::optional<Tensor>(params[i]) : std::nullopt);
+    return list;
+  }
+};
+
+// The block's non-tensor arguments, carried from forward to backward.
+struct Config {
+  c10::List<bool> batch_stats;
+  std::vector<double> eps;
+  std::vector<int64_t> factor, bins;
+  std::string down_mode, up_mode, activation, input_position;
+  bool align_corners;
+};
+
+class MultiScaleFunction : public torch::autograd::Function<MultiScaleFunction> {
+ public:
+  // params: the flat parameter list (ParamLayout). Returns out, then level, pre, mean, var per branch.
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, at::TensorList params,
+                               const std::vector<int64_t>& layout_code, const Config& cfg) {
+    const ParamLayout layout = ParamLayout::decode(layout_code);
+    const int64_t B = layout.branches;
+    const variable_list p(params.begin(), params.end());
+    const TensorVector weight(p.begin(), p.begin() + B);
+    const OptionalTensorList bias = layout.gather(p, layout.bias_at), scale = layout.gather(p, layout.scale_at),
+                             shift = layout.gather(p, layout.shift_at);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, level, pre, mean, var] =
+        call_forward(x, weight, bias, scale, shift, cfg.batch_stats, cfg.eps, cfg.factor, cfg.bins, cfg.down_mode,
+                     cfg.up_mode, cfg.align_corners, cfg.activation, cfg.input_position);
+    variable_list result{out};
+    for (const TensorVector* list : {&level, &pre, &mean, &var}) result.insert(result.end(), list->begin(), list->end());
+    variable_list extra(result.begin() + 1, result.end());
+    ctx->mark_non_differentiable(extra);
+    variable_list saved{x};
+    saved.insert(saved.end(), p.begin(), p.end());
+    saved.insert(saved.end(), extra.begin(), extra.end());
+    ctx->save_for_backward(saved);
+    ctx->saved_data["layout"] = c10::IValue(layout_code);
+    ctx->saved_data["batch_stats"] = cfg.batch_stats;
+    ctx->saved_data["eps"] = c10::IValue(cfg.eps);
+    ctx->saved_data["factor"] = c10::IValue(cfg.factor);
+    ctx->saved_data["bins"] = c10::IValue(cfg.bins);
+    ctx->saved_data["down_mode"] = cfg.down_mode;
+    ctx->saved_data["up_mode"] = cfg.up_mode;
+    ctx->saved_data["align_corners"] = cfg.align_corners;
+    ctx->saved_data["activation"] = cfg.activation;
+    ctx->saved_data["input_position"] = cfg.input_position;
+    return result;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    TORCH_CHECK(!(at::GradMode::is_enabled() && grad_outputs[0].requires_grad()),
+                "msfused: second-order gradients of multi_scale_forward are not supported "
+                "(backward with create_graph=True)");
+    const auto layout_code = ctx->saved_data["layout"].toIntVector();
+    const ParamLayout layout = ParamLayout::decode(layout_code);
+    const int64_t B = layout.branches;
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor& x = saved[0];
+    const int64_t P = static_cast<int64_t>(saved.size()) - 1 - 4 * B;
+    const variable_list p(saved.begin() + 1, saved.begin() + 1 + P);
+    auto group = [&](int64_t k) { return TensorVector(saved.begin() + 1 + P + k * B, saved.begin() + 1 + P + (k + 1) * B); };
+    const TensorVector weight(p.begin(), p.begin() + B);
+    const OptionalTensorList scale = layout.gather(p, layout.scale_at), shift = layout.gather(p, layout.shift_at);
+
+    const bool need_x = ctx->needs_input_grad(0);
+    bool need_weight = false;
+    for (int64_t b = 0; b < B; ++b) need_weight = need_weight || ctx->needs_input_grad(1 + b);
+
+    auto [grad_x, grad_weight, grad_bias, grad_scale, grad_shift] = call_backward(
+        grad_outputs[0], x, weight, scale, shift, group(0), group(1), group(2), group(3),
+        ctx->saved_data["batch_stats"].toBoolList(), ctx->saved_data["eps"].toDoubleVector(),
+        ctx->saved_data["factor"].toIntVector(), ctx->saved_data["bins"].toIntVector(),
+        ctx->saved_data["down_mode"].toStringRef(), ctx->saved_data["up_mode"].toStringRef(),
+        ctx->saved_data["align_corners"].toBool(), ctx->saved_data["activation"].toStringRef(),
+        ctx->saved_data["input_position"].toStringRef(), {need_x, need_weight});
+
+    // One gradient per forward argument: x, each param, then the two non-tensor arguments.
+    variable_list grads(1 + P + 2);
+    if (need_x) grads[0] = grad_x;
+    for (int64_t b = 0; b < B; ++b) {
+      if (need_weight) grads[1 + b] = grad_weight[b];
+      if (layout.bias_at[b] >= 0) grads[1 + layout.bias_at[b]] = grad_bias[b];
+      if (layout.scale_at[b] >= 0) grads[1 + layout.scale_at[b]] = grad_scale[b];
+      if (layout.shift_at[b] >= 0) grads[1 + layout.shift_at[b]] = grad_shift[b];
+    }
+    return grads;
+  }
+};
+
+ForwardResult multi_scale_forward_autograd(const Tensor& x, at::TensorList weight, const OptionalTensorList& bias,
+                                           const OptionalTensorList& scale, const OptionalTensorList& shift,
+                                           const c10::List<bool>& batch_stats, c10::ArrayRef<double> eps,
+                                           c10::IntArrayRef factor, c10::IntArrayRef bins,
+                                           c10::string_view down_mode, c10::string_view up_mode, bool align_corners,
+                                           c10::string_view activation, c10::string_view input_position) {
+  const int64_t B = static_cast<int64_t>(weight.size());
+  TORCH_CHECK_VALUE(bias.size() == static_cast<size_t>(B) && scale.size() == static_cast<size_t>(B) &&
+                        shift.size() == static_cast<size_t>(B),
+                    "msfused: bias, scale and shift need one entry (or None) per branch");
+  const ParamLayout layout = ParamLayout::make(B, bias, scale, shift);
+  TensorVector params(weight.begin(), weight.end());
+  for (const OptionalTensorList* list : {&bias, &scale, &shift})
+    for (size_t b = 0; b < list->size(); ++b) {
+      const std::optional<Tensor> t = list->get(b);
+      if (t.has_value() && t->defined()) params.push_back(*t);
+    }
+  Config cfg{batch_stats.copy(),
+             eps.vec(),
+             factor.vec(),
+             bins.vec(),
+             std::string(down_mode),
+             std::string(up_mode),
+             std::string(activation),
+             std::string(input_position),
+             align_corners};
+  // As a TensorList: autograd tracks the elements of a TensorList, not of a std::vector.
+  const variable_list r = MultiScaleFunction::apply(x, at::TensorList(params), layout.encode(), cfg);
+  auto group = [&](int64_t k) { return TensorVector(r.begin() + 1 + k * B, r.begin() + 1 + (k + 1) * B); };
+  return {r[0], group(0), group(1), group(2), group(3)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(msfused, Autograd, m) {
+  m.impl("multi_scale_forward", &multi_scale_forward_autograd);
+}
+
+}  // namespace msfused

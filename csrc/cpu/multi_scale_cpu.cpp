@@ -1,0 +1,602 @@
+// The fused multi-scale block on the CPU: forward and backward kernels, registered for the CPU key.
+//
+// Forward, per call:
+//   1. one pass over x (parallel over channel groups) computes every pyramid level and copies x into its
+//      slice of the output;
+//   2. each branch's convolution on its (small) level, by ATen (oneDNN); batch statistics if asked;
+//   3. one pass writes norm, activation and the resize back up straight into the branch's channel slice.
+// Backward mirrors it: the adjoint of the upsample as a gather fused with the activation and norm
+// backward, ATen's convolution backward on the level, then one pass that writes dx once (the identity
+// slice plus every branch's adjoint down-resize, gathered in a fixed order). No atomics, no scatter
+// across threads: results are bit-identical run to run.
+//
+// Layouts: NCHW work items are one (n, c) plane; channels_last work items are one n and a group of up to
+// kGroup channels, so the innermost loops run over contiguous memory in both.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#include "../block_config.h"
+#include "../taps.h"
+
+namespace msfused {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+using TensorVector = std::vector<Tensor>;
+using ForwardResult = std::tuple<Tensor, TensorVector, TensorVector, TensorVector, TensorVector>;
+
+constexpr int64_t kGroup = 16;  // channels per channels_last work item: one 64-byte line of float32
+
+// Where element (i, j, g) of one work item lives: base + i * row + j * pix + g.
+template <bool CL>
+struct Plane {
+  int64_t row = 0, pix = 1;
+  static Plane make(int64_t width, int64_t channels) {
+    Plane p;
+    p.row = CL ? width * channels : width;
+    p.pix = CL ? channels : 1;
+    return p;
+  }
+  // Offset of (n, c, 0, 0) in a (N, channels, height, width) tensor.
+  static int64_t origin(int64_t n, int64_t c, int64_t channels, int64_t height, int64_t width) {
+    return CL ? n * height * width * channels + c : (n * channels + c) * height * width;
+  }
+};
+
+// Work items: (n, first channel, channel count) over `channels` channels.
+template <bool CL>
+struct Groups {
+  int64_t per_n;
+  int64_t channels;
+  explicit Groups(int64_t channels_) : per_n(CL ? (channels_ + kGroup - 1) / kGroup : channels_), channels(channels_) {}
+  void at(int64_t item, int64_t* n, int64_t* c0, int64_t* g) const {
+    *n = item / per_n;
+    const int64_t k = item % per_n;
+    *c0 = CL ? k * kGroup : k;
+    *g = CL ? std::min(kGroup, channels - *c0) : 1;
+  }
+};
+
+template <typename T>
+struct BranchTaps {
+  Taps1d<T> down_h, down_w, up_h, up_w;
+};
+
+template <typename T>
+std::vector<BranchTaps<T>> make_branch_taps(const BlockPlan& plan) {
+  std::vector<BranchTaps<T>> taps;
+  for (const BranchPlan& b : plan.branches) {
+    BranchTaps<T> t;
+    t.down_h = make_taps<T>(b.down_h, plan.H, b.level_h, b.factor, plan.align_corners);
+    t.down_w = make_taps<T>(b.down_w, plan.W, b.level_w, b.factor, plan.align_corners);
+    t.up_h = make_taps<T>(b.up_h, b.level_h, plan.H, 1, plan.align_corners);
+    t.up_w = make_taps<T>(b.up_w, b.level_w, plan.W, 1, plan.align_corners);
+    taps.push_back(std::move(t));
+  }
+  return taps;
+}
+
+// Branch b's per-channel epilogue as y = alpha * conv + beta (norm folded or batch-normalised), in opmath.
+template <typename T>
+struct Epilogue {
+  std::vector<T> alpha, beta;
+};
+
+std::vector<double> to_doubles(const std::optional<Tensor>& t, int64_t n, double fill) {
+  if (!t.has_value() || !t->defined()) return std::vector<double>(n, fill);
+  Tensor d = t->detach().to(at::kCPU, at::kDouble).contiguous();
+  return std::vector<double>(d.data_ptr<double>(), d.data_ptr<double>() + n);
+}
+
+// y = scale * conv + shift, or with batch statistics y = (conv - mean) * invstd * scale + shift.
+template <typename T>
+Epilogue<T> make_epilogue(const BranchPlan& b, const std::optional<Tensor>& scale, const std::optional<Tensor>& shift,
+                          const Tensor& mean, const Tensor& var) {
+  const int64_t cb = b.out_channels;
+  std::vector<double> s = to_doubles(scale, cb, 1.0), t = to_doubles(shift, cb, 0.0);
+  Epilogue<T> e;
+  e.alpha.resize(cb);
+  e.beta.resize(cb);
+  if (b.batch_stats) {
+    std::vector<double> m = to_doubles(mean, cb, 0.0), v = to_doubles(var, cb, 0.0);
+    for (int64_t c = 0; c < cb; ++c) {
+      const double invstd = 1.0 / std::sqrt(v[c] + b.eps);
+      e.alpha[c] = static_cast<T>(s[c] * invstd);
+      e.beta[c] = static_cast<T>(t[c] - m[c] * s[c] * invstd);
+    }
+  } else {
+    for (int64_t c = 0; c < cb; ++c) {
+      e.alpha[c] = static_cast<T>(s[c]);
+      e.beta[c] = static_cast<T>(t[c]);
+    }
+  }
+  return e;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward pass 1: every level from one read of x, and x's slice of the output.
+// ---------------------------------------------------------------------------------------------------
+template <typename scalar_t, bool CL>
+void levels_and_copy(const BlockPlan& plan, const std::vector<BranchTaps<at::opmath_type<scalar_t>>>& taps,
+                     const scalar_t* x, scalar_t* out, const std::vector<scalar_t*>& level) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t C = plan.C, H = plan.H, W = plan.W;
+  const Groups<CL> groups(C);
+  const Plane<CL> xp = Plane<CL>::make(W, C);
+  const Plane<CL> op = Plane<CL>::make(W, plan.out_channels);
+  at::parallel_for(0, plan.N * groups.per_n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> row(W * (CL ? kGroup : 1));
+    for (int64_t item = begin; item < end; ++item) {
+      int64_t n, c0, G;
+      groups.at(item, &n, &c0, &G);
+      const scalar_t* xb = x + Plane<CL>::origin(n, c0, C, H, W);
+      if (plan.x_offset >= 0) {
+        scalar_t* ob = out + Plane<CL>::origin(n, plan.x_offset + c0, plan.out_channels, H, W);
+        if (!CL) {
+          std::memcpy(ob, xb, sizeof(scalar_t) * H * W);
+        } else {
+          for (int64_t i = 0; i < H; ++i)
+            for (int64_t j = 0; j < W; ++j) std::memcpy(ob + i * op.row + j * op.pix, xb + i * xp.row + j * xp.pix, sizeof(scalar_t) * G);
+        }
+      }
+      for (size_t b = 0; b < plan.branches.size(); ++b) {
+        const BranchPlan& bp = plan.branches[b];
+        if (bp.identity) continue;
+        const auto& th = taps[b].down_h;
+        const auto& tw = taps[b].down_w;
+        const Plane<CL> zp = Plane<CL>::make(bp.level_w, C);
+        scalar_t* zb = level[b] + Plane<CL>::origin(n, c0, C, bp.level_h, bp.level_w);
+        for (int64_t oh = 0; oh < bp.level_h; ++oh) {
+          // Rows of x weighted into one row buffer (contiguous, vectorised), then the column taps.
+          for (int64_t k = th.row_ptr[oh]; k < th.row_ptr[oh + 1]; ++k) {
+            const scalar_t* xr = xb + th.row_idx[k] * xp.row;
+            const T w = th.row_w[k];
+            const bool first = k == th.row_ptr[oh];
+            for (int64_t j = 0; j < W; ++j) {
+              T* r = row.data() + j * (CL ? kGroup : 1);
+              const scalar_t* xs = xr + j * xp.pix;
+              for (int64_t g = 0; g < G; ++g) r[g] = (first ? T(0) : r[g]) + w * static_cast<T>(xs[g]);
+            }
+          }
+          for (int64_t ow = 0; ow < bp.level_w; ++ow) {
+            T acc[CL ? kGroup : 1] = {};
+            for (int64_t k = tw.row_ptr[ow]; k < tw.row_ptr[ow + 1]; ++k) {
+              const T* r = row.data() + tw.row_idx[k] * (CL ? kGroup : 1);
+              const T w = tw.row_w[k];
+              for (int64_t g = 0; g < G; ++g) acc[g] += w * r[g];
+            }
+            scalar_t* zs = zb + oh * zp.row + ow * zp.pix;
+            for (int64_t g = 0; g < G; ++g) zs[g] = static_cast<scalar_t>(acc[g]);
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward pass 3: norm, activation and the resize back up, written into each branch's output slice.
+// ---------------------------------------------------------------------------------------------------
+template <typename scalar_t, bool CL>
+void epilogue_and_up(const BlockPlan& plan, const std::vector<BranchTaps<at::opmath_type<scalar_t>>>& taps,
+                     const std::vector<Epilogue<at::opmath_type<scalar_t>>>& epi, const std::vector<const scalar_t*>& pre,
+                     scalar_t* out) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t H = plan.H, W = plan.W, Co = plan.out_channels;
+  const Activation act = plan.activation;
+  const Plane<CL> op = Plane<CL>::make(W, Co);
+  for (size_t b = 0; b < plan.branches.size(); ++b) {
+    const BranchPlan& bp = plan.branches[b];
+    const int64_t Cb = bp.out_channels, h = bp.level_h, w = bp.level_w;
+    const Groups<CL> groups(Cb);
+    const Plane<CL> cp = Plane<CL>::make(w, Cb);
+    const T* alpha = epi[b].alpha.data();
+    const T* beta = epi[b].beta.data();
+    const auto& th = taps[b].up_h;
+    const auto& tw = taps[b].up_w;
+    at::parallel_for(0, plan.N * groups.per_n, 1, [&](int64_t begin, int64_t end) {
+      constexpr int64_t S = CL ? kGroup : 1;
+      std::vector<T> level(bp.identity ? 0 : h * w * S), row(bp.identity ? 0 : w * S);
+      for (int64_t item = begin; item < end; ++item) {
+        int64_t n, c0, G;
+        groups.at(item, &n, &c0, &G);
+        const scalar_t* cb = pre[b] + Plane<CL>::origin(n, c0, Cb, h, w);
+        scalar_t* ob = out + Plane<CL>::origin(n, bp.channel_offset + c0, Co, H, W);
+        if (bp.identity) {
+          for (int64_t i = 0; i < H; ++i)
+            for (int64_t j = 0; j < W; ++j) {
+              const scalar_t* cs = cb + i * cp.row + j * cp.pix;
+              scalar_t* os = ob + i * op.row + j * op.pix;
+              for (int64_t g = 0; g < G; ++g)
+                os[g] = static_cast<scalar_t>(activate<T>(act, alpha[c0 + g] * static_cast<T>(cs[g]) + beta[c0 + g]));
+            }
+          continue;
+        }
+        // The activated level in a local buffer (it is small), then separable up-resize rows.
+        for (int64_t i = 0; i < h; ++i)
+          for (int64_t j = 0; j < w; ++j) {
+            const scalar_t* cs = cb + i * cp.row + j * cp.pix;
+            T* ls = level.data() + (i * w + j) * S;
+            for (int64_t g = 0; g < G; ++g) {
+              // Rounded to the tensor's dtype, as the reference's activation output is.
+              ls[g] = static_cast<T>(static_cast<scalar_t>(
+                  activate<T>(act, alpha[c0 + g] * static_cast<T>(cs[g]) + beta[c0 + g])));
+            }
+          }
+        for (int64_t I = 0; I < H; ++I) {
+          for (int64_t k = th.row_ptr[I]; k < th.row_ptr[I + 1]; ++k) {
+            const T* lr = level.data() + th.row_idx[k] * w * S;
+            const T wt = th.row_w[k];
+            const bool first = k == th.row_ptr[I];
+            for (int64_t j = 0; j < w * S; ++j) row[j] = (first ? T(0) : row[j]) + wt * lr[j];
+          }
+          scalar_t* orow = ob + I * op.row;
+          for (int64_t J = 0; J < W; ++J) {
+            T acc[S] = {};
+            for (int64_t k = tw.row_ptr[J]; k < tw.row_ptr[J + 1]; ++k) {
+              const T* r = row.data() + tw.row_idx[k] * S;
+              const T wt = tw.row_w[k];
+              for (int64_t g = 0; g < G; ++g) acc[g] += wt * r[g];
+            }
+            scalar_t* os = orow + J * op.pix;
+            for (int64_t g = 0; g < G; ++g) os[g] = static_cast<scalar_t>(acc[g]);
+          }
+        }
+      }
+    });
+  }
+}
+
+void check_tensors(const Tensor& x, at::TensorList weight, const OptionalTensorList& bias) {
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "msfused: x must be a floating-point tensor, got ",
+                   x.scalar_type());
+  for (size_t b = 0; b < weight.size(); ++b) {
+    TORCH_CHECK_TYPE(weight[b].scalar_type() == x.scalar_type(), "msfused: weight[", b, "] has dtype ",
+                     weight[b].scalar_type(), " but x has ", x.scalar_type());
+    TORCH_CHECK_VALUE(weight[b].device() == x.device(), "msfused: weight[", b, "] is on ", weight[b].device(),
+                      " but x is on ", x.device());
+  }
+  for (size_t b = 0; b < bias.size(); ++b) {
+    const std::optional<Tensor> t = bias.get(b);
+    if (t.has_value() && t->defined()) {
+      TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), "msfused: bias[", b, "] has dtype ", t->scalar_type(),
+                       " but x has ", x.scalar_type());
+    }
+  }
+}
+
+ForwardResult multi_scale_forward_cpu(const Tensor& x_in, at::TensorList weight, const OptionalTensorList& bias,
+                                      const OptionalTensorList& scale, const OptionalTensorList& shift,
+                                      const c10::List<bool>& batch_stats, c10::ArrayRef<double> eps,
+                                      c10::IntArrayRef factor, c10::IntArrayRef bins, c10::string_view down_mode,
+                                      c10::string_view up_mode, bool align_corners, c10::string_view activation,
+                                      c10::string_view input_position) {
+  const BlockPlan plan = make_plan(x_in, weight, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
+                                   activation, input_position);
+  TORCH_CHECK_VALUE(bias.size() == weight.size() && scale.size() == weight.size() && shift.size() == weight.size(),
+                    "msfused: bias, scale and shift need one entry (or None) per branch");
+  check_tensors(x_in, weight, bias);
+  const auto fmt = x_in.suggest_memory_format();
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const Tensor x = x_in.contiguous(fmt);
+  const auto opts = x.options();
+  const auto stat_opts = opts.dtype(stats_dtype(x.scalar_type()));
+  Tensor out = at::empty({plan.N, plan.out_channels, plan.H, plan.W}, opts.memory_format(fmt));
+  const size_t B = plan.branches.size();
+  TensorVector level(B), pre(B), mean(B), var(B);
+  for (size_t b = 0; b < B; ++b) {
+    const BranchPlan& bp = plan.branches[b];
+    level[b] = bp.identity ? at::empty({0}, opts) : at::empty({plan.N, plan.C, bp.level_h, bp.level_w}, opts.memory_format(fmt));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msfused_levels_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto taps = make_branch_taps<T>(plan);
+    std::vector<scalar_t*> lv(B);
+    for (size_t b = 0; b < B; ++b) lv[b] = level[b].numel() ? level[b].data_ptr<scalar_t>() : nullptr;
+    if (x.numel() > 0) {
+      if (cl) levels_and_copy<scalar_t, true>(plan, taps, x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lv);
+      else levels_and_copy<scalar_t, false>(plan, taps, x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lv);
+    }
+  });
+  for (size_t b = 0; b < B; ++b) {
+    const BranchPlan& bp = plan.branches[b];
+    const int64_t pad = bp.kernel_size / 2;
+    const Tensor& z = bp.identity ? x : level[b];
+    pre[b] = at::conv2d(z, weight[b], bias.get(b), {1, 1}, {pad, pad}).contiguous(fmt);
+    if (bp.batch_stats) {
+      auto vm = at::var_mean(pre[b].to(stats_dtype(x.scalar_type())), {0, 2, 3}, /*correction=*/0, /*keepdim=*/false);
+      var[b] = std::get<0>(vm);
+      mean[b] = std::get<1>(vm);
+    } else {
+      mean[b] = at::empty({0}, stat_opts);
+      var[b] = at::empty({0}, stat_opts);
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msfused_epilogue_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto taps = make_branch_taps<T>(plan);
+    std::vector<Epilogue<T>> epi;
+    std::vector<const scalar_t*> pv(B);
+    for (size_t b = 0; b < B; ++b) {
+      epi.push_back(make_epilogue<T>(plan.branches[b], scale.get(b), shift.get(b), mean[b], var[b]));
+      pv[b] = pre[b].const_data_ptr<scalar_t>();
+    }
+    if (out.numel() > 0) {
+      if (cl) epilogue_and_up<scalar_t, true>(plan, taps, epi, pv, out.data_ptr<scalar_t>());
+      else epilogue_and_up<scalar_t, false>(plan, taps, epi, pv, out.data_ptr<scalar_t>());
+    }
+  });
+  return {out, level, pre, mean, var};
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward pass 1 (per branch): the upsample's adjoint as a gather, then the activation's and the
+// norm's backward at the level. Writes p * dY (p = the folded scale in eval mode, 1 with batch
+// statistics) and per (n, channel) partial sums of dY and dY * (conv - center), reduced later in n order.
+// ---------------------------------------------------------------------------------------------------
+template <typename scalar_t, bool CL>
+void up_adjoint_and_act_grad(const BlockPlan& plan, const BranchPlan& bp, const BranchTaps<at::opmath_type<scalar_t>>& taps,
+                             const Epilogue<at::opmath_type<scalar_t>>& epi, const std::vector<double>& center,
+                             const std::vector<double>& pre_scale, const scalar_t* grad, const scalar_t* pre,
+                             scalar_t* dy_out, double* sum_dy, double* sum_dyc) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t H = plan.H, W = plan.W, Co = plan.out_channels;
+  const int64_t Cb = bp.out_channels, h = bp.level_h, w = bp.level_w;
+  const Activation act = plan.activation;
+  const Groups<CL> groups(Cb);
+  const Plane<CL> gp = Plane<CL>::make(W, Co);
+  const Plane<CL> cp = Plane<CL>::make(w, Cb);
+  const auto& th = taps.up_h;
+  const auto& tw = taps.up_w;
+  at::parallel_for(0, plan.N * groups.per_n, 1, [&](int64_t begin, int64_t end) {
+    constexpr int64_t S = CL ? kGroup : 1;
+    std::vector<T> rows(bp.identity ? 0 : H * w * S);  // g reduced along the width, for every output row
+    for (int64_t item = begin; item < end; ++item) {
+      int64_t n, c0, G;
+      groups.at(item, &n, &c0, &G);
+      const scalar_t* gb = grad + Plane<CL>::origin(n, bp.channel_offset + c0, Co, H, W);
+      const scalar_t* cb = pre + Plane<CL>::origin(n, c0, Cb, h, w);
+      scalar_t* db = dy_out + Plane<CL>::origin(n, c0, Cb, h, w);
+      if (!bp.identity) {
+        for (int64_t I = 0; I < H; ++I) {
+          const scalar_t* grow = gb + I * gp.row;
+          T* r = rows.data() + I * w * S;
+          for (int64_t ow = 0; ow < w; ++ow) {
+            T acc[S] = {};
+            for (int64_t k = tw.col_ptr[ow]; k < tw.col_ptr[ow + 1]; ++k) {
+              const scalar_t* gs = grow + tw.col_idx[k] * gp.pix;
+              const T wt = tw.col_w[k];
+              for (int64_t g = 0; g < G; ++g) acc[g] += wt * static_cast<T>(gs[g]);
+            }
+            for (int64_t g = 0; g < G; ++g) r[ow * S + g] = acc[g];
+          }
+        }
+      }
+      double s1[S] = {}, s2[S] = {};
+      for (int64_t oh = 0; oh < h; ++oh) {
+        for (int64_t ow = 0; ow < w; ++ow) {
+          T da[S] = {};
+          if (bp.identity) {
+            const scalar_t* gs = gb + oh * gp.row + ow * gp.pix;
+            for (int64_t g = 0; g < G; ++g) da[g] = static_cast<T>(gs[g]);
+          } else {
+            for (int64_t k = th.col_ptr[oh]; k < th.col_ptr[oh + 1]; ++k) {
+              const T* r = rows.data() + (th.col_idx[k] * w + ow) * S;
+              const T wt = th.col_w[k];
+              for (int64_t g = 0; g < G; ++g) da[g] += wt * r[g];
+            }
+          }
+          const scalar_t* cs = cb + oh * cp.row + ow * cp.pix;
+          scalar_t* ds = db + oh * cp.row + ow * cp.pix;
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t c = c0 + g;
+            const T cv = static_cast<T>(cs[g]);
+            // The reference rounds the activation's incoming gradient to the tensor's dtype.
+            const T dyv = static_cast<T>(static_cast<scalar_t>(da[g])) * activate_grad<T>(act, epi.alpha[c] * cv + epi.beta[c]);
+            s1[g] += static_cast<double>(dyv);
+            s2[g] += static_cast<double>(dyv) * (static_cast<double>(cv) - center[c]);
+            ds[g] = static_cast<scalar_t>(static_cast<double>(dyv) * pre_scale[c]);
+          }
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        sum_dy[n * Cb + c0 + g] = s1[g];
+        sum_dyc[n * Cb + c0 + g] = s2[g];
+      }
+    }
+  });
+}
+
+// Backward pass 3: dx written once: the identity slice of grad, plus every branch's adjoint down-resize.
+template <typename scalar_t, bool CL>
+void down_adjoint(const BlockPlan& plan, const std::vector<BranchTaps<at::opmath_type<scalar_t>>>& taps,
+                  const scalar_t* grad, const std::vector<const scalar_t*>& dz, scalar_t* dx) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t C = plan.C, H = plan.H, W = plan.W, Co = plan.out_channels;
+  const Groups<CL> groups(C);
+  const Plane<CL> xp = Plane<CL>::make(W, C);
+  const Plane<CL> gp = Plane<CL>::make(W, Co);
+  const size_t B = plan.branches.size();
+  at::parallel_for(0, plan.N * groups.per_n, 1, [&](int64_t begin, int64_t end) {
+    constexpr int64_t S = CL ? kGroup : 1;
+    std::vector<std::vector<T>> expanded(B);  // dz of branch b expanded along the width: (h_b, W)
+    std::vector<T> row(W * S);
+    for (int64_t item = begin; item < end; ++item) {
+      int64_t n, c0, G;
+      groups.at(item, &n, &c0, &G);
+      for (size_t b = 0; b < B; ++b) {
+        const BranchPlan& bp = plan.branches[b];
+        if (bp.identity) continue;
+        const auto& tw = taps[b].down_w;
+        const Plane<CL> zp = Plane<CL>::make(bp.level_w, C);
+        const scalar_t* zb = dz[b] + Plane<CL>::origin(n, c0, C, bp.level_h, bp.level_w);
+        expanded[b].assign(bp.level_h * W * S, T(0));
+        for (int64_t oh = 0; oh < bp.level_h; ++oh) {
+          for (int64_t j = 0; j < W; ++j) {
+            T* e = expanded[b].data() + (oh * W + j) * S;
+            for (int64_t k = tw.col_ptr[j]; k < tw.col_ptr[j + 1]; ++k) {
+              const scalar_t* zs = zb + oh * zp.row + tw.col_idx[k] * zp.pix;
+              const T wt = tw.col_w[k];
+              for (int64_t g = 0; g < G; ++g) e[g] += wt * static_cast<T>(zs[g]);
+            }
+          }
+        }
+      }
+      scalar_t* xb = dx + Plane<CL>::origin(n, c0, C, H, W);
+      const scalar_t* gb = plan.x_offset >= 0 ? grad + Plane<CL>::origin(n, plan.x_offset + c0, Co, H, W) : nullptr;
+      for (int64_t i = 0; i < H; ++i) {
+        for (int64_t j = 0; j < W; ++j)
+          for (int64_t g = 0; g < G; ++g) row[j * S + g] = gb ? static_cast<T>(gb[i * gp.row + j * gp.pix + g]) : T(0);
+        for (size_t b = 0; b < B; ++b) {
+          const BranchPlan& bp = plan.branches[b];
+          if (bp.identity) {
+            const scalar_t* zb = dz[b] + Plane<CL>::origin(n, c0, C, H, W);
+            for (int64_t j = 0; j < W; ++j)
+              for (int64_t g = 0; g < G; ++g) row[j * S + g] += static_cast<T>(zb[i * xp.row + j * xp.pix + g]);
+            continue;
+          }
+          const auto& th = taps[b].down_h;
+          for (int64_t k = th.col_ptr[i]; k < th.col_ptr[i + 1]; ++k) {
+            const T* e = expanded[b].data() + th.col_idx[k] * W * S;
+            const T wt = th.col_w[k];
+            for (int64_t j = 0; j < W * S; ++j) row[j] += wt * e[j];
+          }
+        }
+        for (int64_t j = 0; j < W; ++j)
+          for (int64_t g = 0; g < G; ++g) xb[i * xp.row + j * xp.pix + g] = static_cast<scalar_t>(row[j * S + g]);
+      }
+    }
+  });
+}
+
+using BackwardResult = std::tuple<Tensor, TensorVector, TensorVector, TensorVector, TensorVector>;
+
+BackwardResult multi_scale_backward_cpu(const Tensor& grad_in, const Tensor& x_in, at::TensorList weight,
+                                        const OptionalTensorList& scale, const OptionalTensorList& shift,
+                                        at::TensorList level, at::TensorList pre, at::TensorList mean,
+                                        at::TensorList var, const c10::List<bool>& batch_stats,
+                                        c10::ArrayRef<double> eps, c10::IntArrayRef factor, c10::IntArrayRef bins,
+                                        c10::string_view down_mode, c10::string_view up_mode, bool align_corners,
+                                        c10::string_view activation, c10::string_view input_position,
+                                        std::array<bool, 2> output_mask) {
+  const BlockPlan plan = make_plan(x_in, weight, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
+                                   activation, input_position);
+  const size_t B = plan.branches.size();
+  TORCH_CHECK_VALUE(level.size() == B && pre.size() == B && mean.size() == B && var.size() == B &&
+                        scale.size() == B && shift.size() == B,
+                    "msfused: backward needs one saved level, pre-activation, mean and var per branch");
+  TORCH_CHECK_VALUE(grad_in.dim() == 4 && grad_in.size(0) == plan.N && grad_in.size(1) == plan.out_channels &&
+                        grad_in.size(2) == plan.H && grad_in.size(3) == plan.W,
+                    "msfused: grad_out must have the output's shape (", plan.N, ", ", plan.out_channels, ", ", plan.H,
+                    ", ", plan.W, "), got ", grad_in.sizes());
+  const auto fmt = x_in.suggest_memory_format();
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const Tensor x = x_in.contiguous(fmt);
+  const Tensor grad = grad_in.to(x.scalar_type()).contiguous(fmt);
+  const auto opts = x.options();
+  TensorVector grad_weight(B), grad_bias(B), grad_scale(B), grad_shift(B), dz(B);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msfused_backward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto taps = make_branch_taps<T>(plan);
+    for (size_t b = 0; b < B; ++b) {
+      const BranchPlan& bp = plan.branches[b];
+      const int64_t Cb = bp.out_channels;
+      const std::optional<Tensor> sc = scale.get(b), sh = shift.get(b);
+      const Epilogue<T> epi = make_epilogue<T>(bp, sc, sh, mean[b], var[b]);
+      const Tensor pre_b = pre[b].contiguous(fmt);
+      // Eval mode: dconv = scale * dY, folded into pass 1. Batch statistics: 1 there, finished below.
+      const std::vector<double> s = to_doubles(sc, Cb, 1.0);
+      const std::vector<double> center = bp.batch_stats ? to_doubles(mean[b], Cb, 0.0) : std::vector<double>(Cb, 0.0);
+      const std::vector<double> pre_scale = bp.batch_stats ? std::vector<double>(Cb, 1.0) : s;
+      Tensor dconv = at::empty_like(pre_b, at::MemoryFormat::Preserve);
+      std::vector<double> part_dy(plan.N * Cb), part_dyc(plan.N * Cb);
+      if (pre_b.numel() > 0) {
+        auto run = cl ? up_adjoint_and_act_grad<scalar_t, true> : up_adjoint_and_act_grad<scalar_t, false>;
+        run(plan, bp, taps[b], epi, center, pre_scale, grad.const_data_ptr<scalar_t>(), pre_b.const_data_ptr<scalar_t>(),
+            dconv.data_ptr<scalar_t>(), part_dy.data(), part_dyc.data());
+      }
+      std::vector<double> sum_dy(Cb, 0.0), sum_dyc(Cb, 0.0);
+      for (int64_t n = 0; n < plan.N; ++n)  // fixed order: deterministic
+        for (int64_t c = 0; c < Cb; ++c) {
+          sum_dy[c] += part_dy[n * Cb + c];
+          sum_dyc[c] += part_dyc[n * Cb + c];
+        }
+      const auto pdt = at::TensorOptions().dtype(at::kDouble);
+      std::vector<double> d_scale(Cb);
+      if (bp.batch_stats) {
+        const std::vector<double> v = to_doubles(var[b], Cb, 0.0), m = center;
+        const double M = static_cast<double>(plan.N * bp.level_h * bp.level_w);
+        std::vector<double> p(Cb), q(Cb), r(Cb);
+        for (int64_t c = 0; c < Cb; ++c) {
+          const double invstd = 1.0 / std::sqrt(v[c] + bp.eps);
+          d_scale[c] = sum_dyc[c] * invstd;  // sum(dY * xhat)
+          // dconv = scale * invstd * (dY - mean(dY) - xhat * mean(dY * xhat)) = p * dY + q * conv + r
+          p[c] = s[c] * invstd;
+          q[c] = -p[c] * invstd * d_scale[c] / M;
+          r[c] = -p[c] * sum_dy[c] / M - q[c] * m[c];
+        }
+        auto as_channel = [&](const std::vector<double>& vals) {
+          return at::from_blob(const_cast<double*>(vals.data()), {1, Cb, 1, 1}, pdt).to(x.scalar_type(), false, /*copy=*/true);
+        };
+        // Level-sized elementwise work (the levels are small); ATen keeps the format.
+        dconv = (dconv * as_channel(p) + pre_b * as_channel(q) + as_channel(r)).contiguous(fmt);
+      } else {
+        d_scale = sum_dyc;  // sum(dY * conv)
+      }
+      const auto param_opts = [&](const std::optional<Tensor>& t) {
+        return at::TensorOptions().dtype(t.has_value() && t->defined() ? t->scalar_type() : x.scalar_type());
+      };
+      if (sc.has_value() && sc->defined())
+        grad_scale[b] = at::from_blob(d_scale.data(), {Cb}, pdt).to(param_opts(sc), false, /*copy=*/true);
+      else
+        grad_scale[b] = at::empty({0}, opts);
+      if (sh.has_value() && sh->defined())
+        grad_shift[b] = at::from_blob(sum_dy.data(), {Cb}, pdt).to(param_opts(sh), false, /*copy=*/true);
+      else
+        grad_shift[b] = at::empty({0}, opts);
+      const int64_t pad = bp.kernel_size / 2;
+      const Tensor& z = bp.identity ? x : level[b];
+      auto grads = at::convolution_backward(dconv, z, weight[b], c10::OptionalArrayRef<int64_t>({Cb}), {1, 1}, {pad, pad},
+                                            {1, 1}, false, {0, 0}, 1, {output_mask[0], output_mask[1], true});
+      dz[b] = output_mask[0] ? std::get<0>(grads).contiguous(fmt) : Tensor();
+      grad_weight[b] = output_mask[1] ? std::get<1>(grads).contiguous(weight[b].suggest_memory_format()) : at::empty({0}, opts);
+      grad_bias[b] = std::get<2>(grads);
+    }
+  });
+  Tensor grad_x = at::empty({0}, opts);
+  if (output_mask[0]) {
+    grad_x = at::empty({plan.N, plan.C, plan.H, plan.W}, opts.memory_format(fmt));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msfused_dx_cpu", [&] {
+      using T = at::opmath_type<scalar_t>;
+      const auto taps = make_branch_taps<T>(plan);
+      std::vector<const scalar_t*> zv(B);
+      for (size_t b = 0; b < B; ++b) zv[b] = dz[b].numel() ? dz[b].const_data_ptr<scalar_t>() : nullptr;
+      if (grad_x.numel() > 0) {
+        if (cl) down_adjoint<scalar_t, true>(plan, taps, grad.const_data_ptr<scalar_t>(), zv, grad_x.data_ptr<scalar_t>());
+        else down_adjoint<scalar_t, false>(plan, taps, grad.const_data_ptr<scalar_t>(), zv, grad_x.data_ptr<scalar_t>());
+      }
+    });
+  }
+  return {grad_x, grad_weight, grad_bias, grad_scale, grad_shift};
+}
+
+}  // namespace
+}  // namespace cpu
+
+TORCH_LIBRARY_IMPL(msfused, CPU, m) {
+  m.impl("multi_scale_forward", &cpu::multi_scale_forward_cpu);
+  m.impl("multi_scale_backward", &cpu::multi_scale_backward_cpu);
+}
+
+}  // namespace msfused

@@ -1,0 +1,30 @@
+// Every msfused operator's schema, defined once. Kernels are registered per device beside their code
+// (cpu/, cuda/), autograd in autograd/, fake (meta) kernels in Python (msfused/_ops.py).
+//
+// multi_scale_forward computes the whole block (SPEC.md). Per branch b: weight[b] (Cb, C, k, k), optional
+// bias[b]; the epilogue y = scale[b] * conv + shift[b] (an eval-mode norm folded by the caller, either may
+// be None), or, where batch_stats[b], y = (conv - mean) / sqrt(var + eps[b]) * scale[b] + shift[b] with
+// the batch's statistics; then the activation. factor[b] >= 1 gives a factor level, factor[b] == 0 the
+// bins (bins[2b], bins[2b + 1]). Besides the output it returns what backward needs and what the caller
+// needs to update running statistics: per branch the level (empty for factor 1, where it is x itself),
+// the convolution output with its bias, and the batch mean and biased variance (empty without
+// batch_stats). It never mutates its inputs.
+#include <torch/library.h>
+
+TORCH_LIBRARY(msfused, m) {
+  m.def(
+      "multi_scale_forward(Tensor x, Tensor[] weight, Tensor?[] bias, Tensor?[] scale, Tensor?[] shift, "
+      "bool[] batch_stats, float[] eps, int[] factor, int[] bins, str down_mode, str up_mode, "
+      "bool align_corners, str activation, str input_position) "
+      "-> (Tensor out, Tensor[] level, Tensor[] pre, Tensor[] mean, Tensor[] var)",
+      {at::Tag::pt2_compliant_tag});
+  // Gradients of x (if output_mask[0], else an empty tensor), of every weight (if output_mask[1]), and of
+  // every bias, scale and shift (empty where the forward had None).
+  m.def(
+      "multi_scale_backward(Tensor grad_out, Tensor x, Tensor[] weight, Tensor?[] scale, Tensor?[] shift, "
+      "Tensor[] level, Tensor[] pre, Tensor[] mean, Tensor[] var, bool[] batch_stats, float[] eps, "
+      "int[] factor, int[] bins, str down_mode, str up_mode, bool align_corners, str activation, "
+      "str input_position, bool[2] output_mask) "
+      "-> (Tensor grad_x, Tensor[] grad_weight, Tensor[] grad_bias, Tensor[] grad_scale, Tensor[] grad_shift)",
+      {at::Tag::pt2_compliant_tag});
+}

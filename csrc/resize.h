@@ -1,0 +1,118 @@
+// Index math for every resize of SPEC.md, in one place, for the CPU and the CUDA kernels alike.
+//
+// Each function gives the input taps that one output index of a 1-D resize reads; a 2-D resize is the
+// product of a row resize and a column resize. The formulas follow ATen's exactly (area_pixel_* for
+// bilinear, nearest_idx, adaptive start/end, avg_pool2d with floor), so a fused kernel samples the same
+// pixels with the same weights as the reference composition. Nothing here is device-specific.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define MSFUSED_HD __host__ __device__ __forceinline__
+#else
+#define MSFUSED_HD inline
+#endif
+
+namespace msfused {
+
+// The 1-D resize kinds a branch uses, down (x -> level) or up (level -> output).
+enum class ResizeKind : int {
+  Identity = 0,  // level == input size: no resize
+  AvgFactor = 1,  // avg_pool2d(kernel = stride = factor), floor: the last in % factor rows are not read
+  Adaptive = 2,  // adaptive_avg_pool2d bins (need not divide)
+  Linear = 3,  // bilinear, align_corners or not (per axis)
+  Nearest = 4,  // 'nearest' (ATen's legacy formula, float32 scale)
+};
+
+// Most taps one output of a Linear or Nearest resize reads.
+constexpr int kMaxPointTaps = 2;
+
+// ---- avg_pool2d(kernel = stride = factor): output o reads [o * factor, o * factor + factor). ----
+MSFUSED_HD int64_t avg_factor_start(int64_t o, int64_t factor) { return o * factor; }
+
+// ---- adaptive_avg_pool2d: output o of out reads [start, end) of in (ATen's start_index/end_index). ----
+MSFUSED_HD int64_t adaptive_start(int64_t o, int64_t out, int64_t in) { return (o / out) * in + ((o % out) * in) / out; }
+MSFUSED_HD int64_t adaptive_end(int64_t o, int64_t out, int64_t in) { return 1 + ((o + 1) * in - 1) / out; }
+
+// ---- bilinear: ATen's area_pixel_compute_scale / area_pixel_compute_source_index, in opmath T. ----
+template <typename T>
+MSFUSED_HD T linear_scale(int64_t in, int64_t out, bool align_corners) {
+  if (align_corners) {
+    return out > 1 ? static_cast<T>(in - 1) / static_cast<T>(out - 1) : T(0);
+  }
+  return static_cast<T>(in) / static_cast<T>(out);
+}
+
+// Output o reads i0 with weight l0 and i1 with weight l1 (i1 == i0 + 1, or i0 at the last row).
+template <typename T>
+MSFUSED_HD void linear_taps(int64_t o, int64_t in, T scale, bool align_corners, int64_t* i0, int64_t* i1, T* l0,
+                            T* l1) {
+  T src = align_corners ? scale * static_cast<T>(o) : scale * (static_cast<T>(o) + T(0.5)) - T(0.5);
+  if (src < T(0)) src = T(0);
+  int64_t lo = static_cast<int64_t>(src);  // src >= 0: truncation is floor
+  if (lo > in - 1) lo = in - 1;
+  T lambda = src - static_cast<T>(lo);
+  lambda = lambda < T(0) ? T(0) : (lambda > T(1) ? T(1) : lambda);
+  *i0 = lo;
+  *i1 = lo + (lo < in - 1 ? 1 : 0);
+  *l1 = lambda;
+  *l0 = T(1) - lambda;
+}
+
+// ---- nearest: ATen's nearest_idx (the scale is float32 whatever the tensor's dtype). ----
+MSFUSED_HD int64_t nearest_source(int64_t o, int64_t in, int64_t out) {
+  if (out == in) return o;
+  if (out == 2 * in) return o >> 1;
+  const float scale = static_cast<float>(in) / static_cast<float>(out);
+  const int64_t src = static_cast<int64_t>(floorf(static_cast<float>(o) * scale));
+  return src < in - 1 ? src : in - 1;
+}
+
+// A run of taps [start, start + count) of equal weight, for the pooling kinds.
+struct TapRun {
+  int64_t start;
+  int64_t count;
+};
+
+MSFUSED_HD TapRun pooling_run(ResizeKind kind, int64_t o, int64_t in, int64_t out, int64_t factor) {
+  if (kind == ResizeKind::AvgFactor) return {avg_factor_start(o, factor), factor};
+  const int64_t s = adaptive_start(o, out, in);
+  return {s, adaptive_end(o, out, in) - s};
+}
+
+// Every tap of output o for any kind, visited in increasing input order: f(input_index, weight).
+template <typename T, typename F>
+MSFUSED_HD void for_each_tap(ResizeKind kind, int64_t o, int64_t in, int64_t out, int64_t factor,
+                             bool align_corners, T linear_scale_value, F&& f) {
+  switch (kind) {
+    case ResizeKind::Identity:
+      f(o, T(1));
+      break;
+    case ResizeKind::AvgFactor:
+    case ResizeKind::Adaptive: {
+      const TapRun run = pooling_run(kind, o, in, out, factor);
+      const T w = T(1) / static_cast<T>(run.count);
+      for (int64_t i = run.start; i < run.start + run.count; ++i) f(i, w);
+      break;
+    }
+    case ResizeKind::Linear: {
+      int64_t i0, i1;
+      T l0, l1;
+      linear_taps<T>(o, in, linear_scale_value, align_corners, &i0, &i1, &l0, &l1);
+      if (i1 == i0) {
+        f(i0, l0 + l1);
+      } else {
+        f(i0, l0);
+        f(i1, l1);
+      }
+      break;
+    }
+    case ResizeKind::Nearest:
+      f(nearest_source(o, in, out), T(1));
+      break;
+  }
+}
+
+}  // namespace msfused

@@ -1,0 +1,117 @@
+"""Backend names, whether each is available (and why not), and which one a call uses.
+
+Precedence: :func:`use_backend` (thread-local) over the ``MSFUSED_BACKEND`` environment variable over
+``'auto'``. ``'auto'`` picks the fastest fused backend for the device and falls back to ``'reference'``
+(with one warning) where none can run the call; an explicitly chosen backend that cannot run it raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+from typing import Iterator, Optional, Tuple
+
+import torch
+
+from . import _ops
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+ENV_VAR = "MSFUSED_BACKEND"
+
+_local = threading.local()
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(map(repr, BACKENDS))}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run msfused calls in this thread with backend ``name`` ('auto', 'cpu', 'cuda', 'triton',
+    'reference') inside the ``with`` block; overrides the ``MSFUSED_BACKEND`` environment variable."""
+    _check_name(name, "use_backend(name)")
+    previous = getattr(_local, "name", None)
+    _local.name = name
+    try:
+        yield
+    finally:
+        _local.name = previous
+
+
+def requested_backend() -> str:
+    """The backend asked for in this thread: use_backend, else MSFUSED_BACKEND, else 'auto'."""
+    name = getattr(_local, "name", None)
+    if name is not None:
+        return name
+    return _check_name(os.environ.get(ENV_VAR, "auto") or "auto", f"the environment variable {ENV_VAR}")
+
+
+def availability(name: str) -> Tuple[bool, str]:
+    """Whether backend ``name`` can run on this machine at all, and why not."""
+    _check_name(name, "backend")
+    if name in ("auto", "reference"):
+        return True, ""
+    if name == "triton":
+        return False, "the Triton kernels are not part of this version of msfused yet"
+    if not _ops.loaded():
+        return False, f"the extension msfused._C is not loaded: {_ops.load_error()}"
+    if name == "cpu":
+        return True, ""
+    # 'cuda'
+    if not _ops.has_kernel("CUDA"):
+        return False, "msfused._C was built without CUDA kernels"
+    if not torch.cuda.is_available():
+        return False, "torch sees no CUDA device"
+    return True, ""
+
+
+def _unsupported_reason(name: str, x: torch.Tensor) -> Optional[str]:
+    """Why fused backend ``name`` cannot run a call on ``x``, or None if it can."""
+    ok, why = availability(name)
+    if not ok:
+        return why
+    device = x.device.type
+    if name == "cpu" and device != "cpu":
+        return f"backend 'cpu' runs CPU tensors, x is on {x.device}"
+    if name == "cuda" and device != "cuda":
+        return f"backend 'cuda' runs CUDA tensors, x is on {x.device}"
+    if torch.is_autocast_enabled(device):
+        return "autocast is not supported by the fused kernels yet (the reference follows autocast's rules)"
+    return None
+
+
+_warned: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def resolve(x: torch.Tensor) -> str:
+    """The concrete backend ('cpu', 'cuda', 'triton' or 'reference') that runs a call on ``x``."""
+    name = requested_backend()
+    if name == "reference":
+        return name
+    if name != "auto":
+        why = _unsupported_reason(name, x)
+        if why is not None:
+            raise RuntimeError(f"msfused backend {name!r} cannot run this call: {why}")
+        return name
+    candidates = ("cpu",) if x.device.type == "cpu" else ("cuda", "triton")
+    reasons = []
+    for candidate in candidates:
+        why = _unsupported_reason(candidate, x)
+        if why is None:
+            return candidate
+        reasons.append(f"{candidate}: {why}")
+    _warn_once(
+        f"msfused: no fused backend runs on {x.device.type} ({'; '.join(reasons)}); "
+        "using the reference composition"
+    )
+    return "reference"

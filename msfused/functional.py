@@ -1,0 +1,137 @@
+"""The functional entry: checks the input, picks the backend, folds eval-mode norms, calls the operator.
+
+``multi_scale(x, spec, branches)`` is what both fused modules call. Norms behave exactly as each
+``nn.BatchNorm2d``'s own ``forward`` would: eval mode with running statistics folds into a per-channel
+scale and shift in the kernels' epilogue; otherwise the kernels normalise with the batch's statistics,
+return them, and the running statistics are updated here (the operator never mutates its inputs).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import backends
+from .reference import reference_forward
+from .spec import BlockSpec
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _branch_name(spec: BlockSpec, i: int) -> str:
+    b = spec.branches[i]
+    return f"scales[{i}]={b.factor}" if b.factor else f"bins[{i}]={b.bins}"
+
+
+def check_input(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> None:
+    """Raises a clear exception naming the argument for any input SPEC.md calls bad."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.shape[1] != spec.in_channels:
+        raise ValueError(f"x has {x.shape[1]} channels but the block expects in_channels={spec.in_channels}")
+    H, W = x.shape[-2:]
+    for i, b in enumerate(spec.branches):
+        h, w = b.level_size(H, W)
+        if h < 1 or w < 1:
+            raise ValueError(
+                f"{_branch_name(spec, i)} gives a level of {h}x{w} for x of {H}x{W}; a level must be at least 1x1"
+            )
+    autocast = torch.is_autocast_enabled(x.device.type)
+    for i, branch in enumerate(branches):
+        for name, t in branch.named_parameters():
+            if t.device != x.device:
+                raise ValueError(f"branches[{i}].{name} is on {t.device} but x is on {x.device}")
+            if not autocast and t.dtype != x.dtype:
+                raise TypeError(
+                    f"branches[{i}].{name} has dtype {t.dtype} but x has {x.dtype}; they must match outside autocast"
+                )
+
+
+def _norm_epilogue(norm: nn.Module) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], bool, float]:
+    """(scale, shift, batch_stats, eps) for the kernels' epilogue, as ``norm.forward`` would normalise."""
+    if not isinstance(norm, nn.BatchNorm2d):
+        return None, None, False, 0.0
+    batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
+    if batch_stats:
+        return norm.weight, norm.bias, True, float(norm.eps)
+    # Eval mode with running statistics: y = conv * scale + shift (differentiable in weight and bias).
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    return scale, shift, False, float(norm.eps)
+
+
+def _update_running_stats(norm: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """What ``nn.BatchNorm2d.forward`` does to its buffers in training mode, from the batch statistics."""
+    if not (norm.training and norm.track_running_stats):
+        return
+    with torch.no_grad():
+        factor = norm.momentum
+        if norm.num_batches_tracked is not None:
+            norm.num_batches_tracked.add_(1)
+            if norm.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(norm.num_batches_tracked)
+        if factor is None:
+            factor = 0.0
+        if norm.running_mean is not None:
+            norm.running_mean.mul_(1.0 - factor).add_(mean.to(norm.running_mean.dtype), alpha=factor)
+        if norm.running_var is not None:
+            unbiased = var * (count / (count - 1))
+            norm.running_var.mul_(1.0 - factor).add_(unbiased.to(norm.running_var.dtype), alpha=factor)
+
+
+def _fused_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> torch.Tensor:
+    weight: List[torch.Tensor] = []
+    bias: List[Optional[torch.Tensor]] = []
+    scale: List[Optional[torch.Tensor]] = []
+    shift: List[Optional[torch.Tensor]] = []
+    batch_stats: List[bool] = []
+    eps: List[float] = []
+    N, _, H, W = x.shape
+    for i, branch in enumerate(branches):
+        weight.append(branch.conv.weight)
+        bias.append(branch.conv.bias)
+        s, t, stats, e = _norm_epilogue(branch.norm)
+        if stats:
+            h, w = spec.branches[i].level_size(H, W)
+            if N * h * w <= 1:  # the same check, and message, as F.batch_norm
+                raise ValueError(
+                    f"Expected more than 1 value per channel when training, got input size "
+                    f"{torch.Size([N, spec.branches[i].out_channels, h, w])} (branches[{i}].norm)"
+                )
+        scale.append(s)
+        shift.append(t)
+        batch_stats.append(stats)
+        eps.append(e)
+    out, _level, _pre, mean, var = torch.ops.msfused.multi_scale_forward(
+        x, weight, bias, scale, shift, batch_stats, eps, **spec.op_args()
+    )
+    for i, branch in enumerate(branches):
+        if batch_stats[i]:
+            h, w = spec.branches[i].level_size(H, W)
+            _update_running_stats(branch.norm, mean[i], var[i], N * h * w)
+    return out
+
+
+def multi_scale(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> torch.Tensor:
+    """The multi-scale block of SPEC.md on ``x`` (N, C, H, W), with ``branches[i].conv`` / ``.norm``.
+
+    Runs the backend :mod:`msfused.backends` picks for ``x`` (``use_backend`` / ``MSFUSED_BACKEND`` /
+    ``'auto'``). Returns (N, out_channels, H, W), channels_last exactly when ``x.suggest_memory_format()``
+    is. Raises ``TypeError`` / ``ValueError`` naming the argument for bad input; never modifies ``x`` or
+    the parameters (training-mode norms update their running statistics, as ``nn.BatchNorm2d`` does).
+    """
+    check_input(x, spec, branches)
+    name = backends.resolve(x)
+    if name == "reference":
+        return reference_forward(x, spec, branches)
+    return _fused_forward(x, spec, branches)

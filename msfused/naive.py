@@ -1,0 +1,175 @@
+"""The two blocks' shared structure and their naive twins in plain PyTorch.
+
+``_MultiScaleBase`` and ``_PyramidPoolingBase`` own the constructors and the parameters
+(``branches[i].conv``, ``branches[i].norm``); the naive twins add the reference ``forward`` and the fused
+modules (:mod:`msfused.modules`) the fused one, so ``state_dict`` keys and shapes are identical by
+construction.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .reference import reference_forward
+from .spec import BlockSpec, make_spec
+
+
+class Branch(nn.Module):
+    """One pyramid branch's parameters: ``conv`` (an ``nn.Conv2d``) and ``norm`` (``nn.BatchNorm2d`` or
+    ``nn.Identity``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool, norm: Optional[str]):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+        self.norm = nn.BatchNorm2d(out_channels) if norm == "batch" else nn.Identity()
+
+
+class _Block(nn.Module):
+    """Holds ``spec`` (a :class:`~msfused.spec.BlockSpec`) and ``branches``; nothing else."""
+
+    spec: BlockSpec
+
+    def _build(self, spec: BlockSpec) -> None:
+        self.spec = spec
+        self.branches = nn.ModuleList(
+            Branch(spec.in_channels, b.out_channels, b.kernel_size, b.bias, b.norm) for b in spec.branches
+        )
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of the output: every branch's, plus ``in_channels`` when ``x`` is part of it."""
+        return self.spec.out_channels
+
+    @classmethod
+    def _sharing(cls, other: "_Block") -> "_Block":
+        """A module of this class that shares ``other``'s configuration and parameters (no copies)."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.spec = other.spec
+        module.branches = other.branches
+        module.train(other.training)
+        return module
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        if s.branches[0].factor:
+            levels = f"scales={tuple(b.factor for b in s.branches)}, down_mode={s.down_mode!r}"
+        else:
+            levels = f"bins={tuple(b.bins for b in s.branches)}"
+        per = lambda attr: tuple(getattr(b, attr) for b in s.branches)  # noqa: E731
+        return (
+            f"in_channels={s.in_channels}, branch_channels={per('out_channels')}, {levels}, "
+            f"kernel_size={per('kernel_size')}, up_mode={s.up_mode!r}, align_corners={s.align_corners}, "
+            f"bias={per('bias')}, norm={per('norm')}, activation={s.activation!r}, "
+            f"input_position={s.input_position!r}, out_channels={s.out_channels}"
+        )
+
+
+class _MultiScaleBase(_Block):
+    def __init__(
+        self,
+        in_channels: int,
+        branch_channels: Union[int, Sequence[int]],
+        scales: Sequence[int] = (1, 2, 4),
+        kernel_size: Union[int, Sequence[int]] = 3,
+        down_mode: str = "avg",
+        up_mode: str = "bilinear",
+        align_corners: bool = False,
+        bias: Union[bool, Sequence[bool]] = True,
+        norm: Union[Optional[str], Sequence[Optional[str]]] = None,
+        activation: Optional[str] = "relu",
+        input_position: Optional[str] = "first",
+    ):
+        super().__init__()
+        self._build(
+            make_spec(
+                in_channels, branch_channels, scales=scales, kernel_size=kernel_size, down_mode=down_mode,
+                up_mode=up_mode, align_corners=align_corners, bias=bias, norm=norm, activation=activation,
+                input_position=input_position,
+            )
+        )
+
+
+class _PyramidPoolingBase(_Block):
+    def __init__(
+        self,
+        in_channels: int,
+        branch_channels: Union[int, Sequence[int]],
+        bins: Sequence[Union[int, Tuple[int, int]]] = (1, 2, 3, 6),
+        kernel_size: Union[int, Sequence[int]] = 1,
+        up_mode: str = "bilinear",
+        align_corners: bool = False,
+        bias: Union[bool, Sequence[bool]] = False,
+        norm: Union[Optional[str], Sequence[Optional[str]]] = "batch",
+        activation: Optional[str] = "relu",
+        input_position: Optional[str] = "first",
+    ):
+        super().__init__()
+        self._build(
+            make_spec(
+                in_channels, branch_channels, bins=bins, kernel_size=kernel_size, down_mode="avg",
+                up_mode=up_mode, align_corners=align_corners, bias=bias, norm=norm, activation=activation,
+                input_position=input_position,
+            )
+        )
+
+
+_BLOCK_ARGS_DOC = """
+    Args:
+        in_channels: channels ``C`` of the input ``x`` (N, C, H, W).
+        branch_channels: output channels of each branch's convolution: one int, or one per branch.
+        kernel_size: odd convolution kernel size (stride 1, padding ``k // 2``): one, or one per branch.
+        up_mode: ``'bilinear'`` or ``'nearest'``: how each branch is resized back to (H, W).
+        align_corners: for every bilinear resize of the block (down and up).
+        bias: whether each branch's convolution has a bias: one bool, or one per branch.
+        norm: ``None`` or ``'batch'`` (an ``nn.BatchNorm2d`` after the convolution): one, or one per branch.
+        activation: ``'relu'``, ``'silu'``, ``'gelu'`` (exact erf form) or ``None``.
+        input_position: ``'first'``, ``'last'`` or ``None``: where ``x`` itself goes in the output.
+
+    Parameters live in ``branches[i].conv`` (``nn.Conv2d``) and ``branches[i].norm`` (``nn.BatchNorm2d``
+    or ``nn.Identity``); ``out_channels`` is the output's channel count.
+"""
+
+
+class NaiveMultiScaleBlock(_MultiScaleBase):
+    __doc__ = (
+        """The multi-scale block (factor pyramid) written as a chain of PyTorch calls: the baseline.
+
+    For each scale ``s``: ``x`` resized to (H // s, W // s) (``down_mode`` ``'avg'``, ``'bilinear'`` or
+    ``'nearest'``), convolution, norm, activation, resized back; then ``torch.cat`` with ``x``.
+    Same constructor and ``state_dict`` as :class:`msfused.MultiScaleBlock`.
+
+        scales: integer factors >= 1, one branch each (1 = full resolution).
+        down_mode: ``'avg'`` (avg_pool2d, floor), ``'bilinear'`` or ``'nearest'``.
+"""
+        + _BLOCK_ARGS_DOC
+    )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .functional import check_input
+
+        check_input(x, self.spec, self.branches)
+        return reference_forward(x, self.spec, self.branches)
+
+
+class NaivePyramidPooling(_PyramidPoolingBase):
+    __doc__ = (
+        """PSPNet's pyramid pooling module written as a chain of PyTorch calls: the baseline.
+
+    For each bin ``(h, w)``: ``adaptive_avg_pool2d(x, (h, w))``, convolution, norm, activation, resized
+    back to (H, W); then ``torch.cat`` with ``x``. Same constructor and ``state_dict`` as
+    :class:`msfused.PyramidPooling`.
+
+        bins: each an int or an ``(h, w)`` pair; bins need not divide the map.
+"""
+        + _BLOCK_ARGS_DOC
+    )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .functional import check_input
+
+        check_input(x, self.spec, self.branches)
+        return reference_forward(x, self.spec, self.branches)
