@@ -1,0 +1,51 @@
+"""``python -m msfused info`` (the build and each backend) and ``python -m msfused bench`` (the workloads)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def info() -> int:
+    import torch
+
+    import msfused
+    from msfused import _ops, backends
+
+    build = _ops.build_info()
+    print(f"msfused {msfused.__version__}")
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), CUDA devices: {torch.cuda.device_count()}")
+    if _ops.loaded():
+        print(
+            f"extension msfused._C: loaded, built against torch {build.get('torch', '?')}, "
+            f"CUDA kernels: {'yes (CUDA ' + str(build.get('cuda')) + ')' if build.get('cuda') else 'no'}"
+        )
+    else:
+        print(f"extension msfused._C: not loaded: {_ops.load_error()}")
+    print("backends:")
+    for name in backends.BACKENDS:
+        ok, why = backends.availability(name)
+        print(f"  {name:<10} {'available' if ok else 'unavailable: ' + why}")
+    print(f"requested backend: {backends.requested_backend()} (use_backend / {backends.ENV_VAR} / 'auto')")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m msfused {info,bench} [options]\n"
+              "  info   the build (torch, CUDA) and each backend, with why one is unavailable\n"
+              "  bench  fused against naive (and torch.compile) on the workloads; bench --help for options")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "info":
+        return info()
+    if command == "bench":
+        from msfused.bench.cli import main as bench_main
+
+        return bench_main(rest)
+    print(f"python -m msfused: unknown command {command!r} (use info or bench)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
