@@ -101,12 +101,10 @@ MSFUSED_HD void for_each_tap(ResizeKind kind, int64_t o, int64_t in, int64_t out
       int64_t i0, i1;
       T l0, l1;
       linear_taps<T>(o, in, linear_scale_value, align_corners, &i0, &i1, &l0, &l1);
-      if (i1 == i0) {
-        f(i0, l0 + l1);
-      } else {
-        f(i0, l0);
-        f(i1, l1);
-      }
+      // Always both taps, as ATen computes l0 * a + l1 * b (also when i1 == i0), so Inf and NaN
+      // propagate the same way.
+      f(i0, l0);
+      f(i1, l1);
       break;
     }
     case ResizeKind::Nearest:

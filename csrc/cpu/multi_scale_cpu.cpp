@@ -23,6 +23,7 @@
 #include <array>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../block_config.h"
@@ -135,11 +136,13 @@ void levels_and_copy(const BlockPlan& plan, const std::vector<BranchTaps<at::opm
   const Groups<CL> groups(C);
   const Plane<CL> xp = Plane<CL>::make(W, C);
   const Plane<CL> op = Plane<CL>::make(W, plan.out_channels);
+  constexpr int64_t S = CL ? kGroup : 1;
   at::parallel_for(0, plan.N * groups.per_n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> row(W * (CL ? kGroup : 1));
+    std::vector<T> row(W * S);
     for (int64_t item = begin; item < end; ++item) {
-      int64_t n, c0, G;
-      groups.at(item, &n, &c0, &G);
+      int64_t n, c0, g_count;
+      groups.at(item, &n, &c0, &g_count);
+      const int64_t G = CL ? g_count : 1;  // a constant 1 for NCHW, so the loops over j vectorise
       const scalar_t* xb = x + Plane<CL>::origin(n, c0, C, H, W);
       if (plan.x_offset >= 0) {
         scalar_t* ob = out + Plane<CL>::origin(n, plan.x_offset + c0, plan.out_channels, H, W);
@@ -162,17 +165,18 @@ void levels_and_copy(const BlockPlan& plan, const std::vector<BranchTaps<at::opm
           for (int64_t k = th.row_ptr[oh]; k < th.row_ptr[oh + 1]; ++k) {
             const scalar_t* xr = xb + th.row_idx[k] * xp.row;
             const T w = th.row_w[k];
-            const bool first = k == th.row_ptr[oh];
-            for (int64_t j = 0; j < W; ++j) {
-              T* r = row.data() + j * (CL ? kGroup : 1);
-              const scalar_t* xs = xr + j * xp.pix;
-              for (int64_t g = 0; g < G; ++g) r[g] = (first ? T(0) : r[g]) + w * static_cast<T>(xs[g]);
+            if (k == th.row_ptr[oh]) {
+              for (int64_t j = 0; j < W; ++j)
+                for (int64_t g = 0; g < G; ++g) row[j * S + g] = w * static_cast<T>(xr[j * xp.pix + g]);
+            } else {
+              for (int64_t j = 0; j < W; ++j)
+                for (int64_t g = 0; g < G; ++g) row[j * S + g] += w * static_cast<T>(xr[j * xp.pix + g]);
             }
           }
           for (int64_t ow = 0; ow < bp.level_w; ++ow) {
-            T acc[CL ? kGroup : 1] = {};
+            T acc[S] = {};
             for (int64_t k = tw.row_ptr[ow]; k < tw.row_ptr[ow + 1]; ++k) {
-              const T* r = row.data() + tw.row_idx[k] * (CL ? kGroup : 1);
+              const T* r = row.data() + tw.row_idx[k] * S;
               const T w = tw.row_w[k];
               for (int64_t g = 0; g < G; ++g) acc[g] += w * r[g];
             }
@@ -185,16 +189,47 @@ void levels_and_copy(const BlockPlan& plan, const std::vector<BranchTaps<at::opm
   });
 }
 
+// An up-resize axis (Identity, Nearest: one tap; Linear: two) as flat arrays for the inner loops.
+template <typename T>
+struct UpAxis {
+  bool two = false;
+  std::vector<int64_t> i0, i1;
+  std::vector<T> w0, w1;
+  explicit UpAxis(const Taps1d<T>& t) {
+    for (int64_t o = 0; o < t.out; ++o) {
+      const int64_t k = t.row_ptr[o], count = t.row_ptr[o + 1] - k;
+      TORCH_INTERNAL_ASSERT(count == 1 || count == 2);
+      two = two || count == 2;
+      i0.push_back(t.row_idx[k]);
+      w0.push_back(t.row_w[k]);
+      i1.push_back(count == 2 ? t.row_idx[k + 1] : t.row_idx[k]);
+      w1.push_back(count == 2 ? t.row_w[k + 1] : T(0));
+    }
+  }
+};
+
+// Calls f with the activation as a compile-time constant, so the epilogue loops specialise (and relu
+// vectorises).
+template <typename F>
+void with_activation(Activation a, F&& f) {
+  switch (a) {
+    case Activation::Relu: f(std::integral_constant<Activation, Activation::Relu>{}); break;
+    case Activation::Silu: f(std::integral_constant<Activation, Activation::Silu>{}); break;
+    case Activation::Gelu: f(std::integral_constant<Activation, Activation::Gelu>{}); break;
+    default: f(std::integral_constant<Activation, Activation::None>{}); break;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Forward pass 3: norm, activation and the resize back up, written into each branch's output slice.
 // ---------------------------------------------------------------------------------------------------
-template <typename scalar_t, bool CL>
+template <typename scalar_t, bool CL, Activation A>
 void epilogue_and_up(const BlockPlan& plan, const std::vector<BranchTaps<at::opmath_type<scalar_t>>>& taps,
                      const std::vector<Epilogue<at::opmath_type<scalar_t>>>& epi, const std::vector<const scalar_t*>& pre,
                      scalar_t* out) {
   using T = at::opmath_type<scalar_t>;
+  constexpr int64_t S = CL ? kGroup : 1;
   const int64_t H = plan.H, W = plan.W, Co = plan.out_channels;
-  const Activation act = plan.activation;
   const Plane<CL> op = Plane<CL>::make(W, Co);
   for (size_t b = 0; b < plan.branches.size(); ++b) {
     const BranchPlan& bp = plan.branches[b];
@@ -203,54 +238,67 @@ void epilogue_and_up(const BlockPlan& plan, const std::vector<BranchTaps<at::opm
     const Plane<CL> cp = Plane<CL>::make(w, Cb);
     const T* alpha = epi[b].alpha.data();
     const T* beta = epi[b].beta.data();
-    const auto& th = taps[b].up_h;
-    const auto& tw = taps[b].up_w;
+    const UpAxis<T> uh(taps[b].up_h), uw(taps[b].up_w);
     at::parallel_for(0, plan.N * groups.per_n, 1, [&](int64_t begin, int64_t end) {
-      constexpr int64_t S = CL ? kGroup : 1;
       std::vector<T> level(bp.identity ? 0 : h * w * S), row(bp.identity ? 0 : w * S);
       for (int64_t item = begin; item < end; ++item) {
-        int64_t n, c0, G;
-        groups.at(item, &n, &c0, &G);
+        int64_t n, c0, g_count;
+        groups.at(item, &n, &c0, &g_count);
+        const int64_t G = CL ? g_count : 1;
         const scalar_t* cb = pre[b] + Plane<CL>::origin(n, c0, Cb, h, w);
         scalar_t* ob = out + Plane<CL>::origin(n, bp.channel_offset + c0, Co, H, W);
         if (bp.identity) {
+          if (!CL) {  // one contiguous plane in and out
+            const T a = alpha[c0], be = beta[c0];
+            for (int64_t k = 0; k < H * W; ++k) ob[k] = static_cast<scalar_t>(activate<T>(A, a * static_cast<T>(cb[k]) + be));
+            continue;
+          }
           for (int64_t i = 0; i < H; ++i)
             for (int64_t j = 0; j < W; ++j) {
               const scalar_t* cs = cb + i * cp.row + j * cp.pix;
               scalar_t* os = ob + i * op.row + j * op.pix;
               for (int64_t g = 0; g < G; ++g)
-                os[g] = static_cast<scalar_t>(activate<T>(act, alpha[c0 + g] * static_cast<T>(cs[g]) + beta[c0 + g]));
+                os[g] = static_cast<scalar_t>(activate<T>(A, alpha[c0 + g] * static_cast<T>(cs[g]) + beta[c0 + g]));
             }
           continue;
         }
-        // The activated level in a local buffer (it is small), then separable up-resize rows.
+        // The activated level in a local buffer (it is small), rounded to the tensor's dtype as the
+        // reference's activation output is; then the separable up-resize, one output row at a time.
         for (int64_t i = 0; i < h; ++i)
           for (int64_t j = 0; j < w; ++j) {
             const scalar_t* cs = cb + i * cp.row + j * cp.pix;
             T* ls = level.data() + (i * w + j) * S;
-            for (int64_t g = 0; g < G; ++g) {
-              // Rounded to the tensor's dtype, as the reference's activation output is.
-              ls[g] = static_cast<T>(static_cast<scalar_t>(
-                  activate<T>(act, alpha[c0 + g] * static_cast<T>(cs[g]) + beta[c0 + g])));
-            }
+            for (int64_t g = 0; g < G; ++g)
+              ls[g] = static_cast<T>(static_cast<scalar_t>(activate<T>(A, alpha[c0 + g] * static_cast<T>(cs[g]) + beta[c0 + g])));
           }
         for (int64_t I = 0; I < H; ++I) {
-          for (int64_t k = th.row_ptr[I]; k < th.row_ptr[I + 1]; ++k) {
-            const T* lr = level.data() + th.row_idx[k] * w * S;
-            const T wt = th.row_w[k];
-            const bool first = k == th.row_ptr[I];
-            for (int64_t j = 0; j < w * S; ++j) row[j] = (first ? T(0) : row[j]) + wt * lr[j];
+          const T* r0 = level.data() + uh.i0[I] * w * S;
+          const T* r1 = level.data() + uh.i1[I] * w * S;
+          const T* r = r0;
+          if (uh.two) {
+            const T w0 = uh.w0[I], w1 = uh.w1[I];
+            for (int64_t k = 0; k < w * S; ++k) row[k] = w0 * r0[k] + w1 * r1[k];
+            r = row.data();
           }
           scalar_t* orow = ob + I * op.row;
-          for (int64_t J = 0; J < W; ++J) {
-            T acc[S] = {};
-            for (int64_t k = tw.row_ptr[J]; k < tw.row_ptr[J + 1]; ++k) {
-              const T* r = row.data() + tw.row_idx[k] * S;
-              const T wt = tw.row_w[k];
-              for (int64_t g = 0; g < G; ++g) acc[g] += wt * r[g];
+          if (!CL) {
+            if (uw.two) {
+              for (int64_t J = 0; J < W; ++J) orow[J] = static_cast<scalar_t>(uw.w0[J] * r[uw.i0[J]] + uw.w1[J] * r[uw.i1[J]]);
+            } else {
+              for (int64_t J = 0; J < W; ++J) orow[J] = static_cast<scalar_t>(r[uw.i0[J]]);
             }
+            continue;
+          }
+          for (int64_t J = 0; J < W; ++J) {
+            const T* a0 = r + uw.i0[J] * S;
+            const T* a1 = r + uw.i1[J] * S;
             scalar_t* os = orow + J * op.pix;
-            for (int64_t g = 0; g < G; ++g) os[g] = static_cast<scalar_t>(acc[g]);
+            if (uw.two) {
+              const T w0 = uw.w0[J], w1 = uw.w1[J];
+              for (int64_t g = 0; g < G; ++g) os[g] = static_cast<scalar_t>(w0 * a0[g] + w1 * a1[g]);
+            } else {
+              for (int64_t g = 0; g < G; ++g) os[g] = static_cast<scalar_t>(a0[g]);
+            }
           }
         }
       }
@@ -333,8 +381,10 @@ ForwardResult multi_scale_forward_cpu(const Tensor& x_in, at::TensorList weight,
       pv[b] = pre[b].const_data_ptr<scalar_t>();
     }
     if (out.numel() > 0) {
-      if (cl) epilogue_and_up<scalar_t, true>(plan, taps, epi, pv, out.data_ptr<scalar_t>());
-      else epilogue_and_up<scalar_t, false>(plan, taps, epi, pv, out.data_ptr<scalar_t>());
+      with_activation(plan.activation, [&](auto act) {
+        if (cl) epilogue_and_up<scalar_t, true, decltype(act)::value>(plan, taps, epi, pv, out.data_ptr<scalar_t>());
+        else epilogue_and_up<scalar_t, false, decltype(act)::value>(plan, taps, epi, pv, out.data_ptr<scalar_t>());
+      });
     }
   });
   return {out, level, pre, mean, var};
@@ -363,8 +413,9 @@ void up_adjoint_and_act_grad(const BlockPlan& plan, const BranchPlan& bp, const 
     constexpr int64_t S = CL ? kGroup : 1;
     std::vector<T> rows(bp.identity ? 0 : H * w * S);  // g reduced along the width, for every output row
     for (int64_t item = begin; item < end; ++item) {
-      int64_t n, c0, G;
-      groups.at(item, &n, &c0, &G);
+      int64_t n, c0, g_count;
+      groups.at(item, &n, &c0, &g_count);
+      const int64_t G = CL ? g_count : 1;  // a constant 1 for NCHW, so the loops over j vectorise
       const scalar_t* gb = grad + Plane<CL>::origin(n, bp.channel_offset + c0, Co, H, W);
       const scalar_t* cb = pre + Plane<CL>::origin(n, c0, Cb, h, w);
       scalar_t* db = dy_out + Plane<CL>::origin(n, c0, Cb, h, w);
@@ -433,8 +484,9 @@ void down_adjoint(const BlockPlan& plan, const std::vector<BranchTaps<at::opmath
     std::vector<std::vector<T>> expanded(B);  // dz of branch b expanded along the width: (h_b, W)
     std::vector<T> row(W * S);
     for (int64_t item = begin; item < end; ++item) {
-      int64_t n, c0, G;
-      groups.at(item, &n, &c0, &G);
+      int64_t n, c0, g_count;
+      groups.at(item, &n, &c0, &g_count);
+      const int64_t G = CL ? g_count : 1;  // a constant 1 for NCHW, so the loops over j vectorise
       for (size_t b = 0; b < B; ++b) {
         const BranchPlan& bp = plan.branches[b];
         if (bp.identity) continue;
