@@ -395,7 +395,7 @@ ForwardResult multi_scale_forward_cpu(const Tensor& x_in, at::TensorList weight,
 // norm's backward at the level. Writes p * dY (p = the folded scale in eval mode, 1 with batch
 // statistics) and per (n, channel) partial sums of dY and dY * (conv - center), reduced later in n order.
 // ---------------------------------------------------------------------------------------------------
-template <typename scalar_t, bool CL>
+template <typename scalar_t, bool CL, Activation A>
 void up_adjoint_and_act_grad(const BlockPlan& plan, const BranchPlan& bp, const BranchTaps<at::opmath_type<scalar_t>>& taps,
                              const Epilogue<at::opmath_type<scalar_t>>& epi, const std::vector<double>& center,
                              const std::vector<double>& pre_scale, const scalar_t* grad, const scalar_t* pre,
@@ -403,7 +403,6 @@ void up_adjoint_and_act_grad(const BlockPlan& plan, const BranchPlan& bp, const 
   using T = at::opmath_type<scalar_t>;
   const int64_t H = plan.H, W = plan.W, Co = plan.out_channels;
   const int64_t Cb = bp.out_channels, h = bp.level_h, w = bp.level_w;
-  const Activation act = plan.activation;
   const Groups<CL> groups(Cb);
   const Plane<CL> gp = Plane<CL>::make(W, Co);
   const Plane<CL> cp = Plane<CL>::make(w, Cb);
@@ -454,7 +453,7 @@ void up_adjoint_and_act_grad(const BlockPlan& plan, const BranchPlan& bp, const 
             const int64_t c = c0 + g;
             const T cv = static_cast<T>(cs[g]);
             // The reference rounds the activation's incoming gradient to the tensor's dtype.
-            const T dyv = static_cast<T>(static_cast<scalar_t>(da[g])) * activate_grad<T>(act, epi.alpha[c] * cv + epi.beta[c]);
+            const T dyv = static_cast<T>(static_cast<scalar_t>(da[g])) * activate_grad<T>(A, epi.alpha[c] * cv + epi.beta[c]);
             s1[g] += static_cast<double>(dyv);
             s2[g] += static_cast<double>(dyv) * (static_cast<double>(cv) - center[c]);
             ds[g] = static_cast<scalar_t>(static_cast<double>(dyv) * pre_scale[c]);
@@ -574,9 +573,12 @@ BackwardResult multi_scale_backward_cpu(const Tensor& grad_in, const Tensor& x_i
       Tensor dconv = at::empty_like(pre_b, at::MemoryFormat::Preserve);
       std::vector<double> part_dy(plan.N * Cb), part_dyc(plan.N * Cb);
       if (pre_b.numel() > 0) {
-        auto run = cl ? up_adjoint_and_act_grad<scalar_t, true> : up_adjoint_and_act_grad<scalar_t, false>;
-        run(plan, bp, taps[b], epi, center, pre_scale, grad.const_data_ptr<scalar_t>(), pre_b.const_data_ptr<scalar_t>(),
-            dconv.data_ptr<scalar_t>(), part_dy.data(), part_dyc.data());
+        with_activation(plan.activation, [&](auto act) {
+          constexpr Activation A = decltype(act)::value;
+          auto run = cl ? up_adjoint_and_act_grad<scalar_t, true, A> : up_adjoint_and_act_grad<scalar_t, false, A>;
+          run(plan, bp, taps[b], epi, center, pre_scale, grad.const_data_ptr<scalar_t>(),
+              pre_b.const_data_ptr<scalar_t>(), dconv.data_ptr<scalar_t>(), part_dy.data(), part_dyc.data());
+        });
       }
       std::vector<double> sum_dy(Cb, 0.0), sum_dyc(Cb, 0.0);
       for (int64_t n = 0; n < plan.N; ++n)  // fixed order: deterministic
