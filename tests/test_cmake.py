@@ -3,7 +3,7 @@
 Configures and builds libmsfused.so and the C++ example into a temporary folder, then
   * loads the library into a fresh Python process with torch.ops.load_library and checks the operator
     (forward and the C++ autograd kernel) against plain torch.nn.functional. A separate process because
-    msfused._C registers the same TORCH_LIBRARY(msfused): the two cannot share a process;
+    msfused._C registers the same TORCH_LIBRARY(msfused): the two cannot share a process (it aborts);
   * runs the example program, which checks itself and exits non-zero on failure;
   * installs the project and checks the installed files.
 
