@@ -1,2 +1,10 @@
 """Benchmarks that ship with msfused: the workloads of WORKLOADS.md, the floor, and the runner behind
-``python -m msfused bench``."""
+``python -m msfused bench``.
+
+    workloads  the workload table, and build(): naive and fused modules with identical weights, an input
+    floor      the device's copy bandwidth and matmul rate; bytes and FLOPs per workload; the floor
+    timing     timing on CPU (perf_counter) and CUDA (events), interleaved; peak memory of one call
+    runner     the matrix workload x mode x dtype x implementation, as plain result dicts
+    report     the text table, JSON, and the speedup chart (matplotlib, optional)
+    cli        python -m msfused bench
+"""

@@ -1,0 +1,154 @@
+"""The floor of WORKLOADS.md: the least time a workload could take on the device.
+
+``floor = max(bytes / copy bandwidth, conv FLOPs / matrix rate)``, with both rates measured on the device
+once per run (:func:`measure_rates`) and the work counted from the configuration (:func:`count_work`).
+
+Counting rule (also in :func:`count_work`):
+
+* Bytes: every tensor the step takes is read once and every tensor it gives is written once, at the
+  element size it has; nothing in between (pooled levels, branch activations, the upsampled maps) is
+  counted, as if it stayed on chip.
+
+  - inference: read ``x`` and the whole ``state_dict`` (weights, biases, norm affine parameters and
+    running statistics); write the output.
+  - training step (forward + backward, one function of ``x``, the parameters and the upstream gradient):
+    read ``x``, the ``state_dict`` and the upstream gradient; write the output, ``grad x``, one gradient
+    per parameter, and the norms' updated running statistics.
+
+* FLOPs: the convolutions only, 2 per multiply-add: ``2 * N * Cb * C * k * k * h * w`` for a branch of
+  ``Cb`` output channels at level ``h x w``. Pooling, resizing, norm and activation are a few operations
+  per byte moved and belong to the byte side. A training step counts 3 times the forward: the forward,
+  the gradient of the conv input and the gradient of its weight each cost one forward's FLOPs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Iterator, Optional, Union
+
+import torch
+
+from .timing import median_ms
+from .workloads import Workload
+
+# Sizes for measuring the rates: far beyond the caches, and long enough to time well.
+_COPY_BYTES = {"cpu": 256 * 2**20, "cuda": 2 * 2**30}
+_MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rates:
+    """What the device sustains: copy bandwidth (bytes read plus written per second, in GB/s) and the
+    matrix-multiply rate in ``dtype`` (TFLOP/s)."""
+
+    device: str
+    dtype: str
+    copy_gbps: float
+    matmul_tflops: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """The least work of one call: bytes moved and convolution FLOPs (see the module docstring)."""
+
+    bytes: int
+    flops: int
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@contextlib.contextmanager
+def _float32_matmul_like_conv() -> Iterator[None]:
+    """float32 matmuls at the precision cuDNN convolutions use (TF32 by PyTorch's default), so that the
+    matrix rate is the one the naive block's convolutions can reach."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision") and hasattr(getattr(conv, "conv", None), "fp32_precision"):
+        attribute, wanted = "fp32_precision", conv.conv.fp32_precision  # the API since torch 2.9
+    else:
+        attribute, wanted = "allow_tf32", bool(conv.allow_tf32)
+    previous = getattr(matmul, attribute)
+    setattr(matmul, attribute, wanted)
+    try:
+        yield
+    finally:
+        setattr(matmul, attribute, previous)
+
+
+def measure_copy_gbps(device: Union[str, torch.device], reps: int = 10) -> float:
+    """The device's copy bandwidth in GB/s (1e9 bytes/s; bytes read plus bytes written), from the median
+    time of copying one large tensor into another."""
+    device = torch.device(device)
+    nbytes = _COPY_BYTES.get(device.type, _COPY_BYTES["cpu"])
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, warmup=2, reps=reps)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def measure_matmul_tflops(device: Union[str, torch.device], dtype: torch.dtype, reps: int = 5) -> float:
+    """The device's matrix-multiply rate in ``dtype`` (TFLOP/s), from the median time of one large
+    square matmul."""
+    device = torch.device(device)
+    size = _MATMUL_SIZE.get(device.type, _MATMUL_SIZE["cpu"])
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    guard = _float32_matmul_like_conv() if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        ms = median_ms(lambda: torch.mm(a, b), device, warmup=2, reps=reps)
+    return 2 * size**3 / (ms * 1e-3) / 1e12
+
+
+def measure_rates(device: Union[str, torch.device], dtype: torch.dtype, copy_gbps: Optional[float] = None) -> Rates:
+    """Both rates for ``device`` and ``dtype`` (pass ``copy_gbps`` to reuse a bandwidth measured before:
+    it does not depend on the dtype)."""
+    device = torch.device(device)
+    if copy_gbps is None:
+        copy_gbps = measure_copy_gbps(device)
+    return Rates(str(device), dtype_name(dtype), copy_gbps, measure_matmul_tflops(device, dtype))
+
+
+def _bytes(t: torch.Tensor, dtype: torch.dtype) -> int:
+    # Floating tensors take the block's dtype (module.to(dtype)); integer buffers keep theirs.
+    element = torch.empty((), dtype=dtype).element_size() if t.is_floating_point() else t.element_size()
+    return t.numel() * element
+
+
+def count_work(workload: Workload, n: int, mode: str, dtype: torch.dtype) -> Work:
+    """Bytes and convolution FLOPs of one call of ``workload`` at batch ``n`` in ``mode`` ('inference' or
+    'train'), by the counting rule of this module's docstring."""
+    if mode not in ("inference", "train"):
+        raise ValueError(f"mode must be 'inference' or 'train', got {mode!r}")
+    module = workload.make_naive("meta")  # shapes only
+    spec = module.spec
+    element = torch.empty((), dtype=dtype).element_size()
+    N, C, H, W = workload.input_shape(n)
+    x_bytes = N * C * H * W * element
+    out_bytes = N * spec.out_channels * H * W * element
+    state_bytes = sum(_bytes(t, dtype) for t in module.state_dict().values())
+    flops = 0
+    for b in spec.branches:
+        h, w = b.level_size(H, W)
+        flops += 2 * N * b.out_channels * C * b.kernel_size**2 * h * w
+    if mode == "inference":
+        return Work(x_bytes + state_bytes + out_bytes, flops)
+    param_bytes = sum(_bytes(p, dtype) for p in module.parameters())
+    updated_buffer_bytes = sum(
+        _bytes(t, dtype)
+        for m in module.modules()
+        if isinstance(m, torch.nn.BatchNorm2d) and m.track_running_stats
+        for t in m.buffers()
+    )
+    reads = x_bytes + state_bytes + out_bytes  # x, state, upstream gradient (the output's shape)
+    writes = out_bytes + x_bytes + param_bytes + updated_buffer_bytes  # output, grad x, grads, running stats
+    return Work(reads + writes, 3 * flops)
+
+
+def floor_ms(work: Work, rates: Rates) -> float:
+    """The floor in milliseconds: the larger of the memory time and the compute time."""
+    memory_ms = work.bytes / (rates.copy_gbps * 1e9) * 1e3
+    compute_ms = work.flops / (rates.matmul_tflops * 1e12) * 1e3
+    return max(memory_ms, compute_ms)

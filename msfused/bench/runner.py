@@ -1,0 +1,438 @@
+"""Runs the benchmark matrix: workload x mode x dtype x implementation, one result dict per case.
+
+Implementations (``impl``):
+
+* ``naive``: the naive twin in eager PyTorch (the baseline).
+* ``compiled``: ``torch.compile`` of that same naive module (default options); compilation happens in
+  the first, untimed call and is reported as ``compile_s``.
+* any msfused backend name (``cpu``, ``cuda``, ``triton``, also ``auto`` and ``reference``): the fused
+  module under ``msfused.use_backend(name)``. By default, every fused backend that
+  ``msfused.availability`` reports usable for the device: ``cpu`` on a CPU; ``cuda`` and ``triton`` on
+  a GPU.
+
+Modes: ``inference`` (norms in eval mode, under ``torch.inference_mode()``) and ``train`` (norms in train
+mode; forward plus backward with a fixed random upstream gradient; ``x`` and every parameter get a
+gradient through ``torch.autograd.grad``, so nothing accumulates between calls).
+
+The implementations of one (workload, mode, dtype) are warmed up one after the other, then timed
+interleaved (one call of each in turn): a change in the machine's load hits them alike. A case that
+raises (an implementation that refuses a dtype, a compiler error, ...) gives a row with ``error`` set
+instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import importlib.metadata
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+
+import msfused
+
+from . import floor as floor_mod
+from . import timing
+from .workloads import Built, Workload, build
+
+MODES = ("inference", "train")
+BASELINES = ("naive", "compiled")
+# The msfused backends that run on each device type, in the order they are reported.
+_DEVICE_BACKENDS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+
+# Default repetitions per device type: (warm-up calls, timed calls, seconds one case's timed calls may
+# take). A slow case gets fewer timed calls (at least timing.repetitions' min_reps) rather than a long run.
+DEFAULT_TIMING = {"cpu": (2, 20, 3.0), "cuda": (10, 100, 10.0)}
+
+
+def fused_impls(device: Union[str, torch.device]) -> List[str]:
+    """The msfused backends usable for ``device`` on this machine (``msfused.availability``)."""
+    device_type = torch.device(device).type
+    return [name for name in _DEVICE_BACKENDS.get(device_type, ()) if msfused.availability(name)[0]]
+
+
+def default_impls(device: Union[str, torch.device], compile: Optional[bool] = None) -> List[str]:
+    """``naive``, ``compiled`` (by default only off a CPU: compiling every case there takes minutes) and
+    every usable fused backend."""
+    if compile is None:
+        compile = torch.device(device).type != "cpu"
+    return ["naive"] + (["compiled"] if compile else []) + fused_impls(device)
+
+
+def check_impls(impls: Sequence[str]) -> None:
+    """Raises ``ValueError`` for a name that is neither a baseline nor an msfused backend."""
+    known = BASELINES + tuple(msfused.BACKENDS)
+    unknown = [i for i in impls if i not in known]
+    if unknown:
+        raise ValueError(f"unknown implementation(s) {', '.join(unknown)}; known: {', '.join(known)}")
+
+
+def versions() -> Dict[str, Optional[str]]:
+    """torch, triton (None if not installed) and msfused versions."""
+    try:
+        triton = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton = None
+    return {"torch": torch.__version__, "triton": triton, "msfused": msfused.__version__}
+
+
+def device_name(device: Union[str, torch.device]) -> str:
+    """A human name for the device: the GPU's name, or the CPU's model and the threads torch uses."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    threads = torch.get_num_threads()
+    return f"{model} ({threads} thread{'s' if threads != 1 else ''})"
+
+
+def environment(device: Union[str, torch.device]) -> Dict[str, Any]:
+    """What a result depends on besides the code: device, versions, threads, load."""
+    device = torch.device(device)
+    return {
+        "device": str(device),
+        "device_name": device_name(device),
+        **versions(),
+        "cuda": torch.version.cuda,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg": _loadavg(),
+    }
+
+
+def _loadavg() -> Optional[List[float]]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+@dataclasses.dataclass
+class Step:
+    """One call to time: ``fn()`` runs the forward (inference) or forward plus backward (train) of one
+    implementation and returns the output. Call it inside ``active()``, which selects the msfused backend
+    for fused implementations (the timing loops enter it outside the timed region)."""
+
+    fn: Callable[[], torch.Tensor]
+    backend: Optional[str] = None
+
+    def __call__(self) -> torch.Tensor:
+        return self.fn()
+
+    def active(self) -> ContextManager[None]:
+        return msfused.use_backend(self.backend) if self.backend else contextlib.nullcontext()
+
+
+def set_mode(built: Built, mode: str) -> None:
+    """Norms in eval mode for ``inference``, in train mode for ``train`` (both modules)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    built.naive.train(mode == "train")
+    built.fused.train(mode == "train")
+
+
+def upstream_gradient(built: Built, seed: int = 1) -> torch.Tensor:
+    """A fixed random gradient of the block's output, for training steps."""
+    N, _, H, W = built.x.shape
+    shape = (N, built.naive.out_channels, H, W)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return grad.to(device=built.x.device, dtype=built.x.dtype)
+
+
+def make_step(built: Built, mode: str, impl: str, grad_out: Optional[torch.Tensor] = None) -> Step:
+    """The callable to time for ``impl`` in ``mode`` (call :func:`set_mode` first). ``compiled`` resets
+    torch._dynamo and wraps the naive module in ``torch.compile``: the first call compiles."""
+    check_impls([impl])
+    if impl == "naive":
+        module, backend = built.naive, None
+    elif impl == "compiled":
+        torch._dynamo.reset()  # a fresh cache per case: no recompilation limits, no automatic dynamic shapes
+        module, backend = torch.compile(built.naive), None
+    else:
+        module, backend = built.fused, impl
+
+    if mode == "inference":
+        x = built.x
+
+        def step() -> torch.Tensor:
+            with torch.inference_mode():
+                return module(x)
+
+        return Step(step, backend)
+
+    x = built.x.detach().requires_grad_(True)
+    inputs = [x, *(built.fused if module is built.fused else built.naive).parameters()]
+    if grad_out is None:
+        grad_out = upstream_gradient(built)
+
+    def train_step() -> torch.Tensor:
+        out = module(x)
+        torch.autograd.grad(out, inputs, grad_out)
+        return out.detach()
+
+    return Step(train_step, backend)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """SPEC.md's norm-wise error of ``out`` against ``ref``, in float64."""
+    out, ref = out.detach().double(), ref.detach().double()
+    return float(torch.linalg.vector_norm(out - ref) / max(float(torch.linalg.vector_norm(ref)), 1e-30))
+
+
+def _error_text(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _row(workload: Workload, n: int, mode: str, dtype: torch.dtype, impl: str, env: dict) -> Dict[str, Any]:
+    return {
+        "workload": workload.name,
+        "n": n,
+        "n_full": workload.n,
+        "mode": mode,
+        "dtype": floor_mod.dtype_name(dtype),
+        "impl": impl,
+        "device": env["device"],
+        "device_name": env["device_name"],
+        "median_ms": None,
+        "min_ms": None,
+        "reps": 0,
+        "peak_mem_bytes": None,
+        "speedup_vs_naive": None,
+        "speedup_vs_compiled": None,
+        "floor_ms": None,
+        "time_over_floor": None,
+        "gbps": None,
+        "tflops": None,
+        "bytes": None,
+        "flops": None,
+        "err_vs_naive": None,
+        "compile_s": None,
+        "error": None,
+        "torch": env["torch"],
+        "triton": env["triton"],
+        "msfused": env["msfused"],
+        "threads": env["threads"],
+    }
+
+
+def _measure_group(
+    steps: Dict[str, Step],
+    rows: Dict[str, Dict[str, Any]],
+    device: torch.device,
+    warmup: int,
+    reps: int,
+    max_seconds: Optional[float],
+    memory: bool,
+) -> None:
+    """Measures the steps of one (workload, mode, dtype) into their rows.
+
+    Each step (naive first: the others' outputs are compared with its) gets ``warmup`` untimed calls, at
+    least one; the first also compiles, for ``compiled``, and its time is ``compile_s``. Then the steps
+    that ran are timed interleaved, ``reps`` rounds cut to about ``max_seconds`` per step, and each is
+    called once more for its peak memory. A step that raises gets ``error`` in its row and leaves the rest.
+    """
+    reference: Optional[torch.Tensor] = None
+    seconds_per_call: Dict[str, float] = {}
+    for impl in sorted(steps, key=lambda i: i != "naive"):
+        step, row = steps[impl], rows[impl]
+        try:
+            with step.active():
+                start = time.perf_counter()
+                out = step()
+                timing.synchronize(device)
+                first_s = time.perf_counter() - start
+                seconds_per_call[impl] = timing.warm_up(step, device, warmup - 1) if warmup > 1 else first_s
+        except Exception as e:
+            row["error"] = _error_text(e)
+            continue
+        if impl == "compiled":
+            row["compile_s"] = first_s
+        if impl == "naive":
+            reference = out
+        if reference is not None:
+            row["err_vs_naive"] = relative_error(out, reference)
+        del out
+    del reference
+
+    ready = [impl for impl in steps if impl in seconds_per_call]
+    if not ready:
+        return
+    budget = None if max_seconds is None else max_seconds * len(ready)
+    rounds = timing.repetitions(reps, budget, sum(seconds_per_call.values()))
+    try:
+        times = timing.time_interleaved(
+            [steps[i] for i in ready], device, rounds, contexts=[steps[i].active for i in ready]
+        )
+    except Exception as e:  # rare: a step that ran in warm-up and fails later
+        for impl in ready:
+            rows[impl]["error"] = _error_text(e)
+        return
+    for impl, ms in zip(ready, times):
+        row = rows[impl]
+        row["median_ms"], row["min_ms"], row["reps"] = statistics.median(ms), min(ms), len(ms)
+        if memory:
+            with steps[impl].active():
+                row["peak_mem_bytes"] = timing.peak_memory_bytes(steps[impl], device)
+
+
+def _fill_derived(row: Dict[str, Any], work: floor_mod.Work, rates: Optional[floor_mod.Rates]) -> None:
+    ms = row["median_ms"]
+    row["bytes"], row["flops"] = work.bytes, work.flops
+    if rates is not None:
+        row["floor_ms"] = floor_mod.floor_ms(work, rates)
+    if ms:
+        row["gbps"] = work.bytes / (ms * 1e-3) / 1e9
+        row["tflops"] = work.flops / (ms * 1e-3) / 1e12
+        if row["floor_ms"]:
+            row["time_over_floor"] = ms / row["floor_ms"]
+
+
+def _fill_speedups(rows: List[Dict[str, Any]]) -> None:
+    """speedup_vs_naive / _vs_compiled = baseline time / this time, within one (workload, mode, dtype)."""
+    baseline = {r["impl"]: r["median_ms"] for r in rows if r["impl"] in BASELINES and r["median_ms"]}
+    for r in rows:
+        if r["median_ms"]:
+            if "naive" in baseline:
+                r["speedup_vs_naive"] = baseline["naive"] / r["median_ms"]
+            if "compiled" in baseline:
+                r["speedup_vs_compiled"] = baseline["compiled"] / r["median_ms"]
+
+
+def run(
+    workloads: Sequence[Workload],
+    modes: Sequence[str] = MODES,
+    dtypes: Sequence[torch.dtype] = (torch.float32,),
+    impls: Optional[Sequence[str]] = None,
+    device: Union[str, torch.device] = "cpu",
+    n: Optional[int] = None,
+    full_n: bool = False,
+    warmup: Optional[int] = None,
+    reps: Optional[int] = None,
+    max_seconds: Optional[float] = None,
+    memory: bool = True,
+    progress: Optional[Callable[[str], None]] = None,
+) -> Dict[str, Any]:
+    """Runs every case and returns ``{"environment": ..., "rates": [...], "rows": [...]}`` (plain dicts).
+
+    Batch size: ``n`` if given, else the workload's full ``n`` with ``full_n``, else its default for the
+    device (``cpu_n`` on a CPU). ``warmup`` / ``reps`` / ``max_seconds`` default per device type
+    (:data:`DEFAULT_TIMING`). ``progress`` gets a line of text before and after each group of cases
+    (one workload, mode and dtype: the implementations compared are measured together).
+    """
+    device = torch.device(device)
+    impls = list(impls) if impls is not None else default_impls(device)
+    check_impls(impls)
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    default_warmup, default_reps, default_seconds = DEFAULT_TIMING.get(device.type, DEFAULT_TIMING["cuda"])
+    warmup = default_warmup if warmup is None else warmup
+    reps = default_reps if reps is None else reps
+    max_seconds = default_seconds if max_seconds is None else max_seconds
+    say = progress or (lambda message: None)
+
+    env = environment(device)
+    say("measuring the device's copy bandwidth and matmul rate for the floor")
+    copy_gbps = floor_mod.measure_copy_gbps(device)
+    rates = {dtype: floor_mod.measure_rates(device, dtype, copy_gbps=copy_gbps) for dtype in dtypes}
+
+    groups = len(workloads) * len(modes) * len(dtypes)
+    index = 0
+    rows: List[Dict[str, Any]] = []
+    for workload in workloads:
+        batch = n if n is not None else (workload.n if full_n else workload.default_n(device))
+        for dtype in dtypes:
+            try:
+                built: Optional[Built] = build(workload, batch, dtype, device)
+                build_error = None
+            except Exception as e:  # e.g. out of memory: every case of this workload and dtype says so
+                built, build_error = None, _error_text(e)
+            for mode in modes:
+                index += 1
+                label = f"[{index}/{groups}] {workload.name} N={batch} {mode} {floor_mod.dtype_name(dtype)}"
+                say(f"{label}: {', '.join(impls)} ...")
+                group = {impl: _row(workload, batch, mode, dtype, impl, env) for impl in impls}
+                if built is None:
+                    for row in group.values():
+                        row["error"] = build_error
+                else:
+                    _run_group(built, mode, group, device, warmup, reps, max_seconds, memory)
+                work = floor_mod.count_work(workload, batch, mode, dtype)
+                for row in group.values():
+                    _fill_derived(row, work, rates[dtype])
+                _fill_speedups(list(group.values()))
+                rows.extend(group.values())
+                say(f"{label}: {_summary(group.values())}")
+            del built
+            _release_memory(device)
+    if "compiled" in impls:
+        torch._dynamo.reset()
+    env["loadavg_after"] = _loadavg()
+    return {"environment": env, "rates": [dataclasses.asdict(r) for r in rates.values()], "rows": rows}
+
+
+def _run_group(
+    built: Built,
+    mode: str,
+    rows: Dict[str, Dict[str, Any]],
+    device: torch.device,
+    warmup: int,
+    reps: int,
+    max_seconds: Optional[float],
+    memory: bool,
+) -> None:
+    """Every implementation in ``rows`` (impl -> row) on ``built`` in ``mode``, measured into the rows."""
+    try:
+        set_mode(built, mode)
+        grad_out = upstream_gradient(built) if mode == "train" else None
+    except Exception as e:
+        for row in rows.values():
+            row["error"] = _error_text(e)
+        return
+    steps: Dict[str, Step] = {}
+    for impl, row in rows.items():
+        try:
+            steps[impl] = make_step(built, mode, impl, grad_out)
+        except Exception as e:
+            row["error"] = _error_text(e)
+    _measure_group(steps, rows, device, warmup, reps, max_seconds, memory)
+
+
+def _summary(rows: Iterable[Dict[str, Any]]) -> str:
+    """One group's results in a few words: each implementation's time and speedup over naive."""
+    parts = []
+    for r in rows:
+        if r["error"]:
+            parts.append(f"{r['impl']} error")
+        else:
+            speedup = f" ({r['speedup_vs_naive']:.2f}x)" if r["impl"] != "naive" and r["speedup_vs_naive"] else ""
+            parts.append(f"{r['impl']} {r['median_ms']:.3g} ms{speedup}")
+    return ", ".join(parts)
+
+
+def _release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def iter_cases(
+    workloads: Iterable[Workload], modes: Iterable[str], dtypes: Iterable[torch.dtype], impls: Iterable[str]
+) -> List[tuple]:
+    """Every (workload, dtype, mode, impl), in the order :func:`run` measures them (the pytest suite
+    parametrises over this)."""
+    impls = list(impls)
+    modes = list(modes)
+    dtypes = list(dtypes)
+    return [(w, d, m, i) for w in workloads for d in dtypes for m in modes for i in impls]
