@@ -45,7 +45,7 @@ if with_cuda:
 
 sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp") + _sources("csrc/autograd/*.cpp")
 cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-cxx_flags += ["-std=c++17", "-fdiagnostics-color=always"]
+cxx_flags += ["-std=c++17", "-fopenmp-simd", "-fdiagnostics-color=always"]  # omp simd: reductions in lanes
 define_macros = [("MSFUSED_WITH_CUDA", "1")] if with_cuda else []
 nvcc_flags = ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"]
 

@@ -34,7 +34,9 @@ template <typename T>
 MSFUSED_HD T activate_grad(Activation a, T y) {
   switch (a) {
     case Activation::Relu:
-      return y <= T(0) ? T(0) : T(1);  // NaN passes the gradient, as threshold_backward does
+      // Branch-free (the sign of y is random; a branch mispredicts half the time). NaN passes the
+      // gradient, as threshold_backward does.
+      return static_cast<T>(!(y <= T(0)));
     case Activation::Silu: {
       const T s = sigmoid(y);
       return s * (T(1) + y * (T(1) - s));

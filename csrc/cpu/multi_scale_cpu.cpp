@@ -410,7 +410,9 @@ void up_adjoint_and_act_grad(const BlockPlan& plan, const BranchPlan& bp, const 
   const auto& tw = taps.up_w;
   at::parallel_for(0, plan.N * groups.per_n, 1, [&](int64_t begin, int64_t end) {
     constexpr int64_t S = CL ? kGroup : 1;
-    std::vector<T> rows(bp.identity ? 0 : H * w * S);  // g reduced along the width, for every output row
+    // One level row at a time: the output rows that read it, reduced along the height first (contiguous,
+    // vectorised), then the width gather on that one W-long row.
+    std::vector<T> trow(bp.identity ? 0 : W * S), darow(w * S);
     for (int64_t item = begin; item < end; ++item) {
       int64_t n, c0, g_count;
       groups.at(item, &n, &c0, &g_count);
@@ -418,46 +420,63 @@ void up_adjoint_and_act_grad(const BlockPlan& plan, const BranchPlan& bp, const 
       const scalar_t* gb = grad + Plane<CL>::origin(n, bp.channel_offset + c0, Co, H, W);
       const scalar_t* cb = pre + Plane<CL>::origin(n, c0, Cb, h, w);
       scalar_t* db = dy_out + Plane<CL>::origin(n, c0, Cb, h, w);
-      if (!bp.identity) {
-        for (int64_t I = 0; I < H; ++I) {
-          const scalar_t* grow = gb + I * gp.row;
-          T* r = rows.data() + I * w * S;
-          for (int64_t ow = 0; ow < w; ++ow) {
-            T acc[S] = {};
-            for (int64_t k = tw.col_ptr[ow]; k < tw.col_ptr[ow + 1]; ++k) {
-              const scalar_t* gs = grow + tw.col_idx[k] * gp.pix;
-              const T wt = tw.col_w[k];
-              for (int64_t g = 0; g < G; ++g) acc[g] += wt * static_cast<T>(gs[g]);
-            }
-            for (int64_t g = 0; g < G; ++g) r[ow * S + g] = acc[g];
-          }
-        }
-      }
       double s1[S] = {}, s2[S] = {};
       for (int64_t oh = 0; oh < h; ++oh) {
+        if (!bp.identity) {
+          std::fill(trow.begin(), trow.end(), T(0));  // a level row no output reads gets no gradient
+          for (int64_t k = th.col_ptr[oh]; k < th.col_ptr[oh + 1]; ++k) {
+            const scalar_t* grow = gb + th.col_idx[k] * gp.row;
+            const T wt = th.col_w[k];
+            for (int64_t J = 0; J < W; ++J)
+              for (int64_t g = 0; g < G; ++g) trow[J * S + g] += wt * static_cast<T>(grow[J * gp.pix + g]);
+          }
+        }
+        // The gradient reaching the activation, along this level row.
         for (int64_t ow = 0; ow < w; ++ow) {
-          T da[S] = {};
+          T* da = darow.data() + ow * S;
           if (bp.identity) {
             const scalar_t* gs = gb + oh * gp.row + ow * gp.pix;
             for (int64_t g = 0; g < G; ++g) da[g] = static_cast<T>(gs[g]);
           } else {
-            for (int64_t k = th.col_ptr[oh]; k < th.col_ptr[oh + 1]; ++k) {
-              const T* r = rows.data() + (th.col_idx[k] * w + ow) * S;
-              const T wt = th.col_w[k];
-              for (int64_t g = 0; g < G; ++g) da[g] += wt * r[g];
+            for (int64_t g = 0; g < G; ++g) da[g] = T(0);
+            for (int64_t k = tw.col_ptr[ow]; k < tw.col_ptr[ow + 1]; ++k) {
+              const T* t = trow.data() + tw.col_idx[k] * S;
+              const T wt = tw.col_w[k];
+              for (int64_t g = 0; g < G; ++g) da[g] += wt * t[g];
             }
           }
-          const scalar_t* cs = cb + oh * cp.row + ow * cp.pix;
-          scalar_t* ds = db + oh * cp.row + ow * cp.pix;
-          for (int64_t g = 0; g < G; ++g) {
-            const int64_t c = c0 + g;
-            const T cv = static_cast<T>(cs[g]);
-            // The reference rounds the activation's incoming gradient to the tensor's dtype.
-            const T dyv = static_cast<T>(static_cast<scalar_t>(da[g])) * activate_grad<T>(A, epi.alpha[c] * cv + epi.beta[c]);
-            s1[g] += static_cast<double>(dyv);
-            s2[g] += static_cast<double>(dyv) * (static_cast<double>(cv) - center[c]);
-            ds[g] = static_cast<scalar_t>(static_cast<double>(dyv) * pre_scale[c]);
+        }
+        // Activation backward, p * dY stored, and the sums in double. The reference rounds the
+        // activation's incoming gradient to the tensor's dtype, hence the casts through scalar_t.
+        const scalar_t* cs = cb + oh * cp.row;
+        scalar_t* ds = db + oh * cp.row;
+        if constexpr (!CL) {
+          // One channel: the sums run along the row; omp simd lets them use independent lanes (a fixed
+          // order, so still deterministic) instead of one latency-bound chain.
+          const T al = epi.alpha[c0], be = epi.beta[c0];
+          const double ctr = center[c0], ps = pre_scale[c0];
+          double r1 = 0, r2 = 0;
+#pragma omp simd reduction(+ : r1, r2)
+          for (int64_t ow = 0; ow < w; ++ow) {
+            const T cv = static_cast<T>(cs[ow]);
+            const T dyv = static_cast<T>(static_cast<scalar_t>(darow[ow])) * activate_grad<T>(A, al * cv + be);
+            r1 += static_cast<double>(dyv);
+            r2 += static_cast<double>(dyv) * (static_cast<double>(cv) - ctr);
+            ds[ow] = static_cast<scalar_t>(static_cast<double>(dyv) * ps);
           }
+          s1[0] += r1;
+          s2[0] += r2;
+        } else {
+          for (int64_t ow = 0; ow < w; ++ow)
+            for (int64_t g = 0; g < G; ++g) {  // G channels: G independent sums per step
+              const int64_t c = c0 + g;
+              const T cv = static_cast<T>(cs[ow * cp.pix + g]);
+              const T dyv = static_cast<T>(static_cast<scalar_t>(darow[ow * S + g])) *
+                            activate_grad<T>(A, epi.alpha[c] * cv + epi.beta[c]);
+              s1[g] += static_cast<double>(dyv);
+              s2[g] += static_cast<double>(dyv) * (static_cast<double>(cv) - center[c]);
+              ds[ow * cp.pix + g] = static_cast<scalar_t>(static_cast<double>(dyv) * pre_scale[c]);
+            }
         }
       }
       for (int64_t g = 0; g < G; ++g) {
