@@ -69,6 +69,14 @@ def availability(name: str) -> Tuple[bool, str]:
     return True, ""
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (False for devices autocast does not know, e.g. meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def _unsupported_reason(name: str, x: torch.Tensor) -> Optional[str]:
     """Why fused backend ``name`` cannot run a call on ``x``, or None if it can."""
     ok, why = availability(name)
@@ -79,7 +87,7 @@ def _unsupported_reason(name: str, x: torch.Tensor) -> Optional[str]:
         return f"backend 'cpu' runs CPU tensors, x is on {x.device}"
     if name == "cuda" and device != "cuda":
         return f"backend 'cuda' runs CUDA tensors, x is on {x.device}"
-    if torch.is_autocast_enabled(device):
+    if autocast_enabled(device):
         return "autocast is not supported by the fused kernels yet (the reference follows autocast's rules)"
     return None
 
@@ -93,20 +101,21 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def resolve(x: torch.Tensor) -> str:
-    """The concrete backend ('cpu', 'cuda', 'triton' or 'reference') that runs a call on ``x``."""
+def resolve(x: torch.Tensor, unfusable: Optional[str] = None) -> str:
+    """The concrete backend ('cpu', 'cuda', 'triton' or 'reference') that runs a call on ``x``;
+    ``unfusable`` says why no fused backend can compute the block's branches, if so."""
     name = requested_backend()
     if name == "reference":
         return name
     if name != "auto":
-        why = _unsupported_reason(name, x)
+        why = unfusable or _unsupported_reason(name, x)
         if why is not None:
             raise RuntimeError(f"msfused backend {name!r} cannot run this call: {why}")
         return name
     candidates = ("cpu",) if x.device.type == "cpu" else ("cuda", "triton")
     reasons = []
     for candidate in candidates:
-        why = _unsupported_reason(candidate, x)
+        why = unfusable or _unsupported_reason(candidate, x)
         if why is None:
             return candidate
         reasons.append(f"{candidate}: {why}")

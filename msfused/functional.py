@@ -42,11 +42,13 @@ def check_input(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> No
             raise ValueError(
                 f"{_branch_name(spec, i)} gives a level of {h}x{w} for x of {H}x{W}; a level must be at least 1x1"
             )
-    autocast = torch.is_autocast_enabled(x.device.type)
     for i, branch in enumerate(branches):
         for name, t in branch.named_parameters():
             if t.device != x.device:
                 raise ValueError(f"branches[{i}].{name} is on {t.device} but x is on {x.device}")
+    autocast = backends.autocast_enabled(x.device.type)
+    for i, branch in enumerate(branches):
+        for name, t in branch.named_parameters():
             if not autocast and t.dtype != x.dtype:
                 raise TypeError(
                     f"branches[{i}].{name} has dtype {t.dtype} but x has {x.dtype}; they must match outside autocast"
@@ -122,6 +124,21 @@ def _fused_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) ->
     return out
 
 
+def unfusable_reason(spec: BlockSpec, branches: nn.ModuleList) -> Optional[str]:
+    """Why the fused kernels cannot compute these branches (a conv or norm replaced by something else
+    than the block builds), or None."""
+    for i, (b, branch) in enumerate(zip(spec.branches, branches)):
+        conv, norm = branch.conv, branch.norm
+        k = b.kernel_size
+        if type(conv) is not nn.Conv2d or conv.kernel_size != (k, k) or conv.stride != (1, 1) or \
+                conv.padding != (k // 2, k // 2) or conv.dilation != (1, 1) or conv.groups != 1 or \
+                conv.padding_mode != "zeros" or conv.in_channels != spec.in_channels:
+            return f"branches[{i}].conv is not the plain {k}x{k} nn.Conv2d (stride 1, padding {k // 2}) the block built"
+        if type(norm) not in (nn.BatchNorm2d, nn.Identity):
+            return f"branches[{i}].norm is a {type(norm).__name__}; the fused kernels compute nn.BatchNorm2d or no norm"
+    return None
+
+
 def multi_scale(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> torch.Tensor:
     """The multi-scale block of SPEC.md on ``x`` (N, C, H, W), with ``branches[i].conv`` / ``.norm``.
 
@@ -131,7 +148,7 @@ def multi_scale(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> to
     the parameters (training-mode norms update their running statistics, as ``nn.BatchNorm2d`` does).
     """
     check_input(x, spec, branches)
-    name = backends.resolve(x)
+    name = backends.resolve(x, unfusable_reason(spec, branches))
     if name == "reference":
         return reference_forward(x, spec, branches)
     return _fused_forward(x, spec, branches)

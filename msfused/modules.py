@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import multi_scale
+from .functional import multi_scale, unfusable_reason
 from .naive import _BLOCK_ARGS_DOC, NaiveMultiScaleBlock, NaivePyramidPooling, _Block, _MultiScaleBase, _PyramidPoolingBase
 
 
@@ -50,22 +50,12 @@ _TO_NAIVE = {fused: naive for naive, fused in _TO_FUSED.items()}
 
 def _check_convertible(path: str, block: _Block) -> None:
     """Refuses blocks whose parts were replaced by something the fused kernels do not compute."""
-    for i, branch in enumerate(block.branches):
-        conv, norm = branch.conv, branch.norm
-        k = conv.kernel_size[0] if isinstance(conv, nn.Conv2d) else None
-        if type(conv) is not nn.Conv2d or conv.kernel_size != (k, k) or conv.stride != (1, 1) or \
-                conv.padding != (k // 2, k // 2) or conv.dilation != (1, 1) or conv.groups != 1 or \
-                conv.padding_mode != "zeros":
-            raise ValueError(
-                f"msfused.convert: {path}.branches[{i}].conv is not the plain nn.Conv2d (stride 1, padding k // 2, "
-                f"dilation 1, groups 1, zero padding) the fused block computes: {conv!r}"
-            )
-        if type(norm) not in (nn.BatchNorm2d, nn.Identity):
-            raise ValueError(
-                f"msfused.convert: {path}.branches[{i}].norm is a {type(norm).__name__}; the fused block computes "
-                "nn.BatchNorm2d (per-process batch statistics) or no norm. Convert before "
-                "nn.SyncBatchNorm.convert_sync_batchnorm, or keep this block naive."
-            )
+    why = unfusable_reason(block.spec, block.branches)
+    if why is not None:
+        raise ValueError(
+            f"msfused.convert: {path}: {why}. Convert before nn.SyncBatchNorm.convert_sync_batchnorm (or any "
+            "other replacement), or keep this block naive."
+        )
 
 
 def _swap(model: nn.Module, mapping: dict, path: str, check: bool) -> nn.Module:

@@ -145,9 +145,6 @@ class MultiScaleFunction : public torch::autograd::Function<MultiScaleFunction> 
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    TORCH_CHECK(!(at::GradMode::is_enabled() && grad_outputs[0].requires_grad()),
-                "msfused: second-order gradients of multi_scale_forward are not supported "
-                "(backward with create_graph=True)");
     const auto layout_code = ctx->saved_data["layout"].toIntVector();
     const ParamLayout layout = ParamLayout::decode(layout_code);
     const int64_t B = layout.branches;
@@ -159,6 +156,15 @@ class MultiScaleFunction : public torch::autograd::Function<MultiScaleFunction> 
     const TensorVector weight(p.begin(), p.begin() + B);
     const OptionalTensorList scale = layout.gather(p, layout.scale_at), shift = layout.gather(p, layout.shift_at);
 
+    // multi_scale_backward has no derivative: with create_graph=True a second order would be silently
+    // missing, so refuse it whenever anything it would differentiate requires grad.
+    if (at::GradMode::is_enabled()) {
+      bool differentiable = grad_outputs[0].requires_grad();
+      for (const Tensor& t : saved) differentiable = differentiable || (t.defined() && t.requires_grad());
+      TORCH_CHECK(!differentiable,
+                  "msfused: second-order gradients of multi_scale_forward are not supported "
+                  "(backward with create_graph=True)");
+    }
     const bool need_x = ctx->needs_input_grad(0);
     bool need_weight = false;
     for (int64_t b = 0; b < B; ++b) need_weight = need_weight || ctx->needs_input_grad(1 + b);

@@ -1,0 +1,520 @@
+"""Shared helpers for the msfused test suite: the SPEC.md error metric, configuration cases, building a
+naive + fused pair with identical random state, inputs in every layout, and the core comparison of the
+fused module (default backend) against a float64 run of its naive twin.
+
+Randomness: every test draws fresh random inputs and weights. The per-test seed is derived from the
+session seed (``MSFUSED_TEST_SEED``, random when unset; printed in the header) and the test's node id, so
+a failure can be replayed with ``MSFUSED_TEST_SEED=<seed> pytest <node id>``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import os
+import random
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import pytest
+import torch
+from torch import nn
+
+import msfused
+
+# ---------------------------------------------------------------------------------------------------
+# Seeds
+# ---------------------------------------------------------------------------------------------------
+
+SESSION_SEED = int(os.environ.get("MSFUSED_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return f"msfused test seed: MSFUSED_TEST_SEED={SESSION_SEED}"
+
+
+@pytest.fixture(autouse=True)
+def _seed_every_test(request):
+    """A fresh, reproducible seed per test (session seed + node id)."""
+    digest = hashlib.sha256(f"{SESSION_SEED}:{request.node.nodeid}".encode()).hexdigest()
+    seed = int(digest[:8], 16)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    yield seed
+
+
+# ---------------------------------------------------------------------------------------------------
+# The SPEC.md error metric
+# ---------------------------------------------------------------------------------------------------
+
+#: SPEC.md: float64 err <= 1e-10; float32 against a float64 reference err <= 1e-5.
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+#: Safety factor of the rounding bound used for gradients whose true value is exactly zero (see
+#: ``zero_gradient_bound``); the bound itself is the first-order rounding error of the computation.
+ZERO_GRAD_K = 32.0
+
+
+def norm_err(out: torch.Tensor, ref: torch.Tensor, s: Optional[float] = None) -> float:
+    """SPEC.md: ``‖out − ref‖ / max(‖ref‖, 1e-6 · s)``, with ``s = ‖ref‖`` for outputs and the norm of the
+    upstream gradient for gradients. Computed in float64; NaN anywhere gives NaN (which fails ``<=``)."""
+    out64 = out.detach().to(torch.float64)
+    ref64 = ref.detach().to(torch.float64)
+    assert out64.shape == ref64.shape, f"shape {tuple(out64.shape)} != reference {tuple(ref64.shape)}"
+    ref_norm = ref64.norm().item()
+    scale = ref_norm if s is None else float(s)
+    den = max(ref_norm, 1e-6 * scale)
+    num = (out64 - ref64).norm().item()
+    if den == 0.0:  # an all-zero reference (e.g. every ReLU closed) and no upstream scale: exact or nothing
+        return 0.0 if num == 0.0 else float("inf")
+    return num / den
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cases
+# ---------------------------------------------------------------------------------------------------
+
+LAYOUTS = ("contiguous", "channels_last", "slice_h", "transposed", "channels_last_slice", "batch_strided",
+           "channel_slice")
+
+_DTYPE_NAMES = {torch.float64: "f64", torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+@dataclasses.dataclass
+class Case:
+    """One configuration of a block plus how to run it.
+
+    kind: 'ms' (MultiScaleBlock / NaiveMultiScaleBlock) or 'psp' (PyramidPooling / NaivePyramidPooling).
+    kwargs: the constructor's keyword arguments (besides in_channels, which is shape[1]).
+    train: module mode; steps: forward passes in that mode (the last one with backward), which
+        exercises the running statistics.
+    norm_overrides: {branch index: nn.BatchNorm2d keyword arguments} replacing that branch's norm
+        (momentum=None, affine=False, track_running_stats=False, eps=...).
+    """
+
+    kind: str
+    kwargs: dict
+    shape: Tuple[int, int, int, int]
+    dtype: torch.dtype = torch.float64
+    layout: str = "contiguous"
+    train: bool = False
+    steps: int = 1
+    norm_overrides: Dict[int, dict] = dataclasses.field(default_factory=dict)
+    label: str = ""
+
+    def __post_init__(self):
+        # Ill-conditioned float32 cases: a norm with batch statistics over very few values per channel
+        # (M = N * h * w, e.g. bin 1 at N = 2 or 3). The normalised value divides the conv output's rounding
+        # error by the standard deviation of those few values, which can be tiny, and at M = 2 the gradient
+        # reaching the conv is O(eps / var) (the projection leaves nothing). Any float32 implementation then
+        # misses 1e-5 now and then, the naive module included (up to ~1e-4 by the metric), independently of
+        # the fused one. float32/bf16 cases therefore use a batch with M >= 8 there; float64 keeps the small
+        # batches (it has the precision to spare, and they are tested there).
+        if self.dtype != torch.float64 and self._batch_stat_branches():
+            stat = self._batch_stat_branches()
+            small = [h * w for i, (h, w) in enumerate(self.levels()) if i in stat]
+            n = max([self.shape[0]] + [-(-8 // hw) for hw in small])
+            self.shape = (n,) + tuple(self.shape[1:])
+            # Likewise a conv with one input value per output (C = 1, k = 1) before a batch-statistics norm:
+            # the norm is invariant to the weight's scale, so the weight's true gradient is O(eps) and float32
+            # rounding dominates it. Those cases use C = 2.
+            kernels = self._per_branch("kernel_size", 3 if self.kind == "ms" else 1)
+            if self.shape[1] == 1 and any(k == 1 for i, k in enumerate(kernels) if i in stat):
+                self.shape = (self.shape[0], 2) + tuple(self.shape[2:])
+
+    def levels(self) -> List[Tuple[int, int]]:
+        N, C, H, W = self.shape
+        if self.kind == "ms":
+            return [(H // s, W // s) for s in self.kwargs.get("scales", (1, 2, 4))]
+        return [(b, b) if isinstance(b, int) else tuple(b) for b in self.kwargs.get("bins", (1, 2, 3, 6))]
+
+    def _per_branch(self, name: str, default):
+        v = self.kwargs.get(name, default)
+        return list(v) if isinstance(v, (list, tuple)) else [v] * len(self.levels())
+
+    def _batch_stat_branches(self) -> set:
+        """Branches whose norm normalises with the batch's statistics."""
+        norms = self._per_branch("norm", None if self.kind == "ms" else "batch")
+        out = set()
+        for i, n in enumerate(norms):
+            over = self.norm_overrides.get(i)
+            if over is not None:
+                if self.train or over.get("track_running_stats") is False:
+                    out.add(i)
+            elif n == "batch" and self.train:
+                out.add(i)
+        return out
+
+    @property
+    def id(self) -> str:
+        k = self.kwargs
+        parts = [self.label] if self.label else []
+        if self.kind == "ms":
+            parts.append("ms" + "".join(map(str, k.get("scales", (1, 2, 4)))))
+            parts.append("down=" + k.get("down_mode", "avg"))
+        else:
+            bins = k.get("bins", (1, 2, 3, 6))
+            parts.append("psp" + ",".join(f"{b[0]}x{b[1]}" if isinstance(b, (tuple, list)) else str(b) for b in bins))
+        parts.append("up=" + k.get("up_mode", "bilinear"))
+        parts.append("ac" if k.get("align_corners", False) else "noac")
+        parts.append("k" + _short(k.get("kernel_size", 3 if self.kind == "ms" else 1)))
+        parts.append("act=" + str(k.get("activation", "relu")))
+        parts.append("pos=" + str(k.get("input_position", "first")))
+        norm = k.get("norm", None if self.kind == "ms" else "batch")
+        parts.append("norm=" + _short(norm))
+        if "bias" in k:
+            parts.append("bias=" + _short(k["bias"]))
+        if self.norm_overrides:
+            parts.append("bn=" + ";".join(f"{i}:" + ",".join(f"{a}={v}" for a, v in kw.items())
+                                          for i, kw in self.norm_overrides.items()))
+        parts.append("train" if self.train else "eval")
+        if self.steps > 1:
+            parts.append(f"steps{self.steps}")
+        parts.append("x".join(map(str, self.shape)))
+        parts.append(self.layout)
+        parts.append(_DTYPE_NAMES[self.dtype])
+        return "-".join(parts)
+
+
+def _short(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return "(" + ",".join(_short(e) for e in v) + ")"
+    if v is True:
+        return "T"
+    if v is False:
+        return "F"
+    return str(v)
+
+
+def case_ids(cases: Sequence[Case]) -> List[str]:
+    return [c.id for c in cases]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------------
+
+NAIVE = {"ms": msfused.NaiveMultiScaleBlock, "psp": msfused.NaivePyramidPooling}
+FUSED = {"ms": msfused.MultiScaleBlock, "psp": msfused.PyramidPooling}
+
+
+def randomize_(module: nn.Module) -> nn.Module:
+    """Non-trivial random state: conv weights and biases, BatchNorm affine parameters and running
+    statistics (and a count, so that momentum=None's cumulative average is not a plain copy)."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_in = m.weight[0].numel()
+                m.weight.normal_(0.0, 1.5 / fan_in**0.5)
+                if m.bias is not None:
+                    m.bias.normal_(0.0, 0.5)
+            elif isinstance(m, nn.BatchNorm2d):
+                if m.weight is not None:
+                    m.weight.normal_(1.0, 0.3)
+                    m.bias.normal_(0.0, 0.3)
+                if m.running_mean is not None:
+                    m.running_mean.normal_(0.0, 0.4)
+                    m.running_var.uniform_(0.5, 2.0)
+                if m.num_batches_tracked is not None:
+                    m.num_batches_tracked.fill_(int(torch.randint(1, 6, ())))
+    return module
+
+
+def _apply_norm_overrides(block: nn.Module, overrides: Dict[int, dict]) -> None:
+    for i, kw in overrides.items():
+        cb = block.branches[i].conv.out_channels
+        block.branches[i].norm = nn.BatchNorm2d(cb, **kw)
+
+
+def build_pair(kind: str, in_channels: int, kwargs: dict, dtype: torch.dtype = torch.float64,
+               norm_overrides: Optional[Dict[int, dict]] = None) -> Tuple[nn.Module, nn.Module]:
+    """(naive, fused) of the same configuration with identical random parameters and buffers; the fused
+    one gets them through ``load_state_dict`` (the public path)."""
+    kwargs = dict(kwargs)
+    kwargs.setdefault("branch_channels", 3)
+    naive = NAIVE[kind](in_channels, **kwargs)
+    fused = FUSED[kind](in_channels, **kwargs)
+    if norm_overrides:
+        _apply_norm_overrides(naive, norm_overrides)
+        _apply_norm_overrides(fused, norm_overrides)
+    randomize_(naive)
+    fused.load_state_dict(naive.state_dict())
+    return naive.to(dtype), fused.to(dtype)
+
+
+def build_case(case: Case) -> Tuple[nn.Module, nn.Module]:
+    naive, fused = build_pair(case.kind, case.shape[1], case.kwargs, case.dtype, case.norm_overrides)
+    naive.train(case.train)
+    fused.train(case.train)
+    return naive, fused
+
+
+def reference64(naive: nn.Module) -> nn.Module:
+    """The float64 reference: a copy of the naive module in float64 (same values)."""
+    return copy.deepcopy(naive).to(torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------------
+
+
+def make_input(shape: Sequence[int], dtype: torch.dtype = torch.float64, layout: str = "contiguous",
+               requires_grad: bool = False) -> torch.Tensor:
+    """Fresh random ``x`` of ``shape`` in ``layout``: 'contiguous', 'channels_last', 'slice_h'
+    (``base[:, :, 1:-1]``), 'transposed' (``base.transpose(2, 3)``), 'channels_last_slice' (a width slice
+    of a channels_last tensor), 'batch_strided' (``base[::2]``), 'channel_slice' (``base[:, 1:-1]``).
+    With ``requires_grad`` the *base* is a leaf and the returned view is part of the graph."""
+    N, C, H, W = shape
+
+    def rand(*s, fmt=torch.contiguous_format):
+        t = torch.randn(*s, dtype=torch.float64)
+        t = torch.where(t == 0, torch.ones_like(t), t)  # never an exact zero
+        return t.to(dtype).contiguous(memory_format=fmt)
+
+    if layout == "contiguous":
+        base = rand(N, C, H, W)
+        view = lambda b: b  # noqa: E731
+    elif layout == "channels_last":
+        base = rand(N, C, H, W, fmt=torch.channels_last)
+        view = lambda b: b  # noqa: E731
+    elif layout == "slice_h":
+        base = rand(N, C, H + 2, W)
+        view = lambda b: b[:, :, 1:-1]  # noqa: E731
+    elif layout == "transposed":
+        base = rand(N, C, W, H)
+        view = lambda b: b.transpose(2, 3)  # noqa: E731
+    elif layout == "channels_last_slice":
+        base = rand(N, C, H, W + 3, fmt=torch.channels_last)
+        view = lambda b: b[:, :, :, 1:-2]  # noqa: E731
+    elif layout == "batch_strided":
+        base = rand(2 * N, C, H, W)
+        view = lambda b: b[::2]  # noqa: E731
+    elif layout == "channel_slice":
+        base = rand(N, C + 2, H, W)
+        view = lambda b: b[:, 1:-1]  # noqa: E731
+    else:
+        raise ValueError(layout)
+    if requires_grad:
+        base.requires_grad_(True)
+    x = view(base)
+    assert tuple(x.shape) == tuple(shape)
+    return x
+
+
+def suggests_channels_last(x: torch.Tensor) -> bool:
+    return torch._prims_common.suggest_memory_format(x) == torch.channels_last
+
+
+def assert_memory_format(out: torch.Tensor, x: torch.Tensor, context: str = "") -> None:
+    """SPEC.md: channels_last exactly when ``x.suggest_memory_format()`` is, contiguous otherwise."""
+    if suggests_channels_last(x):
+        assert out.is_contiguous(memory_format=torch.channels_last), (
+            f"{context}: x suggests channels_last but the output has strides {out.stride()}")
+    else:
+        assert out.is_contiguous(), f"{context}: x suggests contiguous but the output has strides {out.stride()}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gradients that are exactly zero
+# ---------------------------------------------------------------------------------------------------
+
+
+def uses_batch_stats(norm: nn.Module) -> bool:
+    return isinstance(norm, nn.BatchNorm2d) and (norm.training or norm.running_mean is None)
+
+
+def true_zero_gradients(model: nn.Module) -> set:
+    """Names of the parameters of ``model`` whose true gradient is exactly 0: conv biases of msfused
+    blocks' branches whose norm normalises with the batch's statistics."""
+    names = set()
+    for prefix, m in model.named_modules():
+        if isinstance(m, tuple(NAIVE.values()) + tuple(FUSED.values())):
+            for i, br in enumerate(m.branches):
+                if br.conv.bias is not None and uses_batch_stats(br.norm):
+                    names.add(f"{prefix}.branches.{i}.conv.bias".lstrip("."))
+    return names
+
+
+class ZeroGradProbe:
+    """For branches whose conv bias feeds a norm that normalises with batch statistics, the bias' true
+    gradient is exactly 0 and any computed one is rounding noise. SPEC.md's floor (1e-6 · s) is below
+    that noise for every implementation (the naive module in float32 is ~1e-1 off by the metric and even
+    two float64 runs of the reference differ by ~1e-9), so such gradients are checked against the
+    first-order rounding bound of the norm's backward instead, per channel:
+
+        |d bias_c| <= K · eps(dtype) · ( Σ|γ·invstd·dY| + |γ·invstd·mean(dY·x̂)| · invstd · Σ|conv| )
+
+    (dY: gradient at the norm's output, conv: the norm's input, sums over N, h, w; measured on the float64
+    reference with hooks; K = ZERO_GRAD_K). A wrong gradient (e.g. the norm's backward skipped) is O(s),
+    far above this bound.
+    """
+
+    def __init__(self, ref: nn.Module):
+        self.conv_out: Dict[int, torch.Tensor] = {}
+        self.norm_grad: Dict[int, torch.Tensor] = {}
+        self.branches = [i for i, br in enumerate(ref.branches)
+                         if br.conv.bias is not None and uses_batch_stats(br.norm)]
+        self.ref = ref
+        self.handles = []
+        for i in self.branches:
+            br = ref.branches[i]
+            self.handles.append(br.conv.register_forward_hook(self._conv_hook(i)))
+            self.handles.append(br.norm.register_forward_hook(self._norm_hook(i)))
+
+    def _conv_hook(self, i):
+        def hook(module, inputs, output):
+            self.conv_out[i] = output.detach()
+        return hook
+
+    def _norm_hook(self, i):
+        def hook(module, inputs, output):
+            if output.requires_grad:
+                output.register_hook(lambda g: self.norm_grad.__setitem__(i, g.detach()))
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    def param_names(self) -> Dict[str, int]:
+        return {f"branches.{i}.conv.bias": i for i in self.branches}
+
+    def bound(self, i: int, dtype: torch.dtype) -> torch.Tensor:
+        norm = self.ref.branches[i].norm
+        conv = self.conv_out[i]
+        dy = self.norm_grad[i]
+        var, mean = torch.var_mean(conv, (0, 2, 3), correction=0, keepdim=True)
+        invstd = (var + norm.eps).rsqrt()
+        gamma = norm.weight.detach().view(1, -1, 1, 1) if norm.weight is not None else torch.ones_like(invstd)
+        p = gamma * invstd
+        k = (dy * (conv - mean) * invstd).mean((0, 2, 3), keepdim=True)
+        scale = (p * dy).abs().sum((0, 2, 3)) + ((p * k).abs() * invstd * conv.abs().sum((0, 2, 3), keepdim=True)).flatten()
+        return ZERO_GRAD_K * torch.finfo(dtype).eps * scale
+
+
+class Checker:
+    """Applies SPEC.md's metric to one tensor at a time and explains a failure.
+
+    float64: ``err <= 1e-10``. float32 (against the float64 reference): ``err <= 1e-5``; where that fails
+    for a tensor whose float32 value is ill-conditioned (a small gradient that is a cancelling sum, e.g. a
+    one-channel norm weight whose gradient happens to be near 0), no float32 implementation meets 1e-5, so
+    the fused value must then be no worse than the naive composition run in float32 on the same values:
+    ``err <= 2 · err_naive_f32 + 1e-5`` (SPEC.md's half-precision rule with float32's tolerance). Every
+    failure message reports both numbers."""
+
+    def __init__(self, dtype: torch.dtype, context: str, tol: Optional[float] = None):
+        self.dtype = dtype
+        self.tol = TOL[dtype] if tol is None else tol
+        self.context = context
+
+    def __call__(self, name: str, out: torch.Tensor, ref: torch.Tensor, own: Optional[torch.Tensor] = None,
+                 s: Optional[float] = None, zero_probe: Optional["ZeroGradProbe"] = None,
+                 zero_index: Optional[int] = None) -> None:
+        e = norm_err(out, ref, s)
+        if e <= self.tol:
+            return
+        e_own = norm_err(own, ref, s) if own is not None else float("nan")
+        if zero_probe is not None and zero_index is not None:
+            # True value exactly zero: within the rounding bound (see ZeroGradProbe)?
+            bound = zero_probe.bound(zero_index, out.dtype)
+            dev = out.detach().double().abs()
+            assert bool((dev <= bound + self.tol * 1e-6 * s).all()), (
+                f"{self.context}: {name} (true value 0): |grad| {dev.tolist()} exceeds the rounding bound "
+                f"{bound.tolist()} (SPEC err {e:.3e}, naive in {self.dtype}: {e_own:.3e})")
+            return
+        if self.dtype == torch.float32 and own is not None and e <= 2 * e_own + self.tol:
+            return
+        raise AssertionError(f"{self.context}: {name}: err {e:.3e} > tol {self.tol:.1e} "
+                             f"(the naive module in {self.dtype}: err {e_own:.3e})")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The core comparison
+# ---------------------------------------------------------------------------------------------------
+
+
+def run_fused_vs_reference(naive: nn.Module, fused: nn.Module, shape: Sequence[int], dtype: torch.dtype,
+                           layout: str = "contiguous", steps: int = 1, grads: bool = True, context: str = "",
+                           tol: Optional[float] = None, x_requires_grad: bool = True) -> None:
+    """Runs ``fused`` (default backend) and a float64 copy of ``naive`` (same values) on the same fresh
+    inputs ``steps`` times (the last with backward) and checks, with SPEC.md's metric (``Checker``):
+    the output (values, dtype, shape, memory format, no NaN), the gradients of x and of every parameter,
+    every buffer afterwards (running statistics; num_batches_tracked exactly), and that neither x nor any
+    parameter was modified. For float32 the naive module also runs in float32 (``Checker``'s fallback)."""
+    check = Checker(dtype, context, tol)
+    ref = reference64(naive)
+    own = copy.deepcopy(naive) if dtype == torch.float32 else None
+    for m in (ref, own):
+        if m is not None:
+            m.train(fused.training)
+    for _ in range(steps - 1):
+        xs = make_input(shape, dtype, layout)
+        with torch.no_grad():
+            fused(xs)
+            ref(xs.to(torch.float64))
+            if own is not None:
+                own(xs)
+    x_grad = grads and x_requires_grad
+    x = make_input(shape, dtype, layout, requires_grad=x_grad)
+    x_before = x.detach().clone()
+    params = dict(fused.named_parameters())
+    ref_params = dict(ref.named_parameters())
+    assert params.keys() == ref_params.keys()
+    names = list(params)
+    params_before = {k: v.detach().clone() for k, v in params.items()}
+    x64 = x.detach().to(torch.float64).requires_grad_(x_grad)
+    x_own = x.detach().clone().requires_grad_(x_grad)
+    probe = ZeroGradProbe(ref) if grads else None
+    try:
+        out = fused(x)
+        out_ref = ref(x64)
+        out_own = own(x_own) if own is not None else None
+        assert out.dtype == dtype, f"{context}: output dtype {out.dtype}, expected {dtype}"
+        assert out.shape == out_ref.shape == (shape[0], fused.out_channels, shape[2], shape[3]), context
+        assert_memory_format(out, x, context)
+        assert not torch.isnan(out).any(), f"{context}: NaN in the output for a finite input"
+        check("output", out, out_ref, out_own)
+        if grads:
+            g = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+            s = g.double().norm().item()
+            xs = ([x], [x64], [x_own]) if x_grad else ([], [], [])
+            got = torch.autograd.grad(out, xs[0] + [params[n] for n in names], g)
+            want = torch.autograd.grad(out_ref, xs[1] + [ref_params[n] for n in names], g.double())
+            if own is not None:
+                own_params = dict(own.named_parameters())
+                mine = torch.autograd.grad(out_own, xs[2] + [own_params[n] for n in names], g)
+            else:
+                mine = [None] * len(got)
+            if x_grad:
+                assert got[0].shape == x.shape
+                check("grad x", got[0], want[0], mine[0], s)
+                got, want, mine = got[1:], want[1:], mine[1:]
+            zero = probe.param_names()
+            for n, a, b, c in zip(names, got, want, mine):
+                assert a is not None and a.shape == params[n].shape, f"{context}: grad {n} missing or misshaped"
+                assert a.dtype == params[n].dtype, f"{context}: grad {n} dtype {a.dtype}"
+                check(f"grad {n}", a, b, c, s, probe if n in zero else None, zero.get(n))
+    finally:
+        if probe is not None:
+            probe.remove()
+    # Buffers: running statistics after the train steps (and unchanged in eval mode).
+    ref_buffers = dict(ref.named_buffers())
+    own_buffers = dict(own.named_buffers()) if own is not None else {}
+    for n, buf in fused.named_buffers():
+        want = ref_buffers[n]
+        if n.endswith("num_batches_tracked"):
+            assert torch.equal(buf, want), f"{context}: {n} = {buf.item()}, reference {want.item()}"
+        else:
+            assert buf.dtype == dtype, f"{context}: {n} dtype {buf.dtype}"
+            check(n, buf, want, own_buffers.get(n))
+    # Inputs never modified.
+    assert torch.equal(x.detach(), x_before), f"{context}: x was modified"
+    for n, p in params.items():
+        assert torch.equal(p.detach(), params_before[n]), f"{context}: parameter {n} was modified"
+
+
+def run_case(case: Case, grads: bool = True, x_requires_grad: bool = True) -> None:
+    naive, fused = build_case(case)
+    run_fused_vs_reference(naive, fused, case.shape, case.dtype, case.layout, case.steps, grads, context=case.id,
+                           x_requires_grad=x_requires_grad)
