@@ -4,6 +4,7 @@ the floor's counting rule on a case counted by hand. No timing assertions."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -81,3 +82,13 @@ def test_floor_counts_psp_small_by_hand() -> None:
     rates = floor.Rates("cpu", "float32", copy_gbps=10.0, matmul_tflops=1.0)
     assert floor.floor_ms(floor.Work(10**9, 0), rates) == pytest.approx(100.0)
     assert floor.floor_ms(floor.Work(0, 10**12), rates) == pytest.approx(1000.0)
+
+
+def test_readme_results_are_generated_from_bench_results():
+    """README.md's results section is exactly what bench/update_readme.py makes of bench/results/."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "update_readme.py")
+    done = subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
