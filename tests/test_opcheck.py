@@ -37,15 +37,7 @@ def op_arguments(block: nn.Module, x: torch.Tensor, requires_grad: bool) -> tupl
             batch_stats.append(False)
         eps.append(float(getattr(norm, "eps", 0.0)))
     spec = block.spec
-    op = dict(
-        factor=[b.factor for b in spec.branches],
-        bins=[v for b in spec.branches for v in b.bins],
-        down_mode=spec.down_mode,
-        up_mode=spec.up_mode,
-        align_corners=spec.align_corners,
-        activation=spec.activation or "none",
-        input_position=spec.input_position or "none",
-    )
+    op = spec.op_args()
     x = x.detach().clone(memory_format=torch.preserve_format).requires_grad_(requires_grad)
     args = (x, weight, bias, scale, shift, batch_stats, eps)
     return args, op
