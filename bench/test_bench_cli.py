@@ -3,6 +3,7 @@ the floor's counting rule on a case counted by hand. No timing assertions."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -35,6 +36,9 @@ def test_cli_runs_end_to_end(tmp_path, capsys) -> None:
     assert all(r["speedup_vs_naive"] == 1.0 for r in rows if r["impl"] == "naive")
     assert (out / "table.txt").exists()
     assert "psp_small" in capsys.readouterr().out
+    # The chart: a real PNG whenever matplotlib is installed (the test requirements install it).
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "speedups.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cli_rejects_bad_options(capsys) -> None:
