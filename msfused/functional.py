@@ -62,13 +62,15 @@ def _norm_epilogue(norm: nn.Module) -> Tuple[Optional[torch.Tensor], Optional[to
     batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
     if batch_stats:
         return norm.weight, norm.bias, True, float(norm.eps)
-    # Eval mode with running statistics: y = conv * scale + shift (differentiable in weight and bias).
-    scale = torch.rsqrt(norm.running_var + norm.eps)
+    # Eval mode with running statistics: y = conv * scale + shift (differentiable in weight and bias),
+    # folded in float32 at least: half-precision buffers would round the fold twice.
+    wide = lambda t: t.float() if t.dtype in (torch.float16, torch.bfloat16) else t  # noqa: E731
+    scale = torch.rsqrt(wide(norm.running_var) + norm.eps)
     if norm.weight is not None:
-        scale = scale * norm.weight
-    shift = -norm.running_mean * scale
+        scale = scale * wide(norm.weight)
+    shift = -wide(norm.running_mean) * scale
     if norm.bias is not None:
-        shift = shift + norm.bias
+        shift = shift + wide(norm.bias)
     return scale, shift, False, float(norm.eps)
 
 
@@ -84,11 +86,12 @@ def _update_running_stats(norm: nn.BatchNorm2d, mean: torch.Tensor, var: torch.T
                 factor = 1.0 / float(norm.num_batches_tracked)
         if factor is None:
             factor = 0.0
+        # Computed in the statistics' precision and rounded once into the buffer, as ATen does.
         if norm.running_mean is not None:
-            norm.running_mean.mul_(1.0 - factor).add_(mean.to(norm.running_mean.dtype), alpha=factor)
+            norm.running_mean.copy_(norm.running_mean.to(mean.dtype) * (1.0 - factor) + mean * factor)
         if norm.running_var is not None:
             unbiased = var * (count / (count - 1))
-            norm.running_var.mul_(1.0 - factor).add_(unbiased.to(norm.running_var.dtype), alpha=factor)
+            norm.running_var.copy_(norm.running_var.to(var.dtype) * (1.0 - factor) + unbiased * factor)
 
 
 def _fused_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> torch.Tensor:

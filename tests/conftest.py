@@ -56,8 +56,8 @@ ZERO_GRAD_K = 32.0
 
 
 def norm_err(out: torch.Tensor, ref: torch.Tensor, s: Optional[float] = None) -> float:
-    """SPEC.md: ``‖out − ref‖ / max(‖ref‖, 1e-6 · s)``, with ``s = ‖ref‖`` for outputs and the norm of the
-    upstream gradient for gradients. Computed in float64; NaN anywhere gives NaN (which fails ``<=``)."""
+    """SPEC.md: ``‖out − ref‖ / max(‖ref‖, 1e-6 · s)``, with ``s = ‖ref‖`` for outputs and the norm of
+    the upstream gradient for gradients. Computed in float64; NaN anywhere gives NaN (which fails ``<=``)."""
     out64 = out.detach().to(torch.float64)
     ref64 = ref.detach().to(torch.float64)
     assert out64.shape == ref64.shape, f"shape {tuple(out64.shape)} != reference {tuple(ref64.shape)}"
@@ -389,7 +389,8 @@ class ZeroGradProbe:
         gamma = norm.weight.detach().view(1, -1, 1, 1) if norm.weight is not None else torch.ones_like(invstd)
         p = gamma * invstd
         k = (dy * (conv - mean) * invstd).mean((0, 2, 3), keepdim=True)
-        scale = (p * dy).abs().sum((0, 2, 3)) + ((p * k).abs() * invstd * conv.abs().sum((0, 2, 3), keepdim=True)).flatten()
+        conv_l1 = conv.abs().sum((0, 2, 3), keepdim=True)
+        scale = (p * dy).abs().sum((0, 2, 3)) + ((p * k).abs() * invstd * conv_l1).flatten()
         return ZERO_GRAD_K * torch.finfo(dtype).eps * scale
 
 

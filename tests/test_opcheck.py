@@ -68,7 +68,8 @@ def test_opcheck_forward(case):
     torch.library.opcheck(FORWARD, args, kwargs)
 
 
-@pytest.mark.parametrize("output_mask", [(True, True), (False, True), (True, False)], ids=lambda m: f"mask{m}")
+@pytest.mark.parametrize("output_mask", [(True, True), (False, True), (True, False)],
+                         ids=["grad_x+w", "grad_w", "grad_x"])
 @pytest.mark.parametrize("case", OP_CASES, ids=case_ids(OP_CASES))
 def test_opcheck_backward(case, output_mask):
     _, fused = build_case(case)
