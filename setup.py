@@ -45,7 +45,10 @@ if with_cuda:
 
 sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp") + _sources("csrc/autograd/*.cpp")
 cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-cxx_flags += ["-std=c++17", "-fopenmp-simd", "-fdiagnostics-color=always"]  # omp simd: reductions in lanes
+# -fopenmp: at::parallel_for is inlined into our kernels and is an OpenMP region in torch's CPU builds;
+# without the flag it silently runs on one thread. omp simd: the kernels' lane-parallel reductions.
+cxx_flags += ["-std=c++17", "-fopenmp", "-fdiagnostics-color=always"]
+link_flags = ["-fopenmp"]  # resolves to the libgomp.so.1 torch already loaded
 define_macros = [("MSFUSED_WITH_CUDA", "1")] if with_cuda else []
 nvcc_flags = ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"]
 
@@ -62,9 +65,13 @@ if with_cuda:
         sources + cuda_sources,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
     )
 else:
-    ext = CppExtension("msfused._C", sources, define_macros=define_macros, extra_compile_args={"cxx": cxx_flags})
+    ext = CppExtension(
+        "msfused._C", sources, define_macros=define_macros, extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
+    )
 
 
 class BuildWithInfo(BuildExtension):
