@@ -79,47 +79,51 @@ def _level_size(factor: int, bins: List[int], b: int, H, W):
     return bins[2 * b], bins[2 * b + 1]
 
 
+def multi_scale_forward_fake(
+    x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
+    activation, input_position,
+):
+    """Shapes, dtypes and memory formats of multi_scale_forward's results (any backend's operator)."""
+    N, C, H, W = x.shape
+    fmt = torch._prims_common.suggest_memory_format(x)
+    like = dict(dtype=x.dtype, device=x.device)
+    stats = dict(dtype=_stats_dtype(x.dtype), device=x.device)
+    out_channels = sum(w.shape[0] for w in weight) + (C if input_position != "none" else 0)
+    out = torch.empty((N, out_channels, H, W), memory_format=fmt, **like)
+    level, pre, mean, var = [], [], [], []
+    for b, w in enumerate(weight):
+        h, wd = _level_size(factor[b], bins, b, H, W)
+        cb = w.shape[0]
+        level.append(torch.empty((0,), **like) if factor[b] == 1 else torch.empty((N, C, h, wd), memory_format=fmt, **like))
+        pre.append(torch.empty((N, cb, h, wd), memory_format=fmt, **like))
+        n_stats = cb if batch_stats[b] else 0
+        mean.append(torch.empty((n_stats,), **stats))
+        var.append(torch.empty((n_stats,), **stats))
+    return out, level, pre, mean, var
+
+
+def multi_scale_backward_fake(
+    grad_out, x, weight, scale, shift, level, pre, mean, var, batch_stats, eps, factor, bins, down_mode,
+    up_mode, align_corners, activation, input_position, output_mask,
+):
+    """Shapes, dtypes and memory formats of multi_scale_backward's results (any backend's operator)."""
+    like = dict(dtype=x.dtype, device=x.device)
+    fmt = torch._prims_common.suggest_memory_format(x)
+    empty = lambda: torch.empty((0,), **like)  # noqa: E731
+    grad_x = torch.empty(x.shape, memory_format=fmt, **like) if output_mask[0] else empty()
+    grad_weight = [
+        torch.empty(w.shape, memory_format=torch._prims_common.suggest_memory_format(w), **like)
+        if output_mask[1] else empty()
+        for w in weight
+    ]
+    grad_bias = [torch.empty((w.shape[0],), **like) for w in weight]
+    grad_param = lambda ts, ws: [  # noqa: E731
+        torch.empty((w.shape[0],), dtype=t.dtype, device=x.device) if t is not None else empty()
+        for t, w in zip(ts, ws)
+    ]
+    return grad_x, grad_weight, grad_bias, grad_param(scale, weight), grad_param(shift, weight)
+
+
 if loaded():
-
-    @torch.library.register_fake("msfused::multi_scale_forward")
-    def _multi_scale_forward_fake(
-        x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
-        activation, input_position,
-    ):
-        N, C, H, W = x.shape
-        fmt = torch._prims_common.suggest_memory_format(x)
-        like = dict(dtype=x.dtype, device=x.device)
-        stats = dict(dtype=_stats_dtype(x.dtype), device=x.device)
-        out_channels = sum(w.shape[0] for w in weight) + (C if input_position != "none" else 0)
-        out = torch.empty((N, out_channels, H, W), memory_format=fmt, **like)
-        level, pre, mean, var = [], [], [], []
-        for b, w in enumerate(weight):
-            h, wd = _level_size(factor[b], bins, b, H, W)
-            cb = w.shape[0]
-            level.append(torch.empty((0,), **like) if factor[b] == 1 else torch.empty((N, C, h, wd), memory_format=fmt, **like))
-            pre.append(torch.empty((N, cb, h, wd), memory_format=fmt, **like))
-            n_stats = cb if batch_stats[b] else 0
-            mean.append(torch.empty((n_stats,), **stats))
-            var.append(torch.empty((n_stats,), **stats))
-        return out, level, pre, mean, var
-
-    @torch.library.register_fake("msfused::multi_scale_backward")
-    def _multi_scale_backward_fake(
-        grad_out, x, weight, scale, shift, level, pre, mean, var, batch_stats, eps, factor, bins, down_mode,
-        up_mode, align_corners, activation, input_position, output_mask,
-    ):
-        like = dict(dtype=x.dtype, device=x.device)
-        fmt = torch._prims_common.suggest_memory_format(x)
-        empty = lambda: torch.empty((0,), **like)  # noqa: E731
-        grad_x = torch.empty(x.shape, memory_format=fmt, **like) if output_mask[0] else empty()
-        grad_weight = [
-            torch.empty(w.shape, memory_format=torch._prims_common.suggest_memory_format(w), **like)
-            if output_mask[1] else empty()
-            for w in weight
-        ]
-        grad_bias = [torch.empty((w.shape[0],), **like) for w in weight]
-        grad_param = lambda ts, ws: [  # noqa: E731
-            torch.empty((w.shape[0],), dtype=t.dtype, device=x.device) if t is not None else empty()
-            for t, w in zip(ts, ws)
-        ]
-        return grad_x, grad_weight, grad_bias, grad_param(scale, weight), grad_param(shift, weight)
+    torch.library.register_fake("msfused::multi_scale_forward")(multi_scale_forward_fake)
+    torch.library.register_fake("msfused::multi_scale_backward")(multi_scale_backward_fake)

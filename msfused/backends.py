@@ -56,7 +56,10 @@ def availability(name: str) -> Tuple[bool, str]:
     if name in ("auto", "reference"):
         return True, ""
     if name == "triton":
-        return False, "the Triton kernels are not part of this version of msfused yet"
+        why = _triton_error()
+        if why is None and not (torch.cuda.is_available() or _triton_interpreting()):
+            why = "torch sees no CUDA device (and Triton's interpreter is off: TRITON_INTERPRET=1)"
+        return why is None, why or ""
     if not _ops.loaded():
         return False, f"the extension msfused._C is not loaded: {_ops.load_error()}"
     if name == "cpu":
@@ -67,6 +70,18 @@ def availability(name: str) -> Tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "torch sees no CUDA device"
     return True, ""
+
+
+def _triton_error() -> Optional[str]:
+    from . import triton as triton_backend
+
+    return triton_backend.load_error()
+
+
+def _triton_interpreting() -> bool:
+    from . import triton as triton_backend
+
+    return triton_backend.load_error() is None and triton_backend.interpreting()
 
 
 def autocast_enabled(device_type: str) -> bool:
@@ -87,6 +102,12 @@ def _unsupported_reason(name: str, x: torch.Tensor) -> Optional[str]:
         return f"backend 'cpu' runs CPU tensors, x is on {x.device}"
     if name == "cuda" and device != "cuda":
         return f"backend 'cuda' runs CUDA tensors, x is on {x.device}"
+    if name == "triton":
+        from . import triton as triton_backend
+
+        why = triton_backend.runs_on(device)
+        if why is not None:
+            return why
     if autocast_enabled(device):
         return "autocast is not supported by the fused kernels yet (the reference follows autocast's rules)"
     return None

@@ -94,7 +94,14 @@ def _update_running_stats(norm: nn.BatchNorm2d, mean: torch.Tensor, var: torch.T
             norm.running_var.copy_(norm.running_var.to(var.dtype) * (1.0 - factor) + unbiased * factor)
 
 
-def _fused_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> torch.Tensor:
+def _operator(backend: str):
+    """The forward operator of a fused backend: the C++ one ('cpu', 'cuda') or the Triton one."""
+    if backend == "triton":
+        return torch.ops.msfused.multi_scale_forward_triton
+    return torch.ops.msfused.multi_scale_forward
+
+
+def _fused_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList, backend: str) -> torch.Tensor:
     weight: List[torch.Tensor] = []
     bias: List[Optional[torch.Tensor]] = []
     scale: List[Optional[torch.Tensor]] = []
@@ -117,7 +124,11 @@ def _fused_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) ->
         shift.append(t)
         batch_stats.append(stats)
         eps.append(e)
-    out, _level, _pre, mean, var = torch.ops.msfused.multi_scale_forward(
+    if backend == "triton":  # absent tensors as empty ones (msfused/triton/ops.py says why)
+        from .triton.ops import absent_as_empty
+
+        bias, scale, shift = (absent_as_empty(ts, x) for ts in (bias, scale, shift))
+    out, _level, _pre, mean, var = _operator(backend)(
         x, weight, bias, scale, shift, batch_stats, eps, **spec.op_args()
     )
     for i, branch in enumerate(branches):
@@ -154,4 +165,4 @@ def multi_scale(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> to
     name = backends.resolve(x, unfusable_reason(spec, branches))
     if name == "reference":
         return reference_forward(x, spec, branches)
-    return _fused_forward(x, spec, branches)
+    return _fused_forward(x, spec, branches, name)

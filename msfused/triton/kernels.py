@@ -1,0 +1,417 @@
+"""Triton kernels of the multi-scale block (launched from ``launch.py``).
+
+Every tensor is addressed through its four strides, so NCHW and channels_last inputs run the same code.
+Accumulation is float32 (float64 for float64 tensors, ``F64``). Offsets are int32: the launchers refuse
+tensors of 2**31 elements or more up front.
+
+Kernels:
+
+* ``resize_kernel``: the separable gather ``dst = sum w_y * w_x * f(src)`` over tap tables
+  (``tables.py``), where ``f`` is optionally a per-channel norm then the activation. It brings ``x`` to a
+  level, copies ``x`` into its slice of the output (identity taps), and brings a branch's activation (or,
+  with batch statistics, its normalised conv output) back up into the branch's slice.
+* ``conv_kernel``: the level's convolution as an implicit GEMM on the matrix units (``tl.dot``;
+  float64 falls back to a multiply-and-sum), bias in the epilogue, then optionally the folded norm and
+  the activation, stored straight into the output's channel slice (a factor-1 branch) or a level buffer.
+  With flipped weights it is also the convolution's input gradient.
+* ``stats_partial_kernel`` / ``stats_combine_kernel``: batch mean and biased variance per channel,
+  per-tile (count, mean, M2) combined in a fixed order (Chan et al.), so the result is deterministic.
+* ``up_adjoint_kernel``: the backward of the up-resize as a gather, fused with the norm's and the
+  activation's backward; per-tile partial sums for the norm's gradients.
+* ``column_sum_kernel``: fixed-order sum of per-tile partials.
+* ``dpre_kernel``: the gradient of the conv output (norm backward with batch statistics).
+* ``wgrad_kernel``: weight and bias gradients, reduced over all pixels in one fixed order per program.
+* ``dx_kernel``: the gradient of ``x`` written once: the output gradient's ``x`` slice plus, for up to
+  ``MAX_SLOTS`` branches, the down-resize adjoint (gather) of each level's gradient.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+MAX_SLOTS = 4
+
+# Activation codes shared with launch.py.
+ACT_NONE, ACT_RELU, ACT_SILU, ACT_GELU = 0, 1, 2, 3
+# Per-channel transform applied to a conv output before the activation.
+NORM_NONE, NORM_AFFINE, NORM_BATCH = 0, 1, 2
+# How conv_kernel multiplies: multiply-and-sum (float64), tl.dot on half operands, on float32 operands
+# with IEEE precision or with TF32.
+DOT_FMA, DOT_HALF, DOT_IEEE, DOT_TF32 = 0, 1, 2, 3
+
+
+@triton.jit
+def _activate(y, ACT: tl.constexpr):
+    if ACT == 1:  # relu; NaN stays NaN as in F.relu
+        y = tl.where(y < 0, 0.0, y)
+    elif ACT == 2:  # silu
+        y = y / (1.0 + tl.exp(-y))
+    elif ACT == 3:  # gelu, exact erf form
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    return y
+
+
+@triton.jit
+def _activate_grad(g, y, ACT: tl.constexpr):
+    """d act(y) / dy * g, with y the activation's input."""
+    if ACT == 1:
+        g = tl.where(y <= 0, 0.0, g)
+    elif ACT == 2:
+        s = 1.0 / (1.0 + tl.exp(-y))
+        g = g * s * (1.0 + y * (1.0 - s))
+    elif ACT == 3:
+        cdf = 0.5 * (1.0 + tl.math.erf(y * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * y * y) * 0.3989422804014327
+        g = g * (cdf + y * pdf)
+    return g
+
+
+@triton.jit
+def _zeros(BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, F64: tl.constexpr):
+    if F64:
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _channel_affine(c, cm, a_ptr, b_ptr, eps, gamma, beta, NORM: tl.constexpr, HAS_GAMMA: tl.constexpr,
+                    HAS_BETA: tl.constexpr, F64: tl.constexpr):
+    """Per-channel (mul, add) of the norm: NORM_AFFINE reads them (scale, shift); NORM_BATCH derives
+    them from (mean, var) and the optional affine (gamma, beta)."""
+    one = tl.full(c.shape, 1.0, tl.float64 if F64 else tl.float32)
+    mul = one
+    add = one * 0.0
+    if NORM == 1:
+        if HAS_GAMMA:
+            mul = tl.load(a_ptr + c, mask=cm, other=1.0).to(one.dtype)
+        if HAS_BETA:
+            add = tl.load(b_ptr + c, mask=cm, other=0.0).to(one.dtype)
+    elif NORM == 2:
+        mean = tl.load(a_ptr + c, mask=cm, other=0.0).to(one.dtype)
+        var = tl.load(b_ptr + c, mask=cm, other=1.0).to(one.dtype)
+        rstd = 1.0 / tl.sqrt(var + eps)
+        g = one
+        if HAS_GAMMA:
+            g = tl.load(gamma + c, mask=cm, other=1.0).to(one.dtype)
+        mul = rstd * g
+        add = -mean * mul
+        if HAS_BETA:
+            add = add + tl.load(beta + c, mask=cm, other=0.0).to(one.dtype)
+    return mul, add
+
+
+@triton.jit
+def _gather(acc, src, s_n, s_c, s_h, s_w, n, oy, ox, c, pm, cm, ty_idx, ty_w, TY, tx_idx, tx_w, TX,
+            mul, add, NORM: tl.constexpr, ACT: tl.constexpr):
+    """acc += sum over taps of w_y * w_x * act(mul * src + add) at destination pixels (n, oy, ox)."""
+    for ty in range(TY):
+        iy = tl.load(ty_idx + oy * TY + ty, mask=pm, other=-1)
+        wy = tl.load(ty_w + oy * TY + ty, mask=pm, other=0.0).to(acc.dtype)
+        for tx in range(TX):
+            ix = tl.load(tx_idx + ox * TX + tx, mask=pm, other=-1)
+            wx = tl.load(tx_w + ox * TX + tx, mask=pm, other=0.0).to(acc.dtype)
+            ok = pm & (iy >= 0) & (ix >= 0)
+            row = n * s_n + iy * s_h + ix * s_w
+            m2 = ok[:, None] & cm[None, :]
+            v = tl.load(src + row[:, None] + c[None, :] * s_c, mask=m2, other=0.0).to(acc.dtype)
+            if NORM != 0:
+                v = v * mul[None, :] + add[None, :]
+            v = _activate(v, ACT)
+            acc += tl.where(m2, (wy * wx)[:, None] * v, 0.0)
+    return acc
+
+
+@triton.jit
+def resize_kernel(src, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, N, C, Hd, Wd,
+                  ty_idx, ty_w, TY, tx_idx, tx_w, TX, a_ptr, b_ptr, eps, gamma, beta,
+                  NORM: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr,
+                  F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pm = p < N * Hd * Wd
+    cm = c < C
+    ox = p % Wd
+    oy = (p // Wd) % Hd
+    n = p // (Wd * Hd)
+    mul, add = _channel_affine(c, cm, a_ptr, b_ptr, eps, gamma, beta, NORM, HAS_GAMMA, HAS_BETA, F64)
+    acc = _zeros(BLOCK_P, BLOCK_C, F64)
+    acc = _gather(acc, src, s_n, s_c, s_h, s_w, n, oy, ox, c, pm, cm, ty_idx, ty_w, TY, tx_idx, tx_w, TX,
+                  mul, add, NORM, ACT)
+    out = dst + (n * d_n + oy * d_h + ox * d_w)[:, None] + c[None, :] * d_c
+    tl.store(out, acc.to(dst.dtype.element_ty), mask=pm[:, None] & cm[None, :])
+
+
+@triton.jit
+def conv_kernel(src, s_n, s_c, s_h, s_w, wk, bias, pre, p_n, p_c, p_h, p_w, out, o_n, o_c, o_h, o_w,
+                scale, shift, N, C, H, W, CO, KS,
+                HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, STORE_OUT: tl.constexpr,
+                HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACT: tl.constexpr, DOT: tl.constexpr,
+                UPCAST: tl.constexpr, F64: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """pre = conv2d(src, weight, bias, padding=KS // 2) on an (N, C, H, W) map, weight packed as
+    wk[(ky * KS + kx) * C + c, co]; out = act(pre * scale + shift)."""
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm = m < N * H * W
+    com = co < CO
+    lx = m % W
+    ly = (m // W) % H
+    n = m // (W * H)
+    pad = KS // 2
+    acc = _zeros(BLOCK_M, BLOCK_N, F64)
+    kk = tl.arange(0, BLOCK_K)
+    for tap in range(KS * KS):
+        iy = ly + tap // KS - pad
+        ix = lx + tap % KS - pad
+        ok = mm & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+        row = n * s_n + iy * s_h + ix * s_w
+        for c0 in range(0, C, BLOCK_K):
+            ck = c0 + kk
+            km = ck < C
+            a = tl.load(src + row[:, None] + ck[None, :] * s_c, mask=ok[:, None] & km[None, :], other=0.0)
+            b = tl.load(wk + (tap * C + ck)[:, None] * CO + co[None, :], mask=km[:, None] & com[None, :],
+                        other=0.0)
+            if DOT == 0:
+                acc += tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
+            elif UPCAST:  # the interpreter's tl.dot is wrong on bfloat16 operands
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            elif DOT == 1:
+                acc = tl.dot(a, b, acc)
+            elif DOT == 2:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc, input_precision="tf32")
+    if HAS_BIAS:
+        acc += tl.load(bias + co, mask=com, other=0.0).to(acc.dtype)[None, :]
+    m2 = mm[:, None] & com[None, :]
+    if STORE_PRE:
+        tl.store(pre + (n * p_n + ly * p_h + lx * p_w)[:, None] + co[None, :] * p_c,
+                 acc.to(pre.dtype.element_ty), mask=m2)
+    if STORE_OUT:
+        y = acc
+        if HAS_SCALE:
+            y = y * tl.load(scale + co, mask=com, other=1.0).to(acc.dtype)[None, :]
+        if HAS_SHIFT:
+            y = y + tl.load(shift + co, mask=com, other=0.0).to(acc.dtype)[None, :]
+        y = _activate(y, ACT)
+        tl.store(out + (n * o_n + ly * o_h + lx * o_w)[:, None] + co[None, :] * o_c,
+                 y.to(out.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def stats_partial_kernel(pre, p_n, p_c, p_h, p_w, N, C, H, W, part_mean, part_m2,
+                         F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per tile of BLOCK_P pixels: the mean and the sum of squared deviations of each channel."""
+    t = tl.program_id(0)
+    p = t * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    total = N * H * W
+    pm = p < total
+    cm = c < C
+    x = p % W
+    y = (p // W) % H
+    n = p // (W * H)
+    m2 = pm[:, None] & cm[None, :]
+    v = tl.load(pre + (n * p_n + y * p_h + x * p_w)[:, None] + c[None, :] * p_c, mask=m2, other=0.0)
+    v = v.to(tl.float64 if F64 else tl.float32)
+    count = tl.minimum(total - t * BLOCK_P, BLOCK_P).to(v.dtype)
+    mean = tl.sum(v, axis=0) / count
+    d = tl.where(m2, v - mean[None, :], 0.0)
+    tl.store(part_mean + t * C + c, mean, mask=cm)
+    tl.store(part_m2 + t * C + c, tl.sum(d * d, axis=0), mask=cm)
+
+
+@triton.jit
+def stats_combine_kernel(part_mean, part_m2, T, total, C, mean_out, var_out,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Combines the tiles' (count, mean, M2) in tile order: batch mean and biased variance."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    mean = tl.zeros([BLOCK_C], dtype=mean_out.dtype.element_ty)
+    m2 = tl.zeros([BLOCK_C], dtype=mean_out.dtype.element_ty)
+    count = tl.zeros([BLOCK_C], dtype=mean_out.dtype.element_ty)
+    for t in range(T):
+        nb = tl.minimum(total - t * BLOCK_P, BLOCK_P).to(mean.dtype)
+        mb = tl.load(part_mean + t * C + c, mask=cm, other=0.0)
+        m2b = tl.load(part_m2 + t * C + c, mask=cm, other=0.0)
+        n_new = count + nb
+        delta = mb - mean
+        mean = mean + delta * (nb / n_new)
+        m2 = m2 + m2b + delta * delta * (count * nb / n_new)
+        count = n_new
+    tl.store(mean_out + c, mean, mask=cm)
+    tl.store(var_out + c, m2 / count, mask=cm)
+
+
+@triton.jit
+def up_adjoint_kernel(g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, gy, part_a, part_b,
+                      N, C, H, W, ty_idx, ty_w, TY, tx_idx, tx_w, TX, a_ptr, b_ptr, eps, gamma, beta,
+                      NORM: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr,
+                      F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """At each level pixel: the up-resize's adjoint (gather of the output gradient over the pixels that
+    read it), times the activation's derivative: gy (stored as a (pixels, C) matrix). Per tile:
+    part_a = sum gy, part_b = sum gy * u with u the norm's input as it multiplies its weight (pre for a
+    folded norm, the normalised value with batch statistics)."""
+    t = tl.program_id(0)
+    p = t * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pm = p < N * H * W
+    cm = c < C
+    x = p % W
+    y = (p // W) % H
+    n = p // (W * H)
+    m2 = pm[:, None] & cm[None, :]
+    acc = _zeros(BLOCK_P, BLOCK_C, F64)
+    one = acc * 0.0
+    acc = _gather(acc, g, g_n, g_c, g_h, g_w, n, y, x, c, pm, cm, ty_idx, ty_w, TY, tx_idx, tx_w, TX,
+                  one, one, 0, 0)
+    v = tl.load(pre + (n * p_n + y * p_h + x * p_w)[:, None] + c[None, :] * p_c, mask=m2, other=0.0)
+    v = v.to(acc.dtype)
+    mul, add = _channel_affine(c, cm, a_ptr, b_ptr, eps, gamma, beta, NORM, HAS_GAMMA, HAS_BETA, F64)
+    z = v * mul[None, :] + add[None, :]
+    d = tl.where(m2, _activate_grad(acc, z, ACT), 0.0)
+    tl.store(gy + p[:, None] * C + c[None, :], d, mask=m2)
+    if NORM == 2:
+        mean = tl.load(a_ptr + c, mask=cm, other=0.0).to(acc.dtype)
+        rstd = 1.0 / tl.sqrt(tl.load(b_ptr + c, mask=cm, other=1.0).to(acc.dtype) + eps)
+        u = (v - mean[None, :]) * rstd[None, :]
+    else:
+        u = v
+    tl.store(part_a + t * C + c, tl.sum(d, axis=0), mask=cm)
+    tl.store(part_b + t * C + c, tl.sum(tl.where(m2, d * u, 0.0), axis=0), mask=cm)
+
+
+@triton.jit
+def column_sum_kernel(part, T, C, out, BLOCK_C: tl.constexpr):
+    """out[c] = sum over t of part[t, c], in t order."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    acc = tl.zeros([BLOCK_C], dtype=out.dtype.element_ty)
+    for t in range(T):
+        acc += tl.load(part + t * C + c, mask=cm, other=0.0)
+    tl.store(out + c, acc, mask=cm)
+
+
+@triton.jit
+def dpre_kernel(gy, pre, p_n, p_c, p_h, p_w, dpre, N, C, H, W, a_ptr, b_ptr, eps, gamma, sum_a, sum_b,
+                NORM: tl.constexpr, HAS_GAMMA: tl.constexpr, F64: tl.constexpr,
+                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The conv output's gradient (stored as a (pixels, C) matrix): gy times the norm's derivative;
+    with batch statistics ``gamma * rstd * (gy - mean(gy) - xhat * mean(gy * xhat))``."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    total = N * H * W
+    pm = p < total
+    cm = c < C
+    m2 = pm[:, None] & cm[None, :]
+    d = tl.load(gy + p[:, None] * C + c[None, :], mask=m2, other=0.0)
+    one = tl.full([BLOCK_C], 1.0, d.dtype)
+    if NORM == 1:
+        if HAS_GAMMA:
+            d = d * tl.load(a_ptr + c, mask=cm, other=1.0).to(d.dtype)[None, :]
+    elif NORM == 2:
+        x = p % W
+        y = (p // W) % H
+        n = p // (W * H)
+        v = tl.load(pre + (n * p_n + y * p_h + x * p_w)[:, None] + c[None, :] * p_c, mask=m2, other=0.0)
+        mean = tl.load(a_ptr + c, mask=cm, other=0.0).to(d.dtype)
+        rstd = 1.0 / tl.sqrt(tl.load(b_ptr + c, mask=cm, other=1.0).to(d.dtype) + eps)
+        xhat = (v.to(d.dtype) - mean[None, :]) * rstd[None, :]
+        g = one
+        if HAS_GAMMA:
+            g = tl.load(gamma + c, mask=cm, other=1.0).to(d.dtype)
+        ma = tl.load(sum_a + c, mask=cm, other=0.0) / total
+        mb = tl.load(sum_b + c, mask=cm, other=0.0) / total
+        d = (g * rstd)[None, :] * (d - ma[None, :] - xhat * mb[None, :])
+    tl.store(dpre + p[:, None] * C + c[None, :], d.to(dpre.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def wgrad_kernel(src, s_n, s_c, s_h, s_w, dpre, dwk, dbias, N, C, H, W, CO, KS,
+                 HAS_BIAS: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dwk[(ky * KS + kx) * C + c, co] = sum over pixels of src[c] (shifted by the tap) * dpre[co], every
+    program reducing over all N * H * W pixels in one fixed order (deterministic, no atomics); the
+    programs of tap 0 and the first channel block also sum dbias."""
+    tap = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    co = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cm = c < C
+    com = co < CO
+    pad = KS // 2
+    dy = tap // KS - pad
+    dx = tap % KS - pad
+    total = N * H * W
+    acc = _zeros(BLOCK_C, BLOCK_N, DOT == 0)
+    bacc = tl.zeros([BLOCK_N], dtype=acc.dtype)
+    for m0 in range(0, total, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        mm = m < total
+        x = m % W
+        y = (m // W) % H
+        n = m // (W * H)
+        iy = y + dy
+        ix = x + dx
+        ok = mm & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+        a = tl.load(src + (n * s_n + iy * s_h + ix * s_w)[:, None] + c[None, :] * s_c,
+                    mask=ok[:, None] & cm[None, :], other=0.0)
+        b = tl.load(dpre + m[:, None] * CO + co[None, :], mask=mm[:, None] & com[None, :], other=0.0)
+        if DOT == 0:
+            acc += tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[:, None, :], axis=0)
+        elif UPCAST:
+            acc = tl.dot(tl.trans(a.to(tl.float32)), b.to(tl.float32), acc, input_precision="ieee")
+        elif DOT == 1:
+            acc = tl.dot(tl.trans(a), b, acc)
+        elif DOT == 2:
+            acc = tl.dot(tl.trans(a), b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(a), b, acc, input_precision="tf32")
+        if HAS_BIAS:
+            bacc += tl.sum(b.to(acc.dtype), axis=0)
+    tl.store(dwk + (tap * C + c)[:, None] * CO + co[None, :], acc.to(dwk.dtype.element_ty),
+             mask=cm[:, None] & com[None, :])
+    if HAS_BIAS:
+        if (tap == 0) & (tl.program_id(1) == 0):
+            tl.store(dbias + co, bacc.to(dbias.dtype.element_ty), mask=com)
+
+
+@triton.jit
+def dx_kernel(dx, d_n, d_c, d_h, d_w, N, C, H, W, g, g_n, g_c, g_h, g_w,
+              l0, l0_n, l0_c, l0_h, l0_w, y0_idx, y0_w, Y0, x0_idx, x0_w, X0,
+              l1, l1_n, l1_c, l1_h, l1_w, y1_idx, y1_w, Y1, x1_idx, x1_w, X1,
+              l2, l2_n, l2_c, l2_h, l2_w, y2_idx, y2_w, Y2, x2_idx, x2_w, X2,
+              l3, l3_n, l3_c, l3_h, l3_w, y3_idx, y3_w, Y3, x3_idx, x3_w, X3,
+              HAS_G: tl.constexpr, SLOTS: tl.constexpr, F64: tl.constexpr,
+              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dx = g + sum over the slots of the down-resize adjoint of each level gradient l_s (gathered with
+    the adjoint taps y_s / x_s), written once."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pm = p < N * H * W
+    cm = c < C
+    x = p % W
+    y = (p // W) % H
+    n = p // (W * H)
+    m2 = pm[:, None] & cm[None, :]
+    acc = _zeros(BLOCK_P, BLOCK_C, F64)
+    if HAS_G:
+        acc += tl.load(g + (n * g_n + y * g_h + x * g_w)[:, None] + c[None, :] * g_c, mask=m2,
+                       other=0.0).to(acc.dtype)
+    one = acc * 0.0
+    if SLOTS > 0:
+        acc = _gather(acc, l0, l0_n, l0_c, l0_h, l0_w, n, y, x, c, pm, cm, y0_idx, y0_w, Y0, x0_idx, x0_w,
+                      X0, one, one, 0, 0)
+    if SLOTS > 1:
+        acc = _gather(acc, l1, l1_n, l1_c, l1_h, l1_w, n, y, x, c, pm, cm, y1_idx, y1_w, Y1, x1_idx, x1_w,
+                      X1, one, one, 0, 0)
+    if SLOTS > 2:
+        acc = _gather(acc, l2, l2_n, l2_c, l2_h, l2_w, n, y, x, c, pm, cm, y2_idx, y2_w, Y2, x2_idx, x2_w,
+                      X2, one, one, 0, 0)
+    if SLOTS > 3:
+        acc = _gather(acc, l3, l3_n, l3_c, l3_h, l3_w, n, y, x, c, pm, cm, y3_idx, y3_w, Y3, x3_idx, x3_w,
+                      X3, one, one, 0, 0)
+    tl.store(dx + (n * d_n + y * d_h + x * d_w)[:, None] + c[None, :] * d_c, acc.to(dx.dtype.element_ty),
+             mask=m2)

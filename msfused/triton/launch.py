@@ -1,0 +1,372 @@
+"""Launchers: the operator's arguments turned into Triton launches (kernels in ``kernels.py``).
+
+Launch count per call, B branches of which B1 have a level other than x's own size (no launch for
+an empty input):
+
+forward, norms folded (inference) or no norm:
+    1 copy of x into its slice (if part of the output)
+    per branch: 1 down-resize (factor > 1 or bins), 1 convolution whose epilogue applies bias, norm and
+    activation and stores straight into the output slice when the level is the input's size,
+    1 up-resize into the output slice otherwise.
+forward with batch statistics, per such branch: the convolution, 2 statistics launches (per-tile
+    partials, fixed-order combine), and the up-resize applying norm and activation.
+backward, per branch: 1 up-resize adjoint fused with the activation's and norm's backward, 2 fixed-order
+    column sums, 1 conv-output gradient, 1 weight gradient (if asked), 1 level gradient (if dx is asked);
+    then 1 launch writes dx for every 4 branches (once for up to 4).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import triton
+
+from . import kernels as K
+from .tables import axis_taps
+
+INT32_LIMIT = 2**31 - 1
+_ACT = {"none": K.ACT_NONE, "relu": K.ACT_RELU, "silu": K.ACT_SILU, "gelu": K.ACT_GELU}
+BLOCK_P = 64
+STATS_BLOCK = 128
+
+
+def interpreting() -> bool:
+    """Whether the kernels were defined under Triton's interpreter (TRITON_INTERPRET=1 at import): they
+    then run on CPU tensors, and only there."""
+    return type(K.resize_kernel).__name__ == "InterpretedFunction"
+
+
+def _launch(kernel, grid, *args, **meta):
+    torch.library.wrap_triton(kernel)[grid](*args, **meta)
+
+
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def _strides(t: torch.Tensor) -> Tuple[int, int, int, int]:
+    return tuple(t.stride())
+
+
+def _fmt(x: torch.Tensor) -> torch.memory_format:
+    return torch._prims_common.suggest_memory_format(x)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _dot_mode(x: torch.Tensor) -> int:
+    if x.dtype == torch.float64:
+        return K.DOT_FMA
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return K.DOT_HALF
+    # float32: TF32 only where the naive module's cuDNN convolution would use it.
+    if x.is_cuda and torch.backends.cudnn.allow_tf32:
+        return K.DOT_TF32
+    return K.DOT_IEEE
+
+
+def _upcast(x: torch.Tensor) -> bool:
+    return interpreting() and x.dtype == torch.bfloat16
+
+
+def check_index_limit(tensors: Sequence[Tuple[str, torch.Tensor]]) -> None:
+    """The kernels index with int32 offsets: refuse anything they cannot address, before any work."""
+    for name, t in tensors:
+        if t.numel() > INT32_LIMIT or (t.numel() and max(s * (d - 1) for s, d in zip(t.stride(), t.shape)) > INT32_LIMIT):
+            raise ValueError(
+                f"{name} of shape {tuple(t.shape)} has more elements than the Triton kernels index "
+                f"(2**31 - 1); use backend 'cpu' or 'reference'"
+            )
+
+
+def _level(factor: int, bins: Sequence[int], b: int, H: int, W: int) -> Tuple[int, int]:
+    return (H // factor, W // factor) if factor > 0 else (bins[2 * b], bins[2 * b + 1])
+
+
+def _down_taps(factor: int, down_mode: str, H: int, W: int, h: int, w: int, align: bool, dtype, device):
+    kind = "adaptive" if factor == 0 else ("identity" if factor == 1 else down_mode)
+    return (axis_taps(kind, H, h, factor, align, dtype, device), axis_taps(kind, W, w, factor, align, dtype, device))
+
+
+def _up_taps(up_mode: str, h: int, w: int, H: int, W: int, align: bool, dtype, device):
+    kind = "identity" if (h, w) == (H, W) else up_mode
+    return (axis_taps(kind, h, H, 0, align, dtype, device), axis_taps(kind, w, W, 0, align, dtype, device))
+
+
+def _resize(src: torch.Tensor, dst: torch.Tensor, ty, tx, *, norm=K.NORM_NONE, a=None, b=None, eps=0.0,
+            gamma=None, beta=None, act=K.ACT_NONE) -> None:
+    """dst (N, C, Hd, Wd) = separable gather of act(norm(src)) over the taps ty (rows) and tx (cols)."""
+    N, C, Hd, Wd = dst.shape
+    if dst.numel() == 0:
+        return
+    block_c = _pow2(C, 4, 32)
+    dummy = dst
+    grid = (triton.cdiv(N * Hd * Wd, BLOCK_P), triton.cdiv(C, block_c))
+    _launch(K.resize_kernel, grid, src, *_strides(src), dst, *_strides(dst), N, C, Hd, Wd,
+            ty.idx, ty.w, ty.taps, tx.idx, tx.w, tx.taps,
+            a if a is not None else dummy, b if b is not None else dummy, float(eps),
+            gamma if gamma is not None else dummy, beta if beta is not None else dummy,
+            NORM=norm, HAS_GAMMA=gamma is not None if norm == K.NORM_BATCH else a is not None,
+            HAS_BETA=beta is not None if norm == K.NORM_BATCH else b is not None, ACT=act,
+            F64=src.dtype == torch.float64 or dst.dtype == torch.float64, BLOCK_P=BLOCK_P, BLOCK_C=block_c)
+
+
+def _conv_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in (
+            (64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3),
+            (128, 64, 64, 8, 3), (64, 32, 32, 4, 4), (32, 32, 32, 2, 4), (128, 128, 64, 8, 2),
+        )
+    ]
+
+
+# Block shapes per problem shape: pixels, channels in and out, kernel size, how the dot multiplies.
+conv_tuned = triton.autotune(configs=_conv_configs(), key=["N", "H", "W", "C", "CO", "KS", "DOT"])(K.conv_kernel)
+
+
+def _conv(src: torch.Tensor, wk: torch.Tensor, ks: int, co: int, bias: Optional[torch.Tensor],
+          pre: Optional[torch.Tensor], out: Optional[torch.Tensor], scale: Optional[torch.Tensor] = None,
+          shift: Optional[torch.Tensor] = None, act: int = K.ACT_NONE) -> None:
+    N, C, H, W = src.shape
+    if N * H * W == 0 or co == 0:
+        return
+    dummy = wk
+    pre_t = pre if pre is not None else src
+    out_t = out if out is not None else src
+    f64 = src.dtype == torch.float64
+    dot = K.DOT_FMA if f64 else _dot_mode(src)
+    grid = lambda meta: (triton.cdiv(N * H * W, meta["BLOCK_M"]), triton.cdiv(co, meta["BLOCK_N"]))  # noqa: E731
+    if f64:  # multiply-and-sum: a fixed small block keeps the 3-D product in registers
+        _launch(K.conv_kernel, grid, src, *_strides(src), wk, bias if bias is not None else dummy,
+                pre_t, *_strides(pre_t), out_t, *_strides(out_t),
+                scale if scale is not None else dummy, shift if shift is not None else dummy,
+                N, C, H, W, co, ks,
+                HAS_BIAS=bias is not None, STORE_PRE=pre is not None, STORE_OUT=out is not None,
+                HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, ACT=act, DOT=dot, UPCAST=False,
+                F64=True, BLOCK_M=32, BLOCK_N=16, BLOCK_K=8)
+        return
+    _launch(conv_tuned, grid, src, *_strides(src), wk, bias if bias is not None else dummy,
+            pre_t, *_strides(pre_t), out_t, *_strides(out_t),
+            scale if scale is not None else dummy, shift if shift is not None else dummy,
+            N, C, H, W, co, ks,
+            HAS_BIAS=bias is not None, STORE_PRE=pre is not None, STORE_OUT=out is not None,
+            HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, ACT=act, DOT=dot, UPCAST=_upcast(src),
+            F64=False)
+
+
+def _pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(CO, C, k, k) -> wk[(ky * k + kx) * C + c, co], contiguous (parameter-sized work)."""
+    co, c, k, _ = weight.shape
+    return weight.permute(2, 3, 1, 0).reshape(k * k * c, co).contiguous()
+
+
+def _batch_stats(pre: torch.Tensor, stats_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    N, C, h, w = pre.shape
+    total = N * h * w
+    T = triton.cdiv(total, STATS_BLOCK)
+    block_c = _pow2(C, 4, 32)
+    part_mean = torch.empty((T, C), dtype=stats_dtype, device=pre.device)
+    part_m2 = torch.empty((T, C), dtype=stats_dtype, device=pre.device)
+    f64 = stats_dtype == torch.float64
+    _launch(K.stats_partial_kernel, (T, triton.cdiv(C, block_c)), pre, *_strides(pre), N, C, h, w,
+            part_mean, part_m2, F64=f64, BLOCK_P=STATS_BLOCK, BLOCK_C=block_c)
+    mean = torch.empty((C,), dtype=stats_dtype, device=pre.device)
+    var = torch.empty((C,), dtype=stats_dtype, device=pre.device)
+    _launch(K.stats_combine_kernel, (triton.cdiv(C, block_c),), part_mean, part_m2, T, total, C, mean, var,
+            BLOCK_P=STATS_BLOCK, BLOCK_C=block_c)
+    return mean, var
+
+
+def _offsets(weight: Sequence[torch.Tensor], C: int, input_position: str) -> Tuple[List[int], int, int]:
+    """Channel offset of each branch in the output, of x (-1 if absent), and the output's channels."""
+    offsets, o = [], C if input_position == "first" else 0
+    for w in weight:
+        offsets.append(o)
+        o += w.shape[0]
+    x_off = 0 if input_position == "first" else (o if input_position == "last" else -1)
+    return offsets, x_off, o + (C if input_position == "last" else 0)
+
+
+def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
+            activation, input_position):
+    N, C, H, W = x.shape
+    fmt = _fmt(x)
+    dev, dt = x.device, x.dtype
+    stats_dt = _acc_dtype(dt) if dt != torch.float64 else dt
+    offsets, x_off, c_out = _offsets(weight, C, input_position)
+    out = torch.empty((N, c_out, H, W), dtype=dt, device=dev, memory_format=fmt)
+    check_index_limit([("x", x), ("the output", out)])
+    act = _ACT[activation]
+    levels, pres, means, variances = [], [], [], []
+    if x_off >= 0:
+        ident = axis_taps("identity", H, H, 0, False, dt, dev), axis_taps("identity", W, W, 0, False, dt, dev)
+        _resize(x, out[:, x_off:x_off + C], *ident)
+    for b, w in enumerate(weight):
+        co, _, k, _ = w.shape
+        h, wd = _level(factor[b], bins, b, H, W)
+        if factor[b] == 1:
+            src = x
+            levels.append(torch.empty((0,), dtype=dt, device=dev))
+        else:
+            src = torch.empty((N, C, h, wd), dtype=dt, device=dev, memory_format=fmt)
+            _resize(x, src, *_down_taps(factor[b], down_mode, H, W, h, wd, align_corners, dt, dev))
+            levels.append(src)
+        pre = torch.empty((N, co, h, wd), dtype=dt, device=dev, memory_format=fmt)
+        pres.append(pre)
+        dst = out[:, offsets[b]:offsets[b] + co]
+        wk = _pack_weight(w)
+        up = _up_taps(up_mode, h, wd, H, W, align_corners, dt, dev)
+        if batch_stats[b]:
+            _conv(src, wk, k, co, bias[b], pre, None)
+            mean, var = _batch_stats(pre, stats_dt)
+            means.append(mean)
+            variances.append(var)
+            _resize(pre, dst, *up, norm=K.NORM_BATCH, a=mean, b=var, eps=eps[b], gamma=scale[b], beta=shift[b],
+                    act=act)
+            continue
+        means.append(torch.empty((0,), dtype=stats_dt, device=dev))
+        variances.append(torch.empty((0,), dtype=stats_dt, device=dev))
+        if (h, wd) == (H, W):  # the epilogue stores straight into the output slice
+            _conv(src, wk, k, co, bias[b], pre, dst, scale[b], shift[b], act)
+        else:
+            a = torch.empty_like(pre)
+            _conv(src, wk, k, co, bias[b], pre, a, scale[b], shift[b], act)
+            _resize(a, dst, *up)
+    return out, levels, pres, means, variances
+
+
+def _column_sum(part: torch.Tensor) -> torch.Tensor:
+    T, C = part.shape
+    out = torch.empty((C,), dtype=part.dtype, device=part.device)
+    block_c = _pow2(C, 4, 64)
+    _launch(K.column_sum_kernel, (triton.cdiv(C, block_c),), part, T, C, out, BLOCK_C=block_c)
+    return out
+
+
+def _wgrad(src: torch.Tensor, dpre: torch.Tensor, ks: int, co: int, acc_dt: torch.dtype) -> torch.Tensor:
+    N, C, H, W = src.shape
+    dwk = torch.zeros((ks * ks * C, co), dtype=acc_dt, device=src.device)
+    if N * H * W == 0:
+        return dwk
+    f64 = src.dtype == torch.float64
+    if f64 or interpreting():
+        bm, bc, bn = (16, 8, 8) if f64 else (32, 16, 16)
+    else:
+        bm, bc, bn = 64, _pow2(C, 16, 64), _pow2(co, 16, 64)
+    grid = (ks * ks, triton.cdiv(C, bc), triton.cdiv(co, bn))
+    _launch(K.wgrad_kernel, grid, src, *_strides(src), dpre, dwk, dwk, N, C, H, W, co, ks,
+            HAS_BIAS=False, DOT=K.DOT_FMA if f64 else _dot_mode(src), UPCAST=_upcast(src),
+            BLOCK_M=bm, BLOCK_C=bc, BLOCK_N=bn)
+    return dwk
+
+
+def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_stats, eps, factor, bins, down_mode,
+             up_mode, align_corners, activation, input_position, output_mask):
+    N, C, H, W = x.shape
+    fmt = _fmt(x)
+    dev, dt = x.device, x.dtype
+    acc_dt = _acc_dtype(dt)
+    act = _ACT[activation]
+    offsets, x_off, _ = _offsets(weight, C, input_position)
+    check_index_limit([("grad_out", grad_out), ("x", x)])
+    empty = lambda: torch.empty((0,), dtype=dt, device=dev)  # noqa: E731  (results must not alias)
+    grad_w, grad_b, grad_scale, grad_shift, slots = [], [], [], [], []
+    for b, w in enumerate(weight):
+        co, _, k, _ = w.shape
+        h, wd = _level(factor[b], bins, b, H, W)
+        src = x if factor[b] == 1 else level[b]
+        p = pre[b]
+        total = N * h * wd
+        # 1. up-resize adjoint + activation and norm backward -> gy, per-tile sums
+        if batch_stats[b]:
+            norm, a_t, b_t, has_g, has_b = K.NORM_BATCH, mean[b], var[b], scale[b] is not None, shift[b] is not None
+        elif scale[b] is not None or shift[b] is not None:
+            norm, a_t, b_t, has_g, has_b = K.NORM_AFFINE, scale[b], shift[b], scale[b] is not None, shift[b] is not None
+        else:
+            norm, a_t, b_t, has_g, has_b = K.NORM_NONE, None, None, False, False
+        up = _up_taps(up_mode, h, wd, H, W, align_corners, dt, dev)
+        block_c = _pow2(co, 4, 32)
+        T = max(1, triton.cdiv(total, BLOCK_P))
+        gy = torch.empty((total, co), dtype=acc_dt, device=dev)
+        part_a = torch.zeros((T, co), dtype=acc_dt, device=dev)
+        part_b = torch.zeros((T, co), dtype=acc_dt, device=dev)
+        g = grad_out[:, offsets[b]:offsets[b] + co]
+        dummy = gy
+        if total:
+            ty, tx = up
+            _launch(K.up_adjoint_kernel, (T, triton.cdiv(co, block_c)), g, *_strides(g), p, *_strides(p), gy,
+                    part_a, part_b, N, co, h, wd, ty.adj_idx, ty.adj_w, ty.adj_taps, tx.adj_idx, tx.adj_w,
+                    tx.adj_taps, a_t if a_t is not None else dummy, b_t if b_t is not None else dummy,
+                    float(eps[b]), scale[b] if (norm == K.NORM_BATCH and has_g) else dummy,
+                    shift[b] if (norm == K.NORM_BATCH and has_b) else dummy,
+                    NORM=norm, HAS_GAMMA=has_g, HAS_BETA=has_b, ACT=act, F64=acc_dt == torch.float64,
+                    BLOCK_P=BLOCK_P, BLOCK_C=block_c)
+        sum_gy, sum_gyu = _column_sum(part_a), _column_sum(part_b)
+        # 2. parameter gradients of the norm and the bias (dbias is exactly 0 before batch statistics)
+        grad_shift.append(sum_gy.to(shift[b].dtype) if shift[b] is not None else empty())
+        grad_scale.append(sum_gyu.to(scale[b].dtype) if scale[b] is not None else empty())
+        if norm == K.NORM_BATCH:
+            dbias = torch.zeros((co,), dtype=acc_dt, device=dev)
+        elif norm == K.NORM_AFFINE and scale[b] is not None:
+            dbias = sum_gy * scale[b].to(acc_dt)
+        else:
+            dbias = sum_gy
+        grad_b.append(dbias.to(dt))
+        # 3. conv output gradient, in x's dtype (the convolution's operands), as a (pixels, co) matrix
+        dpre = torch.empty((total, co), dtype=dt, device=dev)
+        if total:
+            _launch(K.dpre_kernel, (T, triton.cdiv(co, block_c)), gy, p, *_strides(p), dpre, N, co, h, wd,
+                    a_t if a_t is not None else dummy, b_t if b_t is not None else dummy, float(eps[b]),
+                    scale[b] if (norm == K.NORM_BATCH and has_g) else dummy, sum_gy, sum_gyu,
+                    NORM=norm, HAS_GAMMA=has_g, F64=acc_dt == torch.float64, BLOCK_P=BLOCK_P, BLOCK_C=block_c)
+        # 4. weight gradient
+        if output_mask[1]:
+            dwk = _wgrad(src, dpre, k, co, acc_dt)
+            gw = dwk.reshape(k, k, C, co).permute(3, 2, 0, 1).to(w.dtype)
+            grad_w.append(gw.contiguous(memory_format=_fmt(w)))
+        else:
+            grad_w.append(empty())
+        # 5. level gradient: the convolution with flipped, transposed weights
+        if output_mask[0]:
+            dpre4 = dpre.view(N, h, wd, co).permute(0, 3, 1, 2)
+            wt = _pack_weight(w.flip(2, 3).transpose(0, 1))
+            dlev = torch.empty((N, h, wd, C), dtype=acc_dt, device=dev).permute(0, 3, 1, 2)
+            _conv(dpre4, wt, k, C, None, dlev, None)
+            slots.append((dlev, _down_taps(factor[b], down_mode, H, W, h, wd, align_corners, dt, dev)))
+    grad_x = empty()
+    if output_mask[0]:
+        grad_x = _dx(grad_out, x, x_off, slots, fmt, acc_dt)
+    return grad_x, grad_w, grad_b, grad_scale, grad_shift
+
+
+def _dx(grad_out, x, x_off, slots, fmt, acc_dt):
+    N, C, H, W = x.shape
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    if dx.numel() == 0:
+        return dx
+    g = grad_out[:, x_off:x_off + C] if x_off >= 0 else None
+    block_c = _pow2(C, 4, 32)
+    grid = (triton.cdiv(N * H * W, BLOCK_P), triton.cdiv(C, block_c))
+    chunks = [slots[i:i + K.MAX_SLOTS] for i in range(0, len(slots), K.MAX_SLOTS)] or [[]]
+    for i, chunk in enumerate(chunks):
+        last = i == len(chunks) - 1
+        dst = dx if last else torch.empty(x.shape, dtype=acc_dt, device=x.device, memory_format=fmt)
+        args = []
+        for s in range(K.MAX_SLOTS):
+            if s < len(chunk):
+                lev, (ty, tx) = chunk[s]
+                args += [lev, *_strides(lev), ty.adj_idx, ty.adj_w, ty.adj_taps, tx.adj_idx, tx.adj_w, tx.adj_taps]
+            else:
+                args += [dst, 0, 0, 0, 0, dst, dst, 0, dst, dst, 0]
+        gt = g if g is not None else dst
+        _launch(K.dx_kernel, grid, dst, *_strides(dst), N, C, H, W, gt, *_strides(gt), *args,
+                HAS_G=g is not None, SLOTS=len(chunk), F64=acc_dt == torch.float64, BLOCK_P=BLOCK_P,
+                BLOCK_C=block_c)
+        g = dst
+    return dx

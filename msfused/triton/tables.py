@@ -1,0 +1,110 @@
+"""Per-axis tap tables for every resize of the block, taken from ATen itself.
+
+A 2-D resize of SPEC.md (avg pooling by a factor, adaptive average pooling, bilinear, nearest) is
+separable: ``out[dy, dx] = sum w_y(dy, iy) * w_x(dx, ix) * in[iy, ix]``. The Triton kernels read the taps
+``(index, weight)`` of each destination row and column from small tables instead of re-deriving
+ATen's index formulas in a third place (the C++ kernels share theirs in ``csrc/resize.h``): the tables
+are obtained by running the reference operator on one-hot rows, so the indices and weights are ATen's
+own, in ATen's arithmetic (float32 weights for float32 and half inputs, float64 for float64).
+
+Each table lists every source ATen *reads* for a destination, zero weights included (bilinear reads
+both neighbours even where one weight is 0, so an Inf or NaN there propagates as in the reference);
+padding entries have index -1. The adjoint table lists, for each source index, the destinations that
+read it: the gather form of the resize's backward (no atomics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisTaps:
+    """Forward taps ``idx/w`` of shape (out, taps) and adjoint taps ``adj_idx/adj_w`` of shape (in, adj_taps)."""
+
+    idx: torch.Tensor
+    w: torch.Tensor
+    adj_idx: torch.Tensor
+    adj_w: torch.Tensor
+
+    @property
+    def taps(self) -> int:
+        return self.idx.shape[1]
+
+    @property
+    def adj_taps(self) -> int:
+        return self.adj_idx.shape[1]
+
+
+def _resize_1d(v: torch.Tensor, kind: str, out: int, factor: int, align_corners: bool) -> torch.Tensor:
+    """Resize the rows (dim 2) of ``v`` (1, C, in, 1) to ``out`` rows the way the reference does."""
+    if kind == "identity":
+        return v
+    if kind == "avg":
+        return F.avg_pool2d(v, kernel_size=(factor, 1), stride=(factor, 1))
+    if kind == "adaptive":
+        return F.adaptive_avg_pool2d(v, (out, 1))
+    if kind == "bilinear":
+        return F.interpolate(v, size=(out, 1), mode="bilinear", align_corners=align_corners)
+    if kind == "nearest":
+        return F.interpolate(v, size=(out, 1), mode="nearest")
+    raise ValueError(f"unknown resize kind {kind!r}")
+
+
+def _pack(rows) -> Tuple[torch.Tensor, torch.Tensor, list]:
+    width = max(1, max(len(r) for r in rows))
+    idx = [[i for i, _ in r] + [-1] * (width - len(r)) for r in rows]
+    w = [[x for _, x in r] + [0.0] * (width - len(r)) for r in rows]
+    return idx, w, width
+
+
+def _build(kind: str, n_in: int, n_out: int, factor: int, align_corners: bool, dtype: torch.dtype):
+    eye = torch.eye(n_in, dtype=dtype).reshape(1, n_in, n_in, 1)
+    weights = _resize_1d(eye, kind, n_out, factor, align_corners)[0, :, :, 0].t()  # (out, in)
+    poison = torch.where(eye > 0, torch.tensor(float("nan"), dtype=dtype), eye)
+    reads = torch.isnan(_resize_1d(poison, kind, n_out, factor, align_corners)[0, :, :, 0].t())
+    assert weights.shape == (n_out, n_in), (kind, n_in, n_out, weights.shape)
+    w, r = weights.tolist(), reads.tolist()
+    fwd = [[(i, w[d][i]) for i in range(n_in) if r[d][i]] for d in range(n_out)]
+    adj = [[(d, w[d][i]) for d in range(n_out) if r[d][i]] for i in range(n_in)]
+    return _pack(fwd), _pack(adj)
+
+
+_cache: Dict[tuple, tuple] = {}
+_lock = threading.Lock()
+
+
+def axis_taps(kind: str, n_in: int, n_out: int, factor: int, align_corners: bool, dtype: torch.dtype,
+              device: torch.device) -> AxisTaps:
+    """The taps of one axis of a resize from ``n_in`` to ``n_out`` (``kind`` in 'identity', 'avg',
+    'adaptive', 'bilinear', 'nearest'), weights in ``dtype``, on ``device``. Cached; safe to call while
+    torch.compile traces (the tables are built from real tensors and enter the graph as constants)."""
+    wdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    key = (kind, n_in, n_out, factor, bool(align_corners) if kind == "bilinear" else False, wdtype)
+    with _lock:
+        lists = _cache.get(key)
+    if lists is None:
+        with _disable_current_modes(), torch.no_grad():
+            lists = _build(kind, n_in, n_out, factor, align_corners, wdtype)
+        with _lock:
+            _cache[key] = lists
+    dev_key = key + (str(device),)
+    tracing = torch._guards.detect_fake_mode() is not None
+    if not tracing:
+        with _lock:
+            hit = _cache.get(dev_key)
+        if hit is not None:
+            return hit
+    (idx, w, _), (adj_idx, adj_w, _) = lists
+    make = lambda v, dt: torch.tensor(v, dtype=dt, device=device)  # noqa: E731
+    taps = AxisTaps(make(idx, torch.int32), make(w, wdtype), make(adj_idx, torch.int32), make(adj_w, wdtype))
+    if not tracing:
+        with _lock:
+            _cache[dev_key] = taps
+    return taps
