@@ -21,6 +21,15 @@ def info() -> int:
         )
     else:
         print(f"extension msfused._C: not loaded: {_ops.load_error()}")
+    try:
+        import triton
+
+        from msfused.triton import interpreting
+
+        mode = " (interpreter: TRITON_INTERPRET=1, CPU tensors)" if interpreting() else ""
+        print(f"triton {triton.__version__}{mode}")
+    except ImportError:
+        print("triton: not installed")
     print("backends:")
     for name in backends.BACKENDS:
         ok, why = backends.availability(name)

@@ -94,6 +94,11 @@ def _update_running_stats(norm: nn.BatchNorm2d, mean: torch.Tensor, var: torch.T
             norm.running_var.copy_(norm.running_var.to(var.dtype) * (1.0 - factor) + unbiased * factor)
 
 
+def _needs_grad(x: torch.Tensor, branches: nn.ModuleList) -> bool:
+    """Whether autograd would record this call (some input requires grad and grad mode is on)."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in branches.parameters()))
+
+
 def _operator(backend: str):
     """The forward operator of a fused backend: the C++ one ('cpu', 'cuda') or the Triton one."""
     if backend == "triton":
@@ -128,6 +133,9 @@ def _fused_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList, ba
         from .triton.ops import absent_as_empty
 
         bias, scale, shift = (absent_as_empty(ts, x) for ts in (bias, scale, shift))
+        if not any(batch_stats) and not _needs_grad(x, branches):  # nothing to save for backward
+            args = spec.op_args()
+            return torch.ops.msfused.multi_scale_inference_triton(x, weight, bias, scale, shift, **args)
     out, _level, _pre, mean, var = _operator(backend)(
         x, weight, bias, scale, shift, batch_stats, eps, **spec.op_args()
     )

@@ -27,8 +27,14 @@ Kernels:
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+# Triton's interpreter (3.6) converts to bfloat16 by truncation, not by rounding to nearest even as the
+# GPU (and torch) do; under it, _cast rounds first. Read as Triton reads it when defining the kernels.
+INTERPRETER = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
 MAX_SLOTS = 4
 
@@ -39,6 +45,17 @@ NORM_NONE, NORM_AFFINE, NORM_BATCH = 0, 1, 2
 # How conv_kernel multiplies: multiply-and-sum (float64), tl.dot on half operands, on float32 operands
 # with IEEE precision or with TF32.
 DOT_FMA, DOT_HALF, DOT_IEEE, DOT_TF32 = 0, 1, 2, 3
+
+
+@triton.jit
+def _cast(v, dtype: tl.constexpr):
+    """v.to(dtype), rounding to nearest even (also under the interpreter, see INTERPRETER)."""
+    if INTERPRETER:
+        if dtype == tl.bfloat16:
+            bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            v = bits.to(tl.float32, bitcast=True)
+    return v.to(dtype)
 
 
 @triton.jit
@@ -107,20 +124,22 @@ def _channel_affine(c, cm, a_ptr, b_ptr, eps, gamma, beta, NORM: tl.constexpr, H
 def _gather(acc, src, s_n, s_c, s_h, s_w, n, oy, ox, c, pm, cm, ty_idx, ty_w, TY, tx_idx, tx_w, TX,
             mul, add, NORM: tl.constexpr, ACT: tl.constexpr):
     """acc += sum over taps of w_y * w_x * act(mul * src + add) at destination pixels (n, oy, ox)."""
+    col = c[None, :] * s_c
     for ty in range(TY):
         iy = tl.load(ty_idx + oy * TY + ty, mask=pm, other=-1)
         wy = tl.load(ty_w + oy * TY + ty, mask=pm, other=0.0).to(acc.dtype)
+        row_y = n * s_n + iy * s_h
+        ok_y = pm & (iy >= 0)
         for tx in range(TX):
             ix = tl.load(tx_idx + ox * TX + tx, mask=pm, other=-1)
-            wx = tl.load(tx_w + ox * TX + tx, mask=pm, other=0.0).to(acc.dtype)
-            ok = pm & (iy >= 0) & (ix >= 0)
-            row = n * s_n + iy * s_h + ix * s_w
-            m2 = ok[:, None] & cm[None, :]
-            v = tl.load(src + row[:, None] + c[None, :] * s_c, mask=m2, other=0.0).to(acc.dtype)
-            if NORM != 0:
-                v = v * mul[None, :] + add[None, :]
-            v = _activate(v, ACT)
-            acc += tl.where(m2, (wy * wx)[:, None] * v, 0.0)
+            wx = tl.load(tx_w + ox * TX + tx, mask=pm, other=0.0)
+            m2 = (ok_y & (ix >= 0))[:, None] & cm[None, :]
+            v = tl.load(src + (row_y + ix * s_w)[:, None] + col, mask=m2, other=0.0).to(acc.dtype)
+            if NORM != 0:  # masked lanes hold 0, which the norm's shift would move
+                v = tl.where(m2, _activate(v * mul[None, :] + add[None, :], ACT), 0.0)
+            else:  # act(0) == 0 and padding taps weigh 0
+                v = _activate(v, ACT)
+            acc += (wy * wx)[:, None] * v
     return acc
 
 
@@ -141,7 +160,7 @@ def resize_kernel(src, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, N, C, Hd, Wd
     acc = _gather(acc, src, s_n, s_c, s_h, s_w, n, oy, ox, c, pm, cm, ty_idx, ty_w, TY, tx_idx, tx_w, TX,
                   mul, add, NORM, ACT)
     out = dst + (n * d_n + oy * d_h + ox * d_w)[:, None] + c[None, :] * d_c
-    tl.store(out, acc.to(dst.dtype.element_ty), mask=pm[:, None] & cm[None, :])
+    tl.store(out, _cast(acc, dst.dtype.element_ty), mask=pm[:, None] & cm[None, :])
 
 
 @triton.jit
@@ -189,7 +208,7 @@ def conv_kernel(src, s_n, s_c, s_h, s_w, wk, bias, pre, p_n, p_c, p_h, p_w, out,
     m2 = mm[:, None] & com[None, :]
     if STORE_PRE:
         tl.store(pre + (n * p_n + ly * p_h + lx * p_w)[:, None] + co[None, :] * p_c,
-                 acc.to(pre.dtype.element_ty), mask=m2)
+                 _cast(acc, pre.dtype.element_ty), mask=m2)
     if STORE_OUT:
         y = acc
         if HAS_SCALE:
@@ -198,7 +217,7 @@ def conv_kernel(src, s_n, s_c, s_h, s_w, wk, bias, pre, p_n, p_c, p_h, p_w, out,
             y = y + tl.load(shift + co, mask=com, other=0.0).to(acc.dtype)[None, :]
         y = _activate(y, ACT)
         tl.store(out + (n * o_n + ly * o_h + lx * o_w)[:, None] + co[None, :] * o_c,
-                 y.to(out.dtype.element_ty), mask=m2)
+                 _cast(y, out.dtype.element_ty), mask=m2)
 
 
 @triton.jit
@@ -326,7 +345,7 @@ def dpre_kernel(gy, pre, p_n, p_c, p_h, p_w, dpre, N, C, H, W, a_ptr, b_ptr, eps
         ma = tl.load(sum_a + c, mask=cm, other=0.0) / total
         mb = tl.load(sum_b + c, mask=cm, other=0.0) / total
         d = (g * rstd)[None, :] * (d - ma[None, :] - xhat * mb[None, :])
-    tl.store(dpre + p[:, None] * C + c[None, :], d.to(dpre.dtype.element_ty), mask=m2)
+    tl.store(dpre + p[:, None] * C + c[None, :], _cast(d, dpre.dtype.element_ty), mask=m2)
 
 
 @triton.jit
@@ -371,11 +390,11 @@ def wgrad_kernel(src, s_n, s_c, s_h, s_w, dpre, dwk, dbias, N, C, H, W, CO, KS,
             acc = tl.dot(tl.trans(a), b, acc, input_precision="tf32")
         if HAS_BIAS:
             bacc += tl.sum(b.to(acc.dtype), axis=0)
-    tl.store(dwk + (tap * C + c)[:, None] * CO + co[None, :], acc.to(dwk.dtype.element_ty),
+    tl.store(dwk + (tap * C + c)[:, None] * CO + co[None, :], _cast(acc, dwk.dtype.element_ty),
              mask=cm[:, None] & com[None, :])
     if HAS_BIAS:
         if (tap == 0) & (tl.program_id(1) == 0):
-            tl.store(dbias + co, bacc.to(dbias.dtype.element_ty), mask=com)
+            tl.store(dbias + co, _cast(bacc, dbias.dtype.element_ty), mask=com)
 
 
 @triton.jit
@@ -413,5 +432,112 @@ def dx_kernel(dx, d_n, d_c, d_h, d_w, N, C, H, W, g, g_n, g_c, g_h, g_w,
     if SLOTS > 3:
         acc = _gather(acc, l3, l3_n, l3_c, l3_h, l3_w, n, y, x, c, pm, cm, y3_idx, y3_w, Y3, x3_idx, x3_w,
                       X3, one, one, 0, 0)
-    tl.store(dx + (n * d_n + y * d_h + x * d_w)[:, None] + c[None, :] * d_c, acc.to(dx.dtype.element_ty),
+    tl.store(dx + (n * d_n + y * d_h + x * d_w)[:, None] + c[None, :] * d_c, _cast(acc, dx.dtype.element_ty),
              mask=m2)
+
+
+@triton.jit
+def tile_kernel(x, s_n, s_c, s_h, s_w, dy_idx, dy_w, DY, dx_idx, dx_w, DX,
+                wk, bias, scale, shift, out, o_n, o_c, o_h, o_w, scratch,
+                uy_idx, uy_w, UY, ux_idx, ux_w, UX, row_start, row_count, col_start, col_count,
+                N, C, h, w, CO, KS, TILES_Y, TILES_X, RHO, RWO,
+                HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
+                DOT: tl.constexpr, UPCAST: tl.constexpr, F64: tl.constexpr, DIRECT: tl.constexpr,
+                RH: tl.constexpr, RW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_P: tl.constexpr):
+    """One branch of the inference forward in one pass, per tile of its level: the level pixels of the
+    tile (RH x RW from (ty * RHO, tx * RWO); RHO x RWO of them are the tile's own) are computed from ``x`` inside the convolution's operand
+    load (the down-resize taps dy / dx), convolved (implicit GEMM, ``tl.dot``), passed through bias, the
+    folded norm and the activation; then the output pixels whose first up-resize tap lies in the tile
+    (``row_start/row_count``, ``col_start/col_count`` per tile) are gathered from the tile (kept in this
+    program's private ``scratch``) with the up taps uy / ux and stored into the branch's output slice.
+    DIRECT: the level is the output's size (identity up-resize): the epilogue stores straight out."""
+    pid = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    tx_ = pid % TILES_X
+    ty_ = (pid // TILES_X) % TILES_Y
+    n = pid // (TILES_X * TILES_Y)
+    # A tile owns RHO x RWO level pixels and reaches RH - RHO rows (RW - RWO columns) further for the
+    # second tap of a bilinear up-resize.
+    ly0 = ty_ * RHO
+    lx0 = tx_ * RWO
+    m = tl.arange(0, RH * RW)
+    ly = ly0 + m // RW
+    lx = lx0 + m % RW
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    com = co < CO
+    pad = KS // 2
+    acc = _zeros(RH * RW, BLOCK_N, F64)
+    kk = tl.arange(0, BLOCK_K)
+    for tap in range(KS * KS):
+        ry = ly + tap // KS - pad  # the level pixel this tap reads
+        rx = lx + tap % KS - pad
+        ok = (ry >= 0) & (ry < h) & (rx >= 0) & (rx < w)
+        for c0 in range(0, C, BLOCK_K):
+            ck = c0 + kk
+            km = ck < C
+            # the level value at (ry, rx): the down-resize of x, computed here
+            a = _zeros(RH * RW, BLOCK_K, F64)
+            for a_y in range(DY):
+                iy = tl.load(dy_idx + ry * DY + a_y, mask=ok, other=-1)
+                wy = tl.load(dy_w + ry * DY + a_y, mask=ok, other=0.0).to(a.dtype)
+                for a_x in range(DX):
+                    ix = tl.load(dx_idx + rx * DX + a_x, mask=ok, other=-1)
+                    wx = tl.load(dx_w + rx * DX + a_x, mask=ok, other=0.0)
+                    mm = ((iy >= 0) & (ix >= 0))[:, None] & km[None, :]
+                    v = tl.load(x + (n * s_n + iy * s_h + ix * s_w)[:, None] + ck[None, :] * s_c, mask=mm,
+                                other=0.0)
+                    a += (wy * wx)[:, None] * v.to(a.dtype)
+            b = tl.load(wk + (tap * C + ck)[:, None] * CO + co[None, :], mask=km[:, None] & com[None, :],
+                        other=0.0)
+            if DOT == 0:
+                acc += tl.sum(a[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
+            elif UPCAST:  # the interpreter's tl.dot is wrong on bfloat16 operands
+                acc = tl.dot(_cast(a, b.dtype).to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            elif DOT == 1:
+                acc = tl.dot(_cast(a, b.dtype), b, acc)
+            elif DOT == 2:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc, input_precision="tf32")
+    if HAS_BIAS:
+        acc += tl.load(bias + co, mask=com, other=0.0).to(acc.dtype)[None, :]
+    if HAS_SCALE:
+        acc = acc * tl.load(scale + co, mask=com, other=1.0).to(acc.dtype)[None, :]
+    if HAS_SHIFT:
+        acc = acc + tl.load(shift + co, mask=com, other=0.0).to(acc.dtype)[None, :]
+    acc = _activate(acc, ACT)
+    if DIRECT:
+        mm = ((ly < h) & (lx < w))[:, None] & com[None, :]
+        tl.store(out + (n * o_n + ly * o_h + lx * o_w)[:, None] + co[None, :] * o_c,
+                 _cast(acc, out.dtype.element_ty), mask=mm)
+    else:
+        # The level activation is rounded to the output dtype before the up-resize, as the reference does.
+        act_t = _cast(acc, out.dtype.element_ty).to(acc.dtype)
+        base = scratch + (pid * tl.num_programs(1) + pid_n) * (RH * RW * BLOCK_N)
+        cols = tl.arange(0, BLOCK_N)
+        tl.store(base + m[:, None] * BLOCK_N + cols[None, :], act_t)
+        tl.debug_barrier()  # the tile is read back below by other threads of this program
+        oy0 = tl.load(row_start + ty_)
+        ny = tl.load(row_count + ty_)
+        ox0 = tl.load(col_start + tx_)
+        nx = tl.load(col_count + tx_)
+        for q0 in range(0, ny * nx, BLOCK_P):
+            q = q0 + tl.arange(0, BLOCK_P)
+            qm = q < ny * nx
+            oy = oy0 + q // nx
+            ox = ox0 + q % nx
+            res = _zeros(BLOCK_P, BLOCK_N, F64)
+            for u_y in range(UY):
+                iy = tl.load(uy_idx + oy * UY + u_y, mask=qm, other=-1)
+                wy = tl.load(uy_w + oy * UY + u_y, mask=qm, other=0.0).to(res.dtype)
+                for u_x in range(UX):
+                    ix = tl.load(ux_idx + ox * UX + u_x, mask=qm, other=-1)
+                    wx = tl.load(ux_w + ox * UX + u_x, mask=qm, other=0.0)
+                    ok = (iy >= 0) & (ix >= 0)
+                    t = (iy - ly0) * RW + (ix - lx0)
+                    v = tl.load(base + t[:, None] * BLOCK_N + cols[None, :], mask=ok[:, None] & com[None, :],
+                                other=0.0)
+                    res += (wy * wx)[:, None] * v
+            tl.store(out + (n * o_n + oy * o_h + ox * o_w)[:, None] + co[None, :] * o_c,
+                     _cast(res, out.dtype.element_ty), mask=qm[:, None] & com[None, :])

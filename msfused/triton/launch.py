@@ -27,8 +27,6 @@ from .tables import axis_taps
 
 INT32_LIMIT = 2**31 - 1
 _ACT = {"none": K.ACT_NONE, "relu": K.ACT_RELU, "silu": K.ACT_SILU, "gelu": K.ACT_GELU}
-BLOCK_P = 64
-STATS_BLOCK = 128
 
 
 def interpreting() -> bool:
@@ -43,6 +41,20 @@ def _launch(kernel, grid, *args, **meta):
 
 def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+# Tile sizes of the gather / elementwise kernels: pixels per program and channels per program. The
+# interpreter pays per operation, not per element, so it gets few, large tiles.
+def _block_p() -> int:
+    return 1024 if interpreting() else 64
+
+
+def _block_c(c: int) -> int:
+    return _pow2(c, 4, 64 if interpreting() else 32)
+
+
+def _stats_block() -> int:
+    return 1024 if interpreting() else 128
 
 
 def _strides(t: torch.Tensor) -> Tuple[int, int, int, int]:
@@ -72,13 +84,22 @@ def _upcast(x: torch.Tensor) -> bool:
     return interpreting() and x.dtype == torch.bfloat16
 
 
-def check_index_limit(tensors: Sequence[Tuple[str, torch.Tensor]]) -> None:
-    """The kernels index with int32 offsets: refuse anything they cannot address, before any work."""
-    for name, t in tensors:
-        if t.numel() > INT32_LIMIT or (t.numel() and max(s * (d - 1) for s, d in zip(t.stride(), t.shape)) > INT32_LIMIT):
+def _span(t: torch.Tensor) -> int:
+    """The largest element offset ``t`` reaches from its first element."""
+    return sum(s * (d - 1) for s, d in zip(t.stride(), t.shape)) if t.numel() else 0
+
+
+def check_index_limit(x: torch.Tensor, out_channels: int, others: Sequence[Tuple[str, torch.Tensor]] = ()) -> None:
+    """The kernels index with int32 offsets: refuse, before allocating anything, an ``x``, an output of
+    ``out_channels`` channels, or another tensor that they cannot address."""
+    N, _, H, W = x.shape
+    sizes = [("x", x.numel(), _span(x)), ("the output", N * out_channels * H * W, 0)]
+    sizes += [(name, t.numel(), _span(t)) for name, t in others]
+    for name, numel, span in sizes:
+        if max(numel, span) > INT32_LIMIT:
             raise ValueError(
-                f"{name} of shape {tuple(t.shape)} has more elements than the Triton kernels index "
-                f"(2**31 - 1); use backend 'cpu' or 'reference'"
+                f"{name} of the multi-scale block has {numel} elements (shape {tuple(x.shape)} for x), more "
+                f"than the Triton kernels index (2**31 - 1); use backend 'cpu' or 'reference'"
             )
 
 
@@ -102,21 +123,21 @@ def _resize(src: torch.Tensor, dst: torch.Tensor, ty, tx, *, norm=K.NORM_NONE, a
     N, C, Hd, Wd = dst.shape
     if dst.numel() == 0:
         return
-    block_c = _pow2(C, 4, 32)
+    block_c, block_p = _block_c(C), _block_p()
     dummy = dst
-    grid = (triton.cdiv(N * Hd * Wd, BLOCK_P), triton.cdiv(C, block_c))
+    grid = (triton.cdiv(N * Hd * Wd, block_p), triton.cdiv(C, block_c))
     _launch(K.resize_kernel, grid, src, *_strides(src), dst, *_strides(dst), N, C, Hd, Wd,
             ty.idx, ty.w, ty.taps, tx.idx, tx.w, tx.taps,
             a if a is not None else dummy, b if b is not None else dummy, float(eps),
             gamma if gamma is not None else dummy, beta if beta is not None else dummy,
             NORM=norm, HAS_GAMMA=gamma is not None if norm == K.NORM_BATCH else a is not None,
             HAS_BETA=beta is not None if norm == K.NORM_BATCH else b is not None, ACT=act,
-            F64=src.dtype == torch.float64 or dst.dtype == torch.float64, BLOCK_P=BLOCK_P, BLOCK_C=block_c)
+            F64=src.dtype == torch.float64 or dst.dtype == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
 
 
 def _conv_configs():
     if interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4)]
+        return [triton.Config({"BLOCK_M": 256, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in (
@@ -149,7 +170,8 @@ def _conv(src: torch.Tensor, wk: torch.Tensor, ks: int, co: int, bias: Optional[
                 N, C, H, W, co, ks,
                 HAS_BIAS=bias is not None, STORE_PRE=pre is not None, STORE_OUT=out is not None,
                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, ACT=act, DOT=dot, UPCAST=False,
-                F64=True, BLOCK_M=32, BLOCK_N=16, BLOCK_K=8)
+                F64=True, **(dict(BLOCK_M=128, BLOCK_N=16, BLOCK_K=16) if interpreting()
+                             else dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=8)))
         return
     _launch(conv_tuned, grid, src, *_strides(src), wk, bias if bias is not None else dummy,
             pre_t, *_strides(pre_t), out_t, *_strides(out_t),
@@ -169,17 +191,17 @@ def _pack_weight(weight: torch.Tensor) -> torch.Tensor:
 def _batch_stats(pre: torch.Tensor, stats_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     N, C, h, w = pre.shape
     total = N * h * w
-    T = triton.cdiv(total, STATS_BLOCK)
-    block_c = _pow2(C, 4, 32)
+    block, block_c = _stats_block(), _block_c(C)
+    T = triton.cdiv(total, block)
     part_mean = torch.empty((T, C), dtype=stats_dtype, device=pre.device)
     part_m2 = torch.empty((T, C), dtype=stats_dtype, device=pre.device)
     f64 = stats_dtype == torch.float64
     _launch(K.stats_partial_kernel, (T, triton.cdiv(C, block_c)), pre, *_strides(pre), N, C, h, w,
-            part_mean, part_m2, F64=f64, BLOCK_P=STATS_BLOCK, BLOCK_C=block_c)
+            part_mean, part_m2, F64=f64, BLOCK_P=block, BLOCK_C=block_c)
     mean = torch.empty((C,), dtype=stats_dtype, device=pre.device)
     var = torch.empty((C,), dtype=stats_dtype, device=pre.device)
     _launch(K.stats_combine_kernel, (triton.cdiv(C, block_c),), part_mean, part_m2, T, total, C, mean, var,
-            BLOCK_P=STATS_BLOCK, BLOCK_C=block_c)
+            BLOCK_P=block, BLOCK_C=block_c)
     return mean, var
 
 
@@ -200,8 +222,8 @@ def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_
     dev, dt = x.device, x.dtype
     stats_dt = _acc_dtype(dt) if dt != torch.float64 else dt
     offsets, x_off, c_out = _offsets(weight, C, input_position)
+    check_index_limit(x, c_out)
     out = torch.empty((N, c_out, H, W), dtype=dt, device=dev, memory_format=fmt)
-    check_index_limit([("x", x), ("the output", out)])
     act = _ACT[activation]
     levels, pres, means, variances = [], [], [], []
     if x_off >= 0:
@@ -255,8 +277,10 @@ def _wgrad(src: torch.Tensor, dpre: torch.Tensor, ks: int, co: int, acc_dt: torc
     if N * H * W == 0:
         return dwk
     f64 = src.dtype == torch.float64
-    if f64 or interpreting():
-        bm, bc, bn = (16, 8, 8) if f64 else (32, 16, 16)
+    if interpreting():
+        bm, bc, bn = 512, 32, 32
+    elif f64:
+        bm, bc, bn = 16, 8, 8
     else:
         bm, bc, bn = 64, _pow2(C, 16, 64), _pow2(co, 16, 64)
     grid = (ks * ks, triton.cdiv(C, bc), triton.cdiv(co, bn))
@@ -273,8 +297,8 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
     dev, dt = x.device, x.dtype
     acc_dt = _acc_dtype(dt)
     act = _ACT[activation]
-    offsets, x_off, _ = _offsets(weight, C, input_position)
-    check_index_limit([("grad_out", grad_out), ("x", x)])
+    offsets, x_off, c_out = _offsets(weight, C, input_position)
+    check_index_limit(x, c_out, [("grad_out", grad_out)])
     empty = lambda: torch.empty((0,), dtype=dt, device=dev)  # noqa: E731  (results must not alias)
     grad_w, grad_b, grad_scale, grad_shift, slots = [], [], [], [], []
     for b, w in enumerate(weight):
@@ -291,8 +315,8 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
         else:
             norm, a_t, b_t, has_g, has_b = K.NORM_NONE, None, None, False, False
         up = _up_taps(up_mode, h, wd, H, W, align_corners, dt, dev)
-        block_c = _pow2(co, 4, 32)
-        T = max(1, triton.cdiv(total, BLOCK_P))
+        block_c, block_p = _block_c(co), _block_p()
+        T = max(1, triton.cdiv(total, block_p))
         gy = torch.empty((total, co), dtype=acc_dt, device=dev)
         part_a = torch.zeros((T, co), dtype=acc_dt, device=dev)
         part_b = torch.zeros((T, co), dtype=acc_dt, device=dev)
@@ -306,7 +330,7 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
                     float(eps[b]), scale[b] if (norm == K.NORM_BATCH and has_g) else dummy,
                     shift[b] if (norm == K.NORM_BATCH and has_b) else dummy,
                     NORM=norm, HAS_GAMMA=has_g, HAS_BETA=has_b, ACT=act, F64=acc_dt == torch.float64,
-                    BLOCK_P=BLOCK_P, BLOCK_C=block_c)
+                    BLOCK_P=block_p, BLOCK_C=block_c)
         sum_gy, sum_gyu = _column_sum(part_a), _column_sum(part_b)
         # 2. parameter gradients of the norm and the bias (dbias is exactly 0 before batch statistics)
         grad_shift.append(sum_gy.to(shift[b].dtype) if shift[b] is not None else empty())
@@ -324,7 +348,7 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
             _launch(K.dpre_kernel, (T, triton.cdiv(co, block_c)), gy, p, *_strides(p), dpre, N, co, h, wd,
                     a_t if a_t is not None else dummy, b_t if b_t is not None else dummy, float(eps[b]),
                     scale[b] if (norm == K.NORM_BATCH and has_g) else dummy, sum_gy, sum_gyu,
-                    NORM=norm, HAS_GAMMA=has_g, F64=acc_dt == torch.float64, BLOCK_P=BLOCK_P, BLOCK_C=block_c)
+                    NORM=norm, HAS_GAMMA=has_g, F64=acc_dt == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
         # 4. weight gradient
         if output_mask[1]:
             dwk = _wgrad(src, dpre, k, co, acc_dt)
@@ -351,8 +375,8 @@ def _dx(grad_out, x, x_off, slots, fmt, acc_dt):
     if dx.numel() == 0:
         return dx
     g = grad_out[:, x_off:x_off + C] if x_off >= 0 else None
-    block_c = _pow2(C, 4, 32)
-    grid = (triton.cdiv(N * H * W, BLOCK_P), triton.cdiv(C, block_c))
+    block_c, block_p = _block_c(C), _block_p()
+    grid = (triton.cdiv(N * H * W, block_p), triton.cdiv(C, block_c))
     chunks = [slots[i:i + K.MAX_SLOTS] for i in range(0, len(slots), K.MAX_SLOTS)] or [[]]
     for i, chunk in enumerate(chunks):
         last = i == len(chunks) - 1
@@ -366,7 +390,87 @@ def _dx(grad_out, x, x_off, slots, fmt, acc_dt):
                 args += [dst, 0, 0, 0, 0, dst, dst, 0, dst, dst, 0]
         gt = g if g is not None else dst
         _launch(K.dx_kernel, grid, dst, *_strides(dst), N, C, H, W, gt, *_strides(gt), *args,
-                HAS_G=g is not None, SLOTS=len(chunk), F64=acc_dt == torch.float64, BLOCK_P=BLOCK_P,
+                HAS_G=g is not None, SLOTS=len(chunk), F64=acc_dt == torch.float64, BLOCK_P=block_p,
                 BLOCK_C=block_c)
         g = dst
     return dx
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inference: no saved tensors, the branch's whole chain in one launch (tile_kernel).
+# ---------------------------------------------------------------------------------------------------
+
+
+def _tile_shape(direct: bool, up_taps: int) -> Tuple[int, int, int, int]:
+    """(RH, RW, RHO, RWO): the level tile a program computes and the part of it that it owns."""
+    rh, rw = (16, 16) if interpreting() else (8, 16)
+    halo = 0 if direct else max(0, up_taps - 1)
+    return rh, rw, rh - halo, rw - halo
+
+
+def _owned_ranges(first_tap: torch.Tensor, owned: int, tiles: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per tile: the first output row whose first up tap lies in the tile's owned level rows, and how many."""
+    start = torch.searchsorted(first_tap, torch.arange(tiles, device=first_tap.device, dtype=first_tap.dtype) * owned)
+    end = torch.searchsorted(first_tap, (torch.arange(tiles, device=first_tap.device, dtype=first_tap.dtype) + 1) * owned)
+    return start.to(torch.int32), (end - start).to(torch.int32)
+
+
+def _tile(src, down, wk, ks, co, bias, scale, shift, dst, up, act, direct) -> None:
+    N, C = src.shape[:2]
+    (dy, dx), (uy, ux) = down, up
+    h, w = dy.idx.shape[0], dx.idx.shape[0]
+    if N * h * w == 0 or dst.numel() == 0:
+        return
+    rh, rw, rho, rwo = _tile_shape(direct, max(uy.taps, ux.taps))
+    tiles_y, tiles_x = triton.cdiv(h, rho), triton.cdiv(w, rwo)
+    if direct:
+        rows = cols = dy.idx  # unused
+        row_count = col_count = dy.idx
+    else:
+        rows, row_count = _owned_ranges(uy.idx[:, 0].contiguous(), rho, tiles_y)
+        cols, col_count = _owned_ranges(ux.idx[:, 0].contiguous(), rwo, tiles_x)
+    f64 = src.dtype == torch.float64
+    block_n = _pow2(co, 16, 32 if f64 else 64)
+    block_k = 16 if f64 else _pow2(C, 16, 32)
+    grid = (N * tiles_y * tiles_x, triton.cdiv(co, block_n))
+    scratch = dst if direct else torch.empty(grid[0] * grid[1] * rh * rw * block_n, dtype=_acc_dtype(src.dtype),
+                                             device=src.device)
+    dummy = wk
+    _launch(K.tile_kernel, grid, src, *_strides(src), dy.idx, dy.w, dy.taps, dx.idx, dx.w, dx.taps,
+            wk, bias if bias is not None else dummy, scale if scale is not None else dummy,
+            shift if shift is not None else dummy, dst, *_strides(dst), scratch,
+            uy.idx, uy.w, uy.taps, ux.idx, ux.w, ux.taps, rows, row_count, cols, col_count,
+            N, C, h, w, co, ks, tiles_y, tiles_x, rho, rwo,
+            HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, ACT=act,
+            DOT=K.DOT_FMA if f64 else _dot_mode(src), UPCAST=_upcast(src), F64=f64, DIRECT=direct,
+            RH=rh, RW=rw, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_P=_block_p())
+
+
+def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, align_corners, activation,
+              input_position):
+    """The block's output only (norms folded or absent; nothing saved for backward)."""
+    N, C, H, W = x.shape
+    fmt = _fmt(x)
+    dev, dt = x.device, x.dtype
+    offsets, x_off, c_out = _offsets(weight, C, input_position)
+    check_index_limit(x, c_out)
+    out = torch.empty((N, c_out, H, W), dtype=dt, device=dev, memory_format=fmt)
+    act = _ACT[activation]
+    ident_y = axis_taps("identity", H, H, 0, False, dt, dev)
+    ident_x = axis_taps("identity", W, W, 0, False, dt, dev)
+    if x_off >= 0:
+        _resize(x, out[:, x_off:x_off + C], ident_y, ident_x)
+    for b, w in enumerate(weight):
+        co, _, k, _ = w.shape
+        h, wd = _level(factor[b], bins, b, H, W)
+        down = _down_taps(factor[b], down_mode, H, W, h, wd, align_corners, dt, dev)
+        if factor[b] == 0:  # bins: pool x to the level first (adaptive windows are too wide to redo per tap)
+            src = torch.empty((N, C, h, wd), dtype=dt, device=dev, memory_format=fmt)
+            _resize(x, src, *down)
+            down = (axis_taps("identity", h, h, 0, False, dt, dev), axis_taps("identity", wd, wd, 0, False, dt, dev))
+        else:
+            src = x
+        up = _up_taps(up_mode, h, wd, H, W, align_corners, dt, dev)
+        _tile(src, down, _pack_weight(w), k, co, bias[b], scale[b], shift[b], out[:, offsets[b]:offsets[b] + co], up,
+              act, direct=(h, wd) == (H, W))
+    return out

@@ -21,6 +21,7 @@ from . import launch
 
 _FORWARD = "msfused::multi_scale_forward_triton"
 _BACKWARD = "msfused::multi_scale_backward_triton"
+_INFERENCE = "msfused::multi_scale_inference_triton"
 
 
 def _opt(tensors: List[Tensor]) -> List[Optional[Tensor]]:
@@ -54,6 +55,26 @@ def multi_scale_backward_triton(
     """Gradients of the block; see ``msfused::multi_scale_backward`` for the arguments."""
     return launch.backward(grad_out, x, weight, _opt(scale), _opt(shift), level, pre, mean, var, batch_stats, eps, factor, bins,
                            down_mode, up_mode, align_corners, activation, input_position, output_mask)
+
+
+@torch.library.triton_op(_INFERENCE, mutates_args=())
+def multi_scale_inference_triton(
+    x: Tensor, weight: List[Tensor], bias: List[Tensor], scale: List[Tensor], shift: List[Tensor], factor: List[int],
+    bins: List[int], down_mode: str, up_mode: str, align_corners: bool, activation: str, input_position: str,
+) -> Tensor:
+    """The block's output when no gradient is needed and every norm is folded into scale / shift (or
+    absent): each branch's down-resize, convolution, epilogue and up-resize in one launch, nothing saved."""
+    return launch.inference(x, weight, _opt(bias), _opt(scale), _opt(shift), factor, bins, down_mode, up_mode,
+                            align_corners, activation, input_position)
+
+
+@multi_scale_inference_triton.register_fake
+def _inference_fake(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, align_corners, activation,
+                    input_position):
+    n = len(weight)
+    return _ops.multi_scale_forward_fake(x, weight, _opt(bias), _opt(scale), _opt(shift), [False] * n, [0.0] * n,
+                                         factor, bins, down_mode, up_mode, align_corners, activation,
+                                         input_position)[0]
 
 
 @multi_scale_forward_triton.register_fake

@@ -1,0 +1,299 @@
+"""The Triton backend through the same modules, operators and autograd: ``use_backend('triton')``.
+
+On a machine without a GPU the kernels run on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``,
+set by conftest.py before msfused is imported); with a GPU they run on CUDA tensors. The interpreter is
+slow, so the grid here is small but covers every mode: down x up modes, align_corners, kernel sizes, norm
+none / eval / train (momentum None, no affine, no running statistics), activations, input positions,
+bins that do not divide the map, every input layout, float64 / float32 against SPEC.md's tolerances,
+bfloat16 / float16 by its half-precision rule, float64 gradcheck, opcheck, determinism, empty input and
+the int32 indexing limit.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from torch.func import functional_call
+
+import msfused
+from msfused.triton.ops import absent_as_empty
+
+from .conftest import (
+    LAYOUTS, Case, assert_memory_format, build_case, build_pair, case_ids, make_input, norm_err, reference64,
+    run_case,
+)
+from .test_opcheck import op_arguments
+
+OK, WHY = msfused.availability("triton")
+pytestmark = pytest.mark.skipif(not OK, reason=f"Triton backend unavailable: {WHY}")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend():
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # SPEC.md's float32 tolerance is for TF32 off
+    with msfused.use_backend("triton"):
+        yield
+    torch.backends.cudnn.allow_tf32 = prev
+
+
+ACTS = ("relu", "silu", "gelu", None)
+POSITIONS = ("first", "last", None)
+NORMS = ((None, False), ("batch", False), ("batch", True))
+
+
+def _factor_grid():
+    cases = []
+    grid = itertools.product(("avg", "bilinear", "nearest"), ("bilinear", "nearest"), (False, True))
+    for i, (down, up, ac) in enumerate(grid):
+        norm, train = NORMS[i % 3]
+        kwargs = dict(scales=(1, 2, 3), down_mode=down, up_mode=up, align_corners=ac, kernel_size=(1, 3)[i % 2],
+                      activation=ACTS[i % 4], input_position=POSITIONS[(i // 2) % 3], norm=norm,
+                      branch_channels=(3, 2, 4)[i % 3])
+        shape = ((2, 3, 7, 9), (3, 4, 10, 13), (2, 5, 11, 8))[i % 3]
+        dtype = (torch.float64, torch.float32)[i % 2]
+        cases.append(Case("ms", kwargs, shape, dtype, train=train, steps=2 if train else 1, label="tr"))
+    return cases
+
+
+@pytest.mark.parametrize("case", _factor_grid(), ids=case_ids(_factor_grid()))
+def test_factor_modes(case):
+    run_case(case, device=DEVICE)
+
+
+BINS_CASES = [
+    Case("psp", dict(bins=(1, 2, 3, 6), up_mode="bilinear", norm="batch", branch_channels=4), (2, 6, 13, 11),
+         train=True, steps=2, label="tr"),
+    Case("psp", dict(bins=((2, 5), (5, 2), 3), up_mode="nearest", align_corners=True, kernel_size=3,
+                     activation="silu", input_position="last", bias=True), (2, 4, 9, 7), torch.float32, label="tr"),
+    Case("psp", dict(bins=((8, 6), 20, 1), align_corners=True, norm="batch", activation="gelu", input_position=None),
+         (3, 3, 5, 5), train=False, label="tr"),
+    Case("psp", dict(bins=(1, 2, 3, 6), bias=(True, False, False, False), norm=(None, "batch", "batch", "batch"),
+                     align_corners=True, input_position="last", branch_channels=3), (3, 5, 12, 12), torch.float32,
+         train=True, steps=2, label="tr_psp_smp"),
+]
+
+
+@pytest.mark.parametrize("case", BINS_CASES, ids=case_ids(BINS_CASES))
+def test_bins(case):
+    run_case(case, device=DEVICE)
+
+
+LAYOUT_CASES = [
+    Case("ms", dict(scales=(1, 2), down_mode=("avg", "bilinear", "nearest")[i % 3], norm="batch",
+                    activation=ACTS[i % 4], kernel_size=(3, 1)), (2, 4, 9, 8), (torch.float64, torch.float32)[i % 2],
+         layout, train=bool(i % 2), steps=1 + i % 2, label="tr")
+    for i, layout in enumerate(LAYOUTS)
+]
+
+
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=case_ids(LAYOUT_CASES))
+def test_layouts(case):
+    run_case(case, device=DEVICE)
+
+
+OTHER_CASES = [
+    # per-branch kernel sizes and channels, 5x5, odd factor larger than part of the map
+    Case("ms", dict(scales=(1, 2, 5), kernel_size=(5, 1, 3), branch_channels=(2, 5, 1), bias=(True, False, True),
+                    norm=(None, "batch", None), activation="gelu"), (2, 3, 11, 10), train=True, steps=2, label="tr"),
+    # norm variants: momentum None, affine False, no running statistics (batch statistics in eval)
+    Case("ms", dict(scales=(1, 2), norm="batch"), (2, 3, 8, 7), torch.float32, train=True, steps=3,
+         norm_overrides={0: dict(momentum=None), 1: dict(affine=False)}, label="tr_norms"),
+    Case("psp", dict(bins=(1, 3), norm="batch", activation="silu"), (2, 3, 7, 7), train=False,
+         norm_overrides={0: dict(track_running_stats=False)}, label="tr_norms"),
+    # one channel, one row of output channels, no activation, x in the middle of nothing
+    Case("ms", dict(scales=(2,), branch_channels=1, activation=None, input_position=None), (1, 1, 5, 6),
+         label="tr_tiny"),
+]
+
+
+@pytest.mark.parametrize("case", OTHER_CASES, ids=case_ids(OTHER_CASES))
+def test_other_configurations(case):
+    run_case(case, device=DEVICE)
+
+
+def test_parameter_grads_without_x_grad():
+    case = Case("ms", dict(scales=(1, 2), norm="batch", activation="silu"), (2, 3, 7, 6), train=True, label="tr")
+    run_case(case, x_requires_grad=False, device=DEVICE)
+
+
+HALF_CASES = [
+    Case("ms", dict(scales=(1, 2, 4), norm="batch", activation="gelu", branch_channels=8), (2, 8, 13, 11),
+         torch.bfloat16, train=True, label="tr_bf16"),
+    Case("psp", dict(bins=(1, 2, 3, 6), activation="silu", branch_channels=8), (2, 8, 13, 11), torch.bfloat16,
+         label="tr_bf16"),
+    Case("ms", dict(scales=(1, 2), down_mode="bilinear", activation="silu", branch_channels=8), (2, 8, 11, 9),
+         torch.float16, layout="channels_last", label="tr_f16"),
+]
+
+
+@pytest.mark.parametrize("case", HALF_CASES, ids=case_ids(HALF_CASES))
+def test_half_precision(case):
+    """bfloat16 / float16 output and gradients against the float64 reference within SPEC.md's rule: mean
+    err (over 4 fresh draws) <= 2 x the naive module's own mean err in that dtype + 1e-3. Conv biases before
+    batch statistics (true gradient 0) are left to the float32/float64 checks."""
+    trials = 4
+    sums = {}
+    for _ in range(trials):
+        naive, fused = build_case(case)
+        fused.to(DEVICE)
+        ref = reference64(naive)
+        x = make_input(case.shape, case.dtype, case.layout)
+        xs = [x.to(DEVICE).requires_grad_(True), x.clone().requires_grad_(True), x.double().requires_grad_(True)]
+        mods = (fused, naive, ref)
+        outs = [m(v) for m, v in zip(mods, xs)]
+        assert outs[0].dtype == case.dtype
+        assert_memory_format(outs[0], xs[0], case.id)
+        g = torch.randn(outs[0].shape, dtype=torch.float64).to(case.dtype)
+        s = g.double().norm().item()
+        names = ["output", "x"] + [n for n, _ in fused.named_parameters()]
+        grads = [torch.autograd.grad(o, [v] + list(m.parameters()), g.to(o.device, o.dtype))
+                 for m, o, v in zip(mods, outs, xs)]
+        for i, n in enumerate(names):
+            if n.endswith("conv.bias") and case.train and "norm" in case.kwargs:
+                continue
+            if i == 0:
+                e = (norm_err(outs[0], outs[2]), norm_err(outs[1], outs[2]))
+            else:
+                assert grads[0][i - 1].dtype == case.dtype
+                e = (norm_err(grads[0][i - 1], grads[2][i - 1], s), norm_err(grads[1][i - 1], grads[2][i - 1], s))
+            acc = sums.setdefault(n, [0.0, 0.0])
+            acc[0] += e[0] / trials
+            acc[1] += e[1] / trials
+    bad = {n: (f, o) for n, (f, o) in sums.items() if not f <= 2 * o + 1e-3}
+    assert not bad, "mean err (fused, naive) over the limit: " + ", ".join(
+        f"{n}: {f:.2e} > 2 x {o:.2e} + 1e-3" for n, (f, o) in bad.items())
+
+
+def test_gradcheck():
+    case = Case("ms", dict(scales=(1, 2), down_mode="bilinear", norm="batch", activation="silu", branch_channels=2,
+                           input_position="last"), (2, 2, 5, 4), train=True, label="tr_gc")
+    _, fused = build_case(case)
+    fused.to(DEVICE)
+    names = [n for n, _ in fused.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for _, p in fused.named_parameters()]
+    buffers = dict(fused.named_buffers())
+    x = make_input(case.shape, torch.float64, device=DEVICE).requires_grad_(True)
+
+    def f(x, *ps):
+        state = {**dict(zip(names, ps)), **{n: b.clone() for n, b in buffers.items()}}
+        return functional_call(fused, state, (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+FORWARD = torch.ops.msfused.multi_scale_forward_triton.default
+BACKWARD = torch.ops.msfused.multi_scale_backward_triton.default
+# The interpreter cannot run kernels on the fake tensors of AOT dispatch; on a GPU every check runs.
+OPCHECK_UTILS = (("test_schema", "test_autograd_registration", "test_faketensor") if DEVICE == "cpu"
+                 else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+OP_CASES = [
+    Case("ms", dict(scales=(1, 2), down_mode="bilinear", align_corners=True, norm="batch", activation="gelu",
+                    input_position="last"), (2, 3, 7, 8), train=True, label="op_tr"),
+    Case("psp", dict(bins=(1, 3), bias=(True, False), norm=(None, "batch"), input_position="first"), (2, 3, 7, 6),
+         train=False, layout="channels_last", label="op_tr"),
+]
+
+
+def _triton_args(block, x, requires_grad):
+    (x, weight, bias, scale, shift, batch_stats, eps), kw = op_arguments(block, x, requires_grad)
+    bias, scale, shift = (absent_as_empty(ts, x) for ts in (bias, scale, shift))
+    return (x, weight, bias, scale, shift, batch_stats, eps), kw
+
+
+@pytest.mark.parametrize("case", OP_CASES, ids=case_ids(OP_CASES))
+def test_opcheck(case):
+    _, fused = build_case(case)
+    fused.to(DEVICE)
+    x = make_input(case.shape, case.dtype, case.layout, device=DEVICE)
+    args, kw = _triton_args(fused, x, requires_grad=True)
+    torch.library.opcheck(FORWARD, args, kw, test_utils=OPCHECK_UTILS)
+    args, kw = _triton_args(fused, x, requires_grad=False)
+    out, level, pre, mean, var = FORWARD(*args, **kw)
+    x, weight, _bias, scale, shift, batch_stats, eps = args
+    for mask in ([True, True], [False, True], [True, False]):
+        bargs = (torch.randn_like(out), x, weight, scale, shift, level, pre, mean, var, batch_stats, eps)
+        torch.library.opcheck(BACKWARD, bargs, dict(kw, output_mask=mask), test_utils=OPCHECK_UTILS)
+        gx, gw, gb, gs, gt = BACKWARD(*bargs, **kw, output_mask=mask)
+        assert (gx.shape == x.shape) if mask[0] else gx.numel() == 0
+        assert all((g.shape == w.shape) if mask[1] else g.numel() == 0 for g, w in zip(gw, weight))
+
+
+def test_matches_cpu_operator_results():
+    """The Triton operator returns what the C++ operator returns (level, pre, batch statistics too)."""
+    if DEVICE != "cpu" or not msfused.availability("cpu")[0]:
+        pytest.skip("compares with the CPU operator on CPU tensors (interpreter)")
+    case = Case("psp", dict(bins=(1, 2, 3), norm="batch", activation="relu", branch_channels=3), (2, 4, 9, 7),
+                train=True, label="tr")
+    _, fused = build_case(case)
+    x = make_input(case.shape, case.dtype, "channels_last")
+    args, kw = op_arguments(fused, x, requires_grad=False)
+    want = torch.ops.msfused.multi_scale_forward(*args, **kw)
+    targs, kw = _triton_args(fused, x, requires_grad=False)
+    got = FORWARD(*targs, **kw)
+    for g, w in zip([got[0]] + [t for ts in got[1:] for t in ts], [want[0]] + [t for ts in want[1:] for t in ts]):
+        assert g.shape == w.shape and g.dtype == w.dtype and g.stride() == w.stride()
+        assert norm_err(g, w) <= 1e-12
+
+
+def test_deterministic_gradients():
+    """The same inputs give bit-identical gradients (no atomics; fixed-order reductions)."""
+    naive, fused = build_pair("psp", 4, dict(bins=(1, 2, 3), norm="batch", activation="silu"), torch.float32)
+    fused.to(DEVICE).train()
+    x = make_input((2, 4, 9, 8), torch.float32, device=DEVICE)
+    runs = []
+    for _ in range(2):
+        xi = x.clone().requires_grad_(True)
+        m = copy.deepcopy(fused)
+        out = m(xi)
+        grads = torch.autograd.grad(out, [xi] + list(m.parameters()), torch.ones_like(out))
+        runs.append([out] + list(grads))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_no_grad_saves_nothing_and_inference_mode():
+    naive, fused = build_pair("ms", 3, dict(scales=(1, 2), norm="batch"), torch.float64)
+    fused.to(DEVICE).eval()
+    naive.eval()
+    x = make_input((2, 3, 8, 6), device=DEVICE)
+    with torch.inference_mode():
+        out = fused(x)
+    assert norm_err(out, naive(x.cpu())) <= 1e-10
+    with torch.no_grad():
+        assert fused(x).grad_fn is None
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 8, 8), (2, 3, 0, 0)], ids=["empty_batch", "empty_map"])
+def test_empty_input(shape):
+    """Empty input: the reference's result shape, no launch on an empty grid."""
+    naive, fused = build_pair("ms", 3, dict(scales=(1,), norm=None), torch.float32)
+    fused.to(DEVICE)
+    x = torch.randn(shape, device=DEVICE, requires_grad=True)
+    out = fused(x)
+    assert out.shape == naive(x.detach().cpu()).shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_second_order_gradients_raise():
+    _, fused = build_pair("ms", 2, dict(scales=(1, 2), activation="silu"), torch.float64)
+    fused.to(DEVICE)
+    x = make_input((1, 2, 6, 6), device=DEVICE, requires_grad=True)
+    out = fused(x)
+    with pytest.raises(RuntimeError, match="second-order"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)
+
+
+def test_refuses_what_int32_cannot_index():
+    """Past 2**31 elements the kernels' int32 offsets would wrap: refused up front with a clear message
+    (a stride-0 expanded view: nothing of that size is allocated)."""
+    _, fused = build_pair("ms", 2, dict(scales=(1, 2), branch_channels=1, input_position=None), torch.float32)
+    fused.to(DEVICE)
+    x = torch.zeros((1, 2, 1, 1), device=DEVICE).expand(2, 2, 2**15, 2**15)
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        fused(x)
