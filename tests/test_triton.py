@@ -19,6 +19,7 @@ import torch
 from torch.func import functional_call
 
 import msfused
+from msfused.triton import launch
 from msfused.triton.ops import absent_as_empty
 
 from .conftest import (
@@ -33,12 +34,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
-def _triton_backend():
-    prev = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False  # SPEC.md's float32 tolerance is for TF32 off
+def _triton_backend(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # SPEC.md's float32 tolerance: TF32 off
+    monkeypatch.setattr(launch, "POISON", True)  # every kernel-filled buffer starts as NaN
     with msfused.use_backend("triton"):
         yield
-    torch.backends.cudnn.allow_tf32 = prev
 
 
 ACTS = ("relu", "silu", "gelu", None)
@@ -105,7 +105,7 @@ OTHER_CASES = [
          norm_overrides={0: dict(momentum=None), 1: dict(affine=False)}, label="tr_norms"),
     Case("psp", dict(bins=(1, 3), norm="batch", activation="silu"), (2, 3, 7, 7), train=False,
          norm_overrides={0: dict(track_running_stats=False)}, label="tr_norms"),
-    # one channel, one row of output channels, no activation, x in the middle of nothing
+    # one input channel, one output channel, no activation, x not in the output
     Case("ms", dict(scales=(2,), branch_channels=1, activation=None, input_position=None), (1, 1, 5, 6),
          label="tr_tiny"),
 ]
@@ -114,6 +114,44 @@ OTHER_CASES = [
 @pytest.mark.parametrize("case", OTHER_CASES, ids=case_ids(OTHER_CASES))
 def test_other_configurations(case):
     run_case(case, device=DEVICE)
+
+
+INFERENCE_CASES = [
+    Case("ms", dict(scales=(1, 2, 4), down_mode="avg", norm="batch", activation="relu"), (2, 3, 19, 23),
+         layout="channels_last", label="inf"),
+    Case("ms", dict(scales=(1, 3), down_mode="bilinear", up_mode="bilinear", align_corners=True, kernel_size=(5, 3),
+                    activation="gelu", input_position="last", branch_channels=(2, 20)), (1, 3, 40, 37),
+         torch.float32, layout="slice_h", label="inf"),
+    Case("ms", dict(scales=(2, 5), down_mode="nearest", up_mode="nearest", activation="silu", input_position=None),
+         (2, 4, 17, 11), torch.float32, layout="transposed", label="inf"),
+    Case("psp", dict(bins=(1, 2, 3, 6, (9, 13)), norm="batch", activation="silu", input_position=None),
+         (2, 5, 11, 13), label="inf"),
+    Case("psp", dict(bins=(1, (20, 3)), kernel_size=3, up_mode="nearest", norm="batch", bias=True),
+         (2, 5, 11, 13), torch.float32, layout="channels_last_slice", label="inf"),
+]
+
+
+@pytest.mark.parametrize("case", INFERENCE_CASES, ids=case_ids(INFERENCE_CASES))
+def test_inference_path(case):
+    """No gradient needed and norms folded: the inference operator (one launch per branch: the level's
+    conv computed from x in the operand load, epilogue, up-resize from the tile) against the float64
+    reference; tiles wider than one program's (37 columns at 16 per tile) and odd factors included."""
+    naive, fused = build_case(case)
+    fused.to(DEVICE).eval()
+    ref = reference64(naive).eval()
+    x = make_input(case.shape, case.dtype, case.layout, device=DEVICE)
+    calls = []
+    real = launch.inference
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(launch, "inference", lambda *a: calls.append(1) or real(*a))
+        with torch.no_grad():
+            out = fused(x)
+    assert calls, "the inference operator was not used"
+    assert out.dtype == case.dtype and not torch.isnan(out).any()
+    assert_memory_format(out, x, case.id)
+    err = norm_err(out, ref(x.to("cpu", torch.float64)))
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5}[case.dtype]
+    assert err <= tol, f"{case.id}: err {err:.3e} > {tol:.0e}"
 
 
 def test_parameter_grads_without_x_grad():

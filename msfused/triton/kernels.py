@@ -437,23 +437,24 @@ def dx_kernel(dx, d_n, d_c, d_h, d_w, N, C, H, W, g, g_n, g_c, g_h, g_w,
 
 
 @triton.jit
-def tile_kernel(x, s_n, s_c, s_h, s_w, dy_idx, dy_w, DY, dx_idx, dx_w, DX,
-                wk, bias, scale, shift, out, o_n, o_c, o_h, o_w, scratch,
-                uy_idx, uy_w, UY, ux_idx, ux_w, UX, row_start, row_count, col_start, col_count,
-                N, C, h, w, CO, KS, TILES_Y, TILES_X, RHO, RWO,
-                HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
-                DOT: tl.constexpr, UPCAST: tl.constexpr, F64: tl.constexpr, DIRECT: tl.constexpr,
-                RH: tl.constexpr, RW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                BLOCK_P: tl.constexpr):
+def _tile_program(t, x, s_n, s_c, s_h, s_w, dy_idx, dy_w, DY, dx_idx, dx_w, DX,
+                  wk, bias, scale, shift, out, o_n, o_c, o_h, o_w, scratch,
+                  uy_idx, uy_w, UY, ux_idx, ux_w, UX, row_start, row_count, col_start, col_count,
+                  C, h, w, CO, KS, TILES_Y, TILES_X, RHO, RWO,
+                  HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
+                  DOT: tl.constexpr, UPCAST: tl.constexpr, F64: tl.constexpr, DIRECT: tl.constexpr,
+                  RH: tl.constexpr, RW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  BLOCK_P: tl.constexpr):
     """One branch of the inference forward in one pass, per tile of its level: the level pixels of the
     tile (RH x RW from (ty * RHO, tx * RWO); RHO x RWO of them are the tile's own) are computed from ``x`` inside the convolution's operand
     load (the down-resize taps dy / dx), convolved (implicit GEMM, ``tl.dot``), passed through bias, the
     folded norm and the activation; then the output pixels whose first up-resize tap lies in the tile
     (``row_start/row_count``, ``col_start/col_count`` per tile) are gathered from the tile (kept in this
     program's private ``scratch``) with the up taps uy / ux and stored into the branch's output slice.
-    DIRECT: the level is the output's size (identity up-resize): the epilogue stores straight out."""
-    pid = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    DIRECT: the level is the output's size (identity up-resize): the epilogue stores straight out.
+    ``t``: the program's index among this branch's programs (tile, then block of output channels)."""
+    pid_n = t % tl.cdiv(CO, BLOCK_N)
+    pid = t // tl.cdiv(CO, BLOCK_N)
     tx_ = pid % TILES_X
     ty_ = (pid // TILES_X) % TILES_Y
     n = pid // (TILES_X * TILES_Y)
@@ -514,7 +515,7 @@ def tile_kernel(x, s_n, s_c, s_h, s_w, dy_idx, dy_w, DY, dx_idx, dx_w, DX,
     else:
         # The level activation is rounded to the output dtype before the up-resize, as the reference does.
         act_t = _cast(acc, out.dtype.element_ty).to(acc.dtype)
-        base = scratch + (pid * tl.num_programs(1) + pid_n) * (RH * RW * BLOCK_N)
+        base = scratch + t * (RH * RW * BLOCK_N)
         cols = tl.arange(0, BLOCK_N)
         tl.store(base + m[:, None] * BLOCK_N + cols[None, :], act_t)
         tl.debug_barrier()  # the tile is read back below by other threads of this program
@@ -541,3 +542,123 @@ def tile_kernel(x, s_n, s_c, s_h, s_w, dy_idx, dy_w, DY, dx_idx, dx_w, DX,
                     res += (wy * wx)[:, None] * v
             tl.store(out + (n * o_n + oy * o_h + ox * o_w)[:, None] + co[None, :] * o_c,
                      _cast(res, out.dtype.element_ty), mask=qm[:, None] & com[None, :])
+
+
+@triton.jit
+def _copy_program(t, x, s_n, s_c, s_h, s_w, out, o_n, o_c, o_h, o_w, C, H, W, total,
+                  F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Copies a (BLOCK_P pixels, BLOCK_C channels) tile of x into x's slice of the output."""
+    pid_c = t % tl.cdiv(C, BLOCK_C)
+    p = (t // tl.cdiv(C, BLOCK_C)) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m2 = (p < total)[:, None] & (c < C)[None, :]
+    px = p % W
+    py = (p // W) % H
+    n = p // (W * H)
+    v = tl.load(x + (n * s_n + py * s_h + px * s_w)[:, None] + c[None, :] * s_c, mask=m2)
+    tl.store(out + (n * o_n + py * o_h + px * o_w)[:, None] + c[None, :] * o_c, v, mask=m2)
+
+
+@triton.jit
+def block_kernel(x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, C, H, W, XTOTAL, E0,
+                 l0, l0_n, l0_c, l0_h, l0_w, dy0, dyw0, DY0, dx0, dxw0, DX0, wk0, b0, sc0, sh0, out0, q0_n, q0_c,
+                 q0_h, q0_w, scr0, uy0, uyw0, UY0, ux0, uxw0, UX0, rs0, rc0, cs0, cc0, h0, w0, CO0, KS0, TY0, TX0,
+                 RHO0, RWO0, E1,
+                 l1, l1_n, l1_c, l1_h, l1_w, dy1, dyw1, DY1, dx1, dxw1, DX1, wk1, b1, sc1, sh1, out1, q1_n, q1_c,
+                 q1_h, q1_w, scr1, uy1, uyw1, UY1, ux1, uxw1, UX1, rs1, rc1, cs1, cc1, h1, w1, CO1, KS1, TY1, TX1,
+                 RHO1, RWO1, E2,
+                 l2, l2_n, l2_c, l2_h, l2_w, dy2, dyw2, DY2, dx2, dxw2, DX2, wk2, b2, sc2, sh2, out2, q2_n, q2_c,
+                 q2_h, q2_w, scr2, uy2, uyw2, UY2, ux2, uxw2, UX2, rs2, rc2, cs2, cc2, h2, w2, CO2, KS2, TY2, TX2,
+                 RHO2, RWO2, E3,
+                 l3, l3_n, l3_c, l3_h, l3_w, dy3, dyw3, DY3, dx3, dxw3, DX3, wk3, b3, sc3, sh3, out3, q3_n, q3_c,
+                 q3_h, q3_w, scr3, uy3, uyw3, UY3, ux3, uxw3, UX3, rs3, rc3, cs3, cc3, h3, w3, CO3, KS3, TY3, TX3,
+                 RHO3, RWO3, E4,
+                 FLAGS0: tl.constexpr, FLAGS1: tl.constexpr, FLAGS2: tl.constexpr, FLAGS3: tl.constexpr,
+                 SLOTS: tl.constexpr, ACT: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr,
+                 F64: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The inference forward of up to four branches and the copy of x, in one launch: programs
+    [0, E0) copy x into its slice (none if E0 == 0), programs [E_s, E_s+1) run branch slot s
+    (``_tile_program``; its source l_s is x itself for a factor branch, the pooled level for bins).
+    FLAGS_s: bit 0 bias, bit 1 scale, bit 2 shift, bit 3 direct store (identity up-resize)."""
+    pid = tl.program_id(0)
+    if pid < E0:
+        _copy_program(pid, x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, C, H, W, XTOTAL, F64, BLOCK_P,
+                      BLOCK_C)
+    elif pid < E1:
+        _tile_program(pid - E0, l0, l0_n, l0_c, l0_h, l0_w, dy0, dyw0, DY0, dx0, dxw0, DX0, wk0, b0, sc0, sh0,
+                      out0, q0_n, q0_c, q0_h, q0_w, scr0, uy0, uyw0, UY0, ux0, uxw0, UX0, rs0, rc0, cs0, cc0,
+                      C, h0, w0, CO0, KS0, TY0, TX0, RHO0, RWO0, (FLAGS0 & 1) != 0, (FLAGS0 & 2) != 0,
+                      (FLAGS0 & 4) != 0, ACT, DOT, UPCAST, F64, (FLAGS0 & 8) != 0, RH, RW, BLOCK_N, BLOCK_K,
+                      BLOCK_P)
+    elif pid < E2:
+        if SLOTS > 1:
+            _tile_program(pid - E1, l1, l1_n, l1_c, l1_h, l1_w, dy1, dyw1, DY1, dx1, dxw1, DX1, wk1, b1, sc1, sh1,
+                          out1, q1_n, q1_c, q1_h, q1_w, scr1, uy1, uyw1, UY1, ux1, uxw1, UX1, rs1, rc1, cs1, cc1,
+                          C, h1, w1, CO1, KS1, TY1, TX1, RHO1, RWO1, (FLAGS1 & 1) != 0, (FLAGS1 & 2) != 0,
+                          (FLAGS1 & 4) != 0, ACT, DOT, UPCAST, F64, (FLAGS1 & 8) != 0, RH, RW, BLOCK_N, BLOCK_K,
+                          BLOCK_P)
+    elif pid < E3:
+        if SLOTS > 2:
+            _tile_program(pid - E2, l2, l2_n, l2_c, l2_h, l2_w, dy2, dyw2, DY2, dx2, dxw2, DX2, wk2, b2, sc2, sh2,
+                          out2, q2_n, q2_c, q2_h, q2_w, scr2, uy2, uyw2, UY2, ux2, uxw2, UX2, rs2, rc2, cs2, cc2,
+                          C, h2, w2, CO2, KS2, TY2, TX2, RHO2, RWO2, (FLAGS2 & 1) != 0, (FLAGS2 & 2) != 0,
+                          (FLAGS2 & 4) != 0, ACT, DOT, UPCAST, F64, (FLAGS2 & 8) != 0, RH, RW, BLOCK_N, BLOCK_K,
+                          BLOCK_P)
+    else:
+        if SLOTS > 3:
+            _tile_program(pid - E3, l3, l3_n, l3_c, l3_h, l3_w, dy3, dyw3, DY3, dx3, dxw3, DX3, wk3, b3, sc3, sh3,
+                          out3, q3_n, q3_c, q3_h, q3_w, scr3, uy3, uyw3, UY3, ux3, uxw3, UX3, rs3, rc3, cs3, cc3,
+                          C, h3, w3, CO3, KS3, TY3, TX3, RHO3, RWO3, (FLAGS3 & 1) != 0, (FLAGS3 & 2) != 0,
+                          (FLAGS3 & 4) != 0, ACT, DOT, UPCAST, F64, (FLAGS3 & 8) != 0, RH, RW, BLOCK_N, BLOCK_K,
+                          BLOCK_P)
+
+
+@triton.jit
+def _level_program(t, x, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, N, C, Hd, Wd, ty_idx, ty_w, TY, tx_idx,
+                   tx_w, TX, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One (BLOCK_P level pixels, BLOCK_C channels) tile of x brought to a level (separable gather)."""
+    pid_c = t % tl.cdiv(C, BLOCK_C)
+    p = (t // tl.cdiv(C, BLOCK_C)) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    pm = p < N * Hd * Wd
+    cm = c < C
+    ox = p % Wd
+    oy = (p // Wd) % Hd
+    n = p // (Wd * Hd)
+    acc = _zeros(BLOCK_P, BLOCK_C, F64)
+    acc = _gather(acc, x, s_n, s_c, s_h, s_w, n, oy, ox, c, pm, cm, ty_idx, ty_w, TY, tx_idx, tx_w, TX,
+                  acc, acc, 0, 0)
+    tl.store(dst + (n * d_n + oy * d_h + ox * d_w)[:, None] + c[None, :] * d_c, _cast(acc, dst.dtype.element_ty),
+             mask=pm[:, None] & cm[None, :])
+
+
+@triton.jit
+def levels_kernel(x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, N, C, H, W, E0,
+                  d0, d0_n, d0_c, d0_h, d0_w, h0, w0, y0, yw0, Y0, x0, xw0, X0, E1,
+                  d1, d1_n, d1_c, d1_h, d1_w, h1, w1, y1, yw1, Y1, x1, xw1, X1, E2,
+                  d2, d2_n, d2_c, d2_h, d2_w, h2, w2, y2, yw2, Y2, x2, xw2, X2, E3,
+                  d3, d3_n, d3_c, d3_h, d3_w, h3, w3, y3, yw3, Y3, x3, xw3, X3, E4,
+                  SLOTS: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One read pass over x for pyramid pooling: programs [0, E0) copy x into its slice of the output,
+    programs [E_s, E_s+1) pool x to the level of slot s (adaptive average pooling as a gather over the
+    tap tables y_s / x_s)."""
+    pid = tl.program_id(0)
+    if pid < E0:
+        _copy_program(pid, x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, C, H, W, N * H * W, F64, BLOCK_P,
+                      BLOCK_C)
+    elif pid < E1:
+        _level_program(pid - E0, x, s_n, s_c, s_h, s_w, d0, d0_n, d0_c, d0_h, d0_w, N, C, h0, w0, y0, yw0, Y0, x0,
+                       xw0, X0, F64, BLOCK_P, BLOCK_C)
+    elif pid < E2:
+        if SLOTS > 1:
+            _level_program(pid - E1, x, s_n, s_c, s_h, s_w, d1, d1_n, d1_c, d1_h, d1_w, N, C, h1, w1, y1, yw1, Y1,
+                           x1, xw1, X1, F64, BLOCK_P, BLOCK_C)
+    elif pid < E3:
+        if SLOTS > 2:
+            _level_program(pid - E2, x, s_n, s_c, s_h, s_w, d2, d2_n, d2_c, d2_h, d2_w, N, C, h2, w2, y2, yw2, Y2,
+                           x2, xw2, X2, F64, BLOCK_P, BLOCK_C)
+    else:
+        if SLOTS > 3:
+            _level_program(pid - E3, x, s_n, s_c, s_h, s_w, d3, d3_n, d3_c, d3_h, d3_w, N, C, h3, w3, y3, yw3, Y3,
+                           x3, xw3, X3, F64, BLOCK_P, BLOCK_C)

@@ -35,6 +35,17 @@ def interpreting() -> bool:
     return type(K.resize_kernel).__name__ == "InterpretedFunction"
 
 
+#: Tests set this: every buffer a kernel must fill starts as NaN, so an element left unwritten shows.
+POISON = False
+
+
+def _empty(shape, dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    if POISON and t.is_floating_point():
+        t.fill_(float("nan"))
+    return t
+
+
 def _launch(kernel, grid, *args, **meta):
     torch.library.wrap_triton(kernel)[grid](*args, **meta)
 
@@ -193,13 +204,13 @@ def _batch_stats(pre: torch.Tensor, stats_dtype: torch.dtype) -> Tuple[torch.Ten
     total = N * h * w
     block, block_c = _stats_block(), _block_c(C)
     T = triton.cdiv(total, block)
-    part_mean = torch.empty((T, C), dtype=stats_dtype, device=pre.device)
-    part_m2 = torch.empty((T, C), dtype=stats_dtype, device=pre.device)
+    part_mean = _empty((T, C), dtype=stats_dtype, device=pre.device)
+    part_m2 = _empty((T, C), dtype=stats_dtype, device=pre.device)
     f64 = stats_dtype == torch.float64
     _launch(K.stats_partial_kernel, (T, triton.cdiv(C, block_c)), pre, *_strides(pre), N, C, h, w,
             part_mean, part_m2, F64=f64, BLOCK_P=block, BLOCK_C=block_c)
-    mean = torch.empty((C,), dtype=stats_dtype, device=pre.device)
-    var = torch.empty((C,), dtype=stats_dtype, device=pre.device)
+    mean = _empty((C,), dtype=stats_dtype, device=pre.device)
+    var = _empty((C,), dtype=stats_dtype, device=pre.device)
     _launch(K.stats_combine_kernel, (triton.cdiv(C, block_c),), part_mean, part_m2, T, total, C, mean, var,
             BLOCK_P=block, BLOCK_C=block_c)
     return mean, var
@@ -223,7 +234,7 @@ def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_
     stats_dt = _acc_dtype(dt) if dt != torch.float64 else dt
     offsets, x_off, c_out = _offsets(weight, C, input_position)
     check_index_limit(x, c_out)
-    out = torch.empty((N, c_out, H, W), dtype=dt, device=dev, memory_format=fmt)
+    out = _empty((N, c_out, H, W), dtype=dt, device=dev, memory_format=fmt)
     act = _ACT[activation]
     levels, pres, means, variances = [], [], [], []
     if x_off >= 0:
@@ -236,10 +247,10 @@ def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_
             src = x
             levels.append(torch.empty((0,), dtype=dt, device=dev))
         else:
-            src = torch.empty((N, C, h, wd), dtype=dt, device=dev, memory_format=fmt)
+            src = _empty((N, C, h, wd), dtype=dt, device=dev, memory_format=fmt)
             _resize(x, src, *_down_taps(factor[b], down_mode, H, W, h, wd, align_corners, dt, dev))
             levels.append(src)
-        pre = torch.empty((N, co, h, wd), dtype=dt, device=dev, memory_format=fmt)
+        pre = _empty((N, co, h, wd), dtype=dt, device=dev, memory_format=fmt)
         pres.append(pre)
         dst = out[:, offsets[b]:offsets[b] + co]
         wk = _pack_weight(w)
@@ -257,7 +268,7 @@ def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_
         if (h, wd) == (H, W):  # the epilogue stores straight into the output slice
             _conv(src, wk, k, co, bias[b], pre, dst, scale[b], shift[b], act)
         else:
-            a = torch.empty_like(pre)
+            a = _empty(pre.shape, dtype=dt, device=dev, memory_format=fmt)
             _conv(src, wk, k, co, bias[b], pre, a, scale[b], shift[b], act)
             _resize(a, dst, *up)
     return out, levels, pres, means, variances
@@ -265,7 +276,7 @@ def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_
 
 def _column_sum(part: torch.Tensor) -> torch.Tensor:
     T, C = part.shape
-    out = torch.empty((C,), dtype=part.dtype, device=part.device)
+    out = _empty((C,), dtype=part.dtype, device=part.device)
     block_c = _pow2(C, 4, 64)
     _launch(K.column_sum_kernel, (triton.cdiv(C, block_c),), part, T, C, out, BLOCK_C=block_c)
     return out
@@ -273,9 +284,9 @@ def _column_sum(part: torch.Tensor) -> torch.Tensor:
 
 def _wgrad(src: torch.Tensor, dpre: torch.Tensor, ks: int, co: int, acc_dt: torch.dtype) -> torch.Tensor:
     N, C, H, W = src.shape
-    dwk = torch.zeros((ks * ks * C, co), dtype=acc_dt, device=src.device)
     if N * H * W == 0:
-        return dwk
+        return torch.zeros((ks * ks * C, co), dtype=acc_dt, device=src.device)
+    dwk = _empty((ks * ks * C, co), dtype=acc_dt, device=src.device)
     f64 = src.dtype == torch.float64
     if interpreting():
         bm, bc, bn = 512, 32, 32
@@ -317,9 +328,10 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
         up = _up_taps(up_mode, h, wd, H, W, align_corners, dt, dev)
         block_c, block_p = _block_c(co), _block_p()
         T = max(1, triton.cdiv(total, block_p))
-        gy = torch.empty((total, co), dtype=acc_dt, device=dev)
-        part_a = torch.zeros((T, co), dtype=acc_dt, device=dev)
-        part_b = torch.zeros((T, co), dtype=acc_dt, device=dev)
+        gy = _empty((total, co), dtype=acc_dt, device=dev)
+        alloc = _empty if total else torch.zeros  # no launch on an empty level: the sums are 0
+        part_a = alloc((T, co), dtype=acc_dt, device=dev)
+        part_b = alloc((T, co), dtype=acc_dt, device=dev)
         g = grad_out[:, offsets[b]:offsets[b] + co]
         dummy = gy
         if total:
@@ -343,7 +355,7 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
             dbias = sum_gy
         grad_b.append(dbias.to(dt))
         # 3. conv output gradient, in x's dtype (the convolution's operands), as a (pixels, co) matrix
-        dpre = torch.empty((total, co), dtype=dt, device=dev)
+        dpre = _empty((total, co), dtype=dt, device=dev)
         if total:
             _launch(K.dpre_kernel, (T, triton.cdiv(co, block_c)), gy, p, *_strides(p), dpre, N, co, h, wd,
                     a_t if a_t is not None else dummy, b_t if b_t is not None else dummy, float(eps[b]),
@@ -360,7 +372,7 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
         if output_mask[0]:
             dpre4 = dpre.view(N, h, wd, co).permute(0, 3, 1, 2)
             wt = _pack_weight(w.flip(2, 3).transpose(0, 1))
-            dlev = torch.empty((N, h, wd, C), dtype=acc_dt, device=dev).permute(0, 3, 1, 2)
+            dlev = _empty((N, h, wd, C), dtype=acc_dt, device=dev).permute(0, 3, 1, 2)
             _conv(dpre4, wt, k, C, None, dlev, None)
             slots.append((dlev, _down_taps(factor[b], down_mode, H, W, h, wd, align_corners, dt, dev)))
     grad_x = empty()
@@ -371,7 +383,7 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
 
 def _dx(grad_out, x, x_off, slots, fmt, acc_dt):
     N, C, H, W = x.shape
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    dx = _empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     if dx.numel() == 0:
         return dx
     g = grad_out[:, x_off:x_off + C] if x_off >= 0 else None
@@ -380,7 +392,7 @@ def _dx(grad_out, x, x_off, slots, fmt, acc_dt):
     chunks = [slots[i:i + K.MAX_SLOTS] for i in range(0, len(slots), K.MAX_SLOTS)] or [[]]
     for i, chunk in enumerate(chunks):
         last = i == len(chunks) - 1
-        dst = dx if last else torch.empty(x.shape, dtype=acc_dt, device=x.device, memory_format=fmt)
+        dst = dx if last else _empty(x.shape, dtype=acc_dt, device=x.device, memory_format=fmt)
         args = []
         for s in range(K.MAX_SLOTS):
             if s < len(chunk):
@@ -415,62 +427,106 @@ def _owned_ranges(first_tap: torch.Tensor, owned: int, tiles: int) -> Tuple[torc
     return start.to(torch.int32), (end - start).to(torch.int32)
 
 
-def _tile(src, down, wk, ks, co, bias, scale, shift, dst, up, act, direct) -> None:
-    N, C = src.shape[:2]
+def _tile_slot(src, down, wk, ks, co, bias, scale, shift, dst, up, direct, block_n, scratch_numel):
+    """One branch's arguments of block_kernel (before its scratch buffer) and its program count."""
     (dy, dx), (uy, ux) = down, up
+    N = src.shape[0]
     h, w = dy.idx.shape[0], dx.idx.shape[0]
-    if N * h * w == 0 or dst.numel() == 0:
-        return
     rh, rw, rho, rwo = _tile_shape(direct, max(uy.taps, ux.taps))
     tiles_y, tiles_x = triton.cdiv(h, rho), triton.cdiv(w, rwo)
     if direct:
-        rows = cols = dy.idx  # unused
-        row_count = col_count = dy.idx
+        rows = row_count = cols = col_count = dy.idx  # unused
     else:
         rows, row_count = _owned_ranges(uy.idx[:, 0].contiguous(), rho, tiles_y)
         cols, col_count = _owned_ranges(ux.idx[:, 0].contiguous(), rwo, tiles_x)
-    f64 = src.dtype == torch.float64
-    block_n = _pow2(co, 16, 32 if f64 else 64)
-    block_k = 16 if f64 else _pow2(C, 16, 32)
-    grid = (N * tiles_y * tiles_x, triton.cdiv(co, block_n))
-    scratch = dst if direct else torch.empty(grid[0] * grid[1] * rh * rw * block_n, dtype=_acc_dtype(src.dtype),
-                                             device=src.device)
+    programs = N * tiles_y * tiles_x * triton.cdiv(co, block_n)
     dummy = wk
-    _launch(K.tile_kernel, grid, src, *_strides(src), dy.idx, dy.w, dy.taps, dx.idx, dx.w, dx.taps,
-            wk, bias if bias is not None else dummy, scale if scale is not None else dummy,
-            shift if shift is not None else dummy, dst, *_strides(dst), scratch,
-            uy.idx, uy.w, uy.taps, ux.idx, ux.w, ux.taps, rows, row_count, cols, col_count,
-            N, C, h, w, co, ks, tiles_y, tiles_x, rho, rwo,
-            HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, ACT=act,
-            DOT=K.DOT_FMA if f64 else _dot_mode(src), UPCAST=_upcast(src), F64=f64, DIRECT=direct,
-            RH=rh, RW=rw, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_P=_block_p())
+    flags = (bias is not None) | (scale is not None) << 1 | (shift is not None) << 2 | direct << 3
+    head = [src, *_strides(src), dy.idx, dy.w, dy.taps, dx.idx, dx.w, dx.taps, wk,
+            bias if bias is not None else dummy, scale if scale is not None else dummy,
+            shift if shift is not None else dummy, dst, *_strides(dst)]
+    tail = [uy.idx, uy.w, uy.taps, ux.idx, ux.w, ux.taps, rows, row_count, cols, col_count,
+            h, w, co, ks, tiles_y, tiles_x, rho, rwo]
+    scratch_numel = 0 if direct else programs * rh * rw * block_n
+    return head, tail, flags, programs, scratch_numel
 
 
 def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, align_corners, activation,
               input_position):
-    """The block's output only (norms folded or absent; nothing saved for backward)."""
+    """The block's output only (norms folded or absent; nothing saved for backward). Launches, for up to
+    four branches: one (factor pyramids: the copy of x and every branch from x), or two with bins (one
+    read of x pools every bin level and copies x; then every branch from its level). Every further four
+    branches add one launch (two with bins)."""
     N, C, H, W = x.shape
     fmt = _fmt(x)
     dev, dt = x.device, x.dtype
     offsets, x_off, c_out = _offsets(weight, C, input_position)
     check_index_limit(x, c_out)
-    out = torch.empty((N, c_out, H, W), dtype=dt, device=dev, memory_format=fmt)
+    out = _empty((N, c_out, H, W), dtype=dt, device=dev, memory_format=fmt)
+    if out.numel() == 0:
+        return out
     act = _ACT[activation]
-    ident_y = axis_taps("identity", H, H, 0, False, dt, dev)
-    ident_x = axis_taps("identity", W, W, 0, False, dt, dev)
-    if x_off >= 0:
-        _resize(x, out[:, x_off:x_off + C], ident_y, ident_x)
-    for b, w in enumerate(weight):
-        co, _, k, _ = w.shape
-        h, wd = _level(factor[b], bins, b, H, W)
-        down = _down_taps(factor[b], down_mode, H, W, h, wd, align_corners, dt, dev)
-        if factor[b] == 0:  # bins: pool x to the level first (adaptive windows are too wide to redo per tap)
-            src = torch.empty((N, C, h, wd), dtype=dt, device=dev, memory_format=fmt)
-            _resize(x, src, *down)
-            down = (axis_taps("identity", h, h, 0, False, dt, dev), axis_taps("identity", wd, wd, 0, False, dt, dev))
-        else:
-            src = x
-        up = _up_taps(up_mode, h, wd, H, W, align_corners, dt, dev)
-        _tile(src, down, _pack_weight(w), k, co, bias[b], scale[b], shift[b], out[:, offsets[b]:offsets[b] + co], up,
-              act, direct=(h, wd) == (H, W))
+    f64 = dt == torch.float64
+    block_p, block_c = _block_p(), _block_c(C)
+    block_n = _pow2(max(w.shape[0] for w in weight), 16, 32 if f64 else 64)
+    block_k = 16 if f64 else _pow2(C, 16, 32)
+    copy_programs = triton.cdiv(N * H * W, block_p) * triton.cdiv(C, block_c)
+    x_slice = out[:, x_off:x_off + C] if x_off >= 0 else out
+    B = len(weight)
+    for first in range(0, B, K.MAX_SLOTS):
+        chunk = list(range(first, min(B, first + K.MAX_SLOTS)))
+        copy_here = first == 0 and x_off >= 0
+        sources, downs = {}, {}
+        pooled = [b for b in chunk if factor[b] == 0]
+        if pooled:  # bins: pool x to every level in one launch (adaptive windows are too wide to redo per tap)
+            args, ends = [], [copy_programs if copy_here else 0]
+            for s in range(K.MAX_SLOTS):
+                if s < len(pooled):
+                    b = pooled[s]
+                    h, wd = bins[2 * b], bins[2 * b + 1]
+                    lev = _empty((N, C, h, wd), dtype=dt, device=dev, memory_format=fmt)
+                    ty, tx = _down_taps(0, down_mode, H, W, h, wd, align_corners, dt, dev)
+                    sources[b] = lev
+                    downs[b] = (axis_taps("identity", h, h, 0, False, dt, dev),
+                                axis_taps("identity", wd, wd, 0, False, dt, dev))
+                    args += [lev, *_strides(lev), h, wd, ty.idx, ty.w, ty.taps, tx.idx, tx.w, tx.taps]
+                    ends.append(ends[-1] + triton.cdiv(N * h * wd, block_p) * triton.cdiv(C, block_c))
+                else:
+                    args += [x, 0, 0, 0, 0, 1, 1, x, x, 0, x, x, 0]
+                    ends.append(ends[-1])
+            flat = []
+            for s in range(K.MAX_SLOTS):
+                flat += args[13 * s:13 * (s + 1)] + [ends[s + 1]]
+            _launch(K.levels_kernel, (ends[-1],), x, *_strides(x), x_slice, *_strides(x_slice), N, C, H, W,
+                    ends[0], *flat, SLOTS=len(pooled), F64=f64, BLOCK_P=block_p, BLOCK_C=block_c)
+            copy_here = False
+        slots = []
+        for b in chunk:
+            co, _, k, _ = weight[b].shape
+            h, wd = _level(factor[b], bins, b, H, W)
+            src = sources.get(b, x)
+            down = downs.get(b) or _down_taps(factor[b], down_mode, H, W, h, wd, align_corners, dt, dev)
+            up = _up_taps(up_mode, h, wd, H, W, align_corners, dt, dev)
+            slots.append(_tile_slot(src, down, _pack_weight(weight[b]), k, co, bias[b], scale[b], shift[b],
+                                    out[:, offsets[b]:offsets[b] + co], up, (h, wd) == (H, W), block_n, 0))
+        scratch = _empty((max(1, sum(sl[4] for sl in slots)),), dtype=_acc_dtype(dt), device=dev)
+        ends = [copy_programs if copy_here else 0]
+        flat, flags, offset = [], [], 0
+        for s in range(K.MAX_SLOTS):
+            if s < len(slots):
+                head, tail, fl, programs, numel = slots[s]
+                flat += head + [scratch[offset:]] + tail
+                offset += numel
+                flags.append(fl)
+                ends.append(ends[-1] + programs)
+            else:
+                flat += slots[0][0] + [scratch] + slots[0][1]  # an unused slot: any valid arguments
+                flags.append(0)
+                ends.append(ends[-1])
+            flat.append(ends[-1])
+        _launch(K.block_kernel, (ends[-1],), x, *_strides(x), x_slice, *_strides(x_slice), C, H, W, N * H * W,
+                ends[0], *flat, FLAGS0=flags[0], FLAGS1=flags[1], FLAGS2=flags[2], FLAGS3=flags[3],
+                SLOTS=len(slots), ACT=act, DOT=K.DOT_FMA if f64 else _dot_mode(x), UPCAST=_upcast(x), F64=f64,
+                RH=_tile_shape(True, 1)[0], RW=_tile_shape(True, 1)[1], BLOCK_N=block_n, BLOCK_K=block_k,
+                BLOCK_P=block_p, BLOCK_C=block_c)
     return out
