@@ -13,8 +13,8 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 from .conftest import (
-    LAYOUTS, SESSION_SEED, Case, assert_memory_format, build_case, build_pair, case_ids, make_input, norm_err,
-    reference64, run_case, true_zero_gradients,
+    LAYOUTS, SESSION_SEED, Case, assert_memory_format, build_case, build_pair, case_ids, check_half_precision_grads,
+    make_input, norm_err, reference64, run_case,
 )
 
 ACTIVATIONS = ("relu", "silu", "gelu", None)
@@ -393,34 +393,7 @@ def test_bfloat16_gradients(case):
     over 8 fresh draws, per tensor: mean err_fused <= 2 x mean err_naive_bf16 + 1e-3. Smooth activations
     (or none): a ReLU kink flipped by one bf16 rounding is a large error for any implementation.
     Conv biases before a batch-statistics norm (true gradient 0) are left to the float32/float64 checks."""
-    trials = 8
-    sums = {}
-    for _ in range(trials):
-        naive, fused = build_case(case)
-        ref = reference64(naive)
-        x = make_input(case.shape, case.dtype, case.layout)
-        xs = [x.clone().requires_grad_(True), x.clone().requires_grad_(True), x.double().requires_grad_(True)]
-        mods = (fused, naive, ref)
-        outs = [m(v) for m, v in zip(mods, xs)]
-        g = torch.randn(outs[0].shape, dtype=torch.float64).to(case.dtype)
-        s = g.double().norm().item()
-        names = ["output", "x"] + [n for n, _ in fused.named_parameters()]
-        grads = [torch.autograd.grad(o, [v] + list(m.parameters()), g.to(o.dtype)) for m, o, v in zip(mods, outs, xs)]
-        zero = true_zero_gradients(fused)
-        for i, n in enumerate(names):
-            if n in zero:
-                continue
-            if i == 0:
-                e = (norm_err(outs[0], outs[2]), norm_err(outs[1], outs[2]))
-            else:
-                assert grads[0][i - 1].dtype == case.dtype
-                e = (norm_err(grads[0][i - 1], grads[2][i - 1], s), norm_err(grads[1][i - 1], grads[2][i - 1], s))
-            acc = sums.setdefault(n, [0.0, 0.0])
-            acc[0] += e[0] / trials
-            acc[1] += e[1] / trials
-    bad = {n: (f, o) for n, (f, o) in sums.items() if not f <= 2 * o + 1e-3}
-    assert not bad, "mean bf16 err (fused, naive) over the limit: " + ", ".join(
-        f"{n}: {f:.2e} > 2 x {o:.2e} + 1e-3" for n, (f, o) in bad.items())
+    check_half_precision_grads(case, trials=8)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ from msfused.triton import launch
 from msfused.triton.ops import absent_as_empty
 
 from .conftest import (
-    LAYOUTS, Case, assert_memory_format, build_case, build_pair, case_ids, make_input, norm_err, reference64,
-    run_case,
+    LAYOUTS, Case, assert_memory_format, build_case, build_pair, case_ids, check_half_precision_grads, make_input,
+    norm_err, reference64, run_case,
 )
 from .test_opcheck import op_arguments
 
@@ -174,42 +174,12 @@ def test_half_precision(case):
     """bfloat16 / float16 output and gradients against the float64 reference within SPEC.md's rule: mean
     err (over 4 fresh draws) <= 2 x the naive module's own mean err in that dtype + 1e-3. Conv biases before
     batch statistics (true gradient 0) are left to the float32/float64 checks."""
-    trials = 4
-    sums = {}
-    for _ in range(trials):
-        naive, fused = build_case(case)
-        fused.to(DEVICE)
-        ref = reference64(naive)
-        x = make_input(case.shape, case.dtype, case.layout)
-        xs = [x.to(DEVICE).requires_grad_(True), x.clone().requires_grad_(True), x.double().requires_grad_(True)]
-        mods = (fused, naive, ref)
-        outs = [m(v) for m, v in zip(mods, xs)]
-        assert outs[0].dtype == case.dtype
-        assert_memory_format(outs[0], xs[0], case.id)
-        g = torch.randn(outs[0].shape, dtype=torch.float64).to(case.dtype)
-        s = g.double().norm().item()
-        names = ["output", "x"] + [n for n, _ in fused.named_parameters()]
-        grads = [torch.autograd.grad(o, [v] + list(m.parameters()), g.to(o.device, o.dtype))
-                 for m, o, v in zip(mods, outs, xs)]
-        for i, n in enumerate(names):
-            if n.endswith("conv.bias") and case.train and "norm" in case.kwargs:
-                continue
-            if i == 0:
-                e = (norm_err(outs[0], outs[2]), norm_err(outs[1], outs[2]))
-            else:
-                assert grads[0][i - 1].dtype == case.dtype
-                e = (norm_err(grads[0][i - 1], grads[2][i - 1], s), norm_err(grads[1][i - 1], grads[2][i - 1], s))
-            acc = sums.setdefault(n, [0.0, 0.0])
-            acc[0] += e[0] / trials
-            acc[1] += e[1] / trials
-    bad = {n: (f, o) for n, (f, o) in sums.items() if not f <= 2 * o + 1e-3}
-    assert not bad, "mean err (fused, naive) over the limit: " + ", ".join(
-        f"{n}: {f:.2e} > 2 x {o:.2e} + 1e-3" for n, (f, o) in bad.items())
+    check_half_precision_grads(case, trials=4, device=DEVICE)
 
 
 def test_gradcheck():
     case = Case("ms", dict(scales=(1, 2), down_mode="bilinear", norm="batch", activation="silu", branch_channels=2,
-                           input_position="last"), (2, 2, 5, 4), train=True, label="tr_gc")
+                           kernel_size=(3, 1), input_position="last"), (2, 2, 5, 4), train=True, label="tr_gc")
     _, fused = build_case(case)
     fused.to(DEVICE)
     names = [n for n, _ in fused.named_parameters()]
@@ -221,7 +191,8 @@ def test_gradcheck():
         state = {**dict(zip(names, ps)), **{n: b.clone() for n, b in buffers.items()}}
         return functional_call(fused, state, (x,))
 
-    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+    # The interpreter runs ~1 s per call: gradcheck's fast mode (random directions) there, the full one on a GPU.
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=DEVICE == "cpu")
 
 
 FORWARD = torch.ops.msfused.multi_scale_forward_triton.default
@@ -306,16 +277,20 @@ def test_no_grad_saves_nothing_and_inference_mode():
         assert fused(x).grad_fn is None
 
 
-@pytest.mark.parametrize("shape", [(0, 3, 8, 8), (2, 3, 0, 0)], ids=["empty_batch", "empty_map"])
-def test_empty_input(shape):
-    """Empty input: the reference's result shape, no launch on an empty grid."""
-    naive, fused = build_pair("ms", 3, dict(scales=(1,), norm=None), torch.float32)
+def test_empty_input():
+    """An empty batch: the reference's (empty) result and gradient, no launch on an empty grid; an empty
+    map is refused, as the reference's convolution refuses it."""
+    naive, fused = build_pair("ms", 3, dict(scales=(1, 2), norm=None), torch.float32)
     fused.to(DEVICE)
-    x = torch.randn(shape, device=DEVICE, requires_grad=True)
+    x = torch.randn((0, 3, 8, 8), device=DEVICE, requires_grad=True)
     out = fused(x)
     assert out.shape == naive(x.detach().cpu()).shape
     out.sum().backward()
     assert x.grad.shape == x.shape
+    with torch.no_grad():
+        assert fused(x).shape == out.shape  # the inference operator too
+    with pytest.raises(ValueError, match="at least 1x1"):
+        fused(torch.randn((2, 3, 0, 0), device=DEVICE))
 
 
 def test_second_order_gradients_raise():
@@ -335,3 +310,23 @@ def test_refuses_what_int32_cannot_index():
     x = torch.zeros((1, 2, 1, 1), device=DEVICE).expand(2, 2, 2**15, 2**15)
     with pytest.raises(ValueError, match="2\\*\\*31"):
         fused(x)
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="torch.compile traces Triton kernels with fake tensors, which the "
+                                            "interpreter cannot run: compiled on a GPU only")
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_compile_fullgraph(train):
+    """torch.compile(fullgraph=True) through the Triton operators (one node each for dynamo), same numbers."""
+    naive, fused = build_pair("psp", 8, dict(bins=(1, 2, 3, 6), norm="batch"), torch.float32)
+    fused.to(DEVICE).train(train)
+    eager = copy.deepcopy(fused)
+    compiled = torch.compile(fused, fullgraph=True)
+    x = make_input((2, 8, 13, 11), torch.float32, device=DEVICE, requires_grad=train)
+    out, want = compiled(x), eager(x)
+    assert norm_err(out, want) <= 1e-5
+    if train:
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, [x] + list(fused.parameters()), g)
+        ref = torch.autograd.grad(want, [x] + list(eager.parameters()), g)
+        for a, b in zip(got, ref):
+            assert norm_err(a, b, g.norm().item()) <= 1e-5

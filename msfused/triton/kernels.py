@@ -23,6 +23,14 @@ Kernels:
 * ``wgrad_kernel``: weight and bias gradients, reduced over all pixels in one fixed order per program.
 * ``dx_kernel``: the gradient of ``x`` written once: the output gradient's ``x`` slice plus, for up to
   ``MAX_SLOTS`` branches, the down-resize adjoint (gather) of each level's gradient.
+* ``block_kernel``: the inference forward of up to ``MAX_SLOTS`` branches and the copy of ``x`` in one
+  launch; each branch's programs (``_tile_program``) compute a tile of the level from its source inside
+  the convolution's operand load, convolve, apply the epilogue, and write the up-resized tile into the
+  branch's output slice.
+* ``levels_kernel``: pyramid pooling's first launch: ``x`` pooled to every bin level, and copied.
+
+Branches of different shapes share a launch through argument "slots" (the program id picks the slot),
+so a launch's arguments and compile-time flags are fixed per slot.
 """
 
 from __future__ import annotations
@@ -640,7 +648,7 @@ def levels_kernel(x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, N, C, H, W,
                   d2, d2_n, d2_c, d2_h, d2_w, h2, w2, y2, yw2, Y2, x2, xw2, X2, E3,
                   d3, d3_n, d3_c, d3_h, d3_w, h3, w3, y3, yw3, Y3, x3, xw3, X3, E4,
                   SLOTS: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One read pass over x for pyramid pooling: programs [0, E0) copy x into its slice of the output,
+    """Pyramid pooling's first launch: programs [0, E0) copy x into its slice of the output,
     programs [E_s, E_s+1) pool x to the level of slot s (adaptive average pooling as a gather over the
     tap tables y_s / x_s)."""
     pid = tl.program_id(0)

@@ -1,18 +1,22 @@
 """Launchers: the operator's arguments turned into Triton launches (kernels in ``kernels.py``).
 
-Launch count per call, B branches of which B1 have a level other than x's own size (no launch for
-an empty input):
+Launches per call (none for an empty input), for blocks of up to four branches (each further four
+branches repeat the per-chunk launches):
 
-forward, norms folded (inference) or no norm:
-    1 copy of x into its slice (if part of the output)
-    per branch: 1 down-resize (factor > 1 or bins), 1 convolution whose epilogue applies bias, norm and
-    activation and stores straight into the output slice when the level is the input's size,
-    1 up-resize into the output slice otherwise.
-forward with batch statistics, per such branch: the convolution, 2 statistics launches (per-tile
-    partials, fixed-order combine), and the up-resize applying norm and activation.
-backward, per branch: 1 up-resize adjoint fused with the activation's and norm's backward, 2 fixed-order
+inference (``inference``: no gradient needed, norms folded into scale/shift or absent):
+    factor pyramids: 1 -- block_kernel: the copy of x and, per branch and level tile, the level computed
+        from x inside the convolution's operand load, the convolution, bias, norm, activation and the
+        up-resize, stored into the branch's slice.
+    with bins: 2 -- levels_kernel pools x to every bin level (each level's programs read x) and copies x;
+        then block_kernel.
+forward (``forward``: the training forward, which also returns level, pre and the batch statistics):
+    1 copy of x; per branch 1 down-resize (factor > 1 or bins), 1 convolution (its epilogue applies bias,
+    norm and activation, storing into the output slice when the level is the input's size), 1 up-resize
+    otherwise; a branch with batch statistics: the convolution, 2 statistics launches (per-tile
+    partials, fixed-order combine) and the up-resize applying norm and activation.
+backward: per branch 1 up-resize adjoint fused with the activation's and norm's backward, 2 fixed-order
     column sums, 1 conv-output gradient, 1 weight gradient (if asked), 1 level gradient (if dx is asked);
-    then 1 launch writes dx for every 4 branches (once for up to 4).
+    then 1 launch writes dx (the x slice of the output gradient plus every branch's down-resize adjoint).
 """
 
 from __future__ import annotations
@@ -454,8 +458,8 @@ def _tile_slot(src, down, wk, ks, co, bias, scale, shift, dst, up, direct, block
 def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, align_corners, activation,
               input_position):
     """The block's output only (norms folded or absent; nothing saved for backward). Launches, for up to
-    four branches: one (factor pyramids: the copy of x and every branch from x), or two with bins (one
-    read of x pools every bin level and copies x; then every branch from its level). Every further four
+    four branches: one (factor pyramids: the copy of x and every branch from x), or two with bins (x
+    pooled to every bin level and copied; then every branch from its level). Every further four
     branches add one launch (two with bins)."""
     N, C, H, W = x.shape
     fmt = _fmt(x)
