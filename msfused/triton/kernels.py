@@ -544,8 +544,8 @@ def _tile_program(t, x, s_n, s_c, s_h, s_w, dy_idx, dy_w, DY, dx_idx, dx_w, DX,
                     ix = tl.load(ux_idx + ox * UX + u_x, mask=qm, other=-1)
                     wx = tl.load(ux_w + ox * UX + u_x, mask=qm, other=0.0)
                     ok = (iy >= 0) & (ix >= 0)
-                    t = (iy - ly0) * RW + (ix - lx0)
-                    v = tl.load(base + t[:, None] * BLOCK_N + cols[None, :], mask=ok[:, None] & com[None, :],
+                    at = (iy - ly0) * RW + (ix - lx0)  # the tap's pixel in the tile
+                    v = tl.load(base + at[:, None] * BLOCK_N + cols[None, :], mask=ok[:, None] & com[None, :],
                                 other=0.0)
                     res += (wy * wx)[:, None] * v
             tl.store(out + (n * o_n + oy * o_h + ox * o_w)[:, None] + co[None, :] * o_c,
