@@ -6,9 +6,11 @@
 // Layout: the outputs (out, level, pre, grad_x) are channels_last exactly when x.suggest_memory_format()
 // is; the kernels address every tensor through its strides, so both formats run the same kernels.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+#ifndef MSFUSED_CUDA_EMULATION
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 #include <algorithm>
 #include <array>
@@ -20,10 +22,28 @@
 
 #include "../block_config.h"
 #include "multi_scale_kernels.h"
+#ifdef MSFUSED_CUDA_EMULATION
+#include "emulation.h"
+#endif
 
 namespace msfused {
 namespace cuda {
 namespace {
+
+#ifndef MSFUSED_CUDA_EMULATION
+using DeviceGuard = c10::cuda::CUDAGuard;
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+const char* error_string(cudaError_t e) { return cudaGetErrorString(e); }
+constexpr bool kEmulation = false;
+#else
+// tests/test_cuda_emulation.py: the kernels run on the CPU (csrc/cuda/emulation.h) over CPU tensors.
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device) {}
+};
+cudaStream_t current_stream() { return nullptr; }
+const char* error_string(cudaError_t e) { return emu::error_string(e); }
+constexpr bool kEmulation = true;
+#endif
 
 using at::Tensor;
 using TensorVector = std::vector<Tensor>;
@@ -52,7 +72,13 @@ View4 view(const Tensor& t) {
 }
 
 void check_launch(cudaError_t err, const char* kernel) {
-  TORCH_CHECK(err == cudaSuccess, "msfused (cuda): launching ", kernel, " failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, "msfused (cuda): launching ", kernel, " failed: ", error_string(err));
+}
+
+// A fresh output; in the emulation build filled with NaN first, so that an element no kernel writes shows.
+Tensor fresh(Tensor t) {
+  if (kEmulation && t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
 }
 
 bool present(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
@@ -101,7 +127,7 @@ std::pair<Tensor, Tensor> epilogue_coefficients(const BranchPlan& bp, const std:
 
 void check_tensors(const Tensor& x, at::TensorList weight, const OptionalTensorList& bias,
                    const OptionalTensorList& scale, const OptionalTensorList& shift) {
-  TORCH_CHECK_VALUE(x.is_cuda(), "msfused (cuda): x must be a CUDA tensor, got one on ", x.device());
+  TORCH_CHECK_VALUE(kEmulation || x.is_cuda(), "msfused (cuda): x must be a CUDA tensor, got one on ", x.device());
   dtype_of(x.scalar_type());
   for (size_t b = 0; b < weight.size(); ++b) {
     TORCH_CHECK_TYPE(weight[b].scalar_type() == x.scalar_type(), "msfused: weight[", b, "] has dtype ",
@@ -143,8 +169,8 @@ ForwardResult multi_scale_forward_cuda(const Tensor& x_in, at::TensorList weight
                     "msfused: bias, scale and shift need one entry (or None) per branch");
   check_tensors(x_in, weight, bias, scale, shift);
   check_sizes(plan);
-  const c10::cuda::CUDAGuard device_guard(x_in.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const DeviceGuard device_guard(x_in.device());
+  const cudaStream_t stream = current_stream();
 
   const auto fmt = x_in.suggest_memory_format();
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
@@ -154,15 +180,15 @@ ForwardResult multi_scale_forward_cuda(const Tensor& x_in, at::TensorList weight
   const DType dt = dtype_of(x.scalar_type());
   const size_t B = plan.branches.size();
 
-  Tensor out = at::empty({plan.N, plan.out_channels, plan.H, plan.W}, opts.memory_format(fmt));
+  Tensor out = fresh(at::empty({plan.N, plan.out_channels, plan.H, plan.W}, opts.memory_format(fmt)));
   TensorVector level(B), pre(B), mean(B), var(B);
   for (size_t b = 0; b < B; ++b) {
     const BranchPlan& bp = plan.branches[b];
     level[b] = bp.identity ? at::empty({0}, opts)
-                           : at::empty({plan.N, plan.C, bp.level_h, bp.level_w}, opts.memory_format(fmt));
-    pre[b] = at::empty({plan.N, bp.out_channels, bp.level_h, bp.level_w}, opts.memory_format(fmt));
-    mean[b] = at::empty({bp.batch_stats ? bp.out_channels : 0}, stat_opts);
-    var[b] = at::empty({bp.batch_stats ? bp.out_channels : 0}, stat_opts);
+                           : fresh(at::empty({plan.N, plan.C, bp.level_h, bp.level_w}, opts.memory_format(fmt)));
+    pre[b] = fresh(at::empty({plan.N, bp.out_channels, bp.level_h, bp.level_w}, opts.memory_format(fmt)));
+    mean[b] = fresh(at::empty({bp.batch_stats ? bp.out_channels : 0}, stat_opts));
+    var[b] = fresh(at::empty({bp.batch_stats ? bp.out_channels : 0}, stat_opts));
   }
   if (plan.N == 0) {  // nothing to compute; the statistics of no values are NaN, as var_mean's
     for (size_t b = 0; b < B; ++b)
@@ -383,8 +409,8 @@ BackwardResult multi_scale_backward_cuda(const Tensor& grad_in, const Tensor& x_
     if (!plan.branches[b].identity) check_device(level[b], x_in, "level", b);
   }
   check_sizes(plan);
-  const c10::cuda::CUDAGuard device_guard(x_in.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const DeviceGuard device_guard(x_in.device());
+  const cudaStream_t stream = current_stream();
 
   const auto fmt = x_in.suggest_memory_format();
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
@@ -417,7 +443,7 @@ BackwardResult multi_scale_backward_cuda(const Tensor& grad_in, const Tensor& x_
   for (size_t b = 0; b < B; ++b) {
     const BranchPlan& bp = plan.branches[b];
     pre_b[b] = pre[b].to(x.scalar_type()).contiguous(fmt);
-    dconv[b] = at::empty_like(pre_b[b]);
+    dconv[b] = fresh(at::empty_like(pre_b[b]));
     std::tie(alpha[b], beta[b]) = epilogue_coefficients(bp, scale.get(b), shift.get(b), mean[b], var[b], x);
     const std::optional<Tensor> sc = scale.get(b);
     if (bp.batch_stats) {
@@ -531,7 +557,7 @@ BackwardResult multi_scale_backward_cuda(const Tensor& grad_in, const Tensor& x_
   // dx, written once: x's slice of grad plus every branch's down-resize adjoint.
   Tensor grad_x = at::empty({0}, opts);
   if (output_mask[0]) {
-    grad_x = at::empty({plan.N, plan.C, plan.H, plan.W}, opts.memory_format(fmt));
+    grad_x = fresh(at::empty({plan.N, plan.C, plan.H, plan.W}, opts.memory_format(fmt)));
     in_groups(B, [&](size_t g0, size_t count) {
       DxArgs a;
       a.N = plan.N;
@@ -564,9 +590,17 @@ BackwardResult multi_scale_backward_cuda(const Tensor& grad_in, const Tensor& x_
 }  // namespace
 }  // namespace cuda
 
+#ifndef MSFUSED_CUDA_EMULATION
 TORCH_LIBRARY_IMPL(msfused, CUDA, m) {
   m.impl("multi_scale_forward", &cuda::multi_scale_forward_cuda);
   m.impl("multi_scale_backward", &cuda::multi_scale_backward_cuda);
 }
+#else
+// The emulation build: the same functions as operators of their own (schemas inferred), over CPU tensors.
+TORCH_LIBRARY(msfused_cuda_emulation, m) {
+  m.def("multi_scale_forward", &cuda::multi_scale_forward_cuda);
+  m.def("multi_scale_backward", &cuda::multi_scale_backward_cuda);
+}
+#endif
 
 }  // namespace msfused

@@ -36,8 +36,19 @@
 // addressed through its strides, so NCHW and channels_last share the kernels.
 #include "multi_scale_kernels.h"
 
+#ifdef MSFUSED_CUDA_EMULATION
+#include "emulation.h"  // host-compiler build for tests without a GPU (tests/test_cuda_emulation.py)
+#define MSFUSED_LAUNCH(kernel, blocks, shared_bytes, stream, ...) \
+  ::msfused::cuda::emu::launch(static_cast<unsigned>(blocks), kThreads, shared_bytes, [&] { kernel(__VA_ARGS__); })
+#define MSFUSED_DYNAMIC_SHARED(name) unsigned char* name = ::msfused::cuda::emu::dynamic_shared().data()
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+// Launches kernel (a pointer to a __global__ function) and returns the launch's error.
+#define MSFUSED_LAUNCH(kernel, blocks, shared_bytes, stream, ...) \
+  ((kernel)<<<static_cast<unsigned>(blocks), kThreads, shared_bytes, stream>>>(__VA_ARGS__), cudaGetLastError())
+#define MSFUSED_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
 
 #include <cstdint>
 
@@ -324,7 +335,7 @@ __host__ __device__ inline int pool_group(bool cl) { return cl ? 32 : 4; }
 template <typename S>
 __global__ void __launch_bounds__(kThreads, 1) pool_levels_kernel(const __grid_constant__ PoolArgs a) {
   using A = acc_t<S>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  MSFUSED_DYNAMIC_SHARED(smem_raw);
   const bool cl = a.x_channels_last;
   const int CG = pool_group(cl), TJ = kThreads / CG;
   const int t = threadIdx.x;
@@ -618,18 +629,10 @@ cudaError_t launch_tile_forward(DType dtype, TileMode mode, TileArgs args, cudaS
   if (blocks > kMaxGrid) return cudaErrorInvalidConfiguration;
   return dispatch(dtype, [&](auto s) {
     using S = decltype(s);
-    switch (mode) {
-      case TileMode::ConvEpilogue:
-        tile_forward_kernel<S, 0><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
-        break;
-      case TileMode::ConvOnly:
-        tile_forward_kernel<S, 1><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
-        break;
-      case TileMode::EpilogueOnly:
-        tile_forward_kernel<S, 2><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
-        break;
-    }
-    return cudaGetLastError();
+    void (*kernel)(TileArgs) = mode == TileMode::ConvEpilogue ? tile_forward_kernel<S, 0>
+                               : mode == TileMode::ConvOnly   ? tile_forward_kernel<S, 1>
+                                                              : tile_forward_kernel<S, 2>;
+    return MSFUSED_LAUNCH(kernel, blocks, 0, stream, args);
   });
 }
 
@@ -663,8 +666,8 @@ cudaError_t launch_pool_levels(DType dtype, const PoolArgs& args, cudaStream_t s
   if (blocks > kMaxGrid) return cudaErrorInvalidConfiguration;
   return dispatch(dtype, [&](auto s) {
     using S = decltype(s);
-    pool_levels_kernel<S><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(a);
-    return cudaGetLastError();
+    void (*kernel)(PoolArgs) = pool_levels_kernel<S>;
+    return MSFUSED_LAUNCH(kernel, blocks, smem, stream, a);
   });
 }
 
@@ -676,8 +679,8 @@ cudaError_t launch_batch_stats(DType dtype, const StatsArgs& args, cudaStream_t 
   if (blocks > kMaxGrid) return cudaErrorInvalidConfiguration;
   return dispatch(dtype, [&](auto s) {
     using S = decltype(s);
-    batch_stats_kernel<S><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
-    return cudaGetLastError();
+    void (*kernel)(StatsArgs) = batch_stats_kernel<S>;
+    return MSFUSED_LAUNCH(kernel, blocks, 0, stream, args);
   });
 }
 
@@ -699,8 +702,8 @@ cudaError_t launch_up_grad(DType dtype, UpGradArgs args, cudaStream_t stream) {
   if (blocks > kMaxGrid) return cudaErrorInvalidConfiguration;
   return dispatch(dtype, [&](auto s) {
     using S = decltype(s);
-    up_grad_kernel<S><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
-    return cudaGetLastError();
+    void (*kernel)(UpGradArgs) = up_grad_kernel<S>;
+    return MSFUSED_LAUNCH(kernel, blocks, 0, stream, args);
   });
 }
 
@@ -709,9 +712,8 @@ cudaError_t launch_reduce_partials(const double* partial, int64_t total_channels
   if (total_channels == 0) return cudaSuccess;
   const int64_t blocks = ceil_div(total_channels, kThreads);
   if (blocks > kMaxGrid) return cudaErrorInvalidConfiguration;
-  reduce_partials_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(partial, total_channels, max_chunks,
-                                                                                sums);
-  return cudaGetLastError();
+  void (*kernel)(const double*, int64_t, int64_t, double*) = reduce_partials_kernel;
+  return MSFUSED_LAUNCH(kernel, blocks, 0, stream, partial, total_channels, max_chunks, sums);
 }
 
 cudaError_t launch_norm_grad(DType dtype, NormGradArgs args, cudaStream_t stream) {
@@ -728,8 +730,8 @@ cudaError_t launch_norm_grad(DType dtype, NormGradArgs args, cudaStream_t stream
   if (blocks == 0 || args.N == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto s) {
     using S = decltype(s);
-    norm_grad_kernel<S><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
-    return cudaGetLastError();
+    void (*kernel)(NormGradArgs) = norm_grad_kernel<S>;
+    return MSFUSED_LAUNCH(kernel, blocks, 0, stream, args);
   });
 }
 
@@ -741,8 +743,8 @@ cudaError_t launch_dx(DType dtype, const DxArgs& args, cudaStream_t stream) {
   if (blocks > kMaxGrid) return cudaErrorInvalidConfiguration;
   return dispatch(dtype, [&](auto s) {
     using S = decltype(s);
-    dx_kernel<S><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
-    return cudaGetLastError();
+    void (*kernel)(DxArgs) = dx_kernel<S>;
+    return MSFUSED_LAUNCH(kernel, blocks, 0, stream, args);
   });
 }
 
