@@ -58,8 +58,8 @@ ZERO_GRAD_K = 32.0
 def norm_err(out: torch.Tensor, ref: torch.Tensor, s: Optional[float] = None) -> float:
     """SPEC.md: ``‖out − ref‖ / max(‖ref‖, 1e-6 · s)``, with ``s = ‖ref‖`` for outputs and the norm of
     the upstream gradient for gradients. Computed in float64; NaN anywhere gives NaN (which fails ``<=``)."""
-    out64 = out.detach().to(torch.float64)
-    ref64 = ref.detach().to(torch.float64)
+    out64 = out.detach().to(device="cpu", dtype=torch.float64)
+    ref64 = ref.detach().to(device="cpu", dtype=torch.float64)
     assert out64.shape == ref64.shape, f"shape {tuple(out64.shape)} != reference {tuple(ref64.shape)}"
     ref_norm = ref64.norm().item()
     scale = ref_norm if s is None else float(s)
@@ -260,7 +260,7 @@ def reference64(naive: nn.Module) -> nn.Module:
 
 
 def make_input(shape: Sequence[int], dtype: torch.dtype = torch.float64, layout: str = "contiguous",
-               requires_grad: bool = False) -> torch.Tensor:
+               requires_grad: bool = False, device: str = "cpu") -> torch.Tensor:
     """Fresh random ``x`` of ``shape`` in ``layout``: 'contiguous', 'channels_last', 'slice_h'
     (``base[:, :, 1:-1]``), 'transposed' (``base.transpose(2, 3)``), 'channels_last_slice' (a width slice
     of a channels_last tensor), 'batch_strided' (``base[::2]``), 'channel_slice' (``base[:, 1:-1]``).
@@ -270,7 +270,7 @@ def make_input(shape: Sequence[int], dtype: torch.dtype = torch.float64, layout:
     def rand(*s, fmt=torch.contiguous_format):
         t = torch.randn(*s, dtype=torch.float64)
         t = torch.where(t == 0, torch.ones_like(t), t)  # never an exact zero
-        return t.to(dtype).contiguous(memory_format=fmt)
+        return t.to(device=device, dtype=dtype).contiguous(memory_format=fmt)
 
     if layout == "contiguous":
         base = rand(N, C, H, W)
@@ -421,7 +421,7 @@ class Checker:
         if zero_probe is not None and zero_index is not None:
             # True value exactly zero: within the rounding bound (see ZeroGradProbe)?
             bound = zero_probe.bound(zero_index, out.dtype)
-            dev = out.detach().double().abs()
+            dev = out.detach().to(device="cpu", dtype=torch.float64).abs()
             assert bool((dev <= bound + self.tol * 1e-6 * s).all()), (
                 f"{self.context}: {name} (true value 0): |grad| {dev.tolist()} exceeds the rounding bound "
                 f"{bound.tolist()} (SPEC err {e:.3e}, naive in {self.dtype}: {e_own:.3e})")
@@ -439,39 +439,42 @@ class Checker:
 
 def run_fused_vs_reference(naive: nn.Module, fused: nn.Module, shape: Sequence[int], dtype: torch.dtype,
                            layout: str = "contiguous", steps: int = 1, grads: bool = True, context: str = "",
-                           tol: Optional[float] = None, x_requires_grad: bool = True) -> None:
+                           tol: Optional[float] = None, x_requires_grad: bool = True, device: str = "cpu") -> None:
     """Runs ``fused`` (default backend) and a float64 copy of ``naive`` (same values) on the same fresh
     inputs ``steps`` times (the last with backward) and checks, with SPEC.md's metric (``Checker``):
     the output (values, dtype, shape, memory format, no NaN), the gradients of x and of every parameter,
     every buffer afterwards (running statistics; num_batches_tracked exactly), and that neither x nor any
-    parameter was modified. For float32 the naive module also runs in float32 (``Checker``'s fallback)."""
+    parameter was modified. For float32 the naive module also runs in float32 (``Checker``'s fallback).
+    ``device``: where ``fused`` and its input live (moved there); the references always run on the CPU."""
     check = Checker(dtype, context, tol)
+    fused.to(device)
     ref = reference64(naive)
     own = copy.deepcopy(naive) if dtype == torch.float32 else None
     for m in (ref, own):
         if m is not None:
             m.train(fused.training)
     for _ in range(steps - 1):
-        xs = make_input(shape, dtype, layout)
+        xs = make_input(shape, dtype, layout, device=device)
         with torch.no_grad():
             fused(xs)
+            xs = xs.cpu()
             ref(xs.to(torch.float64))
             if own is not None:
                 own(xs)
     x_grad = grads and x_requires_grad
-    x = make_input(shape, dtype, layout, requires_grad=x_grad)
+    x = make_input(shape, dtype, layout, requires_grad=x_grad, device=device)
     x_before = x.detach().clone()
     params = dict(fused.named_parameters())
     ref_params = dict(ref.named_parameters())
     assert params.keys() == ref_params.keys()
     names = list(params)
     params_before = {k: v.detach().clone() for k, v in params.items()}
-    x64 = x.detach().to(torch.float64).requires_grad_(x_grad)
-    x_own = x.detach().clone().requires_grad_(x_grad)
+    x64 = x.detach().to(device="cpu", dtype=torch.float64).requires_grad_(x_grad)
+    x_own = x.detach().cpu().clone().requires_grad_(x_grad)
     # A second float32 run of the naive module in the other memory format (another rounding order).
     own_alt = copy.deepcopy(own) if own is not None else None
     alt_format = torch.contiguous_format if suggests_channels_last(x) else torch.channels_last
-    x_alt = x.detach().contiguous(memory_format=alt_format).requires_grad_(x_grad)
+    x_alt = x.detach().cpu().contiguous(memory_format=alt_format).requires_grad_(x_grad)
     probe = ZeroGradProbe(ref) if grads else None
     try:
         out = fused(x)
@@ -487,7 +490,7 @@ def run_fused_vs_reference(naive: nn.Module, fused: nn.Module, shape: Sequence[i
             g = torch.randn(out.shape, dtype=torch.float64).to(dtype)
             s = g.double().norm().item()
             xs = ([x], [x64], [x_own], [x_alt]) if x_grad else ([], [], [], [])
-            got = torch.autograd.grad(out, xs[0] + [params[n] for n in names], g)
+            got = torch.autograd.grad(out, xs[0] + [params[n] for n in names], g.to(out.device))
             want = torch.autograd.grad(out_ref, xs[1] + [ref_params[n] for n in names], g.double())
             if own is not None:
                 own_params, alt_params = dict(own.named_parameters()), dict(own_alt.named_parameters())
@@ -514,7 +517,7 @@ def run_fused_vs_reference(naive: nn.Module, fused: nn.Module, shape: Sequence[i
     for n, buf in fused.named_buffers():
         want = ref_buffers[n]
         if n.endswith("num_batches_tracked"):
-            assert torch.equal(buf, want), f"{context}: {n} = {buf.item()}, reference {want.item()}"
+            assert torch.equal(buf.cpu(), want), f"{context}: {n} = {buf.item()}, reference {want.item()}"
         else:
             assert buf.dtype == dtype, f"{context}: {n} dtype {buf.dtype}"
             check(n, buf, want, (own_buffers.get(n), alt_buffers.get(n)))
@@ -524,7 +527,7 @@ def run_fused_vs_reference(naive: nn.Module, fused: nn.Module, shape: Sequence[i
         assert torch.equal(p.detach(), params_before[n]), f"{context}: parameter {n} was modified"
 
 
-def run_case(case: Case, grads: bool = True, x_requires_grad: bool = True) -> None:
+def run_case(case: Case, grads: bool = True, x_requires_grad: bool = True, device: str = "cpu") -> None:
     naive, fused = build_case(case)
     run_fused_vs_reference(naive, fused, case.shape, case.dtype, case.layout, case.steps, grads, context=case.id,
-                           x_requires_grad=x_requires_grad)
+                           x_requires_grad=x_requires_grad, device=device)
