@@ -182,5 +182,10 @@ struct DxArgs {
 };
 cudaError_t launch_dx(DType dtype, const DxArgs& args, cudaStream_t stream);
 
+// Kernel arguments travel by value (the classic 4 KB parameter limit, with room to spare).
+static_assert(sizeof(TileArgs) <= 4096 && sizeof(PoolArgs) <= 4096 && sizeof(StatsArgs) <= 4096 &&
+                  sizeof(UpGradArgs) <= 4096 && sizeof(NormGradArgs) <= 4096 && sizeof(DxArgs) <= 4096,
+              "kernel arguments too large");
+
 }  // namespace cuda
 }  // namespace msfused
