@@ -165,6 +165,25 @@ DRIVER = textwrap.dedent(
         case("ms14-f16", (2, 4, 12, 12), factors=(1, 4), dtype=torch.float16)
         case("ms12-bf16-stats", (4, 4, 10, 10), factors=(1, 2), dtype=torch.bfloat16, stats=True)
         case("nine-branches", (2, 2, 12, 12), factors=(1, 2, 3, 4, 1, 2, 3, 4, 6), k=1, cb=2, stats=True)
+    elif which == "random":  # configurations drawn from the seed
+        import random
+        rnd = random.Random(int(sys.argv[2]))
+        for i in range(10):
+            shape = (rnd.randint(1, 3), rnd.randint(1, 10), rnd.randint(6, 36), rnd.randint(6, 36))
+            kw = dict(k=rnd.choice((1, 3, 5, 7)), cb=rnd.randint(1, 10), up=rnd.choice(("bilinear", "nearest")),
+                      ac=rnd.random() < 0.5, act=rnd.choice(("relu", "silu", "gelu", "none")),
+                      pos=rnd.choice(("first", "last", "none")), stats=rnd.random() < 0.4,
+                      bias=rnd.random() < 0.5, scale=rnd.random() < 0.7, cl=rnd.random() < 0.4,
+                      dtype=rnd.choice((torch.float64, torch.float64, torch.float32)))
+            if kw["stats"]:
+                shape = (max(shape[0], 2),) + shape[1:]
+            if rnd.random() < 0.5:
+                fs = sorted(rnd.sample((1, 2, 3, 4, 5), rnd.randint(1, 3)))
+                fs = [f for f in fs if f <= min(shape[2:])] or [1]
+                kw.update(factors=tuple(fs), down=rnd.choice(("avg", "bilinear", "nearest")))
+            else:
+                kw.update(bins=tuple(rnd.choice((1, 2, 3, 6, (2, 5), (7, 3), 9)) for _ in range(rnd.randint(1, 4))))
+            case(f"random{i}-{shape}-{kw}", shape, **kw)
     else:
         case("psp1236-stats", (2, 5, 13, 11), bins=(1, 2, 3, 6), k=1, stats=True)
         case("psp-pairs-nearest-k3-f32", (2, 4, 9, 7), bins=((2, 5), (5, 2), 3), up="nearest", k=3,
@@ -177,7 +196,7 @@ DRIVER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("which", ["factor", "bins"])
+@pytest.mark.parametrize("which", ["factor", "bins", "random"])
 def test_emulated_cuda_matches_cpu(emulation_library, which, _seed_every_test):
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_DYNAMIC="false", PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-c", DRIVER, str(emulation_library), str(_seed_every_test), which],
