@@ -148,6 +148,19 @@ void check_tensors(const Tensor& x, at::TensorList weight, const OptionalTensorL
     }
 }
 
+// What both directions start with once the arguments are checked: sizes the kernels can index, and x
+// in its suggested memory format (the outputs' format).
+struct Input {
+  at::MemoryFormat fmt;
+  bool channels_last;
+  Tensor x;
+};
+Input prepare(const BlockPlan& plan, const Tensor& x_in) {
+  check_sizes(plan);
+  const auto fmt = x_in.suggest_memory_format();
+  return {fmt, fmt == at::MemoryFormat::ChannelsLast, x_in.contiguous(fmt)};
+}
+
 // Groups of at most kMaxBranches consecutive indices of `items`: f(first, count).
 template <typename F>
 void in_groups(size_t count, F&& f) {
@@ -168,13 +181,12 @@ ForwardResult multi_scale_forward_cuda(const Tensor& x_in, at::TensorList weight
   TORCH_CHECK_VALUE(bias.size() == weight.size() && scale.size() == weight.size() && shift.size() == weight.size(),
                     "msfused: bias, scale and shift need one entry (or None) per branch");
   check_tensors(x_in, weight, bias, scale, shift);
-  check_sizes(plan);
   const DeviceGuard device_guard(x_in.device());
   const cudaStream_t stream = current_stream();
-
-  const auto fmt = x_in.suggest_memory_format();
-  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-  const Tensor x = x_in.contiguous(fmt);
+  const Input input = prepare(plan, x_in);
+  const at::MemoryFormat fmt = input.fmt;
+  const bool cl = input.channels_last;
+  const Tensor& x = input.x;
   const auto opts = x.options();
   const auto stat_opts = opts.dtype(stats_dtype(x.scalar_type()));
   const DType dt = dtype_of(x.scalar_type());
@@ -394,13 +406,7 @@ BackwardResult multi_scale_backward_cuda(const Tensor& grad_in, const Tensor& x_
   const BlockPlan plan = make_plan(x_in, weight, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
                                    activation, input_position);
   const size_t B = plan.branches.size();
-  TORCH_CHECK_VALUE(level.size() == B && pre.size() == B && mean.size() == B && var.size() == B &&
-                        scale.size() == B && shift.size() == B,
-                    "msfused: backward needs one saved level, pre-activation, mean and var per branch");
-  TORCH_CHECK_VALUE(grad_in.dim() == 4 && grad_in.size(0) == plan.N && grad_in.size(1) == plan.out_channels &&
-                        grad_in.size(2) == plan.H && grad_in.size(3) == plan.W,
-                    "msfused: grad_out must have the output's shape (", plan.N, ", ", plan.out_channels, ", ", plan.H,
-                    ", ", plan.W, "), got ", grad_in.sizes());
+  check_backward_args(plan, grad_in, level, pre, mean, var, scale, shift);
   check_tensors(x_in, weight, OptionalTensorList(), scale, shift);
   TORCH_CHECK_VALUE(grad_in.device() == x_in.device(), "msfused (cuda): grad_out is on ", grad_in.device(),
                     " but x is on ", x_in.device());
@@ -408,13 +414,12 @@ BackwardResult multi_scale_backward_cuda(const Tensor& grad_in, const Tensor& x_
     check_device(pre[b], x_in, "pre", b);
     if (!plan.branches[b].identity) check_device(level[b], x_in, "level", b);
   }
-  check_sizes(plan);
   const DeviceGuard device_guard(x_in.device());
   const cudaStream_t stream = current_stream();
-
-  const auto fmt = x_in.suggest_memory_format();
-  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-  const Tensor x = x_in.contiguous(fmt);
+  const Input input = prepare(plan, x_in);
+  const at::MemoryFormat fmt = input.fmt;
+  const bool cl = input.channels_last;
+  const Tensor& x = input.x;
   const Tensor grad = grad_in.to(x.scalar_type()).contiguous(fmt);
   const auto opts = x.options();
   const DType dt = dtype_of(x.scalar_type());
