@@ -24,7 +24,7 @@ TORCH_NVCC_DEFINES = ("-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSI
                       "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
                       "--expt-relaxed-constexpr")
 # Kernels that must be in the report (so that the spill check cannot pass vacuously), by their source name.
-EXPECTED_KERNELS = ("tile_forward_kernel", "pool_levels_kernel", "batch_stats_kernel", "up_grad_kernel",
+EXPECTED_KERNELS = ("tile_forward_kernel", "pool_levels_kernel", "merge_stats_kernel", "up_grad_kernel",
                     "reduce_partials_kernel", "norm_grad_kernel", "dx_kernel")
 DTYPES = ("float", "double", "__half", "__nv_bfloat16")
 
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: canno
 def _demangled_kernel(mangled: str) -> str:
     """The kernel's source name and its template arguments, from an Itanium-mangled name (enough for the
     names in this file: `..._cu_<hash>` + length-prefixed name + template arguments)."""
-    m = re.search(r"(\d+)((?:tile_forward|pool_levels|batch_stats|up_grad|reduce_partials|norm_grad|dx)_kernel)", mangled)
+    m = re.search(r"(\d+)((?:tile_forward|pool_levels|merge_stats|up_grad|reduce_partials|norm_grad|dx)_kernel)", mangled)
     return m.group(2) if m else mangled
 
 

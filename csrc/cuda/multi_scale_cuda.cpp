@@ -214,8 +214,8 @@ ForwardResult multi_scale_forward_cuda(const Tensor& x_in, at::TensorList weight
                     "); pooling and resizing need at least one pixel");
 
   // Parameters as the kernels read them (kept alive until the launches are queued; the caching
-  // allocator orders their reuse on this stream).
-  TensorVector w(B), bs(B), alpha(B), beta(B);
+  // allocator orders their reuse on this stream); per-(channel, tile) partial statistics.
+  TensorVector w(B), bs(B), alpha(B), beta(B), stats_partial(B);
   for (size_t b = 0; b < B; ++b) {
     w[b] = weight[b].contiguous();
     const std::optional<Tensor> bb = bias.get(b);
@@ -320,6 +320,7 @@ ForwardResult multi_scale_forward_cuda(const Tensor& x_in, at::TensorList weight
       t.alpha = alpha[b].defined() ? alpha[b].const_data_ptr() : nullptr;
       t.beta = beta[b].defined() ? beta[b].const_data_ptr() : nullptr;
       t.pre = view(pre[b]);
+      t.stats_partial = stats_partial[b].defined() ? stats_partial[b].data_ptr<double>() : nullptr;
       t.out_channels = bp.out_channels;
       t.kernel_size = bp.kernel_size;
       t.channel_offset = bp.channel_offset;
@@ -337,29 +338,32 @@ ForwardResult multi_scale_forward_cuda(const Tensor& x_in, at::TensorList weight
       copied = true;
     });
   } else {
+    std::vector<size_t> stat_branches;
+    for (size_t b = 0; b < B; ++b) {
+      const BranchPlan& bp = plan.branches[b];
+      if (!bp.batch_stats) continue;
+      stat_branches.push_back(b);
+      const int64_t partials = plan.N * tiles_per_image(bp.level_h, bp.level_w);
+      stats_partial[b] = fresh(at::empty({bp.out_channels * partials * 3}, x.options().dtype(at::kDouble)));
+    }
     in_groups(B, [&](size_t g0, size_t count) {
       check_launch(launch_tile_forward(dt, TileMode::ConvOnly, tile_args(g0, count, !copied), stream),
-                   "tile_forward (conv)");
+                   "tile_forward (conv + partial statistics)");
       copied = true;
     });
-    std::vector<size_t> stat_branches;
-    for (size_t b = 0; b < B; ++b)
-      if (plan.branches[b].batch_stats) stat_branches.push_back(b);
     in_groups(stat_branches.size(), [&](size_t g0, size_t count) {
-      StatsArgs a;
-      a.N = plan.N;
+      MergeStatsArgs a;
       a.num_branches = static_cast<int>(count);
       for (size_t i = 0; i < count; ++i) {
         const size_t b = stat_branches[g0 + i];
         const BranchPlan& bp = plan.branches[b];
-        a.br[i].pre = view(pre[b]);
+        a.br[i].partial = stats_partial[b].const_data_ptr<double>();
         a.br[i].channels = bp.out_channels;
-        a.br[i].h = bp.level_h;
-        a.br[i].w = bp.level_w;
+        a.br[i].partials_per_channel = plan.N * tiles_per_image(bp.level_h, bp.level_w);
         a.br[i].mean = mean[b].data_ptr();
         a.br[i].var = var[b].data_ptr();
       }
-      check_launch(launch_batch_stats(dt, a, stream), "batch_stats");
+      check_launch(launch_merge_stats(dt, a, stream), "merge_stats");
     });
     for (size_t b = 0; b < B; ++b) fold(b);
     in_groups(B, [&](size_t g0, size_t count) {

@@ -16,10 +16,12 @@
 //       pool_levels reads x once: every bin of every bins branch (column sums in shared memory, then the
 //       bins), and x's slice of the output. Bins branches whose tables do not fit in shared memory are
 //       sampled by the tile kernel from x instead (correct, slower).
-//   forward with batch statistics (training BatchNorm) ......... +2  tile_forward<ConvOnly>, batch_stats,
+//   forward with batch statistics (training BatchNorm) ......... +1  tile_forward<ConvOnly>, merge_stats,
 //                                                                     tile_forward<EpilogueOnly>
-//       i.e. 3 for factor pyramids, 4 for pyramid pooling. batch_stats: one block per channel, two
-//       passes (mean, then sum of squared deviations) in double, fixed-order block reduction.
+//       i.e. 2 for factor pyramids, 3 for pyramid pooling, plus merge_stats, which touches only
+//       per-channel partials: the conv pass also writes each tile's (count, mean, M2) per channel (double,
+//       two passes over the values in registers, fixed-shape block sums); merge_stats merges them in
+//       tile order (one thread per channel); the epilogue pass needs the whole batch's statistics.
 //   backward ............................................ 4 (+1 with batch statistics, +1 if dx is needed)
 //       up_grad (upsample adjoint as a gather, activation and norm backward, per-(channel, chunk) partial
 //       sums), reduce_partials (fixed chunk order), [norm_grad: the batch-statistics correction],
@@ -281,6 +283,29 @@ __global__ void __launch_bounds__(kThreads, 1) tile_forward_kernel(const __grid_
         if (owned) pre[off4<S>(br.pre, n, co0 + co, gy, gx)] = from_acc<S>(v[co]);
       }
     }
+    if constexpr (kMode == static_cast<int>(TileMode::ConvOnly)) {
+      // Batch statistics: this tile's (count, mean, M2) of pre per channel over its owned pixels, in
+      // double (two passes over the values in registers, fixed-shape tree sums); merged by merge_stats.
+      if (br.stats_partial != nullptr) {  // uniform over the block: the barriers inside are too
+        __shared__ double s_red[kThreads];
+        const int64_t tiles = a.N * br.tiles_h * br.tiles_w, tile = (n * br.tiles_h + ty) * br.tiles_w + tx;
+        const double count = block_sum(owned ? 1.0 : 0.0, s_red);  // >= 1: a tile owns its first pixel
+#pragma unroll
+        for (int co = 0; co < kCob; ++co) {
+          if (co < cob) {
+            const double mean = block_sum(owned ? static_cast<double>(v[co]) : 0.0, s_red) / count;
+            const double d = owned ? static_cast<double>(v[co]) - mean : 0.0;
+            const double m2 = block_sum(d * d, s_red);
+            if (t == 0) {
+              double* dst = br.stats_partial + ((co0 + co) * tiles + tile) * 3;
+              dst[0] = count;
+              dst[1] = mean;
+              dst[2] = m2;
+            }
+          }
+        }
+      }
+    }
   } else {
     const S* pre = cptr<S>(br.pre);
 #pragma unroll
@@ -411,37 +436,27 @@ __global__ void __launch_bounds__(kThreads, 1) pool_levels_kernel(const __grid_c
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Forward: batch statistics, one block per (branch, channel).
+// Forward: batch statistics from the tile kernel's per-(channel, tile) partials, one thread per channel.
 // ---------------------------------------------------------------------------------------------------
 template <typename S>
-__global__ void __launch_bounds__(kThreads, 1) batch_stats_kernel(const __grid_constant__ StatsArgs a) {
+__global__ void __launch_bounds__(kThreads, 1) merge_stats_kernel(const __grid_constant__ MergeStatsArgs a) {
   using Stat = acc_t<S>;  // float, double for double (msfused::stats_dtype)
-  __shared__ double sm[kThreads];
-  int64_t c = blockIdx.x;
+  int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   int b = 0;
-  while (b + 1 < a.num_branches && c >= a.br[b].channels) c -= a.br[b++].channels;
-  const StatsBranch& sb = a.br[b];
-  const int64_t hw = sb.h * sb.w, M = a.N * hw;
-  const S* pre = cptr<S>(sb.pre);
-  double s = 0;
-#pragma unroll 1
-  for (int64_t e = threadIdx.x; e < M; e += kThreads) {
-    const int64_t n = e / hw, rem = e % hw;
-    s += static_cast<double>(to_acc(pre[off4<S>(sb.pre, n, c, rem / sb.w, rem % sb.w)]));
+  while (b < a.num_branches && c >= a.br[b].channels) c -= a.br[b++].channels;
+  if (b >= a.num_branches) return;
+  const MergeStatsBranch& mb = a.br[b];
+  const double* p = mb.partial + c * mb.partials_per_channel * 3;
+  double count = 0, mean = 0, m2 = 0;
+  for (int64_t k = 0; k < mb.partials_per_channel; ++k) {  // fixed order: deterministic
+    const double nb = p[3 * k], mean_b = p[3 * k + 1], m2_b = p[3 * k + 2];
+    const double n = count + nb, delta = mean_b - mean;
+    mean += delta * (nb / n);
+    m2 += m2_b + delta * delta * (count * nb / n);
+    count = n;
   }
-  const double mean = block_sum(s, sm) / static_cast<double>(M);
-  double q = 0;
-#pragma unroll 1
-  for (int64_t e = threadIdx.x; e < M; e += kThreads) {
-    const int64_t n = e / hw, rem = e % hw;
-    const double d = static_cast<double>(to_acc(pre[off4<S>(sb.pre, n, c, rem / sb.w, rem % sb.w)])) - mean;
-    q += d * d;
-  }
-  const double var = block_sum(q, sm) / static_cast<double>(M);
-  if (threadIdx.x == 0) {
-    static_cast<Stat*>(sb.mean)[c] = static_cast<Stat>(mean);
-    static_cast<Stat*>(sb.var)[c] = static_cast<Stat>(var);
-  }
+  static_cast<Stat*>(mb.mean)[c] = static_cast<Stat>(mean);
+  static_cast<Stat*>(mb.var)[c] = static_cast<Stat>(m2 / count);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -671,15 +686,18 @@ cudaError_t launch_pool_levels(DType dtype, const PoolArgs& args, cudaStream_t s
   });
 }
 
-cudaError_t launch_batch_stats(DType dtype, const StatsArgs& args, cudaStream_t stream) {
+int64_t tiles_per_image(int64_t h, int64_t w) { return ceil_div(h, kOwn) * ceil_div(w, kOwn); }
+
+cudaError_t launch_merge_stats(DType dtype, const MergeStatsArgs& args, cudaStream_t stream) {
   if (args.num_branches < 1 || args.num_branches > kMaxBranches) return cudaErrorInvalidValue;
-  int64_t blocks = 0;
-  for (int b = 0; b < args.num_branches; ++b) blocks += args.br[b].channels;
-  if (blocks == 0 || args.N == 0) return cudaSuccess;
+  int64_t channels = 0;
+  for (int b = 0; b < args.num_branches; ++b) channels += args.br[b].channels;
+  if (channels == 0) return cudaSuccess;
+  const int64_t blocks = ceil_div(channels, kThreads);
   if (blocks > kMaxGrid) return cudaErrorInvalidConfiguration;
   return dispatch(dtype, [&](auto s) {
     using S = decltype(s);
-    void (*kernel)(StatsArgs) = batch_stats_kernel<S>;
+    void (*kernel)(MergeStatsArgs) = merge_stats_kernel<S>;
     return MSFUSED_LAUNCH(kernel, blocks, 0, stream, args);
   });
 }

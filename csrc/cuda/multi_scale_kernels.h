@@ -47,6 +47,9 @@ struct TileBranch {
   const void* alpha = nullptr;  // (Cb,) opmath dtype (float; double for double)
   const void* beta = nullptr;
   View4 pre;  // (N, Cb, h, w): written by the conv modes, read by the epilogue-only mode
+  // ConvOnly with batch statistics: per (channel, tile) partial statistics of pre, (count, mean, M2) in
+  // double, at stats_partial[(c * N * tiles_per_image(h, w) + tile) * 3]; nullptr: none.
+  double* stats_partial = nullptr;
   int64_t out_channels = 0, kernel_size = 1, channel_offset = 0;
   int64_t tiles_h = 0, tiles_w = 0, co_chunks = 0;  // filled by the launcher
   int64_t block_begin = 0;  // filled by the launcher
@@ -97,20 +100,23 @@ size_t pool_shared_bytes(DType dtype, PoolArgs* args);
 size_t pool_shared_limit();
 cudaError_t launch_pool_levels(DType dtype, const PoolArgs& args, cudaStream_t stream);
 
-// Per-channel batch mean and biased variance of every batch-statistics branch's pre (two passes over the
-// channel, double accumulation, fixed-order block reduction). mean/var: (Cb,) float (double for double).
-struct StatsBranch {
-  View4 pre;
-  int64_t channels = 0, h = 0, w = 0;
+// Tiles the tile kernel cuts one image of an h x w level into (the stats_partial entries per channel and n).
+int64_t tiles_per_image(int64_t h, int64_t w);
+
+// Per-channel batch mean and biased variance from the tile kernel's partial statistics: the partials of a
+// channel merged in tile order (Chan et al.'s pairwise update, double). Parameter-sized work: one thread per
+// channel. mean/var: (Cb,) float (double for double).
+struct MergeStatsBranch {
+  const double* partial = nullptr;
+  int64_t channels = 0, partials_per_channel = 0;
   void* mean = nullptr;
   void* var = nullptr;
 };
-struct StatsArgs {
-  int64_t N = 0;
+struct MergeStatsArgs {
   int num_branches = 0;
-  StatsBranch br[kMaxBranches];
+  MergeStatsBranch br[kMaxBranches];
 };
-cudaError_t launch_batch_stats(DType dtype, const StatsArgs& args, cudaStream_t stream);
+cudaError_t launch_merge_stats(DType dtype, const MergeStatsArgs& args, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------------
 // Backward
@@ -183,7 +189,7 @@ struct DxArgs {
 cudaError_t launch_dx(DType dtype, const DxArgs& args, cudaStream_t stream);
 
 // Kernel arguments travel by value (the classic 4 KB parameter limit, with room to spare).
-static_assert(sizeof(TileArgs) <= 4096 && sizeof(PoolArgs) <= 4096 && sizeof(StatsArgs) <= 4096 &&
+static_assert(sizeof(TileArgs) <= 4096 && sizeof(PoolArgs) <= 4096 && sizeof(MergeStatsArgs) <= 4096 &&
                   sizeof(UpGradArgs) <= 4096 && sizeof(NormGradArgs) <= 4096 && sizeof(DxArgs) <= 4096,
               "kernel arguments too large");
 
