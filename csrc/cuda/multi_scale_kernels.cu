@@ -22,15 +22,21 @@
 //       per-channel partials: the conv pass also writes each tile's (count, mean, M2) per channel (double,
 //       two passes over the values in registers, fixed-shape block sums); merge_stats merges them in
 //       tile order (one thread per channel); the epilogue pass needs the whole batch's statistics.
-//   backward ............................................ 4 (+1 with batch statistics, +1 if dx is needed)
+//   backward: own kernels up_grad and dx read and write the activation-sized tensors (grad, dx); the rest
+//   is level-sized or per-channel:
 //       up_grad (upsample adjoint as a gather, activation and norm backward, per-(channel, chunk) partial
-//       sums), reduce_partials (fixed chunk order), [norm_grad: the batch-statistics correction],
-//       then per branch deterministic ATen work on the level-sized tensors: grad bias (sum), grad weight
-//       (im2col + mm), grad of the level (a forward conv2d with the flipped kernel); finally dx, written
-//       once: x's slice of grad + every branch's down-resize adjoint (a gather, branches in order).
+//       sums), reduce_partials (per-channel, fixed chunk order), [norm_grad: the batch-statistics
+//       correction on the level], then per branch deterministic ATen work on the level-sized tensors: grad
+//       bias (sum), grad weight (im2col + GEMM), grad of the level (a forward conv2d with the flipped
+//       kernel); finally dx (only if x needs a gradient), written once: x's slice of grad + every
+//       branch's down-resize adjoint (a gather, branches in order). For a factor-1 branch the "level" is
+//       x itself, so its ATen work is activation-sized.
 //   more than kMaxBranches (8) branches: the per-branch launches above repeat per group of 8.
 //
 // Determinism: no atomics anywhere; every reduction is a fixed-order loop or a fixed-shape tree.
+// Without a GPU: tests/test_cuda_build.py compiles this file with nvcc (no spills), and
+// tests/test_cuda_emulation.py compiles it (and the binding) for the CPU (-DMSFUSED_CUDA_EMULATION,
+// emulation.h) and compares every output with the CPU kernels.
 // Registers: every kernel is __launch_bounds__(256, 1): with the default occupancy target ptxas spilled
 // around the 64-bit integer division and float division slow-path calls in the gathers; one block per SM
 // is all the kernels need to be resident, and the build test checks that no kernel spills.
