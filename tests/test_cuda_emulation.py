@@ -117,17 +117,23 @@ DRIVER = textwrap.dedent(
         got = emu.multi_scale_forward(*args)
         tol = TOL[dtype]
         worst = []
-        names = ["out", "level", "pre", "mean", "var"]
-        for i, nm in enumerate(names):
-            ws = [want[i]] if i == 0 else list(want[i])
-            gs = [got[i]] if i == 0 else list(got[i])
-            for j, (g, w) in enumerate(zip(gs, ws)):
-                assert g.dtype == w.dtype, (name, nm, j, g.dtype, w.dtype)
-                if g.numel():
-                    assert g.is_contiguous(memory_format=torch.channels_last) == w.is_contiguous(memory_format=torch.channels_last), (name, nm, j, "format")
-                e = err(g, w)
-                worst.append((e, f"{nm}[{j}]"))
-                assert e <= tol, f"{name}: forward {nm}[{j}] err {e:.3g} > {tol}"
+
+        def compare(direction, names, got, want, tol, skip=()):
+            for i, nm in enumerate(names):
+                ws = [want[i]] if i == 0 else list(want[i])
+                gs = [got[i]] if i == 0 else list(got[i])
+                for j, (g, w) in enumerate(zip(gs, ws)):
+                    assert g.dtype == w.dtype, (name, nm, j, g.dtype, w.dtype)
+                    if g.numel():
+                        assert g.is_contiguous(memory_format=torch.channels_last) == \
+                            w.is_contiguous(memory_format=torch.channels_last), (name, nm, j, "format")
+                    if nm in skip:
+                        continue
+                    e = err(g, w)
+                    worst.append((e, f"{nm}[{j}]"))
+                    assert e <= tol, f"{name}: {direction} {nm}[{j}] err {e:.3g} > {tol}"
+
+        compare("forward", ["out", "level", "pre", "mean", "var"], got, want, tol)
         # Backward on identical saved tensors (the CPU forward's).
         grad = torch.randn(want[0].shape, dtype=torch.float64).to(dtype)
         out, level, pre, mean, var = want
@@ -135,17 +141,9 @@ DRIVER = textwrap.dedent(
                  down, up, ac, act, pos, [True, True])
         bw = cpu.multi_scale_backward(*bargs)
         bg = emu.multi_scale_backward(*bargs)
-        bnames = ["grad_x", "grad_weight", "grad_bias", "grad_scale", "grad_shift"]
-        for i, nm in enumerate(bnames):
-            ws = [bw[i]] if i == 0 else list(bw[i])
-            gs = [bg[i]] if i == 0 else list(bg[i])
-            for j, (g, w) in enumerate(zip(gs, ws)):
-                assert g.dtype == w.dtype, (name, nm, j, g.dtype, w.dtype)
-                if nm == "grad_bias" and stats:
-                    continue  # its true value is 0 before a batch-statistics norm: both are rounding noise
-                e = err(g, w)
-                worst.append((e, f"{nm}[{j}]"))
-                assert e <= tol * 4, f"{name}: backward {nm}[{j}] err {e:.3g} > {tol * 4}"
+        # grad_bias before a batch-statistics norm: its true value is 0, both are rounding noise.
+        compare("backward", ["grad_x", "grad_weight", "grad_bias", "grad_scale", "grad_shift"], bg, bw, tol * 4,
+                skip=("grad_bias",) if stats else ())
         # Determinism: the same call twice gives bit-identical results.
         again = emu.multi_scale_backward(*bargs)
         assert torch.equal(again[0], bg[0]) and all(torch.equal(a, b) for a, b in zip(again[1], bg[1])), name
@@ -183,6 +181,13 @@ DRIVER = textwrap.dedent(
                 kw.update(factors=tuple(fs), down=rnd.choice(("avg", "bilinear", "nearest")))
             else:
                 kw.update(bins=tuple(rnd.choice((1, 2, 3, 6, (2, 5), (7, 3), 9)) for _ in range(rnd.randint(1, 4))))
+            if kw["stats"] and kw["dtype"] != torch.float64:
+                # float32 batch statistics over few values per channel are ill-conditioned (conftest.Case):
+                # at least 16 values per channel, so that both implementations are well above rounding noise.
+                areas = [(shape[2] // f) * (shape[3] // f) for f in kw.get("factors", ())]
+                areas += [(b if isinstance(b, int) else b[0]) * (b if isinstance(b, int) else b[1])
+                          for b in kw.get("bins", ())]
+                shape = (max(shape[0], -(-16 // min(areas))),) + shape[1:]
             case(f"random{i}-{shape}-{kw}", shape, **kw)
     else:
         case("psp1236-stats", (2, 5, 13, 11), bins=(1, 2, 3, 6), k=1, stats=True)

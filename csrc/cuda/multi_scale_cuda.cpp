@@ -161,6 +161,19 @@ Input prepare(const BlockPlan& plan, const Tensor& x_in) {
   return {fmt, fmt == at::MemoryFormat::ChannelsLast, x_in.contiguous(fmt)};
 }
 
+// The fields the launches that read x and write out share (TileArgs, PoolArgs).
+template <typename Args>
+void set_block(Args& a, const BlockPlan& plan, const Tensor& x, const Tensor& out, int64_t x_offset, bool cl) {
+  a.N = plan.N;
+  a.C = plan.C;
+  a.H = plan.H;
+  a.W = plan.W;
+  a.x = view(x);
+  a.out = view(out);
+  a.x_offset = x_offset;
+  a.x_channels_last = cl;
+}
+
 // Groups of at most kMaxBranches consecutive indices of `items`: f(first, count).
 template <typename F>
 void in_groups(size_t count, F&& f) {
@@ -259,14 +272,7 @@ ForwardResult multi_scale_forward_cuda(const Tensor& x_in, at::TensorList weight
     for (const auto& members : groups) {
       if (members.empty()) continue;
       PoolArgs a;
-      a.N = plan.N;
-      a.C = plan.C;
-      a.H = plan.H;
-      a.W = plan.W;
-      a.x = view(x);
-      a.out = view(out);
-      a.x_offset = copied ? -1 : plan.x_offset;
-      a.x_channels_last = cl;
+      set_block(a, plan, x, out, copied ? -1 : plan.x_offset, cl);
       a.num_branches = static_cast<int>(members.size());
       for (size_t i = 0; i < members.size(); ++i) {
         const size_t b = members[i];
@@ -282,14 +288,7 @@ ForwardResult multi_scale_forward_cuda(const Tensor& x_in, at::TensorList weight
 
   auto tile_args = [&](size_t g0, size_t count, bool copy) {
     TileArgs a;
-    a.N = plan.N;
-    a.C = plan.C;
-    a.H = plan.H;
-    a.W = plan.W;
-    a.x = view(x);
-    a.out = view(out);
-    a.x_offset = copy ? plan.x_offset : -1;
-    a.x_channels_last = cl;
+    set_block(a, plan, x, out, copy ? plan.x_offset : -1, cl);
     a.align_corners = plan.align_corners;
     a.activation = static_cast<int>(plan.activation);
     a.num_branches = static_cast<int>(count);
