@@ -50,7 +50,9 @@ cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
 cxx_flags += ["-std=c++17", "-fopenmp", "-fdiagnostics-color=always"]
 link_flags = ["-fopenmp"]  # resolves to the libgomp.so.1 torch already loaded
 define_macros = [("MSFUSED_WITH_CUDA", "1")] if with_cuda else []
-nvcc_flags = ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"]
+# No --use_fast_math: the kernels must match the reference (gelu's erf, exact division and sqrt).
+nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3"]
+nvcc_flags += ["-std=c++17", "-lineinfo"]
 
 print("msfused build configuration:")
 print(f"  torch {torch.__version__} (CUDA {torch.version.cuda}), CUDA_HOME={CUDA_HOME}")

@@ -101,4 +101,17 @@ BlockPlan make_plan(const at::Tensor& x, at::TensorList weight, const c10::List<
   return plan;
 }
 
+void check_backward_args(const BlockPlan& plan, const at::Tensor& grad_out, at::TensorList level, at::TensorList pre,
+                         at::TensorList mean, at::TensorList var, const OptionalTensorList& scale,
+                         const OptionalTensorList& shift) {
+  const size_t B = plan.branches.size();
+  TORCH_CHECK_VALUE(level.size() == B && pre.size() == B && mean.size() == B && var.size() == B &&
+                        scale.size() == B && shift.size() == B,
+                    "msfused: backward needs one saved level, pre-activation, mean and var per branch");
+  TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_out.size(0) == plan.N && grad_out.size(1) == plan.out_channels &&
+                        grad_out.size(2) == plan.H && grad_out.size(3) == plan.W,
+                    "msfused: grad_out must have the output's shape (", plan.N, ", ", plan.out_channels, ", ", plan.H,
+                    ", ", plan.W, "), got ", grad_out.sizes());
+}
+
 }  // namespace msfused

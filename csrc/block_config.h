@@ -44,6 +44,11 @@ BlockPlan make_plan(const at::Tensor& x, at::TensorList weight, const c10::List<
                     std::string_view down_mode, std::string_view up_mode, bool align_corners,
                     std::string_view activation, std::string_view input_position);
 
+// Checks multi_scale_backward's saved per-branch tensors (one of each per branch) and grad_out's shape.
+void check_backward_args(const BlockPlan& plan, const at::Tensor& grad_out, at::TensorList level, at::TensorList pre,
+                         at::TensorList mean, at::TensorList var, const OptionalTensorList& scale,
+                         const OptionalTensorList& shift);
+
 // The dtype batch statistics and fp32-accumulated per-channel values are kept in.
 inline at::ScalarType stats_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;

@@ -113,4 +113,84 @@ MSFUSED_HD void for_each_tap(ResizeKind kind, int64_t o, int64_t in, int64_t out
   }
 }
 
+// ---- Tap spans and their inverses, for kernels that gather instead of reading tap tables. ----
+// Every kind's taps of output o lie in [first, last], and both ends are non-decreasing in o (the
+// formulas above are monotone in o, rounding included). So the outputs that read input i, and the
+// outputs whose first tap lies in a range, are contiguous ranges of o, found by binary search.
+
+// The first and last input index output o reads.
+template <typename T>
+MSFUSED_HD void tap_span(ResizeKind kind, int64_t o, int64_t in, int64_t out, int64_t factor, bool align_corners,
+                         T linear_scale_value, int64_t* first, int64_t* last) {
+  switch (kind) {
+    case ResizeKind::AvgFactor:
+    case ResizeKind::Adaptive: {
+      const TapRun run = pooling_run(kind, o, in, out, factor);
+      *first = run.start;
+      *last = run.start + run.count - 1;
+      return;
+    }
+    case ResizeKind::Linear: {
+      T l0, l1;
+      linear_taps<T>(o, in, linear_scale_value, align_corners, first, last, &l0, &l1);
+      return;
+    }
+    case ResizeKind::Nearest:
+      *first = *last = nearest_source(o, in, out);
+      return;
+    default:  // Identity
+      *first = *last = o;
+      return;
+  }
+}
+
+// The least o in [0, out) whose first tap (use_last: last tap) is >= i, or out if none.
+template <typename T>
+MSFUSED_HD int64_t first_output_from(ResizeKind kind, int64_t i, bool use_last, int64_t in, int64_t out,
+                                     int64_t factor, bool align_corners, T linear_scale_value) {
+  int64_t lo = 0, hi = out;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    int64_t f, l;
+    tap_span<T>(kind, mid, in, out, factor, align_corners, linear_scale_value, &f, &l);
+    if ((use_last ? l : f) >= i) hi = mid;
+    else lo = mid + 1;
+  }
+  return lo;
+}
+
+// The outputs [*o_begin, *o_end) that read input i (the adjoint's gather range; empty for inputs no
+// output reads, e.g. the last in % factor rows of AvgFactor).
+template <typename T>
+MSFUSED_HD void readers_of(ResizeKind kind, int64_t i, int64_t in, int64_t out, int64_t factor, bool align_corners,
+                           T linear_scale_value, int64_t* o_begin, int64_t* o_end) {
+  *o_begin = first_output_from<T>(kind, i, true, in, out, factor, align_corners, linear_scale_value);
+  *o_end = first_output_from<T>(kind, i + 1, false, in, out, factor, align_corners, linear_scale_value);
+  if (*o_end < *o_begin) *o_end = *o_begin;
+}
+
+// The outputs [*o_begin, *o_end) whose first tap lies in [lo, hi): a partition of the outputs when the
+// input is cut into consecutive ranges (tiles).
+template <typename T>
+MSFUSED_HD void outputs_starting_in(ResizeKind kind, int64_t lo, int64_t hi, int64_t in, int64_t out, int64_t factor,
+                                    bool align_corners, T linear_scale_value, int64_t* o_begin, int64_t* o_end) {
+  *o_begin = first_output_from<T>(kind, lo, false, in, out, factor, align_corners, linear_scale_value);
+  *o_end = first_output_from<T>(kind, hi, false, in, out, factor, align_corners, linear_scale_value);
+}
+
+// Every weight with which output o reads input i (none if it does not), in the order for_each_tap visits
+// them: f(weight). Pooling kinds in O(1) rather than walking the run.
+template <typename T, typename F>
+MSFUSED_HD void for_each_weight_of(ResizeKind kind, int64_t o, int64_t i, int64_t in, int64_t out, int64_t factor,
+                                   bool align_corners, T linear_scale_value, F&& f) {
+  if (kind == ResizeKind::AvgFactor || kind == ResizeKind::Adaptive) {
+    const TapRun run = pooling_run(kind, o, in, out, factor);
+    if (i >= run.start && i < run.start + run.count) f(T(1) / static_cast<T>(run.count));
+    return;
+  }
+  for_each_tap<T>(kind, o, in, out, factor, align_corners, linear_scale_value, [&](int64_t j, T w) {
+    if (j == i) f(w);
+  });
+}
+
 }  // namespace msfused

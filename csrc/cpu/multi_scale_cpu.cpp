@@ -563,13 +563,7 @@ BackwardResult multi_scale_backward_cpu(const Tensor& grad_in, const Tensor& x_i
   const BlockPlan plan = make_plan(x_in, weight, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
                                    activation, input_position);
   const size_t B = plan.branches.size();
-  TORCH_CHECK_VALUE(level.size() == B && pre.size() == B && mean.size() == B && var.size() == B &&
-                        scale.size() == B && shift.size() == B,
-                    "msfused: backward needs one saved level, pre-activation, mean and var per branch");
-  TORCH_CHECK_VALUE(grad_in.dim() == 4 && grad_in.size(0) == plan.N && grad_in.size(1) == plan.out_channels &&
-                        grad_in.size(2) == plan.H && grad_in.size(3) == plan.W,
-                    "msfused: grad_out must have the output's shape (", plan.N, ", ", plan.out_channels, ", ", plan.H,
-                    ", ", plan.W, "), got ", grad_in.sizes());
+  check_backward_args(plan, grad_in, level, pre, mean, var, scale, shift);
   const auto fmt = x_in.suggest_memory_format();
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const Tensor x = x_in.contiguous(fmt);

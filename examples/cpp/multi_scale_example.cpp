@@ -5,7 +5,9 @@
 // it, trains through it with autograd, and compares it with the same block written with
 // torch::nn::functional. It exits non-zero if anything is off.
 //
-//   ./multi_scale_example
+//   ./multi_scale_example                 # on the GPU when torch sees one and libmsfused has CUDA kernels
+//   ./multi_scale_example --device cpu    # or --device cuda
+#include <torch/cuda.h>
 #include <torch/nn/functional.h>
 #include <torch/utils.h>
 
@@ -16,6 +18,7 @@
 #include <cstdio>
 #include <iostream>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -97,20 +100,48 @@ double rel_err(const Tensor& a, const Tensor& ref) {
   return (a - ref).norm().item<double>() / std::max(ref.norm().item<double>(), 1e-12);
 }
 
-int main() {
-  if (!c10::Dispatcher::singleton().findSchema({"msfused::multi_scale_forward", ""})) {
+int main(int argc, char** argv) {
+  const auto op = c10::Dispatcher::singleton().findSchema({"msfused::multi_scale_forward", ""});
+  if (!op) {
     std::cerr << "msfused operators are not registered: link libmsfused with -Wl,--no-as-needed "
                  "or dlopen it before use\n";
     return 1;
   }
+  // The device: --device cpu|cuda, else the GPU when torch sees one and the library has CUDA kernels
+  // (built with -DMSFUSED_WITH_CUDA=ON).
+  const bool cuda_kernels = op->hasKernelForDispatchKey(c10::DispatchKey::CUDA);
+  std::string device_name = torch::cuda::is_available() && cuda_kernels ? "cuda" : "cpu";
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--device" && i + 1 < argc) device_name = argv[++i];
+    else if (arg.rfind("--device=", 0) == 0) device_name = arg.substr(9);
+    else {
+      std::cerr << "usage: " << argv[0] << " [--device cpu|cuda]\n";
+      return 2;
+    }
+  }
+  if (device_name == "cuda" && !(torch::cuda::is_available() && cuda_kernels)) {
+    std::cerr << "--device cuda: " << (cuda_kernels ? "torch sees no CUDA device" : "libmsfused has no CUDA kernels")
+              << "\n";
+    return 2;
+  }
+  const torch::Device device(device_name == "cuda" ? torch::kCUDA : torch::kCPU);
+  // float32 without TF32 on the GPU, so that the 1e-5 check below holds for the reference's convolution too.
+  if (device.is_cuda()) {
+    at::globalContext().setAllowTF32CuDNN(false);
+    at::globalContext().setAllowTF32CuBLAS(false);
+  }
+  std::cout << "device: " << device << "\n";
+
   torch::manual_seed(0);
   const int64_t N = 2, C = 8, H = 12, W = 12, Cb = C / 4;
+  const auto on = torch::TensorOptions().device(device);
   std::vector<Branch> branches;
   for (int64_t bins : {1, 2, 3, 6})
-    branches.push_back({bins, torch::randn({Cb, C, 1, 1}) / std::sqrt(double(C)), torch::rand({Cb}) + 0.5,
-                        torch::randn({Cb}), torch::randn({Cb}) * 0.1, torch::rand({Cb}) + 0.5});
+    branches.push_back({bins, torch::randn({Cb, C, 1, 1}, on) / std::sqrt(double(C)), torch::rand({Cb}, on) + 0.5,
+                        torch::randn({Cb}, on), torch::randn({Cb}, on) * 0.1, torch::rand({Cb}, on) + 0.5});
 
-  const Tensor x = torch::randn({N, C, H, W}).requires_grad_();
+  const Tensor x = torch::randn({N, C, H, W}, on).requires_grad_();
   const Tensor out = fused(x, branches);
   std::cout << "output shape: " << out.sizes() << "\n";  // [2, 16, 12, 12]: x's 8 channels + 4 x 2
 

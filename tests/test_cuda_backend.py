@@ -1,0 +1,166 @@
+"""Backend 'cuda' (csrc/cuda/) on a GPU: the fused modules against their naive twins run in float64 on the
+CPU (tests/conftest.py's comparison, with the fused module and its input on CUDA) over the factor and bins
+grids of test_forward_backward.py, channels_last and odd shapes, float64 / float32 (TF32 off) / float16 /
+bfloat16 (SPEC.md: err no larger than twice the naive composition's own in that dtype, plus 1e-3), bit-identical
+gradients run to run, and empty inputs.
+
+Skipped without a CUDA device. Without one, test_cuda_build.py (nvcc, ptxas: no spills) and
+test_cuda_emulation.py (the same kernels run on the CPU against the CPU kernels) check the kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+import msfused
+from msfused import _ops
+
+from .conftest import (
+    Case, build_case, case_ids, make_input, norm_err, reference64, run_case, true_zero_gradients,
+)
+from .test_forward_backward import _bins_grid, _mode_grid
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device: the CUDA backend's runtime "
+                       "tests need a GPU (test_cuda_build.py and test_cuda_emulation.py check the kernels without one)"),
+    pytest.mark.skipif(not _ops.has_kernel("CUDA"), reason="msfused._C was built without the CUDA kernels"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _cuda_backend():
+    """Backend 'cuda' for the fused module; TF32 off (SPEC.md's float32 rule)."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with msfused.use_backend("cuda"):
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+# ---------------------------------------------------------------------------------------------------
+# The factor and bins grids of test_forward_backward.py (float64 and float32), on CUDA
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", _mode_grid(), ids=case_ids(_mode_grid()))
+def test_factor_modes_cuda(case):
+    run_case(case, device="cuda")
+
+
+@pytest.mark.parametrize("case", _bins_grid(), ids=case_ids(_bins_grid()))
+def test_bins_cuda(case):
+    run_case(case, device="cuda")
+
+
+def _layout_cases():
+    cases = []
+    configs = (
+        ("ms", dict(scales=(1, 2, 4), kernel_size=3, norm="batch"), (2, 5, 37, 29)),  # several tiles, odd sizes
+        ("ms", dict(scales=(1, 3), down_mode="bilinear", align_corners=True, kernel_size=5, activation="gelu",
+                    branch_channels=11), (3, 9, 23, 31)),  # > 8 output and input channels: chunks
+        ("ms", dict(scales=(2,), kernel_size=7, down_mode="nearest", up_mode="nearest", input_position=None),
+         (2, 3, 30, 17)),
+        ("psp", dict(bins=(1, 2, 3, 6), kernel_size=1, bias=True), (2, 10, 33, 18)),
+        ("psp", dict(bins=(48, 2), kernel_size=3, up_mode="nearest"), (2, 3, 48, 48)),  # too big for the pool kernel
+    )
+    for (kind, kwargs, shape), layout, dtype, train in itertools.product(
+            configs, ("contiguous", "channels_last", "slice_h", "channels_last_slice"),
+            (torch.float64, torch.float32), (False, True)):
+        cases.append(Case(kind, kwargs, shape, dtype, layout=layout, train=train, steps=2 if train else 1))
+    return cases
+
+
+@pytest.mark.parametrize("case", _layout_cases(), ids=case_ids(_layout_cases()))
+def test_layouts_and_shapes_cuda(case):
+    run_case(case, device="cuda")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Half precision: SPEC.md's rule against the naive composition run in the same dtype on the GPU
+# ---------------------------------------------------------------------------------------------------
+
+HALF_CASES = [
+    Case(kind, kwargs, shape, dtype, layout=layout, train=train)
+    for (kind, kwargs, shape) in (
+        ("ms", dict(scales=(1, 2, 4), kernel_size=3), (4, 16, 32, 32)),
+        ("ms", dict(scales=(1, 2, 4), down_mode="bilinear", kernel_size=3, norm="batch", activation="silu"),
+         (4, 8, 27, 21)),
+        ("psp", dict(bins=(1, 2, 3, 6), kernel_size=1, branch_channels=8), (8, 32, 24, 24)),
+    )
+    for dtype in (torch.float16, torch.bfloat16)
+    for layout in ("contiguous", "channels_last")
+    for train in (False, True)
+]
+
+
+@pytest.mark.parametrize("case", HALF_CASES, ids=case_ids(HALF_CASES))
+def test_half_precision_cuda(case):
+    naive, fused = build_case(case)
+    ref = reference64(naive)
+    own = copy.deepcopy(naive).cuda()
+    fused = fused.cuda()
+    x = make_input(case.shape, case.dtype, case.layout, requires_grad=True, device="cuda")
+    x_own = x.detach().clone().requires_grad_(True)
+    x64 = x.detach().to(device="cpu", dtype=torch.float64).requires_grad_(True)
+    out, out_own, out_ref = fused(x), own(x_own), ref(x64)
+    assert out.dtype == case.dtype and not torch.isnan(out).any()
+    g = torch.randn(out.shape, dtype=torch.float64)
+    s = g.norm().item()
+    names = [n for n, _ in fused.named_parameters() if n not in true_zero_gradients(fused)]
+    got = torch.autograd.grad(out, [x] + [dict(fused.named_parameters())[n] for n in names], g.to(case.dtype).cuda())
+    mine = torch.autograd.grad(out_own, [x_own] + [dict(own.named_parameters())[n] for n in names],
+                               g.to(case.dtype).cuda())
+    want = torch.autograd.grad(out_ref, [x64] + [dict(ref.named_parameters())[n] for n in names], g)
+    checks = [("output", out, out_own, out_ref, None)] + [
+        (n, a, b, c, s) for n, a, b, c in zip(["x"] + names, got, mine, want)]
+    for name, a, b, c, scale in checks:
+        e, e_own = norm_err(a, c, scale), norm_err(b, c, scale)
+        assert e <= 2 * e_own + 1e-3, f"{case.id}: {name}: err {e:.3e} > 2 x naive {e_own:.3e} + 1e-3"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Determinism and empty inputs
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,kwargs", [
+    ("ms", dict(scales=(1, 2, 4), kernel_size=3, norm="batch")),
+    ("psp", dict(bins=(1, 2, 3, 6), kernel_size=1)),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bit_identical_gradients_cuda(kind, kwargs, dtype):
+    _, fused = build_case(Case(kind, kwargs, (4, 8, 29, 31), dtype, train=True))
+    fused = fused.cuda()
+    x = make_input((4, 8, 29, 31), dtype, "contiguous", device="cuda").requires_grad_(True)
+    g = torch.randn(4, fused.out_channels, 29, 31, device="cuda").to(dtype)
+    runs = []
+    for _ in range(2):
+        out = fused(x)
+        runs.append([out.detach().clone()] + list(torch.autograd.grad(out, [x] + list(fused.parameters()), g)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b), "the CUDA backend's results differ between two identical runs"
+
+
+@pytest.mark.parametrize("kind,kwargs", [("ms", dict(scales=(1, 2))), ("psp", dict(bins=(1, 3)))])
+def test_empty_batch_cuda(kind, kwargs):
+    _, fused = build_case(Case(kind, kwargs, (2, 3, 8, 8), torch.float32))
+    fused = fused.cuda()
+    x = torch.zeros(0, 3, 8, 8, device="cuda", requires_grad=True)
+    out = fused(x)
+    assert out.shape == (0, fused.out_channels, 8, 8)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_large_kernel_refused_cuda():
+    _, fused = build_case(Case("ms", dict(scales=(1, 2), kernel_size=9), (1, 2, 16, 16), torch.float32))
+    fused = fused.cuda()
+    with pytest.raises((ValueError, RuntimeError), match="kernel size"):
+        fused(torch.randn(1, 2, 16, 16, device="cuda"))

@@ -1,0 +1,210 @@
+"""The CUDA backend's kernels and binding, run on the CPU: csrc/cuda/multi_scale_kernels.cu and
+multi_scale_cuda.cpp compiled with the host compiler and -DMSFUSED_CUDA_EMULATION (csrc/cuda/emulation.h:
+blocks in order, a block's threads as an OpenMP team, __syncthreads as a barrier), registered as the
+operators torch.ops.msfused_cuda_emulation.*, and compared with the CPU kernels (torch.ops.msfused.*) on the
+same inputs: every forward output (out, level, pre, mean, var) and every backward gradient. Outputs start as
+NaN in this build, so an element the kernels forget to write fails the comparison.
+
+This checks the kernels' index math, tiling, reductions and the binding's logic without a GPU; it does not
+check the hardware's behaviour (memory model, speed) — test_cuda_backend.py does that where a GPU is.
+Needs the CUDA toolkit's headers (cuda_runtime_api.h, cuda_fp16.h) and the CPU extension msfused._C.
+Runs in a subprocess (its own OpenMP settings: 256 threads per emulated block on few cores).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import msfused
+from msfused import _ops
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cuda_include() -> Path | None:
+    nvcc = shutil.which("nvcc")
+    candidates = [Path(nvcc).resolve().parents[1] / "include"] if nvcc else []
+    candidates += [Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"]
+    for c in candidates:
+        if (c / "cuda_runtime_api.h").exists() and (c / "cuda_fp16.h").exists():
+            return c
+    return None
+
+
+CUDA_INCLUDE = _cuda_include()
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CUDA_INCLUDE is None, reason="the CUDA toolkit's headers (cuda_runtime_api.h) are not found"),
+    pytest.mark.skipif(not _ops.has_kernel("CPU"), reason="msfused._C (the CPU kernels, the reference here) is not built"),
+]
+
+
+@pytest.fixture(scope="module")
+def emulation_library(tmp_path_factory) -> Path:
+    from torch.utils import cpp_extension
+
+    build = tmp_path_factory.mktemp("cuda_emulation")
+    wrapper = build / "kernels_emulated.cpp"  # the .cu as C++
+    wrapper.write_text(f'#include "{ROOT / "csrc" / "cuda" / "multi_scale_kernels.cu"}"\n')
+    flags = ["-DMSFUSED_CUDA_EMULATION", "-O2", "-std=c++17", "-fopenmp", "-Wno-unknown-pragmas"]
+    cpp_extension.load(
+        name="msfused_cuda_emulation",
+        sources=[str(wrapper), str(ROOT / "csrc" / "cuda" / "multi_scale_cuda.cpp"), str(ROOT / "csrc" / "block_config.cpp")],
+        extra_cflags=flags,
+        extra_include_paths=[str(ROOT / "csrc"), str(CUDA_INCLUDE)],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build),
+        is_python_module=False,
+        with_cuda=False,
+        verbose=False,
+    )
+    lib = build / "msfused_cuda_emulation.so"
+    assert lib.exists(), sorted(p.name for p in build.iterdir())
+    return lib
+
+
+DRIVER = textwrap.dedent(
+    r"""
+    import math, sys
+    import torch
+    import msfused  # noqa: F401  (loads msfused._C: the CPU kernels)
+
+    torch.ops.load_library(sys.argv[1])
+    emu, cpu = torch.ops.msfused_cuda_emulation, torch.ops.msfused
+    torch.manual_seed(int(sys.argv[2]))
+    TOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+    def err(a, b):
+        a, b = a.double(), b.double()
+        assert a.shape == b.shape, (a.shape, b.shape)
+        if a.numel() == 0:
+            return 0.0
+        if not torch.isfinite(a).all():
+            return float("inf")
+        den = max(b.norm().item(), 1e-12)
+        return (a - b).norm().item() / den
+
+    def case(name, shape, factors=(), bins=(), k=3, cb=3, dtype=torch.float64, cl=False, down="avg",
+             up="bilinear", ac=False, act="relu", pos="first", stats=False, bias=True, scale=True):
+        N, C, H, W = shape
+        B = len(factors) + len(bins)
+        x = torch.randn(shape, dtype=torch.float64).to(dtype)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ks = k if isinstance(k, (list, tuple)) else [k] * B
+        cbs = cb if isinstance(cb, (list, tuple)) else [cb] * B
+        weight = [(torch.randn(cbs[b], C, ks[b], ks[b], dtype=torch.float64) / math.sqrt(C * ks[b] ** 2)).to(dtype)
+                  for b in range(B)]
+        bias_ = [(torch.randn(cbs[b], dtype=torch.float64) * 0.3).to(dtype) if bias else None for b in range(B)]
+        pdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        scale_ = [(torch.rand(cbs[b], dtype=torch.float64) + 0.5).to(pdt) if scale else None for b in range(B)]
+        shift_ = [(torch.randn(cbs[b], dtype=torch.float64) * 0.2).to(pdt) if scale else None for b in range(B)]
+        factor = list(factors) + [0] * len(bins)
+        binl = [0, 0] * len(factors)
+        for bn in bins:
+            binl += list(bn) if isinstance(bn, tuple) else [bn, bn]
+        args = (x, weight, bias_, scale_, shift_, [stats] * B, [1e-5] * B, factor, binl, down, up, ac, act, pos)
+        want = cpu.multi_scale_forward(*args)
+        got = emu.multi_scale_forward(*args)
+        tol = TOL[dtype]
+        worst = []
+
+        def compare(direction, names, got, want, tol, skip=()):
+            for i, nm in enumerate(names):
+                ws = [want[i]] if i == 0 else list(want[i])
+                gs = [got[i]] if i == 0 else list(got[i])
+                for j, (g, w) in enumerate(zip(gs, ws)):
+                    assert g.dtype == w.dtype, (name, nm, j, g.dtype, w.dtype)
+                    if g.numel():
+                        assert g.is_contiguous(memory_format=torch.channels_last) == \
+                            w.is_contiguous(memory_format=torch.channels_last), (name, nm, j, "format")
+                    if nm in skip:
+                        continue
+                    e = err(g, w)
+                    worst.append((e, f"{nm}[{j}]"))
+                    assert e <= tol, f"{name}: {direction} {nm}[{j}] err {e:.3g} > {tol}"
+
+        compare("forward", ["out", "level", "pre", "mean", "var"], got, want, tol)
+        # Backward on identical saved tensors (the CPU forward's).
+        grad = torch.randn(want[0].shape, dtype=torch.float64).to(dtype)
+        out, level, pre, mean, var = want
+        bargs = (grad, x, weight, scale_, shift_, level, pre, mean, var, [stats] * B, [1e-5] * B, factor, binl,
+                 down, up, ac, act, pos, [True, True])
+        bw = cpu.multi_scale_backward(*bargs)
+        bg = emu.multi_scale_backward(*bargs)
+        # grad_bias before a batch-statistics norm: its true value is 0, both are rounding noise.
+        compare("backward", ["grad_x", "grad_weight", "grad_bias", "grad_scale", "grad_shift"], bg, bw, tol * 4,
+                skip=("grad_bias",) if stats else ())
+        # Determinism: the same call twice gives bit-identical results.
+        again = emu.multi_scale_backward(*bargs)
+        assert torch.equal(again[0], bg[0]) and all(torch.equal(a, b) for a, b in zip(again[1], bg[1])), name
+        e, where = max(worst)
+        print(f"ok {name}: worst err {e:.2e} ({where})", flush=True)
+
+    which = sys.argv[3]
+    if which == "factor":
+        case("ms124-avg-f64", (2, 3, 9, 11), factors=(1, 2, 4))
+        case("ms123-bilinear-ac-nearest-k1-gelu-last-stats", (3, 4, 10, 13), factors=(1, 2, 3), down="bilinear",
+             up="nearest", ac=True, k=1, act="gelu", pos="last", stats=True)
+        case("ms23-nearest-k5-silu-none-cl-f32", (2, 3, 11, 8), factors=(2, 3), down="nearest", k=5, act="silu",
+             pos="none", dtype=torch.float32, cl=True, bias=False)
+        case("ms12-k7-tiles-chunks", (2, 10, 34, 33), factors=(1, 2), k=(7, 3), cb=(10, 9), act="none",
+             scale=False)
+        case("ms124-stats-cl-f64", (2, 5, 20, 17), factors=(1, 2, 4), stats=True, cl=True, ac=True, pos="last")
+        case("ms14-f16", (2, 4, 12, 12), factors=(1, 4), dtype=torch.float16)
+        case("ms12-bf16-stats", (4, 4, 10, 10), factors=(1, 2), dtype=torch.bfloat16, stats=True)
+        case("nine-branches", (2, 2, 12, 12), factors=(1, 2, 3, 4, 1, 2, 3, 4, 6), k=1, cb=2, stats=True)
+    elif which == "random":  # configurations drawn from the seed
+        import random
+        rnd = random.Random(int(sys.argv[2]))
+        for i in range(10):
+            shape = (rnd.randint(1, 3), rnd.randint(1, 10), rnd.randint(6, 36), rnd.randint(6, 36))
+            kw = dict(k=rnd.choice((1, 3, 5, 7)), cb=rnd.randint(1, 10), up=rnd.choice(("bilinear", "nearest")),
+                      ac=rnd.random() < 0.5, act=rnd.choice(("relu", "silu", "gelu", "none")),
+                      pos=rnd.choice(("first", "last", "none")), stats=rnd.random() < 0.4,
+                      bias=rnd.random() < 0.5, scale=rnd.random() < 0.7, cl=rnd.random() < 0.4,
+                      dtype=rnd.choice((torch.float64, torch.float64, torch.float32)))
+            if kw["stats"]:
+                shape = (max(shape[0], 2),) + shape[1:]
+            if rnd.random() < 0.5:
+                fs = sorted(rnd.sample((1, 2, 3, 4, 5), rnd.randint(1, 3)))
+                fs = [f for f in fs if f <= min(shape[2:])] or [1]
+                kw.update(factors=tuple(fs), down=rnd.choice(("avg", "bilinear", "nearest")))
+            else:
+                kw.update(bins=tuple(rnd.choice((1, 2, 3, 6, (2, 5), (7, 3), 9)) for _ in range(rnd.randint(1, 4))))
+            if kw["stats"] and kw["dtype"] != torch.float64:
+                # float32 batch statistics over few values per channel are ill-conditioned (conftest.Case):
+                # at least 16 values per channel, so that both implementations are well above rounding noise.
+                areas = [(shape[2] // f) * (shape[3] // f) for f in kw.get("factors", ())]
+                areas += [(b if isinstance(b, int) else b[0]) * (b if isinstance(b, int) else b[1])
+                          for b in kw.get("bins", ())]
+                shape = (max(shape[0], -(-16 // min(areas))),) + shape[1:]
+            case(f"random{i}-{shape}-{kw}", shape, **kw)
+    else:
+        case("psp1236-stats", (2, 5, 13, 11), bins=(1, 2, 3, 6), k=1, stats=True)
+        case("psp-pairs-nearest-k3-f32", (2, 4, 9, 7), bins=((2, 5), (5, 2), 3), up="nearest", k=3,
+             dtype=torch.float32, pos="last", act="silu")
+        case("psp-larger-than-map", (3, 3, 5, 5), bins=((8, 6), 20, 1), ac=True, k=3, cl=True)
+        case("psp-too-big-for-pool-kernel-cl", (2, 3, 40, 40), bins=(40, 2), k=1, cl=True, stats=True)
+        case("psp-mixed-with-factor", (2, 3, 12, 12), factors=(1, 2), bins=(1, 3), k=1, pos="none")
+        case("psp-f16", (8, 8, 12, 12), bins=(1, 2, 3, 6), k=1, dtype=torch.float16, stats=True)
+    """
+)
+
+
+@pytest.mark.parametrize("which", ["factor", "bins", "random"])
+def test_emulated_cuda_matches_cpu(emulation_library, which, _seed_every_test):
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_DYNAMIC="false", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", DRIVER, str(emulation_library), str(_seed_every_test), which],
+                       capture_output=True, text=True, timeout=1500, env=env, cwd=str(ROOT))
+    assert r.returncode == 0, f"--- stdout ---\n{r.stdout[-6000:]}\n--- stderr ---\n{r.stderr[-8000:]}"
+    assert r.stdout.count("ok ") >= 6, r.stdout
