@@ -46,14 +46,20 @@ def _arg_type(value) -> str:
 
 
 recorded = {}
+_autotuned = set()
 
 
 def _record(kernel, grid, *args, **meta):
     configs = [dict(meta)]
     fn = kernel
     if isinstance(kernel, triton.runtime.autotuner.Autotuner):
+        # Every autotune configuration for the first variant of each operand dtype, the first one after.
         fn = kernel.fn
         configs = [dict(meta, **c.kwargs) for c in kernel.configs]
+        first = (fn.__name__, _arg_type(args[0]))
+        if first in _autotuned:
+            configs = configs[:1]
+        _autotuned.add(first)
     names = fn.arg_names
     for consts in configs:
         signature = {}
@@ -125,14 +131,23 @@ def record_launches() -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default="80,90", help="compute capabilities, comma-separated")
+    parser.add_argument("--all", action="store_true",
+                        help="every variant for every arch (default: every variant for the last arch, the first "
+                             "variant of each kernel and operand dtype for the others)")
     opts = parser.parse_args(argv)
     record_launches()
     kernels = sorted({key[0] for key in recorded})
     print(f"{len(recorded)} kernel variants recorded ({', '.join(kernels)})", flush=True)
     start = time.time()
-    for arch in (int(a) for a in opts.archs.split(",")):
+    archs = [int(a) for a in opts.archs.split(",")]
+    for arch in archs:
         target = GPUTarget("cuda", arch, 32)
+        seen = set()
         for (name, _sig, consts), (fn, signature, constexprs) in recorded.items():
+            first = (name, next(iter(signature.values())))
+            if not opts.all and arch != archs[-1] and first in seen:
+                continue
+            seen.add(first)
             t = time.time()
             try:
                 compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target)
@@ -141,8 +156,9 @@ def main(argv=None) -> int:
                 return 1
             assert "cubin" in compiled.asm, name
             print(f"ok sm_{arch} {name} {dict(consts)} ({time.time() - t:.1f} s)", flush=True)
-    print(f"all {len(recorded)} variants compiled for sm_{opts.archs.replace(',', ', sm_')} "
-          f"in {time.time() - start:.0f} s", flush=True)
+    print(f"all {len(recorded)} variants compiled for sm_{archs[-1]}, "
+          f"{'all' if opts.all else 'one per kernel and dtype'} for {', '.join(f'sm_{a}' for a in archs[:-1]) or '-'}"
+          f"; variants compiled for {', '.join(f'sm_{a}' for a in archs)} in {time.time() - start:.0f} s", flush=True)
     return 0
 
 
