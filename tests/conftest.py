@@ -536,3 +536,42 @@ def run_case(case: Case, grads: bool = True, x_requires_grad: bool = True, devic
     naive, fused = build_case(case)
     run_fused_vs_reference(naive, fused, case.shape, case.dtype, case.layout, case.steps, grads, context=case.id,
                            x_requires_grad=x_requires_grad, device=device)
+
+
+def check_half_precision_grads(case: Case, trials: int, device: str = "cpu") -> None:
+    """SPEC.md's half-precision rule for the output and every gradient (x and each parameter), applied to
+    the mean err over ``trials`` fresh draws (one draw of a bf16 error is noisy: one rounding more or less):
+    mean err_fused <= 2 x mean err_naive + 1e-3 per tensor, the naive module running in the same dtype on
+    the CPU, both against the float64 reference. Gradients whose true value is 0 (conv biases before batch
+    statistics) are left to the float32 / float64 checks."""
+    sums: Dict[str, List[float]] = {}
+    for _ in range(trials):
+        naive, fused = build_case(case)
+        fused.to(device)
+        ref = reference64(naive)
+        x = make_input(case.shape, case.dtype, case.layout)
+        xs = [x.to(device).requires_grad_(True), x.clone().requires_grad_(True), x.double().requires_grad_(True)]
+        mods = (fused, naive, ref)
+        outs = [m(v) for m, v in zip(mods, xs)]
+        assert outs[0].dtype == case.dtype
+        assert_memory_format(outs[0], xs[0], case.id)
+        g = torch.randn(outs[0].shape, dtype=torch.float64).to(case.dtype)
+        s = g.double().norm().item()
+        names = ["output", "x"] + [n for n, _ in fused.named_parameters()]
+        grads = [torch.autograd.grad(o, [v] + list(m.parameters()), g.to(o.device, o.dtype))
+                 for m, o, v in zip(mods, outs, xs)]
+        zero = true_zero_gradients(fused)
+        for i, n in enumerate(names):
+            if n in zero:
+                continue
+            if i == 0:
+                e = (norm_err(outs[0], outs[2]), norm_err(outs[1], outs[2]))
+            else:
+                assert grads[0][i - 1].dtype == case.dtype
+                e = (norm_err(grads[0][i - 1], grads[2][i - 1], s), norm_err(grads[1][i - 1], grads[2][i - 1], s))
+            acc = sums.setdefault(n, [0.0, 0.0])
+            acc[0] += e[0] / trials
+            acc[1] += e[1] / trials
+    bad = {n: (f, o) for n, (f, o) in sums.items() if not f <= 2 * o + 1e-3}
+    assert not bad, f"{case.id}: mean err (fused, naive) over the limit: " + ", ".join(
+        f"{n}: {f:.2e} > 2 x {o:.2e} + 1e-3" for n, (f, o) in bad.items())
