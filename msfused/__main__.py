@@ -27,7 +27,7 @@ def info() -> int:
         from msfused.triton import interpreting
 
         mode = " (interpreter: TRITON_INTERPRET=1, CPU tensors)" if interpreting() else ""
-        print(f"triton {triton.__version__}{mode}")
+        print(f"triton: {triton.__version__}{mode}")
     except ImportError:
         print("triton: not installed")
     print("backends:")

@@ -291,7 +291,9 @@ def test_use_backend_is_thread_local_and_restored(spies):
 @pytest.mark.parametrize("name", ["cuda", "triton"])
 def test_unavailable_backend_raises_with_reason(name):
     ok, why = msfused.availability(name)
-    assert ok is False and why
+    if ok:
+        pytest.skip(f"backend {name!r} is available here")
+    assert why
     _, fused = build_pair("ms", 3, {})
     x = make_input((2, 3, 8, 8))
     before = x.clone()
