@@ -87,8 +87,6 @@ def _unsupported_reason(name: str, x: torch.Tensor) -> Optional[str]:
         return f"backend 'cpu' runs CPU tensors, x is on {x.device}"
     if name == "cuda" and device != "cuda":
         return f"backend 'cuda' runs CUDA tensors, x is on {x.device}"
-    if autocast_enabled(device):
-        return "autocast is not supported by the fused kernels yet (the reference follows autocast's rules)"
     return None
 
 

@@ -8,7 +8,10 @@ return them, and the running statistics are updated here (the operator never mut
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import dataclasses
+import functools
+from types import SimpleNamespace
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -127,6 +130,72 @@ def _fused_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) ->
     return out
 
 
+def _upsample_runs_in_float32(device_type: str, up_mode: str) -> bool:
+    """Whether autocast on ``device_type`` runs ``F.interpolate`` (the up-resize) in float32: CUDA's autocast
+    lists upsample_bilinear2d / upsample_nearest2d as float32 ops, CPU's does not (they run in the input's
+    dtype). Read from the dispatcher (an autocast kernel for the op), not hard-coded per device."""
+    op = "aten::upsample_bilinear2d" if up_mode == "bilinear" else "aten::upsample_nearest2d"
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, "Autocast" + device_type.upper())
+
+
+def _autocast_output_dtype(x: torch.Tensor, spec: BlockSpec, low: torch.dtype) -> torch.dtype:
+    """The dtype of the naive composition's output under autocast to ``low`` on ``x``'s device: each branch
+    leaves the conv, norm (float32 parameters, output in ``low``) and activation in ``low``, its up-resize
+    (if any) in float32 where autocast lists upsampling as a float32 op, and ``torch.cat`` promotes them
+    together with ``x`` (if part of the output)."""
+    H, W = x.shape[-2:]
+    up32 = _upsample_runs_in_float32(x.device.type, spec.up_mode)
+    dtypes = [torch.float32 if up32 and tuple(b.level_size(H, W)) != (H, W) else low for b in spec.branches]
+    if spec.input_position:
+        dtypes.append(x.dtype)
+    return functools.reduce(torch.promote_types, dtypes)
+
+
+def _autocast_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList,
+                      fused_forward: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """The fused block under autocast, following autocast's rules as the naive module does: the
+    convolutions in the autocast dtype (x and the conv parameters cast to it, differentiably, as autocast
+    casts them for ``F.conv2d``), the norms with their own (float32) parameters and buffers (statistics
+    in float32, running statistics updated in the buffers' dtype), and the output in the dtype
+    ``torch.cat`` gives the naive module (``_autocast_output_dtype``): ``x`` itself, when part of the
+    output, is kept exactly in its own dtype. ``fused_forward(x, spec, branches)`` runs the chosen fused
+    backend, with autocast off."""
+    device = x.device.type
+    low = torch.get_autocast_dtype(device)
+    params = [(i, n, t) for i, br in enumerate(branches) for n, t in (("conv.weight", br.conv.weight),
+                                                                      ("conv.bias", br.conv.bias)) if t is not None]
+    if x.dtype == torch.float64 or any(t.dtype == torch.float64 for _, _, t in params):
+        # Autocast leaves float64 alone: all float64 runs as without autocast; a mix is what F.conv2d refuses.
+        for i, n, t in params:
+            if t.dtype != x.dtype:
+                raise TypeError(f"branches[{i}].{n} has dtype {t.dtype} but x has {x.dtype}; autocast does not "
+                                "cast float64, so under autocast float64 x and weights must match")
+        with torch.autocast(device, enabled=False):
+            return fused_forward(x, spec, branches)
+    if spec.input_position and x.dtype not in (torch.float32, low) and \
+            torch._C._dispatch_has_kernel_for_dispatch_key("aten::cat", "Autocast" + device.upper()):
+        # CPU autocast's torch.cat (its promote policy) joins float32 and the autocast dtype only.
+        raise TypeError(f"under autocast to {low} on {device}, x of dtype {x.dtype} cannot join the branches "
+                        f"(torch.cat refuses to mix {x.dtype} with them there, the naive module too); pass x "
+                        f"as float32 or {low}")
+    out_dtype = _autocast_output_dtype(x, spec, low)
+    with torch.autocast(device, enabled=False):
+        cast = [SimpleNamespace(conv=SimpleNamespace(weight=br.conv.weight.to(low),
+                                                     bias=None if br.conv.bias is None else br.conv.bias.to(low)),
+                                norm=br.norm)
+                for br in branches]
+        if x.dtype == low == out_dtype:
+            return fused_forward(x, spec, cast)
+        # The branches from the fused kernels in ``low``; x joins them in its own dtype, as in torch.cat.
+        y = fused_forward(x.to(low), dataclasses.replace(spec, input_position=None), cast)
+        if spec.input_position is None:
+            return y.to(out_dtype)
+        parts = [x.to(out_dtype), y.to(out_dtype)]
+        if spec.input_position == "last":
+            parts.reverse()
+        return torch.cat(parts, 1).contiguous(memory_format=torch._prims_common.suggest_memory_format(x))
+
+
 def unfusable_reason(spec: BlockSpec, branches: nn.ModuleList) -> Optional[str]:
     """Why the fused kernels cannot compute these branches (a conv or norm replaced by something else
     than the block builds), or None."""
@@ -154,4 +223,6 @@ def multi_scale(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> to
     name = backends.resolve(x, unfusable_reason(spec, branches))
     if name == "reference":
         return reference_forward(x, spec, branches)
+    if backends.autocast_enabled(x.device.type):
+        return _autocast_forward(x, spec, branches, _fused_forward)
     return _fused_forward(x, spec, branches)
