@@ -39,6 +39,8 @@ def check_input(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> No
     if x.shape[1] != spec.in_channels:
         raise ValueError(f"x has {x.shape[1]} channels but the block expects in_channels={spec.in_channels}")
     H, W = x.shape[-2:]
+    if H < 1 or W < 1:  # (an empty batch, N = 0, is fine: an empty output, as the reference gives)
+        raise ValueError(f"x has an empty map of {H}x{W} (shape {tuple(x.shape)}); H and W must be at least 1")
     for i, b in enumerate(spec.branches):
         h, w = b.level_size(H, W)
         if h < 1 or w < 1:
@@ -46,7 +48,7 @@ def check_input(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> No
                 f"{_branch_name(spec, i)} gives a level of {h}x{w} for x of {H}x{W}; a level must be at least 1x1"
             )
     for i, branch in enumerate(branches):
-        for name, t in branch.named_parameters():
+        for name, t in list(branch.named_parameters()) + list(branch.named_buffers()):
             if t.device != x.device:
                 raise ValueError(f"branches[{i}].{name} is on {t.device} but x is on {x.device}")
     autocast = backends.autocast_enabled(x.device.type)
@@ -220,7 +222,7 @@ def multi_scale(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> to
     the parameters (training-mode norms update their running statistics, as ``nn.BatchNorm2d`` does).
     """
     check_input(x, spec, branches)
-    name = backends.resolve(x, unfusable_reason(spec, branches))
+    name = backends.resolve(x, unfusable_reason(spec, branches), spec)
     if name == "reference":
         return reference_forward(x, spec, branches)
     if backends.autocast_enabled(x.device.type):
