@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from types import SimpleNamespace
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -132,12 +131,30 @@ def _fused_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) ->
     return out
 
 
+def _autocast_kernels() -> dict:
+    """{(device type, op): True} for the ops the block's naive composition calls that autocast handles on that
+    device: read once from the dispatcher (an Autocast<DEVICE> kernel), not hard-coded per device, and kept
+    in a dict so that torch.compile can trace the lookups."""
+    found = {}
+    for device in ("cpu", "cuda", "xpu", "mps", "hpu"):
+        for op in ("aten::upsample_bilinear2d", "aten::upsample_nearest2d", "aten::cat"):
+            try:
+                if torch._C._dispatch_has_kernel_for_dispatch_key(op, "Autocast" + device.upper()):
+                    found[(device, op)] = True
+            except RuntimeError:  # no such dispatch key in this build
+                pass
+    return found
+
+
+_AUTOCAST_KERNELS = _autocast_kernels()
+
+
 def _upsample_runs_in_float32(device_type: str, up_mode: str) -> bool:
     """Whether autocast on ``device_type`` runs ``F.interpolate`` (the up-resize) in float32: CUDA's autocast
     lists upsample_bilinear2d / upsample_nearest2d as float32 ops, CPU's does not (they run in the input's
-    dtype). Read from the dispatcher (an autocast kernel for the op), not hard-coded per device."""
+    dtype)."""
     op = "aten::upsample_bilinear2d" if up_mode == "bilinear" else "aten::upsample_nearest2d"
-    return torch._C._dispatch_has_kernel_for_dispatch_key(op, "Autocast" + device_type.upper())
+    return _AUTOCAST_KERNELS.get((device_type, op), False)
 
 
 def _autocast_output_dtype(x: torch.Tensor, spec: BlockSpec, low: torch.dtype) -> torch.dtype:
@@ -151,6 +168,14 @@ def _autocast_output_dtype(x: torch.Tensor, spec: BlockSpec, low: torch.dtype) -
     if spec.input_position:
         dtypes.append(x.dtype)
     return functools.reduce(torch.promote_types, dtypes)
+
+
+class _CastBranch:
+    """Stands in for a branch under autocast: ``conv.weight`` / ``conv.bias`` cast, ``norm`` the module itself."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], norm: nn.Module):
+        self.conv = self
+        self.weight, self.bias, self.norm = weight, bias, norm
 
 
 def _autocast_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList,
@@ -174,17 +199,14 @@ def _autocast_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList,
                                 "cast float64, so under autocast float64 x and weights must match")
         with torch.autocast(device, enabled=False):
             return fused_forward(x, spec, branches)
-    if spec.input_position and x.dtype not in (torch.float32, low) and \
-            torch._C._dispatch_has_kernel_for_dispatch_key("aten::cat", "Autocast" + device.upper()):
+    if spec.input_position and x.dtype not in (torch.float32, low) and _AUTOCAST_KERNELS.get((device, "aten::cat")):
         # CPU autocast's torch.cat (its promote policy) joins float32 and the autocast dtype only.
         raise TypeError(f"under autocast to {low} on {device}, x of dtype {x.dtype} cannot join the branches "
                         f"(torch.cat refuses to mix {x.dtype} with them there, the naive module too); pass x "
                         f"as float32 or {low}")
     out_dtype = _autocast_output_dtype(x, spec, low)
     with torch.autocast(device, enabled=False):
-        cast = [SimpleNamespace(conv=SimpleNamespace(weight=br.conv.weight.to(low),
-                                                     bias=None if br.conv.bias is None else br.conv.bias.to(low)),
-                                norm=br.norm)
+        cast = [_CastBranch(br.conv.weight.to(low), None if br.conv.bias is None else br.conv.bias.to(low), br.norm)
                 for br in branches]
         if x.dtype == low == out_dtype:
             return fused_forward(x, spec, cast)

@@ -1,9 +1,9 @@
 """The examples in examples/ run, at a small size (issue 6):
 
   * digits_resnet.py: a multi-scale ResNet on scikit-learn's digits, naive and fused trained side by side
-    from the same weights on the same batches: the same test accuracy (up to a couple of test images:
-    float32 rounding differs between the two and training amplifies it), well above chance, and both
-    timed;
+    from the same weights on the same batches: the same test accuracy (in float64, where the two runs agree
+    to rounding; in float32 training amplifies rounding differences into a test image or two), well above
+    chance, and both timed;
   * pspnet_head.py: a PSPNet-style model converted with msfused.convert: outputs (eval and train) and
     running statistics equal before and after, within SPEC.md's float32 tolerance.
 """
@@ -28,13 +28,14 @@ def _load(name: str):
 
 def test_digits_resnet(capsys):
     pytest.importorskip("sklearn", reason="scikit-learn ships the digits (pip install scikit-learn)")
-    results = _load("digits_resnet").main(["--epochs", "2", "--samples", "800", "--width", "12"])
+    results = _load("digits_resnet").main(["--epochs", "2", "--samples", "800", "--width", "12", "--batch-size", "32",
+                                           "--dtype", "float64"])
     out = capsys.readouterr().out
     assert "naive" in out and "fused" in out and "accuracy" in out
     naive, fused = results["naive"], results["fused"]
-    test_images = 800 - int(0.75 * 800)
-    assert abs(naive["accuracy"] - fused["accuracy"]) <= 2 / test_images + 1e-9, results
-    assert min(naive["accuracy"], fused["accuracy"]) >= 0.5, results  # chance is 0.1
+    # float64: the two trainings agree to rounding, so the predictions do (one test image of slack for a tie)
+    assert abs(naive["accuracy"] - fused["accuracy"]) <= 1 / 200 + 1e-9, results
+    assert min(naive["accuracy"], fused["accuracy"]) >= 0.4, results  # chance is 0.1
     assert all(r["train_seconds"] > 0 and math.isfinite(r["train_seconds"]) for r in results.values())
 
 
