@@ -82,20 +82,22 @@ def _update_running_stats(norm: nn.BatchNorm2d, mean: torch.Tensor, var: torch.T
     """What ``nn.BatchNorm2d.forward`` does to its buffers in training mode, from the batch statistics."""
     if not (norm.training and norm.track_running_stats):
         return
-    with torch.no_grad():
-        factor = norm.momentum
-        if norm.num_batches_tracked is not None:
-            norm.num_batches_tracked.add_(1)
-            if norm.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(norm.num_batches_tracked)
-        if factor is None:
-            factor = 0.0
-        # Computed in the statistics' precision and rounded once into the buffer, as ATen does.
-        if norm.running_mean is not None:
-            norm.running_mean.copy_(norm.running_mean.to(mean.dtype) * (1.0 - factor) + mean * factor)
-        if norm.running_var is not None:
-            unbiased = var * (count / (count - 1))
-            norm.running_var.copy_(norm.running_var.to(var.dtype) * (1.0 - factor) + unbiased * factor)
+    # Detached statistics rather than a no_grad block: the same, and torch.export serialises it (a no_grad
+    # block in a train-mode program becomes a set_grad_enabled node that torch.export.save refuses).
+    mean, var = mean.detach(), var.detach()
+    factor = norm.momentum
+    if norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        if norm.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(norm.num_batches_tracked)
+    if factor is None:
+        factor = 0.0
+    # Computed in the statistics' precision and rounded once into the buffer, as ATen does.
+    if norm.running_mean is not None:
+        norm.running_mean.copy_(norm.running_mean.to(mean.dtype) * (1.0 - factor) + mean * factor)
+    if norm.running_var is not None:
+        unbiased = var * (count / (count - 1))
+        norm.running_var.copy_(norm.running_var.to(var.dtype) * (1.0 - factor) + unbiased * factor)
 
 
 def _fused_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> torch.Tensor:
