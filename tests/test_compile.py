@@ -30,6 +30,27 @@ def small_model(kind: str, momentum_none: bool = False) -> nn.Module:
     return randomize_(model)
 
 
+def _check_grads(check, eager, got, want, s):
+    """Gradients of x and of every parameter of ``eager``, compiled (got) against eager (want)."""
+    names = ["x"] + [n for n, _ in eager.named_parameters()]
+    zero = true_zero_gradients(eager)
+    for n, a, b in zip(names, got, want):
+        if n in zero:
+            # a conv bias before a train-mode norm: true gradient 0, both values are float32 rounding
+            # noise (see conftest.ZeroGradProbe); a wrong gradient would be O(s)
+            assert (a - b).norm() <= 1e-4 * s, (n, a, b)
+            continue
+        check(f"grad {n}", a, b, s=s)
+
+
+def _check_buffers(check, compiled_model, eager):
+    for (n, a), (_, b) in zip(compiled_model.named_buffers(), eager.named_buffers()):
+        if n.endswith("num_batches_tracked"):
+            assert torch.equal(a, b), n
+        else:
+            check(n, a, b)
+
+
 def _run(model, x, g):
     out = model(x)
     grads = torch.autograd.grad(out, [x] + list(model.parameters()), g)
@@ -52,20 +73,8 @@ def test_compile_matches_eager(kind, mode, backend):
         out_c, grads_c = _run(compiled, x, g)
         check("output", out_c, out_e)
         s = g.norm().item()
-        names = ["x"] + [n for n, _ in eager.named_parameters()]
-        zero = true_zero_gradients(eager)
-        for n, a, b in zip(names, grads_c, grads_e):
-            if n in zero:
-                # a conv bias before a train-mode norm: true gradient 0, both values are float32 rounding
-                # noise (see conftest.ZeroGradProbe); a wrong gradient would be O(s)
-                assert (a - b).norm() <= 1e-4 * s, (n, a, b)
-                continue
-            check(f"grad {n}", a, b, s=s)
-    for (n, a), (_, b) in zip(compiled_model.named_buffers(), eager.named_buffers()):
-        if n.endswith("num_batches_tracked"):
-            assert torch.equal(a, b), n
-        else:
-            check(n, a, b)
+        _check_grads(check, eager, grads_c, grads_e, s)
+    _check_buffers(check, compiled_model, eager)
 
 
 def test_compile_graph_calls_the_fused_operator():
@@ -95,11 +104,7 @@ def test_compile_train_momentum_none():
         x = make_input((2, 3, 9, 8), torch.float32)
         with torch.no_grad():
             check("output", compiled(x), eager(x))
-    for (n, a), (_, b) in zip(compiled_model.named_buffers(), eager.named_buffers()):
-        if n.endswith("num_batches_tracked"):
-            assert torch.equal(a, b), n
-        else:
-            check(n, a, b)
+    _check_buffers(check, compiled_model, eager)
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
@@ -114,7 +119,6 @@ def test_compile_dynamic_shapes(kind, mode):
     torch._dynamo.reset()
     compiled = torch.compile(compiled_model, fullgraph=True, dynamic=True, backend=counter)
     check = Checker(torch.float32, f"dynamic-{kind}-{mode}")
-    zero = true_zero_gradients(eager)
     frames = []
     for shape in [(2, 3, 11, 9), (3, 3, 16, 13), (4, 3, 9, 12)]:
         x = make_input(shape, torch.float32).requires_grad_(True)
@@ -123,18 +127,9 @@ def test_compile_dynamic_shapes(kind, mode):
         out_c, grads_c = _run(compiled, x, g)
         frames.append(counter.frame_count)
         check("output", out_c, out_e)
-        names = ["x"] + [n for n, _ in eager.named_parameters()]
-        for n, a, b in zip(names, grads_c, grads_e):
-            if n in zero:
-                assert (a - b).norm() <= 1e-4 * g.norm(), n
-            else:
-                check(f"grad {n}", a, b, s=g.norm().item())
+        _check_grads(check, eager, grads_c, grads_e, g.norm().item())
     assert frames[0] >= 1 and frames == [frames[0]] * 3, f"frames compiled after each shape: {frames} (a recompile)"
-    for (n, a), (_, b) in zip(compiled_model.named_buffers(), eager.named_buffers()):
-        if n.endswith("num_batches_tracked"):
-            assert torch.equal(a, b), n
-        else:
-            check(n, a, b)
+    _check_buffers(check, compiled_model, eager)
 
 
 def test_compile_dynamic_inductor():
