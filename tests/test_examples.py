@@ -28,13 +28,13 @@ def _load(name: str):
 
 def test_digits_resnet(capsys):
     pytest.importorskip("sklearn", reason="scikit-learn ships the digits (pip install scikit-learn)")
-    results = _load("digits_resnet").main(["--epochs", "2", "--samples", "800", "--width", "12", "--batch-size", "32",
-                                           "--dtype", "float64"])
+    results = _load("digits_resnet").main(["--epochs", "3", "--samples", "600", "--width", "8", "--blocks", "1",
+                                           "--batch-size", "32", "--dtype", "float64"])
     out = capsys.readouterr().out
     assert "naive" in out and "fused" in out and "accuracy" in out
     naive, fused = results["naive"], results["fused"]
     # float64: the two trainings agree to rounding, so the predictions do (one test image of slack for a tie)
-    assert abs(naive["accuracy"] - fused["accuracy"]) <= 1 / 200 + 1e-9, results
+    assert abs(naive["accuracy"] - fused["accuracy"]) <= 1 / 150 + 1e-9, results  # 150 test images
     assert min(naive["accuracy"], fused["accuracy"]) >= 0.4, results  # chance is 0.1
     assert all(r["train_seconds"] > 0 and math.isfinite(r["train_seconds"]) for r in results.values())
 
