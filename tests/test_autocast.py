@@ -1,6 +1,6 @@
 """Autocast (issue 6): the fused module under ``torch.autocast`` gives the naive module's output dtype and
 SPEC.md's half-precision tolerance against a float64 reference (err <= 2 x the naive module's own err under
-autocast + 1e-3, per tensor, averaged over a few fresh draws), for the output, the gradients and the
+autocast + 1e-3, per tensor, norm-wise over a few fresh draws together), for the output, the gradients and the
 running statistics (whose dtype stays the buffers'). CPU bfloat16 always; CUDA float16 and bfloat16 where a
 GPU is available. The fused path is asked for explicitly (``use_backend``), so a silent fallback to the
 reference would raise instead of passing.
@@ -57,6 +57,12 @@ def _fused_backend(device: str) -> str:
     pytest.skip("no fused CUDA backend in this build (the 'auto' fallback would compare the reference to itself)")
 
 
+def _sq(out: torch.Tensor, ref: torch.Tensor):
+    """(‖out − ref‖², ‖ref‖²) in float64: the parts of SPEC's norm-wise error, to pool over draws."""
+    out, ref = out.detach().double(), ref.detach().double()
+    return (out - ref).pow(2).sum().item(), ref.pow(2).sum().item()
+
+
 def _run(module, x, g, device, dtype, backend=None):
     x = x.detach().clone().requires_grad_(True)
     with torch.autocast(device, dtype=dtype):
@@ -75,17 +81,20 @@ def _run(module, x, g, device, dtype, backend=None):
 @pytest.mark.parametrize("device,dtype", _devices_and_dtypes())
 def test_autocast_matches_naive(device, dtype, kind, kwargs, train, layout):
     backend = _fused_backend(device)
-    shape = (8, 8, 13, 12)  # N = 8: a batch-statistics norm at bin 1 sees >= 8 values (see conftest.Case)
+    shape = (16, 8, 13, 12)  # N = 16: a batch-statistics norm at bin 1 sees 16 values (conditioning: conftest.Case)
     errs = {}
     for _ in range(TRIALS):
         naive, fused = build_pair(kind, shape[1], kwargs, torch.float32)
         naive, fused = naive.to(device).train(train), fused.to(device).train(train)
         ref = reference64(naive)
+        alt = copy.deepcopy(naive)  # the naive module again, on x in the other memory format
         x = make_input(shape, torch.float32, layout).to(device)
         x_before = x.clone()
+        x_alt = x.contiguous(memory_format=torch.contiguous_format if layout == "channels_last" else torch.channels_last)
         g = torch.randn(shape[0], fused.out_channels, *shape[2:], dtype=torch.float64, device=device)
         out, grads = _run(fused, x, g, device, dtype, backend)
         out_n, grads_n = _run(naive, x, g, device, dtype)
+        out_a, grads_a = _run(alt, x_alt, g, device, dtype)
         out_r, grads_r = _run(ref, x.double(), g, device, dtype)  # float64: autocast leaves it alone
         assert out.dtype == out_n.dtype, f"output dtype {out.dtype}, the naive module's {out_n.dtype}"
         assert out_r.dtype == torch.float64
@@ -102,27 +111,35 @@ def test_autocast_matches_naive(device, dtype, kind, kwargs, train, layout):
                 # a large gradient error for any implementation; gradients are checked with smooth ones.
                 continue
             if i == 0:
-                e = (norm_err(out, out_r), norm_err(out_n, out_r))
+                e = (_sq(out, out_r), _sq(out_n, out_r), _sq(out_a, out_r))
             else:
                 a, b, c = grads[i - 1], grads_n[i - 1], grads_r[i - 1]
                 assert a.dtype == b.dtype, f"grad {n}: dtype {a.dtype}, the naive module's {b.dtype}"
-                e = (norm_err(a, c, s), norm_err(b, c, s))
+                e = (_sq(a, c), _sq(b, c), _sq(grads_a[i - 1], c))
             errs.setdefault(n, []).append(e)
         buffers_n = dict(naive.named_buffers())
+        buffers_a = dict(alt.named_buffers())
         buffers_r = dict(ref.named_buffers())
         for n, buf in fused.named_buffers():
             assert buf.dtype == buffers_n[n].dtype, f"{n}: dtype {buf.dtype}"
             if not buf.is_floating_point():
                 assert torch.equal(buf, buffers_n[n]), n
             else:
-                errs.setdefault(n, []).append((norm_err(buf, buffers_r[n]), norm_err(buffers_n[n], buffers_r[n])))
+                errs.setdefault(n, []).append((_sq(buf, buffers_r[n]), _sq(buffers_n[n], buffers_r[n]),
+                                               _sq(buffers_a[n], buffers_r[n])))
     bad = []
     for n, pairs in errs.items():
-        fused_err = sum(p[0] for p in pairs) / len(pairs)
-        naive_err = sum(p[1] for p in pairs) / len(pairs)
+        # SPEC's norm-wise error over all draws together (one tensor of TRIALS draws): a draw whose true
+        # value happens to be tiny (a norm weight's gradient near 0) does not decide alone. The naive
+        # module's own err is measured twice (x in either memory format: two rounding orders) and the larger
+        # taken, as conftest.Checker does: both errors are noisy, and each one a single sample.
+        ref_sq = sum(p[0][1] for p in pairs)
+        fused_err, naive_err, alt_err = ((sum(p[k][0] for p in pairs) / max(ref_sq, 1e-300)) ** 0.5
+                                         for k in (0, 1, 2))
+        naive_err = max(naive_err, alt_err)
         if not fused_err <= 2 * naive_err + 1e-3:
             bad.append(f"{n}: {fused_err:.2e} > 2 x {naive_err:.2e} + 1e-3")
-    assert not bad, "mean err under autocast (fused vs naive) over SPEC's limit: " + "; ".join(bad)
+    assert not bad, "err over the draws under autocast (fused vs naive) over SPEC's limit: " + "; ".join(bad)
 
 
 @pytest.mark.parametrize("position", ["first", "last", None])
