@@ -2,6 +2,8 @@
 #pragma once
 
 #include <cmath>
+#include <limits>
+#include <type_traits>
 
 #include "resize.h"  // MSFUSED_HD
 
@@ -23,6 +25,13 @@ MSFUSED_HD T activate(Activation a, T y) {
     case Activation::Silu:
       return y * sigmoid(y);
     case Activation::Gelu:  // exact erf form
+#if !defined(__CUDA_ARCH__) && !defined(__HIP_DEVICE_COMPILE__)
+      // ATen's CPU gelu in float (and in float16 / bfloat16, computed in float) gives NaN at +Inf, where the
+      // formula (and ATen in float64, and on CUDA) gives +Inf: the CPU path propagates Inf as ATen does there.
+      if constexpr (std::is_same_v<T, float>) {
+        if (y == std::numeric_limits<float>::infinity()) return std::numeric_limits<float>::quiet_NaN();
+      }
+#endif
       return T(0.5) * y * (T(1) + erf(y * T(0.70710678118654752440)));
     default:
       return y;

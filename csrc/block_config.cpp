@@ -44,6 +44,8 @@ BlockPlan make_plan(const at::Tensor& x, at::TensorList weight, const c10::List<
   plan.C = x.size(1);
   plan.H = x.size(2);
   plan.W = x.size(3);
+  TORCH_CHECK_VALUE(plan.H >= 1 && plan.W >= 1, "msfused: x has an empty map (H = ", plan.H, ", W = ", plan.W,
+                    "); H and W must be at least 1");
   plan.align_corners = align_corners;
   plan.activation = parse_activation(activation);
   const ResizeKind down = down_kind(down_mode);

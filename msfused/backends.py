@@ -108,9 +108,53 @@ def _unsupported_reason(name: str, x: torch.Tensor) -> Optional[str]:
         why = triton_backend.runs_on(device)
         if why is not None:
             return why
-    if autocast_enabled(device):
-        return "autocast is not supported by the fused kernels yet (the reference follows autocast's rules)"
     return None
+
+
+#: Backends whose kernels index with 32-bit offsets; they refuse up front any call in which one tensor would
+#: have more elements than that (the CPU kernels, and ATen's convolution, index with int64).
+INT32_INDEX_BACKENDS = ("triton",)
+INT32_INDEX_LIMIT = 2**31 - 1
+
+
+def index_limit_reason(name: str, x: torch.Tensor, spec) -> Optional[str]:
+    """Why backend ``name`` cannot index the tensors of a call on ``x`` with block ``spec`` (a
+    :class:`~msfused.spec.BlockSpec`): x, the output, a level or a convolution output past 2**31 - 1 elements
+    for a backend with 32-bit offsets; None if it can. Reads shapes only (stride-0 views are fine)."""
+    if name not in INT32_INDEX_BACKENDS or x.dim() != 4:
+        return None
+    N, C, H, W = x.shape
+    sizes = {"x": x.numel(), "the output": N * spec.out_channels * H * W}
+    for i, b in enumerate(spec.branches):
+        h, w = b.level_size(H, W)
+        sizes[f"branch {i}'s level"] = N * C * h * w
+        sizes[f"branch {i}'s convolution output"] = N * b.out_channels * h * w
+    what = max(sizes, key=sizes.get)
+    if sizes[what] <= INT32_INDEX_LIMIT:
+        return None
+    return (f"backend {name!r} indexes with 32-bit offsets and {what} would have {sizes[what]} elements "
+            f"(more than 2**31 - 1 = {INT32_INDEX_LIMIT}); split the batch, or use backend 'cpu' or 'reference'")
+
+
+#: The largest convolution kernel the CUDA C++ kernels take (csrc/cuda/multi_scale_kernels.h, kMaxKernelSize).
+CUDA_MAX_KERNEL_SIZE = 7
+
+
+def kernel_size_reason(name: str, spec) -> Optional[str]:
+    """Why backend ``name`` cannot run the convolutions of block ``spec``, or None if it can."""
+    if name != "cuda":
+        return None
+    k = max(b.kernel_size for b in spec.branches)
+    if k > CUDA_MAX_KERNEL_SIZE:
+        return f"backend 'cuda' takes kernel sizes up to {CUDA_MAX_KERNEL_SIZE}, the block has {k}"
+    return None
+
+
+def _call_reason(name: str, x: torch.Tensor, spec) -> Optional[str]:
+    """Why backend ``name`` cannot run this particular call (its sizes), or None."""
+    if spec is None:
+        return None
+    return index_limit_reason(name, x, spec) or kernel_size_reason(name, spec)
 
 
 _warned: set = set()
@@ -122,21 +166,23 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def resolve(x: torch.Tensor, unfusable: Optional[str] = None) -> str:
+def resolve(x: torch.Tensor, unfusable: Optional[str] = None, spec=None) -> str:
     """The concrete backend ('cpu', 'cuda', 'triton' or 'reference') that runs a call on ``x``;
-    ``unfusable`` says why no fused backend can compute the block's branches, if so."""
+    ``unfusable`` says why no fused backend can compute the block's branches, if so; ``spec`` (the block's
+    configuration) lets a backend refuse calls it cannot size (``index_limit_reason``, ``kernel_size_reason``)."""
     name = requested_backend()
     if name == "reference":
         return name
     if name != "auto":
-        why = unfusable or _unsupported_reason(name, x)
+        why = unfusable or _unsupported_reason(name, x) or _call_reason(name, x, spec)
         if why is not None:
             raise RuntimeError(f"msfused backend {name!r} cannot run this call: {why}")
         return name
     candidates = ("cpu",) if x.device.type == "cpu" else ("cuda", "triton")
     reasons = []
     for candidate in candidates:
-        why = unfusable or _unsupported_reason(candidate, x)
+        why = unfusable or _unsupported_reason(candidate, x) or \
+            _call_reason(candidate, x, spec)
         if why is None:
             return candidate
         reasons.append(f"{candidate}: {why}")

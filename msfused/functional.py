@@ -8,7 +8,9 @@ return them, and the running statistics are updated here (the operator never mut
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import dataclasses
+import functools
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -36,6 +38,8 @@ def check_input(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> No
     if x.shape[1] != spec.in_channels:
         raise ValueError(f"x has {x.shape[1]} channels but the block expects in_channels={spec.in_channels}")
     H, W = x.shape[-2:]
+    if H < 1 or W < 1:  # (an empty batch, N = 0, is fine: an empty output, as the reference gives)
+        raise ValueError(f"x has an empty map of {H}x{W} (shape {tuple(x.shape)}); H and W must be at least 1")
     for i, b in enumerate(spec.branches):
         h, w = b.level_size(H, W)
         if h < 1 or w < 1:
@@ -43,7 +47,7 @@ def check_input(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> No
                 f"{_branch_name(spec, i)} gives a level of {h}x{w} for x of {H}x{W}; a level must be at least 1x1"
             )
     for i, branch in enumerate(branches):
-        for name, t in branch.named_parameters():
+        for name, t in list(branch.named_parameters()) + list(branch.named_buffers()):
             if t.device != x.device:
                 raise ValueError(f"branches[{i}].{name} is on {t.device} but x is on {x.device}")
     autocast = backends.autocast_enabled(x.device.type)
@@ -78,20 +82,22 @@ def _update_running_stats(norm: nn.BatchNorm2d, mean: torch.Tensor, var: torch.T
     """What ``nn.BatchNorm2d.forward`` does to its buffers in training mode, from the batch statistics."""
     if not (norm.training and norm.track_running_stats):
         return
-    with torch.no_grad():
-        factor = norm.momentum
-        if norm.num_batches_tracked is not None:
-            norm.num_batches_tracked.add_(1)
-            if norm.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(norm.num_batches_tracked)
-        if factor is None:
-            factor = 0.0
-        # Computed in the statistics' precision and rounded once into the buffer, as ATen does.
-        if norm.running_mean is not None:
-            norm.running_mean.copy_(norm.running_mean.to(mean.dtype) * (1.0 - factor) + mean * factor)
-        if norm.running_var is not None:
-            unbiased = var * (count / (count - 1))
-            norm.running_var.copy_(norm.running_var.to(var.dtype) * (1.0 - factor) + unbiased * factor)
+    # Detached statistics rather than a no_grad block: the same, and torch.export serialises it (a no_grad
+    # block in a train-mode program becomes a set_grad_enabled node that torch.export.save refuses).
+    mean, var = mean.detach(), var.detach()
+    factor = norm.momentum
+    if norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        if norm.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(norm.num_batches_tracked)
+    if factor is None:
+        factor = 0.0
+    # Computed in the statistics' precision and rounded once into the buffer, as ATen does.
+    if norm.running_mean is not None:
+        norm.running_mean.copy_(norm.running_mean.to(mean.dtype) * (1.0 - factor) + mean * factor)
+    if norm.running_var is not None:
+        unbiased = var * (count / (count - 1))
+        norm.running_var.copy_(norm.running_var.to(var.dtype) * (1.0 - factor) + unbiased * factor)
 
 
 def _needs_grad(x: torch.Tensor, branches: nn.ModuleList) -> bool:
@@ -146,6 +152,95 @@ def _fused_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList, ba
     return out
 
 
+def _autocast_kernels() -> dict:
+    """{(device type, op): True} for the ops the block's naive composition calls that autocast handles on that
+    device: read once from the dispatcher (an Autocast<DEVICE> kernel), not hard-coded per device, and kept
+    in a dict so that torch.compile can trace the lookups."""
+    found = {}
+    for device in ("cpu", "cuda", "xpu", "mps", "hpu"):
+        for op in ("aten::upsample_bilinear2d", "aten::upsample_nearest2d", "aten::cat"):
+            try:
+                if torch._C._dispatch_has_kernel_for_dispatch_key(op, "Autocast" + device.upper()):
+                    found[(device, op)] = True
+            except RuntimeError:  # no such dispatch key in this build
+                pass
+    return found
+
+
+_AUTOCAST_KERNELS = _autocast_kernels()
+
+
+def _upsample_runs_in_float32(device_type: str, up_mode: str) -> bool:
+    """Whether autocast on ``device_type`` runs ``F.interpolate`` (the up-resize) in float32: CUDA's autocast
+    lists upsample_bilinear2d / upsample_nearest2d as float32 ops, CPU's does not (they run in the input's
+    dtype)."""
+    op = "aten::upsample_bilinear2d" if up_mode == "bilinear" else "aten::upsample_nearest2d"
+    return _AUTOCAST_KERNELS.get((device_type, op), False)
+
+
+def _autocast_output_dtype(x: torch.Tensor, spec: BlockSpec, low: torch.dtype) -> torch.dtype:
+    """The dtype of the naive composition's output under autocast to ``low`` on ``x``'s device: each branch
+    leaves the conv, norm (float32 parameters, output in ``low``) and activation in ``low``, its up-resize
+    (if any) in float32 where autocast lists upsampling as a float32 op, and ``torch.cat`` promotes them
+    together with ``x`` (if part of the output)."""
+    H, W = x.shape[-2:]
+    up32 = _upsample_runs_in_float32(x.device.type, spec.up_mode)
+    dtypes = [torch.float32 if up32 and tuple(b.level_size(H, W)) != (H, W) else low for b in spec.branches]
+    if spec.input_position:
+        dtypes.append(x.dtype)
+    return functools.reduce(torch.promote_types, dtypes)
+
+
+class _CastBranch:
+    """Stands in for a branch under autocast: ``conv.weight`` / ``conv.bias`` cast, ``norm`` the module itself."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], norm: nn.Module):
+        self.conv = self
+        self.weight, self.bias, self.norm = weight, bias, norm
+
+
+def _autocast_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList,
+                      fused_forward: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """The fused block under autocast, following autocast's rules as the naive module does: the
+    convolutions in the autocast dtype (x and the conv parameters cast to it, differentiably, as autocast
+    casts them for ``F.conv2d``), the norms with their own (float32) parameters and buffers (statistics
+    in float32, running statistics updated in the buffers' dtype), and the output in the dtype
+    ``torch.cat`` gives the naive module (``_autocast_output_dtype``): ``x`` itself, when part of the
+    output, is kept exactly in its own dtype. ``fused_forward(x, spec, branches)`` runs the chosen fused
+    backend, with autocast off."""
+    device = x.device.type
+    low = torch.get_autocast_dtype(device)
+    params = [(i, n, t) for i, br in enumerate(branches) for n, t in (("conv.weight", br.conv.weight),
+                                                                      ("conv.bias", br.conv.bias)) if t is not None]
+    if x.dtype == torch.float64 or any(t.dtype == torch.float64 for _, _, t in params):
+        # Autocast leaves float64 alone: all float64 runs as without autocast; a mix is what F.conv2d refuses.
+        for i, n, t in params:
+            if t.dtype != x.dtype:
+                raise TypeError(f"branches[{i}].{n} has dtype {t.dtype} but x has {x.dtype}; autocast does not "
+                                "cast float64, so under autocast float64 x and weights must match")
+        with torch.autocast(device, enabled=False):
+            return fused_forward(x, spec, branches)
+    if spec.input_position and x.dtype not in (torch.float32, low) and _AUTOCAST_KERNELS.get((device, "aten::cat")):
+        # CPU autocast's torch.cat (its promote policy) joins float32 and the autocast dtype only.
+        raise TypeError(f"under autocast to {low} on {device}, x of dtype {x.dtype} cannot join the branches "
+                        f"(torch.cat refuses to mix {x.dtype} with them there, the naive module too); pass x "
+                        f"as float32 or {low}")
+    out_dtype = _autocast_output_dtype(x, spec, low)
+    with torch.autocast(device, enabled=False):
+        cast = [_CastBranch(br.conv.weight.to(low), None if br.conv.bias is None else br.conv.bias.to(low), br.norm)
+                for br in branches]
+        if x.dtype == low == out_dtype:
+            return fused_forward(x, spec, cast)
+        # The branches from the fused kernels in ``low``; x joins them in its own dtype, as in torch.cat.
+        y = fused_forward(x.to(low), dataclasses.replace(spec, input_position=None), cast)
+        if spec.input_position is None:
+            return y.to(out_dtype)
+        parts = [x.to(out_dtype), y.to(out_dtype)]
+        if spec.input_position == "last":
+            parts.reverse()
+        return torch.cat(parts, 1).contiguous(memory_format=torch._prims_common.suggest_memory_format(x))
+
+
 def unfusable_reason(spec: BlockSpec, branches: nn.ModuleList) -> Optional[str]:
     """Why the fused kernels cannot compute these branches (a conv or norm replaced by something else
     than the block builds), or None."""
@@ -170,7 +265,9 @@ def multi_scale(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> to
     the parameters (training-mode norms update their running statistics, as ``nn.BatchNorm2d`` does).
     """
     check_input(x, spec, branches)
-    name = backends.resolve(x, unfusable_reason(spec, branches))
+    name = backends.resolve(x, unfusable_reason(spec, branches), spec)
     if name == "reference":
         return reference_forward(x, spec, branches)
+    if backends.autocast_enabled(x.device.type):
+        return _autocast_forward(x, spec, branches, functools.partial(_fused_forward, backend=name))
     return _fused_forward(x, spec, branches, name)

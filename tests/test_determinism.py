@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from .conftest import Case, build_case, case_ids, make_input
+from .conftest import Case, build_case, case_ids, make_input, run_case
 
 DET_CASES = [
     Case("ms", dict(scales=(1, 2, 3), down_mode="avg", norm="batch"), (2, 5, 13, 11), torch.float32, train=True,
@@ -76,3 +76,11 @@ def test_nothing_recorded_without_grad(ctx):
     assert out.grad_fn is None and not out.requires_grad
     # Running statistics are still updated in train mode, as nn.BatchNorm2d does under no_grad.
     assert [int(m.num_batches_tracked) for m in norms] == [c + 1 for c in counts]
+
+
+@pytest.mark.parametrize("case", DET_CASES[:2] + DET_CASES[3:4], ids=case_ids(DET_CASES[:2] + DET_CASES[3:4]))
+def test_deterministic_algorithms_match_the_reference(case):
+    """Under torch.use_deterministic_algorithms(True) the fused module runs (nothing it calls refuses) and
+    gives the reference's numbers (SPEC.md's tolerances), gradients included."""
+    with deterministic(True):
+        run_case(case)

@@ -295,3 +295,136 @@ def test_operator_backward_grad_shape_error():
     with pytest.raises(ValueError, match="grad_out"):
         BACKWARD(bad, args["x"], args["weight"], args["scale"], args["shift"], level, pre, mean, var,
                  args["batch_stats"], args["eps"], output_mask=[True, True], **kw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# NaN and Inf in the input propagate exactly as the reference propagates them (issue 6).
+# ---------------------------------------------------------------------------------------------------
+
+NONFINITE_CONFIGS = [
+    ("ms", dict(scales=(1, 2, 4), down_mode="bilinear", norm="batch")),
+    ("ms", dict(scales=(1, 3), down_mode="nearest", up_mode="nearest", kernel_size=(1, 3))),
+    ("psp", dict(bins=(1, 2, 3, 6), align_corners=True)),
+]
+
+
+def _same_or_both_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("activation", ["relu", "silu", "gelu", None])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("kind,kwargs", NONFINITE_CONFIGS, ids=["ms124", "ms13_nearest", "psp"])
+def test_nan_inf_propagate_as_reference(kind, kwargs, value, activation, train, dtype):
+    """The same elements are NaN, +Inf and -Inf in the fused output as in the naive one (gelu(+Inf) is NaN
+    in ATen's CPU float kernel: so here too), the finite ones equal; x is not modified."""
+    naive, fused = build_pair(kind, 3, dict(kwargs, activation=activation), dtype)
+    naive.train(train), fused.train(train)
+    x = make_input((2, 3, 12, 11), dtype)
+    x[0, 1, 5, 4] = float(value)
+    x[1, 2, 0, 10] = float(value)  # on the border too
+    x_before = x.clone()
+    out, ref = fused(x), naive(x)
+    for name, mask in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        assert torch.equal(mask(out), mask(ref)), (
+            f"{name} at {int(mask(out).sum())} elements of the fused output, {int(mask(ref).sum())} of the naive one")
+    finite = torch.isfinite(ref)
+    if finite.any():
+        assert norm_err(out[finite], ref[finite]) <= (1e-10 if dtype == torch.float64 else 1e-4)
+    assert _same_or_both_nan(x, x_before), "x was modified"
+    for (n, a), (_, b) in zip(fused.named_buffers(), naive.named_buffers()):
+        assert a.dtype == b.dtype and (torch.equal(a, b) if not a.is_floating_point() else
+                                       torch.equal(a.isnan(), b.isnan())), f"{n} differs from the naive module's"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Huge factors and bins, empty maps, tensors past 2**31 elements (issue 6).
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", KINDS)
+@pytest.mark.parametrize("scale", [2**31, 2**62, 2**64, 10**30])
+def test_huge_factor_is_a_level_below_1x1(which, scale):
+    module = _module(which, "ms", 3, 2, scales=(1, scale))
+    x = make_input((2, 3, 8, 8), torch.float32)
+    with pytest.raises(ValueError, match=r"scales\[1\].*1x1"):
+        module(x)
+
+
+@pytest.mark.parametrize("bins", [(2**33,), ((1, 2**62),), (2**40, 2)], ids=["2^33", "1x2^62", "2^40"])
+def test_huge_bins_raise_as_the_reference(bins):
+    """Bins whose level cannot even be sized (element count past int64): the reference raises a
+    RuntimeError while sizing it, and so does the fused module (no crash, nothing allocated, x unmodified)."""
+    naive, fused = build_pair("psp", 3, dict(bins=bins), torch.float32)
+    x = make_input((2, 3, 8, 8), torch.float32)
+    before = x.clone()
+    with pytest.raises(Exception) as ref_info:
+        naive(x)
+    with pytest.raises(type(ref_info.value)):
+        fused(x)
+    assert isinstance(ref_info.value, RuntimeError)
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("which", KINDS)
+@pytest.mark.parametrize("shape", [(2, 3, 0, 5), (2, 3, 5, 0), (0, 3, 0, 0)], ids=["H0", "W0", "N0H0W0"])
+@pytest.mark.parametrize("kind", ["ms", "psp"])
+def test_empty_map_refused(kind, shape, which):
+    """H or W = 0: a ValueError naming x (the reference raised from its upsample or level check; the
+    operator itself refuses too, for callers that bypass the module)."""
+    module = _module(which, kind, 3, 2)
+    with pytest.raises(ValueError, match="x|level"):
+        module(torch.randn(*shape))
+    with pytest.raises(ValueError, match="empty map"):
+        FORWARD(*_op_args(x=torch.randn(*shape))[0].values(), **_op_args()[1])
+
+
+def _expanded(shape) -> torch.Tensor:
+    """A tensor of ``shape`` viewing one element (stride 0): any number of elements, no memory."""
+    return torch.randn(1, 1, 1, 1).expand(*shape)
+
+
+def test_index_limit_policy():
+    """Past 2**31 - 1 elements in any tensor of a call (x, the output, a level, a convolution output), a
+    backend with 32-bit offsets (Triton) refuses up front, naming the tensor; the CPU kernels index with
+    int64 and accept."""
+    spec = msfused.MultiScaleBlock(3, 2, scales=(1, 2)).spec
+    big_x = _expanded((2**15, 3, 2**8, 2**8))  # 3 * 2**31 elements
+    why = msfused.backends.index_limit_reason("triton", big_x, spec)
+    assert why and "32-bit" in why and "2**31" in why and "'triton'" in why, why
+    assert msfused.backends.index_limit_reason("cpu", big_x, spec) is None
+    # x below the limit, the output (x and two branches of 2 channels: 7 channels) past it
+    x = _expanded((2**13, 3, 2**8, 2**8))
+    assert x.numel() < 2**31 - 1
+    why = msfused.backends.index_limit_reason("triton", x, spec)
+    assert why and "the output" in why, why
+    small = _expanded((2, 3, 8, 8))
+    assert msfused.backends.index_limit_reason("triton", small, spec) is None
+
+
+@pytest.mark.parametrize("kind", ["ms", "psp"])
+def test_past_2_31_elements_refused_before_any_work(monkeypatch, kind):
+    """A backend with 32-bit offsets asked to run a stride-0 x of 3 * 2**31 elements raises a clear
+    RuntimeError in the backend choice, before any kernel or allocation (Triton stands in as available)."""
+    real = msfused.backends.availability
+    monkeypatch.setattr(msfused.backends, "availability",
+                        lambda name: (True, "") if name == "triton" else real(name))
+    base = torch.randn(1, 1, 1, 1)
+    before = base.clone()
+    x = base.expand(2**15, 3, 2**8, 2**8)
+    module = _module("fused", kind, 3, 2)
+    with msfused.use_backend("triton"), pytest.raises(RuntimeError, match=r"triton.*2\*\*31"):
+        module(x)
+    assert torch.equal(base, before)
+
+
+def test_buffers_on_another_device_named():
+    """A norm's running statistics on another device than x (meta stands in for a second device) are named,
+    for the fused and the naive module alike."""
+    for which in KINDS:
+        module = _module(which, "ms", 3, 4, norm="batch").eval()
+        module.branches[1].norm.running_mean = module.branches[1].norm.running_mean.to("meta")
+        with pytest.raises(ValueError, match=r"branches\[1\]\.norm\.running_mean.*meta"):
+            module(make_input((2, 3, 8, 8), torch.float32))

@@ -8,13 +8,10 @@ import itertools
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import seed as hypothesis_seed
-from hypothesis import strategies as st
 
 from .conftest import (
-    LAYOUTS, SESSION_SEED, Case, assert_memory_format, build_case, build_pair, case_ids, check_half_precision_grads,
-    make_input, norm_err, reference64, run_case,
+    LAYOUTS, Case, assert_memory_format, build_case, build_pair, case_ids, check_half_precision_grads, make_input,
+    norm_err, reference64, run_case,
 )
 
 ACTIVATIONS = ("relu", "silu", "gelu", None)
@@ -394,47 +391,3 @@ def test_bfloat16_gradients(case):
     (or none): a ReLU kink flipped by one bf16 rounding is a large error for any implementation.
     Conv biases before a batch-statistics norm (true gradient 0) are left to the float32/float64 checks."""
     check_half_precision_grads(case, trials=8)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Random configurations (hypothesis).
-# ---------------------------------------------------------------------------------------------------
-
-
-@st.composite
-def random_case(draw):
-    kind = draw(st.sampled_from(["ms", "psp"]))
-    nb = draw(st.integers(1, 3))
-    N = draw(st.integers(1, 3))
-    C = draw(st.integers(1, 6))
-    H = draw(st.integers(3, 13))
-    W = draw(st.integers(3, 13))
-    per = lambda s: draw(st.one_of(s, st.lists(s, min_size=nb, max_size=nb)))  # noqa: E731
-    kwargs = dict(branch_channels=per(st.integers(1, 5)), kernel_size=per(st.sampled_from([1, 3, 5])),
-                  bias=per(st.booleans()), norm=per(st.sampled_from([None, "batch"])),
-                  up_mode=draw(st.sampled_from(["bilinear", "nearest"])), align_corners=draw(st.booleans()),
-                  activation=draw(st.sampled_from(list(ACTIVATIONS))),
-                  input_position=draw(st.sampled_from(list(POSITIONS))))
-    if kind == "ms":
-        kwargs["scales"] = draw(st.lists(st.integers(1, min(H, W)), min_size=nb, max_size=nb))
-        kwargs["down_mode"] = draw(st.sampled_from(["avg", "bilinear", "nearest"]))
-        levels = [(H // s, W // s) for s in kwargs["scales"]]
-    else:
-        b = st.one_of(st.integers(1, 8), st.tuples(st.integers(1, 8), st.integers(1, 8)))
-        kwargs["bins"] = draw(st.lists(b, min_size=nb, max_size=nb))
-        levels = [(v, v) if isinstance(v, int) else v for v in kwargs["bins"]]
-    norms = kwargs["norm"] if isinstance(kwargs["norm"], list) else [kwargs["norm"]] * nb
-    train = draw(st.booleans())
-    if train and any(n == "batch" and N * h * w <= 1 for n, (h, w) in zip(norms, levels)):
-        train = False  # the reference raises there (tested in test_errors)
-    dtype = draw(st.sampled_from(DTYPES))
-    layout = draw(st.sampled_from(LAYOUTS))
-    return Case(kind, kwargs, (N, C, H, W), dtype, layout, train=train, steps=2 if train else 1, label="hyp")
-
-
-@hypothesis_seed(SESSION_SEED)
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
-@given(case=random_case(), seed=st.integers(0, 2**31 - 1))
-def test_random_configurations(case, seed):
-    torch.manual_seed(seed)  # weights and inputs drawn from the example's own seed: replayable by hypothesis
-    run_case(case)

@@ -308,8 +308,12 @@ def test_refuses_what_int32_cannot_index():
     _, fused = build_pair("ms", 2, dict(scales=(1, 2), branch_channels=1, input_position=None), torch.float32)
     fused.to(DEVICE)
     x = torch.zeros((1, 2, 1, 1), device=DEVICE).expand(2, 2, 2**15, 2**15)
-    with pytest.raises(ValueError, match="2\\*\\*31"):
+    with pytest.raises(RuntimeError, match="2\\*\\*31"):  # the backend choice refuses it
         fused(x)
+    # and the operator itself, called directly
+    args, kw = _triton_args(fused, x, requires_grad=False)
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        FORWARD(*args, **kw)
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="torch.compile traces Triton kernels with fake tensors, which the "

@@ -363,9 +363,14 @@ ForwardResult multi_scale_forward_cpu(const Tensor& x_in, at::TensorList weight,
     const Tensor& z = bp.identity ? x : level[b];
     pre[b] = at::conv2d(z, weight[b], bias.get(b), {1, 1}, {pad, pad}).contiguous(fmt);
     if (bp.batch_stats) {
-      auto vm = at::var_mean(pre[b].to(stats_dtype(x.scalar_type())), {0, 2, 3}, /*correction=*/0, /*keepdim=*/false);
+      const Tensor pre_stats = pre[b].to(stats_dtype(x.scalar_type()));
+      auto vm = at::var_mean(pre_stats, {0, 2, 3}, /*correction=*/0, /*keepdim=*/false);
       var[b] = std::get<0>(vm);
       mean[b] = std::get<1>(vm);
+      // var_mean's running (Welford) mean turns a channel's +-Inf into NaN; ATen's batch norm (sum / count)
+      // keeps a one-signed Inf, and so the running mean: where the mean is not finite, take it as ATen does.
+      const Tensor finite = at::isfinite(mean[b]);
+      if (!finite.all().item<bool>()) mean[b] = at::where(finite, mean[b], pre_stats.mean({0, 2, 3}));
     } else {
       mean[b] = at::empty({0}, stat_opts);
       var[b] = at::empty({0}, stat_opts);
