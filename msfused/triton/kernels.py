@@ -4,30 +4,30 @@ Every tensor is addressed through its four strides, so NCHW and channels_last in
 Accumulation is float32 (float64 for float64 tensors, ``F64``). Offsets are int32: the launchers refuse
 tensors of 2**31 elements or more up front.
 
-Kernels:
+Kernels (each branch-specific part is a ``_*_program`` / ``_*_slot`` function, called from the launch that
+runs it):
 
-* ``resize_kernel``: the separable gather ``dst = sum w_y * w_x * f(src)`` over tap tables
-  (``tables.py``), where ``f`` is optionally a per-channel norm then the activation. It brings ``x`` to a
-  level, copies ``x`` into its slice of the output (identity taps), and brings a branch's activation (or,
-  with batch statistics, its normalised conv output) back up into the branch's slice.
-* ``conv_kernel``: the level's convolution as an implicit GEMM on the matrix units (``tl.dot``;
-  float64 falls back to a multiply-and-sum), bias in the epilogue, then optionally the folded norm and
-  the activation, stored straight into the output's channel slice (a factor-1 branch) or a level buffer.
-  With flipped weights it is also the convolution's input gradient.
-* ``stats_partial_kernel`` / ``stats_combine_kernel``: batch mean and biased variance per channel,
-  per-tile (count, mean, M2) combined in a fixed order (Chan et al.), so the result is deterministic.
+* ``levels_kernel``: ``x`` copied into its slice of the output and brought to up to four levels (the
+  separable gather ``dst = sum w_y * w_x * src`` over tap tables, ``tables.py``).
+* ``block_kernel``: the inference forward of up to four branches and the copy of ``x`` in one launch; each
+  branch's programs (``_tile_program``) compute a tile of the level from its source inside the
+  convolution's operand load, convolve (implicit GEMM on ``tl.dot``; float64 multiplies and sums),
+  apply bias, folded norm and activation, and write the up-resized tile into the branch's slice.
+* ``convs_kernel``: the training forward's convolutions of up to four branches (``_conv_program``): the
+  conv output stored, the epilogue stored where no batch statistics are needed, per-tile statistics
+  where they are. ``conv_kernel`` is the same for one branch (the backward's level gradient, with
+  flipped weights).
+* ``stats_combine_kernel``: batch mean and biased variance per channel from the per-tile (count, mean,
+  M2), combined in tile order (Chan et al.): deterministic.
+* ``ups_kernel``: the training forward's up-resizes of up to four branches, the norm with batch
+  statistics and the activation applied per tap.
 * ``up_adjoint_kernel``: the backward of the up-resize as a gather, fused with the norm's and the
   activation's backward; per-tile partial sums for the norm's gradients.
 * ``column_sum_kernel``: fixed-order sum of per-tile partials.
 * ``dpre_kernel``: the gradient of the conv output (norm backward with batch statistics).
-* ``wgrad_kernel``: weight and bias gradients, reduced over all pixels in one fixed order per program.
+* ``wgrad_kernel``: weight gradients, reduced over all pixels in one fixed order per program.
 * ``dx_kernel``: the gradient of ``x`` written once: the output gradient's ``x`` slice plus, for up to
   ``MAX_SLOTS`` branches, the down-resize adjoint (gather) of each level's gradient.
-* ``block_kernel``: the inference forward of up to ``MAX_SLOTS`` branches and the copy of ``x`` in one
-  launch; each branch's programs (``_tile_program``) compute a tile of the level from its source inside
-  the convolution's operand load, convolve, apply the epilogue, and write the up-resized tile into the
-  branch's output slice.
-* ``levels_kernel``: pyramid pooling's first launch: ``x`` pooled to every bin level, and copied.
 
 Branches of different shapes share a launch through argument "slots" (the program id picks the slot),
 so a launch's arguments and compile-time flags are fixed per slot.
@@ -152,26 +152,6 @@ def _gather(acc, src, s_n, s_c, s_h, s_w, n, oy, ox, c, pm, cm, ty_idx, ty_w, TY
 
 
 @triton.jit
-def resize_kernel(src, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, N, C, Hd, Wd,
-                  ty_idx, ty_w, TY, tx_idx, tx_w, TX, a_ptr, b_ptr, eps, gamma, beta,
-                  NORM: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr,
-                  F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    pm = p < N * Hd * Wd
-    cm = c < C
-    ox = p % Wd
-    oy = (p // Wd) % Hd
-    n = p // (Wd * Hd)
-    mul, add = _channel_affine(c, cm, a_ptr, b_ptr, eps, gamma, beta, NORM, HAS_GAMMA, HAS_BETA, F64)
-    acc = _zeros(BLOCK_P, BLOCK_C, F64)
-    acc = _gather(acc, src, s_n, s_c, s_h, s_w, n, oy, ox, c, pm, cm, ty_idx, ty_w, TY, tx_idx, tx_w, TX,
-                  mul, add, NORM, ACT)
-    out = dst + (n * d_n + oy * d_h + ox * d_w)[:, None] + c[None, :] * d_c
-    tl.store(out, _cast(acc, dst.dtype.element_ty), mask=pm[:, None] & cm[None, :])
-
-
-@triton.jit
 def conv_kernel(src, s_n, s_c, s_h, s_w, wk, bias, pre, p_n, p_c, p_h, p_w, out, o_n, o_c, o_h, o_w,
                 scale, shift, N, C, H, W, CO, KS,
                 HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, STORE_OUT: tl.constexpr,
@@ -179,76 +159,11 @@ def conv_kernel(src, s_n, s_c, s_h, s_w, wk, bias, pre, p_n, p_c, p_h, p_w, out,
                 UPCAST: tl.constexpr, F64: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """pre = conv2d(src, weight, bias, padding=KS // 2) on an (N, C, H, W) map, weight packed as
-    wk[(ky * KS + kx) * C + c, co]; out = act(pre * scale + shift)."""
-    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mm = m < N * H * W
-    com = co < CO
-    lx = m % W
-    ly = (m // W) % H
-    n = m // (W * H)
-    pad = KS // 2
-    acc = _zeros(BLOCK_M, BLOCK_N, F64)
-    kk = tl.arange(0, BLOCK_K)
-    for tap in range(KS * KS):
-        iy = ly + tap // KS - pad
-        ix = lx + tap % KS - pad
-        ok = mm & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-        row = n * s_n + iy * s_h + ix * s_w
-        for c0 in range(0, C, BLOCK_K):
-            ck = c0 + kk
-            km = ck < C
-            a = tl.load(src + row[:, None] + ck[None, :] * s_c, mask=ok[:, None] & km[None, :], other=0.0)
-            b = tl.load(wk + (tap * C + ck)[:, None] * CO + co[None, :], mask=km[:, None] & com[None, :],
-                        other=0.0)
-            if DOT == 0:
-                acc += tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
-            elif UPCAST:  # the interpreter's tl.dot is wrong on bfloat16 operands
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-            elif DOT == 1:
-                acc = tl.dot(a, b, acc)
-            elif DOT == 2:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc, input_precision="tf32")
-    if HAS_BIAS:
-        acc += tl.load(bias + co, mask=com, other=0.0).to(acc.dtype)[None, :]
-    m2 = mm[:, None] & com[None, :]
-    if STORE_PRE:
-        tl.store(pre + (n * p_n + ly * p_h + lx * p_w)[:, None] + co[None, :] * p_c,
-                 _cast(acc, pre.dtype.element_ty), mask=m2)
-    if STORE_OUT:
-        y = acc
-        if HAS_SCALE:
-            y = y * tl.load(scale + co, mask=com, other=1.0).to(acc.dtype)[None, :]
-        if HAS_SHIFT:
-            y = y + tl.load(shift + co, mask=com, other=0.0).to(acc.dtype)[None, :]
-        y = _activate(y, ACT)
-        tl.store(out + (n * o_n + ly * o_h + lx * o_w)[:, None] + co[None, :] * o_c,
-                 _cast(y, out.dtype.element_ty), mask=m2)
-
-
-@triton.jit
-def stats_partial_kernel(pre, p_n, p_c, p_h, p_w, N, C, H, W, part_mean, part_m2,
-                         F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per tile of BLOCK_P pixels: the mean and the sum of squared deviations of each channel."""
-    t = tl.program_id(0)
-    p = t * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    total = N * H * W
-    pm = p < total
-    cm = c < C
-    x = p % W
-    y = (p // W) % H
-    n = p // (W * H)
-    m2 = pm[:, None] & cm[None, :]
-    v = tl.load(pre + (n * p_n + y * p_h + x * p_w)[:, None] + c[None, :] * p_c, mask=m2, other=0.0)
-    v = v.to(tl.float64 if F64 else tl.float32)
-    count = tl.minimum(total - t * BLOCK_P, BLOCK_P).to(v.dtype)
-    mean = tl.sum(v, axis=0) / count
-    d = tl.where(m2, v - mean[None, :], 0.0)
-    tl.store(part_mean + t * C + c, mean, mask=cm)
-    tl.store(part_m2 + t * C + c, tl.sum(d * d, axis=0), mask=cm)
+    wk[(ky * KS + kx) * C + c, co]; out = act(pre * scale + shift). One branch per launch (the backward's
+    level gradient: the convolution with flipped weights)."""
+    _conv_program(tl.program_id(0), tl.program_id(1), src, s_n, s_c, s_h, s_w, wk, bias, pre, p_n, p_c, p_h, p_w,
+                  out, o_n, o_c, o_h, o_w, scale, shift, pre, pre, N, C, H, W, CO, KS, HAS_BIAS, STORE_PRE,
+                  STORE_OUT, HAS_SCALE, HAS_SHIFT, False, ACT, DOT, UPCAST, F64, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -648,9 +563,9 @@ def levels_kernel(x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, N, C, H, W,
                   d2, d2_n, d2_c, d2_h, d2_w, h2, w2, y2, yw2, Y2, x2, xw2, X2, E3,
                   d3, d3_n, d3_c, d3_h, d3_w, h3, w3, y3, yw3, Y3, x3, xw3, X3, E4,
                   SLOTS: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Pyramid pooling's first launch: programs [0, E0) copy x into its slice of the output,
-    programs [E_s, E_s+1) pool x to the level of slot s (adaptive average pooling as a gather over the
-    tap tables y_s / x_s)."""
+    """x into its slice of the output (programs [0, E0)) and to up to four levels (programs [E_s, E_s+1):
+    slot s, a separable gather over the tap tables y_s / x_s: adaptive pooling for bins, the factor
+    down-resize otherwise) in one launch."""
     pid = tl.program_id(0)
     if pid < E0:
         _copy_program(pid, x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, C, H, W, N * H * W, F64, BLOCK_P,
@@ -670,3 +585,183 @@ def levels_kernel(x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, N, C, H, W,
         if SLOTS > 3:
             _level_program(pid - E3, x, s_n, s_c, s_h, s_w, d3, d3_n, d3_c, d3_h, d3_w, N, C, h3, w3, y3, yw3, Y3,
                            x3, xw3, X3, F64, BLOCK_P, BLOCK_C)
+
+
+@triton.jit
+def _conv_program(pid_m, pid_n, src, s_n, s_c, s_h, s_w, wk, bias, pre, p_n, p_c, p_h, p_w, out, o_n, o_c, o_h,
+                  o_w, scale, shift, part_mean, part_m2, N, C, H, W, CO, KS,
+                  HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, STORE_OUT: tl.constexpr,
+                  HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr,
+                  DOT: tl.constexpr, UPCAST: tl.constexpr, F64: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One (BLOCK_M pixels, BLOCK_N output channels) tile of pre = conv2d(src, weight, bias, padding=KS // 2)
+    on an (N, C, H, W) map, weight packed as wk[(ky * KS + kx) * C + c, co]; out = act(pre * scale + shift);
+    STATS: the tile's per-channel mean and M2 of pre (as stored) into row pid_m of part_mean / part_m2."""
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm = m < N * H * W
+    com = co < CO
+    lx = m % W
+    ly = (m // W) % H
+    n = m // (W * H)
+    pad = KS // 2
+    acc = _zeros(BLOCK_M, BLOCK_N, F64)
+    kk = tl.arange(0, BLOCK_K)
+    for tap in range(KS * KS):
+        iy = ly + tap // KS - pad
+        ix = lx + tap % KS - pad
+        ok = mm & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+        row = n * s_n + iy * s_h + ix * s_w
+        for c0 in range(0, C, BLOCK_K):
+            ck = c0 + kk
+            km = ck < C
+            a = tl.load(src + row[:, None] + ck[None, :] * s_c, mask=ok[:, None] & km[None, :], other=0.0)
+            b = tl.load(wk + (tap * C + ck)[:, None] * CO + co[None, :], mask=km[:, None] & com[None, :],
+                        other=0.0)
+            if DOT == 0:
+                acc += tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
+            elif UPCAST:  # the interpreter's tl.dot is wrong on bfloat16 operands
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            elif DOT == 1:
+                acc = tl.dot(a, b, acc)
+            elif DOT == 2:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc, input_precision="tf32")
+    if HAS_BIAS:
+        acc += tl.load(bias + co, mask=com, other=0.0).to(acc.dtype)[None, :]
+    m2 = mm[:, None] & com[None, :]
+    if STORE_PRE:
+        tl.store(pre + (n * p_n + ly * p_h + lx * p_w)[:, None] + co[None, :] * p_c,
+                 _cast(acc, pre.dtype.element_ty), mask=m2)
+    if STATS:  # of the stored (rounded) values, as the reference's norm sees them
+        v = tl.where(m2, _cast(acc, pre.dtype.element_ty).to(acc.dtype), 0.0)
+        count = tl.minimum(N * H * W - pid_m * BLOCK_M, BLOCK_M).to(acc.dtype)
+        mean = tl.sum(v, axis=0) / count
+        d = tl.where(m2, v - mean[None, :], 0.0)
+        tl.store(part_mean + pid_m * CO + co, mean, mask=com)
+        tl.store(part_m2 + pid_m * CO + co, tl.sum(d * d, axis=0), mask=com)
+    if STORE_OUT:
+        y = acc
+        if HAS_SCALE:
+            y = y * tl.load(scale + co, mask=com, other=1.0).to(acc.dtype)[None, :]
+        if HAS_SHIFT:
+            y = y + tl.load(shift + co, mask=com, other=0.0).to(acc.dtype)[None, :]
+        y = _activate(y, ACT)
+        tl.store(out + (n * o_n + ly * o_h + lx * o_w)[:, None] + co[None, :] * o_c,
+                 _cast(y, out.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _conv_slot(t, src, s_n, s_c, s_h, s_w, wk, bias, pre, p_n, p_c, p_h, p_w, out, o_n, o_c, o_h, o_w, scale, shift,
+               part_mean, part_m2, N, C, H, W, CO, KS, FLAGS: tl.constexpr, ACT: tl.constexpr, DOT: tl.constexpr,
+               UPCAST: tl.constexpr, F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """A branch's share of convs_kernel; FLAGS: bit 0 bias, 1 scale, 2 shift, 3 store the epilogue, 4 stats."""
+    nb = tl.cdiv(CO, BLOCK_N)
+    _conv_program(t // nb, t % nb, src, s_n, s_c, s_h, s_w, wk, bias, pre, p_n, p_c, p_h, p_w, out, o_n, o_c, o_h,
+                  o_w, scale, shift, part_mean, part_m2, N, C, H, W, CO, KS, (FLAGS & 1) != 0, True,
+                  (FLAGS & 8) != 0, (FLAGS & 2) != 0, (FLAGS & 4) != 0, (FLAGS & 16) != 0, ACT, DOT, UPCAST, F64,
+                  BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def convs_kernel(N, C,
+                 l0, l0_n, l0_c, l0_h, l0_w, wk0, b0, pr0, pr0_n, pr0_c, pr0_h, pr0_w, o0, o0_n, o0_c, o0_h, o0_w,
+                 sc0, sh0, pm0, pq0, h0, w0, CO0, KS0,
+                 l1, l1_n, l1_c, l1_h, l1_w, wk1, b1, pr1, pr1_n, pr1_c, pr1_h, pr1_w, o1, o1_n, o1_c, o1_h, o1_w,
+                 sc1, sh1, pm1, pq1, h1, w1, CO1, KS1,
+                 l2, l2_n, l2_c, l2_h, l2_w, wk2, b2, pr2, pr2_n, pr2_c, pr2_h, pr2_w, o2, o2_n, o2_c, o2_h, o2_w,
+                 sc2, sh2, pm2, pq2, h2, w2, CO2, KS2,
+                 l3, l3_n, l3_c, l3_h, l3_w, wk3, b3, pr3, pr3_n, pr3_c, pr3_h, pr3_w, o3, o3_n, o3_c, o3_h, o3_w,
+                 sc3, sh3, pm3, pq3, h3, w3, CO3, KS3,
+                 FLAGS0: tl.constexpr, FLAGS1: tl.constexpr, FLAGS2: tl.constexpr, FLAGS3: tl.constexpr,
+                 SLOTS: tl.constexpr, ACT: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr,
+                 F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The training forward's convolutions of up to four branches in one launch (each slot's programs follow
+    the previous slot's; their count depends on the autotuned BLOCK_N, so it is computed here): pre stored,
+    the epilogue stored where the branch needs no batch statistics, per-tile statistics where it does."""
+    pid = tl.program_id(0)
+    e1 = tl.cdiv(N * h0 * w0, BLOCK_M) * tl.cdiv(CO0, BLOCK_N)
+    e2 = e1 + tl.cdiv(N * h1 * w1, BLOCK_M) * tl.cdiv(CO1, BLOCK_N)
+    e3 = e2 + tl.cdiv(N * h2 * w2, BLOCK_M) * tl.cdiv(CO2, BLOCK_N)
+    if pid < e1:
+        _conv_slot(pid, l0, l0_n, l0_c, l0_h, l0_w, wk0, b0, pr0, pr0_n, pr0_c, pr0_h, pr0_w, o0, o0_n, o0_c, o0_h,
+                   o0_w, sc0, sh0, pm0, pq0, N, C, h0, w0, CO0, KS0, FLAGS0, ACT, DOT, UPCAST, F64, BLOCK_M,
+                   BLOCK_N, BLOCK_K)
+    elif pid < e2:
+        if SLOTS > 1:
+            _conv_slot(pid - e1, l1, l1_n, l1_c, l1_h, l1_w, wk1, b1, pr1, pr1_n, pr1_c, pr1_h, pr1_w, o1, o1_n,
+                       o1_c, o1_h, o1_w, sc1, sh1, pm1, pq1, N, C, h1, w1, CO1, KS1, FLAGS1, ACT, DOT, UPCAST, F64,
+                       BLOCK_M, BLOCK_N, BLOCK_K)
+    elif pid < e3:
+        if SLOTS > 2:
+            _conv_slot(pid - e2, l2, l2_n, l2_c, l2_h, l2_w, wk2, b2, pr2, pr2_n, pr2_c, pr2_h, pr2_w, o2, o2_n,
+                       o2_c, o2_h, o2_w, sc2, sh2, pm2, pq2, N, C, h2, w2, CO2, KS2, FLAGS2, ACT, DOT, UPCAST, F64,
+                       BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        if SLOTS > 3:
+            _conv_slot(pid - e3, l3, l3_n, l3_c, l3_h, l3_w, wk3, b3, pr3, pr3_n, pr3_c, pr3_h, pr3_w, o3, o3_n,
+                       o3_c, o3_h, o3_w, sc3, sh3, pm3, pq3, N, C, h3, w3, CO3, KS3, FLAGS3, ACT, DOT, UPCAST, F64,
+                       BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _up_slot(t, src, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, N, C, H, W, ty_idx, ty_w, TY, tx_idx, tx_w, TX,
+             a_ptr, b_ptr, eps, gamma, beta, FLAGS: tl.constexpr, ACT: tl.constexpr, F64: tl.constexpr,
+             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A branch's share of ups_kernel: (BLOCK_P output pixels, BLOCK_C channels) of its slice, the
+    up-resize of act(norm(src)); FLAGS: bits 0-1 the norm (NORM_*), 2 gamma, 3 beta, 4 apply the activation."""
+    pid_c = t % tl.cdiv(C, BLOCK_C)
+    p = (t // tl.cdiv(C, BLOCK_C)) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    pm = p < N * H * W
+    cm = c < C
+    ox = p % W
+    oy = (p // W) % H
+    n = p // (W * H)
+    mul, add = _channel_affine(c, cm, a_ptr, b_ptr, eps, gamma, beta, FLAGS & 3, (FLAGS & 4) != 0,
+                               (FLAGS & 8) != 0, F64)
+    acc = _zeros(BLOCK_P, BLOCK_C, F64)
+    if (FLAGS & 16) != 0:
+        acc = _gather(acc, src, s_n, s_c, s_h, s_w, n, oy, ox, c, pm, cm, ty_idx, ty_w, TY, tx_idx, tx_w, TX,
+                      mul, add, FLAGS & 3, ACT)
+    else:
+        acc = _gather(acc, src, s_n, s_c, s_h, s_w, n, oy, ox, c, pm, cm, ty_idx, ty_w, TY, tx_idx, tx_w, TX,
+                      mul, add, FLAGS & 3, 0)
+    tl.store(dst + (n * d_n + oy * d_h + ox * d_w)[:, None] + c[None, :] * d_c, _cast(acc, dst.dtype.element_ty),
+             mask=pm[:, None] & cm[None, :])
+
+
+@triton.jit
+def ups_kernel(N, H, W, E0,
+               s0, s0_n, s0_c, s0_h, s0_w, d0, d0_n, d0_c, d0_h, d0_w, C0, y0, yw0, Y0, x0, xw0, X0, a0, b0, eps0,
+               g0, be0, E1,
+               s1, s1_n, s1_c, s1_h, s1_w, d1, d1_n, d1_c, d1_h, d1_w, C1, y1, yw1, Y1, x1, xw1, X1, a1, b1, eps1,
+               g1, be1, E2,
+               s2, s2_n, s2_c, s2_h, s2_w, d2, d2_n, d2_c, d2_h, d2_w, C2, y2, yw2, Y2, x2, xw2, X2, a2, b2, eps2,
+               g2, be2, E3,
+               s3, s3_n, s3_c, s3_h, s3_w, d3, d3_n, d3_c, d3_h, d3_w, C3, y3, yw3, Y3, x3, xw3, X3, a3, b3, eps3,
+               g3, be3, E4,
+               FLAGS0: tl.constexpr, FLAGS1: tl.constexpr, FLAGS2: tl.constexpr, FLAGS3: tl.constexpr,
+               SLOTS: tl.constexpr, ACT: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr,
+               BLOCK_C: tl.constexpr):
+    """The training forward's last launch for up to four branches: each slot's programs [E_s, E_s+1) write
+    its output slice, the up-resize of its level result (the norm with batch statistics and the
+    activation applied per tap where the convolution could not apply them)."""
+    pid = tl.program_id(0)
+    if pid < E1:
+        _up_slot(pid - E0, s0, s0_n, s0_c, s0_h, s0_w, d0, d0_n, d0_c, d0_h, d0_w, N, C0, H, W, y0, yw0, Y0, x0, xw0,
+                 X0, a0, b0, eps0, g0, be0, FLAGS0, ACT, F64, BLOCK_P, BLOCK_C)
+    elif pid < E2:
+        if SLOTS > 1:
+            _up_slot(pid - E1, s1, s1_n, s1_c, s1_h, s1_w, d1, d1_n, d1_c, d1_h, d1_w, N, C1, H, W, y1, yw1, Y1, x1,
+                     xw1, X1, a1, b1, eps1, g1, be1, FLAGS1, ACT, F64, BLOCK_P, BLOCK_C)
+    elif pid < E3:
+        if SLOTS > 2:
+            _up_slot(pid - E2, s2, s2_n, s2_c, s2_h, s2_w, d2, d2_n, d2_c, d2_h, d2_w, N, C2, H, W, y2, yw2, Y2, x2,
+                     xw2, X2, a2, b2, eps2, g2, be2, FLAGS2, ACT, F64, BLOCK_P, BLOCK_C)
+    else:
+        if SLOTS > 3:
+            _up_slot(pid - E3, s3, s3_n, s3_c, s3_h, s3_w, d3, d3_n, d3_c, d3_h, d3_w, N, C3, H, W, y3, yw3, Y3, x3,
+                     xw3, X3, a3, b3, eps3, g3, be3, FLAGS3, ACT, F64, BLOCK_P, BLOCK_C)

@@ -10,10 +10,11 @@ inference (``inference``: no gradient needed, norms folded into scale/shift or a
     with bins: 2 -- levels_kernel pools x to every bin level (each level's programs read x) and copies x;
         then block_kernel.
 forward (``forward``: the training forward, which also returns level, pre and the batch statistics):
-    1 copy of x; per branch 1 down-resize (factor > 1 or bins), 1 convolution (its epilogue applies bias,
-    norm and activation, storing into the output slice when the level is the input's size), 1 up-resize
-    otherwise; a branch with batch statistics: the convolution, 2 statistics launches (per-tile
-    partials, fixed-order combine) and the up-resize applying norm and activation.
+    3 -- levels_kernel (x copied, every level other than x itself), convs_kernel (every convolution, its
+    output stored; the epilogue straight into the output slice where the level is the input's size and
+    no batch statistics are needed; per-tile statistics where they are), ups_kernel (norm with batch
+    statistics, activation, up-resize into the remaining slices); a launch with nothing to do is skipped.
+    Each branch with batch statistics adds a parameter-sized combine of its per-tile statistics.
 backward: per branch 1 up-resize adjoint fused with the activation's and norm's backward, 2 fixed-order
     column sums, 1 conv-output gradient, 1 weight gradient (if asked), 1 level gradient (if dx is asked);
     then 1 launch writes dx (the x slice of the output gradient plus every branch's down-resize adjoint).
@@ -36,7 +37,7 @@ _ACT = {"none": K.ACT_NONE, "relu": K.ACT_RELU, "silu": K.ACT_SILU, "gelu": K.AC
 def interpreting() -> bool:
     """Whether the kernels were defined under Triton's interpreter (TRITON_INTERPRET=1 at import): they
     then run on CPU tensors, and only there."""
-    return type(K.resize_kernel).__name__ == "InterpretedFunction"
+    return type(K.levels_kernel).__name__ == "InterpretedFunction"
 
 
 #: Tests set this: every buffer a kernel must fill starts as NaN, so an element left unwritten shows.
@@ -132,24 +133,6 @@ def _up_taps(up_mode: str, h: int, w: int, H: int, W: int, align: bool, dtype, d
     return (axis_taps(kind, h, H, 0, align, dtype, device), axis_taps(kind, w, W, 0, align, dtype, device))
 
 
-def _resize(src: torch.Tensor, dst: torch.Tensor, ty, tx, *, norm=K.NORM_NONE, a=None, b=None, eps=0.0,
-            gamma=None, beta=None, act=K.ACT_NONE) -> None:
-    """dst (N, C, Hd, Wd) = separable gather of act(norm(src)) over the taps ty (rows) and tx (cols)."""
-    N, C, Hd, Wd = dst.shape
-    if dst.numel() == 0:
-        return
-    block_c, block_p = _block_c(C), _block_p()
-    dummy = dst
-    grid = (triton.cdiv(N * Hd * Wd, block_p), triton.cdiv(C, block_c))
-    _launch(K.resize_kernel, grid, src, *_strides(src), dst, *_strides(dst), N, C, Hd, Wd,
-            ty.idx, ty.w, ty.taps, tx.idx, tx.w, tx.taps,
-            a if a is not None else dummy, b if b is not None else dummy, float(eps),
-            gamma if gamma is not None else dummy, beta if beta is not None else dummy,
-            NORM=norm, HAS_GAMMA=gamma is not None if norm == K.NORM_BATCH else a is not None,
-            HAS_BETA=beta is not None if norm == K.NORM_BATCH else b is not None, ACT=act,
-            F64=src.dtype == torch.float64 or dst.dtype == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
-
-
 def _conv_configs():
     if interpreting():
         return [triton.Config({"BLOCK_M": 256, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
@@ -203,23 +186,6 @@ def _pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(2, 3, 1, 0).reshape(k * k * c, co).contiguous()
 
 
-def _batch_stats(pre: torch.Tensor, stats_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    N, C, h, w = pre.shape
-    total = N * h * w
-    block, block_c = _stats_block(), _block_c(C)
-    T = triton.cdiv(total, block)
-    part_mean = _empty((T, C), dtype=stats_dtype, device=pre.device)
-    part_m2 = _empty((T, C), dtype=stats_dtype, device=pre.device)
-    f64 = stats_dtype == torch.float64
-    _launch(K.stats_partial_kernel, (T, triton.cdiv(C, block_c)), pre, *_strides(pre), N, C, h, w,
-            part_mean, part_m2, F64=f64, BLOCK_P=block, BLOCK_C=block_c)
-    mean = _empty((C,), dtype=stats_dtype, device=pre.device)
-    var = _empty((C,), dtype=stats_dtype, device=pre.device)
-    _launch(K.stats_combine_kernel, (triton.cdiv(C, block_c),), part_mean, part_m2, T, total, C, mean, var,
-            BLOCK_P=block, BLOCK_C=block_c)
-    return mean, var
-
-
 def _offsets(weight: Sequence[torch.Tensor], C: int, input_position: str) -> Tuple[List[int], int, int]:
     """Channel offset of each branch in the output, of x (-1 if absent), and the output's channels."""
     offsets, o = [], C if input_position == "first" else 0
@@ -230,51 +196,155 @@ def _offsets(weight: Sequence[torch.Tensor], C: int, input_position: str) -> Tup
     return offsets, x_off, o + (C if input_position == "last" else 0)
 
 
+def _slot_args(values, per_slot, used):
+    """Flat argument list of a slotted kernel: ``used`` slots' arguments, then copies of the first one's
+    for the unused slots (never read: SLOTS stops them)."""
+    flat = []
+    for s in range(K.MAX_SLOTS):
+        flat += values[s] if s < used else values[0]
+        assert len(flat) == per_slot * (s + 1)
+    return flat
+
+
+def _conv_grid(sizes, N, block_m):
+    return lambda meta: (sum(triton.cdiv(N * h * w, block_m) * triton.cdiv(co, meta["BLOCK_N"]) for h, w, co in sizes),)
+
+
+def _convs_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bn, bk, w, s in ((64, 32, 4, 3), (128, 32, 8, 3), (32, 32, 4, 4), (64, 64, 4, 3), (128, 64, 8, 2))]
+
+
+def _convs_block_m(f64: bool) -> int:
+    """Pixels per program of convs_kernel: fixed (not tuned), as the batch statistics' tiles follow it."""
+    return (128 if interpreting() else 32) if f64 else (256 if interpreting() else 64)
+
+
+_CONVS_KEY = ["N", "C"] + [f"{v}{s}" for s in range(4) for v in ("h", "w", "CO", "KS")] + ["SLOTS", "DOT"]
+convs_tuned = triton.autotune(configs=_convs_configs(), key=_CONVS_KEY)(K.convs_kernel)
+
+
 def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
             activation, input_position):
+    """The training forward: the output and what backward and the running statistics need (per branch the
+    level, the conv output ``pre``, the batch mean and biased variance). Launches, per four branches:
+    levels_kernel (x copied, every level other than x), convs_kernel (every convolution; the epilogue stored
+    straight into the output where the level is the input's size and no batch statistics are needed),
+    ups_kernel (the rest: norm with batch statistics, activation, up-resize), plus a parameter-sized
+    combine of each batch-statistics branch's per-tile statistics."""
     N, C, H, W = x.shape
     fmt = _fmt(x)
     dev, dt = x.device, x.dtype
-    stats_dt = _acc_dtype(dt) if dt != torch.float64 else dt
+    f64 = dt == torch.float64
+    stats_dt = _acc_dtype(dt)
     offsets, x_off, c_out = _offsets(weight, C, input_position)
     check_index_limit(x, c_out)
     out = _empty((N, c_out, H, W), dtype=dt, device=dev, memory_format=fmt)
     act = _ACT[activation]
-    levels, pres, means, variances = [], [], [], []
-    if x_off >= 0:
-        ident = axis_taps("identity", H, H, 0, False, dt, dev), axis_taps("identity", W, W, 0, False, dt, dev)
-        _resize(x, out[:, x_off:x_off + C], *ident)
-    for b, w in enumerate(weight):
-        co, _, k, _ = w.shape
-        h, wd = _level(factor[b], bins, b, H, W)
-        if factor[b] == 1:
-            src = x
-            levels.append(torch.empty((0,), dtype=dt, device=dev))
-        else:
-            src = _empty((N, C, h, wd), dtype=dt, device=dev, memory_format=fmt)
-            _resize(x, src, *_down_taps(factor[b], down_mode, H, W, h, wd, align_corners, dt, dev))
-            levels.append(src)
-        pre = _empty((N, co, h, wd), dtype=dt, device=dev, memory_format=fmt)
-        pres.append(pre)
-        dst = out[:, offsets[b]:offsets[b] + co]
-        wk = _pack_weight(w)
-        up = _up_taps(up_mode, h, wd, H, W, align_corners, dt, dev)
-        if batch_stats[b]:
-            _conv(src, wk, k, co, bias[b], pre, None)
-            mean, var = _batch_stats(pre, stats_dt)
-            means.append(mean)
-            variances.append(var)
-            _resize(pre, dst, *up, norm=K.NORM_BATCH, a=mean, b=var, eps=eps[b], gamma=scale[b], beta=shift[b],
-                    act=act)
-            continue
-        means.append(torch.empty((0,), dtype=stats_dt, device=dev))
-        variances.append(torch.empty((0,), dtype=stats_dt, device=dev))
-        if (h, wd) == (H, W):  # the epilogue stores straight into the output slice
-            _conv(src, wk, k, co, bias[b], pre, dst, scale[b], shift[b], act)
-        else:
-            a = _empty(pre.shape, dtype=dt, device=dev, memory_format=fmt)
-            _conv(src, wk, k, co, bias[b], pre, a, scale[b], shift[b], act)
-            _resize(a, dst, *up)
+    B = len(weight)
+    levels = [torch.empty((0,), dtype=dt, device=dev) for _ in range(B)]
+    pres = [None] * B
+    means = [torch.empty((0,), dtype=stats_dt, device=dev) for _ in range(B)]
+    variances = [torch.empty((0,), dtype=stats_dt, device=dev) for _ in range(B)]
+    block_p, block_c = _block_p(), _block_c(C)
+    block_m = _convs_block_m(f64)
+    x_slice = out[:, x_off:x_off + C] if x_off >= 0 else out
+    for first in range(0, B, K.MAX_SLOTS):
+        chunk = list(range(first, min(B, first + K.MAX_SLOTS)))
+        # 1. x's slice and every level other than x itself
+        copy = first == 0 and x_off >= 0 and N * H * W > 0
+        lev_slots, ends = [], [triton.cdiv(N * H * W, block_p) * triton.cdiv(C, block_c) if copy else 0]
+        for b in chunk:
+            h, wd = _level(factor[b], bins, b, H, W)
+            if factor[b] == 1:
+                continue
+            lev = _empty((N, C, h, wd), dtype=dt, device=dev, memory_format=fmt)
+            levels[b] = lev
+            ty, tx = _down_taps(factor[b], down_mode, H, W, h, wd, align_corners, dt, dev)
+            lev_slots.append([lev, *_strides(lev), h, wd, ty.idx, ty.w, ty.taps, tx.idx, tx.w, tx.taps])
+            ends.append(ends[-1] + triton.cdiv(N * h * wd, block_p) * triton.cdiv(C, block_c))
+        if ends[-1] > 0:
+            ends += [ends[-1]] * (K.MAX_SLOTS + 1 - len(ends))
+            flat = _slot_args(lev_slots or [[x, 0, 0, 0, 0, 1, 1, x, x, 0, x, x, 0]], 13, len(lev_slots))
+            flat = [v for s in range(K.MAX_SLOTS) for v in flat[13 * s:13 * (s + 1)] + [ends[s + 1]]]
+            _launch(K.levels_kernel, (ends[-1],), x, *_strides(x), x_slice, *_strides(x_slice), N, C, H, W,
+                    ends[0], *flat, SLOTS=len(lev_slots), F64=f64, BLOCK_P=block_p, BLOCK_C=block_c)
+        # 2. every convolution of the chunk
+        conv_slots, flags, sizes, partials, ups = [], [], [], {}, []
+        for b in chunk:
+            co, _, k, _ = weight[b].shape
+            h, wd = _level(factor[b], bins, b, H, W)
+            src = x if factor[b] == 1 else levels[b]
+            pre = _empty((N, co, h, wd), dtype=dt, device=dev, memory_format=fmt)
+            pres[b] = pre
+            dst = out[:, offsets[b]:offsets[b] + co]
+            direct = (h, wd) == (H, W) and not batch_stats[b]
+            if batch_stats[b]:
+                T = triton.cdiv(N * h * wd, block_m)
+                part = (_empty((T, co), dtype=stats_dt, device=dev), _empty((T, co), dtype=stats_dt, device=dev))
+                partials[b] = part
+                epi = pre  # unused
+            else:
+                part = (pre, pre)  # unused
+                epi = dst if direct else _empty((N, co, h, wd), dtype=dt, device=dev, memory_format=fmt)
+            if not direct:
+                ups.append((b, epi if not batch_stats[b] else pre))
+            s_, t_ = (None, None) if batch_stats[b] else (scale[b], shift[b])
+            flags.append((bias[b] is not None) | (s_ is not None) << 1 | (t_ is not None) << 2
+                         | (not batch_stats[b]) << 3 | batch_stats[b] << 4)
+            wk = _pack_weight(weight[b])
+            conv_slots.append([src, *_strides(src), wk, bias[b] if bias[b] is not None else wk, pre, *_strides(pre),
+                               epi, *_strides(epi), s_ if s_ is not None else wk, t_ if t_ is not None else wk,
+                               *part, h, wd, co, k])
+            sizes.append((h, wd, co))
+        if N > 0:
+            flags += [0] * (K.MAX_SLOTS - len(flags))
+            # float64 multiplies and sums a 3-D product: fixed small blocks, no tuning
+            kernel, blocks = (K.convs_kernel, dict(BLOCK_N=16, BLOCK_K=16)) if f64 else (convs_tuned, {})
+            _launch(kernel, _conv_grid(sizes, N, block_m), N, C, *_slot_args(conv_slots, 25, len(conv_slots)),
+                    FLAGS0=flags[0], FLAGS1=flags[1], FLAGS2=flags[2], FLAGS3=flags[3], SLOTS=len(conv_slots),
+                    ACT=act, DOT=K.DOT_FMA if f64 else _dot_mode(x), UPCAST=_upcast(x), F64=f64, BLOCK_M=block_m,
+                    **blocks)
+        # 3. batch statistics: the tiles' (count, mean, M2) combined in order (parameter-sized)
+        for b, (part_mean, part_m2) in partials.items():
+            co = weight[b].shape[0]
+            h, wd = _level(factor[b], bins, b, H, W)
+            mean = torch.empty((co,), dtype=stats_dt, device=dev)
+            var = torch.empty((co,), dtype=stats_dt, device=dev)
+            bc = _block_c(co)
+            if N * h * wd:
+                _launch(K.stats_combine_kernel, (triton.cdiv(co, bc),), part_mean, part_m2, part_mean.shape[0],
+                        N * h * wd, co, mean, var, BLOCK_P=block_m, BLOCK_C=bc)
+            means[b], variances[b] = mean, var
+        # 4. the remaining output slices: norm with batch statistics, activation, up-resize
+        up_slots, up_flags, ends = [], [], [0]
+        up_bc = max((_block_c(weight[b].shape[0]) for b, _ in ups), default=4)
+        for b, src in ups:
+            co = weight[b].shape[0]
+            h, wd = _level(factor[b], bins, b, H, W)
+            ty, tx = _up_taps(up_mode, h, wd, H, W, align_corners, dt, dev)
+            dst = out[:, offsets[b]:offsets[b] + co]
+            if batch_stats[b]:
+                fl = K.NORM_BATCH | (scale[b] is not None) << 2 | (shift[b] is not None) << 3 | 1 << 4
+                a_, b_, g_, be_ = means[b], variances[b], scale[b], shift[b]
+            else:
+                fl, a_, b_, g_, be_ = K.NORM_NONE, None, None, None, None
+            dummy = ty.w
+            up_slots.append([src, *_strides(src), dst, *_strides(dst), co, ty.idx, ty.w, ty.taps, tx.idx, tx.w,
+                             tx.taps, a_ if a_ is not None else dummy, b_ if b_ is not None else dummy, float(eps[b]),
+                             g_ if g_ is not None else dummy, be_ if be_ is not None else dummy])
+            up_flags.append(fl)
+            ends.append(ends[-1] + triton.cdiv(N * H * W, block_p) * triton.cdiv(co, up_bc))
+        if up_slots and ends[-1] > 0:
+            ends += [ends[-1]] * (K.MAX_SLOTS + 1 - len(ends))
+            up_flags += [0] * (K.MAX_SLOTS - len(up_flags))
+            flat = _slot_args(up_slots, 22, len(up_slots))
+            flat = [v for s in range(K.MAX_SLOTS) for v in flat[22 * s:22 * (s + 1)] + [ends[s + 1]]]
+            _launch(K.ups_kernel, (ends[-1],), N, H, W, ends[0], *flat, FLAGS0=up_flags[0], FLAGS1=up_flags[1],
+                    FLAGS2=up_flags[2], FLAGS3=up_flags[3], SLOTS=len(up_slots), ACT=act, F64=f64,
+                    BLOCK_P=block_p, BLOCK_C=up_bc)
     return out, levels, pres, means, variances
 
 
