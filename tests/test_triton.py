@@ -289,7 +289,7 @@ def test_empty_input():
     assert x.grad.shape == x.shape
     with torch.no_grad():
         assert fused(x).shape == out.shape  # the inference operator too
-    with pytest.raises(ValueError, match="at least 1x1"):
+    with pytest.raises(ValueError, match="at least 1"):
         fused(torch.randn((2, 3, 0, 0), device=DEVICE))
 
 
@@ -310,10 +310,10 @@ def test_refuses_what_int32_cannot_index():
     x = torch.zeros((1, 2, 1, 1), device=DEVICE).expand(2, 2, 2**15, 2**15)
     with pytest.raises(RuntimeError, match="2\\*\\*31"):  # the backend choice refuses it
         fused(x)
-    # and the operator itself, called directly
-    args, kw = _triton_args(fused, x, requires_grad=False)
+    # and the operator itself, called directly (arguments built on a small x, then the big view in its place)
+    args, kw = _triton_args(fused, x[:1, :, :2, :2], requires_grad=False)
     with pytest.raises(ValueError, match="2\\*\\*31"):
-        FORWARD(*args, **kw)
+        FORWARD(x, *args[1:], **kw)
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="torch.compile traces Triton kernels with fake tensors, which the "
