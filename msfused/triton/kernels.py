@@ -362,22 +362,26 @@ def dx_kernel(dx, d_n, d_c, d_h, d_w, N, C, H, W, g, g_n, g_c, g_h, g_w,
 @triton.jit
 def _tile_program(t, x, s_n, s_c, s_h, s_w, dy_idx, dy_w, DY, dx_idx, dx_w, DX,
                   wk, bias, scale, shift, out, o_n, o_c, o_h, o_w, scratch,
-                  uy_idx, uy_w, UY, ux_idx, ux_w, UX, row_start, row_count, col_start, col_count,
-                  C, h, w, CO, KS, TILES_Y, TILES_X, RHO, RWO,
+                  uy_idx, uy_w, UY, ux_idx, ux_w, UX, first_row, first_col,
+                  C, h, w, CO, KS, HALO,
                   HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
                   DOT: tl.constexpr, UPCAST: tl.constexpr, F64: tl.constexpr, DIRECT: tl.constexpr,
                   RH: tl.constexpr, RW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   BLOCK_P: tl.constexpr):
     """One branch of the inference forward in one pass, per tile of its level: the level pixels of the
-    tile (RH x RW from (ty * RHO, tx * RWO); RHO x RWO of them are the tile's own) are computed from ``x`` inside the convolution's operand
-    load (the down-resize taps dy / dx), convolved (implicit GEMM, ``tl.dot``), passed through bias, the
+    tile (RH x RW from (ty * RHO, tx * RWO), RHO = RH - HALO; RHO x RWO of them are the tile's own) are
+    computed from ``x`` inside the convolution's operand load (the down-resize taps dy / dx), convolved (implicit GEMM, ``tl.dot``), passed through bias, the
     folded norm and the activation; then the output pixels whose first up-resize tap lies in the tile
-    (``row_start/row_count``, ``col_start/col_count`` per tile) are gathered from the tile (kept in this
+    (from ``first_row`` / ``first_col``) are gathered from the tile (kept in this
     program's private ``scratch``) with the up taps uy / ux and stored into the branch's output slice.
     DIRECT: the level is the output's size (identity up-resize): the epilogue stores straight out.
     ``t``: the program's index among this branch's programs (tile, then block of output channels)."""
     pid_n = t % tl.cdiv(CO, BLOCK_N)
     pid = t // tl.cdiv(CO, BLOCK_N)
+    RHO = RH - HALO  # the level rows (columns) a tile owns; HALO more are read for a bilinear second tap
+    RWO = RW - HALO
+    TILES_Y = tl.cdiv(h, RHO)
+    TILES_X = tl.cdiv(w, RWO)
     tx_ = pid % TILES_X
     ty_ = (pid // TILES_X) % TILES_Y
     n = pid // (TILES_X * TILES_Y)
@@ -442,10 +446,12 @@ def _tile_program(t, x, s_n, s_c, s_h, s_w, dy_idx, dy_w, DY, dx_idx, dx_w, DX,
         cols = tl.arange(0, BLOCK_N)
         tl.store(base + m[:, None] * BLOCK_N + cols[None, :], act_t)
         tl.debug_barrier()  # the tile is read back below by other threads of this program
-        oy0 = tl.load(row_start + ty_)
-        ny = tl.load(row_count + ty_)
-        ox0 = tl.load(col_start + tx_)
-        nx = tl.load(col_count + tx_)
+        # the output rows whose first up tap is one of the tile's own level rows: first_row[l] is the first
+        # output row whose first tap is at or after level row l
+        oy0 = tl.load(first_row + ty_ * RHO)
+        ny = tl.load(first_row + tl.minimum((ty_ + 1) * RHO, h)) - oy0
+        ox0 = tl.load(first_col + tx_ * RWO)
+        nx = tl.load(first_col + tl.minimum((tx_ + 1) * RWO, w)) - ox0
         for q0 in range(0, ny * nx, BLOCK_P):
             q = q0 + tl.arange(0, BLOCK_P)
             qm = q < ny * nx
@@ -483,56 +489,62 @@ def _copy_program(t, x, s_n, s_c, s_h, s_w, out, o_n, o_c, o_h, o_w, C, H, W, to
 
 
 @triton.jit
-def block_kernel(x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, C, H, W, XTOTAL, E0,
+def _tile_programs(N, h, w, CO, HALO, RH: tl.constexpr, RW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """How many programs _tile_program needs for one branch with these tile shapes."""
+    return N * tl.cdiv(h, RH - HALO) * tl.cdiv(w, RW - HALO) * tl.cdiv(CO, BLOCK_N)
+
+
+@triton.jit
+def block_kernel(x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, N, C, H, W, E0,
                  l0, l0_n, l0_c, l0_h, l0_w, dy0, dyw0, DY0, dx0, dxw0, DX0, wk0, b0, sc0, sh0, out0, q0_n, q0_c,
-                 q0_h, q0_w, scr0, uy0, uyw0, UY0, ux0, uxw0, UX0, rs0, rc0, cs0, cc0, h0, w0, CO0, KS0, TY0, TX0,
-                 RHO0, RWO0, E1,
+                 q0_h, q0_w, scr0, uy0, uyw0, UY0, ux0, uxw0, UX0, fr0, fc0, h0, w0, CO0, KS0, HALO0,
                  l1, l1_n, l1_c, l1_h, l1_w, dy1, dyw1, DY1, dx1, dxw1, DX1, wk1, b1, sc1, sh1, out1, q1_n, q1_c,
-                 q1_h, q1_w, scr1, uy1, uyw1, UY1, ux1, uxw1, UX1, rs1, rc1, cs1, cc1, h1, w1, CO1, KS1, TY1, TX1,
-                 RHO1, RWO1, E2,
+                 q1_h, q1_w, scr1, uy1, uyw1, UY1, ux1, uxw1, UX1, fr1, fc1, h1, w1, CO1, KS1, HALO1,
                  l2, l2_n, l2_c, l2_h, l2_w, dy2, dyw2, DY2, dx2, dxw2, DX2, wk2, b2, sc2, sh2, out2, q2_n, q2_c,
-                 q2_h, q2_w, scr2, uy2, uyw2, UY2, ux2, uxw2, UX2, rs2, rc2, cs2, cc2, h2, w2, CO2, KS2, TY2, TX2,
-                 RHO2, RWO2, E3,
+                 q2_h, q2_w, scr2, uy2, uyw2, UY2, ux2, uxw2, UX2, fr2, fc2, h2, w2, CO2, KS2, HALO2,
                  l3, l3_n, l3_c, l3_h, l3_w, dy3, dyw3, DY3, dx3, dxw3, DX3, wk3, b3, sc3, sh3, out3, q3_n, q3_c,
-                 q3_h, q3_w, scr3, uy3, uyw3, UY3, ux3, uxw3, UX3, rs3, rc3, cs3, cc3, h3, w3, CO3, KS3, TY3, TX3,
-                 RHO3, RWO3, E4,
+                 q3_h, q3_w, scr3, uy3, uyw3, UY3, ux3, uxw3, UX3, fr3, fc3, h3, w3, CO3, KS3, HALO3,
                  FLAGS0: tl.constexpr, FLAGS1: tl.constexpr, FLAGS2: tl.constexpr, FLAGS3: tl.constexpr,
                  SLOTS: tl.constexpr, ACT: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr,
                  F64: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """The inference forward of up to four branches and the copy of x, in one launch: programs
-    [0, E0) copy x into its slice (none if E0 == 0), programs [E_s, E_s+1) run branch slot s
-    (``_tile_program``; its source l_s is x itself for a factor branch, the pooled level for bins).
+    [0, E0) copy x into its slice (none if E0 == 0), then each branch slot's programs in turn
+    (``_tile_program``; its source l_s is x itself for a factor branch, the pooled level for bins). The
+    tile shape (RH, RW, BLOCK_N, BLOCK_K) is autotuned, so each slot's program count is computed here.
     FLAGS_s: bit 0 bias, bit 1 scale, bit 2 shift, bit 3 direct store (identity up-resize)."""
     pid = tl.program_id(0)
+    e1 = E0 + _tile_programs(N, h0, w0, CO0, HALO0, RH, RW, BLOCK_N)
+    e2 = e1 + _tile_programs(N, h1, w1, CO1, HALO1, RH, RW, BLOCK_N)
+    e3 = e2 + _tile_programs(N, h2, w2, CO2, HALO2, RH, RW, BLOCK_N)
     if pid < E0:
-        _copy_program(pid, x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, C, H, W, XTOTAL, F64, BLOCK_P,
+        _copy_program(pid, x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, C, H, W, N * H * W, F64, BLOCK_P,
                       BLOCK_C)
-    elif pid < E1:
-        _tile_program(pid - E0, l0, l0_n, l0_c, l0_h, l0_w, dy0, dyw0, DY0, dx0, dxw0, DX0, wk0, b0, sc0, sh0,
-                      out0, q0_n, q0_c, q0_h, q0_w, scr0, uy0, uyw0, UY0, ux0, uxw0, UX0, rs0, rc0, cs0, cc0,
-                      C, h0, w0, CO0, KS0, TY0, TX0, RHO0, RWO0, (FLAGS0 & 1) != 0, (FLAGS0 & 2) != 0,
+    elif pid < e1:
+        _tile_program(pid - E0, l0, l0_n, l0_c, l0_h, l0_w, dy0, dyw0, DY0, dx0, dxw0, DX0, wk0, b0,
+                      sc0, sh0, out0, q0_n, q0_c, q0_h, q0_w, scr0, uy0, uyw0, UY0, ux0, uxw0, UX0, fr0,
+                      fc0, C, h0, w0, CO0, KS0, HALO0, (FLAGS0 & 1) != 0, (FLAGS0 & 2) != 0,
                       (FLAGS0 & 4) != 0, ACT, DOT, UPCAST, F64, (FLAGS0 & 8) != 0, RH, RW, BLOCK_N, BLOCK_K,
                       BLOCK_P)
-    elif pid < E2:
+    elif pid < e2:
         if SLOTS > 1:
-            _tile_program(pid - E1, l1, l1_n, l1_c, l1_h, l1_w, dy1, dyw1, DY1, dx1, dxw1, DX1, wk1, b1, sc1, sh1,
-                          out1, q1_n, q1_c, q1_h, q1_w, scr1, uy1, uyw1, UY1, ux1, uxw1, UX1, rs1, rc1, cs1, cc1,
-                          C, h1, w1, CO1, KS1, TY1, TX1, RHO1, RWO1, (FLAGS1 & 1) != 0, (FLAGS1 & 2) != 0,
+            _tile_program(pid - e1, l1, l1_n, l1_c, l1_h, l1_w, dy1, dyw1, DY1, dx1, dxw1, DX1, wk1, b1,
+                          sc1, sh1, out1, q1_n, q1_c, q1_h, q1_w, scr1, uy1, uyw1, UY1, ux1, uxw1, UX1, fr1,
+                          fc1, C, h1, w1, CO1, KS1, HALO1, (FLAGS1 & 1) != 0, (FLAGS1 & 2) != 0,
                           (FLAGS1 & 4) != 0, ACT, DOT, UPCAST, F64, (FLAGS1 & 8) != 0, RH, RW, BLOCK_N, BLOCK_K,
                           BLOCK_P)
-    elif pid < E3:
+    elif pid < e3:
         if SLOTS > 2:
-            _tile_program(pid - E2, l2, l2_n, l2_c, l2_h, l2_w, dy2, dyw2, DY2, dx2, dxw2, DX2, wk2, b2, sc2, sh2,
-                          out2, q2_n, q2_c, q2_h, q2_w, scr2, uy2, uyw2, UY2, ux2, uxw2, UX2, rs2, rc2, cs2, cc2,
-                          C, h2, w2, CO2, KS2, TY2, TX2, RHO2, RWO2, (FLAGS2 & 1) != 0, (FLAGS2 & 2) != 0,
+            _tile_program(pid - e2, l2, l2_n, l2_c, l2_h, l2_w, dy2, dyw2, DY2, dx2, dxw2, DX2, wk2, b2,
+                          sc2, sh2, out2, q2_n, q2_c, q2_h, q2_w, scr2, uy2, uyw2, UY2, ux2, uxw2, UX2, fr2,
+                          fc2, C, h2, w2, CO2, KS2, HALO2, (FLAGS2 & 1) != 0, (FLAGS2 & 2) != 0,
                           (FLAGS2 & 4) != 0, ACT, DOT, UPCAST, F64, (FLAGS2 & 8) != 0, RH, RW, BLOCK_N, BLOCK_K,
                           BLOCK_P)
     else:
         if SLOTS > 3:
-            _tile_program(pid - E3, l3, l3_n, l3_c, l3_h, l3_w, dy3, dyw3, DY3, dx3, dxw3, DX3, wk3, b3, sc3, sh3,
-                          out3, q3_n, q3_c, q3_h, q3_w, scr3, uy3, uyw3, UY3, ux3, uxw3, UX3, rs3, rc3, cs3, cc3,
-                          C, h3, w3, CO3, KS3, TY3, TX3, RHO3, RWO3, (FLAGS3 & 1) != 0, (FLAGS3 & 2) != 0,
+            _tile_program(pid - e3, l3, l3_n, l3_c, l3_h, l3_w, dy3, dyw3, DY3, dx3, dxw3, DX3, wk3, b3,
+                          sc3, sh3, out3, q3_n, q3_c, q3_h, q3_w, scr3, uy3, uyw3, UY3, ux3, uxw3, UX3, fr3,
+                          fc3, C, h3, w3, CO3, KS3, HALO3, (FLAGS3 & 1) != 0, (FLAGS3 & 2) != 0,
                           (FLAGS3 & 4) != 0, ACT, DOT, UPCAST, F64, (FLAGS3 & 8) != 0, RH, RW, BLOCK_N, BLOCK_K,
                           BLOCK_P)
 

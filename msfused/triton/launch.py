@@ -487,42 +487,51 @@ def _dx(grad_out, x, x_off, slots, fmt, acc_dt):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _tile_shape(direct: bool, up_taps: int) -> Tuple[int, int, int, int]:
-    """(RH, RW, RHO, RWO): the level tile a program computes and the part of it that it owns."""
-    rh, rw = (16, 16) if interpreting() else (8, 16)
-    halo = 0 if direct else max(0, up_taps - 1)
-    return rh, rw, rh - halo, rw - halo
+def _block_configs(f64: bool) -> List[triton.Config]:
+    """Tile shapes of block_kernel: level tile RH x RW, output channels and input channels per step."""
+    if interpreting():
+        return [triton.Config({"RH": 16, "RW": 16, "BLOCK_N": 16 if f64 else 32, "BLOCK_K": 16 if f64 else 32})]
+    if f64:  # multiply-and-sum: a 3-D product in registers, so small tiles
+        return [triton.Config({"RH": rh, "RW": rw, "BLOCK_N": 16, "BLOCK_K": 8}, num_warps=4)
+                for rh, rw in ((4, 8), (8, 8))]
+    return [triton.Config({"RH": rh, "RW": rw, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=wp, num_stages=st)
+            for rh, rw, bn, bk, wp, st in ((8, 8, 64, 32, 4, 2), (8, 16, 64, 32, 4, 2), (16, 16, 64, 32, 8, 2),
+                                           (8, 16, 128, 32, 8, 2), (16, 16, 32, 32, 4, 2), (4, 16, 64, 64, 4, 2))]
 
 
-def _owned_ranges(first_tap: torch.Tensor, owned: int, tiles: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per tile: the first output row whose first up tap lies in the tile's owned level rows, and how many."""
-    start = torch.searchsorted(first_tap, torch.arange(tiles, device=first_tap.device, dtype=first_tap.dtype) * owned)
-    end = torch.searchsorted(first_tap, (torch.arange(tiles, device=first_tap.device, dtype=first_tap.dtype) + 1) * owned)
-    return start.to(torch.int32), (end - start).to(torch.int32)
+_BLOCK_KEY = ["N", "C", "H", "W"] + [f"{v}{s}" for s in range(4) for v in ("h", "w", "CO", "KS", "HALO")] + \
+    ["SLOTS", "DOT"]
+block_tuned = {f64: triton.autotune(configs=_block_configs(f64), key=_BLOCK_KEY)(K.block_kernel)
+               for f64 in (False, True)}
 
 
-def _tile_slot(src, down, wk, ks, co, bias, scale, shift, dst, up, direct, block_n, scratch_numel):
-    """One branch's arguments of block_kernel (before its scratch buffer) and its program count."""
+def _tile_programs(N: int, h: int, w: int, co: int, halo: int, cfg: dict) -> int:
+    """block_kernel's program count for one branch (K._tile_programs, on the host)."""
+    return N * triton.cdiv(h, cfg["RH"] - halo) * triton.cdiv(w, cfg["RW"] - halo) * triton.cdiv(co, cfg["BLOCK_N"])
+
+
+def _first_rows(first_tap: torch.Tensor, levels: int) -> torch.Tensor:
+    """first[l], l in [0, levels]: the first output row whose first up-resize tap is level row l or later."""
+    bounds = torch.arange(levels + 1, device=first_tap.device, dtype=first_tap.dtype)
+    return torch.searchsorted(first_tap, bounds).to(torch.int32)
+
+
+def _tile_slot(src, down, wk, ks, co, bias, scale, shift, dst, up, direct):
+    """One branch's arguments of block_kernel (before and after its scratch buffer), flags, halo, sizes."""
     (dy, dx), (uy, ux) = down, up
-    N = src.shape[0]
     h, w = dy.idx.shape[0], dx.idx.shape[0]
-    rh, rw, rho, rwo = _tile_shape(direct, max(uy.taps, ux.taps))
-    tiles_y, tiles_x = triton.cdiv(h, rho), triton.cdiv(w, rwo)
+    halo = 0 if direct else max(0, max(uy.taps, ux.taps) - 1)
     if direct:
-        rows = row_count = cols = col_count = dy.idx  # unused
+        rows = cols = dy.idx  # unused
     else:
-        rows, row_count = _owned_ranges(uy.idx[:, 0].contiguous(), rho, tiles_y)
-        cols, col_count = _owned_ranges(ux.idx[:, 0].contiguous(), rwo, tiles_x)
-    programs = N * tiles_y * tiles_x * triton.cdiv(co, block_n)
+        rows, cols = _first_rows(uy.idx[:, 0].contiguous(), h), _first_rows(ux.idx[:, 0].contiguous(), w)
     dummy = wk
     flags = (bias is not None) | (scale is not None) << 1 | (shift is not None) << 2 | direct << 3
     head = [src, *_strides(src), dy.idx, dy.w, dy.taps, dx.idx, dx.w, dx.taps, wk,
             bias if bias is not None else dummy, scale if scale is not None else dummy,
             shift if shift is not None else dummy, dst, *_strides(dst)]
-    tail = [uy.idx, uy.w, uy.taps, ux.idx, ux.w, ux.taps, rows, row_count, cols, col_count,
-            h, w, co, ks, tiles_y, tiles_x, rho, rwo]
-    scratch_numel = 0 if direct else programs * rh * rw * block_n
-    return head, tail, flags, programs, scratch_numel
+    tail = [uy.idx, uy.w, uy.taps, ux.idx, ux.w, ux.taps, rows, cols, h, w, co, ks, halo]
+    return head, tail, flags, (h, w, co, halo, direct)
 
 
 def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, align_corners, activation,
@@ -542,8 +551,6 @@ def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, a
     act = _ACT[activation]
     f64 = dt == torch.float64
     block_p, block_c = _block_p(), _block_c(C)
-    block_n = _pow2(max(w.shape[0] for w in weight), 16, 32 if f64 else 64)
-    block_k = 16 if f64 else _pow2(C, 16, 32)
     copy_programs = triton.cdiv(N * H * W, block_p) * triton.cdiv(C, block_c)
     x_slice = out[:, x_off:x_off + C] if x_off >= 0 else out
     B = len(weight)
@@ -582,25 +589,28 @@ def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, a
             down = downs.get(b) or _down_taps(factor[b], down_mode, H, W, h, wd, align_corners, dt, dev)
             up = _up_taps(up_mode, h, wd, H, W, align_corners, dt, dev)
             slots.append(_tile_slot(src, down, _pack_weight(weight[b]), k, co, bias[b], scale[b], shift[b],
-                                    out[:, offsets[b]:offsets[b] + co], up, (h, wd) == (H, W), block_n, 0))
-        scratch = _empty((max(1, sum(sl[4] for sl in slots)),), dtype=_acc_dtype(dt), device=dev)
-        ends = [copy_programs if copy_here else 0]
+                                    out[:, offsets[b]:offsets[b] + co], up, (h, wd) == (H, W)))
+        # Scratch for the tiles of the up-resizing branches, enough for any tuned tile shape.
+        configs = [c.kwargs for c in _block_configs(f64)]
+        need = [max(_tile_programs(N, h, w, co, halo, c) * c["RH"] * c["RW"] * c["BLOCK_N"] for c in configs)
+                if not direct else 0 for _, _, _, (h, w, co, halo, direct) in slots]
+        scratch = _empty((max(1, sum(need)),), dtype=_acc_dtype(dt), device=dev)
+        e0 = copy_programs if copy_here else 0
         flat, flags, offset = [], [], 0
         for s in range(K.MAX_SLOTS):
             if s < len(slots):
-                head, tail, fl, programs, numel = slots[s]
+                head, tail, fl, _ = slots[s]
                 flat += head + [scratch[offset:]] + tail
-                offset += numel
+                offset += need[s]
                 flags.append(fl)
-                ends.append(ends[-1] + programs)
             else:
                 flat += slots[0][0] + [scratch] + slots[0][1]  # an unused slot: any valid arguments
                 flags.append(0)
-                ends.append(ends[-1])
-            flat.append(ends[-1])
-        _launch(K.block_kernel, (ends[-1],), x, *_strides(x), x_slice, *_strides(x_slice), C, H, W, N * H * W,
-                ends[0], *flat, FLAGS0=flags[0], FLAGS1=flags[1], FLAGS2=flags[2], FLAGS3=flags[3],
-                SLOTS=len(slots), ACT=act, DOT=K.DOT_FMA if f64 else _dot_mode(x), UPCAST=_upcast(x), F64=f64,
-                RH=_tile_shape(True, 1)[0], RW=_tile_shape(True, 1)[1], BLOCK_N=block_n, BLOCK_K=block_k,
-                BLOCK_P=block_p, BLOCK_C=block_c)
+        sizes = [sl[3] for sl in slots]
+        grid = lambda meta: (e0 + sum(_tile_programs(N, h, w, co, halo, meta)  # noqa: E731
+                                      for h, w, co, halo, _ in sizes),)
+        _launch(block_tuned[f64], grid, x, *_strides(x), x_slice, *_strides(x_slice), N, C, H, W, e0, *flat,
+                FLAGS0=flags[0], FLAGS1=flags[1], FLAGS2=flags[2], FLAGS3=flags[3], SLOTS=len(slots), ACT=act,
+                DOT=K.DOT_FMA if f64 else _dot_mode(x), UPCAST=_upcast(x), F64=f64, BLOCK_P=block_p,
+                BLOCK_C=block_c)
     return out
