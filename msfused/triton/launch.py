@@ -226,6 +226,30 @@ _CONVS_KEY = ["N", "C"] + [f"{v}{s}" for s in range(4) for v in ("h", "w", "CO",
 convs_tuned = triton.autotune(configs=_convs_configs(), key=_CONVS_KEY)(K.convs_kernel)
 
 
+def _launch_levels(x, x_slice, copy: bool, branches: Sequence[int], factor, bins, down_mode, align_corners) -> dict:
+    """levels_kernel: x copied into ``x_slice`` (if ``copy``) and brought to the level of each of
+    ``branches`` (at most MAX_SLOTS) in one launch; returns {branch: level}."""
+    N, C, H, W = x.shape
+    dt, dev = x.dtype, x.device
+    block_p, block_c = _block_p(), _block_c(C)
+    levels, slots = {}, []
+    ends = [triton.cdiv(N * H * W, block_p) * triton.cdiv(C, block_c) if copy else 0]
+    for b in branches:
+        h, wd = _level(factor[b], bins, b, H, W)
+        lev = _empty((N, C, h, wd), dtype=dt, device=dev, memory_format=_fmt(x))
+        levels[b] = lev
+        ty, tx = _down_taps(factor[b], down_mode, H, W, h, wd, align_corners, dt, dev)
+        slots.append([lev, *_strides(lev), h, wd, ty.idx, ty.w, ty.taps, tx.idx, tx.w, tx.taps])
+        ends.append(ends[-1] + triton.cdiv(N * h * wd, block_p) * triton.cdiv(C, block_c))
+    if ends[-1] > 0:
+        ends += [ends[-1]] * (K.MAX_SLOTS + 1 - len(ends))
+        flat = _slot_args(slots or [[x, 0, 0, 0, 0, 1, 1, x, x, 0, x, x, 0]], 13, len(slots))
+        flat = [v for s in range(K.MAX_SLOTS) for v in flat[13 * s:13 * (s + 1)] + [ends[s + 1]]]
+        _launch(K.levels_kernel, (ends[-1],), x, *_strides(x), x_slice, *_strides(x_slice), N, C, H, W, ends[0],
+                *flat, SLOTS=len(slots), F64=dt == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
+    return levels
+
+
 def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
             activation, input_position):
     """The training forward: the output and what backward and the running statistics need (per branch the
@@ -248,29 +272,17 @@ def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_
     pres = [None] * B
     means = [torch.empty((0,), dtype=stats_dt, device=dev) for _ in range(B)]
     variances = [torch.empty((0,), dtype=stats_dt, device=dev) for _ in range(B)]
-    block_p, block_c = _block_p(), _block_c(C)
+    block_p = _block_p()
     block_m = _convs_block_m(f64)
     x_slice = out[:, x_off:x_off + C] if x_off >= 0 else out
     for first in range(0, B, K.MAX_SLOTS):
         chunk = list(range(first, min(B, first + K.MAX_SLOTS)))
         # 1. x's slice and every level other than x itself
-        copy = first == 0 and x_off >= 0 and N * H * W > 0
-        lev_slots, ends = [], [triton.cdiv(N * H * W, block_p) * triton.cdiv(C, block_c) if copy else 0]
-        for b in chunk:
-            h, wd = _level(factor[b], bins, b, H, W)
-            if factor[b] == 1:
-                continue
-            lev = _empty((N, C, h, wd), dtype=dt, device=dev, memory_format=fmt)
+        copy = first == 0 and x_off >= 0
+        made = _launch_levels(x, x_slice, copy, [b for b in chunk if factor[b] != 1], factor, bins, down_mode,
+                              align_corners)
+        for b, lev in made.items():
             levels[b] = lev
-            ty, tx = _down_taps(factor[b], down_mode, H, W, h, wd, align_corners, dt, dev)
-            lev_slots.append([lev, *_strides(lev), h, wd, ty.idx, ty.w, ty.taps, tx.idx, tx.w, tx.taps])
-            ends.append(ends[-1] + triton.cdiv(N * h * wd, block_p) * triton.cdiv(C, block_c))
-        if ends[-1] > 0:
-            ends += [ends[-1]] * (K.MAX_SLOTS + 1 - len(ends))
-            flat = _slot_args(lev_slots or [[x, 0, 0, 0, 0, 1, 1, x, x, 0, x, x, 0]], 13, len(lev_slots))
-            flat = [v for s in range(K.MAX_SLOTS) for v in flat[13 * s:13 * (s + 1)] + [ends[s + 1]]]
-            _launch(K.levels_kernel, (ends[-1],), x, *_strides(x), x_slice, *_strides(x_slice), N, C, H, W,
-                    ends[0], *flat, SLOTS=len(lev_slots), F64=f64, BLOCK_P=block_p, BLOCK_C=block_c)
         # 2. every convolution of the chunk
         conv_slots, flags, sizes, partials, ups = [], [], [], {}, []
         for b in chunk:
@@ -560,26 +572,9 @@ def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, a
         sources, downs = {}, {}
         pooled = [b for b in chunk if factor[b] == 0]
         if pooled:  # bins: pool x to every level in one launch (adaptive windows are too wide to redo per tap)
-            args, ends = [], [copy_programs if copy_here else 0]
-            for s in range(K.MAX_SLOTS):
-                if s < len(pooled):
-                    b = pooled[s]
-                    h, wd = bins[2 * b], bins[2 * b + 1]
-                    lev = _empty((N, C, h, wd), dtype=dt, device=dev, memory_format=fmt)
-                    ty, tx = _down_taps(0, down_mode, H, W, h, wd, align_corners, dt, dev)
-                    sources[b] = lev
-                    downs[b] = (axis_taps("identity", h, h, 0, False, dt, dev),
-                                axis_taps("identity", wd, wd, 0, False, dt, dev))
-                    args += [lev, *_strides(lev), h, wd, ty.idx, ty.w, ty.taps, tx.idx, tx.w, tx.taps]
-                    ends.append(ends[-1] + triton.cdiv(N * h * wd, block_p) * triton.cdiv(C, block_c))
-                else:
-                    args += [x, 0, 0, 0, 0, 1, 1, x, x, 0, x, x, 0]
-                    ends.append(ends[-1])
-            flat = []
-            for s in range(K.MAX_SLOTS):
-                flat += args[13 * s:13 * (s + 1)] + [ends[s + 1]]
-            _launch(K.levels_kernel, (ends[-1],), x, *_strides(x), x_slice, *_strides(x_slice), N, C, H, W,
-                    ends[0], *flat, SLOTS=len(pooled), F64=f64, BLOCK_P=block_p, BLOCK_C=block_c)
+            sources = _launch_levels(x, x_slice, copy_here, pooled, factor, bins, down_mode, align_corners)
+            downs = {b: (axis_taps("identity", bins[2 * b], bins[2 * b], 0, False, dt, dev),
+                         axis_taps("identity", bins[2 * b + 1], bins[2 * b + 1], 0, False, dt, dev)) for b in pooled}
             copy_here = False
         slots = []
         for b in chunk:
