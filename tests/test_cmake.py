@@ -7,12 +7,17 @@ Configures and builds libmsfused.so and the C++ example into a temporary folder,
   * runs the example program, which checks itself and exits non-zero on failure;
   * installs the project and checks the installed files.
 
-The build takes a minute or two on two cores (MAX_JOBS sets the parallelism, default 2).
+With a CUDA build of torch and nvcc the library is built with -DMSFUSED_WITH_CUDA=ON, and where torch
+sees a GPU the operator check and the example run on it as well. The build takes a minute or two on two
+cores (MAX_JOBS sets the parallelism, default 2); MSFUSED_CMAKE_ARGS adds configure arguments (e.g. a
+-DCUDA_nvrtc_LIBRARY=... where the CUDA toolkit lacks a library torch's CMake package wants).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -24,6 +29,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CMAKE = shutil.which("cmake")
+NVCC = shutil.which("nvcc")
+WITH_CUDA = torch.version.cuda is not None and NVCC is not None
+ON_GPU = WITH_CUDA and torch.cuda.is_available()
 
 pytestmark = [
     pytest.mark.slow,
@@ -41,13 +49,28 @@ def _run(cmd, timeout, **kwargs) -> subprocess.CompletedProcess:
     return r
 
 
+def _cuda_args() -> list:
+    """-DMSFUSED_WITH_CUDA=ON and where the toolkit is, as nvcc itself reports it: nvcc on PATH may be a
+    wrapper script outside the toolkit, where CMake's and torch's CUDA lookups would not find it."""
+    r = subprocess.run([NVCC, "--dryrun", "-x", "cu", "-c", "/dev/null", "-o", "/dev/null"],
+                       capture_output=True, text=True, timeout=60)
+    m = re.search(r"^#\$ TOP=(.+)$", r.stdout + r.stderr, re.M)
+    args = ["-DMSFUSED_WITH_CUDA=ON"]
+    if m:
+        top = Path(m.group(1).strip()).resolve()
+        args += [f"-DCMAKE_CUDA_COMPILER={top / 'bin' / 'nvcc'}", f"-DCUDAToolkit_ROOT={top}",
+                 f"-DCUDA_TOOLKIT_ROOT_DIR={top}"]  # the latter for torch's own (FindCUDA) lookup
+    return args
+
+
 @pytest.fixture(scope="module")
 def build_dir(tmp_path_factory) -> Path:
     build = tmp_path_factory.mktemp("cmake-build")
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     _run(
         [CMAKE, "-S", ROOT, "-B", build, *generator, "-DCMAKE_BUILD_TYPE=Release", "-DMSFUSED_BUILD_EXAMPLES=ON",
-         f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"],
+         f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", *(_cuda_args() if WITH_CUDA else []),
+         *shlex.split(os.environ.get("MSFUSED_CMAKE_ARGS", ""))],
         timeout=300,
     )
     _run([CMAKE, "--build", build, "--parallel", os.environ.get("MAX_JOBS", "2")], timeout=1800)
@@ -70,8 +93,11 @@ _CHECK_OPERATOR = textwrap.dedent(
     torch.ops.load_library(sys.argv[1])
     assert "msfused" not in sys.modules, "this check must not import msfused (it registers the same library)"
     op = torch.ops.msfused.multi_scale_forward
+    device = torch.device(sys.argv[2])
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(
+        "msfused::multi_scale_forward", "CUDA" if device.type == "cuda" else "CPU"), f"no {device.type} kernel"
     torch.manual_seed(0)
-    f64 = dict(dtype=torch.float64)
+    f64 = dict(dtype=torch.float64, device=device)
 
 
     def check(name, got, ref, scale=None):
@@ -138,18 +164,35 @@ _CHECK_OPERATOR = textwrap.dedent(
 )
 
 
-def test_library_loads_and_matches_functional(build_dir, tmp_path):
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not ON_GPU, reason="needs a CUDA torch, nvcc and a GPU")),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_library_loads_and_matches_functional(build_dir, tmp_path, device):
     lib = _library(build_dir)
     assert b"PyInit__C" not in lib.read_bytes(), "python_module.cpp must not be part of the CMake library"
-    r = _run([sys.executable, "-c", _CHECK_OPERATOR, lib], timeout=300, cwd=tmp_path)
+    r = _run([sys.executable, "-c", _CHECK_OPERATOR, lib, device], timeout=300, cwd=tmp_path)
     assert r.stdout.strip().endswith("OK"), r.stdout + r.stderr
 
 
-def test_example_runs(build_dir):
+@pytest.mark.parametrize("device", DEVICES)
+def test_example_runs(build_dir, device):
     exe = build_dir / "examples" / "cpp" / "multi_scale_example"
     assert exe.exists(), f"the example was not built: {exe}"
-    r = _run([exe], timeout=300, cwd=build_dir)
+    r = _run([exe, "--device", device], timeout=300, cwd=build_dir)
+    assert f"device: {device}" in r.stdout, r.stdout + r.stderr
     assert "output shape: [2, 16, 12, 12]" in r.stdout and r.stdout.strip().endswith("OK"), r.stdout + r.stderr
+
+
+def test_example_picks_the_gpu_by_default(build_dir):
+    """Without --device the example runs where the fused CUDA kernels can: on the GPU when there is one
+    and the library was built with them, else on the CPU."""
+    exe = build_dir / "examples" / "cpp" / "multi_scale_example"
+    r = _run([exe], timeout=300, cwd=build_dir)
+    assert f"device: {'cuda' if ON_GPU else 'cpu'}" in r.stdout, r.stdout + r.stderr
 
 
 def test_install(build_dir, tmp_path):

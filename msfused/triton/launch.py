@@ -52,7 +52,10 @@ def _empty(shape, dtype, device, memory_format=torch.contiguous_format) -> torch
 
 
 def _launch(kernel, grid, *args, **meta):
-    torch.library.wrap_triton(kernel)[grid](*args, **meta)
+    # wrap_triton makes the launch visible to torch.compile and export. Interpreted kernels are called
+    # as they are: nothing can trace them (fake tensors hold no data), and torch before 2.13 refuses to
+    # wrap them ("wrap_triton only works on functions annotated with triton.jit").
+    (kernel if interpreting() else torch.library.wrap_triton(kernel))[grid](*args, **meta)
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
