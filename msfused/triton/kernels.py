@@ -21,10 +21,11 @@ runs it):
   M2), combined in tile order (Chan et al.): deterministic.
 * ``ups_kernel``: the training forward's up-resizes of up to four branches, the norm with batch
   statistics and the activation applied per tap.
-* ``up_adjoint_kernel``: the backward of the up-resize as a gather, fused with the norm's and the
-  activation's backward; per-tile partial sums for the norm's gradients.
+* ``up_adjoint_kernel``: the backward of the up-resize as a gather, fused with the activation's backward
+  and, without batch statistics, the norm's (it then writes the conv output's gradient); per-tile
+  partial sums for the norm's gradients.
 * ``column_sum_kernel``: fixed-order sum of per-tile partials.
-* ``dpre_kernel``: the gradient of the conv output (norm backward with batch statistics).
+* ``dpre_kernel``: the gradient of the conv output through a norm with batch statistics.
 * ``wgrad_kernel``: weight gradients, reduced over all pixels in one fixed order per program.
 * ``dx_kernel``: the gradient of ``x`` written once: the output gradient's ``x`` slice plus, for up to
   ``MAX_SLOTS`` branches, the down-resize adjoint (gather) of each level's gradient.
@@ -189,14 +190,16 @@ def stats_combine_kernel(part_mean, part_m2, T, total, C, mean_out, var_out,
 
 
 @triton.jit
-def up_adjoint_kernel(g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, gy, part_a, part_b,
+def up_adjoint_kernel(g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, gy, part,
                       N, C, H, W, ty_idx, ty_w, TY, tx_idx, tx_w, TX, a_ptr, b_ptr, eps, gamma, beta,
                       NORM: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr,
-                      F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                      FINAL: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """At each level pixel: the up-resize's adjoint (gather of the output gradient over the pixels that
-    read it), times the activation's derivative: gy (stored as a (pixels, C) matrix). Per tile:
-    part_a = sum gy, part_b = sum gy * u with u the norm's input as it multiplies its weight (pre for a
-    folded norm, the normalised value with batch statistics)."""
+    read it), times the activation's derivative: gy (stored as a (pixels, C) matrix). Per tile t, in the
+    row part[t, :2C]: sum gy, then sum gy * u with u the norm's input as it multiplies its weight (pre for
+    a folded norm, the normalised value with batch statistics).
+    FINAL (no batch statistics: the norm's derivative is per channel): gy holds the conv output's
+    gradient itself, gy * scale in the convolution's dtype, and dpre_kernel is not needed."""
     t = tl.program_id(0)
     p = t * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -215,15 +218,18 @@ def up_adjoint_kernel(g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, gy, part_a
     mul, add = _channel_affine(c, cm, a_ptr, b_ptr, eps, gamma, beta, NORM, HAS_GAMMA, HAS_BETA, F64)
     z = v * mul[None, :] + add[None, :]
     d = tl.where(m2, _activate_grad(acc, z, ACT), 0.0)
-    tl.store(gy + p[:, None] * C + c[None, :], d, mask=m2)
+    if FINAL:
+        tl.store(gy + p[:, None] * C + c[None, :], _cast(d * mul[None, :], gy.dtype.element_ty), mask=m2)
+    else:
+        tl.store(gy + p[:, None] * C + c[None, :], d, mask=m2)
     if NORM == 2:
         mean = tl.load(a_ptr + c, mask=cm, other=0.0).to(acc.dtype)
         rstd = 1.0 / tl.sqrt(tl.load(b_ptr + c, mask=cm, other=1.0).to(acc.dtype) + eps)
         u = (v - mean[None, :]) * rstd[None, :]
     else:
         u = v
-    tl.store(part_a + t * C + c, tl.sum(d, axis=0), mask=cm)
-    tl.store(part_b + t * C + c, tl.sum(tl.where(m2, d * u, 0.0), axis=0), mask=cm)
+    tl.store(part + t * 2 * C + c, tl.sum(d, axis=0), mask=cm)
+    tl.store(part + t * 2 * C + C + c, tl.sum(tl.where(m2, d * u, 0.0), axis=0), mask=cm)
 
 
 @triton.jit
@@ -238,11 +244,11 @@ def column_sum_kernel(part, T, C, out, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def dpre_kernel(gy, pre, p_n, p_c, p_h, p_w, dpre, N, C, H, W, a_ptr, b_ptr, eps, gamma, sum_a, sum_b,
-                NORM: tl.constexpr, HAS_GAMMA: tl.constexpr, F64: tl.constexpr,
-                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The conv output's gradient (stored as a (pixels, C) matrix): gy times the norm's derivative;
-    with batch statistics ``gamma * rstd * (gy - mean(gy) - xhat * mean(gy * xhat))``."""
+def dpre_kernel(gy, pre, p_n, p_c, p_h, p_w, dpre, N, C, H, W, mean_ptr, var_ptr, eps, gamma, sum_a, sum_b,
+                HAS_GAMMA: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The conv output's gradient (stored as a (pixels, C) matrix) through a norm with batch statistics:
+    ``gamma * rstd * (gy - mean(gy) - xhat * mean(gy * xhat))``, from the column sums of
+    ``up_adjoint_kernel``'s partials. (Without batch statistics up_adjoint_kernel writes it itself.)"""
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     total = N * H * W
@@ -250,24 +256,19 @@ def dpre_kernel(gy, pre, p_n, p_c, p_h, p_w, dpre, N, C, H, W, a_ptr, b_ptr, eps
     cm = c < C
     m2 = pm[:, None] & cm[None, :]
     d = tl.load(gy + p[:, None] * C + c[None, :], mask=m2, other=0.0)
-    one = tl.full([BLOCK_C], 1.0, d.dtype)
-    if NORM == 1:
-        if HAS_GAMMA:
-            d = d * tl.load(a_ptr + c, mask=cm, other=1.0).to(d.dtype)[None, :]
-    elif NORM == 2:
-        x = p % W
-        y = (p // W) % H
-        n = p // (W * H)
-        v = tl.load(pre + (n * p_n + y * p_h + x * p_w)[:, None] + c[None, :] * p_c, mask=m2, other=0.0)
-        mean = tl.load(a_ptr + c, mask=cm, other=0.0).to(d.dtype)
-        rstd = 1.0 / tl.sqrt(tl.load(b_ptr + c, mask=cm, other=1.0).to(d.dtype) + eps)
-        xhat = (v.to(d.dtype) - mean[None, :]) * rstd[None, :]
-        g = one
-        if HAS_GAMMA:
-            g = tl.load(gamma + c, mask=cm, other=1.0).to(d.dtype)
-        ma = tl.load(sum_a + c, mask=cm, other=0.0) / total
-        mb = tl.load(sum_b + c, mask=cm, other=0.0) / total
-        d = (g * rstd)[None, :] * (d - ma[None, :] - xhat * mb[None, :])
+    x = p % W
+    y = (p // W) % H
+    n = p // (W * H)
+    v = tl.load(pre + (n * p_n + y * p_h + x * p_w)[:, None] + c[None, :] * p_c, mask=m2, other=0.0)
+    mean = tl.load(mean_ptr + c, mask=cm, other=0.0).to(d.dtype)
+    rstd = 1.0 / tl.sqrt(tl.load(var_ptr + c, mask=cm, other=1.0).to(d.dtype) + eps)
+    xhat = (v.to(d.dtype) - mean[None, :]) * rstd[None, :]
+    g = tl.full([BLOCK_C], 1.0, d.dtype)
+    if HAS_GAMMA:
+        g = tl.load(gamma + c, mask=cm, other=1.0).to(d.dtype)
+    ma = tl.load(sum_a + c, mask=cm, other=0.0) / total
+    mb = tl.load(sum_b + c, mask=cm, other=0.0) / total
+    d = (g * rstd)[None, :] * (d - ma[None, :] - xhat * mb[None, :])
     tl.store(dpre + p[:, None] * C + c[None, :], _cast(d, dpre.dtype.element_ty), mask=m2)
 
 

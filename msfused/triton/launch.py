@@ -15,8 +15,10 @@ forward (``forward``: the training forward, which also returns level, pre and th
     no batch statistics are needed; per-tile statistics where they are), ups_kernel (norm with batch
     statistics, activation, up-resize into the remaining slices); a launch with nothing to do is skipped.
     Each branch with batch statistics adds a parameter-sized combine of its per-tile statistics.
-backward: per branch 1 up-resize adjoint fused with the activation's and norm's backward, 2 fixed-order
-    column sums, 1 conv-output gradient, 1 weight gradient (if asked), 1 level gradient (if dx is asked);
+backward: per branch 1 up-resize adjoint fused with the activation's backward and, without batch
+    statistics, the norm's (it writes the conv-output gradient), 1 fixed-order column sum of its per-tile
+    partials, with batch statistics 1 conv-output gradient, 1 weight gradient (if asked), 1 level
+    gradient (if dx is asked): 4 per branch, 5 with batch statistics, plus a few parameter-sized ops;
     then 1 launch writes dx (the x slice of the output gradient plus every branch's down-resize adjoint).
 """
 
@@ -417,25 +419,29 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
         up = _up_taps(up_mode, h, wd, H, W, align_corners, dt, dev)
         block_c, block_p = _block_c(co), _block_p()
         T = max(1, triton.cdiv(total, block_p))
-        gy = _empty((total, co), dtype=acc_dt, device=dev)
+        # Without batch statistics the norm's derivative is per channel: the first launch writes the
+        # conv output's gradient (dpre) itself. With them, gy first and dpre_kernel once the sums are known.
+        final = norm != K.NORM_BATCH
+        gy = _empty((total, co), dtype=dt if final else acc_dt, device=dev)
         alloc = _empty if total else torch.zeros  # no launch on an empty level: the sums are 0
-        part_a = alloc((T, co), dtype=acc_dt, device=dev)
-        part_b = alloc((T, co), dtype=acc_dt, device=dev)
+        part = alloc((T, 2 * co), dtype=acc_dt, device=dev)  # per tile: sum gy | sum gy * u
         g = grad_out[:, offsets[b]:offsets[b] + co]
         dummy = gy
         if total:
             ty, tx = up
             _launch(K.up_adjoint_kernel, (T, triton.cdiv(co, block_c)), g, *_strides(g), p, *_strides(p), gy,
-                    part_a, part_b, N, co, h, wd, ty.adj_idx, ty.adj_w, ty.adj_taps, tx.adj_idx, tx.adj_w,
+                    part, N, co, h, wd, ty.adj_idx, ty.adj_w, ty.adj_taps, tx.adj_idx, tx.adj_w,
                     tx.adj_taps, a_t if a_t is not None else dummy, b_t if b_t is not None else dummy,
                     float(eps[b]), scale[b] if (norm == K.NORM_BATCH and has_g) else dummy,
                     shift[b] if (norm == K.NORM_BATCH and has_b) else dummy,
-                    NORM=norm, HAS_GAMMA=has_g, HAS_BETA=has_b, ACT=act, F64=acc_dt == torch.float64,
-                    BLOCK_P=block_p, BLOCK_C=block_c)
-        sum_gy, sum_gyu = _column_sum(part_a), _column_sum(part_b)
-        # 2. parameter gradients of the norm and the bias (dbias is exactly 0 before batch statistics)
-        grad_shift.append(sum_gy.to(shift[b].dtype) if shift[b] is not None else empty())
-        grad_scale.append(sum_gyu.to(scale[b].dtype) if scale[b] is not None else empty())
+                    NORM=norm, HAS_GAMMA=has_g, HAS_BETA=has_b, ACT=act, FINAL=final,
+                    F64=acc_dt == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
+        sums = _column_sum(part)  # both sums in one launch, each in tile order
+        sum_gy, sum_gyu = sums[:co], sums[co:]
+        # 2. parameter gradients of the norm and the bias (dbias is exactly 0 before batch statistics);
+        # copies, as an operator's outputs must not share storage (sums holds both, dbias may be sum_gy)
+        grad_shift.append(sum_gy.to(shift[b].dtype, copy=True) if shift[b] is not None else empty())
+        grad_scale.append(sum_gyu.to(scale[b].dtype, copy=True) if scale[b] is not None else empty())
         if norm == K.NORM_BATCH:
             dbias = torch.zeros((co,), dtype=acc_dt, device=dev)
         elif norm == K.NORM_AFFINE and scale[b] is not None:
@@ -444,12 +450,11 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
             dbias = sum_gy
         grad_b.append(dbias.to(dt))
         # 3. conv output gradient, in x's dtype (the convolution's operands), as a (pixels, co) matrix
-        dpre = _empty((total, co), dtype=dt, device=dev)
-        if total:
+        dpre = gy if final else _empty((total, co), dtype=dt, device=dev)
+        if total and not final:
             _launch(K.dpre_kernel, (T, triton.cdiv(co, block_c)), gy, p, *_strides(p), dpre, N, co, h, wd,
-                    a_t if a_t is not None else dummy, b_t if b_t is not None else dummy, float(eps[b]),
-                    scale[b] if (norm == K.NORM_BATCH and has_g) else dummy, sum_gy, sum_gyu,
-                    NORM=norm, HAS_GAMMA=has_g, F64=acc_dt == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
+                    mean[b], var[b], float(eps[b]), scale[b] if has_g else dummy, sum_gy, sum_gyu,
+                    HAS_GAMMA=has_g, BLOCK_P=block_p, BLOCK_C=block_c)
         # 4. weight gradient
         if output_mask[1]:
             dwk = _wgrad(src, dpre, k, co, acc_dt)
