@@ -108,11 +108,35 @@ OTHER_CASES = [
     # one input channel, one output channel, no activation, x not in the output
     Case("ms", dict(scales=(2,), branch_channels=1, activation=None, input_position=None), (1, 1, 5, 6),
          label="tr_tiny"),
+    # six branches: every launch that packs up to four branches runs twice, the second time part full,
+    # with batch-statistics and folded-norm branches mixed in each pack
+    Case("psp", dict(bins=(1, 2, 3, 6, (4, 5), 7), branch_channels=(2, 3, 1, 2, 3, 2),
+                     norm=("batch", None, "batch", "batch", None, "batch"), bias=(False, True, False, False, True, False),
+                     activation="silu"), (2, 3, 9, 11), torch.float64, train=True, steps=2, label="tr_six"),
 ]
 
 
 @pytest.mark.parametrize("case", OTHER_CASES, ids=case_ids(OTHER_CASES))
 def test_other_configurations(case):
+    run_case(case, device=DEVICE)
+
+
+SMALL_BLOCK_CASES = [
+    Case("ms", dict(scales=(1, 2, 3), kernel_size=3, branch_channels=(5, 3, 6), norm=("batch", None, "batch"),
+                    down_mode="bilinear", activation="gelu"), (2, 3, 11, 9), train=True, steps=2, label="small"),
+    OTHER_CASES[-1],  # six branches
+]
+
+
+@pytest.mark.parametrize("case", SMALL_BLOCK_CASES, ids=case_ids(SMALL_BLOCK_CASES))
+def test_small_blocks(case, monkeypatch):
+    """The interpreter's blocks are large (it is faster so), so the small maps above fit one tile and one
+    channel block. Here blocks of 16 pixels and 4 channels make every kernel run many tiles and channel
+    blocks: the per-tile partial sums and their fixed-order combination, and each packed launch's
+    per-branch program ranges, are then really exercised."""
+    monkeypatch.setattr(launch, "_block_p", lambda: 16)
+    monkeypatch.setattr(launch, "_block_c", lambda c: 4)
+    monkeypatch.setattr(launch, "_convs_block_m", lambda f64: 16)
     run_case(case, device=DEVICE)
 
 

@@ -36,5 +36,6 @@ def test_every_triton_kernel_compiles_for_sm80_and_sm90(tmp_path):
     assert "variants compiled for sm_80, sm_90" in proc.stdout, tail
     compiled = {line.split()[2] for line in proc.stdout.splitlines() if line.startswith("ok ")}
     for kernel in ("block_kernel", "levels_kernel", "convs_kernel", "ups_kernel", "stats_combine_kernel",
-                   "conv_kernel", "up_adjoint_kernel", "dpre_kernel", "wgrad_kernel", "dx_kernel"):
+                   "conv_kernel", "up_adjoints_kernel", "column_sums_kernel", "dpres_kernel", "wgrad_kernel",
+                   "dx_kernel"):
         assert kernel in compiled, f"{kernel} was never compiled:\n{tail}"

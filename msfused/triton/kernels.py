@@ -21,11 +21,11 @@ runs it):
   M2), combined in tile order (Chan et al.): deterministic.
 * ``ups_kernel``: the training forward's up-resizes of up to four branches, the norm with batch
   statistics and the activation applied per tap.
-* ``up_adjoint_kernel``: the backward of the up-resize as a gather, fused with the activation's backward
-  and, without batch statistics, the norm's (it then writes the conv output's gradient); per-tile
-  partial sums for the norm's gradients.
-* ``column_sum_kernel``: fixed-order sum of per-tile partials.
-* ``dpre_kernel``: the gradient of the conv output through a norm with batch statistics.
+* ``up_adjoints_kernel``: for up to four branches, the backward of the up-resize as a gather, fused with
+  the activation's backward and, without batch statistics, the norm's (it then writes the conv output's
+  gradient); per-tile partial sums for the norm's gradients.
+* ``column_sums_kernel``: fixed-order sums of those per-tile partials, up to four branches.
+* ``dpres_kernel``: the conv outputs' gradients through norms with batch statistics, up to four branches.
 * ``wgrad_kernel``: weight gradients, reduced over all pixels in one fixed order per program.
 * ``dx_kernel``: the gradient of ``x`` written once: the output gradient's ``x`` slice plus, for up to
   ``MAX_SLOTS`` branches, the down-resize adjoint (gather) of each level's gradient.
@@ -190,19 +190,22 @@ def stats_combine_kernel(part_mean, part_m2, T, total, C, mean_out, var_out,
 
 
 @triton.jit
-def up_adjoint_kernel(g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, gy, part,
-                      N, C, H, W, ty_idx, ty_w, TY, tx_idx, tx_w, TX, a_ptr, b_ptr, eps, gamma, beta,
-                      NORM: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr,
-                      FINAL: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """At each level pixel: the up-resize's adjoint (gather of the output gradient over the pixels that
-    read it), times the activation's derivative: gy (stored as a (pixels, C) matrix). Per tile t, in the
-    row part[t, :2C]: sum gy, then sum gy * u with u the norm's input as it multiplies its weight (pre for
+def _up_adjoint_slot(t, g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, gy, part, N, C, H, W,
+                     ty_idx, ty_w, TY, tx_idx, tx_w, TX, a_ptr, b_ptr, eps, gamma, beta,
+                     FLAGS: tl.constexpr, ACT: tl.constexpr, F64: tl.constexpr,
+                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A branch's share of up_adjoints_kernel, program t: (tile t // channel blocks, its channel block).
+    At each level pixel: the up-resize's adjoint (gather of the output gradient over the pixels that read
+    it), times the activation's derivative: gy (stored as a (pixels, C) matrix). Per tile, in the row
+    part[tile, :2C]: sum gy, then sum gy * u with u the norm's input as it multiplies its weight (pre for
     a folded norm, the normalised value with batch statistics).
-    FINAL (no batch statistics: the norm's derivative is per channel): gy holds the conv output's
-    gradient itself, gy * scale in the convolution's dtype, and dpre_kernel is not needed."""
-    t = tl.program_id(0)
-    p = t * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    FLAGS: bits 0-1 the norm (NORM_*), 2 gamma, 3 beta, 4 final: no batch statistics, so the norm's
+    derivative is per channel and gy holds the conv output's gradient itself (gy * scale, in the
+    convolution's dtype); with batch statistics gy stays in the accumulation dtype for dpres_kernel."""
+    nc = tl.cdiv(C, BLOCK_C)
+    tile = t // nc
+    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = (t % nc) * BLOCK_C + tl.arange(0, BLOCK_C)
     pm = p < N * H * W
     cm = c < C
     x = p % W
@@ -215,42 +218,98 @@ def up_adjoint_kernel(g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, gy, part,
                   one, one, 0, 0)
     v = tl.load(pre + (n * p_n + y * p_h + x * p_w)[:, None] + c[None, :] * p_c, mask=m2, other=0.0)
     v = v.to(acc.dtype)
-    mul, add = _channel_affine(c, cm, a_ptr, b_ptr, eps, gamma, beta, NORM, HAS_GAMMA, HAS_BETA, F64)
+    mul, add = _channel_affine(c, cm, a_ptr, b_ptr, eps, gamma, beta, FLAGS & 3, (FLAGS & 4) != 0,
+                               (FLAGS & 8) != 0, F64)
     z = v * mul[None, :] + add[None, :]
     d = tl.where(m2, _activate_grad(acc, z, ACT), 0.0)
-    if FINAL:
+    if (FLAGS & 16) != 0:
         tl.store(gy + p[:, None] * C + c[None, :], _cast(d * mul[None, :], gy.dtype.element_ty), mask=m2)
     else:
         tl.store(gy + p[:, None] * C + c[None, :], d, mask=m2)
-    if NORM == 2:
+    if (FLAGS & 3) == 2:
         mean = tl.load(a_ptr + c, mask=cm, other=0.0).to(acc.dtype)
         rstd = 1.0 / tl.sqrt(tl.load(b_ptr + c, mask=cm, other=1.0).to(acc.dtype) + eps)
         u = (v - mean[None, :]) * rstd[None, :]
     else:
         u = v
-    tl.store(part + t * 2 * C + c, tl.sum(d, axis=0), mask=cm)
-    tl.store(part + t * 2 * C + C + c, tl.sum(tl.where(m2, d * u, 0.0), axis=0), mask=cm)
+    tl.store(part + tile * 2 * C + c, tl.sum(d, axis=0), mask=cm)
+    tl.store(part + tile * 2 * C + C + c, tl.sum(tl.where(m2, d * u, 0.0), axis=0), mask=cm)
 
 
 @triton.jit
-def column_sum_kernel(part, T, C, out, BLOCK_C: tl.constexpr):
-    """out[c] = sum over t of part[t, c], in t order."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+def up_adjoints_kernel(N, E0,
+                       g0, g0_n, g0_c, g0_h, g0_w, p0, p0_n, p0_c, p0_h, p0_w, gy0, pt0, C0, h0, w0,
+                       y0, yw0, Y0, x0, xw0, X0, a0, b0, eps0, ga0, be0, E1,
+                       g1, g1_n, g1_c, g1_h, g1_w, p1, p1_n, p1_c, p1_h, p1_w, gy1, pt1, C1, h1, w1,
+                       y1, yw1, Y1, x1, xw1, X1, a1, b1, eps1, ga1, be1, E2,
+                       g2, g2_n, g2_c, g2_h, g2_w, p2, p2_n, p2_c, p2_h, p2_w, gy2, pt2, C2, h2, w2,
+                       y2, yw2, Y2, x2, xw2, X2, a2, b2, eps2, ga2, be2, E3,
+                       g3, g3_n, g3_c, g3_h, g3_w, p3, p3_n, p3_c, p3_h, p3_w, gy3, pt3, C3, h3, w3,
+                       y3, yw3, Y3, x3, xw3, X3, a3, b3, eps3, ga3, be3, E4,
+                       FLAGS0: tl.constexpr, FLAGS1: tl.constexpr, FLAGS2: tl.constexpr, FLAGS3: tl.constexpr,
+                       SLOTS: tl.constexpr, ACT: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    """The backward's first launch for up to four branches (slot s runs programs [E_s, E_s+1)): the
+    up-resize adjoint fused with the activation's (and, without batch statistics, the norm's) backward."""
+    pid = tl.program_id(0)
+    if pid < E1:
+        _up_adjoint_slot(pid - E0, g0, g0_n, g0_c, g0_h, g0_w, p0, p0_n, p0_c, p0_h, p0_w, gy0, pt0, N, C0, h0, w0,
+                         y0, yw0, Y0, x0, xw0, X0, a0, b0, eps0, ga0, be0, FLAGS0, ACT, F64, BLOCK_P, BLOCK_C)
+    elif pid < E2:
+        if SLOTS > 1:
+            _up_adjoint_slot(pid - E1, g1, g1_n, g1_c, g1_h, g1_w, p1, p1_n, p1_c, p1_h, p1_w, gy1, pt1, N, C1, h1,
+                             w1, y1, yw1, Y1, x1, xw1, X1, a1, b1, eps1, ga1, be1, FLAGS1, ACT, F64, BLOCK_P,
+                             BLOCK_C)
+    elif pid < E3:
+        if SLOTS > 2:
+            _up_adjoint_slot(pid - E2, g2, g2_n, g2_c, g2_h, g2_w, p2, p2_n, p2_c, p2_h, p2_w, gy2, pt2, N, C2, h2,
+                             w2, y2, yw2, Y2, x2, xw2, X2, a2, b2, eps2, ga2, be2, FLAGS2, ACT, F64, BLOCK_P,
+                             BLOCK_C)
+    else:
+        if SLOTS > 3:
+            _up_adjoint_slot(pid - E3, g3, g3_n, g3_c, g3_h, g3_w, p3, p3_n, p3_c, p3_h, p3_w, gy3, pt3, N, C3, h3,
+                             w3, y3, yw3, Y3, x3, xw3, X3, a3, b3, eps3, ga3, be3, FLAGS3, ACT, F64, BLOCK_P,
+                             BLOCK_C)
+
+
+@triton.jit
+def _column_sum_slot(t, part, T, C, out, BLOCK_C: tl.constexpr):
+    """out[c] = sum over rows r of part[r, c], in row order, for program t's block of columns."""
+    c = t * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     acc = tl.zeros([BLOCK_C], dtype=out.dtype.element_ty)
-    for t in range(T):
-        acc += tl.load(part + t * C + c, mask=cm, other=0.0)
+    for r in range(T):
+        acc += tl.load(part + r * C + c, mask=cm, other=0.0)
     tl.store(out + c, acc, mask=cm)
 
 
 @triton.jit
-def dpre_kernel(gy, pre, p_n, p_c, p_h, p_w, dpre, N, C, H, W, mean_ptr, var_ptr, eps, gamma, sum_a, sum_b,
-                HAS_GAMMA: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The conv output's gradient (stored as a (pixels, C) matrix) through a norm with batch statistics:
-    ``gamma * rstd * (gy - mean(gy) - xhat * mean(gy * xhat))``, from the column sums of
-    ``up_adjoint_kernel``'s partials. (Without batch statistics up_adjoint_kernel writes it itself.)"""
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+def column_sums_kernel(E0, pt0, T0, C0, o0, E1, pt1, T1, C1, o1, E2, pt2, T2, C2, o2, E3, pt3, T3, C3, o3, E4,
+                       SLOTS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Fixed-order column sums of up to four branches' per-tile partials (slot s: programs [E_s, E_s+1))."""
+    pid = tl.program_id(0)
+    if pid < E1:
+        _column_sum_slot(pid - E0, pt0, T0, C0, o0, BLOCK_C)
+    elif pid < E2:
+        if SLOTS > 1:
+            _column_sum_slot(pid - E1, pt1, T1, C1, o1, BLOCK_C)
+    elif pid < E3:
+        if SLOTS > 2:
+            _column_sum_slot(pid - E2, pt2, T2, C2, o2, BLOCK_C)
+    else:
+        if SLOTS > 3:
+            _column_sum_slot(pid - E3, pt3, T3, C3, o3, BLOCK_C)
+
+
+@triton.jit
+def _dpre_slot(t, gy, pre, p_n, p_c, p_h, p_w, dpre, N, C, H, W, mean_ptr, var_ptr, eps, gamma, sums,
+               HAS_GAMMA: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A branch's share of dpres_kernel: the conv output's gradient (a (pixels, C) matrix) through a norm
+    with batch statistics, ``gamma * rstd * (gy - mean(gy) - xhat * mean(gy * xhat))``, from the column
+    sums (sum gy | sum gy * xhat) of up_adjoints_kernel's partials."""
+    nc = tl.cdiv(C, BLOCK_C)
+    p = (t // nc) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = (t % nc) * BLOCK_C + tl.arange(0, BLOCK_C)
     total = N * H * W
     pm = p < total
     cm = c < C
@@ -266,10 +325,37 @@ def dpre_kernel(gy, pre, p_n, p_c, p_h, p_w, dpre, N, C, H, W, mean_ptr, var_ptr
     g = tl.full([BLOCK_C], 1.0, d.dtype)
     if HAS_GAMMA:
         g = tl.load(gamma + c, mask=cm, other=1.0).to(d.dtype)
-    ma = tl.load(sum_a + c, mask=cm, other=0.0) / total
-    mb = tl.load(sum_b + c, mask=cm, other=0.0) / total
+    ma = tl.load(sums + c, mask=cm, other=0.0) / total
+    mb = tl.load(sums + C + c, mask=cm, other=0.0) / total
     d = (g * rstd)[None, :] * (d - ma[None, :] - xhat * mb[None, :])
     tl.store(dpre + p[:, None] * C + c[None, :], _cast(d, dpre.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def dpres_kernel(N, E0,
+                 gy0, p0, p0_n, p0_c, p0_h, p0_w, d0, C0, h0, w0, m0, v0, eps0, ga0, s0, E1,
+                 gy1, p1, p1_n, p1_c, p1_h, p1_w, d1, C1, h1, w1, m1, v1, eps1, ga1, s1, E2,
+                 gy2, p2, p2_n, p2_c, p2_h, p2_w, d2, C2, h2, w2, m2, v2, eps2, ga2, s2, E3,
+                 gy3, p3, p3_n, p3_c, p3_h, p3_w, d3, C3, h3, w3, m3, v3, eps3, ga3, s3, E4,
+                 GAMMA0: tl.constexpr, GAMMA1: tl.constexpr, GAMMA2: tl.constexpr, GAMMA3: tl.constexpr,
+                 SLOTS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The conv-output gradients of up to four branches with batch statistics (slot s: [E_s, E_s+1))."""
+    pid = tl.program_id(0)
+    if pid < E1:
+        _dpre_slot(pid - E0, gy0, p0, p0_n, p0_c, p0_h, p0_w, d0, N, C0, h0, w0, m0, v0, eps0, ga0, s0, GAMMA0,
+                   BLOCK_P, BLOCK_C)
+    elif pid < E2:
+        if SLOTS > 1:
+            _dpre_slot(pid - E1, gy1, p1, p1_n, p1_c, p1_h, p1_w, d1, N, C1, h1, w1, m1, v1, eps1, ga1, s1, GAMMA1,
+                       BLOCK_P, BLOCK_C)
+    elif pid < E3:
+        if SLOTS > 2:
+            _dpre_slot(pid - E2, gy2, p2, p2_n, p2_c, p2_h, p2_w, d2, N, C2, h2, w2, m2, v2, eps2, ga2, s2, GAMMA2,
+                       BLOCK_P, BLOCK_C)
+    else:
+        if SLOTS > 3:
+            _dpre_slot(pid - E3, gy3, p3, p3_n, p3_c, p3_h, p3_w, d3, N, C3, h3, w3, m3, v3, eps3, ga3, s3, GAMMA3,
+                       BLOCK_P, BLOCK_C)
 
 
 @triton.jit

@@ -15,11 +15,12 @@ forward (``forward``: the training forward, which also returns level, pre and th
     no batch statistics are needed; per-tile statistics where they are), ups_kernel (norm with batch
     statistics, activation, up-resize into the remaining slices); a launch with nothing to do is skipped.
     Each branch with batch statistics adds a parameter-sized combine of its per-tile statistics.
-backward: per branch 1 up-resize adjoint fused with the activation's backward and, without batch
-    statistics, the norm's (it writes the conv-output gradient), 1 fixed-order column sum of its per-tile
-    partials, with batch statistics 1 conv-output gradient, 1 weight gradient (if asked), 1 level
-    gradient (if dx is asked): 4 per branch, 5 with batch statistics, plus a few parameter-sized ops;
-    then 1 launch writes dx (the x slice of the output gradient plus every branch's down-resize adjoint).
+backward, per 4 branches: 1 launch of every up-resize adjoint fused with the activation's backward and,
+    without batch statistics, the norm's (it writes the conv-output gradient); 1 of the fixed-order
+    column sums of their per-tile partials; with batch statistics 1 of the conv-output gradients; then
+    per branch 1 weight gradient (if asked) and 1 level gradient (if dx is asked); a few parameter-sized
+    ops. Then 1 launch writes dx (the x slice of the output gradient plus every branch's down-resize
+    adjoint).
 """
 
 from __future__ import annotations
@@ -211,6 +212,14 @@ def _slot_args(values, per_slot, used):
     return flat
 
 
+def _ended_slot_args(values, per_slot, ends):
+    """Arguments of a kernel whose slot s runs programs [E_s, E_s+1): E_0, then each slot's arguments
+    followed by its end E_s+1 (unused slots: the first one's arguments and an empty range)."""
+    ends = list(ends) + [ends[-1]] * (K.MAX_SLOTS + 1 - len(ends))
+    flat = _slot_args(values, per_slot, len(values))
+    return [ends[0]] + [v for s in range(K.MAX_SLOTS) for v in flat[per_slot * s:per_slot * (s + 1)] + [ends[s + 1]]]
+
+
 def _conv_grid(sizes, N, block_m):
     return lambda meta: (sum(triton.cdiv(N * h * w, block_m) * triton.cdiv(co, meta["BLOCK_N"]) for h, w, co in sizes),)
 
@@ -247,11 +256,9 @@ def _launch_levels(x, x_slice, copy: bool, branches: Sequence[int], factor, bins
         slots.append([lev, *_strides(lev), h, wd, ty.idx, ty.w, ty.taps, tx.idx, tx.w, tx.taps])
         ends.append(ends[-1] + triton.cdiv(N * h * wd, block_p) * triton.cdiv(C, block_c))
     if ends[-1] > 0:
-        ends += [ends[-1]] * (K.MAX_SLOTS + 1 - len(ends))
-        flat = _slot_args(slots or [[x, 0, 0, 0, 0, 1, 1, x, x, 0, x, x, 0]], 13, len(slots))
-        flat = [v for s in range(K.MAX_SLOTS) for v in flat[13 * s:13 * (s + 1)] + [ends[s + 1]]]
-        _launch(K.levels_kernel, (ends[-1],), x, *_strides(x), x_slice, *_strides(x_slice), N, C, H, W, ends[0],
-                *flat, SLOTS=len(slots), F64=dt == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
+        flat = _ended_slot_args(slots or [[x, 0, 0, 0, 0, 1, 1, x, x, 0, x, x, 0]], 13, ends)
+        _launch(K.levels_kernel, (ends[-1],), x, *_strides(x), x_slice, *_strides(x_slice), N, C, H, W, *flat,
+                SLOTS=len(slots), F64=dt == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
     return levels
 
 
@@ -355,22 +362,12 @@ def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_
             up_flags.append(fl)
             ends.append(ends[-1] + triton.cdiv(N * H * W, block_p) * triton.cdiv(co, up_bc))
         if up_slots and ends[-1] > 0:
-            ends += [ends[-1]] * (K.MAX_SLOTS + 1 - len(ends))
             up_flags += [0] * (K.MAX_SLOTS - len(up_flags))
-            flat = _slot_args(up_slots, 22, len(up_slots))
-            flat = [v for s in range(K.MAX_SLOTS) for v in flat[22 * s:22 * (s + 1)] + [ends[s + 1]]]
-            _launch(K.ups_kernel, (ends[-1],), N, H, W, ends[0], *flat, FLAGS0=up_flags[0], FLAGS1=up_flags[1],
+            flat = _ended_slot_args(up_slots, 22, ends)
+            _launch(K.ups_kernel, (ends[-1],), N, H, W, *flat, FLAGS0=up_flags[0], FLAGS1=up_flags[1],
                     FLAGS2=up_flags[2], FLAGS3=up_flags[3], SLOTS=len(up_slots), ACT=act, F64=f64,
                     BLOCK_P=block_p, BLOCK_C=up_bc)
     return out, levels, pres, means, variances
-
-
-def _column_sum(part: torch.Tensor) -> torch.Tensor:
-    T, C = part.shape
-    out = _empty((C,), dtype=part.dtype, device=part.device)
-    block_c = _pow2(C, 4, 64)
-    _launch(K.column_sum_kernel, (triton.cdiv(C, block_c),), part, T, C, out, BLOCK_C=block_c)
-    return out
 
 
 def _wgrad(src: torch.Tensor, dpre: torch.Tensor, ks: int, co: int, acc_dt: torch.dtype) -> torch.Tensor:
@@ -392,83 +389,120 @@ def _wgrad(src: torch.Tensor, dpre: torch.Tensor, ks: int, co: int, acc_dt: torc
     return dwk
 
 
+def _norm_of(b, batch_stats, scale, shift, mean, var):
+    """(NORM_*, per-channel a, b, gamma, beta) of branch b as the backward kernels read them: the batch
+    statistics with the optional affine, or the folded (scale, shift)."""
+    if batch_stats[b]:
+        return K.NORM_BATCH, mean[b], var[b], scale[b], shift[b]
+    if scale[b] is not None or shift[b] is not None:
+        return K.NORM_AFFINE, scale[b], shift[b], None, None
+    return K.NORM_NONE, None, None, None, None
+
+
 def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_stats, eps, factor, bins, down_mode,
              up_mode, align_corners, activation, input_position, output_mask):
     N, C, H, W = x.shape
     fmt = _fmt(x)
     dev, dt = x.device, x.dtype
     acc_dt = _acc_dtype(dt)
+    f64 = acc_dt == torch.float64
     act = _ACT[activation]
     offsets, x_off, c_out = _offsets(weight, C, input_position)
     check_index_limit(x, c_out, [("grad_out", grad_out)])
     empty = lambda: torch.empty((0,), dtype=dt, device=dev)  # noqa: E731  (results must not alias)
-    grad_w, grad_b, grad_scale, grad_shift, slots = [], [], [], [], []
-    for b, w in enumerate(weight):
-        co, _, k, _ = w.shape
-        h, wd = _level(factor[b], bins, b, H, W)
-        src = x if factor[b] == 1 else level[b]
-        p = pre[b]
-        total = N * h * wd
-        # 1. up-resize adjoint + activation and norm backward -> gy, per-tile sums
-        if batch_stats[b]:
-            norm, a_t, b_t, has_g, has_b = K.NORM_BATCH, mean[b], var[b], scale[b] is not None, shift[b] is not None
-        elif scale[b] is not None or shift[b] is not None:
-            norm, a_t, b_t, has_g, has_b = K.NORM_AFFINE, scale[b], shift[b], scale[b] is not None, shift[b] is not None
-        else:
-            norm, a_t, b_t, has_g, has_b = K.NORM_NONE, None, None, False, False
-        up = _up_taps(up_mode, h, wd, H, W, align_corners, dt, dev)
-        block_c, block_p = _block_c(co), _block_p()
-        T = max(1, triton.cdiv(total, block_p))
-        # Without batch statistics the norm's derivative is per channel: the first launch writes the
-        # conv output's gradient (dpre) itself. With them, gy first and dpre_kernel once the sums are known.
-        final = norm != K.NORM_BATCH
-        gy = _empty((total, co), dtype=dt if final else acc_dt, device=dev)
-        alloc = _empty if total else torch.zeros  # no launch on an empty level: the sums are 0
-        part = alloc((T, 2 * co), dtype=acc_dt, device=dev)  # per tile: sum gy | sum gy * u
-        g = grad_out[:, offsets[b]:offsets[b] + co]
-        dummy = gy
-        if total:
-            ty, tx = up
-            _launch(K.up_adjoint_kernel, (T, triton.cdiv(co, block_c)), g, *_strides(g), p, *_strides(p), gy,
-                    part, N, co, h, wd, ty.adj_idx, ty.adj_w, ty.adj_taps, tx.adj_idx, tx.adj_w,
-                    tx.adj_taps, a_t if a_t is not None else dummy, b_t if b_t is not None else dummy,
-                    float(eps[b]), scale[b] if (norm == K.NORM_BATCH and has_g) else dummy,
-                    shift[b] if (norm == K.NORM_BATCH and has_b) else dummy,
-                    NORM=norm, HAS_GAMMA=has_g, HAS_BETA=has_b, ACT=act, FINAL=final,
-                    F64=acc_dt == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
-        sums = _column_sum(part)  # both sums in one launch, each in tile order
-        sum_gy, sum_gyu = sums[:co], sums[co:]
-        # 2. parameter gradients of the norm and the bias (dbias is exactly 0 before batch statistics);
-        # copies, as an operator's outputs must not share storage (sums holds both, dbias may be sum_gy)
-        grad_shift.append(sum_gy.to(shift[b].dtype, copy=True) if shift[b] is not None else empty())
-        grad_scale.append(sum_gyu.to(scale[b].dtype, copy=True) if scale[b] is not None else empty())
-        if norm == K.NORM_BATCH:
-            dbias = torch.zeros((co,), dtype=acc_dt, device=dev)
-        elif norm == K.NORM_AFFINE and scale[b] is not None:
-            dbias = sum_gy * scale[b].to(acc_dt)
-        else:
-            dbias = sum_gy
-        grad_b.append(dbias.to(dt))
-        # 3. conv output gradient, in x's dtype (the convolution's operands), as a (pixels, co) matrix
-        dpre = gy if final else _empty((total, co), dtype=dt, device=dev)
-        if total and not final:
-            _launch(K.dpre_kernel, (T, triton.cdiv(co, block_c)), gy, p, *_strides(p), dpre, N, co, h, wd,
-                    mean[b], var[b], float(eps[b]), scale[b] if has_g else dummy, sum_gy, sum_gyu,
-                    HAS_GAMMA=has_g, BLOCK_P=block_p, BLOCK_C=block_c)
-        # 4. weight gradient
-        if output_mask[1]:
-            dwk = _wgrad(src, dpre, k, co, acc_dt)
-            gw = dwk.reshape(k, k, C, co).permute(3, 2, 0, 1).to(w.dtype)
-            grad_w.append(gw.contiguous(memory_format=_fmt(w)))
-        else:
-            grad_w.append(empty())
-        # 5. level gradient: the convolution with flipped, transposed weights
-        if output_mask[0]:
-            dpre4 = dpre.view(N, h, wd, co).permute(0, 3, 1, 2)
-            wt = _pack_weight(w.flip(2, 3).transpose(0, 1))
-            dlev = _empty((N, h, wd, C), dtype=acc_dt, device=dev).permute(0, 3, 1, 2)
-            _conv(dpre4, wt, k, C, None, dlev, None)
-            slots.append((dlev, _down_taps(factor[b], down_mode, H, W, h, wd, align_corners, dt, dev)))
+    nb = len(weight)
+    grad_w, grad_b, grad_scale, grad_shift = [empty() for _ in range(nb)], [None] * nb, [None] * nb, [None] * nb
+    slots, block_p = [], _block_p()
+    for chunk in [range(i, min(i + K.MAX_SLOTS, nb)) for i in range(0, nb, K.MAX_SLOTS)]:
+        block_c = max(_block_c(weight[b].shape[0]) for b in chunk)
+        # 1. every up-resize adjoint with the activation's and norm's backward -> gy, per-tile partials
+        #    (without batch statistics gy is already the conv output's gradient, in x's dtype)
+        adj_slots, adj_flags, adj_ends, gys, parts = [], [], [0], {}, {}
+        for b in chunk:
+            co = weight[b].shape[0]
+            h, wd = _level(factor[b], bins, b, H, W)
+            total = N * h * wd
+            norm, a_t, b_t, g_t, be_t = _norm_of(b, batch_stats, scale, shift, mean, var)
+            final = norm != K.NORM_BATCH
+            gys[b] = _empty((total, co), dtype=dt if final else acc_dt, device=dev)
+            T = max(1, triton.cdiv(total, block_p))
+            # per tile: sum gy | sum gy * u; an empty level launches nothing and sums to 0
+            parts[b] = (_empty if total else torch.zeros)((T, 2 * co), dtype=acc_dt, device=dev)
+            g = grad_out[:, offsets[b]:offsets[b] + co]
+            p = pre[b]
+            ty, tx = _up_taps(up_mode, h, wd, H, W, align_corners, dt, dev)
+            dummy = gys[b]
+            adj_slots.append([g, *_strides(g), p, *_strides(p), gys[b], parts[b], co, h, wd, ty.adj_idx, ty.adj_w,
+                              ty.adj_taps, tx.adj_idx, tx.adj_w, tx.adj_taps, *[dummy if v is None else v
+                                                                                 for v in (a_t, b_t)],
+                              float(eps[b]), *[dummy if v is None else v for v in (g_t, be_t)]])
+            adj_flags.append(norm | (a_t is not None if norm == K.NORM_AFFINE else g_t is not None) << 2
+                             | (b_t is not None if norm == K.NORM_AFFINE else be_t is not None) << 3 | final << 4)
+            adj_ends.append(adj_ends[-1] + (triton.cdiv(total, block_p) * triton.cdiv(co, block_c) if total else 0))
+        if adj_ends[-1] > 0:
+            adj_flags += [0] * (K.MAX_SLOTS - len(adj_flags))
+            _launch(K.up_adjoints_kernel, (adj_ends[-1],), N, *_ended_slot_args(adj_slots, 26, adj_ends),
+                    FLAGS0=adj_flags[0], FLAGS1=adj_flags[1], FLAGS2=adj_flags[2], FLAGS3=adj_flags[3],
+                    SLOTS=len(adj_slots), ACT=act, F64=f64, BLOCK_P=block_p, BLOCK_C=block_c)
+        # 2. the partials' column sums, each in tile order, in one launch
+        sums, sum_slots, sum_ends = {}, [], [0]
+        sum_bc = _pow2(max(2 * weight[b].shape[0] for b in chunk), 4, 64)
+        for b in chunk:
+            sums[b] = _empty((parts[b].shape[1],), dtype=acc_dt, device=dev)
+            sum_slots.append([parts[b], parts[b].shape[0], parts[b].shape[1], sums[b]])
+            sum_ends.append(sum_ends[-1] + triton.cdiv(parts[b].shape[1], sum_bc))
+        _launch(K.column_sums_kernel, (sum_ends[-1],), *_ended_slot_args(sum_slots, 4, sum_ends),
+                SLOTS=len(sum_slots), BLOCK_C=sum_bc)
+        # 3. parameter gradients of the norm and the bias (dbias is exactly 0 before batch statistics);
+        #    copies, as an operator's outputs must not share storage (sums holds both, dbias may be sum_gy)
+        for b in chunk:
+            co = weight[b].shape[0]
+            sum_gy, sum_gyu = sums[b][:co], sums[b][co:]
+            grad_shift[b] = sum_gy.to(shift[b].dtype, copy=True) if shift[b] is not None else empty()
+            grad_scale[b] = sum_gyu.to(scale[b].dtype, copy=True) if scale[b] is not None else empty()
+            if batch_stats[b]:
+                dbias = torch.zeros((co,), dtype=acc_dt, device=dev)
+            elif scale[b] is not None:
+                dbias = sum_gy * scale[b].to(acc_dt)
+            else:
+                dbias = sum_gy
+            grad_b[b] = dbias.to(dt)
+        # 4. with batch statistics, the conv outputs' gradients now that the sums are known
+        dpres, dp_slots, dp_flags, dp_ends = {}, [], [], [0]
+        for b in chunk:
+            if not batch_stats[b]:
+                dpres[b] = gys[b]
+                continue
+            co = weight[b].shape[0]
+            h, wd = _level(factor[b], bins, b, H, W)
+            dpres[b] = _empty((N * h * wd, co), dtype=dt, device=dev)
+            p = pre[b]
+            dp_slots.append([gys[b], p, *_strides(p), dpres[b], co, h, wd, mean[b], var[b], float(eps[b]),
+                             scale[b] if scale[b] is not None else p, sums[b]])
+            dp_flags.append(scale[b] is not None)
+            dp_ends.append(dp_ends[-1] + triton.cdiv(N * h * wd, block_p) * triton.cdiv(co, block_c))
+        if dp_ends[-1] > 0:
+            dp_flags += [False] * (K.MAX_SLOTS - len(dp_flags))
+            _launch(K.dpres_kernel, (dp_ends[-1],), N, *_ended_slot_args(dp_slots, 15, dp_ends),
+                    GAMMA0=dp_flags[0], GAMMA1=dp_flags[1], GAMMA2=dp_flags[2], GAMMA3=dp_flags[3],
+                    SLOTS=len(dp_slots), BLOCK_P=block_p, BLOCK_C=block_c)
+        # 5. per branch: the weight gradient and the level gradient (the convolution with flipped weights)
+        for b in chunk:
+            w = weight[b]
+            co, _, k, _ = w.shape
+            h, wd = _level(factor[b], bins, b, H, W)
+            dpre = dpres[b]
+            if output_mask[1]:
+                src = x if factor[b] == 1 else level[b]
+                dwk = _wgrad(src, dpre, k, co, acc_dt)
+                gw = dwk.reshape(k, k, C, co).permute(3, 2, 0, 1).to(w.dtype)
+                grad_w[b] = gw.contiguous(memory_format=_fmt(w))
+            if output_mask[0]:
+                dpre4 = dpre.view(N, h, wd, co).permute(0, 3, 1, 2)
+                wt = _pack_weight(w.flip(2, 3).transpose(0, 1))
+                dlev = _empty((N, h, wd, C), dtype=acc_dt, device=dev).permute(0, 3, 1, 2)
+                _conv(dpre4, wt, k, C, None, dlev, None)
+                slots.append((dlev, _down_taps(factor[b], down_mode, H, W, h, wd, align_corners, dt, dev)))
     grad_x = empty()
     if output_mask[0]:
         grad_x = _dx(grad_out, x, x_off, slots, fmt, acc_dt)
