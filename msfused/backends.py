@@ -8,7 +8,9 @@ Precedence: :func:`use_backend` (thread-local) over the ``MSFUSED_BACKEND`` envi
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import re
 import threading
 import warnings
 from typing import Iterator, Optional, Tuple
@@ -102,6 +104,10 @@ def _unsupported_reason(name: str, x: torch.Tensor) -> Optional[str]:
         return f"backend 'cpu' runs CPU tensors, x is on {x.device}"
     if name == "cuda" and device != "cuda":
         return f"backend 'cuda' runs CUDA tensors, x is on {x.device}"
+    if name == "cuda":
+        why = _device_arch_reason(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        if why is not None:
+            return why
     if name == "triton":
         from . import triton as triton_backend
 
@@ -109,6 +115,33 @@ def _unsupported_reason(name: str, x: torch.Tensor) -> Optional[str]:
         if why is not None:
             return why
     return None
+
+
+def cuda_arch_reason(capability: Tuple[int, int], arch_list: Optional[str]) -> Optional[str]:
+    """Why CUDA kernels built for ``arch_list`` (TORCH_CUDA_ARCH_LIST's spelling, e.g. "8.0;9.0+PTX") cannot
+    run on a GPU of compute ``capability``, or None if they can (or the list is unknown, e.g. "native").
+    A cubin runs on GPUs of its major version with the same or a higher minor one ("9.0a": that GPU
+    only); PTX is compiled by the driver for any GPU at least as new."""
+    entries = [e for e in re.split(r"[;\s]+", arch_list or "") if e]
+    parsed = [re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", e) for e in entries]
+    if not entries or not all(parsed):
+        return None
+    for m in parsed:
+        arch = (int(m.group(1)), int(m.group(2)))
+        if m.group(4) and arch <= capability:
+            return None
+        if m.group(3) == "a" and arch == capability:
+            return None
+        if m.group(3) != "a" and arch[0] == capability[0] and arch[1] <= capability[1]:
+            return None
+    return (f"msfused._C's CUDA kernels were built for {arch_list}, which cannot run on this GPU (compute "
+            f"capability {capability[0]}.{capability[1]}); rebuild with TORCH_CUDA_ARCH_LIST including "
+            f"{capability[0]}.{capability[1]}")
+
+
+@functools.lru_cache(maxsize=None)
+def _device_arch_reason(index: int) -> Optional[str]:
+    return cuda_arch_reason(torch.cuda.get_device_capability(index), _ops.build_info().get("cuda_arch_list"))
 
 
 #: Backends whose kernels index with 32-bit offsets; they refuse up front any call in which one tensor would

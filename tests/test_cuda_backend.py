@@ -125,6 +125,32 @@ def test_bit_identical_gradients_cuda(kind, kwargs, dtype):
         assert torch.equal(a, b), "the CUDA backend's results differ between two identical runs"
 
 
+def test_deterministic_mode_cuda(monkeypatch):
+    """torch.use_deterministic_algorithms(True) without CUBLAS_WORKSPACE_CONFIG: ATen refuses cuBLAS then,
+    so the weight gradient must not use it; the results match the default mode's within float32 rounding
+    and repeat bit for bit."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    _, fused = build_case(Case("ms", dict(scales=(1, 2), kernel_size=3, norm="batch"), (2, 5, 17, 19),
+                               torch.float32, train=True))
+    fused = fused.cuda()
+    x = make_input((2, 5, 17, 19), torch.float32, "channels_last", device="cuda").requires_grad_(True)
+    g = torch.randn(2, fused.out_channels, 17, 19, device="cuda")
+
+    def grads():
+        out = fused(x)
+        return [out.detach()] + list(torch.autograd.grad(out, [x] + list(fused.parameters()), g))
+
+    default = grads()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = grads(), grads()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b, c in zip(first, second, default):
+        assert torch.equal(a, b), "deterministic mode: two identical runs differ"
+        assert torch.allclose(a, c, rtol=1e-4, atol=1e-5), (a - c).abs().max()
+
+
 @pytest.mark.parametrize("kind,kwargs", [("ms", dict(scales=(1, 2))), ("psp", dict(bins=(1, 3)))])
 def test_empty_batch_cuda(kind, kwargs):
     _, fused = build_case(Case(kind, kwargs, (2, 3, 8, 8), torch.float32))

@@ -163,6 +163,25 @@ DRIVER = textwrap.dedent(
         case("ms14-f16", (2, 4, 12, 12), factors=(1, 4), dtype=torch.float16)
         case("ms12-bf16-stats", (4, 4, 10, 10), factors=(1, 2), dtype=torch.bfloat16, stats=True)
         case("nine-branches", (2, 2, 12, 12), factors=(1, 2, 3, 4, 1, 2, 3, 4, 6), k=1, cb=2, stats=True)
+        # torch.use_deterministic_algorithms: the weight gradient takes ATen's convolution backward
+        # (cuBLAS is refused in that mode on a GPU without CUBLAS_WORKSPACE_CONFIG)
+        torch.use_deterministic_algorithms(True)
+        try:
+            case("ms12-deterministic-mode-cl-f32", (2, 3, 11, 10), factors=(1, 2), k=(3, 5), dtype=torch.float32,
+                 cl=True, stats=True)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        # x without channels: refused with a clear error (its gradients would be miscomputed)
+        try:
+            emu.multi_scale_forward(torch.randn(2, 0, 8, 8, dtype=torch.float64),
+                                    [torch.randn(2, 0, 3, 3, dtype=torch.float64)], [torch.randn(2, dtype=torch.float64)],
+                                    [None], [None], [False], [1e-5], [1], [0, 0], "avg", "bilinear", False, "relu",
+                                    "first")
+        except ValueError as e:
+            assert "no channels" in str(e), e
+        else:
+            raise AssertionError("x without channels was not refused")
+        print("ok refuses x without channels", flush=True)
     elif which == "random":  # configurations drawn from the seed
         import random
         rnd = random.Random(int(sys.argv[2]))

@@ -404,6 +404,22 @@ def test_index_limit_policy():
     assert msfused.backends.index_limit_reason("triton", small, spec) is None
 
 
+@pytest.mark.parametrize("capability,arch_list,runs", [
+    ((9, 0), "8.0;9.0+PTX", True), ((8, 0), "8.0;9.0+PTX", True), ((8, 6), "8.0;9.0+PTX", True),
+    ((8, 9), "8.0;9.0+PTX", True), ((10, 0), "8.0;9.0+PTX", True),  # PTX of 9.0, compiled by the driver
+    ((7, 5), "8.0;9.0+PTX", False), ((7, 0), "8.0;9.0+PTX", False), ((10, 0), "8.0;9.0", False),
+    ((9, 0), "9.0a", True), ((10, 0), "9.0a", False), ((8, 0), "8.6", False), ((7, 5), "7.0 7.5", True),
+    ((7, 5), None, True), ((7, 5), "native", True),  # unknown list: the launch itself would say
+])
+def test_cuda_arch_policy(capability, arch_list, runs):
+    """Backend 'cuda' declines a GPU its kernels were not built for (so that 'auto' falls back rather than
+    failing with "no kernel image is available"), naming the arch list and the capability."""
+    why = msfused.backends.cuda_arch_reason(capability, arch_list)
+    assert (why is None) == runs, why
+    if why:
+        assert arch_list in why and f"{capability[0]}.{capability[1]}" in why and "TORCH_CUDA_ARCH_LIST" in why
+
+
 @pytest.mark.parametrize("kind", ["ms", "psp"])
 def test_past_2_31_elements_refused_before_any_work(monkeypatch, kind):
     """A backend with 32-bit offsets asked to run a stride-0 x of 3 * 2**31 elements raises a clear

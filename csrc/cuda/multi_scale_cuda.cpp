@@ -157,6 +157,10 @@ struct Input {
 };
 Input prepare(const BlockPlan& plan, const Tensor& x_in) {
   check_sizes(plan);
+  // Without channels the branches still have outputs (bias, norm shift, activation) and so gradients of
+  // those, which this backward's shortcut for value-free inputs would zero: refused, not miscomputed.
+  TORCH_CHECK_VALUE(plan.C >= 1 || plan.N == 0, "msfused (cuda): x has no channels (shape ", x_in.sizes(),
+                    "); backend 'cuda' needs at least one (backends 'cpu' and 'reference' take it)");
   const auto fmt = x_in.suggest_memory_format();
   return {fmt, fmt == at::MemoryFormat::ChannelsLast, x_in.contiguous(fmt)};
 }
@@ -379,10 +383,19 @@ ForwardResult multi_scale_forward_cuda(const Tensor& x_in, at::TensorList weight
 
 // dL/dweight = sum over n and pixels of dconv (Cb, pixel) x im2col(z) (pixel, C k k): GEMMs in opmath,
 // in chunks of the batch (bounded im2col memory), accumulated in a fixed order. cuBLAS GEMMs are
-// deterministic; ATen's im2col is a gather.
+// deterministic run to run; ATen's im2col is a gather.
+// Under torch.use_deterministic_algorithms, ATen refuses cuBLAS unless CUBLAS_WORKSPACE_CONFIG is set
+// (with several streams cuBLAS's workspace can change its reduction order); the weight gradient is
+// then ATen's convolution backward, for which cuDNN picks a deterministic algorithm in that mode.
 Tensor conv_grad_weight(const Tensor& dconv, const Tensor& z, const Tensor& weight, int64_t k) {
   const int64_t N = z.size(0), C = z.size(1), Cb = dconv.size(1), L = dconv.size(2) * dconv.size(3);
   const int64_t pad = k / 2, Ckk = C * k * k;
+  if (at::globalContext().deterministicAlgorithms()) {
+    const Tensor gw = std::get<1>(at::convolution_backward(
+        dconv, z.to(dconv.scalar_type()), weight.to(dconv.scalar_type()), std::nullopt, {1, 1}, {pad, pad},
+        {1, 1}, false, {0, 0}, 1, {false, true, false}));
+    return gw.to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
+  }
   const auto acc = dconv.options().dtype(opmath(dconv.scalar_type()));
   Tensor gw = at::zeros({Cb, Ckk}, acc);
   const int64_t per_n = std::max<int64_t>(1, Ckk * L);
