@@ -5,6 +5,12 @@ from __future__ import annotations
 import sys
 
 
+def _cuda_build(build: dict) -> str:
+    if not build.get("cuda"):
+        return "no"
+    return f"yes (CUDA {build['cuda']}, archs {build.get('cuda_arch_list')})"
+
+
 def info() -> int:
     import torch
 
@@ -17,7 +23,7 @@ def info() -> int:
     if _ops.loaded():
         print(
             f"extension msfused._C: loaded, built against torch {build.get('torch', '?')}, "
-            f"CUDA kernels: {'yes (CUDA ' + str(build.get('cuda')) + ')' if build.get('cuda') else 'no'}"
+            f"CUDA kernels: {_cuda_build(build)}"
         )
     else:
         print(f"extension msfused._C: not loaded: {_ops.load_error()}")
