@@ -388,14 +388,15 @@ ForwardResult multi_scale_forward_cuda(const Tensor& x_in, at::TensorList weight
 // (with several streams cuBLAS's workspace can change its reduction order); the weight gradient is
 // then ATen's convolution backward, for which cuDNN picks a deterministic algorithm in that mode.
 Tensor conv_grad_weight(const Tensor& dconv, const Tensor& z, const Tensor& weight, int64_t k) {
-  const int64_t N = z.size(0), C = z.size(1), Cb = dconv.size(1), L = dconv.size(2) * dconv.size(3);
-  const int64_t pad = k / 2, Ckk = C * k * k;
+  const int64_t pad = k / 2;
   if (at::globalContext().deterministicAlgorithms()) {
     const Tensor gw = std::get<1>(at::convolution_backward(
         dconv, z.to(dconv.scalar_type()), weight.to(dconv.scalar_type()), std::nullopt, {1, 1}, {pad, pad},
         {1, 1}, false, {0, 0}, 1, {false, true, false}));
     return gw.to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
   }
+  const int64_t N = z.size(0), C = z.size(1), Cb = dconv.size(1), L = dconv.size(2) * dconv.size(3);
+  const int64_t Ckk = C * k * k;
   const auto acc = dconv.options().dtype(opmath(dconv.scalar_type()));
   Tensor gw = at::zeros({Cb, Ckk}, acc);
   const int64_t per_n = std::max<int64_t>(1, Ckk * L);

@@ -431,13 +431,12 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
             g = grad_out[:, offsets[b]:offsets[b] + co]
             p = pre[b]
             ty, tx = _up_taps(up_mode, h, wd, H, W, align_corners, dt, dev)
-            dummy = gys[b]
+            given = lambda t: gys[b] if t is None else t  # noqa: E731  (an absent tensor is never read)
             adj_slots.append([g, *_strides(g), p, *_strides(p), gys[b], parts[b], co, h, wd, ty.adj_idx, ty.adj_w,
-                              ty.adj_taps, tx.adj_idx, tx.adj_w, tx.adj_taps, *[dummy if v is None else v
-                                                                                 for v in (a_t, b_t)],
-                              float(eps[b]), *[dummy if v is None else v for v in (g_t, be_t)]])
-            adj_flags.append(norm | (a_t is not None if norm == K.NORM_AFFINE else g_t is not None) << 2
-                             | (b_t is not None if norm == K.NORM_AFFINE else be_t is not None) << 3 | final << 4)
+                              ty.adj_taps, tx.adj_idx, tx.adj_w, tx.adj_taps, given(a_t), given(b_t),
+                              float(eps[b]), given(g_t), given(be_t)])
+            # the norm's multiplier and offset are scale / shift: folded, or the batch norm's gamma / beta
+            adj_flags.append(norm | (scale[b] is not None) << 2 | (shift[b] is not None) << 3 | final << 4)
             adj_ends.append(adj_ends[-1] + (triton.cdiv(total, block_p) * triton.cdiv(co, block_c) if total else 0))
         if adj_ends[-1] > 0:
             adj_flags += [0] * (K.MAX_SLOTS - len(adj_flags))
