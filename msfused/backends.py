@@ -169,25 +169,11 @@ def index_limit_reason(name: str, x: torch.Tensor, spec) -> Optional[str]:
             f"(more than 2**31 - 1 = {INT32_INDEX_LIMIT}); split the batch, or use backend 'cpu' or 'reference'")
 
 
-#: The largest convolution kernel the CUDA C++ kernels take (csrc/cuda/multi_scale_kernels.h, kMaxKernelSize).
-CUDA_MAX_KERNEL_SIZE = 7
-
-
-def kernel_size_reason(name: str, spec) -> Optional[str]:
-    """Why backend ``name`` cannot run the convolutions of block ``spec``, or None if it can."""
-    if name != "cuda":
-        return None
-    k = max(b.kernel_size for b in spec.branches)
-    if k > CUDA_MAX_KERNEL_SIZE:
-        return f"backend 'cuda' takes kernel sizes up to {CUDA_MAX_KERNEL_SIZE}, the block has {k}"
-    return None
-
-
 def _call_reason(name: str, x: torch.Tensor, spec) -> Optional[str]:
     """Why backend ``name`` cannot run this particular call (its sizes), or None."""
     if spec is None:
         return None
-    return index_limit_reason(name, x, spec) or kernel_size_reason(name, spec)
+    return index_limit_reason(name, x, spec)
 
 
 _warned: set = set()
@@ -202,7 +188,7 @@ def _warn_once(message: str) -> None:
 def resolve(x: torch.Tensor, unfusable: Optional[str] = None, spec=None) -> str:
     """The concrete backend ('cpu', 'cuda', 'triton' or 'reference') that runs a call on ``x``;
     ``unfusable`` says why no fused backend can compute the block's branches, if so; ``spec`` (the block's
-    configuration) lets a backend refuse calls it cannot size (``index_limit_reason``, ``kernel_size_reason``)."""
+    configuration) lets a backend refuse calls it cannot size (``index_limit_reason``)."""
     name = requested_backend()
     if name == "reference":
         return name

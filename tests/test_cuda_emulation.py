@@ -5,8 +5,9 @@ operators torch.ops.msfused_cuda_emulation.*, and compared with the CPU kernels 
 same inputs: every forward output (out, level, pre, mean, var) and every backward gradient. Outputs start as
 NaN in this build, so an element the kernels forget to write fails the comparison.
 
-This checks the kernels' index math, tiling, reductions and the binding's logic without a GPU; it does not
-check the hardware's behaviour (memory model, speed) — test_cuda_backend.py does that where a GPU is.
+This checks the kernels' index math, chunked reductions and the binding's logic (its ATen convolutions run on
+CPU tensors here) without a GPU; it does not check the hardware's behaviour (memory model, speed) —
+test_cuda_backend.py does that where a GPU is.
 Needs the CUDA toolkit's headers (cuda_runtime_api.h, cuda_fp16.h) and the CPU extension msfused._C.
 Runs in a subprocess (its own OpenMP settings: 256 threads per emulated block on few cores).
 """
@@ -157,8 +158,9 @@ DRIVER = textwrap.dedent(
              up="nearest", ac=True, k=1, act="gelu", pos="last", stats=True)
         case("ms23-nearest-k5-silu-none-cl-f32", (2, 3, 11, 8), factors=(2, 3), down="nearest", k=5, act="silu",
              pos="none", dtype=torch.float32, cl=True, bias=False)
-        case("ms12-k7-tiles-chunks", (2, 10, 34, 33), factors=(1, 2), k=(7, 3), cb=(10, 9), act="none",
+        case("ms12-k7-chunks", (2, 10, 34, 33), factors=(1, 2), k=(7, 3), cb=(10, 9), act="none",
              scale=False)
+        case("ms13-k9-cl", (2, 3, 19, 14), factors=(1, 3), k=9, cl=True, stats=True)  # any k: ATen's convolution
         case("ms124-stats-cl-f64", (2, 5, 20, 17), factors=(1, 2, 4), stats=True, cl=True, ac=True, pos="last")
         case("ms14-f16", (2, 4, 12, 12), factors=(1, 4), dtype=torch.float16)
         case("ms12-bf16-stats", (4, 4, 10, 10), factors=(1, 2), dtype=torch.bfloat16, stats=True)
@@ -171,6 +173,12 @@ DRIVER = textwrap.dedent(
                  cl=True, stats=True)
         finally:
             torch.use_deterministic_algorithms(False)
+        # The convolutions ask cuDNN for deterministic algorithms in a scope: the user's flag is restored.
+        for flag in (False, True):
+            torch.backends.cudnn.deterministic = flag
+            case(f"cudnn-deterministic-flag-{flag}", (2, 2, 8, 8), factors=(1, 2), k=1)
+            assert torch.backends.cudnn.deterministic is flag
+        torch.backends.cudnn.deterministic = False
         # x without channels: refused with a clear error (its gradients would be miscomputed)
         try:
             emu.multi_scale_forward(torch.randn(2, 0, 8, 8, dtype=torch.float64),
@@ -216,6 +224,9 @@ DRIVER = textwrap.dedent(
         case("psp-too-big-for-pool-kernel-cl", (2, 3, 40, 40), bins=(40, 2), k=1, cl=True, stats=True)
         case("psp-mixed-with-factor", (2, 3, 12, 12), factors=(1, 2), bins=(1, 3), k=1, pos="none")
         case("psp-f16", (8, 8, 12, 12), bins=(1, 2, 3, 6), k=1, dtype=torch.float16, stats=True)
+        # bin 1 and 2 on a larger map: the upsample adjoint of a level pixel split over many lanes, the
+        # whole-map reductions over several chunks
+        case("psp12-large-map-lanes-chunks", (3, 2, 70, 45), bins=(1, 2), k=1, stats=True, dtype=torch.float32)
     """
 )
 
