@@ -234,8 +234,8 @@ ForwardResult multi_scale_forward_cuda(const Tensor& x_in, at::TensorList weight
     return {out, level, pre, mean, var};
   }
 
-  // 1. Every level from x, and x's slice of the output: the bins branches whose tables fit the pooling
-  // kernel's shared memory from one read of x; the others as gathers.
+  // 1. Every level from x, and x's slice of the output: the bins branches from one read of x where the
+  // pooling kernel's tables fit its shared memory and its grid fills the GPU; the others as gathers.
   std::vector<bool> pooled(B, false);
   bool copied = false;
   {
@@ -253,7 +253,7 @@ ForwardResult multi_scale_forward_cuda(const Tensor& x_in, at::TensorList weight
       return pool_shared_bytes(dt, &a) <= pool_shared_limit();
     };
     for (size_t b = 0; b < B; ++b) {
-      if (plan.branches[b].factor != 0) continue;
+      if (plan.branches[b].factor != 0 || !pool_fills_device(plan.N, plan.C, cl)) continue;
       std::vector<size_t> trial = current;
       trial.push_back(b);
       if (trial.size() <= static_cast<size_t>(kMaxBranches) && fits(trial)) {

@@ -9,10 +9,11 @@
 // Launches per call (per group of up to kMaxBranches = 8 branches; B = the number of branches):
 //
 //   forward ............................ levels (1) + B convolutions (ATen) + epilogue_up (1)
-//       levels: one read of x computes every level (a gather of the down-resize's taps per level element)
-//       and copies x into its slice of the output; for bins branches pool_levels does that instead (column
-//       sums in shared memory; a block per (n, channel group) walks the whole map once), and a
-//       pyramid mixing factor and bins branches takes both (2). epilogue_up: one thread per output
+//       levels: one read of x computes every level (a gather of the down-resize's taps per level element;
+//       a large pooling window, e.g. bin 1, split over up to 256 lanes combined in a fixed tree) and copies
+//       x into its slice of the output; for bins branches pool_levels does that instead where its blocks
+//       (one per (n, channel group), each walking the whole map once, column sums in shared memory) fill
+//       the GPU; a pyramid mixing factor and bins branches may take both (2). epilogue_up: one thread per output
 //       element of every branch: bias is already in the convolution output; norm (alpha, beta),
 //       activation and the up-resize's taps, written straight into the branch's channel slice.
 //   forward with batch statistics ...... + stats_partial (1) + merge_stats (1, per-channel)
@@ -263,10 +264,13 @@ __device__ __forceinline__ int range_of(int64_t k, int count, const Ranges& firs
 
 // ---------------------------------------------------------------------------------------------------
 // Forward: the levels as gathers from x, and x's slice of the output (extra blocks).
+// A level element's taps are read by `lanes` threads (pooling windows: bins on a large map; 1 otherwise)
+// whose sums are combined in a fixed tree.
 // ---------------------------------------------------------------------------------------------------
 template <typename S>
 __global__ void __launch_bounds__(kThreads, 1) levels_kernel(const __grid_constant__ LevelArgs a) {
   using A = acc_t<S>;
+  __shared__ A s_acc[kThreads];
   const int64_t blk = blockIdx.x;
   const S* x = cptr<S>(a.x);
   if (blk < a.copy_blocks) {  // x into out[:, x_offset : x_offset + C], grid-stride
@@ -283,23 +287,55 @@ __global__ void __launch_bounds__(kThreads, 1) levels_kernel(const __grid_consta
   const int b = range_of(lb, a.num_branches, [&](int q) { return a.br[q].block_begin; });
   const LevelBranch& br = a.br[b];
   const int64_t h = br.level_h, w = br.level_w;
-  const int64_t e = (lb - br.block_begin) * kThreads + threadIdx.x;
-  if (e >= a.N * a.C * h * w) return;
-  int64_t n, c, y, xx;
-  unflatten(e, a.C, h, w, a.x_channels_last, &n, &c, &y, &xx);
+  const int t = threadIdx.x, G = static_cast<int>(br.lanes), lane = t % G;
+  const int64_t e = (lb - br.block_begin) * (kThreads / G) + t / G;
+  const bool valid = e < a.N * a.C * h * w;  // (uniform control flow below: the lane tree has barriers)
+  int64_t n = 0, c = 0, y = 0, xx = 0;
+  if (valid) unflatten(e, a.C, h, w, a.x_channels_last, &n, &c, &y, &xx);
   const bool ac = a.align_corners;
   const A scale_h = linear_scale<A>(a.H, h, ac), scale_w = linear_scale<A>(a.W, w, ac);
   const ResizeKind kh = static_cast<ResizeKind>(br.down_h), kw = static_cast<ResizeKind>(br.down_w);
   const S* base = x + n * a.x.stride[0] + c * a.x.stride[1];
   const int64_t sh = a.x.stride[2], sw = a.x.stride[3];
-  // As the CPU kernel: the height taps summed per width tap; rounded to S as the reference's level is.
   A acc = A(0);
-  for_each_tap<A>(kw, xx, a.W, w, br.factor, ac, scale_w, [&](int64_t j, A ww) {
-    A col = A(0);
-    for_each_tap<A>(kh, y, a.H, h, br.factor, ac, scale_h, [&](int64_t i, A wh) { col += wh * to_acc(base[i * sh + j * sw]); });
-    acc += ww * col;
-  });
-  mptr<S>(br.level)[off4<S>(br.level, n, c, y, xx)] = from_acc<S>(acc);
+  if (G == 1) {
+    // As the CPU kernel: the height taps summed per width tap.
+    if (valid)
+      for_each_tap<A>(kw, xx, a.W, w, br.factor, ac, scale_w, [&](int64_t j, A ww) {
+        A col = A(0);
+        for_each_tap<A>(kh, y, a.H, h, br.factor, ac, scale_h,
+                        [&](int64_t i, A wh) { col += wh * to_acc(base[i * sh + j * sw]); });
+        acc += ww * col;
+      });
+  } else {
+    // Pooling on both axes (the launcher's rule): the window's sum over the lanes, then the weights.
+    TapRun rows{y, 1}, cols{xx, 1};
+    if (kh != ResizeKind::Identity) rows = pooling_run(kh, y, a.H, h, br.factor);
+    if (kw != ResizeKind::Identity) cols = pooling_run(kw, xx, a.W, w, br.factor);
+    const int64_t total = valid ? rows.count * cols.count : 0;
+    if (lane < total) {
+      int64_t i = rows.start + lane / cols.count, j = cols.start + lane % cols.count;
+      const int64_t step_i = G / cols.count, step_j = G % cols.count;
+      for (int64_t r = lane; r < total; r += G) {
+        acc += to_acc(base[i * sh + j * sw]);
+        i += step_i;
+        j += step_j;
+        if (j >= cols.start + cols.count) {
+          j -= cols.count;
+          ++i;
+        }
+      }
+    }
+    s_acc[t] = acc;
+    for (int s = G / 2; s > 0; s >>= 1) {
+      __syncthreads();
+      if (lane < s) s_acc[t] += s_acc[t + s];
+    }
+    __syncthreads();
+    acc = s_acc[t] * (A(1) / static_cast<A>(rows.count)) * (A(1) / static_cast<A>(cols.count));
+  }
+  // Rounded to S as the reference's level is.
+  if (valid && lane == 0) mptr<S>(br.level)[off4<S>(br.level, n, c, y, xx)] = from_acc<S>(acc);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -676,6 +712,27 @@ int64_t multiprocessors() {
 #endif
 }
 
+// Threads per level element of launch_levels: pooling windows (both axes pooling or identity) of more than
+// 16 taps are split over a power of two of lanes (about 16 taps each), more while the launch would not
+// fill the device (2 blocks per multiprocessor), up to a block; anything else: one thread.
+int64_t level_lanes(const LevelBranch& br, int64_t planes, int64_t H, int64_t W) {
+  auto taps = [](int kind, int64_t level, int64_t full, int64_t factor) -> int64_t {
+    switch (static_cast<ResizeKind>(kind)) {
+      case ResizeKind::Identity: return 1;
+      case ResizeKind::AvgFactor: return factor;
+      case ResizeKind::Adaptive: return (full + level - 1) / level + 1;
+      default: return -1;  // not a pooling kind
+    }
+  };
+  const int64_t th = taps(br.down_h, br.level_h, H, br.factor), tw = taps(br.down_w, br.level_w, W, br.factor);
+  if (th < 0 || tw < 0) return 1;
+  const int64_t entries = th * tw, elems = planes * br.level_h * br.level_w;
+  int64_t lanes = 1;
+  while (lanes < kThreads && lanes * 16 < entries) lanes *= 2;
+  while (lanes < kThreads && lanes < entries && elems * lanes < 2 * multiprocessors() * kThreads) lanes *= 2;
+  return lanes;
+}
+
 // Threads that read each level pixel's upsample adjoint: about 32 reader entries per thread, a power of
 // two up to the block (bin 1 on a 64x64 map: 4356 entries, 256 lanes).
 int64_t up_grad_lanes(const UpGradBranch& ub, int64_t H, int64_t W) {
@@ -708,8 +765,9 @@ cudaError_t launch_levels(DType dtype, LevelArgs args, cudaStream_t stream) {
   int64_t blocks = 0;
   for (int b = 0; b < args.num_branches; ++b) {
     LevelBranch& br = args.br[b];
+    br.lanes = level_lanes(br, args.N * args.C, args.H, args.W);
     br.block_begin = blocks;
-    blocks += ceil_div(args.N * args.C * br.level_h * br.level_w, kThreads);
+    blocks += ceil_div(args.N * args.C * br.level_h * br.level_w * br.lanes, kThreads);
   }
   return launch(dtype, blocks + args.copy_blocks, 0, args, stream, [](auto s) { return levels_kernel<decltype(s)>; });
 }
@@ -778,6 +836,10 @@ cudaError_t launch_norm_grad(DType dtype, NormGradArgs args, cudaStream_t stream
 }
 
 size_t pool_shared_limit() { return 48 * 1024; }
+
+bool pool_fills_device(int64_t N, int64_t C, bool channels_last) {
+  return N * ceil_div(C, pool_group(channels_last)) >= 2 * multiprocessors();
+}
 
 size_t pool_shared_bytes(DType dtype, PoolArgs* args) {
   int64_t rows = 0, bins = 0;

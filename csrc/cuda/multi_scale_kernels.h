@@ -48,19 +48,22 @@ struct PoolArgs {
 };
 
 // Shared memory the pooling kernel needs for these branches (fills row_base, bin_base); the binding pools
-// with it only while this stays within pool_shared_limit(), and gathers the other bins levels with
-// launch_levels instead.
+// with it only while this stays within pool_shared_limit() and pool_fills_device() (its blocks are one
+// per (n, channel group): few batches and channels would leave the GPU idle), and gathers the other bins
+// levels with launch_levels instead.
 size_t pool_shared_bytes(DType dtype, PoolArgs* args);
 size_t pool_shared_limit();
+bool pool_fills_device(int64_t N, int64_t C, bool channels_last);
 cudaError_t launch_pool_levels(DType dtype, const PoolArgs& args, cudaStream_t stream);
 
-// Levels as gathers from x (one thread per level element: the down-resize's taps, resize.h), plus x's
-// slice of the output when copy_x (extra blocks of the same launch).
+// Levels as gathers from x (the down-resize's taps, resize.h; a large pooling window split over several
+// threads, combined in a fixed tree), plus x's slice of the output when x_offset >= 0 (extra blocks of
+// the same launch).
 struct LevelBranch {
   View4 level;  // (N, C, h, w) written
   int64_t level_h = 0, level_w = 0, factor = 1;
   int down_h = 0, down_w = 0;  // ResizeKind, x -> level
-  int64_t block_begin = 0;  // filled by the launcher
+  int64_t lanes = 1, block_begin = 0;  // filled by the launcher
 };
 struct LevelArgs {
   int64_t N = 0, C = 0, H = 0, W = 0;
