@@ -326,25 +326,3 @@ class PPM(nn.Module):
     sys.modules["model.pspnet"] = module
     _package("model").pspnet = module
     return dict(PPM=module.PPM)
-
-
-def randomize(module: nn.Module) -> nn.Module:
-    """Non-trivial random state for every conv and BatchNorm-like norm (running statistics included)."""
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight.normal_(0.0, 1.5 / m.weight[0].numel() ** 0.5)
-                if m.bias is not None:
-                    m.bias.normal_(0.0, 0.5)
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                if m.weight is not None:
-                    m.weight.normal_(1.0, 0.3)
-                    m.bias.normal_(0.0, 0.3)
-                if m.running_mean is not None:
-                    m.running_mean.normal_(0.0, 0.4)
-                    m.running_var.uniform_(0.5, 2.0)
-    return module
-
-
-def version_of(lib: str) -> Optional[str]:
-    return PINS[lib][0].split("==")[1]

@@ -22,30 +22,9 @@ import torch
 from torch import nn
 
 import msfused
-import msfused.functional as functional
 from msfused import thirdparty
 from . import _thirdparty as tp
-from .conftest import TOL, Checker, norm_err
-
-
-@pytest.fixture
-def spy(monkeypatch):
-    """Counts the fused operator's and the reference composition's calls."""
-    calls = {"fused": 0, "reference": 0}
-    fused, reference = functional._fused_forward, functional.reference_forward
-
-    def fused_spy(*a, **k):
-        calls["fused"] += 1
-        return fused(*a, **k)
-
-    def reference_spy(*a, **k):
-        calls["reference"] += 1
-        return reference(*a, **k)
-
-    monkeypatch.setattr(functional, "_fused_forward", fused_spy)
-    monkeypatch.setattr(functional, "reference_forward", reference_spy)
-    monkeypatch.delenv("MSFUSED_BACKEND", raising=False)
-    return calls
+from .conftest import TOL, Checker, norm_err, randomize_
 
 
 def _config(**kw):
@@ -107,11 +86,11 @@ CASES = _cases()
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_converts_and_matches(name, dtype, train, spy):
+def test_converts_and_matches(name, dtype, train, spies):
     build, call, shape, labels = CASES[name]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the libraries' own construction warnings
-        module = tp.randomize(build()).to(dtype).train(train)
+        module = randomize_(build()).to(dtype).train(train)
     if dtype != torch.float64:  # (conftest.Case: batch statistics over >= 8 values per channel in float32)
         shape = (8,) + tuple(shape[1:])
     reference = copy.deepcopy(module).double()
@@ -135,7 +114,7 @@ def test_converts_and_matches(name, dtype, train, spy):
     x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).requires_grad_()
     xd = x.detach().to(dtype).requires_grad_()
     out = call(module, xd)
-    assert spy["fused"] == 1 and spy["reference"] == 0, spy
+    assert spies["fused"] == 1 and spies["reference"] == 0, spies
     ref = call(reference, x)
     g = torch.randn_like(ref)
     out.backward(g.to(dtype))
@@ -173,17 +152,17 @@ def test_converts_and_matches(name, dtype, train, spy):
     module.eval(), reference.eval()
     with torch.no_grad():
         again = call(module, xd)
-        assert spy["fused"] == 1
+        assert spies["fused"] == 1
         assert norm_err(again, call(reference, x)) <= tol
 
 
 def _mmseg_head(norm_cfg, **kw):
-    return tp.randomize(tp.mmseg()["PSPHead"](in_channels=6, channels=3, num_classes=3, norm_cfg=norm_cfg,
+    return randomize_(tp.mmseg()["PSPHead"](in_channels=6, channels=3, num_classes=3, norm_cfg=norm_cfg,
                                               pool_scales=(1, 2, 3), **kw)).double()
 
 
 @pytest.mark.parametrize("what", ["group_norm", "dilated", "leaky_relu", "subclass_forward", "instance_norm"])
-def test_what_does_not_fit_is_left_and_reported(what, spy):
+def test_what_does_not_fit_is_left_and_reported(what, spies):
     x = torch.randn(2, 6, 9, 7, dtype=torch.float64)
     if what == "group_norm":
         module, match = _mmseg_head(dict(type="GN", num_groups=1)), "GroupNorm"
@@ -197,9 +176,9 @@ def test_what_does_not_fit_is_left_and_reported(what, spy):
             def forward(self, x):
                 return super().forward(x) * 2
 
-        module, match = tp.randomize(MyPSP(6, sizes=(1, 2))).double(), "overrides forward"
+        module, match = randomize_(MyPSP(6, sizes=(1, 2))).double(), "overrides forward"
     else:
-        module, match = tp.randomize(tp.smp()["PSPModule"](6, sizes=(1, 2), use_norm="instancenorm")).double(), \
+        module, match = randomize_(tp.smp()["PSPModule"](6, sizes=(1, 2), use_norm="instancenorm")).double(), \
             "InstanceNorm2d"
     module.eval()
     expected = module(x) if not isinstance(module, tp.mmseg()["PSPHead"]) else module._forward_feature([x])
@@ -208,7 +187,7 @@ def test_what_does_not_fit_is_left_and_reported(what, spy):
     assert all(match in r.reason for r in report), report.summary()
     assert not any(thirdparty.is_converted(m) for m in module.modules())
     got = module(x) if not isinstance(module, tp.mmseg()["PSPHead"]) else module._forward_feature([x])
-    assert torch.equal(got, expected) and spy["fused"] == 0
+    assert torch.equal(got, expected) and spies["fused"] == 0
     with pytest.warns(UserWarning, match="not converted"):
         msfused.convert(module)
 
@@ -218,7 +197,7 @@ def test_convert_says_when_there_is_nothing():
         msfused.convert(nn.Sequential(nn.Conv2d(3, 3, 1), nn.AdaptiveAvgPool2d(2)))
 
 
-def test_sync_batchnorm(spy, monkeypatch):
+def test_sync_batchnorm(spies, monkeypatch):
     """mmseg's SyncBN configs: eval mode runs fused; training mode the reference (one warning under 'auto'),
     or an explicit fused backend raises."""
     module = _mmseg_head(dict(type="SyncBN"))
@@ -227,19 +206,19 @@ def test_sync_batchnorm(spy, monkeypatch):
     x = torch.randn(2, 6, 9, 7, dtype=torch.float64)
     module.eval(), reference.eval()
     assert norm_err(module._forward_feature([x]), reference._forward_feature([x])) <= 1e-10
-    assert spy["fused"] == 1
+    assert spies["fused"] == 1
     module.train(), reference.train()
     monkeypatch.setattr(msfused.backends, "_warned", set())
     with pytest.warns(RuntimeWarning, match="SyncBatchNorm in training mode"):
         out = module._forward_feature([x])
-    assert spy["fused"] == 1 and spy["reference"] == 1
+    assert spies["fused"] == 1 and spies["reference"] == 1
     assert norm_err(out, reference._forward_feature([x])) <= 1e-10
     with msfused.use_backend("cpu"), pytest.raises(RuntimeError, match="SyncBatchNorm"):
         module._forward_feature([x])
 
 
-def test_survives_deepcopy_save_hooks_and_replacement(spy):
-    module = tp.randomize(tp.smp()["PSPModule"](6, sizes=(1, 2, 3))).double().eval()
+def test_survives_deepcopy_save_hooks_and_replacement(spies):
+    module = randomize_(tp.smp()["PSPModule"](6, sizes=(1, 2, 3))).double().eval()
     reference = copy.deepcopy(module)
     msfused.convert(module, report=True)
     x = torch.randn(2, 6, 8, 9, dtype=torch.float64)
@@ -253,34 +232,34 @@ def test_survives_deepcopy_save_hooks_and_replacement(spy):
     for m in (twin, loaded):
         assert thirdparty.is_converted(m) and m.forward.module is m
         assert m.forward.plan.branches[0].conv is m.blocks[0].pool[1][0]  # its own conv, not the original's
-        spy["fused"] = 0
-        assert norm_err(m(x), want) <= 1e-10 and spy["fused"] == 1
+        spies["fused"] = 0
+        assert norm_err(m(x), want) <= 1e-10 and spies["fused"] == 1
 
     # A hook on the module itself runs around the fused forward.
     seen = []
     handle = module.register_forward_hook(lambda m, i, o: seen.append(o.shape))
-    spy["fused"] = 0
+    spies["fused"] = 0
     module(x)
-    assert seen == [want.shape] and spy["fused"] == 1
+    assert seen == [want.shape] and spies["fused"] == 1
     handle.remove()
     # A hook on a submodule the library's forward calls: that forward runs, so the hook sees its call.
     inner = []
     handle = module.blocks[1].pool[1][0].register_forward_hook(lambda m, i, o: inner.append(o.shape))
-    spy["fused"] = 0
-    assert norm_err(module(x), want) <= 1e-10 and spy["fused"] == 0 and len(inner) == 1
+    spies["fused"] = 0
+    assert norm_err(module(x), want) <= 1e-10 and spies["fused"] == 0 and len(inner) == 1
     handle.remove()
     # A submodule replaced after convert is read again (here: still fits, so fused with the new one).
     new_norm = nn.BatchNorm2d(2).double().eval()
     module.blocks[2].pool[1][1] = new_norm
     reference.blocks[2].pool[1][1] = copy.deepcopy(new_norm)
-    spy["fused"] = 0
-    assert norm_err(module(x), reference(x)) <= 1e-10 and spy["fused"] == 1
+    spies["fused"] = 0
+    assert norm_err(module(x), reference(x)) <= 1e-10 and spies["fused"] == 1
     assert module.forward.plan.branches[2].norm is new_norm
 
 
 @pytest.mark.slow
 def test_torch_compile_runs_the_fused_operator():
-    module = tp.randomize(tp.mmseg()["PSPHead"](in_channels=6, channels=3, num_classes=3, norm_cfg=dict(type="BN"),
+    module = randomize_(tp.mmseg()["PSPHead"](in_channels=6, channels=3, num_classes=3, norm_cfg=dict(type="BN"),
                                                 pool_scales=(1, 2, 3))).train()
     reference = copy.deepcopy(module)
     msfused.convert(module, report=True)

@@ -258,25 +258,6 @@ def test_out_channels(position, extra):
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def spies(monkeypatch):
-    calls = {"fused": 0, "reference": 0}
-    fused_forward, reference_forward = functional._fused_forward, functional.reference_forward
-
-    def fused_spy(*a, **k):
-        calls["fused"] += 1
-        return fused_forward(*a, **k)
-
-    def reference_spy(*a, **k):
-        calls["reference"] += 1
-        return reference_forward(*a, **k)
-
-    monkeypatch.setattr(functional, "_fused_forward", fused_spy)
-    monkeypatch.setattr(functional, "reference_forward", reference_spy)
-    monkeypatch.delenv("MSFUSED_BACKEND", raising=False)
-    return calls
-
-
 def test_default_backend_on_cpu_is_fused(spies):
     assert msfused.availability("cpu") == (True, "")
     naive, fused = build_pair("ms", 3, dict(norm="batch"))
