@@ -196,10 +196,10 @@ def _plan(module: nn.Module, prefix: str, found: List[_Branch], align_corners: b
 _SMP = "segmentation_models_pytorch"
 
 
-def _smp_psp(module: nn.Module, prefix: str = "") -> List[_Branch]:
+def _smp_psp(module: nn.Module) -> List[_Branch]:
     found = []
     for i, block in enumerate(module.blocks):
-        where = f"{prefix}blocks.{i}"
+        where = f"blocks.{i}"
         _expect(block, f"{_SMP}.decoders.pspnet.decoder.PSPBlock", where)
         pool = block.pool
         _need(type(pool) is nn.Sequential and len(pool) == 2, f"{where}.pool is not (AdaptiveAvgPool2d, Conv2dReLU)")
@@ -456,7 +456,8 @@ def convert_module(module: nn.Module) -> Optional[Tuple[str, Optional[str]]]:
     entry = next((TABLE[qualified_name(c)] for c in type(module).__mro__ if qualified_name(c) in TABLE), None)
     if entry is None:
         return None
-    vars(module).pop(entry.method, None) if isinstance(vars(module).get(entry.method), _Fused) else None
+    if isinstance(vars(module).get(entry.method), _Fused):  # converted before: read it again
+        del vars(module)[entry.method]
     if not _is(module, entry.qualname, entry.method):
         return entry.label, f"{type(module).__name__} overrides {entry.method}"
     try:
