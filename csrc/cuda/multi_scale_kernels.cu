@@ -42,6 +42,9 @@
 // checks that no kernel spills.
 // Indexing: int64 offsets and element counts throughout (tensors may pass 2^31 elements); every tensor is
 // addressed through its strides, so NCHW and channels_last share the kernels.
+// Not yet measured on a GPU: the (channel, chunk) blocks of stats_partial and up_grad walk one channel's
+// pixels, which in channels_last are a channel-count stride apart (neighbouring channels' blocks share
+// those sectors through L2); the elementwise kernels run in memory order in both formats.
 #include "multi_scale_kernels.h"
 
 #ifdef MSFUSED_CUDA_EMULATION
