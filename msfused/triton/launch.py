@@ -31,6 +31,7 @@ import torch
 import triton
 
 from . import kernels as K
+from .plan import Part, cdiv, cost_model, nbytes
 from .tables import axis_taps
 
 INT32_LIMIT = 2**31 - 1
@@ -96,8 +97,9 @@ def _dot_mode(x: torch.Tensor) -> int:
         return K.DOT_FMA
     if x.dtype in (torch.float16, torch.bfloat16):
         return K.DOT_HALF
-    # float32: TF32 only where the naive module's cuDNN convolution would use it.
-    if x.is_cuda and torch.backends.cudnn.allow_tf32:
+    # float32: TF32 only where the naive module's cuDNN convolution would use it (meta tensors: the launch
+    # plan of a call on a GPU, plan.py).
+    if (x.is_cuda or x.is_meta) and torch.backends.cudnn.allow_tf32:
         return K.DOT_TF32
     return K.DOT_IEEE
 
@@ -186,6 +188,18 @@ def _conv(src: torch.Tensor, wk: torch.Tensor, ks: int, co: int, bias: Optional[
             F64=False)
 
 
+@cost_model(K.conv_kernel)
+def _conv_cost(a):
+    """Plan model (estimates): a (BLOCK_M pixels, BLOCK_N channels) tile per program, K loop over taps x C."""
+    N, C, H, W, CO, KS, src = a["N"], a["C"], a["H"], a["W"], a["CO"], a["KS"], a["src"]
+    bm, bn, bk, px = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"], N * H * W
+    programs = cdiv(px, bm) * cdiv(CO, bn)
+    stores = int(a["STORE_PRE"]) + int(a["STORE_OUT"])
+    return [Part("conv", programs, min(bm, px) * min(bn, CO), KS * KS * cdiv(C, bk),
+                 nbytes(src, px * C) + nbytes(a["wk"]), nbytes(src, px * CO * stores),
+                 2 * programs * bm * bn * KS * KS * cdiv(C, bk) * bk)]
+
+
 def _pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """(CO, C, k, k) -> wk[(ky * k + kx) * C + c, co], contiguous (parameter-sized work)."""
     co, c, k, _ = weight.shape
@@ -260,6 +274,20 @@ def _launch_levels(x, x_slice, copy: bool, branches: Sequence[int], factor, bins
         _launch(K.levels_kernel, (ends[-1],), x, *_strides(x), x_slice, *_strides(x_slice), N, C, H, W, *flat,
                 SLOTS=len(slots), F64=dt == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
     return levels
+
+
+@cost_model(K.levels_kernel)
+def _levels_cost(a):
+    """Plan model (estimates): copy programs, then per level a (BLOCK_P pixels, BLOCK_C channels) tile per
+    program looping over every tap (Y x X) of the separable gather."""
+    x, N, C, H, W, bp, bc = a["x"], a["N"], a["C"], a["H"], a["W"], a["BLOCK_P"], a["BLOCK_C"]
+    parts = [Part("copy x", a["E0"], min(bp, N * H * W) * min(bc, C), 1, nbytes(x, N * C * H * W),
+                  nbytes(x, N * C * H * W))]
+    for s in range(a["SLOTS"]):
+        px, taps = N * a[f"h{s}"] * a[f"w{s}"], a[f"Y{s}"] * a[f"X{s}"]
+        parts.append(Part(f"level {a[f'h{s}']}x{a[f'w{s}']}", a[f"E{s + 1}"] - a[f"E{s}"], min(bp, px) * min(bc, C),
+                          taps, nbytes(x, C * min(px * taps, N * H * W)), nbytes(a[f"d{s}"], px * C)))
+    return parts
 
 
 def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
@@ -370,6 +398,42 @@ def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_
     return out, levels, pres, means, variances
 
 
+@cost_model(K.convs_kernel)
+def _convs_cost(a):
+    """Plan model (estimates): per branch slot conv_kernel's tiles (pre stored; the epilogue where bit 3)."""
+    N, C, bm, bn, bk = a["N"], a["C"], a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
+    parts = []
+    for s in range(a["SLOTS"]):
+        px, co, ks, src = N * a[f"h{s}"] * a[f"w{s}"], a[f"CO{s}"], a[f"KS{s}"], a[f"l{s}"]
+        programs = cdiv(px, bm) * cdiv(co, bn)
+        stores = 1 + ((a[f"FLAGS{s}"] >> 3) & 1)
+        parts.append(Part(f"conv {a[f'h{s}']}x{a[f'w{s}']}", programs, min(bm, px) * min(bn, co),
+                          ks * ks * cdiv(C, bk), nbytes(src, px * C) + nbytes(a[f"wk{s}"]),
+                          nbytes(src, px * co * stores), 2 * programs * bm * bn * ks * ks * cdiv(C, bk) * bk))
+    return parts
+
+
+@cost_model(K.stats_combine_kernel)
+def _stats_combine_cost(a):
+    """Plan model (estimates): BLOCK_C channels per program, a loop over every tile's statistics."""
+    T, C, pm = a["T"], a["C"], a["part_mean"]
+    return [Part("statistics", cdiv(C, a["BLOCK_C"]), min(a["BLOCK_C"], C), T, 2 * nbytes(pm, T * C),
+                 2 * nbytes(a["mean_out"], C))]
+
+
+@cost_model(K.ups_kernel)
+def _ups_cost(a):
+    """Plan model (estimates): per branch slot a (BLOCK_P output pixels, BLOCK_C channels) tile per
+    program, looping over the up-resize taps."""
+    N, H, W, bp, bc = a["N"], a["H"], a["W"], a["BLOCK_P"], a["BLOCK_C"]
+    parts = []
+    for s in range(a["SLOTS"]):
+        src, co = a[f"s{s}"], a[f"C{s}"]
+        parts.append(Part(f"up {tuple(src.shape[2:])}", a[f"E{s + 1}"] - a[f"E{s}"], min(bp, N * H * W) * min(bc, co),
+                          a[f"Y{s}"] * a[f"X{s}"], nbytes(src), nbytes(src, N * co * H * W)))
+    return parts
+
+
 def _wgrad(src: torch.Tensor, dpre: torch.Tensor, ks: int, co: int, acc_dt: torch.dtype) -> torch.Tensor:
     N, C, H, W = src.shape
     if N * H * W == 0:
@@ -387,6 +451,18 @@ def _wgrad(src: torch.Tensor, dpre: torch.Tensor, ks: int, co: int, acc_dt: torc
             HAS_BIAS=False, DOT=K.DOT_FMA if f64 else _dot_mode(src), UPCAST=_upcast(src),
             BLOCK_M=bm, BLOCK_C=bc, BLOCK_N=bn)
     return dwk
+
+
+@cost_model(K.wgrad_kernel)
+def _wgrad_cost(a):
+    """Plan model (estimates): a (BLOCK_C, BLOCK_N) block of one tap's weight gradient per program, looping
+    over the pixels BLOCK_M at a time."""
+    N, C, H, W, CO, KS, src = a["N"], a["C"], a["H"], a["W"], a["CO"], a["KS"], a["src"]
+    bm, bc, bn, px = a["BLOCK_M"], a["BLOCK_C"], a["BLOCK_N"], N * H * W
+    programs = KS * KS * cdiv(C, bc) * cdiv(CO, bn)
+    return [Part("weight gradient", programs, min(bc, C) * min(bn, CO), cdiv(px, bm),
+                 nbytes(src, px * C) + nbytes(a["dpre"], px * CO), nbytes(a["dwk"], KS * KS * C * CO),
+                 2 * programs * bm * bc * bn * cdiv(px, bm))]
 
 
 def _norm_of(b, batch_stats, scale, shift, mean, var):
@@ -508,6 +584,44 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
     return grad_x, grad_w, grad_b, grad_scale, grad_shift
 
 
+@cost_model(K.up_adjoints_kernel)
+def _up_adjoints_cost(a):
+    """Plan model (estimates): per branch slot a (BLOCK_P level pixels, BLOCK_C channels) tile per program,
+    looping over the up-resize's adjoint taps (every output pixel that reads the level pixel)."""
+    N, bp, bc = a["N"], a["BLOCK_P"], a["BLOCK_C"]
+    parts = []
+    for s in range(a["SLOTS"]):
+        g, co, px = a[f"g{s}"], a[f"C{s}"], N * a[f"h{s}"] * a[f"w{s}"]
+        parts.append(Part(f"up adjoint {a[f'h{s}']}x{a[f'w{s}']}", a[f"E{s + 1}"] - a[f"E{s}"],
+                          min(bp, px) * min(bc, co), a[f"Y{s}"] * a[f"X{s}"],
+                          nbytes(g, N * co * g.shape[2] * g.shape[3]) + nbytes(a[f"p{s}"]),
+                          nbytes(a[f"gy{s}"]) + nbytes(a[f"pt{s}"])))
+    return parts
+
+
+@cost_model(K.column_sums_kernel)
+def _column_sums_cost(a):
+    """Plan model (estimates): per branch slot BLOCK_C columns per program, a loop over the rows."""
+    parts = []
+    for s in range(a["SLOTS"]):
+        T, C = a[f"T{s}"], a[f"C{s}"]
+        parts.append(Part("column sums", a[f"E{s + 1}"] - a[f"E{s}"], min(a["BLOCK_C"], C), T,
+                          nbytes(a[f"pt{s}"], T * C), nbytes(a[f"o{s}"], C)))
+    return parts
+
+
+@cost_model(K.dpres_kernel)
+def _dpres_cost(a):
+    """Plan model (estimates): per branch slot an elementwise (BLOCK_P, BLOCK_C) tile per program."""
+    N, bp, bc = a["N"], a["BLOCK_P"], a["BLOCK_C"]
+    parts = []
+    for s in range(a["SLOTS"]):
+        co, px = a[f"C{s}"], N * a[f"h{s}"] * a[f"w{s}"]
+        parts.append(Part("conv-output gradient", a[f"E{s + 1}"] - a[f"E{s}"], min(bp, px) * min(bc, co), 1,
+                          nbytes(a[f"gy{s}"]) + nbytes(a[f"p{s}"]), nbytes(a[f"d{s}"])))
+    return parts
+
+
 def _dx(grad_out, x, x_off, slots, fmt, acc_dt):
     N, C, H, W = x.shape
     dx = _empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
@@ -533,6 +647,17 @@ def _dx(grad_out, x, x_off, slots, fmt, acc_dt):
                 BLOCK_C=block_c)
         g = dst
     return dx
+
+
+@cost_model(K.dx_kernel)
+def _dx_cost(a):
+    """Plan model (estimates): a (BLOCK_P, BLOCK_C) tile of dx per program, each level's adjoint taps in turn."""
+    N, C, H, W, bp, bc, dx = a["N"], a["C"], a["H"], a["W"], a["BLOCK_P"], a["BLOCK_C"], a["dx"]
+    px = N * H * W
+    levels = [a[f"l{s}"] for s in range(a["SLOTS"])]
+    serial = max([a[f"Y{s}"] * a[f"X{s}"] for s in range(a["SLOTS"])], default=1)
+    read = sum(nbytes(lv) for lv in levels) + (nbytes(a["g"], px * C) if a["HAS_G"] else 0)
+    return [Part("dx", cdiv(px, bp) * cdiv(C, bc), min(bp, px) * min(bc, C), serial, read, nbytes(dx, px * C))]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -650,3 +775,29 @@ def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, a
                 DOT=K.DOT_FMA if f64 else _dot_mode(x), UPCAST=_upcast(x), F64=f64, BLOCK_P=block_p,
                 BLOCK_C=block_c)
     return out
+
+
+@cost_model(*block_tuned.values())
+def _block_cost(a):
+    """Plan model (estimates): copy programs, then per branch slot one (RH x RW level pixels, BLOCK_N
+    channels) tile per program: its K loop over taps x C / BLOCK_K, each step gathering the level from the
+    source over DY x DX down taps; then the up-resize loop over the tile's output pixels (UY x UX taps)."""
+    x, N, C, H, W = a["x"], a["N"], a["C"], a["H"], a["W"]
+    rh, rw, bn, bk, bp, bc = a["RH"], a["RW"], a["BLOCK_N"], a["BLOCK_K"], a["BLOCK_P"], a["BLOCK_C"]
+    parts = [Part("copy x", a["E0"], min(bp, N * H * W) * min(bc, C), 1, nbytes(x, N * C * H * W),
+                  nbytes(x, N * C * H * W))]
+    for s in range(a["SLOTS"]):
+        h, w, co, ks, halo, src = a[f"h{s}"], a[f"w{s}"], a[f"CO{s}"], a[f"KS{s}"], a[f"HALO{s}"], a[f"l{s}"]
+        down = a[f"DY{s}"] * a[f"DX{s}"]
+        programs = _tile_programs(N, h, w, co, halo, a)
+        direct = (a[f"FLAGS{s}"] >> 3) & 1
+        k_loop = ks * ks * cdiv(C, bk) * down
+        # output pixels per tile: the tile's own level pixels times the up-resize's magnification
+        own = min(H, cdiv((rh - halo) * H, h)) * min(W, cdiv((rw - halo) * W, w))
+        up_loop = 0 if direct else cdiv(own, bp) * a[f"UY{s}"] * a[f"UX{s}"]
+        scratch = 0 if direct else programs * rh * rw * bn * 4
+        read = nbytes(src, N * C * min(h * w * down, src.shape[2] * src.shape[3])) + nbytes(a[f"wk{s}"]) + scratch
+        parts.append(Part(f"branch {h}x{w}", programs, min(rh, h) * min(rw, w) * min(bn, co), max(k_loop, up_loop),
+                          read, nbytes(x, N * co * H * W) + scratch,
+                          2 * programs * rh * rw * bn * ks * ks * cdiv(C, bk) * bk))
+    return parts
