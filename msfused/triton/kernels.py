@@ -195,7 +195,7 @@ def stats_combine_kernel(part_mean, part_m2, T, total, C, mean_out, var_out,
 
 @triton.jit
 def _up_adjoint_slot(t, g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, gy, part, N, C, H, W,
-                     ty_idx, ty_w, TY, tx_idx, tx_w, TX, a_ptr, b_ptr, eps, gamma, beta,
+                     ty_idx, ty_w, TY, R, tx_idx, tx_w, TX, a_ptr, b_ptr, eps, gamma, beta,
                      FLAGS: tl.constexpr, ACT: tl.constexpr, F64: tl.constexpr,
                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """A branch's share of up_adjoints_kernel, program t: (tile t // channel blocks, its channel block).
@@ -205,8 +205,17 @@ def _up_adjoint_slot(t, g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, gy, part
     a folded norm, the normalised value with batch statistics).
     FLAGS: bits 0-1 the norm (NORM_*), 2 gamma, 3 beta, 4 final: no batch statistics, so the norm's
     derivative is per channel and gy holds the conv output's gradient itself (gy * scale, in the
-    convolution's dtype); with batch statistics gy stays in the accumulation dtype for dpres_kernel."""
+    convolution's dtype); with batch statistics gy stays in the accumulation dtype for dpres_kernel.
+    Bit 5, partial: only the gather, over the y taps of chunk k of R (program t: chunk, then tile), its
+    partial sums stored into rows k * H + y of ``pre`` (a long adjoint split so that the grid fills the
+    GPU; a second launch sums the chunks as its gather, taps ``stacked_taps``, and finishes)."""
     nc = tl.cdiv(C, BLOCK_C)
+    if (FLAGS & 32) != 0:
+        per_chunk = tl.cdiv(N * H * W, BLOCK_P) * nc
+        k = t // per_chunk
+        t = t % per_chunk
+    else:
+        k = 0
     tile = t // nc
     p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
     c = (t % nc) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -219,37 +228,40 @@ def _up_adjoint_slot(t, g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, gy, part
     acc = _zeros(BLOCK_P, BLOCK_C, F64)
     one = acc * 0.0
     acc = _gather(acc, g, g_n, g_c, g_h, g_w, n, y, x, c, pm, cm, ty_idx, ty_w, TY, tx_idx, tx_w, TX,
-                  one, one, 0, 0, 0, TY)
-    v = tl.load(pre + (n * p_n + y * p_h + x * p_w)[:, None] + c[None, :] * p_c, mask=m2, other=0.0)
-    v = v.to(acc.dtype)
-    mul, add = _channel_affine(c, cm, a_ptr, b_ptr, eps, gamma, beta, FLAGS & 3, (FLAGS & 4) != 0,
-                               (FLAGS & 8) != 0, F64)
-    z = v * mul[None, :] + add[None, :]
-    d = tl.where(m2, _activate_grad(acc, z, ACT), 0.0)
-    if (FLAGS & 16) != 0:
-        tl.store(gy + p[:, None] * C + c[None, :], _cast(d * mul[None, :], gy.dtype.element_ty), mask=m2)
+                  one, one, 0, 0, k * R, tl.minimum(TY, (k + 1) * R))
+    if (FLAGS & 32) != 0:
+        tl.store(pre + (n * p_n + (k * H + y) * p_h + x * p_w)[:, None] + c[None, :] * p_c, acc, mask=m2)
     else:
-        tl.store(gy + p[:, None] * C + c[None, :], d, mask=m2)
-    if (FLAGS & 3) == 2:
-        mean = tl.load(a_ptr + c, mask=cm, other=0.0).to(acc.dtype)
-        rstd = 1.0 / tl.sqrt(tl.load(b_ptr + c, mask=cm, other=1.0).to(acc.dtype) + eps)
-        u = (v - mean[None, :]) * rstd[None, :]
-    else:
-        u = v
-    tl.store(part + tile * 2 * C + c, tl.sum(d, axis=0), mask=cm)
-    tl.store(part + tile * 2 * C + C + c, tl.sum(tl.where(m2, d * u, 0.0), axis=0), mask=cm)
+        v = tl.load(pre + (n * p_n + y * p_h + x * p_w)[:, None] + c[None, :] * p_c, mask=m2, other=0.0)
+        v = v.to(acc.dtype)
+        mul, add = _channel_affine(c, cm, a_ptr, b_ptr, eps, gamma, beta, FLAGS & 3, (FLAGS & 4) != 0,
+                                   (FLAGS & 8) != 0, F64)
+        z = v * mul[None, :] + add[None, :]
+        d = tl.where(m2, _activate_grad(acc, z, ACT), 0.0)
+        if (FLAGS & 16) != 0:
+            tl.store(gy + p[:, None] * C + c[None, :], _cast(d * mul[None, :], gy.dtype.element_ty), mask=m2)
+        else:
+            tl.store(gy + p[:, None] * C + c[None, :], d, mask=m2)
+        if (FLAGS & 3) == 2:
+            mean = tl.load(a_ptr + c, mask=cm, other=0.0).to(acc.dtype)
+            rstd = 1.0 / tl.sqrt(tl.load(b_ptr + c, mask=cm, other=1.0).to(acc.dtype) + eps)
+            u = (v - mean[None, :]) * rstd[None, :]
+        else:
+            u = v
+        tl.store(part + tile * 2 * C + c, tl.sum(d, axis=0), mask=cm)
+        tl.store(part + tile * 2 * C + C + c, tl.sum(tl.where(m2, d * u, 0.0), axis=0), mask=cm)
 
 
 @triton.jit
 def up_adjoints_kernel(N, E0,
                        g0, g0_n, g0_c, g0_h, g0_w, p0, p0_n, p0_c, p0_h, p0_w, gy0, pt0, C0, h0, w0,
-                       y0, yw0, Y0, x0, xw0, X0, a0, b0, eps0, ga0, be0, E1,
+                       y0, yw0, Y0, R0, x0, xw0, X0, a0, b0, eps0, ga0, be0, E1,
                        g1, g1_n, g1_c, g1_h, g1_w, p1, p1_n, p1_c, p1_h, p1_w, gy1, pt1, C1, h1, w1,
-                       y1, yw1, Y1, x1, xw1, X1, a1, b1, eps1, ga1, be1, E2,
+                       y1, yw1, Y1, R1, x1, xw1, X1, a1, b1, eps1, ga1, be1, E2,
                        g2, g2_n, g2_c, g2_h, g2_w, p2, p2_n, p2_c, p2_h, p2_w, gy2, pt2, C2, h2, w2,
-                       y2, yw2, Y2, x2, xw2, X2, a2, b2, eps2, ga2, be2, E3,
+                       y2, yw2, Y2, R2, x2, xw2, X2, a2, b2, eps2, ga2, be2, E3,
                        g3, g3_n, g3_c, g3_h, g3_w, p3, p3_n, p3_c, p3_h, p3_w, gy3, pt3, C3, h3, w3,
-                       y3, yw3, Y3, x3, xw3, X3, a3, b3, eps3, ga3, be3, E4,
+                       y3, yw3, Y3, R3, x3, xw3, X3, a3, b3, eps3, ga3, be3, E4,
                        FLAGS0: tl.constexpr, FLAGS1: tl.constexpr, FLAGS2: tl.constexpr, FLAGS3: tl.constexpr,
                        SLOTS: tl.constexpr, ACT: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr,
                        BLOCK_C: tl.constexpr):
@@ -258,21 +270,21 @@ def up_adjoints_kernel(N, E0,
     pid = tl.program_id(0)
     if pid < E1:
         _up_adjoint_slot(pid - E0, g0, g0_n, g0_c, g0_h, g0_w, p0, p0_n, p0_c, p0_h, p0_w, gy0, pt0, N, C0, h0, w0,
-                         y0, yw0, Y0, x0, xw0, X0, a0, b0, eps0, ga0, be0, FLAGS0, ACT, F64, BLOCK_P, BLOCK_C)
+                         y0, yw0, Y0, R0, x0, xw0, X0, a0, b0, eps0, ga0, be0, FLAGS0, ACT, F64, BLOCK_P, BLOCK_C)
     elif pid < E2:
         if SLOTS > 1:
             _up_adjoint_slot(pid - E1, g1, g1_n, g1_c, g1_h, g1_w, p1, p1_n, p1_c, p1_h, p1_w, gy1, pt1, N, C1, h1,
-                             w1, y1, yw1, Y1, x1, xw1, X1, a1, b1, eps1, ga1, be1, FLAGS1, ACT, F64, BLOCK_P,
+                             w1, y1, yw1, Y1, R1, x1, xw1, X1, a1, b1, eps1, ga1, be1, FLAGS1, ACT, F64, BLOCK_P,
                              BLOCK_C)
     elif pid < E3:
         if SLOTS > 2:
             _up_adjoint_slot(pid - E2, g2, g2_n, g2_c, g2_h, g2_w, p2, p2_n, p2_c, p2_h, p2_w, gy2, pt2, N, C2, h2,
-                             w2, y2, yw2, Y2, x2, xw2, X2, a2, b2, eps2, ga2, be2, FLAGS2, ACT, F64, BLOCK_P,
+                             w2, y2, yw2, Y2, R2, x2, xw2, X2, a2, b2, eps2, ga2, be2, FLAGS2, ACT, F64, BLOCK_P,
                              BLOCK_C)
     else:
         if SLOTS > 3:
             _up_adjoint_slot(pid - E3, g3, g3_n, g3_c, g3_h, g3_w, p3, p3_n, p3_c, p3_h, p3_w, gy3, pt3, N, C3, h3,
-                             w3, y3, yw3, Y3, x3, xw3, X3, a3, b3, eps3, ga3, be3, FLAGS3, ACT, F64, BLOCK_P,
+                             w3, y3, yw3, Y3, R3, x3, xw3, X3, a3, b3, eps3, ga3, be3, FLAGS3, ACT, F64, BLOCK_P,
                              BLOCK_C)
 
 

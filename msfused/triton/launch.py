@@ -568,8 +568,10 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
     for chunk in [range(i, min(i + K.MAX_SLOTS, nb)) for i in range(0, nb, K.MAX_SLOTS)]:
         block_c = max(_block_c(weight[b].shape[0]) for b in chunk)
         # 1. every up-resize adjoint with the activation's and norm's backward -> gy, per-tile partials
-        #    (without batch statistics gy is already the conv output's gradient, in x's dtype)
-        adj_slots, adj_flags, adj_ends, gys, parts = [], [], [0], {}, {}
+        #    (without batch statistics gy is already the conv output's gradient, in x's dtype); adjoints
+        #    over more than SPLIT_STEPS taps (small levels of large maps) gather in chunks of taps first,
+        #    their partial sums stacked along the rows of one buffer, summed in chunk order by a second launch
+        adj, gys, parts, chunked = [], {}, {}, []
         for b in chunk:
             co = weight[b].shape[0]
             h, wd = _level(factor[b], bins, b, H, W)
@@ -581,20 +583,45 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
             # per tile: sum gy | sum gy * u; an empty level launches nothing and sums to 0
             parts[b] = (_empty if total else torch.zeros)((T, 2 * co), dtype=acc_dt, device=dev)
             g = grad_out[:, offsets[b]:offsets[b] + co]
-            p = pre[b]
             ty, tx = _up_taps(up_mode, h, wd, H, W, align_corners, dt, dev)
             given = lambda t: gys[b] if t is None else t  # noqa: E731  (an absent tensor is never read)
-            adj_slots.append([g, *_strides(g), p, *_strides(p), gys[b], parts[b], co, h, wd, ty.adj_idx, ty.adj_w,
-                              ty.adj_taps, tx.adj_idx, tx.adj_w, tx.adj_taps, given(a_t), given(b_t),
-                              float(eps[b]), given(g_t), given(be_t)])
+            tail = [given(a_t), given(b_t), float(eps[b]), given(g_t), given(be_t)]
             # the norm's multiplier and offset are scale / shift: folded, or the batch norm's gamma / beta
-            adj_flags.append(norm | (scale[b] is not None) << 2 | (shift[b] is not None) << 3 | final << 4)
-            adj_ends.append(adj_ends[-1] + (triton.cdiv(total, block_p) * triton.cdiv(co, block_c) if total else 0))
-        if adj_ends[-1] > 0:
-            adj_flags += [0] * (K.MAX_SLOTS - len(adj_flags))
-            _launch(K.up_adjoints_kernel, (adj_ends[-1],), N, *_ended_slot_args(adj_slots, 26, adj_ends),
-                    FLAGS0=adj_flags[0], FLAGS1=adj_flags[1], FLAGS2=adj_flags[2], FLAGS3=adj_flags[3],
-                    SLOTS=len(adj_slots), ACT=act, F64=f64, BLOCK_P=block_p, BLOCK_C=block_c)
+            flags = norm | (scale[b] is not None) << 2 | (shift[b] is not None) << 3 | final << 4
+            rows = max(1, SPLIT_STEPS // tx.adj_taps)  # adjoint y taps per chunk
+            ytaps, xtaps = (ty.adj_idx, ty.adj_w, ty.adj_taps), (tx.adj_idx, tx.adj_w, tx.adj_taps)
+            if ty.adj_taps <= rows or not total:
+                adj.append((b, g, pre[b], ytaps, ty.adj_taps, xtaps, tail, flags, 1))
+            else:
+                chunked.append((b, g, ytaps, rows, xtaps, tail, flags, triton.cdiv(ty.adj_taps, rows)))
+        if chunked:
+            buf = _empty((N, max(weight[b].shape[0] for b, *_ in chunked),
+                          sum(k * _level(factor[b], bins, b, H, W)[0] for b, *_, k in chunked),
+                          max(_level(factor[b], bins, b, H, W)[1] for b, *_ in chunked)), dtype=acc_dt, device=dev)
+            first, finish = 0, []
+            for b, g, ytaps, rows, xtaps, tail, flags, k in chunked:
+                co = weight[b].shape[0]
+                h, wd = _level(factor[b], bins, b, H, W)
+                stack = buf[:, :co, first:first + k * h, :wd]
+                adj.append((b, g, stack, ytaps, rows, xtaps, tail, flags | 32, k))
+                sums = stacked_taps(h, k, 0, dt, dev)
+                ident = axis_taps("identity", wd, wd, 0, False, dt, dev)
+                finish.append((b, stack, pre[b], (sums.idx, sums.w, k), k, (ident.idx, ident.w, 1), tail, flags, 1))
+                first += k * h
+        for launch_slots in ([adj, finish] if chunked else [adj]):
+            slot_args, flag_list, ends = [], [], [0]
+            for b, g, p, ytaps, rows, xtaps, tail, flags, k in launch_slots:
+                co = weight[b].shape[0]
+                h, wd = _level(factor[b], bins, b, H, W)
+                slot_args.append([g, *_strides(g), p, *_strides(p), gys[b], parts[b], co, h, wd, *ytaps, rows,
+                                  *xtaps, *tail])
+                flag_list.append(flags)
+                ends.append(ends[-1] + k * triton.cdiv(N * h * wd, block_p) * triton.cdiv(co, block_c))
+            if ends[-1] > 0:
+                flag_list += [0] * (K.MAX_SLOTS - len(flag_list))
+                _launch(K.up_adjoints_kernel, (ends[-1],), N, *_ended_slot_args(slot_args, 27, ends),
+                        **{f"FLAGS{s}": f for s, f in enumerate(flag_list)}, SLOTS=len(slot_args), ACT=act,
+                        F64=f64, BLOCK_P=block_p, BLOCK_C=block_c)
         # 2. the partials' column sums, each in a fixed order, in one launch
         sums = {b: _empty((parts[b].shape[1],), dtype=acc_dt, device=dev) for b in chunk}
         _column_sums([(parts[b], sums[b]) for b in chunk])
@@ -663,15 +690,19 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
 @cost_model(K.up_adjoints_kernel)
 def _up_adjoints_cost(a):
     """Plan model (estimates): per branch slot a (BLOCK_P level pixels, BLOCK_C channels) tile per program,
-    looping over the up-resize's adjoint taps (every output pixel that reads the level pixel)."""
+    looping over a chunk of R of the adjoint's y taps (every output row that reads the level pixel) times
+    its x taps; chunked slots (FLAGS bit 5) store their partial sums only."""
     N, bp, bc = a["N"], a["BLOCK_P"], a["BLOCK_C"]
     parts = []
     for s in range(a["SLOTS"]):
         g, co, px = a[f"g{s}"], a[f"C{s}"], N * a[f"h{s}"] * a[f"w{s}"]
-        parts.append(Part(f"up adjoint {a[f'h{s}']}x{a[f'w{s}']}", a[f"E{s + 1}"] - a[f"E{s}"],
-                          min(bp, px) * min(bc, co), a[f"Y{s}"] * a[f"X{s}"],
-                          nbytes(g, N * co * g.shape[2] * g.shape[3]) + nbytes(a[f"p{s}"]),
-                          nbytes(a[f"gy{s}"]) + nbytes(a[f"pt{s}"])))
+        chunks = cdiv(a[f"Y{s}"], a[f"R{s}"])
+        partial = (a[f"FLAGS{s}"] >> 5) & 1
+        written = nbytes(a[f"p{s}"], chunks * px * co) if partial else nbytes(a[f"gy{s}"]) + nbytes(a[f"pt{s}"])
+        read = nbytes(g, N * co * g.shape[2] * g.shape[3]) + (0 if partial else nbytes(a[f"p{s}"], px * co))
+        parts.append(Part(f"up adjoint {a[f'h{s}']}x{a[f'w{s}']}" + (f" in {chunks} chunks" if partial else ""),
+                          a[f"E{s + 1}"] - a[f"E{s}"], min(bp, px) * min(bc, co), a[f"R{s}"] * a[f"X{s}"], read,
+                          written))
     return parts
 
 
