@@ -110,7 +110,8 @@ class Launch:
     flagged: List[str] = dataclasses.field(default_factory=list)  # parts that break the fill rule (see MIN_WAVES)
 
     def estimate(self, device: Device) -> None:
-        bound = max((self.read + self.written) / (device.hbm_gbps * 1e9), self.flops / (device.tflops[self.dot] * 1e12))
+        bound = max((self.read + self.written) / (device.hbm_gbps * 1e9),
+                    self.flops / (device.tflops[self.dot] * 1e12))
         fill = min(1.0, self.programs / device.sms) if self.programs else 1.0
         self.est_us = bound / fill * 1e6
         # Programs that loop longer than SERIAL_LIMIT steps are the launch's critical path: too few of them
@@ -133,9 +134,9 @@ def _bind(fn, args: Sequence, meta: dict) -> dict:
 class Recorder:
     """Stands in for ``launch._launch``: each launch becomes one ``Launch`` per autotune configuration."""
 
-    def __init__(self, stage: str = ""):
+    def __init__(self):
         self.launches: List[Launch] = []
-        self.stage = stage
+        self.stage = ""  # set by the caller: inference, forward, backward
         self.sites = 0
 
     def __call__(self, kernel, grid, *args, **meta):
@@ -181,16 +182,15 @@ def recording() -> Iterator[Recorder]:
         launch._launch = real
 
 
-def _call_args(module, x: torch.Tensor):
-    """The operator's arguments for ``module`` (a fused block) on ``x``, as the functional layer builds them."""
+def _call_args(module):
+    """The operator's arguments for ``module`` (a fused block), as the functional layer builds them: weights,
+    biases, each norm's (scale, shift, batch statistics or not, eps), the block's configuration."""
     from ..functional import _norm_epilogue
 
-    weight, bias, scale, shift, stats, eps = [], [], [], [], [], []
-    for branch in module.branches:
-        weight.append(branch.conv.weight)
-        bias.append(branch.conv.bias)
-        s, t, st, e = _norm_epilogue(branch.norm)
-        scale.append(s), shift.append(t), stats.append(st), eps.append(e)
+    norms = [_norm_epilogue(branch.norm) for branch in module.branches]
+    weight = [branch.conv.weight for branch in module.branches]
+    bias = [branch.conv.bias for branch in module.branches]
+    scale, shift, stats, eps = (list(v) for v in zip(*norms))
     return weight, bias, scale, shift, stats, eps, module.spec.op_args()
 
 
@@ -222,10 +222,14 @@ class Plan:
 
 def plan_block(module, x_shape, dtype: torch.dtype = torch.float32, mode: str = "inference",
                device: str = "H100", title: str = "") -> Plan:
-    """The plan of one call of ``module`` (a fused block, built on any device) on an input of ``x_shape`` in
-    ``dtype``: ``mode`` 'inference' (eval, no gradient: the inference launcher) or 'train' (train-mode
-    norms, forward and backward of x and every parameter)."""
+    """The plan of one call of ``module`` (a fused block built on the meta device, ``with
+    torch.device('meta')``) on an input of ``x_shape`` in ``dtype``: ``mode`` 'inference' (eval, no
+    gradient: the inference launcher) or 'train' (train-mode norms, forward and backward of x and every
+    parameter)."""
     from . import launch
+
+    if any(t.device.type != "meta" for t in module.state_dict().values()):
+        raise ValueError("plan_block takes a module built on the meta device (with torch.device('meta'))")
 
     if launch.interpreting():
         raise RuntimeError("the launch plan needs the GPU kernels' launch parameters: run it with "
@@ -235,7 +239,7 @@ def plan_block(module, x_shape, dtype: torch.dtype = torch.float32, mode: str = 
     dev = DEVICES[device]
     module = module.to(device="meta", dtype=dtype).train(mode == "train")
     x = torch.empty(x_shape, dtype=dtype, device="meta")
-    weight, bias, scale, shift, stats, eps, args = _call_args(module, x)
+    weight, bias, scale, shift, stats, eps, args = _call_args(module)
     with torch.no_grad(), recording() as rec:
         if mode == "inference":
             rec.stage = "inference"
