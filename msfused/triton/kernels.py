@@ -468,7 +468,7 @@ def dx_kernel(dx, d_n, d_c, d_h, d_w, N, C, H, W, g, g_n, g_c, g_h, g_w,
 @triton.jit
 def _tile_program(t, x, s_n, s_c, s_h, s_w, dy_idx, dy_w, DY: tl.constexpr, dx_idx, dx_w, DX: tl.constexpr,
                   wk, bias, scale, shift, out, o_n, o_c, o_h, o_w, scratch,
-                  uy_idx, uy_w, UY, ux_idx, ux_w, UX, first_row, first_col,
+                  uy_idx, uy_w, UY: tl.constexpr, ux_idx, ux_w, UX: tl.constexpr, first_row, first_col,
                   C, h, w, CO, KS, HALO,
                   HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
                   DOT: tl.constexpr, UPCAST: tl.constexpr, F64: tl.constexpr, DIRECT: tl.constexpr,
@@ -565,10 +565,10 @@ def _tile_program(t, x, s_n, s_c, s_h, s_w, dy_idx, dy_w, DY: tl.constexpr, dx_i
             oy = oy0 + q // nx
             ox = ox0 + q % nx
             res = _zeros(BLOCK_P, BLOCK_N, F64)
-            for u_y in range(UY):
+            for u_y in tl.static_range(UY):  # (unrolled: independent gathers)
                 iy = tl.load(uy_idx + oy * UY + u_y, mask=qm, other=-1)
                 wy = tl.load(uy_w + oy * UY + u_y, mask=qm, other=0.0).to(res.dtype)
-                for u_x in range(UX):
+                for u_x in tl.static_range(UX):
                     ix = tl.load(ux_idx + ox * UX + u_x, mask=qm, other=-1)
                     wx = tl.load(ux_w + ox * UX + u_x, mask=qm, other=0.0)
                     ok = (iy >= 0) & (ix >= 0)
@@ -604,25 +604,30 @@ def _tile_programs(N, h, w, CO, HALO, RH: tl.constexpr, RW: tl.constexpr, BLOCK_
 @triton.jit
 def block_kernel(x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, N, C, H, W, E0,
                  l0, l0_n, l0_c, l0_h, l0_w, dy0, dyw0, dx0, dxw0, wk0, b0, sc0, sh0, out0, q0_n, q0_c,
-                 q0_h, q0_w, scr0, uy0, uyw0, UY0, ux0, uxw0, UX0, fr0, fc0, h0, w0, CO0, KS0, HALO0,
+                 q0_h, q0_w, scr0, uy0, uyw0, ux0, uxw0, fr0, fc0, h0, w0, CO0, KS0, HALO0,
                  l1, l1_n, l1_c, l1_h, l1_w, dy1, dyw1, dx1, dxw1, wk1, b1, sc1, sh1, out1, q1_n, q1_c,
-                 q1_h, q1_w, scr1, uy1, uyw1, UY1, ux1, uxw1, UX1, fr1, fc1, h1, w1, CO1, KS1, HALO1,
+                 q1_h, q1_w, scr1, uy1, uyw1, ux1, uxw1, fr1, fc1, h1, w1, CO1, KS1, HALO1,
                  l2, l2_n, l2_c, l2_h, l2_w, dy2, dyw2, dx2, dxw2, wk2, b2, sc2, sh2, out2, q2_n, q2_c,
-                 q2_h, q2_w, scr2, uy2, uyw2, UY2, ux2, uxw2, UX2, fr2, fc2, h2, w2, CO2, KS2, HALO2,
+                 q2_h, q2_w, scr2, uy2, uyw2, ux2, uxw2, fr2, fc2, h2, w2, CO2, KS2, HALO2,
                  l3, l3_n, l3_c, l3_h, l3_w, dy3, dyw3, dx3, dxw3, wk3, b3, sc3, sh3, out3, q3_n, q3_c,
-                 q3_h, q3_w, scr3, uy3, uyw3, UY3, ux3, uxw3, UX3, fr3, fc3, h3, w3, CO3, KS3, HALO3,
+                 q3_h, q3_w, scr3, uy3, uyw3, ux3, uxw3, fr3, fc3, h3, w3, CO3, KS3, HALO3,
                  FLAGS0: tl.constexpr, FLAGS1: tl.constexpr, FLAGS2: tl.constexpr, FLAGS3: tl.constexpr,
                  DY0: tl.constexpr, DX0: tl.constexpr, DY1: tl.constexpr, DX1: tl.constexpr, DY2: tl.constexpr,
-                 DX2: tl.constexpr, DY3: tl.constexpr, DX3: tl.constexpr,
+                 DX2: tl.constexpr, DY3: tl.constexpr, DX3: tl.constexpr, UY0: tl.constexpr, UX0: tl.constexpr,
+                 UY1: tl.constexpr, UX1: tl.constexpr, UY2: tl.constexpr, UX2: tl.constexpr, UY3: tl.constexpr,
+                 UX3: tl.constexpr,
                  SLOTS: tl.constexpr, ACT: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr,
                  F64: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                 BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr):
     """The inference forward of up to four branches and the copy of x, in one launch: programs
     [0, E0) copy x into its slice (none if E0 == 0), then each branch slot's programs in turn
     (``_tile_program``; its source l_s is x itself for a factor branch, the pooled level for bins). The
     tile shape (RH, RW, BLOCK_N, BLOCK_K) is autotuned, so each slot's program count is computed here.
-    FLAGS_s: bit 0 bias, bit 1 scale, bit 2 shift, bit 3 direct store (identity up-resize); DY_s x DX_s:
-    the down-resize's taps per level pixel (compile-time: unrolled)."""
+    The copy moves BLOCK_P pixels per program, the up-resize BLOCK_Q output pixels per step (small: its
+    gathered (BLOCK_Q, BLOCK_N) tiles and their addresses must fit in registers beside the tile's).
+    FLAGS_s: bit 0 bias, bit 1 scale, bit 2 shift, bit 3 direct store (identity up-resize); DY_s x DX_s,
+    UY_s x UX_s: the down-resize's taps per level pixel and the up-resize's per output pixel (compile-time:
+    unrolled)."""
     pid = tl.program_id(0)
     e1 = E0 + _tile_programs(N, h0, w0, CO0, HALO0, RH, RW, BLOCK_N)
     e2 = e1 + _tile_programs(N, h1, w1, CO1, HALO1, RH, RW, BLOCK_N)
@@ -635,28 +640,28 @@ def block_kernel(x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, N, C, H, W, 
                       wk0, b0, sc0, sh0, out0, q0_n, q0_c, q0_h, q0_w, scr0, uy0, uyw0, UY0, ux0, uxw0, UX0, fr0,
                       fc0, C, h0, w0, CO0, KS0, HALO0, (FLAGS0 & 1) != 0, (FLAGS0 & 2) != 0,
                       (FLAGS0 & 4) != 0, ACT, DOT, UPCAST, F64, (FLAGS0 & 8) != 0, RH, RW, BLOCK_N, BLOCK_K,
-                      BLOCK_P)
+                      BLOCK_Q)
     elif pid < e2:
         if SLOTS > 1:
             _tile_program(pid - e1, l1, l1_n, l1_c, l1_h, l1_w, dy1, dyw1, DY1, dx1, dxw1, DX1,
                           wk1, b1, sc1, sh1, out1, q1_n, q1_c, q1_h, q1_w, scr1, uy1, uyw1, UY1, ux1, uxw1, UX1, fr1,
                           fc1, C, h1, w1, CO1, KS1, HALO1, (FLAGS1 & 1) != 0, (FLAGS1 & 2) != 0,
                           (FLAGS1 & 4) != 0, ACT, DOT, UPCAST, F64, (FLAGS1 & 8) != 0, RH, RW, BLOCK_N, BLOCK_K,
-                          BLOCK_P)
+                          BLOCK_Q)
     elif pid < e3:
         if SLOTS > 2:
             _tile_program(pid - e2, l2, l2_n, l2_c, l2_h, l2_w, dy2, dyw2, DY2, dx2, dxw2, DX2,
                           wk2, b2, sc2, sh2, out2, q2_n, q2_c, q2_h, q2_w, scr2, uy2, uyw2, UY2, ux2, uxw2, UX2, fr2,
                           fc2, C, h2, w2, CO2, KS2, HALO2, (FLAGS2 & 1) != 0, (FLAGS2 & 2) != 0,
                           (FLAGS2 & 4) != 0, ACT, DOT, UPCAST, F64, (FLAGS2 & 8) != 0, RH, RW, BLOCK_N, BLOCK_K,
-                          BLOCK_P)
+                          BLOCK_Q)
     else:
         if SLOTS > 3:
             _tile_program(pid - e3, l3, l3_n, l3_c, l3_h, l3_w, dy3, dyw3, DY3, dx3, dxw3, DX3,
                           wk3, b3, sc3, sh3, out3, q3_n, q3_c, q3_h, q3_w, scr3, uy3, uyw3, UY3, ux3, uxw3, UX3, fr3,
                           fc3, C, h3, w3, CO3, KS3, HALO3, (FLAGS3 & 1) != 0, (FLAGS3 & 2) != 0,
                           (FLAGS3 & 4) != 0, ACT, DOT, UPCAST, F64, (FLAGS3 & 8) != 0, RH, RW, BLOCK_N, BLOCK_K,
-                          BLOCK_P)
+                          BLOCK_Q)
 
 
 @triton.jit

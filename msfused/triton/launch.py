@@ -781,11 +781,11 @@ def _block_configs(f64: bool) -> List[triton.Config]:
                 for rh, rw in ((4, 8), (8, 8))]
     return [triton.Config({"RH": rh, "RW": rw, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=wp, num_stages=st)
             for rh, rw, bn, bk, wp, st in ((8, 8, 64, 32, 4, 2), (8, 16, 64, 32, 4, 2), (16, 16, 64, 32, 8, 2),
-                                           (8, 16, 128, 32, 8, 2), (16, 16, 32, 32, 4, 2), (4, 16, 64, 64, 4, 2))]
+                                           (8, 16, 128, 32, 8, 2), (16, 16, 32, 32, 8, 2), (4, 16, 64, 64, 4, 2))]
 
 
 _BLOCK_KEY = ["N", "C", "H", "W"] + \
-    [f"{v}{s}" for s in range(4) for v in ("h", "w", "CO", "KS", "HALO", "DY", "DX")] + ["SLOTS", "DOT"]
+    [f"{v}{s}" for s in range(4) for v in ("h", "w", "CO", "KS", "HALO", "DY", "DX", "UY", "UX")] + ["SLOTS", "DOT"]
 block_tuned = {f64: triton.autotune(configs=_block_configs(f64), key=_BLOCK_KEY)(K.block_kernel)
                for f64 in (False, True)}
 
@@ -816,8 +816,8 @@ def _tile_slot(src, down, wk, ks, co, bias, scale, shift, dst, up, direct):
     head = [src, *_strides(src), dy.idx, dy.w, dx.idx, dx.w, wk,
             bias if bias is not None else dummy, scale if scale is not None else dummy,
             shift if shift is not None else dummy, dst, *_strides(dst)]
-    tail = [uy.idx, uy.w, uy.taps, ux.idx, ux.w, ux.taps, rows, cols, h, w, co, ks, halo]
-    return head, tail, (flags, dy.taps, dx.taps), (h, w, co, halo, direct)
+    tail = [uy.idx, uy.w, ux.idx, ux.w, rows, cols, h, w, co, ks, halo]
+    return head, tail, (flags, dy.taps, dx.taps, uy.taps, ux.taps), (h, w, co, halo, direct)
 
 
 def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, align_corners, activation,
@@ -875,15 +875,16 @@ def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, a
                 flags.append(fl)
             else:
                 flat += slots[0][0] + [scratch] + slots[0][1]  # an unused slot: any valid arguments
-                flags.append((0, 1, 1))
+                flags.append((0, 1, 1, 1, 1))
         sizes = [sl[3] for sl in slots]
         grid = lambda meta: (e0 + sum(_tile_programs(N, h, w, co, halo, meta)  # noqa: E731
                                       for h, w, co, halo, _ in sizes),)
         _launch(block_tuned[f64], grid, x, *_strides(x), x_slice, *_strides(x_slice), N, C, H, W, e0, *flat,
-                **{f"{name}{s}": v for s, fl in enumerate(flags) for name, v in zip(("FLAGS", "DY", "DX"), fl)},
+                **{f"{name}{s}": v for s, fl in enumerate(flags)
+                   for name, v in zip(("FLAGS", "DY", "DX", "UY", "UX"), fl)},
                 SLOTS=len(slots), ACT=act,
                 DOT=K.DOT_FMA if f64 else _dot_mode(x), UPCAST=_upcast(x), F64=f64, BLOCK_P=block_p,
-                BLOCK_C=block_c)
+                BLOCK_C=block_c, BLOCK_Q=block_p if interpreting() else 16)
     return out
 
 
@@ -891,7 +892,8 @@ def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, a
 def _block_cost(a):
     """Plan model (estimates): copy programs, then per branch slot one (RH x RW level pixels, BLOCK_N
     channels) tile per program: its K loop over taps x C / BLOCK_K, each step gathering the level from the
-    source over DY x DX down taps; then the up-resize loop over the tile's output pixels (UY x UX taps)."""
+    source over DY x DX down taps (unrolled); then the up-resize loop over the tile's output pixels,
+    BLOCK_Q at a time (UY x UX taps, unrolled)."""
     x, N, C, H, W = a["x"], a["N"], a["C"], a["H"], a["W"]
     rh, rw, bn, bk, bp, bc = a["RH"], a["RW"], a["BLOCK_N"], a["BLOCK_K"], a["BLOCK_P"], a["BLOCK_C"]
     parts = [Part("copy x", a["E0"], min(bp, N * H * W) * min(bc, C), 1, nbytes(x, N * C * H * W),
@@ -904,7 +906,7 @@ def _block_cost(a):
         k_loop = ks * ks * cdiv(C, bk)  # (the down taps are unrolled)
         # output pixels per tile: the tile's own level pixels times the up-resize's magnification
         own = min(H, cdiv((rh - halo) * H, h)) * min(W, cdiv((rw - halo) * W, w))
-        up_loop = 0 if direct else cdiv(own, bp) * a[f"UY{s}"] * a[f"UX{s}"]
+        up_loop = 0 if direct else cdiv(own, a["BLOCK_Q"])  # (the up taps are unrolled)
         scratch = 0 if direct else programs * rh * rw * bn * 4
         read = nbytes(src, N * C * min(h * w * down, src.shape[2] * src.shape[3])) + nbytes(a[f"wk{s}"]) + scratch
         parts.append(Part(f"branch {h}x{w}", programs, min(rh, h) * min(rw, w) * min(bn, co), max(k_loop, up_loop),
