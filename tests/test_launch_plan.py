@@ -20,17 +20,22 @@ pytest.importorskip("triton")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Every workload's plan, and one explain command's JSON, from one process with the interpreter off.
 _SURVEY = """
-import json, sys
+import contextlib, io, json, sys
+import torch
+from msfused.__main__ import main
 from msfused.bench.floor import count_work
 from msfused.bench.workloads import WORKLOADS
 from msfused.triton import plan
 rows = plan.survey()
 for r in rows:
     w = WORKLOADS[r["workload"]]
-    work = count_work(w, w.n, r["mode"], getattr(__import__("torch"), r["dtype"]))
-    r["floor_bytes"] = work.bytes
-json.dump(rows, sys.stdout)
+    r["floor_bytes"] = count_work(w, w.n, r["mode"], getattr(torch, r["dtype"])).bytes
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    rc = main(["explain", "psp_small", "--mode", "train", "--dtype", "bfloat16", "--json"])
+json.dump(dict(survey=rows, explain_rc=rc, explain=out.getvalue()), sys.stdout)
 """
 
 
@@ -42,10 +47,15 @@ def _run(args, **kw):
 
 
 @pytest.fixture(scope="module")
-def survey():
+def planned():
     proc = _run(["-c", _SURVEY])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def survey(planned):
+    return planned["survey"]
 
 
 def test_every_workload_mode_and_dtype_is_planned(survey):
@@ -67,10 +77,9 @@ def test_no_launch_leaves_the_gpu_idle_behind_long_programs(survey):
     assert not flagged, "\n".join(map(str, flagged))
 
 
-def test_explain_command():
-    proc = _run(["-m", "msfused", "explain", "psp_small", "--mode", "train", "--dtype", "bfloat16", "--json"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    plan = json.loads(proc.stdout)
+def test_explain_command(planned):
+    assert planned["explain_rc"] == 0
+    plan = json.loads(planned["explain"])
     assert "estimate" in plan["note"]
     kernels = {lc["kernel"] for lc in plan["launches"]}
     assert {"levels_kernel", "convs_kernel", "up_adjoints_kernel", "wgrad_kernel", "dx_kernel"} <= kernels
@@ -82,7 +91,7 @@ def test_explain_command():
 
 
 def test_explain_cuda_is_not_available_yet(capsys):
-    from msfused.triton.plan import main
+    from msfused.__main__ import main
 
-    assert main(["psp_small", "--backend", "cuda"]) == 2
+    assert main(["explain", "psp_small", "--backend", "cuda"]) == 2
     assert "not available yet" in capsys.readouterr().err
