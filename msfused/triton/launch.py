@@ -772,22 +772,31 @@ def _dx_cost(a):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _block_configs(f64: bool) -> List[triton.Config]:
-    """Tile shapes of block_kernel: level tile RH x RW, output channels and input channels per step."""
+def _block_kind(dtype: torch.dtype) -> str:
+    """Which autotune list block_kernel uses for x of ``dtype``: 'f64', 'f32' or 'half'."""
+    return {torch.float64: "f64", torch.float32: "f32"}.get(dtype, "half")
+
+
+def _block_configs(kind: str) -> List[triton.Config]:
+    """Tile shapes of block_kernel: level tile RH x RW, output channels and input channels per step. Every
+    one compiles for sm_90 without spilling registers (ptxas -v): float32 operands take 16 input channels
+    per step (the unrolled down-resize gathers hold several (RH * RW, BLOCK_K) tiles at once)."""
     if interpreting():
-        return [triton.Config({"RH": 16, "RW": 16, "BLOCK_N": 16 if f64 else 32, "BLOCK_K": 16 if f64 else 32})]
-    if f64:  # multiply-and-sum: a 3-D product in registers, so small tiles
+        return [triton.Config({"RH": 16, "RW": 16, "BLOCK_N": 16 if kind == "f64" else 32,
+                               "BLOCK_K": 16 if kind == "f64" else 32})]
+    if kind == "f64":  # multiply-and-sum: a 3-D product in registers, so small tiles
         return [triton.Config({"RH": rh, "RW": rw, "BLOCK_N": 16, "BLOCK_K": 8}, num_warps=4)
                 for rh, rw in ((4, 8), (8, 8))]
-    return [triton.Config({"RH": rh, "RW": rw, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=wp, num_stages=st)
+    return [triton.Config({"RH": rh, "RW": rw, "BLOCK_N": bn, "BLOCK_K": 16 if kind == "f32" else bk},
+                          num_warps=wp, num_stages=st)
             for rh, rw, bn, bk, wp, st in ((8, 8, 64, 32, 4, 2), (8, 16, 64, 32, 4, 2), (16, 16, 64, 32, 8, 2),
                                            (8, 16, 128, 32, 8, 2), (16, 16, 32, 32, 8, 2), (4, 16, 64, 64, 4, 2))]
 
 
 _BLOCK_KEY = ["N", "C", "H", "W"] + \
     [f"{v}{s}" for s in range(4) for v in ("h", "w", "CO", "KS", "HALO", "DY", "DX", "UY", "UX")] + ["SLOTS", "DOT"]
-block_tuned = {f64: triton.autotune(configs=_block_configs(f64), key=_BLOCK_KEY)(K.block_kernel)
-               for f64 in (False, True)}
+block_tuned = {kind: triton.autotune(configs=_block_configs(kind), key=_BLOCK_KEY)(K.block_kernel)
+               for kind in ("f64", "f32", "half")}
 
 
 def _tile_programs(N: int, h: int, w: int, co: int, halo: int, cfg: dict) -> int:
@@ -861,7 +870,7 @@ def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, a
             slots.append(_tile_slot(src, down, _pack_weight(weight[b]), k, co, bias[b], scale[b], shift[b],
                                     out[:, offsets[b]:offsets[b] + co], up, (h, wd) == (H, W)))
         # Scratch for the tiles of the up-resizing branches, enough for any tuned tile shape.
-        configs = [c.kwargs for c in _block_configs(f64)]
+        configs = [c.kwargs for c in _block_configs(_block_kind(dt))]
         need = [max(_tile_programs(N, h, w, co, halo, c) * c["RH"] * c["RW"] * c["BLOCK_N"] for c in configs)
                 if not direct else 0 for _, _, _, (h, w, co, halo, direct) in slots]
         scratch = _empty((max(1, sum(need)),), dtype=_acc_dtype(dt), device=dev)
@@ -879,7 +888,7 @@ def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, a
         sizes = [sl[3] for sl in slots]
         grid = lambda meta: (e0 + sum(_tile_programs(N, h, w, co, halo, meta)  # noqa: E731
                                       for h, w, co, halo, _ in sizes),)
-        _launch(block_tuned[f64], grid, x, *_strides(x), x_slice, *_strides(x_slice), N, C, H, W, e0, *flat,
+        _launch(block_tuned[_block_kind(dt)], grid, x, *_strides(x), x_slice, *_strides(x_slice), N, C, H, W, e0, *flat,
                 **{f"{name}{s}": v for s, fl in enumerate(flags)
                    for name, v in zip(("FLAGS", "DY", "DX", "UY", "UX"), fl)},
                 SLOTS=len(slots), ACT=act,
