@@ -42,6 +42,10 @@ def info() -> int:
         ok, why = backends.availability(name)
         print(f"  {name:<10} {'available' if ok else 'unavailable: ' + why}")
     print(f"requested backend: {backends.requested_backend()} (use_backend / {backends.ENV_VAR} / 'auto')")
+    from msfused import autotune
+
+    # 'auto''s measured choices: this process's (none yet), or the table MSFUSED_AUTOTUNE_FILE names
+    print(autotune.report())
     return 0
 
 
