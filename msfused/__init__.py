@@ -6,6 +6,7 @@ place) and the whole block runs in fused kernels, forward and backward. See SPEC
 """
 
 from . import _ops  # noqa: F401  (loads msfused._C and registers the operators' fake kernels)
+from . import autotune  # noqa: F401  ('auto' by measurement: msfused.autotune.report(), save(), load(), warmup())
 from . import triton as _triton  # noqa: F401  (registers the Triton operators, if triton is installed)
 from ._version import __version__
 from .backends import BACKENDS, availability, use_backend

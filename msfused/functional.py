@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, List, Optional, Tuple
+import weakref
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import backends
+from . import autotune, backends
 from .reference import reference_forward
 from .spec import BlockSpec
 
@@ -60,15 +61,66 @@ def check_input(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> No
                 )
 
 
-def _norm_epilogue(norm: nn.Module) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], bool, float]:
-    """(scale, shift, batch_stats, eps) for the kernels' epilogue, as ``norm.forward`` would normalise."""
-    if not isinstance(norm, _BatchNorm):  # nn.Identity (unfusable_reason vetted the rest)
-        return None, None, False, 0.0
-    batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
-    if batch_stats:
-        return norm.weight, norm.bias, True, float(norm.eps)
-    # Eval mode with running statistics: y = conv * scale + shift (differentiable in weight and bias),
-    # folded in float32 at least: half-precision buffers would round the fold twice.
+class ParamCache:
+    """What depends only on a module's parameters and buffers (an eval-mode norm folded into a scale and a
+    shift; a backend's packed weights), kept per (module, name) and recomputed only when one of those tensors
+    changes: another tensor object (``load_state_dict(assign=True)``, a replaced parameter), its
+    ``_version`` (in-place updates: ``load_state_dict``, an optimizer step, running statistics), its storage
+    (``.data =``), device, dtype or shape. Only computed values that no gradient flows through are kept: the
+    fold is differentiable in the norm's weight and bias, so with grad mode on and a tensor requiring grad it
+    is computed per call (as when tracing: torch.compile and torch.export see the computation itself)."""
+
+    def __init__(self) -> None:
+        self._entries: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+    @staticmethod
+    def _cacheable(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
+        if torch.compiler.is_compiling():
+            return False
+        present = [t for t in tensors if t is not None]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+            return False
+        # inference tensors keep no version counter; fake tensors belong to a trace
+        return not any(t.is_inference() or isinstance(t, torch._subclasses.FakeTensor) for t in present)
+
+    @staticmethod
+    def _signature(tensors: Sequence[Optional[torch.Tensor]]) -> tuple:
+        return tuple(None if t is None else (t, t._version, t.data_ptr(), t.device, t.dtype, tuple(t.shape))
+                     for t in tensors)
+
+    @staticmethod
+    def _same(a: tuple, b: tuple) -> bool:
+        return len(a) == len(b) and all(
+            (u is None and v is None) or (u is not None and v is not None and u[0] is v[0] and u[1:] == v[1:])
+            for u, v in zip(a, b))
+
+    def get(self, owner: nn.Module, name: str, tensors: Sequence[Optional[torch.Tensor]], extra: tuple,
+            compute: Callable[[], Any]) -> Any:
+        """``compute()`` for ``owner``'s ``name``, cached while ``tensors`` (and the plain values ``extra``) stay
+        the same."""
+        if not self._cacheable(tensors):
+            return compute()
+        signature = self._signature(tensors)
+        entries = self._entries.setdefault(owner, {})
+        hit = entries.get(name)
+        if hit is not None and hit[1] == extra and self._same(hit[0], signature):
+            return hit[2]
+        with torch.inference_mode(False), torch.no_grad():  # a value later calls may use in any mode
+            value = compute()
+        entries[name] = (signature, extra, value)
+        return value
+
+    def clear(self) -> None:
+        self._entries = weakref.WeakKeyDictionary()
+
+
+#: The functional layer's parameter cache, shared by every backend.
+PARAM_CACHE = ParamCache()
+
+
+def _fold_norm(norm: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode norm with running statistics as y = conv * scale + shift (differentiable in weight and
+    bias), folded in float32 at least: half-precision buffers would round the fold twice."""
     wide = lambda t: t.float() if t.dtype in (torch.float16, torch.bfloat16) else t  # noqa: E731
     scale = torch.rsqrt(wide(norm.running_var) + norm.eps)
     if norm.weight is not None:
@@ -76,6 +128,18 @@ def _norm_epilogue(norm: nn.Module) -> Tuple[Optional[torch.Tensor], Optional[to
     shift = -wide(norm.running_mean) * scale
     if norm.bias is not None:
         shift = shift + wide(norm.bias)
+    return scale, shift
+
+
+def _norm_epilogue(norm: nn.Module) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], bool, float]:
+    """(scale, shift, batch_stats, eps) for the kernels' epilogue, as ``norm.forward`` would normalise."""
+    if not isinstance(norm, _BatchNorm):  # nn.Identity (unfusable_reason vetted the rest)
+        return None, None, False, 0.0
+    batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
+    if batch_stats:
+        return norm.weight, norm.bias, True, float(norm.eps)
+    tensors = (norm.running_mean, norm.running_var, norm.weight, norm.bias)
+    scale, shift = PARAM_CACHE.get(norm, "fold", tensors, (float(norm.eps),), lambda: _fold_norm(norm))
     return scale, shift, False, float(norm.eps)
 
 
@@ -293,6 +357,15 @@ def unfusable_reason(spec: BlockSpec, branches: nn.ModuleList, now: bool = True)
     return None
 
 
+def _run(x: torch.Tensor, branches: nn.ModuleList, backend: str, spec: BlockSpec) -> torch.Tensor:
+    """The block on ``x`` with the concrete ``backend`` (the user's call, and 'auto''s measurements)."""
+    if backend == "reference":
+        return reference_forward(x, spec, branches)
+    if backends.autocast_enabled(x.device.type):
+        return _autocast_forward(x, spec, branches, functools.partial(_fused_forward, backend=backend))
+    return _fused_forward(x, spec, branches, backend)
+
+
 def multi_scale(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> torch.Tensor:
     """The multi-scale block of SPEC.md on ``x`` (N, C, H, W), with ``branches[i].conv`` / ``.norm``.
 
@@ -302,9 +375,6 @@ def multi_scale(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> to
     the parameters (training-mode norms update their running statistics, as ``nn.BatchNorm2d`` does).
     """
     check_input(x, spec, branches)
-    name = backends.resolve(x, unfusable_reason(spec, branches), spec)
-    if name == "reference":
-        return reference_forward(x, spec, branches)
-    if backends.autocast_enabled(x.device.type):
-        return _autocast_forward(x, spec, branches, functools.partial(_fused_forward, backend=name))
-    return _fused_forward(x, spec, branches, name)
+    call = autotune.Call(x, spec, branches, _needs_grad(x, branches), functools.partial(_run, spec=spec))
+    name = backends.resolve(x, unfusable_reason(spec, branches), spec, call)
+    return _run(x, branches, name, spec)
