@@ -27,7 +27,9 @@ def _run_installed(argv: List[str]) -> Optional[int]:
     left out of ``sys.path``) and returns its exit status; None when there is nothing to do."""
     from msfused import _ops
 
-    installed = None if _ops.loaded() or os.environ.get(_SHADOWED_TREE) else _ops.shadowed_install()
+    if _ops.loaded() or os.environ.get(_SHADOWED_TREE) or os.environ.get("MSFUSED_NO_EXTENSION", "0") not in ("", "0"):
+        return None  # loaded, already the installed one, or left unloaded on purpose
+    installed = _ops.shadowed_install()
     if installed is None:
         return None
     tree = os.path.dirname(os.path.abspath(_ops.__file__))

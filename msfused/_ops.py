@@ -7,6 +7,9 @@ reason, and every call runs the reference composition. A source tree without its
 shadows an installed msfused which has one (Python imports the ``msfused`` folder of the current
 directory first: a clone after ``pip install .``) is named as such in that warning
 (:func:`shadowed_install`), and ``python -m msfused`` runs the installed one instead.
+``MSFUSED_NO_EXTENSION=1`` skips loading it on purpose (the reference and Triton backends only):
+bench/gpu_check.sh checks the Triton backend while the extension is being rebuilt, which a process that
+had it loaded could not survive.
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ def shadowed_install() -> Optional[str]:
 
 def _load() -> Optional[str]:
     """Imports msfused._C; returns why it cannot be used, or None."""
+    if os.environ.get("MSFUSED_NO_EXTENSION", "0") not in ("", "0"):
+        return "not loaded: MSFUSED_NO_EXTENSION is set"
     spec = importlib.util.find_spec(_EXT)
     # Only this package's own extension: an editable install's finder would otherwise hand a source tree
     # without one the installed tree's library, compiled from other sources.
