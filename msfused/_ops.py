@@ -105,7 +105,10 @@ def _load() -> Optional[str]:
 
 
 _error = _load()
-if _error is not None:
+# `python -m msfused` imports this package while locating its __main__ (sys.argv[0] is then "-m") and,
+# shadowed, runs the installed msfused instead, saying so itself: no warning about this tree's kernels.
+_running_installed = sys.argv[:1] == ["-m"] and _error is not None and "shadows the installed msfused" in _error
+if _error is not None and not _running_installed:
     warnings.warn(f"msfused: fused kernels unavailable, using the reference composition: {_error}", RuntimeWarning)
 
 
