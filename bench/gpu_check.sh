@@ -83,16 +83,16 @@ if [[ $SMOKE -eq 1 ]]; then
     # Under Triton's interpreter a kernel runs ~1e4 times slower: one tiny configuration, and the speed phase
     # on the CPU backend (its code path is the one a GPU run takes, with other implementation names).
     CORRECTNESS_ARGS=(--configs 1 --max-hw 9 --dtypes float64 --chunks 1 --jobs 2)
-    TRITON_BUDGET=()
-    OTHER_BUDGET=()
+    TRITON_ARGS=()
+    OTHER_ARGS=(--backends auto)  # 'cpu' is what 'auto' runs on a CPU
     SPEED_ARGS=(--workloads psp_small --n 2 --dtype float32 --backends cpu,auto --compile-workloads psp_small --compile-backend eager
                 --warmup 1 --reps 2 --max-seconds 0.2)
     CAPS=(60 240 240)
 else
     DEVICE=cuda
     CORRECTNESS_ARGS=()
-    TRITON_BUDGET=(--budget 110)
-    OTHER_BUDGET=(--budget 40)
+    TRITON_ARGS=(--budget 110)
+    OTHER_ARGS=(--budget 40)
     SPEED_ARGS=(--budget 110)
     CAPS=(240 160 160)
 fi
@@ -114,7 +114,7 @@ except ImportError as e:
 t2=$(date +%s)
 log "2a. correctness of 'triton' -> correctness/triton-*.txt; the workloads' Triton kernels compiled (background)"
 MSFUSED_NO_EXTENSION=1 timeout "${CAPS[1]}" "$PYTHON" -m msfused.bench.gpu_check correctness --device "$DEVICE" \
-    --out "$OUTDIR" --backends triton "${CORRECTNESS_ARGS[@]}" "${TRITON_BUDGET[@]}" 2> "$OUTDIR/correctness-triton.log" &
+    --out "$OUTDIR" --backends triton "${CORRECTNESS_ARGS[@]}" "${TRITON_ARGS[@]}" 2> "$OUTDIR/correctness-triton.log" &
 triton_pid=$!
 if [[ $DEVICE == cuda ]]; then
     MSFUSED_NO_EXTENSION=1 timeout "${CAPS[1]}" "$PYTHON" -m msfused.bench.gpu_check prewarm --device "$DEVICE" \
@@ -157,7 +157,7 @@ fi
 t0=$(date +%s)
 log "2b. correctness of the other backends -> correctness.txt"
 timeout "${CAPS[1]}" "$PYTHON" -m msfused.bench.gpu_check correctness --device "$DEVICE" --out "$OUTDIR" \
-    --skip-backends triton "${CORRECTNESS_ARGS[@]}" "${OTHER_BUDGET[@]}"
+    --skip-backends triton "${CORRECTNESS_ARGS[@]}" "${OTHER_ARGS[@]}"
 record "2b. correctness (others)" $? $(( $(date +%s) - t0 ))
 
 # 3. Speed.

@@ -195,7 +195,7 @@ def randomize_(module: nn.Module) -> nn.Module:
                 m.weight.normal_(0.0, 1.5 / fan_in**0.5)
                 if m.bias is not None:
                     m.bias.normal_(0.0, 0.5)
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):  # BatchNorm2d, SyncBatchNorm, _BatchNormXd
                 if m.weight is not None:
                     m.weight.normal_(1.0, 0.3)
                     m.bias.normal_(0.0, 0.3)
@@ -477,3 +477,25 @@ def check_half_precision_grads(case: Case, trials: int, device: str = "cpu") -> 
     bad = {n: (f, o) for n, (f, o) in sums.items() if not f <= half_precision_limit(o)}
     assert not bad, f"{case.id}: mean err (fused, naive) over the limit: " + ", ".join(
         f"{n}: {f:.2e} > 2 x {o:.2e} + 1e-3" for n, (f, o) in bad.items())
+
+
+@pytest.fixture
+def spies(monkeypatch):
+    """Counts the calls of the fused operator's entry and of the reference composition (MSFUSED_BACKEND unset)."""
+    import msfused.functional as functional
+
+    calls = {"fused": 0, "reference": 0}
+    fused_forward, reference_forward = functional._fused_forward, functional.reference_forward
+
+    def fused_spy(*a, **k):
+        calls["fused"] += 1
+        return fused_forward(*a, **k)
+
+    def reference_spy(*a, **k):
+        calls["reference"] += 1
+        return reference_forward(*a, **k)
+
+    monkeypatch.setattr(functional, "_fused_forward", fused_spy)
+    monkeypatch.setattr(functional, "reference_forward", reference_spy)
+    monkeypatch.delenv("MSFUSED_BACKEND", raising=False)
+    return calls

@@ -64,7 +64,7 @@ def within_spec(err: float, dtype: torch.dtype, err_naive: Optional[float] = Non
 
 def uses_batch_stats(norm: nn.Module) -> bool:
     """Whether ``norm`` normalises with the batch's statistics (train mode, or no running statistics)."""
-    return isinstance(norm, nn.BatchNorm2d) and (norm.training or norm.running_mean is None)
+    return isinstance(norm, nn.modules.batchnorm._BatchNorm) and (norm.training or norm.running_mean is None)
 
 
 def true_zero_gradients(model: nn.Module) -> set:

@@ -567,6 +567,10 @@ def speed(args) -> int:
     rates = None
 
     def save() -> None:
+        from msfused import autotune  # what 'auto' chose per key, with the times it measured
+
+        result["autotune"] = {k: {"backend": c.backend, "times_ms": c.times_ms, "errors": c.errors}
+                              for k, c in autotune.table().items()}
         report.save_json(result, os.path.join(args.out, "results.json"))
         if result["rows"]:
             with open(os.path.join(args.out, "table.txt"), "w") as f:
