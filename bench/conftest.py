@@ -1,8 +1,8 @@
 """The pytest-benchmark suite's settings and shared fixtures; the workloads, runner and floor come from
 :mod:`msfused.bench` (one copy of each).
 
-    pytest bench --benchmark-only                  time every case (pytest-benchmark's own options apply)
-    pytest bench --benchmark-only -k psp_small     one workload
+    pytest --benchmark                             time every case (pytest-benchmark's own options apply)
+    pytest --benchmark -k psp_small                one workload
     pytest bench --benchmark-disable               each case runs once, at a small N (the normal test run)
 
 Environment variables choose what is parametrised:
@@ -70,14 +70,13 @@ def environment(device: torch.device) -> dict:
 
 @pytest.fixture(scope="session")
 def rates(device: torch.device) -> Callable[[torch.dtype], floor.Rates]:
-    """The device's copy bandwidth and matmul rate per dtype, measured on first use only (a suite run
-    with benchmarking disabled never asks)."""
+    """The device's read, write and matmul rates per dtype, measured on first use only (a suite run with
+    benchmarking disabled never asks)."""
     measured: Dict[torch.dtype, floor.Rates] = {}
 
     def get(dtype: torch.dtype) -> floor.Rates:
         if dtype not in measured:
-            copy_gbps = next(iter(measured.values())).copy_gbps if measured else None
-            measured[dtype] = floor.measure_rates(device, dtype, copy_gbps=copy_gbps)
+            measured[dtype] = floor.measure_rates(device, dtype, memory_from=next(iter(measured.values()), None))
         return measured[dtype]
 
     return get

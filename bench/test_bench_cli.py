@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import msfused
-from msfused.bench import cli, floor, runner, workloads
+from msfused.bench import cli, floor, report, runner, timing, workloads
 
 
 def test_cli_runs_end_to_end(tmp_path, capsys) -> None:
@@ -80,15 +80,20 @@ def test_floor_counts_psp_small_by_hand() -> None:
     weights = 4 * 16 * 64 * 4
     norms = 4 * (4 * 16 * 4 + 8)  # weight, bias, running mean, running var (float32) + num_batches_tracked
     conv_flops = 2 * 8 * 16 * 64 * (1 + 4 + 9 + 36)
-    assert floor.count_work(w, 8, "inference", torch.float32) == floor.Work(x + weights + norms + out, conv_flops)
+    inference = floor.count_work(w, 8, "inference", torch.float32)
+    assert inference == floor.Work(x + weights + norms, out, conv_flops)
+    assert inference.bytes == x + weights + norms + out
     params = weights + 4 * 2 * 16 * 4  # conv weights, norm weights and biases
     running_stats = 4 * (2 * 16 * 4 + 8)  # what a training step updates
     train = floor.count_work(w, 8, "train", torch.float32)
     assert train.flops == 3 * conv_flops
-    assert train.bytes == (x + weights + norms + out) + (out + x + params + running_stats)
-    rates = floor.Rates("cpu", "float32", copy_gbps=10.0, matmul_tflops=1.0)
-    assert floor.floor_ms(floor.Work(10**9, 0), rates) == pytest.approx(100.0)
-    assert floor.floor_ms(floor.Work(0, 10**12), rates) == pytest.approx(1000.0)
+    assert train.read_bytes == x + weights + norms + out  # x, the state, the upstream gradient
+    assert train.write_bytes == out + x + params + running_stats  # output, grad x, grads, running stats
+    # Reads at the read rate, then writes at the write rate; or the FLOPs, whichever takes longer.
+    rates = floor.Rates("cpu", "float32", read_gbps=20.0, write_gbps=10.0, matmul_tflops=1.0)
+    assert floor.floor_ms(floor.Work(10**9, 0, 0), rates) == pytest.approx(50.0)
+    assert floor.floor_ms(floor.Work(10**9, 10**9, 0), rates) == pytest.approx(150.0)
+    assert floor.floor_ms(floor.Work(10**9, 10**9, 10**12), rates) == pytest.approx(1000.0)
 
 
 def test_readme_results_are_generated_from_bench_results():
@@ -114,3 +119,64 @@ def test_pytest_benchmark_option_collects_the_benchmarks_only(where) -> None:
     collected = [line for line in done.stdout.splitlines() if "::" in line]
     assert collected and all("test_bench_workloads.py::test_workload[" in line for line in collected), done.stdout
     assert "deselected" in done.stdout and "skipped" not in done.stdout
+
+
+TINY = ["--device", "cpu", "--workloads", "psp_small", "--mode", "inference", "--n", "2", "--reps", "2",
+        "--warmup", "1", "--no-memory"]
+
+
+def test_cli_without_a_fused_backend_says_so_and_fails(tmp_path, capsys, monkeypatch) -> None:
+    """A run that finds no fused backend (an extension that did not load) times the naive block, says so in
+    the table's header and exits 1; --naive-only asks for exactly that and exits 0."""
+    monkeypatch.setattr(runner, "fused_backends", lambda device: {"cpu": "the extension msfused._C is not loaded"})
+    assert cli.main([*TINY, "--out", str(tmp_path / "a")]) == 1
+    out = capsys.readouterr().out
+    assert "NO FUSED BACKEND: none can run on cpu (cpu: the extension msfused._C is not loaded)" in out
+    assert [r["impl"] for r in json.loads((tmp_path / "a" / "results.json").read_text())["rows"]] == ["naive"]
+
+    assert cli.main([*TINY, "--naive-only", "--out", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "fused backends: not run (--naive-only)" in out and "NO FUSED BACKEND" not in out
+    assert cli.main([*TINY, "--naive-only", "--impl", "cpu"]) == 2
+
+
+def test_header_names_implementations_and_warns_when_busy() -> None:
+    env = {"device": "cpu", "device_name": "a CPU", "torch": "t", "triton": None, "msfused": "m",
+           "loadavg": [0.1, 0.1, 0.1], "loadavg_after": [0.5], "cpu_count": 2, "threads": 2, "other_cpu_load": 0.9,
+           "fused_backends": {"cpu": ""}}
+    rates = [{"dtype": "float32", "read_gbps": 20.0, "write_gbps": 10.0, "matmul_tflops": 0.1}]
+    rows = [{"impl": impl} for impl in ("naive", "compiled", "cpu")]
+    lines = report.header_lines({"environment": env, "rates": rates, "rows": rows})
+    assert "floor rates (float32): read 20 GB/s, write 10 GB/s, matmul 0.1 TFLOP/s" in lines
+    assert "impl: naive = eager naive (PyTorch), compiled = torch.compile naive, cpu = msfused (cpu backend)" in lines
+    assert any(line.startswith("warning: other processes kept 0.9 of the 2 CPUs busy") for line in lines), lines
+    quiet = report.header_lines({"environment": {**env, "other_cpu_load": 0.05}, "rates": rates, "rows": rows})
+    assert not any(line.startswith("warning") for line in quiet)
+
+
+def test_compile_failure_is_one_readable_line() -> None:
+    """A torch.compile failure in the backward (Inductor's message is often just 'AssertionError: ') is
+    reported as one line naming the phase and the compiler's error."""
+
+    def bw_compiler():  # named as the frame AOTAutograd compiles the backward graph in
+        raise AssertionError("index is not a vector")
+
+    try:
+        try:
+            bw_compiler()
+        except AssertionError as inner:
+            raise torch._dynamo.exc.BackendCompilerFailed(bw_compiler, inner, None) from inner
+    except Exception as e:
+        text = runner.error_text(e)
+    assert text.startswith("torch.compile fails (a torch error): Inductor cannot compile the naive block's "
+                           "backward graph: AssertionError: index is not a vector"), text
+    assert "\n" not in text
+
+
+def test_implementations_are_timed_interleaved() -> None:
+    """One call of each implementation in turn, every repetition (a change in load hits them alike)."""
+    calls = []
+    fns = [lambda name=name: calls.append(name) for name in ("naive", "compiled", "cpu")]
+    times = timing.time_interleaved(fns, "cpu", reps=3)
+    assert calls == ["naive", "compiled", "cpu"] * 3
+    assert [len(t) for t in times] == [3, 3, 3]

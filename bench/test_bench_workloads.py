@@ -41,14 +41,15 @@ def _synchronized(step: runner.Step, device: torch.device) -> Callable[[], Any]:
 
 
 def _first_call(fn: Callable[[], Any], impl: str) -> Any:
-    """Calls ``fn``; a torch.compile failure of the baseline skips the case (torch's problem, not
-    msfused's), anything else fails it."""
+    """Calls ``fn``; a torch.compile failure of the baseline skips the case with one line saying what
+    failed (torch's problem, not msfused's), anything else fails it."""
     if impl != "compiled":
         return fn()
     try:
-        return fn()
+        with runner.quiet_compiler_errors():
+            return fn()
     except Exception as e:  # e.g. an Inductor codegen error
-        pytest.skip(f"torch.compile of the naive block fails here: {type(e).__name__}: {str(e).strip()[:200]}")
+        pytest.skip(runner.error_text(e))
 
 
 def test_workload(benchmark, case, device, environment, rates, built_workload) -> None:

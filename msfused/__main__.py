@@ -1,9 +1,44 @@
 """``python -m msfused info`` (the build and each backend), ``python -m msfused bench`` (the workloads) and
-``python -m msfused explain`` (a workload's launch plan, estimated without a GPU)."""
+``python -m msfused explain`` (a workload's launch plan, estimated without a GPU).
+
+Run from a clone after ``pip install .``, ``python -m msfused`` first imports the clone's ``msfused/``
+folder, which has no compiled extension; it then runs the installed msfused instead, and says so
+(:func:`_run_installed`).
+"""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+from typing import List, Optional
+
+# Set in the process that runs the installed msfused: the source tree taken out of its sys.path.
+_SHADOWED_TREE = "MSFUSED_SHADOWED_TREE"
+_RUN_INSTALLED = (
+    "import os, runpy, sys; tree = os.path.realpath(os.environ['MSFUSED_SHADOWED_TREE']); "
+    "sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != tree]; "
+    "runpy.run_module('msfused', run_name='__main__', alter_sys=True)"
+)
+
+
+def _run_installed(argv: List[str]) -> Optional[int]:
+    """When the imported msfused is a source tree without its extension that shadows an installed
+    msfused with one, runs ``python -m msfused argv`` with the installed one (the tree's parent folder
+    left out of ``sys.path``) and returns its exit status; None when there is nothing to do."""
+    from msfused import _ops
+
+    if _ops.loaded() or os.environ.get(_SHADOWED_TREE) or os.environ.get("MSFUSED_NO_EXTENSION", "0") not in ("", "0"):
+        return None  # loaded, already the installed one, or left unloaded on purpose
+    installed = _ops.shadowed_install()
+    if installed is None:
+        return None
+    tree = os.path.dirname(os.path.abspath(_ops.__file__))
+    print(f"python -m msfused: {tree} is a source tree without its compiled extension (msfused._C): running "
+          f"the installed msfused in {installed} instead (to run this tree, build it in place: "
+          "python setup.py build_ext --inplace)", file=sys.stderr, flush=True)
+    env = dict(os.environ, **{_SHADOWED_TREE: os.path.dirname(tree)})
+    return subprocess.call([sys.executable, "-c", _RUN_INSTALLED, *argv], env=env)
 
 
 def _cuda_build(build: dict) -> str:
@@ -19,7 +54,7 @@ def info() -> int:
     from msfused import _ops, backends
 
     build = _ops.build_info()
-    print(f"msfused {msfused.__version__}")
+    print(f"msfused {msfused.__version__} ({os.path.dirname(os.path.abspath(msfused.__file__))})")
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), CUDA devices: {torch.cuda.device_count()}")
     if _ops.loaded():
         print(
@@ -58,6 +93,10 @@ def main(argv=None) -> int:
               "  explain  a workload's kernel launches, estimated without a GPU; explain --help for options")
         return 0
     command, rest = argv[0], argv[1:]
+    if command in ("info", "bench", "explain"):
+        status = _run_installed(argv)
+        if status is not None:
+            return status
     if command == "info":
         return info()
     if command == "bench":

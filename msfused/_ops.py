@@ -3,17 +3,23 @@
 The schemas and the CPU/CUDA kernels and autograd live in C++ (csrc/); this module only loads the library,
 refuses one built against another torch (that would crash rather than raise), and registers the
 shape-only (fake) kernels. If the library cannot be used, msfused still imports, warns once with the
-reason, and every call runs the reference composition. ``MSFUSED_NO_EXTENSION=1`` skips loading it on purpose
-(the reference and Triton backends only): bench/gpu_check.sh checks the Triton backend while the extension is
-being rebuilt, which a process that had it loaded could not survive.
+reason, and every call runs the reference composition. A source tree without its built extension that
+shadows an installed msfused which has one (Python imports the ``msfused`` folder of the current
+directory first: a clone after ``pip install .``) is named as such in that warning
+(:func:`shadowed_install`), and ``python -m msfused`` runs the installed one instead.
+``MSFUSED_NO_EXTENSION=1`` skips loading it on purpose (the reference and Triton backends only):
+bench/gpu_check.sh checks the Triton backend while the extension is being rebuilt, which a process that
+had it loaded could not survive.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import json
 import os
+import sys
 import warnings
 from typing import List, Optional
 
@@ -24,12 +30,62 @@ _error: Optional[str] = None
 _build_info: dict = {}
 
 
+_HERE = os.path.dirname(os.path.abspath(__file__))  # this msfused package's folder
+
+
+def _has_extension(package_dir: str) -> bool:
+    return any(os.path.isfile(os.path.join(package_dir, "_C" + suffix))
+               for suffix in importlib.machinery.EXTENSION_SUFFIXES)
+
+
+def _same_dir(a: str, b: str) -> bool:
+    return os.path.realpath(a or os.curdir) == os.path.realpath(b or os.curdir)
+
+
+def shadowed_install() -> Optional[str]:
+    """The folder of another msfused that Python would import but for this one, when this one has no
+    compiled extension and that one has: this msfused is then a source tree (a clone's ``msfused/``,
+    found first through the current directory or ``PYTHONPATH``) shadowing an installed package. None
+    otherwise.
+
+    Asks every import finder, as ``import msfused`` would, with this package's parent folder taken out
+    of ``sys.path``: the path finder (site-packages, ``.pth`` entries) and the meta-path finders that
+    editable installs add (setuptools' ``__editable__`` finders)."""
+    if _has_extension(_HERE):
+        return None
+    parent = os.path.dirname(_HERE)
+    other_path = [p for p in sys.path if not _same_dir(p, parent)]
+    for finder in sys.meta_path:
+        try:
+            if finder is importlib.machinery.PathFinder:
+                spec = finder.find_spec("msfused", other_path)
+            else:
+                spec = finder.find_spec("msfused", None)
+        except Exception:  # a third-party finder that cannot answer: it has no msfused for us
+            continue
+        locations = list(getattr(spec, "submodule_search_locations", None) or [])
+        for location in locations:
+            if not _same_dir(location, _HERE) and _has_extension(location):
+                return os.path.abspath(location)
+    return None
+
+
 def _load() -> Optional[str]:
     """Imports msfused._C; returns why it cannot be used, or None."""
     if os.environ.get("MSFUSED_NO_EXTENSION", "0") not in ("", "0"):
         return "not loaded: MSFUSED_NO_EXTENSION is set"
     spec = importlib.util.find_spec(_EXT)
-    if spec is None or spec.origin is None:
+    # Only this package's own extension: an editable install's finder would otherwise hand a source tree
+    # without one the installed tree's library, compiled from other sources.
+    if spec is None or spec.origin is None or not _same_dir(os.path.dirname(spec.origin), _HERE):
+        installed = shadowed_install()
+        if installed is not None:
+            return (
+                f"msfused._C is not built in {_HERE}, a source tree that shadows the installed msfused in "
+                f"{installed} (which has it): Python imports the msfused folder of the current directory "
+                "(or of PYTHONPATH) first. Run from another directory, or build this tree in place "
+                "(`python setup.py build_ext --inplace`)"
+            )
         return "msfused._C is not built (install msfused with `pip install --no-build-isolation .`)"
     info_path = os.path.join(os.path.dirname(spec.origin), "_C.build.json")
     if os.path.exists(info_path):
@@ -49,7 +105,10 @@ def _load() -> Optional[str]:
 
 
 _error = _load()
-if _error is not None:
+# `python -m msfused` imports this package while locating its __main__ (sys.argv[0] is then "-m") and,
+# shadowed, runs the installed msfused instead, saying so itself: no warning about this tree's kernels.
+_running_installed = sys.argv[:1] == ["-m"] and _error is not None and "shadows the installed msfused" in _error
+if _error is not None and not _running_installed:
     warnings.warn(f"msfused: fused kernels unavailable, using the reference composition: {_error}", RuntimeWarning)
 
 

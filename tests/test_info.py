@@ -152,3 +152,19 @@ def test_import_without_usable_extension(tmp_path, variant):
     for name in msfused.BACKENDS:
         assert any(ln.strip().startswith(name + " ") for ln in info.stdout.splitlines()), info.stdout
     assert "cpu        unavailable" in info.stdout
+
+
+def test_source_tree_without_extension_runs_the_installed_msfused(tmp_path):
+    """A clone's msfused/ without its extension, imported first from the current directory, shadows an
+    installed msfused that has one: importing it says so, and ``python -m msfused`` runs the installed one."""
+    clone = _fake_package(tmp_path, "missing")  # the clone: sources only
+    site = tmp_path / "site"  # the installed package: sources and the built extension
+    shutil.copytree(PACKAGE_DIR, site / "msfused", ignore=shutil.ignore_patterns("__pycache__"))
+    installed = str((site / "msfused").resolve())
+    imported = _run(["-c", "import msfused"], cwd=clone, env_extra={"PYTHONPATH": str(site)})
+    assert f"shadows the installed msfused in {installed}" in imported.stderr, imported.stderr  # the warning
+    r = _run(["-m", "msfused", "info"], cwd=clone, env_extra={"PYTHONPATH": str(site)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"running the installed msfused in {installed} instead" in r.stderr, r.stderr
+    assert "fused kernels unavailable" not in r.stderr, r.stderr  # one note, not a warning and a note
+    assert f"msfused {msfused.__version__} ({installed})" in r.stdout and "msfused._C: loaded" in r.stdout, r.stdout

@@ -1,7 +1,8 @@
 """``python -m msfused bench``: the workloads of WORKLOADS.md, fused against naive (and torch.compile).
 
 Prints a table to stdout (progress goes to stderr) and writes ``results.json``, ``table.txt`` and
-``speedups.png`` (when matplotlib is importable) into the output folder.
+``speedups.png`` (the times against the floor, with the speedups; when matplotlib is importable) into the
+output folder. The implementations of one case are timed interleaved (runner.py).
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m msfused bench",
         description="Time msfused's fused blocks against the naive composition (eager, and torch.compile) on "
-        "the workloads of WORKLOADS.md, with the floor (bytes / copy bandwidth, FLOPs / matmul rate).",
+        "the workloads of WORKLOADS.md, measured side by side (one call of each in turn), with the floor "
+        "(bytes read / read rate + bytes written / write rate, or FLOPs / matmul rate).",
         epilog="Exit status: 0 when every naive and fused case ran (a torch.compile baseline that fails is "
-        "reported in the table, not in the status), 1 otherwise, 2 for bad options.",
+        "reported in the table, not in the status); 1 when a case failed or no fused backend ran (unless "
+        "--naive-only or --impl asked for none); 2 for bad options.",
     )
     p.add_argument("--device", default=_default_device(), help="cpu or cuda (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None,
@@ -50,6 +53,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", default=None,
                    help="comma-separated implementations: naive, compiled, or msfused backends (cpu, cuda, triton, "
                         "auto, reference); default: naive, compiled off a CPU, and every fused backend available")
+    p.add_argument("--naive-only", action="store_true",
+                   help="time the naive block alone (and torch.compile of it with --compile), on purpose: without "
+                        "this, a run that finds no fused backend says so and exits 1")
     compile_group = p.add_mutually_exclusive_group()
     compile_group.add_argument("--compile", dest="compile", action="store_true", default=None,
                                help="include torch.compile of the naive block (default: on a GPU yes, on a CPU no: "
@@ -105,7 +111,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         bad_modes = [m for m in modes if m not in runner.MODES]
         if bad_modes or not modes:
             raise ValueError(f"--mode takes {', '.join(runner.MODES)}, got {args.mode!r}")
-        impls = _list(args.impl) if args.impl else runner.default_impls(device, args.compile)
+        if args.naive_only and args.impl:
+            raise ValueError("--naive-only and --impl: give one of them")
+        if args.naive_only:
+            impls = ["naive"] + (["compiled"] if args.compile else [])
+        else:
+            impls = _list(args.impl) if args.impl else runner.default_impls(device, args.compile)
         if args.compile is True and "compiled" not in impls:
             impls.insert(1 if impls[:1] == ["naive"] else 0, "compiled")
         if args.compile is False:
@@ -126,6 +137,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.perf_counter()
     _progress(f"msfused bench on {device}: {len(workloads)} workloads x {', '.join(modes)} x "
               f"{', '.join(dtype_names)} x {', '.join(impls)}")
+    # Asked for nothing fused (--naive-only, or an --impl list without a fused backend): a table without
+    # fused rows is what was wanted. Otherwise it means no fused backend could run here.
+    fused_wanted = not args.naive_only and (args.impl is None or any(runner.is_fused(i) for i in impls))
+    if fused_wanted and not any(runner.is_fused(i) for i in impls):
+        _progress(f"warning: {report.no_fused_backend_line(runner.fused_backends(device), str(device))}")
     result = runner.run(
         workloads, modes=modes, dtypes=dtypes, impls=impls, device=device, n=args.n, full_n=args.full_n,
         warmup=args.warmup, reps=args.reps, max_seconds=args.max_seconds, memory=not args.no_memory,
@@ -134,6 +150,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     wall_s = time.perf_counter() - started
     result["environment"]["wall_s"] = wall_s
     result["environment"]["argv"] = argv
+    result["environment"]["naive_only"] = not fused_wanted
 
     table = report.format_table(result)
     print(table)
@@ -148,4 +165,5 @@ def main(argv: Optional[List[str]] = None) -> int:
           + (f", {chart_path}" if skipped is None else f"; chart skipped: {skipped}"), file=sys.stderr)
     print(f"done in {wall_s:.0f} s", file=sys.stderr)
     failed = [r for r in result["rows"] if r["error"] and r["impl"] != "compiled"]
-    return 1 if failed else 0
+    fused_ran = any(runner.is_fused(r["impl"]) and not r["error"] for r in result["rows"])
+    return 1 if failed or (fused_wanted and not fused_ran) else 0

@@ -1,7 +1,15 @@
 """The floor of WORKLOADS.md: the least time a workload could take on the device.
 
-``floor = max(bytes / copy bandwidth, conv FLOPs / matrix rate)``, with both rates measured on the device
-once per run (:func:`measure_rates`) and the work counted from the configuration (:func:`count_work`).
+``floor = max(bytes read / read rate + bytes written / write rate, conv FLOPs / matrix rate)``, with the
+rates measured on the device once per run (:func:`measure_rates`) and the work counted from the
+configuration (:func:`count_work`).
+
+Why reads and writes apart: a kernel that mostly reads (pooling ``x`` to small levels) runs faster than
+copy bandwidth, which is half reads and half writes; a floor of ``bytes / copy bandwidth`` is then above
+what such a kernel reaches, and no floor at all. The read rate is that of a sum over a large buffer (every
+byte read once, almost nothing written), the write rate that of filling one (every byte written once,
+nothing read). Reads and writes share the memory bus, so their times add: a copy of ``n`` bytes takes
+about ``n / read + n / write``.
 
 Counting rule (also in :func:`count_work`):
 
@@ -33,27 +41,35 @@ from .timing import median_ms
 from .workloads import Workload
 
 # Sizes for measuring the rates: far beyond the caches, and long enough to time well.
-_COPY_BYTES = {"cpu": 256 * 2**20, "cuda": 2 * 2**30}
+_MEMORY_BYTES = {"cpu": 256 * 2**20, "cuda": 2 * 2**30}
 _MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}
 
 
 @dataclasses.dataclass(frozen=True)
 class Rates:
-    """What the device sustains: copy bandwidth (bytes read plus written per second, in GB/s) and the
+    """What the device sustains: its read rate and write rate (GB/s, 1e9 bytes per second) and the
     matrix-multiply rate in ``dtype`` (TFLOP/s)."""
 
     device: str
     dtype: str
-    copy_gbps: float
+    read_gbps: float
+    write_gbps: float
     matmul_tflops: float
 
 
 @dataclasses.dataclass(frozen=True)
 class Work:
-    """The least work of one call: bytes moved and convolution FLOPs (see the module docstring)."""
+    """The least work of one call: bytes read, bytes written and convolution FLOPs (see the module
+    docstring)."""
 
-    bytes: int
+    read_bytes: int
+    write_bytes: int
     flops: int
+
+    @property
+    def bytes(self) -> int:
+        """Bytes moved: read plus written."""
+        return self.read_bytes + self.write_bytes
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -77,15 +93,26 @@ def _float32_matmul_like_conv() -> Iterator[None]:
         setattr(matmul, attribute, previous)
 
 
-def measure_copy_gbps(device: Union[str, torch.device], reps: int = 10) -> float:
-    """The device's copy bandwidth in GB/s (1e9 bytes/s; bytes read plus bytes written), from the median
-    time of copying one large tensor into another."""
+def _large_buffer(device: torch.device) -> torch.Tensor:
+    nbytes = _MEMORY_BYTES.get(device.type, _MEMORY_BYTES["cpu"])
+    return torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+
+
+def measure_read_gbps(device: Union[str, torch.device], reps: int = 10) -> float:
+    """The device's read rate in GB/s, from the median time of summing one large tensor (every thread,
+    vectorised: what a kernel that only reads can reach)."""
     device = torch.device(device)
-    nbytes = _COPY_BYTES.get(device.type, _COPY_BYTES["cpu"])
-    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), device, warmup=2, reps=reps)
-    return 2 * nbytes / (ms * 1e-3) / 1e9
+    src = _large_buffer(device)
+    ms = median_ms(lambda: torch.sum(src), device, warmup=2, reps=reps)
+    return src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+def measure_write_gbps(device: Union[str, torch.device], reps: int = 10) -> float:
+    """The device's write rate in GB/s, from the median time of filling one large tensor."""
+    device = torch.device(device)
+    dst = _large_buffer(device)
+    ms = median_ms(lambda: dst.fill_(2.0), device, warmup=2, reps=reps)
+    return dst.numel() * dst.element_size() / (ms * 1e-3) / 1e9
 
 
 def measure_matmul_tflops(device: Union[str, torch.device], dtype: torch.dtype, reps: int = 5) -> float:
@@ -102,13 +129,15 @@ def measure_matmul_tflops(device: Union[str, torch.device], dtype: torch.dtype, 
     return 2 * size**3 / (ms * 1e-3) / 1e12
 
 
-def measure_rates(device: Union[str, torch.device], dtype: torch.dtype, copy_gbps: Optional[float] = None) -> Rates:
-    """Both rates for ``device`` and ``dtype`` (pass ``copy_gbps`` to reuse a bandwidth measured before:
-    it does not depend on the dtype)."""
+def measure_rates(device: Union[str, torch.device], dtype: torch.dtype, memory_from: Optional[Rates] = None) -> Rates:
+    """The rates for ``device`` and ``dtype`` (pass ``memory_from``, the rates of another dtype on the same
+    device, to reuse its read and write rates: they do not depend on the dtype)."""
     device = torch.device(device)
-    if copy_gbps is None:
-        copy_gbps = measure_copy_gbps(device)
-    return Rates(str(device), dtype_name(dtype), copy_gbps, measure_matmul_tflops(device, dtype))
+    if memory_from is None:
+        read, write = measure_read_gbps(device), measure_write_gbps(device)
+    else:
+        read, write = memory_from.read_gbps, memory_from.write_gbps
+    return Rates(str(device), dtype_name(dtype), read, write, measure_matmul_tflops(device, dtype))
 
 
 def _bytes(t: torch.Tensor, dtype: torch.dtype) -> int:
@@ -134,7 +163,7 @@ def count_work(workload: Workload, n: int, mode: str, dtype: torch.dtype) -> Wor
         h, w = b.level_size(H, W)
         flops += 2 * N * b.out_channels * C * b.kernel_size**2 * h * w
     if mode == "inference":
-        return Work(x_bytes + state_bytes + out_bytes, flops)
+        return Work(x_bytes + state_bytes, out_bytes, flops)
     param_bytes = sum(_bytes(p, dtype) for p in module.parameters())
     updated_buffer_bytes = sum(
         _bytes(t, dtype)
@@ -144,11 +173,12 @@ def count_work(workload: Workload, n: int, mode: str, dtype: torch.dtype) -> Wor
     )
     reads = x_bytes + state_bytes + out_bytes  # x, state, upstream gradient (the output's shape)
     writes = out_bytes + x_bytes + param_bytes + updated_buffer_bytes  # output, grad x, grads, running stats
-    return Work(reads + writes, 3 * flops)
+    return Work(reads, writes, 3 * flops)
 
 
 def floor_ms(work: Work, rates: Rates) -> float:
-    """The floor in milliseconds: the larger of the memory time and the compute time."""
-    memory_ms = work.bytes / (rates.copy_gbps * 1e9) * 1e3
+    """The floor in milliseconds: the larger of the memory time (reads at the read rate, then writes at the
+    write rate) and the compute time."""
+    memory_ms = (work.read_bytes / (rates.read_gbps * 1e9) + work.write_bytes / (rates.write_gbps * 1e9)) * 1e3
     compute_ms = work.flops / (rates.matmul_tflops * 1e12) * 1e3
     return max(memory_ms, compute_ms)

@@ -26,11 +26,13 @@ import contextlib
 import dataclasses
 import gc
 import importlib.metadata
+import logging
 import os
 import platform
 import statistics
 import time
-from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Sequence, Union
+import traceback
+from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 
@@ -52,8 +54,7 @@ DEFAULT_TIMING = {"cpu": (2, 20, 3.0), "cuda": (10, 100, 10.0)}
 
 def fused_impls(device: Union[str, torch.device]) -> List[str]:
     """The msfused backends usable for ``device`` on this machine (``msfused.availability``)."""
-    device_type = torch.device(device).type
-    return [name for name in _DEVICE_BACKENDS.get(device_type, ()) if msfused.availability(name)[0]]
+    return [name for name, why in fused_backends(device).items() if not why]
 
 
 def default_impls(device: Union[str, torch.device], compile: Optional[bool] = None) -> List[str]:
@@ -115,6 +116,39 @@ def _loadavg() -> Optional[List[float]]:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:
         return None
+
+
+def _cpu_usage() -> Optional[tuple]:
+    """(wall seconds, CPU seconds every process used, CPU seconds this process used), or None where
+    /proc/stat cannot be read (not Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal ...: all but idle and iowait is a busy CPU (steal:
+    # another virtual machine had it).
+    busy = sum(fields[:3]) + sum(fields[5:8])
+    return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), time.process_time()
+
+
+def _other_cpu_load(before: Optional[tuple], after: Optional[tuple]) -> Optional[float]:
+    """How many CPUs other processes kept busy on average between two :func:`_cpu_usage` readings."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    others = (after[1] - before[1]) - (after[2] - before[2])
+    return round(max(0.0, others) / (after[0] - before[0]), 2)
+
+
+def is_fused(impl: str) -> bool:
+    """Whether ``impl`` runs msfused's fused kernels (not a baseline, not the reference composition)."""
+    return impl not in BASELINES and impl != "reference"
+
+
+def fused_backends(device: Union[str, torch.device]) -> Dict[str, str]:
+    """Each fused backend for ``device``'s type: '' when usable here, else why not."""
+    device_type = torch.device(device).type
+    return {name: msfused.availability(name)[1] for name in _DEVICE_BACKENDS.get(device_type, ())}
 
 
 @dataclasses.dataclass
@@ -191,9 +225,46 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(out - ref) / max(float(torch.linalg.vector_norm(ref)), 1e-30))
 
 
-def _error_text(e: BaseException) -> str:
+def error_text(e: BaseException) -> str:
+    """One line saying what went wrong in a case. A torch.compile failure names the phase (compiling the
+    forward or the backward graph), the compiler's own error and where it was raised: Inductor's messages
+    are often empty ("AssertionError: ") and its tracebacks pages long."""
+    if isinstance(e, getattr(torch._dynamo.exc, "BackendCompilerFailed", ())):
+        return _compile_error_text(e)
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _compile_error_text(e: BaseException) -> str:
+    inner = getattr(e, "inner_exception", None) or e.__cause__ or e.__context__ or e
+    outer_frames = traceback.extract_tb(e.__traceback__)
+    inner_frames = traceback.extract_tb(inner.__traceback__) if inner is not e else []
+    backward = any(f.name in ("bw_compiler", "compile_fx_backward", "_backward_impl")
+                   for f in outer_frames + inner_frames)
+    message = str(inner).strip().splitlines()
+    where = ""
+    marker = f"{os.sep}torch{os.sep}"
+    torch_frames = [f for f in (inner_frames or outer_frames) if marker in f.filename]
+    if torch_frames:  # where the compiler raised: the innermost frame inside torch
+        f = torch_frames[-1]
+        path = f.filename[f.filename.rindex(marker) + 1:]
+        where = f" at {path}:{f.lineno} ({f.name}" + (f": {f.line.strip()}" if f.line else "") + ")"
+    phase = "backward" if backward else "forward"
+    return (f"torch.compile fails (a torch error): Inductor cannot compile the naive block's {phase} graph: "
+            f"{type(inner).__name__}{': ' + message[0] if message else ''}{where}")[:400]
+
+
+@contextlib.contextmanager
+def quiet_compiler_errors() -> Iterator[None]:
+    """Keeps Inductor from logging a failed compilation itself (a line of a few thousand characters on
+    stderr, between the progress lines): the failure still raises, and :func:`error_text` reports it."""
+    logger = logging.getLogger("torch._inductor")
+    previous = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 def _row(workload: Workload, n: int, mode: str, dtype: torch.dtype, impl: str, env: dict) -> Dict[str, Any]:
@@ -217,6 +288,8 @@ def _row(workload: Workload, n: int, mode: str, dtype: torch.dtype, impl: str, e
         "gbps": None,
         "tflops": None,
         "bytes": None,
+        "read_bytes": None,
+        "write_bytes": None,
         "flops": None,
         "err_vs_naive": None,
         "compile_s": None,
@@ -249,14 +322,14 @@ def _measure_group(
     for impl in sorted(steps, key=lambda i: i != "naive"):
         step, row = steps[impl], rows[impl]
         try:
-            with step.active():
+            with step.active(), quiet_compiler_errors() if impl == "compiled" else contextlib.nullcontext():
                 start = time.perf_counter()
                 out = step()
                 timing.synchronize(device)
                 first_s = time.perf_counter() - start
                 seconds_per_call[impl] = timing.warm_up(step, device, warmup - 1) if warmup > 1 else first_s
         except Exception as e:
-            row["error"] = _error_text(e)
+            row["error"] = error_text(e)
             continue
         if impl == "compiled":
             row["compile_s"] = first_s
@@ -278,7 +351,7 @@ def _measure_group(
         )
     except Exception as e:  # rare: a step that ran in warm-up and fails later
         for impl in ready:
-            rows[impl]["error"] = _error_text(e)
+            rows[impl]["error"] = error_text(e)
         return
     for impl, ms in zip(ready, times):
         row = rows[impl]
@@ -291,6 +364,7 @@ def _measure_group(
 def _fill_derived(row: Dict[str, Any], work: floor_mod.Work, rates: Optional[floor_mod.Rates]) -> None:
     ms = row["median_ms"]
     row["bytes"], row["flops"] = work.bytes, work.flops
+    row["read_bytes"], row["write_bytes"] = work.read_bytes, work.write_bytes
     if rates is not None:
         row["floor_ms"] = floor_mod.floor_ms(work, rates)
     if ms:
@@ -349,12 +423,14 @@ def run(
     say = progress or (lambda message: None)
 
     env = environment(device)
+    env["fused_backends"] = fused_backends(device)
+    usage_before = _cpu_usage()
     rates = dict(rates or {})
     if any(dtype not in rates for dtype in dtypes):
-        say("measuring the device's copy bandwidth and matmul rate for the floor")
-        copy_gbps = floor_mod.measure_copy_gbps(device)
-        rates.update({dtype: floor_mod.measure_rates(device, dtype, copy_gbps=copy_gbps)
-                      for dtype in dtypes if dtype not in rates})
+        say("measuring the device's read, write and matmul rates for the floor")
+        for dtype in dtypes:
+            if dtype not in rates:
+                rates[dtype] = floor_mod.measure_rates(device, dtype, memory_from=next(iter(rates.values()), None))
 
     groups = len(workloads) * len(modes) * len(dtypes)
     index = 0
@@ -366,7 +442,7 @@ def run(
                 built: Optional[Built] = build(workload, batch, dtype, device)
                 build_error = None
             except Exception as e:  # e.g. out of memory: every case of this workload and dtype says so
-                built, build_error = None, _error_text(e)
+                built, build_error = None, error_text(e)
             for mode in modes:
                 index += 1
                 label = f"[{index}/{groups}] {workload.name} N={batch} {mode} {floor_mod.dtype_name(dtype)}"
@@ -388,6 +464,7 @@ def run(
     if "compiled" in impls:
         torch._dynamo.reset()
     env["loadavg_after"] = _loadavg()
+    env["other_cpu_load"] = _other_cpu_load(usage_before, _cpu_usage())
     return {"environment": env, "rates": [dataclasses.asdict(rates[d]) for d in dtypes], "rows": rows}
 
 
@@ -408,14 +485,14 @@ def _run_group(
         grad_out = upstream_gradient(built) if mode == "train" else None
     except Exception as e:
         for row in rows.values():
-            row["error"] = _error_text(e)
+            row["error"] = error_text(e)
         return
     steps: Dict[str, Step] = {}
     for impl, row in rows.items():
         try:
             steps[impl] = make_step(built, mode, impl, grad_out, compile_backend)
         except Exception as e:
-            row["error"] = _error_text(e)
+            row["error"] = error_text(e)
     _measure_group(steps, rows, device, warmup, reps, max_seconds, memory)
 
 
