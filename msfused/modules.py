@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Optional
+
 import torch
 from torch import nn
 
 from .functional import multi_scale, unfusable_reason
-from .naive import _BLOCK_ARGS_DOC, NaiveMultiScaleBlock, NaivePyramidPooling, _Block, _MultiScaleBase, _PyramidPoolingBase
+from .naive import (_BLOCK_ARGS_DOC, NaiveMultiScaleBlock, NaivePyramidPooling, Projection, _Block, _MultiScaleBase,
+                    _PyramidPoolingBase)
+from .spec import ProjectSpec
 
 
 class MultiScaleBlock(_MultiScaleBase):
@@ -24,7 +29,7 @@ class MultiScaleBlock(_MultiScaleBase):
     )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return multi_scale(x, self.spec, self.branches)
+        return multi_scale(x, self.spec, self.branches, self.project)
 
 
 class PyramidPooling(_PyramidPoolingBase):
@@ -41,7 +46,7 @@ class PyramidPooling(_PyramidPoolingBase):
     )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return multi_scale(x, self.spec, self.branches)
+        return multi_scale(x, self.spec, self.branches, self.project)
 
 
 _TO_FUSED = {NaiveMultiScaleBlock: MultiScaleBlock, NaivePyramidPooling: PyramidPooling}
@@ -50,12 +55,65 @@ _TO_NAIVE = {fused: naive for naive, fused in _TO_FUSED.items()}
 
 def _check_convertible(path: str, block: _Block) -> None:
     """Refuses blocks whose parts were replaced by something the fused kernels do not compute."""
-    why = unfusable_reason(block.spec, block.branches)
+    why = unfusable_reason(block.spec, block.branches, block.project)
     if why is not None:
         raise ValueError(
             f"msfused.convert: {path}: {why}. Convert before nn.SyncBatchNorm.convert_sync_batchnorm (or any "
             "other replacement), or keep this block naive."
         )
+
+
+_FOLDABLE_ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "silu", nn.GELU: "gelu"}
+
+
+def _projection_after(block: _Block, rest: list) -> Optional[tuple]:
+    """(ProjectSpec, conv, norm, count) when the modules ``rest`` that follow a block without a projection
+    in an ``nn.Sequential`` start with a plain conv of its output (+ ``nn.BatchNorm2d`` + activation) that the
+    fused kernels compute as its projection (SPEC.md: zero padding k // 2, stride 1, dilation 1, groups 1);
+    ``count`` is how many modules that takes. None otherwise."""
+    if block.project is not None or not rest:
+        return None
+    conv = rest[0]
+    k = conv.kernel_size[0] if isinstance(conv, nn.Conv2d) else 0
+    if type(conv) is not nn.Conv2d or conv.kernel_size != (k, k) or k % 2 == 0 or conv.stride != (1, 1) or \
+            conv.padding != (k // 2, k // 2) or conv.dilation != (1, 1) or conv.groups != 1 or \
+            conv.padding_mode != "zeros" or conv.in_channels != block.spec.concat_channels:
+        return None
+    norm, count = nn.Identity(), 1
+    if len(rest) > count and type(rest[count]) is nn.BatchNorm2d and rest[count].num_features == conv.out_channels:
+        norm, count = rest[count], count + 1
+    activation = None
+    if len(rest) > count and type(rest[count]) in _FOLDABLE_ACTIVATIONS and \
+            getattr(rest[count], "approximate", "none") == "none":
+        activation, count = _FOLDABLE_ACTIVATIONS[type(rest[count])], count + 1
+    spec = ProjectSpec(conv.out_channels, k, conv.bias is not None, "batch" if isinstance(norm, nn.BatchNorm2d) else None,
+                       activation)
+    return spec, conv, norm, count
+
+
+def _fold_projections(seq: nn.Sequential) -> None:
+    """In ``seq``, a naive block followed directly by a plain conv (+ BatchNorm2d + activation) becomes a naive
+    block with that projection (the modules themselves, shared); the folded modules' places hold
+    ``nn.Identity`` so that the other indices (and their ``state_dict`` keys) stay."""
+    children = list(seq._modules.items())
+    for i, (name, child) in enumerate(children):
+        if type(child) not in _TO_FUSED:
+            continue
+        found = _projection_after(child, [m for _, m in children[i + 1:]])
+        if found is None:
+            continue
+        spec, conv, norm, count = found
+        block = type(child)._sharing(child)
+        block.spec = dataclasses.replace(child.spec, project=spec)
+        project = Projection.__new__(Projection)
+        nn.Module.__init__(project)
+        project.conv, project.norm = conv, norm
+        project.train(conv.training)
+        block.project = project
+        seq._modules[name] = block
+        for later, _ in children[i + 1:i + 1 + count]:
+            seq._modules[later] = nn.Identity()
+        children = list(seq._modules.items())
 
 
 def _swap(model: nn.Module, mapping: dict, path: str, check: bool) -> nn.Module:
@@ -64,6 +122,8 @@ def _swap(model: nn.Module, mapping: dict, path: str, check: bool) -> nn.Module:
         if check:
             _check_convertible(path, model)
         return target._sharing(model)
+    if check and isinstance(model, nn.Sequential):
+        _fold_projections(model)
     for name, child in list(model.named_children()):
         new = _swap(child, mapping, f"{path}.{name}", check)
         if new is not child:
@@ -75,10 +135,17 @@ def convert(model: nn.Module) -> nn.Module:
     """Replaces every ``NaiveMultiScaleBlock`` / ``NaivePyramidPooling`` inside ``model`` by its fused twin,
     in place, sharing the parameters and buffers (no copies). Returns ``model`` (or the fused block when
     ``model`` itself is a naive block). Raises ``ValueError`` for a block whose conv or norm was replaced by
-    something the fused kernels do not compute (``nn.SyncBatchNorm``, a strided conv, ...)."""
+    something the fused kernels do not compute (``nn.SyncBatchNorm``, a strided conv, ...).
+
+    Inside an ``nn.Sequential``, a naive block followed directly by a plain ``nn.Conv2d`` of its output
+    (odd k, padding k // 2, stride 1; + ``nn.BatchNorm2d`` + ``nn.ReLU`` / ``nn.SiLU`` / ``nn.GELU``) becomes
+    the fused block with that projection (the concatenation is then never built); the conv, norm and
+    activation's places in the Sequential hold ``nn.Identity``, and the conv and norm move to
+    ``block.project.conv`` / ``.norm`` (the same modules)."""
     return _swap(model, _TO_FUSED, "model", check=True)
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """The inverse of :func:`convert`: fused blocks back to their naive twins, in place, parameters shared."""
+    """The inverse of :func:`convert`: fused blocks back to their naive twins, in place, parameters shared
+    (a folded projection stays the naive block's projection: the same numbers)."""
     return _swap(model, _TO_NAIVE, "model", check=False)
