@@ -15,7 +15,8 @@
 // branch's (project_scale, project_shift, project_batch_stats, project_eps), project_activation as the
 // block's; the concatenation itself is never built. Besides the branches' saved tensors it returns the
 // projection's pre-activation (bias included) and its batch mean and biased variance (empty without
-// batch statistics). Its backward returns the block's gradients plus the projection's weight (if
+// batch statistics); with save_pre False (nothing will be differentiated) the pre-activation comes back
+// empty and the output may be computed in its place. Its backward returns the block's gradients plus the projection's weight (if
 // output_mask[1]), bias, scale and shift gradients.
 #include <torch/library.h>
 
@@ -40,7 +41,7 @@ TORCH_LIBRARY(msfused, m) {
       "bool[] batch_stats, float[] eps, int[] factor, int[] bins, str down_mode, str up_mode, "
       "bool align_corners, str activation, str input_position, Tensor project_weight, Tensor? project_bias, "
       "Tensor? project_scale, Tensor? project_shift, bool project_batch_stats, float project_eps, "
-      "str project_activation) "
+      "str project_activation, bool save_pre) "
       "-> (Tensor out, Tensor[] level, Tensor[] pre, Tensor[] mean, Tensor[] var, Tensor project_pre, "
       "Tensor project_mean, Tensor project_var)",
       {at::Tag::pt2_compliant_tag});

@@ -127,10 +127,11 @@ def multi_scale_backward_fake(
 def multi_scale_project_forward_fake(
     x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
     activation, input_position, project_weight, project_bias, project_scale, project_shift, project_batch_stats,
-    project_eps, project_activation,
+    project_eps, project_activation, save_pre,
 ):
     """Shapes, dtypes and memory formats of multi_scale_project_forward's results: the block's saved
-    tensors as multi_scale_forward's, the output and the projection's pre-activation (N, P, H, W)."""
+    tensors as multi_scale_forward's, the output and the projection's pre-activation (N, P, H, W; empty
+    without save_pre)."""
     _cat, level, pre, mean, var = multi_scale_forward_fake(
         x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
         activation, input_position,
@@ -141,7 +142,8 @@ def multi_scale_project_forward_fake(
     out = torch.empty((N, P, H, W), memory_format=fmt, dtype=x.dtype, device=x.device)
     n_stats = P if project_batch_stats else 0
     stats = dict(dtype=_stats_dtype(x.dtype), device=x.device)
-    return (out, level, pre, mean, var, torch.empty_like(out), torch.empty((n_stats,), **stats),
+    p_pre = torch.empty_like(out) if save_pre else torch.empty((0,), dtype=x.dtype, device=x.device)
+    return (out, level, pre, mean, var, p_pre, torch.empty((n_stats,), **stats),
             torch.empty((n_stats,), **stats))
 
 

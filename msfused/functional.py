@@ -188,10 +188,16 @@ def _fused_project_forward(x: torch.Tensor, spec: BlockSpec, branches, project) 
     N, _, H, W = x.shape
     if p_stats:
         _check_batch_values(project.norm, N * H * W, [N, spec.project.out_channels, H, W], "project.norm")
+    # The projection's pre-activation is kept only for a backward (inference writes the output in its place).
+    tensors = [x, project.conv.weight, project.conv.bias, *project.norm.parameters()]
+    for branch in branches:
+        tensors += [branch.conv.weight, branch.conv.bias, *branch.norm.parameters()]
+    save_pre = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     out, _level, _pre, mean, var, _p_pre, p_mean, p_var = torch.ops.msfused.multi_scale_project_forward(
         x, weight, bias, scale, shift, batch_stats, eps, **spec.op_args(),
         project_weight=project.conv.weight, project_bias=project.conv.bias, project_scale=p_scale,
         project_shift=p_shift, project_batch_stats=p_stats, project_eps=p_eps, **spec.project.op_args(),
+        save_pre=save_pre,
     )
     _update_branch_stats(x, spec, branches, batch_stats, mean, var)
     if p_stats:

@@ -108,6 +108,38 @@ struct Config {
   bool align_corners;
 };
 
+// Marks the forward's extra results (result[1:]) non-differentiable and saves x, the parameters, those
+// extras and the block's configuration for backward.
+void save_forward(AutogradContext* ctx, const Tensor& x, const variable_list& p, const variable_list& result,
+                  const std::vector<int64_t>& layout_code, const Config& cfg) {
+  variable_list extra(result.begin() + 1, result.end());
+  ctx->mark_non_differentiable(extra);
+  variable_list saved{x};
+  saved.insert(saved.end(), p.begin(), p.end());
+  saved.insert(saved.end(), extra.begin(), extra.end());
+  ctx->save_for_backward(saved);
+  ctx->saved_data["layout"] = c10::IValue(layout_code);
+  ctx->saved_data["batch_stats"] = cfg.batch_stats;
+  ctx->saved_data["eps"] = c10::IValue(cfg.eps);
+  ctx->saved_data["factor"] = c10::IValue(cfg.factor);
+  ctx->saved_data["bins"] = c10::IValue(cfg.bins);
+  ctx->saved_data["down_mode"] = cfg.down_mode;
+  ctx->saved_data["up_mode"] = cfg.up_mode;
+  ctx->saved_data["align_corners"] = cfg.align_corners;
+  ctx->saved_data["activation"] = cfg.activation;
+  ctx->saved_data["input_position"] = cfg.input_position;
+}
+
+// The backward operators have no derivative: with create_graph=True a second order would be silently
+// missing, so refuse it whenever anything they would differentiate requires grad.
+void refuse_second_order(const variable_list& grad_outputs, const variable_list& saved, const char* op) {
+  if (!at::GradMode::is_enabled()) return;
+  bool differentiable = grad_outputs[0].requires_grad();
+  for (const Tensor& t : saved) differentiable = differentiable || (t.defined() && t.requires_grad());
+  TORCH_CHECK(!differentiable, "msfused: second-order gradients of ", op,
+              " are not supported (backward with create_graph=True)");
+}
+
 class MultiScaleFunction : public torch::autograd::Function<MultiScaleFunction> {
  public:
   // params: the flat parameter list (ParamLayout). Returns out, then level, pre, mean, var per branch.
@@ -125,22 +157,7 @@ class MultiScaleFunction : public torch::autograd::Function<MultiScaleFunction> 
                      cfg.up_mode, cfg.align_corners, cfg.activation, cfg.input_position);
     variable_list result{out};
     for (const TensorVector* list : {&level, &pre, &mean, &var}) result.insert(result.end(), list->begin(), list->end());
-    variable_list extra(result.begin() + 1, result.end());
-    ctx->mark_non_differentiable(extra);
-    variable_list saved{x};
-    saved.insert(saved.end(), p.begin(), p.end());
-    saved.insert(saved.end(), extra.begin(), extra.end());
-    ctx->save_for_backward(saved);
-    ctx->saved_data["layout"] = c10::IValue(layout_code);
-    ctx->saved_data["batch_stats"] = cfg.batch_stats;
-    ctx->saved_data["eps"] = c10::IValue(cfg.eps);
-    ctx->saved_data["factor"] = c10::IValue(cfg.factor);
-    ctx->saved_data["bins"] = c10::IValue(cfg.bins);
-    ctx->saved_data["down_mode"] = cfg.down_mode;
-    ctx->saved_data["up_mode"] = cfg.up_mode;
-    ctx->saved_data["align_corners"] = cfg.align_corners;
-    ctx->saved_data["activation"] = cfg.activation;
-    ctx->saved_data["input_position"] = cfg.input_position;
+    save_forward(ctx, x, p, result, layout_code, cfg);
     return result;
   }
 
@@ -156,15 +173,7 @@ class MultiScaleFunction : public torch::autograd::Function<MultiScaleFunction> 
     const TensorVector weight(p.begin(), p.begin() + B);
     const OptionalTensorList scale = layout.gather(p, layout.scale_at), shift = layout.gather(p, layout.shift_at);
 
-    // multi_scale_backward has no derivative: with create_graph=True a second order would be silently
-    // missing, so refuse it whenever anything it would differentiate requires grad.
-    if (at::GradMode::is_enabled()) {
-      bool differentiable = grad_outputs[0].requires_grad();
-      for (const Tensor& t : saved) differentiable = differentiable || (t.defined() && t.requires_grad());
-      TORCH_CHECK(!differentiable,
-                  "msfused: second-order gradients of multi_scale_forward are not supported "
-                  "(backward with create_graph=True)");
-    }
+    refuse_second_order(grad_outputs, saved, "multi_scale_forward");
     const bool need_x = ctx->needs_input_grad(0);
     bool need_weight = false;
     for (int64_t b = 0; b < B; ++b) need_weight = need_weight || ctx->needs_input_grad(1 + b);
@@ -242,6 +251,7 @@ struct ProjectConfig {
   bool batch_stats = false;
   double eps = 0;
   std::string activation;
+  bool save_pre = true;
 };
 
 class MultiScaleProjectFunction : public torch::autograd::Function<MultiScaleProjectFunction> {
@@ -267,30 +277,15 @@ class MultiScaleProjectFunction : public torch::autograd::Function<MultiScalePro
                              c10::IntArrayRef, c10::IntArrayRef, c10::string_view, c10::string_view, bool,
                              c10::string_view, c10::string_view, const Tensor&, const std::optional<Tensor>&,
                              const std::optional<Tensor>&, const std::optional<Tensor>&, bool, double,
-                             c10::string_view)>();
+                             c10::string_view, bool)>();
     auto [out, level, pre, mean, var, p_pre, p_mean, p_var] =
         op.call(x, weight, bias, scale, shift, cfg.batch_stats, cfg.eps, cfg.factor, cfg.bins, cfg.down_mode,
                 cfg.up_mode, cfg.align_corners, cfg.activation, cfg.input_position, p[B], p_bias, p_scale, p_shift,
-                pcfg.batch_stats, pcfg.eps, pcfg.activation);
+                pcfg.batch_stats, pcfg.eps, pcfg.activation, pcfg.save_pre);
     variable_list result{out};
     for (const TensorVector* list : {&level, &pre, &mean, &var}) result.insert(result.end(), list->begin(), list->end());
     result.insert(result.end(), {p_pre, p_mean, p_var});
-    variable_list extra(result.begin() + 1, result.end());
-    ctx->mark_non_differentiable(extra);
-    variable_list saved{x};
-    saved.insert(saved.end(), p.begin(), p.end());
-    saved.insert(saved.end(), extra.begin(), extra.end());
-    ctx->save_for_backward(saved);
-    ctx->saved_data["layout"] = c10::IValue(layout_code);
-    ctx->saved_data["batch_stats"] = cfg.batch_stats;
-    ctx->saved_data["eps"] = c10::IValue(cfg.eps);
-    ctx->saved_data["factor"] = c10::IValue(cfg.factor);
-    ctx->saved_data["bins"] = c10::IValue(cfg.bins);
-    ctx->saved_data["down_mode"] = cfg.down_mode;
-    ctx->saved_data["up_mode"] = cfg.up_mode;
-    ctx->saved_data["align_corners"] = cfg.align_corners;
-    ctx->saved_data["activation"] = cfg.activation;
-    ctx->saved_data["input_position"] = cfg.input_position;
+    save_forward(ctx, x, p, result, layout_code, cfg);
     ctx->saved_data["project_batch_stats"] = pcfg.batch_stats;
     ctx->saved_data["project_eps"] = pcfg.eps;
     ctx->saved_data["project_activation"] = pcfg.activation;
@@ -311,13 +306,7 @@ class MultiScaleProjectFunction : public torch::autograd::Function<MultiScalePro
     const std::optional<Tensor> p_scale = scale.get(B), p_shift = shift.get(B);
     scale.pop_back();
     shift.pop_back();
-    if (at::GradMode::is_enabled()) {  // no second order (see MultiScaleFunction::backward)
-      bool differentiable = grad_outputs[0].requires_grad();
-      for (const Tensor& t : saved) differentiable = differentiable || (t.defined() && t.requires_grad());
-      TORCH_CHECK(!differentiable,
-                  "msfused: second-order gradients of multi_scale_project_forward are not supported "
-                  "(backward with create_graph=True)");
-    }
+    refuse_second_order(grad_outputs, saved, "multi_scale_project_forward");
     const bool need_x = ctx->needs_input_grad(0);
     bool need_weight = false;
     for (int64_t b = 0; b <= B; ++b) need_weight = need_weight || ctx->needs_input_grad(1 + b);
@@ -364,7 +353,7 @@ ProjectForwardResult multi_scale_project_forward_autograd(
     bool align_corners, c10::string_view activation, c10::string_view input_position, const Tensor& project_weight,
     const std::optional<Tensor>& project_bias, const std::optional<Tensor>& project_scale,
     const std::optional<Tensor>& project_shift, bool project_batch_stats, double project_eps,
-    c10::string_view project_activation) {
+    c10::string_view project_activation, bool save_pre) {
   const int64_t B = static_cast<int64_t>(weight.size());
   TORCH_CHECK_VALUE(bias.size() == static_cast<size_t>(B) && scale.size() == static_cast<size_t>(B) &&
                         shift.size() == static_cast<size_t>(B),
@@ -383,7 +372,7 @@ ProjectForwardResult multi_scale_project_forward_autograd(
              std::string(down_mode),      std::string(up_mode),
              std::string(activation),     std::string(input_position),
              align_corners};
-  ProjectConfig pcfg{project_batch_stats, project_eps, std::string(project_activation)};
+  ProjectConfig pcfg{project_batch_stats, project_eps, std::string(project_activation), save_pre};
   const variable_list r = MultiScaleProjectFunction::apply(x, at::TensorList(params), layout.encode(), cfg, pcfg);
   auto group = [&](int64_t k) { return TensorVector(r.begin() + 1 + k * B, r.begin() + 1 + (k + 1) * B); };
   const int64_t tail = 1 + 4 * B;

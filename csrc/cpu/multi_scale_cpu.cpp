@@ -608,11 +608,17 @@ std::tuple<Tensor, Tensor, Tensor> epilogue_backward(const BlockPlan& plan, cons
         q[c] = -p[c] * invstd * d_scale[c] / M;
         r[c] = -p[c] * sum_dy[c] / M - q[c] * m[c];
       }
-      auto as_channel = [&](const std::vector<double>& vals) {
-        return at::from_blob(const_cast<double*>(vals.data()), {1, Cb, 1, 1}, pdt).to(grad.scalar_type(), false, /*copy=*/true);
-      };
-      // Level-sized elementwise work (the levels are small); ATen keeps the format.
-      dconv = (dconv * as_channel(p) + pre_b * as_channel(q) + as_channel(r)).contiguous(fmt);
+      // In place, one parallel pass (the projection's is full-size): dconv = p * dY + q * conv + r.
+      std::vector<T> pt(p.begin(), p.end()), qt(q.begin(), q.end()), rt(r.begin(), r.end());
+      scalar_t* d = dconv.data_ptr<scalar_t>();
+      const scalar_t* cv = pre_b.const_data_ptr<scalar_t>();
+      const int64_t hw = bp.level_h * bp.level_w;
+      at::parallel_for(0, dconv.numel(), 16384, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t c = cl ? i % Cb : (i / hw) % Cb;
+          d[i] = static_cast<scalar_t>(pt[c] * static_cast<T>(d[i]) + qt[c] * static_cast<T>(cv[i]) + rt[c]);
+        }
+      });
     } else {
       d_scale = sum_dyc;  // sum(dY * conv)
     }
@@ -735,11 +741,14 @@ BlockPlan projection_plan(const BlockPlan& plan, int64_t P, int64_t k, bool batc
   return p;
 }
 
-// act(norm(pre)) of plan's branch 0 (up-resized as the plan says) into a new (N, Cb, H, W) tensor.
+// act(norm(pre)) of plan's branch 0 (up-resized as the plan says) into a new (N, Cb, H, W) tensor, or
+// `into`.
+// `into`: write there instead (pre itself is fine: the norm and activation are elementwise).
 Tensor branch_epilogue(const BlockPlan& p, const Tensor& pre, const std::optional<Tensor>& scale,
-                       const std::optional<Tensor>& shift, const Tensor& mean, const Tensor& var, at::MemoryFormat fmt) {
+                       const std::optional<Tensor>& shift, const Tensor& mean, const Tensor& var, at::MemoryFormat fmt,
+                       const Tensor& into = Tensor()) {
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-  Tensor out = at::empty({p.N, p.out_channels, p.H, p.W}, pre.options().memory_format(fmt));
+  Tensor out = into.defined() ? into : at::empty({p.N, p.out_channels, p.H, p.W}, pre.options().memory_format(fmt));
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pre.scalar_type(), "msfused_branch_epilogue_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -770,11 +779,15 @@ Tensor tap_weight(const Tensor& pw, int64_t offset, int64_t count) {
 // + every direct branch's full-size part, + every per-tap branch's maps (T_b: (N, k*k*P, h, w), channel
 // tap * P + p) resized up and shifted by their tap (zero outside), + the bias. Separable per tap row ky:
 // the width resize of the k maps of that row summed into M (h x W), then M's height resize, shifted.
-template <typename scalar_t, bool CL>
+// With `epi` (no batch statistics: the norm is known before the sum) the same pass also applies the norm
+// and activation A into `out`; `pre_out` (may be null, or acc itself) keeps the pre-activation for backward,
+// and out may be acc itself (inference: nothing kept).
+template <typename scalar_t, bool CL, Activation A>
 void accumulate_projection(const BlockPlan& plan, const std::vector<BranchTaps<at::opmath_type<scalar_t>>>& taps,
                            int64_t P, int64_t k, const std::vector<const scalar_t*>& tmaps,
                            const std::vector<const scalar_t*>& direct, const std::vector<at::opmath_type<scalar_t>>& bias,
-                           scalar_t* acc) {
+                           const Epilogue<at::opmath_type<scalar_t>>* epi, scalar_t* acc, scalar_t* pre_out,
+                           scalar_t* out) {
   using T = at::opmath_type<scalar_t>;
   constexpr int64_t S = CL ? kGroup : 1;
   const int64_t H = plan.H, W = plan.W, r = k / 2, KP = k * k * P;
@@ -840,11 +853,19 @@ void accumulate_projection(const BlockPlan& plan, const std::vector<BranchTaps<a
           }
         }
       }
+      const int64_t origin = Plane<CL>::origin(n, c0, P, H, W);
+      scalar_t* pb = pre_out ? pre_out + origin : nullptr;
+      scalar_t* ob = out ? out + origin : nullptr;
       for (int64_t i = 0; i < H; ++i)
         for (int64_t j = 0; j < W; ++j) {
-          scalar_t* as = ab + i * ap.row + j * ap.pix;
+          const int64_t at = i * ap.row + j * ap.pix;
           const T* bs = buf.data() + (i * W + j) * S;
-          for (int64_t g = 0; g < G; ++g) as[g] = static_cast<scalar_t>(bs[g]);
+          if (pb)
+            for (int64_t g = 0; g < G; ++g) pb[at + g] = static_cast<scalar_t>(bs[g]);
+          if (ob)  // the activation of the pre-activation rounded to the dtype, as the reference's
+            for (int64_t g = 0; g < G; ++g)
+              ob[at + g] = static_cast<scalar_t>(activate<T>(
+                  A, epi->alpha[c0 + g] * static_cast<T>(static_cast<scalar_t>(bs[g])) + epi->beta[c0 + g]));
         }
     }
   });
@@ -853,25 +874,31 @@ void accumulate_projection(const BlockPlan& plan, const std::vector<BranchTaps<a
 // Backward pass: the adjoint of accumulate_projection's resize-and-shift for one per-tap branch, as a
 // gather at the level: dT(tap, i, j) = sum over (I, J) of dpre(I, J) * uh(I + dy, i) * uw(J + dx, j), summed
 // in a fixed order (no atomics). Per tap row ky the height adjoint R (h x W) is shared by the k taps.
+// Every per-tap branch (dt[b] not null) in one pass over dpre: each item's dpre stays in cache for all.
 template <typename scalar_t, bool CL>
-void projection_tap_adjoint(const BlockPlan& plan, const BranchPlan& bp, const BranchTaps<at::opmath_type<scalar_t>>& taps,
-                            int64_t P, int64_t k, const scalar_t* dpre, scalar_t* dt) {
+void projection_tap_adjoint(const BlockPlan& plan, const std::vector<BranchTaps<at::opmath_type<scalar_t>>>& all_taps,
+                            int64_t P, int64_t k, const scalar_t* dpre, const std::vector<scalar_t*>& dts) {
   using T = at::opmath_type<scalar_t>;
   constexpr int64_t S = CL ? kGroup : 1;
   const int64_t H = plan.H, W = plan.W, r = k / 2, KP = k * k * P;
-  const int64_t h = bp.level_h, w = bp.level_w;
   const Groups<CL> groups(P);
   const Plane<CL> gp = Plane<CL>::make(W, P);
-  const Plane<CL> tp = Plane<CL>::make(w, KP);
-  const auto& th = taps.up_h;
-  const auto& tw = taps.up_w;
   at::parallel_for(0, plan.N * groups.per_n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> rbuf(h * W * S);
+    std::vector<T> rbuf;
     for (int64_t item = begin; item < end; ++item) {
       int64_t n, c0, g_count;
       groups.at(item, &n, &c0, &g_count);
       const int64_t G = CL ? g_count : 1;
       const scalar_t* gb = dpre + Plane<CL>::origin(n, c0, P, H, W);
+      for (size_t b = 0; b < plan.branches.size(); ++b) {
+      scalar_t* dt = dts[b];
+      if (dt == nullptr) continue;
+      const BranchPlan& bp = plan.branches[b];
+      const int64_t h = bp.level_h, w = bp.level_w;
+      const Plane<CL> tp = Plane<CL>::make(w, KP);
+      const auto& th = all_taps[b].up_h;
+      const auto& tw = all_taps[b].up_w;
+      rbuf.resize(h * W * S);
       for (int64_t ky = 0; ky < k; ++ky) {
         const int64_t dy = ky - r;
         std::fill(rbuf.begin(), rbuf.end(), T(0));
@@ -903,6 +930,7 @@ void projection_tap_adjoint(const BlockPlan& plan, const BranchPlan& bp, const B
               for (int64_t g = 0; g < G; ++g) ts[g] = static_cast<scalar_t>(acc[g]);
             }
         }
+      }
       }
     }
   });
@@ -944,7 +972,7 @@ ProjectForwardResult multi_scale_project_forward_cpu(
     c10::IntArrayRef factor, c10::IntArrayRef bins, c10::string_view down_mode, c10::string_view up_mode,
     bool align_corners, c10::string_view activation, c10::string_view input_position, const Tensor& pw,
     const std::optional<Tensor>& p_bias, const std::optional<Tensor>& p_scale, const std::optional<Tensor>& p_shift,
-    bool p_batch_stats, double p_eps, c10::string_view p_activation) {
+    bool p_batch_stats, double p_eps, c10::string_view p_activation, bool save_pre) {
   const BlockPlan plan = make_plan(x_in, weight, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
                                    activation, input_position);
   TORCH_CHECK_VALUE(bias.size() == weight.size() && scale.size() == weight.size() && shift.size() == weight.size(),
@@ -993,6 +1021,11 @@ ProjectForwardResult multi_scale_project_forward_cpu(
     else
       tmaps[b] = at::conv2d(a, tap_weight(pw, bp.channel_offset, bp.out_channels)).contiguous(fmt);
   }
+  const BlockPlan pp = projection_plan(plan, P, k, proj.batch_stats, proj.eps, proj.activation);
+  // Without batch statistics the norm and activation run in the accumulation pass; in place when the
+  // pre-activation need not be kept (nothing will differentiate it).
+  const bool fuse_epilogue = !proj.batch_stats;
+  Tensor out = fuse_epilogue && !save_pre ? acc : at::empty_like(acc, fmt);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msfused_project_accumulate_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const auto taps = make_branch_taps<T>(plan);
@@ -1007,15 +1040,22 @@ ProjectForwardResult multi_scale_project_forward_cpu(
                        p_bias->scalar_type(), " but x has ", x.scalar_type());
       for (double v : to_doubles(p_bias, P, 0.0)) pb.push_back(static_cast<T>(v));
     }
+    const Epilogue<T> epi = make_epilogue<T>(pp.branches[0], p_scale, p_shift, Tensor(), Tensor());
+    scalar_t* a = acc.data_ptr<scalar_t>();
+    scalar_t* pre_out = !fuse_epilogue || save_pre ? a : nullptr;
+    scalar_t* o = fuse_epilogue ? out.data_ptr<scalar_t>() : nullptr;
     if (acc.numel() > 0) {
-      if (cl) accumulate_projection<scalar_t, true>(plan, taps, P, k, tv, dv, pb, acc.data_ptr<scalar_t>());
-      else accumulate_projection<scalar_t, false>(plan, taps, P, k, tv, dv, pb, acc.data_ptr<scalar_t>());
+      with_activation(proj.activation, [&](auto act) {
+        constexpr Activation A = decltype(act)::value;
+        if (cl) accumulate_projection<scalar_t, true, A>(plan, taps, P, k, tv, dv, pb, &epi, a, pre_out, o);
+        else accumulate_projection<scalar_t, false, A>(plan, taps, P, k, tv, dv, pb, &epi, a, pre_out, o);
+      });
     }
   });
   auto [p_mean, p_var] = batch_statistics(acc, proj.batch_stats);
-  const BlockPlan pp = projection_plan(plan, P, k, proj.batch_stats, proj.eps, proj.activation);
-  Tensor out = branch_epilogue(pp, acc, p_scale, p_shift, p_mean, p_var, fmt);
-  return {out, level, pre, mean, var, acc, p_mean, p_var};
+  if (!fuse_epilogue) out = branch_epilogue(pp, acc, p_scale, p_shift, p_mean, p_var, fmt, save_pre ? Tensor() : acc);
+  const Tensor p_pre = save_pre ? acc : at::empty({0}, opts);
+  return {out, level, pre, mean, var, p_pre, p_mean, p_var};
 }
 
 using ProjectBackwardResult =
@@ -1047,6 +1087,8 @@ ProjectBackwardResult multi_scale_project_backward_cpu(
   const Tensor grad = grad_in.to(x.scalar_type()).contiguous(fmt);
   const auto opts = x.options();
   const bool need_w = output_mask[1];
+  TORCH_CHECK_VALUE(p_pre.sizes() == grad_in.sizes(), "msfused: the projection's pre-activation was not saved "
+                    "(multi_scale_project_forward with save_pre=False), so there is no backward");
   // The projection's epilogue backward: the gradient of its pre-activation (bias included).
   const BlockPlan pp = projection_plan(plan, P, k, proj.batch_stats, proj.eps, proj.activation);
   auto [dpre, grad_p_scale, grad_p_shift] =
@@ -1060,6 +1102,23 @@ ProjectBackwardResult multi_scale_project_backward_cpu(
                                       {output_mask[0], need_w, false});
     if (output_mask[0]) dx_proj = std::get<0>(g).contiguous(fmt);
     if (need_w) grad_pw.narrow(1, plan.x_offset, plan.C).copy_(std::get<1>(g));
+  }
+  // The gradients of every per-tap branch's maps T_b, in one gather pass over dpre.
+  TensorVector dts(B);
+  for (size_t b = 0; b < B; ++b)
+    if (!convolves_resized(plan.branches[b], k, H, W))
+      dts[b] = at::empty({plan.N, k * k * P, plan.branches[b].level_h, plan.branches[b].level_w},
+                         opts.memory_format(fmt));
+  if (dpre.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msfused_project_adjoint_cpu", [&] {
+      using T = at::opmath_type<scalar_t>;
+      const auto taps = make_branch_taps<T>(plan);
+      std::vector<scalar_t*> dv(B, nullptr);
+      for (size_t b = 0; b < B; ++b)
+        if (dts[b].defined()) dv[b] = dts[b].data_ptr<scalar_t>();
+      if (cl) projection_tap_adjoint<scalar_t, true>(plan, taps, P, k, dpre.const_data_ptr<scalar_t>(), dv);
+      else projection_tap_adjoint<scalar_t, false>(plan, taps, P, k, dpre.const_data_ptr<scalar_t>(), dv);
+    });
   }
   TensorVector grad_weight(B), grad_bias(B), grad_scale(B), grad_shift(B), dz(B);
   for (size_t b = 0; b < B; ++b) {
@@ -1076,15 +1135,7 @@ ProjectBackwardResult multi_scale_project_backward_cpu(
       da = std::get<0>(g).contiguous(fmt);
       if (need_w) grad_pw.narrow(1, bp.channel_offset, Cb).copy_(std::get<1>(g));
     } else {
-      Tensor dt = at::empty({plan.N, k * k * P, bp.level_h, bp.level_w}, opts.memory_format(fmt));
-      if (dt.numel() > 0) {
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msfused_project_adjoint_cpu", [&] {
-          using T = at::opmath_type<scalar_t>;
-          const auto taps = make_branch_taps<T>(plan);
-          if (cl) projection_tap_adjoint<scalar_t, true>(plan, bp, taps[b], P, k, dpre.const_data_ptr<scalar_t>(), dt.data_ptr<scalar_t>());
-          else projection_tap_adjoint<scalar_t, false>(plan, bp, taps[b], P, k, dpre.const_data_ptr<scalar_t>(), dt.data_ptr<scalar_t>());
-        });
-      }
+      const Tensor& dt = dts[b];
       const Tensor wt = tap_weight(pw, bp.channel_offset, Cb);
       auto g = at::convolution_backward(dt, a, wt, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1,
                                         {true, need_w, false});
