@@ -116,4 +116,31 @@ void check_backward_args(const BlockPlan& plan, const at::Tensor& grad_out, at::
                     ", ", plan.W, "), got ", grad_out.sizes());
 }
 
+void check_parameters(const at::Tensor& x, at::TensorList weight, const OptionalTensorList& bias,
+                      const OptionalTensorList& scale, const OptionalTensorList& shift) {
+  TORCH_CHECK_TYPE(c10::isFloatingType(x.scalar_type()), "msfused: x must be a floating-point tensor, got ",
+                   x.scalar_type());
+  auto same_device = [&](const at::Tensor& t, const char* name, size_t b) {
+    TORCH_CHECK_VALUE(t.device() == x.device(), "msfused: ", name, "[", b, "] is on ", t.device(), " but x is on ",
+                      x.device());
+  };
+  for (size_t b = 0; b < weight.size(); ++b) {
+    TORCH_CHECK_TYPE(weight[b].scalar_type() == x.scalar_type(), "msfused: weight[", b, "] has dtype ",
+                     weight[b].scalar_type(), " but x has ", x.scalar_type());
+    same_device(weight[b], "weight", b);
+  }
+  for (size_t b = 0; b < bias.size(); ++b) {
+    const std::optional<at::Tensor> t = bias.get(b);
+    if (!t.has_value() || !t->defined()) continue;
+    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), "msfused: bias[", b, "] has dtype ", t->scalar_type(),
+                     " but x has ", x.scalar_type());
+    same_device(*t, "bias", b);
+  }
+  for (const auto* list : {&scale, &shift})
+    for (size_t b = 0; b < list->size(); ++b) {
+      const std::optional<at::Tensor> t = list->get(b);
+      if (t.has_value() && t->defined()) same_device(*t, list == &scale ? "scale" : "shift", b);
+    }
+}
+
 }  // namespace msfused

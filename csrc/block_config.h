@@ -52,6 +52,11 @@ void check_backward_args(const BlockPlan& plan, const at::Tensor& grad_out, at::
                          at::TensorList mean, at::TensorList var, const OptionalTensorList& scale,
                          const OptionalTensorList& shift);
 
+// Checks the parameters against x (both devices' kernels): x floating point; weight and bias in x's dtype;
+// weight, bias, scale and shift on x's device. Names the offending argument.
+void check_parameters(const at::Tensor& x, at::TensorList weight, const OptionalTensorList& bias,
+                      const OptionalTensorList& scale, const OptionalTensorList& shift);
+
 // The dtype batch statistics and fp32-accumulated per-channel values are kept in.
 inline at::ScalarType stats_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;

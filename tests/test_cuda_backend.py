@@ -162,8 +162,34 @@ def test_empty_batch_cuda(kind, kwargs):
     assert x.grad is not None and x.grad.shape == x.shape
 
 
-def test_large_kernel_refused_cuda():
-    _, fused = build_case(Case("ms", dict(scales=(1, 2), kernel_size=9), (1, 2, 16, 16), torch.float32))
+def test_large_kernel_cuda():
+    """Any odd kernel size: the convolutions are ATen's (cuDNN)."""
+    run_case(Case("ms", dict(scales=(1, 2), kernel_size=9), (2, 3, 21, 19), torch.float64, train=True), device="cuda")
+
+
+@pytest.mark.parametrize("kind,kwargs", [
+    ("ms", dict(scales=(1, 2, 4), kernel_size=3, norm="batch")),
+    ("psp", dict(bins=(1, 2, 3, 6), kernel_size=3, norm="batch")),
+])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bit_identical_gradients_whatever_the_cudnn_flags(kind, kwargs, layout):
+    """cudnn.benchmark on and cudnn.deterministic off (where cuDNN may pick algorithms with atomics for the
+    weight and data gradients): the CUDA backend's convolutions still use deterministic ones, so two runs
+    give bit-identical outputs and gradients, and the user's flags are left as they were."""
+    _, fused = build_case(Case(kind, kwargs, (4, 32, 33, 35), torch.float32, train=True))
     fused = fused.cuda()
-    with pytest.raises((ValueError, RuntimeError), match="kernel size"):
-        fused(torch.randn(1, 2, 16, 16, device="cuda"))
+    x = make_input((4, 32, 33, 35), torch.float32, layout, device="cuda").requires_grad_(True)
+    g = torch.randn(4, fused.out_channels, 33, 35, device="cuda")
+    old = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False
+    try:
+        runs = []
+        for _ in range(3):
+            out = fused(x)
+            runs.append([out.detach().clone()] + list(torch.autograd.grad(out, [x] + list(fused.parameters()), g)))
+            assert torch.backends.cudnn.benchmark is True and torch.backends.cudnn.deterministic is False
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = old
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b), "cudnn.benchmark=True, deterministic=False: two identical runs differ"

@@ -25,8 +25,8 @@ TORCH_NVCC_DEFINES = ("-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSI
                       "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
                       "--expt-relaxed-constexpr")
 # Kernels that must be in the report (so that the spill check cannot pass vacuously), by their source name.
-EXPECTED_KERNELS = ("tile_forward_kernel", "pool_levels_kernel", "merge_stats_kernel", "up_grad_kernel",
-                    "reduce_partials_kernel", "norm_grad_kernel", "dx_kernel")
+EXPECTED_KERNELS = ("levels_kernel", "pool_levels_kernel", "stats_partial_kernel", "merge_stats_kernel",
+                    "epilogue_up_kernel", "up_grad_kernel", "reduce_partials_kernel", "norm_grad_kernel", "dx_kernel")
 DTYPES = ("float", "double", "__half", "__nv_bfloat16")
 
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: cannot compile the CUDA kernels")
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: canno
 def _demangled_kernel(mangled: str) -> str:
     """The kernel's source name and its template arguments, from an Itanium-mangled name (enough for the
     names in this file: `..._cu_<hash>` + length-prefixed name + template arguments)."""
-    m = re.search(r"(\d+)((?:tile_forward|pool_levels|merge_stats|up_grad|reduce_partials|norm_grad|dx)_kernel)", mangled)
+    m = re.search(r"(\d+)((?:levels|pool_levels|stats_partial|merge_stats|epilogue_up|up_grad|reduce_partials|norm_grad|dx)_kernel)", mangled)
     return m.group(2) if m else mangled
 
 
@@ -85,7 +85,7 @@ def test_kernels_present(report):
     missing = [k for k in EXPECTED_KERNELS if k not in names]
     assert not missing, f"sm_{arch}: kernels missing from the ptxas report: {missing}; found {sorted(names)}"
     # Every dtype of the templated forward and backward kernels is instantiated.
-    for kernel in ("tile_forward_kernel", "up_grad_kernel", "dx_kernel"):
+    for kernel in EXPECTED_KERNELS:
         for dtype in DTYPES:
             mangled_dtype = {"float": "If", "double": "Id", "__half": "I6__half", "__nv_bfloat16": "I13__nv_bfloat16"}[dtype]
             assert any(mangled_dtype in m for m in names[kernel]), f"sm_{arch}: {kernel}<{dtype}> is not compiled"
@@ -171,7 +171,7 @@ def test_binding_launchers_defined_by_kernels(binding_object, report):
     would otherwise surface only as an undefined symbol when a CUDA build loads."""
     arch, _, objects = report
     needed = {s for s in _symbols(binding_object, "undefined") if s.startswith("msfused::cuda::")}
-    assert any(s.startswith("msfused::cuda::launch_tile_forward(") for s in needed), sorted(needed)
+    assert any(s.startswith("msfused::cuda::launch_epilogue_up(") for s in needed), sorted(needed)
     defined = set()
     for src in KERNEL_SOURCES:
         defined |= _symbols(objects / f"{src.stem}_sm{arch}.o", "defined")

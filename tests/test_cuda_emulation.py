@@ -5,8 +5,9 @@ operators torch.ops.msfused_cuda_emulation.*, and compared with the CPU kernels 
 same inputs: every forward output (out, level, pre, mean, var) and every backward gradient. Outputs start as
 NaN in this build, so an element the kernels forget to write fails the comparison.
 
-This checks the kernels' index math, tiling, reductions and the binding's logic without a GPU; it does not
-check the hardware's behaviour (memory model, speed) — test_cuda_backend.py does that where a GPU is.
+This checks the kernels' index math, chunked reductions and the binding's logic (its ATen convolutions run on
+CPU tensors here) without a GPU; it does not check the hardware's behaviour (memory model, speed) —
+test_cuda_backend.py does that where a GPU is.
 Needs the CUDA toolkit's headers (cuda_runtime_api.h, cuda_fp16.h) and the CPU extension msfused._C.
 Runs in a subprocess (its own OpenMP settings: 256 threads per emulated block on few cores).
 """
@@ -78,20 +79,22 @@ DRIVER = textwrap.dedent(
     import torch
     import msfused  # noqa: F401  (loads msfused._C: the CPU kernels)
 
+    from tests.conftest import TOL, norm_err  # SPEC.md's metric and tolerances
+
     torch.ops.load_library(sys.argv[1])
     emu, cpu = torch.ops.msfused_cuda_emulation, torch.ops.msfused
     torch.manual_seed(int(sys.argv[2]))
-    TOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 
-    def err(a, b):
-        a, b = a.double(), b.double()
-        assert a.shape == b.shape, (a.shape, b.shape)
-        if a.numel() == 0:
-            return 0.0
-        if not torch.isfinite(a).all():
-            return float("inf")
-        den = max(b.norm().item(), 1e-12)
-        return (a - b).norm().item() / den
+    # SPEC.md against the float64 reference: float64 err <= 1e-10; float32 err <= 1e-5 or, where the value is
+    # ill-conditioned in float32 (a cancelling sum), no worse than the CPU kernels in float32 on the same values
+    # (conftest.Checker's rule: 4 x theirs + 1e-5); float16 / bfloat16: 2 x theirs + 1e-3.
+    def within_spec(e, e_own, dtype):
+        if dtype in TOL:
+            return e <= TOL[dtype] or (dtype == torch.float32 and e <= 4 * e_own + TOL[dtype])
+        return e <= 2 * e_own + 1e-3
+
+    def f64(ts):
+        return [None if t is None else t.double() for t in ts]
 
     def case(name, shape, factors=(), bins=(), k=3, cb=3, dtype=torch.float64, cl=False, down="avg",
              up="bilinear", ac=False, act="relu", pos="first", stats=False, bias=True, scale=True):
@@ -112,38 +115,42 @@ DRIVER = textwrap.dedent(
         binl = [0, 0] * len(factors)
         for bn in bins:
             binl += list(bn) if isinstance(bn, tuple) else [bn, bn]
-        args = (x, weight, bias_, scale_, shift_, [stats] * B, [1e-5] * B, factor, binl, down, up, ac, act, pos)
+        config = ([stats] * B, [1e-5] * B, factor, binl, down, up, ac, act, pos)
+        args = (x, weight, bias_, scale_, shift_) + config
         want = cpu.multi_scale_forward(*args)
         got = emu.multi_scale_forward(*args)
-        tol = TOL[dtype]
+        # The float64 reference: the CPU kernels in float64 on the same values.
+        ref = cpu.multi_scale_forward(x.double(), f64(weight), f64(bias_), f64(scale_), f64(shift_), *config)
         worst = []
 
-        def compare(direction, names, got, want, tol, skip=()):
+        def compare(direction, names, got, want, ref, s=None, skip=()):
             for i, nm in enumerate(names):
-                ws = [want[i]] if i == 0 else list(want[i])
-                gs = [got[i]] if i == 0 else list(got[i])
-                for j, (g, w) in enumerate(zip(gs, ws)):
+                ws, gs, rs = ([t[i]] if i == 0 else list(t[i]) for t in (want, got, ref))
+                for j, (g, w, r) in enumerate(zip(gs, ws, rs)):
                     assert g.dtype == w.dtype, (name, nm, j, g.dtype, w.dtype)
                     if g.numel():
                         assert g.is_contiguous(memory_format=torch.channels_last) == \
                             w.is_contiguous(memory_format=torch.channels_last), (name, nm, j, "format")
                     if nm in skip:
                         continue
-                    e = err(g, w)
+                    e, e_own = norm_err(g, r, s), norm_err(w, r, s)
                     worst.append((e, f"{nm}[{j}]"))
-                    assert e <= tol, f"{name}: {direction} {nm}[{j}] err {e:.3g} > {tol}"
+                    assert within_spec(e, e_own, dtype), (
+                        f"{name}: {direction} {nm}[{j}] err {e:.3g} against float64 (the CPU kernels in {dtype}: "
+                        f"{e_own:.3g})")
 
-        compare("forward", ["out", "level", "pre", "mean", "var"], got, want, tol)
-        # Backward on identical saved tensors (the CPU forward's).
+        compare("forward", ["out", "level", "pre", "mean", "var"], got, want, ref)
+        # Backward on identical saved tensors (the CPU forward's; the reference's own in float64).
         grad = torch.randn(want[0].shape, dtype=torch.float64).to(dtype)
-        out, level, pre, mean, var = want
-        bargs = (grad, x, weight, scale_, shift_, level, pre, mean, var, [stats] * B, [1e-5] * B, factor, binl,
-                 down, up, ac, act, pos, [True, True])
+        bargs = (grad, x, weight, scale_, shift_) + tuple(want[1:]) + config + ([True, True],)
         bw = cpu.multi_scale_backward(*bargs)
         bg = emu.multi_scale_backward(*bargs)
-        # grad_bias before a batch-statistics norm: its true value is 0, both are rounding noise.
-        compare("backward", ["grad_x", "grad_weight", "grad_bias", "grad_scale", "grad_shift"], bg, bw, tol * 4,
-                skip=("grad_bias",) if stats else ())
+        bref = cpu.multi_scale_backward(grad.double(), x.double(), f64(weight), f64(scale_), f64(shift_), *ref[1:],
+                                        *config, [True, True])
+        # grad_bias before a batch-statistics norm: its true value is 0, all three are rounding noise (checked
+        # against a rounding bound in test_forward_backward.py: conftest.ZeroGradProbe).
+        compare("backward", ["grad_x", "grad_weight", "grad_bias", "grad_scale", "grad_shift"], bg, bw, bref,
+                s=grad.double().norm().item(), skip=("grad_bias",) if stats else ())
         # Determinism: the same call twice gives bit-identical results.
         again = emu.multi_scale_backward(*bargs)
         assert torch.equal(again[0], bg[0]) and all(torch.equal(a, b) for a, b in zip(again[1], bg[1])), name
@@ -157,8 +164,9 @@ DRIVER = textwrap.dedent(
              up="nearest", ac=True, k=1, act="gelu", pos="last", stats=True)
         case("ms23-nearest-k5-silu-none-cl-f32", (2, 3, 11, 8), factors=(2, 3), down="nearest", k=5, act="silu",
              pos="none", dtype=torch.float32, cl=True, bias=False)
-        case("ms12-k7-tiles-chunks", (2, 10, 34, 33), factors=(1, 2), k=(7, 3), cb=(10, 9), act="none",
+        case("ms12-k7-chunks", (2, 10, 34, 33), factors=(1, 2), k=(7, 3), cb=(10, 9), act="none",
              scale=False)
+        case("ms13-k9-cl", (2, 3, 19, 14), factors=(1, 3), k=9, cl=True, stats=True)  # any k: ATen's convolution
         case("ms124-stats-cl-f64", (2, 5, 20, 17), factors=(1, 2, 4), stats=True, cl=True, ac=True, pos="last")
         case("ms14-f16", (2, 4, 12, 12), factors=(1, 4), dtype=torch.float16)
         case("ms12-bf16-stats", (4, 4, 10, 10), factors=(1, 2), dtype=torch.bfloat16, stats=True)
@@ -171,6 +179,12 @@ DRIVER = textwrap.dedent(
                  cl=True, stats=True)
         finally:
             torch.use_deterministic_algorithms(False)
+        # The convolutions ask cuDNN for deterministic algorithms in a scope: the user's flag is restored.
+        for flag in (False, True):
+            torch.backends.cudnn.deterministic = flag
+            case(f"cudnn-deterministic-flag-{flag}", (2, 2, 8, 8), factors=(1, 2), k=1)
+            assert torch.backends.cudnn.deterministic is flag
+        torch.backends.cudnn.deterministic = False
         # x without channels: refused with a clear error (its gradients would be miscomputed)
         try:
             emu.multi_scale_forward(torch.randn(2, 0, 8, 8, dtype=torch.float64),
@@ -207,6 +221,11 @@ DRIVER = textwrap.dedent(
                 areas += [(b if isinstance(b, int) else b[0]) * (b if isinstance(b, int) else b[1])
                           for b in kw.get("bins", ())]
                 shape = (max(shape[0], -(-16 // min(areas))),) + shape[1:]
+                if shape[1] == 1 and kw["k"] == 1:
+                    # One input value per conv output before batch statistics: the norm cancels the weight's scale,
+                    # so its true gradient is O(eps) and float32 rounding dominates it (conftest.Case; float64
+                    # draws keep C = 1, k = 1).
+                    shape = (shape[0], 2) + shape[2:]
             case(f"random{i}-{shape}-{kw}", shape, **kw)
     else:
         case("psp1236-stats", (2, 5, 13, 11), bins=(1, 2, 3, 6), k=1, stats=True)
@@ -216,6 +235,9 @@ DRIVER = textwrap.dedent(
         case("psp-too-big-for-pool-kernel-cl", (2, 3, 40, 40), bins=(40, 2), k=1, cl=True, stats=True)
         case("psp-mixed-with-factor", (2, 3, 12, 12), factors=(1, 2), bins=(1, 3), k=1, pos="none")
         case("psp-f16", (8, 8, 12, 12), bins=(1, 2, 3, 6), k=1, dtype=torch.float16, stats=True)
+        # bin 1 and 2 on a larger map: the upsample adjoint of a level pixel split over many lanes, the
+        # whole-map reductions over several chunks
+        case("psp12-large-map-lanes-chunks", (3, 2, 70, 45), bins=(1, 2), k=1, stats=True, dtype=torch.float32)
     """
 )
 

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "../block_config.h"
+#include "../norm.h"
 #include "../taps.h"
 
 namespace msfused {
@@ -109,18 +110,13 @@ Epilogue<T> make_epilogue(const BranchPlan& b, const std::optional<Tensor>& scal
   Epilogue<T> e;
   e.alpha.resize(cb);
   e.beta.resize(cb);
-  if (b.batch_stats) {
-    std::vector<double> m = to_doubles(mean, cb, 0.0), v = to_doubles(var, cb, 0.0);
-    for (int64_t c = 0; c < cb; ++c) {
-      const double invstd = 1.0 / std::sqrt(v[c] + b.eps);
-      e.alpha[c] = static_cast<T>(s[c] * invstd);
-      e.beta[c] = static_cast<T>(t[c] - m[c] * s[c] * invstd);
-    }
-  } else {
-    for (int64_t c = 0; c < cb; ++c) {
-      e.alpha[c] = static_cast<T>(s[c]);
-      e.beta[c] = static_cast<T>(t[c]);
-    }
+  std::vector<double> m = b.batch_stats ? to_doubles(mean, cb, 0.0) : std::vector<double>(cb, 0.0);
+  std::vector<double> v = b.batch_stats ? to_doubles(var, cb, 0.0) : std::vector<double>(cb, 0.0);
+  for (int64_t c = 0; c < cb; ++c) {
+    double alpha, beta;
+    norm_epilogue(b.batch_stats, s[c], t[c], m[c], v[c], b.eps, &alpha, &beta);
+    e.alpha[c] = static_cast<T>(alpha);
+    e.beta[c] = static_cast<T>(beta);
   }
   return e;
 }
@@ -320,24 +316,6 @@ std::pair<Tensor, Tensor> batch_statistics(const Tensor& pre, bool batch_stats) 
   return {mean, var};
 }
 
-void check_tensors(const Tensor& x, at::TensorList weight, const OptionalTensorList& bias) {
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "msfused: x must be a floating-point tensor, got ",
-                   x.scalar_type());
-  for (size_t b = 0; b < weight.size(); ++b) {
-    TORCH_CHECK_TYPE(weight[b].scalar_type() == x.scalar_type(), "msfused: weight[", b, "] has dtype ",
-                     weight[b].scalar_type(), " but x has ", x.scalar_type());
-    TORCH_CHECK_VALUE(weight[b].device() == x.device(), "msfused: weight[", b, "] is on ", weight[b].device(),
-                      " but x is on ", x.device());
-  }
-  for (size_t b = 0; b < bias.size(); ++b) {
-    const std::optional<Tensor> t = bias.get(b);
-    if (t.has_value() && t->defined()) {
-      TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), "msfused: bias[", b, "] has dtype ", t->scalar_type(),
-                       " but x has ", x.scalar_type());
-    }
-  }
-}
-
 ForwardResult multi_scale_forward_cpu(const Tensor& x_in, at::TensorList weight, const OptionalTensorList& bias,
                                       const OptionalTensorList& scale, const OptionalTensorList& shift,
                                       const c10::List<bool>& batch_stats, c10::ArrayRef<double> eps,
@@ -348,7 +326,7 @@ ForwardResult multi_scale_forward_cpu(const Tensor& x_in, at::TensorList weight,
                                    activation, input_position);
   TORCH_CHECK_VALUE(bias.size() == weight.size() && scale.size() == weight.size() && shift.size() == weight.size(),
                     "msfused: bias, scale and shift need one entry (or None) per branch");
-  check_tensors(x_in, weight, bias);
+  check_parameters(x_in, weight, bias, scale, shift);
   const auto fmt = x_in.suggest_memory_format();
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const Tensor x = x_in.contiguous(fmt);
@@ -600,14 +578,8 @@ std::tuple<Tensor, Tensor, Tensor> epilogue_backward(const BlockPlan& plan, cons
       const std::vector<double> v = to_doubles(var, Cb, 0.0), m = center;
       const double M = static_cast<double>(plan.N * bp.level_h * bp.level_w);
       std::vector<double> p(Cb), q(Cb), r(Cb);
-      for (int64_t c = 0; c < Cb; ++c) {
-        const double invstd = 1.0 / std::sqrt(v[c] + bp.eps);
-        d_scale[c] = sum_dyc[c] * invstd;  // sum(dY * xhat)
-        // dconv = scale * invstd * (dY - mean(dY) - xhat * mean(dY * xhat)) = p * dY + q * conv + r
-        p[c] = s[c] * invstd;
-        q[c] = -p[c] * invstd * d_scale[c] / M;
-        r[c] = -p[c] * sum_dy[c] / M - q[c] * m[c];
-      }
+      for (int64_t c = 0; c < Cb; ++c)
+        batch_norm_grad(s[c], m[c], v[c], bp.eps, M, sum_dy[c], sum_dyc[c], &d_scale[c], &p[c], &q[c], &r[c]);
       // In place, one parallel pass (the projection's is full-size): dconv = p * dY + q * conv + r.
       std::vector<T> pt(p.begin(), p.end()), qt(q.begin(), q.end()), rt(r.begin(), r.end());
       scalar_t* d = dconv.data_ptr<scalar_t>();
@@ -977,7 +949,7 @@ ProjectForwardResult multi_scale_project_forward_cpu(
                                    activation, input_position);
   TORCH_CHECK_VALUE(bias.size() == weight.size() && scale.size() == weight.size() && shift.size() == weight.size(),
                     "msfused: bias, scale and shift need one entry (or None) per branch");
-  check_tensors(x_in, weight, bias);
+  check_parameters(x_in, weight, bias, scale, shift);
   const Projection proj = check_projection(plan, x_in, pw, p_eps, p_batch_stats, p_activation);
   const int64_t P = proj.P, k = proj.k, pad = k / 2, H = plan.H, W = plan.W;
   const auto fmt = x_in.suggest_memory_format();

@@ -1,7 +1,7 @@
-// The torch binding of the CUDA kernels (backend 'cuda'): checks, output allocation, the per-channel
-// parameter work (norm folding, gradient coefficients: tiny ATen ops), the deterministic ATen work of the
-// backward on level-sized tensors, and the launches of multi_scale_kernels.cu under a device guard on
-// the current stream, each checked. Registered for the CUDA key beside the CPU kernels.
+// The torch binding of the CUDA kernels (backend 'cuda'): checks, output allocation, the convolutions
+// through ATen (cuDNN, with deterministic algorithms), and the launches of multi_scale_kernels.cu (the
+// memory passes, the norm arithmetic included) under a device guard on the current stream, each checked.
+// The same structure as the CPU backend (csrc/cpu/multi_scale_cpu.cpp). Registered for the CUDA key.
 //
 // Layout: the outputs (out, level, pre, grad_x) are channels_last exactly when x.suggest_memory_format()
 // is; the kernels address every tensor through its strides, so both formats run the same kernels.
@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <array>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -97,56 +98,47 @@ void check_sizes(const BlockPlan& plan) {
                     plan.C, ", ", plan.H, ", ", plan.W, ") and ", plan.out_channels, " output channels");
   for (size_t b = 0; b < plan.branches.size(); ++b) {
     const BranchPlan& bp = plan.branches[b];
-    TORCH_CHECK_VALUE(bp.kernel_size <= kMaxKernelSize, "msfused (cuda): weight[", b, "] has kernel size ",
-                      bp.kernel_size, "; the CUDA kernels take odd sizes up to ", kMaxKernelSize,
-                      " (use backend 'reference' for larger ones)");
     TORCH_CHECK_VALUE(bp.level_h <= kMax && bp.level_w <= kMax, "msfused (cuda): branch ", b, " level of ", bp.level_h,
                       "x", bp.level_w, " is too large");
   }
 }
 
-// Branch b's epilogue y = alpha * conv + beta per channel, in opmath, on the device: the folded scale and
-// shift, or with batch statistics scale * invstd and shift - mean * scale * invstd (as the CPU kernel, in
-// double).
-std::pair<Tensor, Tensor> epilogue_coefficients(const BranchPlan& bp, const std::optional<Tensor>& scale,
-                                                const std::optional<Tensor>& shift, const Tensor& mean,
-                                                const Tensor& var, const Tensor& x) {
-  const int64_t Cb = bp.out_channels;
-  const auto d = x.options().dtype(at::kDouble);
-  const Tensor s = present(scale) ? scale->detach().to(d).reshape({Cb}) : at::ones({Cb}, d);
-  const Tensor t = present(shift) ? shift->detach().to(d).reshape({Cb}) : at::zeros({Cb}, d);
-  Tensor alpha = s, beta = t;
-  if (bp.batch_stats) {
-    const Tensor invstd = at::reciprocal(at::sqrt(var.to(d) + bp.eps));
-    alpha = s * invstd;
-    beta = t - mean.to(d) * s * invstd;
-  }
-  const auto op = x.options().dtype(opmath(x.scalar_type()));
-  return {alpha.to(op).contiguous(), beta.to(op).contiguous()};
-}
-
 void check_tensors(const Tensor& x, at::TensorList weight, const OptionalTensorList& bias,
                    const OptionalTensorList& scale, const OptionalTensorList& shift) {
   TORCH_CHECK_VALUE(kEmulation || x.is_cuda(), "msfused (cuda): x must be a CUDA tensor, got one on ", x.device());
+  check_parameters(x, weight, bias, scale, shift);
   dtype_of(x.scalar_type());
-  for (size_t b = 0; b < weight.size(); ++b) {
-    TORCH_CHECK_TYPE(weight[b].scalar_type() == x.scalar_type(), "msfused: weight[", b, "] has dtype ",
-                     weight[b].scalar_type(), " but x has ", x.scalar_type());
-    check_device(weight[b], x, "weight", b);
-  }
-  for (size_t b = 0; b < bias.size(); ++b) {
-    const std::optional<Tensor> t = bias.get(b);
-    if (!present(t)) continue;
-    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), "msfused: bias[", b, "] has dtype ", t->scalar_type(),
-                     " but x has ", x.scalar_type());
-    check_device(*t, x, "bias", b);
-  }
-  for (const auto* list : {&scale, &shift})
-    for (size_t b = 0; b < list->size(); ++b) {
-      const std::optional<Tensor> t = list->get(b);
-      if (present(t)) check_device(*t, x, list == &scale ? "scale" : "shift", b);
-    }
 }
+
+// A per-channel parameter (scale, shift, mean, var) as the kernels read it: contiguous, in opmath (a no-op
+// for one that already is); an undefined tensor where it is absent.
+Tensor per_channel(const std::optional<Tensor>& t, const Tensor& x) {
+  if (!present(t)) return Tensor();
+  return t->detach().reshape({-1}).to(opmath(x.scalar_type())).contiguous();
+}
+const void* ptr(const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+
+// ATen's convolutions run inside this scope: cuDNN is asked for deterministic algorithms (ATen reads the
+// flag per call), whatever torch.backends.cudnn.deterministic says, so that gradients are bit-identical run
+// to run also with benchmark on; TF32 and benchmarking follow the user's flags. The flag is global: the
+// mutex keeps concurrent msfused calls from restoring it under each other.
+class DeterministicConvolutions {
+ public:
+  DeterministicConvolutions() : lock_(mutex()), saved_(at::globalContext().deterministicCuDNN()) {
+    at::globalContext().setDeterministicCuDNN(true);
+  }
+  ~DeterministicConvolutions() { at::globalContext().setDeterministicCuDNN(saved_); }
+  DeterministicConvolutions(const DeterministicConvolutions&) = delete;
+  DeterministicConvolutions& operator=(const DeterministicConvolutions&) = delete;
+
+ private:
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  std::lock_guard<std::mutex> lock_;
+  bool saved_;
+};
 
 // What both directions start with once the arguments are checked: sizes the kernels can index, and x
 // in its suggested memory format (the outputs' format).
@@ -165,7 +157,7 @@ Input prepare(const BlockPlan& plan, const Tensor& x_in) {
   return {fmt, fmt == at::MemoryFormat::ChannelsLast, x_in.contiguous(fmt)};
 }
 
-// The fields the launches that read x and write out share (TileArgs, PoolArgs).
+// The fields the launches that read x and write out share (LevelArgs, PoolArgs).
 template <typename Args>
 void set_block(Args& a, const BlockPlan& plan, const Tensor& x, const Tensor& out, int64_t x_offset, bool cl) {
   a.N = plan.N;
@@ -176,6 +168,18 @@ void set_block(Args& a, const BlockPlan& plan, const Tensor& x, const Tensor& ou
   a.out = view(out);
   a.x_offset = x_offset;
   a.x_channels_last = cl;
+}
+
+// The fields of a branch's level-sized map that the epilogue and up_grad launches share.
+template <typename Branch>
+void set_level_map(Branch& m, const BranchPlan& bp, const Tensor& pre) {
+  m.pre = view(pre);
+  m.channels = bp.out_channels;
+  m.h = bp.level_h;
+  m.w = bp.level_w;
+  m.channel_offset = bp.channel_offset;
+  m.up_h = static_cast<int>(bp.up_h);
+  m.up_w = static_cast<int>(bp.up_w);
 }
 
 // Groups of at most kMaxBranches consecutive indices of `items`: f(first, count).
@@ -215,38 +219,24 @@ ForwardResult multi_scale_forward_cuda(const Tensor& x_in, at::TensorList weight
     const BranchPlan& bp = plan.branches[b];
     level[b] = bp.identity ? at::empty({0}, opts)
                            : fresh(at::empty({plan.N, plan.C, bp.level_h, bp.level_w}, opts.memory_format(fmt)));
-    pre[b] = fresh(at::empty({plan.N, bp.out_channels, bp.level_h, bp.level_w}, opts.memory_format(fmt)));
     mean[b] = fresh(at::empty({bp.batch_stats ? bp.out_channels : 0}, stat_opts));
     var[b] = fresh(at::empty({bp.batch_stats ? bp.out_channels : 0}, stat_opts));
   }
   if (plan.N == 0) {  // nothing to compute; the statistics of no values are NaN, as var_mean's
-    for (size_t b = 0; b < B; ++b)
-      if (plan.branches[b].batch_stats) {
+    for (size_t b = 0; b < B; ++b) {
+      const BranchPlan& bp = plan.branches[b];
+      pre[b] = at::empty({0, bp.out_channels, bp.level_h, bp.level_w}, opts.memory_format(fmt));
+      if (bp.batch_stats) {
         mean[b].fill_(std::numeric_limits<double>::quiet_NaN());
         var[b].fill_(std::numeric_limits<double>::quiet_NaN());
       }
+    }
     return {out, level, pre, mean, var};
   }
-  TORCH_CHECK_VALUE(plan.H > 0 && plan.W > 0, "msfused (cuda): x has an empty map (", plan.H, "x", plan.W,
-                    "); pooling and resizing need at least one pixel");
 
-  // Parameters as the kernels read them (kept alive until the launches are queued; the caching
-  // allocator orders their reuse on this stream); per-(channel, tile) partial statistics.
-  TensorVector w(B), bs(B), alpha(B), beta(B), stats_partial(B);
-  for (size_t b = 0; b < B; ++b) {
-    w[b] = weight[b].contiguous();
-    const std::optional<Tensor> bb = bias.get(b);
-    if (present(bb)) bs[b] = bb->contiguous();
-  }
-  auto fold = [&](size_t b) {
-    std::tie(alpha[b], beta[b]) = epilogue_coefficients(plan.branches[b], scale.get(b), shift.get(b), mean[b], var[b], x);
-  };
-
-  // Launch 1 for bins: pool every bins branch whose tables fit in shared memory, from one read of x.
+  // 1. Every level from x, and x's slice of the output: the bins branches from one read of x where the
+  // pooling kernel's tables fit its shared memory and its grid fills the GPU; the others as gathers.
   std::vector<bool> pooled(B, false);
-  std::vector<size_t> bins_branches;
-  for (size_t b = 0; b < B; ++b)
-    if (plan.branches[b].factor == 0) bins_branches.push_back(b);
   bool copied = false;
   {
     std::vector<std::vector<size_t>> groups;
@@ -262,7 +252,8 @@ ForwardResult multi_scale_forward_cuda(const Tensor& x_in, at::TensorList weight
       }
       return pool_shared_bytes(dt, &a) <= pool_shared_limit();
     };
-    for (size_t b : bins_branches) {
+    for (size_t b = 0; b < B; ++b) {
+      if (plan.branches[b].factor != 0 || !pool_fills_device(plan.N, plan.C, cl)) continue;
       std::vector<size_t> trial = current;
       trial.push_back(b);
       if (trial.size() <= static_cast<size_t>(kMaxBranches) && fits(trial)) {
@@ -270,7 +261,7 @@ ForwardResult multi_scale_forward_cuda(const Tensor& x_in, at::TensorList weight
       } else if (fits({b})) {
         groups.push_back(current);
         current = {b};
-      }  // else: too large for the pooling kernel's shared memory; the tile kernel samples it from x
+      }  // else: too large for the pooling kernel's shared memory (many bins: small windows): a gather
     }
     if (!current.empty()) groups.push_back(current);
     for (const auto& members : groups) {
@@ -289,129 +280,129 @@ ForwardResult multi_scale_forward_cuda(const Tensor& x_in, at::TensorList weight
       copied = true;
     }
   }
+  std::vector<size_t> gathered;
+  for (size_t b = 0; b < B; ++b)
+    if (!plan.branches[b].identity && !pooled[b]) gathered.push_back(b);
+  auto level_launch = [&](size_t g0, size_t count) {
+    LevelArgs a;
+    set_block(a, plan, x, out, copied ? -1 : plan.x_offset, cl);
+    a.align_corners = plan.align_corners;
+    a.num_branches = static_cast<int>(count);
+    for (size_t i = 0; i < count; ++i) {
+      const BranchPlan& bp = plan.branches[gathered[g0 + i]];
+      LevelBranch& l = a.br[i];
+      l.level = view(level[gathered[g0 + i]]);
+      l.level_h = bp.level_h;
+      l.level_w = bp.level_w;
+      l.factor = bp.factor > 0 ? bp.factor : 1;
+      l.down_h = static_cast<int>(bp.down_h);
+      l.down_w = static_cast<int>(bp.down_w);
+    }
+    check_launch(launch_levels(dt, a, stream), "levels");
+    copied = true;
+  };
+  in_groups(gathered.size(), level_launch);
+  if (!copied && plan.x_offset >= 0) level_launch(0, 0);  // only factor-1 branches: the copy alone
 
-  auto tile_args = [&](size_t g0, size_t count, bool copy) {
-    TileArgs a;
-    set_block(a, plan, x, out, copy ? plan.x_offset : -1, cl);
+  // 2. The convolutions (with their bias) through ATen: cuDNN on the levels, and on x for factor 1.
+  {
+    const DeterministicConvolutions deterministic;
+    for (size_t b = 0; b < B; ++b) {
+      const BranchPlan& bp = plan.branches[b];
+      const int64_t pad = bp.kernel_size / 2;
+      pre[b] = at::convolution(bp.identity ? x : level[b], weight[b], bias.get(b), {1, 1}, {pad, pad}, {1, 1}, false,
+                               {0, 0}, 1)
+                   .contiguous(fmt);
+    }
+  }
+
+  // 3. Batch statistics ((channel, chunk) partials, merged per channel) and the epilogue's alpha, beta.
+  TensorVector alpha(B), beta(B);
+  std::vector<size_t> stat_branches;
+  for (size_t b = 0; b < B; ++b) {
+    if (plan.branches[b].batch_stats) {
+      stat_branches.push_back(b);
+    } else {
+      alpha[b] = per_channel(scale.get(b), x);
+      beta[b] = per_channel(shift.get(b), x);
+    }
+  }
+  if (!stat_branches.empty()) {
+    const int64_t max_chunks = max_reduction_chunks();
+    int64_t total = 0;
+    std::vector<int64_t> channel_base(B, 0);
+    for (size_t b : stat_branches) {
+      channel_base[b] = total;
+      total += plan.branches[b].out_channels;
+    }
+    const Tensor partial = at::empty({total * max_chunks * 3}, opts.dtype(at::kDouble));
+    TensorVector sc(B), sh(B);
+    in_groups(stat_branches.size(), [&](size_t g0, size_t count) {
+      StatsArgs s;
+      s.N = plan.N;
+      s.num_branches = static_cast<int>(count);
+      s.partial = partial.data_ptr<double>();
+      s.max_chunks = max_chunks;
+      MergeStatsArgs m;
+      m.num_branches = static_cast<int>(count);
+      m.partial = partial.const_data_ptr<double>();
+      m.max_chunks = max_chunks;
+      for (size_t i = 0; i < count; ++i) {
+        const size_t b = stat_branches[g0 + i];
+        const BranchPlan& bp = plan.branches[b];
+        s.br[i].pre = view(pre[b]);
+        s.br[i].channels = bp.out_channels;
+        s.br[i].h = bp.level_h;
+        s.br[i].w = bp.level_w;
+        s.br[i].channel_base = channel_base[b];
+        sc[b] = per_channel(scale.get(b), x);
+        sh[b] = per_channel(shift.get(b), x);
+        alpha[b] = at::empty({bp.out_channels}, stat_opts);
+        beta[b] = at::empty({bp.out_channels}, stat_opts);
+        MergeStatsBranch& mb = m.br[i];
+        mb.channels = bp.out_channels;
+        mb.channel_base = channel_base[b];
+        mb.eps = bp.eps;
+        mb.scale = ptr(sc[b]);
+        mb.shift = ptr(sh[b]);
+        mb.mean = mean[b].data_ptr();
+        mb.var = var[b].data_ptr();
+        mb.alpha = alpha[b].data_ptr();
+        mb.beta = beta[b].data_ptr();
+      }
+      check_launch(launch_stats_partial(dt, &s, stream), "stats_partial");
+      for (size_t i = 0; i < count; ++i) m.br[i].chunks = s.br[i].chunks;
+      check_launch(launch_merge_stats(dt, m, stream), "merge_stats");
+    });
+  }
+
+  // 4. Norm, activation and the resize back up, every branch into its channel slice.
+  in_groups(B, [&](size_t g0, size_t count) {
+    EpilogueArgs a;
+    a.N = plan.N;
+    a.H = plan.H;
+    a.W = plan.W;
+    a.out = view(out);
+    a.channels_last = cl;
     a.align_corners = plan.align_corners;
     a.activation = static_cast<int>(plan.activation);
     a.num_branches = static_cast<int>(count);
     for (size_t i = 0; i < count; ++i) {
       const size_t b = g0 + i;
       const BranchPlan& bp = plan.branches[b];
-      TileBranch& t = a.br[i];
-      if (bp.identity || pooled[b]) {  // the level is x itself, or was pooled by launch 1
-        t.src = view(bp.identity ? x : level[b]);
-        t.src_h = bp.level_h;
-        t.src_w = bp.level_w;
-        t.down_h = t.down_w = static_cast<int>(ResizeKind::Identity);
-      } else {  // sampled from x in the tile kernel, which also writes the level
-        t.src = view(x);
-        t.src_h = plan.H;
-        t.src_w = plan.W;
-        t.down_h = static_cast<int>(bp.down_h);
-        t.down_w = static_cast<int>(bp.down_w);
-        t.level_out = view(level[b]);
-      }
-      t.up_h = static_cast<int>(bp.up_h);
-      t.up_w = static_cast<int>(bp.up_w);
-      t.factor = bp.factor > 0 ? bp.factor : 1;
-      t.level_h = bp.level_h;
-      t.level_w = bp.level_w;
-      t.weight = w[b].const_data_ptr();
-      t.bias = bs[b].defined() ? bs[b].const_data_ptr() : nullptr;
-      t.alpha = alpha[b].defined() ? alpha[b].const_data_ptr() : nullptr;
-      t.beta = beta[b].defined() ? beta[b].const_data_ptr() : nullptr;
-      t.pre = view(pre[b]);
-      t.stats_partial = stats_partial[b].defined() ? stats_partial[b].data_ptr<double>() : nullptr;
-      t.out_channels = bp.out_channels;
-      t.kernel_size = bp.kernel_size;
-      t.channel_offset = bp.channel_offset;
+      EpilogueBranch& e = a.br[i];
+      set_level_map(e, bp, pre[b]);
+      e.alpha = ptr(alpha[b]);
+      e.beta = ptr(beta[b]);
     }
-    return a;
-  };
-
-  bool any_stats = false;
-  for (const BranchPlan& bp : plan.branches) any_stats = any_stats || bp.batch_stats;
-  if (!any_stats) {
-    for (size_t b = 0; b < B; ++b) fold(b);
-    in_groups(B, [&](size_t g0, size_t count) {
-      check_launch(launch_tile_forward(dt, TileMode::ConvEpilogue, tile_args(g0, count, !copied), stream),
-                   "tile_forward (conv + epilogue)");
-      copied = true;
-    });
-  } else {
-    std::vector<size_t> stat_branches;
-    for (size_t b = 0; b < B; ++b) {
-      const BranchPlan& bp = plan.branches[b];
-      if (!bp.batch_stats) continue;
-      stat_branches.push_back(b);
-      const int64_t partials = plan.N * tiles_per_image(bp.level_h, bp.level_w);
-      stats_partial[b] = fresh(at::empty({bp.out_channels * partials * 3}, x.options().dtype(at::kDouble)));
-    }
-    in_groups(B, [&](size_t g0, size_t count) {
-      check_launch(launch_tile_forward(dt, TileMode::ConvOnly, tile_args(g0, count, !copied), stream),
-                   "tile_forward (conv + partial statistics)");
-      copied = true;
-    });
-    in_groups(stat_branches.size(), [&](size_t g0, size_t count) {
-      MergeStatsArgs a;
-      a.num_branches = static_cast<int>(count);
-      for (size_t i = 0; i < count; ++i) {
-        const size_t b = stat_branches[g0 + i];
-        const BranchPlan& bp = plan.branches[b];
-        a.br[i].partial = stats_partial[b].const_data_ptr<double>();
-        a.br[i].channels = bp.out_channels;
-        a.br[i].partials_per_channel = plan.N * tiles_per_image(bp.level_h, bp.level_w);
-        a.br[i].mean = mean[b].data_ptr();
-        a.br[i].var = var[b].data_ptr();
-      }
-      check_launch(launch_merge_stats(dt, a, stream), "merge_stats");
-    });
-    for (size_t b = 0; b < B; ++b) fold(b);
-    in_groups(B, [&](size_t g0, size_t count) {
-      check_launch(launch_tile_forward(dt, TileMode::EpilogueOnly, tile_args(g0, count, false), stream),
-                   "tile_forward (epilogue)");
-    });
-  }
+    check_launch(launch_epilogue_up(dt, a, stream), "epilogue_up");
+  });
   return {out, level, pre, mean, var};
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------------------------------
-
-// dL/dweight = sum over n and pixels of dconv (Cb, pixel) x im2col(z) (pixel, C k k): GEMMs in opmath,
-// in chunks of the batch (bounded im2col memory), accumulated in a fixed order. cuBLAS GEMMs are
-// deterministic run to run; ATen's im2col is a gather.
-// Under torch.use_deterministic_algorithms, ATen refuses cuBLAS unless CUBLAS_WORKSPACE_CONFIG is set
-// (with several streams cuBLAS's workspace can change its reduction order); the weight gradient is
-// then ATen's convolution backward, for which cuDNN picks a deterministic algorithm in that mode.
-Tensor conv_grad_weight(const Tensor& dconv, const Tensor& z, const Tensor& weight, int64_t k) {
-  const int64_t pad = k / 2;
-  if (at::globalContext().deterministicAlgorithms()) {
-    const Tensor gw = std::get<1>(at::convolution_backward(
-        dconv, z.to(dconv.scalar_type()), weight.to(dconv.scalar_type()), std::nullopt, {1, 1}, {pad, pad},
-        {1, 1}, false, {0, 0}, 1, {false, true, false}));
-    return gw.to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
-  }
-  const int64_t N = z.size(0), C = z.size(1), Cb = dconv.size(1), L = dconv.size(2) * dconv.size(3);
-  const int64_t Ckk = C * k * k;
-  const auto acc = dconv.options().dtype(opmath(dconv.scalar_type()));
-  Tensor gw = at::zeros({Cb, Ckk}, acc);
-  const int64_t per_n = std::max<int64_t>(1, Ckk * L);
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(N, (int64_t{1} << 28) / per_n));
-  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
-    const int64_t nn = std::min(chunk, N - n0);
-    const Tensor zc = z.narrow(0, n0, nn).contiguous();
-    const Tensor cols = k == 1 ? zc.reshape({nn, C, L}) : at::im2col(zc, {k, k}, {1, 1}, {pad, pad}, {1, 1});
-    const Tensor d = dconv.narrow(0, n0, nn).contiguous().reshape({nn, Cb, L});
-    gw.addmm_(d.permute({1, 0, 2}).reshape({Cb, nn * L}).to(acc),
-              cols.permute({0, 2, 1}).reshape({nn * L, Ckk}).to(acc));
-  }
-  return gw.reshape(weight.sizes()).to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
-}
-
 BackwardResult multi_scale_backward_cuda(const Tensor& grad_in, const Tensor& x_in, at::TensorList weight,
                                          const OptionalTensorList& scale, const OptionalTensorList& shift,
                                          at::TensorList level, at::TensorList pre, at::TensorList mean,
@@ -457,8 +448,10 @@ BackwardResult multi_scale_backward_cuda(const Tensor& grad_in, const Tensor& x_
     return {grad_x, grad_weight, grad_bias, grad_scale, grad_shift};
   }
 
-  // Pass 1: upsample adjoint + activation (and, in eval mode, the folded norm's) backward, per-channel sums.
-  TensorVector pre_b(B), dconv(B), alpha(B), beta(B), pre_scale(B), center(B);
+  // 1. Upsample adjoint + activation (and, in eval mode, the folded norm's) backward, per-chunk sums;
+  // 2. their fixed-order reduction (parameter gradients, batch-statistics coefficients);
+  // 3. with batch statistics, the norm's correction of dconv.
+  TensorVector pre_b(B), dconv(B), sc(B), sh(B), mu(B), va(B), coef(B);
   std::vector<int64_t> channel_base(B);
   int64_t total_channels = 0;
   const auto dopts = opts.dtype(at::kDouble);
@@ -466,22 +459,20 @@ BackwardResult multi_scale_backward_cuda(const Tensor& grad_in, const Tensor& x_
     const BranchPlan& bp = plan.branches[b];
     pre_b[b] = pre[b].to(x.scalar_type()).contiguous(fmt);
     dconv[b] = fresh(at::empty_like(pre_b[b]));
-    std::tie(alpha[b], beta[b]) = epilogue_coefficients(bp, scale.get(b), shift.get(b), mean[b], var[b], x);
-    const std::optional<Tensor> sc = scale.get(b);
+    sc[b] = per_channel(scale.get(b), x);
+    sh[b] = per_channel(shift.get(b), x);
     if (bp.batch_stats) {
-      pre_scale[b] = at::ones({bp.out_channels}, dopts);
-      center[b] = mean[b].to(dopts).contiguous();
-    } else {
-      pre_scale[b] = present(sc) ? sc->detach().to(dopts).reshape({bp.out_channels}).contiguous()
-                                 : at::ones({bp.out_channels}, dopts);
-      center[b] = at::zeros({bp.out_channels}, dopts);
+      mu[b] = per_channel(mean[b], x);
+      va[b] = per_channel(var[b], x);
+      coef[b] = at::empty({bp.out_channels, 3}, dopts);
     }
     channel_base[b] = total_channels;
     total_channels += bp.out_channels;
   }
-  const int64_t max_chunks = up_grad_max_chunks();
-  const Tensor partial = at::zeros({total_channels * max_chunks * 2}, dopts);
+  const int64_t max_chunks = max_reduction_chunks();
+  const Tensor partial = at::empty({total_channels * max_chunks * 2}, dopts);
   const Tensor sums = at::empty({total_channels, 2}, dopts);
+  std::vector<size_t> stat_branches;
   in_groups(B, [&](size_t g0, size_t count) {
     UpGradArgs a;
     a.N = plan.N;
@@ -497,53 +488,50 @@ BackwardResult multi_scale_backward_cuda(const Tensor& grad_in, const Tensor& x_
       const size_t b = g0 + i;
       const BranchPlan& bp = plan.branches[b];
       UpGradBranch& u = a.br[i];
-      u.pre = view(pre_b[b]);
+      set_level_map(u, bp, pre_b[b]);
       u.dconv = view(dconv[b]);
-      u.channels = bp.out_channels;
-      u.h = bp.level_h;
-      u.w = bp.level_w;
-      u.channel_offset = bp.channel_offset;
-      u.up_h = static_cast<int>(bp.up_h);
-      u.up_w = static_cast<int>(bp.up_w);
-      u.alpha = alpha[b].const_data_ptr();
-      u.beta = beta[b].const_data_ptr();
-      u.pre_scale = pre_scale[b].const_data_ptr<double>();
-      u.center = center[b].const_data_ptr<double>();
+      u.batch_stats = bp.batch_stats;
+      u.eps = bp.eps;
+      u.scale = ptr(sc[b]);
+      u.shift = ptr(sh[b]);
+      u.mean = ptr(mu[b]);
+      u.var = ptr(va[b]);
       u.channel_base = channel_base[b];
     }
-    check_launch(launch_up_grad(dt, a, stream), "up_grad");
-  });
-  check_launch(launch_reduce_partials(partial.const_data_ptr<double>(), total_channels, max_chunks,
-                                      sums.data_ptr<double>(), stream),
-               "reduce_partials");
-
-  // Per-channel parameter gradients and the batch-statistics coefficients (Cb-sized, in double).
-  TensorVector coef_p(B), coef_q(B), coef_r(B);
-  std::vector<size_t> stat_branches;
-  for (size_t b = 0; b < B; ++b) {
-    const BranchPlan& bp = plan.branches[b];
-    const int64_t Cb = bp.out_channels;
-    const Tensor sum_dy = sums.select(1, 0).narrow(0, channel_base[b], Cb);
-    const Tensor sum_dyc = sums.select(1, 1).narrow(0, channel_base[b], Cb);
-    const std::optional<Tensor> sc = scale.get(b), sh = shift.get(b);
-    Tensor d_scale = sum_dyc;
-    if (bp.batch_stats) {
-      const Tensor s = present(sc) ? sc->detach().to(dopts).reshape({Cb}) : at::ones({Cb}, dopts);
-      const Tensor invstd = at::reciprocal(at::sqrt(var[b].to(dopts) + bp.eps));
-      const double M = static_cast<double>(plan.N * bp.level_h * bp.level_w);
-      d_scale = sum_dyc * invstd;  // sum(dY * xhat)
-      // dconv = scale * invstd * (dY - mean(dY) - xhat * mean(dY * xhat)) = p * dY + q * conv + r
-      coef_p[b] = (s * invstd).contiguous();
-      coef_q[b] = (-coef_p[b] * invstd * d_scale / M).contiguous();
-      coef_r[b] = (-coef_p[b] * sum_dy / M - coef_q[b] * center[b]).contiguous();
-      stat_branches.push_back(b);
+    check_launch(launch_up_grad(dt, &a, stream), "up_grad");
+    ReduceArgs r;
+    r.num_branches = static_cast<int>(count);
+    r.partial = partial.const_data_ptr<double>();
+    r.max_chunks = max_chunks;
+    r.sums = sums.data_ptr<double>();
+    for (size_t i = 0; i < count; ++i) {
+      const size_t b = g0 + i;
+      const BranchPlan& bp = plan.branches[b];
+      ReduceBranch& rb = r.br[i];
+      rb.channels = bp.out_channels;
+      rb.chunks = a.br[i].chunks;
+      rb.channel_base = channel_base[b];
+      rb.batch_stats = bp.batch_stats;
+      rb.eps = bp.eps;
+      rb.count = static_cast<double>(plan.N * bp.level_h * bp.level_w);
+      rb.scale = ptr(sc[b]);
+      rb.mean = ptr(mu[b]);
+      rb.var = ptr(va[b]);
+      rb.coef = coef[b].defined() ? coef[b].data_ptr<double>() : nullptr;
+      if (bp.batch_stats) stat_branches.push_back(b);
     }
-    grad_scale[b] = present(sc) ? d_scale.to(param_opts(sc)) : at::empty({0}, opts);
-    grad_shift[b] = present(sh) ? sum_dy.to(param_opts(sh)) : at::empty({0}, opts);
+    check_launch(launch_reduce_partials(dt, r, stream), "reduce_partials");
+  });
+  for (size_t b = 0; b < B; ++b) {
+    const int64_t Cb = plan.branches[b].out_channels;
+    const std::optional<Tensor> s = scale.get(b), t = shift.get(b);
+    grad_scale[b] = present(s) ? sums.select(1, 1).narrow(0, channel_base[b], Cb).to(param_opts(s)) : at::empty({0}, opts);
+    grad_shift[b] = present(t) ? sums.select(1, 0).narrow(0, channel_base[b], Cb).to(param_opts(t)) : at::empty({0}, opts);
   }
   in_groups(stat_branches.size(), [&](size_t g0, size_t count) {
     NormGradArgs a;
     a.N = plan.N;
+    a.channels_last = cl;
     a.num_branches = static_cast<int>(count);
     for (size_t i = 0; i < count; ++i) {
       const size_t b = stat_branches[g0 + i];
@@ -554,29 +542,30 @@ BackwardResult multi_scale_backward_cuda(const Tensor& grad_in, const Tensor& x_
       nb.channels = bp.out_channels;
       nb.h = bp.level_h;
       nb.w = bp.level_w;
-      nb.p = coef_p[b].const_data_ptr<double>();
-      nb.q = coef_q[b].const_data_ptr<double>();
-      nb.r = coef_r[b].const_data_ptr<double>();
+      nb.coef = coef[b].const_data_ptr<double>();
     }
     check_launch(launch_norm_grad(dt, a, stream), "norm_grad");
   });
 
-  // The convolution's backward on the level, with deterministic ATen ops: grad bias (a reduction), grad
-  // weight (im2col + GEMM), grad of the level (a forward convolution with the flipped, transposed kernel).
-  for (size_t b = 0; b < B; ++b) {
-    const BranchPlan& bp = plan.branches[b];
-    const int64_t pad = bp.kernel_size / 2;
-    const Tensor z = bp.identity ? x : level[b].to(x.scalar_type()).contiguous(fmt);
-    grad_bias[b] = dconv[b].sum({0, 2, 3}, false, opmath(x.scalar_type())).to(x.scalar_type());
-    grad_weight[b] =
-        output_mask[1] ? conv_grad_weight(dconv[b], z, weight[b], bp.kernel_size) : at::empty({0}, opts);
-    if (output_mask[0]) {
-      const Tensor wt = weight[b].flip({2, 3}).transpose(0, 1);
-      dz[b] = at::conv2d(dconv[b], wt, std::nullopt, {1, 1}, {pad, pad}).contiguous(fmt);
+  // 4. The convolutions' backward through ATen (cuDNN, deterministic algorithms): the gradient of the
+  // level (of x for factor 1), of the weight and of the bias.
+  {
+    const DeterministicConvolutions deterministic;
+    for (size_t b = 0; b < B; ++b) {
+      const BranchPlan& bp = plan.branches[b];
+      const int64_t pad = bp.kernel_size / 2;
+      const Tensor z = bp.identity ? x : level[b].to(x.scalar_type()).contiguous(fmt);
+      auto grads = at::convolution_backward(dconv[b], z, weight[b], c10::OptionalArrayRef<int64_t>({bp.out_channels}),
+                                            {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1,
+                                            {output_mask[0], output_mask[1], true});
+      dz[b] = output_mask[0] ? std::get<0>(grads).contiguous(fmt) : Tensor();
+      grad_weight[b] = output_mask[1] ? std::get<1>(grads).contiguous(weight[b].suggest_memory_format())
+                                      : at::empty({0}, opts);
+      grad_bias[b] = std::get<2>(grads);
     }
   }
 
-  // dx, written once: x's slice of grad plus every branch's down-resize adjoint.
+  // 5. dx, written once: x's slice of grad plus every branch's down-resize adjoint.
   Tensor grad_x = at::empty({0}, opts);
   if (output_mask[0]) {
     grad_x = fresh(at::empty({plan.N, plan.C, plan.H, plan.W}, opts.memory_format(fmt)));

@@ -1,47 +1,50 @@
-// The fused multi-scale block on CUDA: the kernels behind backend 'cuda'. Needs only CUDA's own headers
-// and the shared csrc/*.h helpers (the resize index math of csrc/resize.h is the CPU kernels' too); the
-// torch binding is multi_scale_cuda.cpp.
+// The fused multi-scale block on CUDA: the memory passes behind backend 'cuda'. The convolutions are not
+// here: the binding (multi_scale_cuda.cpp) runs them through ATen (cuDNN: tensor cores, TF32 as
+// torch.backends.cudnn.allow_tf32 says, deterministic algorithms), forward, data and weight gradients, on
+// the levels and on x for a factor-1 branch, as the CPU backend does with oneDNN. These kernels do what
+// cuDNN cannot: the resizes, the norm, the activation and the concatenation, each activation-sized tensor
+// read or written once. Needs only CUDA's own headers and the shared csrc/*.h helpers (the resize index
+// math of csrc/resize.h and the norm arithmetic of csrc/norm.h are the CPU kernels' too).
 //
-// Launches per call (kernels that read or write activation-sized data; per-channel parameter work such as
-// folding a norm into alpha/beta is a few tiny ATen ops in the binding and is not counted):
+// Launches per call (per group of up to kMaxBranches = 8 branches; B = the number of branches):
 //
-//   forward, factor pyramids, inference (no batch statistics) ........ 1  tile_forward<ConvEpilogue>
-//       each block: one (n, branch, 16x16 level tile, 8 output channels); samples the level tile plus the
-//       halo the convolution and the upsample need straight from x (the down-resize) into shared memory,
-//       8 input channels at a time, convolves (fp32 accumulation; fp64 for double), adds the bias, applies
-//       alpha/beta and the activation, and upsamples from shared memory into the branch's channel slice
-//       of out. It also writes the level and pre (returned for backward), and extra blocks of the same
-//       launch copy x into its slice.
-//   forward, pyramid pooling, inference .............................. 2  pool_levels, tile_forward<ConvEpilogue>
-//       pool_levels reads x once: every bin of every bins branch (column sums in shared memory, then the
-//       bins), and x's slice of the output. Bins branches whose tables do not fit in shared memory are
-//       sampled by the tile kernel from x instead (correct, slower).
-//   forward with batch statistics (training BatchNorm) ......... +1  tile_forward<ConvOnly>, merge_stats,
-//                                                                     tile_forward<EpilogueOnly>
-//       i.e. 2 for factor pyramids, 3 for pyramid pooling, plus merge_stats, which touches only
-//       per-channel partials: the conv pass also writes each tile's (count, mean, M2) per channel (double,
-//       two passes over the values in registers, fixed-shape block sums); merge_stats merges them in
-//       tile order (one thread per channel); the epilogue pass needs the whole batch's statistics.
-//   backward: own kernels up_grad and dx read and write the activation-sized tensors (grad, dx); the rest
-//   is level-sized or per-channel:
-//       up_grad (upsample adjoint as a gather, activation and norm backward, per-(channel, chunk) partial
-//       sums), reduce_partials (per-channel, fixed chunk order), [norm_grad: the batch-statistics
-//       correction on the level], then per branch deterministic ATen work on the level-sized tensors: grad
-//       bias (sum), grad weight (im2col + GEMM), grad of the level (a forward conv2d with the flipped
-//       kernel); finally dx (only if x needs a gradient), written once: x's slice of grad + every
-//       branch's down-resize adjoint (a gather, branches in order). For a factor-1 branch the "level" is
-//       x itself, so its ATen work is activation-sized.
-//   more than kMaxBranches (8) branches: the per-branch launches above repeat per group of 8.
+//   forward ............................ levels (1) + B convolutions (ATen) + epilogue_up (1)
+//       levels: one read of x computes every level (a gather of the down-resize's taps per level element;
+//       a large pooling window, e.g. bin 1, split over up to 256 lanes combined in a fixed tree) and copies
+//       x into its slice of the output; for bins branches pool_levels does that instead where its blocks
+//       (one per (n, channel group), each walking the whole map once, column sums in shared memory) fill
+//       the GPU; a pyramid mixing factor and bins branches may take both (2). epilogue_up: one thread per output
+//       element of every branch: bias is already in the convolution output; norm (alpha, beta),
+//       activation and the up-resize's taps, written straight into the branch's channel slice.
+//   forward with batch statistics ...... + stats_partial (1) + merge_stats (1, per-channel)
+//       stats_partial: (channel, chunk) blocks, enough to fill the GPU, each the (count, sum, M2) of its
+//       chunk in double; merge_stats: one thread per channel combines the chunks in chunk order and
+//       writes mean, var and the epilogue's alpha, beta.
+//   backward ........................... up_grad (1) + reduce_partials (1, per-channel)
+//                                        [+ norm_grad (1) with batch statistics]
+//                                        + per branch the convolution's backward (ATen: data and weight
+//                                        gradients, bias sum) + dx (1)
+//       up_grad: (channel, chunk) blocks over the level pixels; each level pixel's upsample adjoint is a
+//       gather over the output pixels that read it, split over `lanes` threads (up to a block: bin 1
+//       reads the whole map) and combined in a fixed tree; then the activation's (and in eval mode the
+//       folded norm's) backward, dconv written, per-chunk partial sums. reduce_partials combines those in
+//       chunk order (the parameter gradients and the batch-statistics coefficients, csrc/norm.h).
+//       dx: one thread per element, written once: x's slice of grad plus every branch's down-resize
+//       adjoint (a gather, branches in order).
 //
-// Determinism: no atomics anywhere; every reduction is a fixed-order loop or a fixed-shape tree.
+// Determinism: no atomics anywhere; every reduction is a fixed-order loop or a fixed-shape tree, so the
+// results are bit-identical run to run (the chunking depends only on the shapes and the device).
 // Without a GPU: tests/test_cuda_build.py compiles this file with nvcc (no spills), and
 // tests/test_cuda_emulation.py compiles it (and the binding) for the CPU (-DMSFUSED_CUDA_EMULATION,
 // emulation.h) and compares every output with the CPU kernels.
 // Registers: every kernel is __launch_bounds__(256, 1): with the default occupancy target ptxas spilled
-// around the 64-bit integer division and float division slow-path calls in the gathers; one block per SM
-// is all the kernels need to be resident, and the build test checks that no kernel spills.
+// around the 64-bit integer division and float division slow-path calls in the gathers; the build test
+// checks that no kernel spills.
 // Indexing: int64 offsets and element counts throughout (tensors may pass 2^31 elements); every tensor is
 // addressed through its strides, so NCHW and channels_last share the kernels.
+// Not yet measured on a GPU: the (channel, chunk) blocks of stats_partial and up_grad walk one channel's
+// pixels, which in channels_last are a channel-count stride apart (neighbouring channels' blocks share
+// those sectors through L2); the elementwise kernels run in memory order in both formats.
 #include "multi_scale_kernels.h"
 
 #ifdef MSFUSED_CUDA_EMULATION
@@ -58,9 +61,11 @@
 #define MSFUSED_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
 
+#include <atomic>
 #include <cstdint>
 
 #include "../activation.h"
+#include "../norm.h"
 #include "../resize.h"
 
 namespace msfused {
@@ -68,14 +73,13 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kTile = 16;  // pre tile side (threads: one pixel each)
-constexpr int kOwn = 15;  // level rows / columns a tile owns (the 16th is the upsample's halo)
-constexpr int kCob = 8;  // output channels per block
-constexpr int kMaxPad = kMaxKernelSize / 2;
-constexpr int kLsMax = kTile + 2 * kMaxPad;  // level tile side with the convolution's halo
 constexpr int64_t kMaxCopyBlocks = 2048;
-constexpr int64_t kUpGradMaxChunks = 64;
-constexpr int64_t kUpGradChunkElems = 4096;
+constexpr int64_t kMaxChunks = 64;  // chunks per channel of a whole-map reduction
+#ifdef MSFUSED_CUDA_EMULATION
+constexpr int64_t kMinChunkElems = 16;  // small, so that the tests' small maps run several chunks
+#else
+constexpr int64_t kMinChunkElems = 2048;  // values (thread-steps) per chunk at least: 8 per thread
+#endif
 
 // ---- dtypes: opmath (accumulation) type and explicit conversions (no implicit half conversions). ----
 template <typename S>
@@ -156,201 +160,6 @@ __device__ __forceinline__ void unflatten(int64_t e, int64_t C, int64_t H, int64
     e /= H;
     *c = e % C;
     *n = e / C;
-  }
-}
-
-// x into out[:, x_offset : x_offset + C], grid-stride over `blocks` blocks starting at block `blk`.
-template <typename S>
-__device__ void copy_x_slice(const TileArgs& a, int64_t blk) {
-  const int64_t total = a.N * a.C * a.H * a.W;
-  const S* x = cptr<S>(a.x);
-  S* out = mptr<S>(a.out);
-  for (int64_t e = blk * kThreads + threadIdx.x; e < total; e += a.copy_blocks * kThreads) {
-    int64_t n, c, i, j;
-    unflatten(e, a.C, a.H, a.W, a.x_channels_last, &n, &c, &i, &j);
-    out[off4<S>(a.out, n, a.x_offset + c, i, j)] = x[off4<S>(a.x, n, c, i, j)];
-  }
-}
-
-// Level value (n, c, y, x) of a branch: src read as it is, or down-resized from it with the taps of
-// resize.h in the CPU kernel's order (height taps summed per column tap), rounded to S as the
-// reference's level tensor is.
-template <typename S>
-__device__ acc_t<S> sample_level(const TileBranch& br, int64_t n, int64_t c, int64_t y, int64_t x,
-                                 bool align_corners, acc_t<S> scale_h, acc_t<S> scale_w) {
-  using A = acc_t<S>;
-  const S* base = cptr<S>(br.src) + n * br.src.stride[0] + c * br.src.stride[1];
-  const int64_t sh = br.src.stride[2], sw = br.src.stride[3];
-  const ResizeKind kh = static_cast<ResizeKind>(br.down_h), kw = static_cast<ResizeKind>(br.down_w);
-  if (kh == ResizeKind::Identity && kw == ResizeKind::Identity) return to_acc(base[y * sh + x * sw]);
-  A acc = A(0);
-  for_each_tap<A>(kw, x, br.src_w, br.level_w, br.factor, align_corners, scale_w, [&](int64_t j, A ww) {
-    A col = A(0);
-    for_each_tap<A>(kh, y, br.src_h, br.level_h, br.factor, align_corners, scale_h,
-                    [&](int64_t i, A wh) { col += wh * to_acc(base[i * sh + j * sw]); });
-    acc += ww * col;
-  });
-  return round_to<S>(acc);
-}
-
-// Input channels per shared-memory chunk: 4 for double keeps the static shared memory under 48 KB.
-template <typename A>
-struct ChannelsPerChunk {
-  static constexpr int value = sizeof(A) == 8 ? 4 : 8;
-};
-
-// ---------------------------------------------------------------------------------------------------
-// Forward: the tile kernel (see the top of the file).
-// ---------------------------------------------------------------------------------------------------
-template <typename S, int kMode>
-__global__ void __launch_bounds__(kThreads, 1) tile_forward_kernel(const __grid_constant__ TileArgs a) {
-  using A = acc_t<S>;
-  constexpr int CK = ChannelsPerChunk<A>::value;
-  constexpr bool kConv = kMode != static_cast<int>(TileMode::EpilogueOnly);
-  constexpr bool kEpilogue = kMode != static_cast<int>(TileMode::ConvOnly);
-  __shared__ A s_lvl[CK * kLsMax * kLsMax];  // level chunk [ci][ly][lx], row length LS
-  __shared__ A s_w[CK * kMaxKernelSize * kMaxKernelSize * kCob];  // weights [ci][ky][kx][co]
-  __shared__ A s_act[kCob * kTile * kTile];  // activated tile [co][py][px]
-
-  const int t = threadIdx.x;
-  int64_t blk = blockIdx.x;
-  if (blk < a.copy_blocks) {
-    copy_x_slice<S>(a, blk);
-    return;
-  }
-  blk -= a.copy_blocks;
-  int b = 0;
-  for (int k = 1; k < a.num_branches; ++k)
-    if (blk >= a.br[k].block_begin) b = k;
-  const TileBranch& br = a.br[b];
-  int64_t r = blk - br.block_begin;
-  const int64_t co_chunk = r % br.co_chunks;
-  r /= br.co_chunks;
-  const int64_t tx = r % br.tiles_w;
-  r /= br.tiles_w;
-  const int64_t ty = r % br.tiles_h;
-  const int64_t n = r / br.tiles_h;
-
-  const int64_t C = a.C, h = br.level_h, w = br.level_w, Cb = br.out_channels;
-  const int64_t ly0 = ty * kOwn, lx0 = tx * kOwn, co0 = co_chunk * kCob;
-  const int cob = static_cast<int>(Cb - co0 < kCob ? Cb - co0 : kCob);
-  const int py = t / kTile, px = t % kTile;
-  const int64_t gy = ly0 + py, gx = lx0 + px;
-  const bool in_level = gy < h && gx < w;
-  const bool owned = in_level && py < kOwn && px < kOwn;
-  const bool ac = a.align_corners;
-
-  A v[kCob];  // this thread's pre values (conv + bias, rounded to S)
-  if constexpr (kConv) {
-    const int k = static_cast<int>(br.kernel_size), p = k / 2, LS = kTile + 2 * p, kk = k * k;
-    const S* wgt = static_cast<const S*>(br.weight);
-    const A scale_h = linear_scale<A>(br.src_h, h, ac), scale_w = linear_scale<A>(br.src_w, w, ac);
-    const bool write_level = br.level_out.data != nullptr && co_chunk == 0;
-    A acc[kCob];
-#pragma unroll
-    for (int co = 0; co < kCob; ++co) acc[co] = A(0);
-    for (int64_t c0 = 0; c0 < C; c0 += CK) {
-      __syncthreads();  // the previous chunk's reads are done
-      for (int idx = t; idx < CK * LS * LS; idx += kThreads) {
-        const int ci = idx / (LS * LS), rem = idx % (LS * LS), ly = rem / LS, lx = rem % LS;
-        const int64_t c = c0 + ci, yy = ly0 - p + ly, xx = lx0 - p + lx;
-        A val = A(0);  // the convolution's zero padding
-        if (c < C && yy >= 0 && yy < h && xx >= 0 && xx < w) {
-          val = sample_level<S>(br, n, c, yy, xx, ac, scale_h, scale_w);
-          if (write_level && ly >= p && ly - p < kOwn && lx >= p && lx - p < kOwn)
-            mptr<S>(br.level_out)[off4<S>(br.level_out, n, c, yy, xx)] = from_acc<S>(val);
-        }
-        s_lvl[idx] = val;
-      }
-      for (int idx = t; idx < CK * kk * kCob; idx += kThreads) {
-        const int co = idx % kCob, rest = idx / kCob, tap = rest % kk, ci = rest / kk;
-        const int64_t c = c0 + ci, o = co0 + co;
-        s_w[idx] = (c < C && o < Cb) ? to_acc(wgt[(o * C + c) * kk + tap]) : A(0);
-      }
-      __syncthreads();
-      for (int ci = 0; ci < CK; ++ci) {
-        for (int ky = 0; ky < k; ++ky) {
-          for (int kx = 0; kx < k; ++kx) {
-            const A xv = s_lvl[ci * LS * LS + (py + ky) * LS + px + kx];
-            const A* wp = s_w + (ci * kk + ky * k + kx) * kCob;
-#pragma unroll
-            for (int co = 0; co < kCob; ++co) acc[co] += wp[co] * xv;
-          }
-        }
-      }
-    }
-    const S* bias = static_cast<const S*>(br.bias);
-    S* pre = mptr<S>(br.pre);
-#pragma unroll
-    for (int co = 0; co < kCob; ++co) {
-      v[co] = A(0);
-      if (co < cob) {
-        v[co] = round_to<S>(acc[co] + (bias != nullptr ? to_acc(bias[co0 + co]) : A(0)));
-        if (owned) pre[off4<S>(br.pre, n, co0 + co, gy, gx)] = from_acc<S>(v[co]);
-      }
-    }
-    if constexpr (kMode == static_cast<int>(TileMode::ConvOnly)) {
-      // Batch statistics: this tile's (count, mean, M2) of pre per channel over its owned pixels, in
-      // double (two passes over the values in registers, fixed-shape tree sums); merged by merge_stats.
-      if (br.stats_partial != nullptr) {  // uniform over the block: the barriers inside are too
-        __shared__ double s_red[kThreads];
-        const int64_t tiles = a.N * br.tiles_h * br.tiles_w, tile = (n * br.tiles_h + ty) * br.tiles_w + tx;
-        const double count = block_sum(owned ? 1.0 : 0.0, s_red);  // >= 1: a tile owns its first pixel
-#pragma unroll
-        for (int co = 0; co < kCob; ++co) {
-          if (co < cob) {
-            const double mean = block_sum(owned ? static_cast<double>(v[co]) : 0.0, s_red) / count;
-            const double d = owned ? static_cast<double>(v[co]) - mean : 0.0;
-            const double m2 = block_sum(d * d, s_red);
-            if (t == 0) {
-              double* dst = br.stats_partial + ((co0 + co) * tiles + tile) * 3;
-              dst[0] = count;
-              dst[1] = mean;
-              dst[2] = m2;
-            }
-          }
-        }
-      }
-    }
-  } else {
-    const S* pre = cptr<S>(br.pre);
-#pragma unroll
-    for (int co = 0; co < kCob; ++co)
-      v[co] = (co < cob && in_level) ? to_acc(pre[off4<S>(br.pre, n, co0 + co, gy, gx)]) : A(0);
-  }
-
-  if constexpr (kEpilogue) {
-    const A* alpha = static_cast<const A*>(br.alpha);
-    const A* beta = static_cast<const A*>(br.beta);
-    const Activation act = static_cast<Activation>(a.activation);
-#pragma unroll
-    for (int co = 0; co < kCob; ++co) {
-      A y = A(0);
-      if (co < cob && in_level) y = round_to<S>(activate<A>(act, alpha[co0 + co] * v[co] + beta[co0 + co]));
-      s_act[co * kTile * kTile + t] = y;
-    }
-    __syncthreads();
-    // The output pixels this tile owns: those whose first up-tap lies in its own level rows / columns.
-    const ResizeKind uh = static_cast<ResizeKind>(br.up_h), uw = static_cast<ResizeKind>(br.up_w);
-    const A sh = linear_scale<A>(h, a.H, ac), sw = linear_scale<A>(w, a.W, ac);
-    int64_t I0, I1, J0, J1;
-    outputs_starting_in<A>(uh, ly0, ly0 + kOwn < h ? ly0 + kOwn : h, h, a.H, 1, ac, sh, &I0, &I1);
-    outputs_starting_in<A>(uw, lx0, lx0 + kOwn < w ? lx0 + kOwn : w, w, a.W, 1, ac, sw, &J0, &J1);
-    const int64_t nJ = J1 - J0, per = (I1 - I0) * nJ;
-    S* out = mptr<S>(a.out);
-    for (int64_t idx = t; idx < cob * per; idx += kThreads) {
-      const int co = static_cast<int>(idx / per);
-      const int64_t rem = idx % per, I = I0 + rem / nJ, J = J0 + rem % nJ;
-      const A* tile = s_act + co * kTile * kTile;
-      A val = A(0);
-      for_each_tap<A>(uw, J, w, a.W, 1, ac, sw, [&](int64_t jj, A ww) {
-        A col = A(0);
-        for_each_tap<A>(uh, I, h, a.H, 1, ac, sh,
-                        [&](int64_t ii, A wh) { col += wh * tile[(ii - ly0) * kTile + (jj - lx0)]; });
-        val += ww * col;
-      });
-      out[off4<S>(a.out, n, br.channel_offset + co0 + co, I, J)] = from_acc<S>(val);
-    }
   }
 }
 
@@ -441,104 +250,340 @@ __global__ void __launch_bounds__(kThreads, 1) pool_levels_kernel(const __grid_c
   }
 }
 
+// Per-channel parameter value p[c] in opmath, or `fallback` where the parameter is absent.
+template <typename A>
+__device__ __forceinline__ A param(const void* p, int64_t c, A fallback) {
+  return p != nullptr ? static_cast<const A*>(p)[c] : fallback;
+}
+
+// Which of `count` consecutive ranges holds k, given each range's first index (ascending): its index.
+template <typename Ranges>
+__device__ __forceinline__ int range_of(int64_t k, int count, const Ranges& first) {
+  int b = 0;
+  for (int q = 1; q < count; ++q)
+    if (k >= first(q)) b = q;
+  return b;
+}
+
 // ---------------------------------------------------------------------------------------------------
-// Forward: batch statistics from the tile kernel's per-(channel, tile) partials, one thread per channel.
+// Forward: the levels as gathers from x, and x's slice of the output (extra blocks).
+// A level element's taps are read by `lanes` threads (pooling windows: bins on a large map; 1 otherwise)
+// whose sums are combined in a fixed tree.
 // ---------------------------------------------------------------------------------------------------
 template <typename S>
+__global__ void __launch_bounds__(kThreads, 1) levels_kernel(const __grid_constant__ LevelArgs a) {
+  using A = acc_t<S>;
+  __shared__ A s_acc[kThreads];
+  const int64_t blk = blockIdx.x;
+  const S* x = cptr<S>(a.x);
+  if (blk < a.copy_blocks) {  // x into out[:, x_offset : x_offset + C], grid-stride
+    const int64_t total = a.N * a.C * a.H * a.W;
+    S* out = mptr<S>(a.out);
+    for (int64_t e = blk * kThreads + threadIdx.x; e < total; e += a.copy_blocks * kThreads) {
+      int64_t n, c, i, j;
+      unflatten(e, a.C, a.H, a.W, a.x_channels_last, &n, &c, &i, &j);
+      out[off4<S>(a.out, n, a.x_offset + c, i, j)] = x[off4<S>(a.x, n, c, i, j)];
+    }
+    return;
+  }
+  const int64_t lb = blk - a.copy_blocks;
+  const int b = range_of(lb, a.num_branches, [&](int q) { return a.br[q].block_begin; });
+  const LevelBranch& br = a.br[b];
+  const int64_t h = br.level_h, w = br.level_w;
+  const int t = threadIdx.x, G = static_cast<int>(br.lanes), lane = t % G;
+  const int64_t e = (lb - br.block_begin) * (kThreads / G) + t / G;
+  const bool valid = e < a.N * a.C * h * w;  // (uniform control flow below: the lane tree has barriers)
+  int64_t n = 0, c = 0, y = 0, xx = 0;
+  if (valid) unflatten(e, a.C, h, w, a.x_channels_last, &n, &c, &y, &xx);
+  const bool ac = a.align_corners;
+  const A scale_h = linear_scale<A>(a.H, h, ac), scale_w = linear_scale<A>(a.W, w, ac);
+  const ResizeKind kh = static_cast<ResizeKind>(br.down_h), kw = static_cast<ResizeKind>(br.down_w);
+  const S* base = x + n * a.x.stride[0] + c * a.x.stride[1];
+  const int64_t sh = a.x.stride[2], sw = a.x.stride[3];
+  A acc = A(0);
+  if (G == 1) {
+    // As the CPU kernel: the height taps summed per width tap.
+    if (valid)
+      for_each_tap<A>(kw, xx, a.W, w, br.factor, ac, scale_w, [&](int64_t j, A ww) {
+        A col = A(0);
+        for_each_tap<A>(kh, y, a.H, h, br.factor, ac, scale_h,
+                        [&](int64_t i, A wh) { col += wh * to_acc(base[i * sh + j * sw]); });
+        acc += ww * col;
+      });
+  } else {
+    // Pooling on both axes (the launcher's rule): the window's sum over the lanes, then the weights.
+    TapRun rows{y, 1}, cols{xx, 1};
+    if (kh != ResizeKind::Identity) rows = pooling_run(kh, y, a.H, h, br.factor);
+    if (kw != ResizeKind::Identity) cols = pooling_run(kw, xx, a.W, w, br.factor);
+    const int64_t total = valid ? rows.count * cols.count : 0;
+    if (lane < total) {
+      int64_t i = rows.start + lane / cols.count, j = cols.start + lane % cols.count;
+      const int64_t step_i = G / cols.count, step_j = G % cols.count;
+      for (int64_t r = lane; r < total; r += G) {
+        acc += to_acc(base[i * sh + j * sw]);
+        i += step_i;
+        j += step_j;
+        if (j >= cols.start + cols.count) {
+          j -= cols.count;
+          ++i;
+        }
+      }
+    }
+    s_acc[t] = acc;
+    for (int s = G / 2; s > 0; s >>= 1) {
+      __syncthreads();
+      if (lane < s) s_acc[t] += s_acc[t + s];
+    }
+    __syncthreads();
+    acc = s_acc[t] * (A(1) / static_cast<A>(rows.count)) * (A(1) / static_cast<A>(cols.count));
+  }
+  // Rounded to S as the reference's level is.
+  if (valid && lane == 0) mptr<S>(br.level)[off4<S>(br.level, n, c, y, xx)] = from_acc<S>(acc);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward, batch statistics: per (branch, channel, chunk) the chunk's (count, sum, M2 about its mean).
+// ---------------------------------------------------------------------------------------------------
+// The chunk [*e0, *e1) of `elems` values cut into `chunks` (the last ones may be empty).
+__device__ __forceinline__ void chunk_range(int64_t chunk, int64_t chunks, int64_t elems, int64_t* e0, int64_t* e1) {
+  const int64_t per = (elems + chunks - 1) / chunks;
+  *e0 = chunk * per < elems ? chunk * per : elems;
+  *e1 = *e0 + per < elems ? *e0 + per : elems;
+}
+
+template <typename S>
+__global__ void __launch_bounds__(kThreads, 1) stats_partial_kernel(const __grid_constant__ StatsArgs a) {
+  __shared__ double sm[kThreads];
+  const int64_t blk = blockIdx.x;
+  const int b = range_of(blk, a.num_branches, [&](int q) { return a.br[q].block_begin; });
+  const StatsBranch& sb = a.br[b];
+  const int64_t c = (blk - sb.block_begin) / sb.chunks, chunk = (blk - sb.block_begin) % sb.chunks;
+  const int64_t hw = sb.h * sb.w;
+  int64_t e0, e1;
+  chunk_range(chunk, sb.chunks, a.N * hw, &e0, &e1);
+  const S* pre = cptr<S>(sb.pre);
+  auto value = [&](int64_t e) {
+    const int64_t n = e / hw, rem = e % hw;
+    return static_cast<double>(to_acc(pre[off4<S>(sb.pre, n, c, rem / sb.w, rem % sb.w)]));
+  };
+  double s = 0;
+  for (int64_t e = e0 + threadIdx.x; e < e1; e += kThreads) s += value(e);
+  const double sum = block_sum(s, sm);
+  const double count = static_cast<double>(e1 - e0);
+  const double mean = count > 0 ? sum / count : 0.0;
+  double m = 0;
+  for (int64_t e = e0 + threadIdx.x; e < e1; e += kThreads) {
+    const double d = value(e) - mean;
+    m += d * d;
+  }
+  const double m2 = block_sum(m, sm);
+  if (threadIdx.x == 0) {
+    double* dst = a.partial + ((sb.channel_base + c) * a.max_chunks + chunk) * 3;
+    dst[0] = count;
+    dst[1] = sum;
+    dst[2] = m2;
+  }
+}
+
+// One thread per channel: the chunks in chunk order. The mean is sum / count (a channel of one-signed
+// Inf keeps it, as ATen's batch norm), M2 adds each chunk's own plus its mean's offset.
+template <typename S>
 __global__ void __launch_bounds__(kThreads, 1) merge_stats_kernel(const __grid_constant__ MergeStatsArgs a) {
-  using Stat = acc_t<S>;  // float, double for double (msfused::stats_dtype)
+  using Stat = acc_t<S>;  // float, double for double (msfused::stats_dtype); also the opmath type
   int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   int b = 0;
   while (b < a.num_branches && c >= a.br[b].channels) c -= a.br[b++].channels;
   if (b >= a.num_branches) return;
   const MergeStatsBranch& mb = a.br[b];
-  const double* p = mb.partial + c * mb.partials_per_channel * 3;
-  double count = 0, mean = 0, m2 = 0;
-  for (int64_t k = 0; k < mb.partials_per_channel; ++k) {  // fixed order: deterministic
-    const double nb = p[3 * k], mean_b = p[3 * k + 1], m2_b = p[3 * k + 2];
-    const double n = count + nb, delta = mean_b - mean;
-    mean += delta * (nb / n);
-    m2 += m2_b + delta * delta * (count * nb / n);
-    count = n;
+  const double* p = a.partial + (mb.channel_base + c) * a.max_chunks * 3;
+  double count = 0, sum = 0;
+  for (int64_t k = 0; k < mb.chunks; ++k) {  // fixed order: deterministic
+    count += p[3 * k];
+    sum += p[3 * k + 1];
   }
-  static_cast<Stat*>(mb.mean)[c] = static_cast<Stat>(mean);
-  static_cast<Stat*>(mb.var)[c] = static_cast<Stat>(m2 / count);
+  const double mean = sum / count;
+  double m2 = 0;
+  for (int64_t k = 0; k < mb.chunks; ++k) {
+    const double nk = p[3 * k];
+    if (nk == 0) continue;
+    const double d = p[3 * k + 1] / nk - mean;
+    m2 += p[3 * k + 2] + nk * d * d;
+  }
+  const Stat mean_s = static_cast<Stat>(mean), var_s = static_cast<Stat>(m2 / count);
+  static_cast<Stat*>(mb.mean)[c] = mean_s;
+  static_cast<Stat*>(mb.var)[c] = var_s;
+  double alpha, beta;
+  norm_epilogue(true, static_cast<double>(param<Stat>(mb.scale, c, Stat(1))),
+                static_cast<double>(param<Stat>(mb.shift, c, Stat(0))), static_cast<double>(mean_s),
+                static_cast<double>(var_s), mb.eps, &alpha, &beta);
+  static_cast<Stat*>(mb.alpha)[c] = static_cast<Stat>(alpha);
+  static_cast<Stat*>(mb.beta)[c] = static_cast<Stat>(beta);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward: norm, activation and the resize back up, one thread per output element of every branch.
+// ---------------------------------------------------------------------------------------------------
+template <typename S>
+__global__ void __launch_bounds__(kThreads, 1) epilogue_up_kernel(const __grid_constant__ EpilogueArgs a) {
+  using A = acc_t<S>;
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (e >= a.N * a.group_channels * a.H * a.W) return;
+  int64_t n, gc, I, J;
+  unflatten(e, a.group_channels, a.H, a.W, a.channels_last, &n, &gc, &I, &J);
+  const int b = range_of(gc, a.num_branches, [&](int q) { return a.br[q].slice_begin; });
+  const EpilogueBranch& eb = a.br[b];
+  const int64_t c = gc - eb.slice_begin, h = eb.h, w = eb.w;
+  const bool ac = a.align_corners;
+  const A sh = linear_scale<A>(h, a.H, ac), sw = linear_scale<A>(w, a.W, ac);
+  const ResizeKind uh = static_cast<ResizeKind>(eb.up_h), uw = static_cast<ResizeKind>(eb.up_w);
+  const A alpha = param<A>(eb.alpha, c, A(1)), beta = param<A>(eb.beta, c, A(0));
+  const Activation act = static_cast<Activation>(a.activation);
+  const S* pre = cptr<S>(eb.pre);
+  // As the CPU kernel: the activated level value rounded to S (the reference's activation output), the
+  // height taps summed per width tap.
+  A val = A(0);
+  for_each_tap<A>(uw, J, w, a.W, 1, ac, sw, [&](int64_t jj, A ww) {
+    A col = A(0);
+    for_each_tap<A>(uh, I, h, a.H, 1, ac, sh, [&](int64_t ii, A wh) {
+      col += wh * round_to<S>(activate<A>(act, alpha * to_acc(pre[off4<S>(eb.pre, n, c, ii, jj)]) + beta));
+    });
+    val += ww * col;
+  });
+  mptr<S>(a.out)[off4<S>(a.out, n, eb.channel_offset + c, I, J)] = from_acc<S>(val);
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Backward 1: upsample adjoint (gather) + activation backward + partial sums, per (branch, channel, chunk).
 // ---------------------------------------------------------------------------------------------------
+// The summed weight with which output o of a resize reads input i (0 if it does not).
+template <typename A>
+__device__ __forceinline__ A weight_of(ResizeKind kind, int64_t o, int64_t i, int64_t in, int64_t out, bool ac, A scale) {
+  A wsum = A(0);
+  for_each_weight_of<A>(kind, o, i, in, out, 1, ac, scale, [&](A wt) { wsum += wt; });
+  return wsum;
+}
+
 template <typename S>
 __global__ void __launch_bounds__(kThreads, 1) up_grad_kernel(const __grid_constant__ UpGradArgs a) {
   using A = acc_t<S>;
-  __shared__ double sm[kThreads];
+  __shared__ A s_acc[kThreads];
+  __shared__ double s_red[kThreads];
   const int64_t blk = blockIdx.x;
-  int b = 0;
-  for (int k = 1; k < a.num_branches; ++k)
-    if (blk >= a.br[k].block_begin) b = k;
+  const int b = range_of(blk, a.num_branches, [&](int q) { return a.br[q].block_begin; });
   const UpGradBranch& ub = a.br[b];
   const int64_t c = (blk - ub.block_begin) / ub.chunks, chunk = (blk - ub.block_begin) % ub.chunks;
-  const int64_t h = ub.h, w = ub.w, hw = h * w, M = a.N * hw;
-  const int64_t per = (M + ub.chunks - 1) / ub.chunks;
-  const int64_t e0 = chunk * per, e1 = e0 + per < M ? e0 + per : M;
+  const int64_t h = ub.h, w = ub.w, hw = h * w;
+  int64_t e0, e1;
+  chunk_range(chunk, ub.chunks, a.N * hw, &e0, &e1);
   const bool ac = a.align_corners;
   const ResizeKind kh = static_cast<ResizeKind>(ub.up_h), kw = static_cast<ResizeKind>(ub.up_w);
   const A sh = linear_scale<A>(h, a.H, ac), sw = linear_scale<A>(w, a.W, ac);
-  const A alpha = static_cast<const A*>(ub.alpha)[c], beta = static_cast<const A*>(ub.beta)[c];
-  const double ps = ub.pre_scale[c], center = ub.center[c];
+  // This channel's norm: the epilogue's alpha, beta; p (dconv = p * dY) and the center of the sums.
+  const double mean = ub.batch_stats ? static_cast<double>(param<A>(ub.mean, c, A(0))) : 0.0;
+  const double var = ub.batch_stats ? static_cast<double>(param<A>(ub.var, c, A(0))) : 0.0;
+  const double scale = static_cast<double>(param<A>(ub.scale, c, A(1)));
+  double alpha_d, beta_d;
+  norm_epilogue(ub.batch_stats, scale, static_cast<double>(param<A>(ub.shift, c, A(0))), mean, var, ub.eps, &alpha_d,
+                &beta_d);
+  const A alpha = static_cast<A>(alpha_d), beta = static_cast<A>(beta_d);
+  const double ps = ub.batch_stats ? 1.0 : scale;
   const Activation act = static_cast<Activation>(a.activation);
   const S* grad = cptr<S>(a.grad);
   const S* pre = cptr<S>(ub.pre);
   S* dconv = mptr<S>(ub.dconv);
   const int64_t gc = ub.channel_offset + c;
+  const int t = threadIdx.x;
+  const int G = static_cast<int>(ub.lanes), lane = t % G, per_round = kThreads / G;
   double s1 = 0, s2 = 0;
-  for (int64_t e = e0 + threadIdx.x; e < e1; e += kThreads) {
-    const int64_t n = e / hw, rem = e % hw, i = rem / w, j = rem % w;
-    A da = A(0);
-    if (kh == ResizeKind::Identity && kw == ResizeKind::Identity) {
-      da = to_acc(grad[off4<S>(a.grad, n, gc, i, j)]);
-    } else {
-      int64_t I0, I1, J0, J1;
-      readers_of<A>(kh, i, h, a.H, 1, ac, sh, &I0, &I1);
-      readers_of<A>(kw, j, w, a.W, 1, ac, sw, &J0, &J1);
-      // As the CPU kernel: the height adjoint per output column, then the width adjoint.
-      for (int64_t J = J0; J < J1; ++J) {
-        for_each_weight_of<A>(kw, J, j, w, a.W, 1, ac, sw, [&](A ww) {
-          A col = A(0);
-          for (int64_t I = I0; I < I1; ++I)
-            for_each_weight_of<A>(kh, I, i, h, a.H, 1, ac, sh,
-                                  [&](A wh) { col += wh * to_acc(grad[off4<S>(a.grad, n, gc, I, J)]); });
-          da += ww * col;
-        });
+  // Rounds: every thread runs the same number (the barriers of the lane tree are block-wide).
+  for (int64_t base = e0; base < e1; base += per_round) {
+    const int64_t e = base + t / G;
+    const bool valid = e < e1;
+    int64_t n = 0, i = 0, j = 0;
+    A part = A(0);
+    if (valid) {
+      n = e / hw;
+      const int64_t rem = e % hw;
+      i = rem / w;
+      j = rem % w;
+      if (kh == ResizeKind::Identity && kw == ResizeKind::Identity) {
+        part = to_acc(grad[off4<S>(a.grad, n, gc, i, j)]);  // lanes == 1
+      } else {
+        int64_t I0, I1, J0, J1;
+        readers_of<A>(kh, i, h, a.H, 1, ac, sh, &I0, &I1);
+        readers_of<A>(kw, j, w, a.W, 1, ac, sw, &J0, &J1);
+        const int64_t nJ = J1 - J0, total = (I1 - I0) * nJ;
+        if (lane < total) {  // this lane's entries of the reader rectangle: lane, lane + G, ...
+          int64_t I = I0 + lane / nJ, J = J0 + lane % nJ;
+          const int64_t step_i = G / nJ, step_j = G % nJ;
+          for (int64_t r = lane; r < total; r += G) {
+            part += weight_of<A>(kh, I, i, h, a.H, ac, sh) * weight_of<A>(kw, J, j, w, a.W, ac, sw) *
+                    to_acc(grad[off4<S>(a.grad, n, gc, I, J)]);
+            I += step_i;
+            J += step_j;
+            if (J >= J1) {
+              J -= nJ;
+              ++I;
+            }
+          }
+        }
       }
     }
-    const int64_t po = off4<S>(ub.pre, n, c, i, j);
-    const A pv = to_acc(pre[po]);
-    // The reference rounds the activation's incoming gradient to the dtype.
-    const A dy = round_to<S>(da) * activate_grad<A>(act, alpha * pv + beta);
-    s1 += static_cast<double>(dy);
-    s2 += static_cast<double>(dy) * (static_cast<double>(pv) - center);
-    dconv[off4<S>(ub.dconv, n, c, i, j)] = from_acc<S>(static_cast<A>(static_cast<double>(dy) * ps));
+    if (G > 1) {  // the lanes' parts in a fixed tree (G is uniform over the block)
+      s_acc[t] = part;
+      for (int s = G / 2; s > 0; s >>= 1) {
+        __syncthreads();
+        if (lane < s) s_acc[t] += s_acc[t + s];
+      }
+      __syncthreads();
+      part = s_acc[t];
+      __syncthreads();  // read before the next round overwrites
+    }
+    if (valid && lane == 0) {
+      const int64_t po = off4<S>(ub.pre, n, c, i, j);
+      const A pv = to_acc(pre[po]);
+      // The reference rounds the activation's incoming gradient to the dtype.
+      const A dy = round_to<S>(part) * activate_grad<A>(act, alpha * pv + beta);
+      s1 += static_cast<double>(dy);
+      s2 += static_cast<double>(dy) * (static_cast<double>(pv) - mean);
+      dconv[off4<S>(ub.dconv, n, c, i, j)] = from_acc<S>(static_cast<A>(static_cast<double>(dy) * ps));
+    }
   }
-  const double t1 = block_sum(s1, sm);
-  const double t2 = block_sum(s2, sm);
-  if (threadIdx.x == 0) {
+  const double t1 = block_sum(s1, s_red);
+  const double t2 = block_sum(s2, s_red);
+  if (t == 0) {
     double* dst = a.partial + ((ub.channel_base + c) * a.max_chunks + chunk) * 2;
     dst[0] = t1;
     dst[1] = t2;
   }
 }
 
-__global__ void reduce_partials_kernel(const double* partial, int64_t rows, int64_t chunks, double* sums) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= rows) return;
+// One thread per channel: the chunks' partial sums in chunk order, and the norm's backward from them.
+template <typename S>
+__global__ void __launch_bounds__(kThreads, 1) reduce_partials_kernel(const __grid_constant__ ReduceArgs a) {
+  using A = acc_t<S>;
+  int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  int b = 0;
+  while (b < a.num_branches && c >= a.br[b].channels) c -= a.br[b++].channels;
+  if (b >= a.num_branches) return;
+  const ReduceBranch& rb = a.br[b];
+  const int64_t row = rb.channel_base + c;
   double s1 = 0, s2 = 0;
-  for (int64_t k = 0; k < chunks; ++k) {  // fixed order: deterministic
-    s1 += partial[(row * chunks + k) * 2];
-    s2 += partial[(row * chunks + k) * 2 + 1];
+  for (int64_t k = 0; k < rb.chunks; ++k) {  // fixed order: deterministic
+    s1 += a.partial[(row * a.max_chunks + k) * 2];
+    s2 += a.partial[(row * a.max_chunks + k) * 2 + 1];
   }
-  sums[row * 2] = s1;
-  sums[row * 2 + 1] = s2;
+  double d_scale = s2;  // sum(dY * conv)
+  if (rb.batch_stats) {
+    double p, q, r;
+    batch_norm_grad(static_cast<double>(param<A>(rb.scale, c, A(1))), static_cast<double>(param<A>(rb.mean, c, A(0))),
+                    static_cast<double>(param<A>(rb.var, c, A(0))), rb.eps, rb.count, s1, s2, &d_scale, &p, &q, &r);
+    rb.coef[c * 3] = p;
+    rb.coef[c * 3 + 1] = q;
+    rb.coef[c * 3 + 2] = r;
+  }
+  a.sums[row * 2] = s1;
+  a.sums[row * 2 + 1] = d_scale;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -547,20 +592,19 @@ __global__ void reduce_partials_kernel(const double* partial, int64_t rows, int6
 template <typename S>
 __global__ void __launch_bounds__(kThreads, 1) norm_grad_kernel(const __grid_constant__ NormGradArgs a) {
   const int64_t blk = blockIdx.x;
-  int b = 0;
-  for (int k = 1; k < a.num_branches; ++k)
-    if (blk >= a.br[k].block_begin) b = k;
+  const int b = range_of(blk, a.num_branches, [&](int q) { return a.br[q].block_begin; });
   const NormGradBranch& nb = a.br[b];
   const int64_t total = a.N * nb.channels * nb.h * nb.w;
   const S* pre = cptr<S>(nb.pre);
   S* dconv = mptr<S>(nb.dconv);
   for (int64_t e = (blk - nb.block_begin) * kThreads + threadIdx.x; e < total; e += nb.blocks * kThreads) {
     int64_t n, c, i, j;
-    unflatten(e, nb.channels, nb.h, nb.w, false, &n, &c, &i, &j);
+    unflatten(e, nb.channels, nb.h, nb.w, a.channels_last, &n, &c, &i, &j);
     const int64_t od = off4<S>(nb.dconv, n, c, i, j);
     const double d = static_cast<double>(to_acc(dconv[od]));
     const double pv = static_cast<double>(to_acc(pre[off4<S>(nb.pre, n, c, i, j)]));
-    dconv[od] = from_acc<S>(static_cast<acc_t<S>>(nb.p[c] * d + nb.q[c] * pv + nb.r[c]));
+    const double* k = nb.coef + c * 3;
+    dconv[od] = from_acc<S>(static_cast<acc_t<S>>(k[0] * d + k[1] * pv + k[2]));
   }
 }
 
@@ -628,36 +672,177 @@ cudaError_t dispatch(DType dtype, F&& f) {
 
 size_t acc_size(DType dtype) { return dtype == DType::Double ? 8 : 4; }
 
-}  // namespace
-
-cudaError_t launch_tile_forward(DType dtype, TileMode mode, TileArgs args, cudaStream_t stream) {
-  if (args.num_branches < 1 || args.num_branches > kMaxBranches) return cudaErrorInvalidValue;
-  const int64_t copy_total = args.N * args.C * args.H * args.W;
-  args.copy_blocks = (args.x_offset >= 0 && mode != TileMode::EpilogueOnly && copy_total > 0)
-                         ? (ceil_div(copy_total, kThreads) < kMaxCopyBlocks ? ceil_div(copy_total, kThreads) : kMaxCopyBlocks)
-                         : 0;
-  int64_t blocks = args.copy_blocks;
-  for (int b = 0; b < args.num_branches; ++b) {
-    TileBranch& br = args.br[b];
-    if (br.kernel_size < 1 || br.kernel_size > kMaxKernelSize || br.kernel_size % 2 == 0) return cudaErrorInvalidValue;
-    br.tiles_h = ceil_div(br.level_h, kOwn);
-    br.tiles_w = ceil_div(br.level_w, kOwn);
-    br.co_chunks = ceil_div(br.out_channels, kCob);
-    br.block_begin = blocks - args.copy_blocks;
-    blocks += args.N * br.tiles_h * br.tiles_w * br.co_chunks;
-  }
+// Launches kernel_of(S{}) (a kernel template's instantiation for the dtype) over `blocks` blocks.
+template <typename Args, typename KernelOf>
+cudaError_t launch(DType dtype, int64_t blocks, size_t shared_bytes, const Args& args, cudaStream_t stream,
+                   KernelOf kernel_of) {
   if (blocks == 0) return cudaSuccess;
   if (blocks > kMaxGrid) return cudaErrorInvalidConfiguration;
   return dispatch(dtype, [&](auto s) {
-    using S = decltype(s);
-    void (*kernel)(TileArgs) = mode == TileMode::ConvEpilogue ? tile_forward_kernel<S, 0>
-                               : mode == TileMode::ConvOnly   ? tile_forward_kernel<S, 1>
-                                                              : tile_forward_kernel<S, 2>;
-    return MSFUSED_LAUNCH(kernel, blocks, 0, stream, args);
+    void (*kernel)(Args) = kernel_of(s);
+    return MSFUSED_LAUNCH(kernel, blocks, shared_bytes, stream, args);
   });
 }
 
+// Checks the branch count (and the chunk table's width) a launch was given.
+template <typename Args>
+bool valid_group(const Args& args, int64_t max_chunks = kMaxChunks) {
+  return args.num_branches >= 1 && args.num_branches <= kMaxBranches && max_chunks == kMaxChunks;
+}
+
+// The channels of every branch of a group (the per-channel launches: one thread each).
+template <typename Args>
+int64_t group_channels(const Args& args) {
+  int64_t channels = 0;
+  for (int b = 0; b < args.num_branches; ++b) channels += args.br[b].channels;
+  return channels;
+}
+
+// The current device's multiprocessor count, asked once per device.
+int64_t multiprocessors() {
+#ifdef MSFUSED_CUDA_EMULATION
+  return 2;
+#else
+  constexpr int kDevices = 64;
+  static std::atomic<int> cached[kDevices];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 1;
+  if (device >= 0 && device < kDevices && cached[device].load() > 0) return cached[device].load();
+  int count = 1;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count < 1) count = 1;
+  if (device >= 0 && device < kDevices) cached[device].store(count);
+  return count;
+#endif
+}
+
+// Threads per level element of launch_levels: pooling windows (both axes pooling or identity) of more than
+// 16 taps are split over a power of two of lanes (about 16 taps each), more while the launch would not
+// fill the device (2 blocks per multiprocessor), up to a block; anything else: one thread.
+int64_t level_lanes(const LevelBranch& br, int64_t planes, int64_t H, int64_t W) {
+  auto taps = [](int kind, int64_t level, int64_t full, int64_t factor) -> int64_t {
+    switch (static_cast<ResizeKind>(kind)) {
+      case ResizeKind::Identity: return 1;
+      case ResizeKind::AvgFactor: return factor;
+      case ResizeKind::Adaptive: return (full + level - 1) / level + 1;
+      default: return -1;  // not a pooling kind
+    }
+  };
+  const int64_t th = taps(br.down_h, br.level_h, H, br.factor), tw = taps(br.down_w, br.level_w, W, br.factor);
+  if (th < 0 || tw < 0) return 1;
+  const int64_t entries = th * tw, elems = planes * br.level_h * br.level_w;
+  int64_t lanes = 1;
+  while (lanes < kThreads && lanes * 16 < entries) lanes *= 2;
+  while (lanes < kThreads && lanes < entries && elems * lanes < 2 * multiprocessors() * kThreads) lanes *= 2;
+  return lanes;
+}
+
+// Threads that read each level pixel's upsample adjoint: about 32 reader entries per thread, a power of
+// two up to the block (bin 1 on a 64x64 map: 4356 entries, 256 lanes).
+int64_t up_grad_lanes(const UpGradBranch& ub, int64_t H, int64_t W) {
+  auto readers = [](int kind, int64_t level, int64_t full) {
+    return static_cast<ResizeKind>(kind) == ResizeKind::Identity ? 1 : (full + level - 1) / level + 2;
+  };
+  const int64_t entries = readers(ub.up_h, ub.h, H) * readers(ub.up_w, ub.w, W);
+  int64_t lanes = 1;
+  while (lanes < kThreads && lanes * 32 < entries) lanes *= 2;
+  return lanes;
+}
+
+}  // namespace
+
+int64_t max_reduction_chunks() { return kMaxChunks; }
+
+int64_t reduction_chunks(int64_t channels, int64_t elems) {
+  const int64_t want = ceil_div(4 * multiprocessors(), channels < 1 ? 1 : channels);  // >= 4 blocks per SM
+  int64_t chunks = want < ceil_div(elems, kMinChunkElems) ? want : ceil_div(elems, kMinChunkElems);
+  chunks = chunks < kMaxChunks ? chunks : kMaxChunks;
+  return chunks < 1 ? 1 : chunks;
+}
+
+cudaError_t launch_levels(DType dtype, LevelArgs args, cudaStream_t stream) {
+  if (args.num_branches < 0 || args.num_branches > kMaxBranches) return cudaErrorInvalidValue;
+  const int64_t copy_total = args.N * args.C * args.H * args.W;
+  args.copy_blocks = args.x_offset >= 0 && copy_total > 0
+                         ? (ceil_div(copy_total, kThreads) < kMaxCopyBlocks ? ceil_div(copy_total, kThreads) : kMaxCopyBlocks)
+                         : 0;
+  int64_t blocks = 0;
+  for (int b = 0; b < args.num_branches; ++b) {
+    LevelBranch& br = args.br[b];
+    br.lanes = level_lanes(br, args.N * args.C, args.H, args.W);
+    br.block_begin = blocks;
+    blocks += ceil_div(args.N * args.C * br.level_h * br.level_w * br.lanes, kThreads);
+  }
+  return launch(dtype, blocks + args.copy_blocks, 0, args, stream, [](auto s) { return levels_kernel<decltype(s)>; });
+}
+
+cudaError_t launch_stats_partial(DType dtype, StatsArgs* args, cudaStream_t stream) {
+  if (!valid_group(*args, args->max_chunks)) return cudaErrorInvalidValue;
+  int64_t blocks = 0;
+  for (int b = 0; b < args->num_branches; ++b) {
+    StatsBranch& sb = args->br[b];
+    sb.chunks = reduction_chunks(sb.channels, args->N * sb.h * sb.w);
+    sb.block_begin = blocks;
+    blocks += sb.channels * sb.chunks;
+  }
+  return launch(dtype, args->N == 0 ? 0 : blocks, 0, *args, stream,
+                [](auto s) { return stats_partial_kernel<decltype(s)>; });
+}
+
+cudaError_t launch_merge_stats(DType dtype, const MergeStatsArgs& args, cudaStream_t stream) {
+  if (!valid_group(args, args.max_chunks)) return cudaErrorInvalidValue;
+  return launch(dtype, ceil_div(group_channels(args), kThreads), 0, args, stream,
+                [](auto s) { return merge_stats_kernel<decltype(s)>; });
+}
+
+cudaError_t launch_epilogue_up(DType dtype, EpilogueArgs args, cudaStream_t stream) {
+  if (!valid_group(args)) return cudaErrorInvalidValue;
+  int64_t channels = 0;
+  for (int b = 0; b < args.num_branches; ++b) {
+    args.br[b].slice_begin = channels;
+    channels += args.br[b].channels;
+  }
+  args.group_channels = channels;
+  return launch(dtype, ceil_div(args.N * channels * args.H * args.W, kThreads), 0, args, stream,
+                [](auto s) { return epilogue_up_kernel<decltype(s)>; });
+}
+
+cudaError_t launch_up_grad(DType dtype, UpGradArgs* args, cudaStream_t stream) {
+  if (!valid_group(*args, args->max_chunks)) return cudaErrorInvalidValue;
+  int64_t blocks = 0;
+  for (int b = 0; b < args->num_branches; ++b) {
+    UpGradBranch& ub = args->br[b];
+    ub.lanes = up_grad_lanes(ub, args->H, args->W);
+    ub.chunks = reduction_chunks(ub.channels, args->N * ub.h * ub.w * ub.lanes);
+    ub.block_begin = blocks;
+    blocks += ub.channels * ub.chunks;
+  }
+  return launch(dtype, args->N == 0 ? 0 : blocks, 0, *args, stream, [](auto s) { return up_grad_kernel<decltype(s)>; });
+}
+
+cudaError_t launch_reduce_partials(DType dtype, const ReduceArgs& args, cudaStream_t stream) {
+  if (!valid_group(args, args.max_chunks)) return cudaErrorInvalidValue;
+  return launch(dtype, ceil_div(group_channels(args), kThreads), 0, args, stream,
+                [](auto s) { return reduce_partials_kernel<decltype(s)>; });
+}
+
+cudaError_t launch_norm_grad(DType dtype, NormGradArgs args, cudaStream_t stream) {
+  if (!valid_group(args)) return cudaErrorInvalidValue;
+  int64_t blocks = 0;
+  for (int b = 0; b < args.num_branches; ++b) {
+    NormGradBranch& nb = args.br[b];
+    const int64_t need = ceil_div(args.N * nb.channels * nb.h * nb.w, kThreads);
+    nb.blocks = need < 1 ? 1 : (need > 4096 ? 4096 : need);
+    nb.block_begin = blocks;
+    blocks += nb.blocks;
+  }
+  return launch(dtype, args.N == 0 ? 0 : blocks, 0, args, stream, [](auto s) { return norm_grad_kernel<decltype(s)>; });
+}
+
 size_t pool_shared_limit() { return 48 * 1024; }
+
+bool pool_fills_device(int64_t N, int64_t C, bool channels_last) {
+  return N * ceil_div(C, pool_group(channels_last)) >= 2 * multiprocessors();
+}
 
 size_t pool_shared_bytes(DType dtype, PoolArgs* args) {
   int64_t rows = 0, bins = 0;
@@ -678,98 +863,19 @@ size_t pool_shared_bytes(DType dtype, PoolArgs* args) {
 }
 
 cudaError_t launch_pool_levels(DType dtype, const PoolArgs& args, cudaStream_t stream) {
-  if (args.num_branches < 1 || args.num_branches > kMaxBranches) return cudaErrorInvalidValue;
+  if (!valid_group(args)) return cudaErrorInvalidValue;
   PoolArgs a = args;
   const size_t smem = pool_shared_bytes(dtype, &a);
   if (smem > pool_shared_limit()) return cudaErrorInvalidValue;
-  const int64_t blocks = a.N * ceil_div(a.C, pool_group(a.x_channels_last));
-  if (blocks == 0) return cudaSuccess;
-  if (blocks > kMaxGrid) return cudaErrorInvalidConfiguration;
-  return dispatch(dtype, [&](auto s) {
-    using S = decltype(s);
-    void (*kernel)(PoolArgs) = pool_levels_kernel<S>;
-    return MSFUSED_LAUNCH(kernel, blocks, smem, stream, a);
-  });
-}
-
-int64_t tiles_per_image(int64_t h, int64_t w) { return ceil_div(h, kOwn) * ceil_div(w, kOwn); }
-
-cudaError_t launch_merge_stats(DType dtype, const MergeStatsArgs& args, cudaStream_t stream) {
-  if (args.num_branches < 1 || args.num_branches > kMaxBranches) return cudaErrorInvalidValue;
-  int64_t channels = 0;
-  for (int b = 0; b < args.num_branches; ++b) channels += args.br[b].channels;
-  if (channels == 0) return cudaSuccess;
-  const int64_t blocks = ceil_div(channels, kThreads);
-  if (blocks > kMaxGrid) return cudaErrorInvalidConfiguration;
-  return dispatch(dtype, [&](auto s) {
-    using S = decltype(s);
-    void (*kernel)(MergeStatsArgs) = merge_stats_kernel<S>;
-    return MSFUSED_LAUNCH(kernel, blocks, 0, stream, args);
-  });
-}
-
-int64_t up_grad_max_chunks() { return kUpGradMaxChunks; }
-
-cudaError_t launch_up_grad(DType dtype, UpGradArgs args, cudaStream_t stream) {
-  if (args.num_branches < 1 || args.num_branches > kMaxBranches) return cudaErrorInvalidValue;
-  if (args.max_chunks != kUpGradMaxChunks) return cudaErrorInvalidValue;
-  int64_t blocks = 0;
-  for (int b = 0; b < args.num_branches; ++b) {
-    UpGradBranch& ub = args.br[b];
-    const int64_t M = args.N * ub.h * ub.w;
-    int64_t chunks = ceil_div(M, kUpGradChunkElems);
-    ub.chunks = chunks < 1 ? 1 : (chunks > kUpGradMaxChunks ? kUpGradMaxChunks : chunks);
-    ub.block_begin = blocks;
-    blocks += ub.channels * ub.chunks;
-  }
-  if (blocks == 0 || args.N == 0) return cudaSuccess;
-  if (blocks > kMaxGrid) return cudaErrorInvalidConfiguration;
-  return dispatch(dtype, [&](auto s) {
-    using S = decltype(s);
-    void (*kernel)(UpGradArgs) = up_grad_kernel<S>;
-    return MSFUSED_LAUNCH(kernel, blocks, 0, stream, args);
-  });
-}
-
-cudaError_t launch_reduce_partials(const double* partial, int64_t total_channels, int64_t max_chunks, double* sums,
-                                   cudaStream_t stream) {
-  if (total_channels == 0) return cudaSuccess;
-  const int64_t blocks = ceil_div(total_channels, kThreads);
-  if (blocks > kMaxGrid) return cudaErrorInvalidConfiguration;
-  void (*kernel)(const double*, int64_t, int64_t, double*) = reduce_partials_kernel;
-  return MSFUSED_LAUNCH(kernel, blocks, 0, stream, partial, total_channels, max_chunks, sums);
-}
-
-cudaError_t launch_norm_grad(DType dtype, NormGradArgs args, cudaStream_t stream) {
-  if (args.num_branches < 1 || args.num_branches > kMaxBranches) return cudaErrorInvalidValue;
-  int64_t blocks = 0;
-  for (int b = 0; b < args.num_branches; ++b) {
-    NormGradBranch& nb = args.br[b];
-    const int64_t total = args.N * nb.channels * nb.h * nb.w;
-    int64_t need = ceil_div(total, kThreads);
-    nb.blocks = need < 1 ? 1 : (need > 4096 ? 4096 : need);
-    nb.block_begin = blocks;
-    blocks += nb.blocks;
-  }
-  if (blocks == 0 || args.N == 0) return cudaSuccess;
-  return dispatch(dtype, [&](auto s) {
-    using S = decltype(s);
-    void (*kernel)(NormGradArgs) = norm_grad_kernel<S>;
-    return MSFUSED_LAUNCH(kernel, blocks, 0, stream, args);
-  });
+  return launch(dtype, a.N * ceil_div(a.C, pool_group(a.x_channels_last)), smem, a, stream,
+                [](auto s) { return pool_levels_kernel<decltype(s)>; });
 }
 
 cudaError_t launch_dx(DType dtype, const DxArgs& args, cudaStream_t stream) {
   if (args.num_branches < 0 || args.num_branches > kMaxBranches) return cudaErrorInvalidValue;
-  const int64_t total = args.N * args.C * args.H * args.W;
-  if (total == 0) return cudaSuccess;
-  const int64_t blocks = ceil_div(total, kThreads);  // one thread per element
-  if (blocks > kMaxGrid) return cudaErrorInvalidConfiguration;
-  return dispatch(dtype, [&](auto s) {
-    using S = decltype(s);
-    void (*kernel)(DxArgs) = dx_kernel<S>;
-    return MSFUSED_LAUNCH(kernel, blocks, 0, stream, args);
-  });
+  // One thread per element.
+  return launch(dtype, ceil_div(args.N * args.C * args.H * args.W, kThreads), 0, args, stream,
+                [](auto s) { return dx_kernel<decltype(s)>; });
 }
 
 }  // namespace cuda
