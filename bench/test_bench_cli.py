@@ -53,7 +53,11 @@ def test_cli_rejects_bad_options(capsys) -> None:
 def test_workload_table_matches_workloads_md() -> None:
     assert list(workloads.WORKLOADS) == [
         "psp_mmseg", "psp_smp", "aspp_pool", "pyramid_seed", "pyramid_wide", "stem_pyramid", "psp_small",
+        "psp_head_mmseg", "psp_decoder_smp",
     ]
+    head = workloads.WORKLOADS["psp_head_mmseg"].make_naive("meta")
+    assert head.spec.project.kernel_size == 3 and head.project.conv.weight.shape == (512, 4096, 3, 3)
+    assert head.out_channels == 512
     smp = workloads.WORKLOADS["psp_smp"].make_naive("meta")
     assert [b.bias for b in smp.spec.branches] == [True, False, False, False]
     assert [b.norm for b in smp.spec.branches] == [None, "batch", "batch", "batch"]
@@ -94,6 +98,15 @@ def test_floor_counts_psp_small_by_hand() -> None:
     assert floor.floor_ms(floor.Work(10**9, 0, 0), rates) == pytest.approx(50.0)
     assert floor.floor_ms(floor.Work(10**9, 10**9, 0), rates) == pytest.approx(150.0)
     assert floor.floor_ms(floor.Work(10**9, 10**9, 10**12), rates) == pytest.approx(1000.0)
+
+
+def test_floor_counts_a_projection_by_its_parts() -> None:
+    """psp_decoder_smp: the projection's x part at full size and each branch's part at its level (not the
+    convolution over the concatenation)."""
+    w = workloads.WORKLOADS["psp_decoder_smp"]  # C=128, 64x64, bins 1,2,3,6 to 32, projection 1x1 to 512
+    block = 2 * 4 * 32 * 128 * (1 + 4 + 9 + 36)
+    projection = 2 * 4 * 512 * 128 * 64 * 64 + 2 * 4 * 512 * 32 * (1 + 4 + 9 + 36)
+    assert floor.count_work(w, 4, "inference", torch.float32).flops == block + projection
 
 
 def test_readme_results_are_generated_from_bench_results():

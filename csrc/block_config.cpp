@@ -18,6 +18,8 @@ ResizeKind up_kind(std::string_view mode) {
   TORCH_CHECK_VALUE(false, "msfused: up_mode must be 'bilinear' or 'nearest', got '", mode, "'");
 }
 
+}  // namespace
+
 Activation parse_activation(std::string_view name) {
   if (name == "none") return Activation::None;
   if (name == "relu") return Activation::Relu;
@@ -25,8 +27,6 @@ Activation parse_activation(std::string_view name) {
   if (name == "gelu") return Activation::Gelu;
   TORCH_CHECK_VALUE(false, "msfused: activation must be 'relu', 'silu', 'gelu' or 'none', got '", name, "'");
 }
-
-}  // namespace
 
 BlockPlan make_plan(const at::Tensor& x, at::TensorList weight, const c10::List<bool>& batch_stats,
                     c10::ArrayRef<double> eps, c10::IntArrayRef factor, c10::IntArrayRef bins,

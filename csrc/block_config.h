@@ -37,6 +37,9 @@ struct BlockPlan {
 
 using OptionalTensorList = c10::List<std::optional<at::Tensor>>;
 
+// 'relu', 'silu', 'gelu' or 'none' (a clear error otherwise).
+Activation parse_activation(std::string_view name);
+
 // Checks the operator's arguments (the Python layer has checked them already with friendlier messages;
 // these guard C++ callers) and builds the plan for an input x.
 BlockPlan make_plan(const at::Tensor& x, at::TensorList weight, const c10::List<bool>& batch_stats,

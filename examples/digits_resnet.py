@@ -1,9 +1,10 @@
 """A multi-scale ResNet classifier on the handwritten digits scikit-learn ships (no download), trained with the
 naive and the fused MultiScaleBlock side by side.
 
-Each residual block is ``x + BN(conv1x1(MultiScaleBlock(x)))`` followed by a ReLU: the multi-scale block looks
-at the 8x8 digit at scales 1, 2 and 4 (3x3 convolutions, BatchNorm, ReLU) and the 1x1 convolution brings
-its branches back to the trunk's width. Both models start from the same weights and see the same batches;
+Each residual block is ``x + BN(conv1x1(cat(branches)))`` followed by a ReLU: the multi-scale block looks
+at the 8x8 digit at scales 1, 2 and 4 (3x3 convolutions, BatchNorm, ReLU) and its projection (the 1x1
+convolution and BatchNorm, ``project=``) brings its branches back to the trunk's width; the fused block
+never builds the concatenation. Both models start from the same weights and see the same batches;
 the fused one is the naive one after ``msfused.convert``. Prints each model's test accuracy and training
 time.
 
@@ -31,12 +32,11 @@ class ResidualMultiScale(nn.Module):
     def __init__(self, width: int, block_cls=msfused.NaiveMultiScaleBlock):
         super().__init__()
         self.multi = block_cls(width, width // 2, scales=(1, 2, 4), norm="batch", activation="relu",
-                               input_position=None)
-        self.proj = nn.Conv2d(self.multi.out_channels, width, 1, bias=False)
-        self.norm = nn.BatchNorm2d(width)
+                               input_position=None,
+                               project=dict(out_channels=width, kernel_size=1, bias=False, norm="batch", activation=None))
 
     def forward(self, x):
-        return torch.relu(x + self.norm(self.proj(self.multi(x))))
+        return torch.relu(x + self.multi(x))
 
 
 def build_model(width: int = 16, blocks: int = 2) -> nn.Module:

@@ -187,6 +187,50 @@ def multi_scale_backward_fake(
     return grad_x, grad_weight, grad_bias, grad_param(scale, weight), grad_param(shift, weight)
 
 
+def multi_scale_project_forward_fake(
+    x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
+    activation, input_position, project_weight, project_bias, project_scale, project_shift, project_batch_stats,
+    project_eps, project_activation, save_pre,
+):
+    """Shapes, dtypes and memory formats of multi_scale_project_forward's results: the block's saved
+    tensors as multi_scale_forward's, the output and the projection's pre-activation (N, P, H, W; empty
+    without save_pre)."""
+    _cat, level, pre, mean, var = multi_scale_forward_fake(
+        x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
+        activation, input_position,
+    )
+    N, _, H, W = x.shape
+    P = project_weight.shape[0]
+    fmt = torch._prims_common.suggest_memory_format(x)
+    out = torch.empty((N, P, H, W), memory_format=fmt, dtype=x.dtype, device=x.device)
+    n_stats = P if project_batch_stats else 0
+    stats = dict(dtype=_stats_dtype(x.dtype), device=x.device)
+    p_pre = torch.empty_like(out) if save_pre else torch.empty((0,), dtype=x.dtype, device=x.device)
+    return (out, level, pre, mean, var, p_pre, torch.empty((n_stats,), **stats),
+            torch.empty((n_stats,), **stats))
+
+
+def multi_scale_project_backward_fake(
+    grad_out, x, weight, scale, shift, level, pre, mean, var, batch_stats, eps, factor, bins, down_mode, up_mode,
+    align_corners, activation, input_position, project_weight, project_scale, project_shift, project_pre,
+    project_mean, project_var, project_batch_stats, project_eps, project_activation, output_mask,
+):
+    """Shapes, dtypes and memory formats of multi_scale_project_backward's results."""
+    block = multi_scale_backward_fake(
+        grad_out, x, weight, scale, shift, level, pre, mean, var, batch_stats, eps, factor, bins, down_mode,
+        up_mode, align_corners, activation, input_position, output_mask,
+    )
+    like = dict(dtype=x.dtype, device=x.device)
+    P = project_weight.shape[0]
+    grad_pw = (torch.empty(project_weight.shape, memory_format=torch._prims_common.suggest_memory_format(project_weight),
+                           **like) if output_mask[1] else torch.empty((0,), **like))
+    param = lambda t: (torch.empty((P,), dtype=t.dtype, device=x.device) if t is not None  # noqa: E731
+                       else torch.empty((0,), **like))
+    return (*block, grad_pw, torch.empty((P,), **like), param(project_scale), param(project_shift))
+
+
 if loaded():
     torch.library.register_fake("msfused::multi_scale_forward")(multi_scale_forward_fake)
     torch.library.register_fake("msfused::multi_scale_backward")(multi_scale_backward_fake)
+    torch.library.register_fake("msfused::multi_scale_project_forward")(multi_scale_project_forward_fake)
+    torch.library.register_fake("msfused::multi_scale_project_backward")(multi_scale_project_backward_fake)

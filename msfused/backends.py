@@ -171,11 +171,23 @@ def index_limit_reason(name: str, x: torch.Tensor, spec) -> Optional[str]:
             f"(more than 2**31 - 1 = {INT32_INDEX_LIMIT}); split the batch, or use backend 'cpu' or 'reference'")
 
 
+#: Backends that fuse a block's projection (SPEC.md, "The projection"); issue 14 brings the GPU ones later.
+PROJECTION_BACKENDS = ("cpu",)
+
+
+def projection_reason(name: str, spec) -> Optional[str]:
+    """Why backend ``name`` cannot run block ``spec``'s projection, or None (no projection, or it can)."""
+    if getattr(spec, "project", None) is None or name in PROJECTION_BACKENDS:
+        return None
+    return (f"backend {name!r} does not fuse a block's projection yet (only {', '.join(PROJECTION_BACKENDS)} "
+            "does); use backend 'reference' or a block without project=")
+
+
 def _call_reason(name: str, x: torch.Tensor, spec) -> Optional[str]:
-    """Why backend ``name`` cannot run this particular call (its sizes), or None."""
+    """Why backend ``name`` cannot run this particular call (its sizes, a projection), or None."""
     if spec is None:
         return None
-    return index_limit_reason(name, x, spec)
+    return projection_reason(name, spec) or index_limit_reason(name, x, spec)
 
 
 _warned: set = set()

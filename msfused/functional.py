@@ -29,7 +29,14 @@ def _branch_name(spec: BlockSpec, i: int) -> str:
     return f"scales[{i}]={b.factor}" if b.factor else f"bins[{i}]={b.bins}"
 
 
-def check_input(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> None:
+def _named_parts(branches: nn.ModuleList, project: Optional[nn.Module]):
+    """(name, module) of every part with parameters: ``branches[i]``, then ``project``."""
+    parts = [(f"branches[{i}]", br) for i, br in enumerate(branches)]
+    return parts + ([("project", project)] if project is not None else [])
+
+
+def check_input(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList,
+                project: Optional[nn.Module] = None) -> None:
     """Raises a clear exception naming the argument for any input SPEC.md calls bad."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -48,16 +55,19 @@ def check_input(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> No
             raise ValueError(
                 f"{_branch_name(spec, i)} gives a level of {h}x{w} for x of {H}x{W}; a level must be at least 1x1"
             )
-    for i, branch in enumerate(branches):
-        for name, t in list(branch.named_parameters()) + list(branch.named_buffers()):
+    if (project is None) != (spec.project is None):
+        raise ValueError("the block's project module and its spec.project disagree (one is None)")
+    parts = _named_parts(branches, project)
+    for part, module in parts:
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
             if t.device != x.device:
-                raise ValueError(f"branches[{i}].{name} is on {t.device} but x is on {x.device}")
+                raise ValueError(f"{part}.{name} is on {t.device} but x is on {x.device}")
     autocast = backends.autocast_enabled(x.device.type)
-    for i, branch in enumerate(branches):
-        for name, t in branch.named_parameters():
+    for part, module in parts:
+        for name, t in module.named_parameters():
             if not autocast and t.dtype != x.dtype:
                 raise TypeError(
-                    f"branches[{i}].{name} has dtype {t.dtype} but x has {x.dtype}; they must match outside autocast"
+                    f"{part}.{name} has dtype {t.dtype} but x has {x.dtype}; they must match outside autocast"
                 )
 
 
@@ -170,6 +180,13 @@ def _needs_grad(x: torch.Tensor, branches: nn.ModuleList) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in branches.parameters()))
 
 
+def _check_batch_values(norm: nn.Module, count: int, shape: List[int], name: str) -> None:
+    """The same check, and message, as F.batch_norm: more than one value per channel in training."""
+    if count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{torch.Size(shape)} ({name})")
+
+
 def _operator(backend: str):
     """The forward operator of a fused backend: the C++ one ('cpu', 'cuda') or the Triton one."""
     if backend == "triton":
@@ -177,7 +194,8 @@ def _operator(backend: str):
     return torch.ops.msfused.multi_scale_forward
 
 
-def _fused_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList, backend: str) -> torch.Tensor:
+def _branch_args(x: torch.Tensor, spec: BlockSpec, branches) -> tuple:
+    """The operators' per-branch tensor lists and settings: weight, bias, scale, shift, batch_stats, eps."""
     weight: List[torch.Tensor] = []
     bias: List[Optional[torch.Tensor]] = []
     scale: List[Optional[torch.Tensor]] = []
@@ -191,15 +209,28 @@ def _fused_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList, ba
         s, t, stats, e = _norm_epilogue(branch.norm)
         if stats:
             h, w = spec.branches[i].level_size(H, W)
-            if N * h * w <= 1:  # the same check, and message, as F.batch_norm
-                raise ValueError(
-                    f"Expected more than 1 value per channel when training, got input size "
-                    f"{torch.Size([N, spec.branches[i].out_channels, h, w])} (branches[{i}].norm)"
-                )
+            _check_batch_values(branch.norm, N * h * w, [N, spec.branches[i].out_channels, h, w],
+                                f"branches[{i}].norm")
         scale.append(s)
         shift.append(t)
         batch_stats.append(stats)
         eps.append(e)
+    return weight, bias, scale, shift, batch_stats, eps
+
+
+def _update_branch_stats(x: torch.Tensor, spec: BlockSpec, branches, batch_stats, mean, var) -> None:
+    N, _, H, W = x.shape
+    for i, branch in enumerate(branches):
+        if batch_stats[i]:
+            h, w = spec.branches[i].level_size(H, W)
+            _update_running_stats(branch.norm, mean[i], var[i], N * h * w)
+
+
+def _fused_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList, backend: str,
+                   project: Optional[nn.Module] = None) -> torch.Tensor:
+    if project is not None:
+        return _fused_project_forward(x, spec, branches, project)
+    weight, bias, scale, shift, batch_stats, eps = _branch_args(x, spec, branches)
     if backend == "triton":  # absent tensors as empty ones (msfused/triton/ops.py says why)
         from .triton.ops import absent_as_empty
 
@@ -210,10 +241,32 @@ def _fused_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList, ba
     out, _level, _pre, mean, var = _operator(backend)(
         x, weight, bias, scale, shift, batch_stats, eps, **spec.op_args()
     )
-    for i, branch in enumerate(branches):
-        if batch_stats[i]:
-            h, w = spec.branches[i].level_size(H, W)
-            _update_running_stats(branch.norm, mean[i], var[i], N * h * w)
+    _update_branch_stats(x, spec, branches, batch_stats, mean, var)
+    return out
+
+
+def _fused_project_forward(x: torch.Tensor, spec: BlockSpec, branches, project) -> torch.Tensor:
+    """The block and its projection through msfused::multi_scale_project_forward (the 'cpu' backend; the
+    GPU backends decline a projection, backends.projection_reason)."""
+    weight, bias, scale, shift, batch_stats, eps = _branch_args(x, spec, branches)
+    p_scale, p_shift, p_stats, p_eps = _norm_epilogue(project.norm)
+    N, _, H, W = x.shape
+    if p_stats:
+        _check_batch_values(project.norm, N * H * W, [N, spec.project.out_channels, H, W], "project.norm")
+    # The projection's pre-activation is kept only for a backward (inference writes the output in its place).
+    tensors = [x, project.conv.weight, project.conv.bias, *project.norm.parameters()]
+    for branch in branches:
+        tensors += [branch.conv.weight, branch.conv.bias, *branch.norm.parameters()]
+    save_pre = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    out, _level, _pre, mean, var, _p_pre, p_mean, p_var = torch.ops.msfused.multi_scale_project_forward(
+        x, weight, bias, scale, shift, batch_stats, eps, **spec.op_args(),
+        project_weight=project.conv.weight, project_bias=project.conv.bias, project_scale=p_scale,
+        project_shift=p_shift, project_batch_stats=p_stats, project_eps=p_eps, **spec.project.op_args(),
+        save_pre=save_pre,
+    )
+    _update_branch_stats(x, spec, branches, batch_stats, mean, var)
+    if p_stats:
+        _update_running_stats(project.norm, p_mean, p_var, N * H * W)
     return out
 
 
@@ -265,39 +318,45 @@ class _CastBranch:
 
 
 def _autocast_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList,
-                      fused_forward: Callable[..., torch.Tensor]) -> torch.Tensor:
+                      fused_forward: Callable[..., torch.Tensor], project: Optional[nn.Module] = None) -> torch.Tensor:
     """The fused block under autocast, following autocast's rules as the naive module does: the
     convolutions in the autocast dtype (x and the conv parameters cast to it, differentiably, as autocast
     casts them for ``F.conv2d``), the norms with their own (float32) parameters and buffers (statistics
     in float32, running statistics updated in the buffers' dtype), and the output in the dtype
     ``torch.cat`` gives the naive module (``_autocast_output_dtype``): ``x`` itself, when part of the
-    output, is kept exactly in its own dtype. ``fused_forward(x, spec, branches)`` runs the chosen fused
-    backend, with autocast off."""
+    output, is kept exactly in its own dtype. With a projection, its convolution runs in the autocast dtype
+    too and the output has that dtype (SPEC.md). ``fused_forward(x, spec, branches, project=...)`` runs the
+    chosen fused backend, with autocast off."""
     device = x.device.type
     low = torch.get_autocast_dtype(device)
-    params = [(i, n, t) for i, br in enumerate(branches) for n, t in (("conv.weight", br.conv.weight),
-                                                                      ("conv.bias", br.conv.bias)) if t is not None]
+    params = [(part, n, t) for part, m in _named_parts(branches, project)
+              for n, t in (("conv.weight", m.conv.weight), ("conv.bias", m.conv.bias)) if t is not None]
     if x.dtype == torch.float64 or any(t.dtype == torch.float64 for _, _, t in params):
         # Autocast leaves float64 alone: all float64 runs as without autocast; a mix is what F.conv2d refuses.
-        for i, n, t in params:
+        for part, n, t in params:
             if t.dtype != x.dtype:
-                raise TypeError(f"branches[{i}].{n} has dtype {t.dtype} but x has {x.dtype}; autocast does not "
+                raise TypeError(f"{part}.{n} has dtype {t.dtype} but x has {x.dtype}; autocast does not "
                                 "cast float64, so under autocast float64 x and weights must match")
         with torch.autocast(device, enabled=False):
-            return fused_forward(x, spec, branches)
+            return fused_forward(x, spec, branches, project=project)
+    cast = lambda m: _CastBranch(m.conv.weight.to(low), None if m.conv.bias is None else m.conv.bias.to(low),  # noqa: E731
+                                 m.norm)
     if spec.input_position and x.dtype not in (torch.float32, low) and _AUTOCAST_KERNELS.get((device, "aten::cat")):
         # CPU autocast's torch.cat (its promote policy) joins float32 and the autocast dtype only.
         raise TypeError(f"under autocast to {low} on {device}, x of dtype {x.dtype} cannot join the branches "
                         f"(torch.cat refuses to mix {x.dtype} with them there, the naive module too); pass x "
                         f"as float32 or {low}")
+    if project is not None:
+        # The projection's convolution reads the whole concatenation in ``low``: x and every branch in ``low``.
+        with torch.autocast(device, enabled=False):
+            return fused_forward(x.to(low), spec, [cast(br) for br in branches], project=cast(project))
     out_dtype = _autocast_output_dtype(x, spec, low)
     with torch.autocast(device, enabled=False):
-        cast = [_CastBranch(br.conv.weight.to(low), None if br.conv.bias is None else br.conv.bias.to(low), br.norm)
-                for br in branches]
+        cast_branches = [cast(br) for br in branches]
         if x.dtype == low == out_dtype:
-            return fused_forward(x, spec, cast)
+            return fused_forward(x, spec, cast_branches)
         # The branches from the fused kernels in ``low``; x joins them in its own dtype, as in torch.cat.
-        y = fused_forward(x.to(low), dataclasses.replace(spec, input_position=None), cast)
+        y = fused_forward(x.to(low), dataclasses.replace(spec, input_position=None), cast_branches)
         if spec.input_position is None:
             return y.to(out_dtype)
         parts = [x.to(out_dtype), y.to(out_dtype)]
@@ -335,46 +394,56 @@ def norm_unfusable_reason(norm: nn.Module) -> Optional[str]:
     return None
 
 
-def unfusable_reason(spec: BlockSpec, branches: nn.ModuleList, now: bool = True) -> Optional[str]:
-    """Why the fused kernels cannot compute these branches (a conv or norm other than SPEC.md's; ``now``:
-    also an ``nn.SyncBatchNorm`` in training mode, whose statistics span processes), or None."""
-    for i, (b, branch) in enumerate(zip(spec.branches, branches)):
-        conv, norm = branch.conv, branch.norm
-        k = b.kernel_size
+def unfusable_reason(spec: BlockSpec, branches: nn.ModuleList, now: bool = True,
+                     project: Optional[nn.Module] = None) -> Optional[str]:
+    """Why the fused kernels cannot compute these branches and projection (a conv or norm other than
+    SPEC.md's; ``now``: also an ``nn.SyncBatchNorm`` in training mode, whose statistics span processes), or
+    None."""
+    parts = [(f"branches[{i}]", br, b.kernel_size, spec.in_channels, b.out_channels)
+             for i, (b, br) in enumerate(zip(spec.branches, branches))]
+    if project is not None:
+        p = spec.project
+        parts.append(("project", project, p.kernel_size, spec.concat_channels, p.out_channels))
+    for name, part, k, in_channels, out_channels in parts:
+        conv, norm = part.conv, part.norm
         if type(conv) is not nn.Conv2d or conv.kernel_size != (k, k) or conv.stride != (1, 1) or \
                 conv.padding != (k // 2, k // 2) or conv.dilation != (1, 1) or conv.groups != 1 or \
-                conv.padding_mode != "zeros" or conv.in_channels != spec.in_channels or \
-                conv.out_channels != b.out_channels:
-            return f"branches[{i}].conv is not the plain {k}x{k} nn.Conv2d (stride 1, padding {k // 2}) the block built"
+                conv.padding_mode != "zeros" or conv.in_channels != in_channels or \
+                conv.out_channels != out_channels:
+            return f"{name}.conv is not the plain {k}x{k} nn.Conv2d (stride 1, padding {k // 2}) the block built"
         why = norm_unfusable_reason(norm)
         if why is not None:
-            return f"branches[{i}].norm is {why}"
-        if type(norm) is not nn.Identity and norm.num_features != b.out_channels:
-            return f"branches[{i}].norm has {norm.num_features} features, the conv gives {b.out_channels} channels"
+            return f"{name}.norm is {why}"
+        if type(norm) is not nn.Identity and norm.num_features != out_channels:
+            return f"{name}.norm has {norm.num_features} features, the conv gives {out_channels} channels"
         if now and isinstance(norm, nn.SyncBatchNorm) and norm.training:
-            return (f"branches[{i}].norm is an nn.SyncBatchNorm in training mode, whose batch statistics span "
+            return (f"{name}.norm is an nn.SyncBatchNorm in training mode, whose batch statistics span "
                     "processes; the fused kernels compute per-process statistics")
     return None
 
 
-def _run(x: torch.Tensor, branches: nn.ModuleList, backend: str, spec: BlockSpec) -> torch.Tensor:
+def _run(x: torch.Tensor, branches: nn.ModuleList, backend: str, spec: BlockSpec,
+         project: Optional[nn.Module] = None) -> torch.Tensor:
     """The block on ``x`` with the concrete ``backend`` (the user's call, and 'auto''s measurements)."""
     if backend == "reference":
-        return reference_forward(x, spec, branches)
+        return reference_forward(x, spec, branches, project)
     if backends.autocast_enabled(x.device.type):
-        return _autocast_forward(x, spec, branches, functools.partial(_fused_forward, backend=backend))
-    return _fused_forward(x, spec, branches, backend)
+        return _autocast_forward(x, spec, branches, functools.partial(_fused_forward, backend=backend), project)
+    return _fused_forward(x, spec, branches, backend, project)
 
 
-def multi_scale(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> torch.Tensor:
-    """The multi-scale block of SPEC.md on ``x`` (N, C, H, W), with ``branches[i].conv`` / ``.norm``.
+def multi_scale(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList,
+                project: Optional[nn.Module] = None) -> torch.Tensor:
+    """The multi-scale block of SPEC.md on ``x`` (N, C, H, W), with ``branches[i].conv`` / ``.norm`` and,
+    when ``spec.project`` is set, the projection ``project.conv`` / ``.norm``.
 
     Runs the backend :mod:`msfused.backends` picks for ``x`` (``use_backend`` / ``MSFUSED_BACKEND`` /
     ``'auto'``). Returns (N, out_channels, H, W), channels_last exactly when ``x.suggest_memory_format()``
     is. Raises ``TypeError`` / ``ValueError`` naming the argument for bad input; never modifies ``x`` or
     the parameters (training-mode norms update their running statistics, as ``nn.BatchNorm2d`` does).
     """
-    check_input(x, spec, branches)
-    call = autotune.Call(x, spec, branches, _needs_grad(x, branches), functools.partial(_run, spec=spec))
-    name = backends.resolve(x, unfusable_reason(spec, branches), spec, call)
-    return _run(x, branches, name, spec)
+    check_input(x, spec, branches, project)
+    call = autotune.Call(x, spec, branches, _needs_grad(x, branches),
+                         functools.partial(_run, spec=spec, project=project))
+    name = backends.resolve(x, unfusable_reason(spec, branches, project=project), spec, call)
+    return _run(x, branches, name, spec, project)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import List, NamedTuple, Optional
 
@@ -9,7 +10,9 @@ import torch
 from torch import nn
 
 from .functional import multi_scale, unfusable_reason
-from .naive import _BLOCK_ARGS_DOC, NaiveMultiScaleBlock, NaivePyramidPooling, _Block, _MultiScaleBase, _PyramidPoolingBase
+from .naive import (_BLOCK_ARGS_DOC, NaiveMultiScaleBlock, NaivePyramidPooling, Projection, _Block, _MultiScaleBase,
+                    _PyramidPoolingBase)
+from .spec import ProjectSpec
 
 
 class MultiScaleBlock(_MultiScaleBase):
@@ -27,7 +30,7 @@ class MultiScaleBlock(_MultiScaleBase):
     )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return multi_scale(x, self.spec, self.branches)
+        return multi_scale(x, self.spec, self.branches, self.project)
 
 
 class PyramidPooling(_PyramidPoolingBase):
@@ -44,7 +47,7 @@ class PyramidPooling(_PyramidPoolingBase):
     )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return multi_scale(x, self.spec, self.branches)
+        return multi_scale(x, self.spec, self.branches, self.project)
 
 
 _TO_FUSED = {NaiveMultiScaleBlock: MultiScaleBlock, NaivePyramidPooling: PyramidPooling}
@@ -53,11 +56,64 @@ _TO_NAIVE = {fused: naive for naive, fused in _TO_FUSED.items()}
 
 def _check_convertible(path: str, block: _Block) -> None:
     """Refuses blocks whose parts were replaced by something the fused kernels do not compute."""
-    why = unfusable_reason(block.spec, block.branches, now=False)
+    why = unfusable_reason(block.spec, block.branches, now=False, project=block.project)
     if why is not None:
         raise ValueError(
             f"msfused.convert: {path or type(block).__name__}: {why}. Convert before replacing it (or keep this block naive)."
         )
+
+
+_FOLDABLE_ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "silu", nn.GELU: "gelu"}
+
+
+def _projection_after(block: _Block, rest: list) -> Optional[tuple]:
+    """(ProjectSpec, conv, norm, count) when the modules ``rest`` that follow a block without a projection
+    in an ``nn.Sequential`` start with a plain conv of its output (+ ``nn.BatchNorm2d`` + activation) that the
+    fused kernels compute as its projection (SPEC.md: zero padding k // 2, stride 1, dilation 1, groups 1);
+    ``count`` is how many modules that takes. None otherwise."""
+    if block.project is not None or not rest:
+        return None
+    conv = rest[0]
+    k = conv.kernel_size[0] if isinstance(conv, nn.Conv2d) else 0
+    if type(conv) is not nn.Conv2d or conv.kernel_size != (k, k) or k % 2 == 0 or conv.stride != (1, 1) or \
+            conv.padding != (k // 2, k // 2) or conv.dilation != (1, 1) or conv.groups != 1 or \
+            conv.padding_mode != "zeros" or conv.in_channels != block.spec.concat_channels:
+        return None
+    norm, count = nn.Identity(), 1
+    if len(rest) > count and type(rest[count]) is nn.BatchNorm2d and rest[count].num_features == conv.out_channels:
+        norm, count = rest[count], count + 1
+    activation = None
+    if len(rest) > count and type(rest[count]) in _FOLDABLE_ACTIVATIONS and \
+            getattr(rest[count], "approximate", "none") == "none":
+        activation, count = _FOLDABLE_ACTIVATIONS[type(rest[count])], count + 1
+    spec = ProjectSpec(conv.out_channels, k, conv.bias is not None, "batch" if isinstance(norm, nn.BatchNorm2d) else None,
+                       activation)
+    return spec, conv, norm, count
+
+
+def _fold_projections(seq: nn.Sequential) -> None:
+    """In ``seq``, a naive block followed directly by a plain conv (+ BatchNorm2d + activation) becomes a naive
+    block with that projection (the modules themselves, shared); the folded modules' places hold
+    ``nn.Identity`` so that the other indices (and their ``state_dict`` keys) stay."""
+    children = list(seq._modules.items())
+    for i, (name, child) in enumerate(children):
+        if type(child) not in _TO_FUSED:
+            continue
+        found = _projection_after(child, [m for _, m in children[i + 1:]])
+        if found is None:
+            continue
+        spec, conv, norm, count = found
+        block = type(child)._sharing(child)
+        block.spec = dataclasses.replace(child.spec, project=spec)
+        project = Projection.__new__(Projection)
+        nn.Module.__init__(project)
+        project.conv, project.norm = conv, norm
+        project.train(conv.training)
+        block.project = project
+        seq._modules[name] = block
+        for later, _ in children[i + 1:i + 1 + count]:
+            seq._modules[later] = nn.Identity()
+        children = list(seq._modules.items())
 
 
 def _swap(model: nn.Module, mapping: dict, path: str, check: bool, done: list) -> nn.Module:
@@ -67,6 +123,8 @@ def _swap(model: nn.Module, mapping: dict, path: str, check: bool, done: list) -
             _check_convertible(path, model)
         done.append(path)
         return target._sharing(model)
+    if check and isinstance(model, nn.Sequential):
+        _fold_projections(model)
     for name, child in list(model.named_children()):
         new = _swap(child, mapping, f"{path}.{name}" if path else name, check, done)
         if new is not child:
@@ -116,6 +174,11 @@ def convert(model: nn.Module, report: bool = False):
       ASPPPooling, ...) keep their class, submodules, parameters, buffers, ``state_dict`` keys and hooks;
       only the computation of the library's method changes. One that does not fit SPEC.md (another norm,
       a dilated conv, a subclass overriding the method) is left as it is and reported.
+    * Inside an ``nn.Sequential``, a naive block followed directly by a plain ``nn.Conv2d`` of its output
+      (odd k, padding k // 2, stride 1; + ``nn.BatchNorm2d`` + ``nn.ReLU`` / ``nn.SiLU`` / ``nn.GELU``)
+      becomes the fused block with that projection (the concatenation is then never built); the conv, norm
+      and activation's places in the Sequential hold ``nn.Identity``, and the conv and norm move to
+      ``block.project.conv`` / ``.norm`` (the same modules).
 
     Warns with a summary of what was converted and what not (or that nothing was found). Returns ``model``
     (the fused block when ``model`` is itself a naive block), or with ``report=True`` a
@@ -153,7 +216,8 @@ def _ancestors(model: nn.Module, path: str) -> list:
 
 def revert(model: nn.Module) -> nn.Module:
     """The inverse of :func:`convert`: fused blocks back to their naive twins and third-party modules back
-    to their library's computation, in place, parameters shared."""
+    to their library's computation, in place, parameters shared (a folded projection stays the naive
+    block's projection: the same numbers)."""
     from . import thirdparty
 
     for module in model.modules():

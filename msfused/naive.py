@@ -8,13 +8,14 @@ construction.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .reference import reference_forward
-from .spec import BlockSpec, make_spec
+from .spec import BlockSpec, ProjectSpec, make_spec
 
 
 class Branch(nn.Module):
@@ -27,8 +28,19 @@ class Branch(nn.Module):
         self.norm = nn.BatchNorm2d(out_channels) if norm == "batch" else nn.Identity()
 
 
+class Projection(nn.Module):
+    """The block's projection (SPEC.md): ``conv`` (``nn.Conv2d(C_out, P, k, padding=k // 2)``) and ``norm``
+    (``nn.BatchNorm2d`` or ``nn.Identity``); its activation is ``spec.project.activation``."""
+
+    def __init__(self, in_channels: int, p: ProjectSpec):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, p.out_channels, p.kernel_size, padding=p.kernel_size // 2, bias=p.bias)
+        self.norm = nn.BatchNorm2d(p.out_channels) if p.norm == "batch" else nn.Identity()
+
+
 class _Block(nn.Module):
-    """Holds ``spec`` (a :class:`~msfused.spec.BlockSpec`) and ``branches``; nothing else."""
+    """Holds ``spec`` (a :class:`~msfused.spec.BlockSpec`), ``branches`` and ``project`` (a
+    :class:`Projection` or None); nothing else."""
 
     spec: BlockSpec
 
@@ -37,10 +49,12 @@ class _Block(nn.Module):
         self.branches = nn.ModuleList(
             Branch(spec.in_channels, b.out_channels, b.kernel_size, b.bias, b.norm) for b in spec.branches
         )
+        self.project = Projection(spec.concat_channels, spec.project) if spec.project else None
 
     @property
     def out_channels(self) -> int:
-        """Channels of the output: every branch's, plus ``in_channels`` when ``x`` is part of it."""
+        """Channels of the output: the projection's, else every branch's plus ``in_channels`` when ``x`` is
+        part of it."""
         return self.spec.out_channels
 
     @classmethod
@@ -50,6 +64,7 @@ class _Block(nn.Module):
         nn.Module.__init__(module)
         module.spec = other.spec
         module.branches = other.branches
+        module.project = other.project
         module.train(other.training)
         return module
 
@@ -65,6 +80,7 @@ class _Block(nn.Module):
             f"kernel_size={per('kernel_size')}, up_mode={s.up_mode!r}, align_corners={s.align_corners}, "
             f"bias={per('bias')}, norm={per('norm')}, activation={s.activation!r}, "
             f"input_position={s.input_position!r}, out_channels={s.out_channels}"
+            + (f", project={dataclasses.asdict(s.project)}" if s.project else "")
         )
 
 
@@ -82,13 +98,14 @@ class _MultiScaleBase(_Block):
         norm: Union[Optional[str], Sequence[Optional[str]]] = None,
         activation: Optional[str] = "relu",
         input_position: Optional[str] = "first",
+        project: Optional[dict] = None,
     ):
         super().__init__()
         self._build(
             make_spec(
                 in_channels, branch_channels, scales=scales, kernel_size=kernel_size, down_mode=down_mode,
                 up_mode=up_mode, align_corners=align_corners, bias=bias, norm=norm, activation=activation,
-                input_position=input_position,
+                input_position=input_position, project=project,
             )
         )
 
@@ -106,13 +123,14 @@ class _PyramidPoolingBase(_Block):
         norm: Union[Optional[str], Sequence[Optional[str]]] = "batch",
         activation: Optional[str] = "relu",
         input_position: Optional[str] = "first",
+        project: Optional[dict] = None,
     ):
         super().__init__()
         self._build(
             make_spec(
                 in_channels, branch_channels, bins=bins, kernel_size=kernel_size, down_mode="avg",
                 up_mode=up_mode, align_corners=align_corners, bias=bias, norm=norm, activation=activation,
-                input_position=input_position,
+                input_position=input_position, project=project,
             )
         )
 
@@ -128,9 +146,14 @@ _BLOCK_ARGS_DOC = """
         norm: ``None`` or ``'batch'`` (an ``nn.BatchNorm2d`` after the convolution): one, or one per branch.
         activation: ``'relu'``, ``'silu'``, ``'gelu'`` (exact erf form) or ``None``.
         input_position: ``'first'``, ``'last'`` or ``None``: where ``x`` itself goes in the output.
+        project: ``None``, or ``dict(out_channels=P, kernel_size=1, bias=False, norm='batch',
+            activation='relu')`` (``out_channels`` required, the other keys default to these): the
+            convolution (+ norm + activation) that consumes the concatenation; the output is then
+            (N, P, H, W) (SPEC.md, "The projection").
 
     Parameters live in ``branches[i].conv`` (``nn.Conv2d``) and ``branches[i].norm`` (``nn.BatchNorm2d``
-    or ``nn.Identity``); ``out_channels`` is the output's channel count.
+    or ``nn.Identity``), and ``project.conv`` / ``project.norm`` with a projection; ``out_channels`` is the
+    output's channel count.
 """
 
 
@@ -151,8 +174,8 @@ class NaiveMultiScaleBlock(_MultiScaleBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .functional import check_input
 
-        check_input(x, self.spec, self.branches)
-        return reference_forward(x, self.spec, self.branches)
+        check_input(x, self.spec, self.branches, self.project)
+        return reference_forward(x, self.spec, self.branches, self.project)
 
 
 class NaivePyramidPooling(_PyramidPoolingBase):
@@ -171,5 +194,5 @@ class NaivePyramidPooling(_PyramidPoolingBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .functional import check_input
 
-        check_input(x, self.spec, self.branches)
-        return reference_forward(x, self.spec, self.branches)
+        check_input(x, self.spec, self.branches, self.project)
+        return reference_forward(x, self.spec, self.branches, self.project)

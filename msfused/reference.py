@@ -7,7 +7,7 @@ it, and so does backend ``'reference'``: there is one copy of it.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +42,11 @@ def up_resize(a: torch.Tensor, spec: BlockSpec, size: Sequence[int]) -> torch.Te
     return F.interpolate(a, size=tuple(size), mode="nearest")
 
 
-def reference_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> torch.Tensor:
-    """SPEC.md's composition; each branch's norm is called as the module itself (running stats included)."""
+def reference_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList,
+                      project: Optional[nn.Module] = None) -> torch.Tensor:
+    """SPEC.md's composition; each branch's norm is called as the module itself (running stats included).
+    With a projection (``project.conv``, ``project.norm``), the concatenation is built and then convolved,
+    as a user's code does."""
     size = x.shape[-2:]
     activation = _ACTIVATIONS[spec.activation]
     outs = []
@@ -56,4 +59,9 @@ def reference_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList)
         outs.insert(0, x)
     elif spec.input_position == "last":
         outs.append(x)
-    return torch.cat(outs, 1)
+    cat = torch.cat(outs, 1)
+    if project is None:
+        return cat
+    y = project.norm(project.conv(cat))
+    activation = _ACTIVATIONS[spec.project.activation]
+    return y if activation is None else activation(y)

@@ -18,6 +18,8 @@ UP_MODES = ("bilinear", "nearest")
 ACTIVATIONS = ("relu", "silu", "gelu")
 INPUT_POSITIONS = ("first", "last")
 NORMS = ("batch",)
+#: The projection's settings (SPEC.md, "The projection") other than ``out_channels``, with their defaults.
+PROJECT_DEFAULTS = {"kernel_size": 1, "bias": False, "norm": "batch", "activation": "relu"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,21 @@ class BranchSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class ProjectSpec:
+    """The block's optional projection: a ``kernel_size`` convolution of the concatenation to
+    ``out_channels``, its bias, norm and activation (SPEC.md, "The projection")."""
+
+    out_channels: int
+    kernel_size: int
+    bias: bool
+    norm: Optional[str]  # None or 'batch'
+    activation: Optional[str]
+
+    def op_args(self) -> dict:
+        return dict(project_activation=self.activation or "none")
+
+
+@dataclasses.dataclass(frozen=True)
 class BlockSpec:
     """Everything about a block that is not a tensor (see SPEC.md)."""
 
@@ -54,11 +71,18 @@ class BlockSpec:
     align_corners: bool
     activation: Optional[str]
     input_position: Optional[str]
+    project: Optional[ProjectSpec] = None
+
+    @property
+    def concat_channels(self) -> int:
+        """Channels of the concatenation: every branch's, plus ``in_channels`` when ``x`` is part of it."""
+        extra = self.in_channels if self.input_position else 0
+        return sum(b.out_channels for b in self.branches) + extra
 
     @property
     def out_channels(self) -> int:
-        extra = self.in_channels if self.input_position else 0
-        return sum(b.out_channels for b in self.branches) + extra
+        """Channels of the block's output: the projection's, else the concatenation's."""
+        return self.project.out_channels if self.project else self.concat_channels
 
     # The non-tensor operator arguments, in schema order (csrc/ops.cpp).
     def op_args(self) -> dict:
@@ -128,6 +152,31 @@ def _normalise_scales(scales: Any) -> list:
     return [_check_int(f"scales[{i}]", s, 1) for i, s in enumerate(scales)]
 
 
+def make_project(project: Any) -> Optional[ProjectSpec]:
+    """``None``, or a dict with ``out_channels`` (required) and any of :data:`PROJECT_DEFAULTS`' keys."""
+    if project is None:
+        return None
+    if not isinstance(project, dict):
+        raise TypeError(f"project must be None or a dict(out_channels=..., kernel_size=..., bias=..., norm=..., "
+                        f"activation=...), got {type(project).__name__}")
+    unknown = sorted(set(project) - set(PROJECT_DEFAULTS) - {"out_channels"}, key=str)
+    if unknown:
+        allowed = ", ".join(["out_channels", *PROJECT_DEFAULTS])
+        raise ValueError(f"project has unknown key(s) {', '.join(map(repr, unknown))}; allowed: {allowed}")
+    if "out_channels" not in project:
+        raise ValueError("project must give 'out_channels' (the projection's output channels)")
+    p = {**PROJECT_DEFAULTS, **project}
+    out_channels = _check_int("project['out_channels']", p["out_channels"], 1)
+    k = _check_int("project['kernel_size']", p["kernel_size"], 1)
+    if k % 2 == 0:
+        raise ValueError(f"project['kernel_size'] must be odd (1, 3, 5, 7, ...), got {k}")
+    if not isinstance(p["bias"], bool):
+        raise TypeError(f"project['bias'] must be a bool, got {p['bias']!r}")
+    norm = _check_choice("project['norm']", p["norm"], NORMS, allow_none=True)
+    activation = _check_choice("project['activation']", p["activation"], ACTIVATIONS, allow_none=True)
+    return ProjectSpec(out_channels, k, p["bias"], norm, activation)
+
+
 def make_spec(
     in_channels: int,
     branch_channels: Union[int, Sequence[int]],
@@ -142,6 +191,7 @@ def make_spec(
     norm: Union[Optional[str], Sequence[Optional[str]]],
     activation: Optional[str],
     input_position: Optional[str],
+    project: Optional[dict] = None,
 ) -> BlockSpec:
     """Validate constructor arguments and build the :class:`BlockSpec` (exactly one of scales / bins)."""
     in_channels = _check_int("in_channels", in_channels, 1)
@@ -173,4 +223,5 @@ def make_spec(
             raise TypeError(f"bias[{i}] must be a bool, got {b!r}")
         n = _check_choice(f"norm[{i}]", n, NORMS, allow_none=True)
         branches.append(BranchSpec(factor, level_bins, cb, k, b, n))
-    return BlockSpec(in_channels, tuple(branches), down_mode, up_mode, align_corners, activation, input_position)
+    return BlockSpec(in_channels, tuple(branches), down_mode, up_mode, align_corners, activation, input_position,
+                     make_project(project))

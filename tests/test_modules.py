@@ -94,7 +94,8 @@ def _blocks(model, classes):
 
 
 def _tensors(block):
-    return [t for _, t in block.named_parameters()] + [t for _, t in block.named_buffers()]
+    """The block's own tensors (a projection folded in by convert is the former next module's)."""
+    return [t for n, t in [*block.named_parameters(), *block.named_buffers()] if not n.startswith("project.")]
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
@@ -105,8 +106,11 @@ def test_convert_revert_nested(train):
     before = {name: _tensors(b) for name, b in naive_blocks}
     reference = copy.deepcopy(model)
     x = make_input((2, 3, 13, 11))
+    head = model[2]
 
     assert msfused.convert(model) is model
+    # The conv right after the last block in the Sequential became its projection (issue 14).
+    assert model[1].project.conv is head and isinstance(model[2], nn.Identity)
     assert not _blocks(model, set(NAIVE.values()))
     fused_blocks = _blocks(model, set(FUSED.values()))
     assert [(n, type(b)) for n, b in fused_blocks] == [("0.pyramid.1", msfused.MultiScaleBlock),

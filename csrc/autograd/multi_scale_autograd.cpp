@@ -108,6 +108,38 @@ struct Config {
   bool align_corners;
 };
 
+// Marks the forward's extra results (result[1:]) non-differentiable and saves x, the parameters, those
+// extras and the block's configuration for backward.
+void save_forward(AutogradContext* ctx, const Tensor& x, const variable_list& p, const variable_list& result,
+                  const std::vector<int64_t>& layout_code, const Config& cfg) {
+  variable_list extra(result.begin() + 1, result.end());
+  ctx->mark_non_differentiable(extra);
+  variable_list saved{x};
+  saved.insert(saved.end(), p.begin(), p.end());
+  saved.insert(saved.end(), extra.begin(), extra.end());
+  ctx->save_for_backward(saved);
+  ctx->saved_data["layout"] = c10::IValue(layout_code);
+  ctx->saved_data["batch_stats"] = cfg.batch_stats;
+  ctx->saved_data["eps"] = c10::IValue(cfg.eps);
+  ctx->saved_data["factor"] = c10::IValue(cfg.factor);
+  ctx->saved_data["bins"] = c10::IValue(cfg.bins);
+  ctx->saved_data["down_mode"] = cfg.down_mode;
+  ctx->saved_data["up_mode"] = cfg.up_mode;
+  ctx->saved_data["align_corners"] = cfg.align_corners;
+  ctx->saved_data["activation"] = cfg.activation;
+  ctx->saved_data["input_position"] = cfg.input_position;
+}
+
+// The backward operators have no derivative: with create_graph=True a second order would be silently
+// missing, so refuse it whenever anything they would differentiate requires grad.
+void refuse_second_order(const variable_list& grad_outputs, const variable_list& saved, const char* op) {
+  if (!at::GradMode::is_enabled()) return;
+  bool differentiable = grad_outputs[0].requires_grad();
+  for (const Tensor& t : saved) differentiable = differentiable || (t.defined() && t.requires_grad());
+  TORCH_CHECK(!differentiable, "msfused: second-order gradients of ", op,
+              " are not supported (backward with create_graph=True)");
+}
+
 class MultiScaleFunction : public torch::autograd::Function<MultiScaleFunction> {
  public:
   // params: the flat parameter list (ParamLayout). Returns out, then level, pre, mean, var per branch.
@@ -125,22 +157,7 @@ class MultiScaleFunction : public torch::autograd::Function<MultiScaleFunction> 
                      cfg.up_mode, cfg.align_corners, cfg.activation, cfg.input_position);
     variable_list result{out};
     for (const TensorVector* list : {&level, &pre, &mean, &var}) result.insert(result.end(), list->begin(), list->end());
-    variable_list extra(result.begin() + 1, result.end());
-    ctx->mark_non_differentiable(extra);
-    variable_list saved{x};
-    saved.insert(saved.end(), p.begin(), p.end());
-    saved.insert(saved.end(), extra.begin(), extra.end());
-    ctx->save_for_backward(saved);
-    ctx->saved_data["layout"] = c10::IValue(layout_code);
-    ctx->saved_data["batch_stats"] = cfg.batch_stats;
-    ctx->saved_data["eps"] = c10::IValue(cfg.eps);
-    ctx->saved_data["factor"] = c10::IValue(cfg.factor);
-    ctx->saved_data["bins"] = c10::IValue(cfg.bins);
-    ctx->saved_data["down_mode"] = cfg.down_mode;
-    ctx->saved_data["up_mode"] = cfg.up_mode;
-    ctx->saved_data["align_corners"] = cfg.align_corners;
-    ctx->saved_data["activation"] = cfg.activation;
-    ctx->saved_data["input_position"] = cfg.input_position;
+    save_forward(ctx, x, p, result, layout_code, cfg);
     return result;
   }
 
@@ -156,15 +173,7 @@ class MultiScaleFunction : public torch::autograd::Function<MultiScaleFunction> 
     const TensorVector weight(p.begin(), p.begin() + B);
     const OptionalTensorList scale = layout.gather(p, layout.scale_at), shift = layout.gather(p, layout.shift_at);
 
-    // multi_scale_backward has no derivative: with create_graph=True a second order would be silently
-    // missing, so refuse it whenever anything it would differentiate requires grad.
-    if (at::GradMode::is_enabled()) {
-      bool differentiable = grad_outputs[0].requires_grad();
-      for (const Tensor& t : saved) differentiable = differentiable || (t.defined() && t.requires_grad());
-      TORCH_CHECK(!differentiable,
-                  "msfused: second-order gradients of multi_scale_forward are not supported "
-                  "(backward with create_graph=True)");
-    }
+    refuse_second_order(grad_outputs, saved, "multi_scale_forward");
     const bool need_x = ctx->needs_input_grad(0);
     bool need_weight = false;
     for (int64_t b = 0; b < B; ++b) need_weight = need_weight || ctx->needs_input_grad(1 + b);
@@ -190,6 +199,17 @@ class MultiScaleFunction : public torch::autograd::Function<MultiScaleFunction> 
   }
 };
 
+// The flat parameter list of ParamLayout: weights, then the present biases, scales and shifts.
+TensorVector flat_params(at::TensorList weight, std::initializer_list<const OptionalTensorList*> lists) {
+  TensorVector params(weight.begin(), weight.end());
+  for (const OptionalTensorList* list : lists)
+    for (size_t b = 0; b < list->size(); ++b) {
+      const std::optional<Tensor> t = list->get(b);
+      if (t.has_value() && t->defined()) params.push_back(*t);
+    }
+  return params;
+}
+
 ForwardResult multi_scale_forward_autograd(const Tensor& x, at::TensorList weight, const OptionalTensorList& bias,
                                            const OptionalTensorList& scale, const OptionalTensorList& shift,
                                            const c10::List<bool>& batch_stats, c10::ArrayRef<double> eps,
@@ -201,12 +221,7 @@ ForwardResult multi_scale_forward_autograd(const Tensor& x, at::TensorList weigh
                         shift.size() == static_cast<size_t>(B),
                     "msfused: bias, scale and shift need one entry (or None) per branch");
   const ParamLayout layout = ParamLayout::make(B, bias, scale, shift);
-  TensorVector params(weight.begin(), weight.end());
-  for (const OptionalTensorList* list : {&bias, &scale, &shift})
-    for (size_t b = 0; b < list->size(); ++b) {
-      const std::optional<Tensor> t = list->get(b);
-      if (t.has_value() && t->defined()) params.push_back(*t);
-    }
+  const TensorVector params = flat_params(weight, {&bias, &scale, &shift});
   Config cfg{batch_stats.copy(),
              eps.vec(),
              factor.vec(),
@@ -222,10 +237,153 @@ ForwardResult multi_scale_forward_autograd(const Tensor& x, at::TensorList weigh
   return {r[0], group(0), group(1), group(2), group(3)};
 }
 
+
+// ---------------------------------------------------------------------------------------------------
+// multi_scale_project_forward: the same scheme, the projection being one more "branch" of the flat
+// parameter list (index B of the ParamLayout: its weight, then its bias, scale and shift where present).
+// ---------------------------------------------------------------------------------------------------
+using ProjectForwardResult =
+    std::tuple<Tensor, TensorVector, TensorVector, TensorVector, TensorVector, Tensor, Tensor, Tensor>;
+using ProjectBackwardResult =
+    std::tuple<Tensor, TensorVector, TensorVector, TensorVector, TensorVector, Tensor, Tensor, Tensor, Tensor>;
+
+struct ProjectConfig {
+  bool batch_stats = false;
+  double eps = 0;
+  std::string activation;
+  bool save_pre = true;
+};
+
+class MultiScaleProjectFunction : public torch::autograd::Function<MultiScaleProjectFunction> {
+ public:
+  // params: the flat parameter list (ParamLayout over B + 1 entries). Returns out, then level, pre, mean,
+  // var per branch, then the projection's pre-activation, mean and var.
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, at::TensorList params,
+                               const std::vector<int64_t>& layout_code, const Config& cfg, const ProjectConfig& pcfg) {
+    const ParamLayout layout = ParamLayout::decode(layout_code);
+    const int64_t B = layout.branches - 1;
+    const variable_list p(params.begin(), params.end());
+    const TensorVector weight(p.begin(), p.begin() + B);
+    OptionalTensorList bias = layout.gather(p, layout.bias_at), scale = layout.gather(p, layout.scale_at),
+                       shift = layout.gather(p, layout.shift_at);
+    const std::optional<Tensor> p_bias = bias.get(B), p_scale = scale.get(B), p_shift = shift.get(B);
+    for (OptionalTensorList* list : {&bias, &scale, &shift}) list->pop_back();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("msfused::multi_scale_project_forward", "")
+                         .typed<ProjectForwardResult(
+                             const Tensor&, at::TensorList, const OptionalTensorList&, const OptionalTensorList&,
+                             const OptionalTensorList&, const c10::List<bool>&, c10::ArrayRef<double>,
+                             c10::IntArrayRef, c10::IntArrayRef, c10::string_view, c10::string_view, bool,
+                             c10::string_view, c10::string_view, const Tensor&, const std::optional<Tensor>&,
+                             const std::optional<Tensor>&, const std::optional<Tensor>&, bool, double,
+                             c10::string_view, bool)>();
+    auto [out, level, pre, mean, var, p_pre, p_mean, p_var] =
+        op.call(x, weight, bias, scale, shift, cfg.batch_stats, cfg.eps, cfg.factor, cfg.bins, cfg.down_mode,
+                cfg.up_mode, cfg.align_corners, cfg.activation, cfg.input_position, p[B], p_bias, p_scale, p_shift,
+                pcfg.batch_stats, pcfg.eps, pcfg.activation, pcfg.save_pre);
+    variable_list result{out};
+    for (const TensorVector* list : {&level, &pre, &mean, &var}) result.insert(result.end(), list->begin(), list->end());
+    result.insert(result.end(), {p_pre, p_mean, p_var});
+    save_forward(ctx, x, p, result, layout_code, cfg);
+    ctx->saved_data["project_batch_stats"] = pcfg.batch_stats;
+    ctx->saved_data["project_eps"] = pcfg.eps;
+    ctx->saved_data["project_activation"] = pcfg.activation;
+    return result;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const ParamLayout layout = ParamLayout::decode(ctx->saved_data["layout"].toIntVector());
+    const int64_t B = layout.branches - 1;
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor& x = saved[0];
+    const int64_t P = static_cast<int64_t>(saved.size()) - 1 - 4 * B - 3;
+    const variable_list p(saved.begin() + 1, saved.begin() + 1 + P);
+    auto group = [&](int64_t k) { return TensorVector(saved.begin() + 1 + P + k * B, saved.begin() + 1 + P + (k + 1) * B); };
+    const int64_t tail = 1 + P + 4 * B;
+    const TensorVector weight(p.begin(), p.begin() + B);
+    OptionalTensorList scale = layout.gather(p, layout.scale_at), shift = layout.gather(p, layout.shift_at);
+    const std::optional<Tensor> p_scale = scale.get(B), p_shift = shift.get(B);
+    scale.pop_back();
+    shift.pop_back();
+    refuse_second_order(grad_outputs, saved, "multi_scale_project_forward");
+    const bool need_x = ctx->needs_input_grad(0);
+    bool need_weight = false;
+    for (int64_t b = 0; b <= B; ++b) need_weight = need_weight || ctx->needs_input_grad(1 + b);
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("msfused::multi_scale_project_backward", "")
+                         .typed<ProjectBackwardResult(
+                             const Tensor&, const Tensor&, at::TensorList, const OptionalTensorList&,
+                             const OptionalTensorList&, at::TensorList, at::TensorList, at::TensorList,
+                             at::TensorList, const c10::List<bool>&, c10::ArrayRef<double>, c10::IntArrayRef,
+                             c10::IntArrayRef, c10::string_view, c10::string_view, bool, c10::string_view,
+                             c10::string_view, const Tensor&, const std::optional<Tensor>&,
+                             const std::optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&, bool, double,
+                             c10::string_view, std::array<bool, 2>)>();
+    auto [grad_x, grad_weight, grad_bias, grad_scale, grad_shift, grad_pw, grad_pb, grad_ps, grad_pt] = op.call(
+        grad_outputs[0], x, weight, scale, shift, group(0), group(1), group(2), group(3),
+        ctx->saved_data["batch_stats"].toBoolList(), ctx->saved_data["eps"].toDoubleVector(),
+        ctx->saved_data["factor"].toIntVector(), ctx->saved_data["bins"].toIntVector(),
+        ctx->saved_data["down_mode"].toStringRef(), ctx->saved_data["up_mode"].toStringRef(),
+        ctx->saved_data["align_corners"].toBool(), ctx->saved_data["activation"].toStringRef(),
+        ctx->saved_data["input_position"].toStringRef(), p[B], p_scale, p_shift, saved[tail], saved[tail + 1],
+        saved[tail + 2], ctx->saved_data["project_batch_stats"].toBool(), ctx->saved_data["project_eps"].toDouble(),
+        ctx->saved_data["project_activation"].toStringRef(), {need_x, need_weight});
+    grad_weight.push_back(grad_pw);
+    grad_bias.push_back(grad_pb);
+    grad_scale.push_back(grad_ps);
+    grad_shift.push_back(grad_pt);
+    // One gradient per forward argument: x, each param, then the three non-tensor arguments.
+    variable_list grads(1 + P + 3);
+    if (need_x) grads[0] = grad_x;
+    for (int64_t b = 0; b <= B; ++b) {
+      if (need_weight) grads[1 + b] = grad_weight[b];
+      if (layout.bias_at[b] >= 0) grads[1 + layout.bias_at[b]] = grad_bias[b];
+      if (layout.scale_at[b] >= 0) grads[1 + layout.scale_at[b]] = grad_scale[b];
+      if (layout.shift_at[b] >= 0) grads[1 + layout.shift_at[b]] = grad_shift[b];
+    }
+    return grads;
+  }
+};
+
+ProjectForwardResult multi_scale_project_forward_autograd(
+    const Tensor& x, at::TensorList weight, const OptionalTensorList& bias, const OptionalTensorList& scale,
+    const OptionalTensorList& shift, const c10::List<bool>& batch_stats, c10::ArrayRef<double> eps,
+    c10::IntArrayRef factor, c10::IntArrayRef bins, c10::string_view down_mode, c10::string_view up_mode,
+    bool align_corners, c10::string_view activation, c10::string_view input_position, const Tensor& project_weight,
+    const std::optional<Tensor>& project_bias, const std::optional<Tensor>& project_scale,
+    const std::optional<Tensor>& project_shift, bool project_batch_stats, double project_eps,
+    c10::string_view project_activation, bool save_pre) {
+  const int64_t B = static_cast<int64_t>(weight.size());
+  TORCH_CHECK_VALUE(bias.size() == static_cast<size_t>(B) && scale.size() == static_cast<size_t>(B) &&
+                        shift.size() == static_cast<size_t>(B),
+                    "msfused: bias, scale and shift need one entry (or None) per branch");
+  // The projection as entry B of every list.
+  TensorVector all_weight(weight.begin(), weight.end());
+  all_weight.push_back(project_weight);
+  OptionalTensorList all_bias = bias.copy(), all_scale = scale.copy(), all_shift = shift.copy();
+  all_bias.push_back(project_bias);
+  all_scale.push_back(project_scale);
+  all_shift.push_back(project_shift);
+  const ParamLayout layout = ParamLayout::make(B + 1, all_bias, all_scale, all_shift);
+  const TensorVector params = flat_params(all_weight, {&all_bias, &all_scale, &all_shift});
+  Config cfg{batch_stats.copy(),          eps.vec(),
+             factor.vec(),                bins.vec(),
+             std::string(down_mode),      std::string(up_mode),
+             std::string(activation),     std::string(input_position),
+             align_corners};
+  ProjectConfig pcfg{project_batch_stats, project_eps, std::string(project_activation), save_pre};
+  const variable_list r = MultiScaleProjectFunction::apply(x, at::TensorList(params), layout.encode(), cfg, pcfg);
+  auto group = [&](int64_t k) { return TensorVector(r.begin() + 1 + k * B, r.begin() + 1 + (k + 1) * B); };
+  const int64_t tail = 1 + 4 * B;
+  return {r[0], group(0), group(1), group(2), group(3), r[tail], r[tail + 1], r[tail + 2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(msfused, Autograd, m) {
   m.impl("multi_scale_forward", &multi_scale_forward_autograd);
+  m.impl("multi_scale_project_forward", &multi_scale_project_forward_autograd);
 }
 
 }  // namespace msfused

@@ -302,6 +302,20 @@ void epilogue_and_up(const BlockPlan& plan, const std::vector<BranchTaps<at::opm
   }
 }
 
+// A norm's batch mean and biased variance over (N, H, W) of its input `pre`, in stats_dtype (empty tensors
+// without batch statistics).
+std::pair<Tensor, Tensor> batch_statistics(const Tensor& pre, bool batch_stats) {
+  const auto stat_opts = pre.options().dtype(stats_dtype(pre.scalar_type()));
+  if (!batch_stats) return {at::empty({0}, stat_opts), at::empty({0}, stat_opts)};
+  const Tensor pre_stats = pre.to(stats_dtype(pre.scalar_type()));
+  auto [var, mean] = at::var_mean(pre_stats, {0, 2, 3}, /*correction=*/0, /*keepdim=*/false);
+  // var_mean's running (Welford) mean turns a channel's +-Inf into NaN; ATen's batch norm (sum / count)
+  // keeps a one-signed Inf, and so the running mean: where the mean is not finite, take it as ATen does.
+  const Tensor finite = at::isfinite(mean);
+  if (!finite.all().item<bool>()) mean = at::where(finite, mean, pre_stats.mean({0, 2, 3}));
+  return {mean, var};
+}
+
 ForwardResult multi_scale_forward_cpu(const Tensor& x_in, at::TensorList weight, const OptionalTensorList& bias,
                                       const OptionalTensorList& scale, const OptionalTensorList& shift,
                                       const c10::List<bool>& batch_stats, c10::ArrayRef<double> eps,
@@ -317,7 +331,6 @@ ForwardResult multi_scale_forward_cpu(const Tensor& x_in, at::TensorList weight,
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const Tensor x = x_in.contiguous(fmt);
   const auto opts = x.options();
-  const auto stat_opts = opts.dtype(stats_dtype(x.scalar_type()));
   Tensor out = at::empty({plan.N, plan.out_channels, plan.H, plan.W}, opts.memory_format(fmt));
   const size_t B = plan.branches.size();
   TensorVector level(B), pre(B), mean(B), var(B);
@@ -340,19 +353,7 @@ ForwardResult multi_scale_forward_cpu(const Tensor& x_in, at::TensorList weight,
     const int64_t pad = bp.kernel_size / 2;
     const Tensor& z = bp.identity ? x : level[b];
     pre[b] = at::conv2d(z, weight[b], bias.get(b), {1, 1}, {pad, pad}).contiguous(fmt);
-    if (bp.batch_stats) {
-      const Tensor pre_stats = pre[b].to(stats_dtype(x.scalar_type()));
-      auto vm = at::var_mean(pre_stats, {0, 2, 3}, /*correction=*/0, /*keepdim=*/false);
-      var[b] = std::get<0>(vm);
-      mean[b] = std::get<1>(vm);
-      // var_mean's running (Welford) mean turns a channel's +-Inf into NaN; ATen's batch norm (sum / count)
-      // keeps a one-signed Inf, and so the running mean: where the mean is not finite, take it as ATen does.
-      const Tensor finite = at::isfinite(mean[b]);
-      if (!finite.all().item<bool>()) mean[b] = at::where(finite, mean[b], pre_stats.mean({0, 2, 3}));
-    } else {
-      mean[b] = at::empty({0}, stat_opts);
-      var[b] = at::empty({0}, stat_opts);
-    }
+    std::tie(mean[b], var[b]) = batch_statistics(pre[b], bp.batch_stats);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msfused_epilogue_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -533,6 +534,81 @@ void down_adjoint(const BlockPlan& plan, const std::vector<BranchTaps<at::opmath
   });
 }
 
+// The backward of branch bp's epilogue (up-resize, activation, norm): from `grad` (in format fmt), the
+// gradient of the block output as `plan` lays it out, the gradient of the convolution output `pre` (bias included), and the
+// gradients of the norm's scale and shift (empty where absent).
+std::tuple<Tensor, Tensor, Tensor> epilogue_backward(const BlockPlan& plan, const BranchPlan& bp, const Tensor& grad,
+                                                     const Tensor& pre, const std::optional<Tensor>& sc,
+                                                     const std::optional<Tensor>& sh, const Tensor& mean,
+                                                     const Tensor& var, at::MemoryFormat fmt) {
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const auto opts = grad.options();
+  const int64_t Cb = bp.out_channels;
+  Tensor dconv, grad_scale, grad_shift;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "msfused_epilogue_backward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    BranchTaps<T> taps;
+    taps.up_h = make_taps<T>(bp.up_h, bp.level_h, plan.H, 1, plan.align_corners);
+    taps.up_w = make_taps<T>(bp.up_w, bp.level_w, plan.W, 1, plan.align_corners);
+    const Epilogue<T> epi = make_epilogue<T>(bp, sc, sh, mean, var);
+    const Tensor pre_b = pre.contiguous(fmt);
+    // Eval mode: dconv = scale * dY, folded into pass 1. Batch statistics: 1 there, finished below.
+    const std::vector<double> s = to_doubles(sc, Cb, 1.0);
+    const std::vector<double> center = bp.batch_stats ? to_doubles(mean, Cb, 0.0) : std::vector<double>(Cb, 0.0);
+    const std::vector<double> pre_scale = bp.batch_stats ? std::vector<double>(Cb, 1.0) : s;
+    dconv = at::empty_like(pre_b, at::MemoryFormat::Preserve);
+    std::vector<double> part_dy(plan.N * Cb), part_dyc(plan.N * Cb);
+    if (pre_b.numel() > 0) {
+      with_activation(plan.activation, [&](auto act) {
+        constexpr Activation A = decltype(act)::value;
+        auto run = cl ? up_adjoint_and_act_grad<scalar_t, true, A> : up_adjoint_and_act_grad<scalar_t, false, A>;
+        run(plan, bp, taps, epi, center, pre_scale, grad.const_data_ptr<scalar_t>(),
+            pre_b.const_data_ptr<scalar_t>(), dconv.data_ptr<scalar_t>(), part_dy.data(), part_dyc.data());
+      });
+    }
+    std::vector<double> sum_dy(Cb, 0.0), sum_dyc(Cb, 0.0);
+    for (int64_t n = 0; n < plan.N; ++n)  // fixed order: deterministic
+      for (int64_t c = 0; c < Cb; ++c) {
+        sum_dy[c] += part_dy[n * Cb + c];
+        sum_dyc[c] += part_dyc[n * Cb + c];
+      }
+    const auto pdt = at::TensorOptions().dtype(at::kDouble);
+    std::vector<double> d_scale(Cb);
+    if (bp.batch_stats) {
+      const std::vector<double> v = to_doubles(var, Cb, 0.0), m = center;
+      const double M = static_cast<double>(plan.N * bp.level_h * bp.level_w);
+      std::vector<double> p(Cb), q(Cb), r(Cb);
+      for (int64_t c = 0; c < Cb; ++c)
+        batch_norm_grad(s[c], m[c], v[c], bp.eps, M, sum_dy[c], sum_dyc[c], &d_scale[c], &p[c], &q[c], &r[c]);
+      // In place, one parallel pass (the projection's is full-size): dconv = p * dY + q * conv + r.
+      std::vector<T> pt(p.begin(), p.end()), qt(q.begin(), q.end()), rt(r.begin(), r.end());
+      scalar_t* d = dconv.data_ptr<scalar_t>();
+      const scalar_t* cv = pre_b.const_data_ptr<scalar_t>();
+      const int64_t hw = bp.level_h * bp.level_w;
+      at::parallel_for(0, dconv.numel(), 16384, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t c = cl ? i % Cb : (i / hw) % Cb;
+          d[i] = static_cast<scalar_t>(pt[c] * static_cast<T>(d[i]) + qt[c] * static_cast<T>(cv[i]) + rt[c]);
+        }
+      });
+    } else {
+      d_scale = sum_dyc;  // sum(dY * conv)
+    }
+    const auto param_opts = [&](const std::optional<Tensor>& t) {
+      return at::TensorOptions().dtype(t.has_value() && t->defined() ? t->scalar_type() : grad.scalar_type());
+    };
+    if (sc.has_value() && sc->defined())
+      grad_scale = at::from_blob(d_scale.data(), {Cb}, pdt).to(param_opts(sc), false, /*copy=*/true);
+    else
+      grad_scale = at::empty({0}, opts);
+    if (sh.has_value() && sh->defined())
+      grad_shift = at::from_blob(sum_dy.data(), {Cb}, pdt).to(param_opts(sh), false, /*copy=*/true);
+    else
+      grad_shift = at::empty({0}, opts);
+  });
+  return {dconv, grad_scale, grad_shift};
+}
+
 using BackwardResult = std::tuple<Tensor, TensorVector, TensorVector, TensorVector, TensorVector>;
 
 BackwardResult multi_scale_backward_cpu(const Tensor& grad_in, const Tensor& x_in, at::TensorList weight,
@@ -553,71 +629,20 @@ BackwardResult multi_scale_backward_cpu(const Tensor& grad_in, const Tensor& x_i
   const Tensor grad = grad_in.to(x.scalar_type()).contiguous(fmt);
   const auto opts = x.options();
   TensorVector grad_weight(B), grad_bias(B), grad_scale(B), grad_shift(B), dz(B);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msfused_backward_cpu", [&] {
-    using T = at::opmath_type<scalar_t>;
-    const auto taps = make_branch_taps<T>(plan);
-    for (size_t b = 0; b < B; ++b) {
-      const BranchPlan& bp = plan.branches[b];
-      const int64_t Cb = bp.out_channels;
-      const std::optional<Tensor> sc = scale.get(b), sh = shift.get(b);
-      const Epilogue<T> epi = make_epilogue<T>(bp, sc, sh, mean[b], var[b]);
-      const Tensor pre_b = pre[b].contiguous(fmt);
-      // Eval mode: dconv = scale * dY, folded into pass 1. Batch statistics: 1 there, finished below.
-      const std::vector<double> s = to_doubles(sc, Cb, 1.0);
-      const std::vector<double> center = bp.batch_stats ? to_doubles(mean[b], Cb, 0.0) : std::vector<double>(Cb, 0.0);
-      const std::vector<double> pre_scale = bp.batch_stats ? std::vector<double>(Cb, 1.0) : s;
-      Tensor dconv = at::empty_like(pre_b, at::MemoryFormat::Preserve);
-      std::vector<double> part_dy(plan.N * Cb), part_dyc(plan.N * Cb);
-      if (pre_b.numel() > 0) {
-        with_activation(plan.activation, [&](auto act) {
-          constexpr Activation A = decltype(act)::value;
-          auto run = cl ? up_adjoint_and_act_grad<scalar_t, true, A> : up_adjoint_and_act_grad<scalar_t, false, A>;
-          run(plan, bp, taps[b], epi, center, pre_scale, grad.const_data_ptr<scalar_t>(),
-              pre_b.const_data_ptr<scalar_t>(), dconv.data_ptr<scalar_t>(), part_dy.data(), part_dyc.data());
-        });
-      }
-      std::vector<double> sum_dy(Cb, 0.0), sum_dyc(Cb, 0.0);
-      for (int64_t n = 0; n < plan.N; ++n)  // fixed order: deterministic
-        for (int64_t c = 0; c < Cb; ++c) {
-          sum_dy[c] += part_dy[n * Cb + c];
-          sum_dyc[c] += part_dyc[n * Cb + c];
-        }
-      const auto pdt = at::TensorOptions().dtype(at::kDouble);
-      std::vector<double> d_scale(Cb);
-      if (bp.batch_stats) {
-        const std::vector<double> v = to_doubles(var[b], Cb, 0.0), m = center;
-        const double M = static_cast<double>(plan.N * bp.level_h * bp.level_w);
-        std::vector<double> p(Cb), q(Cb), r(Cb);
-        for (int64_t c = 0; c < Cb; ++c)
-          batch_norm_grad(s[c], m[c], v[c], bp.eps, M, sum_dy[c], sum_dyc[c], &d_scale[c], &p[c], &q[c], &r[c]);
-        auto as_channel = [&](const std::vector<double>& vals) {
-          return at::from_blob(const_cast<double*>(vals.data()), {1, Cb, 1, 1}, pdt).to(x.scalar_type(), false, /*copy=*/true);
-        };
-        // Level-sized elementwise work (the levels are small); ATen keeps the format.
-        dconv = (dconv * as_channel(p) + pre_b * as_channel(q) + as_channel(r)).contiguous(fmt);
-      } else {
-        d_scale = sum_dyc;  // sum(dY * conv)
-      }
-      const auto param_opts = [&](const std::optional<Tensor>& t) {
-        return at::TensorOptions().dtype(t.has_value() && t->defined() ? t->scalar_type() : x.scalar_type());
-      };
-      if (sc.has_value() && sc->defined())
-        grad_scale[b] = at::from_blob(d_scale.data(), {Cb}, pdt).to(param_opts(sc), false, /*copy=*/true);
-      else
-        grad_scale[b] = at::empty({0}, opts);
-      if (sh.has_value() && sh->defined())
-        grad_shift[b] = at::from_blob(sum_dy.data(), {Cb}, pdt).to(param_opts(sh), false, /*copy=*/true);
-      else
-        grad_shift[b] = at::empty({0}, opts);
-      const int64_t pad = bp.kernel_size / 2;
-      const Tensor& z = bp.identity ? x : level[b];
-      auto grads = at::convolution_backward(dconv, z, weight[b], c10::OptionalArrayRef<int64_t>({Cb}), {1, 1}, {pad, pad},
-                                            {1, 1}, false, {0, 0}, 1, {output_mask[0], output_mask[1], true});
-      dz[b] = output_mask[0] ? std::get<0>(grads).contiguous(fmt) : Tensor();
-      grad_weight[b] = output_mask[1] ? std::get<1>(grads).contiguous(weight[b].suggest_memory_format()) : at::empty({0}, opts);
-      grad_bias[b] = std::get<2>(grads);
-    }
-  });
+  for (size_t b = 0; b < B; ++b) {
+    const BranchPlan& bp = plan.branches[b];
+    Tensor dconv;
+    std::tie(dconv, grad_scale[b], grad_shift[b]) =
+        epilogue_backward(plan, bp, grad, pre[b], scale.get(b), shift.get(b), mean[b], var[b], fmt);
+    const int64_t pad = bp.kernel_size / 2;
+    const Tensor& z = bp.identity ? x : level[b];
+    auto grads = at::convolution_backward(dconv, z, weight[b], c10::OptionalArrayRef<int64_t>({bp.out_channels}),
+                                          {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1,
+                                          {output_mask[0], output_mask[1], true});
+    dz[b] = output_mask[0] ? std::get<0>(grads).contiguous(fmt) : Tensor();
+    grad_weight[b] = output_mask[1] ? std::get<1>(grads).contiguous(weight[b].suggest_memory_format()) : at::empty({0}, opts);
+    grad_bias[b] = std::get<2>(grads);
+  }
   Tensor grad_x = at::empty({0}, opts);
   if (output_mask[0]) {
     grad_x = at::empty({plan.N, plan.C, plan.H, plan.W}, opts.memory_format(fmt));
@@ -635,12 +660,504 @@ BackwardResult multi_scale_backward_cpu(const Tensor& grad_in, const Tensor& x_i
   return {grad_x, grad_weight, grad_bias, grad_scale, grad_shift};
 }
 
+// ===================================================================================================
+// The block with its projection (SPEC.md, "The projection"): act(norm(conv(cat))) without ever building
+// cat. conv(cat) = conv(x, W_x) + sum over branches of the branch's part: at a small level, per kernel tap,
+// T_b = W_b,tap . a_b (one 1x1 convolution with k*k*P outputs at the level), resized up and shifted by the
+// tap at full resolution (zero outside); at a level close to full size, conv(up(a_b), W_b) directly.
+// ===================================================================================================
+
+// Whether branch bp's part of a k x k projection convolves its resized branch directly (its per-tap maps,
+// k * k of them at the level, would hold more than one full-size map) instead of per tap at its level.
+bool convolves_resized(const BranchPlan& bp, int64_t k, int64_t H, int64_t W) {
+  return bp.identity || bp.level_h * bp.level_w * k * k > H * W;
+}
+
+// Branch b of `plan` alone, its output (N, Cb, ., .) starting at channel 0: the up-resized map, or with
+// at_level the level itself (no up-resize), so that the block's epilogue kernels compute a branch's
+// activation, and their backward its gradient, for the projection.
+BlockPlan branch_alone(const BlockPlan& plan, size_t b, bool at_level) {
+  BlockPlan p = plan;
+  BranchPlan bp = plan.branches[b];
+  bp.channel_offset = 0;
+  if (at_level) {
+    p.H = bp.level_h;
+    p.W = bp.level_w;
+    bp.identity = true;
+    bp.factor = 1;
+    bp.down_h = bp.down_w = bp.up_h = bp.up_w = ResizeKind::Identity;
+  }
+  p.branches = {bp};
+  p.x_offset = -1;
+  p.out_channels = bp.out_channels;
+  return p;
+}
+
+// The projection's epilogue as a one-branch plan: a factor-1 "branch" of P channels over (H, W).
+BlockPlan projection_plan(const BlockPlan& plan, int64_t P, int64_t k, bool batch_stats, double eps,
+                          Activation activation) {
+  BlockPlan p = plan;
+  BranchPlan bp;
+  bp.factor = 1;
+  bp.level_h = plan.H;
+  bp.level_w = plan.W;
+  bp.out_channels = P;
+  bp.kernel_size = k;
+  bp.identity = true;
+  bp.batch_stats = batch_stats;
+  bp.eps = eps;
+  p.branches = {bp};
+  p.x_offset = -1;
+  p.out_channels = P;
+  p.activation = activation;
+  return p;
+}
+
+// act(norm(pre)) of plan's branch 0 (up-resized as the plan says) into a new (N, Cb, H, W) tensor, or
+// `into`.
+// `into`: write there instead (pre itself is fine: the norm and activation are elementwise).
+Tensor branch_epilogue(const BlockPlan& p, const Tensor& pre, const std::optional<Tensor>& scale,
+                       const std::optional<Tensor>& shift, const Tensor& mean, const Tensor& var, at::MemoryFormat fmt,
+                       const Tensor& into = Tensor()) {
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  Tensor out = into.defined() ? into : at::empty({p.N, p.out_channels, p.H, p.W}, pre.options().memory_format(fmt));
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pre.scalar_type(), "msfused_branch_epilogue_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto taps = make_branch_taps<T>(p);
+    const std::vector<Epilogue<T>> epi{make_epilogue<T>(p.branches[0], scale, shift, mean, var)};
+    const Tensor pre_c = pre.contiguous(fmt);
+    const std::vector<const scalar_t*> pv{pre_c.const_data_ptr<scalar_t>()};
+    with_activation(p.activation, [&](auto act) {
+      if (cl) epilogue_and_up<scalar_t, true, decltype(act)::value>(p, taps, epi, pv, out.data_ptr<scalar_t>());
+      else epilogue_and_up<scalar_t, false, decltype(act)::value>(p, taps, epi, pv, out.data_ptr<scalar_t>());
+    });
+  });
+  return out;
+}
+
+// The part of the projection weight (P, C_out, k, k) that reads channels [offset, offset + count) of cat.
+Tensor weight_slice(const Tensor& pw, int64_t offset, int64_t count) {
+  return pw.narrow(1, offset, count).contiguous(pw.suggest_memory_format());
+}
+
+// The same part as one 1x1 convolution weight (k * k * P, count, 1, 1): output channel tap * P + p.
+Tensor tap_weight(const Tensor& pw, int64_t offset, int64_t count) {
+  const int64_t P = pw.size(0), k = pw.size(2);
+  return pw.narrow(1, offset, count).permute({2, 3, 0, 1}).reshape({k * k * P, count, 1, 1});
+}
+
+// Forward pass: acc (N, P, H, W), holding conv(x, W_x) (or zeros), becomes the projection's pre-activation:
+// + every direct branch's full-size part, + every per-tap branch's maps (T_b: (N, k*k*P, h, w), channel
+// tap * P + p) resized up and shifted by their tap (zero outside), + the bias. Separable per tap row ky:
+// the width resize of the k maps of that row summed into M (h x W), then M's height resize, shifted.
+// With `epi` (no batch statistics: the norm is known before the sum) the same pass also applies the norm
+// and activation A into `out`; `pre_out` (may be null, or acc itself) keeps the pre-activation for backward,
+// and out may be acc itself (inference: nothing kept).
+template <typename scalar_t, bool CL, Activation A>
+void accumulate_projection(const BlockPlan& plan, const std::vector<BranchTaps<at::opmath_type<scalar_t>>>& taps,
+                           int64_t P, int64_t k, const std::vector<const scalar_t*>& tmaps,
+                           const std::vector<const scalar_t*>& direct, const std::vector<at::opmath_type<scalar_t>>& bias,
+                           const Epilogue<at::opmath_type<scalar_t>>* epi, scalar_t* acc, scalar_t* pre_out,
+                           scalar_t* out) {
+  using T = at::opmath_type<scalar_t>;
+  constexpr int64_t S = CL ? kGroup : 1;
+  const int64_t H = plan.H, W = plan.W, r = k / 2, KP = k * k * P;
+  const Groups<CL> groups(P);
+  const Plane<CL> ap = Plane<CL>::make(W, P);
+  const size_t B = plan.branches.size();
+  at::parallel_for(0, plan.N * groups.per_n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(H * W * S), m;
+    for (int64_t item = begin; item < end; ++item) {
+      int64_t n, c0, g_count;
+      groups.at(item, &n, &c0, &g_count);
+      const int64_t G = CL ? g_count : 1;
+      scalar_t* ab = acc + Plane<CL>::origin(n, c0, P, H, W);
+      for (int64_t i = 0; i < H; ++i)
+        for (int64_t j = 0; j < W; ++j) {
+          const scalar_t* as = ab + i * ap.row + j * ap.pix;
+          T* bs = buf.data() + (i * W + j) * S;
+          for (int64_t g = 0; g < G; ++g) bs[g] = static_cast<T>(as[g]) + (bias.empty() ? T(0) : bias[c0 + g]);
+        }
+      for (size_t b = 0; b < B; ++b) {
+        if (direct[b] != nullptr) {
+          const scalar_t* db = direct[b] + Plane<CL>::origin(n, c0, P, H, W);
+          for (int64_t i = 0; i < H; ++i)
+            for (int64_t j = 0; j < W; ++j) {
+              const scalar_t* ds = db + i * ap.row + j * ap.pix;
+              T* bs = buf.data() + (i * W + j) * S;
+              for (int64_t g = 0; g < G; ++g) bs[g] += static_cast<T>(ds[g]);
+            }
+          continue;
+        }
+        if (tmaps[b] == nullptr) continue;
+        const BranchPlan& bp = plan.branches[b];
+        const int64_t h = bp.level_h, w = bp.level_w;
+        const Plane<CL> tp = Plane<CL>::make(w, KP);
+        const auto& th = taps[b].up_h;
+        const auto& tw = taps[b].up_w;
+        m.resize(h * W * S);
+        for (int64_t ky = 0; ky < k; ++ky) {
+          std::fill(m.begin(), m.end(), T(0));
+          for (int64_t kx = 0; kx < k; ++kx) {
+            const int64_t dx = kx - r;
+            const scalar_t* tb = tmaps[b] + Plane<CL>::origin(n, (ky * k + kx) * P + c0, KP, h, w);
+            const int64_t j0 = std::max<int64_t>(0, -dx), j1 = std::min<int64_t>(W, W - dx);
+            for (int64_t i = 0; i < h; ++i)
+              for (int64_t J = j0; J < j1; ++J) {
+                T* ms = m.data() + (i * W + J) * S;
+                for (int64_t t = tw.row_ptr[J + dx]; t < tw.row_ptr[J + dx + 1]; ++t) {
+                  const scalar_t* ts = tb + i * tp.row + tw.row_idx[t] * tp.pix;
+                  const T wt = tw.row_w[t];
+                  for (int64_t g = 0; g < G; ++g) ms[g] += wt * static_cast<T>(ts[g]);
+                }
+              }
+          }
+          const int64_t dy = ky - r;
+          const int64_t i0 = std::max<int64_t>(0, -dy), i1 = std::min<int64_t>(H, H - dy);
+          for (int64_t I = i0; I < i1; ++I) {
+            T* brow = buf.data() + I * W * S;
+            for (int64_t t = th.row_ptr[I + dy]; t < th.row_ptr[I + dy + 1]; ++t) {
+              const T* mrow = m.data() + th.row_idx[t] * W * S;
+              const T wt = th.row_w[t];
+              for (int64_t q = 0; q < W * S; ++q) brow[q] += wt * mrow[q];
+            }
+          }
+        }
+      }
+      const int64_t origin = Plane<CL>::origin(n, c0, P, H, W);
+      scalar_t* pb = pre_out ? pre_out + origin : nullptr;
+      scalar_t* ob = out ? out + origin : nullptr;
+      for (int64_t i = 0; i < H; ++i)
+        for (int64_t j = 0; j < W; ++j) {
+          const int64_t at = i * ap.row + j * ap.pix;
+          const T* bs = buf.data() + (i * W + j) * S;
+          if (pb)
+            for (int64_t g = 0; g < G; ++g) pb[at + g] = static_cast<scalar_t>(bs[g]);
+          if (ob)  // the activation of the pre-activation rounded to the dtype, as the reference's
+            for (int64_t g = 0; g < G; ++g)
+              ob[at + g] = static_cast<scalar_t>(activate<T>(
+                  A, epi->alpha[c0 + g] * static_cast<T>(static_cast<scalar_t>(bs[g])) + epi->beta[c0 + g]));
+        }
+    }
+  });
+}
+
+// Backward pass: the adjoint of accumulate_projection's resize-and-shift for one per-tap branch, as a
+// gather at the level: dT(tap, i, j) = sum over (I, J) of dpre(I, J) * uh(I + dy, i) * uw(J + dx, j), summed
+// in a fixed order (no atomics). Per tap row ky the height adjoint R (h x W) is shared by the k taps.
+// Every per-tap branch (dt[b] not null) in one pass over dpre: each item's dpre stays in cache for all.
+template <typename scalar_t, bool CL>
+void projection_tap_adjoint(const BlockPlan& plan, const std::vector<BranchTaps<at::opmath_type<scalar_t>>>& all_taps,
+                            int64_t P, int64_t k, const scalar_t* dpre, const std::vector<scalar_t*>& dts) {
+  using T = at::opmath_type<scalar_t>;
+  constexpr int64_t S = CL ? kGroup : 1;
+  const int64_t H = plan.H, W = plan.W, r = k / 2, KP = k * k * P;
+  const Groups<CL> groups(P);
+  const Plane<CL> gp = Plane<CL>::make(W, P);
+  at::parallel_for(0, plan.N * groups.per_n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> rbuf;
+    for (int64_t item = begin; item < end; ++item) {
+      int64_t n, c0, g_count;
+      groups.at(item, &n, &c0, &g_count);
+      const int64_t G = CL ? g_count : 1;
+      const scalar_t* gb = dpre + Plane<CL>::origin(n, c0, P, H, W);
+      for (size_t b = 0; b < plan.branches.size(); ++b) {
+      scalar_t* dt = dts[b];
+      if (dt == nullptr) continue;
+      const BranchPlan& bp = plan.branches[b];
+      const int64_t h = bp.level_h, w = bp.level_w;
+      const Plane<CL> tp = Plane<CL>::make(w, KP);
+      const auto& th = all_taps[b].up_h;
+      const auto& tw = all_taps[b].up_w;
+      rbuf.resize(h * W * S);
+      for (int64_t ky = 0; ky < k; ++ky) {
+        const int64_t dy = ky - r;
+        std::fill(rbuf.begin(), rbuf.end(), T(0));
+        for (int64_t i = 0; i < h; ++i) {
+          T* rrow = rbuf.data() + i * W * S;
+          for (int64_t t = th.col_ptr[i]; t < th.col_ptr[i + 1]; ++t) {
+            const int64_t I = th.col_idx[t] - dy;
+            if (I < 0 || I >= H) continue;
+            const scalar_t* grow = gb + I * gp.row;
+            const T wt = th.col_w[t];
+            for (int64_t J = 0; J < W; ++J)
+              for (int64_t g = 0; g < G; ++g) rrow[J * S + g] += wt * static_cast<T>(grow[J * gp.pix + g]);
+          }
+        }
+        for (int64_t kx = 0; kx < k; ++kx) {
+          const int64_t dx = kx - r;
+          scalar_t* tb = dt + Plane<CL>::origin(n, (ky * k + kx) * P + c0, KP, h, w);
+          for (int64_t i = 0; i < h; ++i)
+            for (int64_t j = 0; j < w; ++j) {
+              T acc[S] = {};
+              for (int64_t t = tw.col_ptr[j]; t < tw.col_ptr[j + 1]; ++t) {
+                const int64_t J = tw.col_idx[t] - dx;
+                if (J < 0 || J >= W) continue;
+                const T* rs = rbuf.data() + (i * W + J) * S;
+                const T wt = tw.col_w[t];
+                for (int64_t g = 0; g < G; ++g) acc[g] += wt * rs[g];
+              }
+              scalar_t* ts = tb + i * tp.row + j * tp.pix;
+              for (int64_t g = 0; g < G; ++g) ts[g] = static_cast<scalar_t>(acc[g]);
+            }
+        }
+      }
+      }
+    }
+  });
+}
+
+struct Projection {
+  int64_t P = 0, k = 0;
+  bool batch_stats = false;
+  double eps = 0;
+  Activation activation = Activation::None;
+};
+
+Projection check_projection(const BlockPlan& plan, const Tensor& x, const Tensor& pw, double eps, bool batch_stats,
+                            c10::string_view activation) {
+  TORCH_CHECK_VALUE(pw.dim() == 4 && pw.size(2) == pw.size(3) && pw.size(2) % 2 == 1,
+                    "msfused: project_weight must be (P, C_out, k, k) with k odd, got ", pw.sizes());
+  TORCH_CHECK_VALUE(pw.size(1) == plan.out_channels, "msfused: project_weight expects ", pw.size(1),
+                    " input channels, the concatenation has ", plan.out_channels);
+  TORCH_CHECK_VALUE(pw.size(0) >= 1, "msfused: project_weight has no output channels");
+  TORCH_CHECK_TYPE(pw.scalar_type() == x.scalar_type(), "msfused: project_weight has dtype ", pw.scalar_type(),
+                   " but x has ", x.scalar_type());
+  TORCH_CHECK_VALUE(pw.device() == x.device(), "msfused: project_weight is on ", pw.device(), " but x is on ",
+                    x.device());
+  Projection p;
+  p.P = pw.size(0);
+  p.k = pw.size(2);
+  p.batch_stats = batch_stats;
+  p.eps = eps;
+  p.activation = parse_activation(activation);
+  return p;
+}
+
+using ProjectForwardResult =
+    std::tuple<Tensor, TensorVector, TensorVector, TensorVector, TensorVector, Tensor, Tensor, Tensor>;
+
+ProjectForwardResult multi_scale_project_forward_cpu(
+    const Tensor& x_in, at::TensorList weight, const OptionalTensorList& bias, const OptionalTensorList& scale,
+    const OptionalTensorList& shift, const c10::List<bool>& batch_stats, c10::ArrayRef<double> eps,
+    c10::IntArrayRef factor, c10::IntArrayRef bins, c10::string_view down_mode, c10::string_view up_mode,
+    bool align_corners, c10::string_view activation, c10::string_view input_position, const Tensor& pw,
+    const std::optional<Tensor>& p_bias, const std::optional<Tensor>& p_scale, const std::optional<Tensor>& p_shift,
+    bool p_batch_stats, double p_eps, c10::string_view p_activation, bool save_pre) {
+  const BlockPlan plan = make_plan(x_in, weight, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
+                                   activation, input_position);
+  TORCH_CHECK_VALUE(bias.size() == weight.size() && scale.size() == weight.size() && shift.size() == weight.size(),
+                    "msfused: bias, scale and shift need one entry (or None) per branch");
+  check_parameters(x_in, weight, bias, scale, shift);
+  const Projection proj = check_projection(plan, x_in, pw, p_eps, p_batch_stats, p_activation);
+  const int64_t P = proj.P, k = proj.k, pad = k / 2, H = plan.H, W = plan.W;
+  const auto fmt = x_in.suggest_memory_format();
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const Tensor x = x_in.contiguous(fmt);
+  const auto opts = x.options();
+  const size_t B = plan.branches.size();
+  TensorVector level(B), pre(B), mean(B), var(B);
+  for (size_t b = 0; b < B; ++b) {
+    const BranchPlan& bp = plan.branches[b];
+    level[b] = bp.identity ? at::empty({0}, opts) : at::empty({plan.N, plan.C, bp.level_h, bp.level_w}, opts.memory_format(fmt));
+  }
+  BlockPlan levels_plan = plan;
+  levels_plan.x_offset = -1;  // there is no concatenation to copy x into
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msfused_project_levels_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto taps = make_branch_taps<T>(plan);
+    std::vector<scalar_t*> lv(B);
+    for (size_t b = 0; b < B; ++b) lv[b] = level[b].numel() ? level[b].data_ptr<scalar_t>() : nullptr;
+    if (x.numel() > 0) {
+      if (cl) levels_and_copy<scalar_t, true>(levels_plan, taps, x.const_data_ptr<scalar_t>(), nullptr, lv);
+      else levels_and_copy<scalar_t, false>(levels_plan, taps, x.const_data_ptr<scalar_t>(), nullptr, lv);
+    }
+  });
+  // The x part of the projection: ATen's (oneDNN) convolution of x with the weight's x slice.
+  Tensor acc = plan.x_offset >= 0
+                   ? at::conv2d(x, weight_slice(pw, plan.x_offset, plan.C), {}, {1, 1}, {pad, pad}).contiguous(fmt)
+                   : at::empty({plan.N, P, H, W}, opts.memory_format(fmt)).zero_();
+  TensorVector tmaps(B), direct(B);
+  for (size_t b = 0; b < B; ++b) {
+    const BranchPlan& bp = plan.branches[b];
+    const int64_t bpad = bp.kernel_size / 2;
+    const Tensor& z = bp.identity ? x : level[b];
+    pre[b] = at::conv2d(z, weight[b], bias.get(b), {1, 1}, {bpad, bpad}).contiguous(fmt);
+    std::tie(mean[b], var[b]) = batch_statistics(pre[b], bp.batch_stats);
+    const bool whole = convolves_resized(bp, k, H, W);
+    const Tensor a = branch_epilogue(branch_alone(plan, b, !whole), pre[b], scale.get(b), shift.get(b), mean[b],
+                                     var[b], fmt);
+    if (whole)
+      direct[b] = at::conv2d(a, weight_slice(pw, bp.channel_offset, bp.out_channels), {}, {1, 1}, {pad, pad}).contiguous(fmt);
+    else
+      tmaps[b] = at::conv2d(a, tap_weight(pw, bp.channel_offset, bp.out_channels)).contiguous(fmt);
+  }
+  const BlockPlan pp = projection_plan(plan, P, k, proj.batch_stats, proj.eps, proj.activation);
+  // Without batch statistics the norm and activation run in the accumulation pass; in place when the
+  // pre-activation need not be kept (nothing will differentiate it).
+  const bool fuse_epilogue = !proj.batch_stats;
+  Tensor out = fuse_epilogue && !save_pre ? acc : at::empty_like(acc, fmt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msfused_project_accumulate_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto taps = make_branch_taps<T>(plan);
+    std::vector<const scalar_t*> tv(B, nullptr), dv(B, nullptr);
+    for (size_t b = 0; b < B; ++b) {
+      if (tmaps[b].defined()) tv[b] = tmaps[b].const_data_ptr<scalar_t>();
+      if (direct[b].defined()) dv[b] = direct[b].const_data_ptr<scalar_t>();
+    }
+    std::vector<T> pb;
+    if (p_bias.has_value() && p_bias->defined()) {
+      TORCH_CHECK_TYPE(p_bias->scalar_type() == x.scalar_type(), "msfused: project_bias has dtype ",
+                       p_bias->scalar_type(), " but x has ", x.scalar_type());
+      for (double v : to_doubles(p_bias, P, 0.0)) pb.push_back(static_cast<T>(v));
+    }
+    const Epilogue<T> epi = make_epilogue<T>(pp.branches[0], p_scale, p_shift, Tensor(), Tensor());
+    scalar_t* a = acc.data_ptr<scalar_t>();
+    scalar_t* pre_out = !fuse_epilogue || save_pre ? a : nullptr;
+    scalar_t* o = fuse_epilogue ? out.data_ptr<scalar_t>() : nullptr;
+    if (acc.numel() > 0) {
+      with_activation(proj.activation, [&](auto act) {
+        constexpr Activation A = decltype(act)::value;
+        if (cl) accumulate_projection<scalar_t, true, A>(plan, taps, P, k, tv, dv, pb, &epi, a, pre_out, o);
+        else accumulate_projection<scalar_t, false, A>(plan, taps, P, k, tv, dv, pb, &epi, a, pre_out, o);
+      });
+    }
+  });
+  auto [p_mean, p_var] = batch_statistics(acc, proj.batch_stats);
+  if (!fuse_epilogue) out = branch_epilogue(pp, acc, p_scale, p_shift, p_mean, p_var, fmt, save_pre ? Tensor() : acc);
+  const Tensor p_pre = save_pre ? acc : at::empty({0}, opts);
+  return {out, level, pre, mean, var, p_pre, p_mean, p_var};
+}
+
+using ProjectBackwardResult =
+    std::tuple<Tensor, TensorVector, TensorVector, TensorVector, TensorVector, Tensor, Tensor, Tensor, Tensor>;
+
+ProjectBackwardResult multi_scale_project_backward_cpu(
+    const Tensor& grad_in, const Tensor& x_in, at::TensorList weight, const OptionalTensorList& scale,
+    const OptionalTensorList& shift, at::TensorList level, at::TensorList pre, at::TensorList mean, at::TensorList var,
+    const c10::List<bool>& batch_stats, c10::ArrayRef<double> eps, c10::IntArrayRef factor, c10::IntArrayRef bins,
+    c10::string_view down_mode, c10::string_view up_mode, bool align_corners, c10::string_view activation,
+    c10::string_view input_position, const Tensor& pw, const std::optional<Tensor>& p_scale,
+    const std::optional<Tensor>& p_shift, const Tensor& p_pre, const Tensor& p_mean, const Tensor& p_var,
+    bool p_batch_stats, double p_eps, c10::string_view p_activation, std::array<bool, 2> output_mask) {
+  const BlockPlan plan = make_plan(x_in, weight, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
+                                   activation, input_position);
+  const Projection proj = check_projection(plan, x_in, pw, p_eps, p_batch_stats, p_activation);
+  const size_t B = plan.branches.size();
+  const int64_t P = proj.P, k = proj.k, pad = k / 2, H = plan.H, W = plan.W;
+  TORCH_CHECK_VALUE(level.size() == B && pre.size() == B && mean.size() == B && var.size() == B &&
+                        scale.size() == B && shift.size() == B,
+                    "msfused: backward needs one saved level, pre-activation, mean and var per branch");
+  TORCH_CHECK_VALUE(grad_in.dim() == 4 && grad_in.size(0) == plan.N && grad_in.size(1) == P &&
+                        grad_in.size(2) == H && grad_in.size(3) == W,
+                    "msfused: grad_out must have the output's shape (", plan.N, ", ", P, ", ", H, ", ", W, "), got ",
+                    grad_in.sizes());
+  const auto fmt = x_in.suggest_memory_format();
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const Tensor x = x_in.contiguous(fmt);
+  const Tensor grad = grad_in.to(x.scalar_type()).contiguous(fmt);
+  const auto opts = x.options();
+  const bool need_w = output_mask[1];
+  TORCH_CHECK_VALUE(p_pre.sizes() == grad_in.sizes(), "msfused: the projection's pre-activation was not saved "
+                    "(multi_scale_project_forward with save_pre=False), so there is no backward");
+  // The projection's epilogue backward: the gradient of its pre-activation (bias included).
+  const BlockPlan pp = projection_plan(plan, P, k, proj.batch_stats, proj.eps, proj.activation);
+  auto [dpre, grad_p_scale, grad_p_shift] =
+      epilogue_backward(pp, pp.branches[0], grad, p_pre, p_scale, p_shift, p_mean, p_var, fmt);
+  const Tensor grad_p_bias = dpre.sum({0, 2, 3});
+  Tensor grad_pw = need_w ? at::zeros_like(pw, at::MemoryFormat::Preserve) : at::empty({0}, opts);
+  Tensor dx_proj;  // the x part's gradient of x
+  if (plan.x_offset >= 0) {
+    const Tensor wx = weight_slice(pw, plan.x_offset, plan.C);
+    auto g = at::convolution_backward(dpre, x, wx, std::nullopt, {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1,
+                                      {output_mask[0], need_w, false});
+    if (output_mask[0]) dx_proj = std::get<0>(g).contiguous(fmt);
+    if (need_w) grad_pw.narrow(1, plan.x_offset, plan.C).copy_(std::get<1>(g));
+  }
+  // The gradients of every per-tap branch's maps T_b, in one gather pass over dpre.
+  TensorVector dts(B);
+  for (size_t b = 0; b < B; ++b)
+    if (!convolves_resized(plan.branches[b], k, H, W))
+      dts[b] = at::empty({plan.N, k * k * P, plan.branches[b].level_h, plan.branches[b].level_w},
+                         opts.memory_format(fmt));
+  if (dpre.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msfused_project_adjoint_cpu", [&] {
+      using T = at::opmath_type<scalar_t>;
+      const auto taps = make_branch_taps<T>(plan);
+      std::vector<scalar_t*> dv(B, nullptr);
+      for (size_t b = 0; b < B; ++b)
+        if (dts[b].defined()) dv[b] = dts[b].data_ptr<scalar_t>();
+      if (cl) projection_tap_adjoint<scalar_t, true>(plan, taps, P, k, dpre.const_data_ptr<scalar_t>(), dv);
+      else projection_tap_adjoint<scalar_t, false>(plan, taps, P, k, dpre.const_data_ptr<scalar_t>(), dv);
+    });
+  }
+  TensorVector grad_weight(B), grad_bias(B), grad_scale(B), grad_shift(B), dz(B);
+  for (size_t b = 0; b < B; ++b) {
+    const BranchPlan& bp = plan.branches[b];
+    const int64_t Cb = bp.out_channels;
+    const bool whole = convolves_resized(bp, k, H, W);
+    const BlockPlan alone = branch_alone(plan, b, !whole);
+    // The branch's activation (as in the forward) and the gradient reaching it.
+    const Tensor a = branch_epilogue(alone, pre[b], scale.get(b), shift.get(b), mean[b], var[b], fmt);
+    Tensor da;
+    if (whole) {
+      auto g = at::convolution_backward(dpre, a, weight_slice(pw, bp.channel_offset, Cb), std::nullopt, {1, 1},
+                                        {pad, pad}, {1, 1}, false, {0, 0}, 1, {true, need_w, false});
+      da = std::get<0>(g).contiguous(fmt);
+      if (need_w) grad_pw.narrow(1, bp.channel_offset, Cb).copy_(std::get<1>(g));
+    } else {
+      const Tensor& dt = dts[b];
+      const Tensor wt = tap_weight(pw, bp.channel_offset, Cb);
+      auto g = at::convolution_backward(dt, a, wt, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1,
+                                        {true, need_w, false});
+      da = std::get<0>(g).contiguous(fmt);
+      if (need_w)  // (k * k * P, Cb, 1, 1) back to the (P, Cb, k, k) slice
+        grad_pw.narrow(1, bp.channel_offset, Cb).copy_(std::get<1>(g).reshape({k, k, P, Cb}).permute({2, 3, 0, 1}));
+    }
+    Tensor dconv;
+    std::tie(dconv, grad_scale[b], grad_shift[b]) =
+        epilogue_backward(alone, alone.branches[0], da, pre[b], scale.get(b), shift.get(b), mean[b], var[b], fmt);
+    const int64_t bpad = bp.kernel_size / 2;
+    const Tensor& z = bp.identity ? x : level[b];
+    auto grads = at::convolution_backward(dconv, z, weight[b], c10::OptionalArrayRef<int64_t>({Cb}), {1, 1},
+                                          {bpad, bpad}, {1, 1}, false, {0, 0}, 1, {output_mask[0], need_w, true});
+    dz[b] = output_mask[0] ? std::get<0>(grads).contiguous(fmt) : Tensor();
+    grad_weight[b] = need_w ? std::get<1>(grads).contiguous(weight[b].suggest_memory_format()) : at::empty({0}, opts);
+    grad_bias[b] = std::get<2>(grads);
+  }
+  Tensor grad_x = at::empty({0}, opts);
+  if (output_mask[0]) {
+    // dx written once: the x part's gradient (as the "identity slice" of a C-channel gradient) plus every
+    // branch's adjoint down-resize.
+    BlockPlan dx_plan = plan;
+    dx_plan.out_channels = plan.C;
+    dx_plan.x_offset = plan.x_offset >= 0 ? 0 : -1;
+    grad_x = at::empty({plan.N, plan.C, H, W}, opts.memory_format(fmt));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msfused_project_dx_cpu", [&] {
+      using T = at::opmath_type<scalar_t>;
+      const auto taps = make_branch_taps<T>(plan);
+      std::vector<const scalar_t*> zv(B);
+      for (size_t b = 0; b < B; ++b) zv[b] = dz[b].numel() ? dz[b].const_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* gx = dx_proj.defined() ? dx_proj.const_data_ptr<scalar_t>() : nullptr;
+      if (grad_x.numel() > 0) {
+        if (cl) down_adjoint<scalar_t, true>(dx_plan, taps, gx, zv, grad_x.data_ptr<scalar_t>());
+        else down_adjoint<scalar_t, false>(dx_plan, taps, gx, zv, grad_x.data_ptr<scalar_t>());
+      }
+    });
+  }
+  if (!need_w) grad_pw = at::empty({0}, opts);
+  return {grad_x, grad_weight, grad_bias, grad_scale, grad_shift, grad_pw, grad_p_bias, grad_p_scale, grad_p_shift};
+}
+
 }  // namespace
 }  // namespace cpu
 
 TORCH_LIBRARY_IMPL(msfused, CPU, m) {
   m.impl("multi_scale_forward", &cpu::multi_scale_forward_cpu);
   m.impl("multi_scale_backward", &cpu::multi_scale_backward_cpu);
+  m.impl("multi_scale_project_forward", &cpu::multi_scale_project_forward_cpu);
+  m.impl("multi_scale_project_backward", &cpu::multi_scale_project_backward_cpu);
 }
 
 }  // namespace msfused

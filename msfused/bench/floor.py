@@ -27,6 +27,9 @@ Counting rule (also in :func:`count_work`):
   ``Cb`` output channels at level ``h x w``. Pooling, resizing, norm and activation are a few operations
   per byte moved and belong to the byte side. A training step counts 3 times the forward: the forward,
   the gradient of the conv input and the gradient of its weight each cost one forward's FLOPs.
+  A block's projection (P outputs, k x k) counts what the work needs, not the convolution over the
+  concatenation: ``2 * N * P * C * k * k * H * W`` for its ``x`` part (when ``x`` is in the output) and
+  ``2 * N * P * Cb * k * k * h * w`` for each branch's part, at the branch's level.
 """
 
 from __future__ import annotations
@@ -162,6 +165,10 @@ def count_work(workload: Workload, n: int, mode: str, dtype: torch.dtype) -> Wor
     for b in spec.branches:
         h, w = b.level_size(H, W)
         flops += 2 * N * b.out_channels * C * b.kernel_size**2 * h * w
+        if spec.project:
+            flops += 2 * N * spec.project.out_channels * b.out_channels * spec.project.kernel_size**2 * h * w
+    if spec.project and spec.input_position:
+        flops += 2 * N * spec.project.out_channels * C * spec.project.kernel_size**2 * H * W
     if mode == "inference":
         return Work(x_bytes + state_bytes, out_bytes, flops)
     param_bytes = sum(_bytes(p, dtype) for p in module.parameters())

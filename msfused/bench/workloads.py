@@ -109,6 +109,25 @@ WORKLOADS: Dict[str, Workload] = {
             branch_channels=16, bins=(1, 2, 3, 6), kernel_size=1, bias=False, norm="batch", activation="relu",
             up_mode="bilinear", align_corners=False, input_position="first",
         ),
+        # The heads: the block and the convolution that consumes it, as the block's projection (the naive
+        # twin builds the concatenation and convolves it, as the models' own code does). psp_head_mmseg's
+        # cpu_n is 2 because its bin-1 BatchNorm needs N >= 2 in training; its inference figure is also
+        # taken at N = 1 (--n 1).
+        _workload(
+            "psp_head_mmseg", "mmsegmentation PSPHead, whole (psp_mmseg + its bottleneck)", "pyramid_pooling", 8, 2,
+            (2048, 64, 64),
+            branch_channels=512, bins=(1, 2, 3, 6), kernel_size=1, bias=False, norm="batch", activation="relu",
+            up_mode="bilinear", align_corners=False, input_position="first",
+            project=dict(out_channels=512, kernel_size=3, bias=False, norm="batch", activation="relu"),
+        ),
+        _workload(
+            "psp_decoder_smp", "segmentation_models_pytorch PSPDecoder, whole (psp_smp + its Conv2dReLU)",
+            "pyramid_pooling", 16, 4, (128, 64, 64),
+            branch_channels=32, bins=(1, 2, 3, 6), kernel_size=1, bias=(True, False, False, False),
+            norm=(None, "batch", "batch", "batch"), activation="relu", up_mode="bilinear", align_corners=True,
+            input_position="last",
+            project=dict(out_channels=512, kernel_size=1, bias=False, norm="batch", activation="relu"),
+        ),
     )
 }
 
