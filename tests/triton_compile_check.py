@@ -132,10 +132,15 @@ def record_launches() -> None:
     launch.inference(x, weight, none, none, none, **args)
 
 
+def operand_dtype(signature: dict) -> str:
+    """The type of a variant's first floating-point pointer argument (its data's dtype)."""
+    return next((t for t in signature.values() if t.startswith(("*fp", "*bf"))), "-")
+
+
 def _features(key, signature) -> set:
     """What a variant exercises: its kernel with its operand dtype, and each compile-time constant's value."""
     name, _sig, consts = key
-    return {(name, "dtype", next(iter(signature.values())))} | {(name, i, v) for i, v in consts}
+    return {(name, "dtype", operand_dtype(signature))} | {(name, i, v) for i, v in consts}
 
 
 def sample(variants: dict, per_kernel_only: bool = False) -> list:
@@ -143,7 +148,7 @@ def sample(variants: dict, per_kernel_only: bool = False) -> list:
     operand dtype, each picked greedily to add the most compile-time constant values not yet covered."""
     groups = {}
     for key, (_fn, signature, _c) in variants.items():
-        group = key[0] if per_kernel_only else (key[0], next(iter(signature.values())))
+        group = key[0] if per_kernel_only else (key[0], operand_dtype(signature))
         groups.setdefault(group, []).append(key)
     covered, chosen = set(), []
     for keys in groups.values():
@@ -180,7 +185,7 @@ def main(argv=None) -> int:
                 print(f"FAILED sm_{arch} {name} {dict(consts)}: {type(e).__name__}: {e}", flush=True)
                 return 1
             assert "cubin" in compiled.asm, name
-            print(f"ok sm_{arch} {name} {next(iter(signature.values()))} {dict(consts)} ({time.time() - t:.1f} s)",
+            print(f"ok sm_{arch} {name} {operand_dtype(signature)} {dict(consts)} ({time.time() - t:.1f} s)",
                   flush=True)
     print(f"{'all' if opts.all else 'sampled'} variants compiled: {', '.join(counts)} of {len(recorded)} recorded "
           f"({len(kernels)} kernels) in {time.time() - start:.0f} s", flush=True)
