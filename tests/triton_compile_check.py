@@ -10,7 +10,7 @@ interpreter must be off (TRITON_INTERPRET unset) when the kernels are defined.
 
 By default (what CI runs) a sample: for the last arch one variant per kernel and operand dtype, chosen to
 cover every compile-time constant's values as far as that allows; for the others one variant per kernel.
-``--all`` compiles every variant for every arch (about 7 minutes on 2 cores; ``MSFUSED_FULL_COMPILE=1
+``--all`` compiles every variant for every arch (an estimated 13 minutes on 2 cores; ``MSFUSED_FULL_COMPILE=1
 pytest tests/test_triton_compile.py`` runs it under pytest). Prints one line per compiled variant and exits
 non-zero on the first failure.
 """
