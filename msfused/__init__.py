@@ -10,11 +10,14 @@ from . import triton as _triton  # noqa: F401  (registers the Triton operators, 
 from ._version import __version__
 from .backends import BACKENDS, availability, use_backend
 from .functional import multi_scale
-from .modules import MultiScaleBlock, PyramidPooling, convert, revert
+from .fx_fuse import fuse
+from .modules import ConvertRecord, ConvertReport, MultiScaleBlock, PyramidPooling, convert, revert
 from .naive import NaiveMultiScaleBlock, NaivePyramidPooling
 
 __all__ = [
     "BACKENDS",
+    "ConvertRecord",
+    "ConvertReport",
     "MultiScaleBlock",
     "NaiveMultiScaleBlock",
     "NaivePyramidPooling",
@@ -22,6 +25,7 @@ __all__ = [
     "__version__",
     "availability",
     "convert",
+    "fuse",
     "multi_scale",
     "revert",
     "use_backend",

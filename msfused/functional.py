@@ -14,6 +14,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import backends
 from .reference import reference_forward
@@ -61,7 +62,7 @@ def check_input(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> No
 
 def _norm_epilogue(norm: nn.Module) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], bool, float]:
     """(scale, shift, batch_stats, eps) for the kernels' epilogue, as ``norm.forward`` would normalise."""
-    if not isinstance(norm, nn.BatchNorm2d):
+    if not isinstance(norm, _BatchNorm):  # nn.Identity (unfusable_reason vetted the rest)
         return None, None, False, 0.0
     batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
     if batch_stats:
@@ -241,18 +242,54 @@ def _autocast_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList,
         return torch.cat(parts, 1).contiguous(memory_format=torch._prims_common.suggest_memory_format(x))
 
 
-def unfusable_reason(spec: BlockSpec, branches: nn.ModuleList) -> Optional[str]:
-    """Why the fused kernels cannot compute these branches (a conv or norm replaced by something else
-    than the block builds), or None."""
+class _FourD:
+    """Stands in for a 4-D tensor to a norm's own ``_check_input_dim`` (which reads ``dim()`` only)."""
+
+    def dim(self) -> int:
+        return 4
+
+
+_FOUR_D = _FourD()
+
+
+def norm_unfusable_reason(norm: nn.Module) -> Optional[str]:
+    """Why the fused kernels cannot compute ``norm`` on a 4-D conv output as its own ``forward`` would, from
+    its type alone (SPEC.md: ``nn.Identity``, or a ``_BatchNorm`` subclass that keeps ``_BatchNorm.forward``
+    and takes 4-D input; ``nn.SyncBatchNorm`` too, whose training mode ``unfusable_reason`` refuses), or None."""
+    if type(norm) is nn.Identity:
+        return None
+    name = type(norm).__name__
+    if not isinstance(norm, _BatchNorm):
+        return f"a {name}; the fused kernels compute a BatchNorm (a _BatchNorm subclass) or no norm"
+    if type(norm).forward is not _BatchNorm.forward and type(norm).forward is not nn.SyncBatchNorm.forward:
+        return f"a {name}, which overrides _BatchNorm.forward"
+    if type(norm)._check_input_dim is not nn.BatchNorm2d._check_input_dim:
+        try:
+            norm._check_input_dim(_FOUR_D)
+        except ValueError:
+            return f"a {name}, which does not take a 4-D input"
+    return None
+
+
+def unfusable_reason(spec: BlockSpec, branches: nn.ModuleList, now: bool = True) -> Optional[str]:
+    """Why the fused kernels cannot compute these branches (a conv or norm other than SPEC.md's; ``now``:
+    also an ``nn.SyncBatchNorm`` in training mode, whose statistics span processes), or None."""
     for i, (b, branch) in enumerate(zip(spec.branches, branches)):
         conv, norm = branch.conv, branch.norm
         k = b.kernel_size
         if type(conv) is not nn.Conv2d or conv.kernel_size != (k, k) or conv.stride != (1, 1) or \
                 conv.padding != (k // 2, k // 2) or conv.dilation != (1, 1) or conv.groups != 1 or \
-                conv.padding_mode != "zeros" or conv.in_channels != spec.in_channels:
+                conv.padding_mode != "zeros" or conv.in_channels != spec.in_channels or \
+                conv.out_channels != b.out_channels:
             return f"branches[{i}].conv is not the plain {k}x{k} nn.Conv2d (stride 1, padding {k // 2}) the block built"
-        if type(norm) not in (nn.BatchNorm2d, nn.Identity):
-            return f"branches[{i}].norm is a {type(norm).__name__}; the fused kernels compute nn.BatchNorm2d or no norm"
+        why = norm_unfusable_reason(norm)
+        if why is not None:
+            return f"branches[{i}].norm is {why}"
+        if type(norm) is not nn.Identity and norm.num_features != b.out_channels:
+            return f"branches[{i}].norm has {norm.num_features} features, the conv gives {b.out_channels} channels"
+        if now and isinstance(norm, nn.SyncBatchNorm) and norm.training:
+            return (f"branches[{i}].norm is an nn.SyncBatchNorm in training mode, whose batch statistics span "
+                    "processes; the fused kernels compute per-process statistics")
     return None
 
 
