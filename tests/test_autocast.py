@@ -75,9 +75,16 @@ def _run(module, x, g, device, dtype, backend=None):
     return out, grads
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize("kind,kwargs", CONFIGS, ids=CONFIG_IDS)
+def _modes_and_layouts():
+    """Each configuration in eval and train mode, the input's memory format alternating between them and
+    over the configurations (each configuration and each mode meets both formats)."""
+    layouts = ("contiguous", "channels_last")
+    return [pytest.param(kind, kwargs, train, layouts[(i + train) % 2],
+                         id=f"{cid}-{'train' if train else 'eval'}-{layouts[(i + train) % 2]}")
+            for i, ((kind, kwargs), cid) in enumerate(zip(CONFIGS, CONFIG_IDS)) for train in (False, True)]
+
+
+@pytest.mark.parametrize("kind,kwargs,train,layout", _modes_and_layouts())
 @pytest.mark.parametrize("device,dtype", _devices_and_dtypes())
 def test_autocast_matches_naive(device, dtype, kind, kwargs, train, layout):
     backend = _fused_backend(device)

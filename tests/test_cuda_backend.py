@@ -21,11 +21,12 @@ from msfused import _ops
 from .conftest import Case, build_case, case_ids, check_half_precision_grads, make_input, run_case
 from .test_forward_backward import _bins_grid, _mode_grid
 
-pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device: the CUDA backend's runtime "
-                       "tests need a GPU (test_cuda_build.py and test_cuda_emulation.py check the kernels without one)"),
-    pytest.mark.skipif(not _ops.has_kernel("CUDA"), reason="msfused._C was built without the CUDA kernels"),
-]
+# One skip for the module (not one per case) where its tests cannot run.
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device: the CUDA backend runs on a GPU only (test_cuda_build.py and test_cuda_emulation.py "
+                "check its kernels without one)", allow_module_level=True)
+if not _ops.has_kernel("CUDA"):
+    pytest.skip("msfused._C was built without the CUDA kernels", allow_module_level=True)
 
 
 @pytest.fixture(autouse=True)

@@ -24,20 +24,22 @@ SHAPES_MS = ((2, 3, 7, 9), (3, 4, 10, 13), (2, 5, 11, 8), (2, 3, 9, 9))
 # ---------------------------------------------------------------------------------------------------
 # Every down mode x up mode x align_corners x kernel size x norm mode (none / eval / train) on factor
 # pyramids with remainders (factor 3 on 7, 10, 11 rows; factor 2 on odd sizes); activation, input position,
-# channels and shape cycle through.
+# channels and shape cycle through. Each combination runs in one dtype: the parity of its indices picks
+# float64 or float32, so that every pair of settings (down x norm, up x kernel, ...) meets both dtypes.
 # ---------------------------------------------------------------------------------------------------
 
 
 def _mode_grid():
     cases = []
-    grid = itertools.product(("avg", "bilinear", "nearest"), ("bilinear", "nearest"), (False, True), (1, 3), NORM_MODES)
-    for i, (down, up, ac, k, (norm, train)) in enumerate(grid):
+    grid = itertools.product(enumerate(("avg", "bilinear", "nearest")), enumerate(("bilinear", "nearest")),
+                             enumerate((False, True)), enumerate((1, 3)), enumerate(NORM_MODES))
+    for i, indexed in enumerate(grid):
+        (down, up, ac, k, (norm, train)) = (v for _, v in indexed)
+        dtype = DTYPES[sum(j for j, _ in indexed) % 2]
         kwargs = dict(scales=(1, 2, 3), down_mode=down, up_mode=up, align_corners=ac, kernel_size=k,
                       activation=ACTIVATIONS[i % 4], input_position=POSITIONS[(i // 4) % 3], norm=norm,
                       branch_channels=(3, 2, 4)[(i // 3) % 3])
-        for dtype in DTYPES:
-            cases.append(Case("ms", kwargs, SHAPES_MS[(i + (dtype == torch.float32)) % 4], dtype, train=train,
-                              steps=2 if train else 1))
+        cases.append(Case("ms", kwargs, SHAPES_MS[i % 4], dtype, train=train, steps=2 if train else 1))
     return cases
 
 
@@ -170,17 +172,17 @@ def test_norm_variants(case):
 
 
 def _layout_cases():
+    """Three configurations in every layout; float64 and float32 alternate over configurations and layouts
+    (each layout and each configuration meets both)."""
     cases = []
     for i, layout in enumerate(LAYOUTS):
-        for dtype in DTYPES:
-            cases.append(Case("ms", dict(scales=(1, 2, 4), down_mode=("avg", "bilinear", "nearest")[i % 3],
-                                         norm="batch", branch_channels=3),
-                              (2, 5, 9, 11), dtype, layout, train=bool(i % 2), steps=2))
-            cases.append(Case("psp", dict(bins=(1, 2, (3, 5)), branch_channels=4, kernel_size=3,
-                                          align_corners=bool(i % 2)),
-                              (2, 18, 8, 7), dtype, layout, train=not bool(i % 2), steps=2))
-            cases.append(Case("psp", PSP_SMP, (3, 6, 13, 11), dtype, layout, train=bool((i + 1) % 2), steps=2,
-                              label="psp_smp"))
+        dtype = lambda c: DTYPES[(i + c) % 2]  # noqa: E731
+        cases.append(Case("ms", dict(scales=(1, 2, 4), down_mode=("avg", "bilinear", "nearest")[i % 3], norm="batch",
+                                     branch_channels=3), (2, 5, 9, 11), dtype(0), layout, train=bool(i % 2), steps=2))
+        cases.append(Case("psp", dict(bins=(1, 2, (3, 5)), branch_channels=4, kernel_size=3, align_corners=bool(i % 2)),
+                          (2, 18, 8, 7), dtype(1), layout, train=not bool(i % 2), steps=2))
+        cases.append(Case("psp", PSP_SMP, (3, 6, 13, 11), dtype(2), layout, train=bool((i + 1) % 2), steps=2,
+                          label="psp_smp"))
     return cases
 
 
