@@ -127,6 +127,9 @@ class MultiScaleFunction : public torch::autograd::Function<MultiScaleFunction> 
     for (const TensorVector* list : {&level, &pre, &mean, &var}) result.insert(result.end(), list->begin(), list->end());
     variable_list extra(result.begin() + 1, result.end());
     ctx->mark_non_differentiable(extra);
+    // No zero-filled gradients for the saved-tensor outputs nobody differentiates (one of each per branch,
+    // full size for a factor-1 branch's conv output): backward reads only out's gradient.
+    ctx->set_materialize_grads(false);
     variable_list saved{x};
     saved.insert(saved.end(), p.begin(), p.end());
     saved.insert(saved.end(), extra.begin(), extra.end());
@@ -165,6 +168,9 @@ class MultiScaleFunction : public torch::autograd::Function<MultiScaleFunction> 
                   "msfused: second-order gradients of multi_scale_forward are not supported "
                   "(backward with create_graph=True)");
     }
+    // One gradient per forward argument: x, each param, then the two non-tensor arguments.
+    variable_list grads(1 + P + 2);
+    if (!grad_outputs[0].defined()) return grads;  // out unused: every gradient is zero (undefined)
     const bool need_x = ctx->needs_input_grad(0);
     bool need_weight = false;
     for (int64_t b = 0; b < B; ++b) need_weight = need_weight || ctx->needs_input_grad(1 + b);
@@ -177,8 +183,6 @@ class MultiScaleFunction : public torch::autograd::Function<MultiScaleFunction> 
         ctx->saved_data["align_corners"].toBool(), ctx->saved_data["activation"].toStringRef(),
         ctx->saved_data["input_position"].toStringRef(), {need_x, need_weight});
 
-    // One gradient per forward argument: x, each param, then the two non-tensor arguments.
-    variable_list grads(1 + P + 2);
     if (need_x) grads[0] = grad_x;
     for (int64_t b = 0; b < B; ++b) {
       if (need_weight) grads[1 + b] = grad_weight[b];
