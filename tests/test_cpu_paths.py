@@ -5,6 +5,8 @@ tensor the kernels allocate starts as NaN, so an element they forget to write fa
 * the levels pass sums rows of ``x`` in register blocks of 64, 32 and 16 elements and then one at a time
   (widths that use every block and a tail), pooling windows as a sum scaled once, other resizes weighted;
 * the up-resize expands each level row to the full width and blends two of them per output row;
+* image pooling alone (every branch pools to 1x1, x not in the output) takes its levels from one mean of x;
+* a 1x1 convolution (float32 / float64) runs as a GEMM, in either memory format;
 * the convolution backward runs over chunks of the batch when a branch's conv-output gradient is large;
 * training peak memory of the fused block is at most the naive block's (no zero-filled gradients for the
   saved-tensor outputs, the chunked convolution backward).
@@ -53,6 +55,15 @@ POOL_CASES = [
     for dtype, layout, ac in ((torch.float32, "contiguous", False), (torch.float64, "channels_last", True),
                               (torch.float32, "transposed", False))
 ] + [
+    # Several image-pooling branches (one mean of x for all); a 1x1 convolution with bias as a GEMM in both
+    # formats, at the level and at full resolution (factor 1).
+    Case("psp", dict(bins=(1, 1), branch_channels=(3, 5), bias=(True, False), input_position=None,
+                     activation="silu"), (3, 6, 7, 5), torch.float32, layout="channels_last", train=True,
+         label="image_pool"),
+    Case("ms", dict(scales=(1, 2), kernel_size=1, bias=True, norm="batch"), (2, 7, 9, 11), torch.float32,
+         layout="channels_last", train=True, label="gemm_conv"),
+    Case("ms", dict(scales=(1, 3), kernel_size=(1, 3), bias=True, input_position="last"), (2, 7, 9, 11),
+         torch.float64, label="gemm_conv"),
     Case("psp", dict(bins=((2, 5), 7), up_mode="nearest", input_position="last"), (2, 4, 11, 48), torch.float64,
          layout="batch_strided", train=True, label="pool"),
     # Weighted (non-pooling) taps in the same blocks: bilinear and nearest downsampling.
@@ -71,8 +82,8 @@ def test_levels_and_up_paths(case):
         run_case(case)
 
 
-# A factor-1 branch whose conv-output gradient is 8 MiB per sample in float64 (16 x 256 x 256): the
-# convolution backward runs one sample at a time (and its weight and bias gradients are summed).
+# A factor-1 branch whose conv-output gradient is 8 MiB per sample in float64 (16 x 256 x 256), over the
+# 4 MiB chunk: the convolution backward runs one sample at a time (its weight and bias gradients summed).
 CHUNK_CASES = [
     Case("ms", dict(scales=(1, 2), branch_channels=16, kernel_size=(3, 1), norm="batch", input_position=None),
          (3, 2, 256, 256), torch.float64, train=True, label="chunked_conv_backward"),
@@ -97,7 +108,7 @@ def test_chunked_conv_backward(case):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-@pytest.mark.parametrize("name", ["stem_pyramid"])
+@pytest.mark.parametrize("name", ["stem_pyramid", "pyramid_wide"])
 def test_training_peak_memory_at_most_naive(name):
     """The bench's peak-memory figure of one training step (CPU workload batch): fused <= naive."""
     built = workloads.build(workloads.WORKLOADS[name])

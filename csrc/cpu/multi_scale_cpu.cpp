@@ -399,6 +399,39 @@ void check_tensors(const Tensor& x, at::TensorList weight, const OptionalTensorL
   }
 }
 
+// Image pooling alone: every branch pools x to 1x1 (bins), and x is not part of the output.
+bool only_image_pooling(const BlockPlan& plan) {
+  return plan.x_offset < 0 && std::all_of(plan.branches.begin(), plan.branches.end(), [](const BranchPlan& b) {
+    return !b.identity && b.level_h == 1 && b.level_w == 1 && b.down_h == ResizeKind::Adaptive &&
+           b.down_w == ResizeKind::Adaptive;
+  });
+}
+
+// A branch's convolution (stride 1, padding pad) in memory format fmt. A 1x1 kernel in float32 / float64 is
+// the GEMM it is (ATen takes its slow unfolded path for 1x1 kernels on one thread; torch.compile a GEMM).
+Tensor branch_conv(const Tensor& z, const Tensor& w, const std::optional<Tensor>& bias, int64_t pad,
+                   at::MemoryFormat fmt) {
+  const bool gemm = pad == 0 && w.size(2) == 1 && w.size(3) == 1 &&
+                    (z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble);
+  if (!gemm) return at::conv2d(z, w, bias, {1, 1}, {pad, pad}).contiguous(fmt);
+  const int64_t N = z.size(0), C = z.size(1), h = z.size(2), wd = z.size(3), Cb = w.size(0);
+  const Tensor w2 = w.reshape({Cb, C});
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (fmt == at::MemoryFormat::ChannelsLast) {  // (N h w, C) x (C, Cb): the output channels_last
+    const Tensor rows = z.contiguous(fmt).permute({0, 2, 3, 1}).reshape({N * h * wd, C});
+    const Tensor r = has_bias ? at::addmm(*bias, rows, w2.t()) : at::mm(rows, w2.t());
+    return r.view({N, h, wd, Cb}).permute({0, 3, 1, 2});
+  }
+  const Tensor cols = z.contiguous().view({N, C, h * wd});
+  Tensor r = at::empty({N, Cb, h * wd}, z.options());
+  for (int64_t n = 0; n < N; ++n) {  // (Cb, C) x (C, hw) per sample
+    Tensor rn = r.select(0, n);
+    at::mm_out(rn, w2, cols.select(0, n));
+  }
+  if (has_bias) r.add_(bias->view({1, Cb, 1}));
+  return r.view({N, Cb, h, wd});
+}
+
 ForwardResult multi_scale_forward_cpu(const Tensor& x_in, at::TensorList weight, const OptionalTensorList& bias,
                                       const OptionalTensorList& scale, const OptionalTensorList& shift,
                                       const c10::List<bool>& batch_stats, c10::ArrayRef<double> eps,
@@ -422,7 +455,12 @@ ForwardResult multi_scale_forward_cpu(const Tensor& x_in, at::TensorList weight,
     const BranchPlan& bp = plan.branches[b];
     level[b] = bp.identity ? at::empty({0}, opts) : at::empty({plan.N, plan.C, bp.level_h, bp.level_w}, opts.memory_format(fmt));
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msfused_levels_cpu", [&] {
+  if (only_image_pooling(plan)) {
+    // Each level is the mean over the map, which is what the reference's adaptive_avg_pool2d computes for
+    // 1x1: ATen's one vectorised, parallel read of x (the levels pass would read x for nothing else).
+    const Tensor pooled = at::mean(x, {2, 3}, /*keepdim=*/true).contiguous(fmt);
+    for (size_t b = 0; b < B; ++b) level[b] = b == 0 ? pooled : pooled.clone();  // outputs never alias
+  } else AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msfused_levels_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const auto taps = make_branch_taps<T>(plan);
     std::vector<scalar_t*> lv(B);
@@ -436,7 +474,7 @@ ForwardResult multi_scale_forward_cpu(const Tensor& x_in, at::TensorList weight,
     const BranchPlan& bp = plan.branches[b];
     const int64_t pad = bp.kernel_size / 2;
     const Tensor& z = bp.identity ? x : level[b];
-    pre[b] = at::conv2d(z, weight[b], bias.get(b), {1, 1}, {pad, pad}).contiguous(fmt);
+    pre[b] = branch_conv(z, weight[b], bias.get(b), pad, fmt);
     if (bp.batch_stats) {
       const Tensor pre_stats = pre[b].to(stats_dtype(x.scalar_type()));
       auto vm = at::var_mean(pre_stats, {0, 2, 3}, /*correction=*/0, /*keepdim=*/false);
@@ -634,7 +672,7 @@ void down_adjoint(const BlockPlan& plan, const std::vector<BranchTaps<at::opmath
 // its workspace (oneDNN's reordered copies of dconv, about 1.5 times its size) grows with the batch, and would
 // come on top of everything the fused block keeps saved until its backward returns. The weight and bias
 // gradients are summed over the chunks in batch order (deterministic).
-constexpr int64_t kConvBackwardChunkBytes = 8 << 20;
+constexpr int64_t kConvBackwardChunkBytes = 4 << 20;
 
 std::tuple<Tensor, Tensor, Tensor> conv_backward_chunked(const Tensor& dconv, const Tensor& z, const Tensor& weight,
                                                          int64_t pad, std::array<bool, 2> output_mask) {
