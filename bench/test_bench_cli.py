@@ -6,6 +6,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,3 +99,18 @@ def test_readme_results_are_generated_from_bench_results():
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "update_readme.py")
     done = subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("where", [".", "bench"])
+def test_pytest_benchmark_option_collects_the_benchmarks_only(where) -> None:
+    """``pytest --benchmark``, as the README says, from the root and from bench/: the benchmark cases only,
+    the other tests deselected rather than skipped, tests/ not collected."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--benchmark", "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=root / where, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    collected = [line for line in done.stdout.splitlines() if "::" in line]
+    assert collected and all("test_bench_workloads.py::test_workload[" in line for line in collected), done.stdout
+    assert "deselected" in done.stdout and "skipped" not in done.stdout

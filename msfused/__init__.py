@@ -6,15 +6,19 @@ place) and the whole block runs in fused kernels, forward and backward. See SPEC
 """
 
 from . import _ops  # noqa: F401  (loads msfused._C and registers the operators' fake kernels)
+from . import autotune  # noqa: F401  ('auto' by measurement: msfused.autotune.report(), save(), load(), warmup())
 from . import triton as _triton  # noqa: F401  (registers the Triton operators, if triton is installed)
 from ._version import __version__
 from .backends import BACKENDS, availability, use_backend
 from .functional import multi_scale
-from .modules import MultiScaleBlock, PyramidPooling, convert, revert
+from .fx_fuse import fuse
+from .modules import ConvertRecord, ConvertReport, MultiScaleBlock, PyramidPooling, convert, revert
 from .naive import NaiveMultiScaleBlock, NaivePyramidPooling
 
 __all__ = [
     "BACKENDS",
+    "ConvertRecord",
+    "ConvertReport",
     "MultiScaleBlock",
     "NaiveMultiScaleBlock",
     "NaivePyramidPooling",
@@ -22,6 +26,7 @@ __all__ = [
     "__version__",
     "availability",
     "convert",
+    "fuse",
     "multi_scale",
     "revert",
     "use_backend",

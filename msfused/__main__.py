@@ -1,4 +1,5 @@
-"""``python -m msfused info`` (the build and each backend) and ``python -m msfused bench`` (the workloads)."""
+"""``python -m msfused info`` (the build and each backend), ``python -m msfused bench`` (the workloads) and
+``python -m msfused explain`` (a workload's launch plan, estimated without a GPU)."""
 
 from __future__ import annotations
 
@@ -41,15 +42,20 @@ def info() -> int:
         ok, why = backends.availability(name)
         print(f"  {name:<10} {'available' if ok else 'unavailable: ' + why}")
     print(f"requested backend: {backends.requested_backend()} (use_backend / {backends.ENV_VAR} / 'auto')")
+    from msfused import autotune
+
+    # 'auto''s measured choices: this process's (none yet), or the table MSFUSED_AUTOTUNE_FILE names
+    print(autotune.report())
     return 0
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m msfused {info,bench} [options]\n"
-              "  info   the build (torch, CUDA) and each backend, with why one is unavailable\n"
-              "  bench  fused against naive (and torch.compile) on the workloads; bench --help for options")
+        print("usage: python -m msfused {info,bench,explain} [options]\n"
+              "  info     the build (torch, CUDA) and each backend, with why one is unavailable\n"
+              "  bench    fused against naive (and torch.compile) on the workloads; bench --help for options\n"
+              "  explain  a workload's kernel launches, estimated without a GPU; explain --help for options")
         return 0
     command, rest = argv[0], argv[1:]
     if command == "info":
@@ -58,7 +64,11 @@ def main(argv=None) -> int:
         from msfused.bench.cli import main as bench_main
 
         return bench_main(rest)
-    print(f"python -m msfused: unknown command {command!r} (use info or bench)", file=sys.stderr)
+    if command == "explain":
+        from msfused.triton.plan import main as explain_main
+
+        return explain_main(rest)
+    print(f"python -m msfused: unknown command {command!r} (use info, bench or explain)", file=sys.stderr)
     return 2
 
 

@@ -3,7 +3,9 @@
 The schemas and the CPU/CUDA kernels and autograd live in C++ (csrc/); this module only loads the library,
 refuses one built against another torch (that would crash rather than raise), and registers the
 shape-only (fake) kernels. If the library cannot be used, msfused still imports, warns once with the
-reason, and every call runs the reference composition.
+reason, and every call runs the reference composition. ``MSFUSED_NO_EXTENSION=1`` skips loading it on purpose
+(the reference and Triton backends only): bench/gpu_check.sh checks the Triton backend while the extension is
+being rebuilt, which a process that had it loaded could not survive.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ _build_info: dict = {}
 
 def _load() -> Optional[str]:
     """Imports msfused._C; returns why it cannot be used, or None."""
+    if os.environ.get("MSFUSED_NO_EXTENSION", "0") not in ("", "0"):
+        return "not loaded: MSFUSED_NO_EXTENSION is set"
     spec = importlib.util.find_spec(_EXT)
     if spec is None or spec.origin is None:
         return "msfused._C is not built (install msfused with `pip install --no-build-isolation .`)"

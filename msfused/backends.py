@@ -1,8 +1,10 @@
 """Backend names, whether each is available (and why not), and which one a call uses.
 
 Precedence: :func:`use_backend` (thread-local) over the ``MSFUSED_BACKEND`` environment variable over
-``'auto'``. ``'auto'`` picks the fastest fused backend for the device and falls back to ``'reference'``
-(with one warning) where none can run the call; an explicitly chosen backend that cannot run it raises.
+``'auto'``. ``'auto'`` is ``'cpu'`` on a CPU; on CUDA it picks by measurement (:mod:`msfused.autotune`) among
+the fused backends that can run the call (and the reference for calls that record no gradient), and falls
+back to ``'reference'`` (with one warning) where no fused backend can run the call; an explicitly chosen
+backend that cannot run it raises.
 """
 
 from __future__ import annotations
@@ -199,10 +201,16 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def resolve(x: torch.Tensor, unfusable: Optional[str] = None, spec=None) -> str:
+#: The fused backends 'auto' considers per device type, preferred first (msfused.autotune.ORDER says why).
+AUTO_CANDIDATES = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+
+
+def resolve(x: torch.Tensor, unfusable: Optional[str] = None, spec=None, call=None) -> str:
     """The concrete backend ('cpu', 'cuda', 'triton' or 'reference') that runs a call on ``x``;
     ``unfusable`` says why no fused backend can compute the block's branches, if so; ``spec`` (the block's
-    configuration) lets a backend refuse calls it cannot size (``index_limit_reason``, ``kernel_size_reason``)."""
+    configuration) lets a backend refuse calls it cannot size (``index_limit_reason``, ``kernel_size_reason``).
+    ``'auto'``: among the fused backends that can run the call, :func:`msfused.autotune.choose` picks by
+    measurement on CUDA (``call``, an :class:`msfused.autotune.Call`), else the first."""
     name = requested_backend()
     if name == "reference":
         return name
@@ -211,14 +219,21 @@ def resolve(x: torch.Tensor, unfusable: Optional[str] = None, spec=None) -> str:
         if why is not None:
             raise RuntimeError(f"msfused backend {name!r} cannot run this call: {why}")
         return name
-    candidates = ("cpu",) if x.device.type == "cpu" else ("cuda", "triton")
-    reasons = []
+    candidates = AUTO_CANDIDATES.get(x.device.type, AUTO_CANDIDATES["cuda"])
+    reasons, supported = [], []
     for candidate in candidates:
         why = unfusable or _unsupported_reason(candidate, x) or \
             _call_reason(candidate, x, spec)
         if why is None:
-            return candidate
-        reasons.append(f"{candidate}: {why}")
+            supported.append(candidate)
+        else:
+            reasons.append(f"{candidate}: {why}")
+    if supported:
+        if call is None:
+            return supported[0]
+        from . import autotune
+
+        return autotune.choose(supported, call)
     _warn_once(
         f"msfused: no fused backend runs on {x.device.type} ({'; '.join(reasons)}); "
         "using the reference composition"

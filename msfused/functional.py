@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, List, Optional, Tuple
+import weakref
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import backends
+from . import autotune, backends
 from .reference import reference_forward
 from .spec import BlockSpec
 
@@ -59,15 +61,66 @@ def check_input(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> No
                 )
 
 
-def _norm_epilogue(norm: nn.Module) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], bool, float]:
-    """(scale, shift, batch_stats, eps) for the kernels' epilogue, as ``norm.forward`` would normalise."""
-    if not isinstance(norm, nn.BatchNorm2d):
-        return None, None, False, 0.0
-    batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
-    if batch_stats:
-        return norm.weight, norm.bias, True, float(norm.eps)
-    # Eval mode with running statistics: y = conv * scale + shift (differentiable in weight and bias),
-    # folded in float32 at least: half-precision buffers would round the fold twice.
+class ParamCache:
+    """What depends only on a module's parameters and buffers (an eval-mode norm folded into a scale and a
+    shift; a backend's packed weights), kept per (module, name) and recomputed only when one of those tensors
+    changes: another tensor object (``load_state_dict(assign=True)``, a replaced parameter), its
+    ``_version`` (in-place updates: ``load_state_dict``, an optimizer step, running statistics), its storage
+    (``.data =``), device, dtype or shape. Only computed values that no gradient flows through are kept: the
+    fold is differentiable in the norm's weight and bias, so with grad mode on and a tensor requiring grad it
+    is computed per call (as when tracing: torch.compile and torch.export see the computation itself)."""
+
+    def __init__(self) -> None:
+        self._entries: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+    @staticmethod
+    def _cacheable(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
+        if torch.compiler.is_compiling():
+            return False
+        present = [t for t in tensors if t is not None]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+            return False
+        # inference tensors keep no version counter; fake tensors belong to a trace
+        return not any(t.is_inference() or isinstance(t, torch._subclasses.FakeTensor) for t in present)
+
+    @staticmethod
+    def _signature(tensors: Sequence[Optional[torch.Tensor]]) -> tuple:
+        return tuple(None if t is None else (t, t._version, t.data_ptr(), t.device, t.dtype, tuple(t.shape))
+                     for t in tensors)
+
+    @staticmethod
+    def _same(a: tuple, b: tuple) -> bool:
+        return len(a) == len(b) and all(
+            (u is None and v is None) or (u is not None and v is not None and u[0] is v[0] and u[1:] == v[1:])
+            for u, v in zip(a, b))
+
+    def get(self, owner: nn.Module, name: str, tensors: Sequence[Optional[torch.Tensor]], extra: tuple,
+            compute: Callable[[], Any]) -> Any:
+        """``compute()`` for ``owner``'s ``name``, cached while ``tensors`` (and the plain values ``extra``) stay
+        the same."""
+        if not self._cacheable(tensors):
+            return compute()
+        signature = self._signature(tensors)
+        entries = self._entries.setdefault(owner, {})
+        hit = entries.get(name)
+        if hit is not None and hit[1] == extra and self._same(hit[0], signature):
+            return hit[2]
+        with torch.inference_mode(False), torch.no_grad():  # a value later calls may use in any mode
+            value = compute()
+        entries[name] = (signature, extra, value)
+        return value
+
+    def clear(self) -> None:
+        self._entries = weakref.WeakKeyDictionary()
+
+
+#: The functional layer's parameter cache, shared by every backend.
+PARAM_CACHE = ParamCache()
+
+
+def _fold_norm(norm: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode norm with running statistics as y = conv * scale + shift (differentiable in weight and
+    bias), folded in float32 at least: half-precision buffers would round the fold twice."""
     wide = lambda t: t.float() if t.dtype in (torch.float16, torch.bfloat16) else t  # noqa: E731
     scale = torch.rsqrt(wide(norm.running_var) + norm.eps)
     if norm.weight is not None:
@@ -75,6 +128,18 @@ def _norm_epilogue(norm: nn.Module) -> Tuple[Optional[torch.Tensor], Optional[to
     shift = -wide(norm.running_mean) * scale
     if norm.bias is not None:
         shift = shift + wide(norm.bias)
+    return scale, shift
+
+
+def _norm_epilogue(norm: nn.Module) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], bool, float]:
+    """(scale, shift, batch_stats, eps) for the kernels' epilogue, as ``norm.forward`` would normalise."""
+    if not isinstance(norm, _BatchNorm):  # nn.Identity (unfusable_reason vetted the rest)
+        return None, None, False, 0.0
+    batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
+    if batch_stats:
+        return norm.weight, norm.bias, True, float(norm.eps)
+    tensors = (norm.running_mean, norm.running_var, norm.weight, norm.bias)
+    scale, shift = PARAM_CACHE.get(norm, "fold", tensors, (float(norm.eps),), lambda: _fold_norm(norm))
     return scale, shift, False, float(norm.eps)
 
 
@@ -241,19 +306,64 @@ def _autocast_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList,
         return torch.cat(parts, 1).contiguous(memory_format=torch._prims_common.suggest_memory_format(x))
 
 
-def unfusable_reason(spec: BlockSpec, branches: nn.ModuleList) -> Optional[str]:
-    """Why the fused kernels cannot compute these branches (a conv or norm replaced by something else
-    than the block builds), or None."""
+class _FourD:
+    """Stands in for a 4-D tensor to a norm's own ``_check_input_dim`` (which reads ``dim()`` only)."""
+
+    def dim(self) -> int:
+        return 4
+
+
+_FOUR_D = _FourD()
+
+
+def norm_unfusable_reason(norm: nn.Module) -> Optional[str]:
+    """Why the fused kernels cannot compute ``norm`` on a 4-D conv output as its own ``forward`` would, from
+    its type alone (SPEC.md: ``nn.Identity``, or a ``_BatchNorm`` subclass that keeps ``_BatchNorm.forward``
+    and takes 4-D input; ``nn.SyncBatchNorm`` too, whose training mode ``unfusable_reason`` refuses), or None."""
+    if type(norm) is nn.Identity:
+        return None
+    name = type(norm).__name__
+    if not isinstance(norm, _BatchNorm):
+        return f"a {name}; the fused kernels compute a BatchNorm (a _BatchNorm subclass) or no norm"
+    if type(norm).forward is not _BatchNorm.forward and type(norm).forward is not nn.SyncBatchNorm.forward:
+        return f"a {name}, which overrides _BatchNorm.forward"
+    if type(norm)._check_input_dim is not nn.BatchNorm2d._check_input_dim:
+        try:
+            norm._check_input_dim(_FOUR_D)
+        except ValueError:
+            return f"a {name}, which does not take a 4-D input"
+    return None
+
+
+def unfusable_reason(spec: BlockSpec, branches: nn.ModuleList, now: bool = True) -> Optional[str]:
+    """Why the fused kernels cannot compute these branches (a conv or norm other than SPEC.md's; ``now``:
+    also an ``nn.SyncBatchNorm`` in training mode, whose statistics span processes), or None."""
     for i, (b, branch) in enumerate(zip(spec.branches, branches)):
         conv, norm = branch.conv, branch.norm
         k = b.kernel_size
         if type(conv) is not nn.Conv2d or conv.kernel_size != (k, k) or conv.stride != (1, 1) or \
                 conv.padding != (k // 2, k // 2) or conv.dilation != (1, 1) or conv.groups != 1 or \
-                conv.padding_mode != "zeros" or conv.in_channels != spec.in_channels:
+                conv.padding_mode != "zeros" or conv.in_channels != spec.in_channels or \
+                conv.out_channels != b.out_channels:
             return f"branches[{i}].conv is not the plain {k}x{k} nn.Conv2d (stride 1, padding {k // 2}) the block built"
-        if type(norm) not in (nn.BatchNorm2d, nn.Identity):
-            return f"branches[{i}].norm is a {type(norm).__name__}; the fused kernels compute nn.BatchNorm2d or no norm"
+        why = norm_unfusable_reason(norm)
+        if why is not None:
+            return f"branches[{i}].norm is {why}"
+        if type(norm) is not nn.Identity and norm.num_features != b.out_channels:
+            return f"branches[{i}].norm has {norm.num_features} features, the conv gives {b.out_channels} channels"
+        if now and isinstance(norm, nn.SyncBatchNorm) and norm.training:
+            return (f"branches[{i}].norm is an nn.SyncBatchNorm in training mode, whose batch statistics span "
+                    "processes; the fused kernels compute per-process statistics")
     return None
+
+
+def _run(x: torch.Tensor, branches: nn.ModuleList, backend: str, spec: BlockSpec) -> torch.Tensor:
+    """The block on ``x`` with the concrete ``backend`` (the user's call, and 'auto''s measurements)."""
+    if backend == "reference":
+        return reference_forward(x, spec, branches)
+    if backends.autocast_enabled(x.device.type):
+        return _autocast_forward(x, spec, branches, functools.partial(_fused_forward, backend=backend))
+    return _fused_forward(x, spec, branches, backend)
 
 
 def multi_scale(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> torch.Tensor:
@@ -265,9 +375,6 @@ def multi_scale(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList) -> to
     the parameters (training-mode norms update their running statistics, as ``nn.BatchNorm2d`` does).
     """
     check_input(x, spec, branches)
-    name = backends.resolve(x, unfusable_reason(spec, branches), spec)
-    if name == "reference":
-        return reference_forward(x, spec, branches)
-    if backends.autocast_enabled(x.device.type):
-        return _autocast_forward(x, spec, branches, functools.partial(_fused_forward, backend=name))
-    return _fused_forward(x, spec, branches, name)
+    call = autotune.Call(x, spec, branches, _needs_grad(x, branches), functools.partial(_run, spec=spec))
+    name = backends.resolve(x, unfusable_reason(spec, branches), spec, call)
+    return _run(x, branches, name, spec)

@@ -6,9 +6,12 @@ Each rank trains, from the same initial weights, a small model with a multi-scal
 under DistributedDataParallel on its half of each batch: once with the naive block, once converted to the
 fused one (msfused.convert), for a block with train-mode BatchNorm and one without; rank 0 also trains the
 BatchNorm-free model in one process on the whole batch. Parameters and buffers afterwards are saved to
-OUT_DIR/rank{r}.pt; the test compares them. Also: msfused.convert refuses a naive block whose norms became
-nn.SyncBatchNorm with a clear message (saved as 'sync_refusal'; DDP itself runs SyncBatchNorm on GPU
-modules only).
+OUT_DIR/rank{r}.pt; the test compares them. The same for a third-party pyramid block (the look-alike of
+hszhao/semseg's PPM, converted in place by msfused.convert). Also: a naive block whose norms became
+nn.SyncBatchNorm converts; in eval mode it runs fused and equals the naive one ('sync_eval_err'); in
+training mode inside the process group backend 'cpu' refuses it with a message naming SyncBatchNorm
+('sync_train_cpu'), while 'auto' runs the reference, i.e. SyncBatchNorm itself, which on CPU tensors raises
+its own error as the naive block does ('sync_train_auto', 'sync_train_naive').
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -35,6 +39,16 @@ def make_model(norm, dtype):
     block = msfused.NaiveMultiScaleBlock(4, 3, scales=(1, 2, 3), down_mode="bilinear", norm=norm, activation="silu")
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), block, nn.Conv2d(block.out_channels, 5, 1),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return model.to(dtype)
+
+
+def make_thirdparty_model(dtype):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tests._thirdparty import semseg_lookalike
+
+    torch.manual_seed(4321)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), semseg_lookalike()["PPM"](4, 2, (1, 2, 3)),
+                          nn.Conv2d(10, 5, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     return model.to(dtype)
 
 
@@ -76,14 +90,30 @@ def run(rank, port, out_dir):
                     results[(str(dtype), str(norm), impl)] = train(DDP(model), xs, ys, rank)
             if rank == 0:
                 results[(str(dtype), "None", "single_process")] = train(make_model(None, dtype).train(), xs, ys)
-        # SyncBatchNorm (which DDP runs on GPU modules only): convert refuses a block that has it, clearly.
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(make_model("batch", torch.float32).train())
-        try:
-            msfused.convert(model)
-            results["sync_refusal"] = "convert accepted a block with nn.SyncBatchNorm"
-        except ValueError as e:
-            results["sync_refusal"] = str(e)
+            for impl in ("naive", "fused"):
+                model = make_thirdparty_model(dtype).train()
+                if impl == "fused":
+                    assert all(r.converted for r in msfused.convert(model, report=True))
+                results[(str(dtype), "thirdparty", impl)] = train(DDP(model), xs, ys, rank)
+        # SyncBatchNorm (which DDP runs on GPU modules only).
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(make_model("batch", torch.float64))
+        naive = copy.deepcopy(model)
+        msfused.convert(model, report=True)
         results["sync_block_type"] = type(model[1]).__name__
+        x = data(torch.float64)[0][0]
+        model.eval(), naive.eval()
+        with torch.no_grad():
+            results["sync_eval_err"] = ((model(x) - naive(x)).norm() / naive(x).norm()).item()
+        model.train(), naive.train()
+        for key, backend, m in (("sync_train_cpu", "cpu", model), ("sync_train_auto", "auto", model),
+                                ("sync_train_naive", "auto", naive)):
+            try:
+                with msfused.use_backend(backend), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    m(x)
+                results[key] = "no error"
+            except (RuntimeError, ValueError) as e:
+                results[key] = f"{type(e).__name__}: {e}"
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -78,20 +78,22 @@ DRIVER = textwrap.dedent(
     import torch
     import msfused  # noqa: F401  (loads msfused._C: the CPU kernels)
 
+    from tests.conftest import TOL, norm_err  # SPEC.md's metric and tolerances
+
     torch.ops.load_library(sys.argv[1])
     emu, cpu = torch.ops.msfused_cuda_emulation, torch.ops.msfused
     torch.manual_seed(int(sys.argv[2]))
-    TOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 
-    def err(a, b):
-        a, b = a.double(), b.double()
-        assert a.shape == b.shape, (a.shape, b.shape)
-        if a.numel() == 0:
-            return 0.0
-        if not torch.isfinite(a).all():
-            return float("inf")
-        den = max(b.norm().item(), 1e-12)
-        return (a - b).norm().item() / den
+    # SPEC.md against the float64 reference: float64 err <= 1e-10; float32 err <= 1e-5 or, where the value is
+    # ill-conditioned in float32 (a cancelling sum), no worse than the CPU kernels in float32 on the same values
+    # (conftest.Checker's rule: 4 x theirs + 1e-5); float16 / bfloat16: 2 x theirs + 1e-3.
+    def within_spec(e, e_own, dtype):
+        if dtype in TOL:
+            return e <= TOL[dtype] or (dtype == torch.float32 and e <= 4 * e_own + TOL[dtype])
+        return e <= 2 * e_own + 1e-3
+
+    def f64(ts):
+        return [None if t is None else t.double() for t in ts]
 
     def case(name, shape, factors=(), bins=(), k=3, cb=3, dtype=torch.float64, cl=False, down="avg",
              up="bilinear", ac=False, act="relu", pos="first", stats=False, bias=True, scale=True):
@@ -112,38 +114,42 @@ DRIVER = textwrap.dedent(
         binl = [0, 0] * len(factors)
         for bn in bins:
             binl += list(bn) if isinstance(bn, tuple) else [bn, bn]
-        args = (x, weight, bias_, scale_, shift_, [stats] * B, [1e-5] * B, factor, binl, down, up, ac, act, pos)
+        config = ([stats] * B, [1e-5] * B, factor, binl, down, up, ac, act, pos)
+        args = (x, weight, bias_, scale_, shift_) + config
         want = cpu.multi_scale_forward(*args)
         got = emu.multi_scale_forward(*args)
-        tol = TOL[dtype]
+        # The float64 reference: the CPU kernels in float64 on the same values.
+        ref = cpu.multi_scale_forward(x.double(), f64(weight), f64(bias_), f64(scale_), f64(shift_), *config)
         worst = []
 
-        def compare(direction, names, got, want, tol, skip=()):
+        def compare(direction, names, got, want, ref, s=None, skip=()):
             for i, nm in enumerate(names):
-                ws = [want[i]] if i == 0 else list(want[i])
-                gs = [got[i]] if i == 0 else list(got[i])
-                for j, (g, w) in enumerate(zip(gs, ws)):
+                ws, gs, rs = ([t[i]] if i == 0 else list(t[i]) for t in (want, got, ref))
+                for j, (g, w, r) in enumerate(zip(gs, ws, rs)):
                     assert g.dtype == w.dtype, (name, nm, j, g.dtype, w.dtype)
                     if g.numel():
                         assert g.is_contiguous(memory_format=torch.channels_last) == \
                             w.is_contiguous(memory_format=torch.channels_last), (name, nm, j, "format")
                     if nm in skip:
                         continue
-                    e = err(g, w)
+                    e, e_own = norm_err(g, r, s), norm_err(w, r, s)
                     worst.append((e, f"{nm}[{j}]"))
-                    assert e <= tol, f"{name}: {direction} {nm}[{j}] err {e:.3g} > {tol}"
+                    assert within_spec(e, e_own, dtype), (
+                        f"{name}: {direction} {nm}[{j}] err {e:.3g} against float64 (the CPU kernels in {dtype}: "
+                        f"{e_own:.3g})")
 
-        compare("forward", ["out", "level", "pre", "mean", "var"], got, want, tol)
-        # Backward on identical saved tensors (the CPU forward's).
+        compare("forward", ["out", "level", "pre", "mean", "var"], got, want, ref)
+        # Backward on identical saved tensors (the CPU forward's; the reference's own in float64).
         grad = torch.randn(want[0].shape, dtype=torch.float64).to(dtype)
-        out, level, pre, mean, var = want
-        bargs = (grad, x, weight, scale_, shift_, level, pre, mean, var, [stats] * B, [1e-5] * B, factor, binl,
-                 down, up, ac, act, pos, [True, True])
+        bargs = (grad, x, weight, scale_, shift_) + tuple(want[1:]) + config + ([True, True],)
         bw = cpu.multi_scale_backward(*bargs)
         bg = emu.multi_scale_backward(*bargs)
-        # grad_bias before a batch-statistics norm: its true value is 0, both are rounding noise.
-        compare("backward", ["grad_x", "grad_weight", "grad_bias", "grad_scale", "grad_shift"], bg, bw, tol * 4,
-                skip=("grad_bias",) if stats else ())
+        bref = cpu.multi_scale_backward(grad.double(), x.double(), f64(weight), f64(scale_), f64(shift_), *ref[1:],
+                                        *config, [True, True])
+        # grad_bias before a batch-statistics norm: its true value is 0, all three are rounding noise (checked
+        # against a rounding bound in test_forward_backward.py: conftest.ZeroGradProbe).
+        compare("backward", ["grad_x", "grad_weight", "grad_bias", "grad_scale", "grad_shift"], bg, bw, bref,
+                s=grad.double().norm().item(), skip=("grad_bias",) if stats else ())
         # Determinism: the same call twice gives bit-identical results.
         again = emu.multi_scale_backward(*bargs)
         assert torch.equal(again[0], bg[0]) and all(torch.equal(a, b) for a, b in zip(again[1], bg[1])), name
@@ -207,6 +213,11 @@ DRIVER = textwrap.dedent(
                 areas += [(b if isinstance(b, int) else b[0]) * (b if isinstance(b, int) else b[1])
                           for b in kw.get("bins", ())]
                 shape = (max(shape[0], -(-16 // min(areas))),) + shape[1:]
+                if shape[1] == 1 and kw["k"] == 1:
+                    # One input value per conv output before batch statistics: the norm cancels the weight's scale,
+                    # so its true gradient is O(eps) and float32 rounding dominates it (conftest.Case; float64
+                    # draws keep C = 1, k = 1).
+                    shape = (shape[0], 2) + shape[2:]
             case(f"random{i}-{shape}-{kw}", shape, **kw)
     else:
         case("psp1236-stats", (2, 5, 13, 11), bins=(1, 2, 3, 6), k=1, stats=True)

@@ -6,10 +6,12 @@ small model with a multi-scale block for a few SGD steps (momentum) on halves of
   * without BatchNorm, DDP over two half-batches equals one process over the whole batch (float32
     tolerance; float64 err <= 1e-10);
   * both ranks end identical (DDP keeps replicas in sync);
-  * msfused.convert refuses, inside the process group, a naive block whose norms became nn.SyncBatchNorm, with
-    a message naming SyncBatchNorm (the fused kernels compute per-process BatchNorm only; DDP runs
+  * a third-party block converted in place (semseg's PPM look-alike) trains under DDP as the library's own;
+  * a naive block whose norms became nn.SyncBatchNorm converts (SPEC.md): in eval mode it equals the naive
+    one; in training mode inside the process group backend 'cpu' refuses it naming SyncBatchNorm, and 'auto'
+    runs SyncBatchNorm itself (which on CPU raises its own error, as the naive block does; DDP runs
     SyncBatchNorm on GPU modules only). The CPU-only version: test_modules.py::
-    test_convert_refuses_what_the_kernels_do_not_compute[sync_batchnorm].
+    test_convert_twin_with_batchnorm_subclass[sync_batchnorm].
 """
 
 from __future__ import annotations
@@ -89,7 +91,17 @@ def test_ddp_halves_equal_one_process_without_batchnorm(ddp_results, dtype):
         _compare(res[(dtype, "None", "fused")], single, _tol(dtype), f"rank {rank}, DDP vs one process")
 
 
-def test_ddp_sync_batchnorm_is_refused_by_convert(ddp_results):
+@pytest.mark.parametrize("dtype", ["torch.float64", "torch.float32"])
+def test_ddp_thirdparty_block_fused_equals_its_own(ddp_results, dtype):
+    for rank, res in enumerate(ddp_results):
+        _compare(res[(dtype, "thirdparty", "fused")], res[(dtype, "thirdparty", "naive")], _tol(dtype),
+                 f"rank {rank}, third-party block, fused vs its own forward")
+
+
+def test_ddp_sync_batchnorm(ddp_results):
     for res in ddp_results:
-        assert res["sync_block_type"] == "NaiveMultiScaleBlock"  # refused: the block stays naive
-        assert "SyncBatchNorm" in res["sync_refusal"] and "msfused.convert" in res["sync_refusal"], res["sync_refusal"]
+        assert res["sync_block_type"] == "MultiScaleBlock"
+        assert res["sync_eval_err"] <= 1e-10
+        assert res["sync_train_cpu"].startswith("RuntimeError") and "SyncBatchNorm" in res["sync_train_cpu"], \
+            res["sync_train_cpu"]
+        assert res["sync_train_auto"] == res["sync_train_naive"] != "no error", res

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,13 @@ def test_pspnet_head(capsys):
     for key in ("eval_err", "train_err", "ppm_err", "running_stats_err"):
         assert results[key] <= 1e-5, (key, results)
     assert results["eval_naive_ms"] > 0 and results["eval_fused_ms"] > 0
+
+
+def test_digits_resnet_without_sklearn_says_what_it_needs(monkeypatch):
+    """Without scikit-learn the digits example stops at once with one line naming what to install."""
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # None in sys.modules: `import sklearn` raises ImportError
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(SystemExit) as raised:
+        _load("digits_resnet").main(["--epochs", "1", "--samples", "60"])
+    message = str(raised.value.code)
+    assert "scikit-learn" in message and ".[examples]" in message and "\n" not in message

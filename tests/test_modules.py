@@ -158,14 +158,14 @@ def test_convert_a_block_itself():
     assert all(a is b for a, b in zip(_tensors(back), _tensors(naive)))
 
 
-@pytest.mark.parametrize("replace", ["sync_batchnorm", "group_norm", "strided_conv", "dilated_conv", "grouped_conv",
+@pytest.mark.parametrize("replace", ["batchnorm1d", "group_norm", "strided_conv", "dilated_conv", "grouped_conv",
                                      "reflect_padding"])
 def test_convert_refuses_what_the_kernels_do_not_compute(replace):
     model = nested_model()
     block = model[1]
-    if replace == "sync_batchnorm":
-        block.branches[1].norm = nn.SyncBatchNorm(3)
-        match = "SyncBatchNorm"
+    if replace == "batchnorm1d":  # a _BatchNorm, but its own forward refuses 4-D input
+        block.branches[1].norm = nn.BatchNorm1d(3)
+        match = "BatchNorm1d, which does not take a 4-D input"
     elif replace == "group_norm":
         block.branches[2].norm = nn.GroupNorm(1, 3)
         match = "GroupNorm"
@@ -179,6 +179,44 @@ def test_convert_refuses_what_the_kernels_do_not_compute(replace):
     with pytest.raises(ValueError, match=match):
         msfused.convert(model)
     assert type(model[1]) is msfused.NaivePyramidPooling  # the refused block stays naive
+
+
+class _BatchNormXd(nn.modules.batchnorm._BatchNorm):
+    """mmengine's _BatchNormXd (what mmseg's revert_sync_batchnorm leaves): _BatchNorm without the input check."""
+
+    def _check_input_dim(self, input):
+        return
+
+
+@pytest.mark.parametrize("norm", ["batchnorm_xd", "sync_batchnorm"])
+def test_convert_twin_with_batchnorm_subclass(norm, spies):
+    """SPEC.md: any _BatchNorm subclass that keeps _BatchNorm.forward is computed exactly; nn.SyncBatchNorm in
+    eval mode like a BatchNorm, in training mode by the reference ('auto', one warning) or an explicit fused
+    backend raises."""
+    naive = randomize_(msfused.NaivePyramidPooling(5, 3, bins=(1, 2, 3))).double()
+    for br in naive.branches:
+        new = (_BatchNormXd if norm == "batchnorm_xd" else nn.SyncBatchNorm)(3, momentum=0.2).double()
+        new.load_state_dict(br.norm.state_dict())
+        br.norm = new
+    fused = msfused.convert(copy.deepcopy(naive), report=True).model
+    assert type(fused) is msfused.PyramidPooling
+    x = make_input((2, 5, 9, 7))
+    for train in (False, True):
+        naive.train(train), fused.train(train)
+        spies["fused"] = spies["reference"] = 0
+        if norm == "sync_batchnorm" and train:
+            with msfused.use_backend("cpu"), pytest.raises(RuntimeError, match="SyncBatchNorm in training mode"):
+                fused(x)
+            functional.backends._warned.clear()
+            with pytest.warns(RuntimeWarning, match="SyncBatchNorm"):
+                out = fused(x)
+            assert spies == {"fused": 0, "reference": 1}
+        else:
+            out = fused(x)
+            assert spies == {"fused": 1, "reference": 0}
+        assert norm_err(out, naive(x)) <= 1e-10
+        for (n, a), (_, b) in zip(fused.named_buffers(), naive.named_buffers()):
+            assert (norm_err(a, b) <= 1e-10) if a.is_floating_point() else torch.equal(a, b), n
 
 
 @pytest.mark.parametrize("norm", ["sync_batchnorm_after_convert", "group_norm_assigned"])
@@ -218,25 +256,6 @@ def test_out_channels(position, extra):
 # ---------------------------------------------------------------------------------------------------
 # Backends
 # ---------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def spies(monkeypatch):
-    calls = {"fused": 0, "reference": 0}
-    fused_forward, reference_forward = functional._fused_forward, functional.reference_forward
-
-    def fused_spy(*a, **k):
-        calls["fused"] += 1
-        return fused_forward(*a, **k)
-
-    def reference_spy(*a, **k):
-        calls["reference"] += 1
-        return reference_forward(*a, **k)
-
-    monkeypatch.setattr(functional, "_fused_forward", fused_spy)
-    monkeypatch.setattr(functional, "reference_forward", reference_spy)
-    monkeypatch.delenv("MSFUSED_BACKEND", raising=False)
-    return calls
 
 
 def test_default_backend_on_cpu_is_fused(spies):

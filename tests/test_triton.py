@@ -132,11 +132,13 @@ SMALL_BLOCK_CASES = [
 def test_small_blocks(case, monkeypatch):
     """The interpreter's blocks are large (it is faster so), so the small maps above fit one tile and one
     channel block. Here blocks of 16 pixels and 4 channels make every kernel run many tiles and channel
-    blocks: the per-tile partial sums and their fixed-order combination, and each packed launch's
-    per-branch program ranges, are then really exercised."""
+    blocks: the per-tile partial sums and their fixed-order combination, the split reductions' partials,
+    and each packed launch's per-branch program ranges, are then really exercised."""
     monkeypatch.setattr(launch, "_block_p", lambda: 16)
     monkeypatch.setattr(launch, "_block_c", lambda c: 4)
     monkeypatch.setattr(launch, "_convs_block_m", lambda f64: 16)
+    monkeypatch.setattr(launch, "_fill_programs", lambda: 64)  # long reductions split into partials
+    monkeypatch.setattr(launch, "SPLIT_STEPS", 4)  # pooling windows in chunks (bins)
     run_case(case, device=DEVICE)
 
 
@@ -176,6 +178,13 @@ def test_inference_path(case):
     err = norm_err(out, ref(x.to("cpu", torch.float64)))
     tol = {torch.float64: 1e-10, torch.float32: 1e-5}[case.dtype]
     assert err <= tol, f"{case.id}: err {err:.3e} > {tol:.0e}"
+
+
+def test_inference_split_pooling(monkeypatch):
+    """Pooling windows in chunks (SPLIT_STEPS shrunk so that small maps split too): their partial sums
+    are summed by the block kernel's down taps, still two launches."""
+    monkeypatch.setattr(launch, "SPLIT_STEPS", 4)
+    test_inference_path(INFERENCE_CASES[3])
 
 
 def test_parameter_grads_without_x_grad():

@@ -149,15 +149,17 @@ def upstream_gradient(built: Built, seed: int = 1) -> torch.Tensor:
     return grad.to(device=built.x.device, dtype=built.x.dtype)
 
 
-def make_step(built: Built, mode: str, impl: str, grad_out: Optional[torch.Tensor] = None) -> Step:
+def make_step(built: Built, mode: str, impl: str, grad_out: Optional[torch.Tensor] = None,
+              compile_backend: str = "inductor") -> Step:
     """The callable to time for ``impl`` in ``mode`` (call :func:`set_mode` first). ``compiled`` resets
-    torch._dynamo and wraps the naive module in ``torch.compile``: the first call compiles."""
+    torch._dynamo and wraps the naive module in ``torch.compile`` (``compile_backend``): the first call
+    compiles."""
     check_impls([impl])
     if impl == "naive":
         module, backend = built.naive, None
     elif impl == "compiled":
         torch._dynamo.reset()  # a fresh cache per case: no recompilation limits, no automatic dynamic shapes
-        module, backend = torch.compile(built.naive), None
+        module, backend = torch.compile(built.naive, backend=compile_backend), None
     else:
         module, backend = built.fused, impl
 
@@ -322,13 +324,17 @@ def run(
     max_seconds: Optional[float] = None,
     memory: bool = True,
     progress: Optional[Callable[[str], None]] = None,
+    rates: Optional[Dict[torch.dtype, floor_mod.Rates]] = None,
+    compile_backend: str = "inductor",
 ) -> Dict[str, Any]:
     """Runs every case and returns ``{"environment": ..., "rates": [...], "rows": [...]}`` (plain dicts).
 
     Batch size: ``n`` if given, else the workload's full ``n`` with ``full_n``, else its default for the
     device (``cpu_n`` on a CPU). ``warmup`` / ``reps`` / ``max_seconds`` default per device type
     (:data:`DEFAULT_TIMING`). ``progress`` gets a line of text before and after each group of cases
-    (one workload, mode and dtype: the implementations compared are measured together).
+    (one workload, mode and dtype: the implementations compared are measured together). ``rates``: the
+    floor's rates per dtype from an earlier run on the same device (measured here when missing);
+    ``compile_backend``: the ``torch.compile`` backend of ``compiled``.
     """
     device = torch.device(device)
     impls = list(impls) if impls is not None else default_impls(device)
@@ -343,9 +349,12 @@ def run(
     say = progress or (lambda message: None)
 
     env = environment(device)
-    say("measuring the device's copy bandwidth and matmul rate for the floor")
-    copy_gbps = floor_mod.measure_copy_gbps(device)
-    rates = {dtype: floor_mod.measure_rates(device, dtype, copy_gbps=copy_gbps) for dtype in dtypes}
+    rates = dict(rates or {})
+    if any(dtype not in rates for dtype in dtypes):
+        say("measuring the device's copy bandwidth and matmul rate for the floor")
+        copy_gbps = floor_mod.measure_copy_gbps(device)
+        rates.update({dtype: floor_mod.measure_rates(device, dtype, copy_gbps=copy_gbps)
+                      for dtype in dtypes if dtype not in rates})
 
     groups = len(workloads) * len(modes) * len(dtypes)
     index = 0
@@ -367,7 +376,7 @@ def run(
                     for row in group.values():
                         row["error"] = build_error
                 else:
-                    _run_group(built, mode, group, device, warmup, reps, max_seconds, memory)
+                    _run_group(built, mode, group, device, warmup, reps, max_seconds, memory, compile_backend)
                 work = floor_mod.count_work(workload, batch, mode, dtype)
                 for row in group.values():
                     _fill_derived(row, work, rates[dtype])
@@ -379,7 +388,7 @@ def run(
     if "compiled" in impls:
         torch._dynamo.reset()
     env["loadavg_after"] = _loadavg()
-    return {"environment": env, "rates": [dataclasses.asdict(r) for r in rates.values()], "rows": rows}
+    return {"environment": env, "rates": [dataclasses.asdict(rates[d]) for d in dtypes], "rows": rows}
 
 
 def _run_group(
@@ -391,6 +400,7 @@ def _run_group(
     reps: int,
     max_seconds: Optional[float],
     memory: bool,
+    compile_backend: str = "inductor",
 ) -> None:
     """Every implementation in ``rows`` (impl -> row) on ``built`` in ``mode``, measured into the rows."""
     try:
@@ -403,7 +413,7 @@ def _run_group(
     steps: Dict[str, Step] = {}
     for impl, row in rows.items():
         try:
-            steps[impl] = make_step(built, mode, impl, grad_out)
+            steps[impl] = make_step(built, mode, impl, grad_out, compile_backend)
         except Exception as e:
             row["error"] = _error_text(e)
     _measure_group(steps, rows, device, warmup, reps, max_seconds, memory)

@@ -8,7 +8,8 @@ Kernels (each branch-specific part is a ``_*_program`` / ``_*_slot`` function, c
 runs it):
 
 * ``levels_kernel``: ``x`` copied into its slice of the output and brought to up to four levels (the
-  separable gather ``dst = sum w_y * w_x * src`` over tap tables, ``tables.py``).
+  separable gather ``dst = sum w_y * w_x * src`` over tap tables, ``tables.py``); long pooling windows
+  in chunks whose partial sums a later gather adds in a fixed order.
 * ``block_kernel``: the inference forward of up to four branches and the copy of ``x`` in one launch; each
   branch's programs (``_tile_program``) compute a tile of the level from its source inside the
   convolution's operand load, convolve (implicit GEMM on ``tl.dot``; float64 multiplies and sums),
@@ -24,9 +25,11 @@ runs it):
 * ``up_adjoints_kernel``: for up to four branches, the backward of the up-resize as a gather, fused with
   the activation's backward and, without batch statistics, the norm's (it then writes the conv output's
   gradient); per-tile partial sums for the norm's gradients.
-* ``column_sums_kernel``: fixed-order sums of those per-tile partials, up to four branches.
+* ``column_sums_kernel``: fixed-order sums of those per-tile partials (and of the weight gradients'
+  partials), up to four branches.
 * ``dpres_kernel``: the conv outputs' gradients through norms with batch statistics, up to four branches.
-* ``wgrad_kernel``: weight gradients, reduced over all pixels in one fixed order per program.
+* ``wgrad_kernel``: weight gradients, each program reducing one range of pixels in a fixed order (the
+  ranges' partials summed by ``column_sums_kernel``).
 * ``dx_kernel``: the gradient of ``x`` written once: the output gradient's ``x`` slice plus, for up to
   ``MAX_SLOTS`` branches, the down-resize adjoint (gather) of each level's gradient.
 
@@ -131,10 +134,11 @@ def _channel_affine(c, cm, a_ptr, b_ptr, eps, gamma, beta, NORM: tl.constexpr, H
 
 @triton.jit
 def _gather(acc, src, s_n, s_c, s_h, s_w, n, oy, ox, c, pm, cm, ty_idx, ty_w, TY, tx_idx, tx_w, TX,
-            mul, add, NORM: tl.constexpr, ACT: tl.constexpr):
-    """acc += sum over taps of w_y * w_x * act(mul * src + add) at destination pixels (n, oy, ox)."""
+            mul, add, NORM: tl.constexpr, ACT: tl.constexpr, ty0, ty1):
+    """acc += sum over taps of w_y * w_x * act(mul * src + add) at destination pixels (n, oy, ox), over
+    the y taps [ty0, ty1) of the table's TY (0, TY: all of them)."""
     col = c[None, :] * s_c
-    for ty in range(TY):
+    for ty in range(ty0, ty1):
         iy = tl.load(ty_idx + oy * TY + ty, mask=pm, other=-1)
         wy = tl.load(ty_w + oy * TY + ty, mask=pm, other=0.0).to(acc.dtype)
         row_y = n * s_n + iy * s_h
@@ -191,7 +195,7 @@ def stats_combine_kernel(part_mean, part_m2, T, total, C, mean_out, var_out,
 
 @triton.jit
 def _up_adjoint_slot(t, g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, gy, part, N, C, H, W,
-                     ty_idx, ty_w, TY, tx_idx, tx_w, TX, a_ptr, b_ptr, eps, gamma, beta,
+                     ty_idx, ty_w, TY, R, tx_idx, tx_w, TX, a_ptr, b_ptr, eps, gamma, beta,
                      FLAGS: tl.constexpr, ACT: tl.constexpr, F64: tl.constexpr,
                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """A branch's share of up_adjoints_kernel, program t: (tile t // channel blocks, its channel block).
@@ -201,8 +205,17 @@ def _up_adjoint_slot(t, g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, gy, part
     a folded norm, the normalised value with batch statistics).
     FLAGS: bits 0-1 the norm (NORM_*), 2 gamma, 3 beta, 4 final: no batch statistics, so the norm's
     derivative is per channel and gy holds the conv output's gradient itself (gy * scale, in the
-    convolution's dtype); with batch statistics gy stays in the accumulation dtype for dpres_kernel."""
+    convolution's dtype); with batch statistics gy stays in the accumulation dtype for dpres_kernel.
+    Bit 5, partial: only the gather, over the y taps of chunk k of R (program t: chunk, then tile), its
+    partial sums stored into rows k * H + y of ``pre`` (a long adjoint split so that the grid fills the
+    GPU; a second launch sums the chunks as its gather, taps ``stacked_taps``, and finishes)."""
     nc = tl.cdiv(C, BLOCK_C)
+    if (FLAGS & 32) != 0:
+        per_chunk = tl.cdiv(N * H * W, BLOCK_P) * nc
+        k = t // per_chunk
+        t = t % per_chunk
+    else:
+        k = 0
     tile = t // nc
     p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
     c = (t % nc) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -215,37 +228,40 @@ def _up_adjoint_slot(t, g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, gy, part
     acc = _zeros(BLOCK_P, BLOCK_C, F64)
     one = acc * 0.0
     acc = _gather(acc, g, g_n, g_c, g_h, g_w, n, y, x, c, pm, cm, ty_idx, ty_w, TY, tx_idx, tx_w, TX,
-                  one, one, 0, 0)
-    v = tl.load(pre + (n * p_n + y * p_h + x * p_w)[:, None] + c[None, :] * p_c, mask=m2, other=0.0)
-    v = v.to(acc.dtype)
-    mul, add = _channel_affine(c, cm, a_ptr, b_ptr, eps, gamma, beta, FLAGS & 3, (FLAGS & 4) != 0,
-                               (FLAGS & 8) != 0, F64)
-    z = v * mul[None, :] + add[None, :]
-    d = tl.where(m2, _activate_grad(acc, z, ACT), 0.0)
-    if (FLAGS & 16) != 0:
-        tl.store(gy + p[:, None] * C + c[None, :], _cast(d * mul[None, :], gy.dtype.element_ty), mask=m2)
+                  one, one, 0, 0, k * R, tl.minimum(TY, (k + 1) * R))
+    if (FLAGS & 32) != 0:
+        tl.store(pre + (n * p_n + (k * H + y) * p_h + x * p_w)[:, None] + c[None, :] * p_c, acc, mask=m2)
     else:
-        tl.store(gy + p[:, None] * C + c[None, :], d, mask=m2)
-    if (FLAGS & 3) == 2:
-        mean = tl.load(a_ptr + c, mask=cm, other=0.0).to(acc.dtype)
-        rstd = 1.0 / tl.sqrt(tl.load(b_ptr + c, mask=cm, other=1.0).to(acc.dtype) + eps)
-        u = (v - mean[None, :]) * rstd[None, :]
-    else:
-        u = v
-    tl.store(part + tile * 2 * C + c, tl.sum(d, axis=0), mask=cm)
-    tl.store(part + tile * 2 * C + C + c, tl.sum(tl.where(m2, d * u, 0.0), axis=0), mask=cm)
+        v = tl.load(pre + (n * p_n + y * p_h + x * p_w)[:, None] + c[None, :] * p_c, mask=m2, other=0.0)
+        v = v.to(acc.dtype)
+        mul, add = _channel_affine(c, cm, a_ptr, b_ptr, eps, gamma, beta, FLAGS & 3, (FLAGS & 4) != 0,
+                                   (FLAGS & 8) != 0, F64)
+        z = v * mul[None, :] + add[None, :]
+        d = tl.where(m2, _activate_grad(acc, z, ACT), 0.0)
+        if (FLAGS & 16) != 0:
+            tl.store(gy + p[:, None] * C + c[None, :], _cast(d * mul[None, :], gy.dtype.element_ty), mask=m2)
+        else:
+            tl.store(gy + p[:, None] * C + c[None, :], d, mask=m2)
+        if (FLAGS & 3) == 2:
+            mean = tl.load(a_ptr + c, mask=cm, other=0.0).to(acc.dtype)
+            rstd = 1.0 / tl.sqrt(tl.load(b_ptr + c, mask=cm, other=1.0).to(acc.dtype) + eps)
+            u = (v - mean[None, :]) * rstd[None, :]
+        else:
+            u = v
+        tl.store(part + tile * 2 * C + c, tl.sum(d, axis=0), mask=cm)
+        tl.store(part + tile * 2 * C + C + c, tl.sum(tl.where(m2, d * u, 0.0), axis=0), mask=cm)
 
 
 @triton.jit
 def up_adjoints_kernel(N, E0,
                        g0, g0_n, g0_c, g0_h, g0_w, p0, p0_n, p0_c, p0_h, p0_w, gy0, pt0, C0, h0, w0,
-                       y0, yw0, Y0, x0, xw0, X0, a0, b0, eps0, ga0, be0, E1,
+                       y0, yw0, Y0, R0, x0, xw0, X0, a0, b0, eps0, ga0, be0, E1,
                        g1, g1_n, g1_c, g1_h, g1_w, p1, p1_n, p1_c, p1_h, p1_w, gy1, pt1, C1, h1, w1,
-                       y1, yw1, Y1, x1, xw1, X1, a1, b1, eps1, ga1, be1, E2,
+                       y1, yw1, Y1, R1, x1, xw1, X1, a1, b1, eps1, ga1, be1, E2,
                        g2, g2_n, g2_c, g2_h, g2_w, p2, p2_n, p2_c, p2_h, p2_w, gy2, pt2, C2, h2, w2,
-                       y2, yw2, Y2, x2, xw2, X2, a2, b2, eps2, ga2, be2, E3,
+                       y2, yw2, Y2, R2, x2, xw2, X2, a2, b2, eps2, ga2, be2, E3,
                        g3, g3_n, g3_c, g3_h, g3_w, p3, p3_n, p3_c, p3_h, p3_w, gy3, pt3, C3, h3, w3,
-                       y3, yw3, Y3, x3, xw3, X3, a3, b3, eps3, ga3, be3, E4,
+                       y3, yw3, Y3, R3, x3, xw3, X3, a3, b3, eps3, ga3, be3, E4,
                        FLAGS0: tl.constexpr, FLAGS1: tl.constexpr, FLAGS2: tl.constexpr, FLAGS3: tl.constexpr,
                        SLOTS: tl.constexpr, ACT: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr,
                        BLOCK_C: tl.constexpr):
@@ -254,51 +270,56 @@ def up_adjoints_kernel(N, E0,
     pid = tl.program_id(0)
     if pid < E1:
         _up_adjoint_slot(pid - E0, g0, g0_n, g0_c, g0_h, g0_w, p0, p0_n, p0_c, p0_h, p0_w, gy0, pt0, N, C0, h0, w0,
-                         y0, yw0, Y0, x0, xw0, X0, a0, b0, eps0, ga0, be0, FLAGS0, ACT, F64, BLOCK_P, BLOCK_C)
+                         y0, yw0, Y0, R0, x0, xw0, X0, a0, b0, eps0, ga0, be0, FLAGS0, ACT, F64, BLOCK_P, BLOCK_C)
     elif pid < E2:
         if SLOTS > 1:
             _up_adjoint_slot(pid - E1, g1, g1_n, g1_c, g1_h, g1_w, p1, p1_n, p1_c, p1_h, p1_w, gy1, pt1, N, C1, h1,
-                             w1, y1, yw1, Y1, x1, xw1, X1, a1, b1, eps1, ga1, be1, FLAGS1, ACT, F64, BLOCK_P,
+                             w1, y1, yw1, Y1, R1, x1, xw1, X1, a1, b1, eps1, ga1, be1, FLAGS1, ACT, F64, BLOCK_P,
                              BLOCK_C)
     elif pid < E3:
         if SLOTS > 2:
             _up_adjoint_slot(pid - E2, g2, g2_n, g2_c, g2_h, g2_w, p2, p2_n, p2_c, p2_h, p2_w, gy2, pt2, N, C2, h2,
-                             w2, y2, yw2, Y2, x2, xw2, X2, a2, b2, eps2, ga2, be2, FLAGS2, ACT, F64, BLOCK_P,
+                             w2, y2, yw2, Y2, R2, x2, xw2, X2, a2, b2, eps2, ga2, be2, FLAGS2, ACT, F64, BLOCK_P,
                              BLOCK_C)
     else:
         if SLOTS > 3:
             _up_adjoint_slot(pid - E3, g3, g3_n, g3_c, g3_h, g3_w, p3, p3_n, p3_c, p3_h, p3_w, gy3, pt3, N, C3, h3,
-                             w3, y3, yw3, Y3, x3, xw3, X3, a3, b3, eps3, ga3, be3, FLAGS3, ACT, F64, BLOCK_P,
+                             w3, y3, yw3, Y3, R3, x3, xw3, X3, a3, b3, eps3, ga3, be3, FLAGS3, ACT, F64, BLOCK_P,
                              BLOCK_C)
 
 
 @triton.jit
-def _column_sum_slot(t, part, T, C, out, BLOCK_C: tl.constexpr):
-    """out[c] = sum over rows r of part[r, c], in row order, for program t's block of columns."""
+def _column_sum_slot(t, part, T, C, out, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[c] = sum over rows r of part[r, c] for program t's block of columns: BLOCK_R rows at a time into
+    per-row-lane sums, then one tree sum over those lanes (a fixed order: the same bits every run)."""
     c = t * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
-    acc = tl.zeros([BLOCK_C], dtype=out.dtype.element_ty)
-    for r in range(T):
-        acc += tl.load(part + r * C + c, mask=cm, other=0.0)
-    tl.store(out + c, acc, mask=cm)
+    rows = tl.arange(0, BLOCK_R)
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=out.dtype.element_ty)
+    for r0 in range(0, T, BLOCK_R):
+        r = r0 + rows
+        acc += tl.load(part + r[:, None] * C + c[None, :], mask=(r < T)[:, None] & cm[None, :], other=0.0)
+    tl.store(out + c, tl.sum(acc, axis=0), mask=cm)
 
 
 @triton.jit
 def column_sums_kernel(E0, pt0, T0, C0, o0, E1, pt1, T1, C1, o1, E2, pt2, T2, C2, o2, E3, pt3, T3, C3, o3, E4,
-                       SLOTS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Fixed-order column sums of up to four branches' per-tile partials (slot s: programs [E_s, E_s+1))."""
+                       SLOTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Fixed-order column sums of up to four (rows, columns) matrices of partials: the backward's per-tile
+    partials of the norm's gradients, the weight gradients' per-pixel-range partials (slot s: programs
+    [E_s, E_s+1), BLOCK_C columns each)."""
     pid = tl.program_id(0)
     if pid < E1:
-        _column_sum_slot(pid - E0, pt0, T0, C0, o0, BLOCK_C)
+        _column_sum_slot(pid - E0, pt0, T0, C0, o0, BLOCK_R, BLOCK_C)
     elif pid < E2:
         if SLOTS > 1:
-            _column_sum_slot(pid - E1, pt1, T1, C1, o1, BLOCK_C)
+            _column_sum_slot(pid - E1, pt1, T1, C1, o1, BLOCK_R, BLOCK_C)
     elif pid < E3:
         if SLOTS > 2:
-            _column_sum_slot(pid - E2, pt2, T2, C2, o2, BLOCK_C)
+            _column_sum_slot(pid - E2, pt2, T2, C2, o2, BLOCK_R, BLOCK_C)
     else:
         if SLOTS > 3:
-            _column_sum_slot(pid - E3, pt3, T3, C3, o3, BLOCK_C)
+            _column_sum_slot(pid - E3, pt3, T3, C3, o3, BLOCK_R, BLOCK_C)
 
 
 @triton.jit
@@ -359,13 +380,16 @@ def dpres_kernel(N, E0,
 
 
 @triton.jit
-def wgrad_kernel(src, s_n, s_c, s_h, s_w, dpre, dwk, dbias, N, C, H, W, CO, KS,
-                 HAS_BIAS: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr,
+def wgrad_kernel(src, s_n, s_c, s_h, s_w, dpre, dwk, N, C, H, W, CO, KS, SPLIT, M_SPLIT,
+                 DOT: tl.constexpr, UPCAST: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dwk[(ky * KS + kx) * C + c, co] = sum over pixels of src[c] (shifted by the tap) * dpre[co], every
-    program reducing over all N * H * W pixels in one fixed order (deterministic, no atomics); the
-    programs of tap 0 and the first channel block also sum dbias."""
-    tap = tl.program_id(0)
+    """dwk[part, (ky * KS + kx) * C + c, co] = sum over the pixels of range ``part`` (M_SPLIT pixels from
+    part * M_SPLIT) of src[c] (shifted by the tap) * dpre[co]. Grid (taps x SPLIT, C blocks, CO blocks):
+    the pixel ranges split the long reduction over N * H * W so that the grid fills the GPU; each program
+    sums its range in one fixed order, and the launcher sums the SPLIT partials in a fixed order too
+    (deterministic, no atomics)."""
+    tap = tl.program_id(0) // SPLIT
+    part = tl.program_id(0) % SPLIT
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     co = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     cm = c < C
@@ -374,11 +398,11 @@ def wgrad_kernel(src, s_n, s_c, s_h, s_w, dpre, dwk, dbias, N, C, H, W, CO, KS,
     dy = tap // KS - pad
     dx = tap % KS - pad
     total = N * H * W
+    end = tl.minimum(total, (part + 1) * M_SPLIT)
     acc = _zeros(BLOCK_C, BLOCK_N, DOT == 0)
-    bacc = tl.zeros([BLOCK_N], dtype=acc.dtype)
-    for m0 in range(0, total, BLOCK_M):
+    for m0 in range(part * M_SPLIT, end, BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M)
-        mm = m < total
+        mm = m < end
         x = m % W
         y = (m // W) % H
         n = m // (W * H)
@@ -398,13 +422,8 @@ def wgrad_kernel(src, s_n, s_c, s_h, s_w, dpre, dwk, dbias, N, C, H, W, CO, KS,
             acc = tl.dot(tl.trans(a), b, acc, input_precision="ieee")
         else:
             acc = tl.dot(tl.trans(a), b, acc, input_precision="tf32")
-        if HAS_BIAS:
-            bacc += tl.sum(b.to(acc.dtype), axis=0)
-    tl.store(dwk + (tap * C + c)[:, None] * CO + co[None, :], _cast(acc, dwk.dtype.element_ty),
+    tl.store(dwk + ((part * KS * KS + tap) * C + c)[:, None] * CO + co[None, :], _cast(acc, dwk.dtype.element_ty),
              mask=cm[:, None] & com[None, :])
-    if HAS_BIAS:
-        if (tap == 0) & (tl.program_id(1) == 0):
-            tl.store(dbias + co, _cast(bacc, dbias.dtype.element_ty), mask=com)
 
 
 @triton.jit
@@ -432,24 +451,24 @@ def dx_kernel(dx, d_n, d_c, d_h, d_w, N, C, H, W, g, g_n, g_c, g_h, g_w,
     one = acc * 0.0
     if SLOTS > 0:
         acc = _gather(acc, l0, l0_n, l0_c, l0_h, l0_w, n, y, x, c, pm, cm, y0_idx, y0_w, Y0, x0_idx, x0_w,
-                      X0, one, one, 0, 0)
+                      X0, one, one, 0, 0, 0, Y0)
     if SLOTS > 1:
         acc = _gather(acc, l1, l1_n, l1_c, l1_h, l1_w, n, y, x, c, pm, cm, y1_idx, y1_w, Y1, x1_idx, x1_w,
-                      X1, one, one, 0, 0)
+                      X1, one, one, 0, 0, 0, Y1)
     if SLOTS > 2:
         acc = _gather(acc, l2, l2_n, l2_c, l2_h, l2_w, n, y, x, c, pm, cm, y2_idx, y2_w, Y2, x2_idx, x2_w,
-                      X2, one, one, 0, 0)
+                      X2, one, one, 0, 0, 0, Y2)
     if SLOTS > 3:
         acc = _gather(acc, l3, l3_n, l3_c, l3_h, l3_w, n, y, x, c, pm, cm, y3_idx, y3_w, Y3, x3_idx, x3_w,
-                      X3, one, one, 0, 0)
+                      X3, one, one, 0, 0, 0, Y3)
     tl.store(dx + (n * d_n + y * d_h + x * d_w)[:, None] + c[None, :] * d_c, _cast(acc, dx.dtype.element_ty),
              mask=m2)
 
 
 @triton.jit
-def _tile_program(t, x, s_n, s_c, s_h, s_w, dy_idx, dy_w, DY, dx_idx, dx_w, DX,
+def _tile_program(t, x, s_n, s_c, s_h, s_w, dy_idx, dy_w, DY: tl.constexpr, dx_idx, dx_w, DX: tl.constexpr,
                   wk, bias, scale, shift, out, o_n, o_c, o_h, o_w, scratch,
-                  uy_idx, uy_w, UY, ux_idx, ux_w, UX, first_row, first_col,
+                  uy_idx, uy_w, UY: tl.constexpr, ux_idx, ux_w, UX: tl.constexpr, first_row, first_col,
                   C, h, w, CO, KS, HALO,
                   HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
                   DOT: tl.constexpr, UPCAST: tl.constexpr, F64: tl.constexpr, DIRECT: tl.constexpr,
@@ -491,12 +510,13 @@ def _tile_program(t, x, s_n, s_c, s_h, s_w, dy_idx, dy_w, DY, dx_idx, dx_w, DX,
         for c0 in range(0, C, BLOCK_K):
             ck = c0 + kk
             km = ck < C
-            # the level value at (ry, rx): the down-resize of x, computed here
+            # the level value at (ry, rx): the down-resize of x, computed here; its taps unrolled (DY, DX
+            # are compile-time), so their gathers are independent loads, not a chain of loop steps
             a = _zeros(RH * RW, BLOCK_K, F64)
-            for a_y in range(DY):
+            for a_y in tl.static_range(DY):
                 iy = tl.load(dy_idx + ry * DY + a_y, mask=ok, other=-1)
                 wy = tl.load(dy_w + ry * DY + a_y, mask=ok, other=0.0).to(a.dtype)
-                for a_x in range(DX):
+                for a_x in tl.static_range(DX):
                     ix = tl.load(dx_idx + rx * DX + a_x, mask=ok, other=-1)
                     wx = tl.load(dx_w + rx * DX + a_x, mask=ok, other=0.0)
                     mm = ((iy >= 0) & (ix >= 0))[:, None] & km[None, :]
@@ -545,10 +565,10 @@ def _tile_program(t, x, s_n, s_c, s_h, s_w, dy_idx, dy_w, DY, dx_idx, dx_w, DX,
             oy = oy0 + q // nx
             ox = ox0 + q % nx
             res = _zeros(BLOCK_P, BLOCK_N, F64)
-            for u_y in range(UY):
+            for u_y in tl.static_range(UY):  # (unrolled: independent gathers)
                 iy = tl.load(uy_idx + oy * UY + u_y, mask=qm, other=-1)
                 wy = tl.load(uy_w + oy * UY + u_y, mask=qm, other=0.0).to(res.dtype)
-                for u_x in range(UX):
+                for u_x in tl.static_range(UX):
                     ix = tl.load(ux_idx + ox * UX + u_x, mask=qm, other=-1)
                     wx = tl.load(ux_w + ox * UX + u_x, mask=qm, other=0.0)
                     ok = (iy >= 0) & (ix >= 0)
@@ -583,23 +603,31 @@ def _tile_programs(N, h, w, CO, HALO, RH: tl.constexpr, RW: tl.constexpr, BLOCK_
 
 @triton.jit
 def block_kernel(x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, N, C, H, W, E0,
-                 l0, l0_n, l0_c, l0_h, l0_w, dy0, dyw0, DY0, dx0, dxw0, DX0, wk0, b0, sc0, sh0, out0, q0_n, q0_c,
-                 q0_h, q0_w, scr0, uy0, uyw0, UY0, ux0, uxw0, UX0, fr0, fc0, h0, w0, CO0, KS0, HALO0,
-                 l1, l1_n, l1_c, l1_h, l1_w, dy1, dyw1, DY1, dx1, dxw1, DX1, wk1, b1, sc1, sh1, out1, q1_n, q1_c,
-                 q1_h, q1_w, scr1, uy1, uyw1, UY1, ux1, uxw1, UX1, fr1, fc1, h1, w1, CO1, KS1, HALO1,
-                 l2, l2_n, l2_c, l2_h, l2_w, dy2, dyw2, DY2, dx2, dxw2, DX2, wk2, b2, sc2, sh2, out2, q2_n, q2_c,
-                 q2_h, q2_w, scr2, uy2, uyw2, UY2, ux2, uxw2, UX2, fr2, fc2, h2, w2, CO2, KS2, HALO2,
-                 l3, l3_n, l3_c, l3_h, l3_w, dy3, dyw3, DY3, dx3, dxw3, DX3, wk3, b3, sc3, sh3, out3, q3_n, q3_c,
-                 q3_h, q3_w, scr3, uy3, uyw3, UY3, ux3, uxw3, UX3, fr3, fc3, h3, w3, CO3, KS3, HALO3,
+                 l0, l0_n, l0_c, l0_h, l0_w, dy0, dyw0, dx0, dxw0, wk0, b0, sc0, sh0, out0, q0_n, q0_c,
+                 q0_h, q0_w, scr0, uy0, uyw0, ux0, uxw0, fr0, fc0, h0, w0, CO0, KS0, HALO0,
+                 l1, l1_n, l1_c, l1_h, l1_w, dy1, dyw1, dx1, dxw1, wk1, b1, sc1, sh1, out1, q1_n, q1_c,
+                 q1_h, q1_w, scr1, uy1, uyw1, ux1, uxw1, fr1, fc1, h1, w1, CO1, KS1, HALO1,
+                 l2, l2_n, l2_c, l2_h, l2_w, dy2, dyw2, dx2, dxw2, wk2, b2, sc2, sh2, out2, q2_n, q2_c,
+                 q2_h, q2_w, scr2, uy2, uyw2, ux2, uxw2, fr2, fc2, h2, w2, CO2, KS2, HALO2,
+                 l3, l3_n, l3_c, l3_h, l3_w, dy3, dyw3, dx3, dxw3, wk3, b3, sc3, sh3, out3, q3_n, q3_c,
+                 q3_h, q3_w, scr3, uy3, uyw3, ux3, uxw3, fr3, fc3, h3, w3, CO3, KS3, HALO3,
                  FLAGS0: tl.constexpr, FLAGS1: tl.constexpr, FLAGS2: tl.constexpr, FLAGS3: tl.constexpr,
+                 DY0: tl.constexpr, DX0: tl.constexpr, DY1: tl.constexpr, DX1: tl.constexpr, DY2: tl.constexpr,
+                 DX2: tl.constexpr, DY3: tl.constexpr, DX3: tl.constexpr, UY0: tl.constexpr, UX0: tl.constexpr,
+                 UY1: tl.constexpr, UX1: tl.constexpr, UY2: tl.constexpr, UX2: tl.constexpr, UY3: tl.constexpr,
+                 UX3: tl.constexpr,
                  SLOTS: tl.constexpr, ACT: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr,
                  F64: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                 BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr):
     """The inference forward of up to four branches and the copy of x, in one launch: programs
     [0, E0) copy x into its slice (none if E0 == 0), then each branch slot's programs in turn
     (``_tile_program``; its source l_s is x itself for a factor branch, the pooled level for bins). The
     tile shape (RH, RW, BLOCK_N, BLOCK_K) is autotuned, so each slot's program count is computed here.
-    FLAGS_s: bit 0 bias, bit 1 scale, bit 2 shift, bit 3 direct store (identity up-resize)."""
+    The copy moves BLOCK_P pixels per program, the up-resize BLOCK_Q output pixels per step (small: its
+    gathered (BLOCK_Q, BLOCK_N) tiles and their addresses must fit in registers beside the tile's).
+    FLAGS_s: bit 0 bias, bit 1 scale, bit 2 shift, bit 3 direct store (identity up-resize); DY_s x DX_s,
+    UY_s x UX_s: the down-resize's taps per level pixel and the up-resize's per output pixel (compile-time:
+    unrolled)."""
     pid = tl.program_id(0)
     e1 = E0 + _tile_programs(N, h0, w0, CO0, HALO0, RH, RW, BLOCK_N)
     e2 = e1 + _tile_programs(N, h1, w1, CO1, HALO1, RH, RW, BLOCK_N)
@@ -608,40 +636,46 @@ def block_kernel(x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, N, C, H, W, 
         _copy_program(pid, x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, C, H, W, N * H * W, F64, BLOCK_P,
                       BLOCK_C)
     elif pid < e1:
-        _tile_program(pid - E0, l0, l0_n, l0_c, l0_h, l0_w, dy0, dyw0, DY0, dx0, dxw0, DX0, wk0, b0,
-                      sc0, sh0, out0, q0_n, q0_c, q0_h, q0_w, scr0, uy0, uyw0, UY0, ux0, uxw0, UX0, fr0,
+        _tile_program(pid - E0, l0, l0_n, l0_c, l0_h, l0_w, dy0, dyw0, DY0, dx0, dxw0, DX0,
+                      wk0, b0, sc0, sh0, out0, q0_n, q0_c, q0_h, q0_w, scr0, uy0, uyw0, UY0, ux0, uxw0, UX0, fr0,
                       fc0, C, h0, w0, CO0, KS0, HALO0, (FLAGS0 & 1) != 0, (FLAGS0 & 2) != 0,
                       (FLAGS0 & 4) != 0, ACT, DOT, UPCAST, F64, (FLAGS0 & 8) != 0, RH, RW, BLOCK_N, BLOCK_K,
-                      BLOCK_P)
+                      BLOCK_Q)
     elif pid < e2:
         if SLOTS > 1:
-            _tile_program(pid - e1, l1, l1_n, l1_c, l1_h, l1_w, dy1, dyw1, DY1, dx1, dxw1, DX1, wk1, b1,
-                          sc1, sh1, out1, q1_n, q1_c, q1_h, q1_w, scr1, uy1, uyw1, UY1, ux1, uxw1, UX1, fr1,
+            _tile_program(pid - e1, l1, l1_n, l1_c, l1_h, l1_w, dy1, dyw1, DY1, dx1, dxw1, DX1,
+                          wk1, b1, sc1, sh1, out1, q1_n, q1_c, q1_h, q1_w, scr1, uy1, uyw1, UY1, ux1, uxw1, UX1, fr1,
                           fc1, C, h1, w1, CO1, KS1, HALO1, (FLAGS1 & 1) != 0, (FLAGS1 & 2) != 0,
                           (FLAGS1 & 4) != 0, ACT, DOT, UPCAST, F64, (FLAGS1 & 8) != 0, RH, RW, BLOCK_N, BLOCK_K,
-                          BLOCK_P)
+                          BLOCK_Q)
     elif pid < e3:
         if SLOTS > 2:
-            _tile_program(pid - e2, l2, l2_n, l2_c, l2_h, l2_w, dy2, dyw2, DY2, dx2, dxw2, DX2, wk2, b2,
-                          sc2, sh2, out2, q2_n, q2_c, q2_h, q2_w, scr2, uy2, uyw2, UY2, ux2, uxw2, UX2, fr2,
+            _tile_program(pid - e2, l2, l2_n, l2_c, l2_h, l2_w, dy2, dyw2, DY2, dx2, dxw2, DX2,
+                          wk2, b2, sc2, sh2, out2, q2_n, q2_c, q2_h, q2_w, scr2, uy2, uyw2, UY2, ux2, uxw2, UX2, fr2,
                           fc2, C, h2, w2, CO2, KS2, HALO2, (FLAGS2 & 1) != 0, (FLAGS2 & 2) != 0,
                           (FLAGS2 & 4) != 0, ACT, DOT, UPCAST, F64, (FLAGS2 & 8) != 0, RH, RW, BLOCK_N, BLOCK_K,
-                          BLOCK_P)
+                          BLOCK_Q)
     else:
         if SLOTS > 3:
-            _tile_program(pid - e3, l3, l3_n, l3_c, l3_h, l3_w, dy3, dyw3, DY3, dx3, dxw3, DX3, wk3, b3,
-                          sc3, sh3, out3, q3_n, q3_c, q3_h, q3_w, scr3, uy3, uyw3, UY3, ux3, uxw3, UX3, fr3,
+            _tile_program(pid - e3, l3, l3_n, l3_c, l3_h, l3_w, dy3, dyw3, DY3, dx3, dxw3, DX3,
+                          wk3, b3, sc3, sh3, out3, q3_n, q3_c, q3_h, q3_w, scr3, uy3, uyw3, UY3, ux3, uxw3, UX3, fr3,
                           fc3, C, h3, w3, CO3, KS3, HALO3, (FLAGS3 & 1) != 0, (FLAGS3 & 2) != 0,
                           (FLAGS3 & 4) != 0, ACT, DOT, UPCAST, F64, (FLAGS3 & 8) != 0, RH, RW, BLOCK_N, BLOCK_K,
-                          BLOCK_P)
+                          BLOCK_Q)
 
 
 @triton.jit
-def _level_program(t, x, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, N, C, Hd, Wd, ty_idx, ty_w, TY, tx_idx,
+def _level_program(t, x, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, N, C, Hd, Wd, ty_idx, ty_w, TY, R, tx_idx,
                    tx_w, TX, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One (BLOCK_P level pixels, BLOCK_C channels) tile of x brought to a level (separable gather)."""
-    pid_c = t % tl.cdiv(C, BLOCK_C)
-    p = (t // tl.cdiv(C, BLOCK_C)) * BLOCK_P + tl.arange(0, BLOCK_P)
+    """One (BLOCK_P level pixels, BLOCK_C channels) tile of x brought to a level (separable gather), over
+    the y taps of one chunk of R (all TY when R == TY): chunk k's partial sums go to rows k * Hd + y of
+    dst, summed later in chunk order (long pooling windows split so that the grid fills the GPU)."""
+    nc = tl.cdiv(C, BLOCK_C)
+    per_chunk = tl.cdiv(N * Hd * Wd, BLOCK_P) * nc
+    k = t // per_chunk
+    t = t % per_chunk
+    pid_c = t % nc
+    p = (t // nc) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     pm = p < N * Hd * Wd
     cm = c < C
@@ -650,40 +684,40 @@ def _level_program(t, x, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, N, C, Hd, 
     n = p // (Wd * Hd)
     acc = _zeros(BLOCK_P, BLOCK_C, F64)
     acc = _gather(acc, x, s_n, s_c, s_h, s_w, n, oy, ox, c, pm, cm, ty_idx, ty_w, TY, tx_idx, tx_w, TX,
-                  acc, acc, 0, 0)
-    tl.store(dst + (n * d_n + oy * d_h + ox * d_w)[:, None] + c[None, :] * d_c, _cast(acc, dst.dtype.element_ty),
-             mask=pm[:, None] & cm[None, :])
+                  acc, acc, 0, 0, k * R, tl.minimum(TY, (k + 1) * R))
+    tl.store(dst + (n * d_n + (k * Hd + oy) * d_h + ox * d_w)[:, None] + c[None, :] * d_c,
+             _cast(acc, dst.dtype.element_ty), mask=pm[:, None] & cm[None, :])
 
 
 @triton.jit
 def levels_kernel(x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, N, C, H, W, E0,
-                  d0, d0_n, d0_c, d0_h, d0_w, h0, w0, y0, yw0, Y0, x0, xw0, X0, E1,
-                  d1, d1_n, d1_c, d1_h, d1_w, h1, w1, y1, yw1, Y1, x1, xw1, X1, E2,
-                  d2, d2_n, d2_c, d2_h, d2_w, h2, w2, y2, yw2, Y2, x2, xw2, X2, E3,
-                  d3, d3_n, d3_c, d3_h, d3_w, h3, w3, y3, yw3, Y3, x3, xw3, X3, E4,
+                  d0, d0_n, d0_c, d0_h, d0_w, h0, w0, y0, yw0, Y0, R0, x0, xw0, X0, E1,
+                  d1, d1_n, d1_c, d1_h, d1_w, h1, w1, y1, yw1, Y1, R1, x1, xw1, X1, E2,
+                  d2, d2_n, d2_c, d2_h, d2_w, h2, w2, y2, yw2, Y2, R2, x2, xw2, X2, E3,
+                  d3, d3_n, d3_c, d3_h, d3_w, h3, w3, y3, yw3, Y3, R3, x3, xw3, X3, E4,
                   SLOTS: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """x into its slice of the output (programs [0, E0)) and to up to four levels (programs [E_s, E_s+1):
     slot s, a separable gather over the tap tables y_s / x_s: adaptive pooling for bins, the factor
-    down-resize otherwise) in one launch."""
+    down-resize otherwise, its y taps in chunks of R_s) in one launch."""
     pid = tl.program_id(0)
     if pid < E0:
         _copy_program(pid, x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, C, H, W, N * H * W, F64, BLOCK_P,
                       BLOCK_C)
     elif pid < E1:
-        _level_program(pid - E0, x, s_n, s_c, s_h, s_w, d0, d0_n, d0_c, d0_h, d0_w, N, C, h0, w0, y0, yw0, Y0, x0,
-                       xw0, X0, F64, BLOCK_P, BLOCK_C)
+        _level_program(pid - E0, x, s_n, s_c, s_h, s_w, d0, d0_n, d0_c, d0_h, d0_w, N, C, h0, w0, y0, yw0, Y0, R0,
+                       x0, xw0, X0, F64, BLOCK_P, BLOCK_C)
     elif pid < E2:
         if SLOTS > 1:
             _level_program(pid - E1, x, s_n, s_c, s_h, s_w, d1, d1_n, d1_c, d1_h, d1_w, N, C, h1, w1, y1, yw1, Y1,
-                           x1, xw1, X1, F64, BLOCK_P, BLOCK_C)
+                           R1, x1, xw1, X1, F64, BLOCK_P, BLOCK_C)
     elif pid < E3:
         if SLOTS > 2:
             _level_program(pid - E2, x, s_n, s_c, s_h, s_w, d2, d2_n, d2_c, d2_h, d2_w, N, C, h2, w2, y2, yw2, Y2,
-                           x2, xw2, X2, F64, BLOCK_P, BLOCK_C)
+                           R2, x2, xw2, X2, F64, BLOCK_P, BLOCK_C)
     else:
         if SLOTS > 3:
             _level_program(pid - E3, x, s_n, s_c, s_h, s_w, d3, d3_n, d3_c, d3_h, d3_w, N, C, h3, w3, y3, yw3, Y3,
-                           x3, xw3, X3, F64, BLOCK_P, BLOCK_C)
+                           R3, x3, xw3, X3, F64, BLOCK_P, BLOCK_C)
 
 
 @triton.jit
@@ -824,10 +858,10 @@ def _up_slot(t, src, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, N, C, H, W, ty
     acc = _zeros(BLOCK_P, BLOCK_C, F64)
     if (FLAGS & 16) != 0:
         acc = _gather(acc, src, s_n, s_c, s_h, s_w, n, oy, ox, c, pm, cm, ty_idx, ty_w, TY, tx_idx, tx_w, TX,
-                      mul, add, FLAGS & 3, ACT)
+                      mul, add, FLAGS & 3, ACT, 0, TY)
     else:
         acc = _gather(acc, src, s_n, s_c, s_h, s_w, n, oy, ox, c, pm, cm, ty_idx, ty_w, TY, tx_idx, tx_w, TX,
-                      mul, add, FLAGS & 3, 0)
+                      mul, add, FLAGS & 3, 0, 0, TY)
     tl.store(dst + (n * d_n + oy * d_h + ox * d_w)[:, None] + c[None, :] * d_c, _cast(acc, dst.dtype.element_ty),
              mask=pm[:, None] & cm[None, :])
 

@@ -18,8 +18,9 @@ forward (``forward``: the training forward, which also returns level, pre and th
 backward, per 4 branches: 1 launch of every up-resize adjoint fused with the activation's backward and,
     without batch statistics, the norm's (it writes the conv-output gradient); 1 of the fixed-order
     column sums of their per-tile partials; with batch statistics 1 of the conv-output gradients; then
-    per branch 1 weight gradient (if asked) and 1 level gradient (if dx is asked); a few parameter-sized
-    ops. Then 1 launch writes dx (the x slice of the output gradient plus every branch's down-resize
+    per branch 1 weight gradient (if asked) and 1 level gradient (if dx is asked); 1 of the column sums of
+    the weight gradients' pixel-range partials (where a long reduction was split to fill the GPU); a few
+    parameter-sized ops. Then 1 launch writes dx (the x slice of the output gradient plus every branch's down-resize
     adjoint).
 """
 
@@ -31,7 +32,8 @@ import torch
 import triton
 
 from . import kernels as K
-from .tables import axis_taps
+from .plan import Part, cdiv, cost_model, nbytes
+from .tables import axis_taps, stacked_taps
 
 INT32_LIMIT = 2**31 - 1
 _ACT = {"none": K.ACT_NONE, "relu": K.ACT_RELU, "silu": K.ACT_SILU, "gelu": K.ACT_GELU}
@@ -75,6 +77,16 @@ def _block_c(c: int) -> int:
     return _pow2(c, 4, 64 if interpreting() else 32)
 
 
+def _fill_programs() -> int:
+    """Programs a long reduction is split into at least, to fill the GPU: twice an H100's 132 SMs (the
+    interpreter, paying per program, gets one)."""
+    return 1 if interpreting() else 2 * 132
+
+
+#: The longest serial loop a split reduction leaves to one program.
+SPLIT_STEPS = 256
+
+
 def _stats_block() -> int:
     return 1024 if interpreting() else 128
 
@@ -96,8 +108,9 @@ def _dot_mode(x: torch.Tensor) -> int:
         return K.DOT_FMA
     if x.dtype in (torch.float16, torch.bfloat16):
         return K.DOT_HALF
-    # float32: TF32 only where the naive module's cuDNN convolution would use it.
-    if x.is_cuda and torch.backends.cudnn.allow_tf32:
+    # float32: TF32 only where the naive module's cuDNN convolution would use it (meta tensors: the launch
+    # plan of a call on a GPU, plan.py).
+    if (x.is_cuda or x.is_meta) and torch.backends.cudnn.allow_tf32:
         return K.DOT_TF32
     return K.DOT_IEEE
 
@@ -186,6 +199,18 @@ def _conv(src: torch.Tensor, wk: torch.Tensor, ks: int, co: int, bias: Optional[
             F64=False)
 
 
+@cost_model(K.conv_kernel)
+def _conv_cost(a):
+    """Plan model (estimates): a (BLOCK_M pixels, BLOCK_N channels) tile per program, K loop over taps x C."""
+    N, C, H, W, CO, KS, src = a["N"], a["C"], a["H"], a["W"], a["CO"], a["KS"], a["src"]
+    bm, bn, bk, px = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"], N * H * W
+    programs = cdiv(px, bm) * cdiv(CO, bn)
+    stores = int(a["STORE_PRE"]) + int(a["STORE_OUT"])
+    return [Part("conv", programs, min(bm, px) * min(bn, CO), KS * KS * cdiv(C, bk),
+                 nbytes(src, px * C) + nbytes(a["wk"]), nbytes(src, px * CO * stores),
+                 2 * programs * bm * bn * KS * KS * cdiv(C, bk) * bk)]
+
+
 def _pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """(CO, C, k, k) -> wk[(ky * k + kx) * C + c, co], contiguous (parameter-sized work)."""
     co, c, k, _ = weight.shape
@@ -240,26 +265,80 @@ _CONVS_KEY = ["N", "C"] + [f"{v}{s}" for s in range(4) for v in ("h", "w", "CO",
 convs_tuned = triton.autotune(configs=_convs_configs(), key=_CONVS_KEY)(K.convs_kernel)
 
 
-def _launch_levels(x, x_slice, copy: bool, branches: Sequence[int], factor, bins, down_mode, align_corners) -> dict:
-    """levels_kernel: x copied into ``x_slice`` (if ``copy``) and brought to the level of each of
-    ``branches`` (at most MAX_SLOTS) in one launch; returns {branch: level}."""
+def _gather_levels(x, x_slice, copy: bool, slots: list) -> None:
+    """One levels_kernel launch: x copied into ``x_slice`` (if ``copy``), then for each slot (dst, h, w, y taps,
+    y taps per chunk, x taps) dst gathered from x (its chunks' partial sums stacked along dst's rows)."""
     N, C, H, W = x.shape
-    dt, dev = x.dtype, x.device
     block_p, block_c = _block_p(), _block_c(C)
-    levels, slots = {}, []
-    ends = [triton.cdiv(N * H * W, block_p) * triton.cdiv(C, block_c) if copy else 0]
+    ends, flat = [triton.cdiv(N * H * W, block_p) * triton.cdiv(C, block_c) if copy else 0], []
+    for dst, h, wd, ty, r, tx in slots:
+        flat.append([dst, *_strides(dst), h, wd, ty.idx, ty.w, ty.taps, r, tx.idx, tx.w, tx.taps])
+        ends.append(ends[-1] + triton.cdiv(ty.taps, r) * triton.cdiv(N * h * wd, block_p) * triton.cdiv(C, block_c))
+    if ends[-1] > 0:
+        flat = _ended_slot_args(flat or [[x, 0, 0, 0, 0, 1, 1, x, x, 0, 1, x, x, 0]], 14, ends)
+        _launch(K.levels_kernel, (ends[-1],), x, *_strides(x), x_slice, *_strides(x_slice), N, C, H, W, *flat,
+                SLOTS=len(slots), F64=x.dtype == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
+
+
+def _launch_levels(x, x_slice, copy: bool, branches: Sequence[int], factor, bins, down_mode, align_corners,
+                   combine: bool = True) -> dict:
+    """levels_kernel: x copied into ``x_slice`` (if ``copy``) and brought to the level of each of
+    ``branches`` (at most MAX_SLOTS) in one launch; returns {branch: (level, its taps as a source)}.
+
+    A level whose pooling window loops over more than SPLIT_STEPS taps is computed in chunks of window
+    rows (so that its programs fill the GPU), their partial sums stacked along the rows of one buffer in
+    the accumulation dtype; with ``combine`` a second launch sums them in chunk order into the level
+    (identity taps), without it the partials are returned with the taps that sum them (the inference
+    block kernel's down taps, so that it stays one launch after this one)."""
+    N, C, H, W = x.shape
+    dt, dev, fmt = x.dtype, x.device, _fmt(x)
+    levels, slots, chunked = {}, [], []
     for b in branches:
         h, wd = _level(factor[b], bins, b, H, W)
-        lev = _empty((N, C, h, wd), dtype=dt, device=dev, memory_format=_fmt(x))
-        levels[b] = lev
         ty, tx = _down_taps(factor[b], down_mode, H, W, h, wd, align_corners, dt, dev)
-        slots.append([lev, *_strides(lev), h, wd, ty.idx, ty.w, ty.taps, tx.idx, tx.w, tx.taps])
-        ends.append(ends[-1] + triton.cdiv(N * h * wd, block_p) * triton.cdiv(C, block_c))
-    if ends[-1] > 0:
-        flat = _ended_slot_args(slots or [[x, 0, 0, 0, 0, 1, 1, x, x, 0, x, x, 0]], 13, ends)
-        _launch(K.levels_kernel, (ends[-1],), x, *_strides(x), x_slice, *_strides(x_slice), N, C, H, W, *flat,
-                SLOTS=len(slots), F64=dt == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
+        rows = max(1, SPLIT_STEPS // tx.taps)  # window rows per chunk
+        if ty.taps <= rows:
+            lev = _empty((N, C, h, wd), dtype=dt, device=dev, memory_format=fmt)
+            levels[b] = (lev, (axis_taps("identity", h, h, 0, False, dt, dev),
+                               axis_taps("identity", wd, wd, 0, False, dt, dev)))
+            slots.append((lev, h, wd, ty, ty.taps, tx))
+        else:
+            chunked.append((b, h, wd, ty, rows, tx, triton.cdiv(ty.taps, rows)))
+    if chunked:
+        buf = _empty((N, C, sum(k * h for _, h, _, _, _, _, k in chunked), max(c[2] for c in chunked)),
+                     dtype=_acc_dtype(dt), device=dev, memory_format=fmt)
+        first, combined = 0, []
+        for b, h, wd, ty, rows, tx, k in chunked:
+            slots.append((buf[:, :, first:first + k * h, :wd], h, wd, ty, rows, tx))
+            sums = stacked_taps(h, k, first if combine else 0, dt, dev)
+            ident = axis_taps("identity", wd, wd, 0, False, dt, dev)
+            if combine:
+                lev = _empty((N, C, h, wd), dtype=dt, device=dev, memory_format=fmt)
+                combined.append((lev, h, wd, sums, k, ident))
+                levels[b] = (lev, (axis_taps("identity", h, h, 0, False, dt, dev), ident))
+            else:
+                levels[b] = (buf[:, :, first:first + k * h, :wd], (sums, ident))
+            first += k * h
+    _gather_levels(x, x_slice, copy, slots)
+    if chunked and combine:
+        _gather_levels(buf, buf, False, combined)
     return levels
+
+
+@cost_model(K.levels_kernel)
+def _levels_cost(a):
+    """Plan model (estimates): copy programs, then per level a (BLOCK_P pixels, BLOCK_C channels) tile per
+    program looping over the taps of its chunk of window rows (R of Y) times every column tap (X)."""
+    x, N, C, H, W, bp, bc = a["x"], a["N"], a["C"], a["H"], a["W"], a["BLOCK_P"], a["BLOCK_C"]
+    parts = [Part("copy x", a["E0"], min(bp, N * H * W) * min(bc, C), 1, nbytes(x, N * C * H * W),
+                  nbytes(x, N * C * H * W))]
+    for s in range(a["SLOTS"]):
+        px, taps = N * a[f"h{s}"] * a[f"w{s}"], a[f"Y{s}"] * a[f"X{s}"]
+        chunks = cdiv(a[f"Y{s}"], a[f"R{s}"])
+        parts.append(Part(f"level {a[f'h{s}']}x{a[f'w{s}']}" + (f" in {chunks} chunks" if chunks > 1 else ""),
+                          a[f"E{s + 1}"] - a[f"E{s}"], min(bp, px) * min(bc, C), a[f"R{s}"] * a[f"X{s}"],
+                          nbytes(x, C * min(px * taps, N * H * W)), nbytes(a[f"d{s}"], chunks * px * C)))
+    return parts
 
 
 def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
@@ -293,7 +372,7 @@ def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_
         copy = first == 0 and x_off >= 0
         made = _launch_levels(x, x_slice, copy, [b for b in chunk if factor[b] != 1], factor, bins, down_mode,
                               align_corners)
-        for b, lev in made.items():
+        for b, (lev, _) in made.items():
             levels[b] = lev
         # 2. every convolution of the chunk
         conv_slots, flags, sizes, partials, ups = [], [], [], {}, []
@@ -370,23 +449,96 @@ def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_
     return out, levels, pres, means, variances
 
 
-def _wgrad(src: torch.Tensor, dpre: torch.Tensor, ks: int, co: int, acc_dt: torch.dtype) -> torch.Tensor:
+@cost_model(K.convs_kernel)
+def _convs_cost(a):
+    """Plan model (estimates): per branch slot conv_kernel's tiles (pre stored; the epilogue where bit 3)."""
+    N, C, bm, bn, bk = a["N"], a["C"], a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
+    parts = []
+    for s in range(a["SLOTS"]):
+        px, co, ks, src = N * a[f"h{s}"] * a[f"w{s}"], a[f"CO{s}"], a[f"KS{s}"], a[f"l{s}"]
+        programs = cdiv(px, bm) * cdiv(co, bn)
+        stores = 1 + ((a[f"FLAGS{s}"] >> 3) & 1)
+        parts.append(Part(f"conv {a[f'h{s}']}x{a[f'w{s}']}", programs, min(bm, px) * min(bn, co),
+                          ks * ks * cdiv(C, bk), nbytes(src, px * C) + nbytes(a[f"wk{s}"]),
+                          nbytes(src, px * co * stores), 2 * programs * bm * bn * ks * ks * cdiv(C, bk) * bk))
+    return parts
+
+
+@cost_model(K.stats_combine_kernel)
+def _stats_combine_cost(a):
+    """Plan model (estimates): BLOCK_C channels per program, a loop over every tile's statistics."""
+    T, C, pm = a["T"], a["C"], a["part_mean"]
+    return [Part("statistics", cdiv(C, a["BLOCK_C"]), min(a["BLOCK_C"], C), T, 2 * nbytes(pm, T * C),
+                 2 * nbytes(a["mean_out"], C))]
+
+
+@cost_model(K.ups_kernel)
+def _ups_cost(a):
+    """Plan model (estimates): per branch slot a (BLOCK_P output pixels, BLOCK_C channels) tile per
+    program, looping over the up-resize taps."""
+    N, H, W, bp, bc = a["N"], a["H"], a["W"], a["BLOCK_P"], a["BLOCK_C"]
+    parts = []
+    for s in range(a["SLOTS"]):
+        src, co = a[f"s{s}"], a[f"C{s}"]
+        parts.append(Part(f"up {tuple(src.shape[2:])}", a[f"E{s + 1}"] - a[f"E{s}"], min(bp, N * H * W) * min(bc, co),
+                          a[f"Y{s}"] * a[f"X{s}"], nbytes(src), nbytes(src, N * co * H * W)))
+    return parts
+
+
+def _wgrad(src: torch.Tensor, dpre: torch.Tensor, ks: int, co: int, acc_dt: torch.dtype):
+    """The weight gradient as wk[(ky * k + kx) * C + c, co] in ``acc_dt``, and None; or, when the pixels are
+    split into ranges, the gradient's buffer and (partials, the buffer flattened) for the caller's
+    column-sums launch to fill it in a fixed order."""
     N, C, H, W = src.shape
-    if N * H * W == 0:
-        return torch.zeros((ks * ks * C, co), dtype=acc_dt, device=src.device)
+    total = N * H * W
+    if total == 0:
+        return torch.zeros((ks * ks * C, co), dtype=acc_dt, device=src.device), None
     dwk = _empty((ks * ks * C, co), dtype=acc_dt, device=src.device)
     f64 = src.dtype == torch.float64
-    if interpreting():
-        bm, bc, bn = 512, 32, 32
+    if interpreting():  # (tests shrink _block_p to make the pixel ranges split)
+        bm, bc, bn = max(16, _block_p() // 2), 32, 32
     elif f64:
         bm, bc, bn = 16, 8, 8
     else:
         bm, bc, bn = 64, _pow2(C, 16, 64), _pow2(co, 16, 64)
-    grid = (ks * ks, triton.cdiv(C, bc), triton.cdiv(co, bn))
-    _launch(K.wgrad_kernel, grid, src, *_strides(src), dpre, dwk, dwk, N, C, H, W, co, ks,
-            HAS_BIAS=False, DOT=K.DOT_FMA if f64 else _dot_mode(src), UPCAST=_upcast(src),
-            BLOCK_M=bm, BLOCK_C=bc, BLOCK_N=bn)
-    return dwk
+    programs = ks * ks * triton.cdiv(C, bc) * triton.cdiv(co, bn)
+    steps = triton.cdiv(total, bm)
+    # ranges of at least 16 steps: a shorter loop is not worth a partial's round trip
+    split = max(1, min(steps // 16, max(triton.cdiv(steps, SPLIT_STEPS), triton.cdiv(_fill_programs(), programs))))
+    m_split = triton.cdiv(steps, split) * bm
+    split = triton.cdiv(total, m_split)
+    part = dwk if split == 1 else _empty((split, ks * ks * C * co), dtype=acc_dt, device=src.device)
+    grid = (ks * ks * split, triton.cdiv(C, bc), triton.cdiv(co, bn))
+    _launch(K.wgrad_kernel, grid, src, *_strides(src), dpre, part, N, C, H, W, co, ks, split, m_split,
+            DOT=K.DOT_FMA if f64 else _dot_mode(src), UPCAST=_upcast(src), BLOCK_M=bm, BLOCK_C=bc, BLOCK_N=bn)
+    return dwk, (None if split == 1 else (part, dwk.view(-1)))
+
+
+def _column_sums(pairs) -> None:
+    """out[c] = sum over rows of part[r, c] for each (part, out) of ``pairs``, in a fixed order: one launch
+    per MAX_SLOTS pairs (column_sums_kernel)."""
+    for i in range(0, len(pairs), K.MAX_SLOTS):
+        group = pairs[i:i + K.MAX_SLOTS]
+        bc = _pow2(max(part.shape[1] for part, _ in group), 4, 64)
+        br = _pow2(triton.cdiv(max(part.shape[0] for part, _ in group), SPLIT_STEPS), 8, 64)
+        slots, ends = [], [0]
+        for part, out in group:
+            slots.append([part, part.shape[0], part.shape[1], out])
+            ends.append(ends[-1] + triton.cdiv(part.shape[1], bc))
+        _launch(K.column_sums_kernel, (ends[-1],), *_ended_slot_args(slots, 4, ends), SLOTS=len(slots),
+                BLOCK_R=br, BLOCK_C=bc)
+
+
+@cost_model(K.wgrad_kernel)
+def _wgrad_cost(a):
+    """Plan model (estimates): a (BLOCK_C, BLOCK_N) block of one tap's weight gradient per program, looping
+    over its range of M_SPLIT pixels BLOCK_M at a time."""
+    N, C, H, W, CO, KS, src = a["N"], a["C"], a["H"], a["W"], a["CO"], a["KS"], a["src"]
+    bm, bc, bn, px, split = a["BLOCK_M"], a["BLOCK_C"], a["BLOCK_N"], N * H * W, a["SPLIT"]
+    programs = KS * KS * split * cdiv(C, bc) * cdiv(CO, bn)
+    return [Part("weight gradient", programs, min(bc, C) * min(bn, CO), cdiv(min(px, a["M_SPLIT"]), bm),
+                 nbytes(src, px * C) + nbytes(a["dpre"], px * CO), nbytes(a["dwk"], split * KS * KS * C * CO),
+                 2 * KS * KS * cdiv(C, bc) * cdiv(CO, bn) * bc * bn * cdiv(px, bm) * bm)]
 
 
 def _norm_of(b, batch_stats, scale, shift, mean, var):
@@ -416,8 +568,10 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
     for chunk in [range(i, min(i + K.MAX_SLOTS, nb)) for i in range(0, nb, K.MAX_SLOTS)]:
         block_c = max(_block_c(weight[b].shape[0]) for b in chunk)
         # 1. every up-resize adjoint with the activation's and norm's backward -> gy, per-tile partials
-        #    (without batch statistics gy is already the conv output's gradient, in x's dtype)
-        adj_slots, adj_flags, adj_ends, gys, parts = [], [], [0], {}, {}
+        #    (without batch statistics gy is already the conv output's gradient, in x's dtype); adjoints
+        #    over more than SPLIT_STEPS taps (small levels of large maps) gather in chunks of taps first,
+        #    their partial sums stacked along the rows of one buffer, summed in chunk order by a second launch
+        adj, gys, parts, chunked = [], {}, {}, []
         for b in chunk:
             co = weight[b].shape[0]
             h, wd = _level(factor[b], bins, b, H, W)
@@ -429,29 +583,48 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
             # per tile: sum gy | sum gy * u; an empty level launches nothing and sums to 0
             parts[b] = (_empty if total else torch.zeros)((T, 2 * co), dtype=acc_dt, device=dev)
             g = grad_out[:, offsets[b]:offsets[b] + co]
-            p = pre[b]
             ty, tx = _up_taps(up_mode, h, wd, H, W, align_corners, dt, dev)
             given = lambda t: gys[b] if t is None else t  # noqa: E731  (an absent tensor is never read)
-            adj_slots.append([g, *_strides(g), p, *_strides(p), gys[b], parts[b], co, h, wd, ty.adj_idx, ty.adj_w,
-                              ty.adj_taps, tx.adj_idx, tx.adj_w, tx.adj_taps, given(a_t), given(b_t),
-                              float(eps[b]), given(g_t), given(be_t)])
+            tail = [given(a_t), given(b_t), float(eps[b]), given(g_t), given(be_t)]
             # the norm's multiplier and offset are scale / shift: folded, or the batch norm's gamma / beta
-            adj_flags.append(norm | (scale[b] is not None) << 2 | (shift[b] is not None) << 3 | final << 4)
-            adj_ends.append(adj_ends[-1] + (triton.cdiv(total, block_p) * triton.cdiv(co, block_c) if total else 0))
-        if adj_ends[-1] > 0:
-            adj_flags += [0] * (K.MAX_SLOTS - len(adj_flags))
-            _launch(K.up_adjoints_kernel, (adj_ends[-1],), N, *_ended_slot_args(adj_slots, 26, adj_ends),
-                    FLAGS0=adj_flags[0], FLAGS1=adj_flags[1], FLAGS2=adj_flags[2], FLAGS3=adj_flags[3],
-                    SLOTS=len(adj_slots), ACT=act, F64=f64, BLOCK_P=block_p, BLOCK_C=block_c)
-        # 2. the partials' column sums, each in tile order, in one launch
-        sums, sum_slots, sum_ends = {}, [], [0]
-        sum_bc = _pow2(max(2 * weight[b].shape[0] for b in chunk), 4, 64)
-        for b in chunk:
-            sums[b] = _empty((parts[b].shape[1],), dtype=acc_dt, device=dev)
-            sum_slots.append([parts[b], parts[b].shape[0], parts[b].shape[1], sums[b]])
-            sum_ends.append(sum_ends[-1] + triton.cdiv(parts[b].shape[1], sum_bc))
-        _launch(K.column_sums_kernel, (sum_ends[-1],), *_ended_slot_args(sum_slots, 4, sum_ends),
-                SLOTS=len(sum_slots), BLOCK_C=sum_bc)
+            flags = norm | (scale[b] is not None) << 2 | (shift[b] is not None) << 3 | final << 4
+            rows = max(1, SPLIT_STEPS // tx.adj_taps)  # adjoint y taps per chunk
+            ytaps, xtaps = (ty.adj_idx, ty.adj_w, ty.adj_taps), (tx.adj_idx, tx.adj_w, tx.adj_taps)
+            if ty.adj_taps <= rows or not total:
+                adj.append((b, g, pre[b], ytaps, ty.adj_taps, xtaps, tail, flags, 1))
+            else:
+                chunked.append((b, g, ytaps, rows, xtaps, tail, flags, triton.cdiv(ty.adj_taps, rows)))
+        if chunked:
+            buf = _empty((N, max(weight[b].shape[0] for b, *_ in chunked),
+                          sum(k * _level(factor[b], bins, b, H, W)[0] for b, *_, k in chunked),
+                          max(_level(factor[b], bins, b, H, W)[1] for b, *_ in chunked)), dtype=acc_dt, device=dev)
+            first, finish = 0, []
+            for b, g, ytaps, rows, xtaps, tail, flags, k in chunked:
+                co = weight[b].shape[0]
+                h, wd = _level(factor[b], bins, b, H, W)
+                stack = buf[:, :co, first:first + k * h, :wd]
+                adj.append((b, g, stack, ytaps, rows, xtaps, tail, flags | 32, k))
+                sums = stacked_taps(h, k, 0, dt, dev)
+                ident = axis_taps("identity", wd, wd, 0, False, dt, dev)
+                finish.append((b, stack, pre[b], (sums.idx, sums.w, k), k, (ident.idx, ident.w, 1), tail, flags, 1))
+                first += k * h
+        for launch_slots in ([adj, finish] if chunked else [adj]):
+            slot_args, flag_list, ends = [], [], [0]
+            for b, g, p, ytaps, rows, xtaps, tail, flags, k in launch_slots:
+                co = weight[b].shape[0]
+                h, wd = _level(factor[b], bins, b, H, W)
+                slot_args.append([g, *_strides(g), p, *_strides(p), gys[b], parts[b], co, h, wd, *ytaps, rows,
+                                  *xtaps, *tail])
+                flag_list.append(flags)
+                ends.append(ends[-1] + k * triton.cdiv(N * h * wd, block_p) * triton.cdiv(co, block_c))
+            if ends[-1] > 0:
+                flag_list += [0] * (K.MAX_SLOTS - len(flag_list))
+                _launch(K.up_adjoints_kernel, (ends[-1],), N, *_ended_slot_args(slot_args, 27, ends),
+                        **{f"FLAGS{s}": f for s, f in enumerate(flag_list)}, SLOTS=len(slot_args), ACT=act,
+                        F64=f64, BLOCK_P=block_p, BLOCK_C=block_c)
+        # 2. the partials' column sums, each in a fixed order, in one launch
+        sums = {b: _empty((parts[b].shape[1],), dtype=acc_dt, device=dev) for b in chunk}
+        _column_sums([(parts[b], sums[b]) for b in chunk])
         # 3. parameter gradients of the norm and the bias (dbias is exactly 0 before batch statistics);
         #    copies, as an operator's outputs must not share storage (sums holds both, dbias may be sum_gy)
         for b in chunk:
@@ -485,7 +658,9 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
             _launch(K.dpres_kernel, (dp_ends[-1],), N, *_ended_slot_args(dp_slots, 15, dp_ends),
                     GAMMA0=dp_flags[0], GAMMA1=dp_flags[1], GAMMA2=dp_flags[2], GAMMA3=dp_flags[3],
                     SLOTS=len(dp_slots), BLOCK_P=block_p, BLOCK_C=block_c)
-        # 5. per branch: the weight gradient and the level gradient (the convolution with flipped weights)
+        # 5. per branch: the weight gradient (split over pixel ranges where long: their partials summed by
+        #    one launch for the chunk) and the level gradient (the convolution with flipped weights)
+        dwks, pending = {}, []
         for b in chunk:
             w = weight[b]
             co, _, k, _ = w.shape
@@ -493,19 +668,65 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
             dpre = dpres[b]
             if output_mask[1]:
                 src = x if factor[b] == 1 else level[b]
-                dwk = _wgrad(src, dpre, k, co, acc_dt)
-                gw = dwk.reshape(k, k, C, co).permute(3, 2, 0, 1).to(w.dtype)
-                grad_w[b] = gw.contiguous(memory_format=_fmt(w))
+                dwks[b], partials = _wgrad(src, dpre, k, co, acc_dt)
+                pending += [partials] if partials is not None else []
             if output_mask[0]:
                 dpre4 = dpre.view(N, h, wd, co).permute(0, 3, 1, 2)
                 wt = _pack_weight(w.flip(2, 3).transpose(0, 1))
                 dlev = _empty((N, h, wd, C), dtype=acc_dt, device=dev).permute(0, 3, 1, 2)
                 _conv(dpre4, wt, k, C, None, dlev, None)
                 slots.append((dlev, _down_taps(factor[b], down_mode, H, W, h, wd, align_corners, dt, dev)))
+        _column_sums(pending)
+        for b, dwk in dwks.items():
+            co, _, k, _ = weight[b].shape
+            gw = dwk.reshape(k, k, C, co).permute(3, 2, 0, 1).to(weight[b].dtype)
+            grad_w[b] = gw.contiguous(memory_format=_fmt(weight[b]))
     grad_x = empty()
     if output_mask[0]:
         grad_x = _dx(grad_out, x, x_off, slots, fmt, acc_dt)
     return grad_x, grad_w, grad_b, grad_scale, grad_shift
+
+
+@cost_model(K.up_adjoints_kernel)
+def _up_adjoints_cost(a):
+    """Plan model (estimates): per branch slot a (BLOCK_P level pixels, BLOCK_C channels) tile per program,
+    looping over a chunk of R of the adjoint's y taps (every output row that reads the level pixel) times
+    its x taps; chunked slots (FLAGS bit 5) store their partial sums only."""
+    N, bp, bc = a["N"], a["BLOCK_P"], a["BLOCK_C"]
+    parts = []
+    for s in range(a["SLOTS"]):
+        g, co, px = a[f"g{s}"], a[f"C{s}"], N * a[f"h{s}"] * a[f"w{s}"]
+        chunks = cdiv(a[f"Y{s}"], a[f"R{s}"])
+        partial = (a[f"FLAGS{s}"] >> 5) & 1
+        written = nbytes(a[f"p{s}"], chunks * px * co) if partial else nbytes(a[f"gy{s}"]) + nbytes(a[f"pt{s}"])
+        read = nbytes(g, N * co * g.shape[2] * g.shape[3]) + (0 if partial else nbytes(a[f"p{s}"], px * co))
+        parts.append(Part(f"up adjoint {a[f'h{s}']}x{a[f'w{s}']}" + (f" in {chunks} chunks" if partial else ""),
+                          a[f"E{s + 1}"] - a[f"E{s}"], min(bp, px) * min(bc, co), a[f"R{s}"] * a[f"X{s}"], read,
+                          written))
+    return parts
+
+
+@cost_model(K.column_sums_kernel)
+def _column_sums_cost(a):
+    """Plan model (estimates): per slot BLOCK_C columns per program, a loop over the rows BLOCK_R at a time."""
+    parts = []
+    for s in range(a["SLOTS"]):
+        T, C = a[f"T{s}"], a[f"C{s}"]
+        parts.append(Part("column sums", a[f"E{s + 1}"] - a[f"E{s}"], min(a["BLOCK_C"], C) * min(a["BLOCK_R"], T),
+                          cdiv(T, a["BLOCK_R"]), nbytes(a[f"pt{s}"], T * C), nbytes(a[f"o{s}"], C)))
+    return parts
+
+
+@cost_model(K.dpres_kernel)
+def _dpres_cost(a):
+    """Plan model (estimates): per branch slot an elementwise (BLOCK_P, BLOCK_C) tile per program."""
+    N, bp, bc = a["N"], a["BLOCK_P"], a["BLOCK_C"]
+    parts = []
+    for s in range(a["SLOTS"]):
+        co, px = a[f"C{s}"], N * a[f"h{s}"] * a[f"w{s}"]
+        parts.append(Part("conv-output gradient", a[f"E{s + 1}"] - a[f"E{s}"], min(bp, px) * min(bc, co), 1,
+                          nbytes(a[f"gy{s}"]) + nbytes(a[f"p{s}"]), nbytes(a[f"d{s}"])))
+    return parts
 
 
 def _dx(grad_out, x, x_off, slots, fmt, acc_dt):
@@ -535,27 +756,47 @@ def _dx(grad_out, x, x_off, slots, fmt, acc_dt):
     return dx
 
 
+@cost_model(K.dx_kernel)
+def _dx_cost(a):
+    """Plan model (estimates): a (BLOCK_P, BLOCK_C) tile of dx per program, each level's adjoint taps in turn."""
+    N, C, H, W, bp, bc, dx = a["N"], a["C"], a["H"], a["W"], a["BLOCK_P"], a["BLOCK_C"], a["dx"]
+    px = N * H * W
+    levels = [a[f"l{s}"] for s in range(a["SLOTS"])]
+    serial = max([a[f"Y{s}"] * a[f"X{s}"] for s in range(a["SLOTS"])], default=1)
+    read = sum(nbytes(lv) for lv in levels) + (nbytes(a["g"], px * C) if a["HAS_G"] else 0)
+    return [Part("dx", cdiv(px, bp) * cdiv(C, bc), min(bp, px) * min(bc, C), serial, read, nbytes(dx, px * C))]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Inference: no saved tensors, the branch's whole chain in one launch (tile_kernel).
 # ---------------------------------------------------------------------------------------------------
 
 
-def _block_configs(f64: bool) -> List[triton.Config]:
-    """Tile shapes of block_kernel: level tile RH x RW, output channels and input channels per step."""
+def _block_kind(dtype: torch.dtype) -> str:
+    """Which autotune list block_kernel uses for x of ``dtype``: 'f64', 'f32' or 'half'."""
+    return {torch.float64: "f64", torch.float32: "f32"}.get(dtype, "half")
+
+
+def _block_configs(kind: str) -> List[triton.Config]:
+    """Tile shapes of block_kernel: level tile RH x RW, output channels and input channels per step. Every
+    one compiles for sm_90 without spilling registers (ptxas -v): float32 operands take 16 input channels
+    per step (the unrolled down-resize gathers hold several (RH * RW, BLOCK_K) tiles at once)."""
     if interpreting():
-        return [triton.Config({"RH": 16, "RW": 16, "BLOCK_N": 16 if f64 else 32, "BLOCK_K": 16 if f64 else 32})]
-    if f64:  # multiply-and-sum: a 3-D product in registers, so small tiles
+        return [triton.Config({"RH": 16, "RW": 16, "BLOCK_N": 16 if kind == "f64" else 32,
+                               "BLOCK_K": 16 if kind == "f64" else 32})]
+    if kind == "f64":  # multiply-and-sum: a 3-D product in registers, so small tiles
         return [triton.Config({"RH": rh, "RW": rw, "BLOCK_N": 16, "BLOCK_K": 8}, num_warps=4)
                 for rh, rw in ((4, 8), (8, 8))]
-    return [triton.Config({"RH": rh, "RW": rw, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=wp, num_stages=st)
+    return [triton.Config({"RH": rh, "RW": rw, "BLOCK_N": bn, "BLOCK_K": 16 if kind == "f32" else bk},
+                          num_warps=wp, num_stages=st)
             for rh, rw, bn, bk, wp, st in ((8, 8, 64, 32, 4, 2), (8, 16, 64, 32, 4, 2), (16, 16, 64, 32, 8, 2),
-                                           (8, 16, 128, 32, 8, 2), (16, 16, 32, 32, 4, 2), (4, 16, 64, 64, 4, 2))]
+                                           (8, 16, 128, 32, 8, 2), (16, 16, 32, 32, 8, 2), (4, 16, 64, 64, 4, 2))]
 
 
-_BLOCK_KEY = ["N", "C", "H", "W"] + [f"{v}{s}" for s in range(4) for v in ("h", "w", "CO", "KS", "HALO")] + \
-    ["SLOTS", "DOT"]
-block_tuned = {f64: triton.autotune(configs=_block_configs(f64), key=_BLOCK_KEY)(K.block_kernel)
-               for f64 in (False, True)}
+_BLOCK_KEY = ["N", "C", "H", "W"] + \
+    [f"{v}{s}" for s in range(4) for v in ("h", "w", "CO", "KS", "HALO", "DY", "DX", "UY", "UX")] + ["SLOTS", "DOT"]
+block_tuned = {kind: triton.autotune(configs=_block_configs(kind), key=_BLOCK_KEY)(K.block_kernel)
+               for kind in ("f64", "f32", "half")}
 
 
 def _tile_programs(N: int, h: int, w: int, co: int, halo: int, cfg: dict) -> int:
@@ -570,7 +811,8 @@ def _first_rows(first_tap: torch.Tensor, levels: int) -> torch.Tensor:
 
 
 def _tile_slot(src, down, wk, ks, co, bias, scale, shift, dst, up, direct):
-    """One branch's arguments of block_kernel (before and after its scratch buffer), flags, halo, sizes."""
+    """One branch's arguments of block_kernel (before and after its scratch buffer), its compile-time
+    arguments (flags, down taps per axis) and sizes."""
     (dy, dx), (uy, ux) = down, up
     h, w = dy.idx.shape[0], dx.idx.shape[0]
     halo = 0 if direct else max(0, max(uy.taps, ux.taps) - 1)
@@ -580,11 +822,11 @@ def _tile_slot(src, down, wk, ks, co, bias, scale, shift, dst, up, direct):
         rows, cols = _first_rows(uy.idx[:, 0].contiguous(), h), _first_rows(ux.idx[:, 0].contiguous(), w)
     dummy = wk
     flags = (bias is not None) | (scale is not None) << 1 | (shift is not None) << 2 | direct << 3
-    head = [src, *_strides(src), dy.idx, dy.w, dy.taps, dx.idx, dx.w, dx.taps, wk,
+    head = [src, *_strides(src), dy.idx, dy.w, dx.idx, dx.w, wk,
             bias if bias is not None else dummy, scale if scale is not None else dummy,
             shift if shift is not None else dummy, dst, *_strides(dst)]
-    tail = [uy.idx, uy.w, uy.taps, ux.idx, ux.w, ux.taps, rows, cols, h, w, co, ks, halo]
-    return head, tail, flags, (h, w, co, halo, direct)
+    tail = [uy.idx, uy.w, ux.idx, ux.w, rows, cols, h, w, co, ks, halo]
+    return head, tail, (flags, dy.taps, dx.taps, uy.taps, ux.taps), (h, w, co, halo, direct)
 
 
 def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, align_corners, activation,
@@ -613,9 +855,10 @@ def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, a
         sources, downs = {}, {}
         pooled = [b for b in chunk if factor[b] == 0]
         if pooled:  # bins: pool x to every level in one launch (adaptive windows are too wide to redo per tap)
-            sources = _launch_levels(x, x_slice, copy_here, pooled, factor, bins, down_mode, align_corners)
-            downs = {b: (axis_taps("identity", bins[2 * b], bins[2 * b], 0, False, dt, dev),
-                         axis_taps("identity", bins[2 * b + 1], bins[2 * b + 1], 0, False, dt, dev)) for b in pooled}
+            made = _launch_levels(x, x_slice, copy_here, pooled, factor, bins, down_mode, align_corners,
+                                  combine=False)
+            sources = {b: src for b, (src, _) in made.items()}
+            downs = {b: taps for b, (_, taps) in made.items()}
             copy_here = False
         slots = []
         for b in chunk:
@@ -627,7 +870,7 @@ def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, a
             slots.append(_tile_slot(src, down, _pack_weight(weight[b]), k, co, bias[b], scale[b], shift[b],
                                     out[:, offsets[b]:offsets[b] + co], up, (h, wd) == (H, W)))
         # Scratch for the tiles of the up-resizing branches, enough for any tuned tile shape.
-        configs = [c.kwargs for c in _block_configs(f64)]
+        configs = [c.kwargs for c in _block_configs(_block_kind(dt))]
         need = [max(_tile_programs(N, h, w, co, halo, c) * c["RH"] * c["RW"] * c["BLOCK_N"] for c in configs)
                 if not direct else 0 for _, _, _, (h, w, co, halo, direct) in slots]
         scratch = _empty((max(1, sum(need)),), dtype=_acc_dtype(dt), device=dev)
@@ -641,12 +884,41 @@ def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, a
                 flags.append(fl)
             else:
                 flat += slots[0][0] + [scratch] + slots[0][1]  # an unused slot: any valid arguments
-                flags.append(0)
+                flags.append((0, 1, 1, 1, 1))
         sizes = [sl[3] for sl in slots]
         grid = lambda meta: (e0 + sum(_tile_programs(N, h, w, co, halo, meta)  # noqa: E731
                                       for h, w, co, halo, _ in sizes),)
-        _launch(block_tuned[f64], grid, x, *_strides(x), x_slice, *_strides(x_slice), N, C, H, W, e0, *flat,
-                FLAGS0=flags[0], FLAGS1=flags[1], FLAGS2=flags[2], FLAGS3=flags[3], SLOTS=len(slots), ACT=act,
+        _launch(block_tuned[_block_kind(dt)], grid, x, *_strides(x), x_slice, *_strides(x_slice), N, C, H, W, e0, *flat,
+                **{f"{name}{s}": v for s, fl in enumerate(flags)
+                   for name, v in zip(("FLAGS", "DY", "DX", "UY", "UX"), fl)},
+                SLOTS=len(slots), ACT=act,
                 DOT=K.DOT_FMA if f64 else _dot_mode(x), UPCAST=_upcast(x), F64=f64, BLOCK_P=block_p,
-                BLOCK_C=block_c)
+                BLOCK_C=block_c, BLOCK_Q=block_p if interpreting() else 16)
     return out
+
+
+@cost_model(*block_tuned.values())
+def _block_cost(a):
+    """Plan model (estimates): copy programs, then per branch slot one (RH x RW level pixels, BLOCK_N
+    channels) tile per program: its K loop over taps x C / BLOCK_K, each step gathering the level from the
+    source over DY x DX down taps (unrolled); then the up-resize loop over the tile's output pixels,
+    BLOCK_Q at a time (UY x UX taps, unrolled)."""
+    x, N, C, H, W = a["x"], a["N"], a["C"], a["H"], a["W"]
+    rh, rw, bn, bk, bp, bc = a["RH"], a["RW"], a["BLOCK_N"], a["BLOCK_K"], a["BLOCK_P"], a["BLOCK_C"]
+    parts = [Part("copy x", a["E0"], min(bp, N * H * W) * min(bc, C), 1, nbytes(x, N * C * H * W),
+                  nbytes(x, N * C * H * W))]
+    for s in range(a["SLOTS"]):
+        h, w, co, ks, halo, src = a[f"h{s}"], a[f"w{s}"], a[f"CO{s}"], a[f"KS{s}"], a[f"HALO{s}"], a[f"l{s}"]
+        down = a[f"DY{s}"] * a[f"DX{s}"]
+        programs = _tile_programs(N, h, w, co, halo, a)
+        direct = (a[f"FLAGS{s}"] >> 3) & 1
+        k_loop = ks * ks * cdiv(C, bk)  # (the down taps are unrolled)
+        # output pixels per tile: the tile's own level pixels times the up-resize's magnification
+        own = min(H, cdiv((rh - halo) * H, h)) * min(W, cdiv((rw - halo) * W, w))
+        up_loop = 0 if direct else cdiv(own, a["BLOCK_Q"])  # (the up taps are unrolled)
+        scratch = 0 if direct else programs * rh * rw * bn * 4
+        read = nbytes(src, N * C * min(h * w * down, src.shape[2] * src.shape[3])) + nbytes(a[f"wk{s}"]) + scratch
+        parts.append(Part(f"branch {h}x{w}", programs, min(rh, h) * min(rw, w) * min(bn, co), max(k_loop, up_loop),
+                          read, nbytes(x, N * co * H * W) + scratch,
+                          2 * programs * rh * rw * bn * ks * ks * cdiv(C, bk) * bk))
+    return parts

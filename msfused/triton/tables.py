@@ -54,6 +54,9 @@ def _resize_1d(v: torch.Tensor, kind: str, out: int, factor: int, align_corners:
         return F.interpolate(v, size=(out, 1), mode="bilinear", align_corners=align_corners)
     if kind == "nearest":
         return F.interpolate(v, size=(out, 1), mode="nearest")
+    if kind == "stacked":  # the sum of ``factor`` stacked blocks of ``out`` rows, the last rows of v
+        rows = v[:, :, v.shape[2] - factor * out:]
+        return rows.reshape(v.shape[0], v.shape[1], factor, out, v.shape[3]).sum(2)
     raise ValueError(f"unknown resize kind {kind!r}")
 
 
@@ -83,7 +86,7 @@ _lock = threading.Lock()
 def axis_taps(kind: str, n_in: int, n_out: int, factor: int, align_corners: bool, dtype: torch.dtype,
               device: torch.device) -> AxisTaps:
     """The taps of one axis of a resize from ``n_in`` to ``n_out`` (``kind`` in 'identity', 'avg',
-    'adaptive', 'bilinear', 'nearest'), weights in ``dtype``, on ``device``. Cached; safe to call while
+    'adaptive', 'bilinear', 'nearest', 'stacked': see ``stacked_taps``), weights in ``dtype``, on ``device``. Cached; safe to call while
     torch.compile traces (the tables are built from real tensors and enter the graph as constants)."""
     wdtype = torch.float64 if dtype == torch.float64 else torch.float32
     key = (kind, n_in, n_out, factor, bool(align_corners) if kind == "bilinear" else False, wdtype)
@@ -108,3 +111,10 @@ def axis_taps(kind: str, n_in: int, n_out: int, factor: int, align_corners: bool
         with _lock:
             _cache[dev_key] = taps
     return taps
+
+
+def stacked_taps(n_out: int, count: int, offset: int, dtype: torch.dtype, device: torch.device) -> AxisTaps:
+    """The taps that sum ``count`` partial results stacked along an axis from ``offset``: destination ``o``
+    reads ``offset + k * n_out + o`` for k = 0 .. count - 1, in that order, with weight 1 (a chunked
+    reduction's fixed-order combine)."""
+    return axis_taps("stacked", offset + count * n_out, n_out, count, False, dtype, device)

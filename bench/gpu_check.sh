@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# The GPU check: build, correctness of every GPU backend, speed, in about 4 minutes on one H100/H200 with
+# 16 cores (torch, triton, ninja, nvcc preinstalled; no network: nothing is downloaded).
+#
+#   bash bench/gpu_check.sh OUTDIR            # on the GPU machine, from a clean checkout
+#   bash bench/gpu_check.sh --smoke OUTDIR    # dry run on a CPU (CI: tests/test_gpu_check.py): every phase,
+#                                             # tiny sizes, Triton under its interpreter, no build
+#
+# Phases are independent (each runs whatever the previous one gave: the Triton phases run even if the C++
+# build fails; Triton's correctness and kernel compilation run *during* the build, which they do not need)
+# and each writes its answer into OUTDIR as soon as it has it:
+#   env.txt            nvidia-smi, python, torch, triton, CUDA, commit, CPUs
+#   build.log/.status  1. the extension for this GPU's own arch only (TORCH_CUDA_ARCH_LIST from
+#                         torch.cuda.get_device_capability()), python setup.py build_ext --inplace, MAX_JOBS=16;
+#                         a rerun reuses the build (ninja recompiles only what changed); info.txt after it
+#   correctness/<backend>-<dtype>-<chunk>.txt (live), correctness.txt/.json (gathered)
+#                      2. python -m msfused.bench.gpu_check correctness: 'triton' (2a, during the build), then
+#                         'cuda' and 'auto' (2b) on 24 seeded random configurations x float64, float32 (TF32 off),
+#                         bfloat16 x NCHW, channels_last, forward and backward (and the no-grad path in eval
+#                         mode), NaN-poisoned outputs, SPEC.md's rules; one line per case, never stopping at a
+#                         failure; cases a budget does not reach get SKIP lines
+#   prewarm.log        the workloads' Triton kernels compiled and autotuned (during the build, for phase 3)
+#   results.json, table.txt, profile.txt (rewritten after each workload)
+#                      3. python -m msfused.bench.gpu_check speed: every workload at its full N in bfloat16,
+#                         inference and training: naive, 'cuda', 'triton', 'auto'; torch.compile of the naive
+#                         block in inference for psp_mmseg, pyramid_seed, psp_small (last); a torch.profiler
+#                         breakdown of one call per workload, mode and implementation
+#   summary.txt        each phase's exit status and seconds
+#
+# Budget per phase, estimated without a GPU (no GPU figure here is measured). "Budget": no new case or group
+# starts after it; "cap": `timeout` stops the phase, and what it measured is still written.
+#   1. build, ~100 s (cap 240 s). Measured here, one compile per core at load ~3-7 on a 2-core machine:
+#      nvcc of csrc/cuda/multi_scale_kernels.cu for sm_90 489 s, csrc/cpu/multi_scale_cpu.cpp 223 s,
+#      csrc/autograd 79 s, csrc/ops.cpp 43 s, csrc/block_config.cpp 35 s. MAX_JOBS=16 compiles every file at
+#      once, so the build takes its slowest file on an idle core (about 1/4 of the figures here). A rerun
+#      without C++ changes: ~10 s.
+#   2a. Triton correctness, ~110 s beside the build (budget 110 s, cap 160 s). Triton compiles one kernel
+#      variant per (kernel, compile-time flags, autotune configuration of the shipped lists):
+#      tests/triton_compile_check.py's recorder finds ~480 forward variants for the 24 configurations over
+#      the three dtypes, the backward about as many again: ~1000 compiles; measured here 0.6-61 s per compile
+#      (median 6.6 s at load ~3; ~2 s on an idle core) -> ~2000 core-seconds over 14 processes. The cases
+#      themselves take milliseconds on a GPU. This is the phase most likely to run out: its SKIP lines say
+#      which cases.
+#   2a'. the workloads' Triton kernels for phase 3, beside the build (cap 160 s): 90 variants (the recorder on
+#      the 7 workloads in bfloat16, both modes), psp_mmseg the most (27), one process per workload: ~60 s.
+#   2b. 'cuda' and 'auto' correctness, ~40 s (budget 40 s, cap 160 s): no compiles for 'cuda'; 'auto' finds
+#      2a's Triton kernels in Triton's on-disk cache and measures its candidates once per key.
+#   3. speed, ~110 s (budget 110 s, cap 160 s): 7 workloads x 2 modes x 4 implementations, 5 warm-up and up to
+#      30 timed calls (CUDA events, 1 s per case at most): ~40 s with Triton's autotuner re-measuring its
+#      configurations per shape (compiles cached); torch.compile (inductor) of 3 naive blocks, ~20 s each;
+#      profiles ~10 s.
+#   Total ~4.5 minutes (the caps add up to 10 minutes).
+#
+# Environment: PYTHON (default python), MAX_JOBS (default: the CPU count), GPU_CHECK_BUILD=0 to skip the
+# build (use the extension as it is).
+set -uo pipefail
+
+SMOKE=0
+if [[ ${1:-} == "--smoke" ]]; then
+    SMOKE=1
+    shift
+fi
+if [[ $# -ne 1 ]]; then
+    echo "usage: bash bench/gpu_check.sh [--smoke] OUTDIR" >&2
+    exit 2
+fi
+mkdir -p "$1" || exit 2
+OUTDIR=$(cd "$1" && pwd)
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2  # the repository root
+PYTHON=${PYTHON:-python}
+START=$(date +%s)
+: > "$OUTDIR/summary.txt"
+
+log() { echo "[gpu_check $(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" >&2; }
+record() {  # phase, exit status, seconds
+    echo "$1: exit status $2, $3 s" >> "$OUTDIR/summary.txt"
+    log "$1: exit status $2 ($3 s)"
+}
+
+if [[ $SMOKE -eq 1 ]]; then
+    export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+    DEVICE=cpu
+    # Under Triton's interpreter a kernel runs ~1e4 times slower: one tiny configuration, and the speed phase
+    # on the CPU backend (its code path is the one a GPU run takes, with other implementation names).
+    CORRECTNESS_ARGS=(--configs 1 --max-hw 9 --dtypes float64 --chunks 1 --jobs 2)
+    TRITON_ARGS=()
+    OTHER_ARGS=(--backends auto)  # 'cpu' is what 'auto' runs on a CPU
+    SPEED_ARGS=(--workloads psp_small --n 2 --dtype float32 --backends cpu,auto --compile-workloads psp_small --compile-backend eager
+                --warmup 1 --reps 2 --max-seconds 0.2)
+    CAPS=(60 240 240)
+else
+    DEVICE=cuda
+    CORRECTNESS_ARGS=()
+    TRITON_ARGS=(--budget 110)
+    OTHER_ARGS=(--budget 40)
+    SPEED_ARGS=(--budget 110)
+    CAPS=(240 160 160)
+fi
+
+log "writing to $OUTDIR ($DEVICE)"
+{
+    nvidia-smi || echo "nvidia-smi: not available"
+    "$PYTHON" -c 'import sys, torch; print("python", sys.version.split()[0]); print("torch", torch.__version__, "CUDA", torch.version.cuda, "devices", torch.cuda.device_count())
+try:
+    import triton; print("triton", triton.__version__)
+except ImportError as e:
+    print("triton: not importable:", e)'
+    echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo ' (with local changes)')"
+    echo "CPUs $(nproc)"
+} > "$OUTDIR/env.txt" 2>&1
+
+# 2a. Triton correctness, and compiling the workloads' Triton kernels for phase 3, run during the build: they
+# need no compiled code (MSFUSED_NO_EXTENSION=1: the extension is not loaded while it is being rebuilt).
+t2=$(date +%s)
+log "2a. correctness of 'triton' -> correctness/triton-*.txt; the workloads' Triton kernels compiled (background)"
+MSFUSED_NO_EXTENSION=1 timeout "${CAPS[1]}" "$PYTHON" -m msfused.bench.gpu_check correctness --device "$DEVICE" \
+    --out "$OUTDIR" --backends triton "${CORRECTNESS_ARGS[@]}" "${TRITON_ARGS[@]}" 2> "$OUTDIR/correctness-triton.log" &
+triton_pid=$!
+if [[ $DEVICE == cuda ]]; then
+    MSFUSED_NO_EXTENSION=1 timeout "${CAPS[1]}" "$PYTHON" -m msfused.bench.gpu_check prewarm --device "$DEVICE" \
+        > "$OUTDIR/prewarm.log" 2>&1 &
+    prewarm_pid=$!
+fi
+
+# 1. Build for this GPU's arch only.
+t0=$(date +%s)
+if [[ $SMOKE -eq 1 || ${GPU_CHECK_BUILD:-1} == 0 ]]; then
+    echo "build skipped ($([[ $SMOKE -eq 1 ]] && echo '--smoke' || echo 'GPU_CHECK_BUILD=0')): using the extension as it is" \
+        | tee "$OUTDIR/build.log" >&2
+    build_status=0
+else
+    ARCH=$("$PYTHON" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>>"$OUTDIR/build.log")
+    log "1. build for arch ${ARCH:-?} (MAX_JOBS=${MAX_JOBS:-$(nproc)}) -> build.log"
+    if [[ -z $ARCH ]]; then
+        echo "torch sees no CUDA device" >> "$OUTDIR/build.log"
+        build_status=1
+    else
+        TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=${MAX_JOBS:-$(nproc)} timeout "${CAPS[0]}" \
+            "$PYTHON" setup.py build_ext --inplace >> "$OUTDIR/build.log" 2>&1
+        build_status=$?
+        [[ $build_status -ne 0 ]] && tail -n 30 "$OUTDIR/build.log" >&2
+    fi
+fi
+echo "$build_status" > "$OUTDIR/build.status"
+record "1. build" "$build_status" $(( $(date +%s) - t0 ))
+"$PYTHON" -m msfused info > "$OUTDIR/info.txt" 2>&1
+cat "$OUTDIR/info.txt" >&2
+
+wait "$triton_pid"
+record "2a. correctness (triton)" $? $(( $(date +%s) - t2 ))
+if [[ -n ${prewarm_pid:-} ]]; then
+    wait "$prewarm_pid"
+    record "2a. Triton kernels of the workloads compiled" $? $(( $(date +%s) - t2 ))
+fi
+
+# 2b. Correctness of the other GPU backends ('cuda', 'auto'); correctness.txt gathers every backend's lines.
+t0=$(date +%s)
+log "2b. correctness of the other backends -> correctness.txt"
+timeout "${CAPS[1]}" "$PYTHON" -m msfused.bench.gpu_check correctness --device "$DEVICE" --out "$OUTDIR" \
+    --skip-backends triton "${CORRECTNESS_ARGS[@]}" "${OTHER_ARGS[@]}"
+record "2b. correctness (others)" $? $(( $(date +%s) - t0 ))
+
+# 3. Speed.
+t0=$(date +%s)
+log "3. speed -> results.json, table.txt, profile.txt"
+timeout "${CAPS[2]}" "$PYTHON" -m msfused.bench.gpu_check speed --device "$DEVICE" --out "$OUTDIR" "${SPEED_ARGS[@]}"
+record "3. speed" $? $(( $(date +%s) - t0 ))
+
+log "done in $(( $(date +%s) - START )) s; $OUTDIR/summary.txt:"
+cat "$OUTDIR/summary.txt" >&2
+! grep -qv "exit status 0," "$OUTDIR/summary.txt"

@@ -1,0 +1,84 @@
+"""bench/gpu_check.sh (the GPU check, issue 11) cannot rot: its dry run on the CPU (``--smoke``: Triton under its
+interpreter, tiny sizes, no build) runs every phase and writes every answer, and a case that fails or
+raises is reported on its line without stopping the others."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from msfused.bench import gpu_check
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
+def test_gpu_check_smoke(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("MSFUSED_BACKEND", "MSFUSED_AUTOTUNE")}
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--smoke", str(tmp_path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    summary = (tmp_path / "summary.txt").read_text()
+    assert [line.split(":")[0] for line in summary.splitlines()] == [
+        "1. build", "2a. correctness (triton)", "2b. correctness (others)", "3. speed"], summary
+    assert "commit " in (tmp_path / "env.txt").read_text()
+    assert "backends:" in (tmp_path / "info.txt").read_text()
+    # 2. one PASS line per case: 1 configuration x float64 x 2 formats, for triton (interpreted) and auto
+    lines = (tmp_path / "correctness.txt").read_text().splitlines()
+    for backend in ("triton", "auto"):
+        mine = [line for line in lines if line.split()[1:2] == [backend] and line.split()[0] in ("PASS", "FAIL")]
+        assert [line.split()[0] for line in mine] == ["PASS", "PASS"], lines
+        assert {line.split()[3] for line in mine} == {"nchw", "channels_last"}
+    report = json.loads((tmp_path / "correctness.json").read_text())
+    assert report["counts"]["triton"] == {"PASS": 2}
+    # 3. rows for naive, each backend and auto in both modes, torch.compile in inference; profiles; the commit
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["commit"] and result["environment"]["device"] == "cpu"
+    got = {(r["mode"], r["impl"]) for r in result["rows"] if r["median_ms"] and not r["error"]}
+    assert got == {(m, i) for m in ("inference", "train") for i in ("naive", "cpu", "auto")} | {("inference", "compiled")}
+    naive_inference = [r for r in result["rows"] if r["impl"] == "naive" and r["mode"] == "inference"]
+    assert len(naive_inference) == 1 and naive_inference[0]["speedup_vs_compiled"]
+    assert {(p["mode"], p["impl"]) for p in result["profiles"] if p["kernels"]} == \
+        {(m, i) for m in ("inference", "train") for i in ("naive", "cpu", "auto")}
+    assert "psp_small" in (tmp_path / "table.txt").read_text()
+
+
+def test_worker_reports_every_case(tmp_path, monkeypatch):
+    """A case that raises and one that fails get their lines; the cases after them still run."""
+    outcomes = iter([RuntimeError("boom"), {"status": "FAIL", "worst": "", "failures": ["output: err 1 > 1e-10"]}])
+
+    def fake_check(cfg, dtype, fmt, backend, device, seed):
+        outcome = next(outcomes, None)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome or {"status": "PASS", "worst": "output err 0", "failures": []}
+
+    monkeypatch.setattr(gpu_check, "check_case", fake_check)
+    lines = tmp_path / "lines.txt"
+    args = gpu_check.parser().parse_args(
+        ["_worker", "--device", "cpu", "--backend", "reference", "--shard-dtype", "float64", "--lines", str(lines),
+         "--configs", "2", "--seed", "0", "--dtypes", "float64", "--max-hw", "9", "--chunk", "0", "--chunks", "1"])
+    assert gpu_check._worker(args) == 0
+    got = lines.read_text().splitlines()
+    assert [line.split()[0] for line in got] == ["ERROR", "FAIL", "PASS", "PASS"], got
+    assert "RuntimeError: boom" in got[0] and "output: err 1 > 1e-10" in got[1]
+
+
+def test_configs_cover_the_grid():
+    """24 configurations cover factor and bins, every down and up mode, k 1 and 3, no norm and BatchNorm in
+    train and eval mode."""
+    configs = gpu_check.make_configs(24, 0)
+    kw = [c["kwargs"] for c in configs]
+    assert {c["kind"] for c in configs} == {"ms", "psp"}
+    assert {k["down_mode"] for k in kw if "down_mode" in k} == {"avg", "bilinear", "nearest"}
+    assert {k["up_mode"] for k in kw} == {"bilinear", "nearest"}
+    assert {k["kernel_size"] for k in kw} == {1, 3}
+    assert {(k["norm"], c["train"]) for k, c in zip(kw, configs)} == {(n, t) for n in ("batch", None) for t in (0, 1)}
+    assert gpu_check.make_configs(24, 0) == configs  # seeded
+    assert torch.float64 in gpu_check.DTYPES.values()
