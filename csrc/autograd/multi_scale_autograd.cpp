@@ -114,6 +114,9 @@ void save_forward(AutogradContext* ctx, const Tensor& x, const variable_list& p,
                   const std::vector<int64_t>& layout_code, const Config& cfg) {
   variable_list extra(result.begin() + 1, result.end());
   ctx->mark_non_differentiable(extra);
+  // No zero-filled gradients for the saved-tensor outputs nobody differentiates (one of each per branch,
+  // full size for a factor-1 branch's conv output): backward reads only out's gradient.
+  ctx->set_materialize_grads(false);
   variable_list saved{x};
   saved.insert(saved.end(), p.begin(), p.end());
   saved.insert(saved.end(), extra.begin(), extra.end());
@@ -174,6 +177,8 @@ class MultiScaleFunction : public torch::autograd::Function<MultiScaleFunction> 
     const OptionalTensorList scale = layout.gather(p, layout.scale_at), shift = layout.gather(p, layout.shift_at);
 
     refuse_second_order(grad_outputs, saved, "multi_scale_forward");
+    // One gradient per forward argument: x, each param, then the two non-tensor arguments.
+    if (!grad_outputs[0].defined()) return variable_list(1 + P + 2);  // out unused: every gradient is zero
     const bool need_x = ctx->needs_input_grad(0);
     bool need_weight = false;
     for (int64_t b = 0; b < B; ++b) need_weight = need_weight || ctx->needs_input_grad(1 + b);
@@ -186,7 +191,6 @@ class MultiScaleFunction : public torch::autograd::Function<MultiScaleFunction> 
         ctx->saved_data["align_corners"].toBool(), ctx->saved_data["activation"].toStringRef(),
         ctx->saved_data["input_position"].toStringRef(), {need_x, need_weight});
 
-    // One gradient per forward argument: x, each param, then the two non-tensor arguments.
     variable_list grads(1 + P + 2);
     if (need_x) grads[0] = grad_x;
     for (int64_t b = 0; b < B; ++b) {
@@ -307,6 +311,7 @@ class MultiScaleProjectFunction : public torch::autograd::Function<MultiScalePro
     scale.pop_back();
     shift.pop_back();
     refuse_second_order(grad_outputs, saved, "multi_scale_project_forward");
+    if (!grad_outputs[0].defined()) return variable_list(1 + P + 3);  // out unused: every gradient is zero
     const bool need_x = ctx->needs_input_grad(0);
     bool need_weight = false;
     for (int64_t b = 0; b <= B; ++b) need_weight = need_weight || ctx->needs_input_grad(1 + b);

@@ -121,6 +121,50 @@ Epilogue<T> make_epilogue(const BranchPlan& b, const std::optional<Tensor>& scal
   return e;
 }
 
+// dst[l] = sum over taps k of w[k] * src[idx[k] * stride + l], for l < L: the L sums stay in registers
+// while the taps' rows stream by, so each element is loaded once (no row buffer stored and reloaded per tap).
+// Equal weights (pooling) are applied once to the sum, as average pooling divides the sum: one add per element.
+template <int64_t L, bool Uniform, typename scalar_t, typename T>
+inline void weighted_rows_block(const scalar_t* src, int64_t stride, const int64_t* idx, const T* w, int64_t count,
+                                T* dst) {
+  T acc[L] = {};
+  for (int64_t k = 0; k < count; ++k) {
+    const scalar_t* s = src + idx[k] * stride;
+    if constexpr (Uniform) {
+      for (int64_t l = 0; l < L; ++l) acc[l] += static_cast<T>(s[l]);
+    } else {
+      const T wk = w[k];
+      for (int64_t l = 0; l < L; ++l) acc[l] += wk * static_cast<T>(s[l]);
+    }
+  }
+  for (int64_t l = 0; l < L; ++l) dst[l] = Uniform ? acc[l] * w[0] : acc[l];
+}
+
+// The same over len contiguous elements: blocks as wide as the registers allow (a 64-float row of x in one
+// sequential sweep when the weights are equal), then one element at a time.
+template <bool Uniform, typename scalar_t, typename T>
+inline void weighted_rows_impl(const scalar_t* src, int64_t stride, int64_t len, const int64_t* idx, const T* w,
+                               int64_t count, T* dst) {
+  int64_t l = 0;
+  if constexpr (Uniform && sizeof(T) == 4)
+    for (; l + 64 <= len; l += 64) weighted_rows_block<64, Uniform>(src + l, stride, idx, w, count, dst + l);
+  for (; l + 32 <= len; l += 32) weighted_rows_block<32, Uniform>(src + l, stride, idx, w, count, dst + l);
+  for (; l + 16 <= len; l += 16) weighted_rows_block<16, Uniform>(src + l, stride, idx, w, count, dst + l);
+  for (; l < len; ++l) weighted_rows_block<1, Uniform>(src + l, stride, idx, w, count, dst + l);
+}
+
+inline bool is_pooling(ResizeKind k) { return k == ResizeKind::AvgFactor || k == ResizeKind::Adaptive; }
+
+// pooling: the taps are a pooling window's (equal weights; the reference sums, then divides).
+template <typename scalar_t, typename T>
+inline void weighted_rows(bool pooling, const scalar_t* src, int64_t stride, int64_t len, const int64_t* idx,
+                          const T* w, int64_t count, T* dst) {
+  if (pooling)
+    weighted_rows_impl<true>(src, stride, len, idx, w, count, dst);
+  else
+    weighted_rows_impl<false>(src, stride, len, idx, w, count, dst);
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Forward pass 1: every level from one read of x, and x's slice of the output.
 // ---------------------------------------------------------------------------------------------------
@@ -154,29 +198,44 @@ void levels_and_copy(const BlockPlan& plan, const std::vector<BranchTaps<at::opm
         if (bp.identity) continue;
         const auto& th = taps[b].down_h;
         const auto& tw = taps[b].down_w;
+        const bool pool_h = is_pooling(bp.down_h), pool_w = is_pooling(bp.down_w);
         const Plane<CL> zp = Plane<CL>::make(bp.level_w, C);
         scalar_t* zb = level[b] + Plane<CL>::origin(n, c0, C, bp.level_h, bp.level_w);
         for (int64_t oh = 0; oh < bp.level_h; ++oh) {
-          // Rows of x weighted into one row buffer (contiguous, vectorised), then the column taps.
-          for (int64_t k = th.row_ptr[oh]; k < th.row_ptr[oh + 1]; ++k) {
-            const scalar_t* xr = xb + th.row_idx[k] * xp.row;
-            const T w = th.row_w[k];
-            if (k == th.row_ptr[oh]) {
-              for (int64_t j = 0; j < W; ++j)
-                for (int64_t g = 0; g < G; ++g) row[j * S + g] = w * static_cast<T>(xr[j * xp.pix + g]);
-            } else {
-              for (int64_t j = 0; j < W; ++j)
-                for (int64_t g = 0; g < G; ++g) row[j * S + g] += w * static_cast<T>(xr[j * xp.pix + g]);
-            }
+          // Rows of x weighted into one row buffer (each element of x loaded once, the sums in registers),
+          // then the column taps.
+          const int64_t k0 = th.row_ptr[oh], taps_h = th.row_ptr[oh + 1] - k0;
+          if (!CL) {
+            weighted_rows(pool_h, xb, xp.row, W, th.row_idx.data() + k0, th.row_w.data() + k0, taps_h, row.data());
+          } else {
+            for (int64_t j = 0; j < W; ++j)
+              weighted_rows(pool_h, xb + j * xp.pix, xp.row, G, th.row_idx.data() + k0, th.row_w.data() + k0, taps_h,
+                            row.data() + j * S);
           }
           for (int64_t ow = 0; ow < bp.level_w; ++ow) {
+            scalar_t* zs = zb + oh * zp.row + ow * zp.pix;
+            if constexpr (!CL) {  // one channel: lanes of partial sums instead of one latency-bound chain
+              const int64_t k0w = tw.row_ptr[ow], k1w = tw.row_ptr[ow + 1];
+              const int64_t* idx = tw.row_idx.data();
+              const T* wt = tw.row_w.data();
+              T acc = 0;
+              if (pool_w) {
+#pragma omp simd reduction(+ : acc)
+                for (int64_t k = k0w; k < k1w; ++k) acc += row[idx[k]];
+                acc *= wt[k0w];
+              } else {
+#pragma omp simd reduction(+ : acc)
+                for (int64_t k = k0w; k < k1w; ++k) acc += wt[k] * row[idx[k]];
+              }
+              zs[0] = static_cast<scalar_t>(acc);
+              continue;
+            }
             T acc[S] = {};
             for (int64_t k = tw.row_ptr[ow]; k < tw.row_ptr[ow + 1]; ++k) {
               const T* r = row.data() + tw.row_idx[k] * S;
               const T w = tw.row_w[k];
               for (int64_t g = 0; g < G; ++g) acc[g] += w * r[g];
             }
-            scalar_t* zs = zb + oh * zp.row + ow * zp.pix;
             for (int64_t g = 0; g < G; ++g) zs[g] = static_cast<scalar_t>(acc[g]);
           }
         }
@@ -199,6 +258,7 @@ struct UpAxis {
       i0.push_back(t.row_idx[k]);
       w0.push_back(t.row_w[k]);
       i1.push_back(count == 2 ? t.row_idx[k + 1] : t.row_idx[k]);
+      TORCH_INTERNAL_ASSERT(i1.back() - i0.back() == 0 || i1.back() - i0.back() == 1);  // epilogue_and_up relies on it
       w1.push_back(count == 2 ? t.row_w[k + 1] : T(0));
     }
   }
@@ -236,7 +296,7 @@ void epilogue_and_up(const BlockPlan& plan, const std::vector<BranchTaps<at::opm
     const T* beta = epi[b].beta.data();
     const UpAxis<T> uh(taps[b].up_h), uw(taps[b].up_w);
     at::parallel_for(0, plan.N * groups.per_n, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> level(bp.identity ? 0 : h * w * S), row(bp.identity ? 0 : w * S);
+      std::vector<T> level(bp.identity ? 0 : h * w * S), wide(bp.identity ? 0 : 2 * W * S);
       for (int64_t item = begin; item < end; ++item) {
         int64_t n, c0, g_count;
         groups.at(item, &n, &c0, &g_count);
@@ -259,7 +319,9 @@ void epilogue_and_up(const BlockPlan& plan, const std::vector<BranchTaps<at::opm
           continue;
         }
         // The activated level in a local buffer (it is small), rounded to the tensor's dtype as the
-        // reference's activation output is; then the separable up-resize, one output row at a time.
+        // reference's activation output is; then the separable up-resize in ATen's order (along the width,
+        // then the height): each level row is expanded to the full width once (kept for the two level rows
+        // the current output row reads), and each output row is a contiguous blend of two expanded rows.
         for (int64_t i = 0; i < h; ++i)
           for (int64_t j = 0; j < w; ++j) {
             const scalar_t* cs = cb + i * cp.row + j * cp.pix;
@@ -267,30 +329,43 @@ void epilogue_and_up(const BlockPlan& plan, const std::vector<BranchTaps<at::opm
             for (int64_t g = 0; g < G; ++g)
               ls[g] = static_cast<T>(static_cast<scalar_t>(activate<T>(A, alpha[c0 + g] * static_cast<T>(cs[g]) + beta[c0 + g])));
           }
-        for (int64_t I = 0; I < H; ++I) {
-          const T* r0 = level.data() + uh.i0[I] * w * S;
-          const T* r1 = level.data() + uh.i1[I] * w * S;
-          const T* r = r0;
-          if (uh.two) {
-            const T w0 = uh.w0[I], w1 = uh.w1[I];
-            for (int64_t k = 0; k < w * S; ++k) row[k] = w0 * r0[k] + w1 * r1[k];
-            r = row.data();
-          }
-          scalar_t* orow = ob + I * op.row;
-          if (!CL) {
+        int64_t held[2] = {-1, -1};  // the level row in each slot of `wide` (slot = row parity)
+        auto expanded = [&](int64_t i) -> const T* {
+          T* e = wide.data() + (i & 1) * W * S;
+          if (held[i & 1] == i) return e;
+          held[i & 1] = i;
+          const T* lr = level.data() + i * w * S;
+          for (int64_t J = 0; J < W; ++J) {
+            const T* a0 = lr + uw.i0[J] * S;
+            const T* a1 = lr + uw.i1[J] * S;
+            T* es = e + J * S;
             if (uw.two) {
-              for (int64_t J = 0; J < W; ++J) orow[J] = static_cast<scalar_t>(uw.w0[J] * r[uw.i0[J]] + uw.w1[J] * r[uw.i1[J]]);
+              const T w0 = uw.w0[J], w1 = uw.w1[J];
+              for (int64_t g = 0; g < G; ++g) es[g] = w0 * a0[g] + w1 * a1[g];
             } else {
-              for (int64_t J = 0; J < W; ++J) orow[J] = static_cast<scalar_t>(r[uw.i0[J]]);
+              for (int64_t g = 0; g < G; ++g) es[g] = a0[g];
+            }
+          }
+          return e;
+        };
+        for (int64_t I = 0; I < H; ++I) {
+          const T* e0 = expanded(uh.i0[I]);
+          const T* e1 = expanded(uh.i1[I]);  // a linear axis' two rows differ in parity, or are the same row
+          scalar_t* orow = ob + I * op.row;
+          const T w0 = uh.w0[I], w1 = uh.w1[I];
+          if constexpr (!CL) {
+            if (uh.two) {
+              for (int64_t J = 0; J < W; ++J) orow[J] = static_cast<scalar_t>(w0 * e0[J] + w1 * e1[J]);
+            } else {
+              for (int64_t J = 0; J < W; ++J) orow[J] = static_cast<scalar_t>(e0[J]);
             }
             continue;
           }
           for (int64_t J = 0; J < W; ++J) {
-            const T* a0 = r + uw.i0[J] * S;
-            const T* a1 = r + uw.i1[J] * S;
             scalar_t* os = orow + J * op.pix;
-            if (uw.two) {
-              const T w0 = uw.w0[J], w1 = uw.w1[J];
+            const T* a0 = e0 + J * S;
+            const T* a1 = e1 + J * S;
+            if (uh.two) {
               for (int64_t g = 0; g < G; ++g) os[g] = static_cast<scalar_t>(w0 * a0[g] + w1 * a1[g]);
             } else {
               for (int64_t g = 0; g < G; ++g) os[g] = static_cast<scalar_t>(a0[g]);
@@ -316,6 +391,39 @@ std::pair<Tensor, Tensor> batch_statistics(const Tensor& pre, bool batch_stats) 
   return {mean, var};
 }
 
+// Image pooling alone: every branch pools x to 1x1 (bins), and x is not part of the output.
+bool only_image_pooling(const BlockPlan& plan) {
+  return plan.x_offset < 0 && std::all_of(plan.branches.begin(), plan.branches.end(), [](const BranchPlan& b) {
+    return !b.identity && b.level_h == 1 && b.level_w == 1 && b.down_h == ResizeKind::Adaptive &&
+           b.down_w == ResizeKind::Adaptive;
+  });
+}
+
+// A branch's convolution (stride 1, padding pad) in memory format fmt. A 1x1 kernel in float32 / float64 is
+// the GEMM it is (ATen takes its slow unfolded path for 1x1 kernels on one thread; torch.compile a GEMM).
+Tensor branch_conv(const Tensor& z, const Tensor& w, const std::optional<Tensor>& bias, int64_t pad,
+                   at::MemoryFormat fmt) {
+  const bool gemm = pad == 0 && w.size(2) == 1 && w.size(3) == 1 &&
+                    (z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble);
+  if (!gemm) return at::conv2d(z, w, bias, {1, 1}, {pad, pad}).contiguous(fmt);
+  const int64_t N = z.size(0), C = z.size(1), h = z.size(2), wd = z.size(3), Cb = w.size(0);
+  const Tensor w2 = w.reshape({Cb, C});
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (fmt == at::MemoryFormat::ChannelsLast) {  // (N h w, C) x (C, Cb): the output channels_last
+    const Tensor rows = z.contiguous(fmt).permute({0, 2, 3, 1}).reshape({N * h * wd, C});
+    const Tensor r = has_bias ? at::addmm(*bias, rows, w2.t()) : at::mm(rows, w2.t());
+    return r.view({N, h, wd, Cb}).permute({0, 3, 1, 2});
+  }
+  const Tensor cols = z.contiguous().view({N, C, h * wd});
+  Tensor r = at::empty({N, Cb, h * wd}, z.options());
+  for (int64_t n = 0; n < N; ++n) {  // (Cb, C) x (C, hw) per sample
+    Tensor rn = r.select(0, n);
+    at::mm_out(rn, w2, cols.select(0, n));
+  }
+  if (has_bias) r.add_(bias->view({1, Cb, 1}));
+  return r.view({N, Cb, h, wd});
+}
+
 ForwardResult multi_scale_forward_cpu(const Tensor& x_in, at::TensorList weight, const OptionalTensorList& bias,
                                       const OptionalTensorList& scale, const OptionalTensorList& shift,
                                       const c10::List<bool>& batch_stats, c10::ArrayRef<double> eps,
@@ -338,7 +446,12 @@ ForwardResult multi_scale_forward_cpu(const Tensor& x_in, at::TensorList weight,
     const BranchPlan& bp = plan.branches[b];
     level[b] = bp.identity ? at::empty({0}, opts) : at::empty({plan.N, plan.C, bp.level_h, bp.level_w}, opts.memory_format(fmt));
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msfused_levels_cpu", [&] {
+  if (only_image_pooling(plan)) {
+    // Each level is the mean over the map, which is what the reference's adaptive_avg_pool2d computes for
+    // 1x1: ATen's one vectorised, parallel read of x (the levels pass would read x for nothing else).
+    const Tensor pooled = at::mean(x, {2, 3}, /*keepdim=*/true).contiguous(fmt);
+    for (size_t b = 0; b < B; ++b) level[b] = b == 0 ? pooled : pooled.clone();  // outputs never alias
+  } else AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msfused_levels_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const auto taps = make_branch_taps<T>(plan);
     std::vector<scalar_t*> lv(B);
@@ -352,7 +465,7 @@ ForwardResult multi_scale_forward_cpu(const Tensor& x_in, at::TensorList weight,
     const BranchPlan& bp = plan.branches[b];
     const int64_t pad = bp.kernel_size / 2;
     const Tensor& z = bp.identity ? x : level[b];
-    pre[b] = at::conv2d(z, weight[b], bias.get(b), {1, 1}, {pad, pad}).contiguous(fmt);
+    pre[b] = branch_conv(z, weight[b], bias.get(b), pad, fmt);
     std::tie(mean[b], var[b]) = batch_statistics(pre[b], bp.batch_stats);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msfused_epilogue_cpu", [&] {
@@ -609,6 +722,36 @@ std::tuple<Tensor, Tensor, Tensor> epilogue_backward(const BlockPlan& plan, cons
   return {dconv, grad_scale, grad_shift};
 }
 
+// ATen's convolution backward of one branch, over chunks of the batch when the conv-output gradient is large:
+// its workspace (oneDNN's reordered copies of dconv, about 1.5 times its size) grows with the batch, and would
+// come on top of everything the fused block keeps saved until its backward returns. The weight and bias
+// gradients are summed over the chunks in batch order (deterministic).
+constexpr int64_t kConvBackwardChunkBytes = 4 << 20;
+
+std::tuple<Tensor, Tensor, Tensor> conv_backward_chunked(const Tensor& dconv, const Tensor& z, const Tensor& weight,
+                                                         int64_t pad, std::array<bool, 2> output_mask) {
+  const int64_t N = dconv.size(0), Cb = dconv.size(1);
+  auto call = [&](const Tensor& d, const Tensor& in) {
+    return at::convolution_backward(d, in, weight, c10::OptionalArrayRef<int64_t>({Cb}), {1, 1}, {pad, pad}, {1, 1},
+                                    false, {0, 0}, 1, {output_mask[0], output_mask[1], true});
+  };
+  const int64_t sample_bytes = N > 0 ? dconv.numel() / N * static_cast<int64_t>(dconv.element_size()) : 0;
+  const int64_t chunk = sample_bytes > 0 ? std::max<int64_t>(1, kConvBackwardChunkBytes / sample_bytes) : N;
+  if (chunk >= N) return call(dconv, z);
+  Tensor dz = output_mask[0] ? at::empty_like(z) : Tensor();
+  Tensor dw, db;
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t len = std::min(chunk, N - n0);
+    auto [dz_c, dw_c, db_c] = call(dconv.narrow(0, n0, len), z.narrow(0, n0, len));
+    if (output_mask[0]) dz.narrow(0, n0, len).copy_(dz_c);
+    // Summed in float32 at least (a half-precision sum would round at every chunk).
+    const auto wide = [](const Tensor& t) { return t.to(stats_dtype(t.scalar_type()), false, /*copy=*/true); };
+    if (output_mask[1]) dw = dw.defined() ? dw.add_(dw_c) : wide(dw_c);
+    db = db.defined() ? db.add_(db_c) : wide(db_c);
+  }
+  return {dz, output_mask[1] ? dw.to(weight.scalar_type()) : dw, db.to(dconv.scalar_type())};
+}
+
 using BackwardResult = std::tuple<Tensor, TensorVector, TensorVector, TensorVector, TensorVector>;
 
 BackwardResult multi_scale_backward_cpu(const Tensor& grad_in, const Tensor& x_in, at::TensorList weight,
@@ -636,12 +779,10 @@ BackwardResult multi_scale_backward_cpu(const Tensor& grad_in, const Tensor& x_i
         epilogue_backward(plan, bp, grad, pre[b], scale.get(b), shift.get(b), mean[b], var[b], fmt);
     const int64_t pad = bp.kernel_size / 2;
     const Tensor& z = bp.identity ? x : level[b];
-    auto grads = at::convolution_backward(dconv, z, weight[b], c10::OptionalArrayRef<int64_t>({bp.out_channels}),
-                                          {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1,
-                                          {output_mask[0], output_mask[1], true});
-    dz[b] = output_mask[0] ? std::get<0>(grads).contiguous(fmt) : Tensor();
-    grad_weight[b] = output_mask[1] ? std::get<1>(grads).contiguous(weight[b].suggest_memory_format()) : at::empty({0}, opts);
-    grad_bias[b] = std::get<2>(grads);
+    auto [dz_b, dw_b, db_b] = conv_backward_chunked(dconv, z, weight[b], pad, output_mask);
+    dz[b] = output_mask[0] ? dz_b.contiguous(fmt) : Tensor();
+    grad_weight[b] = output_mask[1] ? dw_b.contiguous(weight[b].suggest_memory_format()) : at::empty({0}, opts);
+    grad_bias[b] = db_b;
   }
   Tensor grad_x = at::empty({0}, opts);
   if (output_mask[0]) {
