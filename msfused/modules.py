@@ -116,17 +116,17 @@ def _fold_projections(seq: nn.Sequential) -> None:
         children = list(seq._modules.items())
 
 
-def _swap(model: nn.Module, mapping: dict, path: str, check: bool, done: list) -> nn.Module:
+def _swap(model: nn.Module, mapping: dict, path: str, check: bool, done: list, fold: bool = False) -> nn.Module:
     target = mapping.get(type(model))
     if target is not None:
         if check:
             _check_convertible(path, model)
         done.append(path)
         return target._sharing(model)
-    if check and isinstance(model, nn.Sequential):
+    if fold and isinstance(model, nn.Sequential):
         _fold_projections(model)
     for name, child in list(model.named_children()):
-        new = _swap(child, mapping, f"{path}.{name}" if path else name, check, done)
+        new = _swap(child, mapping, f"{path}.{name}" if path else name, check, done, fold)
         if new is not child:
             setattr(model, name, new)
     return model
@@ -164,7 +164,7 @@ class ConvertReport(List[ConvertRecord]):
         return "\n".join(lines)
 
 
-def convert(model: nn.Module, report: bool = False):
+def convert(model: nn.Module, report: bool = False, fold_projections: bool = False):
     """Makes the multi-scale blocks inside ``model`` run fused, in place, parameters and buffers shared.
 
     * msfused's ``NaiveMultiScaleBlock`` / ``NaivePyramidPooling`` are replaced by their fused twins; one
@@ -174,11 +174,13 @@ def convert(model: nn.Module, report: bool = False):
       ASPPPooling, ...) keep their class, submodules, parameters, buffers, ``state_dict`` keys and hooks;
       only the computation of the library's method changes. One that does not fit SPEC.md (another norm,
       a dilated conv, a subclass overriding the method) is left as it is and reported.
-    * Inside an ``nn.Sequential``, a naive block followed directly by a plain ``nn.Conv2d`` of its output
-      (odd k, padding k // 2, stride 1; + ``nn.BatchNorm2d`` + ``nn.ReLU`` / ``nn.SiLU`` / ``nn.GELU``)
-      becomes the fused block with that projection (the concatenation is then never built); the conv, norm
-      and activation's places in the Sequential hold ``nn.Identity``, and the conv and norm move to
-      ``block.project.conv`` / ``.norm`` (the same modules).
+    * With ``fold_projections=True``, inside an ``nn.Sequential``, a naive block followed directly by a plain
+      ``nn.Conv2d`` of its output (odd k, padding k // 2, stride 1; + ``nn.BatchNorm2d`` + ``nn.ReLU`` /
+      ``nn.SiLU`` / ``nn.GELU``) becomes the fused block with that projection (the concatenation is then
+      never built); the conv, norm and activation's places in the Sequential hold ``nn.Identity``, and the
+      conv and norm move to ``block.project.conv`` / ``.norm`` (the same modules). Opt-in because it renames
+      those modules' ``state_dict`` keys (``'2.weight'`` becomes ``'1.project.conv.weight'``): a checkpoint
+      saved before folding then needs its keys mapped.
 
     Warns with a summary of what was converted and what not (or that nothing was found). Returns ``model``
     (the fused block when ``model`` is itself a naive block), or with ``report=True`` a
@@ -195,7 +197,7 @@ def convert(model: nn.Module, report: bool = False):
         if found is not None:
             records.append(ConvertRecord(path, found[0], found[1]))
     twins: list = []
-    result = _swap(model, _TO_FUSED, "", check=True, done=twins)
+    result = _swap(model, _TO_FUSED, "", check=True, done=twins, fold=fold_projections)
     records.extend(ConvertRecord(p, f"msfused {_TO_NAIVE[type(result.get_submodule(p))].__name__}", None)
                    for p in twins)
     records.model = result

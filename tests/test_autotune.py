@@ -43,9 +43,9 @@ def measured(monkeypatch):
     ran = []
     real_run = functional._run
 
-    def spy(x, branches, backend, spec):
+    def spy(x, branches, backend, spec, project=None):
         ran.append(backend)
-        return real_run(x, branches, backend, spec)
+        return real_run(x, branches, backend, spec, project)
 
     monkeypatch.setattr(functional, "_run", spy)
     autotune.clear()

@@ -109,8 +109,8 @@ def test_convert_revert_nested(train):
     head = model[2]
 
     assert msfused.convert(model) is model
-    # The conv right after the last block in the Sequential became its projection (issue 14).
-    assert model[1].project.conv is head and isinstance(model[2], nn.Identity)
+    # Folding the next conv into a projection is opt-in (it renames state_dict keys): the head stays.
+    assert model[1].project is None and model[2] is head
     assert not _blocks(model, set(NAIVE.values()))
     fused_blocks = _blocks(model, set(FUSED.values()))
     assert [(n, type(b)) for n, b in fused_blocks] == [("0.pyramid.1", msfused.MultiScaleBlock),

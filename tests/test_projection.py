@@ -352,7 +352,7 @@ def test_state_dict_and_convert_folding():
     model = nn.Sequential(block, conv, bn, nn.ReLU(inplace=True), nn.Conv2d(5, 2, 1)).double().eval()
     x = make_input((2, 4, 9, 9))
     want = model(x)
-    msfused.convert(model)
+    msfused.convert(model, fold_projections=True)
     assert isinstance(model[0], msfused.PyramidPooling) and model[0].project.conv is conv and model[0].project.norm is bn
     assert all(isinstance(model[i], nn.Identity) for i in (1, 2, 3)) and isinstance(model[4], nn.Conv2d)
     assert model[0].out_channels == 5
@@ -363,7 +363,7 @@ def test_state_dict_and_convert_folding():
     # A conv that the kernels do not compute (dilated) is left alone.
     odd = nn.Sequential(msfused.NaivePyramidPooling(4, 2, bins=(1, 2)),
                         nn.Conv2d(4 + 4, 5, 3, padding=2, dilation=2))
-    msfused.convert(odd)
+    msfused.convert(odd, fold_projections=True)
     assert odd[0].project is None and isinstance(odd[1], nn.Conv2d)
 
 
