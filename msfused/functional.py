@@ -16,6 +16,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import autotune, backends
 from .reference import reference_forward
@@ -72,16 +73,18 @@ def check_input(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList,
 
 
 class ParamCache:
-    """What depends only on a module's parameters and buffers (an eval-mode norm folded into a scale and a
-    shift; a backend's packed weights), kept per (module, name) and recomputed only when one of those tensors
-    changes: another tensor object (``load_state_dict(assign=True)``, a replaced parameter), its
-    ``_version`` (in-place updates: ``load_state_dict``, an optimizer step, running statistics), its storage
-    (``.data =``), device, dtype or shape. Only computed values that no gradient flows through are kept: the
-    fold is differentiable in the norm's weight and bias, so with grad mode on and a tensor requiring grad it
-    is computed per call (as when tracing: torch.compile and torch.export see the computation itself)."""
+    """What depends only on parameters and buffers (an eval-mode norm folded into a scale and a shift; a
+    backend's packed weights), kept per (owner, name) and recomputed only when one of those tensors changes:
+    another tensor object (``load_state_dict(assign=True)``, a replaced parameter), its ``_version``
+    (in-place updates: ``load_state_dict``, an optimizer step, running statistics), its storage (``.data =``),
+    device, dtype or shape. The owner is a module (the fold) or the parameter itself (a backend's packing,
+    inside its operator); entries die with their owner and never keep a tensor alive. Only computed values
+    that no gradient flows through are kept: the fold is differentiable in the norm's weight and bias, so
+    with grad mode on and a tensor requiring grad it is computed per call (as when tracing: torch.compile
+    and torch.export see the computation itself)."""
 
     def __init__(self) -> None:
-        self._entries: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+        self._entries = WeakIdKeyDictionary()
 
     @staticmethod
     def _cacheable(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
@@ -90,28 +93,35 @@ class ParamCache:
         present = [t for t in tensors if t is not None]
         if torch.is_grad_enabled() and any(t.requires_grad for t in present):
             return False
-        # inference tensors keep no version counter; fake tensors belong to a trace
-        return not any(t.is_inference() or isinstance(t, torch._subclasses.FakeTensor) for t in present)
+        # inference tensors keep no version counter; fake and functional tensors belong to a trace
+        traced = (torch._subclasses.FakeTensor, torch._subclasses.functional_tensor.FunctionalTensor)
+        return not any(t.is_inference() or isinstance(t, traced) for t in present)
 
     @staticmethod
     def _signature(tensors: Sequence[Optional[torch.Tensor]]) -> tuple:
-        return tuple(None if t is None else (t, t._version, t.data_ptr(), t.device, t.dtype, tuple(t.shape))
+        # a weak reference: the identity without keeping the tensor alive (an entry owned by it would
+        # otherwise never die)
+        return tuple(None if t is None else (weakref.ref(t), t._version, t.data_ptr(), t.device, t.dtype,
+                                             tuple(t.shape))
                      for t in tensors)
 
     @staticmethod
     def _same(a: tuple, b: tuple) -> bool:
         return len(a) == len(b) and all(
-            (u is None and v is None) or (u is not None and v is not None and u[0] is v[0] and u[1:] == v[1:])
+            (u is None and v is None) or
+            (u is not None and v is not None and u[0]() is not None and u[0]() is v[0]() and u[1:] == v[1:])
             for u, v in zip(a, b))
 
-    def get(self, owner: nn.Module, name: str, tensors: Sequence[Optional[torch.Tensor]], extra: tuple,
+    def get(self, owner: Any, name: str, tensors: Sequence[Optional[torch.Tensor]], extra: tuple,
             compute: Callable[[], Any]) -> Any:
         """``compute()`` for ``owner``'s ``name``, cached while ``tensors`` (and the plain values ``extra``) stay
         the same."""
         if not self._cacheable(tensors):
             return compute()
         signature = self._signature(tensors)
-        entries = self._entries.setdefault(owner, {})
+        entries = self._entries.get(owner)
+        if entries is None:
+            entries = self._entries[owner] = {}
         hit = entries.get(name)
         if hit is not None and hit[1] == extra and self._same(hit[0], signature):
             return hit[2]
@@ -121,7 +131,7 @@ class ParamCache:
         return value
 
     def clear(self) -> None:
-        self._entries = weakref.WeakKeyDictionary()
+        self._entries = WeakIdKeyDictionary()
 
 
 #: The functional layer's parameter cache, shared by every backend.

@@ -1,31 +1,39 @@
-"""The functional layer's parameter cache (issue 11): an eval-mode norm's fold is computed once and reused while
-its tensors stay the same, recomputed after load_state_dict, ``.data =``, in-place updates and dtype moves,
-and never cached where a gradient flows through it (the fold is differentiable); each time with the naive
-module's numbers."""
+"""The functional layer's parameter cache (issue 11): an eval-mode norm's fold and the Triton backend's packed
+weights are computed once and reused while their tensors stay the same, recomputed after load_state_dict,
+``.data =``, in-place updates, dtype and device moves, and the fold never cached where a gradient flows
+through it (it is differentiable); each time with the naive module's numbers. The Triton inference call's
+host work is pinned: at most 10 ATen ops besides its kernel launches (issue 12)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
+import msfused
 from msfused import functional
 
 from .conftest import build_pair, norm_err, randomize_
 
 
+def _count_calls(monkeypatch, module, name: str) -> list:
+    """[calls of module.name from now on]."""
+    count = [0]
+    real = getattr(module, name)
+
+    def counting(*args):
+        count[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(module, name, counting)
+    return count
+
+
 @pytest.fixture
 def folds(monkeypatch):
     """Counts the folds computed."""
-    count = [0]
-    real = functional._fold_norm
-
-    def counting(norm):
-        count[0] += 1
-        return real(norm)
-
-    monkeypatch.setattr(functional, "_fold_norm", counting)
     functional.PARAM_CACHE.clear()
-    yield count
+    yield _count_calls(monkeypatch, functional, "_fold_norm")
     functional.PARAM_CACHE.clear()
 
 
@@ -117,3 +125,195 @@ def test_never_cached_where_a_gradient_flows(folds):
     with torch.no_grad():  # the same values: still the cached fold
         fused(x)
     assert folds[0] == 9
+
+
+def test_entries_die_with_their_owner():
+    """An entry owned by a tensor (a backend's packing) does not keep the tensor alive (its value must not be a
+    view of it either: the Triton backend's packing copies, below)."""
+    import gc
+    import weakref
+
+    cache = functional.ParamCache()
+    t = torch.randn(3, 2)
+    value = cache.get(t, "copy", (t,), (), lambda: t * 2)
+    assert cache.get(t, "copy", (t,), (), lambda: None) is value
+    ref = weakref.ref(t)
+    del t
+    gc.collect()
+    assert ref() is None and len(cache._entries) == 0 and value.shape == (3, 2)
+
+
+def test_fold_recomputed_after_a_device_move(folds):
+    """Module.to(device) gives the parameters new storage on the device (or new tensors): a new fold there."""
+    norm = torch.nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        scale, _, _, _ = functional._norm_epilogue(norm)
+        assert functional._norm_epilogue(norm)[0] is scale and folds[0] == 1
+        norm.to("meta")
+        moved, _, _, _ = functional._norm_epilogue(norm)
+        assert moved.device.type == "meta" and folds[0] == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Triton backend's host work per call (issue 12): packed weights from the parameter cache, shape-only
+# tables per shape, so that an eval-mode inference call runs a handful of ATen ops besides its launches.
+# ---------------------------------------------------------------------------------------------------
+
+triton_ok, triton_why = msfused.availability("triton")
+needs_triton = pytest.mark.skipif(not triton_ok, reason=f"Triton backend unavailable: {triton_why}")
+
+
+@pytest.fixture
+def packs(monkeypatch):
+    """Counts the Triton backend's weight packings."""
+    from msfused.triton import launch
+
+    functional.PARAM_CACHE.clear()
+    with msfused.use_backend("triton"):
+        yield _count_calls(monkeypatch, launch, "_pack_weight")
+    functional.PARAM_CACHE.clear()
+
+
+class _HostOps(TorchDispatchMode):
+    """Records the ATen ops of a call, inside the Triton inference operator too (its implementation is run
+    under the mode), but not those of the kernel launches themselves (``quiet`` wraps ``launch._launch``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.launches = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from msfused.triton import ops
+
+        self.ops.append(str(func))
+        if func is ops.multi_scale_inference_triton._opoverload:
+            with self:
+                return ops.multi_scale_inference_triton._init_fn(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+    def quiet(self, real):
+        def launch(*args, **kwargs):
+            self.launches += 1
+            with _disable_current_modes():
+                return real(*args, **kwargs)
+        return launch
+
+
+HOST_OP_BLOCKS = [
+    # bin 1 pools 289 taps: in chunks (SPLIT_STEPS), the levels' partial sums stacked in one buffer
+    ("psp", dict(bins=(1, 2, 3, 6), norm="batch", input_position="first", branch_channels=2), (1, 3, 17, 17)),
+    ("ms", dict(scales=(1, 2, 4), norm="batch", kernel_size=(1, 3, 3), activation="gelu", input_position="last"),
+     (1, 3, 8, 8)),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("kind,kwargs,shape", HOST_OP_BLOCKS, ids=("psp", "ms"))
+def test_triton_inference_host_ops(kind, kwargs, shape, monkeypatch, packs):
+    """An eval-mode inference call with unchanged parameters: at most 10 ATen ops besides the kernel launches
+    (the output, the levels and the tile scratch allocated; no packing, norm fold or table built)."""
+    from msfused.triton import launch
+
+    naive, fused = build_pair(kind, shape[1], kwargs, torch.float32)
+    naive.eval(), fused.eval()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        fused(x)  # the parameter cache and the tables filled
+        mode = _HostOps()
+        monkeypatch.setattr(launch, "_launch", mode.quiet(launch._launch))
+        with mode:
+            out = fused(x)
+        assert norm_err(out, naive(x)) <= 1e-5
+    assert "msfused.multi_scale_inference_triton.default" in mode.ops and mode.launches == (2 if kind == "psp" else 1)
+    assert len(mode.ops) - 1 <= 10, mode.ops
+    assert packs[0] == len(fused.branches)  # packed by the first call only
+
+
+@needs_triton
+def test_triton_packed_weight_is_never_a_view():
+    """A (1, C, 1, 1) weight packs to a view of itself; the cached packing is a copy (a view would keep the
+    parameter, its owner, alive)."""
+    from msfused.triton import launch
+
+    w = torch.randn(1, 5, 1, 1)
+    assert launch._pack_weight(w)._base is not None
+    wk = launch._packed_weight(w)
+    assert wk._base is None and torch.equal(wk, w.reshape(1, 5).t())
+
+
+@needs_triton
+def test_triton_packed_weights_recomputed_when_a_parameter_changes(packs):
+    naive, fused = build_pair("ms", 3, dict(scales=(1, 2), norm="batch", kernel_size=(3, 1)), torch.float64)
+    naive.eval(), fused.eval()
+    x = torch.randn(1, 3, 6, 5, dtype=torch.float64)
+
+    def check(expected):
+        with torch.no_grad():
+            assert norm_err(fused(x), naive(x)) <= (1e-10 if x.dtype == torch.float64 else 1e-5)
+        assert packs[0] == expected
+
+    check(2)
+    check(2)
+    with torch.no_grad():  # in place (an optimizer step)
+        for m in (naive, fused):
+            m.branches[1].conv.weight.mul_(-1.5)
+    check(3)
+    other, _ = build_pair("ms", 3, dict(scales=(1, 2), norm="batch", kernel_size=(3, 1)), torch.float64)
+    for m in (naive, fused):  # load_state_dict copies in place
+        m.load_state_dict(other.state_dict())
+    check(5)
+    new = torch.randn_like(fused.branches[0].conv.weight)
+    for m in (naive, fused):  # .data =
+        m.branches[0].conv.weight.data = new.clone()
+    check(6)
+    fused.load_state_dict({k: v.clone() for k, v in fused.state_dict().items()}, assign=True)  # new tensors
+    check(8)
+    naive.float(), fused.float()  # a dtype move
+    x = x.float()
+    check(10)
+    # training calls (grad mode, parameters requiring grad): the operator's packing is not differentiated
+    # (its backward computes the weight gradient), so the cached one serves them too, until a step
+    x.requires_grad_(True)
+    for _ in range(2):
+        for m in (naive, fused):
+            m.zero_grad()
+            m(x).square().sum().backward()
+    assert packs[0] == 12  # + the flipped weights of the level gradient, once
+    for m in (naive, fused):
+        torch.optim.SGD(m.parameters(), lr=0.1).step()
+    check(14)
+
+
+@needs_triton
+def test_triton_launchers_trace_with_fake_tensors(monkeypatch):
+    """torch.compile decomposes the Triton operators by tracing their launchers with fake tensors (each launch
+    then a wrap_triton node): the host side must not need data (no data_ptr() of a fake tensor, so the parameter
+    cache stands aside in a trace). Traced here with make_fx, the launches recorded (the interpreter cannot
+    run on fake tensors)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from msfused.triton import launch
+
+    kernels = []
+    monkeypatch.setattr(launch, "_launch", lambda kernel, grid, *args, **meta: kernels.append(
+        getattr(kernel, "fn", kernel).__name__))
+    x = torch.randn(1, 3, 9, 9)
+    w = [torch.randn(2, 3, 3, 3), torch.randn(2, 3, 1, 1)]
+    s = [torch.rand(2) + 0.5, torch.rand(2) + 0.5]
+    config = dict(factor=[1, 0], bins=[0, 0, 2, 2], down_mode="avg", up_mode="bilinear", align_corners=False,
+                  activation="relu", input_position="first")
+
+    def inference(x, w0, w1, s0, s1):
+        return launch.inference(x, [w0, w1], [None, None], [s0, s1], [None, None], **config)
+
+    def train(x, w0, w1, s0, s1):
+        out, level, pre, mean, var = launch.forward(x, [w0, w1], [None, None], [s0, s1], [None, None], [True, False],
+                                                    [1e-5, 0.0], **config)
+        return launch.backward(out, x, [w0, w1], [s0, s1], [None, None], level, pre, mean, var, [True, False],
+                               [1e-5, 0.0], **config, output_mask=[True, True])
+
+    for f in (inference, train):
+        graph = make_fx(f, tracing_mode="fake")(x, *w, *s)
+        assert any(node.op == "call_function" for node in graph.graph.nodes)
+    assert {"levels_kernel", "block_kernel", "convs_kernel", "ups_kernel", "up_adjoints_kernel", "column_sums_kernel",
+            "dpres_kernel", "wgrad_kernel", "conv_kernel", "dx_kernel"} <= set(kernels), kernels

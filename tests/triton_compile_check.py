@@ -1,25 +1,36 @@
 """Compiles every Triton kernel launch of a set of block configurations for real GPUs (sm_80, sm_90),
 without a GPU: the launchers run on CPU tensors with the launch itself replaced by a recorder, and
-each recorded (kernel, argument types, compile-time constants) is compiled by Triton's CUDA backend to
-a cubin (``triton.compile`` with an explicit ``GPUTarget``; ptxas ships with Triton). Catches what
-Triton's interpreter lets through and a GPU compiler refuses (types of loop-carried values, constexpr
-misuse, unsupported operations). Run by tests/test_triton_compile.py in a process of its own: the
-interpreter must be off (TRITON_INTERPRET unset) when the kernels are defined.
+each recorded launch is compiled by Triton's CUDA backend to a cubin (``triton.compile`` with an explicit
+``GPUTarget``; ptxas ships with Triton) exactly as Triton's launcher would compile it: the arguments bound
+and specialised by Triton's own binder (argument types, the 16-divisibility and alignment hints of the
+integers and pointers the launcher passes, integers equal to 1), the compile-time constants, and
+``num_warps`` / ``num_stages`` of every configuration of an autotuned kernel's (production) list.
+Catches what Triton's interpreter lets through and a GPU compiler refuses (types of loop-carried
+values, constexpr misuse, unsupported operations), and reads ``ptxas -v``'s report (Triton's
+``dump_ptxas_log`` knob; Triton fills ``n_spills`` only when a kernel is loaded on a device): a variant
+that spills registers for sm_90 fails the check (spills for sm_80 are reported). Run by
+tests/test_triton_compile.py in a process of its own: the interpreter must be off (TRITON_INTERPRET
+unset) when the kernels are defined.
 
-    python tests/triton_compile_check.py [--archs 80,90] [--all]
+    python tests/triton_compile_check.py [--archs 80,90] [--all] [--kernels block_kernel,...]
 
 By default (what CI runs) a sample: for the last arch one variant per kernel and operand dtype, chosen to
-cover every compile-time constant's values as far as that allows; for the others one variant per kernel.
-``--all`` compiles every variant for every arch (an estimated 13 minutes on 2 cores; ``MSFUSED_FULL_COMPILE=1
-pytest tests/test_triton_compile.py`` runs it under pytest). Prints one line per compiled variant and exits
-non-zero on the first failure.
+cover every compile-time constant's value, launch option and specialisation as far as that allows; for the
+others one variant per kernel. ``--all`` compiles every variant for every arch (``MSFUSED_FULL_COMPILE=1
+pytest tests/test_triton_compile.py`` runs it under pytest). Prints one line per compiled variant (registers,
+spilled bytes) and exits non-zero after a variant that fails to compile or spills for sm_90.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
+import re
+import shutil
 import sys
+import tempfile
 import time
 
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run with the Triton interpreter off"
@@ -27,7 +38,8 @@ assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run with the Trito
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -51,49 +63,62 @@ def _arg_type(value) -> str:
 
 recorded = {}
 _autotuned = set()
+_binders = {}
+# Specialisation as Triton's launcher computes it (the same for every NVIDIA arch): with this backend's rules.
+_BACKEND = make_backend(GPUTarget("cuda", 90, 32))
+
+
+def _bind(fn, args, kwargs):
+    """(signature, constexprs, attrs) of launching ``fn`` with these arguments, from Triton's own binder:
+    argument types, compile-time constants, and the divisibility / alignment hints of the values passed."""
+    binder = _binders.get(fn)
+    if binder is None:
+        binder = _binders[fn] = create_function_from_signature(fn.signature, fn.params, _BACKEND)
+    bound, specialization, options = binder(*args, **kwargs)
+    _options, signature, constexprs, attrs = fn._pack_args(_BACKEND, kwargs, bound, specialization, options)
+    return signature, constexprs, attrs
 
 
 def _record(kernel, grid, *args, **meta):
     configs = [dict(meta)]
     fn = kernel
     if isinstance(kernel, triton.runtime.autotuner.Autotuner):
-        # Every autotune configuration for the first variant of each operand dtype, the first one after.
+        # Every autotune configuration (its launch options too) for the first variant of each operand dtype,
+        # the first one after.
         fn = kernel.fn
-        configs = [dict(meta, **c.kwargs) for c in kernel.configs]
+        configs = [dict(meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in kernel.configs]
         first = (fn.__name__, _arg_type(args[0]))
         if first in _autotuned:
             configs = configs[:1]
         _autotuned.add(first)
-    names = fn.arg_names
-    for consts in configs:
-        signature = {}
-        constexprs = {}
-        positional = iter(args)
-        for i, name in enumerate(names):
-            if name in consts:
-                signature[name] = "constexpr"
-                constexprs[(i,)] = consts[name]
-            else:
-                signature[name] = _arg_type(next(positional))
-        key = (fn.__name__, tuple(signature.items()), tuple(sorted((k[0], v) for k, v in constexprs.items())))
-        recorded[key] = (fn, signature, constexprs)
+    for kwargs in configs:
+        signature, constexprs, attrs = _bind(fn, args, kwargs)
+        launch_options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+        consts = tuple(sorted((k[0], v) for k, v in constexprs.items()))
+        hints = tuple(sorted((k[0], str(v)) for k, v in attrs.items()))
+        key = (fn.__name__, tuple(signature.items()), consts, hints, tuple(sorted(launch_options.items())))
+        recorded[key] = (fn, signature, constexprs, attrs, launch_options)
 
 
 def _configurations():
-    """(x, weight, bias, scale, shift, batch_stats, eps, op args) covering every compile-time variant."""
+    """(x, weight, bias, scale, shift, batch_stats, eps, op args) covering every compile-time variant: odd sizes
+    (no divisibility hints), and sizes of 16 channels and 16 x 16 maps as the workloads have them (integers and
+    pointers 16-divisible: Triton's launcher passes the hints and the compiler vectorises)."""
     out = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        for kind in ("ms", "psp"):
-            C, cb = 5, (3, 4, 2)
-            x = torch.randn(2, C, 13, 11, dtype=dtype)
+        for kind, aligned in (("ms", False), ("psp", False), ("ms", True), ("psp", True)):
+            C, cb, hw = (16, (16, 32, 16), (16, 16)) if aligned else (5, (3, 4, 2), (13, 11))
+            x = torch.randn(2, C, *hw, dtype=dtype)
             if kind == "ms":
                 factor, bins, k = [1, 2, 3], [0, 0, 0, 0, 0, 0], [3, 1, 5]
+                if aligned:
+                    factor, k = [1, 2, 4], [3, 3, 1]
             else:
                 factor, bins, k = [0, 0, 0], [1, 1, 2, 3, 6, 6], [1, 1, 3]
             weight = [torch.randn(c, C, kk, kk, dtype=dtype) for c, kk in zip(cb, k)]
             bias = [torch.randn(cb[0], dtype=dtype), None, torch.randn(cb[2], dtype=dtype)]
             sdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-            for mode in ("none", "eval", "batch"):
+            for mode in ("eval", "batch") if aligned else ("none", "eval", "batch"):
                 if mode == "none":
                     scale = shift = [None] * 3
                 else:
@@ -113,13 +138,20 @@ def _configurations():
 
 def record_launches() -> None:
     launch._launch = _record  # record instead of launching
+    ieee = launch._dot_mode
     for x, weight, bias, scale, shift, stats, eps, args in _configurations():
-        fwd = launch.forward(x, weight, bias, scale, shift, stats, eps, **args)
-        out, level, pre, mean, var = fwd
-        launch.backward(torch.randn_like(out), x, weight, scale, shift, level, pre, mean, var, stats, eps,
-                        **args, output_mask=[True, True])
-        if not any(stats):
-            launch.inference(x, weight, bias, scale, shift, **args)
+        # float32 on a GPU multiplies with TF32 where cuDNN would (torch.backends.cudnn.allow_tf32, on by
+        # default), IEEE otherwise (what CPU tensors get): the workload-sized float32 blocks record both
+        tf32 = x.dtype == torch.float32 and x.shape[1] % 16 == 0
+        for dot_mode in [ieee] + ([lambda _x: launch.K.DOT_TF32] if tf32 else []):
+            launch._dot_mode = dot_mode
+            fwd = launch.forward(x, weight, bias, scale, shift, stats, eps, **args)
+            out, level, pre, mean, var = fwd
+            launch.backward(torch.randn_like(out), x, weight, scale, shift, level, pre, mean, var, stats, eps,
+                            **args, output_mask=[True, True])
+            if not any(stats):
+                launch.inference(x, weight, bias, scale, shift, **args)
+        launch._dot_mode = ieee
     # more than four branches: the dx kernel's chunks
     x = torch.randn(1, 2, 9, 9)
     weight = [torch.randn(1, 2, 1, 1) for _ in range(5)]
@@ -138,16 +170,18 @@ def operand_dtype(signature: dict) -> str:
 
 
 def _features(key, signature) -> set:
-    """What a variant exercises: its kernel with its operand dtype, and each compile-time constant's value."""
-    name, _sig, consts = key
-    return {(name, "dtype", operand_dtype(signature))} | {(name, i, v) for i, v in consts}
+    """What a variant exercises: its kernel with its operand dtype, each compile-time constant's value, its
+    launch options, and whether its integers and pointers carry divisibility hints."""
+    name, _sig, consts, hints, launch_options = key
+    return ({(name, "dtype", operand_dtype(signature)), (name, "hints", len(hints) > 0)}
+            | {(name, i, v) for i, v in consts} | {(name, k, v) for k, v in launch_options})
 
 
 def sample(variants: dict, per_kernel_only: bool = False) -> list:
     """Keys of ``variants`` (recorded order) with one variant per kernel (``per_kernel_only``) or per kernel and
     operand dtype, each picked greedily to add the most compile-time constant values not yet covered."""
     groups = {}
-    for key, (_fn, signature, _c) in variants.items():
+    for key, (_fn, signature, *_rest) in variants.items():
         group = key[0] if per_kernel_only else (key[0], operand_dtype(signature))
         groups.setdefault(group, []).append(key)
     covered, chosen = set(), []
@@ -158,38 +192,74 @@ def sample(variants: dict, per_kernel_only: bool = False) -> list:
     return chosen
 
 
+_PTXAS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads\s+ptxas info\s+: Used (\d+) registers")
+
+
+def compile_variant(variant, arch: int):
+    """Compiles one recorded variant for ``arch``; returns (registers, spill stores, spill loads) from ptxas -v."""
+    fn, signature, constexprs, attrs, launch_options = variant
+    target = GPUTarget("cuda", arch, 32)
+    options = make_backend(target).parse_options(dict(launch_options))
+    log = io.StringIO()
+    triton.knobs.nvidia.dump_ptxas_log = True
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                                      target=target, options=options.__dict__)
+    finally:
+        triton.knobs.nvidia.dump_ptxas_log = False
+    assert "cubin" in compiled.asm, fn.__name__
+    found = _PTXAS.search(log.getvalue())
+    assert found, f"no ptxas -v report for {fn.__name__}: {log.getvalue()[-2000:]}"
+    stores, loads, registers = (int(v) for v in found.groups())
+    return registers, stores, loads
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default="80,90", help="compute capabilities, comma-separated")
     parser.add_argument("--all", action="store_true",
                         help="every variant for every arch (default: one per kernel and operand dtype for the last "
                              "arch, covering the compile-time constants' values; one per kernel for the others)")
+    parser.add_argument("--kernels", default="", help="only these kernels (comma-separated names)")
     opts = parser.parse_args(argv)
     record_launches()
+    if opts.kernels:
+        for key in [k for k in recorded if k[0] not in opts.kernels.split(",")]:
+            del recorded[key]
     kernels = sorted({key[0] for key in recorded})
     print(f"{len(recorded)} kernel variants recorded ({', '.join(kernels)})", flush=True)
     start = time.time()
     archs = [int(a) for a in opts.archs.split(",")]
-    counts = []
-    for arch in archs:
-        target = GPUTarget("cuda", arch, 32)
-        keys = list(recorded) if opts.all else sample(recorded, per_kernel_only=arch != archs[-1])
-        counts.append(f"{len(keys)} for sm_{arch}")
-        for key in keys:
-            name, _sig, consts = key
-            fn, signature, constexprs = recorded[key]
-            t = time.time()
-            try:
-                compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target)
-            except Exception as e:  # noqa: BLE001  (report which variant, then fail)
-                print(f"FAILED sm_{arch} {name} {dict(consts)}: {type(e).__name__}: {e}", flush=True)
-                return 1
-            assert "cubin" in compiled.asm, name
-            print(f"ok sm_{arch} {name} {operand_dtype(signature)} {dict(consts)} ({time.time() - t:.1f} s)",
-                  flush=True)
+    counts, spilled = [], []
+    cache = tempfile.mkdtemp(prefix="msfused-triton-cache-")
+    triton.knobs.cache.dir = cache  # compile for real (ptxas runs, and reports), whatever an earlier run cached
+    try:
+        for arch in archs:
+            keys = list(recorded) if opts.all else sample(recorded, per_kernel_only=arch != archs[-1])
+            counts.append(f"{len(keys)} for sm_{arch}")
+            for key in keys:
+                name, _sig, consts, hints, launch_options = key
+                what = f"sm_{arch} {name} {operand_dtype(recorded[key][1])} {dict(consts)} {dict(launch_options)}"
+                t = time.time()
+                try:
+                    registers, stores, loads = compile_variant(recorded[key], arch)
+                except Exception as e:  # noqa: BLE001  (report which variant, then fail)
+                    print(f"FAILED {what}: {type(e).__name__}: {e}", flush=True)
+                    return 1
+                report = f"{registers} registers, {stores} + {loads} bytes spilled"
+                if stores or loads:
+                    spilled.append((arch, what, report))
+                print(f"{'ok' if not (stores or loads) else 'SPILLS'} {what} {len(hints)} hints: {report} "
+                      f"({time.time() - t:.1f} s)", flush=True)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     print(f"{'all' if opts.all else 'sampled'} variants compiled: {', '.join(counts)} of {len(recorded)} recorded "
-          f"({len(kernels)} kernels) in {time.time() - start:.0f} s", flush=True)
-    return 0
+          f"({len(kernels)} kernels) in {time.time() - start:.0f} s; {len(spilled)} spill", flush=True)
+    failing = [s for s in spilled if s[0] >= 90]
+    for arch, what, report in spilled:
+        print(f"{'FAILED' if arch >= 90 else 'note'}: register spills for {what}: {report}", flush=True)
+    return 1 if failing else 0
 
 
 if __name__ == "__main__":

@@ -467,7 +467,7 @@ def dx_kernel(dx, d_n, d_c, d_h, d_w, N, C, H, W, g, g_n, g_c, g_h, g_w,
 
 @triton.jit
 def _tile_program(t, x, s_n, s_c, s_h, s_w, dy_idx, dy_w, DY: tl.constexpr, dx_idx, dx_w, DX: tl.constexpr,
-                  wk, bias, scale, shift, out, o_n, o_c, o_h, o_w, scratch,
+                  wk, bias, scale, shift, out, o_n, o_c, o_h, o_w, out_c0, scratch, scratch_off,
                   uy_idx, uy_w, UY: tl.constexpr, ux_idx, ux_w, UX: tl.constexpr, first_row, first_col,
                   C, h, w, CO, KS, HALO,
                   HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
@@ -480,8 +480,10 @@ def _tile_program(t, x, s_n, s_c, s_h, s_w, dy_idx, dy_w, DY: tl.constexpr, dx_i
     folded norm and the activation; then the output pixels whose first up-resize tap lies in the tile
     (from ``first_row`` / ``first_col``) are gathered from the tile (kept in this
     program's private ``scratch``) with the up taps uy / ux and stored into the branch's output slice.
-    DIRECT: the level is the output's size (identity up-resize): the epilogue stores straight out.
+    DIRECT: the level is the output's size (identity up-resize): the epilogue stores straight out. The
+    branch's slice of ``out`` starts at channel ``out_c0``, its part of ``scratch`` at ``scratch_off``.
     ``t``: the program's index among this branch's programs (tile, then block of output channels)."""
+    out += out_c0 * o_c  # the branch's channel slice of the output
     pid_n = t % tl.cdiv(CO, BLOCK_N)
     pid = t // tl.cdiv(CO, BLOCK_N)
     RHO = RH - HALO  # the level rows (columns) a tile owns; HALO more are read for a bilinear second tap
@@ -549,7 +551,7 @@ def _tile_program(t, x, s_n, s_c, s_h, s_w, dy_idx, dy_w, DY: tl.constexpr, dx_i
     else:
         # The level activation is rounded to the output dtype before the up-resize, as the reference does.
         act_t = _cast(acc, out.dtype.element_ty).to(acc.dtype)
-        base = scratch + t * (RH * RW * BLOCK_N)
+        base = scratch + scratch_off + t * (RH * RW * BLOCK_N)
         cols = tl.arange(0, BLOCK_N)
         tl.store(base + m[:, None] * BLOCK_N + cols[None, :], act_t)
         tl.debug_barrier()  # the tile is read back below by other threads of this program
@@ -602,15 +604,15 @@ def _tile_programs(N, h, w, CO, HALO, RH: tl.constexpr, RW: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def block_kernel(x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, N, C, H, W, E0,
+def block_kernel(x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, x_c0, N, C, H, W, E0,
                  l0, l0_n, l0_c, l0_h, l0_w, dy0, dyw0, dx0, dxw0, wk0, b0, sc0, sh0, out0, q0_n, q0_c,
-                 q0_h, q0_w, scr0, uy0, uyw0, ux0, uxw0, fr0, fc0, h0, w0, CO0, KS0, HALO0,
+                 q0_h, q0_w, oc0, scr0, so0, uy0, uyw0, ux0, uxw0, fr0, fc0, h0, w0, CO0, KS0, HALO0,
                  l1, l1_n, l1_c, l1_h, l1_w, dy1, dyw1, dx1, dxw1, wk1, b1, sc1, sh1, out1, q1_n, q1_c,
-                 q1_h, q1_w, scr1, uy1, uyw1, ux1, uxw1, fr1, fc1, h1, w1, CO1, KS1, HALO1,
+                 q1_h, q1_w, oc1, scr1, so1, uy1, uyw1, ux1, uxw1, fr1, fc1, h1, w1, CO1, KS1, HALO1,
                  l2, l2_n, l2_c, l2_h, l2_w, dy2, dyw2, dx2, dxw2, wk2, b2, sc2, sh2, out2, q2_n, q2_c,
-                 q2_h, q2_w, scr2, uy2, uyw2, ux2, uxw2, fr2, fc2, h2, w2, CO2, KS2, HALO2,
+                 q2_h, q2_w, oc2, scr2, so2, uy2, uyw2, ux2, uxw2, fr2, fc2, h2, w2, CO2, KS2, HALO2,
                  l3, l3_n, l3_c, l3_h, l3_w, dy3, dyw3, dx3, dxw3, wk3, b3, sc3, sh3, out3, q3_n, q3_c,
-                 q3_h, q3_w, scr3, uy3, uyw3, ux3, uxw3, fr3, fc3, h3, w3, CO3, KS3, HALO3,
+                 q3_h, q3_w, oc3, scr3, so3, uy3, uyw3, ux3, uxw3, fr3, fc3, h3, w3, CO3, KS3, HALO3,
                  FLAGS0: tl.constexpr, FLAGS1: tl.constexpr, FLAGS2: tl.constexpr, FLAGS3: tl.constexpr,
                  DY0: tl.constexpr, DX0: tl.constexpr, DY1: tl.constexpr, DX1: tl.constexpr, DY2: tl.constexpr,
                  DX2: tl.constexpr, DY3: tl.constexpr, DX3: tl.constexpr, UY0: tl.constexpr, UX0: tl.constexpr,
@@ -620,7 +622,7 @@ def block_kernel(x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, N, C, H, W, 
                  F64: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr):
     """The inference forward of up to four branches and the copy of x, in one launch: programs
-    [0, E0) copy x into its slice (none if E0 == 0), then each branch slot's programs in turn
+    [0, E0) copy x into its slice (channels from x_c0 of xo; none if E0 == 0), then each branch slot's programs in turn
     (``_tile_program``; its source l_s is x itself for a factor branch, the pooled level for bins). The
     tile shape (RH, RW, BLOCK_N, BLOCK_K) is autotuned, so each slot's program count is computed here.
     The copy moves BLOCK_P pixels per program, the up-resize BLOCK_Q output pixels per step (small: its
@@ -633,32 +635,32 @@ def block_kernel(x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, N, C, H, W, 
     e2 = e1 + _tile_programs(N, h1, w1, CO1, HALO1, RH, RW, BLOCK_N)
     e3 = e2 + _tile_programs(N, h2, w2, CO2, HALO2, RH, RW, BLOCK_N)
     if pid < E0:
-        _copy_program(pid, x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, C, H, W, N * H * W, F64, BLOCK_P,
+        _copy_program(pid, x, s_n, s_c, s_h, s_w, xo + x_c0 * xo_c, xo_n, xo_c, xo_h, xo_w, C, H, W, N * H * W, F64, BLOCK_P,
                       BLOCK_C)
     elif pid < e1:
         _tile_program(pid - E0, l0, l0_n, l0_c, l0_h, l0_w, dy0, dyw0, DY0, dx0, dxw0, DX0,
-                      wk0, b0, sc0, sh0, out0, q0_n, q0_c, q0_h, q0_w, scr0, uy0, uyw0, UY0, ux0, uxw0, UX0, fr0,
+                      wk0, b0, sc0, sh0, out0, q0_n, q0_c, q0_h, q0_w, oc0, scr0, so0, uy0, uyw0, UY0, ux0, uxw0, UX0, fr0,
                       fc0, C, h0, w0, CO0, KS0, HALO0, (FLAGS0 & 1) != 0, (FLAGS0 & 2) != 0,
                       (FLAGS0 & 4) != 0, ACT, DOT, UPCAST, F64, (FLAGS0 & 8) != 0, RH, RW, BLOCK_N, BLOCK_K,
                       BLOCK_Q)
     elif pid < e2:
         if SLOTS > 1:
             _tile_program(pid - e1, l1, l1_n, l1_c, l1_h, l1_w, dy1, dyw1, DY1, dx1, dxw1, DX1,
-                          wk1, b1, sc1, sh1, out1, q1_n, q1_c, q1_h, q1_w, scr1, uy1, uyw1, UY1, ux1, uxw1, UX1, fr1,
+                          wk1, b1, sc1, sh1, out1, q1_n, q1_c, q1_h, q1_w, oc1, scr1, so1, uy1, uyw1, UY1, ux1, uxw1, UX1, fr1,
                           fc1, C, h1, w1, CO1, KS1, HALO1, (FLAGS1 & 1) != 0, (FLAGS1 & 2) != 0,
                           (FLAGS1 & 4) != 0, ACT, DOT, UPCAST, F64, (FLAGS1 & 8) != 0, RH, RW, BLOCK_N, BLOCK_K,
                           BLOCK_Q)
     elif pid < e3:
         if SLOTS > 2:
             _tile_program(pid - e2, l2, l2_n, l2_c, l2_h, l2_w, dy2, dyw2, DY2, dx2, dxw2, DX2,
-                          wk2, b2, sc2, sh2, out2, q2_n, q2_c, q2_h, q2_w, scr2, uy2, uyw2, UY2, ux2, uxw2, UX2, fr2,
+                          wk2, b2, sc2, sh2, out2, q2_n, q2_c, q2_h, q2_w, oc2, scr2, so2, uy2, uyw2, UY2, ux2, uxw2, UX2, fr2,
                           fc2, C, h2, w2, CO2, KS2, HALO2, (FLAGS2 & 1) != 0, (FLAGS2 & 2) != 0,
                           (FLAGS2 & 4) != 0, ACT, DOT, UPCAST, F64, (FLAGS2 & 8) != 0, RH, RW, BLOCK_N, BLOCK_K,
                           BLOCK_Q)
     else:
         if SLOTS > 3:
             _tile_program(pid - e3, l3, l3_n, l3_c, l3_h, l3_w, dy3, dyw3, DY3, dx3, dxw3, DX3,
-                          wk3, b3, sc3, sh3, out3, q3_n, q3_c, q3_h, q3_w, scr3, uy3, uyw3, UY3, ux3, uxw3, UX3, fr3,
+                          wk3, b3, sc3, sh3, out3, q3_n, q3_c, q3_h, q3_w, oc3, scr3, so3, uy3, uyw3, UY3, ux3, uxw3, UX3, fr3,
                           fc3, C, h3, w3, CO3, KS3, HALO3, (FLAGS3 & 1) != 0, (FLAGS3 & 2) != 0,
                           (FLAGS3 & 4) != 0, ACT, DOT, UPCAST, F64, (FLAGS3 & 8) != 0, RH, RW, BLOCK_N, BLOCK_K,
                           BLOCK_Q)
@@ -690,18 +692,18 @@ def _level_program(t, x, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, N, C, Hd, 
 
 
 @triton.jit
-def levels_kernel(x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, N, C, H, W, E0,
+def levels_kernel(x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, x_c0, N, C, H, W, E0,
                   d0, d0_n, d0_c, d0_h, d0_w, h0, w0, y0, yw0, Y0, R0, x0, xw0, X0, E1,
                   d1, d1_n, d1_c, d1_h, d1_w, h1, w1, y1, yw1, Y1, R1, x1, xw1, X1, E2,
                   d2, d2_n, d2_c, d2_h, d2_w, h2, w2, y2, yw2, Y2, R2, x2, xw2, X2, E3,
                   d3, d3_n, d3_c, d3_h, d3_w, h3, w3, y3, yw3, Y3, R3, x3, xw3, X3, E4,
                   SLOTS: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """x into its slice of the output (programs [0, E0)) and to up to four levels (programs [E_s, E_s+1):
+    """x into its slice of the output (channels from x_c0 of xo; programs [0, E0)) and to up to four levels (programs [E_s, E_s+1):
     slot s, a separable gather over the tap tables y_s / x_s: adaptive pooling for bins, the factor
     down-resize otherwise, its y taps in chunks of R_s) in one launch."""
     pid = tl.program_id(0)
     if pid < E0:
-        _copy_program(pid, x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, C, H, W, N * H * W, F64, BLOCK_P,
+        _copy_program(pid, x, s_n, s_c, s_h, s_w, xo + x_c0 * xo_c, xo_n, xo_c, xo_h, xo_w, C, H, W, N * H * W, F64, BLOCK_P,
                       BLOCK_C)
     elif pid < E1:
         _level_program(pid - E0, x, s_n, s_c, s_h, s_w, d0, d0_n, d0_c, d0_h, d0_w, N, C, h0, w0, y0, yw0, Y0, R0,

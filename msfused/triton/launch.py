@@ -31,6 +31,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import triton
 
+from ..functional import PARAM_CACHE
 from . import kernels as K
 from .plan import Part, cdiv, cost_model, nbytes
 from .tables import axis_taps, stacked_taps
@@ -152,20 +153,31 @@ def _up_taps(up_mode: str, h: int, w: int, H: int, W: int, align: bool, dtype, d
     return (axis_taps(kind, h, H, 0, align, dtype, device), axis_taps(kind, w, W, 0, align, dtype, device))
 
 
-def _conv_configs():
+def _conv_kind(dtype: torch.dtype) -> str:
+    """Which autotune list the convolution kernels use for operands of ``dtype`` (float64 is not tuned):
+    'f32' or 'half'."""
+    return "f32" if dtype == torch.float32 else "half"
+
+
+def _conv_configs(kind: str):
+    """Tile shapes of conv_kernel (pixels, output channels, input channels per step). Every one compiles for
+    sm_90 without spilling registers (ptxas -v, tests/test_triton_compile.py): float32 operands take 16 input
+    channels per step and 8 warps for 64 x 64 tiles or more (an IEEE float32 dot holds its operand tiles in
+    registers: 32 channels, 4 warps on 64 x 64, or 128 x 128 tiles spill)."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 256, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in (
-            (64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3),
-            (128, 64, 64, 8, 3), (64, 32, 32, 4, 4), (32, 32, 32, 2, 4), (128, 128, 64, 8, 2),
-        )
-    ]
+    shapes = {
+        "f32": ((64, 64, 16, 8, 3), (128, 64, 16, 8, 3), (64, 128, 16, 8, 3), (64, 32, 16, 4, 4), (32, 32, 16, 2, 4)),
+        "half": ((64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3),
+                 (128, 64, 64, 8, 3), (64, 32, 32, 4, 4), (32, 32, 32, 2, 4), (128, 128, 64, 8, 2)),
+    }[kind]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in shapes]
 
 
 # Block shapes per problem shape: pixels, channels in and out, kernel size, how the dot multiplies.
-conv_tuned = triton.autotune(configs=_conv_configs(), key=["N", "H", "W", "C", "CO", "KS", "DOT"])(K.conv_kernel)
+conv_tuned = {kind: triton.autotune(configs=_conv_configs(kind), key=["N", "H", "W", "C", "CO", "KS", "DOT"])(
+    K.conv_kernel) for kind in ("f32", "half")}
 
 
 def _conv(src: torch.Tensor, wk: torch.Tensor, ks: int, co: int, bias: Optional[torch.Tensor],
@@ -190,7 +202,7 @@ def _conv(src: torch.Tensor, wk: torch.Tensor, ks: int, co: int, bias: Optional[
                 F64=True, **(dict(BLOCK_M=128, BLOCK_N=16, BLOCK_K=16) if interpreting()
                              else dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=8)))
         return
-    _launch(conv_tuned, grid, src, *_strides(src), wk, bias if bias is not None else dummy,
+    _launch(conv_tuned[_conv_kind(src.dtype)], grid, src, *_strides(src), wk, bias if bias is not None else dummy,
             pre_t, *_strides(pre_t), out_t, *_strides(out_t),
             scale if scale is not None else dummy, shift if shift is not None else dummy,
             N, C, H, W, co, ks,
@@ -215,6 +227,18 @@ def _pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """(CO, C, k, k) -> wk[(ky * k + kx) * C + c, co], contiguous (parameter-sized work)."""
     co, c, k, _ = weight.shape
     return weight.permute(2, 3, 1, 0).reshape(k * k * c, co).contiguous()
+
+
+def _packed_weight(weight: torch.Tensor, flipped: bool = False) -> torch.Tensor:
+    """``_pack_weight(weight)`` (``flipped``: of the transposed convolution's weight, for the level gradient)
+    from the functional layer's parameter cache: packed once per version of the parameter (a copy, never a
+    view that would keep the parameter alive); per call inside a trace. No gradient flows through it: the
+    operators' backward computes the weight gradient itself."""
+    def pack():
+        wk = _pack_weight(weight.flip(2, 3).transpose(0, 1) if flipped else weight)
+        return wk if wk._base is None else wk.clone()
+
+    return PARAM_CACHE.get(weight, "triton.packed_weight" + ("_flipped" if flipped else ""), (weight,), (), pack)
 
 
 def _offsets(weight: Sequence[torch.Tensor], C: int, input_position: str) -> Tuple[List[int], int, int]:
@@ -249,10 +273,12 @@ def _conv_grid(sizes, N, block_m):
     return lambda meta: (sum(triton.cdiv(N * h * w, block_m) * triton.cdiv(co, meta["BLOCK_N"]) for h, w, co in sizes),)
 
 
-def _convs_configs():
+def _convs_configs(kind: str):
+    """Tile shapes of convs_kernel (output channels, input channels per step; the pixels are fixed): float32
+    operands take 16 input channels per step, as in ``_conv_configs``."""
     if interpreting():
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": 16 if kind == "f32" else bk}, num_warps=w, num_stages=s)
             for bn, bk, w, s in ((64, 32, 4, 3), (128, 32, 8, 3), (32, 32, 4, 4), (64, 64, 4, 3), (128, 64, 8, 2))]
 
 
@@ -262,12 +288,20 @@ def _convs_block_m(f64: bool) -> int:
 
 
 _CONVS_KEY = ["N", "C"] + [f"{v}{s}" for s in range(4) for v in ("h", "w", "CO", "KS")] + ["SLOTS", "DOT"]
-convs_tuned = triton.autotune(configs=_convs_configs(), key=_CONVS_KEY)(K.convs_kernel)
+convs_tuned = {kind: triton.autotune(configs=_convs_configs(kind), key=_CONVS_KEY)(K.convs_kernel)
+               for kind in ("f32", "half")}
 
 
-def _gather_levels(x, x_slice, copy: bool, slots: list) -> None:
-    """One levels_kernel launch: x copied into ``x_slice`` (if ``copy``), then for each slot (dst, h, w, y taps,
-    y taps per chunk, x taps) dst gathered from x (its chunks' partial sums stacked along dst's rows)."""
+def _rows(buf: torch.Tensor, first: int, rows: int, width: int) -> torch.Tensor:
+    """buf[:, :, first:first + rows, :width] as one view op (a host op fewer per call than two slices)."""
+    return buf.as_strided((buf.shape[0], buf.shape[1], rows, width), buf.stride(),
+                          buf.storage_offset() + first * buf.stride(2))
+
+
+def _gather_levels(x, out, x_c0: int, copy: bool, slots: list) -> None:
+    """One levels_kernel launch: x copied into ``out``'s channels from ``x_c0`` (if ``copy``), then for each
+    slot (dst, h, w, y taps, y taps per chunk, x taps) dst gathered from x (its chunks' partial sums stacked
+    along dst's rows)."""
     N, C, H, W = x.shape
     block_p, block_c = _block_p(), _block_c(C)
     ends, flat = [triton.cdiv(N * H * W, block_p) * triton.cdiv(C, block_c) if copy else 0], []
@@ -276,13 +310,13 @@ def _gather_levels(x, x_slice, copy: bool, slots: list) -> None:
         ends.append(ends[-1] + triton.cdiv(ty.taps, r) * triton.cdiv(N * h * wd, block_p) * triton.cdiv(C, block_c))
     if ends[-1] > 0:
         flat = _ended_slot_args(flat or [[x, 0, 0, 0, 0, 1, 1, x, x, 0, 1, x, x, 0]], 14, ends)
-        _launch(K.levels_kernel, (ends[-1],), x, *_strides(x), x_slice, *_strides(x_slice), N, C, H, W, *flat,
+        _launch(K.levels_kernel, (ends[-1],), x, *_strides(x), out, *_strides(out), x_c0, N, C, H, W, *flat,
                 SLOTS=len(slots), F64=x.dtype == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
 
 
-def _launch_levels(x, x_slice, copy: bool, branches: Sequence[int], factor, bins, down_mode, align_corners,
+def _launch_levels(x, out, x_c0: int, copy: bool, branches: Sequence[int], factor, bins, down_mode, align_corners,
                    combine: bool = True) -> dict:
-    """levels_kernel: x copied into ``x_slice`` (if ``copy``) and brought to the level of each of
+    """levels_kernel: x copied into ``out``'s channels from ``x_c0`` (if ``copy``) and brought to the level of each of
     ``branches`` (at most MAX_SLOTS) in one launch; returns {branch: (level, its taps as a source)}.
 
     A level whose pooling window loops over more than SPLIT_STEPS taps is computed in chunks of window
@@ -309,7 +343,8 @@ def _launch_levels(x, x_slice, copy: bool, branches: Sequence[int], factor, bins
                      dtype=_acc_dtype(dt), device=dev, memory_format=fmt)
         first, combined = 0, []
         for b, h, wd, ty, rows, tx, k in chunked:
-            slots.append((buf[:, :, first:first + k * h, :wd], h, wd, ty, rows, tx))
+            stack = _rows(buf, first, k * h, wd)
+            slots.append((stack, h, wd, ty, rows, tx))
             sums = stacked_taps(h, k, first if combine else 0, dt, dev)
             ident = axis_taps("identity", wd, wd, 0, False, dt, dev)
             if combine:
@@ -317,11 +352,11 @@ def _launch_levels(x, x_slice, copy: bool, branches: Sequence[int], factor, bins
                 combined.append((lev, h, wd, sums, k, ident))
                 levels[b] = (lev, (axis_taps("identity", h, h, 0, False, dt, dev), ident))
             else:
-                levels[b] = (buf[:, :, first:first + k * h, :wd], (sums, ident))
+                levels[b] = (stack, (sums, ident))
             first += k * h
-    _gather_levels(x, x_slice, copy, slots)
+    _gather_levels(x, out, x_c0, copy, slots)
     if chunked and combine:
-        _gather_levels(buf, buf, False, combined)
+        _gather_levels(buf, buf, 0, False, combined)
     return levels
 
 
@@ -365,13 +400,12 @@ def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_
     variances = [torch.empty((0,), dtype=stats_dt, device=dev) for _ in range(B)]
     block_p = _block_p()
     block_m = _convs_block_m(f64)
-    x_slice = out[:, x_off:x_off + C] if x_off >= 0 else out
     for first in range(0, B, K.MAX_SLOTS):
         chunk = list(range(first, min(B, first + K.MAX_SLOTS)))
         # 1. x's slice and every level other than x itself
         copy = first == 0 and x_off >= 0
-        made = _launch_levels(x, x_slice, copy, [b for b in chunk if factor[b] != 1], factor, bins, down_mode,
-                              align_corners)
+        made = _launch_levels(x, out, max(x_off, 0), copy, [b for b in chunk if factor[b] != 1], factor, bins,
+                              down_mode, align_corners)
         for b, (lev, _) in made.items():
             levels[b] = lev
         # 2. every convolution of the chunk
@@ -397,7 +431,7 @@ def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_
             s_, t_ = (None, None) if batch_stats[b] else (scale[b], shift[b])
             flags.append((bias[b] is not None) | (s_ is not None) << 1 | (t_ is not None) << 2
                          | (not batch_stats[b]) << 3 | batch_stats[b] << 4)
-            wk = _pack_weight(weight[b])
+            wk = _packed_weight(weight[b])
             conv_slots.append([src, *_strides(src), wk, bias[b] if bias[b] is not None else wk, pre, *_strides(pre),
                                epi, *_strides(epi), s_ if s_ is not None else wk, t_ if t_ is not None else wk,
                                *part, h, wd, co, k])
@@ -405,7 +439,8 @@ def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_
         if N > 0:
             flags += [0] * (K.MAX_SLOTS - len(flags))
             # float64 multiplies and sums a 3-D product: fixed small blocks, no tuning
-            kernel, blocks = (K.convs_kernel, dict(BLOCK_N=16, BLOCK_K=16)) if f64 else (convs_tuned, {})
+            kernel, blocks = ((K.convs_kernel, dict(BLOCK_N=16, BLOCK_K=16)) if f64
+                              else (convs_tuned[_conv_kind(dt)], {}))
             _launch(kernel, _conv_grid(sizes, N, block_m), N, C, *_slot_args(conv_slots, 25, len(conv_slots)),
                     FLAGS0=flags[0], FLAGS1=flags[1], FLAGS2=flags[2], FLAGS3=flags[3], SLOTS=len(conv_slots),
                     ACT=act, DOT=K.DOT_FMA if f64 else _dot_mode(x), UPCAST=_upcast(x), F64=f64, BLOCK_M=block_m,
@@ -672,7 +707,7 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
                 pending += [partials] if partials is not None else []
             if output_mask[0]:
                 dpre4 = dpre.view(N, h, wd, co).permute(0, 3, 1, 2)
-                wt = _pack_weight(w.flip(2, 3).transpose(0, 1))
+                wt = _packed_weight(w, flipped=True)
                 dlev = _empty((N, h, wd, C), dtype=acc_dt, device=dev).permute(0, 3, 1, 2)
                 _conv(dpre4, wt, k, C, None, dlev, None)
                 slots.append((dlev, _down_taps(factor[b], down_mode, H, W, h, wd, align_corners, dt, dev)))
@@ -779,8 +814,10 @@ def _block_kind(dtype: torch.dtype) -> str:
 
 def _block_configs(kind: str) -> List[triton.Config]:
     """Tile shapes of block_kernel: level tile RH x RW, output channels and input channels per step. Every
-    one compiles for sm_90 without spilling registers (ptxas -v): float32 operands take 16 input channels
-    per step (the unrolled down-resize gathers hold several (RH * RW, BLOCK_K) tiles at once)."""
+    one compiles for sm_90 without spilling registers (ptxas -v, tests/test_triton_compile.py): float32
+    operands take 16 input channels per step (the unrolled down-resize gathers hold several (RH * RW,
+    BLOCK_K) tiles at once) and no software pipelining (num_stages=1: with 2, 8 x 8 tiles spill 44 bytes
+    when the strides carry no 16-divisibility)."""
     if interpreting():
         return [triton.Config({"RH": 16, "RW": 16, "BLOCK_N": 16 if kind == "f64" else 32,
                                "BLOCK_K": 16 if kind == "f64" else 32})]
@@ -788,7 +825,7 @@ def _block_configs(kind: str) -> List[triton.Config]:
         return [triton.Config({"RH": rh, "RW": rw, "BLOCK_N": 16, "BLOCK_K": 8}, num_warps=4)
                 for rh, rw in ((4, 8), (8, 8))]
     return [triton.Config({"RH": rh, "RW": rw, "BLOCK_N": bn, "BLOCK_K": 16 if kind == "f32" else bk},
-                          num_warps=wp, num_stages=st)
+                          num_warps=wp, num_stages=1 if kind == "f32" else st)
             for rh, rw, bn, bk, wp, st in ((8, 8, 64, 32, 4, 2), (8, 16, 64, 32, 4, 2), (16, 16, 64, 32, 8, 2),
                                            (8, 16, 128, 32, 8, 2), (16, 16, 32, 32, 8, 2), (4, 16, 64, 64, 4, 2))]
 
@@ -804,27 +841,18 @@ def _tile_programs(N: int, h: int, w: int, co: int, halo: int, cfg: dict) -> int
     return N * triton.cdiv(h, cfg["RH"] - halo) * triton.cdiv(w, cfg["RW"] - halo) * triton.cdiv(co, cfg["BLOCK_N"])
 
 
-def _first_rows(first_tap: torch.Tensor, levels: int) -> torch.Tensor:
-    """first[l], l in [0, levels]: the first output row whose first up-resize tap is level row l or later."""
-    bounds = torch.arange(levels + 1, device=first_tap.device, dtype=first_tap.dtype)
-    return torch.searchsorted(first_tap, bounds).to(torch.int32)
-
-
-def _tile_slot(src, down, wk, ks, co, bias, scale, shift, dst, up, direct):
-    """One branch's arguments of block_kernel (before and after its scratch buffer), its compile-time
-    arguments (flags, down taps per axis) and sizes."""
+def _tile_slot(src, down, wk, ks, co, bias, scale, shift, out, c0, up, direct):
+    """One branch's arguments of block_kernel (before and after its scratch buffer; it writes channels
+    [c0, c0 + co) of ``out``), its compile-time arguments (flags, down taps per axis) and sizes."""
     (dy, dx), (uy, ux) = down, up
     h, w = dy.idx.shape[0], dx.idx.shape[0]
     halo = 0 if direct else max(0, max(uy.taps, ux.taps) - 1)
-    if direct:
-        rows = cols = dy.idx  # unused
-    else:
-        rows, cols = _first_rows(uy.idx[:, 0].contiguous(), h), _first_rows(ux.idx[:, 0].contiguous(), w)
+    rows, cols = (dy.idx, dy.idx) if direct else (uy.first, ux.first)  # (direct: unused)
     dummy = wk
     flags = (bias is not None) | (scale is not None) << 1 | (shift is not None) << 2 | direct << 3
     head = [src, *_strides(src), dy.idx, dy.w, dx.idx, dx.w, wk,
             bias if bias is not None else dummy, scale if scale is not None else dummy,
-            shift if shift is not None else dummy, dst, *_strides(dst)]
+            shift if shift is not None else dummy, out, *_strides(out), c0]
     tail = [uy.idx, uy.w, ux.idx, ux.w, rows, cols, h, w, co, ks, halo]
     return head, tail, (flags, dy.taps, dx.taps, uy.taps, ux.taps), (h, w, co, halo, direct)
 
@@ -847,7 +875,6 @@ def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, a
     f64 = dt == torch.float64
     block_p, block_c = _block_p(), _block_c(C)
     copy_programs = triton.cdiv(N * H * W, block_p) * triton.cdiv(C, block_c)
-    x_slice = out[:, x_off:x_off + C] if x_off >= 0 else out
     B = len(weight)
     for first in range(0, B, K.MAX_SLOTS):
         chunk = list(range(first, min(B, first + K.MAX_SLOTS)))
@@ -855,7 +882,7 @@ def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, a
         sources, downs = {}, {}
         pooled = [b for b in chunk if factor[b] == 0]
         if pooled:  # bins: pool x to every level in one launch (adaptive windows are too wide to redo per tap)
-            made = _launch_levels(x, x_slice, copy_here, pooled, factor, bins, down_mode, align_corners,
+            made = _launch_levels(x, out, max(x_off, 0), copy_here, pooled, factor, bins, down_mode, align_corners,
                                   combine=False)
             sources = {b: src for b, (src, _) in made.items()}
             downs = {b: taps for b, (_, taps) in made.items()}
@@ -867,8 +894,8 @@ def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, a
             src = sources.get(b, x)
             down = downs.get(b) or _down_taps(factor[b], down_mode, H, W, h, wd, align_corners, dt, dev)
             up = _up_taps(up_mode, h, wd, H, W, align_corners, dt, dev)
-            slots.append(_tile_slot(src, down, _pack_weight(weight[b]), k, co, bias[b], scale[b], shift[b],
-                                    out[:, offsets[b]:offsets[b] + co], up, (h, wd) == (H, W)))
+            slots.append(_tile_slot(src, down, _packed_weight(weight[b]), k, co, bias[b], scale[b], shift[b], out,
+                                    offsets[b], up, (h, wd) == (H, W)))
         # Scratch for the tiles of the up-resizing branches, enough for any tuned tile shape.
         configs = [c.kwargs for c in _block_configs(_block_kind(dt))]
         need = [max(_tile_programs(N, h, w, co, halo, c) * c["RH"] * c["RW"] * c["BLOCK_N"] for c in configs)
@@ -879,16 +906,17 @@ def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, a
         for s in range(K.MAX_SLOTS):
             if s < len(slots):
                 head, tail, fl, _ = slots[s]
-                flat += head + [scratch[offset:]] + tail
+                flat += head + [scratch, offset] + tail
                 offset += need[s]
                 flags.append(fl)
             else:
-                flat += slots[0][0] + [scratch] + slots[0][1]  # an unused slot: any valid arguments
+                flat += slots[0][0] + [scratch, 0] + slots[0][1]  # an unused slot: any valid arguments
                 flags.append((0, 1, 1, 1, 1))
         sizes = [sl[3] for sl in slots]
         grid = lambda meta: (e0 + sum(_tile_programs(N, h, w, co, halo, meta)  # noqa: E731
                                       for h, w, co, halo, _ in sizes),)
-        _launch(block_tuned[_block_kind(dt)], grid, x, *_strides(x), x_slice, *_strides(x_slice), N, C, H, W, e0, *flat,
+        _launch(block_tuned[_block_kind(dt)], grid, x, *_strides(x), out, *_strides(out), max(x_off, 0), N, C, H, W, e0,
+                *flat,
                 **{f"{name}{s}": v for s, fl in enumerate(flags)
                    for name, v in zip(("FLAGS", "DY", "DX", "UY", "UX"), fl)},
                 SLOTS=len(slots), ACT=act,

@@ -11,7 +11,7 @@ registered here: the backward operator, asked only for the gradients some input 
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -29,9 +29,26 @@ def _opt(tensors: List[Tensor]) -> List[Optional[Tensor]]:
     return [t if t.numel() else None for t in tensors]
 
 
+_EMPTY: Dict[Tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _empty_like(like: Tensor) -> Tensor:
+    """An empty tensor of ``like``'s dtype and device: one per (dtype, device) outside a trace (no host op
+    per call; created outside inference mode, so that any call may save it for backward)."""
+    if torch.compiler.is_compiling() or isinstance(like, torch._subclasses.FakeTensor) or \
+            torch._guards.detect_fake_mode() is not None:
+        return like.new_empty((0,))
+    key = (like.dtype, like.device)
+    empty = _EMPTY.get(key)
+    if empty is None:
+        with torch.inference_mode(False):
+            empty = _EMPTY.setdefault(key, torch.empty((0,), dtype=like.dtype, device=like.device))
+    return empty
+
+
 def absent_as_empty(tensors: List[Optional[Tensor]], like: Tensor) -> List[Tensor]:
     """The operator's form of a per-branch optional tensor list: None becomes an empty tensor."""
-    return [t if t is not None else like.new_empty((0,)) for t in tensors]
+    return [t if t is not None else _empty_like(like) for t in tensors]
 
 
 @torch.library.triton_op(_FORWARD, mutates_args=())

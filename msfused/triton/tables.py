@@ -15,6 +15,7 @@ read it: the gather form of the resize's backward (no atomics).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import threading
 from typing import Dict, Tuple
@@ -26,12 +27,15 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 @dataclasses.dataclass(frozen=True)
 class AxisTaps:
-    """Forward taps ``idx/w`` of shape (out, taps) and adjoint taps ``adj_idx/adj_w`` of shape (in, adj_taps)."""
+    """Forward taps ``idx/w`` of shape (out, taps), adjoint taps ``adj_idx/adj_w`` of shape (in, adj_taps), and
+    ``first`` (in + 1,): first[l] is the first destination whose first tap is source l or later (a tile of
+    sources [l0, l1) is the first tap of destinations [first[l0], first[l1]))."""
 
     idx: torch.Tensor
     w: torch.Tensor
     adj_idx: torch.Tensor
     adj_w: torch.Tensor
+    first: torch.Tensor
 
     @property
     def taps(self) -> int:
@@ -76,7 +80,9 @@ def _build(kind: str, n_in: int, n_out: int, factor: int, align_corners: bool, d
     w, r = weights.tolist(), reads.tolist()
     fwd = [[(i, w[d][i]) for i in range(n_in) if r[d][i]] for d in range(n_out)]
     adj = [[(d, w[d][i]) for d in range(n_out) if r[d][i]] for i in range(n_in)]
-    return _pack(fwd), _pack(adj)
+    first_taps = [row[0][0] if row else n_in for row in fwd]  # ascending: resizes keep the order
+    first = [bisect.bisect_left(first_taps, src) for src in range(n_in + 1)]
+    return _pack(fwd), _pack(adj), first
 
 
 _cache: Dict[tuple, tuple] = {}
@@ -104,9 +110,10 @@ def axis_taps(kind: str, n_in: int, n_out: int, factor: int, align_corners: bool
             hit = _cache.get(dev_key)
         if hit is not None:
             return hit
-    (idx, w, _), (adj_idx, adj_w, _) = lists
+    (idx, w, _), (adj_idx, adj_w, _), first = lists
     make = lambda v, dt: torch.tensor(v, dtype=dt, device=device)  # noqa: E731
-    taps = AxisTaps(make(idx, torch.int32), make(w, wdtype), make(adj_idx, torch.int32), make(adj_w, wdtype))
+    taps = AxisTaps(make(idx, torch.int32), make(w, wdtype), make(adj_idx, torch.int32), make(adj_w, wdtype),
+                    make(first, torch.int32))
     if not tracing:
         with _lock:
             _cache[dev_key] = taps
