@@ -81,7 +81,8 @@ class ParamCache:
     inside its operator); entries die with their owner and never keep a tensor alive. Only computed values
     that no gradient flows through are kept: the fold is differentiable in the norm's weight and bias, so
     with grad mode on and a tensor requiring grad it is computed per call (as when tracing: torch.compile
-    and torch.export see the computation itself)."""
+    and torch.export see the computation itself). Not seen: in-place writes through ``.data`` (which bypass
+    the version counter, as gradcheck's perturbations do): no cached value is used where a gradient is taken."""
 
     def __init__(self) -> None:
         self._entries = WeakIdKeyDictionary()

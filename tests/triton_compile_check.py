@@ -4,7 +4,8 @@ each recorded launch is compiled by Triton's CUDA backend to a cubin (``triton.c
 ``GPUTarget``; ptxas ships with Triton) exactly as Triton's launcher would compile it: the arguments bound
 and specialised by Triton's own binder (argument types, the 16-divisibility and alignment hints of the
 integers and pointers the launcher passes, integers equal to 1), the compile-time constants, and
-``num_warps`` / ``num_stages`` of every configuration of an autotuned kernel's (production) list.
+``num_warps`` / ``num_stages`` / ``maxnreg`` of every configuration of an autotuned kernel's (production)
+list.
 Catches what Triton's interpreter lets through and a GPU compiler refuses (types of loop-carried
 values, constexpr misuse, unsupported operations), and reads ``ptxas -v``'s report (Triton's
 ``dump_ptxas_log`` knob; Triton fills ``n_spills`` only when a kernel is loaded on a device): a variant
@@ -86,14 +87,15 @@ def _record(kernel, grid, *args, **meta):
         # Every autotune configuration (its launch options too) for the first variant of each operand dtype,
         # the first one after.
         fn = kernel.fn
-        configs = [dict(meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in kernel.configs]
+        configs = [dict(meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages,
+                        **({"maxnreg": c.maxnreg} if c.maxnreg is not None else {})) for c in kernel.configs]
         first = (fn.__name__, _arg_type(args[0]))
         if first in _autotuned:
             configs = configs[:1]
         _autotuned.add(first)
     for kwargs in configs:
         signature, constexprs, attrs = _bind(fn, args, kwargs)
-        launch_options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+        launch_options = {k: kwargs[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
         consts = tuple(sorted((k[0], v) for k, v in constexprs.items()))
         hints = tuple(sorted((k[0], str(v)) for k, v in attrs.items()))
         key = (fn.__name__, tuple(signature.items()), consts, hints, tuple(sorted(launch_options.items())))

@@ -33,22 +33,25 @@ runs it):
 * ``dx_kernel``: the gradient of ``x`` written once: the output gradient's ``x`` slice plus, for up to
   ``MAX_SLOTS`` branches, the down-resize adjoint (gather) of each level's gradient.
 
-Branches of different shapes share a launch through argument "slots" (the program id picks the slot),
-so a launch's arguments and compile-time flags are fixed per slot.
+Branches of different shapes share a launch through argument "slots" (the program id picks the slot):
+each slotted kernel is described once (``Slotted``, ``slots.py``: its shared and named per-slot arguments,
+a dataclass of per-slot compile-time values shared with the launcher, and the call of one slot's
+program), and generated from that description with each slot's arguments unrolled.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import triton
 import triton.language as tl
 
+from .slots import MAX_SLOTS, NoFlags, Slotted  # noqa: F401  (MAX_SLOTS, NoFlags: the launchers read them here)
+
 # Triton's interpreter (3.6) converts to bfloat16 by truncation, not by rounding to nearest even as the
 # GPU (and torch) do; under it, _cast rounds first. Read as Triton reads it when defining the kernels.
 INTERPRETER = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
-
-MAX_SLOTS = 4
 
 # Activation codes shared with launch.py.
 ACT_NONE, ACT_RELU, ACT_SILU, ACT_GELU = 0, 1, 2, 3
@@ -196,21 +199,22 @@ def stats_combine_kernel(part_mean, part_m2, T, total, C, mean_out, var_out,
 @triton.jit
 def _up_adjoint_slot(t, g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, gy, part, N, C, H, W,
                      ty_idx, ty_w, TY, R, tx_idx, tx_w, TX, a_ptr, b_ptr, eps, gamma, beta,
-                     FLAGS: tl.constexpr, ACT: tl.constexpr, F64: tl.constexpr,
+                     NORM: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, FINAL: tl.constexpr,
+                     PARTIAL: tl.constexpr, ACT: tl.constexpr, F64: tl.constexpr,
                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """A branch's share of up_adjoints_kernel, program t: (tile t // channel blocks, its channel block).
     At each level pixel: the up-resize's adjoint (gather of the output gradient over the pixels that read
     it), times the activation's derivative: gy (stored as a (pixels, C) matrix). Per tile, in the row
     part[tile, :2C]: sum gy, then sum gy * u with u the norm's input as it multiplies its weight (pre for
     a folded norm, the normalised value with batch statistics).
-    FLAGS: bits 0-1 the norm (NORM_*), 2 gamma, 3 beta, 4 final: no batch statistics, so the norm's
-    derivative is per channel and gy holds the conv output's gradient itself (gy * scale, in the
-    convolution's dtype); with batch statistics gy stays in the accumulation dtype for dpres_kernel.
-    Bit 5, partial: only the gather, over the y taps of chunk k of R (program t: chunk, then tile), its
+    NORM: the norm (NORM_*), with HAS_GAMMA / HAS_BETA its multiplier and offset. FINAL: no batch
+    statistics, so the norm's derivative is per channel and gy holds the conv output's gradient itself
+    (gy * scale, in the convolution's dtype); with batch statistics gy stays in the accumulation dtype for
+    dpres_kernel. PARTIAL: only the gather, over the y taps of chunk k of R (program t: chunk, then tile), its
     partial sums stored into rows k * H + y of ``pre`` (a long adjoint split so that the grid fills the
     GPU; a second launch sums the chunks as its gather, taps ``stacked_taps``, and finishes)."""
     nc = tl.cdiv(C, BLOCK_C)
-    if (FLAGS & 32) != 0:
+    if PARTIAL:
         per_chunk = tl.cdiv(N * H * W, BLOCK_P) * nc
         k = t // per_chunk
         t = t % per_chunk
@@ -229,20 +233,19 @@ def _up_adjoint_slot(t, g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, gy, part
     one = acc * 0.0
     acc = _gather(acc, g, g_n, g_c, g_h, g_w, n, y, x, c, pm, cm, ty_idx, ty_w, TY, tx_idx, tx_w, TX,
                   one, one, 0, 0, k * R, tl.minimum(TY, (k + 1) * R))
-    if (FLAGS & 32) != 0:
+    if PARTIAL:
         tl.store(pre + (n * p_n + (k * H + y) * p_h + x * p_w)[:, None] + c[None, :] * p_c, acc, mask=m2)
     else:
         v = tl.load(pre + (n * p_n + y * p_h + x * p_w)[:, None] + c[None, :] * p_c, mask=m2, other=0.0)
         v = v.to(acc.dtype)
-        mul, add = _channel_affine(c, cm, a_ptr, b_ptr, eps, gamma, beta, FLAGS & 3, (FLAGS & 4) != 0,
-                                   (FLAGS & 8) != 0, F64)
+        mul, add = _channel_affine(c, cm, a_ptr, b_ptr, eps, gamma, beta, NORM, HAS_GAMMA, HAS_BETA, F64)
         z = v * mul[None, :] + add[None, :]
         d = tl.where(m2, _activate_grad(acc, z, ACT), 0.0)
-        if (FLAGS & 16) != 0:
+        if FINAL:
             tl.store(gy + p[:, None] * C + c[None, :], _cast(d * mul[None, :], gy.dtype.element_ty), mask=m2)
         else:
             tl.store(gy + p[:, None] * C + c[None, :], d, mask=m2)
-        if (FLAGS & 3) == 2:
+        if NORM == 2:
             mean = tl.load(a_ptr + c, mask=cm, other=0.0).to(acc.dtype)
             rstd = 1.0 / tl.sqrt(tl.load(b_ptr + c, mask=cm, other=1.0).to(acc.dtype) + eps)
             u = (v - mean[None, :]) * rstd[None, :]
@@ -252,40 +255,35 @@ def _up_adjoint_slot(t, g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, gy, part
         tl.store(part + tile * 2 * C + C + c, tl.sum(tl.where(m2, d * u, 0.0), axis=0), mask=cm)
 
 
-@triton.jit
-def up_adjoints_kernel(N, E0,
-                       g0, g0_n, g0_c, g0_h, g0_w, p0, p0_n, p0_c, p0_h, p0_w, gy0, pt0, C0, h0, w0,
-                       y0, yw0, Y0, R0, x0, xw0, X0, a0, b0, eps0, ga0, be0, E1,
-                       g1, g1_n, g1_c, g1_h, g1_w, p1, p1_n, p1_c, p1_h, p1_w, gy1, pt1, C1, h1, w1,
-                       y1, yw1, Y1, R1, x1, xw1, X1, a1, b1, eps1, ga1, be1, E2,
-                       g2, g2_n, g2_c, g2_h, g2_w, p2, p2_n, p2_c, p2_h, p2_w, gy2, pt2, C2, h2, w2,
-                       y2, yw2, Y2, R2, x2, xw2, X2, a2, b2, eps2, ga2, be2, E3,
-                       g3, g3_n, g3_c, g3_h, g3_w, p3, p3_n, p3_c, p3_h, p3_w, gy3, pt3, C3, h3, w3,
-                       y3, yw3, Y3, R3, x3, xw3, X3, a3, b3, eps3, ga3, be3, E4,
-                       FLAGS0: tl.constexpr, FLAGS1: tl.constexpr, FLAGS2: tl.constexpr, FLAGS3: tl.constexpr,
-                       SLOTS: tl.constexpr, ACT: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr,
-                       BLOCK_C: tl.constexpr):
-    """The backward's first launch for up to four branches (slot s runs programs [E_s, E_s+1)): the
-    up-resize adjoint fused with the activation's (and, without batch statistics, the norm's) backward."""
-    pid = tl.program_id(0)
-    if pid < E1:
-        _up_adjoint_slot(pid - E0, g0, g0_n, g0_c, g0_h, g0_w, p0, p0_n, p0_c, p0_h, p0_w, gy0, pt0, N, C0, h0, w0,
-                         y0, yw0, Y0, R0, x0, xw0, X0, a0, b0, eps0, ga0, be0, FLAGS0, ACT, F64, BLOCK_P, BLOCK_C)
-    elif pid < E2:
-        if SLOTS > 1:
-            _up_adjoint_slot(pid - E1, g1, g1_n, g1_c, g1_h, g1_w, p1, p1_n, p1_c, p1_h, p1_w, gy1, pt1, N, C1, h1,
-                             w1, y1, yw1, Y1, R1, x1, xw1, X1, a1, b1, eps1, ga1, be1, FLAGS1, ACT, F64, BLOCK_P,
-                             BLOCK_C)
-    elif pid < E3:
-        if SLOTS > 2:
-            _up_adjoint_slot(pid - E2, g2, g2_n, g2_c, g2_h, g2_w, p2, p2_n, p2_c, p2_h, p2_w, gy2, pt2, N, C2, h2,
-                             w2, y2, yw2, Y2, R2, x2, xw2, X2, a2, b2, eps2, ga2, be2, FLAGS2, ACT, F64, BLOCK_P,
-                             BLOCK_C)
-    else:
-        if SLOTS > 3:
-            _up_adjoint_slot(pid - E3, g3, g3_n, g3_c, g3_h, g3_w, p3, p3_n, p3_c, p3_h, p3_w, gy3, pt3, N, C3, h3,
-                             w3, y3, yw3, Y3, R3, x3, xw3, X3, a3, b3, eps3, ga3, be3, FLAGS3, ACT, F64, BLOCK_P,
-                             BLOCK_C)
+@dataclasses.dataclass(frozen=True)
+class NormFlags:
+    """A branch's norm as a kernel slot applies it: NORM_*, with or without its multiplier and offset."""
+
+    NORM: int = NORM_NONE
+    HAS_GAMMA: bool = False
+    HAS_BETA: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class AdjointFlags(NormFlags):
+    """up_adjoints_kernel's per-slot compile-time values (see _up_adjoint_slot)."""
+
+    FINAL: bool = False
+    PARTIAL: bool = False
+
+
+UP_ADJOINTS = Slotted(
+    name="up_adjoints_kernel",
+    doc="""The backward's first launch for up to four branches (slot s runs programs [E_s, E_s+1)): the
+    up-resize adjoint fused with the activation's (and, without batch statistics, the norm's) backward.""",
+    shared="N",
+    slot="g, g_n, g_c, g_h, g_w, p, p_n, p_c, p_h, p_w, gy, pt, C, h, w, y, yw, Y, R, xt, xw, X, a, b, eps, ga, be",
+    flags=AdjointFlags,
+    constexprs="ACT, F64, BLOCK_P, BLOCK_C",
+    program="""_up_adjoint_slot(t, g, g_n, g_c, g_h, g_w, p, p_n, p_c, p_h, p_w, gy, pt, N, C, h, w, y, yw, Y, R,
+        xt, xw, X, a, b, eps, ga, be, NORM, HAS_GAMMA, HAS_BETA, FINAL, PARTIAL, ACT, F64, BLOCK_P, BLOCK_C)""",
+)
+up_adjoints_kernel = UP_ADJOINTS.jit(globals())
 
 
 @triton.jit
@@ -302,24 +300,17 @@ def _column_sum_slot(t, part, T, C, out, BLOCK_R: tl.constexpr, BLOCK_C: tl.cons
     tl.store(out + c, tl.sum(acc, axis=0), mask=cm)
 
 
-@triton.jit
-def column_sums_kernel(E0, pt0, T0, C0, o0, E1, pt1, T1, C1, o1, E2, pt2, T2, C2, o2, E3, pt3, T3, C3, o3, E4,
-                       SLOTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Fixed-order column sums of up to four (rows, columns) matrices of partials: the backward's per-tile
+COLUMN_SUMS = Slotted(
+    name="column_sums_kernel",
+    doc="""Fixed-order column sums of up to four (rows, columns) matrices of partials: the backward's per-tile
     partials of the norm's gradients, the weight gradients' per-pixel-range partials (slot s: programs
-    [E_s, E_s+1), BLOCK_C columns each)."""
-    pid = tl.program_id(0)
-    if pid < E1:
-        _column_sum_slot(pid - E0, pt0, T0, C0, o0, BLOCK_R, BLOCK_C)
-    elif pid < E2:
-        if SLOTS > 1:
-            _column_sum_slot(pid - E1, pt1, T1, C1, o1, BLOCK_R, BLOCK_C)
-    elif pid < E3:
-        if SLOTS > 2:
-            _column_sum_slot(pid - E2, pt2, T2, C2, o2, BLOCK_R, BLOCK_C)
-    else:
-        if SLOTS > 3:
-            _column_sum_slot(pid - E3, pt3, T3, C3, o3, BLOCK_R, BLOCK_C)
+    [E_s, E_s+1), BLOCK_C columns each).""",
+    shared="",
+    slot="pt, T, C, o",
+    constexprs="BLOCK_R, BLOCK_C",
+    program="_column_sum_slot(t, pt, T, C, o, BLOCK_R, BLOCK_C)",
+)
+column_sums_kernel = COLUMN_SUMS.jit(globals())
 
 
 @triton.jit
@@ -352,31 +343,23 @@ def _dpre_slot(t, gy, pre, p_n, p_c, p_h, p_w, dpre, N, C, H, W, mean_ptr, var_p
     tl.store(dpre + p[:, None] * C + c[None, :], _cast(d, dpre.dtype.element_ty), mask=m2)
 
 
-@triton.jit
-def dpres_kernel(N, E0,
-                 gy0, p0, p0_n, p0_c, p0_h, p0_w, d0, C0, h0, w0, m0, v0, eps0, ga0, s0, E1,
-                 gy1, p1, p1_n, p1_c, p1_h, p1_w, d1, C1, h1, w1, m1, v1, eps1, ga1, s1, E2,
-                 gy2, p2, p2_n, p2_c, p2_h, p2_w, d2, C2, h2, w2, m2, v2, eps2, ga2, s2, E3,
-                 gy3, p3, p3_n, p3_c, p3_h, p3_w, d3, C3, h3, w3, m3, v3, eps3, ga3, s3, E4,
-                 GAMMA0: tl.constexpr, GAMMA1: tl.constexpr, GAMMA2: tl.constexpr, GAMMA3: tl.constexpr,
-                 SLOTS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The conv-output gradients of up to four branches with batch statistics (slot s: [E_s, E_s+1))."""
-    pid = tl.program_id(0)
-    if pid < E1:
-        _dpre_slot(pid - E0, gy0, p0, p0_n, p0_c, p0_h, p0_w, d0, N, C0, h0, w0, m0, v0, eps0, ga0, s0, GAMMA0,
-                   BLOCK_P, BLOCK_C)
-    elif pid < E2:
-        if SLOTS > 1:
-            _dpre_slot(pid - E1, gy1, p1, p1_n, p1_c, p1_h, p1_w, d1, N, C1, h1, w1, m1, v1, eps1, ga1, s1, GAMMA1,
-                       BLOCK_P, BLOCK_C)
-    elif pid < E3:
-        if SLOTS > 2:
-            _dpre_slot(pid - E2, gy2, p2, p2_n, p2_c, p2_h, p2_w, d2, N, C2, h2, w2, m2, v2, eps2, ga2, s2, GAMMA2,
-                       BLOCK_P, BLOCK_C)
-    else:
-        if SLOTS > 3:
-            _dpre_slot(pid - E3, gy3, p3, p3_n, p3_c, p3_h, p3_w, d3, N, C3, h3, w3, m3, v3, eps3, ga3, s3, GAMMA3,
-                       BLOCK_P, BLOCK_C)
+@dataclasses.dataclass(frozen=True)
+class DpreFlags:
+    """dpres_kernel's per-slot compile-time values: whether the norm has a multiplier (gamma)."""
+
+    HAS_GAMMA: bool = False
+
+
+DPRES = Slotted(
+    name="dpres_kernel",
+    doc="""The conv-output gradients of up to four branches with batch statistics (slot s: [E_s, E_s+1)).""",
+    shared="N",
+    slot="gy, p, p_n, p_c, p_h, p_w, d, C, h, w, m, v, eps, ga, s",
+    flags=DpreFlags,
+    constexprs="BLOCK_P, BLOCK_C",
+    program="_dpre_slot(t, gy, p, p_n, p_c, p_h, p_w, d, N, C, h, w, m, v, eps, ga, s, HAS_GAMMA, BLOCK_P, BLOCK_C)",
+)
+dpres_kernel = DPRES.jit(globals())
 
 
 @triton.jit
@@ -426,43 +409,36 @@ def wgrad_kernel(src, s_n, s_c, s_h, s_w, dpre, dwk, N, C, H, W, CO, KS, SPLIT, 
              mask=cm[:, None] & com[None, :])
 
 
-@triton.jit
-def dx_kernel(dx, d_n, d_c, d_h, d_w, N, C, H, W, g, g_n, g_c, g_h, g_w,
-              l0, l0_n, l0_c, l0_h, l0_w, y0_idx, y0_w, Y0, x0_idx, x0_w, X0,
-              l1, l1_n, l1_c, l1_h, l1_w, y1_idx, y1_w, Y1, x1_idx, x1_w, X1,
-              l2, l2_n, l2_c, l2_h, l2_w, y2_idx, y2_w, Y2, x2_idx, x2_w, X2,
-              l3, l3_n, l3_c, l3_h, l3_w, y3_idx, y3_w, Y3, x3_idx, x3_w, X3,
-              HAS_G: tl.constexpr, SLOTS: tl.constexpr, F64: tl.constexpr,
-              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dx = g + sum over the slots of the down-resize adjoint of each level gradient l_s (gathered with
-    the adjoint taps y_s / x_s), written once."""
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    pm = p < N * H * W
-    cm = c < C
-    x = p % W
-    y = (p // W) % H
-    n = p // (W * H)
-    m2 = pm[:, None] & cm[None, :]
-    acc = _zeros(BLOCK_P, BLOCK_C, F64)
-    if HAS_G:
-        acc += tl.load(g + (n * g_n + y * g_h + x * g_w)[:, None] + c[None, :] * g_c, mask=m2,
-                       other=0.0).to(acc.dtype)
-    one = acc * 0.0
-    if SLOTS > 0:
-        acc = _gather(acc, l0, l0_n, l0_c, l0_h, l0_w, n, y, x, c, pm, cm, y0_idx, y0_w, Y0, x0_idx, x0_w,
-                      X0, one, one, 0, 0, 0, Y0)
-    if SLOTS > 1:
-        acc = _gather(acc, l1, l1_n, l1_c, l1_h, l1_w, n, y, x, c, pm, cm, y1_idx, y1_w, Y1, x1_idx, x1_w,
-                      X1, one, one, 0, 0, 0, Y1)
-    if SLOTS > 2:
-        acc = _gather(acc, l2, l2_n, l2_c, l2_h, l2_w, n, y, x, c, pm, cm, y2_idx, y2_w, Y2, x2_idx, x2_w,
-                      X2, one, one, 0, 0, 0, Y2)
-    if SLOTS > 3:
-        acc = _gather(acc, l3, l3_n, l3_c, l3_h, l3_w, n, y, x, c, pm, cm, y3_idx, y3_w, Y3, x3_idx, x3_w,
-                      X3, one, one, 0, 0, 0, Y3)
-    tl.store(dx + (n * d_n + y * d_h + x * d_w)[:, None] + c[None, :] * d_c, _cast(acc, dx.dtype.element_ty),
-             mask=m2)
+DX = Slotted(
+    name="dx_kernel",
+    doc="""dx = g + sum over the slots of the down-resize adjoint of each level gradient l_s (gathered with
+    the adjoint taps yi_s / xi_s), written once. Grid (pixel blocks, channel blocks).""",
+    shared="dx, d_n, d_c, d_h, d_w, N, C, H, W, g, g_n, g_c, g_h, g_w",
+    slot="l, l_n, l_c, l_h, l_w, yi, yw, Y, xi, xw, X",
+    constexprs="HAS_G, F64, BLOCK_P, BLOCK_C",
+    together=True,
+    before="""
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        pm = p < N * H * W
+        cm = c < C
+        x = p % W
+        y = (p // W) % H
+        n = p // (W * H)
+        m2 = pm[:, None] & cm[None, :]
+        acc = _zeros(BLOCK_P, BLOCK_C, F64)
+        if HAS_G:
+            acc += tl.load(g + (n * g_n + y * g_h + x * g_w)[:, None] + c[None, :] * g_c, mask=m2,
+                           other=0.0).to(acc.dtype)
+        one = acc * 0.0
+    """,
+    program="acc = _gather(acc, l, l_n, l_c, l_h, l_w, n, y, x, c, pm, cm, yi, yw, Y, xi, xw, X, one, one, 0, 0, 0, Y)",
+    after="""
+        tl.store(dx + (n * d_n + y * d_h + x * d_w)[:, None] + c[None, :] * d_c, _cast(acc, dx.dtype.element_ty),
+                 mask=m2)
+    """,
+)
+dx_kernel = DX.jit(globals())
 
 
 @triton.jit
@@ -603,67 +579,44 @@ def _tile_programs(N, h, w, CO, HALO, RH: tl.constexpr, RW: tl.constexpr, BLOCK_
     return N * tl.cdiv(h, RH - HALO) * tl.cdiv(w, RW - HALO) * tl.cdiv(CO, BLOCK_N)
 
 
-@triton.jit
-def block_kernel(x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, x_c0, N, C, H, W, E0,
-                 l0, l0_n, l0_c, l0_h, l0_w, dy0, dyw0, dx0, dxw0, wk0, b0, sc0, sh0, out0, q0_n, q0_c,
-                 q0_h, q0_w, oc0, scr0, so0, uy0, uyw0, ux0, uxw0, fr0, fc0, h0, w0, CO0, KS0, HALO0,
-                 l1, l1_n, l1_c, l1_h, l1_w, dy1, dyw1, dx1, dxw1, wk1, b1, sc1, sh1, out1, q1_n, q1_c,
-                 q1_h, q1_w, oc1, scr1, so1, uy1, uyw1, ux1, uxw1, fr1, fc1, h1, w1, CO1, KS1, HALO1,
-                 l2, l2_n, l2_c, l2_h, l2_w, dy2, dyw2, dx2, dxw2, wk2, b2, sc2, sh2, out2, q2_n, q2_c,
-                 q2_h, q2_w, oc2, scr2, so2, uy2, uyw2, ux2, uxw2, fr2, fc2, h2, w2, CO2, KS2, HALO2,
-                 l3, l3_n, l3_c, l3_h, l3_w, dy3, dyw3, dx3, dxw3, wk3, b3, sc3, sh3, out3, q3_n, q3_c,
-                 q3_h, q3_w, oc3, scr3, so3, uy3, uyw3, ux3, uxw3, fr3, fc3, h3, w3, CO3, KS3, HALO3,
-                 FLAGS0: tl.constexpr, FLAGS1: tl.constexpr, FLAGS2: tl.constexpr, FLAGS3: tl.constexpr,
-                 DY0: tl.constexpr, DX0: tl.constexpr, DY1: tl.constexpr, DX1: tl.constexpr, DY2: tl.constexpr,
-                 DX2: tl.constexpr, DY3: tl.constexpr, DX3: tl.constexpr, UY0: tl.constexpr, UX0: tl.constexpr,
-                 UY1: tl.constexpr, UX1: tl.constexpr, UY2: tl.constexpr, UX2: tl.constexpr, UY3: tl.constexpr,
-                 UX3: tl.constexpr,
-                 SLOTS: tl.constexpr, ACT: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr,
-                 F64: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """The inference forward of up to four branches and the copy of x, in one launch: programs
-    [0, E0) copy x into its slice (channels from x_c0 of xo; none if E0 == 0), then each branch slot's programs in turn
-    (``_tile_program``; its source l_s is x itself for a factor branch, the pooled level for bins). The
-    tile shape (RH, RW, BLOCK_N, BLOCK_K) is autotuned, so each slot's program count is computed here.
-    The copy moves BLOCK_P pixels per program, the up-resize BLOCK_Q output pixels per step (small: its
-    gathered (BLOCK_Q, BLOCK_N) tiles and their addresses must fit in registers beside the tile's).
-    FLAGS_s: bit 0 bias, bit 1 scale, bit 2 shift, bit 3 direct store (identity up-resize); DY_s x DX_s,
-    UY_s x UX_s: the down-resize's taps per level pixel and the up-resize's per output pixel (compile-time:
-    unrolled)."""
-    pid = tl.program_id(0)
-    e1 = E0 + _tile_programs(N, h0, w0, CO0, HALO0, RH, RW, BLOCK_N)
-    e2 = e1 + _tile_programs(N, h1, w1, CO1, HALO1, RH, RW, BLOCK_N)
-    e3 = e2 + _tile_programs(N, h2, w2, CO2, HALO2, RH, RW, BLOCK_N)
-    if pid < E0:
-        _copy_program(pid, x, s_n, s_c, s_h, s_w, xo + x_c0 * xo_c, xo_n, xo_c, xo_h, xo_w, C, H, W, N * H * W, F64, BLOCK_P,
-                      BLOCK_C)
-    elif pid < e1:
-        _tile_program(pid - E0, l0, l0_n, l0_c, l0_h, l0_w, dy0, dyw0, DY0, dx0, dxw0, DX0,
-                      wk0, b0, sc0, sh0, out0, q0_n, q0_c, q0_h, q0_w, oc0, scr0, so0, uy0, uyw0, UY0, ux0, uxw0, UX0, fr0,
-                      fc0, C, h0, w0, CO0, KS0, HALO0, (FLAGS0 & 1) != 0, (FLAGS0 & 2) != 0,
-                      (FLAGS0 & 4) != 0, ACT, DOT, UPCAST, F64, (FLAGS0 & 8) != 0, RH, RW, BLOCK_N, BLOCK_K,
-                      BLOCK_Q)
-    elif pid < e2:
-        if SLOTS > 1:
-            _tile_program(pid - e1, l1, l1_n, l1_c, l1_h, l1_w, dy1, dyw1, DY1, dx1, dxw1, DX1,
-                          wk1, b1, sc1, sh1, out1, q1_n, q1_c, q1_h, q1_w, oc1, scr1, so1, uy1, uyw1, UY1, ux1, uxw1, UX1, fr1,
-                          fc1, C, h1, w1, CO1, KS1, HALO1, (FLAGS1 & 1) != 0, (FLAGS1 & 2) != 0,
-                          (FLAGS1 & 4) != 0, ACT, DOT, UPCAST, F64, (FLAGS1 & 8) != 0, RH, RW, BLOCK_N, BLOCK_K,
-                          BLOCK_Q)
-    elif pid < e3:
-        if SLOTS > 2:
-            _tile_program(pid - e2, l2, l2_n, l2_c, l2_h, l2_w, dy2, dyw2, DY2, dx2, dxw2, DX2,
-                          wk2, b2, sc2, sh2, out2, q2_n, q2_c, q2_h, q2_w, oc2, scr2, so2, uy2, uyw2, UY2, ux2, uxw2, UX2, fr2,
-                          fc2, C, h2, w2, CO2, KS2, HALO2, (FLAGS2 & 1) != 0, (FLAGS2 & 2) != 0,
-                          (FLAGS2 & 4) != 0, ACT, DOT, UPCAST, F64, (FLAGS2 & 8) != 0, RH, RW, BLOCK_N, BLOCK_K,
-                          BLOCK_Q)
-    else:
-        if SLOTS > 3:
-            _tile_program(pid - e3, l3, l3_n, l3_c, l3_h, l3_w, dy3, dyw3, DY3, dx3, dxw3, DX3,
-                          wk3, b3, sc3, sh3, out3, q3_n, q3_c, q3_h, q3_w, oc3, scr3, so3, uy3, uyw3, UY3, ux3, uxw3, UX3, fr3,
-                          fc3, C, h3, w3, CO3, KS3, HALO3, (FLAGS3 & 1) != 0, (FLAGS3 & 2) != 0,
-                          (FLAGS3 & 4) != 0, ACT, DOT, UPCAST, F64, (FLAGS3 & 8) != 0, RH, RW, BLOCK_N, BLOCK_K,
-                          BLOCK_Q)
+@dataclasses.dataclass(frozen=True)
+class TileFlags:
+    """block_kernel's per-slot compile-time values: bias, scale and shift present; DIRECT: the level is the
+    output's size (identity up-resize); the down-resize's taps per level pixel (DY x DX) and the up-resize's
+    per output pixel (UY x UX), unrolled."""
+
+    HAS_BIAS: bool = False
+    HAS_SCALE: bool = False
+    HAS_SHIFT: bool = False
+    DIRECT: bool = False
+    DY: int = 1
+    DX: int = 1
+    UY: int = 1
+    UX: int = 1
+
+
+BLOCK = Slotted(
+    name="block_kernel",
+    doc="""The inference forward of up to four branches and the copy of x, in one launch: programs
+    [0, E0) copy x into its slice (channels from x_c0 of xo; none if E0 == 0), then each branch slot's
+    programs in turn (``_tile_program``; its source l_s is x itself for a factor branch, the pooled level
+    for bins; it writes channels from oc_s of out_s and its tiles from so_s of scr_s). The tile shape (RH,
+    RW, BLOCK_N, BLOCK_K) is autotuned, so each slot's program count is computed here. The copy moves
+    BLOCK_P pixels per program, the up-resize BLOCK_Q output pixels per step (small: its gathered
+    (BLOCK_Q, BLOCK_N) tiles and their addresses must fit in registers beside the tile's).""",
+    shared="x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, x_c0, N, C, H, W",
+    slot="""l, l_n, l_c, l_h, l_w, dy, dyw, dx, dxw, wk, b, sc, sh, out, q_n, q_c, q_h, q_w, oc, scr, so, uy, uyw, ux,
+        uxw, fr, fc, h, w, CO, KS, HALO""",
+    flags=TileFlags,
+    constexprs="ACT, DOT, UPCAST, F64, RH, RW, BLOCK_N, BLOCK_K, BLOCK_P, BLOCK_C, BLOCK_Q",
+    ends="_tile_programs(N, h, w, CO, HALO, RH, RW, BLOCK_N)",
+    prologue="""_copy_program(pid, x, s_n, s_c, s_h, s_w, xo + x_c0 * xo_c, xo_n, xo_c, xo_h, xo_w, C, H, W, N * H * W,
+            F64, BLOCK_P, BLOCK_C)""",
+    program="""_tile_program(t, l, l_n, l_c, l_h, l_w, dy, dyw, DY, dx, dxw, DX, wk, b, sc, sh, out, q_n, q_c, q_h, q_w,
+            oc, scr, so, uy, uyw, UY, ux, uxw, UX, fr, fc, C, h, w, CO, KS, HALO, HAS_BIAS, HAS_SCALE, HAS_SHIFT,
+            ACT, DOT, UPCAST, F64, DIRECT, RH, RW, BLOCK_N, BLOCK_K, BLOCK_Q)""",
+)
+block_kernel = BLOCK.jit(globals())
 
 
 @triton.jit
@@ -691,35 +644,20 @@ def _level_program(t, x, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, N, C, Hd, 
              _cast(acc, dst.dtype.element_ty), mask=pm[:, None] & cm[None, :])
 
 
-@triton.jit
-def levels_kernel(x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, x_c0, N, C, H, W, E0,
-                  d0, d0_n, d0_c, d0_h, d0_w, h0, w0, y0, yw0, Y0, R0, x0, xw0, X0, E1,
-                  d1, d1_n, d1_c, d1_h, d1_w, h1, w1, y1, yw1, Y1, R1, x1, xw1, X1, E2,
-                  d2, d2_n, d2_c, d2_h, d2_w, h2, w2, y2, yw2, Y2, R2, x2, xw2, X2, E3,
-                  d3, d3_n, d3_c, d3_h, d3_w, h3, w3, y3, yw3, Y3, R3, x3, xw3, X3, E4,
-                  SLOTS: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """x into its slice of the output (channels from x_c0 of xo; programs [0, E0)) and to up to four levels (programs [E_s, E_s+1):
-    slot s, a separable gather over the tap tables y_s / x_s: adaptive pooling for bins, the factor
-    down-resize otherwise, its y taps in chunks of R_s) in one launch."""
-    pid = tl.program_id(0)
-    if pid < E0:
-        _copy_program(pid, x, s_n, s_c, s_h, s_w, xo + x_c0 * xo_c, xo_n, xo_c, xo_h, xo_w, C, H, W, N * H * W, F64, BLOCK_P,
-                      BLOCK_C)
-    elif pid < E1:
-        _level_program(pid - E0, x, s_n, s_c, s_h, s_w, d0, d0_n, d0_c, d0_h, d0_w, N, C, h0, w0, y0, yw0, Y0, R0,
-                       x0, xw0, X0, F64, BLOCK_P, BLOCK_C)
-    elif pid < E2:
-        if SLOTS > 1:
-            _level_program(pid - E1, x, s_n, s_c, s_h, s_w, d1, d1_n, d1_c, d1_h, d1_w, N, C, h1, w1, y1, yw1, Y1,
-                           R1, x1, xw1, X1, F64, BLOCK_P, BLOCK_C)
-    elif pid < E3:
-        if SLOTS > 2:
-            _level_program(pid - E2, x, s_n, s_c, s_h, s_w, d2, d2_n, d2_c, d2_h, d2_w, N, C, h2, w2, y2, yw2, Y2,
-                           R2, x2, xw2, X2, F64, BLOCK_P, BLOCK_C)
-    else:
-        if SLOTS > 3:
-            _level_program(pid - E3, x, s_n, s_c, s_h, s_w, d3, d3_n, d3_c, d3_h, d3_w, N, C, h3, w3, y3, yw3, Y3,
-                           R3, x3, xw3, X3, F64, BLOCK_P, BLOCK_C)
+LEVELS = Slotted(
+    name="levels_kernel",
+    doc="""x into its slice of the output (channels from x_c0 of xo; programs [0, E0)) and to up to four
+    levels (programs [E_s, E_s+1): slot s, a separable gather over the tap tables y_s / xt_s: adaptive
+    pooling for bins, the factor down-resize otherwise, its y taps in chunks of R_s) in one launch.""",
+    shared="x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, x_c0, N, C, H, W",
+    slot="d, d_n, d_c, d_h, d_w, h, w, y, yw, Y, R, xt, xw, X",
+    constexprs="F64, BLOCK_P, BLOCK_C",
+    prologue="""_copy_program(pid, x, s_n, s_c, s_h, s_w, xo + x_c0 * xo_c, xo_n, xo_c, xo_h, xo_w, C, H, W, N * H * W,
+            F64, BLOCK_P, BLOCK_C)""",
+    program="""_level_program(t, x, s_n, s_c, s_h, s_w, d, d_n, d_c, d_h, d_w, N, C, h, w, y, yw, Y, R, xt, xw, X, F64,
+            BLOCK_P, BLOCK_C)""",
+)
+levels_kernel = LEVELS.jit(globals())
 
 
 @triton.jit
@@ -789,64 +727,55 @@ def _conv_program(pid_m, pid_n, src, s_n, s_c, s_h, s_w, wk, bias, pre, p_n, p_c
 
 @triton.jit
 def _conv_slot(t, src, s_n, s_c, s_h, s_w, wk, bias, pre, p_n, p_c, p_h, p_w, out, o_n, o_c, o_h, o_w, scale, shift,
-               part_mean, part_m2, N, C, H, W, CO, KS, FLAGS: tl.constexpr, ACT: tl.constexpr, DOT: tl.constexpr,
-               UPCAST: tl.constexpr, F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr):
-    """A branch's share of convs_kernel; FLAGS: bit 0 bias, 1 scale, 2 shift, 3 store the epilogue, 4 stats."""
+               part_mean, part_m2, N, C, H, W, CO, KS, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+               HAS_SHIFT: tl.constexpr, STORE_OUT: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr,
+               DOT: tl.constexpr, UPCAST: tl.constexpr, F64: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A branch's share of convs_kernel: program t's (pixel tile, output channel block) of _conv_program,
+    pre always stored."""
     nb = tl.cdiv(CO, BLOCK_N)
     _conv_program(t // nb, t % nb, src, s_n, s_c, s_h, s_w, wk, bias, pre, p_n, p_c, p_h, p_w, out, o_n, o_c, o_h,
-                  o_w, scale, shift, part_mean, part_m2, N, C, H, W, CO, KS, (FLAGS & 1) != 0, True,
-                  (FLAGS & 8) != 0, (FLAGS & 2) != 0, (FLAGS & 4) != 0, (FLAGS & 16) != 0, ACT, DOT, UPCAST, F64,
-                  BLOCK_M, BLOCK_N, BLOCK_K)
+                  o_w, scale, shift, part_mean, part_m2, N, C, H, W, CO, KS, HAS_BIAS, True, STORE_OUT, HAS_SCALE,
+                  HAS_SHIFT, STATS, ACT, DOT, UPCAST, F64, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
-@triton.jit
-def convs_kernel(N, C,
-                 l0, l0_n, l0_c, l0_h, l0_w, wk0, b0, pr0, pr0_n, pr0_c, pr0_h, pr0_w, o0, o0_n, o0_c, o0_h, o0_w,
-                 sc0, sh0, pm0, pq0, h0, w0, CO0, KS0,
-                 l1, l1_n, l1_c, l1_h, l1_w, wk1, b1, pr1, pr1_n, pr1_c, pr1_h, pr1_w, o1, o1_n, o1_c, o1_h, o1_w,
-                 sc1, sh1, pm1, pq1, h1, w1, CO1, KS1,
-                 l2, l2_n, l2_c, l2_h, l2_w, wk2, b2, pr2, pr2_n, pr2_c, pr2_h, pr2_w, o2, o2_n, o2_c, o2_h, o2_w,
-                 sc2, sh2, pm2, pq2, h2, w2, CO2, KS2,
-                 l3, l3_n, l3_c, l3_h, l3_w, wk3, b3, pr3, pr3_n, pr3_c, pr3_h, pr3_w, o3, o3_n, o3_c, o3_h, o3_w,
-                 sc3, sh3, pm3, pq3, h3, w3, CO3, KS3,
-                 FLAGS0: tl.constexpr, FLAGS1: tl.constexpr, FLAGS2: tl.constexpr, FLAGS3: tl.constexpr,
-                 SLOTS: tl.constexpr, ACT: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr,
-                 F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The training forward's convolutions of up to four branches in one launch (each slot's programs follow
+@dataclasses.dataclass(frozen=True)
+class ConvFlags:
+    """convs_kernel's per-slot compile-time values: bias, scale and shift present, the epilogue stored
+    (STORE_OUT), the tile's batch statistics stored (STATS)."""
+
+    HAS_BIAS: bool = False
+    HAS_SCALE: bool = False
+    HAS_SHIFT: bool = False
+    STORE_OUT: bool = False
+    STATS: bool = False
+
+
+CONVS = Slotted(
+    name="convs_kernel",
+    doc="""The training forward's convolutions of up to four branches in one launch (each slot's programs follow
     the previous slot's; their count depends on the autotuned BLOCK_N, so it is computed here): pre stored,
-    the epilogue stored where the branch needs no batch statistics, per-tile statistics where it does."""
-    pid = tl.program_id(0)
-    e1 = tl.cdiv(N * h0 * w0, BLOCK_M) * tl.cdiv(CO0, BLOCK_N)
-    e2 = e1 + tl.cdiv(N * h1 * w1, BLOCK_M) * tl.cdiv(CO1, BLOCK_N)
-    e3 = e2 + tl.cdiv(N * h2 * w2, BLOCK_M) * tl.cdiv(CO2, BLOCK_N)
-    if pid < e1:
-        _conv_slot(pid, l0, l0_n, l0_c, l0_h, l0_w, wk0, b0, pr0, pr0_n, pr0_c, pr0_h, pr0_w, o0, o0_n, o0_c, o0_h,
-                   o0_w, sc0, sh0, pm0, pq0, N, C, h0, w0, CO0, KS0, FLAGS0, ACT, DOT, UPCAST, F64, BLOCK_M,
-                   BLOCK_N, BLOCK_K)
-    elif pid < e2:
-        if SLOTS > 1:
-            _conv_slot(pid - e1, l1, l1_n, l1_c, l1_h, l1_w, wk1, b1, pr1, pr1_n, pr1_c, pr1_h, pr1_w, o1, o1_n,
-                       o1_c, o1_h, o1_w, sc1, sh1, pm1, pq1, N, C, h1, w1, CO1, KS1, FLAGS1, ACT, DOT, UPCAST, F64,
-                       BLOCK_M, BLOCK_N, BLOCK_K)
-    elif pid < e3:
-        if SLOTS > 2:
-            _conv_slot(pid - e2, l2, l2_n, l2_c, l2_h, l2_w, wk2, b2, pr2, pr2_n, pr2_c, pr2_h, pr2_w, o2, o2_n,
-                       o2_c, o2_h, o2_w, sc2, sh2, pm2, pq2, N, C, h2, w2, CO2, KS2, FLAGS2, ACT, DOT, UPCAST, F64,
-                       BLOCK_M, BLOCK_N, BLOCK_K)
-    else:
-        if SLOTS > 3:
-            _conv_slot(pid - e3, l3, l3_n, l3_c, l3_h, l3_w, wk3, b3, pr3, pr3_n, pr3_c, pr3_h, pr3_w, o3, o3_n,
-                       o3_c, o3_h, o3_w, sc3, sh3, pm3, pq3, N, C, h3, w3, CO3, KS3, FLAGS3, ACT, DOT, UPCAST, F64,
-                       BLOCK_M, BLOCK_N, BLOCK_K)
+    the epilogue stored where the branch needs no batch statistics, per-tile statistics where it does.""",
+    shared="N, C",
+    slot="l, l_n, l_c, l_h, l_w, wk, b, pr, pr_n, pr_c, pr_h, pr_w, o, o_n, o_c, o_h, o_w, sc, sh, pm, pq, h, w, CO,"
+         " KS",
+    flags=ConvFlags,
+    constexprs="ACT, DOT, UPCAST, F64, BLOCK_M, BLOCK_N, BLOCK_K",
+    ends="tl.cdiv(N * h * w, BLOCK_M) * tl.cdiv(CO, BLOCK_N)",
+    program="""_conv_slot(t, l, l_n, l_c, l_h, l_w, wk, b, pr, pr_n, pr_c, pr_h, pr_w, o, o_n, o_c, o_h, o_w, sc, sh,
+            pm, pq, N, C, h, w, CO, KS, HAS_BIAS, HAS_SCALE, HAS_SHIFT, STORE_OUT, STATS, ACT, DOT, UPCAST, F64,
+            BLOCK_M, BLOCK_N, BLOCK_K)""",
+)
+convs_kernel = CONVS.jit(globals())
 
 
 @triton.jit
 def _up_slot(t, src, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, N, C, H, W, ty_idx, ty_w, TY, tx_idx, tx_w, TX,
-             a_ptr, b_ptr, eps, gamma, beta, FLAGS: tl.constexpr, ACT: tl.constexpr, F64: tl.constexpr,
-             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+             a_ptr, b_ptr, eps, gamma, beta, NORM: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+             APPLY_ACT: tl.constexpr, ACT: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr,
+             BLOCK_C: tl.constexpr):
     """A branch's share of ups_kernel: (BLOCK_P output pixels, BLOCK_C channels) of its slice, the
-    up-resize of act(norm(src)); FLAGS: bits 0-1 the norm (NORM_*), 2 gamma, 3 beta, 4 apply the activation."""
+    up-resize of act(norm(src)) (NORM: NORM_*, with HAS_GAMMA / HAS_BETA; the activation if APPLY_ACT)."""
     pid_c = t % tl.cdiv(C, BLOCK_C)
     p = (t // tl.cdiv(C, BLOCK_C)) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -855,48 +784,35 @@ def _up_slot(t, src, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, N, C, H, W, ty
     ox = p % W
     oy = (p // W) % H
     n = p // (W * H)
-    mul, add = _channel_affine(c, cm, a_ptr, b_ptr, eps, gamma, beta, FLAGS & 3, (FLAGS & 4) != 0,
-                               (FLAGS & 8) != 0, F64)
+    mul, add = _channel_affine(c, cm, a_ptr, b_ptr, eps, gamma, beta, NORM, HAS_GAMMA, HAS_BETA, F64)
     acc = _zeros(BLOCK_P, BLOCK_C, F64)
-    if (FLAGS & 16) != 0:
+    if APPLY_ACT:
         acc = _gather(acc, src, s_n, s_c, s_h, s_w, n, oy, ox, c, pm, cm, ty_idx, ty_w, TY, tx_idx, tx_w, TX,
-                      mul, add, FLAGS & 3, ACT, 0, TY)
+                      mul, add, NORM, ACT, 0, TY)
     else:
         acc = _gather(acc, src, s_n, s_c, s_h, s_w, n, oy, ox, c, pm, cm, ty_idx, ty_w, TY, tx_idx, tx_w, TX,
-                      mul, add, FLAGS & 3, 0, 0, TY)
+                      mul, add, NORM, 0, 0, TY)
     tl.store(dst + (n * d_n + oy * d_h + ox * d_w)[:, None] + c[None, :] * d_c, _cast(acc, dst.dtype.element_ty),
              mask=pm[:, None] & cm[None, :])
 
 
-@triton.jit
-def ups_kernel(N, H, W, E0,
-               s0, s0_n, s0_c, s0_h, s0_w, d0, d0_n, d0_c, d0_h, d0_w, C0, y0, yw0, Y0, x0, xw0, X0, a0, b0, eps0,
-               g0, be0, E1,
-               s1, s1_n, s1_c, s1_h, s1_w, d1, d1_n, d1_c, d1_h, d1_w, C1, y1, yw1, Y1, x1, xw1, X1, a1, b1, eps1,
-               g1, be1, E2,
-               s2, s2_n, s2_c, s2_h, s2_w, d2, d2_n, d2_c, d2_h, d2_w, C2, y2, yw2, Y2, x2, xw2, X2, a2, b2, eps2,
-               g2, be2, E3,
-               s3, s3_n, s3_c, s3_h, s3_w, d3, d3_n, d3_c, d3_h, d3_w, C3, y3, yw3, Y3, x3, xw3, X3, a3, b3, eps3,
-               g3, be3, E4,
-               FLAGS0: tl.constexpr, FLAGS1: tl.constexpr, FLAGS2: tl.constexpr, FLAGS3: tl.constexpr,
-               SLOTS: tl.constexpr, ACT: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr,
-               BLOCK_C: tl.constexpr):
-    """The training forward's last launch for up to four branches: each slot's programs [E_s, E_s+1) write
+@dataclasses.dataclass(frozen=True)
+class UpFlags(NormFlags):
+    """ups_kernel's per-slot compile-time values (see _up_slot)."""
+
+    APPLY_ACT: bool = False
+
+
+UPS = Slotted(
+    name="ups_kernel",
+    doc="""The training forward's last launch for up to four branches: each slot's programs [E_s, E_s+1) write
     its output slice, the up-resize of its level result (the norm with batch statistics and the
-    activation applied per tap where the convolution could not apply them)."""
-    pid = tl.program_id(0)
-    if pid < E1:
-        _up_slot(pid - E0, s0, s0_n, s0_c, s0_h, s0_w, d0, d0_n, d0_c, d0_h, d0_w, N, C0, H, W, y0, yw0, Y0, x0, xw0,
-                 X0, a0, b0, eps0, g0, be0, FLAGS0, ACT, F64, BLOCK_P, BLOCK_C)
-    elif pid < E2:
-        if SLOTS > 1:
-            _up_slot(pid - E1, s1, s1_n, s1_c, s1_h, s1_w, d1, d1_n, d1_c, d1_h, d1_w, N, C1, H, W, y1, yw1, Y1, x1,
-                     xw1, X1, a1, b1, eps1, g1, be1, FLAGS1, ACT, F64, BLOCK_P, BLOCK_C)
-    elif pid < E3:
-        if SLOTS > 2:
-            _up_slot(pid - E2, s2, s2_n, s2_c, s2_h, s2_w, d2, d2_n, d2_c, d2_h, d2_w, N, C2, H, W, y2, yw2, Y2, x2,
-                     xw2, X2, a2, b2, eps2, g2, be2, FLAGS2, ACT, F64, BLOCK_P, BLOCK_C)
-    else:
-        if SLOTS > 3:
-            _up_slot(pid - E3, s3, s3_n, s3_c, s3_h, s3_w, d3, d3_n, d3_c, d3_h, d3_w, N, C3, H, W, y3, yw3, Y3, x3,
-                     xw3, X3, a3, b3, eps3, g3, be3, FLAGS3, ACT, F64, BLOCK_P, BLOCK_C)
+    activation applied per tap where the convolution could not apply them).""",
+    shared="N, H, W",
+    slot="s, s_n, s_c, s_h, s_w, d, d_n, d_c, d_h, d_w, C, y, yw, Y, xt, xw, X, a, b, eps, g, be",
+    flags=UpFlags,
+    constexprs="ACT, F64, BLOCK_P, BLOCK_C",
+    program="""_up_slot(t, s, s_n, s_c, s_h, s_w, d, d_n, d_c, d_h, d_w, N, C, H, W, y, yw, Y, xt, xw, X, a, b, eps, g,
+            be, NORM, HAS_GAMMA, HAS_BETA, APPLY_ACT, ACT, F64, BLOCK_P, BLOCK_C)""",
+)
+ups_kernel = UPS.jit(globals())

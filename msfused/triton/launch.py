@@ -26,6 +26,7 @@ backward, per 4 branches: 1 launch of every up-resize adjoint fused with the act
 
 from __future__ import annotations
 
+import dataclasses
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -34,6 +35,7 @@ import triton
 from ..functional import PARAM_CACHE
 from . import kernels as K
 from .plan import Part, cdiv, cost_model, nbytes
+from .slots import strided
 from .tables import axis_taps, stacked_taps
 
 INT32_LIMIT = 2**31 - 1
@@ -62,6 +64,30 @@ def _launch(kernel, grid, *args, **meta):
     # as they are: nothing can trace them (fake tensors hold no data), and torch before 2.13 refuses to
     # wrap them ("wrap_triton only works on functions annotated with triton.jit").
     (kernel if interpreting() else torch.library.wrap_triton(kernel))[grid](*args, **meta)
+
+
+#: ptxas's register limit for every kernel (``.maxnreg``): without it ptxas may cap a kernel below what it
+#: needs and spill (seen for sm_90: 8 bytes at 40 registers, 12 at 128), with it the kernels take what they
+#: need up to the hardware's 255 (tests/test_triton_compile.py reads ptxas's report).
+MAXNREG = 255
+
+
+def _config(kwargs: dict, **options) -> "triton.Config":
+    """An autotune configuration with the kernels' register limit."""
+    return triton.Config(kwargs, maxnreg=MAXNREG, **options)
+
+
+_PINNED: dict = {}
+
+
+def _pinned(kernel):
+    """``kernel`` with its one launch configuration (4 warps, 3 stages, MAXNREG) as a one-entry autotune list,
+    which Triton runs without measuring; the kernel itself under the interpreter."""
+    if interpreting():
+        return kernel
+    if kernel not in _PINNED:
+        _PINNED[kernel] = triton.autotune(configs=[_config({}, num_warps=4, num_stages=3)], key=[])(kernel)
+    return _PINNED[kernel]
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -163,15 +189,16 @@ def _conv_configs(kind: str):
     """Tile shapes of conv_kernel (pixels, output channels, input channels per step). Every one compiles for
     sm_90 without spilling registers (ptxas -v, tests/test_triton_compile.py): float32 operands take 16 input
     channels per step and 8 warps for 64 x 64 tiles or more (an IEEE float32 dot holds its operand tiles in
-    registers: 32 channels, 4 warps on 64 x 64, or 128 x 128 tiles spill)."""
+    registers: 32 channels, 4 warps on 64 x 64, or 128 x 128 tiles spill); half-precision operands no 128 x 128
+    tiles and 8 warps for 128 pixels (4 warps on 128 x 64, 128 x 128 tiles spilled 0.3 - 0.9 KB)."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 256, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
     shapes = {
         "f32": ((64, 64, 16, 8, 3), (128, 64, 16, 8, 3), (64, 128, 16, 8, 3), (64, 32, 16, 4, 4), (32, 32, 16, 2, 4)),
-        "half": ((64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3),
-                 (128, 64, 64, 8, 3), (64, 32, 32, 4, 4), (32, 32, 32, 2, 4), (128, 128, 64, 8, 2)),
+        "half": ((64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 4, 3), (64, 128, 64, 8, 3), (64, 32, 32, 4, 4),
+                 (32, 32, 32, 2, 4)),
     }[kind]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    return [_config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in shapes]
 
 
@@ -193,7 +220,7 @@ def _conv(src: torch.Tensor, wk: torch.Tensor, ks: int, co: int, bias: Optional[
     dot = K.DOT_FMA if f64 else _dot_mode(src)
     grid = lambda meta: (triton.cdiv(N * H * W, meta["BLOCK_M"]), triton.cdiv(co, meta["BLOCK_N"]))  # noqa: E731
     if f64:  # multiply-and-sum: a fixed small block keeps the 3-D product in registers
-        _launch(K.conv_kernel, grid, src, *_strides(src), wk, bias if bias is not None else dummy,
+        _launch(_pinned(K.conv_kernel), grid, src, *_strides(src), wk, bias if bias is not None else dummy,
                 pre_t, *_strides(pre_t), out_t, *_strides(out_t),
                 scale if scale is not None else dummy, shift if shift is not None else dummy,
                 N, C, H, W, co, ks,
@@ -229,16 +256,17 @@ def _pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(2, 3, 1, 0).reshape(k * k * c, co).contiguous()
 
 
-def _packed_weight(weight: torch.Tensor, flipped: bool = False) -> torch.Tensor:
-    """``_pack_weight(weight)`` (``flipped``: of the transposed convolution's weight, for the level gradient)
-    from the functional layer's parameter cache: packed once per version of the parameter (a copy, never a
-    view that would keep the parameter alive); per call inside a trace. No gradient flows through it: the
-    operators' backward computes the weight gradient itself."""
+def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``_pack_weight(weight)`` for the inference launcher, from the functional layer's parameter cache: packed
+    once per version of the parameter (a copy, never a view that would keep the parameter alive); per call
+    inside a trace. The training operators pack per call: the cache sees a parameter's changes through its
+    version counter, which in-place writes through ``.data`` bypass (gradcheck perturbs its inputs so), and
+    inside an operator it cannot tell whether a gradient is being taken."""
     def pack():
-        wk = _pack_weight(weight.flip(2, 3).transpose(0, 1) if flipped else weight)
+        wk = _pack_weight(weight)
         return wk if wk._base is None else wk.clone()
 
-    return PARAM_CACHE.get(weight, "triton.packed_weight" + ("_flipped" if flipped else ""), (weight,), (), pack)
+    return PARAM_CACHE.get(weight, "triton.packed_weight", (weight,), (), pack)
 
 
 def _offsets(weight: Sequence[torch.Tensor], C: int, input_position: str) -> Tuple[List[int], int, int]:
@@ -251,35 +279,18 @@ def _offsets(weight: Sequence[torch.Tensor], C: int, input_position: str) -> Tup
     return offsets, x_off, o + (C if input_position == "last" else 0)
 
 
-def _slot_args(values, per_slot, used):
-    """Flat argument list of a slotted kernel: ``used`` slots' arguments, then copies of the first one's
-    for the unused slots (never read: SLOTS stops them)."""
-    flat = []
-    for s in range(K.MAX_SLOTS):
-        flat += values[s] if s < used else values[0]
-        assert len(flat) == per_slot * (s + 1)
-    return flat
-
-
-def _ended_slot_args(values, per_slot, ends):
-    """Arguments of a kernel whose slot s runs programs [E_s, E_s+1): E_0, then each slot's arguments
-    followed by its end E_s+1 (unused slots: the first one's arguments and an empty range)."""
-    ends = list(ends) + [ends[-1]] * (K.MAX_SLOTS + 1 - len(ends))
-    flat = _slot_args(values, per_slot, len(values))
-    return [ends[0]] + [v for s in range(K.MAX_SLOTS) for v in flat[per_slot * s:per_slot * (s + 1)] + [ends[s + 1]]]
-
-
 def _conv_grid(sizes, N, block_m):
     return lambda meta: (sum(triton.cdiv(N * h * w, block_m) * triton.cdiv(co, meta["BLOCK_N"]) for h, w, co in sizes),)
 
 
 def _convs_configs(kind: str):
     """Tile shapes of convs_kernel (output channels, input channels per step; the pixels are fixed): float32
-    operands take 16 input channels per step, as in ``_conv_configs``."""
+    operands take 16 input channels per step and 8 warps from 64 channels, as in ``_conv_configs``."""
     if interpreting():
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": 16 if kind == "f32" else bk}, num_warps=w, num_stages=s)
-            for bn, bk, w, s in ((64, 32, 4, 3), (128, 32, 8, 3), (32, 32, 4, 4), (64, 64, 4, 3), (128, 64, 8, 2))]
+    shapes = {"f32": ((64, 16, 8, 3), (128, 16, 8, 3), (32, 16, 4, 4), (128, 16, 8, 2)),
+              "half": ((64, 32, 4, 3), (128, 32, 8, 3), (32, 32, 4, 4), (64, 64, 4, 3), (128, 64, 8, 2))}[kind]
+    return [_config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in shapes]
 
 
 def _convs_block_m(f64: bool) -> int:
@@ -287,7 +298,7 @@ def _convs_block_m(f64: bool) -> int:
     return (128 if interpreting() else 32) if f64 else (256 if interpreting() else 64)
 
 
-_CONVS_KEY = ["N", "C"] + [f"{v}{s}" for s in range(4) for v in ("h", "w", "CO", "KS")] + ["SLOTS", "DOT"]
+_CONVS_KEY = ["N", "C"] + K.CONVS.per_slot("h", "w", "CO", "KS") + ["SLOTS", "DOT"]
 convs_tuned = {kind: triton.autotune(configs=_convs_configs(kind), key=_CONVS_KEY)(K.convs_kernel)
                for kind in ("f32", "half")}
 
@@ -304,14 +315,18 @@ def _gather_levels(x, out, x_c0: int, copy: bool, slots: list) -> None:
     along dst's rows)."""
     N, C, H, W = x.shape
     block_p, block_c = _block_p(), _block_c(C)
-    ends, flat = [triton.cdiv(N * H * W, block_p) * triton.cdiv(C, block_c) if copy else 0], []
+    ends, args = [triton.cdiv(N * H * W, block_p) * triton.cdiv(C, block_c) if copy else 0], []
     for dst, h, wd, ty, r, tx in slots:
-        flat.append([dst, *_strides(dst), h, wd, ty.idx, ty.w, ty.taps, r, tx.idx, tx.w, tx.taps])
+        args.append((dict(**strided("d", dst), h=h, w=wd, y=ty.idx, yw=ty.w, Y=ty.taps, R=r, xt=tx.idx, xw=tx.w,
+                          X=tx.taps), K.NoFlags()))
         ends.append(ends[-1] + triton.cdiv(ty.taps, r) * triton.cdiv(N * h * wd, block_p) * triton.cdiv(C, block_c))
     if ends[-1] > 0:
-        flat = _ended_slot_args(flat or [[x, 0, 0, 0, 0, 1, 1, x, x, 0, 1, x, x, 0]], 14, ends)
-        _launch(K.levels_kernel, (ends[-1],), x, *_strides(x), out, *_strides(out), x_c0, N, C, H, W, *flat,
-                SLOTS=len(slots), F64=x.dtype == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
+        filler = None if args else dict(d=x, d_n=0, d_c=0, d_h=0, d_w=0, h=1, w=1, y=x, yw=x, Y=0, R=1, xt=x, xw=x,
+                                        X=0)  # (the copy alone)
+        flat, consts = K.LEVELS.pack(args, ends, filler)
+        _launch(_pinned(K.levels_kernel), (ends[-1],), x, *_strides(x), out, *_strides(out), x_c0, N, C, H, W,
+                *flat,
+                **consts, F64=x.dtype == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
 
 
 def _launch_levels(x, out, x_c0: int, copy: bool, branches: Sequence[int], factor, bins, down_mode, align_corners,
@@ -367,12 +382,12 @@ def _levels_cost(a):
     x, N, C, H, W, bp, bc = a["x"], a["N"], a["C"], a["H"], a["W"], a["BLOCK_P"], a["BLOCK_C"]
     parts = [Part("copy x", a["E0"], min(bp, N * H * W) * min(bc, C), 1, nbytes(x, N * C * H * W),
                   nbytes(x, N * C * H * W))]
-    for s in range(a["SLOTS"]):
-        px, taps = N * a[f"h{s}"] * a[f"w{s}"], a[f"Y{s}"] * a[f"X{s}"]
-        chunks = cdiv(a[f"Y{s}"], a[f"R{s}"])
-        parts.append(Part(f"level {a[f'h{s}']}x{a[f'w{s}']}" + (f" in {chunks} chunks" if chunks > 1 else ""),
-                          a[f"E{s + 1}"] - a[f"E{s}"], min(bp, px) * min(bc, C), a[f"R{s}"] * a[f"X{s}"],
-                          nbytes(x, C * min(px * taps, N * H * W)), nbytes(a[f"d{s}"], chunks * px * C)))
+    for sl in K.LEVELS.slots(a):
+        px, taps = N * sl["h"] * sl["w"], sl["Y"] * sl["X"]
+        chunks = cdiv(sl["Y"], sl["R"])
+        parts.append(Part(f"level {sl['h']}x{sl['w']}" + (f" in {chunks} chunks" if chunks > 1 else ""),
+                          sl["end"] - sl["start"], min(bp, px) * min(bc, C), sl["R"] * sl["X"],
+                          nbytes(x, C * min(px * taps, N * H * W)), nbytes(sl["d"], chunks * px * C)))
     return parts
 
 
@@ -409,7 +424,7 @@ def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_
         for b, (lev, _) in made.items():
             levels[b] = lev
         # 2. every convolution of the chunk
-        conv_slots, flags, sizes, partials, ups = [], [], [], {}, []
+        conv_slots, sizes, partials, ups = [], [], {}, []
         for b in chunk:
             co, _, k, _ = weight[b].shape
             h, wd = _level(factor[b], bins, b, H, W)
@@ -429,22 +444,21 @@ def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_
             if not direct:
                 ups.append((b, epi if not batch_stats[b] else pre))
             s_, t_ = (None, None) if batch_stats[b] else (scale[b], shift[b])
-            flags.append((bias[b] is not None) | (s_ is not None) << 1 | (t_ is not None) << 2
-                         | (not batch_stats[b]) << 3 | batch_stats[b] << 4)
-            wk = _packed_weight(weight[b])
-            conv_slots.append([src, *_strides(src), wk, bias[b] if bias[b] is not None else wk, pre, *_strides(pre),
-                               epi, *_strides(epi), s_ if s_ is not None else wk, t_ if t_ is not None else wk,
-                               *part, h, wd, co, k])
+            wk = _pack_weight(weight[b])
+            given = lambda t: wk if t is None else t  # noqa: E731  (an absent tensor is never read)
+            conv_slots.append((
+                dict(**strided("l", src), wk=wk, b=given(bias[b]), **strided("pr", pre), **strided("o", epi),
+                     sc=given(s_), sh=given(t_), pm=part[0], pq=part[1], h=h, w=wd, CO=co, KS=k),
+                K.ConvFlags(HAS_BIAS=bias[b] is not None, HAS_SCALE=s_ is not None, HAS_SHIFT=t_ is not None,
+                            STORE_OUT=not batch_stats[b], STATS=batch_stats[b])))
             sizes.append((h, wd, co))
         if N > 0:
-            flags += [0] * (K.MAX_SLOTS - len(flags))
             # float64 multiplies and sums a 3-D product: fixed small blocks, no tuning
-            kernel, blocks = ((K.convs_kernel, dict(BLOCK_N=16, BLOCK_K=16)) if f64
+            kernel, blocks = ((_pinned(K.convs_kernel), dict(BLOCK_N=16, BLOCK_K=16)) if f64
                               else (convs_tuned[_conv_kind(dt)], {}))
-            _launch(kernel, _conv_grid(sizes, N, block_m), N, C, *_slot_args(conv_slots, 25, len(conv_slots)),
-                    FLAGS0=flags[0], FLAGS1=flags[1], FLAGS2=flags[2], FLAGS3=flags[3], SLOTS=len(conv_slots),
-                    ACT=act, DOT=K.DOT_FMA if f64 else _dot_mode(x), UPCAST=_upcast(x), F64=f64, BLOCK_M=block_m,
-                    **blocks)
+            flat, consts = K.CONVS.pack(conv_slots)
+            _launch(kernel, _conv_grid(sizes, N, block_m), N, C, *flat, **consts, ACT=act,
+                    DOT=K.DOT_FMA if f64 else _dot_mode(x), UPCAST=_upcast(x), F64=f64, BLOCK_M=block_m, **blocks)
         # 3. batch statistics: the tiles' (count, mean, M2) combined in order (parameter-sized)
         for b, (part_mean, part_m2) in partials.items():
             co = weight[b].shape[0]
@@ -453,48 +467,46 @@ def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_
             var = torch.empty((co,), dtype=stats_dt, device=dev)
             bc = _block_c(co)
             if N * h * wd:
-                _launch(K.stats_combine_kernel, (triton.cdiv(co, bc),), part_mean, part_m2, part_mean.shape[0],
-                        N * h * wd, co, mean, var, BLOCK_P=block_m, BLOCK_C=bc)
+                _launch(_pinned(K.stats_combine_kernel), (triton.cdiv(co, bc),), part_mean, part_m2,
+                        part_mean.shape[0], N * h * wd, co, mean, var, BLOCK_P=block_m, BLOCK_C=bc)
             means[b], variances[b] = mean, var
         # 4. the remaining output slices: norm with batch statistics, activation, up-resize
-        up_slots, up_flags, ends = [], [], [0]
+        up_slots, ends = [], [0]
         up_bc = max((_block_c(weight[b].shape[0]) for b, _ in ups), default=4)
         for b, src in ups:
             co = weight[b].shape[0]
             h, wd = _level(factor[b], bins, b, H, W)
             ty, tx = _up_taps(up_mode, h, wd, H, W, align_corners, dt, dev)
             dst = out[:, offsets[b]:offsets[b] + co]
-            if batch_stats[b]:
-                fl = K.NORM_BATCH | (scale[b] is not None) << 2 | (shift[b] is not None) << 3 | 1 << 4
+            if batch_stats[b]:  # the norm with batch statistics and the activation, per tap
+                flags = K.UpFlags(NORM=K.NORM_BATCH, HAS_GAMMA=scale[b] is not None, HAS_BETA=shift[b] is not None,
+                                  APPLY_ACT=True)
                 a_, b_, g_, be_ = means[b], variances[b], scale[b], shift[b]
-            else:
-                fl, a_, b_, g_, be_ = K.NORM_NONE, None, None, None, None
-            dummy = ty.w
-            up_slots.append([src, *_strides(src), dst, *_strides(dst), co, ty.idx, ty.w, ty.taps, tx.idx, tx.w,
-                             tx.taps, a_ if a_ is not None else dummy, b_ if b_ is not None else dummy, float(eps[b]),
-                             g_ if g_ is not None else dummy, be_ if be_ is not None else dummy])
-            up_flags.append(fl)
+            else:  # the epilogue already applied
+                flags, a_, b_, g_, be_ = K.UpFlags(), None, None, None, None
+            given = lambda t: ty.w if t is None else t  # noqa: E731  (an absent tensor is never read)
+            up_slots.append((dict(**strided("s", src), **strided("d", dst), C=co, y=ty.idx, yw=ty.w, Y=ty.taps,
+                                  xt=tx.idx, xw=tx.w, X=tx.taps, a=given(a_), b=given(b_), eps=float(eps[b]),
+                                  g=given(g_), be=given(be_)), flags))
             ends.append(ends[-1] + triton.cdiv(N * H * W, block_p) * triton.cdiv(co, up_bc))
         if up_slots and ends[-1] > 0:
-            up_flags += [0] * (K.MAX_SLOTS - len(up_flags))
-            flat = _ended_slot_args(up_slots, 22, ends)
-            _launch(K.ups_kernel, (ends[-1],), N, H, W, *flat, FLAGS0=up_flags[0], FLAGS1=up_flags[1],
-                    FLAGS2=up_flags[2], FLAGS3=up_flags[3], SLOTS=len(up_slots), ACT=act, F64=f64,
+            flat, consts = K.UPS.pack(up_slots, ends)
+            _launch(_pinned(K.ups_kernel), (ends[-1],), N, H, W, *flat, **consts, ACT=act, F64=f64,
                     BLOCK_P=block_p, BLOCK_C=up_bc)
     return out, levels, pres, means, variances
 
 
 @cost_model(K.convs_kernel)
 def _convs_cost(a):
-    """Plan model (estimates): per branch slot conv_kernel's tiles (pre stored; the epilogue where bit 3)."""
+    """Plan model (estimates): per branch slot conv_kernel's tiles (pre stored; the epilogue where STORE_OUT)."""
     N, C, bm, bn, bk = a["N"], a["C"], a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
     parts = []
-    for s in range(a["SLOTS"]):
-        px, co, ks, src = N * a[f"h{s}"] * a[f"w{s}"], a[f"CO{s}"], a[f"KS{s}"], a[f"l{s}"]
+    for sl in K.CONVS.slots(a):
+        px, co, ks, src = N * sl["h"] * sl["w"], sl["CO"], sl["KS"], sl["l"]
         programs = cdiv(px, bm) * cdiv(co, bn)
-        stores = 1 + ((a[f"FLAGS{s}"] >> 3) & 1)
-        parts.append(Part(f"conv {a[f'h{s}']}x{a[f'w{s}']}", programs, min(bm, px) * min(bn, co),
-                          ks * ks * cdiv(C, bk), nbytes(src, px * C) + nbytes(a[f"wk{s}"]),
+        stores = 1 + int(sl["STORE_OUT"])
+        parts.append(Part(f"conv {sl['h']}x{sl['w']}", programs, min(bm, px) * min(bn, co),
+                          ks * ks * cdiv(C, bk), nbytes(src, px * C) + nbytes(sl["wk"]),
                           nbytes(src, px * co * stores), 2 * programs * bm * bn * ks * ks * cdiv(C, bk) * bk))
     return parts
 
@@ -513,10 +525,10 @@ def _ups_cost(a):
     program, looping over the up-resize taps."""
     N, H, W, bp, bc = a["N"], a["H"], a["W"], a["BLOCK_P"], a["BLOCK_C"]
     parts = []
-    for s in range(a["SLOTS"]):
-        src, co = a[f"s{s}"], a[f"C{s}"]
-        parts.append(Part(f"up {tuple(src.shape[2:])}", a[f"E{s + 1}"] - a[f"E{s}"], min(bp, N * H * W) * min(bc, co),
-                          a[f"Y{s}"] * a[f"X{s}"], nbytes(src), nbytes(src, N * co * H * W)))
+    for sl in K.UPS.slots(a):
+        src, co = sl["s"], sl["C"]
+        parts.append(Part(f"up {tuple(src.shape[2:])}", sl["end"] - sl["start"], min(bp, N * H * W) * min(bc, co),
+                          sl["Y"] * sl["X"], nbytes(src), nbytes(src, N * co * H * W)))
     return parts
 
 
@@ -544,7 +556,7 @@ def _wgrad(src: torch.Tensor, dpre: torch.Tensor, ks: int, co: int, acc_dt: torc
     split = triton.cdiv(total, m_split)
     part = dwk if split == 1 else _empty((split, ks * ks * C * co), dtype=acc_dt, device=src.device)
     grid = (ks * ks * split, triton.cdiv(C, bc), triton.cdiv(co, bn))
-    _launch(K.wgrad_kernel, grid, src, *_strides(src), dpre, part, N, C, H, W, co, ks, split, m_split,
+    _launch(_pinned(K.wgrad_kernel), grid, src, *_strides(src), dpre, part, N, C, H, W, co, ks, split, m_split,
             DOT=K.DOT_FMA if f64 else _dot_mode(src), UPCAST=_upcast(src), BLOCK_M=bm, BLOCK_C=bc, BLOCK_N=bn)
     return dwk, (None if split == 1 else (part, dwk.view(-1)))
 
@@ -558,10 +570,10 @@ def _column_sums(pairs) -> None:
         br = _pow2(triton.cdiv(max(part.shape[0] for part, _ in group), SPLIT_STEPS), 8, 64)
         slots, ends = [], [0]
         for part, out in group:
-            slots.append([part, part.shape[0], part.shape[1], out])
+            slots.append((dict(pt=part, T=part.shape[0], C=part.shape[1], o=out), K.NoFlags()))
             ends.append(ends[-1] + triton.cdiv(part.shape[1], bc))
-        _launch(K.column_sums_kernel, (ends[-1],), *_ended_slot_args(slots, 4, ends), SLOTS=len(slots),
-                BLOCK_R=br, BLOCK_C=bc)
+        flat, consts = K.COLUMN_SUMS.pack(slots, ends)
+        _launch(_pinned(K.column_sums_kernel), (ends[-1],), *flat, **consts, BLOCK_R=br, BLOCK_C=bc)
 
 
 @cost_model(K.wgrad_kernel)
@@ -620,9 +632,10 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
             g = grad_out[:, offsets[b]:offsets[b] + co]
             ty, tx = _up_taps(up_mode, h, wd, H, W, align_corners, dt, dev)
             given = lambda t: gys[b] if t is None else t  # noqa: E731  (an absent tensor is never read)
-            tail = [given(a_t), given(b_t), float(eps[b]), given(g_t), given(be_t)]
+            tail = dict(a=given(a_t), b=given(b_t), eps=float(eps[b]), ga=given(g_t), be=given(be_t))
             # the norm's multiplier and offset are scale / shift: folded, or the batch norm's gamma / beta
-            flags = norm | (scale[b] is not None) << 2 | (shift[b] is not None) << 3 | final << 4
+            flags = K.AdjointFlags(NORM=norm, HAS_GAMMA=scale[b] is not None, HAS_BETA=shift[b] is not None,
+                                   FINAL=final)
             rows = max(1, SPLIT_STEPS // tx.adj_taps)  # adjoint y taps per chunk
             ytaps, xtaps = (ty.adj_idx, ty.adj_w, ty.adj_taps), (tx.adj_idx, tx.adj_w, tx.adj_taps)
             if ty.adj_taps <= rows or not total:
@@ -638,25 +651,23 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
                 co = weight[b].shape[0]
                 h, wd = _level(factor[b], bins, b, H, W)
                 stack = buf[:, :co, first:first + k * h, :wd]
-                adj.append((b, g, stack, ytaps, rows, xtaps, tail, flags | 32, k))
+                adj.append((b, g, stack, ytaps, rows, xtaps, tail, dataclasses.replace(flags, PARTIAL=True), k))
                 sums = stacked_taps(h, k, 0, dt, dev)
                 ident = axis_taps("identity", wd, wd, 0, False, dt, dev)
                 finish.append((b, stack, pre[b], (sums.idx, sums.w, k), k, (ident.idx, ident.w, 1), tail, flags, 1))
                 first += k * h
         for launch_slots in ([adj, finish] if chunked else [adj]):
-            slot_args, flag_list, ends = [], [], [0]
-            for b, g, p, ytaps, rows, xtaps, tail, flags, k in launch_slots:
+            slot_args, ends = [], [0]
+            for b, g, p, (yi, yw, ytaps_n), rows, (xi, xw, xtaps_n), tail, flags, k in launch_slots:
                 co = weight[b].shape[0]
                 h, wd = _level(factor[b], bins, b, H, W)
-                slot_args.append([g, *_strides(g), p, *_strides(p), gys[b], parts[b], co, h, wd, *ytaps, rows,
-                                  *xtaps, *tail])
-                flag_list.append(flags)
+                slot_args.append((dict(**strided("g", g), **strided("p", p), gy=gys[b], pt=parts[b], C=co, h=h, w=wd,
+                                       y=yi, yw=yw, Y=ytaps_n, R=rows, xt=xi, xw=xw, X=xtaps_n, **tail), flags))
                 ends.append(ends[-1] + k * triton.cdiv(N * h * wd, block_p) * triton.cdiv(co, block_c))
             if ends[-1] > 0:
-                flag_list += [0] * (K.MAX_SLOTS - len(flag_list))
-                _launch(K.up_adjoints_kernel, (ends[-1],), N, *_ended_slot_args(slot_args, 27, ends),
-                        **{f"FLAGS{s}": f for s, f in enumerate(flag_list)}, SLOTS=len(slot_args), ACT=act,
-                        F64=f64, BLOCK_P=block_p, BLOCK_C=block_c)
+                flat, consts = K.UP_ADJOINTS.pack(slot_args, ends)
+                _launch(_pinned(K.up_adjoints_kernel), (ends[-1],), N, *flat, **consts, ACT=act, F64=f64,
+                        BLOCK_P=block_p, BLOCK_C=block_c)
         # 2. the partials' column sums, each in a fixed order, in one launch
         sums = {b: _empty((parts[b].shape[1],), dtype=acc_dt, device=dev) for b in chunk}
         _column_sums([(parts[b], sums[b]) for b in chunk])
@@ -675,7 +686,7 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
                 dbias = sum_gy
             grad_b[b] = dbias.to(dt)
         # 4. with batch statistics, the conv outputs' gradients now that the sums are known
-        dpres, dp_slots, dp_flags, dp_ends = {}, [], [], [0]
+        dpres, dp_slots, dp_ends = {}, [], [0]
         for b in chunk:
             if not batch_stats[b]:
                 dpres[b] = gys[b]
@@ -684,15 +695,13 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
             h, wd = _level(factor[b], bins, b, H, W)
             dpres[b] = _empty((N * h * wd, co), dtype=dt, device=dev)
             p = pre[b]
-            dp_slots.append([gys[b], p, *_strides(p), dpres[b], co, h, wd, mean[b], var[b], float(eps[b]),
-                             scale[b] if scale[b] is not None else p, sums[b]])
-            dp_flags.append(scale[b] is not None)
+            dp_slots.append((dict(gy=gys[b], **strided("p", p), d=dpres[b], C=co, h=h, w=wd, m=mean[b], v=var[b],
+                                  eps=float(eps[b]), ga=scale[b] if scale[b] is not None else p, s=sums[b]),
+                             K.DpreFlags(HAS_GAMMA=scale[b] is not None)))
             dp_ends.append(dp_ends[-1] + triton.cdiv(N * h * wd, block_p) * triton.cdiv(co, block_c))
         if dp_ends[-1] > 0:
-            dp_flags += [False] * (K.MAX_SLOTS - len(dp_flags))
-            _launch(K.dpres_kernel, (dp_ends[-1],), N, *_ended_slot_args(dp_slots, 15, dp_ends),
-                    GAMMA0=dp_flags[0], GAMMA1=dp_flags[1], GAMMA2=dp_flags[2], GAMMA3=dp_flags[3],
-                    SLOTS=len(dp_slots), BLOCK_P=block_p, BLOCK_C=block_c)
+            flat, consts = K.DPRES.pack(dp_slots, dp_ends)
+            _launch(_pinned(K.dpres_kernel), (dp_ends[-1],), N, *flat, **consts, BLOCK_P=block_p, BLOCK_C=block_c)
         # 5. per branch: the weight gradient (split over pixel ranges where long: their partials summed by
         #    one launch for the chunk) and the level gradient (the convolution with flipped weights)
         dwks, pending = {}, []
@@ -707,7 +716,7 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
                 pending += [partials] if partials is not None else []
             if output_mask[0]:
                 dpre4 = dpre.view(N, h, wd, co).permute(0, 3, 1, 2)
-                wt = _packed_weight(w, flipped=True)
+                wt = _pack_weight(w.flip(2, 3).transpose(0, 1))
                 dlev = _empty((N, h, wd, C), dtype=acc_dt, device=dev).permute(0, 3, 1, 2)
                 _conv(dpre4, wt, k, C, None, dlev, None)
                 slots.append((dlev, _down_taps(factor[b], down_mode, H, W, h, wd, align_corners, dt, dev)))
@@ -726,18 +735,16 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
 def _up_adjoints_cost(a):
     """Plan model (estimates): per branch slot a (BLOCK_P level pixels, BLOCK_C channels) tile per program,
     looping over a chunk of R of the adjoint's y taps (every output row that reads the level pixel) times
-    its x taps; chunked slots (FLAGS bit 5) store their partial sums only."""
+    its x taps; PARTIAL slots store their partial sums only."""
     N, bp, bc = a["N"], a["BLOCK_P"], a["BLOCK_C"]
     parts = []
-    for s in range(a["SLOTS"]):
-        g, co, px = a[f"g{s}"], a[f"C{s}"], N * a[f"h{s}"] * a[f"w{s}"]
-        chunks = cdiv(a[f"Y{s}"], a[f"R{s}"])
-        partial = (a[f"FLAGS{s}"] >> 5) & 1
-        written = nbytes(a[f"p{s}"], chunks * px * co) if partial else nbytes(a[f"gy{s}"]) + nbytes(a[f"pt{s}"])
-        read = nbytes(g, N * co * g.shape[2] * g.shape[3]) + (0 if partial else nbytes(a[f"p{s}"], px * co))
-        parts.append(Part(f"up adjoint {a[f'h{s}']}x{a[f'w{s}']}" + (f" in {chunks} chunks" if partial else ""),
-                          a[f"E{s + 1}"] - a[f"E{s}"], min(bp, px) * min(bc, co), a[f"R{s}"] * a[f"X{s}"], read,
-                          written))
+    for sl in K.UP_ADJOINTS.slots(a):
+        g, co, px, partial = sl["g"], sl["C"], N * sl["h"] * sl["w"], sl["PARTIAL"]
+        chunks = cdiv(sl["Y"], sl["R"])
+        written = nbytes(sl["p"], chunks * px * co) if partial else nbytes(sl["gy"]) + nbytes(sl["pt"])
+        read = nbytes(g, N * co * g.shape[2] * g.shape[3]) + (0 if partial else nbytes(sl["p"], px * co))
+        parts.append(Part(f"up adjoint {sl['h']}x{sl['w']}" + (f" in {chunks} chunks" if partial else ""),
+                          sl["end"] - sl["start"], min(bp, px) * min(bc, co), sl["R"] * sl["X"], read, written))
     return parts
 
 
@@ -745,10 +752,10 @@ def _up_adjoints_cost(a):
 def _column_sums_cost(a):
     """Plan model (estimates): per slot BLOCK_C columns per program, a loop over the rows BLOCK_R at a time."""
     parts = []
-    for s in range(a["SLOTS"]):
-        T, C = a[f"T{s}"], a[f"C{s}"]
-        parts.append(Part("column sums", a[f"E{s + 1}"] - a[f"E{s}"], min(a["BLOCK_C"], C) * min(a["BLOCK_R"], T),
-                          cdiv(T, a["BLOCK_R"]), nbytes(a[f"pt{s}"], T * C), nbytes(a[f"o{s}"], C)))
+    for sl in K.COLUMN_SUMS.slots(a):
+        T, C = sl["T"], sl["C"]
+        parts.append(Part("column sums", sl["end"] - sl["start"], min(a["BLOCK_C"], C) * min(a["BLOCK_R"], T),
+                          cdiv(T, a["BLOCK_R"]), nbytes(sl["pt"], T * C), nbytes(sl["o"], C)))
     return parts
 
 
@@ -757,10 +764,10 @@ def _dpres_cost(a):
     """Plan model (estimates): per branch slot an elementwise (BLOCK_P, BLOCK_C) tile per program."""
     N, bp, bc = a["N"], a["BLOCK_P"], a["BLOCK_C"]
     parts = []
-    for s in range(a["SLOTS"]):
-        co, px = a[f"C{s}"], N * a[f"h{s}"] * a[f"w{s}"]
-        parts.append(Part("conv-output gradient", a[f"E{s + 1}"] - a[f"E{s}"], min(bp, px) * min(bc, co), 1,
-                          nbytes(a[f"gy{s}"]) + nbytes(a[f"p{s}"]), nbytes(a[f"d{s}"])))
+    for sl in K.DPRES.slots(a):
+        co, px = sl["C"], N * sl["h"] * sl["w"]
+        parts.append(Part("conv-output gradient", sl["end"] - sl["start"], min(bp, px) * min(bc, co), 1,
+                          nbytes(sl["gy"]) + nbytes(sl["p"]), nbytes(sl["d"])))
     return parts
 
 
@@ -776,17 +783,13 @@ def _dx(grad_out, x, x_off, slots, fmt, acc_dt):
     for i, chunk in enumerate(chunks):
         last = i == len(chunks) - 1
         dst = dx if last else _empty(x.shape, dtype=acc_dt, device=x.device, memory_format=fmt)
-        args = []
-        for s in range(K.MAX_SLOTS):
-            if s < len(chunk):
-                lev, (ty, tx) = chunk[s]
-                args += [lev, *_strides(lev), ty.adj_idx, ty.adj_w, ty.adj_taps, tx.adj_idx, tx.adj_w, tx.adj_taps]
-            else:
-                args += [dst, 0, 0, 0, 0, dst, dst, 0, dst, dst, 0]
+        args = [(dict(**strided("l", lev), yi=ty.adj_idx, yw=ty.adj_w, Y=ty.adj_taps, xi=tx.adj_idx, xw=tx.adj_w,
+                      X=tx.adj_taps), K.NoFlags()) for lev, (ty, tx) in chunk]
+        filler = dict(l=dst, l_n=0, l_c=0, l_h=0, l_w=0, yi=dst, yw=dst, Y=0, xi=dst, xw=dst, X=0)  # unused slots
+        flat, consts = K.DX.pack(args, filler=filler)
         gt = g if g is not None else dst
-        _launch(K.dx_kernel, grid, dst, *_strides(dst), N, C, H, W, gt, *_strides(gt), *args,
-                HAS_G=g is not None, SLOTS=len(chunk), F64=acc_dt == torch.float64, BLOCK_P=block_p,
-                BLOCK_C=block_c)
+        _launch(_pinned(K.dx_kernel), grid, dst, *_strides(dst), N, C, H, W, gt, *_strides(gt), *flat, **consts,
+                HAS_G=g is not None, F64=acc_dt == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
         g = dst
     return dx
 
@@ -796,9 +799,9 @@ def _dx_cost(a):
     """Plan model (estimates): a (BLOCK_P, BLOCK_C) tile of dx per program, each level's adjoint taps in turn."""
     N, C, H, W, bp, bc, dx = a["N"], a["C"], a["H"], a["W"], a["BLOCK_P"], a["BLOCK_C"], a["dx"]
     px = N * H * W
-    levels = [a[f"l{s}"] for s in range(a["SLOTS"])]
-    serial = max([a[f"Y{s}"] * a[f"X{s}"] for s in range(a["SLOTS"])], default=1)
-    read = sum(nbytes(lv) for lv in levels) + (nbytes(a["g"], px * C) if a["HAS_G"] else 0)
+    slots = K.DX.slots(a)
+    serial = max([sl["Y"] * sl["X"] for sl in slots], default=1)
+    read = sum(nbytes(sl["l"]) for sl in slots) + (nbytes(a["g"], px * C) if a["HAS_G"] else 0)
     return [Part("dx", cdiv(px, bp) * cdiv(C, bc), min(bp, px) * min(bc, C), serial, read, nbytes(dx, px * C))]
 
 
@@ -816,22 +819,23 @@ def _block_configs(kind: str) -> List[triton.Config]:
     """Tile shapes of block_kernel: level tile RH x RW, output channels and input channels per step. Every
     one compiles for sm_90 without spilling registers (ptxas -v, tests/test_triton_compile.py): float32
     operands take 16 input channels per step (the unrolled down-resize gathers hold several (RH * RW,
-    BLOCK_K) tiles at once) and no software pipelining (num_stages=1: with 2, 8 x 8 tiles spill 44 bytes
-    when the strides carry no 16-divisibility)."""
+    BLOCK_K) tiles at once), no software pipelining (num_stages=1: with 2, 8 x 8 tiles spill 44 bytes
+    when the strides carry no 16-divisibility) and 8 warps on 8 x 8 tiles (4 spilled 24 bytes)."""
     if interpreting():
         return [triton.Config({"RH": 16, "RW": 16, "BLOCK_N": 16 if kind == "f64" else 32,
                                "BLOCK_K": 16 if kind == "f64" else 32})]
     if kind == "f64":  # multiply-and-sum: a 3-D product in registers, so small tiles
-        return [triton.Config({"RH": rh, "RW": rw, "BLOCK_N": 16, "BLOCK_K": 8}, num_warps=4)
+        return [_config({"RH": rh, "RW": rw, "BLOCK_N": 16, "BLOCK_K": 8}, num_warps=4)
                 for rh, rw in ((4, 8), (8, 8))]
-    return [triton.Config({"RH": rh, "RW": rw, "BLOCK_N": bn, "BLOCK_K": 16 if kind == "f32" else bk},
-                          num_warps=wp, num_stages=1 if kind == "f32" else st)
+    f32 = kind == "f32"
+    return [_config({"RH": rh, "RW": rw, "BLOCK_N": bn, "BLOCK_K": 16 if f32 else bk},
+                          num_warps=8 if f32 and rh * rw == 64 else wp, num_stages=1 if f32 else st)
             for rh, rw, bn, bk, wp, st in ((8, 8, 64, 32, 4, 2), (8, 16, 64, 32, 4, 2), (16, 16, 64, 32, 8, 2),
                                            (8, 16, 128, 32, 8, 2), (16, 16, 32, 32, 8, 2), (4, 16, 64, 64, 4, 2))]
 
 
-_BLOCK_KEY = ["N", "C", "H", "W"] + \
-    [f"{v}{s}" for s in range(4) for v in ("h", "w", "CO", "KS", "HALO", "DY", "DX", "UY", "UX")] + ["SLOTS", "DOT"]
+_BLOCK_KEY = ["N", "C", "H", "W"] + K.BLOCK.per_slot("h", "w", "CO", "KS", "HALO", "DY", "DX", "UY", "UX") + \
+    ["SLOTS", "DOT"]
 block_tuned = {kind: triton.autotune(configs=_block_configs(kind), key=_BLOCK_KEY)(K.block_kernel)
                for kind in ("f64", "f32", "half")}
 
@@ -842,19 +846,19 @@ def _tile_programs(N: int, h: int, w: int, co: int, halo: int, cfg: dict) -> int
 
 
 def _tile_slot(src, down, wk, ks, co, bias, scale, shift, out, c0, up, direct):
-    """One branch's arguments of block_kernel (before and after its scratch buffer; it writes channels
-    [c0, c0 + co) of ``out``), its compile-time arguments (flags, down taps per axis) and sizes."""
+    """One branch's arguments of block_kernel (it writes channels [c0, c0 + co) of ``out``; its scratch, scr
+    and so, are the caller's), its flags and its sizes (h, w, co, halo, direct)."""
     (dy, dx), (uy, ux) = down, up
     h, w = dy.idx.shape[0], dx.idx.shape[0]
     halo = 0 if direct else max(0, max(uy.taps, ux.taps) - 1)
     rows, cols = (dy.idx, dy.idx) if direct else (uy.first, ux.first)  # (direct: unused)
-    dummy = wk
-    flags = (bias is not None) | (scale is not None) << 1 | (shift is not None) << 2 | direct << 3
-    head = [src, *_strides(src), dy.idx, dy.w, dx.idx, dx.w, wk,
-            bias if bias is not None else dummy, scale if scale is not None else dummy,
-            shift if shift is not None else dummy, out, *_strides(out), c0]
-    tail = [uy.idx, uy.w, ux.idx, ux.w, rows, cols, h, w, co, ks, halo]
-    return head, tail, (flags, dy.taps, dx.taps, uy.taps, ux.taps), (h, w, co, halo, direct)
+    given = lambda t: wk if t is None else t  # noqa: E731  (an absent tensor is never read)
+    args = dict(**strided("l", src), dy=dy.idx, dyw=dy.w, dx=dx.idx, dxw=dx.w, wk=wk, b=given(bias), sc=given(scale),
+                sh=given(shift), out=out, q_n=out.stride(0), q_c=out.stride(1), q_h=out.stride(2), q_w=out.stride(3),
+                oc=c0, uy=uy.idx, uyw=uy.w, ux=ux.idx, uxw=ux.w, fr=rows, fc=cols, h=h, w=w, CO=co, KS=ks, HALO=halo)
+    flags = K.TileFlags(HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+                        DIRECT=direct, DY=dy.taps, DX=dx.taps, UY=uy.taps, UX=ux.taps)
+    return args, flags, (h, w, co, halo, direct)
 
 
 def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, align_corners, activation,
@@ -899,29 +903,18 @@ def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, a
         # Scratch for the tiles of the up-resizing branches, enough for any tuned tile shape.
         configs = [c.kwargs for c in _block_configs(_block_kind(dt))]
         need = [max(_tile_programs(N, h, w, co, halo, c) * c["RH"] * c["RW"] * c["BLOCK_N"] for c in configs)
-                if not direct else 0 for _, _, _, (h, w, co, halo, direct) in slots]
+                if not direct else 0 for _, _, (h, w, co, halo, direct) in slots]
         scratch = _empty((max(1, sum(need)),), dtype=_acc_dtype(dt), device=dev)
         e0 = copy_programs if copy_here else 0
-        flat, flags, offset = [], [], 0
-        for s in range(K.MAX_SLOTS):
-            if s < len(slots):
-                head, tail, fl, _ = slots[s]
-                flat += head + [scratch, offset] + tail
-                offset += need[s]
-                flags.append(fl)
-            else:
-                flat += slots[0][0] + [scratch, 0] + slots[0][1]  # an unused slot: any valid arguments
-                flags.append((0, 1, 1, 1, 1))
-        sizes = [sl[3] for sl in slots]
+        for s, (args, _, _) in enumerate(slots):  # each slot's tiles from its offset into the scratch
+            args.update(scr=scratch, so=sum(need[:s]))
+        flat, consts = K.BLOCK.pack([(args, flags) for args, flags, _ in slots], [e0])
+        sizes = [size for _, _, size in slots]
         grid = lambda meta: (e0 + sum(_tile_programs(N, h, w, co, halo, meta)  # noqa: E731
                                       for h, w, co, halo, _ in sizes),)
-        _launch(block_tuned[_block_kind(dt)], grid, x, *_strides(x), out, *_strides(out), max(x_off, 0), N, C, H, W, e0,
-                *flat,
-                **{f"{name}{s}": v for s, fl in enumerate(flags)
-                   for name, v in zip(("FLAGS", "DY", "DX", "UY", "UX"), fl)},
-                SLOTS=len(slots), ACT=act,
-                DOT=K.DOT_FMA if f64 else _dot_mode(x), UPCAST=_upcast(x), F64=f64, BLOCK_P=block_p,
-                BLOCK_C=block_c, BLOCK_Q=block_p if interpreting() else 16)
+        _launch(block_tuned[_block_kind(dt)], grid, x, *_strides(x), out, *_strides(out), max(x_off, 0), N, C, H, W,
+                *flat, **consts, ACT=act, DOT=K.DOT_FMA if f64 else _dot_mode(x), UPCAST=_upcast(x), F64=f64,
+                BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_Q=block_p if interpreting() else 16)
     return out
 
 
@@ -935,17 +928,17 @@ def _block_cost(a):
     rh, rw, bn, bk, bp, bc = a["RH"], a["RW"], a["BLOCK_N"], a["BLOCK_K"], a["BLOCK_P"], a["BLOCK_C"]
     parts = [Part("copy x", a["E0"], min(bp, N * H * W) * min(bc, C), 1, nbytes(x, N * C * H * W),
                   nbytes(x, N * C * H * W))]
-    for s in range(a["SLOTS"]):
-        h, w, co, ks, halo, src = a[f"h{s}"], a[f"w{s}"], a[f"CO{s}"], a[f"KS{s}"], a[f"HALO{s}"], a[f"l{s}"]
-        down = a[f"DY{s}"] * a[f"DX{s}"]
+    for sl in K.BLOCK.slots(a):
+        h, w, co, ks, halo, src = sl["h"], sl["w"], sl["CO"], sl["KS"], sl["HALO"], sl["l"]
+        down = sl["DY"] * sl["DX"]
         programs = _tile_programs(N, h, w, co, halo, a)
-        direct = (a[f"FLAGS{s}"] >> 3) & 1
+        direct = sl["DIRECT"]
         k_loop = ks * ks * cdiv(C, bk)  # (the down taps are unrolled)
         # output pixels per tile: the tile's own level pixels times the up-resize's magnification
         own = min(H, cdiv((rh - halo) * H, h)) * min(W, cdiv((rw - halo) * W, w))
         up_loop = 0 if direct else cdiv(own, a["BLOCK_Q"])  # (the up taps are unrolled)
         scratch = 0 if direct else programs * rh * rw * bn * 4
-        read = nbytes(src, N * C * min(h * w * down, src.shape[2] * src.shape[3])) + nbytes(a[f"wk{s}"]) + scratch
+        read = nbytes(src, N * C * min(h * w * down, src.shape[2] * src.shape[3])) + nbytes(sl["wk"]) + scratch
         parts.append(Part(f"branch {h}x{w}", programs, min(rh, h) * min(rw, w) * min(bn, co), max(k_loop, up_loop),
                           read, nbytes(x, N * co * H * W) + scratch,
                           2 * programs * rh * rw * bn * ks * ks * cdiv(C, bk) * bk))
