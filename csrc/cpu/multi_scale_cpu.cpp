@@ -890,6 +890,10 @@ Tensor tap_weight(const Tensor& pw, int64_t offset, int64_t count) {
 
 // A per-tap branch of the projection: its maps T_b (N, k*k*P, h, w), channel tap * P + p (forward), or their
 // gradient (backward), and its up-resize as flat two-tap axes.
+// Along the width also by level column: the outputs that read column j are col_first[j] + u for
+// u < col_ptr[j + 1] - col_ptr[j] (a linear or nearest resize reads each input from one run of outputs; a
+// clamped tap that reads it twice for one output has its weights summed), weights col_w[col_ptr[j] + u]:
+// the NCHW loops then run over contiguous outputs and vectorise.
 template <typename scalar_t>
 struct TapBranch {
   using T = at::opmath_type<scalar_t>;
@@ -897,7 +901,31 @@ struct TapBranch {
   scalar_t* grads = nullptr;
   int64_t h = 0, w = 0;
   UpAxis<T> uh, uw;
-  TapBranch(const BranchPlan& bp, const BranchTaps<T>& t) : h(bp.level_h), w(bp.level_w), uh(t.up_h), uw(t.up_w) {}
+  std::vector<int64_t> col_ptr{0}, col_first;
+  std::vector<T> col_w;
+  bool col_runs = true;  // every column's outputs are one run
+  TapBranch(const BranchPlan& bp, const BranchTaps<T>& t) : h(bp.level_h), w(bp.level_w), uh(t.up_h), uw(t.up_w) {
+    const Taps1d<T>& a = t.up_w;
+    for (int64_t j = 0; j < w; ++j) {
+      const int64_t t0 = a.col_ptr[j], t1 = a.col_ptr[j + 1];
+      const int64_t first = t1 > t0 ? a.col_idx[t0] : 0, last = t1 > t0 ? a.col_idx[t1 - 1] : -1;
+      col_first.push_back(first);
+      const size_t at = col_w.size();
+      col_w.resize(at + (last - first + 1), T(0));
+      std::vector<bool> seen(last - first + 1, false);
+      for (int64_t u = t0; u < t1; ++u) {  // columns list their outputs in increasing order
+        col_w[at + a.col_idx[u] - first] += a.col_w[u];
+        seen[a.col_idx[u] - first] = true;
+      }
+      col_runs = col_runs && std::all_of(seen.begin(), seen.end(), [](bool v) { return v; });
+      col_ptr.push_back(static_cast<int64_t>(col_w.size()));
+    }
+  }
+  // The outputs u in [*u0, *u1) of column j whose output J = col_first[j] + u - dx lies in [0, W).
+  void runs(int64_t j, int64_t dx, int64_t W, int64_t* u0, int64_t* u1) const {
+    *u0 = std::max<int64_t>(0, dx - col_first[j]);
+    *u1 = std::min<int64_t>(col_ptr[j + 1] - col_ptr[j], W + dx - col_first[j]);
+  }
 };
 
 // Forward pass over acc (N, P, H, W), which holds conv(x, W_x) (or is null: zeros): the projection's
@@ -926,9 +954,22 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
     e_at.push_back(e_size);
     e_size += k * t.h * WS;
   }
+  // Per output row, the E rows it reads (offsets into the scratch) and their weights: per tap branch and tap
+  // row, the height taps at I + dy (none outside the map: the zero padding).
+  std::vector<std::vector<std::pair<int64_t, T>>> reads(H);
+  for (int64_t I = 0; I < H; ++I)
+    for (size_t b = 0; b < tb.size(); ++b) {
+      const TapBranch<scalar_t>& t = tb[b];
+      for (int64_t ky = 0; ky < k; ++ky) {
+        const int64_t O = I + ky - r;
+        if (O < 0 || O >= H) continue;
+        const int64_t at = e_at[b] + ky * t.h * WS;
+        reads[I].emplace_back(at + t.uh.i0[O] * WS, t.uh.two ? t.uh.w0[O] : T(1));
+        if (t.uh.two) reads[I].emplace_back(at + t.uh.i1[O] * WS, t.uh.w1[O]);
+      }
+    }
   at::parallel_for(0, plan.N * groups.per_n, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> e(e_size), row(WS);
-    std::vector<std::pair<const T*, T>> reads;  // the E rows (and weights) of one output row
     for (int64_t item = begin; item < end; ++item) {
       int64_t n, c0, g_count;
       groups.at(item, &n, &c0, &g_count);
@@ -944,6 +985,17 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
             for (int64_t i = 0; i < t.h; ++i) {
               T* erow = e.data() + e_at[b] + (ky * t.h + i) * WS;
               const scalar_t* srow = src + i * tp.row;
+              if (!CL && t.col_runs) {  // each level value spread over its run of outputs
+                for (int64_t j = 0; j < t.w; ++j) {
+                  int64_t u0, u1;
+                  t.runs(j, dx, W, &u0, &u1);
+                  const T v = static_cast<T>(srow[j * tp.pix]);
+                  T* eo = erow + t.col_first[j] - dx;
+                  const T* cw = t.col_w.data() + t.col_ptr[j];
+                  for (int64_t u = u0; u < u1; ++u) eo[u] += v * cw[u];
+                }
+                continue;
+              }
               for (int64_t J = j0; J < j1; ++J) {
                 const int64_t q = J + dx;
                 const scalar_t* a0 = srow + t.uw.i0[q] * tp.pix;
@@ -960,57 +1012,84 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
           }
       }
       const int64_t origin = Plane<CL>::origin(n, c0, P, H, W);
+      T bias_g[S] = {}, alpha_g[S] = {}, beta_g[S] = {};
+      for (int64_t g = 0; g < G; ++g) {
+        bias_g[g] = bias.empty() ? T(0) : bias[c0 + g];
+        if (out) {
+          alpha_g[g] = epi->alpha[c0 + g];
+          beta_g[g] = epi->beta[c0 + g];
+        }
+      }
       double sum[S] = {};
       for (int64_t I = 0; I < H; ++I) {
-        // acc, the bias and the direct branches.
+        // acc, the bias and the direct branches (layout-specialised loops, so that they vectorise).
         const int64_t at_row = origin + I * ap.row;
-        for (int64_t J = 0; J < W; ++J)
-          for (int64_t g = 0; g < S; ++g) {
-            T v = 0;
-            if (g < G) {
-              v = acc ? static_cast<T>(acc[at_row + J * ap.pix + g]) : T(0);
-              if (!bias.empty()) v += bias[c0 + g];
-              for (const scalar_t* d : direct)
-                if (d) v += static_cast<T>(d[at_row + J * ap.pix + g]);
-            }
-            row[J * S + g] = v;
+        T* rw = row.data();
+        if constexpr (!CL) {
+          const T b0 = bias_g[0];
+          if (acc) {
+            const scalar_t* arow = acc + at_row;
+            for (int64_t J = 0; J < W; ++J) rw[J] = static_cast<T>(arow[J]) + b0;
+          } else {
+            for (int64_t J = 0; J < W; ++J) rw[J] = b0;
           }
-        // The E rows this output row reads: per tap branch and tap row, the height taps at I + dy.
-        reads.clear();
-        for (size_t b = 0; b < tb.size(); ++b) {
-          const TapBranch<scalar_t>& t = tb[b];
-          for (int64_t ky = 0; ky < k; ++ky) {
-            const int64_t O = I + ky - r;
-            if (O < 0 || O >= H) continue;
-            const T* eb = e.data() + e_at[b] + ky * t.h * WS;
-            reads.emplace_back(eb + t.uh.i0[O] * WS, t.uh.two ? t.uh.w0[O] : T(1));
-            if (t.uh.two) reads.emplace_back(eb + t.uh.i1[O] * WS, t.uh.w1[O]);
+          for (const scalar_t* d : direct) {
+            const scalar_t* drw = d + at_row;
+            for (int64_t J = 0; J < W; ++J) rw[J] += static_cast<T>(drw[J]);
+          }
+        } else {
+          for (int64_t J = 0; J < W; ++J) {
+            const int64_t at = at_row + J * ap.pix;
+            T* rs = rw + J * S;
+            for (int64_t g = 0; g < S; ++g) rs[g] = bias_g[g];  // zero past G
+            if (acc)
+              for (int64_t g = 0; g < G; ++g) rs[g] += static_cast<T>(acc[at + g]);
+            for (const scalar_t* d : direct)
+              for (int64_t g = 0; g < G; ++g) rs[g] += static_cast<T>(d[at + g]);
           }
         }
+        const auto& rd = reads[I];
         size_t m = 0;
-        for (; m + 1 < reads.size(); m += 2) {  // two rows per sweep: half the loads and stores of row
-          const T *e0 = reads[m].first, *e1 = reads[m + 1].first;
-          const T w0 = reads[m].second, w1 = reads[m + 1].second;
-          T* rw = row.data();
+        for (; m + 1 < rd.size(); m += 2) {  // two rows per sweep: half the loads and stores of row
+          const T *e0 = e.data() + rd[m].first, *e1 = e.data() + rd[m + 1].first;
+          const T w0 = rd[m].second, w1 = rd[m + 1].second;
           for (int64_t q = 0; q < WS; ++q) rw[q] += w0 * e0[q] + w1 * e1[q];
         }
-        if (m < reads.size()) {
-          const T* e0 = reads[m].first;
-          const T w0 = reads[m].second;
-          T* rw = row.data();
+        if (m < rd.size()) {
+          const T* e0 = e.data() + rd[m].first;
+          const T w0 = rd[m].second;
           for (int64_t q = 0; q < WS; ++q) rw[q] += w0 * e0[q];
         }
-        for (int64_t J = 0; J < W; ++J) {
-          const int64_t at = at_row + J * ap.pix;
-          const T* rs = row.data() + J * S;
-          if (pre_out)
-            for (int64_t g = 0; g < G; ++g) pre_out[at + g] = static_cast<scalar_t>(rs[g]);
+        // The row out: the pre-activation, and the norm and activation or the statistics' sums.
+        if constexpr (!CL) {
+          if (pre_out) {
+            scalar_t* prw = pre_out + at_row;
+            for (int64_t J = 0; J < W; ++J) prw[J] = static_cast<scalar_t>(rw[J]);
+          }
           if (out) {
-            for (int64_t g = 0; g < G; ++g)
-              out[at + g] = static_cast<scalar_t>(activate<T>(
-                  A, epi->alpha[c0 + g] * static_cast<T>(static_cast<scalar_t>(rs[g])) + epi->beta[c0 + g]));
+            scalar_t* orw = out + at_row;
+            const T al = alpha_g[0], be = beta_g[0];
+            for (int64_t J = 0; J < W; ++J)
+              orw[J] = static_cast<scalar_t>(activate<T>(A, al * static_cast<T>(static_cast<scalar_t>(rw[J])) + be));
           } else {
-            for (int64_t g = 0; g < G; ++g) sum[g] += static_cast<double>(static_cast<scalar_t>(rs[g]));
+            T s0 = 0;  // the row's sum in opmath, the rows' in double
+#pragma omp simd reduction(+ : s0)
+            for (int64_t J = 0; J < W; ++J) s0 += static_cast<T>(static_cast<scalar_t>(rw[J]));
+            sum[0] += static_cast<double>(s0);
+          }
+        } else {
+          for (int64_t J = 0; J < W; ++J) {
+            const int64_t at = at_row + J * ap.pix;
+            const T* rs = rw + J * S;
+            if (pre_out)
+              for (int64_t g = 0; g < G; ++g) pre_out[at + g] = static_cast<scalar_t>(rs[g]);
+            if (out) {
+              for (int64_t g = 0; g < G; ++g)
+                out[at + g] = static_cast<scalar_t>(
+                    activate<T>(A, alpha_g[g] * static_cast<T>(static_cast<scalar_t>(rs[g])) + beta_g[g]));
+            } else {
+              for (int64_t g = 0; g < G; ++g) sum[g] += static_cast<double>(static_cast<scalar_t>(rs[g]));
+            }
           }
         }
       }
@@ -1019,14 +1098,25 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
       const double count = static_cast<double>(H * W);
       double mean[S], m2[S] = {};
       for (int64_t g = 0; g < G; ++g) mean[g] = sum[g] / count;
-      for (int64_t I = 0; I < H; ++I)
-        for (int64_t J = 0; J < W; ++J) {
-          const scalar_t* ps = pre_out + origin + I * ap.row + J * ap.pix;
-          for (int64_t g = 0; g < G; ++g) {
-            const double d = static_cast<double>(ps[g]) - mean[g];
-            m2[g] += d * d;
+      for (int64_t I = 0; I < H; ++I) {
+        const scalar_t* prw = pre_out + origin + I * ap.row;
+        if constexpr (!CL) {
+          const T mu = static_cast<T>(mean[0]);
+          T s2 = 0;
+#pragma omp simd reduction(+ : s2)
+          for (int64_t J = 0; J < W; ++J) {
+            const T d = static_cast<T>(prw[J]) - mu;
+            s2 += d * d;
           }
+          m2[0] += static_cast<double>(s2);
+        } else {
+          for (int64_t J = 0; J < W; ++J)
+            for (int64_t g = 0; g < G; ++g) {
+              const double d = static_cast<double>(prw[J * ap.pix + g]) - mean[g];
+              m2[g] += d * d;
+            }
         }
+      }
       for (int64_t g = 0; g < G; ++g) {
         part_sum[n * P + c0 + g] = sum[g];
         part_m2[n * P + c0 + g] = m2[g];
@@ -1101,24 +1191,27 @@ void projection_grad_pass(const BlockPlan& plan, int64_t P, int64_t k, const std
           const double ctr = center[c0];
           const scalar_t* gs = grad + at_row;
           const scalar_t* vs = pre + at_row;
-          double a1 = 0, a2 = 0, a3 = 0;
+          // Row sums in opmath (as ATen's batch norm accumulates), the rows' sums in double.
+          const T ctr_t = static_cast<T>(ctr);
+          T a1 = 0, a2 = 0, a3 = 0;
 #pragma omp simd reduction(+ : a1, a2, a3)
           for (int64_t J = 0; J < W; ++J) {
             const T v = static_cast<T>(vs[J]);
             const T dyv = static_cast<T>(static_cast<scalar_t>(static_cast<T>(gs[J]) * activate_grad<T>(A, al * v + be)));
-            a1 += static_cast<double>(dyv);
-            a2 += static_cast<double>(dyv) * (static_cast<double>(v) - ctr);
+            a1 += dyv;
+            a2 += dyv * (v - ctr_t);
             if constexpr (!SumsOnly) {
               const scalar_t dv = static_cast<scalar_t>(pc * dyv + qc * v + rc);
               dpre[at_row + J] = dv;
               drow[J] = static_cast<T>(dv);
-              a3 += static_cast<double>(dv);
+              a3 += static_cast<T>(dv);
             }
           }
-          s_dy[0] += a1;
-          s_dyc[0] += a2;
-          s_dv[0] += a3;
+          s_dy[0] += static_cast<double>(a1);
+          s_dyc[0] += static_cast<double>(a2);
+          s_dv[0] += static_cast<double>(a3);
         } else {
+          T a1[S] = {}, a2[S] = {}, a3[S] = {};
           for (int64_t J = 0; J < W; ++J) {
             const int64_t at = at_row + J * ap.pix;
             for (int64_t g = 0; g < S; ++g) {
@@ -1130,15 +1223,20 @@ void projection_grad_pass(const BlockPlan& plan, int64_t P, int64_t k, const std
               const T v = static_cast<T>(pre[at + g]);
               const T dyv = static_cast<T>(
                   static_cast<scalar_t>(static_cast<T>(grad[at + g]) * activate_grad<T>(A, epi.alpha[c] * v + epi.beta[c])));
-              s_dy[g] += static_cast<double>(dyv);
-              s_dyc[g] += static_cast<double>(dyv) * (static_cast<double>(v) - center[c]);
+              a1[g] += dyv;
+              a2[g] += dyv * (v - static_cast<T>(center[c]));
               if constexpr (!SumsOnly) {
                 const scalar_t dv = static_cast<scalar_t>(p[c] * dyv + q[c] * v + r_coef[c]);
                 dpre[at + g] = dv;
                 drow[J * S + g] = static_cast<T>(dv);
-                s_dv[g] += static_cast<double>(dv);
+                a3[g] += static_cast<T>(dv);
               }
             }
+          }
+          for (int64_t g = 0; g < G; ++g) {
+            s_dy[g] += static_cast<double>(a1[g]);
+            s_dyc[g] += static_cast<double>(a2[g]);
+            s_dv[g] += static_cast<double>(a3[g]);
           }
         }
         if constexpr (!SumsOnly) {
@@ -1178,6 +1276,20 @@ void projection_grad_pass(const BlockPlan& plan, int64_t P, int64_t k, const std
             scalar_t* dst = t.grads + Plane<CL>::origin(n, (ky * k + kx) * P + c0, KP, t.h, t.w);
             for (int64_t i = 0; i < t.h; ++i) {
               const T* rrow = rbuf.data() + r_at[b] + (ky * t.h + i) * WS;
+              scalar_t* drow_t = dst + i * tp.row;
+              if (!CL && t.col_runs) {  // each level value gathers its run of outputs
+                for (int64_t j = 0; j < t.w; ++j) {
+                  int64_t u0, u1;
+                  t.runs(j, dx, W, &u0, &u1);
+                  const T* ro = rrow + t.col_first[j] - dx;
+                  const T* cw = t.col_w.data() + t.col_ptr[j];
+                  T a = 0;
+#pragma omp simd reduction(+ : a)
+                  for (int64_t u = u0; u < u1; ++u) a += cw[u] * ro[u];
+                  drow_t[j * tp.pix] = static_cast<scalar_t>(a);
+                }
+                continue;
+              }
               std::fill(lrow.begin(), lrow.end(), T(0));
               for (int64_t J = j0; J < j1; ++J) {
                 const int64_t qx = J + dx;
@@ -1194,7 +1306,6 @@ void projection_grad_pass(const BlockPlan& plan, int64_t P, int64_t k, const std
                   for (int64_t g = 0; g < S; ++g) l0[g] += rs[g];
                 }
               }
-              scalar_t* drow_t = dst + i * tp.row;
               for (int64_t j = 0; j < t.w; ++j)
                 for (int64_t g = 0; g < G; ++g) drow_t[j * tp.pix + g] = static_cast<scalar_t>(lrow[j * S + g]);
             }
