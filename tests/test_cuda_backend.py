@@ -171,6 +171,7 @@ def test_large_kernel_cuda():
 @pytest.mark.parametrize("kind,kwargs", [
     ("ms", dict(scales=(1, 2, 4), kernel_size=3, norm="batch")),
     ("psp", dict(bins=(1, 2, 3, 6), kernel_size=3, norm="batch")),
+    ("psp", dict(bins=(1, 2, 3, 6), kernel_size=1, norm="batch", project=dict(out_channels=16, kernel_size=3))),
 ])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_bit_identical_gradients_whatever_the_cudnn_flags(kind, kwargs, layout):
