@@ -18,16 +18,15 @@ convolutions are torch's (cuDNN on a GPU, deterministic algorithms); the Triton 
   a direct branch's up-resize adjoint, and ``dx`` (the down-resizes' adjoints, branch after branch).
 * ``act_grad_kernel``: the activation's backward through a norm, ``g * act'(mul * pre + add)``.
 
-Launches per call (B branches, D of them convolved directly, none for x itself; "torch" = cuDNN and
-reductions): forward: per branch 1 gather (its level; not for x itself), its convolution (torch), [its batch
-statistics (torch)], 1 epilogue pass (its activation at its level), [1 gather: resized up, direct branches],
-its part's convolution (torch); ``conv(x, W_x)`` (torch); **1** accumulation pass per 4 parts
-(``MAX_PARTS``); with the projection's batch statistics + their reduction (torch) + 1 epilogue pass.
-Backward: 1 ``act_grad_kernel`` (+ torch's sums and, with batch statistics, an elementwise pass) for the
-projection's epilogue; ``conv(x, W_x)``'s backward (torch); per branch: 1 epilogue pass (its activation
-again; + 1 gather for a direct one), 1 gather (its maps' gradient, or its up-resize's adjoint), its part's
-convolution backward (torch), its epilogue backward (as the projection's), its convolution backward (torch);
-1 gather per branch writes ``dx``.
+Launches per call ("torch" = cuDNN and reductions): forward: per branch 1 gather (its level; not for x
+itself), its convolution (torch), [its batch statistics (torch)], 1 epilogue pass (its activation at its
+level), [1 gather: resized up, direct branches], its part's convolution (torch); ``conv(x, W_x)`` (torch);
+**1** accumulation pass per 4 parts (``MAX_PARTS``); with the projection's batch statistics + their reduction
+(torch) + 1 epilogue pass. Backward: 1 ``act_grad_kernel`` (+ torch's sums and, with batch statistics, an
+elementwise pass) for the projection's epilogue; ``conv(x, W_x)``'s backward (torch); per branch: 1 epilogue
+pass (its activation again; + 1 gather for a direct one), 1 gather (its maps' gradient, or its up-resize's
+adjoint), its part's convolution backward (torch), its epilogue backward (as the projection's), its
+convolution backward (torch); 1 gather per branch writes ``dx``.
 """
 
 from __future__ import annotations
@@ -419,7 +418,10 @@ def project_forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bin
                 level.append(z)
             pre_b = _conv(z, weight[b], bias[b], weight[b].shape[2] // 2, fmt)
             pre.append(pre_b)
-            m, v = _batch_statistics(pre_b) if batch_stats[b] else (x.new_empty(0, dtype=sdt), x.new_empty(0, dtype=sdt))
+            if batch_stats[b]:
+                m, v = _batch_statistics(pre_b)
+            else:
+                m, v = x.new_empty(0, dtype=sdt), x.new_empty(0, dtype=sdt)
             mean.append(m)
             var.append(v)
             norm = _Norm(scale[b], shift[b], m, v, eps[b], batch_stats[b])
@@ -629,7 +631,8 @@ _BLOCK_CONFIG = 9  # batch_stats .. input_position: the arguments between the br
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, scale, shift, *rest = inputs
-    config, (pw, p_bias, p_scale, p_shift, p_stats, p_eps, p_act, _save_pre) = rest[:_BLOCK_CONFIG], rest[_BLOCK_CONFIG:]
+    config = rest[:_BLOCK_CONFIG]
+    pw, p_bias, p_scale, p_shift, p_stats, p_eps, p_act, _save_pre = rest[_BLOCK_CONFIG:]
     _out, level, pre, mean, var, p_pre, p_mean, p_var = output
     ctx.config, ctx.p_config, ctx.B = config, (p_stats, p_eps, p_act), len(weight)
     ctx.has = tuple([t.numel() > 0 for t in ts] for ts in (bias, scale, shift))
