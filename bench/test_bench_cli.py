@@ -193,3 +193,24 @@ def test_implementations_are_timed_interleaved() -> None:
     times = timing.time_interleaved(fns, "cpu", reps=3)
     assert calls == ["naive", "compiled", "cpu"] * 3
     assert [len(t) for t in times] == [3, 3, 3]
+
+
+def test_batch_size_per_workload(capsys) -> None:
+    """``--n``: one N for every workload, ``name=N`` for some (the others keep their default), or both; the
+    runner uses them (the issue's head figures: psp_head_mmseg at N = 1, psp_decoder_smp at its CPU N)."""
+    heads = workloads.select(["psp_head_mmseg", "psp_decoder_smp"])
+    assert cli.batch_sizes("psp_head_mmseg=1", heads) == {"psp_head_mmseg": 1}
+    assert cli.batch_sizes("3", heads) == {"psp_head_mmseg": 3, "psp_decoder_smp": 3}
+    assert cli.batch_sizes("3,psp_head_mmseg=1", heads) == cli.batch_sizes("psp_head_mmseg=1,3", heads) == {
+        "psp_head_mmseg": 1, "psp_decoder_smp": 3}
+    for bad, says in [("0", ">= 1"), ("psp_head_mmseg=0", ">= 1"), ("two", "not N or workload=N"),
+                      ("nope=2", "unknown workload 'nope'"), ("psp_mmseg=2", "not among the workloads"), (",", "no batch")]:
+        with pytest.raises(ValueError, match=says):
+            cli.batch_sizes(bad, heads)
+    assert cli.main(["--device", "cpu", "--workloads", "psp_small", "--n", "psp_smp=2"]) == 2
+    assert "psp_smp is not among the workloads" in capsys.readouterr().err
+    rates = {torch.float32: floor.Rates("cpu", "float32", read_gbps=20.0, write_gbps=10.0, matmul_tflops=0.1)}
+    small = workloads.select(["psp_small", "psp_smp"])
+    result = runner.run(small, modes=["inference"], impls=["naive"], n={"psp_small": 3}, warmup=0, reps=1,
+                        memory=False, rates=rates)
+    assert [(r["workload"], r["n"]) for r in result["rows"]] == [("psp_small", 3), ("psp_smp", small[1].cpu_n)]

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .functional import multi_scale, norm_unfusable_reason
-from .spec import BlockSpec, make_spec
+from .spec import BlockSpec, make_project, make_spec
 
 
 class Refused(Exception):
@@ -46,8 +46,9 @@ def _library_class(module: nn.Module, name: str) -> Optional[type]:
 def _is(module: Any, name: str, method: str = "forward") -> bool:
     """Whether ``module`` is an instance of the class qualified ``name`` whose ``method`` it does not override."""
     cls = _library_class(module, name) if isinstance(module, nn.Module) else None
+    own = vars(module).get(method) if cls is not None else None
     return cls is not None and getattr(type(module), method) is getattr(cls, method) and \
-        method not in vars(module)
+        (own is None or isinstance(own, _Fused))  # converted (by msfused) is still the library's method
 
 
 def _expect(module: Any, name: str, where: str) -> None:
@@ -145,30 +146,38 @@ def _split(path: str) -> Tuple[str, ...]:
     return tuple(path.split(".")) if path else ()
 
 
+def _conv_norm_act(module: nn.Module, conv_path: str, norm_path: Optional[str],
+                   act_path: Optional[str]) -> Tuple[nn.Conv2d, Optional[nn.Module], Optional[str]]:
+    """The conv (SPEC.md's: odd square kernel, stride 1, padding k // 2 with zeros, no dilation, no groups), the
+    norm (None: none) and the activation name at these paths in ``module``; :class:`Refused` otherwise."""
+    conv = _module_at(module, _split(conv_path))
+    where = conv_path or "conv"
+    _need(type(conv) is nn.Conv2d, f"{where} is a {type(conv).__name__}, not nn.Conv2d")
+    k = conv.kernel_size[0]
+    _need(conv.kernel_size == (k, k) and k % 2 == 1, f"{where} has kernel {conv.kernel_size}, not odd and square")
+    _need(conv.stride == (1, 1), f"{where} has stride {conv.stride}")
+    _need(conv.dilation == (1, 1), f"{where} is dilated ({conv.dilation})")
+    _need(conv.groups == 1, f"{where} has groups={conv.groups}")
+    _need(conv.padding == (k // 2, k // 2), f"{where} has padding {conv.padding}, not {k // 2}")
+    _need(conv.padding_mode == "zeros", f"{where} pads with {conv.padding_mode!r}, not zeros")
+    norm = _module_at(module, _split(norm_path)) if norm_path is not None else None
+    if norm is not None and type(norm) is not nn.Identity:
+        why = norm_unfusable_reason(norm)
+        _need(why is None, f"{norm_path} is {why}")
+        _need(norm.num_features == conv.out_channels,
+              f"{norm_path} has {norm.num_features} features for {conv.out_channels} channels")
+    act = _activation(_module_at(module, _split(act_path)) if act_path is not None else None, act_path or "")
+    return conv, norm, act
+
+
 def _plan(module: nn.Module, prefix: str, found: List[_Branch], align_corners: bool,
           input_position: Optional[str], **extra: Any) -> Plan:
     """Checks the found branches against SPEC.md and builds the plan; ``prefix`` is the path of the
     submodule that holds them (all of it is watched)."""
     _need(len(found) > 0, "it has no branches")
     branches, convs, norms, acts, channels = [], [], [], [], []
-    for i, b in enumerate(found):
-        conv = _module_at(module, _split(b.conv))
-        where = b.conv or "conv"
-        _need(type(conv) is nn.Conv2d, f"{where} is a {type(conv).__name__}, not nn.Conv2d")
-        k = conv.kernel_size[0]
-        _need(conv.kernel_size == (k, k) and k % 2 == 1, f"{where} has kernel {conv.kernel_size}, not odd and square")
-        _need(conv.stride == (1, 1), f"{where} has stride {conv.stride}")
-        _need(conv.dilation == (1, 1), f"{where} is dilated ({conv.dilation})")
-        _need(conv.groups == 1, f"{where} has groups={conv.groups}")
-        _need(conv.padding == (k // 2, k // 2), f"{where} has padding {conv.padding}, not {k // 2}")
-        _need(conv.padding_mode == "zeros", f"{where} pads with {conv.padding_mode!r}, not zeros")
-        norm = _module_at(module, _split(b.norm)) if b.norm is not None else None
-        if norm is not None and type(norm) is not nn.Identity:
-            why = norm_unfusable_reason(norm)
-            _need(why is None, f"{b.norm} is {why}")
-            _need(norm.num_features == conv.out_channels,
-                  f"{b.norm} has {norm.num_features} features for {conv.out_channels} channels")
-        act = _activation(_module_at(module, _split(b.act)) if b.act is not None else None, b.act or "")
+    for b in found:
+        conv, norm, act = _conv_norm_act(module, b.conv, b.norm, b.act)
         convs.append(conv)
         norms.append(norm)
         acts.append(act)
@@ -183,10 +192,32 @@ def _plan(module: nn.Module, prefix: str, found: List[_Branch], align_corners: b
         norm=["batch" if n is not None and type(n) is not nn.Identity else None for n in norms],
         activation=acts[0], input_position=input_position,
     )
+    return Plan(spec, nn.ModuleList(branches), _watch(module, prefix), dict(extra))
+
+
+def _watch(module: nn.Module, prefix: str) -> Tuple[Tuple[Tuple[str, ...], nn.Module], ...]:
+    """(path, module) of the submodule at ``prefix`` and everything in it (``module`` itself excepted)."""
     holder = _module_at(module, _split(prefix))
-    watched = tuple((_split(prefix) + _split(name), m) for name, m in holder.named_modules()
-                    if m is not module)
-    return Plan(spec, nn.ModuleList(branches), watched, dict(extra))
+    return tuple((_split(prefix) + _split(name), m) for name, m in holder.named_modules() if m is not module)
+
+
+def _with_projection(module: nn.Module, plan: Plan, path: str, cna: Callable) -> None:
+    """Makes the conv module at ``path`` (conv, norm, activation, as ``cna`` names them), which the library's
+    method applies to the block's concatenation, the plan's projection (SPEC.md, "The projection": the
+    concatenation is then never built): ``plan.extra['project']`` presents its conv and norm, it is
+    watched. :class:`Refused` (the plan unchanged) when it is not a projection the kernels compute."""
+    conv_name, norm_name, act_name = cna(_module_at(module, _split(path)), path)
+    base = path + "."
+    conv, norm, act = _conv_norm_act(module, base + conv_name, norm_name and base + norm_name,
+                                     act_name and base + act_name)
+    _need(conv.in_channels == plan.spec.concat_channels,
+          f"{base + conv_name} reads {conv.in_channels} channels, the concatenation has {plan.spec.concat_channels}")
+    has_norm = norm is not None and type(norm) is not nn.Identity
+    project = make_project(dict(out_channels=conv.out_channels, kernel_size=conv.kernel_size[0],
+                                bias=conv.bias is not None, norm="batch" if has_norm else None, activation=act))
+    plan.spec = dataclasses.replace(plan.spec, project=project)
+    plan.extra["project"] = _SharedBranch(conv, norm if has_norm else nn.Identity())
+    plan.watched = plan.watched + _watch(module, path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -196,10 +227,11 @@ def _plan(module: nn.Module, prefix: str, found: List[_Branch], align_corners: b
 _SMP = "segmentation_models_pytorch"
 
 
-def _smp_psp(module: nn.Module) -> List[_Branch]:
+def _smp_psp(module: nn.Module, prefix: str = "") -> List[_Branch]:
+    """The branches of smp's ``PSPModule`` ``module``, their paths under ``prefix``."""
     found = []
     for i, block in enumerate(module.blocks):
-        where = f"blocks.{i}"
+        where = f"{prefix}blocks.{i}"
         _expect(block, f"{_SMP}.decoders.pspnet.decoder.PSPBlock", where)
         pool = block.pool
         _need(type(pool) is nn.Sequential and len(pool) == 2, f"{where}.pool is not (AdaptiveAvgPool2d, Conv2dReLU)")
@@ -212,6 +244,17 @@ def _smp_psp(module: nn.Module) -> List[_Branch]:
 
 def extract_smp_psp(module: nn.Module) -> Plan:
     return _plan(module, "", _smp_psp(module), align_corners=True, input_position="last")
+
+
+def extract_smp_decoder(module: nn.Module) -> Plan:
+    """smp's ``PSPDecoder``: its ``psp`` (a ``PSPModule``) with its ``conv`` (a ``Conv2dReLU``) as the
+    projection; the ``dropout`` after them stays the module's own."""
+    psp = module._modules.get("psp")
+    _expect(psp, f"{_SMP}.decoders.pspnet.decoder.PSPModule", "psp")
+    plan = _plan(module, "psp", _smp_psp(psp, "psp."), align_corners=True, input_position="last")
+    _expect(module._modules.get("conv"), f"{_SMP}.base.modules.Conv2dReLU", "conv")
+    _with_projection(module, plan, "conv", _sequential_cna)
+    return plan
 
 
 def extract_aspp_pooling(module: nn.Module) -> Plan:
@@ -266,11 +309,20 @@ def _upernet_ppm(ppm: nn.Module, prefix: str) -> List[_Branch]:
               f"{where}.layers is not its registered (pool, conv module)")
         return "0", "1"
 
-    def cna(m, where):
-        _expect(m, f"{_HF}.upernet.modeling_upernet.UperNetConvModule", where)
-        return "conv", "batch_norm", "activation"
+    return _ppm_branches(ppm, prefix, [(str(i), b) for i, b in enumerate(blocks)], layers, _upernet_cna)
 
-    return _ppm_branches(ppm, prefix, [(str(i), b) for i, b in enumerate(blocks)], layers, cna)
+
+def _upernet_cna(m: nn.Module, where: str) -> Tuple[str, str, str]:
+    _expect(m, f"{_HF}.upernet.modeling_upernet.UperNetConvModule", where)
+    return "conv", "batch_norm", "activation"
+
+
+def _beit_like_cna(model: str, cls: str) -> Callable:
+    def cna(m: nn.Module, where: str) -> Tuple[str, str, str]:
+        _expect(m, f"{_HF}.{model}.{cls}ConvLayer", where)
+        return "convolution", "normalization", "activation"
+
+    return cna
 
 
 def _beit_like_ppm(model: str, cls: str):
@@ -279,11 +331,8 @@ def _beit_like_ppm(model: str, cls: str):
             _expect(block, f"{_HF}.{model}.{cls}PyramidPoolingBlock", where)
             return "pooling", "conv"
 
-        def cna(m, where):
-            _expect(m, f"{_HF}.{model}.{cls}ConvLayer", where)
-            return "convolution", "normalization", "activation"
-
-        return _ppm_branches(ppm, prefix + "blocks.", list(ppm.blocks._modules.items()), layers, cna)
+        return _ppm_branches(ppm, prefix + "blocks.", list(ppm.blocks._modules.items()), layers,
+                             _beit_like_cna(model, cls))
 
     return branches
 
@@ -314,11 +363,18 @@ def extract_ppm(module: nn.Module) -> Plan:
     return _ppm_plan(module, "", None)
 
 
-def _head(bottleneck: str) -> Callable[[nn.Module], Plan]:
+def _head(bottleneck: str, cna: Callable) -> Callable[[nn.Module], Plan]:
+    """A head's PSP path: its ``psp_modules`` and the ``bottleneck`` conv module (``cna`` names its conv, norm
+    and activation) as the block's projection; a bottleneck the kernels do not compute as a projection
+    runs as the module it is, on the fused block's output (its reason in ``plan.extra['project_refused']``)."""
     def extract(head: nn.Module) -> Plan:
         plan = _ppm_plan(head, "psp_modules", "first")
         _need(isinstance(getattr(head, bottleneck, None), nn.Module), f"it has no {bottleneck} module")
         plan.extra["bottleneck"] = bottleneck
+        try:
+            _with_projection(head, plan, bottleneck, cna)
+        except Refused as e:
+            plan.extra["project_refused"] = str(e)
         return plan
 
     return extract
@@ -350,13 +406,23 @@ def _run_list(module: nn.Module, plan: Plan, x: torch.Tensor) -> List[torch.Tens
     return list(y.split([b.out_channels for b in plan.spec.branches], dim=1))
 
 
-def _run_mmseg_psp_head(head: nn.Module, plan: Plan, inputs: Any) -> torch.Tensor:
-    x = head._transform_inputs(inputs)
+def _block_and_bottleneck(head: nn.Module, plan: Plan, x: torch.Tensor) -> torch.Tensor:
+    project = plan.extra.get("project")
+    if project is not None:
+        return multi_scale(x, plan.spec, plan.branches, project)
     return getattr(head, plan.extra["bottleneck"])(multi_scale(x, plan.spec, plan.branches))
 
 
+def _run_mmseg_psp_head(head: nn.Module, plan: Plan, inputs: Any) -> torch.Tensor:
+    return _block_and_bottleneck(head, plan, head._transform_inputs(inputs))
+
+
 def _run_psp_forward(head: nn.Module, plan: Plan, inputs: Any) -> torch.Tensor:
-    return getattr(head, plan.extra["bottleneck"])(multi_scale(inputs[-1], plan.spec, plan.branches))
+    return _block_and_bottleneck(head, plan, inputs[-1])
+
+
+def _run_smp_decoder(decoder: nn.Module, plan: Plan, features: Any) -> torch.Tensor:
+    return decoder.dropout(multi_scale(features[-1], plan.spec, plan.branches, plan.extra["project"]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,26 +440,30 @@ class Entry:
 def _entries() -> Dict[str, Entry]:
     rows = [
         (f"{_SMP}.decoders.pspnet.decoder.PSPModule", "forward", "smp PSPModule", extract_smp_psp, _run_block),
+        (f"{_SMP}.decoders.pspnet.decoder.PSPDecoder", "forward", "smp PSPDecoder", extract_smp_decoder,
+         _run_smp_decoder),
         (f"{_SMP}.decoders.deeplabv3.decoder.ASPPPooling", "forward", "smp ASPPPooling", extract_aspp_pooling,
          _run_block),
         ("torchvision.models.segmentation.deeplabv3.ASPPPooling", "forward", "torchvision ASPPPooling",
          extract_aspp_pooling, _run_block),
         (_MMSEG_PPM, "forward", "mmseg PPM", extract_ppm, _run_list),
         ("mmseg.models.decode_heads.psp_head.PSPHead", "_forward_feature", "mmseg PSPHead._forward_feature",
-         _head("bottleneck"), _run_mmseg_psp_head),
+         _head("bottleneck", _mmcv_cna), _run_mmseg_psp_head),
         ("mmseg.models.decode_heads.uper_head.UPerHead", "psp_forward", "mmseg UPerHead.psp_forward",
-         _head("bottleneck"), _run_psp_forward),
+         _head("bottleneck", _mmcv_cna), _run_psp_forward),
         (_UPERNET_PPM, "forward", "transformers UperNetPyramidPoolingModule", extract_ppm, _run_list),
         (f"{_HF}.upernet.modeling_upernet.UperNetHead", "psp_forward", "transformers UperNetHead.psp_forward",
-         _head("bottleneck"), _run_psp_forward),
+         _head("bottleneck", _upernet_cna), _run_psp_forward),
         (f"{_HF}.beit.modeling_beit.BeitPyramidPoolingModule", "forward", "transformers BeitPyramidPoolingModule",
          extract_ppm, _run_list),
         (f"{_HF}.beit.modeling_beit.BeitUperHead", "psp_forward", "transformers BeitUperHead.psp_forward",
-         _head("psp_bottleneck"), _run_psp_forward),
+         _head("psp_bottleneck", _beit_like_cna("beit.modeling_beit", "Beit")), _run_psp_forward),
         (f"{_HF}.data2vec.modeling_data2vec_vision.Data2VecVisionPyramidPoolingModule", "forward",
          "transformers Data2VecVisionPyramidPoolingModule", extract_ppm, _run_list),
         (f"{_HF}.data2vec.modeling_data2vec_vision.Data2VecVisionUperHead", "psp_forward",
-         "transformers Data2VecVisionUperHead.psp_forward", _head("psp_bottleneck"), _run_psp_forward),
+         "transformers Data2VecVisionUperHead.psp_forward",
+         _head("psp_bottleneck", _beit_like_cna("data2vec.modeling_data2vec_vision", "Data2VecVision")),
+         _run_psp_forward),
         ("model.pspnet.PPM", "forward", "semseg PPM", extract_semseg_ppm, _run_block),
     ]
     return {name: Entry(name, method, label, extract, run) for name, method, label, extract, run in rows}

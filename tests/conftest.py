@@ -32,6 +32,9 @@ import msfused  # noqa: E402
 # ---------------------------------------------------------------------------------------------------
 
 SESSION_SEED = int(os.environ.get("MSFUSED_TEST_SEED", random.SystemRandom().randrange(2**31)))
+# Exported, so that pytest-xdist's workers (started after this import) and the tests' subprocesses
+# draw from the same session seed that the header prints.
+os.environ["MSFUSED_TEST_SEED"] = str(SESSION_SEED)
 
 
 def pytest_report_header(config):
@@ -53,8 +56,8 @@ def _seed_every_test(request):
 # ---------------------------------------------------------------------------------------------------
 
 from msfused.bench.accuracy import (  # noqa: E402,F401  (re-exported for the tests)
-    TOL, ZERO_GRAD_K, ZeroGradProbe, half_precision_limit, norm_err, true_zero_gradients, uses_batch_stats,
-    within_spec)
+    F32_ILL_CONDITIONED_FACTOR, TOL, ZERO_GRAD_K, ZeroGradProbe, half_precision_limit, norm_err,
+    true_zero_gradients, uses_batch_stats, within_spec)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -334,6 +337,12 @@ class Checker:
                 f"{self.dtype}: {e_own:.3e})")
             return
         if self.dtype == torch.float32 and owns and within_spec(e, self.dtype, e_own):
+            return
+        if self.dtype == torch.float64 and owns and e_own > self.tol and \
+                e <= F32_ILL_CONDITIONED_FACTOR * e_own + self.tol:
+            # A true-zero gradient that is rounding noise in every implementation (a bin-1 branch's bias
+            # whose ReLU is open for the whole batch, before a projection's batch-statistics norm): the
+            # float64 naive module itself, run in the other memory format, misses 1e-10; the same rule.
             return
         raise AssertionError(f"{self.context}: {name}: err {e:.3e} > tol {self.tol:.1e} "
                              f"(the naive module in {self.dtype}: err {e_own:.3e})")

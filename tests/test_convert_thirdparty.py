@@ -50,7 +50,7 @@ def _cases():
         "smp_psp_norm_dict": (lambda: tp.smp()["PSPModule"](C, sizes=(1, 3), use_norm=dict(
             type="batchnorm", eps=1e-3, momentum=0.3)), ppm_call, shape, ["smp PSPModule"]),
         "smp_decoder": (lambda: tp.smp()["PSPDecoder"]([3, C], out_channels=5, dropout=0.0),
-                        lambda m, x: m([x]), shape, ["smp PSPModule"]),
+                        lambda m, x: m([x]), shape, ["smp PSPModule", "smp PSPDecoder"]),
         "smp_aspp_pooling": (lambda: tp.smp()["ASPPPooling"](C, 5), ppm_call, shape, ["smp ASPPPooling"]),
         "torchvision_aspp_pooling": (lambda: tp.torchvision()["ASPPPooling"](C, 5), ppm_call, shape,
                                      ["torchvision ASPPPooling"]),
@@ -96,8 +96,12 @@ def test_converts_and_matches(name, dtype, train, spies):
     reference = copy.deepcopy(module).double()
     fresh = copy.deepcopy(module)
     # The unconverted module in this dtype, in two memory formats (two rounding orders): conftest.Checker's
-    # bound for tensors whose float32 value is ill-conditioned (a bin-1 norm over few values, a cancelling sum).
-    owns = [copy.deepcopy(module) for _ in range(2)] if dtype != torch.float64 else []
+    # bound for tensors whose float32 value is ill-conditioned (a bin-1 norm over few values, a cancelling sum);
+    # in float64 training, the channels_last run alone (the contiguous one is the reference): a true-zero
+    # gradient's rounding spread (conftest.Checker).
+    formats = (torch.contiguous_format, torch.channels_last) if dtype != torch.float64 else \
+        (torch.channels_last,) if train else ()
+    owns = [copy.deepcopy(module) for _ in formats]
     params_before = [(n, p) for n, p in module.named_parameters()] + list(module.named_buffers())
     keys_before = list(module.state_dict())
 
@@ -120,7 +124,7 @@ def test_converts_and_matches(name, dtype, train, spies):
     out.backward(g.to(dtype))
     ref.backward(g)
     own_runs = []
-    for own, fmt in zip(owns, (torch.contiguous_format, torch.channels_last)):
+    for own, fmt in zip(owns, formats):
         xo = x.detach().to(dtype).contiguous(memory_format=fmt).requires_grad_()
         yo = call(own, xo)
         yo.backward(g.to(dtype))
@@ -296,3 +300,56 @@ def test_report_mixes_msfused_twins_and_third_party_blocks():
     x = torch.randn(2, 6, 7, 9)
     model.eval()
     assert model(x).shape == (2, 40, 7, 9)
+
+
+HEADS = {"mmseg_psp_head": "_forward_feature", "mmseg_uper_head": "psp_forward",
+         "transformers_upernet": "psp_forward", "transformers_beit": "psp_forward",
+         "transformers_data2vec": "psp_forward", "smp_decoder": "forward"}
+
+
+@pytest.mark.parametrize("name", list(HEADS))
+def test_heads_fuse_their_bottleneck_as_the_projection(name, spies):
+    """The heads' PSP path (PPM + bottleneck; smp: PSPModule + Conv2dReLU) runs as one block with the
+    bottleneck as its projection: no tensor of the concatenation's shape is allocated, forward or backward
+    (watched as in tests/test_projection.py)."""
+    from .test_projection import _WatchAllocations
+
+    build, call, shape, _ = CASES[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = randomize_(build()).double().train()
+    msfused.convert(module, report=True)
+    plan = getattr(module, HEADS[name]).plan
+    assert plan.spec.project is not None and plan.extra["project"].conv.out_channels == plan.spec.project.out_channels
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    cat_shape = (shape[0], plan.spec.concat_channels, shape[2], shape[3])
+    with _WatchAllocations() as watch:
+        out = call(module, x)
+        out.sum().backward()
+    assert spies["fused"] == 1 and cat_shape not in watch.shapes
+    # A hook on the bottleneck's conv: the library's method runs (its PPM still fused), the hook sees the call.
+    seen = []
+    plan.extra["project"].conv.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    module.eval()
+    with torch.no_grad():
+        call(module, x)
+    assert seen == [cat_shape] and spies["fused"] == 2
+
+
+def test_a_bottleneck_that_is_no_projection_runs_as_itself(spies):
+    """A head whose bottleneck the kernels do not compute as a projection (here dilated) still fuses its
+    PPM; the bottleneck runs as the module it is, on the fused block's output; smp's PSPDecoder with such a
+    conv is reported as not converted (its PSPModule is)."""
+    module = _mmseg_head(dict(type="BN")).eval()
+    module.bottleneck.conv = nn.Conv2d(6 + 3 * 3, 3, 3, padding=2, dilation=2, bias=False).double()
+    reference = copy.deepcopy(module)
+    assert all(r.converted for r in msfused.convert(module, report=True))
+    plan = module._forward_feature.plan
+    assert plan.spec.project is None and "dilated" in plan.extra["project_refused"]
+    x = torch.randn(2, 6, 9, 7, dtype=torch.float64)
+    assert norm_err(module._forward_feature([x]), reference._forward_feature([x])) <= 1e-10
+    assert spies["fused"] == 1
+    decoder = randomize_(tp.smp()["PSPDecoder"]([3, 8], out_channels=5, dropout=0.0)).double().eval()
+    decoder.conv[0] = nn.Conv2d(16, 5, 3, padding=2, dilation=2, bias=False).double()
+    report = {r.what: r.reason for r in msfused.convert(decoder, report=True)}
+    assert report["smp PSPModule"] is None and "dilated" in report["smp PSPDecoder"]

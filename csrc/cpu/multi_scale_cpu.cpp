@@ -28,6 +28,7 @@
 
 #include "../block_config.h"
 #include "../norm.h"
+#include "../projection.h"
 #include "../taps.h"
 
 namespace msfused {
@@ -803,56 +804,9 @@ BackwardResult multi_scale_backward_cpu(const Tensor& grad_in, const Tensor& x_i
 
 // ===================================================================================================
 // The block with its projection (SPEC.md, "The projection"): act(norm(conv(cat))) without ever building
-// cat. conv(cat) = conv(x, W_x) + sum over branches of the branch's part: at a small level, per kernel tap,
-// T_b = W_b,tap . a_b (one 1x1 convolution with k*k*P outputs at the level), resized up and shifted by the
-// tap at full resolution (zero outside); at a level close to full size, conv(up(a_b), W_b) directly.
+// cat; the split of the work (which branch goes per tap, the plans) is csrc/projection.h, shared with the
+// CUDA backend.
 // ===================================================================================================
-
-// Whether branch bp's part of a k x k projection convolves its resized branch directly (its per-tap maps,
-// k * k of them at the level, would hold more than one full-size map) instead of per tap at its level.
-bool convolves_resized(const BranchPlan& bp, int64_t k, int64_t H, int64_t W) {
-  return bp.identity || bp.level_h * bp.level_w * k * k > H * W;
-}
-
-// Branch b of `plan` alone, its output (N, Cb, ., .) starting at channel 0: the up-resized map, or with
-// at_level the level itself (no up-resize), so that the block's epilogue kernels compute a branch's
-// activation, and their backward its gradient, for the projection.
-BlockPlan branch_alone(const BlockPlan& plan, size_t b, bool at_level) {
-  BlockPlan p = plan;
-  BranchPlan bp = plan.branches[b];
-  bp.channel_offset = 0;
-  if (at_level) {
-    p.H = bp.level_h;
-    p.W = bp.level_w;
-    bp.identity = true;
-    bp.factor = 1;
-    bp.down_h = bp.down_w = bp.up_h = bp.up_w = ResizeKind::Identity;
-  }
-  p.branches = {bp};
-  p.x_offset = -1;
-  p.out_channels = bp.out_channels;
-  return p;
-}
-
-// The projection's epilogue as a one-branch plan: a factor-1 "branch" of P channels over (H, W).
-BlockPlan projection_plan(const BlockPlan& plan, int64_t P, int64_t k, bool batch_stats, double eps,
-                          Activation activation) {
-  BlockPlan p = plan;
-  BranchPlan bp;
-  bp.factor = 1;
-  bp.level_h = plan.H;
-  bp.level_w = plan.W;
-  bp.out_channels = P;
-  bp.kernel_size = k;
-  bp.identity = true;
-  bp.batch_stats = batch_stats;
-  bp.eps = eps;
-  p.branches = {bp};
-  p.x_offset = -1;
-  p.out_channels = P;
-  p.activation = activation;
-  return p;
-}
 
 // act(norm(pre)) of plan's branch 0 (up-resized as the plan says) into a new (N, Cb, H, W) tensor, or
 // `into`.
@@ -877,203 +831,477 @@ Tensor branch_epilogue(const BlockPlan& p, const Tensor& pre, const std::optiona
   return out;
 }
 
-// The part of the projection weight (P, C_out, k, k) that reads channels [offset, offset + count) of cat.
-Tensor weight_slice(const Tensor& pw, int64_t offset, int64_t count) {
-  return pw.narrow(1, offset, count).contiguous(pw.suggest_memory_format());
-}
-
-// The same part as one 1x1 convolution weight (k * k * P, count, 1, 1): output channel tap * P + p.
-Tensor tap_weight(const Tensor& pw, int64_t offset, int64_t count) {
-  const int64_t P = pw.size(0), k = pw.size(2);
-  return pw.narrow(1, offset, count).permute({2, 3, 0, 1}).reshape({k * k * P, count, 1, 1});
-}
-
-// Forward pass: acc (N, P, H, W), holding conv(x, W_x) (or zeros), becomes the projection's pre-activation:
-// + every direct branch's full-size part, + every per-tap branch's maps (T_b: (N, k*k*P, h, w), channel
-// tap * P + p) resized up and shifted by their tap (zero outside), + the bias. Separable per tap row ky:
-// the width resize of the k maps of that row summed into M (h x W), then M's height resize, shifted.
-// With `epi` (no batch statistics: the norm is known before the sum) the same pass also applies the norm
-// and activation A into `out`; `pre_out` (may be null, or acc itself) keeps the pre-activation for backward,
-// and out may be acc itself (inference: nothing kept).
-template <typename scalar_t, bool CL, Activation A>
-void accumulate_projection(const BlockPlan& plan, const std::vector<BranchTaps<at::opmath_type<scalar_t>>>& taps,
-                           int64_t P, int64_t k, const std::vector<const scalar_t*>& tmaps,
-                           const std::vector<const scalar_t*>& direct, const std::vector<at::opmath_type<scalar_t>>& bias,
-                           const Epilogue<at::opmath_type<scalar_t>>* epi, scalar_t* acc, scalar_t* pre_out,
-                           scalar_t* out) {
+// A per-tap branch of the projection: its maps T_b (N, k*k*P, h, w), channel tap * P + p (forward), or their
+// gradient (backward), and its up-resize as flat two-tap axes.
+// Along the width also by level column: the outputs that read column j are col_first[j] + u for
+// u < col_ptr[j + 1] - col_ptr[j] (a linear or nearest resize reads each input from one run of outputs; a
+// clamped tap that reads it twice for one output has its weights summed), weights col_w[col_ptr[j] + u]:
+// the NCHW loops then run over contiguous outputs and vectorise.
+template <typename scalar_t>
+struct TapBranch {
   using T = at::opmath_type<scalar_t>;
-  constexpr int64_t S = CL ? kGroup : 1;
-  const int64_t H = plan.H, W = plan.W, r = k / 2, KP = k * k * P;
-  const Groups<CL> groups(P);
-  const Plane<CL> ap = Plane<CL>::make(W, P);
-  const size_t B = plan.branches.size();
-  at::parallel_for(0, plan.N * groups.per_n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(H * W * S), m;
-    for (int64_t item = begin; item < end; ++item) {
-      int64_t n, c0, g_count;
-      groups.at(item, &n, &c0, &g_count);
-      const int64_t G = CL ? g_count : 1;
-      scalar_t* ab = acc + Plane<CL>::origin(n, c0, P, H, W);
-      for (int64_t i = 0; i < H; ++i)
-        for (int64_t j = 0; j < W; ++j) {
-          const scalar_t* as = ab + i * ap.row + j * ap.pix;
-          T* bs = buf.data() + (i * W + j) * S;
-          for (int64_t g = 0; g < G; ++g) bs[g] = static_cast<T>(as[g]) + (bias.empty() ? T(0) : bias[c0 + g]);
-        }
-      for (size_t b = 0; b < B; ++b) {
-        if (direct[b] != nullptr) {
-          const scalar_t* db = direct[b] + Plane<CL>::origin(n, c0, P, H, W);
-          for (int64_t i = 0; i < H; ++i)
-            for (int64_t j = 0; j < W; ++j) {
-              const scalar_t* ds = db + i * ap.row + j * ap.pix;
-              T* bs = buf.data() + (i * W + j) * S;
-              for (int64_t g = 0; g < G; ++g) bs[g] += static_cast<T>(ds[g]);
-            }
-          continue;
-        }
-        if (tmaps[b] == nullptr) continue;
-        const BranchPlan& bp = plan.branches[b];
-        const int64_t h = bp.level_h, w = bp.level_w;
-        const Plane<CL> tp = Plane<CL>::make(w, KP);
-        const auto& th = taps[b].up_h;
-        const auto& tw = taps[b].up_w;
-        m.resize(h * W * S);
-        for (int64_t ky = 0; ky < k; ++ky) {
-          std::fill(m.begin(), m.end(), T(0));
-          for (int64_t kx = 0; kx < k; ++kx) {
-            const int64_t dx = kx - r;
-            const scalar_t* tb = tmaps[b] + Plane<CL>::origin(n, (ky * k + kx) * P + c0, KP, h, w);
-            const int64_t j0 = std::max<int64_t>(0, -dx), j1 = std::min<int64_t>(W, W - dx);
-            for (int64_t i = 0; i < h; ++i)
-              for (int64_t J = j0; J < j1; ++J) {
-                T* ms = m.data() + (i * W + J) * S;
-                for (int64_t t = tw.row_ptr[J + dx]; t < tw.row_ptr[J + dx + 1]; ++t) {
-                  const scalar_t* ts = tb + i * tp.row + tw.row_idx[t] * tp.pix;
-                  const T wt = tw.row_w[t];
-                  for (int64_t g = 0; g < G; ++g) ms[g] += wt * static_cast<T>(ts[g]);
-                }
-              }
-          }
-          const int64_t dy = ky - r;
-          const int64_t i0 = std::max<int64_t>(0, -dy), i1 = std::min<int64_t>(H, H - dy);
-          for (int64_t I = i0; I < i1; ++I) {
-            T* brow = buf.data() + I * W * S;
-            for (int64_t t = th.row_ptr[I + dy]; t < th.row_ptr[I + dy + 1]; ++t) {
-              const T* mrow = m.data() + th.row_idx[t] * W * S;
-              const T wt = th.row_w[t];
-              for (int64_t q = 0; q < W * S; ++q) brow[q] += wt * mrow[q];
-            }
-          }
-        }
+  const scalar_t* maps = nullptr;
+  scalar_t* grads = nullptr;
+  int64_t h = 0, w = 0;
+  UpAxis<T> uh, uw;
+  std::vector<int64_t> col_ptr{0}, col_first;
+  std::vector<T> col_w;
+  bool col_runs = true;  // every column's outputs are one run
+  TapBranch(const BranchPlan& bp, const BranchTaps<T>& t) : h(bp.level_h), w(bp.level_w), uh(t.up_h), uw(t.up_w) {
+    const Taps1d<T>& a = t.up_w;
+    for (int64_t j = 0; j < w; ++j) {
+      const int64_t t0 = a.col_ptr[j], t1 = a.col_ptr[j + 1];
+      const int64_t first = t1 > t0 ? a.col_idx[t0] : 0, last = t1 > t0 ? a.col_idx[t1 - 1] : -1;
+      col_first.push_back(first);
+      const size_t at = col_w.size();
+      col_w.resize(at + (last - first + 1), T(0));
+      std::vector<bool> seen(last - first + 1, false);
+      for (int64_t u = t0; u < t1; ++u) {  // columns list their outputs in increasing order
+        col_w[at + a.col_idx[u] - first] += a.col_w[u];
+        seen[a.col_idx[u] - first] = true;
       }
-      const int64_t origin = Plane<CL>::origin(n, c0, P, H, W);
-      scalar_t* pb = pre_out ? pre_out + origin : nullptr;
-      scalar_t* ob = out ? out + origin : nullptr;
-      for (int64_t i = 0; i < H; ++i)
-        for (int64_t j = 0; j < W; ++j) {
-          const int64_t at = i * ap.row + j * ap.pix;
-          const T* bs = buf.data() + (i * W + j) * S;
-          if (pb)
-            for (int64_t g = 0; g < G; ++g) pb[at + g] = static_cast<scalar_t>(bs[g]);
-          if (ob)  // the activation of the pre-activation rounded to the dtype, as the reference's
-            for (int64_t g = 0; g < G; ++g)
-              ob[at + g] = static_cast<scalar_t>(activate<T>(
-                  A, epi->alpha[c0 + g] * static_cast<T>(static_cast<scalar_t>(bs[g])) + epi->beta[c0 + g]));
-        }
+      col_runs = col_runs && std::all_of(seen.begin(), seen.end(), [](bool v) { return v; });
+      col_ptr.push_back(static_cast<int64_t>(col_w.size()));
     }
-  });
-}
-
-// Backward pass: the adjoint of accumulate_projection's resize-and-shift for one per-tap branch, as a
-// gather at the level: dT(tap, i, j) = sum over (I, J) of dpre(I, J) * uh(I + dy, i) * uw(J + dx, j), summed
-// in a fixed order (no atomics). Per tap row ky the height adjoint R (h x W) is shared by the k taps.
-// Every per-tap branch (dt[b] not null) in one pass over dpre: each item's dpre stays in cache for all.
-template <typename scalar_t, bool CL>
-void projection_tap_adjoint(const BlockPlan& plan, const std::vector<BranchTaps<at::opmath_type<scalar_t>>>& all_taps,
-                            int64_t P, int64_t k, const scalar_t* dpre, const std::vector<scalar_t*>& dts) {
-  using T = at::opmath_type<scalar_t>;
-  constexpr int64_t S = CL ? kGroup : 1;
-  const int64_t H = plan.H, W = plan.W, r = k / 2, KP = k * k * P;
-  const Groups<CL> groups(P);
-  const Plane<CL> gp = Plane<CL>::make(W, P);
-  at::parallel_for(0, plan.N * groups.per_n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> rbuf;
-    for (int64_t item = begin; item < end; ++item) {
-      int64_t n, c0, g_count;
-      groups.at(item, &n, &c0, &g_count);
-      const int64_t G = CL ? g_count : 1;
-      const scalar_t* gb = dpre + Plane<CL>::origin(n, c0, P, H, W);
-      for (size_t b = 0; b < plan.branches.size(); ++b) {
-      scalar_t* dt = dts[b];
-      if (dt == nullptr) continue;
-      const BranchPlan& bp = plan.branches[b];
-      const int64_t h = bp.level_h, w = bp.level_w;
-      const Plane<CL> tp = Plane<CL>::make(w, KP);
-      const auto& th = all_taps[b].up_h;
-      const auto& tw = all_taps[b].up_w;
-      rbuf.resize(h * W * S);
-      for (int64_t ky = 0; ky < k; ++ky) {
-        const int64_t dy = ky - r;
-        std::fill(rbuf.begin(), rbuf.end(), T(0));
-        for (int64_t i = 0; i < h; ++i) {
-          T* rrow = rbuf.data() + i * W * S;
-          for (int64_t t = th.col_ptr[i]; t < th.col_ptr[i + 1]; ++t) {
-            const int64_t I = th.col_idx[t] - dy;
-            if (I < 0 || I >= H) continue;
-            const scalar_t* grow = gb + I * gp.row;
-            const T wt = th.col_w[t];
-            for (int64_t J = 0; J < W; ++J)
-              for (int64_t g = 0; g < G; ++g) rrow[J * S + g] += wt * static_cast<T>(grow[J * gp.pix + g]);
-          }
-        }
-        for (int64_t kx = 0; kx < k; ++kx) {
-          const int64_t dx = kx - r;
-          scalar_t* tb = dt + Plane<CL>::origin(n, (ky * k + kx) * P + c0, KP, h, w);
-          for (int64_t i = 0; i < h; ++i)
-            for (int64_t j = 0; j < w; ++j) {
-              T acc[S] = {};
-              for (int64_t t = tw.col_ptr[j]; t < tw.col_ptr[j + 1]; ++t) {
-                const int64_t J = tw.col_idx[t] - dx;
-                if (J < 0 || J >= W) continue;
-                const T* rs = rbuf.data() + (i * W + J) * S;
-                const T wt = tw.col_w[t];
-                for (int64_t g = 0; g < G; ++g) acc[g] += wt * rs[g];
-              }
-              scalar_t* ts = tb + i * tp.row + j * tp.pix;
-              for (int64_t g = 0; g < G; ++g) ts[g] = static_cast<scalar_t>(acc[g]);
-            }
-        }
-      }
-      }
-    }
-  });
-}
-
-struct Projection {
-  int64_t P = 0, k = 0;
-  bool batch_stats = false;
-  double eps = 0;
-  Activation activation = Activation::None;
+  }
+  // The outputs u in [*u0, *u1) of column j whose output J = col_first[j] + u - dx lies in [0, W).
+  void runs(int64_t j, int64_t dx, int64_t W, int64_t* u0, int64_t* u1) const {
+    *u0 = std::max<int64_t>(0, dx - col_first[j]);
+    *u1 = std::min<int64_t>(col_ptr[j + 1] - col_ptr[j], W + dx - col_first[j]);
+  }
 };
 
-Projection check_projection(const BlockPlan& plan, const Tensor& x, const Tensor& pw, double eps, bool batch_stats,
-                            c10::string_view activation) {
-  TORCH_CHECK_VALUE(pw.dim() == 4 && pw.size(2) == pw.size(3) && pw.size(2) % 2 == 1,
-                    "msfused: project_weight must be (P, C_out, k, k) with k odd, got ", pw.sizes());
-  TORCH_CHECK_VALUE(pw.size(1) == plan.out_channels, "msfused: project_weight expects ", pw.size(1),
-                    " input channels, the concatenation has ", plan.out_channels);
-  TORCH_CHECK_VALUE(pw.size(0) >= 1, "msfused: project_weight has no output channels");
-  TORCH_CHECK_TYPE(pw.scalar_type() == x.scalar_type(), "msfused: project_weight has dtype ", pw.scalar_type(),
-                   " but x has ", x.scalar_type());
-  TORCH_CHECK_VALUE(pw.device() == x.device(), "msfused: project_weight is on ", pw.device(), " but x is on ",
-                    x.device());
-  Projection p;
-  p.P = pw.size(0);
-  p.k = pw.size(2);
-  p.batch_stats = batch_stats;
-  p.eps = eps;
-  p.activation = parse_activation(activation);
-  return p;
+// Forward pass over acc (N, P, H, W), which holds conv(x, W_x) (or is null: zeros): the projection's
+// pre-activation v = acc + bias + every direct branch's full-size part + every tap branch's maps resized up
+// and shifted by their tap (zero outside). Separable: per tap row ky, the k maps of that row expanded along
+// the width and summed at the level (E, h x W, once per item), then each output row adds the (one or two)
+// E rows its height taps read, contiguously. One read of acc and one write per output element:
+//   * with `epi` (no batch statistics) out = act(epi(v)) (out may be acc: inference keeps nothing), and
+//     pre_out (may be null, or acc) keeps v for backward;
+//   * without, v goes to pre_out, and part_sum / part_m2 get each (n, channel)'s sum and sum of squared
+//     deviations from its own mean (in double; combined in batch order by projection_batch_stats).
+// Values are rounded to scalar_t before the norm and the statistics, as the reference's convolution output is.
+template <typename scalar_t, bool CL, Activation A>
+void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const std::vector<TapBranch<scalar_t>>& tb,
+                           const std::vector<const scalar_t*>& direct, const std::vector<at::opmath_type<scalar_t>>& bias,
+                           const Epilogue<at::opmath_type<scalar_t>>* epi, const scalar_t* acc, scalar_t* pre_out,
+                           scalar_t* out, double* part_sum, double* part_m2) {
+  using T = at::opmath_type<scalar_t>;
+  constexpr int64_t S = CL ? kGroup : 1;
+  const int64_t H = plan.H, W = plan.W, r = k / 2, KP = k * k * P, WS = W * S;
+  const Groups<CL> groups(P);
+  const Plane<CL> ap = Plane<CL>::make(W, P);
+  int64_t e_size = 0;
+  std::vector<int64_t> e_at;  // offset of tap branch t's E rows in the scratch
+  for (const auto& t : tb) {
+    e_at.push_back(e_size);
+    e_size += k * t.h * WS;
+  }
+  // Per output row, the E rows it reads (offsets into the scratch) and their weights: per tap branch and tap
+  // row, the height taps at I + dy (none outside the map: the zero padding).
+  std::vector<std::vector<std::pair<int64_t, T>>> reads(H);
+  for (int64_t I = 0; I < H; ++I)
+    for (size_t b = 0; b < tb.size(); ++b) {
+      const TapBranch<scalar_t>& t = tb[b];
+      for (int64_t ky = 0; ky < k; ++ky) {
+        const int64_t O = I + ky - r;
+        if (O < 0 || O >= H) continue;
+        const int64_t at = e_at[b] + ky * t.h * WS;
+        reads[I].emplace_back(at + t.uh.i0[O] * WS, t.uh.two ? t.uh.w0[O] : T(1));
+        if (t.uh.two) reads[I].emplace_back(at + t.uh.i1[O] * WS, t.uh.w1[O]);
+      }
+    }
+  at::parallel_for(0, plan.N * groups.per_n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> e(e_size), row(WS);
+    for (int64_t item = begin; item < end; ++item) {
+      int64_t n, c0, g_count;
+      groups.at(item, &n, &c0, &g_count);
+      const int64_t G = CL ? g_count : 1;
+      std::fill(e.begin(), e.end(), T(0));
+      for (size_t b = 0; b < tb.size(); ++b) {
+        const TapBranch<scalar_t>& t = tb[b];
+        const Plane<CL> tp = Plane<CL>::make(t.w, KP);
+        for (int64_t ky = 0; ky < k; ++ky)
+          for (int64_t kx = 0; kx < k; ++kx) {
+            const int64_t dx = kx - r, j0 = std::max<int64_t>(0, -dx), j1 = std::min<int64_t>(W, W - dx);
+            const scalar_t* src = t.maps + Plane<CL>::origin(n, (ky * k + kx) * P + c0, KP, t.h, t.w);
+            for (int64_t i = 0; i < t.h; ++i) {
+              T* erow = e.data() + e_at[b] + (ky * t.h + i) * WS;
+              const scalar_t* srow = src + i * tp.row;
+              if (!CL && t.col_runs) {  // each level value spread over its run of outputs
+                for (int64_t j = 0; j < t.w; ++j) {
+                  int64_t u0, u1;
+                  t.runs(j, dx, W, &u0, &u1);
+                  const T v = static_cast<T>(srow[j * tp.pix]);
+                  T* eo = erow + t.col_first[j] - dx;
+                  const T* cw = t.col_w.data() + t.col_ptr[j];
+                  for (int64_t u = u0; u < u1; ++u) eo[u] += v * cw[u];
+                }
+                continue;
+              }
+              for (int64_t J = j0; J < j1; ++J) {
+                const int64_t q = J + dx;
+                const scalar_t* a0 = srow + t.uw.i0[q] * tp.pix;
+                const scalar_t* a1 = srow + t.uw.i1[q] * tp.pix;
+                T* es = erow + J * S;
+                if (t.uw.two) {
+                  const T w0 = t.uw.w0[q], w1 = t.uw.w1[q];
+                  for (int64_t g = 0; g < G; ++g) es[g] += w0 * static_cast<T>(a0[g]) + w1 * static_cast<T>(a1[g]);
+                } else {
+                  for (int64_t g = 0; g < G; ++g) es[g] += static_cast<T>(a0[g]);
+                }
+              }
+            }
+          }
+      }
+      const int64_t origin = Plane<CL>::origin(n, c0, P, H, W);
+      T bias_g[S] = {}, alpha_g[S] = {}, beta_g[S] = {};
+      for (int64_t g = 0; g < G; ++g) {
+        bias_g[g] = bias.empty() ? T(0) : bias[c0 + g];
+        if (out) {
+          alpha_g[g] = epi->alpha[c0 + g];
+          beta_g[g] = epi->beta[c0 + g];
+        }
+      }
+      double sum[S] = {};
+      for (int64_t I = 0; I < H; ++I) {
+        // acc, the bias and the direct branches (layout-specialised loops, so that they vectorise).
+        const int64_t at_row = origin + I * ap.row;
+        T* rw = row.data();
+        if constexpr (!CL) {
+          const T b0 = bias_g[0];
+          if (acc) {
+            const scalar_t* arow = acc + at_row;
+            for (int64_t J = 0; J < W; ++J) rw[J] = static_cast<T>(arow[J]) + b0;
+          } else {
+            for (int64_t J = 0; J < W; ++J) rw[J] = b0;
+          }
+          for (const scalar_t* d : direct) {
+            const scalar_t* drw = d + at_row;
+            for (int64_t J = 0; J < W; ++J) rw[J] += static_cast<T>(drw[J]);
+          }
+        } else {
+          for (int64_t J = 0; J < W; ++J) {
+            const int64_t at = at_row + J * ap.pix;
+            T* rs = rw + J * S;
+            for (int64_t g = 0; g < S; ++g) rs[g] = bias_g[g];  // zero past G
+            if (acc)
+              for (int64_t g = 0; g < G; ++g) rs[g] += static_cast<T>(acc[at + g]);
+            for (const scalar_t* d : direct)
+              for (int64_t g = 0; g < G; ++g) rs[g] += static_cast<T>(d[at + g]);
+          }
+        }
+        const auto& rd = reads[I];
+        size_t m = 0;
+        for (; m + 1 < rd.size(); m += 2) {  // two rows per sweep: half the loads and stores of row
+          const T *e0 = e.data() + rd[m].first, *e1 = e.data() + rd[m + 1].first;
+          const T w0 = rd[m].second, w1 = rd[m + 1].second;
+          for (int64_t q = 0; q < WS; ++q) rw[q] += w0 * e0[q] + w1 * e1[q];
+        }
+        if (m < rd.size()) {
+          const T* e0 = e.data() + rd[m].first;
+          const T w0 = rd[m].second;
+          for (int64_t q = 0; q < WS; ++q) rw[q] += w0 * e0[q];
+        }
+        // The row out: the pre-activation, and the norm and activation or the statistics' sums.
+        if constexpr (!CL) {
+          if (pre_out) {
+            scalar_t* prw = pre_out + at_row;
+            for (int64_t J = 0; J < W; ++J) prw[J] = static_cast<scalar_t>(rw[J]);
+          }
+          if (out) {
+            scalar_t* orw = out + at_row;
+            const T al = alpha_g[0], be = beta_g[0];
+            for (int64_t J = 0; J < W; ++J)
+              orw[J] = static_cast<scalar_t>(activate<T>(A, al * static_cast<T>(static_cast<scalar_t>(rw[J])) + be));
+          } else {
+            T s0 = 0;  // the row's sum in opmath, the rows' in double
+#pragma omp simd reduction(+ : s0)
+            for (int64_t J = 0; J < W; ++J) s0 += static_cast<T>(static_cast<scalar_t>(rw[J]));
+            sum[0] += static_cast<double>(s0);
+          }
+        } else {
+          for (int64_t J = 0; J < W; ++J) {
+            const int64_t at = at_row + J * ap.pix;
+            const T* rs = rw + J * S;
+            if (pre_out)
+              for (int64_t g = 0; g < G; ++g) pre_out[at + g] = static_cast<scalar_t>(rs[g]);
+            if (out) {
+              for (int64_t g = 0; g < G; ++g)
+                out[at + g] = static_cast<scalar_t>(
+                    activate<T>(A, alpha_g[g] * static_cast<T>(static_cast<scalar_t>(rs[g])) + beta_g[g]));
+            } else {
+              for (int64_t g = 0; g < G; ++g) sum[g] += static_cast<double>(static_cast<scalar_t>(rs[g]));
+            }
+          }
+        }
+      }
+      if (out) continue;
+      // Batch statistics: this item's mean, then its squared deviations, from the stored values (in cache).
+      const double count = static_cast<double>(H * W);
+      double mean[S], m2[S] = {};
+      for (int64_t g = 0; g < G; ++g) mean[g] = sum[g] / count;
+      for (int64_t I = 0; I < H; ++I) {
+        const scalar_t* prw = pre_out + origin + I * ap.row;
+        if constexpr (!CL) {
+          const T mu = static_cast<T>(mean[0]);
+          T s2 = 0;
+#pragma omp simd reduction(+ : s2)
+          for (int64_t J = 0; J < W; ++J) {
+            const T d = static_cast<T>(prw[J]) - mu;
+            s2 += d * d;
+          }
+          m2[0] += static_cast<double>(s2);
+        } else {
+          for (int64_t J = 0; J < W; ++J)
+            for (int64_t g = 0; g < G; ++g) {
+              const double d = static_cast<double>(prw[J * ap.pix + g]) - mean[g];
+              m2[g] += d * d;
+            }
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        part_sum[n * P + c0 + g] = sum[g];
+        part_m2[n * P + c0 + g] = m2[g];
+      }
+    }
+  });
+}
+
+// The batch mean and biased variance per channel from accumulate_projection's per-(n, channel) sums and
+// squared deviations (count values each), combined in batch order (Chan et al.): deterministic.
+std::pair<Tensor, Tensor> projection_batch_stats(const std::vector<double>& part_sum, const std::vector<double>& part_m2,
+                                                 int64_t N, int64_t P, double count, at::ScalarType dtype) {
+  std::vector<double> mean(P, 0.0), var(P, 0.0);
+  for (int64_t c = 0; c < P; ++c) {
+    double s = 0;
+    for (int64_t n = 0; n < N; ++n) s += part_sum[n * P + c];
+    const double mu = s / (count * N);
+    double m2 = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      const double d = part_sum[n * P + c] / count - mu;
+      m2 += part_m2[n * P + c] + count * d * d;
+    }
+    mean[c] = mu;
+    var[c] = m2 / (count * N);
+  }
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  const auto stat = at::TensorOptions().dtype(stats_dtype(dtype));
+  return {at::from_blob(mean.data(), {P}, opts).to(stat, false, /*copy=*/true),
+          at::from_blob(var.data(), {P}, opts).to(stat, false, /*copy=*/true)};
+}
+
+// The projection epilogue's backward, per work item (n, channel group), from grad (dY of the output) and the
+// saved pre-activation v: dyv = dY * act'(alpha * v + beta), rounded to scalar_t as the reference's
+// activation gradient is, then dv = p * dyv + q * v + r per channel (the norm's backward: with batch
+// statistics p, q, r from the sums below; otherwise p = the folded scale, q = r = 0).
+//   * SumsOnly (batch statistics, first pass): part_dy = sum(dyv), part_dyc = sum(dyv * (v - center)); no write.
+//   * otherwise: dv written to dpre, part_dv = sum(dv) (the bias gradient), part_dy / part_dyc as above with
+//     center 0 (eval-mode scale and shift gradients), and from the same rows, while they are in cache, every
+//     tap branch's map gradient dT_b: the adjoint of the forward's resize-and-shift, as a gather at the level
+//     (height first: each row of dv added to the level rows its taps read, rows in increasing order; then the
+//     width taps), in a fixed order: no atomics.
+template <typename scalar_t, bool CL, Activation A, bool SumsOnly>
+void projection_grad_pass(const BlockPlan& plan, int64_t P, int64_t k, const std::vector<TapBranch<scalar_t>>& tb,
+                          const Epilogue<at::opmath_type<scalar_t>>& epi, const std::vector<double>& center,
+                          const std::vector<at::opmath_type<scalar_t>>& p, const std::vector<at::opmath_type<scalar_t>>& q,
+                          const std::vector<at::opmath_type<scalar_t>>& r_coef, const scalar_t* grad, const scalar_t* pre,
+                          scalar_t* dpre, double* part_dy, double* part_dyc, double* part_dv) {
+  using T = at::opmath_type<scalar_t>;
+  constexpr int64_t S = CL ? kGroup : 1;
+  const int64_t H = plan.H, W = plan.W, r = k / 2, KP = k * k * P, WS = W * S;
+  const Groups<CL> groups(P);
+  const Plane<CL> ap = Plane<CL>::make(W, P);
+  int64_t r_size = 0;
+  std::vector<int64_t> r_at;
+  for (const auto& t : tb) {
+    r_at.push_back(r_size);
+    r_size += k * t.h * WS;
+  }
+  at::parallel_for(0, plan.N * groups.per_n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> rbuf(SumsOnly ? 0 : r_size), drow(SumsOnly ? 0 : WS), lrow;
+    for (int64_t item = begin; item < end; ++item) {
+      int64_t n, c0, g_count;
+      groups.at(item, &n, &c0, &g_count);
+      const int64_t G = CL ? g_count : 1;
+      const int64_t origin = Plane<CL>::origin(n, c0, P, H, W);
+      double s_dy[S] = {}, s_dyc[S] = {}, s_dv[S] = {};
+      if (!SumsOnly) std::fill(rbuf.begin(), rbuf.end(), T(0));
+      for (int64_t I = 0; I < H; ++I) {
+        const int64_t at_row = origin + I * ap.row;
+        if constexpr (!CL) {  // one channel: the sums along the row in independent lanes (a fixed order)
+          const T al = epi.alpha[c0], be = epi.beta[c0], pc = p[c0], qc = q[c0], rc = r_coef[c0];
+          const double ctr = center[c0];
+          const scalar_t* gs = grad + at_row;
+          const scalar_t* vs = pre + at_row;
+          // Row sums in opmath (as ATen's batch norm accumulates), the rows' sums in double.
+          const T ctr_t = static_cast<T>(ctr);
+          T a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a1, a2, a3)
+          for (int64_t J = 0; J < W; ++J) {
+            const T v = static_cast<T>(vs[J]);
+            const T dyv = static_cast<T>(static_cast<scalar_t>(static_cast<T>(gs[J]) * activate_grad<T>(A, al * v + be)));
+            a1 += dyv;
+            a2 += dyv * (v - ctr_t);
+            if constexpr (!SumsOnly) {
+              const scalar_t dv = static_cast<scalar_t>(pc * dyv + qc * v + rc);
+              dpre[at_row + J] = dv;
+              drow[J] = static_cast<T>(dv);
+              a3 += static_cast<T>(dv);
+            }
+          }
+          s_dy[0] += static_cast<double>(a1);
+          s_dyc[0] += static_cast<double>(a2);
+          s_dv[0] += static_cast<double>(a3);
+        } else {
+          T a1[S] = {}, a2[S] = {}, a3[S] = {};
+          for (int64_t J = 0; J < W; ++J) {
+            const int64_t at = at_row + J * ap.pix;
+            for (int64_t g = 0; g < S; ++g) {
+              if (g >= G) {
+                if constexpr (!SumsOnly) drow[J * S + g] = T(0);
+                continue;
+              }
+              const int64_t c = c0 + g;
+              const T v = static_cast<T>(pre[at + g]);
+              const T dyv = static_cast<T>(
+                  static_cast<scalar_t>(static_cast<T>(grad[at + g]) * activate_grad<T>(A, epi.alpha[c] * v + epi.beta[c])));
+              a1[g] += dyv;
+              a2[g] += dyv * (v - static_cast<T>(center[c]));
+              if constexpr (!SumsOnly) {
+                const scalar_t dv = static_cast<scalar_t>(p[c] * dyv + q[c] * v + r_coef[c]);
+                dpre[at + g] = dv;
+                drow[J * S + g] = static_cast<T>(dv);
+                a3[g] += static_cast<T>(dv);
+              }
+            }
+          }
+          for (int64_t g = 0; g < G; ++g) {
+            s_dy[g] += static_cast<double>(a1[g]);
+            s_dyc[g] += static_cast<double>(a2[g]);
+            s_dv[g] += static_cast<double>(a3[g]);
+          }
+        }
+        if constexpr (!SumsOnly) {
+          // This row of dv into the level rows that output rows I + dy read (height adjoint).
+          for (size_t b = 0; b < tb.size(); ++b) {
+            const TapBranch<scalar_t>& t = tb[b];
+            for (int64_t ky = 0; ky < k; ++ky) {
+              const int64_t O = I + ky - r;
+              if (O < 0 || O >= H) continue;
+              T* rb = rbuf.data() + r_at[b] + ky * t.h * WS;
+              T* r0 = rb + t.uh.i0[O] * WS;
+              const T w0 = t.uh.two ? t.uh.w0[O] : T(1);
+              for (int64_t x = 0; x < WS; ++x) r0[x] += w0 * drow[x];
+              if (t.uh.two) {
+                T* r1 = rb + t.uh.i1[O] * WS;
+                const T w1 = t.uh.w1[O];
+                for (int64_t x = 0; x < WS; ++x) r1[x] += w1 * drow[x];
+              }
+            }
+          }
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        part_dy[n * P + c0 + g] = s_dy[g];
+        part_dyc[n * P + c0 + g] = s_dyc[g];
+        if (!SumsOnly) part_dv[n * P + c0 + g] = s_dv[g];
+      }
+      if constexpr (SumsOnly) continue;
+      // The width adjoint: each level row of the height adjoint, shifted by the tap, gathered into dT's row.
+      for (size_t b = 0; b < tb.size(); ++b) {
+        const TapBranch<scalar_t>& t = tb[b];
+        const Plane<CL> tp = Plane<CL>::make(t.w, KP);
+        lrow.resize(t.w * S);
+        for (int64_t ky = 0; ky < k; ++ky)
+          for (int64_t kx = 0; kx < k; ++kx) {
+            const int64_t dx = kx - r, j0 = std::max<int64_t>(0, -dx), j1 = std::min<int64_t>(W, W - dx);
+            scalar_t* dst = t.grads + Plane<CL>::origin(n, (ky * k + kx) * P + c0, KP, t.h, t.w);
+            for (int64_t i = 0; i < t.h; ++i) {
+              const T* rrow = rbuf.data() + r_at[b] + (ky * t.h + i) * WS;
+              scalar_t* drow_t = dst + i * tp.row;
+              if (!CL && t.col_runs) {  // each level value gathers its run of outputs
+                for (int64_t j = 0; j < t.w; ++j) {
+                  int64_t u0, u1;
+                  t.runs(j, dx, W, &u0, &u1);
+                  const T* ro = rrow + t.col_first[j] - dx;
+                  const T* cw = t.col_w.data() + t.col_ptr[j];
+                  T a = 0;
+#pragma omp simd reduction(+ : a)
+                  for (int64_t u = u0; u < u1; ++u) a += cw[u] * ro[u];
+                  drow_t[j * tp.pix] = static_cast<scalar_t>(a);
+                }
+                continue;
+              }
+              std::fill(lrow.begin(), lrow.end(), T(0));
+              for (int64_t J = j0; J < j1; ++J) {
+                const int64_t qx = J + dx;
+                const T* rs = rrow + J * S;
+                T* l0 = lrow.data() + t.uw.i0[qx] * S;
+                if (t.uw.two) {
+                  T* l1 = lrow.data() + t.uw.i1[qx] * S;
+                  const T w0 = t.uw.w0[qx], w1 = t.uw.w1[qx];
+                  for (int64_t g = 0; g < S; ++g) {
+                    l0[g] += w0 * rs[g];
+                    l1[g] += w1 * rs[g];
+                  }
+                } else {
+                  for (int64_t g = 0; g < S; ++g) l0[g] += rs[g];
+                }
+              }
+              for (int64_t j = 0; j < t.w; ++j)
+                for (int64_t g = 0; g < G; ++g) drow_t[j * tp.pix + g] = static_cast<scalar_t>(lrow[j * S + g]);
+            }
+          }
+      }
+    }
+  });
+}
+
+// Per channel, the per-(n, channel) partial sums added in batch order (deterministic).
+std::vector<double> sum_over_batch(const std::vector<double>& part, int64_t N, int64_t P) {
+  std::vector<double> s(P, 0.0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < P; ++c) s[c] += part[n * P + c];
+  return s;
+}
+
+// Whether the projection's x part is the GEMM it is (1x1 kernel, a dtype BLAS computes): then the forward
+// and backward run it as matrix products (ATen's 1x1 convolution reorders NCHW maps in and out of oneDNN's
+// blocked layout, costing more than the product itself at these sizes).
+bool x_part_is_gemm(int64_t k, const Tensor& x) {
+  return k == 1 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
+}
+
+// The x part's backward as GEMMs (x_part_is_gemm): dx = W_x^T dv and dW_x = dv x^T summed over the batch
+// in order (NCHW, per sample), or over the rows (N H W, channels) of channels_last maps.
+std::pair<Tensor, Tensor> x_part_gemm_backward(const Tensor& dpre, const Tensor& x, const Tensor& wx, bool need_x,
+                                               bool need_w, at::MemoryFormat fmt) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = wx.size(0);
+  const Tensor w2 = wx.reshape({P, C});
+  Tensor dx, dw;
+  if (fmt == at::MemoryFormat::ChannelsLast) {
+    const Tensor rows = dpre.permute({0, 2, 3, 1}).reshape({N * H * W, P});
+    const Tensor xrows = x.permute({0, 2, 3, 1}).reshape({N * H * W, C});
+    if (need_x) dx = at::mm(rows, w2).view({N, H, W, C}).permute({0, 3, 1, 2});
+    if (need_w) dw = at::mm(rows.t(), xrows);
+  } else {
+    const Tensor cols = dpre.view({N, P, H * W});
+    const Tensor xcols = x.view({N, C, H * W});
+    if (need_x) {
+      dx = at::empty({N, C, H * W}, x.options());
+      for (int64_t n = 0; n < N; ++n) {
+        Tensor dn = dx.select(0, n);
+        at::mm_out(dn, w2.t(), cols.select(0, n));
+      }
+      dx = dx.view({N, C, H, W});
+    }
+    if (need_w) {
+      dw = at::zeros({P, C}, x.options());
+      for (int64_t n = 0; n < N; ++n) dw.addmm_(cols.select(0, n), xcols.select(0, n).t());
+    }
+  }
+  return {dx, need_w ? dw.view({P, C, 1, 1}) : dw};
 }
 
 using ProjectForwardResult =
@@ -1115,37 +1343,43 @@ ProjectForwardResult multi_scale_project_forward_cpu(
       else levels_and_copy<scalar_t, false>(levels_plan, taps, x.const_data_ptr<scalar_t>(), nullptr, lv);
     }
   });
-  // The x part of the projection: ATen's (oneDNN) convolution of x with the weight's x slice.
-  Tensor acc = plan.x_offset >= 0
-                   ? at::conv2d(x, weight_slice(pw, plan.x_offset, plan.C), {}, {1, 1}, {pad, pad}).contiguous(fmt)
-                   : at::empty({plan.N, P, H, W}, opts.memory_format(fmt)).zero_();
+  // The x part of the projection: conv(x, W_x) with the weight's x slice (a GEMM for a 1x1 kernel).
+  const Tensor acc = plan.x_offset >= 0 ? branch_conv(x, weight_slice(pw, plan.x_offset, plan.C), std::nullopt, pad, fmt)
+                                              .contiguous(fmt)
+                                        : Tensor();
   TensorVector tmaps(B), direct(B);
   for (size_t b = 0; b < B; ++b) {
     const BranchPlan& bp = plan.branches[b];
-    const int64_t bpad = bp.kernel_size / 2;
     const Tensor& z = bp.identity ? x : level[b];
-    pre[b] = at::conv2d(z, weight[b], bias.get(b), {1, 1}, {bpad, bpad}).contiguous(fmt);
+    pre[b] = branch_conv(z, weight[b], bias.get(b), bp.kernel_size / 2, fmt).contiguous(fmt);
     std::tie(mean[b], var[b]) = batch_statistics(pre[b], bp.batch_stats);
     const bool whole = convolves_resized(bp, k, H, W);
     const Tensor a = branch_epilogue(branch_alone(plan, b, !whole), pre[b], scale.get(b), shift.get(b), mean[b],
                                      var[b], fmt);
     if (whole)
-      direct[b] = at::conv2d(a, weight_slice(pw, bp.channel_offset, bp.out_channels), {}, {1, 1}, {pad, pad}).contiguous(fmt);
+      direct[b] = branch_conv(a, weight_slice(pw, bp.channel_offset, bp.out_channels), std::nullopt, pad, fmt)
+                      .contiguous(fmt);
     else
-      tmaps[b] = at::conv2d(a, tap_weight(pw, bp.channel_offset, bp.out_channels)).contiguous(fmt);
+      tmaps[b] = branch_conv(a, tap_weight(pw, bp.channel_offset, bp.out_channels), std::nullopt, 0, fmt).contiguous(fmt);
   }
-  const BlockPlan pp = projection_plan(plan, P, k, proj.batch_stats, proj.eps, proj.activation);
+  const BlockPlan pp = projection_plan(plan, proj);
   // Without batch statistics the norm and activation run in the accumulation pass; in place when the
-  // pre-activation need not be kept (nothing will differentiate it).
+  // pre-activation need not be kept (nothing will differentiate it). With them, the pass keeps the
+  // pre-activation (in acc's place) and its per-sample statistics, and one more pass applies the norm.
   const bool fuse_epilogue = !proj.batch_stats;
-  Tensor out = fuse_epilogue && !save_pre ? acc : at::empty_like(acc, fmt);
+  Tensor p_pre = acc.defined() ? acc : at::empty({plan.N, P, H, W}, opts.memory_format(fmt));
+  Tensor out = fuse_epilogue ? (save_pre ? at::empty_like(p_pre, fmt) : p_pre) : Tensor();
+  std::vector<double> part_sum(proj.batch_stats ? plan.N * P : 0), part_m2(part_sum.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msfused_project_accumulate_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const auto taps = make_branch_taps<T>(plan);
-    std::vector<const scalar_t*> tv(B, nullptr), dv(B, nullptr);
+    std::vector<TapBranch<scalar_t>> tb;
+    std::vector<const scalar_t*> dv;
     for (size_t b = 0; b < B; ++b) {
-      if (tmaps[b].defined()) tv[b] = tmaps[b].const_data_ptr<scalar_t>();
-      if (direct[b].defined()) dv[b] = direct[b].const_data_ptr<scalar_t>();
+      if (direct[b].defined()) dv.push_back(direct[b].const_data_ptr<scalar_t>());
+      if (!tmaps[b].defined()) continue;
+      tb.emplace_back(plan.branches[b], taps[b]);
+      tb.back().maps = tmaps[b].const_data_ptr<scalar_t>();
     }
     std::vector<T> pb;
     if (p_bias.has_value() && p_bias->defined()) {
@@ -1154,20 +1388,26 @@ ProjectForwardResult multi_scale_project_forward_cpu(
       for (double v : to_doubles(p_bias, P, 0.0)) pb.push_back(static_cast<T>(v));
     }
     const Epilogue<T> epi = make_epilogue<T>(pp.branches[0], p_scale, p_shift, Tensor(), Tensor());
-    scalar_t* a = acc.data_ptr<scalar_t>();
-    scalar_t* pre_out = !fuse_epilogue || save_pre ? a : nullptr;
+    const scalar_t* a = acc.defined() ? acc.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* pre_out = !fuse_epilogue || save_pre ? p_pre.data_ptr<scalar_t>() : nullptr;
     scalar_t* o = fuse_epilogue ? out.data_ptr<scalar_t>() : nullptr;
-    if (acc.numel() > 0) {
+    if (p_pre.numel() > 0) {
       with_activation(proj.activation, [&](auto act) {
         constexpr Activation A = decltype(act)::value;
-        if (cl) accumulate_projection<scalar_t, true, A>(plan, taps, P, k, tv, dv, pb, &epi, a, pre_out, o);
-        else accumulate_projection<scalar_t, false, A>(plan, taps, P, k, tv, dv, pb, &epi, a, pre_out, o);
+        auto run = cl ? accumulate_projection<scalar_t, true, A> : accumulate_projection<scalar_t, false, A>;
+        run(plan, P, k, tb, dv, pb, &epi, a, pre_out, o, part_sum.data(), part_m2.data());
       });
     }
   });
-  auto [p_mean, p_var] = batch_statistics(acc, proj.batch_stats);
-  if (!fuse_epilogue) out = branch_epilogue(pp, acc, p_scale, p_shift, p_mean, p_var, fmt, save_pre ? Tensor() : acc);
-  const Tensor p_pre = save_pre ? acc : at::empty({0}, opts);
+  Tensor p_mean, p_var;
+  if (proj.batch_stats) {
+    std::tie(p_mean, p_var) =
+        projection_batch_stats(part_sum, part_m2, plan.N, P, static_cast<double>(H * W), x.scalar_type());
+    out = branch_epilogue(pp, p_pre, p_scale, p_shift, p_mean, p_var, fmt, save_pre ? Tensor() : p_pre);
+  } else {
+    std::tie(p_mean, p_var) = batch_statistics(p_pre, false);  // empty
+  }
+  if (!save_pre) p_pre = at::empty({0}, opts);
   return {out, level, pre, mean, var, p_pre, p_mean, p_var};
 }
 
@@ -1187,51 +1427,90 @@ ProjectBackwardResult multi_scale_project_backward_cpu(
   const Projection proj = check_projection(plan, x_in, pw, p_eps, p_batch_stats, p_activation);
   const size_t B = plan.branches.size();
   const int64_t P = proj.P, k = proj.k, pad = k / 2, H = plan.H, W = plan.W;
-  TORCH_CHECK_VALUE(level.size() == B && pre.size() == B && mean.size() == B && var.size() == B &&
-                        scale.size() == B && shift.size() == B,
-                    "msfused: backward needs one saved level, pre-activation, mean and var per branch");
-  TORCH_CHECK_VALUE(grad_in.dim() == 4 && grad_in.size(0) == plan.N && grad_in.size(1) == P &&
-                        grad_in.size(2) == H && grad_in.size(3) == W,
-                    "msfused: grad_out must have the output's shape (", plan.N, ", ", P, ", ", H, ", ", W, "), got ",
-                    grad_in.sizes());
+  check_project_backward_args(plan, proj, grad_in, level, pre, mean, var, scale, shift, p_pre);
   const auto fmt = x_in.suggest_memory_format();
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const Tensor x = x_in.contiguous(fmt);
   const Tensor grad = grad_in.to(x.scalar_type()).contiguous(fmt);
   const auto opts = x.options();
   const bool need_w = output_mask[1];
-  TORCH_CHECK_VALUE(p_pre.sizes() == grad_in.sizes(), "msfused: the projection's pre-activation was not saved "
-                    "(multi_scale_project_forward with save_pre=False), so there is no backward");
-  // The projection's epilogue backward: the gradient of its pre-activation (bias included).
-  const BlockPlan pp = projection_plan(plan, P, k, proj.batch_stats, proj.eps, proj.activation);
-  auto [dpre, grad_p_scale, grad_p_shift] =
-      epilogue_backward(pp, pp.branches[0], grad, p_pre, p_scale, p_shift, p_mean, p_var, fmt);
-  const Tensor grad_p_bias = dpre.sum({0, 2, 3});
-  Tensor grad_pw = need_w ? at::zeros_like(pw, at::MemoryFormat::Preserve) : at::empty({0}, opts);
-  Tensor dx_proj;  // the x part's gradient of x
-  if (plan.x_offset >= 0) {
-    const Tensor wx = weight_slice(pw, plan.x_offset, plan.C);
-    auto g = at::convolution_backward(dpre, x, wx, std::nullopt, {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1,
-                                      {output_mask[0], need_w, false});
-    if (output_mask[0]) dx_proj = std::get<0>(g).contiguous(fmt);
-    if (need_w) grad_pw.narrow(1, plan.x_offset, plan.C).copy_(std::get<1>(g));
-  }
-  // The gradients of every per-tap branch's maps T_b, in one gather pass over dpre.
+  // The projection's epilogue backward (the gradient dpre of its pre-activation, bias included) and, in the
+  // same pass, the gradients of every per-tap branch's maps T_b.
+  const BlockPlan pp = projection_plan(plan, proj);
+  const Tensor pre_c = p_pre.contiguous(fmt);
+  Tensor dpre = at::empty({plan.N, P, H, W}, opts.memory_format(fmt));
   TensorVector dts(B);
   for (size_t b = 0; b < B; ++b)
     if (!convolves_resized(plan.branches[b], k, H, W))
       dts[b] = at::empty({plan.N, k * k * P, plan.branches[b].level_h, plan.branches[b].level_w},
                          opts.memory_format(fmt));
-  if (dpre.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msfused_project_adjoint_cpu", [&] {
-      using T = at::opmath_type<scalar_t>;
-      const auto taps = make_branch_taps<T>(plan);
-      std::vector<scalar_t*> dv(B, nullptr);
-      for (size_t b = 0; b < B; ++b)
-        if (dts[b].defined()) dv[b] = dts[b].data_ptr<scalar_t>();
-      if (cl) projection_tap_adjoint<scalar_t, true>(plan, taps, P, k, dpre.const_data_ptr<scalar_t>(), dv);
-      else projection_tap_adjoint<scalar_t, false>(plan, taps, P, k, dpre.const_data_ptr<scalar_t>(), dv);
+  Tensor grad_p_bias, grad_p_scale, grad_p_shift;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msfused_project_grad_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto taps = make_branch_taps<T>(plan);
+    std::vector<TapBranch<scalar_t>> tb;
+    for (size_t b = 0; b < B; ++b) {
+      if (!dts[b].defined()) continue;
+      tb.emplace_back(plan.branches[b], taps[b]);
+      tb.back().grads = dts[b].data_ptr<scalar_t>();
+    }
+    const Epilogue<T> epi = make_epilogue<T>(pp.branches[0], p_scale, p_shift, p_mean, p_var);
+    const std::vector<double> s = to_doubles(p_scale, P, 1.0);
+    const std::vector<double> center = proj.batch_stats ? to_doubles(p_mean, P, 0.0) : std::vector<double>(P, 0.0);
+    std::vector<T> pc(P), qc(P, T(0)), rc(P, T(0));
+    std::vector<double> part_dy(plan.N * P), part_dyc(plan.N * P), part_dv(plan.N * P), d_scale(P);
+    const bool work = dpre.numel() > 0;
+    with_activation(proj.activation, [&](auto act) {
+      constexpr Activation A = decltype(act)::value;
+      const scalar_t* g = grad.const_data_ptr<scalar_t>();
+      const scalar_t* v = pre_c.const_data_ptr<scalar_t>();
+      if (proj.batch_stats) {  // the sums first: the norm's backward coefficients need them
+        auto sums = cl ? projection_grad_pass<scalar_t, true, A, true> : projection_grad_pass<scalar_t, false, A, true>;
+        if (work) sums(plan, P, k, tb, epi, center, pc, qc, rc, g, v, nullptr, part_dy.data(), part_dyc.data(), nullptr);
+        const std::vector<double> sum_dy = sum_over_batch(part_dy, plan.N, P), sum_dyc = sum_over_batch(part_dyc, plan.N, P);
+        const std::vector<double> var = to_doubles(p_var, P, 0.0);
+        for (int64_t c = 0; c < P; ++c) {
+          double pd, qd, rd;
+          batch_norm_grad(s[c], center[c], var[c], proj.eps, static_cast<double>(plan.N * H * W), sum_dy[c],
+                          sum_dyc[c], &d_scale[c], &pd, &qd, &rd);
+          pc[c] = static_cast<T>(pd);
+          qc[c] = static_cast<T>(qd);
+          rc[c] = static_cast<T>(rd);
+        }
+      } else {
+        for (int64_t c = 0; c < P; ++c) pc[c] = static_cast<T>(s[c]);
+      }
+      auto pass = cl ? projection_grad_pass<scalar_t, true, A, false> : projection_grad_pass<scalar_t, false, A, false>;
+      if (work)
+        pass(plan, P, k, tb, epi, center, pc, qc, rc, g, v, dpre.data_ptr<scalar_t>(), part_dy.data(), part_dyc.data(),
+             part_dv.data());
     });
+    std::vector<double> sum_dy = sum_over_batch(part_dy, plan.N, P), sum_dv = sum_over_batch(part_dv, plan.N, P);
+    if (!proj.batch_stats) d_scale = sum_over_batch(part_dyc, plan.N, P);  // sum(dY * pre)
+    const auto pdt = at::TensorOptions().dtype(at::kDouble);
+    const auto as_grad = [&](std::vector<double>& values, const std::optional<Tensor>& like) {
+      if (!like.has_value() || !like->defined()) return at::empty({0}, opts);
+      return at::from_blob(values.data(), {P}, pdt).to(like->scalar_type(), false, /*copy=*/true);
+    };
+    grad_p_scale = as_grad(d_scale, p_scale);
+    grad_p_shift = as_grad(sum_dy, p_shift);
+    grad_p_bias = at::from_blob(sum_dv.data(), {P}, pdt).to(x.scalar_type(), false, /*copy=*/true);
+  });
+  Tensor grad_pw = need_w ? at::zeros_like(pw, at::MemoryFormat::Preserve) : at::empty({0}, opts);
+  Tensor dx_proj;  // the x part's gradient of x
+  if (plan.x_offset >= 0) {
+    const Tensor wx = weight_slice(pw, plan.x_offset, plan.C);
+    Tensor dx_g, dw_g;
+    if (x_part_is_gemm(k, x)) {
+      std::tie(dx_g, dw_g) = x_part_gemm_backward(dpre, x, wx, output_mask[0], need_w, fmt);
+    } else {
+      auto g = at::convolution_backward(dpre, x, wx, std::nullopt, {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1,
+                                        {output_mask[0], need_w, false});
+      dx_g = std::get<0>(g);
+      dw_g = std::get<1>(g);
+    }
+    if (output_mask[0]) dx_proj = dx_g.contiguous(fmt);
+    if (need_w) grad_pw.narrow(1, plan.x_offset, plan.C).copy_(dw_g);
   }
   TensorVector grad_weight(B), grad_bias(B), grad_scale(B), grad_shift(B), dz(B);
   for (size_t b = 0; b < B; ++b) {

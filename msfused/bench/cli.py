@@ -11,12 +11,12 @@ import argparse
 import os
 import sys
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from . import report, runner
-from .workloads import WORKLOADS, select
+from .workloads import WORKLOADS, Workload, select
 
 _DTYPES = {
     "float32": torch.float32,
@@ -28,6 +28,31 @@ _DTYPES = {
 
 def _list(text: str) -> List[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def batch_sizes(text: str, workloads: Sequence[Workload]) -> Dict[str, int]:
+    """``--n``: ``N`` (every workload), ``name=N`` items (those workloads; the others keep their default), or
+    both, comma-separated, as {workload name: N}. Raises ``ValueError`` naming a bad item."""
+    sizes: Dict[str, int] = {}
+    for item in _list(text):
+        name, _, value = item.rpartition("=")
+        try:
+            size = int(value)
+        except ValueError:
+            raise ValueError(f"--n: {item!r} is not N or workload=N") from None
+        if size < 1:
+            raise ValueError(f"--n must be >= 1, got {item!r}")
+        if not name:
+            sizes.update({w.name: size for w in workloads if w.name not in sizes})
+            continue
+        if name not in WORKLOADS:
+            raise ValueError(f"--n: unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
+        if all(w.name != name for w in workloads):
+            raise ValueError(f"--n: {name} is not among the workloads to run")
+        sizes[name] = size
+    if not sizes:
+        raise ValueError(f"--n: no batch size in {text!r}")
+    return sizes
 
 
 def _default_device() -> str:
@@ -63,7 +88,11 @@ def parser() -> argparse.ArgumentParser:
     compile_group.add_argument("--no-compile", dest="compile", action="store_false",
                                help="leave torch.compile out")
     batch = p.add_mutually_exclusive_group()
-    batch.add_argument("--n", type=int, default=None, help="batch size for every workload (overrides the table)")
+    batch.add_argument("--n", default=None,
+                       help="batch size: N for every workload, or per workload, e.g. psp_head_mmseg=1 (the others keep "
+                            "their default), or both, e.g. 2,psp_head_mmseg=1 (overrides the table). A training case "
+                            "needs N >= 2 where a branch norms a 1x1 level with batch statistics: at N = 1 its row "
+                            "says so")
     batch.add_argument("--full-n", action="store_true",
                        help="the full batch sizes of WORKLOADS.md (the default on a GPU; a CPU uses each workload's "
                             "cpu_n unless this is given)")
@@ -124,8 +153,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         runner.check_impls(impls)
         if not impls:
             raise ValueError("no implementation to run")
-        if args.n is not None and args.n < 1:
-            raise ValueError(f"--n must be >= 1, got {args.n}")
+        n = batch_sizes(args.n, workloads) if args.n is not None else None
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
     except ValueError as e:
@@ -143,7 +171,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if fused_wanted and not any(runner.is_fused(i) for i in impls):
         _progress(f"warning: {report.no_fused_backend_line(runner.fused_backends(device), str(device))}")
     result = runner.run(
-        workloads, modes=modes, dtypes=dtypes, impls=impls, device=device, n=args.n, full_n=args.full_n,
+        workloads, modes=modes, dtypes=dtypes, impls=impls, device=device, n=n, full_n=args.full_n,
         warmup=args.warmup, reps=args.reps, max_seconds=args.max_seconds, memory=not args.no_memory,
         progress=_progress,
     )

@@ -32,7 +32,7 @@ import platform
 import statistics
 import time
 import traceback
-from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -391,7 +391,7 @@ def run(
     dtypes: Sequence[torch.dtype] = (torch.float32,),
     impls: Optional[Sequence[str]] = None,
     device: Union[str, torch.device] = "cpu",
-    n: Optional[int] = None,
+    n: Union[None, int, Mapping[str, int]] = None,
     full_n: bool = False,
     warmup: Optional[int] = None,
     reps: Optional[int] = None,
@@ -403,8 +403,8 @@ def run(
 ) -> Dict[str, Any]:
     """Runs every case and returns ``{"environment": ..., "rates": [...], "rows": [...]}`` (plain dicts).
 
-    Batch size: ``n`` if given, else the workload's full ``n`` with ``full_n``, else its default for the
-    device (``cpu_n`` on a CPU). ``warmup`` / ``reps`` / ``max_seconds`` default per device type
+    Batch size: ``n`` if given (one for every workload, or {workload name: N}, the others as if not given),
+    else the workload's full ``n`` with ``full_n``, else its default for the device (``cpu_n`` on a CPU). ``warmup`` / ``reps`` / ``max_seconds`` default per device type
     (:data:`DEFAULT_TIMING`). ``progress`` gets a line of text before and after each group of cases
     (one workload, mode and dtype: the implementations compared are measured together). ``rates``: the
     floor's rates per dtype from an earlier run on the same device (measured here when missing);
@@ -436,7 +436,8 @@ def run(
     index = 0
     rows: List[Dict[str, Any]] = []
     for workload in workloads:
-        batch = n if n is not None else (workload.n if full_n else workload.default_n(device))
+        given = n.get(workload.name) if isinstance(n, Mapping) else n
+        batch = given if given is not None else (workload.n if full_n else workload.default_n(device))
         for dtype in dtypes:
             try:
                 built: Optional[Built] = build(workload, batch, dtype, device)
