@@ -100,8 +100,9 @@ def _block_p() -> int:
     return 1024 if interpreting() else 64
 
 
-def _block_c(c: int) -> int:
-    return _pow2(c, 4, 64 if interpreting() else 32)
+def _block_c(c: int, f64: bool = False) -> int:
+    # float64 tiles of 32 channels spilled over 1 KB in up_adjoints_kernel for sm_90: 16
+    return _pow2(c, 4, 64 if interpreting() else (16 if f64 else 32))
 
 
 def _fill_programs() -> int:
@@ -613,7 +614,7 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
     grad_w, grad_b, grad_scale, grad_shift = [empty() for _ in range(nb)], [None] * nb, [None] * nb, [None] * nb
     slots, block_p = [], _block_p()
     for chunk in [range(i, min(i + K.MAX_SLOTS, nb)) for i in range(0, nb, K.MAX_SLOTS)]:
-        block_c = max(_block_c(weight[b].shape[0]) for b in chunk)
+        block_c = max(_block_c(weight[b].shape[0], f64) for b in chunk)
         # 1. every up-resize adjoint with the activation's and norm's backward -> gy, per-tile partials
         #    (without batch statistics gy is already the conv output's gradient, in x's dtype); adjoints
         #    over more than SPLIT_STEPS taps (small levels of large maps) gather in chunks of taps first,
