@@ -239,7 +239,6 @@ void levels_and_copy(const BlockPlan& plan, const std::vector<BranchTaps<at::opm
   const Plane<CL> op = Plane<CL>::make(W, plan.out_channels);
   constexpr int64_t S = CL ? kGroup : 1;
   const RowSegments segs = make_row_segments(plan, taps);
-  const T one = 1;
   at::parallel_for(0, plan.N * groups.per_n, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> row(W * S), seg_sum(segs.rows.size() * W * S);
     for (int64_t item = begin; item < end; ++item) {
@@ -247,17 +246,23 @@ void levels_and_copy(const BlockPlan& plan, const std::vector<BranchTaps<at::opm
       groups.at(item, &n, &c0, &g_count);
       const int64_t G = CL ? g_count : 1;  // a constant 1 for NCHW, so the loops over j vectorise
       const scalar_t* xb = x + Plane<CL>::origin(n, c0, C, H, W);
-      // Each segment's rows summed (x read once), in row order.
+      // Each segment's rows summed (x read once), in row order: plain loops over a row, which vectorise.
       for (size_t k = 0; k < segs.rows.size(); ++k) {
         const std::vector<int64_t>& r = segs.rows[k];
         if (r.empty()) continue;
-        T* sk = seg_sum.data() + k * W * S;
-        const int64_t count = static_cast<int64_t>(r.size());
-        if (!CL) {
-          weighted_rows_impl<true>(xb, xp.row, W, r.data(), &one, count, sk);
-        } else {
-          for (int64_t j = 0; j < W; ++j)
-            weighted_rows_impl<true>(xb + j * xp.pix, xp.row, G, r.data(), &one, count, sk + j * S);
+        T* __restrict sk = seg_sum.data() + k * W * S;
+        for (size_t t = 0; t < r.size(); ++t) {
+          const scalar_t* __restrict xr = xb + r[t] * xp.row;
+          if (!CL) {
+            if (t == 0)
+              for (int64_t j = 0; j < W; ++j) sk[j] = static_cast<T>(xr[j]);
+            else
+              for (int64_t j = 0; j < W; ++j) sk[j] += static_cast<T>(xr[j]);
+          } else {
+            for (int64_t j = 0; j < W; ++j)
+              for (int64_t g = 0; g < G; ++g)
+                sk[j * S + g] = (t == 0 ? T(0) : sk[j * S + g]) + static_cast<T>(xr[j * xp.pix + g]);
+          }
         }
       }
       if (plan.x_offset >= 0) {
@@ -283,8 +288,15 @@ void levels_and_copy(const BlockPlan& plan, const std::vector<BranchTaps<at::opm
           const int64_t k0 = th.row_ptr[oh], taps_h = th.row_ptr[oh + 1] - k0;
           if (!segs.windows.empty() && !segs.windows[b].empty()) {  // the window's segments, then its weight
             const std::vector<int64_t>& win = segs.windows[b][oh];
-            weighted_rows_impl<true>(seg_sum.data(), W * S, W * S, win.data(), th.row_w.data() + k0,
-                                     static_cast<int64_t>(win.size()), row.data());
+            T* __restrict rw = row.data();
+            const T* __restrict first = seg_sum.data() + win[0] * W * S;
+            for (int64_t q = 0; q < W * S; ++q) rw[q] = first[q];
+            for (size_t t = 1; t < win.size(); ++t) {
+              const T* __restrict sk = seg_sum.data() + win[t] * W * S;
+              for (int64_t q = 0; q < W * S; ++q) rw[q] += sk[q];
+            }
+            const T wh = th.row_w[k0];
+            for (int64_t q = 0; q < W * S; ++q) rw[q] *= wh;
           } else if (!CL) {
             weighted_rows(pool_h, xb, xp.row, W, th.row_idx.data() + k0, th.row_w.data() + k0, taps_h, row.data());
           } else {
