@@ -193,4 +193,18 @@ MSFUSED_HD void for_each_weight_of(ResizeKind kind, int64_t o, int64_t i, int64_
   });
 }
 
+// ---- The projection's tap shift (SPEC.md, "The projection"): a k x k convolution's tap (ky, kx) reads the
+// resized map at (I + ky - k / 2, J + kx - k / 2), zero outside it. Output o of a size-long axis reads
+// position o + d (d = tap - k / 2) if that lies inside; the adjoint's outputs: o = r - d for r in
+// [max(lo, d), min(hi, size + d)).
+MSFUSED_HD bool shifted_source(int64_t o, int64_t d, int64_t size, int64_t* src) {
+  *src = o + d;
+  return *src >= 0 && *src < size;
+}
+MSFUSED_HD void clip_to_shift(int64_t d, int64_t size, int64_t* lo, int64_t* hi) {
+  if (*lo < d) *lo = d;
+  if (*hi > size + d) *hi = size + d;
+  if (*hi < *lo) *hi = *lo;
+}
+
 }  // namespace msfused

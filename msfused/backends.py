@@ -171,16 +171,16 @@ def index_limit_reason(name: str, x: torch.Tensor, spec) -> Optional[str]:
             f"(more than 2**31 - 1 = {INT32_INDEX_LIMIT}); split the batch, or use backend 'cpu' or 'reference'")
 
 
-#: Backends that fuse a block's projection (SPEC.md, "The projection"); issue 14 brings the GPU ones later.
-PROJECTION_BACKENDS = ("cpu",)
+#: Backends that fuse a block's projection (SPEC.md, "The projection").
+PROJECTION_BACKENDS = ("cpu", "cuda", "triton")
 
 
 def projection_reason(name: str, spec) -> Optional[str]:
     """Why backend ``name`` cannot run block ``spec``'s projection, or None (no projection, or it can)."""
     if getattr(spec, "project", None) is None or name in PROJECTION_BACKENDS:
         return None
-    return (f"backend {name!r} does not fuse a block's projection yet (only {', '.join(PROJECTION_BACKENDS)} "
-            "does); use backend 'reference' or a block without project=")
+    return (f"backend {name!r} does not fuse a block's projection (only {', '.join(PROJECTION_BACKENDS)} "
+            "do); use backend 'reference' or a block without project=")
 
 
 def _call_reason(name: str, x: torch.Tensor, spec) -> Optional[str]:

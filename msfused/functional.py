@@ -235,7 +235,7 @@ def _update_branch_stats(x: torch.Tensor, spec: BlockSpec, branches, batch_stats
 def _fused_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList, backend: str,
                    project: Optional[nn.Module] = None) -> torch.Tensor:
     if project is not None:
-        return _fused_project_forward(x, spec, branches, project)
+        return _fused_project_forward(x, spec, branches, project, backend)
     weight, bias, scale, shift, batch_stats, eps = _branch_args(x, spec, branches)
     if backend == "triton":  # absent tensors as empty ones (msfused/triton/ops.py says why)
         from .triton.ops import absent_as_empty
@@ -251,10 +251,16 @@ def _fused_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList, ba
     return out
 
 
-def _fused_project_forward(x: torch.Tensor, spec: BlockSpec, branches, project) -> torch.Tensor:
-    """The block and its projection through msfused::multi_scale_project_forward (the 'cpu' backend; the
-    GPU backends decline a projection, backends.projection_reason)."""
+def _fused_project_forward(x: torch.Tensor, spec: BlockSpec, branches, project, backend: str) -> torch.Tensor:
+    """The block and its projection through msfused::multi_scale_project_forward (backends 'cpu' and 'cuda':
+    the operator's kernel for the device) or msfused::multi_scale_project_forward_triton (backend 'triton')."""
     weight, bias, scale, shift, batch_stats, eps = _branch_args(x, spec, branches)
+    op = torch.ops.msfused.multi_scale_project_forward
+    if backend == "triton":  # absent tensors as empty ones (msfused/triton/ops.py says why)
+        from .triton.ops import absent_as_empty
+
+        bias, scale, shift = (absent_as_empty(ts, x) for ts in (bias, scale, shift))
+        op = torch.ops.msfused.multi_scale_project_forward_triton
     p_scale, p_shift, p_stats, p_eps = _norm_epilogue(project.norm)
     N, _, H, W = x.shape
     if p_stats:
@@ -264,7 +270,7 @@ def _fused_project_forward(x: torch.Tensor, spec: BlockSpec, branches, project) 
     for branch in branches:
         tensors += [branch.conv.weight, branch.conv.bias, *branch.norm.parameters()]
     save_pre = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    out, _level, _pre, mean, var, _p_pre, p_mean, p_var = torch.ops.msfused.multi_scale_project_forward(
+    out, _level, _pre, mean, var, _p_pre, p_mean, p_var = op(
         x, weight, bias, scale, shift, batch_stats, eps, **spec.op_args(),
         project_weight=project.conv.weight, project_bias=project.conv.bias, project_scale=p_scale,
         project_shift=p_shift, project_batch_stats=p_stats, project_eps=p_eps, **spec.project.op_args(),

@@ -32,6 +32,9 @@ import msfused  # noqa: E402
 # ---------------------------------------------------------------------------------------------------
 
 SESSION_SEED = int(os.environ.get("MSFUSED_TEST_SEED", random.SystemRandom().randrange(2**31)))
+# Exported, so that pytest-xdist's workers (started after this import) and the tests' subprocesses
+# draw from the same session seed that the header prints.
+os.environ["MSFUSED_TEST_SEED"] = str(SESSION_SEED)
 
 
 def pytest_report_header(config):

@@ -171,6 +171,7 @@ def test_large_kernel_cuda():
 @pytest.mark.parametrize("kind,kwargs", [
     ("ms", dict(scales=(1, 2, 4), kernel_size=3, norm="batch")),
     ("psp", dict(bins=(1, 2, 3, 6), kernel_size=3, norm="batch")),
+    ("psp", dict(bins=(1, 2, 3, 6), kernel_size=1, norm="batch", project=dict(out_channels=16, kernel_size=3))),
 ])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_bit_identical_gradients_whatever_the_cudnn_flags(kind, kwargs, layout):
@@ -194,3 +195,14 @@ def test_bit_identical_gradients_whatever_the_cudnn_flags(kind, kwargs, layout):
     for run in runs[1:]:
         for a, b in zip(runs[0], run):
             assert torch.equal(a, b), "cudnn.benchmark=True, deterministic=False: two identical runs differ"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The block with its projection (SPEC.md, "The projection"): test_projection.py's grid, on CUDA
+# ---------------------------------------------------------------------------------------------------
+from .test_projection import GRID as _PROJECTION_GRID  # noqa: E402
+
+
+@pytest.mark.parametrize("case", _PROJECTION_GRID, ids=[c.id for c in _PROJECTION_GRID])
+def test_projection_cuda(case):
+    run_case(case, device="cuda")

@@ -26,7 +26,8 @@ TORCH_NVCC_DEFINES = ("-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSI
                       "--expt-relaxed-constexpr")
 # Kernels that must be in the report (so that the spill check cannot pass vacuously), by their source name.
 EXPECTED_KERNELS = ("levels_kernel", "pool_levels_kernel", "stats_partial_kernel", "merge_stats_kernel",
-                    "epilogue_up_kernel", "up_grad_kernel", "reduce_partials_kernel", "norm_grad_kernel", "dx_kernel")
+                    "epilogue_up_kernel", "up_grad_kernel", "reduce_partials_kernel", "norm_grad_kernel", "dx_kernel",
+                    "project_accumulate_kernel", "project_adjoint_kernel")
 DTYPES = ("float", "double", "__half", "__nv_bfloat16")
 
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: cannot compile the CUDA kernels")
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: canno
 def _demangled_kernel(mangled: str) -> str:
     """The kernel's source name and its template arguments, from an Itanium-mangled name (enough for the
     names in this file: `..._cu_<hash>` + length-prefixed name + template arguments)."""
-    m = re.search(r"(\d+)((?:levels|pool_levels|stats_partial|merge_stats|epilogue_up|up_grad|reduce_partials|norm_grad|dx)_kernel)", mangled)
+    m = re.search(r"(\d+)((?:levels|pool_levels|stats_partial|merge_stats|epilogue_up|up_grad|reduce_partials|norm_grad|dx|project_accumulate|project_adjoint)_kernel)", mangled)
     return m.group(2) if m else mangled
 
 

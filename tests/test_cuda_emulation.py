@@ -2,7 +2,9 @@
 multi_scale_cuda.cpp compiled with the host compiler and -DMSFUSED_CUDA_EMULATION (csrc/cuda/emulation.h:
 blocks in order, a block's threads as an OpenMP team, __syncthreads as a barrier), registered as the
 operators torch.ops.msfused_cuda_emulation.*, and compared with the CPU kernels (torch.ops.msfused.*) on the
-same inputs: every forward output (out, level, pre, mean, var) and every backward gradient. Outputs start as
+same inputs: every forward output (out, level, pre, mean, var) and every backward gradient; the same for the
+block with its projection (multi_scale_project_forward / _backward: also the projection's pre-activation,
+statistics and parameter gradients, against float64). Outputs start as
 NaN in this build, so an element the kernels forget to write fails the comparison.
 
 This checks the kernels' index math, chunked reductions and the binding's logic (its ATen convolutions run on
@@ -59,7 +61,8 @@ def emulation_library(tmp_path_factory) -> Path:
     flags = ["-DMSFUSED_CUDA_EMULATION", "-O2", "-std=c++17", "-fopenmp", "-Wno-unknown-pragmas"]
     cpp_extension.load(
         name="msfused_cuda_emulation",
-        sources=[str(wrapper), str(ROOT / "csrc" / "cuda" / "multi_scale_cuda.cpp"), str(ROOT / "csrc" / "block_config.cpp")],
+        sources=[str(wrapper), str(ROOT / "csrc" / "cuda" / "multi_scale_cuda.cpp"), str(ROOT / "csrc" / "block_config.cpp"),
+                 str(ROOT / "csrc" / "projection.cpp")],
         extra_cflags=flags,
         extra_include_paths=[str(ROOT / "csrc"), str(CUDA_INCLUDE)],
         extra_ldflags=["-fopenmp"],
@@ -96,8 +99,8 @@ DRIVER = textwrap.dedent(
     def f64(ts):
         return [None if t is None else t.double() for t in ts]
 
-    def case(name, shape, factors=(), bins=(), k=3, cb=3, dtype=torch.float64, cl=False, down="avg",
-             up="bilinear", ac=False, act="relu", pos="first", stats=False, bias=True, scale=True):
+    def block_args(shape, factors, bins, k, cb, dtype, cl, bias=True, scale=True):
+        # x, the branches' weight, bias, scale, shift (drawn), and the factor and bins lists.
         N, C, H, W = shape
         B = len(factors) + len(bins)
         x = torch.randn(shape, dtype=torch.float64).to(dtype)
@@ -115,6 +118,12 @@ DRIVER = textwrap.dedent(
         binl = [0, 0] * len(factors)
         for bn in bins:
             binl += list(bn) if isinstance(bn, tuple) else [bn, bn]
+        return x, weight, bias_, scale_, shift_, factor, binl
+
+    def case(name, shape, factors=(), bins=(), k=3, cb=3, dtype=torch.float64, cl=False, down="avg",
+             up="bilinear", ac=False, act="relu", pos="first", stats=False, bias=True, scale=True):
+        x, weight, bias_, scale_, shift_, factor, binl = block_args(shape, factors, bins, k, cb, dtype, cl, bias, scale)
+        B = len(weight)
         config = ([stats] * B, [1e-5] * B, factor, binl, down, up, ac, act, pos)
         args = (x, weight, bias_, scale_, shift_) + config
         want = cpu.multi_scale_forward(*args)
@@ -157,8 +166,95 @@ DRIVER = textwrap.dedent(
         e, where = max(worst)
         print(f"ok {name}: worst err {e:.2e} ({where})", flush=True)
 
+    def project_case(name, shape, factors=(), bins=(), k=3, cb=3, P=4, pk=3, dtype=torch.float64, cl=False, down="avg",
+                     up="bilinear", ac=False, act="relu", pos="first", stats=False, pstats=False, pnorm=True,
+                     pbias=True, pact="relu", masks=([True, True],)):
+        # The block with its projection: the emulated CUDA operators against the CPU ones and float64.
+        x, weight, bias_, scale_, shift_, factor, binl = block_args(shape, factors, bins, k, cb, dtype, cl)
+        B, C = len(weight), shape[1]
+        pdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        c_out = B * cb + (C if pos != "none" else 0)
+        pw = (torch.randn(P, c_out, pk, pk, dtype=torch.float64) / math.sqrt(c_out * pk * pk)).to(dtype)
+        pb = (torch.randn(P, dtype=torch.float64) * 0.3).to(dtype) if pbias else None
+        ps = (torch.rand(P, dtype=torch.float64) + 0.5).to(pdt) if pnorm else None
+        pt = (torch.randn(P, dtype=torch.float64) * 0.2).to(pdt) if pnorm else None
+        config = ([stats] * B, [1e-5] * B, factor, binl, down, up, ac, act, pos)
+        pconf = (pstats, 1e-5, pact)
+
+        def fwd(op, x, weight, bias_, scale_, shift_, pw, pb, ps, pt, save_pre=True):
+            return op.multi_scale_project_forward(x, weight, bias_, scale_, shift_, *config, pw, pb, ps, pt, *pconf,
+                                                  save_pre)
+
+        def as_list(t):
+            return list(t) if isinstance(t, (list, tuple)) else [t]
+
+        worst = []
+
+        def compare(direction, names, got, want, ref, s=None, skip=()):
+            for nm, g_, w_, r_ in zip(names, got, want, ref):
+                for j, (g, w, r) in enumerate(zip(as_list(g_), as_list(w_), as_list(r_))):
+                    assert g.dtype == w.dtype and g.shape == w.shape, (name, nm, j, g.dtype, w.dtype, g.shape, w.shape)
+                    if g.numel() and g.dim() == 4:
+                        assert g.is_contiguous(memory_format=torch.channels_last) == \
+                            w.is_contiguous(memory_format=torch.channels_last), (name, nm, j, "format")
+                    if nm in skip or not g.numel():
+                        continue
+                    e, e_own = norm_err(g, r, s), norm_err(w, r, s)
+                    worst.append((e, f"{nm}[{j}]"))
+                    assert within_spec(e, e_own, dtype), (
+                        f"{name}: {direction} {nm}[{j}] err {e:.3g} against float64 (the CPU kernels in {dtype}: "
+                        f"{e_own:.3g})")
+
+        want = fwd(cpu, x, weight, bias_, scale_, shift_, pw, pb, ps, pt)
+        got = fwd(emu, x, weight, bias_, scale_, shift_, pw, pb, ps, pt)
+        ref = fwd(cpu, x.double(), f64(weight), f64(bias_), f64(scale_), f64(shift_), pw.double(),
+                  *f64([pb, ps, pt]))
+        names = ["out", "level", "pre", "mean", "var", "project_pre", "project_mean", "project_var"]
+        compare("forward", names, got, want, ref)
+        lean = fwd(emu, x, weight, bias_, scale_, shift_, pw, pb, ps, pt, save_pre=False)
+        assert lean[5].numel() == 0 and torch.equal(lean[0], got[0]), (name, "save_pre=False")
+        grad = torch.randn(want[0].shape, dtype=torch.float64).to(dtype)
+        gnames = ["grad_x", "grad_weight", "grad_bias", "grad_scale", "grad_shift", "grad_project_weight",
+                  "grad_project_bias", "grad_project_scale", "grad_project_shift"]
+
+        def bwd(op, grad, x, weight, scale_, shift_, saved, pw, ps, pt, mask):
+            return op.multi_scale_project_backward(grad, x, weight, scale_, shift_, *saved[1:5], *config, pw, ps, pt,
+                                                   *saved[5:8], *pconf, mask)
+
+        # Bias gradients before a batch-statistics norm: true value 0, rounding noise only (as above).
+        skip = (("grad_bias",) if stats or pstats else ()) + (("grad_project_bias",) if pstats else ())
+        bref = bwd(cpu, grad.double(), x.double(), f64(weight), f64(scale_), f64(shift_), ref, pw.double(),
+                   *f64([ps, pt]), [True, True])
+        for mask in masks:
+            bargs = (grad, x, weight, scale_, shift_, want, pw, ps, pt, mask)
+            bg, bw = bwd(emu, *bargs), bwd(cpu, *bargs)
+            compare(f"backward {mask}", gnames, bg, bw, bref, s=grad.double().norm().item(), skip=skip)
+        again = bwd(emu, *bargs)
+        assert all(torch.equal(a, b) for a_, b_ in zip(again, bg) for a, b in zip(as_list(a_), as_list(b_))), name
+        e, where = max(worst)
+        print(f"ok {name}: worst err {e:.2e} ({where})", flush=True)
+
     which = sys.argv[3]
-    if which == "factor":
+    if which == "project":
+        # factor 1 and 2 convolved directly (k = 3 over a level close to full size), factor 4 per tap
+        project_case("proj-ms124-k3-eval-f64", (2, 3, 11, 9), factors=(1, 2, 4), pact="gelu",
+                     masks=([False, True], [True, False], [True, True]))
+        project_case("proj-psp1236-k1-train-cl-f32-last", (4, 3, 10, 9), bins=(1, 2, 3, 6), k=1, pk=1, P=5,
+                     dtype=torch.float32, cl=True, pos="last", stats=True, pstats=True, pbias=False, pact="silu")
+        project_case("proj-psp13-nearest-nonorm-cl", (2, 4, 8, 7), bins=(1, (3, 2)), up="nearest", act="gelu",
+                     pnorm=False, pact="none", cl=True, pos="last")
+        project_case("proj-ms23-bilinear-ac-train-none", (3, 2, 12, 13), factors=(2, 3), down="bilinear", ac=True,
+                     stats=True, pstats=True, pbias=False, pos="none", k=1)
+        project_case("proj-psp12-bf16", (2, 4, 9, 9), bins=(1, 2), pk=3, dtype=torch.bfloat16)
+        project_case("proj-psp12-f16-k5-train", (4, 4, 9, 9), bins=(1, 2), pk=5, dtype=torch.float16, pstats=True,
+                     pbias=False)
+        # bin 1 on a larger map: the adjoint's readers split over many lanes; the statistics over chunks
+        project_case("proj-psp12-large-map-lanes", (2, 2, 40, 33), bins=(1, 2), k=1, pk=3, P=3,
+                     dtype=torch.float32, pstats=True, pbias=False)
+        # more than kMaxBranches per-tap branches: two accumulation launches, two adjoint groups
+        project_case("proj-nine-branches", (2, 2, 9, 8), bins=(1, 2, 1, 2, 1, 2, 1, 2, 1), k=1, cb=2, P=2, pk=3,
+                     pos="none")
+    elif which == "factor":
         case("ms124-avg-f64", (2, 3, 9, 11), factors=(1, 2, 4))
         case("ms123-bilinear-ac-nearest-k1-gelu-last-stats", (3, 4, 10, 13), factors=(1, 2, 3), down="bilinear",
              up="nearest", ac=True, k=1, act="gelu", pos="last", stats=True)
@@ -242,7 +338,7 @@ DRIVER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("which", ["factor", "bins", "random"])
+@pytest.mark.parametrize("which", ["factor", "bins", "random", "project"])
 def test_emulated_cuda_matches_cpu(emulation_library, which, _seed_every_test):
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_DYNAMIC="false", PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-c", DRIVER, str(emulation_library), str(_seed_every_test), which],

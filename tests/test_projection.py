@@ -293,18 +293,72 @@ def test_autocast_output_dtype():
     assert err(out) <= 2 * err(out_naive) + 1e-3
 
 
-def test_gpu_backends_decline_a_projection():
-    """'cuda' and 'triton' do not fuse a projection yet: an explicit choice raises, naming why."""
+def test_every_fused_backend_takes_a_projection():
+    """'cpu', 'cuda' and 'triton' fuse a projection (the CUDA kernels: tests/test_cuda_emulation.py without a
+    GPU, tests/test_cuda_backend.py on one; Triton: below, in its interpreter)."""
     from msfused import backends
 
     spec = msfused.PyramidPooling(4, 2, project=_proj(P=3)).spec
-    for name in ("cuda", "triton"):
-        assert "projection" in backends.projection_reason(name, spec)
-    assert backends.projection_reason("cpu", spec) is None
-    block = msfused.PyramidPooling(4, 2, project=_proj(P=3)).double().eval()
-    x = make_input((1, 4, 6, 6))
-    with msfused.use_backend("triton"), pytest.raises(RuntimeError, match="projection"):
-        block(x)
+    for name in ("cpu", "cuda", "triton"):
+        assert backends.projection_reason(name, spec) is None
+
+
+# The Triton backend (in its interpreter on CPU; slow, so a few small cases that together cover k 1 and 3,
+# bins and factor blocks, per-tap and direct parts, norm none / eval / train, NCHW and channels_last,
+# float64 and float32). Every buffer a Triton kernel fills starts as NaN (launch.POISON).
+TRITON_CASES = [
+    Case("ms", dict(scales=(1, 2, 4), norm="batch", bias=False, branch_channels=2, activation="gelu",
+                    project=_proj(P=3, k=3, activation="silu")), (2, 3, 11, 9), train=True, steps=2,
+         layout="channels_last", label="proj3-train-direct"),
+    Case("psp", dict(bins=(1, 2, 3), input_position="last", branch_channels=3,
+                     project=_proj(P=4, k=1, bias=True, norm=None, activation="gelu")), (2, 3, 8, 9),
+         dtype=torch.float32, label="proj1-none"),
+    Case("psp", dict(bins=((2, 5), 3), kernel_size=3, up_mode="nearest", norm=None, bias=True, branch_channels=2,
+                     project=_proj(P=3, k=3, bias=True, activation=None)), (2, 3, 7, 9), layout="channels_last",
+         label="proj3-eval"),
+    Case("ms", dict(scales=(2, 3), down_mode="bilinear", align_corners=True, input_position=None, branch_channels=2,
+                    norm="batch", project=_proj(P=3, k=3)), (2, 3, 9, 13), dtype=torch.float32, train=True,
+         label="proj3-train-pertap"),
+]
+
+
+@pytest.fixture
+def _triton(monkeypatch):
+    ok, why = msfused.availability("triton")
+    if not ok:
+        pytest.skip(f"Triton backend unavailable: {why}")
+    from msfused.triton import launch
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # SPEC.md's float32 tolerance: TF32 off
+    monkeypatch.setattr(launch, "POISON", True)
+    with msfused.use_backend("triton"):
+        yield "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=[c.id for c in TRITON_CASES])
+def test_matches_naive_triton(case, _triton):
+    """As test_matches_naive, through the Triton operators (msfused/triton/projection.py)."""
+    run_case(case, device=_triton)
+
+
+def test_triton_opcheck_and_deterministic(_triton):
+    """torch.library.opcheck on the Triton forward and backward operators; gradients bit-identical run to run."""
+    case = TRITON_CASES[2]
+    _, fused = build_case(case)
+    fused.to(_triton)
+    x = make_input(case.shape, case.dtype, case.layout).to(_triton)
+    from msfused.triton.ops import absent_as_empty
+
+    args, kwargs = _op_arguments(fused, x, True)
+    args = args[:2] + tuple(absent_as_empty(ts, x) for ts in args[2:5]) + args[5:]
+    forward = torch.ops.msfused.multi_scale_project_forward_triton.default
+    torch.library.opcheck(forward, args, kwargs, test_utils=("test_schema", "test_faketensor"))
+    out = forward(*args, **kwargs)[0]
+    grads = [torch.autograd.grad(forward(*args, **kwargs)[0], [args[0], kwargs["project_weight"]],
+                                 torch.ones_like(out)) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    cpu = FORWARD(*_op_arguments(fused, x, False)[0], **_op_arguments(fused, x, False)[1])[0]
+    assert (out - cpu).norm() <= 1e-10 * cpu.norm()
 
 
 @pytest.mark.parametrize("project, error, match", [

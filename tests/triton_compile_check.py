@@ -132,6 +132,32 @@ def record_launches() -> None:
     launch.inference(x, weight, none, none, none, **args)
 
 
+def record_projection_launches(dtypes=(torch.float32, torch.bfloat16)) -> None:
+    """The projection's kernels (msfused/triton/projection.py), forward and backward: k 1 and 3, per-tap and
+    direct parts, its norm folded and with batch statistics (more dtypes: more variants of the same code)."""
+    from msfused.triton import projection
+
+    launch._launch = _record
+    for dtype in dtypes:
+        sdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        x = torch.randn(2, 3, 9, 8, dtype=dtype)
+        weight = [torch.randn(2, 3, 1, 1, dtype=dtype) for _ in range(3)]
+        none = [None] * 3
+        args = dict(factor=[1, 0, 0], bins=[0, 0, 1, 1, 2, 3], down_mode="avg", up_mode="bilinear",
+                    align_corners=False, activation="relu", input_position="first")
+        for k, stats in ((3, False), (1, True)):
+            pw = torch.randn(4, 9, k, k, dtype=dtype)
+            ps, pt = torch.rand(4, dtype=sdt) + 0.5, torch.randn(4, dtype=sdt)
+            fwd = projection.project_forward(x, weight, none, none, none, [False] * 3, [1e-5] * 3, **args,
+                                             pw=pw, p_bias=torch.randn(4, dtype=dtype), p_scale=ps, p_shift=pt,
+                                             p_batch_stats=stats, p_eps=1e-5, p_activation="gelu", save_pre=True)
+            out, level, pre, mean, var, p_pre, p_mean, p_var = fwd
+            projection.project_backward(torch.randn_like(out), x, weight, none, none, level, pre, mean, var,
+                                        [False] * 3, [1e-5] * 3, **args, pw=pw, p_scale=ps, p_shift=pt, p_pre=p_pre,
+                                        p_mean=p_mean, p_var=p_var, p_batch_stats=stats, p_eps=1e-5,
+                                        p_activation="gelu", output_mask=[True, True])
+
+
 def operand_dtype(signature: dict) -> str:
     """The type of a variant's first floating-point pointer argument (its data's dtype)."""
     return next((t for t in signature.values() if t.startswith(("*fp", "*bf"))), "-")
@@ -166,6 +192,7 @@ def main(argv=None) -> int:
                              "arch, covering the compile-time constants' values; one per kernel for the others)")
     opts = parser.parse_args(argv)
     record_launches()
+    record_projection_launches()
     kernels = sorted({key[0] for key in recorded})
     print(f"{len(recorded)} kernel variants recorded ({', '.join(kernels)})", flush=True)
     start = time.time()

@@ -28,6 +28,7 @@
 
 #include "../block_config.h"
 #include "../norm.h"
+#include "../projection.h"
 #include "../taps.h"
 
 namespace msfused {
@@ -931,56 +932,9 @@ BackwardResult multi_scale_backward_cpu(const Tensor& grad_in, const Tensor& x_i
 
 // ===================================================================================================
 // The block with its projection (SPEC.md, "The projection"): act(norm(conv(cat))) without ever building
-// cat. conv(cat) = conv(x, W_x) + sum over branches of the branch's part: at a small level, per kernel tap,
-// T_b = W_b,tap . a_b (one 1x1 convolution with k*k*P outputs at the level), resized up and shifted by the
-// tap at full resolution (zero outside); at a level close to full size, conv(up(a_b), W_b) directly.
+// cat; the split of the work (which branch goes per tap, the plans) is csrc/projection.h, shared with the
+// CUDA backend.
 // ===================================================================================================
-
-// Whether branch bp's part of a k x k projection convolves its resized branch directly (its per-tap maps,
-// k * k of them at the level, would hold more than one full-size map) instead of per tap at its level.
-bool convolves_resized(const BranchPlan& bp, int64_t k, int64_t H, int64_t W) {
-  return bp.identity || bp.level_h * bp.level_w * k * k > H * W;
-}
-
-// Branch b of `plan` alone, its output (N, Cb, ., .) starting at channel 0: the up-resized map, or with
-// at_level the level itself (no up-resize), so that the block's epilogue kernels compute a branch's
-// activation, and their backward its gradient, for the projection.
-BlockPlan branch_alone(const BlockPlan& plan, size_t b, bool at_level) {
-  BlockPlan p = plan;
-  BranchPlan bp = plan.branches[b];
-  bp.channel_offset = 0;
-  if (at_level) {
-    p.H = bp.level_h;
-    p.W = bp.level_w;
-    bp.identity = true;
-    bp.factor = 1;
-    bp.down_h = bp.down_w = bp.up_h = bp.up_w = ResizeKind::Identity;
-  }
-  p.branches = {bp};
-  p.x_offset = -1;
-  p.out_channels = bp.out_channels;
-  return p;
-}
-
-// The projection's epilogue as a one-branch plan: a factor-1 "branch" of P channels over (H, W).
-BlockPlan projection_plan(const BlockPlan& plan, int64_t P, int64_t k, bool batch_stats, double eps,
-                          Activation activation) {
-  BlockPlan p = plan;
-  BranchPlan bp;
-  bp.factor = 1;
-  bp.level_h = plan.H;
-  bp.level_w = plan.W;
-  bp.out_channels = P;
-  bp.kernel_size = k;
-  bp.identity = true;
-  bp.batch_stats = batch_stats;
-  bp.eps = eps;
-  p.branches = {bp};
-  p.x_offset = -1;
-  p.out_channels = P;
-  p.activation = activation;
-  return p;
-}
 
 // act(norm(pre)) of plan's branch 0 (up-resized as the plan says) into a new (N, Cb, H, W) tensor, or
 // `into`.
@@ -1003,17 +957,6 @@ Tensor branch_epilogue(const BlockPlan& p, const Tensor& pre, const std::optiona
     });
   });
   return out;
-}
-
-// The part of the projection weight (P, C_out, k, k) that reads channels [offset, offset + count) of cat.
-Tensor weight_slice(const Tensor& pw, int64_t offset, int64_t count) {
-  return pw.narrow(1, offset, count).contiguous(pw.suggest_memory_format());
-}
-
-// The same part as one 1x1 convolution weight (k * k * P, count, 1, 1): output channel tap * P + p.
-Tensor tap_weight(const Tensor& pw, int64_t offset, int64_t count) {
-  const int64_t P = pw.size(0), k = pw.size(2);
-  return pw.narrow(1, offset, count).permute({2, 3, 0, 1}).reshape({k * k * P, count, 1, 1});
 }
 
 // Forward pass: acc (N, P, H, W), holding conv(x, W_x) (or zeros), becomes the projection's pre-activation:
@@ -1177,33 +1120,6 @@ void projection_tap_adjoint(const BlockPlan& plan, const std::vector<BranchTaps<
   });
 }
 
-struct Projection {
-  int64_t P = 0, k = 0;
-  bool batch_stats = false;
-  double eps = 0;
-  Activation activation = Activation::None;
-};
-
-Projection check_projection(const BlockPlan& plan, const Tensor& x, const Tensor& pw, double eps, bool batch_stats,
-                            c10::string_view activation) {
-  TORCH_CHECK_VALUE(pw.dim() == 4 && pw.size(2) == pw.size(3) && pw.size(2) % 2 == 1,
-                    "msfused: project_weight must be (P, C_out, k, k) with k odd, got ", pw.sizes());
-  TORCH_CHECK_VALUE(pw.size(1) == plan.out_channels, "msfused: project_weight expects ", pw.size(1),
-                    " input channels, the concatenation has ", plan.out_channels);
-  TORCH_CHECK_VALUE(pw.size(0) >= 1, "msfused: project_weight has no output channels");
-  TORCH_CHECK_TYPE(pw.scalar_type() == x.scalar_type(), "msfused: project_weight has dtype ", pw.scalar_type(),
-                   " but x has ", x.scalar_type());
-  TORCH_CHECK_VALUE(pw.device() == x.device(), "msfused: project_weight is on ", pw.device(), " but x is on ",
-                    x.device());
-  Projection p;
-  p.P = pw.size(0);
-  p.k = pw.size(2);
-  p.batch_stats = batch_stats;
-  p.eps = eps;
-  p.activation = parse_activation(activation);
-  return p;
-}
-
 using ProjectForwardResult =
     std::tuple<Tensor, TensorVector, TensorVector, TensorVector, TensorVector, Tensor, Tensor, Tensor>;
 
@@ -1262,7 +1178,7 @@ ProjectForwardResult multi_scale_project_forward_cpu(
     else
       tmaps[b] = at::conv2d(a, tap_weight(pw, bp.channel_offset, bp.out_channels)).contiguous(fmt);
   }
-  const BlockPlan pp = projection_plan(plan, P, k, proj.batch_stats, proj.eps, proj.activation);
+  const BlockPlan pp = projection_plan(plan, proj);
   // Without batch statistics the norm and activation run in the accumulation pass; in place when the
   // pre-activation need not be kept (nothing will differentiate it).
   const bool fuse_epilogue = !proj.batch_stats;
@@ -1315,23 +1231,15 @@ ProjectBackwardResult multi_scale_project_backward_cpu(
   const Projection proj = check_projection(plan, x_in, pw, p_eps, p_batch_stats, p_activation);
   const size_t B = plan.branches.size();
   const int64_t P = proj.P, k = proj.k, pad = k / 2, H = plan.H, W = plan.W;
-  TORCH_CHECK_VALUE(level.size() == B && pre.size() == B && mean.size() == B && var.size() == B &&
-                        scale.size() == B && shift.size() == B,
-                    "msfused: backward needs one saved level, pre-activation, mean and var per branch");
-  TORCH_CHECK_VALUE(grad_in.dim() == 4 && grad_in.size(0) == plan.N && grad_in.size(1) == P &&
-                        grad_in.size(2) == H && grad_in.size(3) == W,
-                    "msfused: grad_out must have the output's shape (", plan.N, ", ", P, ", ", H, ", ", W, "), got ",
-                    grad_in.sizes());
+  check_project_backward_args(plan, proj, grad_in, level, pre, mean, var, scale, shift, p_pre);
   const auto fmt = x_in.suggest_memory_format();
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const Tensor x = x_in.contiguous(fmt);
   const Tensor grad = grad_in.to(x.scalar_type()).contiguous(fmt);
   const auto opts = x.options();
   const bool need_w = output_mask[1];
-  TORCH_CHECK_VALUE(p_pre.sizes() == grad_in.sizes(), "msfused: the projection's pre-activation was not saved "
-                    "(multi_scale_project_forward with save_pre=False), so there is no backward");
   // The projection's epilogue backward: the gradient of its pre-activation (bias included).
-  const BlockPlan pp = projection_plan(plan, P, k, proj.batch_stats, proj.eps, proj.activation);
+  const BlockPlan pp = projection_plan(plan, proj);
   auto [dpre, grad_p_scale, grad_p_shift] =
       epilogue_backward(pp, pp.branches[0], grad, p_pre, p_scale, p_shift, p_mean, p_var, fmt);
   const Tensor grad_p_bias = dpre.sum({0, 2, 3});

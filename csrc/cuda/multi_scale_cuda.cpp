@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "../block_config.h"
+#include "../projection.h"
 #include "multi_scale_kernels.h"
 #ifdef MSFUSED_CUDA_EMULATION
 #include "emulation.h"
@@ -65,8 +66,10 @@ DType dtype_of(at::ScalarType t) {
 
 at::ScalarType opmath(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// A tensor as the kernels address it; an undefined tensor as a null pointer (absent).
 View4 view(const Tensor& t) {
   View4 v;
+  if (!t.defined()) return v;
   v.data = const_cast<void*>(t.const_data_ptr());
   for (int d = 0; d < 4; ++d) v.stride[d] = t.stride(d);
   return v;
@@ -189,53 +192,42 @@ void in_groups(size_t count, F&& f) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Forward
+// The passes both operators (the block, and the block with its projection) run
 // ---------------------------------------------------------------------------------------------------
-ForwardResult multi_scale_forward_cuda(const Tensor& x_in, at::TensorList weight, const OptionalTensorList& bias,
-                                       const OptionalTensorList& scale, const OptionalTensorList& shift,
-                                       const c10::List<bool>& batch_stats, c10::ArrayRef<double> eps,
-                                       c10::IntArrayRef factor, c10::IntArrayRef bins, c10::string_view down_mode,
-                                       c10::string_view up_mode, bool align_corners, c10::string_view activation,
-                                       c10::string_view input_position) {
-  const BlockPlan plan = make_plan(x_in, weight, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
-                                   activation, input_position);
-  TORCH_CHECK_VALUE(bias.size() == weight.size() && scale.size() == weight.size() && shift.size() == weight.size(),
-                    "msfused: bias, scale and shift need one entry (or None) per branch");
-  check_tensors(x_in, weight, bias, scale, shift);
-  const DeviceGuard device_guard(x_in.device());
-  const cudaStream_t stream = current_stream();
-  const Input input = prepare(plan, x_in);
-  const at::MemoryFormat fmt = input.fmt;
-  const bool cl = input.channels_last;
-  const Tensor& x = input.x;
+at::MemoryFormat format_of(bool cl) { return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous; }
+
+// The per-branch results both forwards return, allocated: the levels (empty for x itself), the batch mean
+// and var (empty without batch statistics); pre is left to the convolutions. Without values (N == 0): pre
+// empty too, and the statistics of no values NaN, as var_mean's.
+struct BranchResults {
+  TensorVector level, pre, mean, var;
+};
+BranchResults branch_results(const BlockPlan& plan, const Tensor& x, at::MemoryFormat fmt) {
+  const size_t B = plan.branches.size();
   const auto opts = x.options();
   const auto stat_opts = opts.dtype(stats_dtype(x.scalar_type()));
-  const DType dt = dtype_of(x.scalar_type());
-  const size_t B = plan.branches.size();
-
-  Tensor out = fresh(at::empty({plan.N, plan.out_channels, plan.H, plan.W}, opts.memory_format(fmt)));
-  TensorVector level(B), pre(B), mean(B), var(B);
+  BranchResults r{TensorVector(B), TensorVector(B), TensorVector(B), TensorVector(B)};
   for (size_t b = 0; b < B; ++b) {
     const BranchPlan& bp = plan.branches[b];
-    level[b] = bp.identity ? at::empty({0}, opts)
-                           : fresh(at::empty({plan.N, plan.C, bp.level_h, bp.level_w}, opts.memory_format(fmt)));
-    mean[b] = fresh(at::empty({bp.batch_stats ? bp.out_channels : 0}, stat_opts));
-    var[b] = fresh(at::empty({bp.batch_stats ? bp.out_channels : 0}, stat_opts));
-  }
-  if (plan.N == 0) {  // nothing to compute; the statistics of no values are NaN, as var_mean's
-    for (size_t b = 0; b < B; ++b) {
-      const BranchPlan& bp = plan.branches[b];
-      pre[b] = at::empty({0, bp.out_channels, bp.level_h, bp.level_w}, opts.memory_format(fmt));
-      if (bp.batch_stats) {
-        mean[b].fill_(std::numeric_limits<double>::quiet_NaN());
-        var[b].fill_(std::numeric_limits<double>::quiet_NaN());
-      }
+    r.level[b] = bp.identity ? at::empty({0}, opts)
+                             : fresh(at::empty({plan.N, plan.C, bp.level_h, bp.level_w}, opts.memory_format(fmt)));
+    r.mean[b] = fresh(at::empty({bp.batch_stats ? bp.out_channels : 0}, stat_opts));
+    r.var[b] = fresh(at::empty({bp.batch_stats ? bp.out_channels : 0}, stat_opts));
+    if (plan.N == 0) {
+      r.pre[b] = at::empty({0, bp.out_channels, bp.level_h, bp.level_w}, opts.memory_format(fmt));
+      r.mean[b].fill_(std::numeric_limits<double>::quiet_NaN());
+      r.var[b].fill_(std::numeric_limits<double>::quiet_NaN());
     }
-    return {out, level, pre, mean, var};
   }
+  return r;
+}
 
-  // 1. Every level from x, and x's slice of the output: the bins branches from one read of x where the
-  // pooling kernel's tables fit its shared memory and its grid fills the GPU; the others as gathers.
+// Every level from x (level[b] for each branch that is not x itself), and x's slice of out where
+// plan.x_offset >= 0: the bins branches from one read of x where the pooling kernel's tables fit its
+// shared memory and its grid fills the GPU; the others as gathers.
+void compute_levels(const BlockPlan& plan, const Tensor& x, const Tensor& out, const TensorVector& level, bool cl,
+                    DType dt, cudaStream_t stream) {
+  const size_t B = plan.branches.size();
   std::vector<bool> pooled(B, false);
   bool copied = false;
   {
@@ -303,20 +295,19 @@ ForwardResult multi_scale_forward_cuda(const Tensor& x_in, at::TensorList weight
   };
   in_groups(gathered.size(), level_launch);
   if (!copied && plan.x_offset >= 0) level_launch(0, 0);  // only factor-1 branches: the copy alone
+}
 
-  // 2. The convolutions (with their bias) through ATen: cuDNN on the levels, and on x for factor 1.
-  {
-    const DeterministicConvolutions deterministic;
-    for (size_t b = 0; b < B; ++b) {
-      const BranchPlan& bp = plan.branches[b];
-      const int64_t pad = bp.kernel_size / 2;
-      pre[b] = at::convolution(bp.identity ? x : level[b], weight[b], bias.get(b), {1, 1}, {pad, pad}, {1, 1}, false,
-                               {0, 0}, 1)
-                   .contiguous(fmt);
-    }
-  }
-
-  // 3. Batch statistics ((channel, chunk) partials, merged per channel) and the epilogue's alpha, beta.
+// The epilogue's per-channel alpha, beta of every branch of plan (opmath; undefined where 1 and 0): the
+// folded scale and shift, or with batch statistics those of pre, written into mean[b], var[b] ((channel,
+// chunk) partials merged per channel in chunk order), and the coefficients from them.
+std::pair<TensorVector, TensorVector> norm_coefficients(const BlockPlan& plan, const TensorVector& pre,
+                                                        const OptionalTensorList& scale,
+                                                        const OptionalTensorList& shift, const TensorVector& mean,
+                                                        const TensorVector& var, const Tensor& x, DType dt,
+                                                        cudaStream_t stream) {
+  const size_t B = plan.branches.size();
+  const auto opts = x.options();
+  const auto stat_opts = opts.dtype(stats_dtype(x.scalar_type()));
   TensorVector alpha(B), beta(B);
   std::vector<size_t> stat_branches;
   for (size_t b = 0; b < B; ++b) {
@@ -375,9 +366,13 @@ ForwardResult multi_scale_forward_cuda(const Tensor& x_in, at::TensorList weight
       check_launch(launch_merge_stats(dt, m, stream), "merge_stats");
     });
   }
+  return {alpha, beta};
+}
 
-  // 4. Norm, activation and the resize back up, every branch into its channel slice.
-  in_groups(B, [&](size_t g0, size_t count) {
+// Norm, activation and the resize back up, every branch of plan into its channel slice of out.
+void launch_epilogue(const BlockPlan& plan, const Tensor& out, const TensorVector& pre, const TensorVector& alpha,
+                     const TensorVector& beta, bool cl, DType dt, cudaStream_t stream) {
+  in_groups(plan.branches.size(), [&](size_t g0, size_t count) {
     EpilogueArgs a;
     a.N = plan.N;
     a.H = plan.H;
@@ -397,60 +392,22 @@ ForwardResult multi_scale_forward_cuda(const Tensor& x_in, at::TensorList weight
     }
     check_launch(launch_epilogue_up(dt, a, stream), "epilogue_up");
   });
-  return {out, level, pre, mean, var};
 }
 
-// ---------------------------------------------------------------------------------------------------
-// Backward
-// ---------------------------------------------------------------------------------------------------
-BackwardResult multi_scale_backward_cuda(const Tensor& grad_in, const Tensor& x_in, at::TensorList weight,
-                                         const OptionalTensorList& scale, const OptionalTensorList& shift,
-                                         at::TensorList level, at::TensorList pre, at::TensorList mean,
-                                         at::TensorList var, const c10::List<bool>& batch_stats,
-                                         c10::ArrayRef<double> eps, c10::IntArrayRef factor, c10::IntArrayRef bins,
-                                         c10::string_view down_mode, c10::string_view up_mode, bool align_corners,
-                                         c10::string_view activation, c10::string_view input_position,
-                                         std::array<bool, 2> output_mask) {
-  const BlockPlan plan = make_plan(x_in, weight, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
-                                   activation, input_position);
+// The backward of every branch's epilogue (the up-resize's adjoint, activation, norm) from grad, the
+// gradient of the output plan lays out: the gradients of the convolution outputs pre (bias included) and
+// of the norms' scale and shift (empty where absent).
+struct EpilogueGrads {
+  TensorVector dconv, grad_scale, grad_shift;
+};
+EpilogueGrads epilogue_backward(const BlockPlan& plan, const Tensor& grad, at::TensorList pre,
+                                const OptionalTensorList& scale, const OptionalTensorList& shift, at::TensorList mean,
+                                at::TensorList var, const Tensor& x, bool cl, DType dt, cudaStream_t stream) {
   const size_t B = plan.branches.size();
-  check_backward_args(plan, grad_in, level, pre, mean, var, scale, shift);
-  check_tensors(x_in, weight, OptionalTensorList(), scale, shift);
-  TORCH_CHECK_VALUE(grad_in.device() == x_in.device(), "msfused (cuda): grad_out is on ", grad_in.device(),
-                    " but x is on ", x_in.device());
-  for (size_t b = 0; b < B; ++b) {
-    check_device(pre[b], x_in, "pre", b);
-    if (!plan.branches[b].identity) check_device(level[b], x_in, "level", b);
-  }
-  const DeviceGuard device_guard(x_in.device());
-  const cudaStream_t stream = current_stream();
-  const Input input = prepare(plan, x_in);
-  const at::MemoryFormat fmt = input.fmt;
-  const bool cl = input.channels_last;
-  const Tensor& x = input.x;
-  const Tensor grad = grad_in.to(x.scalar_type()).contiguous(fmt);
+  const at::MemoryFormat fmt = format_of(cl);
   const auto opts = x.options();
-  const DType dt = dtype_of(x.scalar_type());
-  TensorVector grad_weight(B), grad_bias(B), grad_scale(B), grad_shift(B), dz(B);
   auto param_opts = [&](const std::optional<Tensor>& t) { return opts.dtype(t->scalar_type()); };
-
-  if (x.numel() == 0 || grad.numel() == 0) {  // no values: every gradient is zero
-    for (size_t b = 0; b < B; ++b) {
-      const int64_t Cb = plan.branches[b].out_channels;
-      const std::optional<Tensor> sc = scale.get(b), sh = shift.get(b);
-      grad_weight[b] = output_mask[1] ? at::zeros_like(weight[b]) : at::empty({0}, opts);
-      grad_bias[b] = at::zeros({Cb}, opts);
-      grad_scale[b] = present(sc) ? at::zeros({Cb}, param_opts(sc)) : at::empty({0}, opts);
-      grad_shift[b] = present(sh) ? at::zeros({Cb}, param_opts(sh)) : at::empty({0}, opts);
-    }
-    Tensor grad_x = output_mask[0] ? at::zeros({plan.N, plan.C, plan.H, plan.W}, opts.memory_format(fmt))
-                                   : at::empty({0}, opts);
-    return {grad_x, grad_weight, grad_bias, grad_scale, grad_shift};
-  }
-
-  // 1. Upsample adjoint + activation (and, in eval mode, the folded norm's) backward, per-chunk sums;
-  // 2. their fixed-order reduction (parameter gradients, batch-statistics coefficients);
-  // 3. with batch statistics, the norm's correction of dconv.
+  TensorVector grad_scale(B), grad_shift(B);
   TensorVector pre_b(B), dconv(B), sc(B), sh(B), mu(B), va(B), coef(B);
   std::vector<int64_t> channel_base(B);
   int64_t total_channels = 0;
@@ -546,6 +503,148 @@ BackwardResult multi_scale_backward_cuda(const Tensor& grad_in, const Tensor& x_
     }
     check_launch(launch_norm_grad(dt, a, stream), "norm_grad");
   });
+  return {dconv, grad_scale, grad_shift};
+}
+
+// dx, written once: grad's x slice (channels x_offset .. x_offset + C of grad; none for -1) plus every
+// branch's down-resize adjoint of dz (its level's gradient).
+Tensor write_dx(const BlockPlan& plan, const Tensor& grad, int64_t x_offset, const TensorVector& dz, const Tensor& x,
+                bool cl, DType dt, cudaStream_t stream) {
+  const size_t B = plan.branches.size();
+  Tensor grad_x = fresh(at::empty({plan.N, plan.C, plan.H, plan.W}, x.options().memory_format(format_of(cl))));
+  in_groups(B, [&](size_t g0, size_t count) {
+    DxArgs a;
+    a.N = plan.N;
+    a.C = plan.C;
+    a.H = plan.H;
+    a.W = plan.W;
+    a.grad = view(grad);
+    a.dx = view(grad_x);
+    a.x_offset = g0 == 0 ? x_offset : -1;
+    a.channels_last = cl;
+    a.align_corners = plan.align_corners;
+    a.num_branches = static_cast<int>(count);
+    a.accumulate = g0 > 0;
+    for (size_t i = 0; i < count; ++i) {
+      const size_t b = g0 + i;
+      const BranchPlan& bp = plan.branches[b];
+      a.br[i].dz = view(dz[b]);
+      a.br[i].level_h = bp.level_h;
+      a.br[i].level_w = bp.level_w;
+      a.br[i].factor = bp.factor > 0 ? bp.factor : 1;
+      a.br[i].down_h = static_cast<int>(bp.down_h);
+      a.br[i].down_w = static_cast<int>(bp.down_w);
+    }
+    check_launch(launch_dx(dt, a, stream), "dx");
+  });
+  return grad_x;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------------
+ForwardResult multi_scale_forward_cuda(const Tensor& x_in, at::TensorList weight, const OptionalTensorList& bias,
+                                       const OptionalTensorList& scale, const OptionalTensorList& shift,
+                                       const c10::List<bool>& batch_stats, c10::ArrayRef<double> eps,
+                                       c10::IntArrayRef factor, c10::IntArrayRef bins, c10::string_view down_mode,
+                                       c10::string_view up_mode, bool align_corners, c10::string_view activation,
+                                       c10::string_view input_position) {
+  const BlockPlan plan = make_plan(x_in, weight, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
+                                   activation, input_position);
+  TORCH_CHECK_VALUE(bias.size() == weight.size() && scale.size() == weight.size() && shift.size() == weight.size(),
+                    "msfused: bias, scale and shift need one entry (or None) per branch");
+  check_tensors(x_in, weight, bias, scale, shift);
+  const DeviceGuard device_guard(x_in.device());
+  const cudaStream_t stream = current_stream();
+  const Input input = prepare(plan, x_in);
+  const at::MemoryFormat fmt = input.fmt;
+  const bool cl = input.channels_last;
+  const Tensor& x = input.x;
+  const auto opts = x.options();
+  const DType dt = dtype_of(x.scalar_type());
+  const size_t B = plan.branches.size();
+
+  Tensor out = fresh(at::empty({plan.N, plan.out_channels, plan.H, plan.W}, opts.memory_format(fmt)));
+  auto [level, pre, mean, var] = branch_results(plan, x, fmt);
+  if (plan.N == 0) return {out, level, pre, mean, var};
+
+  // 1. Every level from x, and x's slice of the output.
+  compute_levels(plan, x, out, level, cl, dt, stream);
+
+  // 2. The convolutions (with their bias) through ATen: cuDNN on the levels, and on x for factor 1.
+  {
+    const DeterministicConvolutions deterministic;
+    for (size_t b = 0; b < B; ++b) {
+      const BranchPlan& bp = plan.branches[b];
+      const int64_t pad = bp.kernel_size / 2;
+      pre[b] = at::convolution(bp.identity ? x : level[b], weight[b], bias.get(b), {1, 1}, {pad, pad}, {1, 1}, false,
+                               {0, 0}, 1)
+                   .contiguous(fmt);
+    }
+  }
+
+  // 3. Batch statistics ((channel, chunk) partials, merged per channel) and the epilogue's alpha, beta;
+  // 4. norm, activation and the resize back up, every branch into its channel slice.
+  const auto [alpha, beta] = norm_coefficients(plan, pre, scale, shift, mean, var, x, dt, stream);
+  launch_epilogue(plan, out, pre, alpha, beta, cl, dt, stream);
+  return {out, level, pre, mean, var};
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------------
+BackwardResult multi_scale_backward_cuda(const Tensor& grad_in, const Tensor& x_in, at::TensorList weight,
+                                         const OptionalTensorList& scale, const OptionalTensorList& shift,
+                                         at::TensorList level, at::TensorList pre, at::TensorList mean,
+                                         at::TensorList var, const c10::List<bool>& batch_stats,
+                                         c10::ArrayRef<double> eps, c10::IntArrayRef factor, c10::IntArrayRef bins,
+                                         c10::string_view down_mode, c10::string_view up_mode, bool align_corners,
+                                         c10::string_view activation, c10::string_view input_position,
+                                         std::array<bool, 2> output_mask) {
+  const BlockPlan plan = make_plan(x_in, weight, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
+                                   activation, input_position);
+  const size_t B = plan.branches.size();
+  check_backward_args(plan, grad_in, level, pre, mean, var, scale, shift);
+  check_tensors(x_in, weight, OptionalTensorList(), scale, shift);
+  TORCH_CHECK_VALUE(grad_in.device() == x_in.device(), "msfused (cuda): grad_out is on ", grad_in.device(),
+                    " but x is on ", x_in.device());
+  for (size_t b = 0; b < B; ++b) {
+    check_device(pre[b], x_in, "pre", b);
+    if (!plan.branches[b].identity) check_device(level[b], x_in, "level", b);
+  }
+  const DeviceGuard device_guard(x_in.device());
+  const cudaStream_t stream = current_stream();
+  const Input input = prepare(plan, x_in);
+  const at::MemoryFormat fmt = input.fmt;
+  const bool cl = input.channels_last;
+  const Tensor& x = input.x;
+  const Tensor grad = grad_in.to(x.scalar_type()).contiguous(fmt);
+  const auto opts = x.options();
+  const DType dt = dtype_of(x.scalar_type());
+  TensorVector grad_weight(B), grad_bias(B), grad_scale(B), grad_shift(B), dz(B);
+  auto param_opts = [&](const std::optional<Tensor>& t) { return opts.dtype(t->scalar_type()); };
+
+  if (x.numel() == 0 || grad.numel() == 0) {  // no values: every gradient is zero
+    for (size_t b = 0; b < B; ++b) {
+      const int64_t Cb = plan.branches[b].out_channels;
+      const std::optional<Tensor> sc = scale.get(b), sh = shift.get(b);
+      grad_weight[b] = output_mask[1] ? at::zeros_like(weight[b]) : at::empty({0}, opts);
+      grad_bias[b] = at::zeros({Cb}, opts);
+      grad_scale[b] = present(sc) ? at::zeros({Cb}, param_opts(sc)) : at::empty({0}, opts);
+      grad_shift[b] = present(sh) ? at::zeros({Cb}, param_opts(sh)) : at::empty({0}, opts);
+    }
+    Tensor grad_x = output_mask[0] ? at::zeros({plan.N, plan.C, plan.H, plan.W}, opts.memory_format(fmt))
+                                   : at::empty({0}, opts);
+    return {grad_x, grad_weight, grad_bias, grad_scale, grad_shift};
+  }
+
+  // 1. Upsample adjoint + activation (and, in eval mode, the folded norm's) backward, per-chunk sums;
+  // 2. their fixed-order reduction (parameter gradients, batch-statistics coefficients);
+  // 3. with batch statistics, the norm's correction of dconv.
+  EpilogueGrads eg = epilogue_backward(plan, grad, pre, scale, shift, mean, var, x, cl, dt, stream);
+  grad_scale = eg.grad_scale;
+  grad_shift = eg.grad_shift;
+  const TensorVector& dconv = eg.dconv;
 
   // 4. The convolutions' backward through ATen (cuDNN, deterministic algorithms): the gradient of the
   // level (of x for factor 1), of the weight and of the bias.
@@ -566,36 +665,352 @@ BackwardResult multi_scale_backward_cuda(const Tensor& grad_in, const Tensor& x_
   }
 
   // 5. dx, written once: x's slice of grad plus every branch's down-resize adjoint.
-  Tensor grad_x = at::empty({0}, opts);
-  if (output_mask[0]) {
-    grad_x = fresh(at::empty({plan.N, plan.C, plan.H, plan.W}, opts.memory_format(fmt)));
-    in_groups(B, [&](size_t g0, size_t count) {
-      DxArgs a;
-      a.N = plan.N;
-      a.C = plan.C;
-      a.H = plan.H;
-      a.W = plan.W;
-      a.grad = view(grad);
-      a.dx = view(grad_x);
-      a.x_offset = g0 == 0 ? plan.x_offset : -1;
-      a.channels_last = cl;
-      a.align_corners = plan.align_corners;
-      a.num_branches = static_cast<int>(count);
-      a.accumulate = g0 > 0;
-      for (size_t i = 0; i < count; ++i) {
-        const size_t b = g0 + i;
-        const BranchPlan& bp = plan.branches[b];
-        a.br[i].dz = view(dz[b]);
-        a.br[i].level_h = bp.level_h;
-        a.br[i].level_w = bp.level_w;
-        a.br[i].factor = bp.factor > 0 ? bp.factor : 1;
-        a.br[i].down_h = static_cast<int>(bp.down_h);
-        a.br[i].down_w = static_cast<int>(bp.down_w);
-      }
-      check_launch(launch_dx(dt, a, stream), "dx");
-    });
-  }
+  const Tensor grad_x = output_mask[0] ? write_dx(plan, grad, plan.x_offset, dz, x, cl, dt, stream) : at::empty({0}, opts);
   return {grad_x, grad_weight, grad_bias, grad_scale, grad_shift};
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The block with its projection (SPEC.md, "The projection"; the split of the work: csrc/projection.h, as
+// the CPU backend's): the concatenation is never built.
+// ---------------------------------------------------------------------------------------------------
+using ProjectForwardResult =
+    std::tuple<Tensor, TensorVector, TensorVector, TensorVector, TensorVector, Tensor, Tensor, Tensor>;
+using ProjectBackwardResult =
+    std::tuple<Tensor, TensorVector, TensorVector, TensorVector, TensorVector, Tensor, Tensor, Tensor, Tensor>;
+
+OptionalTensorList one(const std::optional<Tensor>& t) {
+  OptionalTensorList l;
+  l.push_back(t);
+  return l;
+}
+
+void check_optional_device(const std::optional<Tensor>& t, const Tensor& x, const char* name) {
+  if (present(t))
+    TORCH_CHECK_VALUE(t->device() == x.device(), "msfused (cuda): ", name, " is on ", t->device(), " but x is on ",
+                      x.device());
+}
+
+// Branch b's activation for the projection: act(norm(pre)) at its level (alone: branch_alone(plan, b, true))
+// or resized up to full size (branch_alone(plan, b, false)), in a new tensor.
+Tensor branch_activation(const BlockPlan& alone, const Tensor& pre, const Tensor& alpha, const Tensor& beta, bool cl,
+                         DType dt, cudaStream_t stream) {
+  Tensor a = fresh(at::empty({alone.N, alone.out_channels, alone.H, alone.W}, pre.options().memory_format(format_of(cl))));
+  launch_epilogue(alone, a, {pre}, {alpha}, {beta}, cl, dt, stream);
+  return a;
+}
+
+ProjectForwardResult multi_scale_project_forward_cuda(
+    const Tensor& x_in, at::TensorList weight, const OptionalTensorList& bias, const OptionalTensorList& scale,
+    const OptionalTensorList& shift, const c10::List<bool>& batch_stats, c10::ArrayRef<double> eps,
+    c10::IntArrayRef factor, c10::IntArrayRef bins, c10::string_view down_mode, c10::string_view up_mode,
+    bool align_corners, c10::string_view activation, c10::string_view input_position, const Tensor& pw,
+    const std::optional<Tensor>& p_bias, const std::optional<Tensor>& p_scale, const std::optional<Tensor>& p_shift,
+    bool p_batch_stats, double p_eps, c10::string_view p_activation, bool save_pre) {
+  const BlockPlan plan = make_plan(x_in, weight, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
+                                   activation, input_position);
+  TORCH_CHECK_VALUE(bias.size() == weight.size() && scale.size() == weight.size() && shift.size() == weight.size(),
+                    "msfused: bias, scale and shift need one entry (or None) per branch");
+  check_tensors(x_in, weight, bias, scale, shift);
+  const Projection proj = check_projection(plan, x_in, pw, p_eps, p_batch_stats, p_activation);
+  if (present(p_bias))
+    TORCH_CHECK_TYPE(p_bias->scalar_type() == x_in.scalar_type(), "msfused: project_bias has dtype ",
+                     p_bias->scalar_type(), " but x has ", x_in.scalar_type());
+  check_optional_device(p_bias, x_in, "project_bias");
+  check_optional_device(p_scale, x_in, "project_scale");
+  check_optional_device(p_shift, x_in, "project_shift");
+  const DeviceGuard device_guard(x_in.device());
+  const cudaStream_t stream = current_stream();
+  const Input input = prepare(plan, x_in);
+  const at::MemoryFormat fmt = input.fmt;
+  const bool cl = input.channels_last;
+  const Tensor& x = input.x;
+  const auto opts = x.options();
+  const auto stat_opts = opts.dtype(stats_dtype(x.scalar_type()));
+  const DType dt = dtype_of(x.scalar_type());
+  const size_t B = plan.branches.size();
+  const int64_t P = proj.P, k = proj.k, pad = k / 2, H = plan.H, W = plan.W;
+  const BlockPlan pp = projection_plan(plan, proj);
+
+  auto [level, pre, mean, var] = branch_results(plan, x, fmt);
+  Tensor p_mean = fresh(at::empty({proj.batch_stats ? P : 0}, stat_opts));
+  Tensor p_var = fresh(at::empty({proj.batch_stats ? P : 0}, stat_opts));
+  if (plan.N == 0) {  // nothing to compute (branch_results has said so for the branches)
+    p_mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    p_var.fill_(std::numeric_limits<double>::quiet_NaN());
+    const Tensor out = at::empty({0, P, H, W}, opts.memory_format(fmt));
+    return {out, level, pre, mean, var, save_pre ? at::empty({0, P, H, W}, opts.memory_format(fmt)) : at::empty({0}, opts),
+            p_mean, p_var};
+  }
+
+  // 1. Every level from x (x itself is not copied: there is no concatenation).
+  BlockPlan levels_plan = plan;
+  levels_plan.x_offset = -1;
+  compute_levels(levels_plan, x, Tensor(), level, cl, dt, stream);
+
+  // 2. The branches' convolutions (ATen: cuDNN); 3. their batch statistics and epilogue coefficients.
+  {
+    const DeterministicConvolutions deterministic;
+    for (size_t b = 0; b < B; ++b) {
+      const BranchPlan& bp = plan.branches[b];
+      const int64_t bpad = bp.kernel_size / 2;
+      pre[b] = at::convolution(bp.identity ? x : level[b], weight[b], bias.get(b), {1, 1}, {bpad, bpad}, {1, 1},
+                               false, {0, 0}, 1)
+                   .contiguous(fmt);
+    }
+  }
+  const auto [alpha, beta] = norm_coefficients(plan, pre, scale, shift, mean, var, x, dt, stream);
+
+  // 4. Per branch its activation (at the level, or resized up where it is convolved directly), then its part
+  // of the projection through ATen: the per-tap maps (one 1x1 convolution to k*k*P channels at the level)
+  // or the direct convolution; and the x part, conv(x, W_x).
+  TensorVector tmaps, direct;
+  std::vector<size_t> tap_branch;
+  Tensor acc;
+  {
+    TensorVector act(B);
+    for (size_t b = 0; b < B; ++b) {
+      const bool whole = convolves_resized(plan.branches[b], k, H, W);
+      act[b] = branch_activation(branch_alone(plan, b, !whole), pre[b], alpha[b], beta[b], cl, dt, stream);
+    }
+    const DeterministicConvolutions deterministic;
+    if (plan.x_offset >= 0)
+      acc = at::convolution(x, weight_slice(pw, plan.x_offset, plan.C), std::nullopt, {1, 1}, {pad, pad}, {1, 1},
+                            false, {0, 0}, 1)
+                .contiguous(fmt);
+    for (size_t b = 0; b < B; ++b) {
+      const BranchPlan& bp = plan.branches[b];
+      if (convolves_resized(bp, k, H, W)) {
+        direct.push_back(at::convolution(act[b], weight_slice(pw, bp.channel_offset, bp.out_channels), std::nullopt,
+                                         {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1)
+                             .contiguous(fmt));
+      } else {
+        tmaps.push_back(at::convolution(act[b], tap_weight(pw, bp.channel_offset, bp.out_channels), std::nullopt,
+                                        {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1)
+                            .contiguous(fmt));
+        tap_branch.push_back(b);
+      }
+    }
+  }
+
+  // 5. One pass: the sum, the bias and (without batch statistics) the norm and activation, the output
+  // written once; the pre-activation kept only for a backward (else the output takes its place). Over
+  // kMaxBranches parts of a kind: several launches, each adding its parts to the previous one's sum.
+  const bool fused_epilogue = !proj.batch_stats;
+  const Tensor pre_sum = acc.defined() ? acc : fresh(at::empty({plan.N, P, H, W}, opts.memory_format(fmt)));
+  Tensor out = save_pre ? fresh(at::empty({plan.N, P, H, W}, opts.memory_format(fmt))) : pre_sum;
+  const Tensor p_bias_acc = per_channel(p_bias, x);
+  const Tensor p_alpha = fused_epilogue ? per_channel(p_scale, x) : Tensor();
+  const Tensor p_beta = fused_epilogue ? per_channel(p_shift, x) : Tensor();
+  const size_t launches = std::max<size_t>({1, (tmaps.size() + kMaxBranches - 1) / kMaxBranches,
+                                            (direct.size() + kMaxBranches - 1) / kMaxBranches});
+  for (size_t l = 0; l < launches; ++l) {
+    const bool last = l + 1 == launches;
+    ProjectAccArgs a;
+    a.N = plan.N;
+    a.P = P;
+    a.H = H;
+    a.W = W;
+    a.k = k;
+    a.acc = view(l == 0 ? acc : pre_sum);
+    a.pre = last && fused_epilogue && !save_pre ? View4() : view(pre_sum);
+    a.out = last && fused_epilogue ? view(out) : View4();
+    a.bias = l == 0 ? ptr(p_bias_acc) : nullptr;
+    a.alpha = ptr(p_alpha);
+    a.beta = ptr(p_beta);
+    a.channels_last = cl;
+    a.align_corners = plan.align_corners;
+    a.activation = static_cast<int>(proj.activation);
+    for (size_t i = l * kMaxBranches; i < std::min(tmaps.size(), (l + 1) * kMaxBranches); ++i) {
+      const BranchPlan& bp = plan.branches[tap_branch[i]];
+      ProjectTapBranch& t = a.tap[a.num_taps++];
+      t.tmap = view(tmaps[i]);
+      t.h = bp.level_h;
+      t.w = bp.level_w;
+      t.up_h = static_cast<int>(bp.up_h);
+      t.up_w = static_cast<int>(bp.up_w);
+    }
+    for (size_t i = l * kMaxBranches; i < std::min(direct.size(), (l + 1) * kMaxBranches); ++i)
+      a.direct[a.num_direct++] = view(direct[i]);
+    check_launch(launch_project_accumulate(dt, a, stream), "project_accumulate");
+  }
+
+  // 6. With batch statistics: the projection's statistics, then its norm and activation (in place when
+  // the pre-activation need not be kept).
+  if (!fused_epilogue) {
+    const auto [pa, pb] = norm_coefficients(pp, {pre_sum}, one(p_scale), one(p_shift), {p_mean}, {p_var}, x, dt, stream);
+    launch_epilogue(pp, out, {pre_sum}, pa, pb, cl, dt, stream);
+  }
+  return {out, level, pre, mean, var, save_pre ? pre_sum : at::empty({0}, opts), p_mean, p_var};
+}
+
+ProjectBackwardResult multi_scale_project_backward_cuda(
+    const Tensor& grad_in, const Tensor& x_in, at::TensorList weight, const OptionalTensorList& scale,
+    const OptionalTensorList& shift, at::TensorList level, at::TensorList pre, at::TensorList mean, at::TensorList var,
+    const c10::List<bool>& batch_stats, c10::ArrayRef<double> eps, c10::IntArrayRef factor, c10::IntArrayRef bins,
+    c10::string_view down_mode, c10::string_view up_mode, bool align_corners, c10::string_view activation,
+    c10::string_view input_position, const Tensor& pw, const std::optional<Tensor>& p_scale,
+    const std::optional<Tensor>& p_shift, const Tensor& p_pre, const Tensor& p_mean, const Tensor& p_var,
+    bool p_batch_stats, double p_eps, c10::string_view p_activation, std::array<bool, 2> output_mask) {
+  const BlockPlan plan = make_plan(x_in, weight, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
+                                   activation, input_position);
+  const Projection proj = check_projection(plan, x_in, pw, p_eps, p_batch_stats, p_activation);
+  const size_t B = plan.branches.size();
+  const int64_t P = proj.P, k = proj.k, pad = k / 2, H = plan.H, W = plan.W;
+  check_project_backward_args(plan, proj, grad_in, level, pre, mean, var, scale, shift, p_pre);
+  check_tensors(x_in, weight, OptionalTensorList(), scale, shift);
+  TORCH_CHECK_VALUE(grad_in.device() == x_in.device(), "msfused (cuda): grad_out is on ", grad_in.device(),
+                    " but x is on ", x_in.device());
+  for (size_t b = 0; b < B; ++b) {
+    check_device(pre[b], x_in, "pre", b);
+    if (!plan.branches[b].identity) check_device(level[b], x_in, "level", b);
+  }
+  check_device(p_pre, x_in, "project_pre", 0);
+  check_optional_device(p_scale, x_in, "project_scale");
+  check_optional_device(p_shift, x_in, "project_shift");
+  const DeviceGuard device_guard(x_in.device());
+  const cudaStream_t stream = current_stream();
+  const Input input = prepare(plan, x_in);
+  const at::MemoryFormat fmt = input.fmt;
+  const bool cl = input.channels_last;
+  const Tensor& x = input.x;
+  const Tensor grad = grad_in.to(x.scalar_type()).contiguous(fmt);
+  const auto opts = x.options();
+  const DType dt = dtype_of(x.scalar_type());
+  const bool need_w = output_mask[1];
+  auto param_opts = [&](const std::optional<Tensor>& t) { return opts.dtype(t->scalar_type()); };
+  TensorVector grad_weight(B), grad_bias(B), grad_scale(B), grad_shift(B), dz(B);
+
+  if (x.numel() == 0 || grad.numel() == 0) {  // no values: every gradient is zero
+    for (size_t b = 0; b < B; ++b) {
+      const int64_t Cb = plan.branches[b].out_channels;
+      const std::optional<Tensor> sc = scale.get(b), sh = shift.get(b);
+      grad_weight[b] = need_w ? at::zeros_like(weight[b]) : at::empty({0}, opts);
+      grad_bias[b] = at::zeros({Cb}, opts);
+      grad_scale[b] = present(sc) ? at::zeros({Cb}, param_opts(sc)) : at::empty({0}, opts);
+      grad_shift[b] = present(sh) ? at::zeros({Cb}, param_opts(sh)) : at::empty({0}, opts);
+    }
+    return {output_mask[0] ? at::zeros({plan.N, plan.C, H, W}, opts.memory_format(fmt)) : at::empty({0}, opts),
+            grad_weight, grad_bias, grad_scale, grad_shift,
+            need_w ? at::zeros_like(pw) : at::empty({0}, opts), at::zeros({P}, opts),
+            present(p_scale) ? at::zeros({P}, param_opts(p_scale)) : at::empty({0}, opts),
+            present(p_shift) ? at::zeros({P}, param_opts(p_shift)) : at::empty({0}, opts)};
+  }
+
+  // 1. The projection's epilogue backward (activation, norm) at full size: the gradient of its
+  // pre-activation, and of its norm's scale and shift; the bias gradient is its sum.
+  const BlockPlan pp = projection_plan(plan, proj);
+  EpilogueGrads pg = epilogue_backward(pp, grad, {p_pre}, one(p_scale), one(p_shift), {p_mean}, {p_var}, x, cl, dt,
+                                       stream);
+  const Tensor dpre = pg.dconv[0];
+  const Tensor grad_p_bias = dpre.sum({0, 2, 3});
+  Tensor grad_pw = need_w ? at::zeros_like(pw, at::MemoryFormat::Preserve) : at::empty({0}, opts);
+
+  // 2. The x part: the transposed convolution (ATen) gives its gradient of x and of the weight's x slice.
+  Tensor dx_proj;
+  if (plan.x_offset >= 0 && (output_mask[0] || need_w)) {
+    const DeterministicConvolutions deterministic;
+    auto g = at::convolution_backward(dpre, x, weight_slice(pw, plan.x_offset, plan.C), std::nullopt, {1, 1},
+                                      {pad, pad}, {1, 1}, false, {0, 0}, 1, {output_mask[0], need_w, false});
+    if (output_mask[0]) dx_proj = std::get<0>(g).contiguous(fmt);
+    if (need_w) grad_pw.narrow(1, plan.x_offset, plan.C).copy_(std::get<1>(g));
+  }
+
+  // 3. Every per-tap branch's maps' gradient: the adjoint of the shifted resize, a gather at its level.
+  TensorVector dts(B);
+  std::vector<size_t> tap_branches;
+  for (size_t b = 0; b < B; ++b) {
+    const BranchPlan& bp = plan.branches[b];
+    if (convolves_resized(bp, k, H, W)) continue;
+    dts[b] = fresh(at::empty({plan.N, k * k * P, bp.level_h, bp.level_w}, opts.memory_format(fmt)));
+    tap_branches.push_back(b);
+  }
+  in_groups(tap_branches.size(), [&](size_t g0, size_t count) {
+    ProjectAdjointArgs a;
+    a.N = plan.N;
+    a.P = P;
+    a.H = H;
+    a.W = W;
+    a.k = k;
+    a.dpre = view(dpre);
+    a.channels_last = cl;
+    a.align_corners = plan.align_corners;
+    a.num_branches = static_cast<int>(count);
+    for (size_t i = 0; i < count; ++i) {
+      const BranchPlan& bp = plan.branches[tap_branches[g0 + i]];
+      ProjectAdjointBranch& br = a.br[i];
+      br.dt = view(dts[tap_branches[g0 + i]]);
+      br.h = bp.level_h;
+      br.w = bp.level_w;
+      br.up_h = static_cast<int>(bp.up_h);
+      br.up_w = static_cast<int>(bp.up_w);
+    }
+    check_launch(launch_project_adjoint(dt, a, stream), "project_adjoint");
+  });
+
+  // 4. Per branch: its activation again (as in the forward: the epilogue coefficients from the saved
+  // statistics), the gradient reaching it through its part's convolution (ATen) and the weight slice's;
+  // its epilogue's backward; its own convolution's backward (ATen).
+  for (size_t b = 0; b < B; ++b) {
+    const BranchPlan& bp = plan.branches[b];
+    const int64_t Cb = bp.out_channels;
+    const bool whole = convolves_resized(bp, k, H, W);
+    const BlockPlan alone = branch_alone(plan, b, !whole);
+    const Tensor pre_b = pre[b].to(x.scalar_type()).contiguous(fmt);
+    Tensor alpha = per_channel(scale.get(b), x), beta = per_channel(shift.get(b), x);
+    if (bp.batch_stats) {
+      const Tensor sc = alpha, sh = beta, mu = per_channel(mean[b], x), va = per_channel(var[b], x);
+      alpha = at::empty({Cb}, sc.defined() ? sc.options() : mu.options());
+      beta = at::empty_like(alpha);
+      MergeStatsArgs m;  // no partials: the coefficients from the saved statistics
+      m.num_branches = 1;
+      m.max_chunks = max_reduction_chunks();
+      MergeStatsBranch& mb = m.br[0];
+      mb.channels = Cb;
+      mb.eps = bp.eps;
+      mb.scale = ptr(sc);
+      mb.shift = ptr(sh);
+      mb.mean = const_cast<void*>(mu.const_data_ptr());
+      mb.var = const_cast<void*>(va.const_data_ptr());
+      mb.alpha = alpha.data_ptr();
+      mb.beta = beta.data_ptr();
+      check_launch(launch_merge_stats(dt, m, stream), "merge_stats");
+    }
+    const Tensor act = branch_activation(alone, pre_b, alpha, beta, cl, dt, stream);
+    Tensor da;
+    {
+      const DeterministicConvolutions deterministic;
+      if (whole) {
+        auto g = at::convolution_backward(dpre, act, weight_slice(pw, bp.channel_offset, Cb), std::nullopt, {1, 1},
+                                          {pad, pad}, {1, 1}, false, {0, 0}, 1, {true, need_w, false});
+        da = std::get<0>(g).contiguous(fmt);
+        if (need_w) grad_pw.narrow(1, bp.channel_offset, Cb).copy_(std::get<1>(g));
+      } else {
+        auto g = at::convolution_backward(dts[b], act, tap_weight(pw, bp.channel_offset, Cb), std::nullopt, {1, 1},
+                                          {0, 0}, {1, 1}, false, {0, 0}, 1, {true, need_w, false});
+        da = std::get<0>(g).contiguous(fmt);
+        if (need_w)  // (k * k * P, Cb, 1, 1) back to the (P, Cb, k, k) slice
+          grad_pw.narrow(1, bp.channel_offset, Cb).copy_(std::get<1>(g).reshape({k, k, P, Cb}).permute({2, 3, 0, 1}));
+      }
+    }
+    EpilogueGrads eg = epilogue_backward(alone, da, {pre_b}, one(scale.get(b)), one(shift.get(b)), {mean[b]}, {var[b]},
+                                         x, cl, dt, stream);
+    grad_scale[b] = eg.grad_scale[0];
+    grad_shift[b] = eg.grad_shift[0];
+    const DeterministicConvolutions deterministic;
+    const int64_t bpad = bp.kernel_size / 2;
+    const Tensor z = bp.identity ? x : level[b].to(x.scalar_type()).contiguous(fmt);
+    auto grads = at::convolution_backward(eg.dconv[0], z, weight[b], c10::OptionalArrayRef<int64_t>({Cb}), {1, 1},
+                                          {bpad, bpad}, {1, 1}, false, {0, 0}, 1, {output_mask[0], need_w, true});
+    dz[b] = output_mask[0] ? std::get<0>(grads).contiguous(fmt) : Tensor();
+    grad_weight[b] = need_w ? std::get<1>(grads).contiguous(weight[b].suggest_memory_format()) : at::empty({0}, opts);
+    grad_bias[b] = std::get<2>(grads);
+  }
+
+  // 5. dx, written once: the x part's gradient plus every branch's down-resize adjoint.
+  const Tensor grad_x = output_mask[0] ? write_dx(plan, dx_proj, dx_proj.defined() ? 0 : -1, dz, x, cl, dt, stream)
+                                       : at::empty({0}, opts);
+  return {grad_x,  grad_weight, grad_bias, grad_scale, grad_shift, grad_pw, grad_p_bias,
+          pg.grad_scale[0], pg.grad_shift[0]};
 }
 
 }  // namespace
@@ -605,12 +1020,16 @@ BackwardResult multi_scale_backward_cuda(const Tensor& grad_in, const Tensor& x_
 TORCH_LIBRARY_IMPL(msfused, CUDA, m) {
   m.impl("multi_scale_forward", &cuda::multi_scale_forward_cuda);
   m.impl("multi_scale_backward", &cuda::multi_scale_backward_cuda);
+  m.impl("multi_scale_project_forward", &cuda::multi_scale_project_forward_cuda);
+  m.impl("multi_scale_project_backward", &cuda::multi_scale_project_backward_cuda);
 }
 #else
 // The emulation build: the same functions as operators of their own (schemas inferred), over CPU tensors.
 TORCH_LIBRARY(msfused_cuda_emulation, m) {
   m.def("multi_scale_forward", &cuda::multi_scale_forward_cuda);
   m.def("multi_scale_backward", &cuda::multi_scale_backward_cuda);
+  m.def("multi_scale_project_forward", &cuda::multi_scale_project_forward_cuda);
+  m.def("multi_scale_project_backward", &cuda::multi_scale_project_backward_cuda);
 }
 #endif
 

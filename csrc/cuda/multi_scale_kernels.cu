@@ -32,6 +32,12 @@
 //       dx: one thread per element, written once: x's slice of grad plus every branch's down-resize
 //       adjoint (a gather, branches in order).
 //
+//   with a projection (csrc/projection.h decides which branch goes per tap; the binding's launch counts:
+//   docs/BACKENDS.md): project_accumulate: one thread per output element sums conv(x, W_x), the bias,
+//   the direct parts and every per-tap map resized up and shifted by its tap, and applies the norm (eval)
+//   and activation, the output written once; project_adjoint: each per-tap map's gradient as a gather at
+//   its level (the shifted up-resize's readers of a level pixel split over lanes, a fixed tree).
+//
 // Determinism: no atomics anywhere; every reduction is a fixed-order loop or a fixed-shape tree, so the
 // results are bit-identical run to run (the chunking depends only on the shapes and the device).
 // Without a GPU: tests/test_cuda_build.py compiles this file with nvcc (no spills), and
@@ -141,6 +147,22 @@ __device__ double block_sum(double v, double* sm) {
   const double r = sm[0];
   __syncthreads();
   return r;
+}
+
+// The G lanes' parts (each group of G consecutive threads: one item) added in a fixed tree; the sum is
+// returned to the group's lane 0. Every thread of the block calls it (G is uniform over the block: the
+// barriers are block-wide); s_acc is kThreads shared slots, free again when it returns.
+template <typename A>
+__device__ __forceinline__ A lane_tree_sum(A part, A* s_acc, int t, int lane, int G) {
+  s_acc[t] = part;
+  for (int s = G / 2; s > 0; s >>= 1) {
+    __syncthreads();
+    if (lane < s) s_acc[t] += s_acc[t + s];
+  }
+  __syncthreads();
+  part = s_acc[t];
+  __syncthreads();  // read before anyone writes s_acc again
+  return part;
 }
 
 // Element e of an (N, C, H, W) tensor in memory order (channels_last: n, i, j, c; else n, c, i, j).
@@ -329,13 +351,8 @@ __global__ void __launch_bounds__(kThreads, 1) levels_kernel(const __grid_consta
         }
       }
     }
-    s_acc[t] = acc;
-    for (int s = G / 2; s > 0; s >>= 1) {
-      __syncthreads();
-      if (lane < s) s_acc[t] += s_acc[t + s];
-    }
-    __syncthreads();
-    acc = s_acc[t] * (A(1) / static_cast<A>(rows.count)) * (A(1) / static_cast<A>(cols.count));
+    acc = lane_tree_sum(acc, s_acc, t, lane, G) * (A(1) / static_cast<A>(rows.count)) *
+          (A(1) / static_cast<A>(cols.count));
   }
   // Rounded to S as the reference's level is.
   if (valid && lane == 0) mptr<S>(br.level)[off4<S>(br.level, n, c, y, xx)] = from_acc<S>(acc);
@@ -386,7 +403,9 @@ __global__ void __launch_bounds__(kThreads, 1) stats_partial_kernel(const __grid
 }
 
 // One thread per channel: the chunks in chunk order. The mean is sum / count (a channel of one-signed
-// Inf keeps it, as ATen's batch norm), M2 adds each chunk's own plus its mean's offset.
+// Inf keeps it, as ATen's batch norm), M2 adds each chunk's own plus its mean's offset. Without partials
+// (partial == nullptr) the statistics are given (mean, var read: the backward recomputing a branch's
+// activation) and only the epilogue's alpha, beta are written.
 template <typename S>
 __global__ void __launch_bounds__(kThreads, 1) merge_stats_kernel(const __grid_constant__ MergeStatsArgs a) {
   using Stat = acc_t<S>;  // float, double for double (msfused::stats_dtype); also the opmath type
@@ -395,23 +414,30 @@ __global__ void __launch_bounds__(kThreads, 1) merge_stats_kernel(const __grid_c
   while (b < a.num_branches && c >= a.br[b].channels) c -= a.br[b++].channels;
   if (b >= a.num_branches) return;
   const MergeStatsBranch& mb = a.br[b];
-  const double* p = a.partial + (mb.channel_base + c) * a.max_chunks * 3;
-  double count = 0, sum = 0;
-  for (int64_t k = 0; k < mb.chunks; ++k) {  // fixed order: deterministic
-    count += p[3 * k];
-    sum += p[3 * k + 1];
+  Stat mean_s, var_s;
+  if (a.partial == nullptr) {
+    mean_s = static_cast<const Stat*>(mb.mean)[c];
+    var_s = static_cast<const Stat*>(mb.var)[c];
+  } else {
+    const double* p = a.partial + (mb.channel_base + c) * a.max_chunks * 3;
+    double count = 0, sum = 0;
+    for (int64_t k = 0; k < mb.chunks; ++k) {  // fixed order: deterministic
+      count += p[3 * k];
+      sum += p[3 * k + 1];
+    }
+    const double mean = sum / count;
+    double m2 = 0;
+    for (int64_t k = 0; k < mb.chunks; ++k) {
+      const double nk = p[3 * k];
+      if (nk == 0) continue;
+      const double d = p[3 * k + 1] / nk - mean;
+      m2 += p[3 * k + 2] + nk * d * d;
+    }
+    mean_s = static_cast<Stat>(mean);
+    var_s = static_cast<Stat>(m2 / count);
+    static_cast<Stat*>(mb.mean)[c] = mean_s;
+    static_cast<Stat*>(mb.var)[c] = var_s;
   }
-  const double mean = sum / count;
-  double m2 = 0;
-  for (int64_t k = 0; k < mb.chunks; ++k) {
-    const double nk = p[3 * k];
-    if (nk == 0) continue;
-    const double d = p[3 * k + 1] / nk - mean;
-    m2 += p[3 * k + 2] + nk * d * d;
-  }
-  const Stat mean_s = static_cast<Stat>(mean), var_s = static_cast<Stat>(m2 / count);
-  static_cast<Stat*>(mb.mean)[c] = mean_s;
-  static_cast<Stat*>(mb.var)[c] = var_s;
   double alpha, beta;
   norm_epilogue(true, static_cast<double>(param<Stat>(mb.scale, c, Stat(1))),
                 static_cast<double>(param<Stat>(mb.shift, c, Stat(0))), static_cast<double>(mean_s),
@@ -463,6 +489,27 @@ __device__ __forceinline__ A weight_of(ResizeKind kind, int64_t o, int64_t i, in
   return wsum;
 }
 
+// This lane's share of a sum over the rectangle [I0, I1) x [J0, J1) (a level pixel's readers): the
+// entries lane, lane + G, ... in row-major order, f(I, J) each, summed in that order.
+template <typename A, typename F>
+__device__ __forceinline__ A lane_rectangle_sum(int lane, int G, int64_t I0, int64_t I1, int64_t J0, int64_t J1, F&& f) {
+  const int64_t nJ = J1 - J0, total = (I1 - I0) * nJ;
+  A part = A(0);
+  if (lane >= total) return part;
+  int64_t I = I0 + lane / nJ, J = J0 + lane % nJ;
+  const int64_t step_i = G / nJ, step_j = G % nJ;
+  for (int64_t r = lane; r < total; r += G) {
+    part += f(I, J);
+    I += step_i;
+    J += step_j;
+    if (J >= J1) {
+      J -= nJ;
+      ++I;
+    }
+  }
+  return part;
+}
+
 template <typename S>
 __global__ void __launch_bounds__(kThreads, 1) up_grad_kernel(const __grid_constant__ UpGradArgs a) {
   using A = acc_t<S>;
@@ -512,33 +559,13 @@ __global__ void __launch_bounds__(kThreads, 1) up_grad_kernel(const __grid_const
         int64_t I0, I1, J0, J1;
         readers_of<A>(kh, i, h, a.H, 1, ac, sh, &I0, &I1);
         readers_of<A>(kw, j, w, a.W, 1, ac, sw, &J0, &J1);
-        const int64_t nJ = J1 - J0, total = (I1 - I0) * nJ;
-        if (lane < total) {  // this lane's entries of the reader rectangle: lane, lane + G, ...
-          int64_t I = I0 + lane / nJ, J = J0 + lane % nJ;
-          const int64_t step_i = G / nJ, step_j = G % nJ;
-          for (int64_t r = lane; r < total; r += G) {
-            part += weight_of<A>(kh, I, i, h, a.H, ac, sh) * weight_of<A>(kw, J, j, w, a.W, ac, sw) *
-                    to_acc(grad[off4<S>(a.grad, n, gc, I, J)]);
-            I += step_i;
-            J += step_j;
-            if (J >= J1) {
-              J -= nJ;
-              ++I;
-            }
-          }
-        }
+        part = lane_rectangle_sum<A>(lane, G, I0, I1, J0, J1, [&](int64_t I, int64_t J) {
+          return weight_of<A>(kh, I, i, h, a.H, ac, sh) * weight_of<A>(kw, J, j, w, a.W, ac, sw) *
+                 to_acc(grad[off4<S>(a.grad, n, gc, I, J)]);
+        });
       }
     }
-    if (G > 1) {  // the lanes' parts in a fixed tree (G is uniform over the block)
-      s_acc[t] = part;
-      for (int s = G / 2; s > 0; s >>= 1) {
-        __syncthreads();
-        if (lane < s) s_acc[t] += s_acc[t + s];
-      }
-      __syncthreads();
-      part = s_acc[t];
-      __syncthreads();  // read before the next round overwrites
-    }
+    if (G > 1) part = lane_tree_sum(part, s_acc, t, lane, G);
     if (valid && lane == 0) {
       const int64_t po = off4<S>(ub.pre, n, c, i, j);
       const A pv = to_acc(pre[po]);
@@ -653,6 +680,94 @@ __global__ void __launch_bounds__(kThreads, 1) dx_kernel(const __grid_constant__
 }
 
 // ---------------------------------------------------------------------------------------------------
+// The projection, forward: its pre-activation (and, without batch statistics, its output) from the x
+// part, the bias, the direct parts and every per-tap branch's maps resized up and shifted; one thread per
+// output element, which reads its few taps of the small maps (L2-resident) and writes once.
+// ---------------------------------------------------------------------------------------------------
+template <typename S>
+__global__ void __launch_bounds__(kThreads, 1) project_accumulate_kernel(const __grid_constant__ ProjectAccArgs a) {
+  using A = acc_t<S>;
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (e >= a.N * a.P * a.H * a.W) return;
+  int64_t n, p, I, J;
+  unflatten(e, a.P, a.H, a.W, a.channels_last, &n, &p, &I, &J);
+  const bool ac = a.align_corners;
+  const int64_t k = a.k, r = k / 2;
+  A val = a.acc.data != nullptr ? to_acc(cptr<S>(a.acc)[off4<S>(a.acc, n, p, I, J)]) : A(0);
+  val += param<A>(a.bias, p, A(0));
+  for (int d = 0; d < a.num_direct; ++d) val += to_acc(cptr<S>(a.direct[d])[off4<S>(a.direct[d], n, p, I, J)]);
+  for (int b = 0; b < a.num_taps; ++b) {
+    const ProjectTapBranch& tb = a.tap[b];
+    const S* tm = cptr<S>(tb.tmap);
+    const ResizeKind uh = static_cast<ResizeKind>(tb.up_h), uw = static_cast<ResizeKind>(tb.up_w);
+    const A sh = linear_scale<A>(tb.h, a.H, ac), sw = linear_scale<A>(tb.w, a.W, ac);
+    for (int64_t ky = 0; ky < k; ++ky) {
+      int64_t row;
+      if (!shifted_source(I, ky - r, a.H, &row)) continue;
+      for (int64_t kx = 0; kx < k; ++kx) {
+        int64_t col;
+        if (!shifted_source(J, kx - r, a.W, &col)) continue;
+        const int64_t ch = (ky * k + kx) * a.P + p;
+        // As the block's epilogue: the height taps summed per width tap.
+        for_each_tap<A>(uw, col, tb.w, a.W, 1, ac, sw, [&](int64_t jj, A ww) {
+          A c = A(0);
+          for_each_tap<A>(uh, row, tb.h, a.H, 1, ac, sh,
+                          [&](int64_t ii, A wh) { c += wh * to_acc(tm[off4<S>(tb.tmap, n, ch, ii, jj)]); });
+          val += ww * c;
+        });
+      }
+    }
+  }
+  const S pre = from_acc<S>(val);  // the pre-activation as a tensor of S holds it
+  if (a.pre.data != nullptr) mptr<S>(a.pre)[off4<S>(a.pre, n, p, I, J)] = pre;
+  if (a.out.data != nullptr) {
+    const A alpha = param<A>(a.alpha, p, A(1)), beta = param<A>(a.beta, p, A(0));
+    mptr<S>(a.out)[off4<S>(a.out, n, p, I, J)] =
+        from_acc<S>(activate<A>(static_cast<Activation>(a.activation), alpha * to_acc(pre) + beta));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The projection, backward: dT of every per-tap branch as a gather at its level. A block holds
+// kThreads / lanes level elements; an element's reader rectangle (the output pixels whose shifted
+// up-resize reads it) is split over its lanes, whose parts add in a fixed tree.
+// ---------------------------------------------------------------------------------------------------
+template <typename S>
+__global__ void __launch_bounds__(kThreads, 1) project_adjoint_kernel(const __grid_constant__ ProjectAdjointArgs a) {
+  using A = acc_t<S>;
+  __shared__ A s_acc[kThreads];
+  const int64_t blk = blockIdx.x;
+  const int b = range_of(blk, a.num_branches, [&](int q) { return a.br[q].block_begin; });
+  const ProjectAdjointBranch& br = a.br[b];
+  const int64_t h = br.h, w = br.w, KP = a.k * a.k * a.P, r = a.k / 2;
+  const int t = threadIdx.x, G = static_cast<int>(br.lanes), lane = t % G;
+  const int64_t e = (blk - br.block_begin) * (kThreads / G) + t / G;
+  const bool valid = e < a.N * KP * h * w;  // (uniform control flow below: the lane tree has barriers)
+  int64_t n = 0, ch = 0, i = 0, j = 0;
+  if (valid) unflatten(e, KP, h, w, a.channels_last, &n, &ch, &i, &j);
+  const int64_t tap = ch / a.P, p = ch % a.P, dy = tap / a.k - r, dx = tap % a.k - r;
+  const bool ac = a.align_corners;
+  const ResizeKind kh = static_cast<ResizeKind>(br.up_h), kw = static_cast<ResizeKind>(br.up_w);
+  const A sh = linear_scale<A>(h, a.H, ac), sw = linear_scale<A>(w, a.W, ac);
+  const S* dpre = cptr<S>(a.dpre);
+  A part = A(0);
+  if (valid) {
+    // The rows and columns of the resized map that read (i, j), kept where the shift lands inside.
+    int64_t R0, R1, C0, C1;
+    readers_of<A>(kh, i, h, a.H, 1, ac, sh, &R0, &R1);
+    readers_of<A>(kw, j, w, a.W, 1, ac, sw, &C0, &C1);
+    clip_to_shift(dy, a.H, &R0, &R1);
+    clip_to_shift(dx, a.W, &C0, &C1);
+    part = lane_rectangle_sum<A>(lane, G, R0, R1, C0, C1, [&](int64_t R, int64_t Cc) {
+      return weight_of<A>(kh, R, i, h, a.H, ac, sh) * weight_of<A>(kw, Cc, j, w, a.W, ac, sw) *
+             to_acc(dpre[off4<S>(a.dpre, n, p, R - dy, Cc - dx)]);
+    });
+  }
+  if (G > 1) part = lane_tree_sum(part, s_acc, t, lane, G);
+  if (valid && lane == 0) mptr<S>(br.dt)[off4<S>(br.dt, n, ch, i, j)] = from_acc<S>(part);
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Launchers
 // ---------------------------------------------------------------------------------------------------
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -736,13 +851,14 @@ int64_t level_lanes(const LevelBranch& br, int64_t planes, int64_t H, int64_t W)
   return lanes;
 }
 
-// Threads that read each level pixel's upsample adjoint: about 32 reader entries per thread, a power of
-// two up to the block (bin 1 on a 64x64 map: 4356 entries, 256 lanes).
-int64_t up_grad_lanes(const UpGradBranch& ub, int64_t H, int64_t W) {
+// Threads that read each level pixel's upsample adjoint (up_grad, and the projection's per-tap adjoint):
+// about 32 reader entries per thread, a power of two up to the block (bin 1 on a 64x64 map: 4356
+// entries, 256 lanes).
+int64_t adjoint_lanes(int up_h, int64_t h, int up_w, int64_t w, int64_t H, int64_t W) {
   auto readers = [](int kind, int64_t level, int64_t full) {
     return static_cast<ResizeKind>(kind) == ResizeKind::Identity ? 1 : (full + level - 1) / level + 2;
   };
-  const int64_t entries = readers(ub.up_h, ub.h, H) * readers(ub.up_w, ub.w, W);
+  const int64_t entries = readers(up_h, h, H) * readers(up_w, w, W);
   int64_t lanes = 1;
   while (lanes < kThreads && lanes * 32 < entries) lanes *= 2;
   return lanes;
@@ -811,7 +927,7 @@ cudaError_t launch_up_grad(DType dtype, UpGradArgs* args, cudaStream_t stream) {
   int64_t blocks = 0;
   for (int b = 0; b < args->num_branches; ++b) {
     UpGradBranch& ub = args->br[b];
-    ub.lanes = up_grad_lanes(ub, args->H, args->W);
+    ub.lanes = adjoint_lanes(ub.up_h, ub.h, ub.up_w, ub.w, args->H, args->W);
     ub.chunks = reduction_chunks(ub.channels, args->N * ub.h * ub.w * ub.lanes);
     ub.block_begin = blocks;
     blocks += ub.channels * ub.chunks;
@@ -876,6 +992,26 @@ cudaError_t launch_dx(DType dtype, const DxArgs& args, cudaStream_t stream) {
   // One thread per element.
   return launch(dtype, ceil_div(args.N * args.C * args.H * args.W, kThreads), 0, args, stream,
                 [](auto s) { return dx_kernel<decltype(s)>; });
+}
+
+cudaError_t launch_project_accumulate(DType dtype, const ProjectAccArgs& args, cudaStream_t stream) {
+  if (args.num_taps < 0 || args.num_taps > kMaxBranches || args.num_direct < 0 || args.num_direct > kMaxBranches ||
+      args.k < 1 || args.k % 2 == 0)
+    return cudaErrorInvalidValue;
+  return launch(dtype, ceil_div(args.N * args.P * args.H * args.W, kThreads), 0, args, stream,
+                [](auto s) { return project_accumulate_kernel<decltype(s)>; });
+}
+
+cudaError_t launch_project_adjoint(DType dtype, ProjectAdjointArgs args, cudaStream_t stream) {
+  if (!valid_group(args) || args.k < 1 || args.k % 2 == 0) return cudaErrorInvalidValue;
+  int64_t blocks = 0;
+  for (int b = 0; b < args.num_branches; ++b) {
+    ProjectAdjointBranch& br = args.br[b];
+    br.lanes = adjoint_lanes(br.up_h, br.h, br.up_w, br.w, args.H, args.W);
+    br.block_begin = blocks;
+    blocks += ceil_div(args.N * args.k * args.k * args.P * br.h * br.w * br.lanes, kThreads);
+  }
+  return launch(dtype, blocks, 0, args, stream, [](auto s) { return project_adjoint_kernel<decltype(s)>; });
 }
 
 }  // namespace cuda

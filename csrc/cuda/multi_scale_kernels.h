@@ -104,7 +104,8 @@ cudaError_t launch_stats_partial(DType dtype, StatsArgs* args, cudaStream_t stre
 
 // Batch statistics, pass 2 (per-channel work, one thread per channel): the chunks merged in chunk order
 // into the batch mean and biased variance (stats dtype: float, double for double), and the epilogue's
-// alpha, beta (opmath, csrc/norm.h) from them and scale, shift (opmath; nullptr: 1 and 0).
+// alpha, beta (opmath, csrc/norm.h) from them and scale, shift (opmath; nullptr: 1 and 0). With partial ==
+// nullptr, mean and var are given (read, not merged) and only alpha, beta are written.
 struct MergeStatsBranch {
   int64_t channels = 0, chunks = 0, channel_base = 0;
   double eps = 0;
@@ -118,7 +119,7 @@ struct MergeStatsBranch {
 struct MergeStatsArgs {
   int num_branches = 0;
   MergeStatsBranch br[kMaxBranches];
-  const double* partial = nullptr;
+  const double* partial = nullptr;  // nullptr: the statistics are given in mean, var
   int64_t max_chunks = 0;
 };
 cudaError_t launch_merge_stats(DType dtype, const MergeStatsArgs& args, cudaStream_t stream);
@@ -239,10 +240,64 @@ struct DxArgs {
 };
 cudaError_t launch_dx(DType dtype, const DxArgs& args, cudaStream_t stream);
 
+// ---------------------------------------------------------------------------------------------------
+// The projection (SPEC.md, "The projection"; shared host-side plan: csrc/projection.h)
+// ---------------------------------------------------------------------------------------------------
+
+// A per-tap branch's part of a k x k projection: T (N, k*k*P, h, w), channel tap * P + p, tap = ky * k + kx,
+// read up-resized to (H, W) and shifted by the tap (zero outside the map).
+struct ProjectTapBranch {
+  View4 tmap;
+  int64_t h = 0, w = 0;
+  int up_h = 0, up_w = 0;  // ResizeKind, level -> output
+};
+
+// The projection's pre-activation, one thread per output element (n, p, I, J): acc (conv(x, W_x); absent:
+// 0) + bias[p] + every direct branch's full-size part + every per-tap branch's maps resized up and shifted;
+// written to pre (if pre.data) rounded to the dtype, and act(alpha * pre + beta) to out (if out.data: the
+// norm's coefficients known before the sum, no batch statistics). pre and out may alias acc: each thread
+// reads its element before writing it. Blocks with more than kMaxBranches parts of either kind go in
+// several launches, acc = the previous launch's pre.
+struct ProjectAccArgs {
+  int64_t N = 0, P = 0, H = 0, W = 0, k = 1;
+  View4 acc, pre, out;  // (N, P, H, W); acc.data / pre.data / out.data nullptr: absent
+  const void* bias = nullptr;  // opmath per channel; nullptr: none
+  const void* alpha = nullptr;  // opmath per channel; nullptr: 1
+  const void* beta = nullptr;  // opmath per channel; nullptr: 0
+  bool channels_last = false;  // the output's memory order
+  bool align_corners = false;
+  int activation = 0;  // msfused::Activation
+  int num_taps = 0, num_direct = 0;
+  ProjectTapBranch tap[kMaxBranches];
+  View4 direct[kMaxBranches];  // (N, P, H, W)
+};
+cudaError_t launch_project_accumulate(DType dtype, const ProjectAccArgs& args, cudaStream_t stream);
+
+// Backward: the adjoint of the accumulation's resize-and-shift for every per-tap branch, as a gather at
+// the level: dT(n, tap * P + p, i, j) = sum over the output pixels (I, J) whose shifted up-resize reads
+// (i, j) of its weight times dpre(n, p, I - dy, J - dx); one level element's readers split over `lanes`
+// threads combined in a fixed tree (deterministic, no atomics).
+struct ProjectAdjointBranch {
+  View4 dt;  // (N, k*k*P, h, w) written
+  int64_t h = 0, w = 0;
+  int up_h = 0, up_w = 0;
+  int64_t lanes = 1, block_begin = 0;  // filled by the launcher
+};
+struct ProjectAdjointArgs {
+  int64_t N = 0, P = 0, H = 0, W = 0, k = 1;
+  View4 dpre;  // (N, P, H, W)
+  bool channels_last = false;  // dt's memory order
+  bool align_corners = false;
+  int num_branches = 0;
+  ProjectAdjointBranch br[kMaxBranches];
+};
+cudaError_t launch_project_adjoint(DType dtype, ProjectAdjointArgs args, cudaStream_t stream);
+
 // Kernel arguments travel by value (the classic 4 KB parameter limit, with room to spare).
 static_assert(sizeof(PoolArgs) <= 4096 && sizeof(LevelArgs) <= 4096 && sizeof(StatsArgs) <= 4096 &&
                   sizeof(MergeStatsArgs) <= 4096 && sizeof(EpilogueArgs) <= 4096 && sizeof(UpGradArgs) <= 4096 &&
-                  sizeof(ReduceArgs) <= 4096 && sizeof(NormGradArgs) <= 4096 && sizeof(DxArgs) <= 4096,
+                  sizeof(ReduceArgs) <= 4096 && sizeof(NormGradArgs) <= 4096 && sizeof(DxArgs) <= 4096 &&
+                  sizeof(ProjectAccArgs) <= 4096 && sizeof(ProjectAdjointArgs) <= 4096,
               "kernel arguments too large");
 
 }  // namespace cuda

@@ -80,7 +80,8 @@ def commit() -> str:
 def make_configs(count: int, seed: int, max_hw: int = 33) -> List[Dict[str, Any]]:
     """``count`` seeded random block configurations: factor pyramids and bins alternate; down modes, up modes,
     kernel sizes 1 and 3, norms (none, train, eval) cycle so that a few configurations cover each; the rest
-    (levels, channels, bias, activation, input position, align_corners, sizes up to ``max_hw``) is drawn."""
+    (levels, channels, bias, activation, input position, align_corners, sizes up to ``max_hw``) is drawn; every
+    fourth has a projection (its kernel size, norm, bias and activation cycle)."""
     rng = random.Random(seed)
     configs = []
     for i in range(count):
@@ -102,6 +103,11 @@ def make_configs(count: int, seed: int, max_hw: int = 33) -> List[Dict[str, Any]
             kw["down_mode"] = ("avg", "bilinear", "nearest")[(i // 2) % 3]
         else:
             kw["bins"] = tuple(rng.sample([1, 2, 3, 6, (2, 3)], rng.randint(1, 4)))
+        if i % 4 == 3:  # every fourth with a projection (SPEC.md, "The projection"), its fields from i (no draw);
+            # its norm in eval mode only: in training, biases before it would have true gradients of 0 (rounding
+            # noise that accuracy.true_zero_gradients does not know of; tests/test_projection.py covers that mode)
+            kw["project"] = dict(out_channels=3 + i % 5, kernel_size=(3, 1)[(i // 4) % 2], bias=(i // 4) % 3 == 0,
+                                 norm=None if train else "batch", activation=("relu", "gelu", None)[(i // 4) % 3])
         n = rng.randint(2, 4)
         if train and norm and kind == "psp":
             n = 8  # float32 batch statistics over a handful of values are ill-conditioned (tests/conftest.py, Case)
@@ -116,7 +122,9 @@ def config_id(cfg: Dict[str, Any]) -> str:
         ("bins " + ",".join(f"{b[0]}x{b[1]}" if isinstance(b, tuple) else str(b) for b in kw["bins"]))
     return (f"c{cfg['index']:02d} {levels} k{kw['kernel_size']} up={kw['up_mode']}{' ac' if kw['align_corners'] else ''}"
             f" norm={kw['norm'] or '-'} act={kw['activation'] or '-'} pos={kw['input_position'] or '-'}"
-            f" bias={'T' if kw['bias'] else 'F'} {'train' if cfg['train'] else 'eval'} "
+            f" bias={'T' if kw['bias'] else 'F'}"
+            + (f" proj{kw['project']['kernel_size']}x{kw['project']['out_channels']}" if "project" in kw else "")
+            + f" {'train' if cfg['train'] else 'eval'} "
             + "x".join(map(str, cfg["shape"])))
 
 

@@ -1,5 +1,6 @@
 """The Triton backend ('triton'): the block's kernels (``kernels.py``), their launchers (``launch.py``),
-the resize tap tables (``tables.py``) and the operators with fake kernels and autograd (``ops.py``).
+the resize tap tables (``tables.py``) and the operators with fake kernels and autograd (``ops.py``); the
+block with its projection (``projection.py``: its kernels, launchers and operators).
 
 Runs CUDA tensors, and CPU tensors when Triton's interpreter is on (``TRITON_INTERPRET=1``, which must be
 set before msfused is imported: Triton reads it when the kernels are defined).
@@ -16,6 +17,7 @@ except ImportError as e:  # triton is optional (the 'triton' extra)
     _error = f"triton is not installed ({e}); pip install 'triton>=3.6'"
 else:
     from . import ops  # noqa: F401  (registers the operators)
+    from . import projection  # noqa: F401  (the block with its projection: its operators)
     from .launch import interpreting
 
 

@@ -1,0 +1,83 @@
+#include "projection.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+namespace msfused {
+
+Projection check_projection(const BlockPlan& plan, const at::Tensor& x, const at::Tensor& pw, double eps,
+                            bool batch_stats, std::string_view activation) {
+  TORCH_CHECK_VALUE(pw.dim() == 4 && pw.size(2) == pw.size(3) && pw.size(2) % 2 == 1,
+                    "msfused: project_weight must be (P, C_out, k, k) with k odd, got ", pw.sizes());
+  TORCH_CHECK_VALUE(pw.size(1) == plan.out_channels, "msfused: project_weight expects ", pw.size(1),
+                    " input channels, the concatenation has ", plan.out_channels);
+  TORCH_CHECK_VALUE(pw.size(0) >= 1, "msfused: project_weight has no output channels");
+  TORCH_CHECK_TYPE(pw.scalar_type() == x.scalar_type(), "msfused: project_weight has dtype ", pw.scalar_type(),
+                   " but x has ", x.scalar_type());
+  TORCH_CHECK_VALUE(pw.device() == x.device(), "msfused: project_weight is on ", pw.device(), " but x is on ",
+                    x.device());
+  Projection p;
+  p.P = pw.size(0);
+  p.k = pw.size(2);
+  p.batch_stats = batch_stats;
+  p.eps = eps;
+  p.activation = parse_activation(activation);
+  return p;
+}
+
+void check_project_backward_args(const BlockPlan& plan, const Projection& proj, const at::Tensor& grad_out,
+                                 at::TensorList level, at::TensorList pre, at::TensorList mean, at::TensorList var,
+                                 const OptionalTensorList& scale, const OptionalTensorList& shift,
+                                 const at::Tensor& project_pre) {
+  BlockPlan out_plan = plan;  // the output is the projection's: P channels
+  out_plan.out_channels = proj.P;
+  check_backward_args(out_plan, grad_out, level, pre, mean, var, scale, shift);
+  TORCH_CHECK_VALUE(project_pre.sizes() == grad_out.sizes(), "msfused: the projection's pre-activation was not "
+                    "saved (multi_scale_project_forward with save_pre=False), so there is no backward");
+}
+
+BlockPlan branch_alone(const BlockPlan& plan, size_t b, bool at_level) {
+  BlockPlan p = plan;
+  BranchPlan bp = plan.branches[b];
+  bp.channel_offset = 0;
+  if (at_level) {
+    p.H = bp.level_h;
+    p.W = bp.level_w;
+    bp.identity = true;
+    bp.factor = 1;
+    bp.down_h = bp.down_w = bp.up_h = bp.up_w = ResizeKind::Identity;
+  }
+  p.branches = {bp};
+  p.x_offset = -1;
+  p.out_channels = bp.out_channels;
+  return p;
+}
+
+BlockPlan projection_plan(const BlockPlan& plan, const Projection& proj) {
+  BlockPlan p = plan;
+  BranchPlan bp;
+  bp.factor = 1;
+  bp.level_h = plan.H;
+  bp.level_w = plan.W;
+  bp.out_channels = proj.P;
+  bp.kernel_size = proj.k;
+  bp.identity = true;
+  bp.batch_stats = proj.batch_stats;
+  bp.eps = proj.eps;
+  p.branches = {bp};
+  p.x_offset = -1;
+  p.out_channels = proj.P;
+  p.activation = proj.activation;
+  return p;
+}
+
+at::Tensor weight_slice(const at::Tensor& pw, int64_t offset, int64_t count) {
+  return pw.narrow(1, offset, count).contiguous(pw.suggest_memory_format());
+}
+
+at::Tensor tap_weight(const at::Tensor& pw, int64_t offset, int64_t count) {
+  const int64_t P = pw.size(0), k = pw.size(2);
+  return pw.narrow(1, offset, count).permute({2, 3, 0, 1}).reshape({k * k * P, count, 1, 1});
+}
+
+}  // namespace msfused

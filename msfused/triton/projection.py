@@ -1,0 +1,666 @@
+"""The block with its projection on the Triton backend (SPEC.md, "The projection"): the operators
+``msfused::multi_scale_project_forward_triton`` / ``_backward_triton``, with the C++ operators' arguments and
+results (absent per-branch tensors as empty ones, as ``ops.py`` says why), and their kernels.
+
+The concatenation is never built. ``conv(cat)`` is ``conv(x, W_x)`` plus, per branch, its part: at a small
+level one 1x1 convolution to ``k * k * P`` channels (the per-tap maps), read resized up and shifted by each tap
+(zero outside the map); a branch close to full size (x itself, or ``k * k`` per-tap maps larger than one
+full-size map: the CPU and CUDA backends' rule, ``csrc/projection.h``) convolved directly after its resize. The
+convolutions are torch's (cuDNN on a GPU, deterministic algorithms); the Triton kernels here do the rest:
+
+* ``project_epilogue_kernel``: the one fused pass over the output: ``conv(x, W_x)`` + bias + every part
+  (resized up and shifted per tap) + norm + activation, the output written once (with the projection's batch
+  statistics: the pre-activation, then a second pass of the same kernel once the statistics are known). The
+  same kernel with no parts is the branches' norm and activation at their levels.
+* ``gather_kernel``: a separable resize as a gather over ``tables.py``'s tap tables (ATen's own index math):
+  the levels from ``x`` and a direct branch's resize back up in the forward; in the backward the adjoints,
+  deterministic (no atomics): each per-tap map's gradient (the shifted up-resize's readers of a level pixel),
+  a direct branch's up-resize adjoint, and ``dx`` (the down-resizes' adjoints, branch after branch).
+* ``act_grad_kernel``: the activation's backward through a norm, ``g * act'(mul * pre + add)``.
+
+Launches per call ("torch" = cuDNN and reductions): forward: per branch 1 gather (its level; not for x
+itself), its convolution (torch), [its batch statistics (torch)], 1 epilogue pass (its activation at its
+level), [1 gather: resized up, direct branches], its part's convolution (torch); ``conv(x, W_x)`` (torch);
+**1** accumulation pass per 4 parts (``MAX_PARTS``); with the projection's batch statistics + their reduction
+(torch) + 1 epilogue pass. Backward: 1 ``act_grad_kernel`` (+ torch's sums and, with batch statistics, an
+elementwise pass) for the projection's epilogue; ``conv(x, W_x)``'s backward (torch); per branch: 1 epilogue
+pass (its activation again; + 1 gather for a direct one), 1 gather (its maps' gradient, or its up-resize's
+adjoint), its part's convolution backward (torch), its epilogue backward (as the projection's), its
+convolution backward (torch); 1 gather per branch writes ``dx``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import _ops
+from . import kernels as K
+from . import launch
+from .tables import AxisTaps, axis_taps
+
+#: Parts (per-tap maps, direct convolutions) one accumulation launch adds; more take further launches.
+MAX_PARTS = 4
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _add_part(acc, t, t_n, t_c, t_h, t_w, ty_idx, ty_w, TY, tx_idx, tx_w, TX, KS, n, oy, ox, p, pm, cm, P, H, W):
+    """acc += one part at output pixels (n, oy, ox) and channels p: for each tap (ky, kx) of a KS x KS
+    kernel, the map of channel (ky * KS + kx) * P + p resized up (the up tables' taps of row oy + ky - KS // 2,
+    column ox + kx - KS // 2) and so shifted, zero outside the map (as the convolution's padding)."""
+    for ky in range(KS):
+        r = oy + ky - KS // 2
+        ok_r = pm & (r >= 0) & (r < H)
+        for kx in range(KS):
+            c = ox + kx - KS // 2
+            ok = ok_r & (c >= 0) & (c < W)
+            ch = ((ky * KS + kx) * P + p) * t_c
+            for ty in range(TY):
+                iy = tl.load(ty_idx + r * TY + ty, mask=ok, other=-1)
+                wy = tl.load(ty_w + r * TY + ty, mask=ok, other=0.0).to(acc.dtype)
+                ok_y = ok & (iy >= 0)
+                for tx in range(TX):
+                    ix = tl.load(tx_idx + c * TX + tx, mask=ok_y, other=-1)
+                    wx = tl.load(tx_w + c * TX + tx, mask=ok_y, other=0.0).to(acc.dtype)
+                    m = (ok_y & (ix >= 0))[:, None] & cm[None, :]
+                    v = tl.load(t + (n * t_n + iy * t_h + ix * t_w)[:, None] + ch[None, :], mask=m, other=0.0)
+                    acc += (wy * wx)[:, None] * v.to(acc.dtype)
+    return acc
+
+
+@triton.jit
+def project_epilogue_kernel(
+        acc_in, a_n, a_c, a_h, a_w, pre, p_n, p_c, p_h, p_w, out, o_n, o_c, o_h, o_w,
+        bias, norm_a, norm_b, gamma, beta, eps,
+        t0, t0_n, t0_c, t0_h, t0_w, ty0_idx, ty0_w, TY0, tx0_idx, tx0_w, TX0, KS0,
+        t1, t1_n, t1_c, t1_h, t1_w, ty1_idx, ty1_w, TY1, tx1_idx, tx1_w, TX1, KS1,
+        t2, t2_n, t2_c, t2_h, t2_w, ty2_idx, ty2_w, TY2, tx2_idx, tx2_w, TX2, KS2,
+        t3, t3_n, t3_c, t3_h, t3_w, ty3_idx, ty3_w, TY3, tx3_idx, tx3_w, TX3, KS3,
+        N, P, H, W,
+        PARTS: tl.constexpr, HAS_ACC: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+        HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, STORE_PRE: tl.constexpr, STORE_OUT: tl.constexpr,
+        ACT: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Grid: (tiles of BLOCK_P of the N * H * W output pixels, tiles of BLOCK_C of the P channels). One
+    program: its tile's sum acc_in + bias + parts 0 .. PARTS - 1 (``_add_part``), rounded to the tensor's
+    dtype and stored as the pre-activation (STORE_PRE); then the norm (K._channel_affine: NORM_AFFINE from
+    (norm_a, norm_b) = (scale, shift), NORM_BATCH from (mean, var) and the affine (gamma, beta)) and the
+    activation, stored as the output (STORE_OUT). Each element is read and written once."""
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    e = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    pm = e < N * H * W
+    n = e // (H * W)
+    oy = (e // W) % H
+    ox = e % W
+    p = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = p < P
+    m2 = pm[:, None] & cm[None, :]
+    acc = K._zeros(BLOCK_P, BLOCK_C, F64)
+    if HAS_ACC:
+        acc += tl.load(acc_in + (n * a_n + oy * a_h + ox * a_w)[:, None] + p[None, :] * a_c, mask=m2,
+                       other=0.0).to(acc.dtype)
+    if HAS_BIAS:
+        acc += tl.load(bias + p, mask=cm, other=0.0).to(acc.dtype)[None, :]
+    if PARTS > 0:
+        acc = _add_part(acc, t0, t0_n, t0_c, t0_h, t0_w, ty0_idx, ty0_w, TY0, tx0_idx, tx0_w, TX0, KS0,
+                        n, oy, ox, p, pm, cm, P, H, W)
+    if PARTS > 1:
+        acc = _add_part(acc, t1, t1_n, t1_c, t1_h, t1_w, ty1_idx, ty1_w, TY1, tx1_idx, tx1_w, TX1, KS1,
+                        n, oy, ox, p, pm, cm, P, H, W)
+    if PARTS > 2:
+        acc = _add_part(acc, t2, t2_n, t2_c, t2_h, t2_w, ty2_idx, ty2_w, TY2, tx2_idx, tx2_w, TX2, KS2,
+                        n, oy, ox, p, pm, cm, P, H, W)
+    if PARTS > 3:
+        acc = _add_part(acc, t3, t3_n, t3_c, t3_h, t3_w, ty3_idx, ty3_w, TY3, tx3_idx, tx3_w, TX3, KS3,
+                        n, oy, ox, p, pm, cm, P, H, W)
+    v = K._cast(acc, pre.dtype.element_ty)  # the pre-activation as a tensor of its dtype holds it
+    if STORE_PRE:
+        tl.store(pre + (n * p_n + oy * p_h + ox * p_w)[:, None] + p[None, :] * p_c, v, mask=m2)
+    if STORE_OUT:
+        mul, add = K._channel_affine(p, cm, norm_a, norm_b, eps, gamma, beta, NORM, HAS_GAMMA, HAS_BETA, F64)
+        y = K._activate(v.to(acc.dtype) * mul[None, :] + add[None, :], ACT)
+        tl.store(out + (n * o_n + oy * o_h + ox * o_w)[:, None] + p[None, :] * o_c,
+                 K._cast(y, out.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def gather_kernel(src, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, ty_idx, ty_w, TY, tx_idx, tx_w, TX,
+                  N, CD, HD, WD, P, HS, WS, KS,
+                  ACCUMULATE: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Grid: (tiles of BLOCK_P of dst's N * HD * WD pixels, tiles of BLOCK_C of its CD channels). One
+    program: dst[n, ch, y, x] (+ its old value with ACCUMULATE) = sum over the tables' taps (rows of y,
+    columns of x, in table order: deterministic) of w_y * w_x * src[n, ch % P, iy - dy, ix - dx], where
+    (dy, dx) is the shift of tap ch // P of a KS x KS kernel (KS = 1: none), zero outside src's HS x WS."""
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    e = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    pm = e < N * HD * WD
+    n = e // (HD * WD)
+    oy = (e // WD) % HD
+    ox = e % WD
+    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = ch < CD
+    tap = ch // P
+    dy = tap // KS - KS // 2
+    dx = tap % KS - KS // 2
+    base = n[:, None] * s_n + (ch % P)[None, :] * s_c
+    acc = K._zeros(BLOCK_P, BLOCK_C, F64)
+    for ty in range(TY):
+        iy = tl.load(ty_idx + oy * TY + ty, mask=pm, other=-1)
+        wy = tl.load(ty_w + oy * TY + ty, mask=pm, other=0.0).to(acc.dtype)
+        sy = iy[:, None] - dy[None, :]
+        ok_y = (pm & (iy >= 0))[:, None] & cm[None, :] & (sy >= 0) & (sy < HS)
+        for tx in range(TX):
+            ix = tl.load(tx_idx + ox * TX + tx, mask=pm, other=-1)
+            wx = tl.load(tx_w + ox * TX + tx, mask=pm, other=0.0).to(acc.dtype)
+            sx = ix[:, None] - dx[None, :]
+            ok = ok_y & (ix >= 0)[:, None] & (sx >= 0) & (sx < WS)
+            v = tl.load(src + base + sy * s_h + sx * s_w, mask=ok, other=0.0)
+            acc += (wy * wx)[:, None] * v.to(acc.dtype)
+    dptr = dst + (n * d_n + oy * d_h + ox * d_w)[:, None] + ch[None, :] * d_c
+    m2 = pm[:, None] & cm[None, :]
+    if ACCUMULATE:
+        acc += tl.load(dptr, mask=m2, other=0.0).to(acc.dtype)
+    tl.store(dptr, K._cast(acc, dst.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def act_grad_kernel(g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, dy, y_n, y_c, y_h, y_w,
+                    norm_a, norm_b, gamma, beta, eps, N, C, H, W,
+                    NORM: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr,
+                    F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Grid: (tiles of BLOCK_P of the N * H * W pixels, tiles of BLOCK_C of the C channels). One program:
+    dy = g * act'(mul * pre + add) on its tile (the norm's (mul, add) as project_epilogue_kernel's), rounded
+    to dy's dtype."""
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    e = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    pm = e < N * H * W
+    n = e // (H * W)
+    oy = (e // W) % H
+    ox = e % W
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    m2 = pm[:, None] & cm[None, :]
+    one = K._zeros(BLOCK_P, BLOCK_C, F64) + 1.0
+    gv = tl.load(g + (n * g_n + oy * g_h + ox * g_w)[:, None] + c[None, :] * g_c, mask=m2, other=0.0).to(one.dtype)
+    pv = tl.load(pre + (n * p_n + oy * p_h + ox * p_w)[:, None] + c[None, :] * p_c, mask=m2, other=0.0).to(one.dtype)
+    mul, add = K._channel_affine(c, cm, norm_a, norm_b, eps, gamma, beta, NORM, HAS_GAMMA, HAS_BETA, F64)
+    r = K._activate_grad(gv, pv * mul[None, :] + add[None, :], ACT)
+    tl.store(dy + (n * y_n + oy * y_h + ox * y_w)[:, None] + c[None, :] * y_c, K._cast(r, dy.dtype.element_ty),
+             mask=m2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------
+_ACT = {"none": K.ACT_NONE, "relu": K.ACT_RELU, "silu": K.ACT_SILU, "gelu": K.ACT_GELU}
+
+
+def _tiles(pixels: int, channels: int) -> Tuple[int, int, Tuple[int, int]]:
+    """(BLOCK_P, BLOCK_C, grid) of the elementwise and gather kernels (the interpreter gets few, large
+    tiles: it pays per operation, not per element)."""
+    block_p = 1024 if launch.interpreting() else 64
+    block_c = max(4, min(64 if launch.interpreting() else 32, triton.next_power_of_2(max(channels, 1))))
+    return block_p, block_c, (triton.cdiv(pixels, block_p), triton.cdiv(channels, block_c))
+
+
+class _Norm:
+    """A norm as the kernels take it (K._channel_affine): NORM_AFFINE with the folded (scale, shift), or
+    NORM_BATCH with (mean, var), eps and the affine (gamma, beta); any of them may be absent."""
+
+    def __init__(self, scale: Optional[Tensor], shift: Optional[Tensor], mean: Optional[Tensor] = None,
+                 var: Optional[Tensor] = None, eps: float = 0.0, batch: bool = False):
+        self.batch, self.eps = batch, float(eps)
+        if batch:
+            self.kind, self.a, self.b, self.gamma, self.beta = K.NORM_BATCH, mean, var, scale, shift
+        else:
+            self.kind, self.a, self.b, self.gamma, self.beta = K.NORM_AFFINE, scale, shift, None, None
+
+    def args(self, like: Tensor) -> list:
+        d = like
+        return [self.a if self.a is not None else d, self.b if self.b is not None else d,
+                self.gamma if self.gamma is not None else d, self.beta if self.beta is not None else d, self.eps]
+
+    def meta(self) -> dict:
+        if self.batch:
+            return dict(NORM=K.NORM_BATCH, HAS_GAMMA=self.gamma is not None, HAS_BETA=self.beta is not None)
+        return dict(NORM=K.NORM_AFFINE, HAS_GAMMA=self.a is not None, HAS_BETA=self.b is not None)
+
+
+def _epilogue(acc: Optional[Tensor], parts: list, bias: Optional[Tensor], norm: Optional[_Norm], act: str,
+              pre: Optional[Tensor], out: Optional[Tensor], like: Tensor) -> None:
+    """project_epilogue_kernel over ``like``'s shape: the sum of ``acc`` (None: 0), ``bias`` and the parts
+    (each (maps, its up taps (y, x), KS)) stored in ``pre`` (if given), then ``norm`` (None: none) and ``act``
+    applied into ``out`` (if given). One launch per MAX_PARTS parts: a later launch adds its parts to the sum
+    the previous one stored (in ``pre``, else in ``out``); each element is read and written by one program, so
+    ``acc``, ``pre`` and ``out`` may be one tensor."""
+    N, P, H, W = like.shape
+    if N * P * H * W == 0:
+        return
+    block_p, block_c, grid = _tiles(N * H * W, P)
+    chunks = [parts[i:i + MAX_PARTS] for i in range(0, len(parts), MAX_PARTS)] or [[]]
+    d = like  # stands in for absent pointers (never read)
+    nrm = norm if norm is not None else _Norm(None, None)
+    sums = pre if pre is not None else out
+    for i, chunk in enumerate(chunks):
+        last = i == len(chunks) - 1
+        src = acc if i == 0 else sums
+        into = pre if last else sums
+        slots = []
+        for s in range(MAX_PARTS):
+            t, (ty, tx), ks = chunk[s] if s < len(chunk) else (d, _identity_pair(1, d), 1)
+            slots += [t, *t.stride(), ty.idx, ty.w, ty.taps, tx.idx, tx.w, tx.taps, ks]
+        a, q, o = (t if t is not None else d for t in (src, into, out if last else None))
+        launch._launch(project_epilogue_kernel, grid, a, *a.stride(), q, *q.stride(), o, *o.stride(),
+                       bias if bias is not None else d, *nrm.args(d), *slots, N, P, H, W,
+                       PARTS=len(chunk), HAS_ACC=src is not None, HAS_BIAS=bias is not None and i == 0,
+                       STORE_PRE=into is not None, STORE_OUT=last and out is not None, ACT=_ACT[act],
+                       F64=like.dtype == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c, **nrm.meta())
+
+
+def _gather(src: Tensor, dst: Tensor, ty: Tuple[Tensor, Tensor, int], tx: Tuple[Tensor, Tensor, int],
+            ks: int = 1, p: Optional[int] = None, accumulate: bool = False) -> None:
+    """One gather_kernel launch: dst (+)= the separable gather of src over the tables ty, tx ((index,
+    weight, taps) per destination row / column), shifted per tap of a ks x ks kernel (channel tap * p + q
+    of dst reads channel q of src)."""
+    N, CD, HD, WD = dst.shape
+    if dst.numel() == 0:
+        return
+    block_p, block_c, grid = _tiles(N * HD * WD, CD)
+    launch._launch(gather_kernel, grid, src, *src.stride(), dst, *dst.stride(), *ty, *tx,
+                   N, CD, HD, WD, p if p is not None else CD, src.shape[2], src.shape[3], ks,
+                   ACCUMULATE=accumulate, F64=dst.dtype == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
+
+
+def _fwd(t: AxisTaps) -> Tuple[Tensor, Tensor, int]:
+    return t.idx, t.w, t.taps
+
+
+def _adj(t: AxisTaps) -> Tuple[Tensor, Tensor, int]:
+    return t.adj_idx, t.adj_w, t.adj_taps
+
+
+def _identity_pair(n: int, like: Tensor) -> Tuple[AxisTaps, AxisTaps]:
+    t = axis_taps("identity", n, n, 0, False, like.dtype, like.device)
+    return t, t
+
+
+# ---------------------------------------------------------------------------------------------------
+# The composition
+# ---------------------------------------------------------------------------------------------------
+def _level_size(factor: int, bins: List[int], b: int, H: int, W: int) -> Tuple[int, int]:
+    return (H // factor, W // factor) if factor > 0 else (bins[2 * b], bins[2 * b + 1])
+
+
+def _down(factor: int, down_mode: str, H: int, W: int, h: int, w: int, ac: bool, like: Tensor):
+    kind = "adaptive" if factor == 0 else down_mode
+    return (axis_taps(kind, H, h, factor, ac, like.dtype, like.device),
+            axis_taps(kind, W, w, factor, ac, like.dtype, like.device))
+
+
+def _up(up_mode: str, h: int, w: int, H: int, W: int, ac: bool, like: Tensor):
+    return (axis_taps("identity" if h == H else up_mode, h, H, 0, ac, like.dtype, like.device),
+            axis_taps("identity" if w == W else up_mode, w, W, 0, ac, like.dtype, like.device))
+
+
+def convolves_resized(identity: bool, h: int, w: int, k: int, H: int, W: int) -> bool:
+    """Whether a branch's part of a k x k projection convolves its resized branch directly: csrc/projection.h's
+    convolves_resized, the rule the CPU and CUDA backends split the work by (so that every backend does)."""
+    return identity or h * w * k * k > H * W
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _batch_statistics(pre: Tensor) -> Tuple[Tensor, Tensor]:
+    """Batch mean and biased variance over (N, H, W), as the CPU backend's batch_statistics: where var_mean's
+    running mean of a channel is not finite (one-signed Inf), the mean as ATen's batch norm takes it."""
+    p = pre.to(_stats_dtype(pre.dtype))
+    var, mean = torch.var_mean(p, dim=(0, 2, 3), correction=0)
+    return torch.where(torch.isfinite(mean), mean, p.mean((0, 2, 3))), var
+
+
+_cudnn_flag_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _deterministic_convolutions():
+    """cuDNN asked for deterministic algorithms for the convolutions (gradients bit-identical run to run),
+    whatever torch.backends.cudnn.deterministic says; TF32 and benchmarking as the user set them. The flag is
+    global: the lock keeps concurrent calls from restoring it under each other (as the CUDA backend's
+    DeterministicConvolutions)."""
+    with _cudnn_flag_lock:
+        saved = torch.backends.cudnn.deterministic
+        torch.backends.cudnn.deterministic = True
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.deterministic = saved
+
+
+def _conv(z: Tensor, w: Tensor, bias: Optional[Tensor], pad: int, fmt) -> Tensor:
+    return F.conv2d(z, w, bias, padding=pad).contiguous(memory_format=fmt)
+
+
+def _tap_weight(pw: Tensor, offset: int, count: int) -> Tensor:
+    """The projection weight's part that reads channels [offset, offset + count) of the concatenation as one
+    1x1 convolution to k * k * P channels (channel (ky * k + kx) * P + p), as csrc/projection.h's tap_weight."""
+    P, _, k, _ = pw.shape
+    return pw[:, offset:offset + count].permute(2, 3, 0, 1).reshape(k * k * P, count, 1, 1)
+
+
+def _offsets(weight: List[Tensor], C: int, input_position: str) -> Tuple[List[int], int]:
+    offsets, o = [], C if input_position == "first" else 0
+    for w in weight:
+        offsets.append(o)
+        o += w.shape[0]
+    return offsets, 0 if input_position == "first" else (o if input_position == "last" else -1)
+
+
+class _Branch:
+    """One branch's geometry within a call."""
+
+    def __init__(self, b, factor, bins, H, W, k):
+        self.h, self.w = _level_size(factor[b], bins, b, H, W)
+        self.identity = factor[b] == 1
+        self.whole = convolves_resized(self.identity, self.h, self.w, k, H, W)
+
+
+def _activation(pre_b: Tensor, norm: _Norm, act: str, up, fmt) -> Tuple[Tensor, Optional[Tensor]]:
+    """A branch's activation at its level, and (``up``: its up tables, for a direct branch) resized up."""
+    a = launch._empty(pre_b.shape, pre_b.dtype, pre_b.device, fmt)
+    _epilogue(pre_b, [], None, norm, act, None, a, pre_b)
+    if up is None:
+        return a, None
+    N, Cb = pre_b.shape[:2]
+    full = launch._empty((N, Cb, up[0].idx.shape[0], up[1].idx.shape[0]), pre_b.dtype, pre_b.device, fmt)
+    _gather(a, full, _fwd(up[0]), _fwd(up[1]))
+    return a, full
+
+
+def project_forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
+                    activation, input_position, pw, p_bias, p_scale, p_shift, p_batch_stats, p_eps, p_activation,
+                    save_pre):
+    """The block and its projection (see ``msfused::multi_scale_project_forward``): absent tensors None."""
+    N, C, H, W = x.shape
+    P, k = pw.shape[0], pw.shape[2]
+    pad = k // 2
+    launch.check_index_limit(x, P)  # the per-tap maps are smaller than the output (convolves_resized)
+    fmt = launch._fmt(x)
+    x = x.contiguous(memory_format=fmt)
+    dt, dev = x.dtype, x.device
+    offsets, x_off = _offsets(weight, C, input_position)
+    B = len(weight)
+    level, pre, mean, var, parts = [], [], [], [], []
+    sdt = _stats_dtype(dt)
+    with _deterministic_convolutions():
+        for b in range(B):
+            g = _Branch(b, factor, bins, H, W, k)
+            if g.identity:
+                z = x
+                level.append(x.new_empty(0))
+            else:
+                z = launch._empty((N, C, g.h, g.w), dt, dev, fmt)
+                ty, tx = _down(factor[b], down_mode, H, W, g.h, g.w, align_corners, x)
+                _gather(x, z, _fwd(ty), _fwd(tx))
+                level.append(z)
+            pre_b = _conv(z, weight[b], bias[b], weight[b].shape[2] // 2, fmt)
+            pre.append(pre_b)
+            if batch_stats[b]:
+                m, v = _batch_statistics(pre_b)
+            else:
+                m, v = x.new_empty(0, dtype=sdt), x.new_empty(0, dtype=sdt)
+            mean.append(m)
+            var.append(v)
+            norm = _Norm(scale[b], shift[b], m, v, eps[b], batch_stats[b])
+            up = _up(up_mode, g.h, g.w, H, W, align_corners, x) if g.whole and not g.identity else None
+            a, full = _activation(pre_b, norm, activation, up, fmt)
+            cb, off = weight[b].shape[0], offsets[b]
+            if g.whole:
+                parts.append((_conv(full if full is not None else a, pw[:, off:off + cb], None, pad, fmt),
+                              _identity_pair(H, x)[:1] + _identity_pair(W, x)[:1], 1))
+            else:
+                parts.append((_conv(a, _tap_weight(pw, off, cb), None, 0, fmt),
+                              _up(up_mode, g.h, g.w, H, W, align_corners, x), k))
+        acc = _conv(x, pw[:, x_off:x_off + C], None, pad, fmt) if x_off >= 0 else None
+    p_pre = launch._empty((N, P, H, W), dt, dev, fmt)
+    fused = not p_batch_stats  # the norm is known before the sum: one pass writes the output
+    out = launch._empty((N, P, H, W), dt, dev, fmt) if save_pre else p_pre  # else in place of the sum
+    if fused:
+        _epilogue(acc, parts, p_bias, _Norm(p_scale, p_shift), p_activation, p_pre if save_pre else None, out, p_pre)
+        p_mean, p_var = x.new_empty(0, dtype=sdt), x.new_empty(0, dtype=sdt)
+    else:
+        _epilogue(acc, parts, p_bias, None, p_activation, p_pre, None, p_pre)
+        p_mean, p_var = _batch_statistics(p_pre)
+        _epilogue(p_pre, [], None, _Norm(p_scale, p_shift, p_mean, p_var, p_eps, True), p_activation, None, out, p_pre)
+    return out, level, pre, mean, var, (p_pre if save_pre else x.new_empty(0)), p_mean, p_var
+
+
+def _epilogue_backward(grad: Tensor, pre_b: Tensor, norm: _Norm, act: str, count: int, fmt):
+    """The backward of act(norm(pre)): the gradient of pre and of the norm's scale and shift (sums in float64,
+    a fixed order: deterministic). With batch statistics dpre = p * dY + q * pre + r (csrc/norm.h's
+    batch_norm_grad)."""
+    dy = launch._empty(pre_b.shape, pre_b.dtype, pre_b.device, fmt)
+    N, C, H, W = pre_b.shape
+    if dy.numel():
+        block_p, block_c, grid = _tiles(N * H * W, C)
+        launch._launch(act_grad_kernel, grid, grad, *grad.stride(), pre_b, *pre_b.stride(), dy, *dy.stride(),
+                       *norm.args(pre_b), N, C, H, W, ACT=_ACT[act], F64=pre_b.dtype == torch.float64,
+                       BLOCK_P=block_p, BLOCK_C=block_c, **norm.meta())
+    dims = (0, 2, 3)
+    acc = torch.float64 if pre_b.dtype == torch.float64 else torch.float32
+    sum_dy = dy.sum(dims, dtype=torch.float64)
+    if not norm.batch:
+        d_scale = (dy.to(acc) * pre_b.to(acc)).sum(dims, dtype=torch.float64)
+        dpre = dy if norm.a is None else (dy.to(acc) * norm.a.to(acc).view(1, -1, 1, 1)).to(pre_b.dtype)
+    else:
+        mean, var = norm.a.double(), norm.b.double()
+        sum_dyc = (dy.to(acc) * (pre_b.to(acc) - norm.a.to(acc).view(1, -1, 1, 1))).sum(dims, dtype=torch.float64)
+        invstd = torch.rsqrt(var + norm.eps)
+        gamma = norm.gamma.double() if norm.gamma is not None else torch.ones_like(mean)
+        d_scale = sum_dyc * invstd
+        p = gamma * invstd
+        q = -p * invstd * d_scale / count
+        r = -p * sum_dy / count - q * mean
+        view = lambda t: t.to(acc).view(1, -1, 1, 1)  # noqa: E731
+        dpre = (view(p) * dy.to(acc) + view(q) * pre_b.to(acc) + view(r)).to(pre_b.dtype)
+    dpre = dpre.contiguous(memory_format=fmt)
+    scale_t, shift_t = (norm.gamma, norm.beta) if norm.batch else (norm.a, norm.b)
+    grad_scale = d_scale.to(scale_t.dtype) if scale_t is not None else pre_b.new_empty(0)
+    grad_shift = sum_dy.to(shift_t.dtype) if shift_t is not None else pre_b.new_empty(0)
+    return dpre, grad_scale, grad_shift
+
+
+def project_backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_stats, eps, factor, bins,
+                     down_mode, up_mode, align_corners, activation, input_position, pw, p_scale, p_shift, p_pre,
+                     p_mean, p_var, p_batch_stats, p_eps, p_activation, output_mask):
+    """Gradients of the block and its projection (see ``msfused::multi_scale_project_backward``)."""
+    if p_pre.shape != grad_out.shape:
+        raise ValueError("msfused: the projection's pre-activation was not saved (forward with save_pre=False), "
+                         "so there is no backward")
+    N, C, H, W = x.shape
+    P, k = pw.shape[0], pw.shape[2]
+    pad = k // 2
+    fmt = launch._fmt(x)
+    x = x.contiguous(memory_format=fmt)
+    grad = grad_out.to(x.dtype).contiguous(memory_format=fmt)
+    need_x, need_w = bool(output_mask[0]), bool(output_mask[1])
+    offsets, x_off = _offsets(weight, C, input_position)
+    B = len(weight)
+    # The projection's epilogue backward: the gradient of its pre-activation (bias included).
+    pnorm = _Norm(p_scale, p_shift, p_mean, p_var, p_eps, p_batch_stats)
+    dpre, grad_p_scale, grad_p_shift = _epilogue_backward(grad, p_pre.contiguous(memory_format=fmt), pnorm,
+                                                          p_activation, N * H * W, fmt)
+    grad_p_bias = dpre.sum((0, 2, 3))
+    grad_pw = torch.zeros_like(pw) if need_w else x.new_empty(0)
+    dx = None
+    grad_weight, grad_bias, grad_scale, grad_shift, dz = [], [], [], [], []
+    with _deterministic_convolutions():
+        if x_off >= 0 and (need_x or need_w):
+            gx, gw, _ = torch.ops.aten.convolution_backward(
+                dpre, x, pw[:, x_off:x_off + C].contiguous(), None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1,
+                [need_x, need_w, False])
+            if need_x:
+                dx = gx.contiguous(memory_format=fmt)
+            if need_w:
+                grad_pw[:, x_off:x_off + C] = gw
+        for b in range(B):
+            g = _Branch(b, factor, bins, H, W, k)
+            cb, off = weight[b].shape[0], offsets[b]
+            pre_b = pre[b].to(x.dtype).contiguous(memory_format=fmt)
+            norm = _Norm(scale[b], shift[b], mean[b], var[b], eps[b], batch_stats[b])
+            up = _up(up_mode, g.h, g.w, H, W, align_corners, x)
+            a, full = _activation(pre_b, norm, activation, up if g.whole and not g.identity else None, fmt)
+            if g.whole:
+                gz, gw, _ = torch.ops.aten.convolution_backward(
+                    dpre, full if full is not None else a, pw[:, off:off + cb].contiguous(), None, [1, 1],
+                    [pad, pad], [1, 1], False, [0, 0], 1, [True, need_w, False])
+                if full is not None:  # the up-resize's adjoint, a gather at the level
+                    da = launch._empty(a.shape, a.dtype, a.device, fmt)
+                    _gather(gz.contiguous(memory_format=fmt), da, _adj(up[0]), _adj(up[1]))
+                else:
+                    da = gz.contiguous(memory_format=fmt)
+                if need_w:
+                    grad_pw[:, off:off + cb] = gw
+            else:  # the per-tap maps' gradient: the adjoint of the shifted up-resize, a gather at the level
+                dt_b = launch._empty((N, k * k * P, g.h, g.w), x.dtype, x.device, fmt)
+                _gather(dpre, dt_b, _adj(up[0]), _adj(up[1]), ks=k, p=P)
+                gz, gw, _ = torch.ops.aten.convolution_backward(
+                    dt_b, a, _tap_weight(pw, off, cb), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                    [True, need_w, False])
+                da = gz.contiguous(memory_format=fmt)
+                if need_w:  # (k * k * P, Cb, 1, 1) back to the (P, Cb, k, k) slice
+                    grad_pw[:, off:off + cb] = gw.reshape(k, k, P, cb).permute(2, 3, 0, 1)
+            dconv, gs, gt = _epilogue_backward(da, pre_b, norm, activation, N * g.h * g.w, fmt)
+            grad_scale.append(gs)
+            grad_shift.append(gt)
+            z = x if g.identity else level[b].to(x.dtype).contiguous(memory_format=fmt)
+            kb = weight[b].shape[2]
+            gz, gw, gb = torch.ops.aten.convolution_backward(
+                dconv, z, weight[b], [cb], [1, 1], [kb // 2, kb // 2], [1, 1], False, [0, 0], 1,
+                [need_x, need_w, True])
+            dz.append(gz.contiguous(memory_format=fmt) if need_x else None)
+            grad_weight.append(gw.contiguous(memory_format=launch._fmt(weight[b])) if need_w else x.new_empty(0))
+            grad_bias.append(gb)
+    grad_x = x.new_empty(0)
+    if need_x:
+        # dx written branch after branch (a fixed order): the x part's gradient, then each branch's adjoint
+        # down-resize (a gather), x itself's gradient added as it is.
+        grad_x = dx if dx is not None else torch.zeros((N, C, H, W), dtype=x.dtype, device=x.device).contiguous(
+            memory_format=fmt)
+        for b in range(B):
+            g = _Branch(b, factor, bins, H, W, k)
+            if g.identity:
+                grad_x = grad_x + dz[b]
+                continue
+            ty, tx = _down(factor[b], down_mode, H, W, g.h, g.w, align_corners, x)
+            _gather(dz[b], grad_x, _adj(ty), _adj(tx), accumulate=True)
+        grad_x = grad_x.contiguous(memory_format=fmt)
+    if not need_w:
+        grad_pw = x.new_empty(0)
+    return grad_x, grad_weight, grad_bias, grad_scale, grad_shift, grad_pw, grad_p_bias, grad_p_scale, grad_p_shift
+
+
+# ---------------------------------------------------------------------------------------------------
+# Operators
+# ---------------------------------------------------------------------------------------------------
+_FORWARD = "msfused::multi_scale_project_forward_triton"
+_BACKWARD = "msfused::multi_scale_project_backward_triton"
+
+
+def _opt(tensors: List[Tensor]) -> List[Optional[Tensor]]:
+    return [t if t.numel() else None for t in tensors]
+
+
+@torch.library.triton_op(_FORWARD, mutates_args=())
+def multi_scale_project_forward_triton(
+    x: Tensor, weight: List[Tensor], bias: List[Tensor], scale: List[Tensor], shift: List[Tensor],
+    batch_stats: List[bool], eps: List[float], factor: List[int], bins: List[int], down_mode: str, up_mode: str,
+    align_corners: bool, activation: str, input_position: str, project_weight: Tensor,
+    project_bias: Optional[Tensor], project_scale: Optional[Tensor], project_shift: Optional[Tensor],
+    project_batch_stats: bool, project_eps: float, project_activation: str, save_pre: bool,
+) -> Tuple[Tensor, List[Tensor], List[Tensor], List[Tensor], List[Tensor], Tensor, Tensor, Tensor]:
+    """The block and its projection in Triton kernels and torch's convolutions; see
+    ``msfused::multi_scale_project_forward`` for the arguments (absent per-branch tensors: empty ones)."""
+    return project_forward(x, weight, _opt(bias), _opt(scale), _opt(shift), batch_stats, eps, factor, bins,
+                           down_mode, up_mode, align_corners, activation, input_position, project_weight, project_bias,
+                           project_scale, project_shift, project_batch_stats, project_eps, project_activation,
+                           save_pre)
+
+
+@torch.library.triton_op(_BACKWARD, mutates_args=())
+def multi_scale_project_backward_triton(
+    grad_out: Tensor, x: Tensor, weight: List[Tensor], scale: List[Tensor], shift: List[Tensor],
+    level: List[Tensor], pre: List[Tensor], mean: List[Tensor], var: List[Tensor], batch_stats: List[bool],
+    eps: List[float], factor: List[int], bins: List[int], down_mode: str, up_mode: str, align_corners: bool,
+    activation: str, input_position: str, project_weight: Tensor, project_scale: Optional[Tensor],
+    project_shift: Optional[Tensor], project_pre: Tensor, project_mean: Tensor, project_var: Tensor,
+    project_batch_stats: bool, project_eps: float, project_activation: str, output_mask: List[bool],
+) -> Tuple[Tensor, List[Tensor], List[Tensor], List[Tensor], List[Tensor], Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of the block and its projection; see ``msfused::multi_scale_project_backward``."""
+    return project_backward(grad_out, x, weight, _opt(scale), _opt(shift), level, pre, mean, var, batch_stats, eps,
+                            factor, bins, down_mode, up_mode, align_corners, activation, input_position,
+                            project_weight, project_scale, project_shift, project_pre, project_mean, project_var,
+                            project_batch_stats, project_eps, project_activation, output_mask)
+
+
+@multi_scale_project_forward_triton.register_fake
+def _forward_fake(x, weight, bias, scale, shift, *config):
+    return _ops.multi_scale_project_forward_fake(x, weight, _opt(bias), _opt(scale), _opt(shift), *config)
+
+
+@multi_scale_project_backward_triton.register_fake
+def _backward_fake(grad_out, x, weight, scale, shift, *rest):
+    return _ops.multi_scale_project_backward_fake(grad_out, x, weight, _opt(scale), _opt(shift), *rest)
+
+
+_BLOCK_CONFIG = 9  # batch_stats .. input_position: the arguments between the branches' tensors and the projection's
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, scale, shift, *rest = inputs
+    config = rest[:_BLOCK_CONFIG]
+    pw, p_bias, p_scale, p_shift, p_stats, p_eps, p_act, _save_pre = rest[_BLOCK_CONFIG:]
+    _out, level, pre, mean, var, p_pre, p_mean, p_var = output
+    ctx.config, ctx.p_config, ctx.B = config, (p_stats, p_eps, p_act), len(weight)
+    ctx.has = tuple([t.numel() > 0 for t in ts] for ts in (bias, scale, shift))
+    ctx.p_has = (p_bias is not None, p_scale is not None, p_shift is not None)
+    ctx.save_for_backward(x, pw, p_scale, p_shift, p_pre, p_mean, p_var, *weight, *scale, *shift, *level, *pre, *mean,
+                          *var)
+
+
+def _backward(ctx, grad_out, *_unused):
+    saved = list(ctx.saved_tensors)
+    if torch.is_grad_enabled() and (grad_out.requires_grad or any(t is not None and t.requires_grad for t in saved)):
+        raise RuntimeError("msfused: second-order gradients through the multi-scale block are not supported "
+                           "(backward with create_graph=True)")
+    (x, pw, p_scale, p_shift, p_pre, p_mean, p_var), saved = saved[:7], saved[7:]
+    B = ctx.B
+    weight, scale, shift, level, pre, mean, var = (saved[i * B:(i + 1) * B] for i in range(7))
+    needs = ctx.needs_input_grad
+    need_w = any(needs[1]) or needs[14]
+    gx, gw, gb, gs, gt, gpw, gpb, gps, gpt = torch.ops.msfused.multi_scale_project_backward_triton(
+        grad_out, x, weight, scale, shift, level, pre, mean, var, *ctx.config, pw, p_scale, p_shift, p_pre, p_mean,
+        p_var, *ctx.p_config, [bool(needs[0]), bool(need_w)])
+    none_if_absent = lambda gs_, flags: [g if f else None for g, f in zip(gs_, flags)]  # noqa: E731
+    has_bias, has_scale, has_shift = ctx.has
+    p_has_bias, p_has_scale, p_has_shift = ctx.p_has
+    return ((gx if needs[0] else None), [g if n else None for g, n in zip(gw, needs[1])],
+            none_if_absent(gb, has_bias), none_if_absent(gs, has_scale), none_if_absent(gt, has_shift),
+            *(None,) * _BLOCK_CONFIG, gpw if needs[14] else None, gpb if p_has_bias else None,
+            gps if p_has_scale else None, gpt if p_has_shift else None, None, None, None, None)
+
+
+multi_scale_project_forward_triton.register_autograd(_backward, setup_context=_setup_context)
