@@ -58,18 +58,24 @@ def check_input(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList,
             )
     if (project is None) != (spec.project is None):
         raise ValueError("the block's project module and its spec.project disagree (one is None)")
-    parts = _named_parts(branches, project)
-    for part, module in parts:
-        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-            if t.device != x.device:
-                raise ValueError(f"{part}.{name} is on {t.device} but x is on {x.device}")
-    autocast = backends.autocast_enabled(x.device.type)
-    for part, module in parts:
+    # One walk over the parameters (it is per call): the first misplaced tensor, else the first mistyped one.
+    check_dtype = not backends.autocast_enabled(x.device.type)
+    misplaced = mistyped = None
+    for part, module in _named_parts(branches, project):
         for name, t in module.named_parameters():
-            if not autocast and t.dtype != x.dtype:
-                raise TypeError(
-                    f"{part}.{name} has dtype {t.dtype} but x has {x.dtype}; they must match outside autocast"
-                )
+            if misplaced is None and t.device != x.device:
+                misplaced = (part, name, t)
+            if check_dtype and mistyped is None and t.dtype != x.dtype:
+                mistyped = (part, name, t)
+        for name, t in module.named_buffers():
+            if misplaced is None and t.device != x.device:
+                misplaced = (part, name, t)
+    if misplaced is not None:
+        part, name, t = misplaced
+        raise ValueError(f"{part}.{name} is on {t.device} but x is on {x.device}")
+    if mistyped is not None:
+        part, name, t = mistyped
+        raise TypeError(f"{part}.{name} has dtype {t.dtype} but x has {x.dtype}; they must match outside autocast")
 
 
 class ParamCache:

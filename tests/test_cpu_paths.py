@@ -7,7 +7,8 @@ tensor the kernels allocate starts as NaN, so an element they forget to write fa
 * the up-resize expands each level row to the full width and blends two of them per output row;
 * image pooling alone (every branch pools to 1x1, x not in the output) takes its levels from one mean of x;
 * a 1x1 convolution (float32 / float64) runs as a GEMM, in either memory format;
-* the convolution backward runs over chunks of the batch when a branch's conv-output gradient is large;
+* the convolution backward runs over chunks of the batch when a branch's conv-output gradient is large (without
+  batch statistics, each chunk's gradient is made for the chunk alone: the whole one never exists);
 * training peak memory of the fused block is at most the naive block's (no zero-filled gradients for the
   saved-tensor outputs, the chunked convolution backward).
 """
@@ -89,6 +90,10 @@ CHUNK_CASES = [
          (3, 2, 256, 256), torch.float64, train=True, label="chunked_conv_backward"),
     Case("ms", dict(scales=(1,), branch_channels=16, kernel_size=3, bias=True), (3, 2, 256, 256), torch.float64,
          layout="channels_last", label="chunked_conv_backward"),
+    # Eval-mode norm (no batch statistics): each chunk's conv-output gradient made for the chunk alone, the
+    # norm's scale and shift gradients summed over the chunks.
+    Case("ms", dict(scales=(1, 4), branch_channels=16, kernel_size=(1, 3), norm="batch", input_position="last"),
+         (3, 2, 256, 256), torch.float64, label="chunked_conv_backward"),
 ]
 
 
@@ -108,7 +113,7 @@ def test_chunked_conv_backward(case):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-@pytest.mark.parametrize("name", ["stem_pyramid", "pyramid_wide"])
+@pytest.mark.parametrize("name", ["stem_pyramid", "pyramid_wide", "pyramid_seed"])
 def test_training_peak_memory_at_most_naive(name):
     """The bench's peak-memory figure of one training step (CPU workload batch): fused <= naive."""
     built = workloads.build(workloads.WORKLOADS[name])

@@ -166,6 +166,67 @@ inline void weighted_rows(bool pooling, const scalar_t* src, int64_t stride, int
     weighted_rows_impl<false>(src, stride, len, idx, w, count, dst);
 }
 
+// Row segments of x shared by the branches whose height resize pools (equal weights over contiguous rows):
+// x's rows cut at every such window's ends, so that pass 1 sums each row of x once (into its segment) and
+// each window is the sum of whole segments (PSP's bins 1, 2, 3, 6 would otherwise read every row about four
+// times; scales 2 and 4 twice).
+struct RowSegments {
+  std::vector<std::vector<int64_t>> rows;  // segment k: its rows of x (none: no window reads it)
+  // windows[b][oh]: the segments level row oh of branch b sums; windows[b] is empty for a branch that does
+  // not use segments.
+  std::vector<std::vector<std::vector<int64_t>>> windows;
+  bool any() const { return !rows.empty(); }
+};
+
+template <typename T>
+RowSegments make_row_segments(const BlockPlan& plan, const std::vector<BranchTaps<T>>& taps) {
+  RowSegments s;
+  const size_t B = plan.branches.size();
+  std::vector<int64_t> cuts{0, plan.H};
+  std::vector<bool> uses(B, false);
+  for (size_t b = 0; b < B; ++b) {
+    const BranchPlan& bp = plan.branches[b];
+    if (bp.identity || !is_pooling(bp.down_h)) continue;
+    const auto& th = taps[b].down_h;
+    bool contiguous = true;
+    for (int64_t oh = 0; oh < bp.level_h; ++oh)
+      for (int64_t k = th.row_ptr[oh]; k < th.row_ptr[oh + 1]; ++k)
+        contiguous = contiguous && th.row_idx[k] == th.row_idx[th.row_ptr[oh]] + (k - th.row_ptr[oh]);
+    if (!contiguous) continue;
+    uses[b] = true;
+    for (int64_t oh = 0; oh < bp.level_h; ++oh) {
+      cuts.push_back(th.row_idx[th.row_ptr[oh]]);
+      cuts.push_back(th.row_idx[th.row_ptr[oh + 1] - 1] + 1);
+    }
+  }
+  if (std::none_of(uses.begin(), uses.end(), [](bool u) { return u; })) return s;
+  std::sort(cuts.begin(), cuts.end());
+  cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
+  const auto segment_of = [&](int64_t row) {
+    return static_cast<int64_t>(std::lower_bound(cuts.begin(), cuts.end(), row) - cuts.begin());
+  };
+  std::vector<bool> read(cuts.size() - 1, false);
+  s.windows.resize(B);
+  for (size_t b = 0; b < B; ++b) {
+    if (!uses[b]) continue;
+    const auto& th = taps[b].down_h;
+    for (int64_t oh = 0; oh < plan.branches[b].level_h; ++oh) {
+      std::vector<int64_t> w;
+      const int64_t end = segment_of(th.row_idx[th.row_ptr[oh + 1] - 1] + 1);
+      for (int64_t k = segment_of(th.row_idx[th.row_ptr[oh]]); k < end; ++k) {
+        w.push_back(k);
+        read[k] = true;
+      }
+      s.windows[b].push_back(std::move(w));
+    }
+  }
+  s.rows.resize(cuts.size() - 1);
+  for (size_t k = 0; k + 1 < cuts.size(); ++k)
+    if (read[k])
+      for (int64_t r = cuts[k]; r < cuts[k + 1]; ++r) s.rows[k].push_back(r);
+  return s;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Forward pass 1: every level from one read of x, and x's slice of the output.
 // ---------------------------------------------------------------------------------------------------
@@ -178,13 +239,33 @@ void levels_and_copy(const BlockPlan& plan, const std::vector<BranchTaps<at::opm
   const Plane<CL> xp = Plane<CL>::make(W, C);
   const Plane<CL> op = Plane<CL>::make(W, plan.out_channels);
   constexpr int64_t S = CL ? kGroup : 1;
+  const RowSegments segs = make_row_segments(plan, taps);
   at::parallel_for(0, plan.N * groups.per_n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> row(W * S);
+    std::vector<T> row(W * S), seg_sum(segs.rows.size() * W * S);
     for (int64_t item = begin; item < end; ++item) {
       int64_t n, c0, g_count;
       groups.at(item, &n, &c0, &g_count);
       const int64_t G = CL ? g_count : 1;  // a constant 1 for NCHW, so the loops over j vectorise
       const scalar_t* xb = x + Plane<CL>::origin(n, c0, C, H, W);
+      // Each segment's rows summed (x read once), in row order: plain loops over a row, which vectorise.
+      for (size_t k = 0; k < segs.rows.size(); ++k) {
+        const std::vector<int64_t>& r = segs.rows[k];
+        if (r.empty()) continue;
+        T* __restrict sk = seg_sum.data() + k * W * S;
+        for (size_t t = 0; t < r.size(); ++t) {
+          const scalar_t* __restrict xr = xb + r[t] * xp.row;
+          if (!CL) {
+            if (t == 0)
+              for (int64_t j = 0; j < W; ++j) sk[j] = static_cast<T>(xr[j]);
+            else
+              for (int64_t j = 0; j < W; ++j) sk[j] += static_cast<T>(xr[j]);
+          } else {
+            for (int64_t j = 0; j < W; ++j)
+              for (int64_t g = 0; g < G; ++g)
+                sk[j * S + g] = (t == 0 ? T(0) : sk[j * S + g]) + static_cast<T>(xr[j * xp.pix + g]);
+          }
+        }
+      }
       if (plan.x_offset >= 0) {
         scalar_t* ob = out + Plane<CL>::origin(n, plan.x_offset + c0, plan.out_channels, H, W);
         if (!CL) {
@@ -206,7 +287,18 @@ void levels_and_copy(const BlockPlan& plan, const std::vector<BranchTaps<at::opm
           // Rows of x weighted into one row buffer (each element of x loaded once, the sums in registers),
           // then the column taps.
           const int64_t k0 = th.row_ptr[oh], taps_h = th.row_ptr[oh + 1] - k0;
-          if (!CL) {
+          if (!segs.windows.empty() && !segs.windows[b].empty()) {  // the window's segments, then its weight
+            const std::vector<int64_t>& win = segs.windows[b][oh];
+            T* __restrict rw = row.data();
+            const T* __restrict first = seg_sum.data() + win[0] * W * S;
+            for (int64_t q = 0; q < W * S; ++q) rw[q] = first[q];
+            for (size_t t = 1; t < win.size(); ++t) {
+              const T* __restrict sk = seg_sum.data() + win[t] * W * S;
+              for (int64_t q = 0; q < W * S; ++q) rw[q] += sk[q];
+            }
+            const T wh = th.row_w[k0];
+            for (int64_t q = 0; q < W * S; ++q) rw[q] *= wh;
+          } else if (!CL) {
             weighted_rows(pool_h, xb, xp.row, W, th.row_idx.data() + k0, th.row_w.data() + k0, taps_h, row.data());
           } else {
             for (int64_t j = 0; j < W; ++j)
@@ -725,32 +817,42 @@ std::tuple<Tensor, Tensor, Tensor> epilogue_backward(const BlockPlan& plan, cons
 
 // ATen's convolution backward of one branch, over chunks of the batch when the conv-output gradient is large:
 // its workspace (oneDNN's reordered copies of dconv, about 1.5 times its size) grows with the batch, and would
-// come on top of everything the fused block keeps saved until its backward returns. The weight and bias
-// gradients are summed over the chunks in batch order (deterministic).
+// come on top of everything the fused block keeps saved until its backward returns. dconv_of(n0, len) gives
+// the conv-output gradient of samples [n0, n0 + len) (a slice of the whole one, or computed for the chunk
+// alone, so that the whole one never exists). The weight and bias gradients are summed over the chunks in
+// batch order (deterministic).
 constexpr int64_t kConvBackwardChunkBytes = 4 << 20;
 
-std::tuple<Tensor, Tensor, Tensor> conv_backward_chunked(const Tensor& dconv, const Tensor& z, const Tensor& weight,
-                                                         int64_t pad, std::array<bool, 2> output_mask) {
-  const int64_t N = dconv.size(0), Cb = dconv.size(1);
+// Samples per chunk for a conv-output gradient of sample_bytes bytes per sample (N: one chunk).
+int64_t conv_backward_chunk(int64_t N, int64_t sample_bytes) {
+  return sample_bytes > 0 ? std::max<int64_t>(1, kConvBackwardChunkBytes / sample_bytes) : std::max<int64_t>(N, 1);
+}
+
+template <typename DconvOf>
+std::tuple<Tensor, Tensor, Tensor> conv_backward_chunked(DconvOf&& dconv_of, int64_t chunk, const Tensor& z,
+                                                         const Tensor& weight, int64_t pad,
+                                                         std::array<bool, 2> output_mask) {
+  const int64_t N = z.size(0), Cb = weight.size(0);
   auto call = [&](const Tensor& d, const Tensor& in) {
     return at::convolution_backward(d, in, weight, c10::OptionalArrayRef<int64_t>({Cb}), {1, 1}, {pad, pad}, {1, 1},
                                     false, {0, 0}, 1, {output_mask[0], output_mask[1], true});
   };
-  const int64_t sample_bytes = N > 0 ? dconv.numel() / N * static_cast<int64_t>(dconv.element_size()) : 0;
-  const int64_t chunk = sample_bytes > 0 ? std::max<int64_t>(1, kConvBackwardChunkBytes / sample_bytes) : N;
-  if (chunk >= N) return call(dconv, z);
+  if (chunk >= N) return call(dconv_of(0, N), z);
   Tensor dz = output_mask[0] ? at::empty_like(z) : Tensor();
   Tensor dw, db;
+  at::ScalarType dtype = z.scalar_type();
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
     const int64_t len = std::min(chunk, N - n0);
-    auto [dz_c, dw_c, db_c] = call(dconv.narrow(0, n0, len), z.narrow(0, n0, len));
+    auto [dz_c, dw_c, db_c] = call(dconv_of(n0, len), z.narrow(0, n0, len));
     if (output_mask[0]) dz.narrow(0, n0, len).copy_(dz_c);
+    dz_c = Tensor();  // freed before the next chunk's gradient is made
     // Summed in float32 at least (a half-precision sum would round at every chunk).
     const auto wide = [](const Tensor& t) { return t.to(stats_dtype(t.scalar_type()), false, /*copy=*/true); };
     if (output_mask[1]) dw = dw.defined() ? dw.add_(dw_c) : wide(dw_c);
+    dtype = db_c.scalar_type();
     db = db.defined() ? db.add_(db_c) : wide(db_c);
   }
-  return {dz, output_mask[1] ? dw.to(weight.scalar_type()) : dw, db.to(dconv.scalar_type())};
+  return {dz, output_mask[1] ? dw.to(weight.scalar_type()) : dw, db.to(dtype)};
 }
 
 using BackwardResult = std::tuple<Tensor, TensorVector, TensorVector, TensorVector, TensorVector>;
@@ -775,12 +877,38 @@ BackwardResult multi_scale_backward_cpu(const Tensor& grad_in, const Tensor& x_i
   TensorVector grad_weight(B), grad_bias(B), grad_scale(B), grad_shift(B), dz(B);
   for (size_t b = 0; b < B; ++b) {
     const BranchPlan& bp = plan.branches[b];
-    Tensor dconv;
-    std::tie(dconv, grad_scale[b], grad_shift[b]) =
-        epilogue_backward(plan, bp, grad, pre[b], scale.get(b), shift.get(b), mean[b], var[b], fmt);
     const int64_t pad = bp.kernel_size / 2;
     const Tensor& z = bp.identity ? x : level[b];
-    auto [dz_b, dw_b, db_b] = conv_backward_chunked(dconv, z, weight[b], pad, output_mask);
+    const int64_t chunk = conv_backward_chunk(plan.N, pre[b].numel() / std::max<int64_t>(plan.N, 1) *
+                                                          static_cast<int64_t>(pre[b].element_size()));
+    Tensor dconv;  // the whole batch's conv-output gradient, where the norm's batch statistics need it all
+    if (bp.batch_stats || chunk >= plan.N)
+      std::tie(dconv, grad_scale[b], grad_shift[b]) =
+          epilogue_backward(plan, bp, grad, pre[b], scale.get(b), shift.get(b), mean[b], var[b], fmt);
+    // Otherwise each chunk's own: the epilogue backward is per sample, and its scale and shift gradients are
+    // summed over the chunks in batch order.
+    auto dconv_of = [&](int64_t n0, int64_t len) -> Tensor {
+      if (dconv.defined()) return dconv.narrow(0, n0, len);
+      BlockPlan part = plan;
+      part.N = len;
+      auto [d, g_scale, g_shift] = epilogue_backward(part, bp, grad.narrow(0, n0, len), pre[b].narrow(0, n0, len),
+                                                     scale.get(b), shift.get(b), mean[b], var[b], fmt);
+      const auto sum = [&](Tensor& total, const Tensor& t) {
+        total = total.defined() ? total.add_(t) : t.to(stats_dtype(t.scalar_type()), false, /*copy=*/true);
+      };
+      sum(grad_scale[b], g_scale);
+      sum(grad_shift[b], g_shift);
+      return d;
+    };
+    auto [dz_b, dw_b, db_b] = conv_backward_chunked(dconv_of, chunk, z, weight[b], pad, output_mask);
+    dconv = Tensor();
+    if (!bp.batch_stats && chunk < plan.N) {  // the chunks' sums back in the parameters' dtype
+      const auto param_dtype = [&](const std::optional<Tensor>& t, const Tensor& g) {
+        return t.has_value() && t->defined() ? g.to(t->scalar_type()) : at::empty({0}, opts);
+      };
+      grad_scale[b] = param_dtype(scale.get(b), grad_scale[b]);
+      grad_shift[b] = param_dtype(shift.get(b), grad_shift[b]);
+    }
     dz[b] = output_mask[0] ? dz_b.contiguous(fmt) : Tensor();
     grad_weight[b] = output_mask[1] ? dw_b.contiguous(weight[b].suggest_memory_format()) : at::empty({0}, opts);
     grad_bias[b] = db_b;
