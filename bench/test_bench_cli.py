@@ -127,6 +127,8 @@ def test_pytest_benchmark_option_collects_the_benchmarks_only(where) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "--benchmark", "--collect-only", "-q", "-p", "no:cacheprovider"],
         cwd=root / where, capture_output=True, text=True, timeout=600,
+        # as a user runs it: not as a pytest-xdist worker (PYTEST_XDIST_WORKER makes pytest-benchmark disable itself)
+        env={k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")},
     )
     assert done.returncode == 0, done.stdout + done.stderr
     collected = [line for line in done.stdout.splitlines() if "::" in line]
