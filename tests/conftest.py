@@ -41,6 +41,28 @@ def pytest_report_header(config):
     return f"msfused test seed: MSFUSED_TEST_SEED={SESSION_SEED}"
 
 
+# ---------------------------------------------------------------------------------------------------
+# pytest-xdist (README's test command: -n auto --dist loadgroup)
+# ---------------------------------------------------------------------------------------------------
+
+# Modules whose module-scoped fixtures build something (the CMake project, the emulated CUDA library, nvcc
+# compiles, the DDP process group, the launch plans): their tests share one worker, so it is built once.
+# Every other test is handed out on its own, which keeps the workers evenly loaded.
+BUILT_ONCE = ("test_cmake.py", "test_cuda_build.py", "test_cuda_emulation.py", "test_ddp.py", "test_launch_plan.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in BUILT_ONCE:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # Workers share the cores: one worker's ATen ops get its share of them, not all (oversubscribed
+    # threads on a small machine slow every worker down).
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
 @pytest.fixture(autouse=True)
 def _seed_every_test(request):
     """A fresh, reproducible seed per test (session seed + node id)."""

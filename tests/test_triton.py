@@ -135,7 +135,7 @@ def test_small_blocks(case, monkeypatch):
     blocks: the per-tile partial sums and their fixed-order combination, the split reductions' partials,
     and each packed launch's per-branch program ranges, are then really exercised."""
     monkeypatch.setattr(launch, "_block_p", lambda: 16)
-    monkeypatch.setattr(launch, "_block_c", lambda c: 4)
+    monkeypatch.setattr(launch, "_block_c", lambda c, f64=False: 4)
     monkeypatch.setattr(launch, "_convs_block_m", lambda f64: 16)
     monkeypatch.setattr(launch, "_fill_programs", lambda: 64)  # long reductions split into partials
     monkeypatch.setattr(launch, "SPLIT_STEPS", 4)  # pooling windows in chunks (bins)
