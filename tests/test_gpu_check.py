@@ -60,6 +60,13 @@ def test_worker_reports_every_case(tmp_path, monkeypatch):
         return outcome or {"status": "PASS", "worst": "output err 0", "failures": []}
 
     monkeypatch.setattr(gpu_check, "check_case", fake_check)
+    # The worker sets process-wide numerics (TF32 off, Triton's NaN-poisoned buffers) for the GPU check's own
+    # process; here they are put back afterwards, so later tests in this process see the defaults.
+    from msfused.triton import launch
+
+    monkeypatch.setattr(launch, "POISON", launch.POISON)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
     lines = tmp_path / "lines.txt"
     args = gpu_check.parser().parse_args(
         ["_worker", "--device", "cpu", "--backend", "reference", "--shard-dtype", "float64", "--lines", str(lines),
