@@ -266,12 +266,13 @@ def _fused_project_forward(x: torch.Tensor, spec: BlockSpec, branches, project, 
     """The block and its projection through msfused::multi_scale_project_forward (backends 'cpu' and 'cuda':
     the operator's kernel for the device) or msfused::multi_scale_project_forward_triton (backend 'triton')."""
     weight, bias, scale, shift, batch_stats, eps = _branch_args(x, spec, branches)
-    op = torch.ops.msfused.multi_scale_project_forward
     if backend == "triton":  # absent tensors as empty ones (msfused/triton/ops.py says why)
         from .triton.ops import absent_as_empty
 
         bias, scale, shift = (absent_as_empty(ts, x) for ts in (bias, scale, shift))
         op = torch.ops.msfused.multi_scale_project_forward_triton
+    else:  # the C++ operator: looked up only here, so that 'triton' runs without the extension
+        op = torch.ops.msfused.multi_scale_project_forward
     p_scale, p_shift, p_stats, p_eps = _norm_epilogue(project.norm)
     N, _, H, W = x.shape
     if p_stats:
