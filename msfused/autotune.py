@@ -127,16 +127,24 @@ def _norm_mode(norm: nn.Module) -> str:
     return "train" if norm.training else ("eval" if norm.running_mean is not None else "eval-batch")
 
 
-def key(x: torch.Tensor, spec, branches: Sequence[nn.Module], needs_grad: bool) -> str:
-    """The measurement key of a call (plain string formatting, so that torch.compile can trace it)."""
+def _spec_text(spec) -> str:
+    """The block configuration's part of a key (its projection included)."""
     b = ";".join(f"{br.factor},{br.bins[0]}x{br.bins[1]},{br.out_channels},{br.kernel_size},{br.bias},{br.norm}"
                  for br in spec.branches)
-    norms = ",".join(_norm_mode(branch.norm) for branch in branches)
+    p = spec.project
+    proj = "-" if p is None else f"{p.out_channels},{p.kernel_size},{p.bias},{p.norm},{p.activation}"
+    return (f"{spec.in_channels}|{b}|{spec.down_mode}|{spec.up_mode}|{spec.align_corners}|{spec.activation}|"
+            f"{spec.input_position}|project={proj}")
+
+
+def key(x: torch.Tensor, spec, branches: Sequence[nn.Module], needs_grad: bool,
+        project: Optional[nn.Module] = None) -> str:
+    """The measurement key of a call (plain string formatting, so that torch.compile can trace it)."""
+    norms = ",".join(_norm_mode(part.norm) for part in [*branches, *([project] if project is not None else [])])
     fmt = "cl" if torch._prims_common.suggest_memory_format(x) == torch.channels_last else "nchw"
     device = x.device.type
     cast = str(torch.get_autocast_dtype(device)) if _autocast_on(device) else "-"
-    return (f"{spec.in_channels}|{b}|{spec.down_mode}|{spec.up_mode}|{spec.align_corners}|{spec.activation}|"
-            f"{spec.input_position}|{tuple(x.shape)}|{x.dtype}|{fmt}|{norms}|grad={needs_grad}|autocast={cast}|"
+    return (f"{_spec_text(spec)}|{tuple(x.shape)}|{x.dtype}|{fmt}|{norms}|grad={needs_grad}|autocast={cast}|"
             f"{x.device}")
 
 
@@ -148,27 +156,30 @@ def _autocast_on(device_type: str) -> bool:
 
 
 class Call:
-    """One call of the block, as 'auto' measures it: ``run(x, branches, backend)`` computes the block with
-    ``backend``; :meth:`scratch_step` gives a callable that does so on scratch copies."""
+    """One call of the block, as 'auto' measures it: ``run(x, branches, backend, project=project)`` computes
+    the block (and its projection, if any) with ``backend``; :meth:`scratch_step` gives a callable that does so
+    on scratch copies."""
 
     def __init__(self, x: torch.Tensor, spec, branches: Sequence[nn.Module], needs_grad: bool,
-                 run: Callable[[torch.Tensor, Sequence[nn.Module], str], torch.Tensor]):
+                 run: Callable[..., torch.Tensor], project: Optional[nn.Module] = None):
         self.x, self.spec, self.branches, self.needs_grad, self.run = x, spec, branches, needs_grad, run
+        self.project = project
 
     def key(self) -> str:
-        return key(self.x, self.spec, self.branches, self.needs_grad)
+        return key(self.x, self.spec, self.branches, self.needs_grad, self.project)
 
     def scratch_step(self, backend: str) -> Callable[[], Any]:
-        with torch.no_grad():
-            branches = copy.deepcopy(self.branches)  # parameters and norm buffers: the caller's stay untouched
+        with torch.no_grad():  # parameters and norm buffers copied: the caller's stay untouched
+            branches, project = copy.deepcopy((self.branches, self.project))
         x = self.x.detach()
         if not self.needs_grad:
-            return lambda: self.run(x, branches, backend)
+            return lambda: self.run(x, branches, backend, project=project)
         x = x.requires_grad_(self.x.requires_grad)
-        inputs = ([x] if x.requires_grad else []) + [p for p in branches.parameters() if p.requires_grad]
+        params = [*branches.parameters(), *(project.parameters() if project is not None else [])]
+        inputs = ([x] if x.requires_grad else []) + [p for p in params if p.requires_grad]
 
         def step():
-            out = self.run(x, branches, backend)
+            out = self.run(x, branches, backend, project=project)
             return torch.autograd.grad(out, inputs, torch.ones_like(out))  # no random number drawn
 
         return step
