@@ -380,3 +380,28 @@ def test_projection_measuring_touches_no_running_statistics(measured):
         unmeasured(x)
     for (n, a), (_, b) in zip(block.named_buffers(), unmeasured.named_buffers()):
         assert torch.equal(a, b), n
+
+
+def test_known_key_skips_the_candidate_checks(measured, monkeypatch):
+    """After a key is measured, its calls look the choice up without re-checking every candidate (the per-call
+    host cost of 'auto'); a loaded key's backend is checked once against what can run here."""
+    _use(StandInTimer({"cpu": 2.0, "triton": 1.0, "reference": 3.0}, calls=0))
+    _, fused = _block()
+    x = torch.randn(X_SHAPE)
+    checks = []
+    real = backends._unsupported_reason
+    monkeypatch.setattr(backends, "_unsupported_reason", lambda name, t: checks.append(name) or real(name, t))
+    with torch.no_grad():
+        fused(x)
+        first = len(checks)
+        fused(x)
+    assert first == 2 and len(checks) == first and measured[-1] == "triton"
+    # a table naming a backend that is no candidate here: not taken on trust, measured again
+    (k,) = autotune.table()
+    autotune.clear()
+    with autotune._lock:
+        autotune._table[k] = autotune.Choice("triton", {"triton": 1.0}, {})
+    monkeypatch.setitem(backends.AUTO_CANDIDATES, "cpu", ("cpu",))
+    with torch.no_grad():
+        fused(x)
+    assert measured[-1] in ("cpu", "reference") and autotune.table()[k].backend != "triton"
