@@ -19,6 +19,7 @@
 #                         bfloat16 x NCHW, channels_last, forward and backward (and the no-grad path in eval
 #                         mode), NaN-poisoned outputs, SPEC.md's rules; one line per case, never stopping at a
 #                         failure; cases a budget does not reach get SKIP lines
+#   pytest-gpu.log     2c. the suite's tests that need a GPU (GPU_TESTS), beside 2b
 #   prewarm.log        the workloads' Triton kernels compiled and autotuned (during the build, for phase 3)
 #   results.json, table.txt, profile.txt (rewritten after each workload)
 #                      3. python -m msfused.bench.gpu_check speed: every workload at its full N in bfloat16,
@@ -39,6 +40,7 @@
 #   2b. 'cuda' and 'auto' correctness: 54 s; at a budget of 40 s 'cuda' finished and 'auto' left 77 cases
 #      unreached ('auto' measures its candidates per key and compiles what 2a did not reach). Now budget 80 s,
 #      cap 100 s.
+#   2c. the suite's GPU tests (GPU_TESTS) beside 2b, capped with it: not run on the first run.
 #   3. speed: 123 s at a budget of 110 s: Triton's kernels autotuned for the workloads (32 s), then ~10 s per
 #      workload (4 implementations x 2 modes, 5 warm-up and up to 30 timed calls, a profile of one call
 #      each); psp_decoder_smp and the three torch.compile groups (~20 s each, estimate) were not reached.
@@ -91,6 +93,8 @@ else
     OTHER_ARGS=(--budget 80)
     SPEED_ARGS=(--budget 140)
     CAPS=(240 200 100 170)
+    # The tests of the suite that only run on a GPU (the CUDA backend, CUDA graphs, autocast on CUDA).
+    GPU_TESTS=(tests/test_cuda_backend.py tests/test_cuda_graphs.py tests/test_autocast.py)
 fi
 
 log "writing to $OUTDIR ($DEVICE)"
@@ -149,12 +153,26 @@ if [[ -n ${prewarm_pid:-} ]]; then
     record "2a. Triton kernels of the workloads compiled" $? $(( $(date +%s) - t2 ))
 fi
 
+# 2c. The suite's GPU tests, beside 2b (both only check values: sharing the GPU does not matter; done before 3).
+if [[ $DEVICE == cuda && $build_status -eq 0 ]]; then
+    log "2c. the suite's GPU tests (${GPU_TESTS[*]}) -> pytest-gpu.log (background)"
+    t3=$(date +%s)
+    timeout "${CAPS[2]}" "$PYTHON" -m pytest "${GPU_TESTS[@]}" -q -p no:cacheprovider --benchmark-disable \
+        > "$OUTDIR/pytest-gpu.log" 2>&1 &
+    pytest_pid=$!
+fi
+
 # 2b. Correctness of the other GPU backends ('cuda', 'auto'); correctness.txt gathers every backend's lines.
 t0=$(date +%s)
 log "2b. correctness of the other backends -> correctness.txt"
 timeout "${CAPS[2]}" "$PYTHON" -m msfused.bench.gpu_check correctness --device "$DEVICE" --out "$OUTDIR" \
     --skip-backends triton "${CORRECTNESS_ARGS[@]}" "${OTHER_ARGS[@]}"
 record "2b. correctness (others)" $? $(( $(date +%s) - t0 ))
+if [[ -n ${pytest_pid:-} ]]; then
+    wait "$pytest_pid"
+    pytest_status=$?
+    record "2c. GPU tests ($(tail -n 1 "$OUTDIR/pytest-gpu.log"))" "$pytest_status" $(( $(date +%s) - t3 ))
+fi
 
 # 3. Speed.
 t0=$(date +%s)
