@@ -584,9 +584,12 @@ ForwardResult multi_scale_forward_cpu(const Tensor& x_in, at::TensorList weight,
 // Backward pass 1 (per branch): the upsample's adjoint as a gather, then the activation's and the
 // norm's backward at the level. Writes p * dY (p = the folded scale in eval mode, 1 with batch
 // statistics) and per (n, channel) partial sums of dY and dY * (conv - center), reduced later in n order.
+// The adjoint's sums (about (H / h) * (W / w) * 4 terms per level value) run in double, weights included,
+// whatever the dtype: dY is then rounded once, as the reference rounds it, and the norm's weight and bias
+// gradients (sums over N * h * w of those values, often cancelling) keep float32's precision.
 // ---------------------------------------------------------------------------------------------------
 template <typename scalar_t, bool CL, Activation A>
-void up_adjoint_and_act_grad(const BlockPlan& plan, const BranchPlan& bp, const BranchTaps<at::opmath_type<scalar_t>>& taps,
+void up_adjoint_and_act_grad(const BlockPlan& plan, const BranchPlan& bp, const BranchTaps<double>& taps,
                              const Epilogue<at::opmath_type<scalar_t>>& epi, const std::vector<double>& center,
                              const std::vector<double>& pre_scale, const scalar_t* grad, const scalar_t* pre,
                              scalar_t* dy_out, double* sum_dy, double* sum_dyc) {
@@ -602,7 +605,7 @@ void up_adjoint_and_act_grad(const BlockPlan& plan, const BranchPlan& bp, const 
     constexpr int64_t S = CL ? kGroup : 1;
     // One level row at a time: the output rows that read it, reduced along the height first (contiguous,
     // vectorised), then the width gather on that one W-long row.
-    std::vector<T> trow(bp.identity ? 0 : W * S), darow(w * S);
+    std::vector<double> trow(bp.identity ? 0 : W * S), darow(w * S);
     for (int64_t item = begin; item < end; ++item) {
       int64_t n, c0, g_count;
       groups.at(item, &n, &c0, &g_count);
@@ -613,25 +616,25 @@ void up_adjoint_and_act_grad(const BlockPlan& plan, const BranchPlan& bp, const 
       double s1[S] = {}, s2[S] = {};
       for (int64_t oh = 0; oh < h; ++oh) {
         if (!bp.identity) {
-          std::fill(trow.begin(), trow.end(), T(0));  // a level row no output reads gets no gradient
+          std::fill(trow.begin(), trow.end(), 0.0);  // a level row no output reads gets no gradient
           for (int64_t k = th.col_ptr[oh]; k < th.col_ptr[oh + 1]; ++k) {
             const scalar_t* grow = gb + th.col_idx[k] * gp.row;
-            const T wt = th.col_w[k];
+            const double wt = th.col_w[k];
             for (int64_t J = 0; J < W; ++J)
-              for (int64_t g = 0; g < G; ++g) trow[J * S + g] += wt * static_cast<T>(grow[J * gp.pix + g]);
+              for (int64_t g = 0; g < G; ++g) trow[J * S + g] += wt * static_cast<double>(grow[J * gp.pix + g]);
           }
         }
         // The gradient reaching the activation, along this level row.
         for (int64_t ow = 0; ow < w; ++ow) {
-          T* da = darow.data() + ow * S;
+          double* da = darow.data() + ow * S;
           if (bp.identity) {
             const scalar_t* gs = gb + oh * gp.row + ow * gp.pix;
-            for (int64_t g = 0; g < G; ++g) da[g] = static_cast<T>(gs[g]);
+            for (int64_t g = 0; g < G; ++g) da[g] = static_cast<double>(gs[g]);
           } else {
-            for (int64_t g = 0; g < G; ++g) da[g] = T(0);
+            for (int64_t g = 0; g < G; ++g) da[g] = 0.0;
             for (int64_t k = tw.col_ptr[ow]; k < tw.col_ptr[ow + 1]; ++k) {
-              const T* t = trow.data() + tw.col_idx[k] * S;
-              const T wt = tw.col_w[k];
+              const double* t = trow.data() + tw.col_idx[k] * S;
+              const double wt = tw.col_w[k];
               for (int64_t g = 0; g < G; ++g) da[g] += wt * t[g];
             }
           }
@@ -753,9 +756,9 @@ std::tuple<Tensor, Tensor, Tensor> epilogue_backward(const BlockPlan& plan, cons
   Tensor dconv, grad_scale, grad_shift;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "msfused_epilogue_backward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
-    BranchTaps<T> taps;
-    taps.up_h = make_taps<T>(bp.up_h, bp.level_h, plan.H, 1, plan.align_corners);
-    taps.up_w = make_taps<T>(bp.up_w, bp.level_w, plan.W, 1, plan.align_corners);
+    BranchTaps<double> taps;  // the upsample's adjoint in double (up_adjoint_and_act_grad)
+    taps.up_h = make_taps<double>(bp.up_h, bp.level_h, plan.H, 1, plan.align_corners);
+    taps.up_w = make_taps<double>(bp.up_w, bp.level_w, plan.W, 1, plan.align_corners);
     const Epilogue<T> epi = make_epilogue<T>(bp, sc, sh, mean, var);
     const Tensor pre_b = pre.contiguous(fmt);
     // Eval mode: dconv = scale * dY, folded into pass 1. Batch statistics: 1 there, finished below.
