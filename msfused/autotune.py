@@ -70,14 +70,17 @@ class Choice:
 
 
 _table: Dict[str, Choice] = {}
+_checked: set = set()  # keys whose backend is known to run here (measured, or checked once after loading)
 _lock = threading.RLock()
 _loaded_env_file: List[str] = []
 
 
-def cuda_event_timer(fn: Callable[[], Any], device: torch.device, candidate: str, warmup: int = 1,
-                     reps: int = 5) -> float:
+def cuda_event_timer(fn: Callable[[], Any], device: torch.device, candidate: str, warmup: int = 2,
+                     reps: int = 7) -> float:
     """Median milliseconds of ``reps`` calls of ``fn`` after ``warmup``, between CUDA events on the current
-    stream."""
+    stream. Two warm-up calls: the first of a new shape compiles or autotunes (Triton) and allocates. (With
+    one, the first H200 run measured Triton training steps at 3-14x the benchmark's later times, cause not
+    yet known; the GPU check's diagnostics measure every key again once warm.)"""
     for _ in range(warmup):
         fn()
     stream = torch.cuda.current_stream(device)
@@ -127,16 +130,38 @@ def _norm_mode(norm: nn.Module) -> str:
     return "train" if norm.training else ("eval" if norm.running_mean is not None else "eval-batch")
 
 
-def key(x: torch.Tensor, spec, branches: Sequence[nn.Module], needs_grad: bool) -> str:
-    """The measurement key of a call (plain string formatting, so that torch.compile can trace it)."""
+_spec_texts: Dict[int, tuple] = {}
+
+
+def _spec_text(spec) -> str:
+    """The block configuration's part of a key (its projection included), formatted once per spec object."""
+    if torch.compiler.is_compiling():
+        return _format_spec(spec)
+    hit = _spec_texts.get(id(spec))
+    if hit is None or hit[0] is not spec:  # (the spec is kept in the entry: its id is not reused meanwhile)
+        if len(_spec_texts) >= 4096:  # specs made per call (none today) would otherwise pile up
+            _spec_texts.clear()
+        hit = _spec_texts[id(spec)] = (spec, _format_spec(spec))
+    return hit[1]
+
+
+def _format_spec(spec) -> str:
     b = ";".join(f"{br.factor},{br.bins[0]}x{br.bins[1]},{br.out_channels},{br.kernel_size},{br.bias},{br.norm}"
                  for br in spec.branches)
-    norms = ",".join(_norm_mode(branch.norm) for branch in branches)
+    p = spec.project
+    proj = "-" if p is None else f"{p.out_channels},{p.kernel_size},{p.bias},{p.norm},{p.activation}"
+    return (f"{spec.in_channels}|{b}|{spec.down_mode}|{spec.up_mode}|{spec.align_corners}|{spec.activation}|"
+            f"{spec.input_position}|project={proj}")
+
+
+def key(x: torch.Tensor, spec, branches: Sequence[nn.Module], needs_grad: bool,
+        project: Optional[nn.Module] = None) -> str:
+    """The measurement key of a call (plain string formatting, so that torch.compile can trace it)."""
+    norms = ",".join(_norm_mode(part.norm) for part in [*branches, *([project] if project is not None else [])])
     fmt = "cl" if torch._prims_common.suggest_memory_format(x) == torch.channels_last else "nchw"
     device = x.device.type
     cast = str(torch.get_autocast_dtype(device)) if _autocast_on(device) else "-"
-    return (f"{spec.in_channels}|{b}|{spec.down_mode}|{spec.up_mode}|{spec.align_corners}|{spec.activation}|"
-            f"{spec.input_position}|{tuple(x.shape)}|{x.dtype}|{fmt}|{norms}|grad={needs_grad}|autocast={cast}|"
+    return (f"{_spec_text(spec)}|{tuple(x.shape)}|{x.dtype}|{fmt}|{norms}|grad={needs_grad}|autocast={cast}|"
             f"{x.device}")
 
 
@@ -148,30 +173,45 @@ def _autocast_on(device_type: str) -> bool:
 
 
 class Call:
-    """One call of the block, as 'auto' measures it: ``run(x, branches, backend)`` computes the block with
-    ``backend``; :meth:`scratch_step` gives a callable that does so on scratch copies."""
+    """One call of the block, as 'auto' measures it: ``run(x, branches, backend, project=project)`` computes
+    the block (and its projection, if any) with ``backend``; :meth:`scratch_step` gives a callable that does so
+    on scratch copies."""
 
     def __init__(self, x: torch.Tensor, spec, branches: Sequence[nn.Module], needs_grad: bool,
-                 run: Callable[[torch.Tensor, Sequence[nn.Module], str], torch.Tensor]):
+                 run: Callable[..., torch.Tensor], project: Optional[nn.Module] = None):
         self.x, self.spec, self.branches, self.needs_grad, self.run = x, spec, branches, needs_grad, run
+        self.project = project
 
     def key(self) -> str:
-        return key(self.x, self.spec, self.branches, self.needs_grad)
+        return key(self.x, self.spec, self.branches, self.needs_grad, self.project)
 
     def scratch_step(self, backend: str) -> Callable[[], Any]:
-        with torch.no_grad():
-            branches = copy.deepcopy(self.branches)  # parameters and norm buffers: the caller's stay untouched
+        with torch.no_grad():  # parameters and norm buffers copied: the caller's stay untouched
+            branches, project = copy.deepcopy((self.branches, self.project))
         x = self.x.detach()
         if not self.needs_grad:
-            return lambda: self.run(x, branches, backend)
+            return lambda: self.run(x, branches, backend, project=project)
         x = x.requires_grad_(self.x.requires_grad)
-        inputs = ([x] if x.requires_grad else []) + [p for p in branches.parameters() if p.requires_grad]
+        params = [*branches.parameters(), *(project.parameters() if project is not None else [])]
+        inputs = ([x] if x.requires_grad else []) + [p for p in params if p.requires_grad]
 
         def step():
-            out = self.run(x, branches, backend)
+            out = self.run(x, branches, backend, project=project)
             return torch.autograd.grad(out, inputs, torch.ones_like(out))  # no random number drawn
 
         return step
+
+
+def known_choice(call: Call) -> Optional[str]:
+    """The backend already chosen for ``call``'s key (measured, or loaded from a table), or None: the per-call
+    fast path of 'auto' (a key's shape, dtype and device are what its candidates' checks read)."""
+    if call.x.device.type not in MEASURED_DEVICES or mode() == "0":
+        return None
+    _load_env_file()
+    k = call.key()
+    known = _table.get(k)
+    # a loaded key goes through choose() once, which checks that its backend can run here
+    return known.backend if known is not None and k in _checked else None
 
 
 def choose(candidates: Sequence[str], call: Call) -> str:
@@ -184,6 +224,7 @@ def choose(candidates: Sequence[str], call: Call) -> str:
     k = call.key()
     known = _table.get(k)
     if known is not None and (known.backend in candidates or known.backend == "reference"):
+        _checked.add(k)
         return known.backend
     if _tracing(call.x) or _capturing(call.x.device):
         return fixed
@@ -193,7 +234,7 @@ def choose(candidates: Sequence[str], call: Call) -> str:
 
 def _measure(k: str, candidates: Sequence[str], call: Call) -> Choice:
     with _lock:
-        if k in _table:
+        if k in _table and _table[k].backend in candidates:  # measured meanwhile by another thread
             return _table[k]
         times: Dict[str, float] = {}
         errors: Dict[str, str] = {}
@@ -212,6 +253,7 @@ def _measure(k: str, candidates: Sequence[str], call: Call) -> Choice:
             backend = candidates[0] if len(candidates) == 1 else "reference"
         choice = Choice(backend, times, errors)
         _table[k] = choice
+        _checked.add(k)
         return choice
 
 
@@ -230,6 +272,7 @@ def clear() -> None:
     """Forgets every choice (the next call of each key measures again)."""
     with _lock:
         _table.clear()
+        _checked.clear()
 
 
 def report() -> str:
@@ -287,6 +330,7 @@ def load(path: str) -> int:
         return 0
     with _lock:
         _table.update(entries)
+        _checked.difference_update(entries)
     return len(entries)
 
 

@@ -217,6 +217,12 @@ def resolve(x: torch.Tensor, unfusable: Optional[str] = None, spec=None, call=No
         if why is not None:
             raise RuntimeError(f"msfused backend {name!r} cannot run this call: {why}")
         return name
+    if call is not None and unfusable is None:
+        from . import autotune
+
+        known = autotune.known_choice(call)  # a measured key: its candidates were checked when it was measured
+        if known is not None:
+            return known
     candidates = AUTO_CANDIDATES.get(x.device.type, AUTO_CANDIDATES["cuda"])
     reasons, supported = [], []
     for candidate in candidates:

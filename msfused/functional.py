@@ -192,9 +192,12 @@ def _update_running_stats(norm: nn.BatchNorm2d, mean: torch.Tensor, var: torch.T
         norm.running_var.copy_(norm.running_var.to(var.dtype) * (1.0 - factor) + unbiased * factor)
 
 
-def _needs_grad(x: torch.Tensor, branches: nn.ModuleList) -> bool:
+def _needs_grad(x: torch.Tensor, branches: nn.ModuleList, project: Optional[nn.Module] = None) -> bool:
     """Whether autograd would record this call (some input requires grad and grad mode is on)."""
-    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in branches.parameters()))
+    if not torch.is_grad_enabled():
+        return False
+    parts = [branches] + ([project] if project is not None else [])
+    return x.requires_grad or any(p.requires_grad for part in parts for p in part.parameters())
 
 
 def _check_batch_values(norm: nn.Module, count: int, shape: List[int], name: str) -> None:
@@ -266,12 +269,13 @@ def _fused_project_forward(x: torch.Tensor, spec: BlockSpec, branches, project, 
     """The block and its projection through msfused::multi_scale_project_forward (backends 'cpu' and 'cuda':
     the operator's kernel for the device) or msfused::multi_scale_project_forward_triton (backend 'triton')."""
     weight, bias, scale, shift, batch_stats, eps = _branch_args(x, spec, branches)
-    op = torch.ops.msfused.multi_scale_project_forward
     if backend == "triton":  # absent tensors as empty ones (msfused/triton/ops.py says why)
         from .triton.ops import absent_as_empty
 
         bias, scale, shift = (absent_as_empty(ts, x) for ts in (bias, scale, shift))
         op = torch.ops.msfused.multi_scale_project_forward_triton
+    else:  # the C++ operator: looked up only here, so that 'triton' runs without the extension
+        op = torch.ops.msfused.multi_scale_project_forward
     p_scale, p_shift, p_stats, p_eps = _norm_epilogue(project.norm)
     N, _, H, W = x.shape
     if p_stats:
@@ -466,7 +470,7 @@ def multi_scale(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList,
     the parameters (training-mode norms update their running statistics, as ``nn.BatchNorm2d`` does).
     """
     check_input(x, spec, branches, project)
-    call = autotune.Call(x, spec, branches, _needs_grad(x, branches),
-                         functools.partial(_run, spec=spec, project=project))
+    call = autotune.Call(x, spec, branches, _needs_grad(x, branches, project), functools.partial(_run, spec=spec),
+                         project)
     name = backends.resolve(x, unfusable_reason(spec, branches, project=project), spec, call)
     return _run(x, branches, name, spec, project)

@@ -338,3 +338,70 @@ def test_torch_compile_uses_the_cached_choice(measured):
     assert [t for t in targets if "msfused" in t] == ["msfused.multi_scale_forward"], targets  # 'cpu'
     assert len(timer.asked) == asked and autotune.table() == {}
     torch._dynamo.reset()
+
+
+def _projected(train=False):
+    torch.manual_seed(0)
+    block = msfused.PyramidPooling(3, 2, bins=(1, 2), project=dict(out_channels=4, kernel_size=3, norm="batch"))
+    return block.train(train)
+
+
+def test_projection_has_its_own_key_and_candidates(measured):
+    """A block with a projection is another key than the same branches without one (they share nothing to
+    measure), and 'auto' measures its candidates (the projection's times are not the pyramid's)."""
+    timer = _use(StandInTimer({"cpu": 2.0, "triton": 1.0, "reference": 3.0}))
+    plain = msfused.PyramidPooling(3, 2, bins=(1, 2)).eval()
+    block = _projected()
+    x = torch.randn(X_SHAPE)
+    with torch.no_grad():
+        plain(x)
+        assert measured[-1] == "triton"
+        timer.times.update(cpu=1.0, triton=2.0)
+        out = block(x)
+    assert measured[-1] == "cpu" and len(autotune.table()) == 2 and len(timer.asked) == 6
+    assert any("project=4,3," in k for k in autotune.table())
+    with torch.no_grad(), msfused.use_backend("reference"):
+        assert norm_err(out, block(x)) <= 1e-5
+
+
+def test_projection_measuring_touches_no_running_statistics(measured):
+    """Training mode with a projection: the scratch runs copy the projection too; its norm's running statistics
+    get the user's one call only (as with nothing measured), and the projection's parameters count for grad."""
+    _use(StandInTimer({"cpu": 1.0, "triton": 2.0}, calls=3))
+    block = _projected(train=True)
+    for p in block.branches.parameters():
+        p.requires_grad_(False)  # only the projection's parameters record gradients
+    unmeasured = _projected(train=True)
+    x = torch.randn(X_SHAPE)
+    out = block(x)
+    assert measured[-1] == "cpu" and out.requires_grad
+    assert all("grad=True" in k for k in autotune.table())
+    with msfused.use_backend("cpu"):
+        unmeasured(x)
+    for (n, a), (_, b) in zip(block.named_buffers(), unmeasured.named_buffers()):
+        assert torch.equal(a, b), n
+
+
+def test_known_key_skips_the_candidate_checks(measured, monkeypatch):
+    """After a key is measured, its calls look the choice up without re-checking every candidate (the per-call
+    host cost of 'auto'); a loaded key's backend is checked once against what can run here."""
+    _use(StandInTimer({"cpu": 2.0, "triton": 1.0, "reference": 3.0}, calls=0))
+    _, fused = _block()
+    x = torch.randn(X_SHAPE)
+    checks = []
+    real = backends._unsupported_reason
+    monkeypatch.setattr(backends, "_unsupported_reason", lambda name, t: checks.append(name) or real(name, t))
+    with torch.no_grad():
+        fused(x)
+        first = len(checks)
+        fused(x)
+    assert first == 2 and len(checks) == first and measured[-1] == "triton"
+    # a table naming a backend that is no candidate here: not taken on trust, measured again
+    (k,) = autotune.table()
+    autotune.clear()
+    with autotune._lock:
+        autotune._table[k] = autotune.Choice("triton", {"triton": 1.0}, {})
+    monkeypatch.setitem(backends.AUTO_CANDIDATES, "cpu", ("cpu",))
+    with torch.no_grad():
+        fused(x)
+    assert measured[-1] in ("cpu", "reference") and autotune.table()[k].backend != "triton"

@@ -396,6 +396,8 @@ DRIVER = textwrap.dedent(
         # bin 1 and 2 on a larger map: the upsample adjoint of a level pixel split over many lanes, the
         # whole-map reductions over several chunks
         case("psp12-large-map-lanes-chunks", (3, 2, 70, 45), bins=(1, 2), k=1, stats=True, dtype=torch.float32)
+        # dx's reader tables (H + W entries per branch) past the shared memory it gives them: per element
+        case("psp-dx-tables-do-not-fit", (2, 2, 3, 3100), bins=(1, (1, 5)), k=1, pos="last")
     """
 )
 

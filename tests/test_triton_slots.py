@@ -6,6 +6,7 @@ hand-unrolled ones they replaced was checked when they were introduced, issue 12
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -24,8 +25,10 @@ def test_generated_kernel_takes_what_the_launcher_packs(desc):
     ends; its compile-time arguments are the flags of every slot and SLOTS."""
     src = desc.source()
     names = src[src.index("(") + 1:src.index("):")].split(", ")
-    runtime = [n for n in names if ": tl.constexpr" not in n]
+    runtime = [n.split(":")[0] for n in names if ": tl.constexpr" not in n]
     consts = {n.split(":")[0] for n in names if ": tl.constexpr" in n}
+    # a norm's eps reaches float64 kernels unrounded: typed, where Triton would make a Python float float32
+    assert all(n.endswith(": tl.float64") for n in names if re.fullmatch(r"eps\d?", n.split(":")[0]))
     values = {n: f"<{n}>" for n in desc.slot_names}
     slots = [({n: f"{v}{s}" for n, v in values.items()}, desc.flags()) for s in range(2)]
     ends = [0, 3, 5] if desc.has_ends else ([0] if desc.has_e0 else None)
@@ -64,3 +67,24 @@ def test_flags_are_per_slot_compile_time_arguments():
     _, kw = K.BLOCK.pack([(args, K.TileFlags()), (args, flags)], [0])
     assert {f.name: kw[f"{f.name}1"] for f in dataclasses.fields(flags)} == dataclasses.asdict(flags)
     assert kw["HAS_BIAS0"] is False and kw["DY2"] == 1  # unused slots: the defaults
+
+
+def test_every_kernel_takes_eps_as_float64():
+    """Triton passes a Python float to a kernel as float32 unless the parameter is typed: a float64 norm would
+    then add eps rounded to float32 (1e-5 is off by 2.5e-14, ~1e-10 of the output at a variance of 1e-4: the
+    H200 run's float64 batch-norm case over a 1x1 level). Every launched kernel types its eps parameters."""
+    import inspect
+
+    from msfused.triton import projection
+
+    found = []
+    for module in (K, projection):
+        for name in dir(module):
+            fn = getattr(module, name)
+            while hasattr(fn, "fn"):  # autotuner -> jitted (or interpreted) function -> the Python function
+                fn = fn.fn
+            if name.endswith("_kernel") and callable(fn):
+                found += [(name, p, str(a.annotation)) for p, a in inspect.signature(fn).parameters.items()
+                          if re.fullmatch(r"eps\d?", p)]
+    assert len({n for n, _, _ in found}) >= 5, found
+    assert all(a in ("fp64", "tl.float64") for _, _, a in found), [f for f in found if f[2] not in ("fp64", "tl.float64")]

@@ -166,8 +166,11 @@ __device__ __forceinline__ A lane_tree_sum(A part, A* s_acc, int t, int lane, in
 }
 
 // Element e of an (N, C, H, W) tensor in memory order (channels_last: n, i, j, c; else n, c, i, j).
-__device__ __forceinline__ void unflatten(int64_t e, int64_t C, int64_t H, int64_t W, bool cl, int64_t* n, int64_t* c,
-                                          int64_t* i, int64_t* j) {
+// Below 2^32 in 32-bit unsigned arithmetic: a 64-bit division is a long software sequence on the GPU, and
+// these run once per element in the elementwise kernels (the same quotients either way).
+template <typename I>
+__device__ __forceinline__ void unflatten_in(I e, I C, I H, I W, bool cl, int64_t* n, int64_t* c, int64_t* i,
+                                             int64_t* j) {
   if (cl) {
     *c = e % C;
     e /= C;
@@ -183,6 +186,16 @@ __device__ __forceinline__ void unflatten(int64_t e, int64_t C, int64_t H, int64
     *c = e % C;
     *n = e / C;
   }
+}
+__device__ __forceinline__ void unflatten(int64_t e, int64_t C, int64_t H, int64_t W, bool cl, int64_t* n, int64_t* c,
+                                          int64_t* i, int64_t* j) {
+  if (e >= 0 && e <= int64_t{0xFFFFFFFF} && C <= int64_t{0xFFFFFFFF} && H <= int64_t{0xFFFFFFFF} &&
+      W <= int64_t{0xFFFFFFFF}) {
+    unflatten_in<uint32_t>(static_cast<uint32_t>(e), static_cast<uint32_t>(C), static_cast<uint32_t>(H),
+                           static_cast<uint32_t>(W), cl, n, c, i, j);
+    return;
+  }
+  unflatten_in<int64_t>(e, C, H, W, cl, n, c, i, j);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -637,14 +650,54 @@ __global__ void __launch_bounds__(kThreads, 1) norm_grad_kernel(const __grid_con
 
 // ---------------------------------------------------------------------------------------------------
 // Backward 3: dx, one thread per element, written once (per group of kMaxBranches branches).
+// Which level rows read x's row i (and columns, column j) is a pair of binary searches over the resize's tap
+// spans, each step a few 64-bit divisions: per element and branch that was most of the kernel's time (the
+// first H200 run: 15 ms for psp_mmseg's backward). Each block therefore tabulates, per branch, the reader
+// ranges of every x row and column and the pooling weights of every level row and column in shared memory
+// (when they fit: dx_tables_bytes), once, and the elements read them.
 // ---------------------------------------------------------------------------------------------------
+__host__ __device__ inline bool dx_pooling(int kind) {
+  return kind == static_cast<int>(ResizeKind::AvgFactor) || kind == static_cast<int>(ResizeKind::Adaptive);
+}
+
 template <typename S>
 __global__ void __launch_bounds__(kThreads, 1) dx_kernel(const __grid_constant__ DxArgs a) {
   using A = acc_t<S>;
+  MSFUSED_DYNAMIC_SHARED(smem_raw);
   const int64_t total = a.N * a.C * a.H * a.W;
   const bool ac = a.align_corners;
   const S* grad = cptr<S>(a.grad);
   S* dx = mptr<S>(a.dx);
+  // Tables, per branch b: readers[b * (H + W) + r] (rows r < H, then columns), then the weights 1 / count
+  // of every level row and column of a pooling branch at weight_base[b] (A values after the int2 tables).
+  int2* readers = reinterpret_cast<int2*>(smem_raw);
+  A* weights = reinterpret_cast<A*>(readers + a.num_branches * (a.H + a.W));
+  if (a.tables) {
+    const int64_t per = a.H + a.W;
+    for (int64_t idx = threadIdx.x; idx < a.num_branches * per; idx += kThreads) {
+      const DxBranch& db = a.br[idx / per];
+      const int64_t r = idx % per;
+      const bool row = r < a.H;
+      const ResizeKind kind = static_cast<ResizeKind>(row ? db.down_h : db.down_w);
+      const int64_t in = row ? a.H : a.W, out = row ? db.level_h : db.level_w, pos = row ? r : r - a.H;
+      int64_t o0 = pos, o1 = pos + 1;  // Identity: itself
+      if (kind != ResizeKind::Identity)
+        readers_of<A>(kind, pos, in, out, db.factor, ac, linear_scale<A>(in, out, ac), &o0, &o1);
+      readers[idx] = make_int2(static_cast<int>(o0), static_cast<int>(o1));
+    }
+    for (int b = 0; b < a.num_branches; ++b) {
+      const DxBranch& db = a.br[b];
+      for (int64_t q = threadIdx.x; q < db.level_h + db.level_w; q += kThreads) {
+        const bool row = q < db.level_h;
+        const int kind = row ? db.down_h : db.down_w;
+        if (!dx_pooling(kind)) continue;
+        const TapRun run = pooling_run(static_cast<ResizeKind>(kind), row ? q : q - db.level_h, row ? a.H : a.W,
+                                       row ? db.level_h : db.level_w, db.factor);
+        weights[db.weight_base + q] = A(1) / static_cast<A>(run.count);  // as for_each_weight_of
+      }
+    }
+    __syncthreads();
+  }
   const int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (e < total) {
     int64_t n, c, i, j;
@@ -662,17 +715,33 @@ __global__ void __launch_bounds__(kThreads, 1) dx_kernel(const __grid_constant__
       }
       const A sh = linear_scale<A>(a.H, db.level_h, ac), sw = linear_scale<A>(a.W, db.level_w, ac);
       int64_t O0, O1, P0, P1;
-      readers_of<A>(kh, i, a.H, db.level_h, db.factor, ac, sh, &O0, &O1);
-      readers_of<A>(kw, j, a.W, db.level_w, db.factor, ac, sw, &P0, &P1);
+      if (a.tables) {
+        const int2 rows = readers[b * (a.H + a.W) + i], cols = readers[b * (a.H + a.W) + a.H + j];
+        O0 = rows.x, O1 = rows.y, P0 = cols.x, P1 = cols.y;
+      } else {
+        readers_of<A>(kh, i, a.H, db.level_h, db.factor, ac, sh, &O0, &O1);
+        readers_of<A>(kw, j, a.W, db.level_w, db.factor, ac, sw, &P0, &P1);
+      }
+      // The weight with which level row oh (column ow) reads x's row i (column j): tabulated for pooling
+      // (readers_of's range is exactly the windows holding i), else from the taps.
+      const bool table_h = a.tables && dx_pooling(db.down_h), table_w = a.tables && dx_pooling(db.down_w);
       // As the CPU kernel: the width adjoint per level row, then the height adjoint row by row.
       for (int64_t oh = O0; oh < O1; ++oh) {
-        for_each_weight_of<A>(kh, oh, i, a.H, db.level_h, db.factor, ac, sh, [&](A wh) {
+        auto add_row = [&](A wh) {
           A row = A(0);
-          for (int64_t ow = P0; ow < P1; ++ow)
-            for_each_weight_of<A>(kw, ow, j, a.W, db.level_w, db.factor, ac, sw,
-                                  [&](A ww) { row += ww * to_acc(dz[off4<S>(db.dz, n, c, oh, ow)]); });
+          for (int64_t ow = P0; ow < P1; ++ow) {
+            const A v = to_acc(dz[off4<S>(db.dz, n, c, oh, ow)]);
+            if (table_w)
+              row += weights[db.weight_base + db.level_h + ow] * v;
+            else
+              for_each_weight_of<A>(kw, ow, j, a.W, db.level_w, db.factor, ac, sw, [&](A ww) { row += ww * v; });
+          }
           val += wh * row;
-        });
+        };
+        if (table_h)
+          add_row(weights[db.weight_base + oh]);
+        else
+          for_each_weight_of<A>(kh, oh, i, a.H, db.level_h, db.factor, ac, sh, add_row);
       }
     }
     dx[ox] = from_acc<S>(val);
@@ -987,10 +1056,23 @@ cudaError_t launch_pool_levels(DType dtype, const PoolArgs& args, cudaStream_t s
                 [](auto s) { return pool_levels_kernel<decltype(s)>; });
 }
 
+size_t dx_tables_bytes(DType dtype, DxArgs* args) {
+  int64_t weights = 0;
+  for (int b = 0; b < args->num_branches; ++b) {
+    args->br[b].weight_base = weights;
+    weights += args->br[b].level_h + args->br[b].level_w;
+  }
+  return static_cast<size_t>(args->num_branches) * (args->H + args->W) * sizeof(int2) +
+         static_cast<size_t>(weights) * acc_size(dtype);
+}
+
 cudaError_t launch_dx(DType dtype, const DxArgs& args, cudaStream_t stream) {
   if (args.num_branches < 0 || args.num_branches > kMaxBranches) return cudaErrorInvalidValue;
-  // One thread per element.
-  return launch(dtype, ceil_div(args.N * args.C * args.H * args.W, kThreads), 0, args, stream,
+  // One thread per element; the reader tables in shared memory where they fit (int2: sizes below 2^30).
+  DxArgs a = args;
+  const size_t bytes = dx_tables_bytes(dtype, &a);
+  a.tables = a.num_branches > 0 && bytes <= 48 * 1024 && a.H < (int64_t{1} << 30) && a.W < (int64_t{1} << 30);
+  return launch(dtype, ceil_div(a.N * a.C * a.H * a.W, kThreads), a.tables ? bytes : 0, a, stream,
                 [](auto s) { return dx_kernel<decltype(s)>; });
 }
 

@@ -227,6 +227,7 @@ struct DxBranch {
   View4 dz;
   int64_t level_h = 0, level_w = 0, factor = 1;
   int down_h = 0, down_w = 0;
+  int64_t weight_base = 0;  // set by launch_dx: this branch's pooling weights in the shared tables
 };
 struct DxArgs {
   int64_t N = 0, C = 0, H = 0, W = 0;
@@ -237,6 +238,7 @@ struct DxArgs {
   int num_branches = 0;
   DxBranch br[kMaxBranches];
   bool accumulate = false;  // add to dx (a later group of branches) instead of writing it
+  bool tables = false;  // set by launch_dx: the reader tables in shared memory (they fit)
 };
 cudaError_t launch_dx(DType dtype, const DxArgs& args, cudaStream_t stream);
 

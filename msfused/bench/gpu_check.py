@@ -557,6 +557,68 @@ def profile_call(step, device: torch.device, top: int = 12) -> List[Dict[str, An
     return [{"name": e.key[:120], "calls": e.count, "us": round(getattr(e, attr), 1)} for e in events[:top]]
 
 
+def host_us(step, device: torch.device, calls: int = 20) -> float:
+    """Host microseconds per call of ``step`` (warmed up), queued without waiting for the device: the cost of
+    the Python and dispatch work around the kernels, which bounds a small workload's time."""
+    from .timing import synchronize
+
+    with step.active():
+        step()
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            step()
+        elapsed = time.perf_counter() - start
+        synchronize(device)
+    return round(elapsed / calls * 1e6, 1)
+
+
+def _auto_diagnostics(args, workloads, dtype: torch.dtype, device: torch.device) -> Dict[str, Any]:
+    """What 'auto' measures once everything is warm (its table cleared, each key measured again), beside the
+    first measurement in ``autotune``; and where the host time of an 'auto' call goes (cProfile, the smallest
+    workload). For the next change to 'auto', not a figure of the README."""
+    import cProfile
+    import io
+    import pstats
+
+    from msfused import autotune
+
+    from . import runner
+    from .workloads import build
+
+    out: Dict[str, Any] = {"remeasured": {}}
+    first = autotune.table()
+    autotune.clear()
+    for w in workloads:
+        for mode in args.modes:
+            built = build(w, args.n or w.n, dtype, device)
+            runner.set_mode(built, mode)
+            step = runner.make_step(built, mode, "auto")
+            with step.active():
+                step()
+            del built, step
+    for k, c in autotune.table().items():
+        before = first.get(k)
+        out["remeasured"][k] = {"backend": c.backend, "times_ms": c.times_ms,
+                                "first": None if before is None else {"backend": before.backend,
+                                                                      "times_ms": before.times_ms}}
+    small = min(workloads, key=lambda w: w.n * w.channels * w.height * w.width)
+    built = build(small, args.n or small.n, dtype, device)
+    runner.set_mode(built, "inference")
+    step = runner.make_step(built, "inference", "auto")
+    with step.active():
+        step()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(50):
+            step()
+        prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+    out["host_profile"] = {"workload": small.name, "calls": 50, "text": text.getvalue()[-12000:]}
+    return out
+
+
 def speed(args) -> int:
     from . import report, runner
     from .workloads import build, select
@@ -585,7 +647,8 @@ def speed(args) -> int:
                 f.write(report.format_table(result) + "\n")
         with open(os.path.join(args.out, "profile.txt"), "w") as f:
             for p in result["profiles"]:
-                f.write(f"{p['workload']} {p['mode']} {p['impl']}:\n")
+                host = f" (host {p['host_us']} us per call)" if p.get("host_us") is not None else ""
+                f.write(f"{p['workload']} {p['mode']} {p['impl']}{host}:\n")
                 f.writelines(f"  {k['us']:>10.1f} us  {k['calls']:>4}x  {k['name']}\n" for k in p["kernels"])
 
     groups = [(w, m, impls) for w in workloads for m in args.modes] + \
@@ -613,7 +676,9 @@ def speed(args) -> int:
                 for impl in group_impls:
                     entry = {"workload": w.name, "mode": mode, "impl": impl}
                     try:
-                        entry["kernels"] = profile_call(runner.make_step(built, mode, impl), device)
+                        step = runner.make_step(built, mode, impl)
+                        entry["kernels"] = profile_call(step, device)
+                        entry["host_us"] = host_us(step, device)
                     except Exception as e:  # noqa: BLE001
                         entry["kernels"], entry["error"] = [], f"{type(e).__name__}: {e}"[:300]
                     result["profiles"].append(entry)
@@ -621,6 +686,12 @@ def speed(args) -> int:
             except Exception as e:  # noqa: BLE001  (e.g. out of memory)
                 result["profiles"].append({"workload": w.name, "mode": mode, "impl": "*", "kernels": [],
                                            "error": f"{type(e).__name__}: {e}"[:300]})
+        save()
+    if device.type == "cuda" and "auto" in impls:
+        try:
+            result["diagnostics"] = _auto_diagnostics(args, workloads, dtype, device)
+        except Exception as e:  # noqa: BLE001  (a diagnostic never fails the phase)
+            result["diagnostics"] = {"error": f"{type(e).__name__}: {e}"[:300]}
         save()
     failed = [r for r in result["rows"] if r["error"] and r["impl"] != "compiled"]
     _say(f"speed: {len(result['rows'])} rows, {len(failed)} failed, {len(result['skipped'])} groups skipped")

@@ -109,6 +109,15 @@ def _zeros(BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, F64: tl.constexpr):
 
 
 @triton.jit
+def _rstd(var, eps):
+    """1 / sqrt(var + eps) in var's dtype. ``eps`` arrives as a float64 scalar (the kernels annotate it
+    ``tl.float64``: Triton passes a Python float as float32, and a float64 norm would then add a rounded eps,
+    ~1e-10 off at a small variance); the sum is formed in float64 and rounded once to var's dtype. (Under the
+    interpreter eps stays a Python float, which joins var in var's dtype.)"""
+    return 1.0 / tl.sqrt((var + eps).to(var.dtype))
+
+
+@triton.jit
 def _channel_affine(c, cm, a_ptr, b_ptr, eps, gamma, beta, NORM: tl.constexpr, HAS_GAMMA: tl.constexpr,
                     HAS_BETA: tl.constexpr, F64: tl.constexpr):
     """Per-channel (mul, add) of the norm: NORM_AFFINE reads them (scale, shift); NORM_BATCH derives
@@ -124,7 +133,7 @@ def _channel_affine(c, cm, a_ptr, b_ptr, eps, gamma, beta, NORM: tl.constexpr, H
     elif NORM == 2:
         mean = tl.load(a_ptr + c, mask=cm, other=0.0).to(one.dtype)
         var = tl.load(b_ptr + c, mask=cm, other=1.0).to(one.dtype)
-        rstd = 1.0 / tl.sqrt(var + eps)
+        rstd = _rstd(var, eps)
         g = one
         if HAS_GAMMA:
             g = tl.load(gamma + c, mask=cm, other=1.0).to(one.dtype)
@@ -247,7 +256,7 @@ def _up_adjoint_slot(t, g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, gy, part
             tl.store(gy + p[:, None] * C + c[None, :], d, mask=m2)
         if NORM == 2:
             mean = tl.load(a_ptr + c, mask=cm, other=0.0).to(acc.dtype)
-            rstd = 1.0 / tl.sqrt(tl.load(b_ptr + c, mask=cm, other=1.0).to(acc.dtype) + eps)
+            rstd = _rstd(tl.load(b_ptr + c, mask=cm, other=1.0).to(acc.dtype), eps)
             u = (v - mean[None, :]) * rstd[None, :]
         else:
             u = v
@@ -332,7 +341,7 @@ def _dpre_slot(t, gy, pre, p_n, p_c, p_h, p_w, dpre, N, C, H, W, mean_ptr, var_p
     n = p // (W * H)
     v = tl.load(pre + (n * p_n + y * p_h + x * p_w)[:, None] + c[None, :] * p_c, mask=m2, other=0.0)
     mean = tl.load(mean_ptr + c, mask=cm, other=0.0).to(d.dtype)
-    rstd = 1.0 / tl.sqrt(tl.load(var_ptr + c, mask=cm, other=1.0).to(d.dtype) + eps)
+    rstd = _rstd(tl.load(var_ptr + c, mask=cm, other=1.0).to(d.dtype), eps)
     xhat = (v.to(d.dtype) - mean[None, :]) * rstd[None, :]
     g = tl.full([BLOCK_C], 1.0, d.dtype)
     if HAS_GAMMA:

@@ -81,7 +81,7 @@ def _add_part(acc, t, t_n, t_c, t_h, t_w, ty_idx, ty_w, TY, tx_idx, tx_w, TX, KS
 @triton.jit
 def project_epilogue_kernel(
         acc_in, a_n, a_c, a_h, a_w, pre, p_n, p_c, p_h, p_w, out, o_n, o_c, o_h, o_w,
-        bias, norm_a, norm_b, gamma, beta, eps,
+        bias, norm_a, norm_b, gamma, beta, eps: tl.float64,
         t0, t0_n, t0_c, t0_h, t0_w, ty0_idx, ty0_w, TY0, tx0_idx, tx0_w, TX0, KS0,
         t1, t1_n, t1_c, t1_h, t1_w, ty1_idx, ty1_w, TY1, tx1_idx, tx1_w, TX1, KS1,
         t2, t2_n, t2_c, t2_h, t2_w, ty2_idx, ty2_w, TY2, tx2_idx, tx2_w, TX2, KS2,
@@ -176,7 +176,7 @@ def gather_kernel(src, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, ty_idx, ty_w
 
 @triton.jit
 def act_grad_kernel(g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, dy, y_n, y_c, y_h, y_w,
-                    norm_a, norm_b, gamma, beta, eps, N, C, H, W,
+                    norm_a, norm_b, gamma, beta, eps: tl.float64, N, C, H, W,
                     NORM: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr,
                     F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Grid: (tiles of BLOCK_P of the N * H * W pixels, tiles of BLOCK_C of the C channels). One program:

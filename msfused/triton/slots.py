@@ -34,6 +34,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 import triton
 
 MAX_SLOTS = 4
+#: Scalar arguments given a type (by name, in every kernel): Triton passes a Python float as float32, which
+#: would round a norm's eps for float64 kernels (kernels._rstd).
+SCALAR_TYPES = {"eps": "tl.float64"}
 
 _NAME = re.compile(r"\b[A-Za-z_]\w*\b")
 
@@ -113,9 +116,10 @@ class Slotted:
         clash = (set(shared) | set(consts)) & {f"{n}{s}" for n in slot + flags for s in range(MAX_SLOTS)}
         assert not clash and not set(shared) & set(slot), (self.name, clash)
         assert all(n.isidentifier() and not keyword.iskeyword(n) for n in shared + slot + flags + consts)
-        params = list(shared) + (["E0"] if self.has_e0 else [])
+        typed = lambda name, n: f"{name}: {SCALAR_TYPES[n]}" if n in SCALAR_TYPES else name  # noqa: E731
+        params = [typed(n, n) for n in shared] + (["E0"] if self.has_e0 else [])
         for s in range(MAX_SLOTS):
-            params += [f"{n}{s}" for n in slot] + ([f"E{s + 1}"] if self.has_ends else [])
+            params += [typed(f"{n}{s}", n) for n in slot] + ([f"E{s + 1}"] if self.has_ends else [])
         params += [f"{n}{s}: tl.constexpr" for s in range(MAX_SLOTS) for n in flags]
         params += [f"{n}: tl.constexpr" for n in consts]
         lines = [f"def {self.name}({', '.join(params)}):", f'    """{self.doc}"""']
