@@ -520,10 +520,26 @@ class _Fused:
         return TABLE[self.qualname].run(module, plan, *args, **kwargs)
 
 
+def _entry_of(module: nn.Module) -> Optional[Entry]:
+    return next((TABLE[qualified_name(c)] for c in type(module).__mro__ if qualified_name(c) in TABLE), None)
+
+
+def plan_of(module: nn.Module) -> Optional[Plan]:
+    """The plan :func:`convert_module` gives ``module`` (converted or not; its branches hold ``module``'s own
+    conv and norm modules), or None: not a known class, or refused."""
+    entry = _entry_of(module)
+    if entry is None or not _is(module, entry.qualname, entry.method):
+        return None
+    try:
+        return entry.extract(module)
+    except Refused:
+        return None
+
+
 def convert_module(module: nn.Module) -> Optional[Tuple[str, Optional[str]]]:
     """Converts ``module`` in place if its class is in ``TABLE``: returns (label, None) when converted,
     (label, reason) when refused, None when not a known class."""
-    entry = next((TABLE[qualified_name(c)] for c in type(module).__mro__ if qualified_name(c) in TABLE), None)
+    entry = _entry_of(module)
     if entry is None:
         return None
     if isinstance(vars(module).get(entry.method), _Fused):  # converted before: read it again

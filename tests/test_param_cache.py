@@ -147,12 +147,12 @@ def test_entries_die_with_their_owner():
 
 def test_fold_recomputed_after_a_device_move(folds):
     """Module.to(device) gives the parameters new storage on the device (or new tensors): a new fold there."""
-    norm = torch.nn.BatchNorm2d(4).eval()
+    conv, norm = torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4).eval()
     with torch.no_grad():
-        scale, _, _, _ = functional._norm_epilogue(norm)
-        assert functional._norm_epilogue(norm)[0] is scale and folds[0] == 1
-        norm.to("meta")
-        moved, _, _, _ = functional._norm_epilogue(norm)
+        _, scale, _, _, _ = functional._norm_epilogue(conv, norm)
+        assert functional._norm_epilogue(conv, norm)[1] is scale and folds[0] == 1
+        conv.to("meta"), norm.to("meta")
+        _, moved, _, _, _ = functional._norm_epilogue(conv, norm)
         assert moved.device.type == "meta" and folds[0] == 2
 
 

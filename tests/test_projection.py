@@ -211,12 +211,12 @@ def _op_arguments(block, x, requires_grad):
 
     leaf = lambda t: None if t is None else t.detach().clone().requires_grad_(requires_grad)  # noqa: E731
     weight, bias, scale, shift, batch_stats, eps = _branch_args(x, block.spec, block.branches)
-    p_scale, p_shift, p_stats, p_eps = _norm_epilogue(block.project.norm)
+    p_bias, p_scale, p_shift, p_stats, p_eps = _norm_epilogue(block.project.conv, block.project.norm)
     x = x.detach().clone(memory_format=torch.preserve_format).requires_grad_(requires_grad)
     lists = [[leaf(t) for t in ts] for ts in (weight, bias, scale, shift)]
     args = (x, *lists, batch_stats, eps)
     kwargs = dict(block.spec.op_args(), project_weight=leaf(block.project.conv.weight),
-                  project_bias=leaf(block.project.conv.bias), project_scale=leaf(p_scale), project_shift=leaf(p_shift),
+                  project_bias=leaf(p_bias), project_scale=leaf(p_scale), project_shift=leaf(p_shift),
                   project_batch_stats=p_stats, project_eps=p_eps, **block.spec.project.op_args(), save_pre=True)
     return args, kwargs
 

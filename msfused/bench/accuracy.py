@@ -5,10 +5,14 @@ whose true value is exactly zero. Used by the test suite (tests/conftest.py) and
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+import dataclasses
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from ..spec import BlockSpec
 
 #: SPEC.md: float64 err <= 1e-10; float32 against a float64 reference err <= 1e-5.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -67,81 +71,184 @@ def uses_batch_stats(norm: nn.Module) -> bool:
     return isinstance(norm, nn.modules.batchnorm._BatchNorm) and (norm.training or norm.running_mean is None)
 
 
-def true_zero_gradients(model: nn.Module) -> set:
-    """Names of the parameters of ``model`` whose true gradient is exactly 0: conv biases of msfused
-    blocks' branches whose norm normalises with the batch's statistics."""
+def _blocks(model: nn.Module) -> Iterator[Tuple[BlockSpec, Sequence[nn.Module], Optional[nn.Module]]]:
+    """(spec, branches, projection or None) of every msfused block in ``model`` and of every third-party
+    module in it that ``msfused.convert`` fuses (its plan: the module's own conv and norm modules, converted
+    or not)."""
     import msfused
+    from msfused import thirdparty
 
     blocks = (msfused.NaiveMultiScaleBlock, msfused.NaivePyramidPooling, msfused.MultiScaleBlock,
               msfused.PyramidPooling)
-    names = set()
-    for prefix, m in model.named_modules():
+    for m in model.modules():
         if isinstance(m, blocks):
-            for i, br in enumerate(m.branches):
-                if br.conv.bias is not None and uses_batch_stats(br.norm):
-                    names.add(f"{prefix}.branches.{i}.conv.bias".lstrip("."))
-    return names
+            yield m.spec, m.branches, m.project
+        else:
+            plan = thirdparty.plan_of(m)
+            if plan is not None:
+                yield plan.spec, plan.branches, plan.extra.get("project")
+
+
+def _direct_zeros(spec: BlockSpec, branches: Sequence[nn.Module],
+                  project: Optional[nn.Module]) -> Iterator[Tuple[nn.Parameter, nn.Module]]:
+    """(conv bias, norm) for each conv bias (a branch's, the projection's) that feeds a norm normalising with
+    the batch's statistics: that norm removes any constant, so the bias' true gradient is 0 whatever the data."""
+    for part in list(branches) + ([project] if project is not None else []):
+        if part.conv.bias is not None and uses_batch_stats(part.norm):
+            yield part.conv.bias, part.norm
+
+
+def true_zero_gradients(model: nn.Module) -> set:
+    """Names of the parameters of ``model`` whose true gradient is exactly 0 whatever the data: conv biases
+    (of the branches and projections of msfused blocks and of the third-party blocks ``msfused.convert``
+    fuses) that feed a norm normalising with the batch's statistics. (:class:`ZeroGradProbe` also finds the
+    data-dependent ones.)"""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(bias)] for block in _blocks(model) for bias, _ in _direct_zeros(*block) if id(bias) in names}
+
+
+@dataclasses.dataclass
+class _Zero:
+    """A parameter whose true gradient is (or may be) exactly 0: ``norm`` normalises with the batch's
+    statistics and removes its effect. Direct (``branch`` None): a conv bias before ``norm``. Otherwise a
+    constant shift of branch ``branch``'s pre-activation (its conv bias through ``gain``, an eval-mode norm's
+    scale, or its norm's bias) that reaches ``norm`` through the projection's 1x1 ``conv`` (its input
+    channels from ``offset``), which holds only where the activation is linear (open) over the whole batch
+    at every position of the level, per channel (or closed everywhere: then no gradient at all)."""
+
+    name: str
+    norm: nn.Module
+    branch: Optional[nn.Module] = None
+    conv: Optional[nn.Conv2d] = None
+    offset: int = 0
+    activation: Optional[str] = None
+    through_norm: bool = False  # the parameter is the branch norm's bias (else its conv's bias)
 
 
 class ZeroGradProbe:
-    """For branches whose conv bias feeds a norm that normalises with batch statistics, the bias' true
-    gradient is exactly 0 and any computed one is rounding noise. SPEC.md's floor (1e-6 · s) is below
-    that noise for every implementation (the naive module in float32 is ~1e-1 off by the metric and even
-    two float64 runs of the reference differ by ~1e-9), so such gradients are checked against the
+    """For parameters whose true gradient is exactly 0 (a conv bias before a norm that normalises with batch
+    statistics; a constant shift of a branch that reaches a projection's batch-statistics norm through its
+    1x1 convolution: a bias of a branch whose activation is open for the whole batch, e.g. smp's bin-1
+    branch), any computed gradient is rounding noise. SPEC.md's floor (1e-6 · s) is below that noise for
+    every implementation (the naive module in float32 is ~1e-1 off by the metric, and in float64 two runs of
+    the reference in two memory formats differ by more than 1e-10), so such gradients are checked against the
     first-order rounding bound of the norm's backward instead, per channel:
 
         |d bias_c| <= K · eps(dtype) · ( Σ|γ·invstd·dY| + |γ·invstd·mean(dY·x̂)| · invstd · Σ|conv| )
 
     (dY: gradient at the norm's output, conv: the norm's input, sums over N, h, w; measured on the float64
-    reference with hooks; K = ZERO_GRAD_K). A wrong gradient (e.g. the norm's backward skipped) is O(s),
-    far above this bound.
+    reference with hooks; K = ZERO_GRAD_K). Through a projection, the channel's bound is
+    ``gain_c · Σ_o |W_oc| · bound_o`` (W: the 1x1 projection's weight, bound_o: the above for its norm's
+    channel o, gain_c: the branch's eval-mode norm scale for its conv bias, else 1). A wrong gradient (e.g.
+    the norm's backward skipped) is O(s), far above this bound. ``ref``: a msfused block, or any model
+    holding msfused blocks or third-party blocks that ``msfused.convert`` fuses (their branches' biases).
     """
 
     def __init__(self, ref: nn.Module):
-        self.conv_out: Dict[int, torch.Tensor] = {}
-        self.norm_grad: Dict[int, torch.Tensor] = {}
-        self.branches = [i for i, br in enumerate(ref.branches)
-                         if br.conv.bias is not None and uses_batch_stats(br.norm)]
         self.ref = ref
+        self.norm_in: Dict[int, torch.Tensor] = {}
+        self.norm_grad: Dict[int, torch.Tensor] = {}
+        self.conv_out: Dict[int, torch.Tensor] = {}
+        self.zeros: List[_Zero] = []
         self.handles = []
-        for i in self.branches:
-            br = ref.branches[i]
-            self.handles.append(br.conv.register_forward_hook(self._conv_hook(i)))
-            self.handles.append(br.norm.register_forward_hook(self._norm_hook(i)))
+        names = {id(p): n for n, p in ref.named_parameters()}
+        hooked = set()
 
-    def _conv_hook(self, i):
+        def hook(module, fn):
+            if id(module) not in hooked:
+                hooked.add(id(module))
+                self.handles.append(module.register_forward_hook(fn))
+
+        seen = set()
+        for spec, branches, project in _blocks(ref):
+            candidates = [(_Zero(names[id(b)], norm), None) for b, norm in _direct_zeros(spec, branches, project)
+                          if id(b) in names]
+            if project is not None and uses_batch_stats(project.norm) and project.conv.kernel_size == (1, 1) and \
+                    spec.activation in ("relu", None):
+                offset = spec.in_channels if spec.input_position == "first" else 0
+                for br, bspec in zip(branches, spec.branches):
+                    params = [(br.conv.bias, False)] if not uses_batch_stats(br.norm) else []
+                    if isinstance(br.norm, nn.modules.batchnorm._BatchNorm):
+                        params.append((br.norm.bias, True))
+                    for p, through_norm in params:
+                        if p is not None and id(p) in names:
+                            candidates.append((_Zero(names[id(p)], project.norm, br, project.conv, offset,
+                                                     spec.activation, through_norm), br))
+                    offset += bspec.out_channels
+            for z, br in candidates:
+                if z.name in seen:  # a block inside another (smp's PSPModule in its PSPDecoder)
+                    continue
+                seen.add(z.name)
+                self.zeros.append(z)
+                hook(z.norm, self._norm_hook(id(z.norm)))
+                if br is not None:
+                    hook(br.conv, self._conv_hook(id(br.conv)))
+
+    def _conv_hook(self, key):
         def hook(module, inputs, output):
-            self.conv_out[i] = output.detach()
+            self.conv_out[key] = output.detach().clone()  # an in-place activation may follow
         return hook
 
-    def _norm_hook(self, i):
+    def _norm_hook(self, key):
         def hook(module, inputs, output):
-            if output.requires_grad:
-                output.register_hook(lambda g: self.norm_grad.__setitem__(i, g.detach()))
+            self.norm_in[key] = inputs[0].detach().clone()
+            if output.requires_grad:  # (the gradient w.r.t. this value, even if an in-place activation follows)
+                output.register_hook(lambda g: self.norm_grad.__setitem__(key, g.detach()))
         return hook
 
     def remove(self):
         for h in self.handles:
             h.remove()
+        self.handles = []
+
+    def _pre_activation(self, z: _Zero) -> torch.Tensor:
+        norm, conv_out = z.branch.norm, self.conv_out[id(z.branch.conv)]
+        if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            return conv_out
+        stats = uses_batch_stats(norm)
+        return F.batch_norm(conv_out, None if stats else norm.running_mean, None if stats else norm.running_var,
+                            norm.weight, norm.bias, stats, 0.0, norm.eps)
+
+    def _holds(self, z: _Zero) -> bool:
+        """Whether the true gradient is 0 in the last forward (per channel: activation open, or closed,
+        everywhere)."""
+        if z.branch is None or z.activation is None:
+            return True
+        if id(z.branch.conv) not in self.conv_out:
+            return False
+        pre = self._pre_activation(z).detach()
+        opened = (pre > 0).transpose(0, 1).flatten(1)
+        return bool((opened.all(1) | (~opened).all(1)).all())
 
     def param_names(self) -> Dict[str, int]:
-        return {f"branches.{i}.conv.bias": i for i in self.branches}
+        """{name: index} of the parameters whose true gradient is 0 in the last forward (call after it)."""
+        return {z.name: i for i, z in enumerate(self.zeros) if self._holds(z)}
 
-    def bound(self, i: int, dtype: torch.dtype) -> torch.Tensor:
-        """Per channel, the largest |gradient| rounding can give branch ``i``'s bias in ``dtype`` (on the CPU)."""
-        norm = self.ref.branches[i].norm
-        conv = self.conv_out[i]
-        dy = self.norm_grad[i]
+    def _norm_scale(self, norm: nn.Module) -> torch.Tensor:
+        """Per channel of ``norm``: Σ|γ·invstd·dY| + |γ·invstd·mean(dY·x̂)| · invstd · Σ|conv| (the docstring)."""
+        conv, dy = self.norm_in[id(norm)], self.norm_grad[id(norm)]
         var, mean = torch.var_mean(conv, (0, 2, 3), correction=0, keepdim=True)
         invstd = (var + norm.eps).rsqrt()
         gamma = norm.weight.detach().view(1, -1, 1, 1) if norm.weight is not None else torch.ones_like(invstd)
         p = gamma * invstd
         k = (dy * (conv - mean) * invstd).mean((0, 2, 3), keepdim=True)
         conv_l1 = conv.abs().sum((0, 2, 3), keepdim=True)
-        scale = (p * dy).abs().sum((0, 2, 3)) + ((p * k).abs() * invstd * conv_l1).flatten()
+        return (p * dy).abs().sum((0, 2, 3)) + ((p * k).abs() * invstd * conv_l1).flatten()
+
+    def bound(self, i: int, dtype: torch.dtype) -> torch.Tensor:
+        """Per channel, the largest |gradient| rounding can give parameter ``i`` (``param_names``) in ``dtype``."""
+        z = self.zeros[i]
+        scale = self._norm_scale(z.norm).detach()
+        if z.branch is not None:
+            w = z.conv.weight.detach().flatten(1).abs()  # (P, concatenation)
+            scale = w.t()[z.offset:z.offset + z.branch.conv.out_channels] @ scale
+            norm = z.branch.norm
+            if not z.through_norm and isinstance(norm, nn.modules.batchnorm._BatchNorm):  # eval mode: scaled
+                gain = (norm.running_var.detach() + norm.eps).rsqrt()
+                scale = scale * (gain * norm.weight.detach().abs() if norm.weight is not None else gain)
         return (ZERO_GRAD_K * torch.finfo(dtype).eps * scale).to(device="cpu", dtype=torch.float64)
 
     def within(self, i: int, grad: torch.Tensor, tol: float, s: float) -> bool:
-        """Whether ``grad`` (branch ``i``'s bias gradient) is within the rounding bound of zero."""
+        """Whether ``grad`` (parameter ``i``'s gradient) is within the rounding bound of zero."""
         dev = grad.detach().to(device="cpu", dtype=torch.float64).abs()
         return bool((dev <= self.bound(i, grad.dtype) + tol * 1e-6 * s).all())

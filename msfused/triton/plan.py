@@ -187,10 +187,9 @@ def _call_args(module):
     biases, each norm's (scale, shift, batch statistics or not, eps), the block's configuration."""
     from ..functional import _norm_epilogue
 
-    norms = [_norm_epilogue(branch.norm) for branch in module.branches]
+    norms = [_norm_epilogue(branch.conv, branch.norm) for branch in module.branches]
     weight = [branch.conv.weight for branch in module.branches]
-    bias = [branch.conv.bias for branch in module.branches]
-    scale, shift, stats, eps = (list(v) for v in zip(*norms))
+    bias, scale, shift, stats, eps = (list(v) for v in zip(*norms))
     return weight, bias, scale, shift, stats, eps, module.spec.op_args()
 
 
