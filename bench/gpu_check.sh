@@ -19,7 +19,7 @@
 #                         bfloat16 x NCHW, channels_last, forward and backward (and the no-grad path in eval
 #                         mode), NaN-poisoned outputs, SPEC.md's rules; one line per case, never stopping at a
 #                         failure; cases a budget does not reach get SKIP lines
-#   pytest-gpu.log     2c. the suite's tests that need a GPU (GPU_TESTS), beside 2b
+#   pytest-gpu.log     2c. the suite's tests that need a GPU (GPU_TESTS), beside 2b (GPU_CHECK_TESTS=1)
 #   prewarm.log        the workloads' Triton kernels compiled and autotuned (during the build, for phase 3)
 #   results.json, table.txt, profile.txt (rewritten after each workload)
 #                      3. python -m msfused.bench.gpu_check speed: every workload at its full N in bfloat16,
@@ -40,7 +40,7 @@
 #   2b. 'cuda' and 'auto' correctness: 54 s; at a budget of 40 s 'cuda' finished and 'auto' left 77 cases
 #      unreached ('auto' measures its candidates per key and compiles what 2a did not reach). Now budget 80 s,
 #      cap 100 s.
-#   2c. the suite's GPU tests (GPU_TESTS) beside 2b, capped with it: not run on the first run.
+#   2c. (GPU_CHECK_TESTS=1) the suite's GPU tests (GPU_TESTS) beside 2b, capped with it.
 #   3. speed: 123 s at a budget of 110 s: Triton's kernels autotuned for the workloads (32 s), then ~10 s per
 #      workload (4 implementations x 2 modes, 5 warm-up and up to 30 timed calls, a profile of one call
 #      each); psp_decoder_smp and the three torch.compile groups (~20 s each, estimate) were not reached.
@@ -48,9 +48,14 @@
 #      once warm, a cProfile of 'auto' calls on the smallest workload: ~15 s, estimate).
 #   Total: at most ~470 s (caps); ~400 s expected, which with a machine's start (~30 s) leaves a 15-minute
 #   window room for one run, a fix and a rerun only if the fix needs no more than one rerun.
+#   Measured on the second run (commit 64116e0, with these budgets and 2c on): build 167 s, 2a 197 s (36
+#   'triton' cases unreached), 2b stopped at its cap (100 s; 22 'auto' cases unreached) with 2c beside it
+#   (unfinished), speed stopped by the run's own 430 s limit after 8 workloads. Too long for the window:
+#   2c is now opt-in (GPU_CHECK_TESTS=1), and the correctness matrix or the Triton variants it compiles must
+#   shrink before the check fits ~4 minutes (the issue's target): open.
 
 # Environment: PYTHON (default python), MAX_JOBS (default: the CPU count), GPU_CHECK_BUILD=0 to skip the
-# build (use the extension as it is).
+# build (use the extension as it is), GPU_CHECK_TESTS=1 to run phase 2c.
 set -uo pipefail
 
 SMOKE=0
@@ -154,7 +159,7 @@ if [[ -n ${prewarm_pid:-} ]]; then
 fi
 
 # 2c. The suite's GPU tests, beside 2b (both only check values: sharing the GPU does not matter; done before 3).
-if [[ $DEVICE == cuda && $build_status -eq 0 ]]; then
+if [[ $DEVICE == cuda && $build_status -eq 0 && ${GPU_CHECK_TESTS:-0} == 1 ]]; then
     log "2c. the suite's GPU tests (${GPU_TESTS[*]}) -> pytest-gpu.log (background)"
     t3=$(date +%s)
     timeout "${CAPS[2]}" "$PYTHON" -m pytest "${GPU_TESTS[@]}" -q -p no:cacheprovider --benchmark-disable \

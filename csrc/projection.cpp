@@ -80,4 +80,16 @@ at::Tensor tap_weight(const at::Tensor& pw, int64_t offset, int64_t count) {
   return pw.narrow(1, offset, count).permute({2, 3, 0, 1}).reshape({k * k * P, count, 1, 1});
 }
 
+std::pair<at::Tensor, at::Tensor> tap_maps_backward(const at::Tensor& dt, const at::Tensor& a, const at::Tensor& pw,
+                                                    int64_t offset, bool need_w, at::MemoryFormat fmt) {
+  const int64_t P = pw.size(0), k = pw.size(2), Cb = a.size(1);
+  const at::ScalarType wide = dt.scalar_type();
+  auto g = at::convolution_backward(dt, a.to(wide), tap_weight(pw, offset, Cb).to(wide), std::nullopt, {1, 1}, {0, 0},
+                                    {1, 1}, false, {0, 0}, 1, {true, need_w, false});
+  at::Tensor da = std::get<0>(g).to(a.scalar_type()).contiguous(fmt);
+  // (k * k * P, Cb, 1, 1) back to the (P, Cb, k, k) layout of the weight's part
+  at::Tensor dw = need_w ? std::get<1>(g).reshape({k, k, P, Cb}).permute({2, 3, 0, 1}) : at::Tensor();
+  return {da, dw};
+}
+
 }  // namespace msfused

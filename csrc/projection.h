@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <string_view>
+#include <utility>
 
 #include "block_config.h"
 
@@ -51,5 +52,16 @@ at::Tensor weight_slice(const at::Tensor& pw, int64_t offset, int64_t count);
 
 // The same part as one 1x1 convolution weight (k * k * P, count, 1, 1): output channel tap * P + p.
 at::Tensor tap_weight(const at::Tensor& pw, int64_t offset, int64_t count);
+
+// The dtype of a per-tap branch's maps T_b and of their gradient dT_b: opmath (float for half and bfloat16).
+// Each is a partial sum of the one convolution the reference rounds once, so neither is rounded to x's dtype;
+// their 1x1 convolutions run in it (a half-precision activation and weight are exact there).
+inline at::ScalarType tap_maps_dtype(at::ScalarType t) { return stats_dtype(t); }
+
+// The backward of T_b = tap_weight(pw, offset, Cb) . a (a's per-tap maps, one 1x1 convolution at its level)
+// from dt (tap_maps_dtype): the gradient of a, rounded once to a's dtype, in `fmt`; and (need_w) that of the
+// weight's part (P, Cb, k, k), in dt's dtype (rounded once where it is copied into the weight's gradient).
+std::pair<at::Tensor, at::Tensor> tap_maps_backward(const at::Tensor& dt, const at::Tensor& a, const at::Tensor& pw,
+                                                    int64_t offset, bool need_w, at::MemoryFormat fmt);
 
 }  // namespace msfused

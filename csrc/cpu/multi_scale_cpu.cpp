@@ -963,7 +963,8 @@ Tensor branch_epilogue(const BlockPlan& p, const Tensor& pre, const std::optiona
 }
 
 // A per-tap branch of the projection: its maps T_b (N, k*k*P, h, w), channel tap * P + p (forward), or their
-// gradient (backward), and its up-resize as flat two-tap axes.
+// gradient (backward), in opmath (partial sums of the one convolution the reference rounds once: not rounded
+// to scalar_t; tap_maps_dtype), and its up-resize as flat two-tap axes.
 // Along the width also by level column: the outputs that read column j are col_first[j] + u for
 // u < col_ptr[j + 1] - col_ptr[j] (a linear or nearest resize reads each input from one run of outputs; a
 // clamped tap that reads it twice for one output has its weights summed), weights col_w[col_ptr[j] + u]:
@@ -971,8 +972,8 @@ Tensor branch_epilogue(const BlockPlan& p, const Tensor& pre, const std::optiona
 template <typename scalar_t>
 struct TapBranch {
   using T = at::opmath_type<scalar_t>;
-  const scalar_t* maps = nullptr;
-  scalar_t* grads = nullptr;
+  const T* maps = nullptr;
+  T* grads = nullptr;
   int64_t h = 0, w = 0;
   UpAxis<T> uh, uw;
   std::vector<int64_t> col_ptr{0}, col_first;
@@ -1055,15 +1056,15 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
         for (int64_t ky = 0; ky < k; ++ky)
           for (int64_t kx = 0; kx < k; ++kx) {
             const int64_t dx = kx - r, j0 = std::max<int64_t>(0, -dx), j1 = std::min<int64_t>(W, W - dx);
-            const scalar_t* src = t.maps + Plane<CL>::origin(n, (ky * k + kx) * P + c0, KP, t.h, t.w);
+            const T* src = t.maps + Plane<CL>::origin(n, (ky * k + kx) * P + c0, KP, t.h, t.w);
             for (int64_t i = 0; i < t.h; ++i) {
               T* erow = e.data() + e_at[b] + (ky * t.h + i) * WS;
-              const scalar_t* srow = src + i * tp.row;
+              const T* srow = src + i * tp.row;
               if (!CL && t.col_runs) {  // each level value spread over its run of outputs
                 for (int64_t j = 0; j < t.w; ++j) {
                   int64_t u0, u1;
                   t.runs(j, dx, W, &u0, &u1);
-                  const T v = static_cast<T>(srow[j * tp.pix]);
+                  const T v = srow[j * tp.pix];
                   T* eo = erow + t.col_first[j] - dx;
                   const T* cw = t.col_w.data() + t.col_ptr[j];
                   for (int64_t u = u0; u < u1; ++u) eo[u] += v * cw[u];
@@ -1072,14 +1073,14 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
               }
               for (int64_t J = j0; J < j1; ++J) {
                 const int64_t q = J + dx;
-                const scalar_t* a0 = srow + t.uw.i0[q] * tp.pix;
-                const scalar_t* a1 = srow + t.uw.i1[q] * tp.pix;
+                const T* a0 = srow + t.uw.i0[q] * tp.pix;
+                const T* a1 = srow + t.uw.i1[q] * tp.pix;
                 T* es = erow + J * S;
                 if (t.uw.two) {
                   const T w0 = t.uw.w0[q], w1 = t.uw.w1[q];
-                  for (int64_t g = 0; g < G; ++g) es[g] += w0 * static_cast<T>(a0[g]) + w1 * static_cast<T>(a1[g]);
+                  for (int64_t g = 0; g < G; ++g) es[g] += w0 * a0[g] + w1 * a1[g];
                 } else {
-                  for (int64_t g = 0; g < G; ++g) es[g] += static_cast<T>(a0[g]);
+                  for (int64_t g = 0; g < G; ++g) es[g] += a0[g];
                 }
               }
             }
@@ -1347,10 +1348,10 @@ void projection_grad_pass(const BlockPlan& plan, int64_t P, int64_t k, const std
         for (int64_t ky = 0; ky < k; ++ky)
           for (int64_t kx = 0; kx < k; ++kx) {
             const int64_t dx = kx - r, j0 = std::max<int64_t>(0, -dx), j1 = std::min<int64_t>(W, W - dx);
-            scalar_t* dst = t.grads + Plane<CL>::origin(n, (ky * k + kx) * P + c0, KP, t.h, t.w);
+            T* dst = t.grads + Plane<CL>::origin(n, (ky * k + kx) * P + c0, KP, t.h, t.w);
             for (int64_t i = 0; i < t.h; ++i) {
               const T* rrow = rbuf.data() + r_at[b] + (ky * t.h + i) * WS;
-              scalar_t* drow_t = dst + i * tp.row;
+              T* drow_t = dst + i * tp.row;
               if (!CL && t.col_runs) {  // each level value gathers its run of outputs
                 for (int64_t j = 0; j < t.w; ++j) {
                   int64_t u0, u1;
@@ -1360,7 +1361,7 @@ void projection_grad_pass(const BlockPlan& plan, int64_t P, int64_t k, const std
                   T a = 0;
 #pragma omp simd reduction(+ : a)
                   for (int64_t u = u0; u < u1; ++u) a += cw[u] * ro[u];
-                  drow_t[j * tp.pix] = static_cast<scalar_t>(a);
+                  drow_t[j * tp.pix] = a;
                 }
                 continue;
               }
@@ -1381,7 +1382,7 @@ void projection_grad_pass(const BlockPlan& plan, int64_t P, int64_t k, const std
                 }
               }
               for (int64_t j = 0; j < t.w; ++j)
-                for (int64_t g = 0; g < G; ++g) drow_t[j * tp.pix + g] = static_cast<scalar_t>(lrow[j * S + g]);
+                for (int64_t g = 0; g < G; ++g) drow_t[j * tp.pix + g] = lrow[j * S + g];
             }
           }
       }
@@ -1479,6 +1480,7 @@ ProjectForwardResult multi_scale_project_forward_cpu(
                                               .contiguous(fmt)
                                         : Tensor();
   TensorVector tmaps(B), direct(B);
+  const at::ScalarType tdt = tap_maps_dtype(x.scalar_type());
   for (size_t b = 0; b < B; ++b) {
     const BranchPlan& bp = plan.branches[b];
     const Tensor& z = bp.identity ? x : level[b];
@@ -1491,7 +1493,8 @@ ProjectForwardResult multi_scale_project_forward_cpu(
       direct[b] = branch_conv(a, weight_slice(pw, bp.channel_offset, bp.out_channels), std::nullopt, pad, fmt)
                       .contiguous(fmt);
     else
-      tmaps[b] = branch_conv(a, tap_weight(pw, bp.channel_offset, bp.out_channels), std::nullopt, 0, fmt).contiguous(fmt);
+      tmaps[b] = branch_conv(a.to(tdt), tap_weight(pw, bp.channel_offset, bp.out_channels).to(tdt), std::nullopt, 0, fmt)
+                     .contiguous(fmt);
   }
   const BlockPlan pp = projection_plan(plan, proj);
   // Without batch statistics the norm and activation run in the accumulation pass; in place when the
@@ -1510,7 +1513,7 @@ ProjectForwardResult multi_scale_project_forward_cpu(
       if (direct[b].defined()) dv.push_back(direct[b].const_data_ptr<scalar_t>());
       if (!tmaps[b].defined()) continue;
       tb.emplace_back(plan.branches[b], taps[b]);
-      tb.back().maps = tmaps[b].const_data_ptr<scalar_t>();
+      tb.back().maps = tmaps[b].const_data_ptr<T>();
     }
     std::vector<T> pb;
     if (p_bias.has_value() && p_bias->defined()) {
@@ -1574,7 +1577,7 @@ ProjectBackwardResult multi_scale_project_backward_cpu(
   for (size_t b = 0; b < B; ++b)
     if (!convolves_resized(plan.branches[b], k, H, W))
       dts[b] = at::empty({plan.N, k * k * P, plan.branches[b].level_h, plan.branches[b].level_w},
-                         opts.memory_format(fmt));
+                         opts.dtype(tap_maps_dtype(x.scalar_type())).memory_format(fmt));
   Tensor grad_p_bias, grad_p_scale, grad_p_shift;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msfused_project_grad_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -1583,7 +1586,7 @@ ProjectBackwardResult multi_scale_project_backward_cpu(
     for (size_t b = 0; b < B; ++b) {
       if (!dts[b].defined()) continue;
       tb.emplace_back(plan.branches[b], taps[b]);
-      tb.back().grads = dts[b].data_ptr<scalar_t>();
+      tb.back().grads = dts[b].data_ptr<T>();
     }
     const Epilogue<T> epi = make_epilogue<T>(pp.branches[0], p_scale, p_shift, p_mean, p_var);
     const std::vector<double> s = to_doubles(p_scale, P, 1.0);
@@ -1658,13 +1661,9 @@ ProjectBackwardResult multi_scale_project_backward_cpu(
       da = std::get<0>(g).contiguous(fmt);
       if (need_w) grad_pw.narrow(1, bp.channel_offset, Cb).copy_(std::get<1>(g));
     } else {
-      const Tensor& dt = dts[b];
-      const Tensor wt = tap_weight(pw, bp.channel_offset, Cb);
-      auto g = at::convolution_backward(dt, a, wt, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1,
-                                        {true, need_w, false});
-      da = std::get<0>(g).contiguous(fmt);
-      if (need_w)  // (k * k * P, Cb, 1, 1) back to the (P, Cb, k, k) slice
-        grad_pw.narrow(1, bp.channel_offset, Cb).copy_(std::get<1>(g).reshape({k, k, P, Cb}).permute({2, 3, 0, 1}));
+      Tensor dw;
+      std::tie(da, dw) = tap_maps_backward(dts[b], a, pw, bp.channel_offset, need_w, fmt);
+      if (need_w) grad_pw.narrow(1, bp.channel_offset, Cb).copy_(dw);
     }
     Tensor dconv;
     std::tie(dconv, grad_scale[b], grad_shift[b]) =

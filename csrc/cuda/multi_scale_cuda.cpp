@@ -761,8 +761,8 @@ ProjectForwardResult multi_scale_project_forward_cuda(
   const auto [alpha, beta] = norm_coefficients(plan, pre, scale, shift, mean, var, x, dt, stream);
 
   // 4. Per branch its activation (at the level, or resized up where it is convolved directly), then its part
-  // of the projection through ATen: the per-tap maps (one 1x1 convolution to k*k*P channels at the level)
-  // or the direct convolution; and the x part, conv(x, W_x).
+  // of the projection through ATen: the per-tap maps (one 1x1 convolution to k*k*P channels at the level,
+  // in opmath: tap_maps_dtype) or the direct convolution; and the x part, conv(x, W_x).
   TensorVector tmaps, direct;
   std::vector<size_t> tap_branch;
   Tensor acc;
@@ -784,8 +784,9 @@ ProjectForwardResult multi_scale_project_forward_cuda(
                                          {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1)
                              .contiguous(fmt));
       } else {
-        tmaps.push_back(at::convolution(act[b], tap_weight(pw, bp.channel_offset, bp.out_channels), std::nullopt,
-                                        {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1)
+        const at::ScalarType tdt = tap_maps_dtype(x.scalar_type());
+        tmaps.push_back(at::convolution(act[b].to(tdt), tap_weight(pw, bp.channel_offset, bp.out_channels).to(tdt),
+                                        std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1)
                             .contiguous(fmt));
         tap_branch.push_back(b);
       }
@@ -915,13 +916,15 @@ ProjectBackwardResult multi_scale_project_backward_cuda(
     if (need_w) grad_pw.narrow(1, plan.x_offset, plan.C).copy_(std::get<1>(g));
   }
 
-  // 3. Every per-tap branch's maps' gradient: the adjoint of the shifted resize, a gather at its level.
+  // 3. Every per-tap branch's maps' gradient: the adjoint of the shifted resize, a gather at its level (in
+  // opmath: tap_maps_dtype).
   TensorVector dts(B);
   std::vector<size_t> tap_branches;
   for (size_t b = 0; b < B; ++b) {
     const BranchPlan& bp = plan.branches[b];
     if (convolves_resized(bp, k, H, W)) continue;
-    dts[b] = fresh(at::empty({plan.N, k * k * P, bp.level_h, bp.level_w}, opts.memory_format(fmt)));
+    dts[b] = fresh(at::empty({plan.N, k * k * P, bp.level_h, bp.level_w},
+                             opts.dtype(tap_maps_dtype(x.scalar_type())).memory_format(fmt)));
     tap_branches.push_back(b);
   }
   in_groups(tap_branches.size(), [&](size_t g0, size_t count) {
@@ -985,11 +988,9 @@ ProjectBackwardResult multi_scale_project_backward_cuda(
         da = std::get<0>(g).contiguous(fmt);
         if (need_w) grad_pw.narrow(1, bp.channel_offset, Cb).copy_(std::get<1>(g));
       } else {
-        auto g = at::convolution_backward(dts[b], act, tap_weight(pw, bp.channel_offset, Cb), std::nullopt, {1, 1},
-                                          {0, 0}, {1, 1}, false, {0, 0}, 1, {true, need_w, false});
-        da = std::get<0>(g).contiguous(fmt);
-        if (need_w)  // (k * k * P, Cb, 1, 1) back to the (P, Cb, k, k) slice
-          grad_pw.narrow(1, bp.channel_offset, Cb).copy_(std::get<1>(g).reshape({k, k, P, Cb}).permute({2, 3, 0, 1}));
+        Tensor dw;
+        std::tie(da, dw) = tap_maps_backward(dts[b], act, pw, bp.channel_offset, need_w, fmt);
+        if (need_w) grad_pw.narrow(1, bp.channel_offset, Cb).copy_(dw);
       }
     }
     EpilogueGrads eg = epilogue_backward(alone, da, {pre_b}, one(scale.get(b)), one(shift.get(b)), {mean[b]}, {var[b]},

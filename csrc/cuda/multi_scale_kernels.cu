@@ -767,7 +767,7 @@ __global__ void __launch_bounds__(kThreads, 1) project_accumulate_kernel(const _
   for (int d = 0; d < a.num_direct; ++d) val += to_acc(cptr<S>(a.direct[d])[off4<S>(a.direct[d], n, p, I, J)]);
   for (int b = 0; b < a.num_taps; ++b) {
     const ProjectTapBranch& tb = a.tap[b];
-    const S* tm = cptr<S>(tb.tmap);
+    const A* tm = cptr<A>(tb.tmap);  // opmath (tap_maps_dtype)
     const ResizeKind uh = static_cast<ResizeKind>(tb.up_h), uw = static_cast<ResizeKind>(tb.up_w);
     const A sh = linear_scale<A>(tb.h, a.H, ac), sw = linear_scale<A>(tb.w, a.W, ac);
     for (int64_t ky = 0; ky < k; ++ky) {
@@ -781,7 +781,7 @@ __global__ void __launch_bounds__(kThreads, 1) project_accumulate_kernel(const _
         for_each_tap<A>(uw, col, tb.w, a.W, 1, ac, sw, [&](int64_t jj, A ww) {
           A c = A(0);
           for_each_tap<A>(uh, row, tb.h, a.H, 1, ac, sh,
-                          [&](int64_t ii, A wh) { c += wh * to_acc(tm[off4<S>(tb.tmap, n, ch, ii, jj)]); });
+                          [&](int64_t ii, A wh) { c += wh * tm[off4<S>(tb.tmap, n, ch, ii, jj)]; });
           val += ww * c;
         });
       }
@@ -833,7 +833,7 @@ __global__ void __launch_bounds__(kThreads, 1) project_adjoint_kernel(const __gr
     });
   }
   if (G > 1) part = lane_tree_sum(part, s_acc, t, lane, G);
-  if (valid && lane == 0) mptr<S>(br.dt)[off4<S>(br.dt, n, ch, i, j)] = from_acc<S>(part);
+  if (valid && lane == 0) mptr<A>(br.dt)[off4<S>(br.dt, n, ch, i, j)] = part;  // opmath (tap_maps_dtype)
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -249,7 +249,7 @@ cudaError_t launch_dx(DType dtype, const DxArgs& args, cudaStream_t stream);
 // A per-tap branch's part of a k x k projection: T (N, k*k*P, h, w), channel tap * P + p, tap = ky * k + kx,
 // read up-resized to (H, W) and shifted by the tap (zero outside the map).
 struct ProjectTapBranch {
-  View4 tmap;
+  View4 tmap;  // (N, k*k*P, h, w) in opmath (float for half / bfloat16: csrc/projection.h, tap_maps_dtype)
   int64_t h = 0, w = 0;
   int up_h = 0, up_w = 0;  // ResizeKind, level -> output
 };
@@ -280,7 +280,7 @@ cudaError_t launch_project_accumulate(DType dtype, const ProjectAccArgs& args, c
 // (i, j) of its weight times dpre(n, p, I - dy, J - dx); one level element's readers split over `lanes`
 // threads combined in a fixed tree (deterministic, no atomics).
 struct ProjectAdjointBranch {
-  View4 dt;  // (N, k*k*P, h, w) written
+  View4 dt;  // (N, k*k*P, h, w) written, in opmath (as ProjectTapBranch::tmap)
   int64_t h = 0, w = 0;
   int up_h = 0, up_w = 0;
   int64_t lanes = 1, block_begin = 0;  // filled by the launcher

@@ -679,6 +679,9 @@ def speed(args) -> int:
                         step = runner.make_step(built, mode, impl)
                         entry["kernels"] = profile_call(step, device)
                         entry["host_us"] = host_us(step, device)
+                        for row in result["rows"]:
+                            if (row["workload"], row["mode"], row["impl"]) == (w.name, mode, impl):
+                                row["host_ms"] = entry["host_us"] / 1e3
                     except Exception as e:  # noqa: BLE001
                         entry["kernels"], entry["error"] = [], f"{type(e).__name__}: {e}"[:300]
                     result["profiles"].append(entry)

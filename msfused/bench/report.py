@@ -17,6 +17,7 @@ COLUMNS = (
     ("dtype", "dtype", "{}"),
     ("impl", "impl", "{}"),
     ("ms", "median_ms", "{:.3g}"),
+    ("host ms", "host_ms", "{:.3g}"),  # (GPU check only) host time per call, queued without waiting
     ("peak MiB", "peak_mem_mib", "{:.1f}"),
     ("x naive", "speedup_vs_naive", "{:.2f}"),
     ("x compiled", "speedup_vs_compiled", "{:.2f}"),
@@ -27,12 +28,17 @@ COLUMNS = (
 
 
 _IDENTITY = ("workload", "n", "mode", "dtype", "impl")  # the columns that name a case
+_OPTIONAL = ("host_ms",)  # shown only when some row has it
 
 
-def _cells(row: Dict[str, Any]) -> List[str]:
+def _columns(rows: Sequence[Dict[str, Any]]) -> list:
+    return [c for c in COLUMNS if c[1] not in _OPTIONAL or any(r.get(c[1]) is not None for r in rows)]
+
+
+def _cells(row: Dict[str, Any], columns: Sequence[tuple] = COLUMNS) -> List[str]:
     """A row's table cells; a failed case shows 'error' for its time (the message goes below the table)."""
     cells = []
-    for _, key, fmt in COLUMNS:
+    for _, key, fmt in columns:
         value = row.get(key)
         if key == "peak_mem_mib" and row.get("peak_mem_bytes") is not None:
             value = row["peak_mem_bytes"] / 2**20
@@ -115,19 +121,24 @@ def header_lines(result: Dict[str, Any]) -> List[str]:
     warning = busy_warning(env)
     if warning:
         lines.append(warning)
+    if result.get("note"):  # what the run's JSON says about itself (e.g. phases not reached)
+        import textwrap
+
+        lines += textwrap.wrap("note: " + result["note"], 110, subsequent_indent="  ")
     return lines
 
 
 def format_table(result: Dict[str, Any]) -> str:
     """A fixed-width table of every row, with the header lines above it and errors below it."""
     rows = result["rows"]
-    cells = [[header for header, _, _ in COLUMNS]] + [_cells(row) for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
+    columns = _columns(rows)
+    cells = [[header for header, _, _ in columns]] + [_cells(row, columns) for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     left = {"workload", "mode", "dtype", "impl"}
 
     def line(r: Sequence[str]) -> str:
         return "  ".join(
-            c.ljust(w) if key in left else c.rjust(w) for c, w, (_, key, _) in zip(r, widths, COLUMNS)
+            c.ljust(w) if key in left else c.rjust(w) for c, w, (_, key, _) in zip(r, widths, columns)
         ).rstrip()
 
     out = header_lines(result) + ["", line(cells[0]), "  ".join("-" * w for w in widths)]

@@ -2,7 +2,11 @@
 
 CPU: ``time.perf_counter`` around each call. CUDA: a pair of CUDA events around each call on the current
 stream, with the L2 cache flushed (a large buffer zeroed) before each one so that a small workload is not
-timed out of a warm cache, and the device synchronised once at the end. Either way the figure is the
+timed out of a warm cache, and the device synchronised before each call: a call's events then span its
+host-side work too (Python, launches) as a user's loop of that one implementation sees it. Without that
+sync, interleaved implementations queue behind each other, and a host-bound call's launch time hid behind
+the previous implementation's GPU work (the first H200 runs: Triton training steps timed at 0.9 ms whose
+host side took 12 ms per call). Either way the figure is the
 median over the repetitions, after warm-up calls that are not timed. Implementations that are compared
 are timed interleaved (one call of each in turn), so that a change in the machine's load during the run
 does not favour one of them.
@@ -109,6 +113,7 @@ def _time_cuda(fns, contexts, device: torch.device, reps: int, times: List[List[
             for fn, context, pairs in zip(fns, contexts, events):
                 with context():
                     flush.zero_()  # a cold L2 for every call
+                    synchronize(device)  # from an idle device: the events span the call's host work too
                     start, end = pairs[r]
                     start.record()
                     fn()
