@@ -264,11 +264,11 @@ DRIVER = textwrap.dedent(
             out_ref = ref(x64)
             exact = dict(zip(names, torch.autograd.grad(out_ref, [x64] + list(ref.parameters()), g.double())))
             weight, bias_, scale_, shift_, stats_, eps_ = _branch_args(x, spec, own.branches)
-            ps, pt, pst, peps = _norm_epilogue(proj.norm)
+            pb, ps, pt, pst, peps = _norm_epilogue(proj.conv, proj.norm)
             conf = (stats_, eps_, *spec.op_args().values())
             pconf = (pst, peps, *spec.project.op_args().values())
             f = emu.multi_scale_project_forward(x, weight, bias_, scale_, shift_, *conf, proj.conv.weight,
-                                                proj.conv.bias, ps, pt, *pconf, True)
+                                                pb, ps, pt, *pconf, True)
             b = emu.multi_scale_project_backward(g, x, weight, scale_, shift_, *f[1:5], *conf, proj.conv.weight, ps,
                                                  pt, *f[5:8], *pconf, [True, True])
             got = {"x": b[0], "project.conv.weight": b[5], "project.conv.bias": b[6]}
@@ -276,7 +276,7 @@ DRIVER = textwrap.dedent(
                 got[f"branches.{i}.conv.weight"] = b[1][i]
                 if br.conv.bias is not None:
                     got[f"branches.{i}.conv.bias"] = b[2][i]
-            # The norm's weight and bias through its fold into scale and shift, as autograd takes them.
+            # The norm's weight and bias through its fold into bias, scale and shift, as autograd takes them.
             nw = torch.autograd.grad([ps, pt], [proj.norm.weight, proj.norm.bias], [b[7], b[8]])
             got.update({"project.norm.weight": nw[0], "project.norm.bias": nw[1]})
             assert set(got) == set(names), (name, sorted(set(names) - set(got)))
