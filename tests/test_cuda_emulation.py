@@ -78,7 +78,7 @@ def emulation_library(tmp_path_factory) -> Path:
 
 DRIVER = textwrap.dedent(
     r"""
-    import math, sys
+    import functools, math, sys
     import torch
     import msfused  # noqa: F401  (loads msfused._C: the CPU kernels)
 
@@ -98,6 +98,27 @@ DRIVER = textwrap.dedent(
 
     def f64(ts):
         return [None if t is None else t.double() for t in ts]
+
+    def as_list(t):
+        return list(t) if isinstance(t, (list, tuple)) else [t]
+
+    def compare_outputs(name, dtype, worst, direction, names, got, want, ref, s=None, skip=()):
+        # Each named output (a tensor or a list of them) of the emulated operator (got) and the CPU one (want)
+        # against the float64 reference: same dtype, shape and memory format, then SPEC's rule; the errors
+        # go to worst.
+        for nm, g_, w_, r_ in zip(names, got, want, ref):
+            for j, (g, w, r) in enumerate(zip(as_list(g_), as_list(w_), as_list(r_))):
+                assert g.dtype == w.dtype and g.shape == w.shape, (name, nm, j, g.dtype, w.dtype, g.shape, w.shape)
+                if g.numel() and g.dim() == 4:
+                    assert g.is_contiguous(memory_format=torch.channels_last) == \
+                        w.is_contiguous(memory_format=torch.channels_last), (name, nm, j, "format")
+                if nm in skip or not g.numel():
+                    continue
+                e, e_own = norm_err(g, r, s), norm_err(w, r, s)
+                worst.append((e, f"{nm}[{j}]"))
+                assert within_spec(e, e_own, dtype), (
+                    f"{name}: {direction} {nm}[{j}] err {e:.3g} against float64 (the CPU kernels in {dtype}: "
+                    f"{e_own:.3g})")
 
     def block_args(shape, factors, bins, k, cb, dtype, cl, bias=True, scale=True):
         # x, the branches' weight, bias, scale, shift (drawn), and the factor and bins lists.
@@ -131,23 +152,7 @@ DRIVER = textwrap.dedent(
         # The float64 reference: the CPU kernels in float64 on the same values.
         ref = cpu.multi_scale_forward(x.double(), f64(weight), f64(bias_), f64(scale_), f64(shift_), *config)
         worst = []
-
-        def compare(direction, names, got, want, ref, s=None, skip=()):
-            for i, nm in enumerate(names):
-                ws, gs, rs = ([t[i]] if i == 0 else list(t[i]) for t in (want, got, ref))
-                for j, (g, w, r) in enumerate(zip(gs, ws, rs)):
-                    assert g.dtype == w.dtype, (name, nm, j, g.dtype, w.dtype)
-                    if g.numel():
-                        assert g.is_contiguous(memory_format=torch.channels_last) == \
-                            w.is_contiguous(memory_format=torch.channels_last), (name, nm, j, "format")
-                    if nm in skip:
-                        continue
-                    e, e_own = norm_err(g, r, s), norm_err(w, r, s)
-                    worst.append((e, f"{nm}[{j}]"))
-                    assert within_spec(e, e_own, dtype), (
-                        f"{name}: {direction} {nm}[{j}] err {e:.3g} against float64 (the CPU kernels in {dtype}: "
-                        f"{e_own:.3g})")
-
+        compare = functools.partial(compare_outputs, name, dtype, worst)
         compare("forward", ["out", "level", "pre", "mean", "var"], got, want, ref)
         # Backward on identical saved tensors (the CPU forward's; the reference's own in float64).
         grad = torch.randn(want[0].shape, dtype=torch.float64).to(dtype)
@@ -185,25 +190,8 @@ DRIVER = textwrap.dedent(
             return op.multi_scale_project_forward(x, weight, bias_, scale_, shift_, *config, pw, pb, ps, pt, *pconf,
                                                   save_pre)
 
-        def as_list(t):
-            return list(t) if isinstance(t, (list, tuple)) else [t]
-
         worst = []
-
-        def compare(direction, names, got, want, ref, s=None, skip=()):
-            for nm, g_, w_, r_ in zip(names, got, want, ref):
-                for j, (g, w, r) in enumerate(zip(as_list(g_), as_list(w_), as_list(r_))):
-                    assert g.dtype == w.dtype and g.shape == w.shape, (name, nm, j, g.dtype, w.dtype, g.shape, w.shape)
-                    if g.numel() and g.dim() == 4:
-                        assert g.is_contiguous(memory_format=torch.channels_last) == \
-                            w.is_contiguous(memory_format=torch.channels_last), (name, nm, j, "format")
-                    if nm in skip or not g.numel():
-                        continue
-                    e, e_own = norm_err(g, r, s), norm_err(w, r, s)
-                    worst.append((e, f"{nm}[{j}]"))
-                    assert within_spec(e, e_own, dtype), (
-                        f"{name}: {direction} {nm}[{j}] err {e:.3g} against float64 (the CPU kernels in {dtype}: "
-                        f"{e_own:.3g})")
+        compare = functools.partial(compare_outputs, name, dtype, worst)
 
         want = fwd(cpu, x, weight, bias_, scale_, shift_, pw, pb, ps, pt)
         got = fwd(emu, x, weight, bias_, scale_, shift_, pw, pb, ps, pt)
