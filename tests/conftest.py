@@ -352,9 +352,9 @@ class Checker:
         owns = [] if own is None else [own] if isinstance(own, torch.Tensor) else [o for o in own if o is not None]
         e_own = max((norm_err(o, ref, s) for o in owns), default=float("nan"))
         if zero_probe is not None and zero_index is not None:
-            # True value exactly zero: within the rounding bound (see ZeroGradProbe)?
-            assert zero_probe.within(zero_index, out, self.tol, s), (
-                f"{self.context}: {name} (true value 0): |grad| {out.detach().abs().tolist()} exceeds the rounding "
+            # True value zero, or nearly (a scalar weight): within the rounding bound (see ZeroGradProbe)?
+            assert zero_probe.within(zero_index, out, self.tol, s, ref), (
+                f"{self.context}: {name} (true value ~0): |grad| {out.detach().abs().tolist()} exceeds the rounding "
                 f"bound {zero_probe.bound(zero_index, out.dtype).tolist()} (SPEC err {e:.3e}, naive in "
                 f"{self.dtype}: {e_own:.3e})")
             return
