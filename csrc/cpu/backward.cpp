@@ -1,14 +1,17 @@
 // The fused multi-scale block's backward on the CPU (the forward: forward.cpp; the shared helpers and the
-// file map: common.h).
-// Backward mirrors it: the adjoint of the upsample as a gather fused with the activation and norm
-// backward, ATen's convolution backward on the level, then one pass that writes dx once (the identity
-// slice plus every branch's adjoint down-resize, gathered in a fixed order). No atomics, no scatter
-// across threads: results are bit-identical run to run.
+// file map: common.h). It mirrors the forward: the adjoint of the upsample as a gather fused with the
+// activation and norm backward, ATen's convolution backward on the level, then one pass that writes dx once
+// (the identity slice plus every branch's adjoint down-resize, gathered in a fixed order). No atomics, no
+// scatter across threads: results are bit-identical run to run.
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
 
 #include <algorithm>
 #include <array>

@@ -9,7 +9,7 @@
 
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <optional>
@@ -27,7 +27,7 @@ namespace msfused {
 namespace cpu {
 namespace detail {
 
-constexpr int64_t kGroup = 16;  // channels per channels_last work item: one 64-byte line of float32
+inline constexpr int64_t kGroup = 16;  // channels per channels_last work item: one 64-byte line of float32
 
 // Where element (i, j, g) of one work item lives: base + i * row + j * pix + g.
 template <bool CL>

@@ -5,10 +5,18 @@
 //   2. each branch's convolution on its (small) level, by ATen (oneDNN); batch statistics if asked;
 //   3. one pass writes norm, activation and the resize back up straight into the branch's channel slice.
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/conv2d.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/mean.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/var_mean.h>
+#include <ATen/ops/where.h>
 
 #include <algorithm>
 #include <cstring>

@@ -3,10 +3,16 @@
 // (which branch goes per tap, the plans) is csrc/projection.h, shared with the CUDA backend; the block's own
 // passes (the levels, each branch's epilogue and its backward, dx) are forward.cpp's and backward.cpp's.
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 
 #include <algorithm>
 #include <array>

@@ -3,10 +3,13 @@
 // (which branch goes per tap, the plans) is csrc/projection.h, shared with the CUDA backend; the block's own
 // passes (the levels, each branch's epilogue and its backward, dx) are forward.cpp's and backward.cpp's.
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
 
 #include <algorithm>
 #include <tuple>
