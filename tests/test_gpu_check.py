@@ -26,7 +26,7 @@ def test_gpu_check_smoke(tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     summary = (tmp_path / "summary.txt").read_text()
     assert [line.split(":")[0] for line in summary.splitlines()] == [
-        "1. build", "2a. correctness (triton)", "2b. correctness (others)", "3. speed"], summary
+        "1. build", "2b. correctness (others)", "2a. correctness (triton)", "3. speed"], summary  # 2b beside 2a
     assert "commit " in (tmp_path / "env.txt").read_text()
     assert "backends:" in (tmp_path / "info.txt").read_text()
     # 2. one PASS line per case: 1 configuration x float64 x 2 formats, for triton (interpreted) and auto

@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import msfused
-from .conftest import LAYOUTS, assert_memory_format, build_pair, make_input, norm_err
+from .conftest import LAYOUTS, assert_memory_format, build_pair, make_input, norm_err, suggests_channels_last
 
 aten = torch.ops.aten
 COPY_OPS = {aten.clone, aten.copy_, aten._to_copy, aten.contiguous, aten.to, aten._copy_from,
@@ -70,8 +70,12 @@ def _profiled_copies(fn, shape) -> list:
             continue
         if e.cpu_parent is not None and e.cpu_parent.name in names:
             continue  # the copy_ inside a clone / _to_copy: one copy
-        copies.append(e.name)
+        to_channels_last = e.name == "aten::clone" and list(e.concrete_inputs[1:2]) == [CHANNELS_LAST_ENUM]
+        copies.append(e.name + (" to channels_last" if to_channels_last else ""))
     return copies
+
+
+CHANNELS_LAST_ENUM = 2  # c10::MemoryFormat::ChannelsLast, as the profiler records a clone's memory_format
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["f64", "bf16"])
@@ -112,6 +116,11 @@ def test_no_hidden_copies_of_x(kind, kwargs, layout):
 
     expected = 0 if layout in DENSE else 1
     copies = _profiled_copies(forward, x.shape)
+    if kind == "ms" and not suggests_channels_last(x):
+        # A copy on purpose: the factor-1 branch of an NCHW float32 block with few channels convolves x
+        # channels_last (csrc/cpu: conv_channels_last; oneDNN's NCHW path reorders x internally, and slower).
+        assert copies.count("aten::clone to channels_last") == 1, copies
+        copies.remove("aten::clone to channels_last")
     assert len(copies) == expected, (
         f"{layout}: {len(copies)} copies of x inside the forward operator ({copies}), expected {expected}")
     # Inside the C++ backward: the same (x is saved as it is, not copied, and read densely there).
