@@ -51,6 +51,7 @@ def pytest_report_header(config):
 BUILT_ONCE = ("test_cmake.py", "test_cuda_build.py", "test_cuda_emulation.py", "test_ddp.py", "test_launch_plan.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks into the node ids
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in BUILT_ONCE:
