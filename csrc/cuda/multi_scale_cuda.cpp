@@ -1,7 +1,7 @@
 // The torch binding of the CUDA kernels (backend 'cuda'): checks, output allocation, the convolutions
 // through ATen (cuDNN, with deterministic algorithms), and the launches of multi_scale_kernels.cu (the
 // memory passes, the norm arithmetic included) under a device guard on the current stream, each checked.
-// The same structure as the CPU backend (csrc/cpu/multi_scale_cpu.cpp). Registered for the CUDA key.
+// The same structure as the CPU backend (csrc/cpu/). Registered for the CUDA key.
 //
 // Layout: the outputs (out, level, pre, grad_x) are channels_last exactly when x.suggest_memory_format()
 // is; the kernels address every tensor through its strides, so both formats run the same kernels.

@@ -1,0 +1,390 @@
+// The fused multi-scale block with its projection on the CPU (SPEC.md, "The projection"), backward (the
+// forward: projection_forward.cpp): act(norm(conv(cat))) without ever building cat. The split of the work
+// (which branch goes per tap, the plans) is csrc/projection.h, shared with the CUDA backend; the block's own
+// passes (the levels, each branch's epilogue and its backward, dx) are forward.cpp's and backward.cpp's.
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+
+#include <algorithm>
+#include <array>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "../projection.h"
+#include "common.h"
+#include "tap_branch.h"
+
+namespace msfused {
+namespace cpu {
+using namespace detail;
+namespace {
+
+// The projection epilogue's backward, per work item (n, channel group), from grad (dY of the output) and the
+// saved pre-activation v: dyv = dY * act'(alpha * v + beta), rounded to scalar_t as the reference's
+// activation gradient is, then dv = p * dyv + q * v + r per channel (the norm's backward: with batch
+// statistics p, q, r from the sums below; otherwise p = the folded scale, q = r = 0).
+//   * SumsOnly (batch statistics, first pass): part_dy = sum(dyv), part_dyc = sum(dyv * (v - center)); no write.
+//   * otherwise: dv written to dpre, part_dv = sum(dv) (the bias gradient), part_dy / part_dyc as above with
+//     center 0 (eval-mode scale and shift gradients), and from the same rows, while they are in cache, every
+//     tap branch's map gradient dT_b: the adjoint of the forward's resize-and-shift, as a gather at the level
+//     (height first: each row of dv added to the level rows its taps read, rows in increasing order; then the
+//     width taps), in a fixed order: no atomics.
+template <typename scalar_t, bool CL, Activation A, bool SumsOnly>
+void projection_grad_pass(const BlockPlan& plan, int64_t P, int64_t k, const std::vector<TapBranch<scalar_t>>& tb,
+                          const Epilogue<at::opmath_type<scalar_t>>& epi, const std::vector<double>& center,
+                          const std::vector<at::opmath_type<scalar_t>>& p, const std::vector<at::opmath_type<scalar_t>>& q,
+                          const std::vector<at::opmath_type<scalar_t>>& r_coef, const scalar_t* grad, const scalar_t* pre,
+                          scalar_t* dpre, double* part_dy, double* part_dyc, double* part_dv) {
+  using T = at::opmath_type<scalar_t>;
+  constexpr int64_t S = CL ? kGroup : 1;
+  const int64_t H = plan.H, W = plan.W, r = k / 2, KP = k * k * P, WS = W * S;
+  const Groups<CL> groups(P);
+  const Plane<CL> ap = Plane<CL>::make(W, P);
+  int64_t r_size = 0;
+  std::vector<int64_t> r_at;
+  for (const auto& t : tb) {
+    r_at.push_back(r_size);
+    r_size += k * t.h * WS;
+  }
+  at::parallel_for(0, plan.N * groups.per_n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> rbuf(SumsOnly ? 0 : r_size), drow(SumsOnly ? 0 : WS), lrow;
+    for (int64_t item = begin; item < end; ++item) {
+      int64_t n, c0, g_count;
+      groups.at(item, &n, &c0, &g_count);
+      const int64_t G = CL ? g_count : 1;
+      const int64_t origin = Plane<CL>::origin(n, c0, P, H, W);
+      double s_dy[S] = {}, s_dyc[S] = {}, s_dv[S] = {};
+      if (!SumsOnly) std::fill(rbuf.begin(), rbuf.end(), T(0));
+      for (int64_t I = 0; I < H; ++I) {
+        const int64_t at_row = origin + I * ap.row;
+        if constexpr (!CL) {  // one channel: the sums along the row in independent lanes (a fixed order)
+          const T al = epi.alpha[c0], be = epi.beta[c0], pc = p[c0], qc = q[c0], rc = r_coef[c0];
+          const double ctr = center[c0];
+          const scalar_t* gs = grad + at_row;
+          const scalar_t* vs = pre + at_row;
+          // Row sums in opmath (as ATen's batch norm accumulates), the rows' sums in double.
+          const T ctr_t = static_cast<T>(ctr);
+          T a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a1, a2, a3)
+          for (int64_t J = 0; J < W; ++J) {
+            const T v = static_cast<T>(vs[J]);
+            const T dyv = static_cast<T>(static_cast<scalar_t>(static_cast<T>(gs[J]) * activate_grad<T>(A, al * v + be)));
+            a1 += dyv;
+            a2 += dyv * (v - ctr_t);
+            if constexpr (!SumsOnly) {
+              const scalar_t dv = static_cast<scalar_t>(pc * dyv + qc * v + rc);
+              dpre[at_row + J] = dv;
+              drow[J] = static_cast<T>(dv);
+              a3 += static_cast<T>(dv);
+            }
+          }
+          s_dy[0] += static_cast<double>(a1);
+          s_dyc[0] += static_cast<double>(a2);
+          s_dv[0] += static_cast<double>(a3);
+        } else {
+          T a1[S] = {}, a2[S] = {}, a3[S] = {};
+          for (int64_t J = 0; J < W; ++J) {
+            const int64_t at = at_row + J * ap.pix;
+            for (int64_t g = 0; g < S; ++g) {
+              if (g >= G) {
+                if constexpr (!SumsOnly) drow[J * S + g] = T(0);
+                continue;
+              }
+              const int64_t c = c0 + g;
+              const T v = static_cast<T>(pre[at + g]);
+              const T dyv = static_cast<T>(
+                  static_cast<scalar_t>(static_cast<T>(grad[at + g]) * activate_grad<T>(A, epi.alpha[c] * v + epi.beta[c])));
+              a1[g] += dyv;
+              a2[g] += dyv * (v - static_cast<T>(center[c]));
+              if constexpr (!SumsOnly) {
+                const scalar_t dv = static_cast<scalar_t>(p[c] * dyv + q[c] * v + r_coef[c]);
+                dpre[at + g] = dv;
+                drow[J * S + g] = static_cast<T>(dv);
+                a3[g] += static_cast<T>(dv);
+              }
+            }
+          }
+          for (int64_t g = 0; g < G; ++g) {
+            s_dy[g] += static_cast<double>(a1[g]);
+            s_dyc[g] += static_cast<double>(a2[g]);
+            s_dv[g] += static_cast<double>(a3[g]);
+          }
+        }
+        if constexpr (!SumsOnly) {
+          // This row of dv into the level rows that output rows I + dy read (height adjoint).
+          for (size_t b = 0; b < tb.size(); ++b) {
+            const TapBranch<scalar_t>& t = tb[b];
+            for (int64_t ky = 0; ky < k; ++ky) {
+              const int64_t O = I + ky - r;
+              if (O < 0 || O >= H) continue;
+              T* rb = rbuf.data() + r_at[b] + ky * t.h * WS;
+              T* r0 = rb + t.uh.i0[O] * WS;
+              const T w0 = t.uh.two ? t.uh.w0[O] : T(1);
+              for (int64_t x = 0; x < WS; ++x) r0[x] += w0 * drow[x];
+              if (t.uh.two) {
+                T* r1 = rb + t.uh.i1[O] * WS;
+                const T w1 = t.uh.w1[O];
+                for (int64_t x = 0; x < WS; ++x) r1[x] += w1 * drow[x];
+              }
+            }
+          }
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        part_dy[n * P + c0 + g] = s_dy[g];
+        part_dyc[n * P + c0 + g] = s_dyc[g];
+        if (!SumsOnly) part_dv[n * P + c0 + g] = s_dv[g];
+      }
+      if constexpr (SumsOnly) continue;
+      // The width adjoint: each level row of the height adjoint, shifted by the tap, gathered into dT's row.
+      for (size_t b = 0; b < tb.size(); ++b) {
+        const TapBranch<scalar_t>& t = tb[b];
+        const Plane<CL> tp = Plane<CL>::make(t.w, KP);
+        lrow.resize(t.w * S);
+        for (int64_t ky = 0; ky < k; ++ky)
+          for (int64_t kx = 0; kx < k; ++kx) {
+            const int64_t dx = kx - r, j0 = std::max<int64_t>(0, -dx), j1 = std::min<int64_t>(W, W - dx);
+            T* dst = t.grads + Plane<CL>::origin(n, (ky * k + kx) * P + c0, KP, t.h, t.w);
+            for (int64_t i = 0; i < t.h; ++i) {
+              const T* rrow = rbuf.data() + r_at[b] + (ky * t.h + i) * WS;
+              T* drow_t = dst + i * tp.row;
+              if (!CL && t.col_runs) {  // each level value gathers its run of outputs
+                for (int64_t j = 0; j < t.w; ++j) {
+                  int64_t u0, u1;
+                  t.runs(j, dx, W, &u0, &u1);
+                  const T* ro = rrow + t.col_first[j] - dx;
+                  const T* cw = t.col_w.data() + t.col_ptr[j];
+                  T a = 0;
+#pragma omp simd reduction(+ : a)
+                  for (int64_t u = u0; u < u1; ++u) a += cw[u] * ro[u];
+                  drow_t[j * tp.pix] = a;
+                }
+                continue;
+              }
+              std::fill(lrow.begin(), lrow.end(), T(0));
+              for (int64_t J = j0; J < j1; ++J) {
+                const int64_t qx = J + dx;
+                const T* rs = rrow + J * S;
+                T* l0 = lrow.data() + t.uw.i0[qx] * S;
+                if (t.uw.two) {
+                  T* l1 = lrow.data() + t.uw.i1[qx] * S;
+                  const T w0 = t.uw.w0[qx], w1 = t.uw.w1[qx];
+                  for (int64_t g = 0; g < S; ++g) {
+                    l0[g] += w0 * rs[g];
+                    l1[g] += w1 * rs[g];
+                  }
+                } else {
+                  for (int64_t g = 0; g < S; ++g) l0[g] += rs[g];
+                }
+              }
+              for (int64_t j = 0; j < t.w; ++j)
+                for (int64_t g = 0; g < G; ++g) drow_t[j * tp.pix + g] = lrow[j * S + g];
+            }
+          }
+      }
+    }
+  });
+}
+
+// Per channel, the per-(n, channel) partial sums added in batch order (deterministic).
+std::vector<double> sum_over_batch(const std::vector<double>& part, int64_t N, int64_t P) {
+  std::vector<double> s(P, 0.0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < P; ++c) s[c] += part[n * P + c];
+  return s;
+}
+
+// Whether the projection's x part is the GEMM it is (1x1 kernel, a dtype BLAS computes): then the forward
+// and backward run it as matrix products (ATen's 1x1 convolution reorders NCHW maps in and out of oneDNN's
+// blocked layout, costing more than the product itself at these sizes).
+bool x_part_is_gemm(int64_t k, const Tensor& x) {
+  return k == 1 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
+}
+
+// The x part's backward as GEMMs (x_part_is_gemm): dx = W_x^T dv and dW_x = dv x^T summed over the batch
+// in order (NCHW, per sample), or over the rows (N H W, channels) of channels_last maps.
+std::pair<Tensor, Tensor> x_part_gemm_backward(const Tensor& dpre, const Tensor& x, const Tensor& wx, bool need_x,
+                                               bool need_w, at::MemoryFormat fmt) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = wx.size(0);
+  const Tensor w2 = wx.reshape({P, C});
+  Tensor dx, dw;
+  if (fmt == at::MemoryFormat::ChannelsLast) {
+    const Tensor rows = dpre.permute({0, 2, 3, 1}).reshape({N * H * W, P});
+    const Tensor xrows = x.permute({0, 2, 3, 1}).reshape({N * H * W, C});
+    if (need_x) dx = at::mm(rows, w2).view({N, H, W, C}).permute({0, 3, 1, 2});
+    if (need_w) dw = at::mm(rows.t(), xrows);
+  } else {
+    const Tensor cols = dpre.view({N, P, H * W});
+    const Tensor xcols = x.view({N, C, H * W});
+    if (need_x) {
+      dx = at::empty({N, C, H * W}, x.options());
+      for (int64_t n = 0; n < N; ++n) {
+        Tensor dn = dx.select(0, n);
+        at::mm_out(dn, w2.t(), cols.select(0, n));
+      }
+      dx = dx.view({N, C, H, W});
+    }
+    if (need_w) {
+      dw = at::zeros({P, C}, x.options());
+      for (int64_t n = 0; n < N; ++n) dw.addmm_(cols.select(0, n), xcols.select(0, n).t());
+    }
+  }
+  return {dx, need_w ? dw.view({P, C, 1, 1}) : dw};
+}
+
+}  // namespace
+
+ProjectBackwardResult multi_scale_project_backward_cpu(
+    const Tensor& grad_in, const Tensor& x_in, at::TensorList weight, const OptionalTensorList& scale,
+    const OptionalTensorList& shift, at::TensorList level, at::TensorList pre, at::TensorList mean, at::TensorList var,
+    const c10::List<bool>& batch_stats, c10::ArrayRef<double> eps, c10::IntArrayRef factor, c10::IntArrayRef bins,
+    c10::string_view down_mode, c10::string_view up_mode, bool align_corners, c10::string_view activation,
+    c10::string_view input_position, const Tensor& pw, const std::optional<Tensor>& p_scale,
+    const std::optional<Tensor>& p_shift, const Tensor& p_pre, const Tensor& p_mean, const Tensor& p_var,
+    bool p_batch_stats, double p_eps, c10::string_view p_activation, std::array<bool, 2> output_mask) {
+  const BlockPlan plan = make_plan(x_in, weight, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
+                                   activation, input_position);
+  const Projection proj = check_projection(plan, x_in, pw, p_eps, p_batch_stats, p_activation);
+  const size_t B = plan.branches.size();
+  const int64_t P = proj.P, k = proj.k, pad = k / 2, H = plan.H, W = plan.W;
+  check_project_backward_args(plan, proj, grad_in, level, pre, mean, var, scale, shift, p_pre);
+  const auto fmt = x_in.suggest_memory_format();
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const Tensor x = x_in.contiguous(fmt);
+  const Tensor grad = grad_in.to(x.scalar_type()).contiguous(fmt);
+  const auto opts = x.options();
+  const bool need_w = output_mask[1];
+  // The projection's epilogue backward (the gradient dpre of its pre-activation, bias included) and, in the
+  // same pass, the gradients of every per-tap branch's maps T_b.
+  const BlockPlan pp = projection_plan(plan, proj);
+  const Tensor pre_c = p_pre.contiguous(fmt);
+  Tensor dpre = at::empty({plan.N, P, H, W}, opts.memory_format(fmt));
+  TensorVector dts(B);
+  for (size_t b = 0; b < B; ++b)
+    if (!convolves_resized(plan.branches[b], k, H, W))
+      dts[b] = at::empty({plan.N, k * k * P, plan.branches[b].level_h, plan.branches[b].level_w},
+                         opts.dtype(tap_maps_dtype(x.scalar_type())).memory_format(fmt));
+  Tensor grad_p_bias, grad_p_scale, grad_p_shift;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msfused_project_grad_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto taps = make_branch_taps<T>(plan);
+    std::vector<TapBranch<scalar_t>> tb;
+    for (size_t b = 0; b < B; ++b) {
+      if (!dts[b].defined()) continue;
+      tb.emplace_back(plan.branches[b], taps[b]);
+      tb.back().grads = dts[b].data_ptr<T>();
+    }
+    const Epilogue<T> epi = make_epilogue<T>(pp.branches[0], p_scale, p_shift, p_mean, p_var);
+    const std::vector<double> s = to_doubles(p_scale, P, 1.0);
+    const std::vector<double> center = proj.batch_stats ? to_doubles(p_mean, P, 0.0) : std::vector<double>(P, 0.0);
+    std::vector<T> pc(P), qc(P, T(0)), rc(P, T(0));
+    std::vector<double> part_dy(plan.N * P), part_dyc(plan.N * P), part_dv(plan.N * P), d_scale(P);
+    const bool work = dpre.numel() > 0;
+    with_activation(proj.activation, [&](auto act) {
+      constexpr Activation A = decltype(act)::value;
+      const scalar_t* g = grad.const_data_ptr<scalar_t>();
+      const scalar_t* v = pre_c.const_data_ptr<scalar_t>();
+      if (proj.batch_stats) {  // the sums first: the norm's backward coefficients need them
+        auto sums = cl ? projection_grad_pass<scalar_t, true, A, true> : projection_grad_pass<scalar_t, false, A, true>;
+        if (work) sums(plan, P, k, tb, epi, center, pc, qc, rc, g, v, nullptr, part_dy.data(), part_dyc.data(), nullptr);
+        const std::vector<double> sum_dy = sum_over_batch(part_dy, plan.N, P), sum_dyc = sum_over_batch(part_dyc, plan.N, P);
+        const std::vector<double> var = to_doubles(p_var, P, 0.0);
+        for (int64_t c = 0; c < P; ++c) {
+          double pd, qd, rd;
+          batch_norm_grad(s[c], center[c], var[c], proj.eps, static_cast<double>(plan.N * H * W), sum_dy[c],
+                          sum_dyc[c], &d_scale[c], &pd, &qd, &rd);
+          pc[c] = static_cast<T>(pd);
+          qc[c] = static_cast<T>(qd);
+          rc[c] = static_cast<T>(rd);
+        }
+      } else {
+        for (int64_t c = 0; c < P; ++c) pc[c] = static_cast<T>(s[c]);
+      }
+      auto pass = cl ? projection_grad_pass<scalar_t, true, A, false> : projection_grad_pass<scalar_t, false, A, false>;
+      if (work)
+        pass(plan, P, k, tb, epi, center, pc, qc, rc, g, v, dpre.data_ptr<scalar_t>(), part_dy.data(), part_dyc.data(),
+             part_dv.data());
+    });
+    std::vector<double> sum_dy = sum_over_batch(part_dy, plan.N, P), sum_dv = sum_over_batch(part_dv, plan.N, P);
+    if (!proj.batch_stats) d_scale = sum_over_batch(part_dyc, plan.N, P);  // sum(dY * pre)
+    const auto pdt = at::TensorOptions().dtype(at::kDouble);
+    const auto as_grad = [&](std::vector<double>& values, const std::optional<Tensor>& like) {
+      if (!like.has_value() || !like->defined()) return at::empty({0}, opts);
+      return at::from_blob(values.data(), {P}, pdt).to(like->scalar_type(), false, /*copy=*/true);
+    };
+    grad_p_scale = as_grad(d_scale, p_scale);
+    grad_p_shift = as_grad(sum_dy, p_shift);
+    grad_p_bias = at::from_blob(sum_dv.data(), {P}, pdt).to(x.scalar_type(), false, /*copy=*/true);
+  });
+  Tensor grad_pw = need_w ? at::zeros_like(pw, at::MemoryFormat::Preserve) : at::empty({0}, opts);
+  Tensor dx_proj;  // the x part's gradient of x
+  if (plan.x_offset >= 0) {
+    const Tensor wx = weight_slice(pw, plan.x_offset, plan.C);
+    Tensor dx_g, dw_g;
+    if (x_part_is_gemm(k, x)) {
+      std::tie(dx_g, dw_g) = x_part_gemm_backward(dpre, x, wx, output_mask[0], need_w, fmt);
+    } else {
+      auto g = at::convolution_backward(dpre, x, wx, std::nullopt, {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1,
+                                        {output_mask[0], need_w, false});
+      dx_g = std::get<0>(g);
+      dw_g = std::get<1>(g);
+    }
+    if (output_mask[0]) dx_proj = dx_g.contiguous(fmt);
+    if (need_w) grad_pw.narrow(1, plan.x_offset, plan.C).copy_(dw_g);
+  }
+  TensorVector grad_weight(B), grad_bias(B), grad_scale(B), grad_shift(B), dz(B);
+  for (size_t b = 0; b < B; ++b) {
+    const BranchPlan& bp = plan.branches[b];
+    const int64_t Cb = bp.out_channels;
+    const bool whole = convolves_resized(bp, k, H, W);
+    const BlockPlan alone = branch_alone(plan, b, !whole);
+    // The branch's activation (as in the forward) and the gradient reaching it.
+    const Tensor a = branch_epilogue(alone, pre[b], scale.get(b), shift.get(b), mean[b], var[b], fmt);
+    Tensor da;
+    if (whole) {
+      auto g = at::convolution_backward(dpre, a, weight_slice(pw, bp.channel_offset, Cb), std::nullopt, {1, 1},
+                                        {pad, pad}, {1, 1}, false, {0, 0}, 1, {true, need_w, false});
+      da = std::get<0>(g).contiguous(fmt);
+      if (need_w) grad_pw.narrow(1, bp.channel_offset, Cb).copy_(std::get<1>(g));
+    } else {
+      Tensor dw;
+      std::tie(da, dw) = tap_maps_backward(dts[b], a, pw, bp.channel_offset, need_w, fmt);
+      if (need_w) grad_pw.narrow(1, bp.channel_offset, Cb).copy_(dw);
+    }
+    Tensor dconv;
+    std::tie(dconv, grad_scale[b], grad_shift[b]) =
+        epilogue_backward(alone, alone.branches[0], da, pre[b], scale.get(b), shift.get(b), mean[b], var[b], fmt);
+    const int64_t bpad = bp.kernel_size / 2;
+    const Tensor& z = bp.identity ? x : level[b];
+    auto grads = at::convolution_backward(dconv, z, weight[b], c10::OptionalArrayRef<int64_t>({Cb}), {1, 1},
+                                          {bpad, bpad}, {1, 1}, false, {0, 0}, 1, {output_mask[0], need_w, true});
+    dz[b] = output_mask[0] ? std::get<0>(grads).contiguous(fmt) : Tensor();
+    grad_weight[b] = need_w ? std::get<1>(grads).contiguous(weight[b].suggest_memory_format()) : at::empty({0}, opts);
+    grad_bias[b] = std::get<2>(grads);
+  }
+  Tensor grad_x = at::empty({0}, opts);
+  if (output_mask[0]) {
+    // dx written once: the x part's gradient (as the "identity slice" of a C-channel gradient) plus every
+    // branch's adjoint down-resize.
+    BlockPlan dx_plan = plan;
+    dx_plan.out_channels = plan.C;
+    dx_plan.x_offset = plan.x_offset >= 0 ? 0 : -1;
+    grad_x = at::empty({plan.N, plan.C, H, W}, opts.memory_format(fmt));
+    dispatch_down_adjoint(dx_plan, dx_proj, dz, grad_x, cl);
+  }
+  if (!need_w) grad_pw = at::empty({0}, opts);
+  return {grad_x, grad_weight, grad_bias, grad_scale, grad_shift, grad_pw, grad_p_bias, grad_p_scale, grad_p_shift};
+}
+
+}  // namespace cpu
+}  // namespace msfused
