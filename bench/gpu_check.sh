@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: build, correctness of every GPU backend, speed, in about 5 minutes (estimate) on one H100/H200
-# with 16 cores (torch, triton, ninja, nvcc preinstalled; no network: nothing is downloaded).
+# The GPU check: build, correctness of every GPU backend, speed, in about 4-5 minutes (estimate) on one
+# H100/H200 with 16 cores (torch, triton, ninja, nvcc preinstalled; no network: nothing is downloaded).
 #
 #   bash bench/gpu_check.sh OUTDIR            # on the GPU machine, from a clean checkout
 #   bash bench/gpu_check.sh --smoke OUTDIR    # dry run on a CPU (CI: tests/test_gpu_check.py): every phase,
@@ -32,9 +32,10 @@
 # it measured is still written. Order: 2a (and 2a') start with the build; 2b (and 2c) start when the build
 # ends, beside what remains of 2a; 3 runs alone once 1-2 are done (it times).
 # Measured on the H200 runs of 2026-11-30 (16 cores; commits a038b1c, 64116e0), with the budgets of then:
-#   1. build 123 s and 167 s: the critical path is the slowest C++ file (ninja's log here, 2 jobs:
-#      csrc/cpu/multi_scale_cpu.cpp 75-116 s, csrc/cuda/multi_scale_cuda.cpp 20-44 s, the .cu 25 s); a
-#      rerun without C++ changes: ~10 s (estimate).
+#   1. build 123 s and 167 s: the critical path was the slowest C++ file, csrc/cpu/multi_scale_cpu.cpp
+#      (75 s alone here; ninja's log, 2 jobs: 75-116 s). It is now five files of 6-23 s each (csrc/cpu/);
+#      the slowest are csrc/autograd/multi_scale_autograd.cpp (24 s) and csrc/cuda/multi_scale_cuda.cpp
+#      (20-44 s): ~45-60 s expected on 16 cores (estimate). A rerun without C++ changes: ~10 s (estimate).
 #   2a. Triton correctness beside the build: 146 s (budget 110 s: 40 of 144 cases unreached), 197 s (budget
 #      160 s: 36 unreached). Triton compiles ~1000 kernel variants for the 24 configurations x 3 dtypes.
 #   2b. 'cuda' and 'auto': 54 s (budget 40 s: 77 'auto' cases unreached), 100 s (cap, with 2c beside it).
@@ -43,8 +44,8 @@
 #   Those runs took 329 s and 430+ s (cut): too long for a 15-minute window with a rerun.
 # Now (estimates, not yet run on a GPU): 2a budget 130 s (cap 160 s); 2b budget 70 s (cap 90 s) from the
 # build's end; 3 budget 110 s (cap 140 s) at 3 warm-up and 15 timed calls (at most 0.5 s) per case. With a
-# build of ~130 s: ~130 + 70 + 110 = ~310 s, ~5 minutes; the issue's ~4 minutes needs the build shorter
-# (the CPU kernels split over several files compile side by side) or fewer Triton variants.
+# build of ~60 s, 2a (130 s) ends after 2b (60 + 70 s): ~130 + 110 = ~240-260 s with the processes' start,
+# about 4 minutes; at the old build's ~150 s it would be ~330 s.
 # 2c (GPU_CHECK_TESTS=1): the suite's GPU tests (GPU_TESTS) beside 2b, capped with it.
 
 # Environment: PYTHON (default python), MAX_JOBS (default: the CPU count), GPU_CHECK_BUILD=0 to skip the
