@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import msfused
 
-from .conftest import Case, build_case, build_pair, make_input, run_case
+from .conftest import Case, build_case, build_pair, check_half_precision_grads, make_input, run_case
 
 FORWARD = torch.ops.msfused.multi_scale_project_forward.default
 BACKWARD = torch.ops.msfused.multi_scale_project_backward.default
@@ -268,6 +268,25 @@ def test_compile_one_operator_node_and_export():
     ep = torch.export.export(fused, (x,))
     assert any("multi_scale_project_forward" in str(n.target) for n in ep.graph.nodes)
     assert torch.allclose(ep.module()(x), want, rtol=0, atol=1e-12)
+
+
+BF16_CASES = [
+    Case("ms", dict(scales=(1, 2, 4), norm="batch", activation="gelu", branch_channels=4,
+                    project=_proj(P=6, k=3, norm="batch", activation="silu")), (3, 5, 13, 11), torch.bfloat16,
+         train=True, label="proj3-bf16-train"),
+    Case("psp", dict(bins=(1, 2, 3, 6), activation="silu", branch_channels=4, input_position="last",
+                     project=_proj(P=5, k=1, bias=True, norm=None, activation="gelu")), (3, 6, 12, 10),
+         torch.bfloat16, layout="channels_last", label="proj1-bf16"),
+]
+
+
+@pytest.mark.parametrize("case", BF16_CASES, ids=[c.id for c in BF16_CASES])
+def test_bfloat16_gradients(case):
+    """bfloat16 (not under autocast: x and every parameter in bfloat16) with a projection: the output and the
+    gradients of x and every parameter within SPEC.md's half-precision rule, on the mean err over 8 fresh
+    draws (conftest.check_half_precision_grads; smooth activations: a ReLU kink flipped by one bf16 rounding is
+    a large error for any implementation)."""
+    check_half_precision_grads(case, trials=8)
 
 
 def test_autocast_output_dtype():
