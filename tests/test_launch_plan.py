@@ -95,3 +95,12 @@ def test_explain_cuda_is_not_available_yet(capsys):
 
     assert main(["explain", "psp_small", "--backend", "cuda"]) == 2
     assert "not available yet" in capsys.readouterr().err
+
+
+def test_a_projection_the_plan_does_not_cover_is_named(survey):
+    """The head workloads' plans cover the block alone today: the plan says so (plan.omitted: in the table as
+    NOT PLANNED lines, and in the JSON) rather than passing the block's launches off as the whole call."""
+    for row in survey:
+        head = row["workload"] in ("psp_head_mmseg", "psp_decoder_smp")
+        assert bool(row["omitted"]) == head, row["workload"]
+        assert all("projection" in what for what in row["omitted"])
