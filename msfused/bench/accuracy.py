@@ -274,34 +274,34 @@ class ZeroGradProbe:
             return None
         return _single_tap(conv, self.conv_in_size[key], self.conv_out[key].shape[2:])
 
+    def _norm_terms(self, norm: nn.Module):
+        """The norm's backward, per channel, from the last forward: its input, dY, the batch mean, invstd,
+        γ·invstd and mean(dY·x̂) (each shaped to broadcast over (N, C, H, W))."""
+        conv, dy = self.norm_in[id(norm)], self.norm_grad[id(norm)]
+        var, mean = torch.var_mean(conv, (0, 2, 3), correction=0, keepdim=True)
+        invstd = (var + norm.eps).rsqrt()
+        gamma = norm.weight.detach().view(1, -1, 1, 1) if norm.weight is not None else torch.ones_like(invstd)
+        k = (dy * (conv - mean) * invstd).mean((0, 2, 3), keepdim=True)
+        return conv, dy, mean, invstd, gamma * invstd, k
+
     def _weight_scale(self, z: _Zero) -> torch.Tensor:
         """Per output channel of a scalar weight (``_scalar_weights``): with u its input (the conv's output
         ``w·u + b`` divided back), dW = Σ dZ·u for dZ = γ·invstd·(dY − mean(dY) − x̂·mean(dY·x̂)); each term's
         rounding, weighted by |u|: Σ|γ·invstd·dY·u| + |γ·invstd·mean(dY)|·Σ|u| + |γ·invstd·mean(dY·x̂)| ·
         invstd · Σ(|conv| + |mean|)·|u|."""
-        conv, norm = z.weight_of, z.norm
-        out, dy = self.norm_in[id(norm)], self.norm_grad[id(norm)]
+        out, dy, mean, invstd, p, k = self._norm_terms(z.norm)
+        conv = z.weight_of
         ti, tj = self._tap(conv)
         w = conv.weight.detach()[:, 0, ti, tj].view(1, -1, 1, 1).to(out.dtype)
         b = conv.bias.detach().view(1, -1, 1, 1).to(out.dtype) if conv.bias is not None else 0.0
         u = ((out - b) / w).abs()
-        var, mean = torch.var_mean(out, (0, 2, 3), correction=0, keepdim=True)
-        invstd = (var + norm.eps).rsqrt()
-        gamma = norm.weight.detach().view(1, -1, 1, 1) if norm.weight is not None else torch.ones_like(invstd)
-        p = gamma * invstd
-        k = (dy * (out - mean) * invstd).mean((0, 2, 3), keepdim=True)
         dims = (0, 2, 3)
         return ((p * dy).abs() * u).sum(dims) + (p * dy.mean(dims, keepdim=True)).abs().flatten() * u.sum(dims) + \
             ((p * k).abs() * invstd).flatten() * ((out.abs() + mean.abs()) * u).sum(dims)
 
     def _norm_scale(self, norm: nn.Module) -> torch.Tensor:
         """Per channel of ``norm``: Σ|γ·invstd·dY| + |γ·invstd·mean(dY·x̂)| · invstd · Σ|conv| (the docstring)."""
-        conv, dy = self.norm_in[id(norm)], self.norm_grad[id(norm)]
-        var, mean = torch.var_mean(conv, (0, 2, 3), correction=0, keepdim=True)
-        invstd = (var + norm.eps).rsqrt()
-        gamma = norm.weight.detach().view(1, -1, 1, 1) if norm.weight is not None else torch.ones_like(invstd)
-        p = gamma * invstd
-        k = (dy * (conv - mean) * invstd).mean((0, 2, 3), keepdim=True)
+        conv, dy, _, invstd, p, k = self._norm_terms(norm)
         conv_l1 = conv.abs().sum((0, 2, 3), keepdim=True)
         return (p * dy).abs().sum((0, 2, 3)) + ((p * k).abs() * invstd * conv_l1).flatten()
 
@@ -310,8 +310,13 @@ class ZeroGradProbe:
         z = self.zeros[i]
         if z.weight_of is not None:  # per output channel, over the kernel (the other taps' exact 0 included)
             scale = self._weight_scale(z).detach().view(-1, 1, 1, 1)
-            return (ZERO_GRAD_K * torch.finfo(dtype).eps * scale).to(device="cpu", dtype=torch.float64)
-        scale = self._norm_scale(z.norm).detach()
+        else:
+            scale = self._through_projection(z, self._norm_scale(z.norm).detach())
+        return (ZERO_GRAD_K * torch.finfo(dtype).eps * scale).to(device="cpu", dtype=torch.float64)
+
+    def _through_projection(self, z: _Zero, scale: torch.Tensor) -> torch.Tensor:
+        """A norm's per-channel bound carried back to the parameter (through the projection's 1x1 conv and the
+        branch's eval-mode norm scale, for a _Zero with a branch; as it is otherwise)."""
         if z.branch is not None:
             w = z.conv.weight.detach().flatten(1).abs()  # (P, concatenation)
             scale = w.t()[z.offset:z.offset + z.branch.conv.out_channels] @ scale
@@ -319,7 +324,7 @@ class ZeroGradProbe:
             if not z.through_norm and isinstance(norm, nn.modules.batchnorm._BatchNorm):  # eval mode: scaled
                 gain = (norm.running_var.detach() + norm.eps).rsqrt()
                 scale = scale * (gain * norm.weight.detach().abs() if norm.weight is not None else gain)
-        return (ZERO_GRAD_K * torch.finfo(dtype).eps * scale).to(device="cpu", dtype=torch.float64)
+        return scale
 
     def within(self, i: int, grad: torch.Tensor, tol: float, s: float, ref: Optional[torch.Tensor] = None) -> bool:
         """Whether ``grad`` (parameter ``i``'s gradient) is within the rounding bound of zero, or for a scalar
