@@ -340,8 +340,8 @@ class Checker:
     input: two rounding orders) with a margin for the randomness of rounding noise:
     ``err <= 4 · max(err_naive_f32) + 1e-5``, or within ``F32_SENSITIVITY_FACTOR`` times the tensor's
     sensitivity to float32 rounding of the inputs (``sens``: the float64 reference's change under one
-    rounding of x, the parameters and the upstream gradient; msfused.bench.accuracy says why). Every failure
-    message reports the numbers."""
+    rounding of x, the parameters and the upstream gradient, a number or a function that measures it;
+    msfused.bench.accuracy says why). Every failure message reports the numbers."""
 
     def __init__(self, dtype: torch.dtype, context: str, tol: Optional[float] = None):
         self.dtype = dtype
@@ -350,7 +350,7 @@ class Checker:
 
     def __call__(self, name: str, out: torch.Tensor, ref: torch.Tensor, own=None,
                  s: Optional[float] = None, zero_probe: Optional["ZeroGradProbe"] = None,
-                 zero_index: Optional[int] = None, sens: Optional[float] = None) -> None:
+                 zero_index: Optional[int] = None, sens=None) -> None:
         e = norm_err(out, ref, s)
         if e <= self.tol:
             return
@@ -365,8 +365,10 @@ class Checker:
             return
         if self.dtype == torch.float32 and owns and within_spec(e, self.dtype, e_own):
             return
-        if self.dtype == torch.float32 and sens is not None and e <= F32_SENSITIVITY_FACTOR * sens:
-            return
+        if self.dtype == torch.float32 and sens is not None:
+            sens = sens() if callable(sens) else sens  # (measured only now: most tensors never need it)
+            if e <= F32_SENSITIVITY_FACTOR * sens:
+                return
         raise AssertionError(f"{self.context}: {name}: err {e:.3e} > tol {self.tol:.1e} "
                              f"(the naive module in {self.dtype}: err {e_own:.3e}; sensitivity to float32 "
                              f"rounding: {sens if sens is None else format(sens, '.2e')})")
@@ -445,24 +447,35 @@ def run_fused_vs_reference(naive: nn.Module, fused: nn.Module, shape: Sequence[i
         assert out.shape == out_ref.shape == (shape[0], fused.out_channels, shape[2], shape[3]), context
         assert_memory_format(out, x, context)
         assert not torch.isnan(out).any(), f"{context}: NaN in the output for a finite input"
-        sens = {}
-        if ref_p is not None:
-            x_p = perturb_rounding(x64.detach()).requires_grad_(x_grad)
-            out_p = ref_p(x_p)
-            sens["output"] = norm_err(out_p, out_ref)
-        check("output", out, out_ref, (out_own, out_alt), sens=sens.get("output"))
+        # Run only when a tensor misses 1e-5 (Checker calls it): one forward and backward, for every tensor.
+        memo, ref_grads = {}, {}
+
+        def sens(name):
+            if ref_p is None:
+                return None
+
+            def measure():
+                if "output" not in memo:
+                    memo["x_p"] = perturb_rounding(x64.detach()).requires_grad_(x_grad)
+                    memo["out_p"] = ref_p(memo["x_p"])
+                    memo["output"] = norm_err(memo["out_p"], out_ref)
+                if name not in memo:
+                    wrt = (["grad x"] if x_grad else []) + [f"grad {n}" for n in names]
+                    p_params = dict(ref_p.named_parameters())
+                    moved = torch.autograd.grad(memo["out_p"], ([memo["x_p"]] if x_grad else []) +
+                                                [p_params[n] for n in names], perturb_rounding(g.double()))
+                    memo.update((k, norm_err(a, ref_grads[k], s)) for k, a in zip(wrt, moved))
+                return memo[name]
+            return measure
+
+        check("output", out, out_ref, (out_own, out_alt), sens=sens("output"))
         if grads:
             g = torch.randn(out.shape, dtype=torch.float64).to(dtype)
             s = g.double().norm().item()
             xs = ([x], [x64], [x_own], [x_alt]) if x_grad else ([], [], [], [])
             got = torch.autograd.grad(out, xs[0] + [params[n] for n in names], g.to(out.device))
             want = torch.autograd.grad(out_ref, xs[1] + [ref_params[n] for n in names], g.double())
-            if ref_p is not None:
-                p_params = dict(ref_p.named_parameters())
-                pert = torch.autograd.grad(out_p, ([x_p] if x_grad else []) + [p_params[n] for n in names],
-                                           perturb_rounding(g.double()))
-                sens.update((k, norm_err(a, b, s)) for k, a, b in
-                            zip((["grad x"] if x_grad else []) + [f"grad {n}" for n in names], pert, want))
+            ref_grads.update(zip((["grad x"] if x_grad else []) + [f"grad {n}" for n in names], want))
             if own is not None:
                 own_params, alt_params = dict(own.named_parameters()), dict(own_alt.named_parameters())
                 mine = list(zip(torch.autograd.grad(out_own, xs[2] + [own_params[n] for n in names], g),
@@ -471,13 +484,13 @@ def run_fused_vs_reference(naive: nn.Module, fused: nn.Module, shape: Sequence[i
                 mine = [None] * len(got)
             if x_grad:
                 assert got[0].shape == x.shape
-                check("grad x", got[0], want[0], mine[0], s, sens=sens.get("grad x"))
+                check("grad x", got[0], want[0], mine[0], s, sens=sens("grad x"))
                 got, want, mine = got[1:], want[1:], mine[1:]
             zero = probe.param_names()
             for n, a, b, c in zip(names, got, want, mine):
                 assert a is not None and a.shape == params[n].shape, f"{context}: grad {n} missing or misshaped"
                 assert a.dtype == params[n].dtype, f"{context}: grad {n} dtype {a.dtype}"
-                check(f"grad {n}", a, b, c, s, probe if n in zero else None, zero.get(n), sens.get(f"grad {n}"))
+                check(f"grad {n}", a, b, c, s, probe if n in zero else None, zero.get(n), sens(f"grad {n}"))
     finally:
         if probe is not None:
             probe.remove()
