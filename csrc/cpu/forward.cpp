@@ -300,6 +300,20 @@ void epilogue_and_up(const BlockPlan& plan, const std::vector<BranchTaps<at::opm
             for (int64_t g = 0; g < G; ++g)
               ls[g] = static_cast<T>(static_cast<scalar_t>(activate<T>(A, alpha[c0 + g] * static_cast<T>(cs[g]) + beta[c0 + g])));
           }
+        const bool finite = std::all_of(level.begin(), level.begin() + G, [](T v) { return std::isfinite(v); });
+        if (h == 1 && w == 1 && finite) {
+          // A 1x1 level (image pooling) resizes to its value everywhere: every mode's weights sum to 1. The
+          // plain fill is what a write-bound pass can do (ATen's blend of equal taps differs by an ulp; for
+          // an Inf, its zero weights make NaN, so those take the blend below).
+          if constexpr (!CL) {
+            std::fill_n(ob, H * W, static_cast<scalar_t>(level[0]));
+          } else {
+            scalar_t v[kGroup];
+            for (int64_t g = 0; g < G; ++g) v[g] = static_cast<scalar_t>(level[g]);
+            for (int64_t k = 0; k < H * W; ++k) std::copy_n(v, G, ob + k * op.pix);
+          }
+          continue;
+        }
         int64_t held[2] = {-1, -1};  // the level row in each slot of `wide` (slot = row parity)
         auto expanded = [&](int64_t i) -> const T* {
           T* e = wide.data() + (i & 1) * W * S;
@@ -446,7 +460,9 @@ Tensor detail::branch_conv(const Tensor& z, const Tensor& w, const std::optional
   const int64_t N = z.size(0), C = z.size(1), h = z.size(2), wd = z.size(3), Cb = w.size(0);
   const Tensor w2 = w.reshape({Cb, C});
   const bool has_bias = bias.has_value() && bias->defined();
-  if (fmt == at::MemoryFormat::ChannelsLast) {  // (N h w, C) x (C, Cb): the output channels_last
+  // (N h w, C) x (C, Cb), the output channels_last; a 1x1 level's is both layouts, and one GEMM over the
+  // batch reads the weight once instead of once per sample.
+  if (fmt == at::MemoryFormat::ChannelsLast || h * wd == 1) {
     const Tensor rows = z.contiguous(fmt).permute({0, 2, 3, 1}).reshape({N * h * wd, C});
     const Tensor r = has_bias ? at::addmm(*bias, rows, w2.t()) : at::mm(rows, w2.t());
     return r.view({N, h, wd, Cb}).permute({0, 3, 1, 2});
