@@ -247,6 +247,10 @@ class AtenRecorder(TorchDispatchMode):
         outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
         if not outs or any(t.device.type != "meta" for t in ins + outs) or sum(t.numel() for t in outs) == 0:
             return
+        if name in ("fill_", "zero_"):  # writes its tensor, reads nothing
+            ins = []
+        elif name == "copy_":  # reads its source only
+            ins = ins[1:2]
         read = sum(t.numel() * t.element_size() for t in {id(t): t for t in ins}.values())
         written = sum(t.numel() * t.element_size() for t in outs)
         conv = name in _CONVOLUTIONS
@@ -501,3 +505,32 @@ def survey(workloads: Optional[Sequence[str]] = None, modes=("inference", "train
                                   serial=pt.serial)
                              for lc in p.launches for part in lc.flagged for pt in lc.parts if pt.what == part]))
     return rows
+
+
+def survey_table(dtype: torch.dtype = torch.bfloat16, device: str = "H100") -> str:
+    """docs/BACKENDS.md's "Launch plan (estimates)" table, from ``survey``: per workload of WORKLOADS.md its
+    launches (Triton, + cuDNN / ATen where a projection runs them), the fewest programs of a Triton launch,
+    and the estimated time over the floor at the device's data-sheet rates (``max(bytes / HBM bandwidth,
+    convolution FLOPs / matrix rate)``, WORKLOADS.md's work count, ``bench.floor.count_work``), inference /
+    train. Every figure an estimate: ``python -c "from msfused.triton.plan import survey_table;
+    print(survey_table())"``."""
+    from ..bench.floor import count_work
+    from ..bench.workloads import WORKLOADS
+
+    dev = DEVICES[device]
+    rows = {}
+    for r in survey(dtypes=(dtype,), device=device):
+        w = WORKLOADS[r["workload"]]
+        work = count_work(w, w.n, r["mode"], dtype)
+        floor_us = max(work.bytes / (dev.hbm_gbps * 1e9), work.flops / (dev.tflops[_dot_of(dtype)] * 1e12)) * 1e6
+        library = r["launches"] - r["triton_launches"]
+        rows.setdefault(r["workload"], []).append((
+            f"{r['triton_launches']}" + (f" + {library}" if library else ""), str(r["min_programs"]),
+            f"{r['est_us'] / floor_us:.1f}", f"{floor_us:.0f}"))
+    lines = ["| workload | launches inference / train (Triton + cuDNN / ATen) | fewest programs of a Triton launch, "
+             "inference / train | floor, inference / train (µs) | estimated time / floor, inference / train |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, (inf, train) in rows.items():
+        lines.append(f"| `{name}` | {inf[0]} / {train[0]} | {inf[1]} / {train[1]} | {inf[3]} / {train[3]} | "
+                     f"{inf[2]} / {train[2]} |")
+    return "\n".join(lines)
