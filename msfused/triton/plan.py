@@ -245,8 +245,11 @@ class AtenRecorder(TorchDispatchMode):
             return
         ins = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-        if not outs or any(t.device.type != "meta" for t in ins + outs) or sum(t.numel() for t in outs) == 0:
+        # (a 0-dim CPU tensor in a meta op is a wrapped scalar)
+        if not outs or any(t.device.type != "meta" and t.dim() > 0 for t in ins + outs) or \
+                sum(t.numel() for t in outs) == 0:
             return
+        ins = [t for t in ins if t.device.type == "meta"]
         if name in ("fill_", "zero_"):  # writes its tensor, reads nothing
             ins = []
         elif name == "copy_":  # reads its source only
@@ -255,7 +258,7 @@ class AtenRecorder(TorchDispatchMode):
         written = sum(t.numel() * t.element_size() for t in outs)
         conv = name in _CONVOLUTIONS
         flops = _conv_flops(func, args, out) if conv else 0
-        dtype = (args[1] if conv and name == "convolution_backward" else ins[0] if ins else outs[0]).dtype
+        dtype = (ins[0] if ins else outs[0]).dtype  # (a convolution's input or output gradient)
         rec = self.recorder
         rec.sites += 1
         rec.launches.append(Launch(
