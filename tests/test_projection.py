@@ -331,6 +331,9 @@ TRITON_CASES = [
     Case("ms", dict(scales=(2, 3), down_mode="bilinear", align_corners=True, input_position=None, branch_channels=2,
                     norm="batch", project=_proj(P=3, k=3)), (2, 3, 9, 13), dtype=torch.float32, train=True,
          label="proj3-train-pertap"),
+    # training without the projection's norm: its epilogue backward in one pass (act_grad_kernel storing)
+    Case("psp", dict(bins=(1, 2), branch_channels=2, norm="batch", project=_proj(P=3, k=1, bias=True, norm=None)),
+         (2, 3, 7, 5), train=True, label="proj1-train-nonorm"),
 ]
 
 
@@ -403,6 +406,124 @@ def test_triton_split_gathers_match_naive(case, _triton, monkeypatch):
     run_case(case, device=_triton)
     assert chunked, "no gather was split"
     assert any(chunks * per > taps for chunks, per, taps in chunked), chunked  # a shorter last chunk (masked)
+
+
+# The projection's epilogue backward (projection._epilogue_backward: act_grad_kernel's per-tile partial sums,
+# the block's fixed-order column sums, norm_grad_kernel with batch statistics) against autograd through
+# act(norm(pre + bias)), every norm form and activation, odd sizes, NCHW and channels_last, a strided gradient.
+EPILOGUE_NORMS = ["none", "folded", "folded-scale", "batch", "batch-noaffine"]
+
+
+def _epilogue_reference(g, pre, bias, norm, act, scale, shift, eps):
+    """d/d(pre, bias, scale, shift) of <g, act(norm(pre + bias))> by autograd (batch statistics of pre + bias
+    in the graph)."""
+    pre, bias = pre.detach().requires_grad_(), bias.detach().requires_grad_()
+    ts = [t.detach().requires_grad_() if t is not None else None for t in (scale, shift)]
+    z = pre + bias.view(1, -1, 1, 1)
+    if norm.startswith("batch"):
+        var, mean = torch.var_mean(z, dim=(0, 2, 3), correction=0, keepdim=True)
+        z = (z - mean) / torch.sqrt(var + eps)
+    if ts[0] is not None:
+        z = z * ts[0].view(1, -1, 1, 1)
+    if ts[1] is not None:
+        z = z + ts[1].view(1, -1, 1, 1)
+    y = {"relu": torch.relu, "silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
+         "none": lambda v: v}[act](z)
+    wrt = [pre, bias] + [t for t in ts if t is not None]
+    return torch.autograd.grad((y * g).sum(), wrt)
+
+
+def _epilogue_inputs(norm, dtype, layout, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    N, C, H, W = 2, 5, 7, 9
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    pre = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
+    g = torch.randn(N, C, H, 2 * W, generator=gen, dtype=torch.float64).to(dtype)[..., ::2]  # strided
+    scale = torch.rand(C, generator=gen, dtype=torch.float64).to(dtype) + 0.5
+    shift = torch.randn(C, generator=gen, dtype=torch.float64).to(dtype)
+    if norm == "none":
+        scale = shift = None
+    elif norm == "folded-scale":
+        shift = None
+    elif norm == "batch-noaffine":
+        scale = shift = None
+    var, mean = torch.var_mean(pre, dim=(0, 2, 3), correction=0)
+    return g, pre, scale, shift, mean, var, fmt
+
+
+@pytest.mark.parametrize("act", ["relu", "silu", "gelu", "none"])
+@pytest.mark.parametrize("norm", EPILOGUE_NORMS)
+def test_triton_epilogue_backward(norm, act, _triton):
+    """float64 <= 1e-10 against autograd (channels_last for every other norm form), float32 <= 1e-5 against
+    float64, and bit-identical on a second run; the gradient at pre keeps the input's memory format."""
+    from msfused.triton import projection
+
+    layout = "channels_last" if EPILOGUE_NORMS.index(norm) % 2 else "contiguous"
+    eps = 1e-5
+    results = {}
+    for dtype in (torch.float64, torch.float32):
+        g, pre, scale, shift, mean, var, fmt = _epilogue_inputs(norm, dtype, layout)
+        batch = norm.startswith("batch")
+        pnorm = projection._Norm(scale, shift, mean, var, eps, batch) if norm != "none" else projection._Norm(None, None)
+        runs = [projection._epilogue_backward(g, pre, pnorm, act, fmt) for _ in range(2)]
+        assert all(torch.equal(a, b) for a, b in zip(*runs))  # deterministic: the same bits
+        dpre, gscale, gshift, gbias = runs[0]
+        assert dpre.is_contiguous(memory_format=fmt) and not dpre.isnan().any()
+        results[dtype] = (dpre, gbias) + tuple(t for t in (gscale, gshift) if t.numel())
+        assert gscale.numel() == (scale is not None) * pre.shape[1] and gshift.numel() == (shift is not None) * pre.shape[1]
+    g, pre, scale, shift, mean, var, _ = _epilogue_inputs(norm, torch.float64, layout)
+    ref = list(_epilogue_reference(g, pre, torch.zeros(pre.shape[1], dtype=torch.float64), norm, act, scale, shift,
+                                   eps))
+    if norm.startswith("batch"):
+        # pre's gradient sums to 0 per channel, and so does the bias's before the batch statistics (0 here)
+        assert ref[1].abs().max() <= 1e-12 * ref[0].abs().sum()
+        ref[1] = torch.zeros_like(ref[1])
+    for got, want, got32 in zip(results[torch.float64], ref, results[torch.float32]):
+        assert (got - want).norm() <= 1e-10 * want.norm() + 1e-300, (norm, act)
+        assert (got32.double() - got).norm() <= 1e-5 * got.norm() + 1e-300, (norm, act)
+
+
+def test_triton_tap_weight_cached_only_without_a_gradient(_triton, monkeypatch):
+    """The per-tap weight of a k > 1 projection (a copy of its weight) is made once per version of the weight
+    for eval calls without a gradient (the functional layer's parameter cache), again after an in-place update
+    or load_state_dict, and per call where a gradient flows; k = 1 takes a view, never copied."""
+    from msfused import functional
+    from msfused.triton import projection
+
+    functional.PARAM_CACHE.clear()
+    copies = []
+    real = projection.PARAM_CACHE.get
+
+    def counting(owner, name, tensors, extra, compute):
+        if not name.startswith("triton.tap_weight"):
+            return real(owner, name, tensors, extra, compute)
+        return real(owner, name, tensors, extra, lambda: copies.append(name) or compute())
+
+    monkeypatch.setattr(projection.PARAM_CACHE, "get", counting)
+    naive, fused = build_pair("psp", 3, dict(bins=(1, 2), branch_channels=2, input_position="last",
+                                              project=_proj(P=3, k=3)), torch.float64)
+    naive.eval(), fused.eval()
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
+
+    def check(expected):
+        with torch.no_grad():
+            assert (fused(x) - naive(x)).norm() <= 1e-10 * naive(x).norm()
+        assert len(copies) == expected, copies
+
+    check(2)  # one per branch
+    check(2)
+    with torch.no_grad():
+        for m in (naive, fused):
+            m.project.conv.weight.mul_(1.5)
+    check(4)
+    fused.load_state_dict(naive.state_dict())
+    check(6)
+    out = fused(x.requires_grad_())  # a gradient flows: per call, not from the cache
+    out.sum().backward()
+    assert len(copies) == 6
+    functional.PARAM_CACHE.clear()
+    pw = torch.randn(3, 4, 1, 1)
+    assert projection._tap_weight(pw, 1, 2, cached=True)._base is pw
 
 
 _NO_EXTENSION_SCRIPT = """

@@ -5,8 +5,8 @@ pass), each autotune configuration's num_warps / num_stages; and no variant spil
 (ptxas -v's report). What the interpreter accepts, a GPU compiler may refuse.
 
 CI compiles a sample: for sm_90 one variant per kernel and operand dtype, chosen to cover every compile-time
-constant's values, launch options and hints as far as that allows; for sm_80 one variant per kernel (58
-compiles of 439 recorded variants; the projection's kernels also with SPLIT_STEPS lowered, so its split gathers are
+constant's values, launch options and hints as far as that allows; for sm_80 one variant per kernel (61
+compiles of 443 recorded variants; the projection's kernels also with SPLIT_STEPS lowered, so its split gathers are
 recorded). The full matrix (every variant for sm_80 and sm_90, an estimated 30 minutes here) is opt-in:
 
     MSFUSED_FULL_COMPILE=1 pytest tests/test_triton_compile.py    # or: python tests/triton_compile_check.py --all
@@ -26,7 +26,7 @@ CHECK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_compile
 FULL = os.environ.get("MSFUSED_FULL_COMPILE", "0") not in ("", "0")
 KERNELS = ("block_kernel", "levels_kernel", "convs_kernel", "ups_kernel", "stats_combine_kernel", "conv_kernel",
            "up_adjoints_kernel", "column_sums_kernel", "dpres_kernel", "wgrad_kernel", "dx_kernel",
-           "project_epilogue_kernel", "gather_kernel", "act_grad_kernel")  # the last three: projection.py
+           "project_epilogue_kernel", "gather_kernel", "act_grad_kernel", "norm_grad_kernel")  # the last four: projection.py
 DTYPES = ("*fp32", "*fp64", "*fp16", "*bf16")
 
 

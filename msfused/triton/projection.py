@@ -18,7 +18,11 @@ convolutions are torch's (cuDNN on a GPU, deterministic algorithms); the Triton 
   adjoint, and ``dx`` (the down-resizes' adjoints, branch after branch). A gather whose program would loop
   over more than ``launch.SPLIT_STEPS`` taps (a small level's adjoint reads most of the map) runs in chunks of
   its y taps that fill the GPU, their partial sums summed in chunk order by a second launch (``_gather``).
-* ``act_grad_kernel``: the activation's backward through a norm, ``g * act'(mul * pre + add)``.
+* ``act_grad_kernel``: the activation's backward through a norm, ``d = g * act'(mul * pre + add)``, with
+  per-tile partial sums of the norm's gradients (sum d, sum d * u), added in a fixed order by the block's
+  ``column_sums_kernel`` (``launch._column_sums``); without batch statistics it also writes the gradient at
+  the pre-activation (one full-size pass). ``norm_grad_kernel``: with batch statistics, that gradient once the
+  sums are known (d recomputed: nothing full-size is stored in between). Deterministic, no atomics.
 
 The levels come from the block's ``levels_kernel`` (``launch._launch_levels``: every level of up to 4 branches
 in one launch, long pooling windows in chunks, +1 launch sums their partials in a fixed order).
@@ -27,8 +31,8 @@ Launches per call ("torch" = cuDNN and reductions): forward: 1 levels launch per
 window is split: bins 1 and 2 of a 64 x 64 map); per branch its convolution (torch), [its batch statistics
 (torch)], 1 epilogue pass (its activation at its level), [1 gather: resized up, direct branches], its part's
 convolution (torch); ``conv(x, W_x)`` (torch); **1** accumulation pass per 4 parts (``MAX_PARTS``); with the
-projection's batch statistics + their reduction (torch) + 1 epilogue pass. Backward: 1 ``act_grad_kernel``
-(+ torch's sums and, with batch statistics, an elementwise pass) for the projection's epilogue;
+projection's batch statistics + their reduction (torch) + 1 epilogue pass. Backward: the projection's epilogue
+backward, 1 ``act_grad_kernel`` + 1 ``column_sums_kernel`` (+ 1 ``norm_grad_kernel`` with batch statistics);
 ``conv(x, W_x)``'s backward (torch); per branch: 1 epilogue pass (its activation again; + 1 gather for a direct
 one), 1 gather (its maps' gradient, or its up-resize's adjoint; +1 where split), its part's convolution
 backward (torch), its epilogue backward (as the projection's), its convolution backward (torch); 1 gather per
@@ -49,6 +53,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _ops
+from ..functional import PARAM_CACHE
 from . import kernels as K
 from . import launch
 from .plan import Part, cdiv, cost_model, nbytes
@@ -190,13 +195,12 @@ def gather_kernel(src, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, ty_idx, ty_w
 
 
 @triton.jit
-def act_grad_kernel(g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, dy, y_n, y_c, y_h, y_w,
-                    norm_a, norm_b, gamma, beta, eps: tl.float64, N, C, H, W,
-                    NORM: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr,
-                    F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Grid: (tiles of BLOCK_P of the N * H * W pixels, tiles of BLOCK_C of the C channels). One program:
-    dy = g * act'(mul * pre + add) on its tile (the norm's (mul, add) as project_epilogue_kernel's), rounded
-    to dy's dtype."""
+def _act_grad_tile(g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, norm_a, norm_b, gamma, beta, eps, N, C, H, W,
+                   NORM: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr,
+                   F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (pid 0, pid 1)'s tile of the activation's backward through a norm: d = g * act'(mul * pre + add)
+    (zero outside the tensor), with u, the norm's input as it multiplies its weight (pre for a folded norm,
+    the normalised value with batch statistics), the norm's mul and the tile's addresses."""
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     e = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -211,7 +215,60 @@ def act_grad_kernel(g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, dy, y_n, y_c
     gv = tl.load(g + (n * g_n + oy * g_h + ox * g_w)[:, None] + c[None, :] * g_c, mask=m2, other=0.0).to(one.dtype)
     pv = tl.load(pre + (n * p_n + oy * p_h + ox * p_w)[:, None] + c[None, :] * p_c, mask=m2, other=0.0).to(one.dtype)
     mul, add = K._channel_affine(c, cm, norm_a, norm_b, eps, gamma, beta, NORM, HAS_GAMMA, HAS_BETA, F64)
-    r = K._activate_grad(gv, pv * mul[None, :] + add[None, :], ACT)
+    d = tl.where(m2, K._activate_grad(gv, pv * mul[None, :] + add[None, :], ACT), 0.0)
+    if NORM == 2:
+        mean = tl.load(norm_a + c, mask=cm, other=0.0).to(one.dtype)
+        rstd = K._rstd(tl.load(norm_b + c, mask=cm, other=1.0).to(one.dtype), eps)
+        u = (pv - mean[None, :]) * rstd[None, :]
+    else:
+        u = pv
+        rstd = mul
+    return d, u, mul, rstd, n, oy, ox, c, cm, m2
+
+
+@triton.jit
+def act_grad_kernel(g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, dy, y_n, y_c, y_h, y_w, part,
+                    norm_a, norm_b, gamma, beta, eps: tl.float64, N, C, H, W,
+                    NORM: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr,
+                    STORE: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Grid: (tiles of BLOCK_P of the N * H * W pixels, tiles of BLOCK_C of the C channels). One program:
+    d = g * act'(mul * pre + add) on its tile (the norm's (mul, add) as project_epilogue_kernel's), and the
+    tile's partial sums of the norm's gradients in row pid 0 of part (T, 2C), in the accumulation dtype:
+    sum d | sum d * u (u: pre for a folded norm, the normalised value with batch statistics), each a fixed-order
+    tree sum over the tile's pixels (``launch._column_sums`` adds the rows in a fixed order). STORE (no batch
+    statistics: the norm's derivative is per channel): dy = d * mul, the gradient at pre, rounded to dy's
+    dtype; with batch statistics nothing full-size is stored (norm_grad_kernel recomputes d once the sums are
+    known)."""
+    d, u, mul, _rstd, n, oy, ox, c, cm, m2 = _act_grad_tile(
+        g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, norm_a, norm_b, gamma, beta, eps, N, C, H, W,
+        NORM, HAS_GAMMA, HAS_BETA, ACT, F64, BLOCK_P, BLOCK_C)
+    if STORE:
+        tl.store(dy + (n * y_n + oy * y_h + ox * y_w)[:, None] + c[None, :] * y_c,
+                 K._cast(d * mul[None, :], dy.dtype.element_ty), mask=m2)
+    row = part + tl.program_id(0) * 2 * C
+    tl.store(row + c, tl.sum(d, axis=0), mask=cm)
+    tl.store(row + C + c, tl.sum(tl.where(m2, d * u, 0.0), axis=0), mask=cm)
+
+
+@triton.jit
+def norm_grad_kernel(g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, dy, y_n, y_c, y_h, y_w, sums,
+                     mean, var, gamma, beta, eps: tl.float64, N, C, H, W,
+                     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr, F64: tl.constexpr,
+                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Grid: as act_grad_kernel's. One program: the gradient at pre through a norm with batch statistics,
+    dy = gamma * rstd * (d - sum d / M - xhat * sum d * xhat / M) (M = N * H * W), with d recomputed as
+    act_grad_kernel's and the sums (sum d | sum d * xhat) the column sums of its partials; rounded to dy's
+    dtype."""
+    d, xhat, _mul, rstd, n, oy, ox, c, cm, m2 = _act_grad_tile(
+        g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, mean, var, gamma, beta, eps, N, C, H, W,
+        2, HAS_GAMMA, HAS_BETA, ACT, F64, BLOCK_P, BLOCK_C)
+    total = N * H * W
+    ma = tl.load(sums + c, mask=cm, other=0.0).to(d.dtype) / total
+    mb = tl.load(sums + C + c, mask=cm, other=0.0).to(d.dtype) / total
+    w = rstd
+    if HAS_GAMMA:
+        w = w * tl.load(gamma + c, mask=cm, other=1.0).to(d.dtype)
+    r = w[None, :] * (d - ma[None, :] - xhat * mb[None, :])
     tl.store(dy + (n * y_n + oy * y_h + ox * y_w)[:, None] + c[None, :] * y_c, K._cast(r, dy.dtype.element_ty),
              mask=m2)
 
@@ -351,11 +408,24 @@ def _gather_cost(a):
 
 @cost_model(act_grad_kernel)
 def _act_grad_cost(a):
-    """Plan model (estimates): an elementwise (BLOCK_P pixels, BLOCK_C channels) tile per program."""
+    """Plan model (estimates): an elementwise (BLOCK_P pixels, BLOCK_C channels) tile per program reading g and
+    pre; its row of partial sums written, and (STORE) the gradient at pre."""
     N, C, H, W, bp, bc = a["N"], a["C"], a["H"], a["W"], a["BLOCK_P"], a["BLOCK_C"]
     px = N * H * W
-    return [Part("activation gradient", cdiv(px, bp) * cdiv(C, bc), min(bp, px) * min(bc, C), 1,
-                 nbytes(a["g"], px * C) + nbytes(a["pre"], px * C), nbytes(a["dy"], px * C))]
+    written = nbytes(a["part"], cdiv(px, bp) * 2 * C) + (nbytes(a["dy"], px * C) if a["STORE"] else 0)
+    return [Part("activation gradient" + (", partial sums" if a["STORE"] else ": partial sums"),
+                 cdiv(px, bp) * cdiv(C, bc), min(bp, px) * min(bc, C), 1,
+                 nbytes(a["g"], px * C) + nbytes(a["pre"], px * C), written)]
+
+
+@cost_model(norm_grad_kernel)
+def _norm_grad_cost(a):
+    """Plan model (estimates): an elementwise (BLOCK_P pixels, BLOCK_C channels) tile per program reading g, pre
+    and the column sums, writing the gradient at pre."""
+    N, C, H, W, bp, bc = a["N"], a["C"], a["H"], a["W"], a["BLOCK_P"], a["BLOCK_C"]
+    px = N * H * W
+    return [Part("norm gradient", cdiv(px, bp) * cdiv(C, bc), min(bp, px) * min(bc, C), 1,
+                 nbytes(a["g"], px * C) + nbytes(a["pre"], px * C) + nbytes(a["sums"]), nbytes(a["dy"], px * C))]
 
 
 def _fwd(t: AxisTaps) -> Tuple[Tensor, Tensor, int]:
@@ -429,11 +499,22 @@ def _conv(z: Tensor, w: Tensor, bias: Optional[Tensor], pad: int, fmt) -> Tensor
     return F.conv2d(z, w, bias, padding=pad).contiguous(memory_format=fmt)
 
 
-def _tap_weight(pw: Tensor, offset: int, count: int) -> Tensor:
+def _tap_weight(pw: Tensor, offset: int, count: int, cached: bool = False) -> Tensor:
     """The projection weight's part that reads channels [offset, offset + count) of the concatenation as one
-    1x1 convolution to k * k * P channels (channel (ky * k + kx) * P + p), as csrc/projection.h's tap_weight."""
+    1x1 convolution to k * k * P channels (channel (ky * k + kx) * P + p), as csrc/projection.h's tap_weight: a
+    view of pw for k = 1, a copy for k > 1 (no view has this layout). ``cached`` (a call no gradient flows
+    through: the forward without save_pre) takes the copy from the functional layer's parameter cache, made
+    once per version of pw (as the block's packed weights, ``launch._packed_weight``); a training call copies."""
     P, _, k, _ = pw.shape
-    return pw[:, offset:offset + count].permute(2, 3, 0, 1).reshape(k * k * P, count, 1, 1)
+    view = pw[:, offset:offset + count].permute(2, 3, 0, 1)
+    if k == 1 or not cached:
+        return view.reshape(k * k * P, count, 1, 1)
+
+    def copy():
+        t = view.reshape(k * k * P, count, 1, 1)
+        return t.clone() if t._base is not None else t  # (P = 1: a view, which would keep pw alive)
+
+    return PARAM_CACHE.get(pw, f"triton.tap_weight.{offset}.{count}", (pw,), (), copy)
 
 
 def _offsets(weight: List[Tensor], C: int, input_position: str) -> Tuple[List[int], int]:
@@ -509,7 +590,7 @@ def project_forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bin
                 parts.append((_conv(full if full is not None else a, pw[:, off:off + cb], None, pad, fmt),
                               _identity_pair(H, x)[:1] + _identity_pair(W, x)[:1], 1))
             else:
-                parts.append((_conv(a, _tap_weight(pw, off, cb), None, 0, fmt),
+                parts.append((_conv(a, _tap_weight(pw, off, cb, cached=not save_pre), None, 0, fmt),
                               _up(up_mode, g.h, g.w, H, W, align_corners, x), k))
         acc = _conv(x, pw[:, x_off:x_off + C], None, pad, fmt) if x_off >= 0 else None
     p_pre = launch._empty((N, P, H, W), dt, dev, fmt)
@@ -525,39 +606,39 @@ def project_forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bin
     return out, level, pre, mean, var, (p_pre if save_pre else x.new_empty(0)), p_mean, p_var
 
 
-def _epilogue_backward(grad: Tensor, pre_b: Tensor, norm: _Norm, act: str, count: int, fmt):
-    """The backward of act(norm(pre)): the gradient of pre and of the norm's scale and shift (sums in float64,
-    a fixed order: deterministic). With batch statistics dpre = p * dY + q * pre + r (csrc/norm.h's
-    batch_norm_grad)."""
-    dy = launch._empty(pre_b.shape, pre_b.dtype, pre_b.device, fmt)
+def _epilogue_backward(grad: Tensor, pre_b: Tensor, norm: _Norm, act: str, fmt):
+    """The backward of act(norm(pre)) (bias before the norm): the gradient at pre and of the norm's scale and
+    shift and of the bias (csrc/norm.h's batch_norm_grad), deterministic: act_grad_kernel's per-tile partial
+    sums (sum d | sum d * u, d = g * act') added in a fixed order by the block's column_sums_kernel. Without
+    batch statistics one full-size pass (it also writes the gradient at pre, d * scale); with them two: the
+    partials, then norm_grad_kernel once the sums are known. The bias gradient is sum d * scale (exactly 0
+    before batch statistics, as the block's backward has it)."""
     N, C, H, W = pre_b.shape
+    dy = launch._empty(pre_b.shape, pre_b.dtype, pre_b.device, fmt)
+    acc = launch._acc_dtype(pre_b.dtype)
+    sums = (launch._empty if dy.numel() else torch.zeros)((2 * C,), dtype=acc, device=pre_b.device)
     if dy.numel():
         block_p, block_c, grid = _tiles(N * H * W, C)
-        launch._launch(act_grad_kernel, grid, grad, *grad.stride(), pre_b, *pre_b.stride(), dy, *dy.stride(),
-                       *norm.args(pre_b), N, C, H, W, ACT=_ACT[act], F64=pre_b.dtype == torch.float64,
-                       BLOCK_P=block_p, BLOCK_C=block_c, **norm.meta())
-    dims = (0, 2, 3)
-    acc = torch.float64 if pre_b.dtype == torch.float64 else torch.float32
-    sum_dy = dy.sum(dims, dtype=torch.float64)
-    if not norm.batch:
-        d_scale = (dy.to(acc) * pre_b.to(acc)).sum(dims, dtype=torch.float64)
-        dpre = dy if norm.a is None else (dy.to(acc) * norm.a.to(acc).view(1, -1, 1, 1)).to(pre_b.dtype)
-    else:
-        mean, var = norm.a.double(), norm.b.double()
-        sum_dyc = (dy.to(acc) * (pre_b.to(acc) - norm.a.to(acc).view(1, -1, 1, 1))).sum(dims, dtype=torch.float64)
-        invstd = torch.rsqrt(var + norm.eps)
-        gamma = norm.gamma.double() if norm.gamma is not None else torch.ones_like(mean)
-        d_scale = sum_dyc * invstd
-        p = gamma * invstd
-        q = -p * invstd * d_scale / count
-        r = -p * sum_dy / count - q * mean
-        view = lambda t: t.to(acc).view(1, -1, 1, 1)  # noqa: E731
-        dpre = (view(p) * dy.to(acc) + view(q) * pre_b.to(acc) + view(r)).to(pre_b.dtype)
-    dpre = dpre.contiguous(memory_format=fmt)
+        part = launch._empty((grid[0], 2 * C), acc, pre_b.device)
+        gs, ps, ys = grad.stride(), pre_b.stride(), dy.stride()
+        common = dict(ACT=_ACT[act], F64=pre_b.dtype == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
+        launch._launch(act_grad_kernel, grid, grad, *gs, pre_b, *ps, dy, *ys, part, *norm.args(pre_b), N, C, H, W,
+                       STORE=not norm.batch, **common, **norm.meta())
+        launch._column_sums([(part, sums)])
+        if norm.batch:
+            a, b, gamma, beta, eps = norm.args(pre_b)
+            launch._launch(norm_grad_kernel, grid, grad, *gs, pre_b, *ps, dy, *ys, sums, a, b, gamma, beta, eps,
+                           N, C, H, W, HAS_GAMMA=norm.gamma is not None, HAS_BETA=norm.beta is not None, **common)
+    sum_d, sum_du = sums[:C], sums[C:]
     scale_t, shift_t = (norm.gamma, norm.beta) if norm.batch else (norm.a, norm.b)
-    grad_scale = d_scale.to(scale_t.dtype) if scale_t is not None else pre_b.new_empty(0)
-    grad_shift = sum_dy.to(shift_t.dtype) if shift_t is not None else pre_b.new_empty(0)
-    return dpre, grad_scale, grad_shift
+    # copies: an operator's outputs must not share storage (sums holds both)
+    grad_scale = sum_du.to(scale_t.dtype, copy=True) if scale_t is not None else pre_b.new_empty(0)
+    grad_shift = sum_d.to(shift_t.dtype, copy=True) if shift_t is not None else pre_b.new_empty(0)
+    if norm.batch:
+        grad_bias = torch.zeros((C,), dtype=pre_b.dtype, device=pre_b.device)
+    else:
+        grad_bias = (sum_d * norm.a.to(acc) if norm.a is not None else sum_d).to(pre_b.dtype, copy=True)
+    return dy, grad_scale, grad_shift, grad_bias
 
 
 def project_backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_stats, eps, factor, bins,
@@ -578,9 +659,8 @@ def project_backward(grad_out, x, weight, scale, shift, level, pre, mean, var, b
     B = len(weight)
     # The projection's epilogue backward: the gradient of its pre-activation (bias included).
     pnorm = _Norm(p_scale, p_shift, p_mean, p_var, p_eps, p_batch_stats)
-    dpre, grad_p_scale, grad_p_shift = _epilogue_backward(grad, p_pre.contiguous(memory_format=fmt), pnorm,
-                                                          p_activation, N * H * W, fmt)
-    grad_p_bias = dpre.sum((0, 2, 3))
+    dpre, grad_p_scale, grad_p_shift, grad_p_bias = _epilogue_backward(grad, p_pre.contiguous(memory_format=fmt),
+                                                                       pnorm, p_activation, fmt)
     grad_pw = torch.zeros_like(pw) if need_w else x.new_empty(0)
     dx = None
     grad_weight, grad_bias, grad_scale, grad_shift, dz = [], [], [], [], []
@@ -620,7 +700,7 @@ def project_backward(grad_out, x, weight, scale, shift, level, pre, mean, var, b
                 da = gz.contiguous(memory_format=fmt)
                 if need_w:  # (k * k * P, Cb, 1, 1) back to the (P, Cb, k, k) slice
                     grad_pw[:, off:off + cb] = gw.reshape(k, k, P, cb).permute(2, 3, 0, 1)
-            dconv, gs, gt = _epilogue_backward(da, pre_b, norm, activation, N * g.h * g.w, fmt)
+            dconv, gs, gt, _ = _epilogue_backward(da, pre_b, norm, activation, fmt)
             grad_scale.append(gs)
             grad_shift.append(gt)
             z = x if g.identity else level[b].to(x.dtype).contiguous(memory_format=fmt)
