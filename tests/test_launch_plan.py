@@ -90,13 +90,6 @@ def test_explain_command(planned):
         assert lc["serial"] >= 1 and lc["lanes"] >= 1 and lc["read"] > 0 and lc["written"] > 0
 
 
-def test_explain_cuda_is_not_available_yet(capsys):
-    from msfused.__main__ import main
-
-    assert main(["explain", "psp_small", "--backend", "cuda"]) == 2
-    assert "not available yet" in capsys.readouterr().err
-
-
 def test_a_projection_the_plan_does_not_cover_is_named(survey):
     """The head workloads' plans cover the block alone today: the plan says so (plan.omitted: in the table as
     NOT PLANNED lines, and in the JSON) rather than passing the block's launches off as the whole call."""

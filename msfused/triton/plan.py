@@ -335,11 +335,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--n", type=int, default=None, help="batch size (default: the workload's full N)")
     parser.add_argument("--json", action="store_true", help="the plan as JSON")
     opts = parser.parse_args(argv)
-    if opts.backend == "cuda":
-        print("python -m msfused explain: the CUDA C++ backend's launch plan is not available yet: it needs a "
-              "record-only mode of its launchers (csrc/cuda/multi_scale_cuda.cpp), not built yet; docs/BACKENDS.md "
-              "lists its launches per mode", file=sys.stderr)
-        return 2
+    if opts.backend == "cuda":  # recorded from the launchers' emulation build (msfused/cuda_plan.py)
+        from ..cuda_plan import explain
+
+        return explain(opts)
     from . import launch
 
     if launch.interpreting():
