@@ -42,7 +42,9 @@
 // results are bit-identical run to run (the chunking depends only on the shapes and the device).
 // Without a GPU: tests/test_cuda_build.py compiles this file with nvcc (no spills), and
 // tests/test_cuda_emulation.py compiles it (and the binding) for the CPU (-DMSFUSED_CUDA_EMULATION,
-// emulation.h) and compares every output with the CPU kernels.
+// emulation.h) and compares every output with the CPU kernels. The launch plan (python -m msfused explain
+// --backend cuda, msfused/cuda_plan.py) runs that build on meta tensors with a launch recorder installed:
+// the launchers record (kernel_cost: each kernel's cost model, at the end of this file) instead of launching.
 // Registers: every kernel is __launch_bounds__(256, 1): with the default occupancy target ptxas spilled
 // around the 64-bit integer division and float division slow-path calls in the gathers; the build test
 // checks that no kernel spills.
