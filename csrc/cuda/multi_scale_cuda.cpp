@@ -831,8 +831,8 @@ ProjectForwardResult multi_scale_project_forward_cuda(
     for (size_t b = 0; b < B; ++b) {
       const BranchPlan& bp = plan.branches[b];
       if (convolves_resized(bp, k, H, W)) {
-        direct.push_back(
-            convolution(act[b], weight_slice(pw, bp.channel_offset, bp.out_channels), std::nullopt, pad).contiguous(fmt));
+        const Tensor part = convolution(act[b], weight_slice(pw, bp.channel_offset, bp.out_channels), std::nullopt, pad);
+        direct.push_back(part.contiguous(fmt));
       } else {
         const at::ScalarType tdt = tap_maps_dtype(x.scalar_type());
         tmaps.push_back(convolution(act[b].to(tdt), tap_weight(pw, bp.channel_offset, bp.out_channels).to(tdt),

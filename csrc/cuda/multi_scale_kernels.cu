@@ -1006,7 +1006,8 @@ cudaError_t launch_levels(DType dtype, LevelArgs args, cudaStream_t stream) {
     br.block_begin = blocks;
     blocks += ceil_div(args.N * args.C * br.level_h * br.level_w * br.lanes, kThreads);
   }
-  return launch(dtype, "levels", blocks + args.copy_blocks, 0, args, stream, [](auto s) { return levels_kernel<decltype(s)>; });
+  return launch(dtype, "levels", blocks + args.copy_blocks, 0, args, stream,
+                [](auto s) { return levels_kernel<decltype(s)>; });
 }
 
 cudaError_t launch_stats_partial(DType dtype, StatsArgs* args, cudaStream_t stream) {
@@ -1050,7 +1051,8 @@ cudaError_t launch_up_grad(DType dtype, UpGradArgs* args, cudaStream_t stream) {
     ub.block_begin = blocks;
     blocks += ub.channels * ub.chunks;
   }
-  return launch(dtype, "up_grad", args->N == 0 ? 0 : blocks, 0, *args, stream, [](auto s) { return up_grad_kernel<decltype(s)>; });
+  return launch(dtype, "up_grad", args->N == 0 ? 0 : blocks, 0, *args, stream,
+                [](auto s) { return up_grad_kernel<decltype(s)>; });
 }
 
 cudaError_t launch_reduce_partials(DType dtype, const ReduceArgs& args, cudaStream_t stream) {
@@ -1069,7 +1071,8 @@ cudaError_t launch_norm_grad(DType dtype, NormGradArgs args, cudaStream_t stream
     nb.block_begin = blocks;
     blocks += nb.blocks;
   }
-  return launch(dtype, "norm_grad", args.N == 0 ? 0 : blocks, 0, args, stream, [](auto s) { return norm_grad_kernel<decltype(s)>; });
+  return launch(dtype, "norm_grad", args.N == 0 ? 0 : blocks, 0, args, stream,
+                [](auto s) { return norm_grad_kernel<decltype(s)>; });
 }
 
 size_t pool_shared_limit() { return 48 * 1024; }
@@ -1142,7 +1145,8 @@ cudaError_t launch_project_adjoint(DType dtype, ProjectAdjointArgs args, cudaStr
     br.block_begin = blocks;
     blocks += ceil_div(args.N * args.k * args.k * args.P * br.h * br.w * br.lanes, kThreads);
   }
-  return launch(dtype, "project_adjoint", blocks, 0, args, stream, [](auto s) { return project_adjoint_kernel<decltype(s)>; });
+  return launch(dtype, "project_adjoint", blocks, 0, args, stream,
+                [](auto s) { return project_adjoint_kernel<decltype(s)>; });
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1210,12 +1214,13 @@ Parts kernel_cost(const LevelArgs& a, int64_t, size_t S, size_t) {
   Parts parts;
   const int64_t x_elems = a.N * a.C * a.H * a.W;
   if (a.copy_blocks > 0)
-    parts.push_back(part("x's copy", a.copy_blocks, min64(kThreads, x_elems), ceil_div(x_elems, a.copy_blocks * kThreads),
-                         x_elems * S, x_elems * S));
+    parts.push_back(part("x's copy", a.copy_blocks, min64(kThreads, x_elems),
+                         ceil_div(x_elems, a.copy_blocks * kThreads), x_elems * S, x_elems * S));
   for (int b = 0; b < a.num_branches; ++b) {
     const LevelBranch& br = a.br[b];
     const int64_t elems = a.N * a.C * br.level_h * br.level_w;
-    const int64_t taps = down_taps(br.down_h, br.level_h, a.H, br.factor) * down_taps(br.down_w, br.level_w, a.W, br.factor);
+    const int64_t taps =
+        down_taps(br.down_h, br.level_h, a.H, br.factor) * down_taps(br.down_w, br.level_w, a.W, br.factor);
     int64_t active, serial;
     lane_split(br.lanes, taps, elems, &active, &serial);
     parts.push_back(part(level_name("level", b, br.level_h, br.level_w), ceil_div(elems * br.lanes, kThreads), active,
