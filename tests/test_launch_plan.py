@@ -31,12 +31,19 @@ from msfused.triton import plan
 rows = plan.survey()
 for r in rows:
     w = WORKLOADS[r["workload"]]
-    r["floor_bytes"] = count_work(w, w.n, r["mode"], getattr(torch, r["dtype"])).bytes
-out = io.StringIO()
-with contextlib.redirect_stdout(out):
-    rc = main(["explain", "psp_small", "--mode", "train", "--dtype", "bfloat16", "--json"])
-json.dump(dict(survey=rows, explain_rc=rc, explain=out.getvalue()), sys.stdout)
+    work = count_work(w, w.n, r["mode"], getattr(torch, r["dtype"]))
+    r["floor_bytes"], r["floor_flops"] = work.bytes, work.flops
+explained = []
+for argv in (["psp_small", "--mode", "train", "--dtype", "bfloat16"], ["psp_decoder_smp", "--mode", "train"]):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["explain", *argv, "--json"])
+    explained.append((rc, out.getvalue()))
+json.dump(dict(survey=rows, explain_rc=explained[0][0], explain=explained[0][1], head_rc=explained[1][0],
+               head=explained[1][1]), sys.stdout)
 """
+
+HEADS = ("psp_head_mmseg", "psp_decoder_smp")
 
 
 def _run(args, **kw):
@@ -64,10 +71,16 @@ def test_every_workload_mode_and_dtype_is_planned(survey):
     seen = {(r["workload"], r["mode"], r["dtype"]) for r in survey}
     assert seen == {(w, m, d) for w in WORKLOADS for m in ("inference", "train") for d in ("float32", "bfloat16")}
     for r in survey:
-        # the forward's launch counts (README): factor pyramids 1, pyramid pooling 2 in inference
+        # the forward's launch counts (README): factor pyramids 1, pyramid pooling 2 in inference; a head's
+        # Triton launches (docs/BACKENDS.md, "With a projection"): the levels and their chunks' combine (2),
+        # each branch's norm and activation at its level (4), the accumulation pass (1)
         if r["mode"] == "inference":
-            expected = 1 if WORKLOADS[r["workload"]].block == "multi_scale" else 2
-            assert r["launches"] == expected, r
+            if r["workload"] in HEADS:
+                expected = 2 + 4 + 1
+            else:
+                expected = 1 if WORKLOADS[r["workload"]].block == "multi_scale" else 2
+                assert r["launches"] == r["triton_launches"], r  # a block's launchers run no ATen kernel
+            assert r["triton_launches"] == expected, r
         # the kernels move at least what the call must: x read, the output written (the bytes floor)
         assert r["est_us"] * 1e-6 >= r["floor_bytes"] / 3350e9 * 0.999, r
 
@@ -90,10 +103,38 @@ def test_explain_command(planned):
         assert lc["serial"] >= 1 and lc["lanes"] >= 1 and lc["read"] > 0 and lc["written"] > 0
 
 
-def test_a_projection_the_plan_does_not_cover_is_named(survey):
-    """The head workloads' plans cover the block alone today: the plan says so (plan.omitted: in the table as
-    NOT PLANNED lines, and in the JSON) rather than passing the block's launches off as the whole call."""
-    for row in survey:
-        head = row["workload"] in ("psp_head_mmseg", "psp_decoder_smp")
-        assert bool(row["omitted"]) == head, row["workload"]
-        assert all("projection" in what for what in row["omitted"])
+def test_the_head_plans_cover_the_projection(survey):
+    """A head's plan (block + projection) is its whole call: the projection's Triton passes and its ATen
+    convolutions (cuDNN on a GPU), whose FLOPs are exactly what WORKLOADS.md's floor counts (the branches'
+    convolutions, the projection's x part at full resolution and the branches' parts at their levels; a
+    training step 3 times the forward's), at the rate of the dtype: bfloat16 on tensor cores, float32 as
+    TF32 (torch's default for cuDNN). Nothing is left out of any plan (plan.omitted)."""
+    for r in survey:
+        assert r["omitted"] == [], r["workload"]
+        if r["workload"] not in HEADS:
+            assert r["conv_launches"] == 0, r
+            continue
+        train = r["mode"] == "train"
+        needed = {"levels_kernel", "project_epilogue_kernel"} | ({"gather_kernel", "act_grad_kernel"} if train else set())
+        assert needed <= set(r["triton_kernels"]), r
+        # forward: each branch's convolution and its part's, conv(x, W_x); backward: each one's backward
+        assert r["conv_launches"] == (18 if train else 9), r
+        assert r["conv_flops"] == r["floor_flops"] > 0, r
+        assert r["conv_rates"] == (["half"] if r["dtype"] == "bfloat16" else ["tf32"]), r
+
+
+def test_explain_a_head(planned):
+    """The JSON of a head's plan: its cuDNN convolutions and ATen kernels as launches of a library (grid not
+    modelled: programs 0), the Triton launches as the block's."""
+    assert planned["head_rc"] == 0
+    plan = json.loads(planned["head"])
+    assert plan["omitted"] == [] and "estimate" in plan["note"]
+    chosen = [lc for lc in plan["launches"] if lc["chosen"]]
+    assert plan["est_us"] == pytest.approx(sum(lc["est_us"] for lc in chosen))
+    convs = [lc for lc in plan["launches"] if lc["library"] == "cuDNN"]
+    assert {lc["kernel"] for lc in convs} == {"aten.convolution", "aten.convolution_backward"}
+    assert all(lc["flops"] > 0 and lc["dot"] == "tf32" and lc["programs"] == 0 and lc["est_us"] > 0 for lc in convs)
+    assert {lc["stage"] for lc in plan["launches"]} == {"forward", "backward"}
+    for lc in plan["launches"]:
+        if not lc["library"]:
+            assert lc["programs"] == sum(p["programs"] for p in lc["parts"]) > 0 and lc["serial"] >= 1

@@ -373,6 +373,38 @@ def test_triton_opcheck_and_deterministic(_triton):
     assert (out - cpu).norm() <= 1e-10 * cpu.norm()
 
 
+# Long gathers split into chunks (launch.SPLIT_STEPS shrunk to 18 taps so that these small maps split too): the
+# levels' pooling windows (levels_kernel) and, in the backward, a per-tap branch's maps gradient (bin 1: the
+# shifted up-resize's adjoint reads the whole map) and a direct branch's up-resize adjoint (bin 3 with k = 3).
+SPLIT_CASES = [
+    Case("psp", dict(bins=(1, 3), branch_channels=2, norm="batch", project=_proj(P=3, k=3, activation="silu")),
+         (2, 3, 10, 7), train=True, steps=2, label="proj3-train-split"),
+    Case("psp", dict(bins=(1, 2), branch_channels=3, input_position="last", align_corners=True,
+                     project=_proj(P=4, k=1, bias=True)), (2, 3, 9, 8), dtype=torch.float32, layout="channels_last",
+         train=True, label="proj1-train-split"),
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=[c.id for c in SPLIT_CASES])
+def test_triton_split_gathers_match_naive(case, _triton, monkeypatch):
+    """The split gathers' partial sums, summed in chunk order by a second launch (no atomics), give the naive
+    head's output and gradients; the split really happens (gather_kernel launched over chunks of y taps)."""
+    from msfused.triton import launch, projection
+
+    monkeypatch.setattr(launch, "SPLIT_STEPS", 18)
+    chunked, real = [], launch._launch
+
+    def watch(kernel, grid, *args, **meta):
+        if kernel is projection.gather_kernel and args[18] > args[24]:  # HD > HT: dst's rows are chunks
+            chunked.append((args[18] // args[24], args[25], args[12]))  # (chunks, y taps per chunk, y taps)
+        real(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(launch, "_launch", watch)
+    run_case(case, device=_triton)
+    assert chunked, "no gather was split"
+    assert any(chunks * per > taps for chunks, per, taps in chunked), chunked  # a shorter last chunk (masked)
+
+
 _NO_EXTENSION_SCRIPT = """
 import torch, msfused
 assert not msfused._ops.loaded()

@@ -10,6 +10,15 @@ estimated time on a named device (``DEVICES``) follows::
 
 Every figure of the plan is an estimate from the code, not a measurement. Autotuned kernels are planned
 once per configuration of their list. ``python -m msfused explain WORKLOAD`` prints it.
+
+A block with a projection (``project=``, the head workloads) runs ATen kernels too: its convolutions (cuDNN
+on a GPU) and torch's reductions and elementwise ops (batch statistics, the norms' gradient sums). The
+recorder does not see those (they are not launched through ``launch._launch``), so a ``TorchDispatchMode``
+on the meta tensors (``AtenRecorder``) records each ATen op that computes as one launch of a library
+(``Launch.library``: 'cuDNN' for a convolution, 'ATen' otherwise): bytes of its tensors, a convolution's
+FLOPs from the shapes at the matrix rate its dtype gets (``_dot_of``: half precision on tensor cores,
+float32 as TF32 where ``torch.backends.cudnn.allow_tf32`` allows, torch's default), its grid not modelled
+(the library chooses it: taken as filling the device, and outside the fill rule).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import sys
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +118,10 @@ class Launch:
     stage: str = ""  # inference, forward or backward
     est_us: float = 0.0
     flagged: List[str] = dataclasses.field(default_factory=list)  # parts that break the fill rule (see MIN_WAVES)
+    # "" for a Triton launch; else the library that runs it ("cuDNN": a convolution, "ATen": torch's own
+    # kernel), whose grid it chooses: programs, lanes and serial are 0 (not modelled), the device taken as
+    # filled (estimate), and the fill rule does not apply.
+    library: str = ""
 
     def estimate(self, device: Device) -> None:
         bound = max((self.read + self.written) / (device.hbm_gbps * 1e9),
@@ -117,7 +131,7 @@ class Launch:
         # Programs that loop longer than SERIAL_LIMIT steps are the launch's critical path: too few of them
         # leave the GPU idle behind them, whatever else the launch runs.
         self.flagged = [p.what for p in self.parts
-                        if p.programs < MIN_WAVES * device.sms and p.serial > SERIAL_LIMIT]
+                        if not self.library and p.programs < MIN_WAVES * device.sms and p.serial > SERIAL_LIMIT]
 
 
 _DOT = {0: "fp64", 1: "half", 2: "fp32", 3: "tf32"}
@@ -138,8 +152,16 @@ class Recorder:
         self.launches: List[Launch] = []
         self.stage = ""  # set by the caller: inference, forward, backward
         self.sites = 0
+        self.paused = False  # (an AtenRecorder ignores the ops of the cost models)
 
     def __call__(self, kernel, grid, *args, **meta):
+        self.paused = True
+        try:
+            self._record(kernel, grid, args, meta)
+        finally:
+            self.paused = False
+
+    def _record(self, kernel, grid, args, meta):
         from triton.runtime.autotuner import Autotuner
 
         fn, configs = kernel, [({}, {})]
@@ -167,6 +189,83 @@ class Recorder:
                 read=sum(p.read for p in parts), written=sum(p.written for p in parts),
                 flops=sum(p.flops for p in parts), dot=_DOT[a.get("DOT", 3 if not a.get("F64") else 0)],
                 site=self.sites, stage=self.stage))
+
+
+def _conv_flops(func, args, out) -> int:
+    """Matrix FLOPs of an ATen convolution (2 per multiply-add) or of its backward (one forward's FLOPs per
+    gradient asked for: the input's and the weight's; the bias's is a sum, no matrix work)."""
+    if func.overloadpacket.__name__ == "convolution":
+        # convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+        x, w, y, transposed, gradients = args[0], args[1], out, args[6], 1
+    else:
+        # convolution_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation, transposed,
+        #                      output_padding, groups, output_mask)
+        y, x, w, transposed = args[0], args[1], args[2], args[7]
+        gradients = int(bool(args[10][0])) + int(bool(args[10][1]))
+    # each element of the output (of the input, transposed) takes weight.shape[1] * kh * kw multiply-adds
+    return 2 * (x if transposed else y).numel() * math.prod(w.shape[1:]) * gradients
+
+
+def _dot_of(dtype: torch.dtype) -> str:
+    """The matrix rate a convolution of ``dtype`` gets from cuDNN (a row of DEVICES' rates): half precision on
+    tensor cores, float32 as TF32 where torch allows it (``torch.backends.cudnn.allow_tf32``, on by default)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return "half"
+    if dtype == torch.float64:
+        return "fp64"
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "fp32"
+
+
+_CONVOLUTIONS = ("convolution", "convolution_backward")
+# Ops that move no data on the device: allocations and metadata.
+_NO_WORK = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias",
+            "lift_fresh", "lift_fresh_copy", "set_", "resize_", "_local_scalar_dense"}
+
+
+class AtenRecorder(TorchDispatchMode):
+    """Records, as plan entries, the ATen ops that compute on the meta tensors of a recorded call: the
+    convolutions (``aten.convolution`` / ``aten.convolution_backward``, cuDNN on a GPU: their FLOPs from the
+    shapes at the rate their dtype gets, ``_dot_of``) and torch's own reductions and elementwise kernels
+    (bytes only). Views, allocations and ops on other devices (the tap tables' construction on CPU) are
+    not recorded. One ATen op is taken as one launch that fills the device (estimates)."""
+
+    def __init__(self, recorder: "Recorder"):
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.recorder.paused:
+            self._record(func, args, kwargs or {}, out)
+        return out
+
+    def _record(self, func, args, kwargs, out) -> None:
+        name = func.overloadpacket.__name__
+        if name in _NO_WORK or getattr(func, "is_view", False):
+            return
+        ins = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        # (a 0-dim CPU tensor in a meta op is a wrapped scalar)
+        if not outs or any(t.device.type != "meta" and t.dim() > 0 for t in ins + outs) or \
+                sum(t.numel() for t in outs) == 0:
+            return
+        ins = [t for t in ins if t.device.type == "meta"]
+        if name in ("fill_", "zero_"):  # writes its tensor, reads nothing
+            ins = []
+        elif name == "copy_":  # reads its source only
+            ins = ins[1:2]
+        read = sum(t.numel() * t.element_size() for t in {id(t): t for t in ins}.values())
+        written = sum(t.numel() * t.element_size() for t in outs)
+        conv = name in _CONVOLUTIONS
+        flops = _conv_flops(func, args, out) if conv else 0
+        dtype = (ins[0] if ins else outs[0]).dtype  # (a convolution's input or output gradient)
+        rec = self.recorder
+        rec.sites += 1
+        rec.launches.append(Launch(
+            kernel=f"aten.{name}", config={}, grid=(), programs=0, block={},
+            parts=[Part(str(func.name()), 0, 0, 0, read, written, flops)], lanes=0, serial=0, read=read,
+            written=written, flops=flops, dot=_dot_of(dtype) if conv else "fp32", site=rec.sites, stage=rec.stage,
+            library="cuDNN" if conv else "ATen"))
 
 
 @contextlib.contextmanager
@@ -225,7 +324,7 @@ def plan_block(module, x_shape, dtype: torch.dtype = torch.float32, mode: str = 
     """The plan of one call of ``module`` (a fused block built on the meta device, ``with
     torch.device('meta')``) on an input of ``x_shape`` in ``dtype``: ``mode`` 'inference' (eval, no
     gradient: the inference launcher) or 'train' (train-mode norms, forward and backward of x and every
-    parameter)."""
+    parameter). A block with a projection is planned as the Triton backend runs it (``_record_projection``)."""
     from . import launch
 
     if any(t.device.type != "meta" for t in module.state_dict().values()):
@@ -239,12 +338,15 @@ def plan_block(module, x_shape, dtype: torch.dtype = torch.float32, mode: str = 
     dev = DEVICES[device]
     module = module.to(device="meta", dtype=dtype).train(mode == "train")
     x = torch.empty(x_shape, dtype=dtype, device="meta")
-    weight, bias, scale, shift, stats, eps, args = _call_args(module)
     with torch.no_grad(), recording() as rec:
-        if mode == "inference":
+        if getattr(module, "project", None) is not None:
+            _record_projection(rec, module, x, mode)
+        elif mode == "inference":
+            weight, bias, scale, shift, stats, eps, args = _call_args(module)
             rec.stage = "inference"
             launch.inference(x, weight, bias, scale, shift, **args)
         else:
+            weight, bias, scale, shift, stats, eps, args = _call_args(module)
             rec.stage = "forward"
             out, level, pre, mean, var = launch.forward(x, weight, bias, scale, shift, stats, eps, **args)
             rec.stage = "backward"
@@ -252,12 +354,36 @@ def plan_block(module, x_shape, dtype: torch.dtype = torch.float32, mode: str = 
                             **args, output_mask=[True, True])
     for lc in rec.launches:
         lc.estimate(dev)
-    omitted = []
-    if getattr(module, "project", None) is not None:
-        omitted.append("the projection (project=): its convolutions (cuDNN, through ATen) and its Triton passes "
-                       "(project_epilogue_kernel, gather_kernel, act_grad_kernel) are not in this plan yet; the "
-                       "launches above are the block's alone")
-    return Plan(title, dev, rec.launches, omitted)
+    return Plan(title, dev, rec.launches)
+
+
+def _record_projection(rec: Recorder, module, x: torch.Tensor, mode: str) -> None:
+    """Records one call of a block with a projection (``project=``) as the Triton backend runs it: the
+    operators' bodies (``projection.project_forward``, and ``project_backward`` for 'train'), their Triton
+    launches through the recorder and their ATen ops (the convolutions, torch's reductions and elementwise
+    kernels) through an ``AtenRecorder`` on the meta tensors. The arguments are the functional layer's
+    (``functional._fused_project_forward``); its parameter-sized work outside the operators (the eval norm's
+    folding, cached per parameter version, and the running statistics' update) is not planned, as for the
+    blocks without a projection."""
+    from ..functional import _norm_epilogue
+    from . import projection
+
+    weight, bias, scale, shift, stats, eps, args = _call_args(module)
+    p_bias, p_scale, p_shift, p_stats, p_eps = _norm_epilogue(module.project.conv, module.project.norm)
+    p_act = module.spec.project.op_args()["project_activation"]
+    pw = module.project.conv.weight
+    train = mode == "train"
+    with AtenRecorder(rec):
+        rec.stage = "forward" if train else "inference"
+        out, level, pre, mean, var, p_pre, p_mean, p_var = projection.project_forward(
+            x, weight, bias, scale, shift, stats, eps, **args, pw=pw, p_bias=p_bias, p_scale=p_scale, p_shift=p_shift,
+            p_batch_stats=p_stats, p_eps=p_eps, p_activation=p_act, save_pre=train)
+        if train:
+            rec.stage = "backward"
+            projection.project_backward(
+                torch.empty_like(out), x, weight, scale, shift, level, pre, mean, var, stats, eps, **args, pw=pw,
+                p_scale=p_scale, p_shift=p_shift, p_pre=p_pre, p_mean=p_mean, p_var=p_var, p_batch_stats=p_stats,
+                p_eps=p_eps, p_activation=p_act, output_mask=[True, True])
 
 
 def plan_workload(name: str, mode: str = "inference", dtype: torch.dtype = torch.float32, device: str = "H100",
@@ -288,7 +414,7 @@ def format_plan(plan: Plan) -> str:
     lines = [f"launch plan of {plan.title} on {d.name} ({d.sms} SMs, {d.hbm_gbps:.0f} GB/s): ESTIMATES from the "
              f"code, not measurements; fill = min(1, programs / SMs); ! = fewer than {MIN_WAVES}x{d.sms} programs "
              f"while a program loops over {SERIAL_LIMIT} steps",
-             f"{'#':>2} {'stage':<9} {'kernel':<20} {'config':<24} {'grid':<14} {'programs':>8} {'lanes':>6} "
+             f"{'#':>2} {'stage':<9} {'kernel':<25} {'config':<24} {'grid':<14} {'programs':>8} {'lanes':>6} "
              f"{'serial':>7} {'MB read':>8} {'MB wr':>7} {'GFLOP':>7} {'est us':>8}"]
     best = {id(lc) for lc in plan.best()}
     for lc in plan.launches:
@@ -296,12 +422,18 @@ def format_plan(plan: Plan) -> str:
         if lc.config:
             cfg += f",w{lc.config.get('num_warps')}s{lc.config.get('num_stages')}"
         mark = ("*" if lc.config and id(lc) in best else " ") + ("!" if lc.flagged else " ")
-        lines.append(f"{lc.site:>2} {lc.stage:<9} {lc.kernel:<20} {cfg[:24]:<24} {str(lc.grid):<14} {lc.programs:>8} "
-                     f"{lc.lanes:>6} {lc.serial:>7} {lc.read / 1e6:>8.2f} {lc.written / 1e6:>7.2f} "
-                     f"{lc.flops / 1e9:>7.2f} {lc.est_us:>8.1f}{mark}")
+        if lc.library:  # the library chooses its grid: not modelled
+            cfg = f"{lc.library}" + (f", {lc.dot}" if lc.flops else "")
+            shape = f"{'-':<14} {'-':>8} {'-':>6} {'-':>7}"
+        else:
+            shape = f"{str(lc.grid):<14} {lc.programs:>8} {lc.lanes:>6} {lc.serial:>7}"
+        lines.append(f"{lc.site:>2} {lc.stage:<9} {lc.kernel:<25} {cfg[:24]:<24} {shape} {lc.read / 1e6:>8.2f} "
+                     f"{lc.written / 1e6:>7.2f} {lc.flops / 1e9:>7.2f} {lc.est_us:>8.1f}{mark}")
     chosen = plan.best()
-    lines.append(f"{len(chosen)} launches; estimated {plan.est_us:.1f} us on {d.name} (the fastest configuration of "
-                 f"each autotuned launch; launch overhead not included)")
+    triton_count = sum(1 for lc in chosen if not lc.library)
+    lines.append(f"{len(chosen)} launches ({triton_count} Triton, {len(chosen) - triton_count} cuDNN / ATen); "
+                 f"estimated {plan.est_us:.1f} us on {d.name} (the fastest configuration of each autotuned launch; "
+                 f"a library's launch taken as filling the device; launch overhead not included)")
     lines += [f"NOT PLANNED: {what}" for what in plan.omitted]
     return "\n".join(lines)
 
@@ -350,8 +482,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def survey(workloads: Optional[Sequence[str]] = None, modes=("inference", "train"),
            dtypes=(torch.float32, torch.bfloat16), device: str = "H100") -> List[dict]:
-    """One summary per (workload, mode, dtype): launches, the fewest programs of a launch, the estimated time
-    and every part of every planned launch (each autotune configuration) that breaks the fill rule."""
+    """One summary per (workload, mode, dtype): launches (all; Triton; cuDNN convolutions with their FLOPs and
+    matrix rates), the fewest programs of a Triton launch, the estimated time and every part of every planned
+    launch (each autotune configuration) that breaks the fill rule."""
     from ..bench.workloads import WORKLOADS
 
     rows = []
@@ -360,12 +493,46 @@ def survey(workloads: Optional[Sequence[str]] = None, modes=("inference", "train
             for dtype in dtypes:
                 p = plan_workload(name, mode, dtype, device)
                 best = p.best()
+                kernels = [lc for lc in best if not lc.library]
+                convs = [lc for lc in best if lc.library == "cuDNN"]
                 rows.append(dict(
                     workload=name, mode=mode, dtype=str(dtype).replace("torch.", ""), omitted=p.omitted,
-                    launches=len(best),
-                    min_programs=min(lc.programs for lc in best), est_us=p.est_us,
+                    launches=len(best), triton_launches=len(kernels),
+                    triton_kernels=sorted({lc.kernel for lc in kernels}),
+                    conv_launches=len(convs), conv_flops=sum(lc.flops for lc in convs),
+                    conv_rates=sorted({lc.dot for lc in convs}),
+                    min_programs=min(lc.programs for lc in kernels), est_us=p.est_us,
                     max_serial=max(lc.serial for lc in p.launches),
                     flagged=[dict(kernel=lc.kernel, config=lc.config, part=part, programs=pt.programs,
                                   serial=pt.serial)
                              for lc in p.launches for part in lc.flagged for pt in lc.parts if pt.what == part]))
     return rows
+
+
+def survey_table(dtype: torch.dtype = torch.bfloat16, device: str = "H100") -> str:
+    """docs/BACKENDS.md's "Launch plan (estimates)" table, from ``survey``: per workload of WORKLOADS.md its
+    launches (Triton, + cuDNN / ATen where a projection runs them), the fewest programs of a Triton launch,
+    and the estimated time over the floor at the device's data-sheet rates (``max(bytes / HBM bandwidth,
+    convolution FLOPs / matrix rate)``, WORKLOADS.md's work count, ``bench.floor.count_work``), inference /
+    train. Every figure an estimate: ``python -c "from msfused.triton.plan import survey_table;
+    print(survey_table())"``."""
+    from ..bench.floor import count_work
+    from ..bench.workloads import WORKLOADS
+
+    dev = DEVICES[device]
+    rows = {}
+    for r in survey(dtypes=(dtype,), device=device):
+        w = WORKLOADS[r["workload"]]
+        work = count_work(w, w.n, r["mode"], dtype)
+        floor_us = max(work.bytes / (dev.hbm_gbps * 1e9), work.flops / (dev.tflops[_dot_of(dtype)] * 1e12)) * 1e6
+        library = r["launches"] - r["triton_launches"]
+        rows.setdefault(r["workload"], []).append((
+            f"{r['triton_launches']}" + (f" + {library}" if library else ""), str(r["min_programs"]),
+            f"{r['est_us'] / floor_us:.1f}", f"{floor_us:.0f}"))
+    lines = ["| workload | launches inference / train (Triton + cuDNN / ATen) | fewest programs of a Triton launch, "
+             "inference / train | floor, inference / train (µs) | estimated time / floor, inference / train |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, (inf, train) in rows.items():
+        lines.append(f"| `{name}` | {inf[0]} / {train[0]} | {inf[1]} / {train[1]} | {inf[3]} / {train[3]} | "
+                     f"{inf[2]} / {train[2]} |")
+    return "\n".join(lines)

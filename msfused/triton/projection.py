@@ -13,20 +13,27 @@ convolutions are torch's (cuDNN on a GPU, deterministic algorithms); the Triton 
   statistics: the pre-activation, then a second pass of the same kernel once the statistics are known). The
   same kernel with no parts is the branches' norm and activation at their levels.
 * ``gather_kernel``: a separable resize as a gather over ``tables.py``'s tap tables (ATen's own index math):
-  the levels from ``x`` and a direct branch's resize back up in the forward; in the backward the adjoints,
-  deterministic (no atomics): each per-tap map's gradient (the shifted up-resize's readers of a level pixel),
-  a direct branch's up-resize adjoint, and ``dx`` (the down-resizes' adjoints, branch after branch).
+  a direct branch's resize back up in the forward; in the backward the adjoints, deterministic (no atomics):
+  each per-tap map's gradient (the shifted up-resize's readers of a level pixel), a direct branch's up-resize
+  adjoint, and ``dx`` (the down-resizes' adjoints, branch after branch). A gather whose program would loop
+  over more than ``launch.SPLIT_STEPS`` taps (a small level's adjoint reads most of the map) runs in chunks of
+  its y taps that fill the GPU, their partial sums summed in chunk order by a second launch (``_gather``).
 * ``act_grad_kernel``: the activation's backward through a norm, ``g * act'(mul * pre + add)``.
 
-Launches per call ("torch" = cuDNN and reductions): forward: per branch 1 gather (its level; not for x
-itself), its convolution (torch), [its batch statistics (torch)], 1 epilogue pass (its activation at its
-level), [1 gather: resized up, direct branches], its part's convolution (torch); ``conv(x, W_x)`` (torch);
-**1** accumulation pass per 4 parts (``MAX_PARTS``); with the projection's batch statistics + their reduction
-(torch) + 1 epilogue pass. Backward: 1 ``act_grad_kernel`` (+ torch's sums and, with batch statistics, an
-elementwise pass) for the projection's epilogue; ``conv(x, W_x)``'s backward (torch); per branch: 1 epilogue
-pass (its activation again; + 1 gather for a direct one), 1 gather (its maps' gradient, or its up-resize's
-adjoint), its part's convolution backward (torch), its epilogue backward (as the projection's), its
-convolution backward (torch); 1 gather per branch writes ``dx``.
+The levels come from the block's ``levels_kernel`` (``launch._launch_levels``: every level of up to 4 branches
+in one launch, long pooling windows in chunks, +1 launch sums their partials in a fixed order).
+
+Launches per call ("torch" = cuDNN and reductions): forward: 1 levels launch per 4 levels (+1 where a pooling
+window is split: bins 1 and 2 of a 64 x 64 map); per branch its convolution (torch), [its batch statistics
+(torch)], 1 epilogue pass (its activation at its level), [1 gather: resized up, direct branches], its part's
+convolution (torch); ``conv(x, W_x)`` (torch); **1** accumulation pass per 4 parts (``MAX_PARTS``); with the
+projection's batch statistics + their reduction (torch) + 1 epilogue pass. Backward: 1 ``act_grad_kernel``
+(+ torch's sums and, with batch statistics, an elementwise pass) for the projection's epilogue;
+``conv(x, W_x)``'s backward (torch); per branch: 1 epilogue pass (its activation again; + 1 gather for a direct
+one), 1 gather (its maps' gradient, or its up-resize's adjoint; +1 where split), its part's convolution
+backward (torch), its epilogue backward (as the projection's), its convolution backward (torch); 1 gather per
+branch writes ``dx``. ``python -m msfused explain`` plans them all (``plan.py``; each kernel's cost model below
+its launchers).
 """
 
 from __future__ import annotations
@@ -44,7 +51,8 @@ from torch import Tensor
 from .. import _ops
 from . import kernels as K
 from . import launch
-from .tables import AxisTaps, axis_taps
+from .plan import Part, cdiv, cost_model, nbytes
+from .tables import AxisTaps, axis_taps, stacked_taps
 
 #: Parts (per-tap maps, direct convolutions) one accumulation launch adds; more take further launches.
 MAX_PARTS = 4
@@ -135,18 +143,23 @@ def project_epilogue_kernel(
 
 @triton.jit
 def gather_kernel(src, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, ty_idx, ty_w, TY, tx_idx, tx_w, TX,
-                  N, CD, HD, WD, P, HS, WS, KS,
+                  N, CD, HD, WD, P, HS, WS, KS, HT, R,
                   ACCUMULATE: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Grid: (tiles of BLOCK_P of dst's N * HD * WD pixels, tiles of BLOCK_C of its CD channels). One
-    program: dst[n, ch, y, x] (+ its old value with ACCUMULATE) = sum over the tables' taps (rows of y,
-    columns of x, in table order: deterministic) of w_y * w_x * src[n, ch % P, iy - dy, ix - dx], where
-    (dy, dx) is the shift of tap ch // P of a KS x KS kernel (KS = 1: none), zero outside src's HS x WS."""
+    """Grid: (tiles of BLOCK_P of dst's N * HD * WD pixels, tiles of BLOCK_C of its CD channels). dst's rows
+    are HD // HT chunks of HT rows (the y table's rows); row r of chunk j = r // HT sums the y taps
+    j * R .. j * R + R - 1 of table row r % HT (one chunk, R = TY: every tap). One program: dst[n, ch, r, x]
+    (+ its old value with ACCUMULATE) = sum over its chunk's y taps and every x tap (in table order:
+    deterministic) of w_y * w_x * src[n, ch % P, iy - dy, ix - dx], where (dy, dx) is the shift of tap
+    ch // P of a KS x KS kernel (KS = 1: none), zero outside src's HS x WS. A long gather so split into
+    chunks (partial sums stacked along dst's rows) is finished by a second launch over ``stacked_taps``."""
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     e = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     pm = e < N * HD * WD
     n = e // (HD * WD)
-    oy = (e // WD) % HD
+    row = (e // WD) % HD
+    oy = row % HT
+    y0 = (row // HT) * R  # the chunk's first y tap
     ox = e % WD
     ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = ch < CD
@@ -155,11 +168,13 @@ def gather_kernel(src, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, ty_idx, ty_w
     dx = tap % KS - KS // 2
     base = n[:, None] * s_n + (ch % P)[None, :] * s_c
     acc = K._zeros(BLOCK_P, BLOCK_C, F64)
-    for ty in range(TY):
-        iy = tl.load(ty_idx + oy * TY + ty, mask=pm, other=-1)
-        wy = tl.load(ty_w + oy * TY + ty, mask=pm, other=0.0).to(acc.dtype)
+    for t in range(R):
+        ty = y0 + t
+        ok_t = pm & (ty < TY)
+        iy = tl.load(ty_idx + oy * TY + ty, mask=ok_t, other=-1)
+        wy = tl.load(ty_w + oy * TY + ty, mask=ok_t, other=0.0).to(acc.dtype)
         sy = iy[:, None] - dy[None, :]
-        ok_y = (pm & (iy >= 0))[:, None] & cm[None, :] & (sy >= 0) & (sy < HS)
+        ok_y = (ok_t & (iy >= 0))[:, None] & cm[None, :] & (sy >= 0) & (sy < HS)
         for tx in range(TX):
             ix = tl.load(tx_idx + ox * TX + tx, mask=pm, other=-1)
             wx = tl.load(tx_w + ox * TX + tx, mask=pm, other=0.0).to(acc.dtype)
@@ -167,7 +182,7 @@ def gather_kernel(src, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, ty_idx, ty_w
             ok = ok_y & (ix >= 0)[:, None] & (sx >= 0) & (sx < WS)
             v = tl.load(src + base + sy * s_h + sx * s_w, mask=ok, other=0.0)
             acc += (wy * wx)[:, None] * v.to(acc.dtype)
-    dptr = dst + (n * d_n + oy * d_h + ox * d_w)[:, None] + ch[None, :] * d_c
+    dptr = dst + (n * d_n + row * d_h + ox * d_w)[:, None] + ch[None, :] * d_c
     m2 = pm[:, None] & cm[None, :]
     if ACCUMULATE:
         acc += tl.load(dptr, mask=m2, other=0.0).to(acc.dtype)
@@ -271,16 +286,76 @@ def _epilogue(acc: Optional[Tensor], parts: list, bias: Optional[Tensor], norm: 
 
 def _gather(src: Tensor, dst: Tensor, ty: Tuple[Tensor, Tensor, int], tx: Tuple[Tensor, Tensor, int],
             ks: int = 1, p: Optional[int] = None, accumulate: bool = False) -> None:
-    """One gather_kernel launch: dst (+)= the separable gather of src over the tables ty, tx ((index,
-    weight, taps) per destination row / column), shifted per tap of a ks x ks kernel (channel tap * p + q
-    of dst reads channel q of src)."""
+    """dst (+)= the separable gather of src over the tables ty, tx ((index, weight, taps) per destination row
+    / column), shifted per tap of a ks x ks kernel (channel tap * p + q of dst reads channel q of src): one
+    gather_kernel launch; or, where one program would loop over more than ``launch.SPLIT_STEPS`` taps (a
+    small level's adjoint reads most of the map), two, as the block's split reductions: the y taps in chunks
+    (enough programs to fill the GPU), their partial sums stacked along the rows of one buffer in the
+    accumulation dtype, then summed in chunk order (``stacked_taps``; no atomics, bit-identical run to run)."""
     N, CD, HD, WD = dst.shape
     if dst.numel() == 0:
         return
+    rows = max(1, launch.SPLIT_STEPS // max(tx[2], 1))  # y taps per chunk
+    if ty[2] <= rows:
+        _gather_launch(src, dst, ty, tx, HD, ty[2], ks, p, accumulate)
+        return
+    # and chunks enough for the partial pass's programs to fill the GPU (each chunk adds N * HD * WD pixels)
+    block_p, block_c, _ = _tiles(N * HD * WD, CD)
+    fill = (triton.cdiv(launch._fill_programs(), triton.cdiv(CD, block_c)) - 1) * block_p // (N * HD * WD) + 1
+    rows = max(1, min(rows, triton.cdiv(ty[2], fill)))
+    chunks = triton.cdiv(ty[2], rows)
+    part = launch._empty((N, CD, chunks * HD, WD), launch._acc_dtype(dst.dtype), dst.device, launch._fmt(dst))
+    _gather_launch(src, part, ty, tx, HD, rows, ks, p, False)
+    sums = stacked_taps(HD, chunks, 0, dst.dtype, dst.device)
+    ident = axis_taps("identity", WD, WD, 0, False, dst.dtype, dst.device)
+    _gather_launch(part, dst, _fwd(sums), _fwd(ident), HD, chunks, 1, None, accumulate)
+
+
+def _gather_launch(src: Tensor, dst: Tensor, ty, tx, rows: int, per_chunk: int, ks: int, p: Optional[int],
+                   accumulate: bool) -> None:
+    """One gather_kernel launch: dst's rows are chunks of ``rows`` rows, each summing ``per_chunk`` y taps."""
+    N, CD, HD, WD = dst.shape
     block_p, block_c, grid = _tiles(N * HD * WD, CD)
     launch._launch(gather_kernel, grid, src, *src.stride(), dst, *dst.stride(), *ty, *tx,
-                   N, CD, HD, WD, p if p is not None else CD, src.shape[2], src.shape[3], ks,
+                   N, CD, HD, WD, p if p is not None else CD, src.shape[2], src.shape[3], ks, rows, per_chunk,
                    ACCUMULATE=accumulate, F64=dst.dtype == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
+
+
+@cost_model(project_epilogue_kernel)
+def _epilogue_cost(a):
+    """Plan model (estimates): a (BLOCK_P output pixels, BLOCK_C channels) tile per program; its sum read
+    (HAS_ACC), then each part's taps in turn (KS x KS shifts times the up-resize's y and x taps: the loops of
+    one program add up), the pre-activation and / or the output stored."""
+    N, P, H, W, bp, bc = a["N"], a["P"], a["H"], a["W"], a["BLOCK_P"], a["BLOCK_C"]
+    px = N * H * W
+    parts = range(a["PARTS"])
+    serial = max(1, sum(a[f"KS{s}"] ** 2 * a[f"TY{s}"] * a[f"TX{s}"] for s in parts))
+    read = (nbytes(a["acc_in"], px * P) if a["HAS_ACC"] else 0) + sum(nbytes(a[f"t{s}"]) for s in parts)
+    written = nbytes(a["pre"], px * P) * int(a["STORE_PRE"]) + nbytes(a["out"], px * P) * int(a["STORE_OUT"])
+    what = f"sum of {a['PARTS']} parts" if a["PARTS"] else ("norm, activation" if a["STORE_OUT"] else "sum")
+    return [Part(what, cdiv(px, bp) * cdiv(P, bc), min(bp, px) * min(bc, P), serial, read, written)]
+
+
+@cost_model(gather_kernel)
+def _gather_cost(a):
+    """Plan model (estimates): a (BLOCK_P destination pixels, BLOCK_C channels) tile per program, looping over
+    its chunk's R y taps times every x tap; each source element read once at most."""
+    src, dst, N, CD, HD, WD, bp, bc = a["src"], a["dst"], a["N"], a["CD"], a["HD"], a["WD"], a["BLOCK_P"], a["BLOCK_C"]
+    px, chunks = N * HD * WD, HD // a["HT"]
+    taps = a["R"] * a["TX"]
+    src_elements = N * min(a["P"], CD) * a["HS"] * a["WS"]
+    read = nbytes(src, min(src_elements, px * CD * taps)) + (nbytes(dst, px * CD) if a["ACCUMULATE"] else 0)
+    what = f"gather {a['HS']}x{a['WS']} -> {a['HT']}x{WD}" + (f" in {chunks} chunks" if chunks > 1 else "")
+    return [Part(what, cdiv(px, bp) * cdiv(CD, bc), min(bp, px) * min(bc, CD), taps, read, nbytes(dst, px * CD))]
+
+
+@cost_model(act_grad_kernel)
+def _act_grad_cost(a):
+    """Plan model (estimates): an elementwise (BLOCK_P pixels, BLOCK_C channels) tile per program."""
+    N, C, H, W, bp, bc = a["N"], a["C"], a["H"], a["W"], a["BLOCK_P"], a["BLOCK_C"]
+    px = N * H * W
+    return [Part("activation gradient", cdiv(px, bp) * cdiv(C, bc), min(bp, px) * min(bc, C), 1,
+                 nbytes(a["g"], px * C) + nbytes(a["pre"], px * C), nbytes(a["dy"], px * C))]
 
 
 def _fwd(t: AxisTaps) -> Tuple[Tensor, Tensor, int]:
@@ -405,17 +480,19 @@ def project_forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bin
     B = len(weight)
     level, pre, mean, var, parts = [], [], [], [], []
     sdt = _stats_dtype(dt)
+    # Every level other than x itself: the block's levels_kernel, up to 4 levels per launch, its long pooling
+    # windows split into chunks that fill the GPU (+1 launch sums their partials in a fixed order).
+    pooled = [b for b in range(B) if factor[b] != 1]
+    levels = {}
+    for i in range(0, len(pooled), K.MAX_SLOTS):
+        made = launch._launch_levels(x, x, 0, False, pooled[i:i + K.MAX_SLOTS], factor, bins, down_mode,
+                                     align_corners)
+        levels.update({b: lev for b, (lev, _) in made.items()})
     with _deterministic_convolutions():
         for b in range(B):
             g = _Branch(b, factor, bins, H, W, k)
-            if g.identity:
-                z = x
-                level.append(x.new_empty(0))
-            else:
-                z = launch._empty((N, C, g.h, g.w), dt, dev, fmt)
-                ty, tx = _down(factor[b], down_mode, H, W, g.h, g.w, align_corners, x)
-                _gather(x, z, _fwd(ty), _fwd(tx))
-                level.append(z)
+            z = x if g.identity else levels[b]
+            level.append(x.new_empty(0) if g.identity else z)
             pre_b = _conv(z, weight[b], bias[b], weight[b].shape[2] // 2, fmt)
             pre.append(pre_b)
             if batch_stats[b]:
