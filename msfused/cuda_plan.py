@@ -12,7 +12,8 @@ against the CPU kernels, and the launch plan below records its launchers.
 projection) at the workload's full size through the emulation build's operators on meta tensors, with the
 launchers' record-only mode on (``start_recording`` / ``stop_recording``: every ``launch_*`` function of the
 .cu records its kernel, grid, block, dynamic shared memory and its cost model's figures, from its own
-arithmetic, and launches nothing; the binding's ATen convolutions are recorded with their FLOPs and bytes).
+arithmetic, and launches nothing) and, in order with those, the binding's ATen ops (the convolutions with
+their FLOPs, torch's own kernels: the Triton plan's ``AtenRecorder``, a dispatch mode on the meta tensors).
 The launchers size their grids for the planned device's multiprocessor count and the GPU build's chunking,
 so the plan is the GPU build's, from the same launcher source. Figures are read into the Triton plan's
 types (``msfused/triton/plan.py``: ``Part``, ``Launch``, ``Plan``) and estimated the same way; every figure
@@ -32,12 +33,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
-
-#: ATen work of a call the plan leaves out (in every CUDA plan's ``omitted``).
-NOT_PLANNED = ("ATen's small passes around the kernels (per-channel parameter casts, the parameter gradients' "
-               "casts and copies, bfloat16 / float16 casts of level-sized activations to the per-tap maps' "
-               "float32); the convolutions' grids are cuDNN's: their estimates assume they fill the device")
-
 
 class EmulationUnavailable(RuntimeError):
     """The emulation build cannot be made here (no CUDA headers, or no source checkout)."""
@@ -118,35 +113,77 @@ def emulation_library(verbose: bool = False) -> Path:
 # The launch plan
 # ---------------------------------------------------------------------------------------------------
 
-def _launches(records: List[dict], stage: str, first_site: int) -> list:
-    """The recorded launches (stop_recording's JSON) as the plan's Launch objects."""
+def _launches(records: List[dict], stage: str) -> list:
+    """The recorded kernel launches (stop_recording's JSON) as the plan's Launch objects (site set later)."""
     from .triton.plan import Launch, Part
 
     out = []
-    for i, r in enumerate(records):
-        parts = [Part(p["what"], p["programs"], p["lanes"], p["serial"], p["read"], p["written"], p["flops"])
-                 for p in r["parts"]]
-        assert r["grid"] == sum(p.programs for p in parts), r  # the cost model covers every block
+    for r in records:
+        parts = [Part(p["what"], p["programs"], p["lanes"], p["serial"], p["read"], p["written"]) for p in r["parts"]]
+        if r["grid"] != sum(p.programs for p in parts):  # the cost model covers every block
+            raise RuntimeError(f"the cost model of {r['kernel']} covers {sum(p.programs for p in parts)} of its "
+                               f"{r['grid']} blocks: {r}")
         out.append(Launch(
-            kernel=r["kernel"], config={}, grid=(r["grid"],) if r["grid"] else (), programs=r["grid"],
-            block=dict(threads=r["threads"], shared_bytes=r["shared_bytes"]) if r["grid"] else {},
-            parts=parts, lanes=min(p.lanes for p in parts), serial=max(p.serial for p in parts),
-            read=sum(p.read for p in parts), written=sum(p.written for p in parts),
-            flops=sum(p.flops for p in parts), dot=r["dot"] or "fp32", site=first_site + i, stage=stage))
+            kernel=r["kernel"], config={}, grid=(r["grid"],), programs=r["grid"],
+            block=dict(threads=r["threads"], shared_bytes=r["shared_bytes"]), parts=parts,
+            lanes=min(p.lanes for p in parts), serial=max(p.serial for p in parts),
+            read=sum(p.read for p in parts), written=sum(p.written for p in parts), flops=0, dot="fp32",
+            stage=stage))
     return out
 
 
-def is_library_call(launch) -> bool:
-    """Whether a planned launch is an ATen call (a cuDNN convolution, a sum), whose grid the library picks."""
-    return launch.programs == 0
+def _kernel_recorder(sms: int):
+    """A dispatch mode that records one call of the emulation build's operators on meta tensors, in order: the
+    kernel launches (the launchers' record-only mode, installed for a device of ``sms`` multiprocessors and
+    read back before each ATen op) and the ATen ops of the binding (``msfused.triton.plan.AtenRecorder``: the
+    convolutions, cuDNN on a GPU, with their FLOPs, and torch's own kernels), as the plan's launches."""
+    import types
+
+    from .triton.plan import AtenRecorder
+
+    ops = torch.ops.msfused_cuda_emulation
+
+    class KernelRecorder(AtenRecorder):
+        def __init__(self):
+            super().__init__(types.SimpleNamespace(launches=[], sites=0, stage="", paused=False))
+
+        def flush(self) -> None:
+            """The kernels launched since the last ATen op (or the start) into the plan, in order."""
+            rec = self.recorder
+            for lc in _launches(json.loads(ops.stop_recording()), rec.stage):
+                rec.sites += 1
+                lc.site = rec.sites
+                rec.launches.append(lc)
+            ops.start_recording(sms)
+
+        def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+            if func.namespace == "msfused_cuda_emulation":  # start_recording, stop_recording
+                return func(*args, **(kwargs or {}))
+            self.flush()
+            return super().__torch_dispatch__(func, types_, args, kwargs)
+
+        def __enter__(self):
+            ops.start_recording(sms)
+            return super().__enter__()
+
+        def __exit__(self, *exc):
+            try:
+                self.flush()
+            finally:
+                ops.stop_recording()
+            return super().__exit__(*exc)
+
+    return KernelRecorder()
 
 
 def plan_block(module, x_shape, dtype: torch.dtype = torch.float32, mode: str = "inference",
                device: str = "H100", title: str = "", channels_last: bool = False):
     """The CUDA backend's plan of one call of ``module`` (a fused block built on the meta device) on an input of
     ``x_shape`` in ``dtype``: ``mode`` 'inference' (eval, no gradient) or 'train' (train-mode norms, forward and
-    backward of x and every parameter), as msfused.functional calls the operators. Returns a
-    ``msfused.triton.plan.Plan`` (every figure an estimate)."""
+    backward of x and every parameter), with the operators' arguments msfused.functional gives them (its
+    parameter-sized work outside the operators, the eval norm's folding and the running statistics' update,
+    is not planned, as in the Triton plan). Returns a ``msfused.triton.plan.Plan`` (every figure an
+    estimate)."""
     from .functional import _norm_epilogue
     from .triton.plan import DEVICES, Plan, _call_args
 
@@ -165,39 +202,32 @@ def plan_block(module, x_shape, dtype: torch.dtype = torch.float32, mode: str = 
     weight, bias, scale, shift, stats, eps, args = _call_args(module)
     config = (stats, eps, *args.values())
     project = getattr(module, "project", None)
-    launches: list = []
-
-    def recorded(stage, call):
-        ops.start_recording(dev.sms)
-        try:
-            result = call()
-        finally:
-            records = json.loads(ops.stop_recording())
-        launches.extend(_launches(records, stage, len(launches) + 1))
-        return result
-
-    with torch.no_grad():
+    if project is not None:
+        pw = project.conv.weight
+        p_bias, p_scale, p_shift, p_stats, p_eps = _norm_epilogue(project.conv, project.norm)
+        pconf = tuple(module.spec.project.op_args().values())
+    recorder = _kernel_recorder(dev.sms)
+    rec = recorder.recorder
+    with torch.no_grad(), recorder:
+        rec.stage = "forward" if train else "inference"
         if project is None:
-            fwd = recorded("inference" if not train else "forward",
-                           lambda: ops.multi_scale_forward(x, weight, bias, scale, shift, *config))
-            if train:
-                out, level, pre, mean, var = fwd
-                recorded("backward", lambda: ops.multi_scale_backward(
-                    torch.empty_like(out), x, weight, scale, shift, level, pre, mean, var, *config, [True, True]))
+            out, level, pre, mean, var = ops.multi_scale_forward(x, weight, bias, scale, shift, *config)
         else:
-            pw = project.conv.weight
-            p_bias, p_scale, p_shift, p_stats, p_eps = _norm_epilogue(project.conv, project.norm)
-            pconf = tuple(module.spec.project.op_args().values())
-            fwd = recorded("inference" if not train else "forward", lambda: ops.multi_scale_project_forward(
-                x, weight, bias, scale, shift, *config, pw, p_bias, p_scale, p_shift, p_stats, p_eps, *pconf, train))
-            if train:
-                out, level, pre, mean, var, p_pre, p_mean, p_var = fwd
-                recorded("backward", lambda: ops.multi_scale_project_backward(
-                    torch.empty_like(out), x, weight, scale, shift, level, pre, mean, var, *config, pw, p_scale,
-                    p_shift, p_pre, p_mean, p_var, p_stats, p_eps, *pconf, [True, True]))
-    for lc in launches:
+            out, level, pre, mean, var, p_pre, p_mean, p_var = ops.multi_scale_project_forward(
+                x, weight, bias, scale, shift, *config, pw, p_bias, p_scale, p_shift, p_stats, p_eps, *pconf, train)
+        if train:
+            recorder.flush()
+            rec.stage = "backward"
+            grad = torch.empty_like(out)
+            if project is None:
+                ops.multi_scale_backward(grad, x, weight, scale, shift, level, pre, mean, var, *config, [True, True])
+            else:
+                ops.multi_scale_project_backward(grad, x, weight, scale, shift, level, pre, mean, var, *config, pw,
+                                                 p_scale, p_shift, p_pre, p_mean, p_var, p_stats, p_eps, *pconf,
+                                                 [True, True])
+    for lc in rec.launches:
         lc.estimate(dev)
-    return Plan(title, dev, launches, [NOT_PLANNED])
+    return Plan(title, dev, rec.launches, kernels="CUDA kernels")
 
 
 def plan_workload(name: str, mode: str = "inference", dtype: torch.dtype = torch.float32, device: str = "H100",
@@ -215,27 +245,30 @@ def plan_workload(name: str, mode: str = "inference", dtype: torch.dtype = torch
 
 def survey(workloads: Optional[Sequence[str]] = None, modes=("inference", "train"),
            dtypes=(torch.float32, torch.bfloat16), device: str = "H100") -> List[dict]:
-    """One summary per (workload, mode, dtype) of the CUDA plan: kernel launches and ATen calls, the fewest
-    blocks of a kernel launch, the estimated time, each kernel's launch count and every part of a launch that
-    breaks the fill rule (``msfused.triton.plan.MIN_WAVES``)."""
+    """One summary per (workload, mode, dtype) of the CUDA plan: the launches of the .cu's kernels and of the
+    libraries (cuDNN, ATen), each one's count per stage, the fewest blocks of a kernel launch, the estimated
+    time and every part of a launch that breaks the fill rule (``msfused.triton.plan.MIN_WAVES``)."""
     from .bench.workloads import WORKLOADS
+
+    def counts(launches) -> dict:
+        out: dict = {}
+        for lc in launches:
+            out.setdefault(lc.stage, {}).setdefault(lc.kernel, 0)
+            out[lc.stage][lc.kernel] += 1
+        return out
 
     rows = []
     for name in workloads or list(WORKLOADS):
         for mode in modes:
             for dtype in dtypes:
                 p = plan_workload(name, mode, dtype, device)
-                kernels = [lc for lc in p.launches if not is_library_call(lc)]
-                counts: dict = {}
-                for lc in kernels:
-                    counts.setdefault(lc.stage, {}).setdefault(lc.kernel, 0)
-                    counts[lc.stage][lc.kernel] += 1
+                kernels = [lc for lc in p.launches if not lc.library]
+                library = [lc for lc in p.launches if lc.library]
                 rows.append(dict(
                     workload=name, mode=mode, dtype=str(dtype).replace("torch.", ""),
-                    kernels=len(kernels), aten=len(p.launches) - len(kernels), counts=counts,
-                    aten_calls=[(lc.stage, lc.kernel) for lc in p.launches if is_library_call(lc)],
-                    min_programs=min(lc.programs for lc in kernels), est_us=p.est_us,
-                    max_serial=max(lc.serial for lc in kernels),
+                    kernels=len(kernels), library=len(library), counts=counts(kernels),
+                    library_counts=counts(library), min_programs=min(lc.programs for lc in kernels),
+                    est_us=p.est_us, max_serial=max(lc.serial for lc in kernels),
                     flagged=[dict(kernel=lc.kernel, stage=lc.stage, part=pt.what, programs=pt.programs,
                                   serial=pt.serial)
                              for lc in p.launches for pt in lc.parts if pt.what in lc.flagged]))

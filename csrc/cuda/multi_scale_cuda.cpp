@@ -89,9 +89,10 @@ void check_launch(cudaError_t err, const char* kernel) {
   TORCH_CHECK(err == cudaSuccess, "msfused (cuda): launching ", kernel, " failed: ", error_string(err));
 }
 
-// A fresh output; in the emulation build filled with NaN first, so that an element no kernel writes shows.
+// A fresh output; in the emulation build filled with NaN first, so that an element no kernel writes shows
+// (not a meta tensor's: the launch plan records the GPU build's ATen ops).
 Tensor fresh(Tensor t) {
-  if (kEmulation && t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (kEmulation && t.numel() > 0 && !t.is_meta()) t.fill_(std::numeric_limits<double>::quiet_NaN());
   return t;
 }
 
@@ -153,52 +154,15 @@ class DeterministicConvolutions {
   bool saved_;
 };
 
-// ---- ATen's convolutions (cuDNN on a GPU: stride 1, no dilation, no groups), recorded in the record-only
-// mode beside the kernels: FLOPs 2 x output elements x input channels x taps, bytes each operand once, the
-// matrix rate of the dtype (float32: TF32, cuDNN's default); the grid is cuDNN's (recorded as 0). ----
-int64_t bytes_of(const Tensor& t) { return t.defined() ? t.numel() * static_cast<int64_t>(t.element_size()) : 0; }
-
-void record_aten(const char* name, at::ScalarType dtype, int64_t flops, int64_t read, int64_t written) {
-  LaunchRecorder* r = launch_recorder();
-  if (r == nullptr) return;
-  PlannedLaunch l;
-  l.kernel = name;
-  l.dot = flops == 0 ? "" : dtype == at::kDouble ? "fp64" : dtype == at::kFloat ? "tf32" : "half";
-  PlannedPart p;
-  p.what = "ATen (grid chosen by the library)";
-  p.read = read;
-  p.written = written;
-  p.flops = flops;
-  l.parts.push_back(p);
-  r->launches.push_back(std::move(l));
-}
-
-int64_t convolution_flops(const Tensor& out, const Tensor& weight) {
-  return 2 * out.numel() * weight.size(1) * weight.size(2) * weight.size(3);
-}
-
+// ATen's convolution (cuDNN on a GPU): stride 1, no dilation, no groups; and its backward.
 Tensor convolution(const Tensor& in, const Tensor& weight, const std::optional<Tensor>& bias, int64_t pad) {
-  Tensor out = at::convolution(in, weight, bias, {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1);
-  record_aten("conv (ATen)", in.scalar_type(), convolution_flops(out, weight),
-              bytes_of(in) + bytes_of(weight) + (bias.has_value() ? bytes_of(*bias) : 0), bytes_of(out));
-  return out;
-}
-
-// The passes of a convolution's backward that `mask` asks for (data, weight, bias gradients), recorded.
-void record_convolution_backward(const Tensor& grad, const Tensor& in, const Tensor& weight, std::array<bool, 3> mask) {
-  const at::ScalarType t = grad.scalar_type();
-  const int64_t flops = convolution_flops(grad, weight);
-  if (mask[0]) record_aten("conv dgrad (ATen)", t, flops, bytes_of(grad) + bytes_of(weight), bytes_of(in));
-  if (mask[1]) record_aten("conv wgrad (ATen)", t, flops, bytes_of(grad) + bytes_of(in), bytes_of(weight));
-  if (mask[2]) record_aten("bias grad (ATen)", t, 0, bytes_of(grad), grad.size(1) * grad.element_size());
+  return at::convolution(in, weight, bias, {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1);
 }
 
 std::tuple<Tensor, Tensor, Tensor> convolution_backward(const Tensor& grad, const Tensor& in, const Tensor& weight,
                                                         c10::OptionalArrayRef<int64_t> bias_sizes, int64_t pad,
                                                         std::array<bool, 3> mask) {
-  auto g = at::convolution_backward(grad, in, weight, bias_sizes, {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1, mask);
-  record_convolution_backward(grad, in, weight, mask);
-  return g;
+  return at::convolution_backward(grad, in, weight, bias_sizes, {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1, mask);
 }
 
 // What both directions start with once the arguments are checked: sizes the kernels can index, and x
@@ -954,7 +918,6 @@ ProjectBackwardResult multi_scale_project_backward_cuda(
                                        stream);
   const Tensor dpre = pg.dconv[0];
   const Tensor grad_p_bias = dpre.sum({0, 2, 3});
-  record_aten("bias grad (ATen)", dpre.scalar_type(), 0, bytes_of(dpre), bytes_of(grad_p_bias));
   Tensor grad_pw = need_w ? at::zeros_like(pw, at::MemoryFormat::Preserve) : at::empty({0}, opts);
 
   // 2. The x part: the transposed convolution (ATen) gives its gradient of x and of the weight's x slice.
@@ -1041,7 +1004,6 @@ ProjectBackwardResult multi_scale_project_backward_cuda(
       } else {
         Tensor dw;
         std::tie(da, dw) = tap_maps_backward(dts[b], act, pw, bp.channel_offset, need_w, fmt);
-        record_convolution_backward(dts[b], act, tap_weight(pw, bp.channel_offset, Cb), {true, need_w, false});
         if (need_w) grad_pw.narrow(1, bp.channel_offset, Cb).copy_(dw);
       }
     }
@@ -1081,7 +1043,8 @@ namespace cuda {
 namespace {
 // The record-only mode's entry (msfused/cuda_plan.py): start_recording(multiprocessors) installs a recorder
 // on this thread (the launchers then size their grids for a device of that many multiprocessors);
-// stop_recording() removes it and returns what was recorded, as JSON (a list of launches).
+// stop_recording() removes it and returns the kernel launches recorded, as JSON (a list). The ATen ops of
+// the binding (the convolutions, casts, sums) are seen by the caller's dispatch mode on the meta tensors.
 thread_local LaunchRecorder recorder;
 
 void start_recording(int64_t multiprocessors) {
@@ -1097,14 +1060,12 @@ std::string stop_recording() {
   for (const PlannedLaunch& l : recorder.launches) {
     if (j.size() > 1) j += ",";
     j += "{\"kernel\":\"" + l.kernel + "\",\"grid\":" + std::to_string(l.grid) + ",\"threads\":" +
-         std::to_string(l.threads) + ",\"shared_bytes\":" + std::to_string(l.shared_bytes) + ",\"dot\":\"" + l.dot +
-         "\",\"parts\":[";
+         std::to_string(l.threads) + ",\"shared_bytes\":" + std::to_string(l.shared_bytes) + ",\"parts\":[";
     for (size_t i = 0; i < l.parts.size(); ++i) {
       const PlannedPart& p = l.parts[i];
       j += std::string(i ? "," : "") + "{\"what\":\"" + p.what + "\",\"programs\":" + std::to_string(p.programs) +
            ",\"lanes\":" + std::to_string(p.lanes) + ",\"serial\":" + std::to_string(p.serial) +
-           ",\"read\":" + std::to_string(p.read) + ",\"written\":" + std::to_string(p.written) +
-           ",\"flops\":" + std::to_string(p.flops) + "}";
+           ",\"read\":" + std::to_string(p.read) + ",\"written\":" + std::to_string(p.written) + "}";
     }
     j += "]}";
   }

@@ -309,14 +309,12 @@ struct PlannedPart {
   int64_t lanes = 0;  // active threads of one block
   int64_t serial = 0;  // the longest serial loop of one thread (its nested loops' product), at most
   int64_t read = 0, written = 0;  // bytes, each distinct element once
-  int64_t flops = 0;  // matrix FLOPs (the binding's convolutions)
 };
 struct PlannedLaunch {
   std::string kernel;
-  int64_t grid = 0;  // blocks (0: chosen by the library, a convolution)
+  int64_t grid = 0;  // blocks
   int threads = 0;  // per block
   size_t shared_bytes = 0;  // dynamic shared memory
-  std::string dot;  // how the matrix work multiplies: "half", "tf32", "fp64" ("" for none)
   std::vector<PlannedPart> parts;
 };
 // While a recorder is installed on this thread, every launch_* function records what it would launch and

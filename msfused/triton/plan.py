@@ -300,6 +300,7 @@ class Plan:
     device: Device
     launches: List[Launch]
     omitted: List[str] = dataclasses.field(default_factory=list)  # work of the call this plan does not cover
+    kernels: str = "Triton"  # what the plan's own (not a library's) launches are
 
     def best(self) -> List[Launch]:
         """One launch per launch site: for autotuned ones the configuration with the least estimated time."""
@@ -431,7 +432,7 @@ def format_plan(plan: Plan) -> str:
                      f"{lc.written / 1e6:>7.2f} {lc.flops / 1e9:>7.2f} {lc.est_us:>8.1f}{mark}")
     chosen = plan.best()
     triton_count = sum(1 for lc in chosen if not lc.library)
-    lines.append(f"{len(chosen)} launches ({triton_count} Triton, {len(chosen) - triton_count} cuDNN / ATen); "
+    lines.append(f"{len(chosen)} launches ({triton_count} {plan.kernels}, {len(chosen) - triton_count} cuDNN / ATen); "
                  f"estimated {plan.est_us:.1f} us on {d.name} (the fastest configuration of each autotuned launch; "
                  f"a library's launch taken as filling the device; launch overhead not included)")
     lines += [f"NOT PLANNED: {what}" for what in plan.omitted]
