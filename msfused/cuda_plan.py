@@ -90,18 +90,21 @@ def emulation_library(verbose: bool = False) -> Path:
     text = f'#include "{CSRC / "cuda" / "multi_scale_kernels.cu"}"\n'
     if not wrapper.exists() or wrapper.read_text() != text:
         wrapper.write_text(text)
-    cpp_extension.load(
-        name="msfused_cuda_emulation",
-        sources=[str(wrapper), str(CSRC / "cuda" / "multi_scale_cuda.cpp"), str(CSRC / "block_config.cpp"),
-                 str(CSRC / "projection.cpp")],
-        extra_cflags=["-DMSFUSED_CUDA_EMULATION", "-O2", "-std=c++17", "-fopenmp", "-Wno-unknown-pragmas"],
-        extra_include_paths=[str(CSRC), str(cuda_include())],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build),
-        is_python_module=False,  # loads it: torch.ops.msfused_cuda_emulation
-        with_cuda=False,
-        verbose=verbose,
-    )
+    try:
+        cpp_extension.load(
+            name="msfused_cuda_emulation",
+            sources=[str(wrapper), str(CSRC / "cuda" / "multi_scale_cuda.cpp"), str(CSRC / "block_config.cpp"),
+                     str(CSRC / "projection.cpp")],
+            extra_cflags=["-DMSFUSED_CUDA_EMULATION", "-O2", "-std=c++17", "-fopenmp", "-Wno-unknown-pragmas"],
+            extra_include_paths=[str(CSRC), str(cuda_include())],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build),
+            is_python_module=False,  # loads it: torch.ops.msfused_cuda_emulation
+            with_cuda=False,
+            verbose=verbose,
+        )
+    except (RuntimeError, OSError) as e:  # no host compiler or ninja, or a compile error
+        raise EmulationUnavailable(f"building it in {build} failed: {e}") from e
     lib = build / "msfused_cuda_emulation.so"
     if not lib.exists():
         raise EmulationUnavailable(f"the emulation build left no {lib.name} in {build}")
