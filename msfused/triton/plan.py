@@ -510,28 +510,38 @@ def survey(workloads: Optional[Sequence[str]] = None, modes=("inference", "train
     return rows
 
 
-def survey_table(dtype: torch.dtype = torch.bfloat16, device: str = "H100") -> str:
-    """docs/BACKENDS.md's "Launch plan (estimates)" table, from ``survey``: per workload of WORKLOADS.md its
-    launches (Triton, + cuDNN / ATen where a projection runs them), the fewest programs of a Triton launch,
-    and the estimated time over the floor at the device's data-sheet rates (``max(bytes / HBM bandwidth,
-    convolution FLOPs / matrix rate)``, WORKLOADS.md's work count, ``bench.floor.count_work``), inference /
-    train. Every figure an estimate: ``python -c "from msfused.triton.plan import survey_table;
-    print(survey_table())"``."""
+def survey_table(dtype: torch.dtype = torch.bfloat16, device: str = "H100", backend: str = "triton") -> str:
+    """README.md's launch-plan table of ``backend`` ('triton', or 'cuda': ``msfused.cuda_plan``, from the
+    emulation build), from its ``survey``: per workload of WORKLOADS.md its launches (the backend's kernels,
+    + cuDNN / ATen calls), the fewest programs of one of its kernel launches, the floor and the estimated time
+    over the floor at the device's data-sheet rates (``max(bytes / HBM bandwidth, convolution FLOPs / matrix
+    rate)``, WORKLOADS.md's work count, ``bench.floor.count_work``), inference / train. Every figure an
+    estimate: ``python bench/update_readme.py`` writes them into README.md."""
     from ..bench.floor import count_work
     from ..bench.workloads import WORKLOADS
 
+    if backend == "cuda":
+        from ..cuda_plan import survey as cuda_survey
+
+        label = "CUDA kernel"
+        summaries = [(r, r["kernels"], r["library"]) for r in cuda_survey(dtypes=(dtype,), device=device)]
+    elif backend == "triton":
+        label = "Triton"
+        summaries = [(r, r["triton_launches"], r["launches"] - r["triton_launches"])
+                     for r in survey(dtypes=(dtype,), device=device)]
+    else:
+        raise ValueError(f"backend must be 'triton' or 'cuda', got {backend!r}")
     dev = DEVICES[device]
     rows = {}
-    for r in survey(dtypes=(dtype,), device=device):
+    for r, kernels, library in summaries:
         w = WORKLOADS[r["workload"]]
         work = count_work(w, w.n, r["mode"], dtype)
         floor_us = max(work.bytes / (dev.hbm_gbps * 1e9), work.flops / (dev.tflops[_dot_of(dtype)] * 1e12)) * 1e6
-        library = r["launches"] - r["triton_launches"]
         rows.setdefault(r["workload"], []).append((
-            f"{r['triton_launches']}" + (f" + {library}" if library else ""), str(r["min_programs"]),
+            f"{kernels}" + (f" + {library}" if library else ""), str(r["min_programs"]),
             f"{r['est_us'] / floor_us:.1f}", f"{floor_us:.0f}"))
-    lines = ["| workload | launches inference / train (Triton + cuDNN / ATen) | fewest programs of a Triton launch, "
-             "inference / train | floor, inference / train (µs) | estimated time / floor, inference / train |",
+    lines = [f"| workload | launches inference / train ({label}s + cuDNN / ATen) | fewest programs of a {label} "
+             "launch, inference / train | floor, inference / train (µs) | estimated time / floor, inference / train |",
              "| --- | --- | --- | --- | --- |"]
     for name, (inf, train) in rows.items():
         lines.append(f"| `{name}` | {inf[0]} / {train[0]} | {inf[1]} / {train[1]} | {inf[3]} / {train[3]} | "
