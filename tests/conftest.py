@@ -48,14 +48,17 @@ def pytest_report_header(config):
 # Modules whose module-scoped fixtures build something (the CMake project, the emulated CUDA library, nvcc
 # compiles, the DDP process group, the launch plans): their tests share one worker, so it is built once.
 # Every other test is handed out on its own, which keeps the workers evenly loaded.
-BUILT_ONCE = ("test_cmake.py", "test_cuda_build.py", "test_cuda_emulation.py", "test_ddp.py", "test_launch_plan.py")
+BUILT_ONCE = ("test_cmake.py", "test_cuda_build.py", "test_cuda_emulation.py", "test_ddp.py", "test_launch_plan.py",
+              "test_cuda_plan.py")
+# Modules that share another's build: its group (the CUDA plan records the emulated CUDA library's launchers).
+SHARED_BUILD = {"test_cuda_plan.py": "test_cuda_emulation"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks into the node ids
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in BUILT_ONCE:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+            item.add_marker(pytest.mark.xdist_group(SHARED_BUILD.get(item.path.name, item.path.stem)))
 
 
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:

@@ -10,14 +10,14 @@ NaN in this build, so an element the kernels forget to write fails the compariso
 This checks the kernels' index math, chunked reductions and the binding's logic (its ATen convolutions run on
 CPU tensors here) without a GPU; it does not check the hardware's behaviour (memory model, speed) —
 test_cuda_backend.py does that where a GPU is.
-Needs the CUDA toolkit's headers (cuda_runtime_api.h, cuda_fp16.h) and the CPU extension msfused._C.
+Needs the CUDA toolkit's headers (cuda_runtime_api.h, cuda_fp16.h) and the CPU extension msfused._C; the
+library is built by msfused.cuda_plan.emulation_library (shared with the launch plan, tests/test_cuda_plan.py).
 Runs in a subprocess (its own OpenMP settings: 256 threads per emulated block on few cores).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -27,22 +27,12 @@ import pytest
 import torch
 
 import msfused
-from msfused import _ops
+from msfused import _ops, cuda_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cuda_include() -> Path | None:
-    nvcc = shutil.which("nvcc")
-    candidates = [Path(nvcc).resolve().parents[1] / "include"] if nvcc else []
-    candidates += [Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"]
-    for c in candidates:
-        if (c / "cuda_runtime_api.h").exists() and (c / "cuda_fp16.h").exists():
-            return c
-    return None
-
-
-CUDA_INCLUDE = _cuda_include()
+CUDA_INCLUDE = cuda_plan.cuda_include()
 
 pytestmark = [
     pytest.mark.slow,
@@ -52,28 +42,10 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def emulation_library(tmp_path_factory) -> Path:
-    from torch.utils import cpp_extension
-
-    build = tmp_path_factory.mktemp("cuda_emulation")
-    wrapper = build / "kernels_emulated.cpp"  # the .cu as C++
-    wrapper.write_text(f'#include "{ROOT / "csrc" / "cuda" / "multi_scale_kernels.cu"}"\n')
-    flags = ["-DMSFUSED_CUDA_EMULATION", "-O2", "-std=c++17", "-fopenmp", "-Wno-unknown-pragmas"]
-    cpp_extension.load(
-        name="msfused_cuda_emulation",
-        sources=[str(wrapper), str(ROOT / "csrc" / "cuda" / "multi_scale_cuda.cpp"), str(ROOT / "csrc" / "block_config.cpp"),
-                 str(ROOT / "csrc" / "projection.cpp")],
-        extra_cflags=flags,
-        extra_include_paths=[str(ROOT / "csrc"), str(CUDA_INCLUDE)],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build),
-        is_python_module=False,
-        with_cuda=False,
-        verbose=False,
-    )
-    lib = build / "msfused_cuda_emulation.so"
-    assert lib.exists(), sorted(p.name for p in build.iterdir())
-    return lib
+def emulation_library() -> Path:
+    """The emulation build (msfused/cuda_plan.py: built once with ninja into its cache, rebuilt where the
+    sources changed), loaded here too; the driver below loads it in its own process."""
+    return cuda_plan.emulation_library()
 
 
 DRIVER = textwrap.dedent(

@@ -103,13 +103,6 @@ def test_explain_command(planned):
         assert lc["serial"] >= 1 and lc["lanes"] >= 1 and lc["read"] > 0 and lc["written"] > 0
 
 
-def test_explain_cuda_is_not_available_yet(capsys):
-    from msfused.__main__ import main
-
-    assert main(["explain", "psp_small", "--backend", "cuda"]) == 2
-    assert "not available yet" in capsys.readouterr().err
-
-
 def test_the_head_plans_cover_the_projection(survey):
     """A head's plan (block + projection) is its whole call: the projection's Triton passes and its ATen
     convolutions (cuDNN on a GPU), whose FLOPs are exactly what WORKLOADS.md's floor counts (the branches'

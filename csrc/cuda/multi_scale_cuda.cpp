@@ -13,10 +13,12 @@
 #endif
 
 #include <algorithm>
+#include <cstddef>
 #include <array>
 #include <limits>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -66,11 +68,19 @@ DType dtype_of(at::ScalarType t) {
 
 at::ScalarType opmath(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// A tensor's data for the kernels. A meta tensor's (the record-only mode: the launch plan, nothing is read
+// or written) is a non-null placeholder, so that the launchers and their cost models see it present.
+template <typename T = void>
+T* data_of(const Tensor& t) {
+  if (t.is_meta()) return reinterpret_cast<T*>(alignof(std::max_align_t));
+  return static_cast<T*>(const_cast<void*>(t.const_data_ptr()));
+}
+
 // A tensor as the kernels address it; an undefined tensor as a null pointer (absent).
 View4 view(const Tensor& t) {
   View4 v;
   if (!t.defined()) return v;
-  v.data = const_cast<void*>(t.const_data_ptr());
+  v.data = data_of(t);
   for (int d = 0; d < 4; ++d) v.stride[d] = t.stride(d);
   return v;
 }
@@ -79,9 +89,10 @@ void check_launch(cudaError_t err, const char* kernel) {
   TORCH_CHECK(err == cudaSuccess, "msfused (cuda): launching ", kernel, " failed: ", error_string(err));
 }
 
-// A fresh output; in the emulation build filled with NaN first, so that an element no kernel writes shows.
+// A fresh output; in the emulation build filled with NaN first, so that an element no kernel writes shows
+// (not a meta tensor's: the launch plan records the GPU build's ATen ops).
 Tensor fresh(Tensor t) {
-  if (kEmulation && t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (kEmulation && t.numel() > 0 && !t.is_meta()) t.fill_(std::numeric_limits<double>::quiet_NaN());
   return t;
 }
 
@@ -119,7 +130,7 @@ Tensor per_channel(const std::optional<Tensor>& t, const Tensor& x) {
   if (!present(t)) return Tensor();
   return t->detach().reshape({-1}).to(opmath(x.scalar_type())).contiguous();
 }
-const void* ptr(const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+const void* ptr(const Tensor& t) { return t.defined() ? data_of(t) : nullptr; }
 
 // ATen's convolutions run inside this scope: cuDNN is asked for deterministic algorithms (ATen reads the
 // flag per call), whatever torch.backends.cudnn.deterministic says, so that gradients are bit-identical run
@@ -142,6 +153,17 @@ class DeterministicConvolutions {
   std::lock_guard<std::mutex> lock_;
   bool saved_;
 };
+
+// ATen's convolution (cuDNN on a GPU): stride 1, no dilation, no groups; and its backward.
+Tensor convolution(const Tensor& in, const Tensor& weight, const std::optional<Tensor>& bias, int64_t pad) {
+  return at::convolution(in, weight, bias, {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1);
+}
+
+std::tuple<Tensor, Tensor, Tensor> convolution_backward(const Tensor& grad, const Tensor& in, const Tensor& weight,
+                                                        c10::OptionalArrayRef<int64_t> bias_sizes, int64_t pad,
+                                                        std::array<bool, 3> mask) {
+  return at::convolution_backward(grad, in, weight, bias_sizes, {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1, mask);
+}
 
 // What both directions start with once the arguments are checked: sizes the kernels can index, and x
 // in its suggested memory format (the outputs' format).
@@ -332,11 +354,11 @@ std::pair<TensorVector, TensorVector> norm_coefficients(const BlockPlan& plan, c
       StatsArgs s;
       s.N = plan.N;
       s.num_branches = static_cast<int>(count);
-      s.partial = partial.data_ptr<double>();
+      s.partial = data_of<double>(partial);
       s.max_chunks = max_chunks;
       MergeStatsArgs m;
       m.num_branches = static_cast<int>(count);
-      m.partial = partial.const_data_ptr<double>();
+      m.partial = data_of<double>(partial);
       m.max_chunks = max_chunks;
       for (size_t i = 0; i < count; ++i) {
         const size_t b = stat_branches[g0 + i];
@@ -356,10 +378,10 @@ std::pair<TensorVector, TensorVector> norm_coefficients(const BlockPlan& plan, c
         mb.eps = bp.eps;
         mb.scale = ptr(sc[b]);
         mb.shift = ptr(sh[b]);
-        mb.mean = mean[b].data_ptr();
-        mb.var = var[b].data_ptr();
-        mb.alpha = alpha[b].data_ptr();
-        mb.beta = beta[b].data_ptr();
+        mb.mean = data_of(mean[b]);
+        mb.var = data_of(var[b]);
+        mb.alpha = data_of(alpha[b]);
+        mb.beta = data_of(beta[b]);
       }
       check_launch(launch_stats_partial(dt, &s, stream), "stats_partial");
       for (size_t i = 0; i < count; ++i) m.br[i].chunks = s.br[i].chunks;
@@ -439,7 +461,7 @@ EpilogueGrads epilogue_backward(const BlockPlan& plan, const Tensor& grad, at::T
     a.align_corners = plan.align_corners;
     a.activation = static_cast<int>(plan.activation);
     a.num_branches = static_cast<int>(count);
-    a.partial = partial.data_ptr<double>();
+    a.partial = data_of<double>(partial);
     a.max_chunks = max_chunks;
     for (size_t i = 0; i < count; ++i) {
       const size_t b = g0 + i;
@@ -458,9 +480,9 @@ EpilogueGrads epilogue_backward(const BlockPlan& plan, const Tensor& grad, at::T
     check_launch(launch_up_grad(dt, &a, stream), "up_grad");
     ReduceArgs r;
     r.num_branches = static_cast<int>(count);
-    r.partial = partial.const_data_ptr<double>();
+    r.partial = data_of<double>(partial);
     r.max_chunks = max_chunks;
-    r.sums = sums.data_ptr<double>();
+    r.sums = data_of<double>(sums);
     for (size_t i = 0; i < count; ++i) {
       const size_t b = g0 + i;
       const BranchPlan& bp = plan.branches[b];
@@ -474,7 +496,7 @@ EpilogueGrads epilogue_backward(const BlockPlan& plan, const Tensor& grad, at::T
       rb.scale = ptr(sc[b]);
       rb.mean = ptr(mu[b]);
       rb.var = ptr(va[b]);
-      rb.coef = coef[b].defined() ? coef[b].data_ptr<double>() : nullptr;
+      rb.coef = coef[b].defined() ? data_of<double>(coef[b]) : nullptr;
       if (bp.batch_stats) stat_branches.push_back(b);
     }
     check_launch(launch_reduce_partials(dt, r, stream), "reduce_partials");
@@ -499,7 +521,7 @@ EpilogueGrads epilogue_backward(const BlockPlan& plan, const Tensor& grad, at::T
       nb.channels = bp.out_channels;
       nb.h = bp.level_h;
       nb.w = bp.level_w;
-      nb.coef = coef[b].const_data_ptr<double>();
+      nb.coef = data_of<double>(coef[b]);
     }
     check_launch(launch_norm_grad(dt, a, stream), "norm_grad");
   });
@@ -577,9 +599,7 @@ ForwardResult multi_scale_forward_cuda(const Tensor& x_in, at::TensorList weight
     for (size_t b = 0; b < B; ++b) {
       const BranchPlan& bp = plan.branches[b];
       const int64_t pad = bp.kernel_size / 2;
-      pre[b] = at::convolution(bp.identity ? x : level[b], weight[b], bias.get(b), {1, 1}, {pad, pad}, {1, 1}, false,
-                               {0, 0}, 1)
-                   .contiguous(fmt);
+      pre[b] = convolution(bp.identity ? x : level[b], weight[b], bias.get(b), pad).contiguous(fmt);
     }
   }
 
@@ -654,9 +674,8 @@ BackwardResult multi_scale_backward_cuda(const Tensor& grad_in, const Tensor& x_
       const BranchPlan& bp = plan.branches[b];
       const int64_t pad = bp.kernel_size / 2;
       const Tensor z = bp.identity ? x : level[b].to(x.scalar_type()).contiguous(fmt);
-      auto grads = at::convolution_backward(dconv[b], z, weight[b], c10::OptionalArrayRef<int64_t>({bp.out_channels}),
-                                            {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1,
-                                            {output_mask[0], output_mask[1], true});
+      auto grads = convolution_backward(dconv[b], z, weight[b], c10::OptionalArrayRef<int64_t>({bp.out_channels}), pad,
+                                        {output_mask[0], output_mask[1], true});
       dz[b] = output_mask[0] ? std::get<0>(grads).contiguous(fmt) : Tensor();
       grad_weight[b] = output_mask[1] ? std::get<1>(grads).contiguous(weight[b].suggest_memory_format())
                                       : at::empty({0}, opts);
@@ -753,9 +772,7 @@ ProjectForwardResult multi_scale_project_forward_cuda(
     for (size_t b = 0; b < B; ++b) {
       const BranchPlan& bp = plan.branches[b];
       const int64_t bpad = bp.kernel_size / 2;
-      pre[b] = at::convolution(bp.identity ? x : level[b], weight[b], bias.get(b), {1, 1}, {bpad, bpad}, {1, 1},
-                               false, {0, 0}, 1)
-                   .contiguous(fmt);
+      pre[b] = convolution(bp.identity ? x : level[b], weight[b], bias.get(b), bpad).contiguous(fmt);
     }
   }
   const auto [alpha, beta] = norm_coefficients(plan, pre, scale, shift, mean, var, x, dt, stream);
@@ -774,19 +791,16 @@ ProjectForwardResult multi_scale_project_forward_cuda(
     }
     const DeterministicConvolutions deterministic;
     if (plan.x_offset >= 0)
-      acc = at::convolution(x, weight_slice(pw, plan.x_offset, plan.C), std::nullopt, {1, 1}, {pad, pad}, {1, 1},
-                            false, {0, 0}, 1)
-                .contiguous(fmt);
+      acc = convolution(x, weight_slice(pw, plan.x_offset, plan.C), std::nullopt, pad).contiguous(fmt);
     for (size_t b = 0; b < B; ++b) {
       const BranchPlan& bp = plan.branches[b];
       if (convolves_resized(bp, k, H, W)) {
-        direct.push_back(at::convolution(act[b], weight_slice(pw, bp.channel_offset, bp.out_channels), std::nullopt,
-                                         {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1)
-                             .contiguous(fmt));
+        const Tensor part = convolution(act[b], weight_slice(pw, bp.channel_offset, bp.out_channels), std::nullopt, pad);
+        direct.push_back(part.contiguous(fmt));
       } else {
         const at::ScalarType tdt = tap_maps_dtype(x.scalar_type());
-        tmaps.push_back(at::convolution(act[b].to(tdt), tap_weight(pw, bp.channel_offset, bp.out_channels).to(tdt),
-                                        std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1)
+        tmaps.push_back(convolution(act[b].to(tdt), tap_weight(pw, bp.channel_offset, bp.out_channels).to(tdt),
+                                    std::nullopt, 0)
                             .contiguous(fmt));
         tap_branch.push_back(b);
       }
@@ -910,8 +924,8 @@ ProjectBackwardResult multi_scale_project_backward_cuda(
   Tensor dx_proj;
   if (plan.x_offset >= 0 && (output_mask[0] || need_w)) {
     const DeterministicConvolutions deterministic;
-    auto g = at::convolution_backward(dpre, x, weight_slice(pw, plan.x_offset, plan.C), std::nullopt, {1, 1},
-                                      {pad, pad}, {1, 1}, false, {0, 0}, 1, {output_mask[0], need_w, false});
+    auto g = convolution_backward(dpre, x, weight_slice(pw, plan.x_offset, plan.C), std::nullopt, pad,
+                                  {output_mask[0], need_w, false});
     if (output_mask[0]) dx_proj = std::get<0>(g).contiguous(fmt);
     if (need_w) grad_pw.narrow(1, plan.x_offset, plan.C).copy_(std::get<1>(g));
   }
@@ -972,10 +986,10 @@ ProjectBackwardResult multi_scale_project_backward_cuda(
       mb.eps = bp.eps;
       mb.scale = ptr(sc);
       mb.shift = ptr(sh);
-      mb.mean = const_cast<void*>(mu.const_data_ptr());
-      mb.var = const_cast<void*>(va.const_data_ptr());
-      mb.alpha = alpha.data_ptr();
-      mb.beta = beta.data_ptr();
+      mb.mean = data_of(mu);
+      mb.var = data_of(va);
+      mb.alpha = data_of(alpha);
+      mb.beta = data_of(beta);
       check_launch(launch_merge_stats(dt, m, stream), "merge_stats");
     }
     const Tensor act = branch_activation(alone, pre_b, alpha, beta, cl, dt, stream);
@@ -983,8 +997,8 @@ ProjectBackwardResult multi_scale_project_backward_cuda(
     {
       const DeterministicConvolutions deterministic;
       if (whole) {
-        auto g = at::convolution_backward(dpre, act, weight_slice(pw, bp.channel_offset, Cb), std::nullopt, {1, 1},
-                                          {pad, pad}, {1, 1}, false, {0, 0}, 1, {true, need_w, false});
+        auto g = convolution_backward(dpre, act, weight_slice(pw, bp.channel_offset, Cb), std::nullopt, pad,
+                                      {true, need_w, false});
         da = std::get<0>(g).contiguous(fmt);
         if (need_w) grad_pw.narrow(1, bp.channel_offset, Cb).copy_(std::get<1>(g));
       } else {
@@ -1000,8 +1014,8 @@ ProjectBackwardResult multi_scale_project_backward_cuda(
     const DeterministicConvolutions deterministic;
     const int64_t bpad = bp.kernel_size / 2;
     const Tensor z = bp.identity ? x : level[b].to(x.scalar_type()).contiguous(fmt);
-    auto grads = at::convolution_backward(eg.dconv[0], z, weight[b], c10::OptionalArrayRef<int64_t>({Cb}), {1, 1},
-                                          {bpad, bpad}, {1, 1}, false, {0, 0}, 1, {output_mask[0], need_w, true});
+    auto grads = convolution_backward(eg.dconv[0], z, weight[b], c10::OptionalArrayRef<int64_t>({Cb}), bpad,
+                                      {output_mask[0], need_w, true});
     dz[b] = output_mask[0] ? std::get<0>(grads).contiguous(fmt) : Tensor();
     grad_weight[b] = need_w ? std::get<1>(grads).contiguous(weight[b].suggest_memory_format()) : at::empty({0}, opts);
     grad_bias[b] = std::get<2>(grads);
@@ -1025,12 +1039,51 @@ TORCH_LIBRARY_IMPL(msfused, CUDA, m) {
   m.impl("multi_scale_project_backward", &cuda::multi_scale_project_backward_cuda);
 }
 #else
-// The emulation build: the same functions as operators of their own (schemas inferred), over CPU tensors.
+namespace cuda {
+namespace {
+// The record-only mode's entry (msfused/cuda_plan.py): start_recording(multiprocessors) installs a recorder
+// on this thread (the launchers then size their grids for a device of that many multiprocessors);
+// stop_recording() removes it and returns the kernel launches recorded, as JSON (a list). The ATen ops of
+// the binding (the convolutions, casts, sums) are seen by the caller's dispatch mode on the meta tensors.
+thread_local LaunchRecorder recorder;
+
+void start_recording(int64_t multiprocessors) {
+  TORCH_CHECK_VALUE(multiprocessors >= 1, "msfused: multiprocessors must be positive, got ", multiprocessors);
+  recorder = LaunchRecorder();
+  recorder.multiprocessors = multiprocessors;
+  set_launch_recorder(&recorder);
+}
+
+std::string stop_recording() {
+  set_launch_recorder(nullptr);
+  std::string j = "[";
+  for (const PlannedLaunch& l : recorder.launches) {
+    if (j.size() > 1) j += ",";
+    j += "{\"kernel\":\"" + l.kernel + "\",\"grid\":" + std::to_string(l.grid) + ",\"threads\":" +
+         std::to_string(l.threads) + ",\"shared_bytes\":" + std::to_string(l.shared_bytes) + ",\"parts\":[";
+    for (size_t i = 0; i < l.parts.size(); ++i) {
+      const PlannedPart& p = l.parts[i];
+      j += std::string(i ? "," : "") + "{\"what\":\"" + p.what + "\",\"programs\":" + std::to_string(p.programs) +
+           ",\"lanes\":" + std::to_string(p.lanes) + ",\"serial\":" + std::to_string(p.serial) +
+           ",\"read\":" + std::to_string(p.read) + ",\"written\":" + std::to_string(p.written) + "}";
+    }
+    j += "]}";
+  }
+  recorder = LaunchRecorder();
+  return j + "]";
+}
+}  // namespace
+}  // namespace cuda
+
+// The emulation build: the same functions as operators of their own (schemas inferred), over CPU tensors
+// (or meta tensors while recording).
 TORCH_LIBRARY(msfused_cuda_emulation, m) {
   m.def("multi_scale_forward", &cuda::multi_scale_forward_cuda);
   m.def("multi_scale_backward", &cuda::multi_scale_backward_cuda);
   m.def("multi_scale_project_forward", &cuda::multi_scale_project_forward_cuda);
   m.def("multi_scale_project_backward", &cuda::multi_scale_project_backward_cuda);
+  m.def("start_recording", &cuda::start_recording);
+  m.def("stop_recording", &cuda::stop_recording);
 }
 #endif
 

@@ -42,7 +42,9 @@
 // results are bit-identical run to run (the chunking depends only on the shapes and the device).
 // Without a GPU: tests/test_cuda_build.py compiles this file with nvcc (no spills), and
 // tests/test_cuda_emulation.py compiles it (and the binding) for the CPU (-DMSFUSED_CUDA_EMULATION,
-// emulation.h) and compares every output with the CPU kernels.
+// emulation.h) and compares every output with the CPU kernels. The launch plan (python -m msfused explain
+// --backend cuda, msfused/cuda_plan.py) runs that build on meta tensors with a launch recorder installed:
+// the launchers record (kernel_cost: each kernel's cost model, at the end of this file) instead of launching.
 // Registers: every kernel is __launch_bounds__(256, 1): with the default occupancy target ptxas spilled
 // around the 64-bit integer division and float division slow-path calls in the gathers; the build test
 // checks that no kernel spills.
@@ -81,10 +83,11 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kMaxCopyBlocks = 2048;
 constexpr int64_t kMaxChunks = 64;  // chunks per channel of a whole-map reduction
+constexpr int64_t kGpuMinChunkElems = 2048;  // values (thread-steps) per chunk at least: 8 per thread
 #ifdef MSFUSED_CUDA_EMULATION
 constexpr int64_t kMinChunkElems = 16;  // small, so that the tests' small maps run several chunks
 #else
-constexpr int64_t kMinChunkElems = 2048;  // values (thread-steps) per chunk at least: 8 per thread
+constexpr int64_t kMinChunkElems = kGpuMinChunkElems;
 #endif
 
 // ---- dtypes: opmath (accumulation) type and explicit conversions (no implicit half conversions). ----
@@ -856,12 +859,42 @@ cudaError_t dispatch(DType dtype, F&& f) {
 
 size_t acc_size(DType dtype) { return dtype == DType::Double ? 8 : 4; }
 
-// Launches kernel_of(S{}) (a kernel template's instantiation for the dtype) over `blocks` blocks.
+size_t elem_size(DType dtype) { return dtype == DType::Double ? 8 : dtype == DType::Float ? 4 : 2; }
+
+thread_local LaunchRecorder* recorder_ = nullptr;
+
+// Each kernel's cost model for the record-only mode (defined with the launchers, below): its launch's
+// groups of alike blocks, from the arguments its launcher filled; S: the dtype's size, A: opmath's.
+using Parts = std::vector<PlannedPart>;
+Parts kernel_cost(const PoolArgs& a, int64_t blocks, size_t S, size_t A);
+Parts kernel_cost(const LevelArgs& a, int64_t blocks, size_t S, size_t A);
+Parts kernel_cost(const StatsArgs& a, int64_t blocks, size_t S, size_t A);
+Parts kernel_cost(const MergeStatsArgs& a, int64_t blocks, size_t S, size_t A);
+Parts kernel_cost(const EpilogueArgs& a, int64_t blocks, size_t S, size_t A);
+Parts kernel_cost(const UpGradArgs& a, int64_t blocks, size_t S, size_t A);
+Parts kernel_cost(const ReduceArgs& a, int64_t blocks, size_t S, size_t A);
+Parts kernel_cost(const NormGradArgs& a, int64_t blocks, size_t S, size_t A);
+Parts kernel_cost(const DxArgs& a, int64_t blocks, size_t S, size_t A);
+Parts kernel_cost(const ProjectAccArgs& a, int64_t blocks, size_t S, size_t A);
+Parts kernel_cost(const ProjectAdjointArgs& a, int64_t blocks, size_t S, size_t A);
+
+// Launches kernel_of(S{}) (a kernel template's instantiation for the dtype) over `blocks` blocks; with a
+// launch recorder installed, records it (its cost model: kernel_cost) instead.
 template <typename Args, typename KernelOf>
-cudaError_t launch(DType dtype, int64_t blocks, size_t shared_bytes, const Args& args, cudaStream_t stream,
-                   KernelOf kernel_of) {
+cudaError_t launch(DType dtype, const char* name, int64_t blocks, size_t shared_bytes, const Args& args,
+                   cudaStream_t stream, KernelOf kernel_of) {
   if (blocks == 0) return cudaSuccess;
   if (blocks > kMaxGrid) return cudaErrorInvalidConfiguration;
+  if (recorder_ != nullptr) {
+    PlannedLaunch l;
+    l.kernel = name;
+    l.grid = blocks;
+    l.threads = kThreads;
+    l.shared_bytes = shared_bytes;
+    l.parts = kernel_cost(args, blocks, elem_size(dtype), acc_size(dtype));
+    recorder_->launches.push_back(std::move(l));
+    return cudaSuccess;
+  }
   return dispatch(dtype, [&](auto s) {
     void (*kernel)(Args) = kernel_of(s);
     return MSFUSED_LAUNCH(kernel, blocks, shared_bytes, stream, args);
@@ -884,6 +917,7 @@ int64_t group_channels(const Args& args) {
 
 // The current device's multiprocessor count, asked once per device.
 int64_t multiprocessors() {
+  if (recorder_ != nullptr) return recorder_->multiprocessors;
 #ifdef MSFUSED_CUDA_EMULATION
   return 2;
 #else
@@ -902,16 +936,32 @@ int64_t multiprocessors() {
 // Threads per level element of launch_levels: pooling windows (both axes pooling or identity) of more than
 // 16 taps are split over a power of two of lanes (about 16 taps each), more while the launch would not
 // fill the device (2 blocks per multiprocessor), up to a block; anything else: one thread.
+// Taps of x one level element of a pooling down-resize reads along an axis, at most (-1: not pooling).
+int64_t pooling_taps(int kind, int64_t level, int64_t full, int64_t factor) {
+  switch (static_cast<ResizeKind>(kind)) {
+    case ResizeKind::Identity: return 1;
+    case ResizeKind::AvgFactor: return factor;
+    case ResizeKind::Adaptive: return (full + level - 1) / level + 1;
+    default: return -1;  // not a pooling kind
+  }
+}
+
+// Taps of x one level element of any down-resize reads along an axis, at most.
+int64_t down_taps(int kind, int64_t level, int64_t full, int64_t factor) {
+  const int64_t pooled = pooling_taps(kind, level, full, factor);
+  if (pooled >= 0) return pooled;
+  return static_cast<ResizeKind>(kind) == ResizeKind::Linear ? kMaxPointTaps : 1;
+}
+
+// Outputs of a resize from `in` to `out` values that read one input along an axis, at most (the readers an
+// adjoint gathers).
+int64_t resize_readers(int kind, int64_t in, int64_t out) {
+  return static_cast<ResizeKind>(kind) == ResizeKind::Identity ? 1 : (out + in - 1) / in + 2;
+}
+
 int64_t level_lanes(const LevelBranch& br, int64_t planes, int64_t H, int64_t W) {
-  auto taps = [](int kind, int64_t level, int64_t full, int64_t factor) -> int64_t {
-    switch (static_cast<ResizeKind>(kind)) {
-      case ResizeKind::Identity: return 1;
-      case ResizeKind::AvgFactor: return factor;
-      case ResizeKind::Adaptive: return (full + level - 1) / level + 1;
-      default: return -1;  // not a pooling kind
-    }
-  };
-  const int64_t th = taps(br.down_h, br.level_h, H, br.factor), tw = taps(br.down_w, br.level_w, W, br.factor);
+  const int64_t th = pooling_taps(br.down_h, br.level_h, H, br.factor);
+  const int64_t tw = pooling_taps(br.down_w, br.level_w, W, br.factor);
   if (th < 0 || tw < 0) return 1;
   const int64_t entries = th * tw, elems = planes * br.level_h * br.level_w;
   int64_t lanes = 1;
@@ -924,10 +974,7 @@ int64_t level_lanes(const LevelBranch& br, int64_t planes, int64_t H, int64_t W)
 // about 32 reader entries per thread, a power of two up to the block (bin 1 on a 64x64 map: 4356
 // entries, 256 lanes).
 int64_t adjoint_lanes(int up_h, int64_t h, int up_w, int64_t w, int64_t H, int64_t W) {
-  auto readers = [](int kind, int64_t level, int64_t full) {
-    return static_cast<ResizeKind>(kind) == ResizeKind::Identity ? 1 : (full + level - 1) / level + 2;
-  };
-  const int64_t entries = readers(up_h, h, H) * readers(up_w, w, W);
+  const int64_t entries = resize_readers(up_h, h, H) * resize_readers(up_w, w, W);
   int64_t lanes = 1;
   while (lanes < kThreads && lanes * 32 < entries) lanes *= 2;
   return lanes;
@@ -939,7 +986,9 @@ int64_t max_reduction_chunks() { return kMaxChunks; }
 
 int64_t reduction_chunks(int64_t channels, int64_t elems) {
   const int64_t want = ceil_div(4 * multiprocessors(), channels < 1 ? 1 : channels);  // >= 4 blocks per SM
-  int64_t chunks = want < ceil_div(elems, kMinChunkElems) ? want : ceil_div(elems, kMinChunkElems);
+  // The record-only mode plans the GPU build's chunks (the emulation build's are small for its tests).
+  const int64_t min_elems = recorder_ != nullptr ? kGpuMinChunkElems : kMinChunkElems;
+  int64_t chunks = want < ceil_div(elems, min_elems) ? want : ceil_div(elems, min_elems);
   chunks = chunks < kMaxChunks ? chunks : kMaxChunks;
   return chunks < 1 ? 1 : chunks;
 }
@@ -957,7 +1006,8 @@ cudaError_t launch_levels(DType dtype, LevelArgs args, cudaStream_t stream) {
     br.block_begin = blocks;
     blocks += ceil_div(args.N * args.C * br.level_h * br.level_w * br.lanes, kThreads);
   }
-  return launch(dtype, blocks + args.copy_blocks, 0, args, stream, [](auto s) { return levels_kernel<decltype(s)>; });
+  return launch(dtype, "levels", blocks + args.copy_blocks, 0, args, stream,
+                [](auto s) { return levels_kernel<decltype(s)>; });
 }
 
 cudaError_t launch_stats_partial(DType dtype, StatsArgs* args, cudaStream_t stream) {
@@ -969,13 +1019,13 @@ cudaError_t launch_stats_partial(DType dtype, StatsArgs* args, cudaStream_t stre
     sb.block_begin = blocks;
     blocks += sb.channels * sb.chunks;
   }
-  return launch(dtype, args->N == 0 ? 0 : blocks, 0, *args, stream,
+  return launch(dtype, "stats_partial", args->N == 0 ? 0 : blocks, 0, *args, stream,
                 [](auto s) { return stats_partial_kernel<decltype(s)>; });
 }
 
 cudaError_t launch_merge_stats(DType dtype, const MergeStatsArgs& args, cudaStream_t stream) {
   if (!valid_group(args, args.max_chunks)) return cudaErrorInvalidValue;
-  return launch(dtype, ceil_div(group_channels(args), kThreads), 0, args, stream,
+  return launch(dtype, "merge_stats", ceil_div(group_channels(args), kThreads), 0, args, stream,
                 [](auto s) { return merge_stats_kernel<decltype(s)>; });
 }
 
@@ -987,7 +1037,7 @@ cudaError_t launch_epilogue_up(DType dtype, EpilogueArgs args, cudaStream_t stre
     channels += args.br[b].channels;
   }
   args.group_channels = channels;
-  return launch(dtype, ceil_div(args.N * channels * args.H * args.W, kThreads), 0, args, stream,
+  return launch(dtype, "epilogue_up", ceil_div(args.N * channels * args.H * args.W, kThreads), 0, args, stream,
                 [](auto s) { return epilogue_up_kernel<decltype(s)>; });
 }
 
@@ -1001,12 +1051,13 @@ cudaError_t launch_up_grad(DType dtype, UpGradArgs* args, cudaStream_t stream) {
     ub.block_begin = blocks;
     blocks += ub.channels * ub.chunks;
   }
-  return launch(dtype, args->N == 0 ? 0 : blocks, 0, *args, stream, [](auto s) { return up_grad_kernel<decltype(s)>; });
+  return launch(dtype, "up_grad", args->N == 0 ? 0 : blocks, 0, *args, stream,
+                [](auto s) { return up_grad_kernel<decltype(s)>; });
 }
 
 cudaError_t launch_reduce_partials(DType dtype, const ReduceArgs& args, cudaStream_t stream) {
   if (!valid_group(args, args.max_chunks)) return cudaErrorInvalidValue;
-  return launch(dtype, ceil_div(group_channels(args), kThreads), 0, args, stream,
+  return launch(dtype, "reduce_partials", ceil_div(group_channels(args), kThreads), 0, args, stream,
                 [](auto s) { return reduce_partials_kernel<decltype(s)>; });
 }
 
@@ -1020,7 +1071,8 @@ cudaError_t launch_norm_grad(DType dtype, NormGradArgs args, cudaStream_t stream
     nb.block_begin = blocks;
     blocks += nb.blocks;
   }
-  return launch(dtype, args.N == 0 ? 0 : blocks, 0, args, stream, [](auto s) { return norm_grad_kernel<decltype(s)>; });
+  return launch(dtype, "norm_grad", args.N == 0 ? 0 : blocks, 0, args, stream,
+                [](auto s) { return norm_grad_kernel<decltype(s)>; });
 }
 
 size_t pool_shared_limit() { return 48 * 1024; }
@@ -1052,7 +1104,7 @@ cudaError_t launch_pool_levels(DType dtype, const PoolArgs& args, cudaStream_t s
   PoolArgs a = args;
   const size_t smem = pool_shared_bytes(dtype, &a);
   if (smem > pool_shared_limit()) return cudaErrorInvalidValue;
-  return launch(dtype, a.N * ceil_div(a.C, pool_group(a.x_channels_last)), smem, a, stream,
+  return launch(dtype, "pool_levels", a.N * ceil_div(a.C, pool_group(a.x_channels_last)), smem, a, stream,
                 [](auto s) { return pool_levels_kernel<decltype(s)>; });
 }
 
@@ -1072,7 +1124,7 @@ cudaError_t launch_dx(DType dtype, const DxArgs& args, cudaStream_t stream) {
   DxArgs a = args;
   const size_t bytes = dx_tables_bytes(dtype, &a);
   a.tables = a.num_branches > 0 && bytes <= 48 * 1024 && a.H < (int64_t{1} << 30) && a.W < (int64_t{1} << 30);
-  return launch(dtype, ceil_div(a.N * a.C * a.H * a.W, kThreads), a.tables ? bytes : 0, a, stream,
+  return launch(dtype, "dx", ceil_div(a.N * a.C * a.H * a.W, kThreads), a.tables ? bytes : 0, a, stream,
                 [](auto s) { return dx_kernel<decltype(s)>; });
 }
 
@@ -1080,7 +1132,7 @@ cudaError_t launch_project_accumulate(DType dtype, const ProjectAccArgs& args, c
   if (args.num_taps < 0 || args.num_taps > kMaxBranches || args.num_direct < 0 || args.num_direct > kMaxBranches ||
       args.k < 1 || args.k % 2 == 0)
     return cudaErrorInvalidValue;
-  return launch(dtype, ceil_div(args.N * args.P * args.H * args.W, kThreads), 0, args, stream,
+  return launch(dtype, "project_accumulate", ceil_div(args.N * args.P * args.H * args.W, kThreads), 0, args, stream,
                 [](auto s) { return project_accumulate_kernel<decltype(s)>; });
 }
 
@@ -1093,8 +1145,208 @@ cudaError_t launch_project_adjoint(DType dtype, ProjectAdjointArgs args, cudaStr
     br.block_begin = blocks;
     blocks += ceil_div(args.N * args.k * args.k * args.P * br.h * br.w * br.lanes, kThreads);
   }
-  return launch(dtype, blocks, 0, args, stream, [](auto s) { return project_adjoint_kernel<decltype(s)>; });
+  return launch(dtype, "project_adjoint", blocks, 0, args, stream,
+                [](auto s) { return project_adjoint_kernel<decltype(s)>; });
 }
 
+// ---------------------------------------------------------------------------------------------------
+// The record-only mode: the launch recorder and every kernel's cost model (ESTIMATES from the launchers'
+// arithmetic: blocks, active threads of a block, the longest serial loop of a thread, distinct bytes)
+// ---------------------------------------------------------------------------------------------------
+void set_launch_recorder(LaunchRecorder* recorder) { recorder_ = recorder; }
+LaunchRecorder* launch_recorder() { return recorder_; }
+
+namespace {
+
+int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// Steps of a fixed tree over g lanes (lane_tree_sum).
+int64_t tree_steps(int64_t g) {
+  int64_t steps = 0;
+  while ((int64_t{1} << steps) < g) ++steps;
+  return steps;
+}
+
+PlannedPart part(std::string what, int64_t programs, int64_t lanes, int64_t serial, int64_t read, int64_t written) {
+  PlannedPart p;
+  p.what = std::move(what);
+  p.programs = programs;
+  p.lanes = max64(lanes, 1);
+  p.serial = max64(serial, 1);
+  p.read = read;
+  p.written = written;
+  return p;
+}
+
+std::string level_name(const char* kind, int b, int64_t h, int64_t w) {
+  return std::string(kind) + " " + std::to_string(b) + " (" + std::to_string(h) + "x" + std::to_string(w) + ")";
+}
+
+// The taps of an up-resize one output element reads (both axes).
+int64_t up_taps(int up_h, int up_w) {
+  auto taps = [](int kind) { return static_cast<ResizeKind>(kind) == ResizeKind::Linear ? kMaxPointTaps : 1; };
+  return taps(up_h) * taps(up_w);
+}
+
+// A level element whose `entries` reads are split over `lanes` threads (kThreads / lanes elements per
+// block; levels, project_adjoint): active threads of a block and the serial loop of one (its share, then
+// the tree).
+void lane_split(int64_t lanes, int64_t entries, int64_t elems, int64_t* active, int64_t* serial) {
+  *active = min64(lanes, entries) * min64(kThreads / lanes, elems);
+  *serial = ceil_div(entries, lanes) + (lanes > 1 ? tree_steps(lanes) : 0);
+}
+
+Parts kernel_cost(const PoolArgs& a, int64_t blocks, size_t S, size_t) {
+  // One block per (n, channel group): per chunk of TJ columns, each thread walks its column down every row
+  // (adding to each branch's bin row), then the block's bins add their columns of the chunk.
+  const int CG = pool_group(a.x_channels_last), TJ = kThreads / CG;
+  int64_t level_elems = 0;
+  for (int b = 0; b < a.num_branches; ++b) level_elems += a.br[b].level_h * a.br[b].level_w;
+  const int64_t x_elems = a.N * a.C * a.H * a.W;
+  const int64_t per_chunk = a.H * a.num_branches + ceil_div(level_elems * CG, kThreads) * TJ;
+  return {part("x: every bins level" + std::string(a.x_offset >= 0 ? " + x's copy" : ""), blocks,
+               min64(CG, a.C) * min64(TJ, a.W), ceil_div(a.W, TJ) * per_chunk, x_elems * S,
+               (a.N * a.C * level_elems + (a.x_offset >= 0 ? x_elems : 0)) * S)};
+}
+
+Parts kernel_cost(const LevelArgs& a, int64_t, size_t S, size_t) {
+  Parts parts;
+  const int64_t x_elems = a.N * a.C * a.H * a.W;
+  if (a.copy_blocks > 0)
+    parts.push_back(part("x's copy", a.copy_blocks, min64(kThreads, x_elems),
+                         ceil_div(x_elems, a.copy_blocks * kThreads), x_elems * S, x_elems * S));
+  for (int b = 0; b < a.num_branches; ++b) {
+    const LevelBranch& br = a.br[b];
+    const int64_t elems = a.N * a.C * br.level_h * br.level_w;
+    const int64_t taps =
+        down_taps(br.down_h, br.level_h, a.H, br.factor) * down_taps(br.down_w, br.level_w, a.W, br.factor);
+    int64_t active, serial;
+    lane_split(br.lanes, taps, elems, &active, &serial);
+    parts.push_back(part(level_name("level", b, br.level_h, br.level_w), ceil_div(elems * br.lanes, kThreads), active,
+                         serial, min64(x_elems, elems * taps) * S, elems * S));
+  }
+  return parts;
+}
+
+Parts kernel_cost(const StatsArgs& a, int64_t, size_t S, size_t) {
+  Parts parts;
+  for (int b = 0; b < a.num_branches; ++b) {
+    const StatsBranch& sb = a.br[b];
+    const int64_t elems = a.N * sb.h * sb.w, per_chunk = ceil_div(elems, sb.chunks);
+    // Two passes over the chunk (the sum, then M2 about the chunk's mean).
+    parts.push_back(part(level_name("branch", b, sb.h, sb.w) + " x " + std::to_string(sb.chunks) + " chunks",
+                         sb.channels * sb.chunks, min64(kThreads, per_chunk), 2 * ceil_div(per_chunk, kThreads),
+                         sb.channels * elems * S, sb.channels * sb.chunks * 3 * 8));
+  }
+  return parts;
+}
+
+Parts kernel_cost(const MergeStatsArgs& a, int64_t blocks, size_t, size_t A) {
+  int64_t channels = 0, chunks = 0;
+  for (int b = 0; b < a.num_branches; ++b) {
+    channels += a.br[b].channels;
+    chunks = max64(chunks, a.br[b].chunks);
+  }
+  const bool merge = a.partial != nullptr;
+  // One thread per channel: the chunks in order, twice (the mean, then M2).
+  return {part(merge ? "per channel: the chunks merged" : "per channel: saved statistics", blocks,
+               min64(kThreads, channels), merge ? 2 * chunks : 1,
+               (merge ? channels * chunks * 3 * 8 : channels * 2 * A) + channels * 2 * A,
+               channels * (merge ? 4 : 2) * A)};
+}
+
+Parts kernel_cost(const EpilogueArgs& a, int64_t blocks, size_t S, size_t A) {
+  const int64_t total = a.N * a.group_channels * a.H * a.W;
+  int64_t read = 0, taps = 1;
+  for (int b = 0; b < a.num_branches; ++b) {
+    const EpilogueBranch& eb = a.br[b];
+    read += (a.N * eb.h * eb.w * S + 2 * A) * eb.channels;
+    taps = max64(taps, up_taps(eb.up_h, eb.up_w));
+  }
+  return {part("every output element", blocks, min64(kThreads, total), taps, read, total * S)};
+}
+
+Parts kernel_cost(const UpGradArgs& a, int64_t, size_t S, size_t) {
+  Parts parts;
+  for (int b = 0; b < a.num_branches; ++b) {
+    const UpGradBranch& ub = a.br[b];
+    // A block: one channel's chunk of level pixels, kThreads / lanes at a time (rounds), each pixel's
+    // readers split over its lanes (then the tree).
+    const int64_t pixels = a.N * ub.h * ub.w, per_chunk = ceil_div(pixels, ub.chunks);
+    const int64_t entries = resize_readers(ub.up_h, ub.h, a.H) * resize_readers(ub.up_w, ub.w, a.W);
+    int64_t active, per_pixel;
+    lane_split(ub.lanes, entries, per_chunk, &active, &per_pixel);
+    const int64_t rounds = ceil_div(per_chunk, kThreads / ub.lanes);
+    parts.push_back(part(level_name("branch", b, ub.h, ub.w) + " x " + std::to_string(ub.chunks) + " chunks",
+                         ub.channels * ub.chunks, active, rounds * per_pixel,
+                         ub.channels * (a.N * a.H * a.W + 2 * pixels) * S,
+                         ub.channels * (pixels * S + ub.chunks * 2 * 8)));
+  }
+  return parts;
+}
+
+Parts kernel_cost(const ReduceArgs& a, int64_t blocks, size_t, size_t A) {
+  int64_t channels = 0, chunks = 0, stats = 0;
+  for (int b = 0; b < a.num_branches; ++b) {
+    channels += a.br[b].channels;
+    chunks = max64(chunks, a.br[b].chunks);
+    if (a.br[b].batch_stats) stats += a.br[b].channels;
+  }
+  return {part("per channel: the chunks summed", blocks, min64(kThreads, channels), chunks,
+               channels * (chunks * 2 * 8 + 3 * A), channels * 2 * 8 + stats * 3 * 8)};
+}
+
+Parts kernel_cost(const NormGradArgs& a, int64_t, size_t S, size_t) {
+  Parts parts;
+  for (int b = 0; b < a.num_branches; ++b) {
+    const NormGradBranch& nb = a.br[b];
+    const int64_t total = a.N * nb.channels * nb.h * nb.w;
+    parts.push_back(part(level_name("branch", b, nb.h, nb.w), nb.blocks, min64(kThreads, total),
+                         ceil_div(total, nb.blocks * kThreads), 2 * total * S + nb.channels * 3 * 8, total * S));
+  }
+  return parts;
+}
+
+Parts kernel_cost(const DxArgs& a, int64_t blocks, size_t S, size_t) {
+  const int64_t total = a.N * a.C * a.H * a.W;
+  // Per element: every branch's readers (level rows x columns), after the block's tables.
+  int64_t serial = a.tables ? ceil_div(a.num_branches * (a.H + a.W), kThreads) : 0;
+  int64_t read = (a.x_offset >= 0 ? total : 0) + (a.accumulate ? total : 0);
+  for (int b = 0; b < a.num_branches; ++b) {
+    const DxBranch& db = a.br[b];
+    serial += resize_readers(db.down_h, a.H, db.level_h) * resize_readers(db.down_w, a.W, db.level_w);
+    read += a.N * a.C * db.level_h * db.level_w;
+  }
+  return {part("every element of dx", blocks, min64(kThreads, total), serial, read * S, total * S)};
+}
+
+Parts kernel_cost(const ProjectAccArgs& a, int64_t blocks, size_t S, size_t A) {
+  const int64_t total = a.N * a.P * a.H * a.W;
+  int64_t serial = a.num_direct, read = ((a.acc.data != nullptr ? 1 : 0) + a.num_direct) * total * S;
+  for (int b = 0; b < a.num_taps; ++b) {
+    const ProjectTapBranch& tb = a.tap[b];
+    serial += a.k * a.k * up_taps(tb.up_h, tb.up_w);
+    read += a.N * a.k * a.k * a.P * tb.h * tb.w * A;
+  }
+  const int64_t written = ((a.pre.data != nullptr ? 1 : 0) + (a.out.data != nullptr ? 1 : 0)) * total * S;
+  return {part("every output element", blocks, min64(kThreads, total), serial, read, written)};
+}
+
+Parts kernel_cost(const ProjectAdjointArgs& a, int64_t, size_t S, size_t A) {
+  Parts parts;
+  for (int b = 0; b < a.num_branches; ++b) {
+    const ProjectAdjointBranch& br = a.br[b];
+    const int64_t elems = a.N * a.k * a.k * a.P * br.h * br.w;
+    const int64_t entries = resize_readers(br.up_h, br.h, a.H) * resize_readers(br.up_w, br.w, a.W);
+    int64_t active, serial;
+    lane_split(br.lanes, entries, elems, &active, &serial);
+    parts.push_back(part(level_name("branch", b, br.h, br.w), ceil_div(elems * br.lanes, kThreads), active, serial,
+                         a.N * a.P * a.H * a.W * S, elems * A));
+  }
+  return parts;
+}
+
+}  // namespace
 }  // namespace cuda
 }  // namespace msfused

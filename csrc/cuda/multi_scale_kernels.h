@@ -11,6 +11,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace msfused {
 namespace cuda {
@@ -294,6 +296,36 @@ struct ProjectAdjointArgs {
   ProjectAdjointBranch br[kMaxBranches];
 };
 cudaError_t launch_project_adjoint(DType dtype, ProjectAdjointArgs args, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------------
+// The record-only mode (the launch plan: msfused/cuda_plan.py, `python -m msfused explain --backend cuda`)
+// ---------------------------------------------------------------------------------------------------
+
+// One group of alike blocks of a launch (x's copy, one branch): the cost model's figures, ESTIMATES from the
+// launcher's own arithmetic (kernel_cost in multi_scale_kernels.cu), not measurements.
+struct PlannedPart {
+  std::string what;
+  int64_t programs = 0;  // blocks
+  int64_t lanes = 0;  // active threads of one block
+  int64_t serial = 0;  // the longest serial loop of one thread (its nested loops' product), at most
+  int64_t read = 0, written = 0;  // bytes, each distinct element once
+};
+struct PlannedLaunch {
+  std::string kernel;
+  int64_t grid = 0;  // blocks
+  int threads = 0;  // per block
+  size_t shared_bytes = 0;  // dynamic shared memory
+  std::vector<PlannedPart> parts;
+};
+// While a recorder is installed on this thread, every launch_* function records what it would launch and
+// returns cudaSuccess without launching (nothing is read or written: the binding runs on meta tensors), and
+// the launchers' device query (the multiprocessor count) answers the recorder's `multiprocessors`.
+struct LaunchRecorder {
+  int64_t multiprocessors = 1;
+  std::vector<PlannedLaunch> launches;
+};
+void set_launch_recorder(LaunchRecorder* recorder);  // nullptr: launch for real
+LaunchRecorder* launch_recorder();
 
 // Kernel arguments travel by value (the classic 4 KB parameter limit, with room to spare).
 static_assert(sizeof(PoolArgs) <= 4096 && sizeof(LevelArgs) <= 4096 && sizeof(StatsArgs) <= 4096 &&

@@ -300,6 +300,7 @@ class Plan:
     device: Device
     launches: List[Launch]
     omitted: List[str] = dataclasses.field(default_factory=list)  # work of the call this plan does not cover
+    kernels: str = "Triton"  # what the plan's own (not a library's) launches are
 
     def best(self) -> List[Launch]:
         """One launch per launch site: for autotuned ones the configuration with the least estimated time."""
@@ -431,7 +432,7 @@ def format_plan(plan: Plan) -> str:
                      f"{lc.written / 1e6:>7.2f} {lc.flops / 1e9:>7.2f} {lc.est_us:>8.1f}{mark}")
     chosen = plan.best()
     triton_count = sum(1 for lc in chosen if not lc.library)
-    lines.append(f"{len(chosen)} launches ({triton_count} Triton, {len(chosen) - triton_count} cuDNN / ATen); "
+    lines.append(f"{len(chosen)} launches ({triton_count} {plan.kernels}, {len(chosen) - triton_count} cuDNN / ATen); "
                  f"estimated {plan.est_us:.1f} us on {d.name} (the fastest configuration of each autotuned launch; "
                  f"a library's launch taken as filling the device; launch overhead not included)")
     lines += [f"NOT PLANNED: {what}" for what in plan.omitted]
@@ -467,11 +468,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--n", type=int, default=None, help="batch size (default: the workload's full N)")
     parser.add_argument("--json", action="store_true", help="the plan as JSON")
     opts = parser.parse_args(argv)
-    if opts.backend == "cuda":
-        print("python -m msfused explain: the CUDA C++ backend's launch plan is not available yet: it needs a "
-              "record-only mode of its launchers (csrc/cuda/multi_scale_cuda.cpp), not built yet; docs/BACKENDS.md "
-              "lists its launches per mode", file=sys.stderr)
-        return 2
+    if opts.backend == "cuda":  # recorded from the launchers' emulation build (msfused/cuda_plan.py)
+        from ..cuda_plan import explain
+
+        return explain(opts)
     from . import launch
 
     if launch.interpreting():
@@ -510,28 +510,38 @@ def survey(workloads: Optional[Sequence[str]] = None, modes=("inference", "train
     return rows
 
 
-def survey_table(dtype: torch.dtype = torch.bfloat16, device: str = "H100") -> str:
-    """docs/BACKENDS.md's "Launch plan (estimates)" table, from ``survey``: per workload of WORKLOADS.md its
-    launches (Triton, + cuDNN / ATen where a projection runs them), the fewest programs of a Triton launch,
-    and the estimated time over the floor at the device's data-sheet rates (``max(bytes / HBM bandwidth,
-    convolution FLOPs / matrix rate)``, WORKLOADS.md's work count, ``bench.floor.count_work``), inference /
-    train. Every figure an estimate: ``python -c "from msfused.triton.plan import survey_table;
-    print(survey_table())"``."""
+def survey_table(dtype: torch.dtype = torch.bfloat16, device: str = "H100", backend: str = "triton") -> str:
+    """README.md's launch-plan table of ``backend`` ('triton', or 'cuda': ``msfused.cuda_plan``, from the
+    emulation build), from its ``survey``: per workload of WORKLOADS.md its launches (the backend's kernels,
+    + cuDNN / ATen calls), the fewest programs of one of its kernel launches, the floor and the estimated time
+    over the floor at the device's data-sheet rates (``max(bytes / HBM bandwidth, convolution FLOPs / matrix
+    rate)``, WORKLOADS.md's work count, ``bench.floor.count_work``), inference / train. Every figure an
+    estimate: ``python bench/update_readme.py`` writes them into README.md."""
     from ..bench.floor import count_work
     from ..bench.workloads import WORKLOADS
 
+    if backend == "cuda":
+        from ..cuda_plan import survey as cuda_survey
+
+        label = "CUDA kernel"
+        summaries = [(r, r["kernels"], r["library"]) for r in cuda_survey(dtypes=(dtype,), device=device)]
+    elif backend == "triton":
+        label = "Triton"
+        summaries = [(r, r["triton_launches"], r["launches"] - r["triton_launches"])
+                     for r in survey(dtypes=(dtype,), device=device)]
+    else:
+        raise ValueError(f"backend must be 'triton' or 'cuda', got {backend!r}")
     dev = DEVICES[device]
     rows = {}
-    for r in survey(dtypes=(dtype,), device=device):
+    for r, kernels, library in summaries:
         w = WORKLOADS[r["workload"]]
         work = count_work(w, w.n, r["mode"], dtype)
         floor_us = max(work.bytes / (dev.hbm_gbps * 1e9), work.flops / (dev.tflops[_dot_of(dtype)] * 1e12)) * 1e6
-        library = r["launches"] - r["triton_launches"]
         rows.setdefault(r["workload"], []).append((
-            f"{r['triton_launches']}" + (f" + {library}" if library else ""), str(r["min_programs"]),
+            f"{kernels}" + (f" + {library}" if library else ""), str(r["min_programs"]),
             f"{r['est_us'] / floor_us:.1f}", f"{floor_us:.0f}"))
-    lines = ["| workload | launches inference / train (Triton + cuDNN / ATen) | fewest programs of a Triton launch, "
-             "inference / train | floor, inference / train (µs) | estimated time / floor, inference / train |",
+    lines = [f"| workload | launches inference / train ({label}s + cuDNN / ATen) | fewest programs of a {label} "
+             "launch, inference / train | floor, inference / train (µs) | estimated time / floor, inference / train |",
              "| --- | --- | --- | --- | --- |"]
     for name, (inf, train) in rows.items():
         lines.append(f"| `{name}` | {inf[0]} / {train[0]} | {inf[1]} / {train[1]} | {inf[3]} / {train[3]} | "
