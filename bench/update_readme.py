@@ -1,12 +1,12 @@
-"""Regenerates README.md's generated sections: the measured results from the JSON files in bench/results/,
-and the launch plan's estimates (``msfused.triton.plan.survey_table``).
+"""Regenerates the generated sections of README.md and docs/BACKENDS.md: the measured results from the JSON
+files in bench/results/, and the launch plans' estimates (``msfused.triton.plan.survey_table``).
 
 Each results file is one ``python -m msfused bench`` run (its ``results.json``), named
 ``<device>-<date>.json``; the README shows each run's table with its device, versions and batch sizes, newest
 first. The plan table is computed from the launchers (no GPU needed; Triton must be installed).
 
     python bench/update_readme.py          # rewrite the sections between their markers
-    python bench/update_readme.py --check  # exit 1 if README.md is out of date (the tests run this)
+    python bench/update_readme.py --check  # exit 1 if a file is out of date (the tests run this)
 """
 
 from __future__ import annotations
@@ -66,42 +66,52 @@ def cuda_plan_section() -> Optional[str]:
 
 #: name -> the generator of the Markdown between ``<!-- name:start -->`` and ``<!-- name:end -->`` (None: keep it).
 SECTIONS = {"bench-results": results_section, "launch-plan": plan_section, "launch-plan-cuda": cuda_plan_section}
+#: file -> the generated sections it holds (docs/BACKENDS.md repeats the plan tables beside its launch counts).
+FILES = {README: ("bench-results", "launch-plan", "launch-plan-cuda"),
+         os.path.join(HERE, os.pardir, "docs", "BACKENDS.md"): ("launch-plan", "launch-plan-cuda")}
 
 
-def regenerate(text: str) -> str:
-    """README.md's text with every generated section rewritten (a missing marker is an error)."""
-    for name, make in SECTIONS.items():
+def regenerate(text: str, names, made: dict) -> str:
+    """``text`` with the sections ``names`` rewritten (``made`` caches each generator's output across files;
+    a missing marker is an error)."""
+    for name in names:
         start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
         if start not in text or end not in text:
-            raise ValueError(f"README.md has no {start} ... {end} section")
-        body = make()
-        if body is None:  # cannot be made here: kept
+            raise ValueError(f"no {start} ... {end} section")
+        if name not in made:
+            made[name] = SECTIONS[name]()
+        if made[name] is None:  # cannot be made here: kept
             continue
         head, rest = text.split(start, 1)
         tail = rest.split(end, 1)[1]
-        text = head + start + "\n\n" + body + "\n" + end + tail
+        text = head + start + "\n\n" + made[name] + "\n" + end + tail
     return text
 
 
 def main(argv=None) -> int:
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    args.add_argument("--check", action="store_true", help="only check that README.md is up to date")
+    args.add_argument("--check", action="store_true", help="only check that the files are up to date")
     check = args.parse_args(argv).check
-    with open(README) as f:
-        text = f.read()
-    try:
-        new = regenerate(text)
-    except ValueError as e:
-        print(e, file=sys.stderr)
-        return 1
-    if check:
-        if new != text:
-            print("README.md's generated sections (results, launch plan) are out of date: run "
-                  "python bench/update_readme.py", file=sys.stderr)
+    made: dict = {}
+    stale = []
+    for path, names in FILES.items():
+        with open(path) as f:
+            text = f.read()
+        try:
+            new = regenerate(text, names, made)
+        except ValueError as e:
+            print(f"{os.path.relpath(path)}: {e}", file=sys.stderr)
             return 1
-        return 0
-    with open(README, "w") as f:
-        f.write(new)
+        if new == text:
+            continue
+        stale.append(os.path.relpath(path))
+        if not check:
+            with open(path, "w") as f:
+                f.write(new)
+    if check and stale:
+        print(f"generated sections (results, launch plans) out of date in {', '.join(stale)}: run "
+              "python bench/update_readme.py", file=sys.stderr)
+        return 1
     return 0
 
 
