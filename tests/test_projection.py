@@ -408,6 +408,156 @@ def test_triton_split_gathers_match_naive(case, _triton, monkeypatch):
     assert any(chunks * per > taps for chunks, per, taps in chunked), chunked  # a shorter last chunk (masked)
 
 
+# The projection's batch statistics in Triton: project_epilogue_kernel's per-tile partial (mean, M2) of the stored
+# pre-activation, combined in tile order by the block's stats_combine_kernel (no torch op reads the full-size
+# pre-activation). Tiles shrunk to 16 pixels and 4 channels so that maps this small span many tiles (the last
+# one partial) and channel blocks.
+STATS_CASES = [
+    # N = 2 with bin-1 levels, odd sizes, channels_last, per-tap and direct parts, float64
+    Case("psp", dict(bins=(1, 3), branch_channels=2, norm="batch", activation="relu",
+                     project=_proj(P=5, k=3, activation="silu")), (2, 3, 9, 7), train=True, steps=2,
+         layout="channels_last", label="proj3-train-stats"),
+    # float32, x in the output, a projection bias (true gradient 0), more parts than one launch adds (MAX_PARTS)
+    Case("ms", dict(scales=(1, 2, 3, 4, 5), branch_channels=1, norm=None, activation="gelu", input_position="first",
+                    project=_proj(P=6, k=1, bias=True, activation="relu")), (2, 2, 11, 7), dtype=torch.float32,
+         train=True, label="proj1-train-stats"),
+]
+
+
+def _small_tiles(monkeypatch):
+    from msfused.triton import projection
+
+    monkeypatch.setattr(projection, "_tiles", lambda px, c: (32, 4, (-(-px // 32), -(-c // 4))))
+
+
+class _WatchReductions(TorchDispatchMode):
+    """Records every ATen op (with its input shapes) that reads a tensor of a given shape."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.ops = tuple(shape), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        ins = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if any(tuple(t.shape) == self.shape for t in ins):
+            self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case", STATS_CASES, ids=[c.id for c in STATS_CASES])
+def test_triton_projection_statistics_match_naive(case, _triton, monkeypatch):
+    """The output, every gradient and the running statistics after two steps (unbiased running_var, as
+    nn.BatchNorm2d) against the naive head: float64 <= 1e-10, float32 <= 1e-5 against float64; the statistics
+    come from the epilogue's partials (project_epilogue_kernel with STATS over many tiles, stats_combine_kernel)
+    and no torch op other than the projection's convolution reads a tensor of the output's shape in the
+    forward; a second forward gives the same bits (no atomics: a fixed order; checked on the float64 case)."""
+    from msfused.triton import kernels, launch, projection
+
+    _small_tiles(monkeypatch)
+    launched, real = [], launch._launch
+
+    def watch(kernel, grid, *args, **meta):
+        launched.append((kernel, grid, meta.get("STATS")))
+        real(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(launch, "_launch", watch)
+    run_case(case, device=_triton)
+    stats = [g for k, g, s in launched if k is projection.project_epilogue_kernel and s]
+    assert stats and all(g[0] > 1 and g[1] > 1 for g in stats), stats  # many tiles and channel blocks
+    assert any(k is kernels.stats_combine_kernel for k, _, _ in launched)
+    if case.dtype != torch.float64:
+        return
+    _, fused = build_case(case)
+    x = make_input(case.shape, case.dtype, case.layout).to(_triton)
+    (x, weight, bias, scale, shift, stats, eps), kw = _op_arguments(fused.to(_triton).train(), x, False)
+    # the operator's Python body (a dispatch mode sees a custom operator as one op)
+    runs, out_shape = [], (case.shape[0], case.kwargs["project"]["out_channels"], *case.shape[2:])
+    for _ in range(2):
+        with _WatchReductions(out_shape) as watch_ops:
+            res = projection.project_forward(
+                x, weight, bias, scale, shift, stats, eps, *(kw[k] for k in (
+                    "factor", "bins", "down_mode", "up_mode", "align_corners", "activation", "input_position",
+                    "project_weight", "project_bias", "project_scale", "project_shift", "project_batch_stats",
+                    "project_eps", "project_activation", "save_pre")))
+        runs.append(res)
+        # its convolution; allocations; the interpreter's copies of kernel arguments back; NaN fills (POISON)
+        assert set(watch_ops.ops) <= {"convolution.default", "copy_.default", "fill_.Scalar", "new_empty.default",
+                                      "empty_like.default"}, set(watch_ops.ops)
+    (out, *_r, p_mean, p_var), (out2, *_r2, p_mean2, p_var2) = runs
+    assert torch.equal(out, out2) and torch.equal(p_mean, p_mean2) and torch.equal(p_var, p_var2)
+
+
+def test_triton_projection_statistics_bfloat16(_triton):
+    """bfloat16 (x and every parameter): output and gradients within SPEC.md's half-precision rule over fresh
+    draws (the statistics in float32 of the stored bfloat16 pre-activation, as the naive head's norm)."""
+    case = Case("psp", dict(bins=(1, 2, 3), activation="silu", branch_channels=4, norm="batch",
+                            project=_proj(P=4, k=1, activation="gelu")), (2, 5, 9, 7), torch.bfloat16,
+                layout="channels_last", train=True, label="proj1-bf16-stats")
+    check_half_precision_grads(case, trials=4, device=_triton)
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_triton_projection_statistics_nonfinite(value, _triton, monkeypatch):
+    """Inf or NaN in x reaching the projection's pre-activation: the same elements NaN / +Inf / -Inf in the output
+    and in the running statistics as the naive head's (a channel whose pre-activation holds a one-signed Inf
+    keeps a running mean of that Inf, as ATen's sum / count, where a Welford / Chan combination of the tiles
+    would make it NaN); the finite elements equal. Positive projection weights, ReLU branches and no branch
+    norm keep a +Inf one-signed up to the projection's sum."""
+    _small_tiles(monkeypatch)
+    naive, fused = build_pair("psp", 3, dict(bins=(1, 2, 3), up_mode="nearest", activation="relu", norm=None,
+                                             branch_channels=2, project=_proj(P=4, k=1, activation="relu")),
+                              torch.float64)
+    with torch.no_grad():
+        naive.project.conv.weight.abs_()
+        fused.project.conv.weight.copy_(naive.project.conv.weight)
+    naive.train()
+    fused.to(_triton).train()
+    x = make_input((2, 3, 9, 11), torch.float64)
+    x[1, 1, 6, 4] = float(value)
+    before = x.clone()
+    out, ref = fused(x.to(_triton)).cpu(), naive(x)
+    for name, mask in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        assert torch.equal(mask(out), mask(ref)), name
+        for (n, a), (_, b) in zip(fused.project.norm.named_buffers(), naive.project.norm.named_buffers()):
+            if a.is_floating_point():
+                assert torch.equal(mask(a.cpu()), mask(b)), f"{name} in {n}"
+    finite = torch.isfinite(ref)
+    assert (out[finite] - ref[finite]).norm() <= 1e-10 * max(ref[finite].norm(), 1.0)
+    rm = naive.project.norm.running_mean
+    if value == "inf":  # the case this test is for: a channel's mean one-signed Inf
+        assert torch.isposinf(rm).any(), rm
+    assert ((x == before) | (x.isnan() & before.isnan())).all()
+
+
+def test_triton_statistics_combine_nonfinite(_triton):
+    """The partials and their combination alone, against ATen's batch norm (its running statistics with momentum
+    1: the batch mean and the unbiased variance): channels with one +Inf, Infs of both signs in different tiles,
+    a NaN, a -Inf, all finite; float64 to 1e-12, the non-finite pattern exactly."""
+    from msfused.triton import projection
+
+    dev = _triton
+    pre = torch.randn(3, 5, 17, 13, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(dev)
+    pre[0, 0, 2, 2] = float("inf")
+    pre[2, 0, 9, 1] = float("inf")
+    pre[0, 1, 0, 0], pre[2, 1, 16, 12] = float("inf"), -float("inf")
+    pre[1, 2, 5, 5] = float("nan")
+    pre[2, 3, 3, 3] = -float("inf")
+    out = torch.empty_like(pre)
+    with pytest.MonkeyPatch.context() as mp:
+        _small_tiles(mp)
+        mean, var = projection._sum_with_statistics(pre, [], None, out)
+    assert ((out == pre) | (out.isnan() & pre.isnan())).all()
+    M = pre.numel() // pre.shape[1]
+    rm, rv = torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
+    torch.nn.functional.batch_norm(pre.cpu(), rm, rv, training=True, momentum=1.0)
+    for got, want in ((mean.cpu(), rm), (var.cpu() * M / (M - 1), rv)):
+        for mask in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(mask(got), mask(want)), (got, want)
+        fin = torch.isfinite(want)
+        assert (got[fin] - want[fin]).abs().max() <= 1e-12 * want[fin].abs().max()
+    assert torch.isposinf(mean[0]) and torch.isneginf(mean[3]) and mean[1].isnan() and mean[2].isnan()
+
+
 # The projection's epilogue backward (projection._epilogue_backward: act_grad_kernel's per-tile partial sums,
 # the block's fixed-order column sums, norm_grad_kernel with batch statistics) against autograd through
 # act(norm(pre + bias)), every norm form and activation, odd sizes, NCHW and channels_last, a strided gradient.

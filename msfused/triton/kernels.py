@@ -19,7 +19,8 @@ runs it):
   where they are. ``conv_kernel`` is the same for one branch (the backward's level gradient, with
   flipped weights).
 * ``stats_combine_kernel``: batch mean and biased variance per channel from the per-tile (count, mean,
-  M2), combined in tile order (Chan et al.): deterministic.
+  M2), combined in tile order (Chan et al.): deterministic; a non-finite mean as ATen's sum / count. Also the
+  projection's batch statistics (``projection.py``).
 * ``ups_kernel``: the training forward's up-resizes of up to four branches, the norm with batch
   statistics and the activation applied per tap.
 * ``up_adjoints_kernel``: for up to four branches, the backward of the up-resize as a gather, fused with
@@ -184,14 +185,29 @@ def conv_kernel(src, s_n, s_c, s_h, s_w, wk, bias, pre, p_n, p_c, p_h, p_w, out,
 
 
 @triton.jit
+def _store_tile_moments(v, m2, count, row_mean, row_m2, c, cm):
+    """A tile's per-channel (mean, M2) of v (pixels x channels, valid where m2; count valid pixels) stored at
+    row_mean[c], row_m2[c]: the per-tile partials stats_combine_kernel combines."""
+    u = tl.where(m2, v, 0.0)
+    mean = tl.sum(u, axis=0) / count.to(u.dtype)
+    d = tl.where(m2, u - mean[None, :], 0.0)
+    tl.store(row_mean + c, mean, mask=cm)
+    tl.store(row_m2 + c, tl.sum(d * d, axis=0), mask=cm)
+
+
+@triton.jit
 def stats_combine_kernel(part_mean, part_m2, T, total, C, mean_out, var_out,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Combines the tiles' (count, mean, M2) in tile order: batch mean and biased variance."""
+    """Combines the tiles' (count, mean, M2) in tile order: batch mean and biased variance. Where a channel's
+    combined (Chan et al.) mean is not finite (a one-signed Inf turns it into NaN: Inf - Inf), the mean is the
+    tiles' sum / count instead, as ATen's batch norm (sum / count) and the CPU backend take it: a one-signed
+    Inf stays Inf, NaN stays NaN."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     mean = tl.zeros([BLOCK_C], dtype=mean_out.dtype.element_ty)
     m2 = tl.zeros([BLOCK_C], dtype=mean_out.dtype.element_ty)
     count = tl.zeros([BLOCK_C], dtype=mean_out.dtype.element_ty)
+    total_sum = tl.zeros([BLOCK_C], dtype=mean_out.dtype.element_ty)
     for t in range(T):
         nb = tl.minimum(total - t * BLOCK_P, BLOCK_P).to(mean.dtype)
         mb = tl.load(part_mean + t * C + c, mask=cm, other=0.0)
@@ -201,6 +217,8 @@ def stats_combine_kernel(part_mean, part_m2, T, total, C, mean_out, var_out,
         mean = mean + delta * (nb / n_new)
         m2 = m2 + m2b + delta * delta * (count * nb / n_new)
         count = n_new
+        total_sum = total_sum + mb * nb
+    mean = tl.where(tl.abs(mean) < float("inf"), mean, total_sum / count)
     tl.store(mean_out + c, mean, mask=cm)
     tl.store(var_out + c, m2 / count, mask=cm)
 
@@ -717,12 +735,9 @@ def _conv_program(pid_m, pid_n, src, s_n, s_c, s_h, s_w, wk, bias, pre, p_n, p_c
         tl.store(pre + (n * p_n + ly * p_h + lx * p_w)[:, None] + co[None, :] * p_c,
                  _cast(acc, pre.dtype.element_ty), mask=m2)
     if STATS:  # of the stored (rounded) values, as the reference's norm sees them
-        v = tl.where(m2, _cast(acc, pre.dtype.element_ty).to(acc.dtype), 0.0)
-        count = tl.minimum(N * H * W - pid_m * BLOCK_M, BLOCK_M).to(acc.dtype)
-        mean = tl.sum(v, axis=0) / count
-        d = tl.where(m2, v - mean[None, :], 0.0)
-        tl.store(part_mean + pid_m * CO + co, mean, mask=com)
-        tl.store(part_m2 + pid_m * CO + co, tl.sum(d * d, axis=0), mask=com)
+        _store_tile_moments(_cast(acc, pre.dtype.element_ty).to(acc.dtype), m2,
+                            tl.minimum(N * H * W - pid_m * BLOCK_M, BLOCK_M), part_mean + pid_m * CO,
+                            part_m2 + pid_m * CO, co, com)
     if STORE_OUT:
         y = acc
         if HAS_SCALE:

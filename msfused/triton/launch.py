@@ -462,15 +462,8 @@ def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_
                     DOT=K.DOT_FMA if f64 else _dot_mode(x), UPCAST=_upcast(x), F64=f64, BLOCK_M=block_m, **blocks)
         # 3. batch statistics: the tiles' (count, mean, M2) combined in order (parameter-sized)
         for b, (part_mean, part_m2) in partials.items():
-            co = weight[b].shape[0]
             h, wd = _level(factor[b], bins, b, H, W)
-            mean = torch.empty((co,), dtype=stats_dt, device=dev)
-            var = torch.empty((co,), dtype=stats_dt, device=dev)
-            bc = _block_c(co)
-            if N * h * wd:
-                _launch(_pinned(K.stats_combine_kernel), (triton.cdiv(co, bc),), part_mean, part_m2,
-                        part_mean.shape[0], N * h * wd, co, mean, var, BLOCK_P=block_m, BLOCK_C=bc)
-            means[b], variances[b] = mean, var
+            means[b], variances[b] = combine_statistics(part_mean, part_m2, N * h * wd, block_m)
         # 4. the remaining output slices: norm with batch statistics, activation, up-resize
         up_slots, ends = [], [0]
         up_bc = max((_block_c(weight[b].shape[0]) for b, _ in ups), default=4)
@@ -495,6 +488,21 @@ def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_
             _launch(_pinned(K.ups_kernel), (ends[-1],), N, H, W, *flat, **consts, ACT=act, F64=f64,
                     BLOCK_P=block_p, BLOCK_C=up_bc)
     return out, levels, pres, means, variances
+
+
+def combine_statistics(part_mean: torch.Tensor, part_m2: torch.Tensor, total: int,
+                       block_p: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Batch mean and biased variance per channel from per-tile partials (T, C): each tile's mean and M2 over
+    block_p of the ``total`` pixels (the last tile's rest), combined in tile order by stats_combine_kernel
+    (one launch, parameter-sized; deterministic). No pixels: uninitialised (never read)."""
+    T, C = part_mean.shape
+    mean = torch.empty((C,), dtype=part_mean.dtype, device=part_mean.device)
+    var = torch.empty((C,), dtype=part_mean.dtype, device=part_mean.device)
+    bc = _block_c(C)
+    if total and C:
+        _launch(_pinned(K.stats_combine_kernel), (triton.cdiv(C, bc),), part_mean, part_m2, T, total, C, mean, var,
+                BLOCK_P=block_p, BLOCK_C=bc)
+    return mean, var
 
 
 @cost_model(K.convs_kernel)

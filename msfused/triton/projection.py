@@ -10,8 +10,10 @@ convolutions are torch's (cuDNN on a GPU, deterministic algorithms); the Triton 
 
 * ``project_epilogue_kernel``: the one fused pass over the output: ``conv(x, W_x)`` + bias + every part
   (resized up and shifted per tap) + norm + activation, the output written once (with the projection's batch
-  statistics: the pre-activation, then a second pass of the same kernel once the statistics are known). The
-  same kernel with no parts is the branches' norm and activation at their levels.
+  statistics: the pre-activation and each tile's partial (mean, M2) of it, combined in tile order by the
+  block's ``stats_combine_kernel`` (``launch.combine_statistics``; no torch op reads the full-size
+  pre-activation), then a second pass of the same kernel applies norm and activation). The same kernel with
+  no parts is the branches' norm and activation at their levels.
 * ``gather_kernel``: a separable resize as a gather over ``tables.py``'s tap tables (ATen's own index math):
   a direct branch's resize back up in the forward; in the backward the adjoints, deterministic (no atomics):
   each per-tap map's gradient (the shifted up-resize's readers of a level pixel), a direct branch's up-resize
@@ -31,7 +33,8 @@ Launches per call ("torch" = cuDNN and reductions): forward: 1 levels launch per
 window is split: bins 1 and 2 of a 64 x 64 map); per branch its convolution (torch), [its batch statistics
 (torch)], 1 epilogue pass (its activation at its level), [1 gather: resized up, direct branches], its part's
 convolution (torch); ``conv(x, W_x)`` (torch); **1** accumulation pass per 4 parts (``MAX_PARTS``); with the
-projection's batch statistics + their reduction (torch) + 1 epilogue pass. Backward: the projection's epilogue
+projection's batch statistics the last accumulation pass also writes the partial statistics, + 1
+``stats_combine_kernel`` + 1 epilogue pass. Backward: the projection's epilogue
 backward, 1 ``act_grad_kernel`` + 1 ``column_sums_kernel`` (+ 1 ``norm_grad_kernel`` with batch statistics);
 ``conv(x, W_x)``'s backward (torch); per branch: 1 epilogue pass (its activation again; + 1 gather for a direct
 one), 1 gather (its maps' gradient, or its up-resize's adjoint; +1 where split), its part's convolution
@@ -94,7 +97,7 @@ def _add_part(acc, t, t_n, t_c, t_h, t_w, ty_idx, ty_w, TY, tx_idx, tx_w, TX, KS
 @triton.jit
 def project_epilogue_kernel(
         acc_in, a_n, a_c, a_h, a_w, pre, p_n, p_c, p_h, p_w, out, o_n, o_c, o_h, o_w,
-        bias, norm_a, norm_b, gamma, beta, eps: tl.float64,
+        bias, norm_a, norm_b, gamma, beta, eps: tl.float64, part_mean, part_m2,
         t0, t0_n, t0_c, t0_h, t0_w, ty0_idx, ty0_w, TY0, tx0_idx, tx0_w, TX0, KS0,
         t1, t1_n, t1_c, t1_h, t1_w, ty1_idx, ty1_w, TY1, tx1_idx, tx1_w, TX1, KS1,
         t2, t2_n, t2_c, t2_h, t2_w, ty2_idx, ty2_w, TY2, tx2_idx, tx2_w, TX2, KS2,
@@ -102,12 +105,15 @@ def project_epilogue_kernel(
         N, P, H, W,
         PARTS: tl.constexpr, HAS_ACC: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
         HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, STORE_PRE: tl.constexpr, STORE_OUT: tl.constexpr,
-        ACT: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        STATS: tl.constexpr, ACT: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Grid: (tiles of BLOCK_P of the N * H * W output pixels, tiles of BLOCK_C of the P channels). One
     program: its tile's sum acc_in + bias + parts 0 .. PARTS - 1 (``_add_part``), rounded to the tensor's
     dtype and stored as the pre-activation (STORE_PRE); then the norm (K._channel_affine: NORM_AFFINE from
     (norm_a, norm_b) = (scale, shift), NORM_BATCH from (mean, var) and the affine (gamma, beta)) and the
-    activation, stored as the output (STORE_OUT). Each element is read and written once."""
+    activation, stored as the output (STORE_OUT). STATS: the tile's per-channel mean and M2 of the stored
+    (rounded) pre-activation, as the reference's norm sees it, into row pid 0 of part_mean / part_m2 (T, P) in
+    the accumulation dtype (the block's conv epilogue's partials, combined in tile order by
+    K.stats_combine_kernel). Each element is read and written once."""
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     e = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -139,6 +145,9 @@ def project_epilogue_kernel(
     v = K._cast(acc, pre.dtype.element_ty)  # the pre-activation as a tensor of its dtype holds it
     if STORE_PRE:
         tl.store(pre + (n * p_n + oy * p_h + ox * p_w)[:, None] + p[None, :] * p_c, v, mask=m2)
+    if STATS:
+        K._store_tile_moments(v.to(acc.dtype), m2, tl.minimum(N * H * W - pid_p * BLOCK_P, BLOCK_P),
+                              part_mean + pid_p * P, part_m2 + pid_p * P, p, cm)
     if STORE_OUT:
         mul, add = K._channel_affine(p, cm, norm_a, norm_b, eps, gamma, beta, NORM, HAS_GAMMA, HAS_BETA, F64)
         y = K._activate(v.to(acc.dtype) * mul[None, :] + add[None, :], ACT)
@@ -311,12 +320,14 @@ class _Norm:
 
 
 def _epilogue(acc: Optional[Tensor], parts: list, bias: Optional[Tensor], norm: Optional[_Norm], act: str,
-              pre: Optional[Tensor], out: Optional[Tensor], like: Tensor) -> None:
+              pre: Optional[Tensor], out: Optional[Tensor], like: Tensor,
+              stats: Optional[Tuple[Tensor, Tensor]] = None) -> None:
     """project_epilogue_kernel over ``like``'s shape: the sum of ``acc`` (None: 0), ``bias`` and the parts
     (each (maps, its up taps (y, x), KS)) stored in ``pre`` (if given), then ``norm`` (None: none) and ``act``
     applied into ``out`` (if given). One launch per MAX_PARTS parts: a later launch adds its parts to the sum
     the previous one stored (in ``pre``, else in ``out``); each element is read and written by one program, so
-    ``acc``, ``pre`` and ``out`` may be one tensor."""
+    ``acc``, ``pre`` and ``out`` may be one tensor. ``stats``: (part_mean, part_m2), (tiles, P) buffers the
+    last launch writes its tiles' partial statistics of the stored ``pre`` into (``_sum_with_statistics``)."""
     N, P, H, W = like.shape
     if N * P * H * W == 0:
         return
@@ -325,6 +336,7 @@ def _epilogue(acc: Optional[Tensor], parts: list, bias: Optional[Tensor], norm: 
     d = like  # stands in for absent pointers (never read)
     nrm = norm if norm is not None else _Norm(None, None)
     sums = pre if pre is not None else out
+    part_mean, part_m2 = stats if stats is not None else (d, d)
     for i, chunk in enumerate(chunks):
         last = i == len(chunks) - 1
         src = acc if i == 0 else sums
@@ -335,10 +347,28 @@ def _epilogue(acc: Optional[Tensor], parts: list, bias: Optional[Tensor], norm: 
             slots += [t, *t.stride(), ty.idx, ty.w, ty.taps, tx.idx, tx.w, tx.taps, ks]
         a, q, o = (t if t is not None else d for t in (src, into, out if last else None))
         launch._launch(project_epilogue_kernel, grid, a, *a.stride(), q, *q.stride(), o, *o.stride(),
-                       bias if bias is not None else d, *nrm.args(d), *slots, N, P, H, W,
+                       bias if bias is not None else d, *nrm.args(d), part_mean, part_m2, *slots, N, P, H, W,
                        PARTS=len(chunk), HAS_ACC=src is not None, HAS_BIAS=bias is not None and i == 0,
-                       STORE_PRE=into is not None, STORE_OUT=last and out is not None, ACT=_ACT[act],
+                       STORE_PRE=into is not None, STORE_OUT=last and out is not None,
+                       STATS=last and stats is not None and into is not None, ACT=_ACT[act],
                        F64=like.dtype == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c, **nrm.meta())
+
+
+def _sum_with_statistics(acc: Optional[Tensor], parts: list, bias: Optional[Tensor], pre: Tensor
+                         ) -> Tuple[Tensor, Tensor]:
+    """The projection's pre-activation (``_epilogue``'s sum) stored in ``pre``, and its batch mean and biased
+    variance over (N, H, W) in the accumulation dtype: the last epilogue launch writes each tile's (mean, M2) of
+    the stored values, the block's stats_combine_kernel combines them in tile order (``launch.combine_statistics``:
+    parameter-sized, deterministic; a one-signed Inf keeps the mean Inf as ATen's sum / count, NaN propagates).
+    No torch op reads the full-size ``pre``."""
+    N, P, H, W = pre.shape
+    if pre.numel() == 0:
+        return _batch_statistics(pre)
+    block_p, _, grid = _tiles(N * H * W, P)
+    sdt = launch._acc_dtype(pre.dtype)
+    stats = (launch._empty((grid[0], P), sdt, pre.device), launch._empty((grid[0], P), sdt, pre.device))
+    _epilogue(acc, parts, bias, None, "none", pre, None, pre, stats)
+    return launch.combine_statistics(*stats, N * H * W, block_p)
 
 
 def _gather(src: Tensor, dst: Tensor, ty: Tuple[Tensor, Tensor, int], tx: Tuple[Tensor, Tensor, int],
@@ -382,14 +412,17 @@ def _gather_launch(src: Tensor, dst: Tensor, ty, tx, rows: int, per_chunk: int, 
 def _epilogue_cost(a):
     """Plan model (estimates): a (BLOCK_P output pixels, BLOCK_C channels) tile per program; its sum read
     (HAS_ACC), then each part's taps in turn (KS x KS shifts times the up-resize's y and x taps: the loops of
-    one program add up), the pre-activation and / or the output stored."""
+    one program add up), the pre-activation and / or the output stored; STATS: each tile's row of partial
+    statistics (mean, M2) too."""
     N, P, H, W, bp, bc = a["N"], a["P"], a["H"], a["W"], a["BLOCK_P"], a["BLOCK_C"]
     px = N * H * W
     parts = range(a["PARTS"])
     serial = max(1, sum(a[f"KS{s}"] ** 2 * a[f"TY{s}"] * a[f"TX{s}"] for s in parts))
     read = (nbytes(a["acc_in"], px * P) if a["HAS_ACC"] else 0) + sum(nbytes(a[f"t{s}"]) for s in parts)
     written = nbytes(a["pre"], px * P) * int(a["STORE_PRE"]) + nbytes(a["out"], px * P) * int(a["STORE_OUT"])
+    written += 2 * nbytes(a["part_mean"], cdiv(px, bp) * P) * int(a["STATS"])
     what = f"sum of {a['PARTS']} parts" if a["PARTS"] else ("norm, activation" if a["STORE_OUT"] else "sum")
+    what += ", partial statistics" if a["STATS"] else ""
     return [Part(what, cdiv(px, bp) * cdiv(P, bc), min(bp, px) * min(bc, P), serial, read, written)]
 
 
@@ -600,8 +633,7 @@ def project_forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bin
         _epilogue(acc, parts, p_bias, _Norm(p_scale, p_shift), p_activation, p_pre if save_pre else None, out, p_pre)
         p_mean, p_var = x.new_empty(0, dtype=sdt), x.new_empty(0, dtype=sdt)
     else:
-        _epilogue(acc, parts, p_bias, None, p_activation, p_pre, None, p_pre)
-        p_mean, p_var = _batch_statistics(p_pre)
+        p_mean, p_var = _sum_with_statistics(acc, parts, p_bias, p_pre)
         _epilogue(p_pre, [], None, _Norm(p_scale, p_shift, p_mean, p_var, p_eps, True), p_activation, None, out, p_pre)
     return out, level, pre, mean, var, (p_pre if save_pre else x.new_empty(0)), p_mean, p_var
 
