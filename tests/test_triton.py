@@ -187,6 +187,30 @@ def test_inference_split_pooling(monkeypatch):
     test_inference_path(INFERENCE_CASES[3])
 
 
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_batch_statistics_nonfinite(value, monkeypatch):
+    """Inf or NaN in x with batch statistics over many tiles (16 pixels each): the same elements NaN / +Inf /
+    -Inf in the output and in the running statistics as the naive block's; a branch whose pre-activation holds
+    a one-signed Inf keeps a running mean of that Inf (ATen's sum / count), which stats_combine_kernel's Chan
+    combination alone would make NaN (Inf - Inf)."""
+    monkeypatch.setattr(launch, "_convs_block_m", lambda f64: 16)
+    naive, fused = build_pair("ms", 1, dict(scales=(1, 2), kernel_size=1, branch_channels=2, norm="batch",
+                                            activation="relu"), torch.float64)
+    naive.train(), fused.to(DEVICE).train()
+    x = make_input((2, 1, 9, 11), torch.float64)
+    x[1, 0, 6, 4] = float(value)
+    out, ref = fused(x.to(DEVICE)).cpu(), naive(x)
+    for name, mask in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        assert torch.equal(mask(out), mask(ref)), name
+        for (n, a), (_, b) in zip(fused.named_buffers(), naive.named_buffers()):
+            if a.is_floating_point():
+                assert torch.equal(mask(a.cpu()), mask(b)), f"{name} in {n}"
+    finite = torch.isfinite(ref)
+    assert (out[finite] - ref[finite]).norm() <= 1e-10 * max(ref[finite].norm(), 1.0)
+    if value == "inf":  # one input channel: each branch channel's pre-activation holds a one-signed Inf
+        assert any(torch.isinf(b).any() for n, b in naive.named_buffers() if n.endswith("running_mean"))
+
+
 def test_parameter_grads_without_x_grad():
     case = Case("ms", dict(scales=(1, 2), norm="batch", activation="silu"), (2, 3, 7, 6), train=True, label="tr")
     run_case(case, x_requires_grad=False, device=DEVICE)

@@ -4,10 +4,10 @@ would compile it: the arguments specialised by Triton's binder (divisibility hin
 pass), each autotune configuration's num_warps / num_stages; and no variant spills registers for sm_90
 (ptxas -v's report). What the interpreter accepts, a GPU compiler may refuse.
 
-CI compiles a sample: for sm_90 one variant per kernel and operand dtype, chosen to cover every compile-time
-constant's values, launch options and hints as far as that allows; for sm_80 one variant per kernel (61
-compiles of 443 recorded variants; the projection's kernels also with SPLIT_STEPS lowered, so its split gathers are
-recorded). The full matrix (every variant for sm_80 and sm_90, an estimated 30 minutes here) is opt-in:
+CI compiles a sample: for sm_90 one variant per kernel and operand dtype (the projection's epilogue: and per
+value of STATS, its partial statistics; ``SAMPLE_EACH``), chosen to cover every compile-time constant's values,
+launch options and hints as far as that allows; for sm_80 one variant per kernel (63 compiles of 444 recorded
+variants; the projection's kernels also with SPLIT_STEPS lowered, so its split gathers are recorded). The full matrix (every variant for sm_80 and sm_90, an estimated 30 minutes here) is opt-in:
 
     MSFUSED_FULL_COMPILE=1 pytest tests/test_triton_compile.py    # or: python tests/triton_compile_check.py --all
 """

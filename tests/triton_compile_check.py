@@ -209,12 +209,21 @@ def _features(key, signature) -> set:
             | {(name, i, v) for i, v in consts} | {(name, k, v) for k, v in launch_options})
 
 
+#: Compile-time constants whose every value gets variants of its own in the per-dtype sample: the code they
+#: switch on is large enough to change register use (the projection's epilogue with its partial statistics).
+SAMPLE_EACH = {"project_epilogue_kernel": ("STATS",)}
+
+
 def sample(variants: dict, per_kernel_only: bool = False) -> list:
     """Keys of ``variants`` (recorded order) with one variant per kernel (``per_kernel_only``) or per kernel and
-    operand dtype, each picked greedily to add the most compile-time constant values not yet covered."""
+    operand dtype (and value of each of its ``SAMPLE_EACH`` constants), each picked greedily to add the most
+    compile-time constant values not yet covered."""
     groups = {}
-    for key, (_fn, signature, *_rest) in variants.items():
+    for key, (fn, signature, *_rest) in variants.items():
         group = key[0] if per_kernel_only else (key[0], operand_dtype(signature))
+        if not per_kernel_only:
+            consts = dict(key[2])
+            group += tuple(consts.get(fn.arg_names.index(c)) for c in SAMPLE_EACH.get(key[0], ()))
         groups.setdefault(group, []).append(key)
     covered, chosen = set(), []
     for keys in groups.values():
