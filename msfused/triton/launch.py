@@ -91,7 +91,9 @@ def _pinned(kernel):
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+    """The power of two at or above n, clamped to [lo, hi] (triton.next_power_of_2's value, without its
+    constexpr-function call)."""
+    return max(lo, min(hi, 1 << (max(int(n), 1) - 1).bit_length()))
 
 
 # Tile sizes of the gather / elementwise kernels: pixels per program and channels per program. The
@@ -219,7 +221,7 @@ def _conv(src: torch.Tensor, wk: torch.Tensor, ks: int, co: int, bias: Optional[
     out_t = out if out is not None else src
     f64 = src.dtype == torch.float64
     dot = K.DOT_FMA if f64 else _dot_mode(src)
-    grid = lambda meta: (triton.cdiv(N * H * W, meta["BLOCK_M"]), triton.cdiv(co, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (cdiv(N * H * W, meta["BLOCK_M"]), cdiv(co, meta["BLOCK_N"]))  # noqa: E731
     if f64:  # multiply-and-sum: a fixed small block keeps the 3-D product in registers
         _launch(_pinned(K.conv_kernel), grid, src, *_strides(src), wk, bias if bias is not None else dummy,
                 pre_t, *_strides(pre_t), out_t, *_strides(out_t),
@@ -281,7 +283,7 @@ def _offsets(weight: Sequence[torch.Tensor], C: int, input_position: str) -> Tup
 
 
 def _conv_grid(sizes, N, block_m):
-    return lambda meta: (sum(triton.cdiv(N * h * w, block_m) * triton.cdiv(co, meta["BLOCK_N"]) for h, w, co in sizes),)
+    return lambda meta: (sum(cdiv(N * h * w, block_m) * cdiv(co, meta["BLOCK_N"]) for h, w, co in sizes),)
 
 
 def _convs_configs(kind: str):
@@ -316,11 +318,11 @@ def _gather_levels(x, out, x_c0: int, copy: bool, slots: list) -> None:
     along dst's rows)."""
     N, C, H, W = x.shape
     block_p, block_c = _block_p(), _block_c(C)
-    ends, args = [triton.cdiv(N * H * W, block_p) * triton.cdiv(C, block_c) if copy else 0], []
+    ends, args = [cdiv(N * H * W, block_p) * cdiv(C, block_c) if copy else 0], []
     for dst, h, wd, ty, r, tx in slots:
         args.append((dict(**strided("d", dst), h=h, w=wd, y=ty.idx, yw=ty.w, Y=ty.taps, R=r, xt=tx.idx, xw=tx.w,
                           X=tx.taps), K.NoFlags()))
-        ends.append(ends[-1] + triton.cdiv(ty.taps, r) * triton.cdiv(N * h * wd, block_p) * triton.cdiv(C, block_c))
+        ends.append(ends[-1] + cdiv(ty.taps, r) * cdiv(N * h * wd, block_p) * cdiv(C, block_c))
     if ends[-1] > 0:
         filler = None if args else dict(d=x, d_n=0, d_c=0, d_h=0, d_w=0, h=1, w=1, y=x, yw=x, Y=0, R=1, xt=x, xw=x,
                                         X=0)  # (the copy alone)
@@ -353,7 +355,7 @@ def _launch_levels(x, out, x_c0: int, copy: bool, branches: Sequence[int], facto
                                axis_taps("identity", wd, wd, 0, False, dt, dev)))
             slots.append((lev, h, wd, ty, ty.taps, tx))
         else:
-            chunked.append((b, h, wd, ty, rows, tx, triton.cdiv(ty.taps, rows)))
+            chunked.append((b, h, wd, ty, rows, tx, cdiv(ty.taps, rows)))
     if chunked:
         buf = _empty((N, C, sum(k * h for _, h, _, _, _, _, k in chunked), max(c[2] for c in chunked)),
                      dtype=_acc_dtype(dt), device=dev, memory_format=fmt)
@@ -435,7 +437,7 @@ def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_
             dst = out[:, offsets[b]:offsets[b] + co]
             direct = (h, wd) == (H, W) and not batch_stats[b]
             if batch_stats[b]:
-                T = triton.cdiv(N * h * wd, block_m)
+                T = cdiv(N * h * wd, block_m)
                 part = (_empty((T, co), dtype=stats_dt, device=dev), _empty((T, co), dtype=stats_dt, device=dev))
                 partials[b] = part
                 epi = pre  # unused
@@ -482,7 +484,7 @@ def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_
             up_slots.append((dict(**strided("s", src), **strided("d", dst), C=co, y=ty.idx, yw=ty.w, Y=ty.taps,
                                   xt=tx.idx, xw=tx.w, X=tx.taps, a=given(a_), b=given(b_), eps=float(eps[b]),
                                   g=given(g_), be=given(be_)), flags))
-            ends.append(ends[-1] + triton.cdiv(N * H * W, block_p) * triton.cdiv(co, up_bc))
+            ends.append(ends[-1] + cdiv(N * H * W, block_p) * cdiv(co, up_bc))
         if up_slots and ends[-1] > 0:
             flat, consts = K.UPS.pack(up_slots, ends)
             _launch(_pinned(K.ups_kernel), (ends[-1],), N, H, W, *flat, **consts, ACT=act, F64=f64,
@@ -500,7 +502,7 @@ def combine_statistics(part_mean: torch.Tensor, part_m2: torch.Tensor, total: in
     var = torch.empty((C,), dtype=part_mean.dtype, device=part_mean.device)
     bc = _block_c(C)
     if total and C:
-        _launch(_pinned(K.stats_combine_kernel), (triton.cdiv(C, bc),), part_mean, part_m2, T, total, C, mean, var,
+        _launch(_pinned(K.stats_combine_kernel), (cdiv(C, bc),), part_mean, part_m2, T, total, C, mean, var,
                 BLOCK_P=block_p, BLOCK_C=bc)
     return mean, var
 
@@ -557,14 +559,14 @@ def _wgrad(src: torch.Tensor, dpre: torch.Tensor, ks: int, co: int, acc_dt: torc
         bm, bc, bn = 16, 8, 8
     else:
         bm, bc, bn = 64, _pow2(C, 16, 64), _pow2(co, 16, 64)
-    programs = ks * ks * triton.cdiv(C, bc) * triton.cdiv(co, bn)
-    steps = triton.cdiv(total, bm)
+    programs = ks * ks * cdiv(C, bc) * cdiv(co, bn)
+    steps = cdiv(total, bm)
     # ranges of at least 16 steps: a shorter loop is not worth a partial's round trip
-    split = max(1, min(steps // 16, max(triton.cdiv(steps, SPLIT_STEPS), triton.cdiv(_fill_programs(), programs))))
-    m_split = triton.cdiv(steps, split) * bm
-    split = triton.cdiv(total, m_split)
+    split = max(1, min(steps // 16, max(cdiv(steps, SPLIT_STEPS), cdiv(_fill_programs(), programs))))
+    m_split = cdiv(steps, split) * bm
+    split = cdiv(total, m_split)
     part = dwk if split == 1 else _empty((split, ks * ks * C * co), dtype=acc_dt, device=src.device)
-    grid = (ks * ks * split, triton.cdiv(C, bc), triton.cdiv(co, bn))
+    grid = (ks * ks * split, cdiv(C, bc), cdiv(co, bn))
     _launch(_pinned(K.wgrad_kernel), grid, src, *_strides(src), dpre, part, N, C, H, W, co, ks, split, m_split,
             DOT=K.DOT_FMA if f64 else _dot_mode(src), UPCAST=_upcast(src), BLOCK_M=bm, BLOCK_C=bc, BLOCK_N=bn)
     return dwk, (None if split == 1 else (part, dwk.view(-1)))
@@ -576,11 +578,11 @@ def _column_sums(pairs) -> None:
     for i in range(0, len(pairs), K.MAX_SLOTS):
         group = pairs[i:i + K.MAX_SLOTS]
         bc = _pow2(max(part.shape[1] for part, _ in group), 4, 64)
-        br = _pow2(triton.cdiv(max(part.shape[0] for part, _ in group), SPLIT_STEPS), 8, 64)
+        br = _pow2(cdiv(max(part.shape[0] for part, _ in group), SPLIT_STEPS), 8, 64)
         slots, ends = [], [0]
         for part, out in group:
             slots.append((dict(pt=part, T=part.shape[0], C=part.shape[1], o=out), K.NoFlags()))
-            ends.append(ends[-1] + triton.cdiv(part.shape[1], bc))
+            ends.append(ends[-1] + cdiv(part.shape[1], bc))
         flat, consts = K.COLUMN_SUMS.pack(slots, ends)
         _launch(_pinned(K.column_sums_kernel), (ends[-1],), *flat, **consts, BLOCK_R=br, BLOCK_C=bc)
 
@@ -635,7 +637,7 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
             norm, a_t, b_t, g_t, be_t = _norm_of(b, batch_stats, scale, shift, mean, var)
             final = norm != K.NORM_BATCH
             gys[b] = _empty((total, co), dtype=dt if final else acc_dt, device=dev)
-            T = max(1, triton.cdiv(total, block_p))
+            T = max(1, cdiv(total, block_p))
             # per tile: sum gy | sum gy * u; an empty level launches nothing and sums to 0
             parts[b] = (_empty if total else torch.zeros)((T, 2 * co), dtype=acc_dt, device=dev)
             g = grad_out[:, offsets[b]:offsets[b] + co]
@@ -650,7 +652,7 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
             if ty.adj_taps <= rows or not total:
                 adj.append((b, g, pre[b], ytaps, ty.adj_taps, xtaps, tail, flags, 1))
             else:
-                chunked.append((b, g, ytaps, rows, xtaps, tail, flags, triton.cdiv(ty.adj_taps, rows)))
+                chunked.append((b, g, ytaps, rows, xtaps, tail, flags, cdiv(ty.adj_taps, rows)))
         if chunked:
             buf = _empty((N, max(weight[b].shape[0] for b, *_ in chunked),
                           sum(k * _level(factor[b], bins, b, H, W)[0] for b, *_, k in chunked),
@@ -672,7 +674,7 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
                 h, wd = _level(factor[b], bins, b, H, W)
                 slot_args.append((dict(**strided("g", g), **strided("p", p), gy=gys[b], pt=parts[b], C=co, h=h, w=wd,
                                        y=yi, yw=yw, Y=ytaps_n, R=rows, xt=xi, xw=xw, X=xtaps_n, **tail), flags))
-                ends.append(ends[-1] + k * triton.cdiv(N * h * wd, block_p) * triton.cdiv(co, block_c))
+                ends.append(ends[-1] + k * cdiv(N * h * wd, block_p) * cdiv(co, block_c))
             if ends[-1] > 0:
                 flat, consts = K.UP_ADJOINTS.pack(slot_args, ends)
                 _launch(_pinned(K.up_adjoints_kernel), (ends[-1],), N, *flat, **consts, ACT=act, F64=f64,
@@ -707,7 +709,7 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
             dp_slots.append((dict(gy=gys[b], **strided("p", p), d=dpres[b], C=co, h=h, w=wd, m=mean[b], v=var[b],
                                   eps=float(eps[b]), ga=scale[b] if scale[b] is not None else p, s=sums[b]),
                              K.DpreFlags(HAS_GAMMA=scale[b] is not None)))
-            dp_ends.append(dp_ends[-1] + triton.cdiv(N * h * wd, block_p) * triton.cdiv(co, block_c))
+            dp_ends.append(dp_ends[-1] + cdiv(N * h * wd, block_p) * cdiv(co, block_c))
         if dp_ends[-1] > 0:
             flat, consts = K.DPRES.pack(dp_slots, dp_ends)
             _launch(_pinned(K.dpres_kernel), (dp_ends[-1],), N, *flat, **consts, BLOCK_P=block_p, BLOCK_C=block_c)
@@ -787,7 +789,7 @@ def _dx(grad_out, x, x_off, slots, fmt, acc_dt):
         return dx
     g = grad_out[:, x_off:x_off + C] if x_off >= 0 else None
     block_c, block_p = _block_c(C), _block_p()
-    grid = (triton.cdiv(N * H * W, block_p), triton.cdiv(C, block_c))
+    grid = (cdiv(N * H * W, block_p), cdiv(C, block_c))
     chunks = [slots[i:i + K.MAX_SLOTS] for i in range(0, len(slots), K.MAX_SLOTS)] or [[]]
     for i, chunk in enumerate(chunks):
         last = i == len(chunks) - 1
@@ -851,7 +853,7 @@ block_tuned = {kind: triton.autotune(configs=_block_configs(kind), key=_BLOCK_KE
 
 def _tile_programs(N: int, h: int, w: int, co: int, halo: int, cfg: dict) -> int:
     """block_kernel's program count for one branch (K._tile_programs, on the host)."""
-    return N * triton.cdiv(h, cfg["RH"] - halo) * triton.cdiv(w, cfg["RW"] - halo) * triton.cdiv(co, cfg["BLOCK_N"])
+    return N * cdiv(h, cfg["RH"] - halo) * cdiv(w, cfg["RW"] - halo) * cdiv(co, cfg["BLOCK_N"])
 
 
 def _tile_slot(src, down, wk, ks, co, bias, scale, shift, out, c0, up, direct):
@@ -887,7 +889,7 @@ def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, a
     act = _ACT[activation]
     f64 = dt == torch.float64
     block_p, block_c = _block_p(), _block_c(C)
-    copy_programs = triton.cdiv(N * H * W, block_p) * triton.cdiv(C, block_c)
+    copy_programs = cdiv(N * H * W, block_p) * cdiv(C, block_c)
     B = len(weight)
     for first in range(0, B, K.MAX_SLOTS):
         chunk = list(range(first, min(B, first + K.MAX_SLOTS)))

@@ -85,6 +85,15 @@ def _build(kind: str, n_in: int, n_out: int, factor: int, align_corners: bool, d
     return _pack(fwd), _pack(adj), first
 
 
+def _tracing() -> bool:
+    """Whether a fake mode is active (torch.compile / export tracing): torch._guards.detect_fake_mode's
+    answer without its walk over inputs (it runs for every table a launcher asks for, dozens a call)."""
+    context = torch._guards.TracingContext.try_get()
+    if context is not None and context.fake_mode is not None:
+        return True
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
 _cache: Dict[tuple, tuple] = {}
 _lock = threading.Lock()
 
@@ -104,7 +113,7 @@ def axis_taps(kind: str, n_in: int, n_out: int, factor: int, align_corners: bool
         with _lock:
             _cache[key] = lists
     dev_key = key + (str(device),)
-    tracing = torch._guards.detect_fake_mode() is not None
+    tracing = _tracing()
     if not tracing:
         with _lock:
             hit = _cache.get(dev_key)
