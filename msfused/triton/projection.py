@@ -292,8 +292,8 @@ def _tiles(pixels: int, channels: int) -> Tuple[int, int, Tuple[int, int]]:
     """(BLOCK_P, BLOCK_C, grid) of the elementwise and gather kernels (the interpreter gets few, large
     tiles: it pays per operation, not per element)."""
     block_p = 1024 if launch.interpreting() else 64
-    block_c = max(4, min(64 if launch.interpreting() else 32, triton.next_power_of_2(max(channels, 1))))
-    return block_p, block_c, (triton.cdiv(pixels, block_p), triton.cdiv(channels, block_c))
+    block_c = launch._pow2(channels, 4, 64 if launch.interpreting() else 32)
+    return block_p, block_c, (cdiv(pixels, block_p), cdiv(channels, block_c))
 
 
 class _Norm:
@@ -388,9 +388,9 @@ def _gather(src: Tensor, dst: Tensor, ty: Tuple[Tensor, Tensor, int], tx: Tuple[
         return
     # and chunks enough for the partial pass's programs to fill the GPU (each chunk adds N * HD * WD pixels)
     block_p, block_c, _ = _tiles(N * HD * WD, CD)
-    fill = (triton.cdiv(launch._fill_programs(), triton.cdiv(CD, block_c)) - 1) * block_p // (N * HD * WD) + 1
-    rows = max(1, min(rows, triton.cdiv(ty[2], fill)))
-    chunks = triton.cdiv(ty[2], rows)
+    fill = (cdiv(launch._fill_programs(), cdiv(CD, block_c)) - 1) * block_p // (N * HD * WD) + 1
+    rows = max(1, min(rows, cdiv(ty[2], fill)))
+    chunks = cdiv(ty[2], rows)
     part = launch._empty((N, CD, chunks * HD, WD), launch._acc_dtype(dst.dtype), dst.device, launch._fmt(dst))
     _gather_launch(src, part, ty, tx, HD, rows, ks, p, False)
     sums = stacked_taps(HD, chunks, 0, dst.dtype, dst.device)
