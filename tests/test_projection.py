@@ -410,7 +410,7 @@ def test_triton_split_gathers_match_naive(case, _triton, monkeypatch):
 
 # The projection's batch statistics in Triton: project_epilogue_kernel's per-tile partial (mean, M2) of the stored
 # pre-activation, combined in tile order by the block's stats_combine_kernel (no torch op reads the full-size
-# pre-activation). Tiles shrunk to 16 pixels and 4 channels so that maps this small span many tiles (the last
+# pre-activation). Tiles shrunk to 64 pixels and 4 channels so that maps this small span several tiles (the last
 # one partial) and channel blocks.
 STATS_CASES = [
     # N = 2 with bin-1 levels, odd sizes, channels_last, per-tap and direct parts, float64
@@ -427,7 +427,7 @@ STATS_CASES = [
 def _small_tiles(monkeypatch):
     from msfused.triton import projection
 
-    monkeypatch.setattr(projection, "_tiles", lambda px, c: (32, 4, (-(-px // 32), -(-c // 4))))
+    monkeypatch.setattr(projection, "_tiles", lambda px, c: (64, 4, (-(-px // 64), -(-c // 4))))
 
 
 class _WatchReductions(TorchDispatchMode):
