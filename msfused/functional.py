@@ -145,39 +145,65 @@ class ParamCache:
 PARAM_CACHE = ParamCache()
 
 
-def _fold_norm(conv: nn.Module, norm: nn.Module) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """An eval-mode norm with running statistics after ``conv`` as ``y = conv' * scale + shift`` with
-    ``conv' = conv - running_mean``: the running mean is folded into the conv's bias (``bias - running_mean``,
-    a bias even where the conv has none), ``scale = weight * rsqrt(running_var + eps)`` and ``shift = bias``
-    of the norm (differentiable in the conv's bias and the norm's weight and bias). Centred in the bias, not
-    in the shift (``shift - running_mean * scale``): the norm weight's gradient is then the operator's
-    ``sum(dY * (conv - running_mean)) * rsqrt(...)`` as ATen's batch_norm backward computes it, rather than
-    ``(sum(dY * conv) - running_mean * sum(dY)) * rsqrt(...)``, a difference of two rounded sums that cancel
-    where the conv's values sit near the running mean (float32 then misses SPEC.md's 1e-5 by far). The norm
-    part in float32 at least: half-precision buffers would round the fold twice; the bias in the conv's dtype."""
+def _fold_norm(conv: nn.Module, norm: nn.Module, half: bool = False
+               ) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """An eval-mode norm with running statistics after ``conv`` as ``y = conv' * scale + shift``, with
+    ``scale = weight * rsqrt(running_var + eps)`` (differentiable in the conv's bias and the norm's weight and
+    bias). Where the running mean goes depends on the precision the convolution's output is stored in:
+
+    * float32 / float64: into the conv's bias, ``conv' = conv - running_mean`` (a bias even where the conv has
+      none), ``shift = bias`` of the norm. The norm weight's gradient is then the operator's
+      ``sum(dY * (conv - running_mean)) * rsqrt(...)`` as ATen's batch_norm backward computes it, rather than
+      ``(sum(dY * conv) - running_mean * sum(dY)) * rsqrt(...)``, a difference of two rounded sums that cancel
+      where the conv's values sit near the running mean (float32 then misses SPEC.md's 1e-5 by far).
+    * half precision (``half``: bfloat16 / float16 convolutions, autocast included): into the shift,
+      ``shift = bias - running_mean * scale``, the conv's own bias kept. The stored conv output is then the
+      value the naive module's norm reads, rounded as its is: centred first, it would carry a half-precision
+      rounding of ``conv - running_mean``, up to several times the naive one's where the running mean is large
+      beside the conv's values (seen as 2-3x the naive error of the norm weight's gradient under CPU autocast).
+      The two sums' difference is taken from double-precision sums, far below half precision's rounding.
+
+    The norm part in float32 at least: half-precision buffers would round the fold twice; the bias in the
+    conv's dtype."""
     wide = lambda t: t.float() if t.dtype in (torch.float16, torch.bfloat16) else t  # noqa: E731
     scale = torch.rsqrt(wide(norm.running_var) + norm.eps)
     if norm.weight is not None:
         scale = scale * wide(norm.weight)
     shift = wide(norm.bias) if norm.bias is not None else torch.zeros_like(scale)
     centre = wide(norm.running_mean)
+    if half:
+        return conv.bias, scale, shift - centre * scale
     bias = -centre if conv.bias is None else wide(conv.bias) - centre
     return bias.to(conv.weight.dtype), scale, shift
 
 
-def _norm_epilogue(conv: nn.Module, norm: nn.Module) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor],
-                                                                Optional[torch.Tensor], bool, float]:
+def _norm_epilogue(conv: nn.Module, norm: nn.Module, half: bool = False
+                   ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], bool, float]:
     """(bias, scale, shift, batch_stats, eps) for the kernels' conv and epilogue, as ``conv`` followed by
-    ``norm.forward`` would compute: the conv's own bias, except for an eval-mode norm (``_fold_norm``)."""
+    ``norm.forward`` would compute: the conv's own bias, except for an eval-mode norm (``_fold_norm``; ``half``:
+    the convolution runs in half precision, ``_half_precision``)."""
     if not isinstance(norm, _BatchNorm):  # nn.Identity (unfusable_reason vetted the rest)
         return conv.bias, None, None, False, 0.0
     batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
     if batch_stats:
         return conv.bias, norm.weight, norm.bias, True, float(norm.eps)
     tensors = (norm.running_mean, norm.running_var, norm.weight, norm.bias, conv.bias)
-    bias, scale, shift = PARAM_CACHE.get(norm, "fold", tensors, (float(norm.eps), conv.weight.dtype),
-                                         lambda: _fold_norm(conv, norm))
+    bias, scale, shift = PARAM_CACHE.get(norm, "fold", tensors, (float(norm.eps), conv.weight.dtype, bool(half)),
+                                         lambda: _fold_norm(conv, norm, half))
     return bias, scale, shift, False, float(norm.eps)
+
+
+def _half_precision(x: torch.Tensor) -> bool:
+    """Whether the block's convolutions run in half precision on ``x``: x itself in bfloat16 / float16, or
+    autocast on x's device to one of them."""
+    halves = (torch.float16, torch.bfloat16)
+    if x.dtype in halves:
+        return True
+    device = x.device.type
+    try:
+        return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in halves
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return False
 
 
 def _update_running_stats(norm: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
@@ -233,9 +259,10 @@ def _branch_args(x: torch.Tensor, spec: BlockSpec, branches) -> tuple:
     batch_stats: List[bool] = []
     eps: List[float] = []
     N, _, H, W = x.shape
+    half = _half_precision(x)
     for i, branch in enumerate(branches):
         weight.append(branch.conv.weight)
-        b, s, t, stats, e = _norm_epilogue(branch.conv, branch.norm)
+        b, s, t, stats, e = _norm_epilogue(branch.conv, branch.norm, half)
         if stats:
             h, w = spec.branches[i].level_size(H, W)
             _check_batch_values(branch.norm, N * h * w, [N, spec.branches[i].out_channels, h, w],
@@ -286,7 +313,7 @@ def _fused_project_forward(x: torch.Tensor, spec: BlockSpec, branches, project, 
         op = torch.ops.msfused.multi_scale_project_forward_triton
     else:  # the C++ operator: looked up only here, so that 'triton' runs without the extension
         op = torch.ops.msfused.multi_scale_project_forward
-    p_bias, p_scale, p_shift, p_stats, p_eps = _norm_epilogue(project.conv, project.norm)
+    p_bias, p_scale, p_shift, p_stats, p_eps = _norm_epilogue(project.conv, project.norm, _half_precision(x))
     N, _, H, W = x.shape
     if p_stats:
         _check_batch_values(project.norm, N * H * W, [N, spec.project.out_channels, H, W], "project.norm")

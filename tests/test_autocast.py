@@ -200,3 +200,49 @@ def test_upsample_float32_rule_comes_from_the_dispatcher():
     assert functional._autocast_output_dtype(x, spec, torch.bfloat16) == torch.bfloat16  # CPU
     full = msfused.MultiScaleBlock(4, 2, scales=(1,), input_position=None).spec
     assert functional._autocast_output_dtype(x, full, torch.bfloat16) == torch.bfloat16
+
+
+def test_eval_norm_fold_in_half_precision_keeps_the_conv_output_uncentred(monkeypatch):
+    """An eval-mode norm's running mean goes into the epilogue's shift, not the conv's bias, where the
+    convolutions run in half precision (autocast, or a bfloat16 block): the conv output the operator stores
+    (and its backward reads) is then what the naive norm reads, rounded as its is. Centred in the conv's bias,
+    it would carry a bfloat16 rounding of ``conv - running_mean``: with a running mean large beside the conv's
+    values that is several times the naive rounding (seen as 2-3x the naive error of the norm weight's gradient,
+    test_autocast_matches_naive on some seeds). float32 keeps the centred fold (test_forward_backward's
+    cancelling case)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    halves = []
+    fold = functional._fold_norm
+    monkeypatch.setattr(functional, "_fold_norm", lambda conv, norm, half=False: halves.append(half) or
+                        fold(conv, norm, half))
+
+    class StoredConvOutputs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            if func is torch.ops.msfused.multi_scale_forward.default:
+                self.pre = result[2]
+            return result
+
+    naive, fused = build_pair("psp", 8, dict(bins=(1, 2), activation="silu", input_position=None), torch.float32)
+    for module in (naive, fused):
+        for branch in module.branches:
+            branch.norm.running_mean.fill_(4.0)
+    naive.eval(), fused.eval()
+    convs = [[] for _ in naive.branches]
+    for branch, seen in zip(naive.branches, convs):
+        branch.conv.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.detach().float()))
+    x = make_input((4, 8, 9, 10), torch.float32, "contiguous")
+    functional.PARAM_CACHE.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        naive(x)
+        with msfused.use_backend("cpu"), StoredConvOutputs() as stored:
+            fused(x)
+    assert halves and all(halves)
+    for b, seen in enumerate(convs):
+        # the same conv output but for the roundings of the level (x rounded before or after the pooling)
+        assert torch.allclose(stored.pre[b].float(), seen[0], atol=0.02), b
+    halves.clear()
+    functional.PARAM_CACHE.clear()
+    fused(x)  # float32: the centred fold
+    assert halves and not any(halves)

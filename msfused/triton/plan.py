@@ -289,7 +289,8 @@ def _call_args(module):
     biases, each norm's (scale, shift, batch statistics or not, eps), the block's configuration."""
     from ..functional import _norm_epilogue
 
-    norms = [_norm_epilogue(branch.conv, branch.norm) for branch in module.branches]
+    half = next(module.parameters()).dtype in (torch.float16, torch.bfloat16)  # as _half_precision on x
+    norms = [_norm_epilogue(branch.conv, branch.norm, half) for branch in module.branches]
     weight = [branch.conv.weight for branch in module.branches]
     bias, scale, shift, stats, eps = (list(v) for v in zip(*norms))
     return weight, bias, scale, shift, stats, eps, module.spec.op_args()
@@ -373,7 +374,8 @@ def _record_projection(rec: Recorder, module, x: torch.Tensor, mode: str) -> Non
     from . import projection
 
     weight, bias, scale, shift, stats, eps, args = _call_args(module)
-    p_bias, p_scale, p_shift, p_stats, p_eps = _norm_epilogue(module.project.conv, module.project.norm)
+    half = module.project.conv.weight.dtype in (torch.float16, torch.bfloat16)  # as _half_precision on x
+    p_bias, p_scale, p_shift, p_stats, p_eps = _norm_epilogue(module.project.conv, module.project.norm, half)
     p_act = module.spec.project.op_args()["project_activation"]
     pw = module.project.conv.weight
     train = mode == "train"
