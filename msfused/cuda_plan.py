@@ -236,14 +236,9 @@ def plan_block(module, x_shape, dtype: torch.dtype = torch.float32, mode: str = 
 def plan_workload(name: str, mode: str = "inference", dtype: torch.dtype = torch.float32, device: str = "H100",
                   n: Optional[int] = None):
     """The CUDA backend's plan of one call of a WORKLOADS.md workload at its full batch size (or ``n``)."""
-    from .bench.workloads import WORKLOADS
+    from .triton import plan
 
-    w = WORKLOADS[name]
-    n = w.n if n is None else n
-    with torch.device("meta"):
-        module = w.fused_class(w.channels, **w.config)
-    return plan_block(module, w.input_shape(n), dtype, mode, device,
-                      title=f"{name} N={n} {mode} {str(dtype).replace('torch.', '')} (backend cuda)")
+    return plan.plan_workload(name, mode, dtype, device, n, planner=plan_block, backend="cuda")
 
 
 def survey(workloads: Optional[Sequence[str]] = None, modes=("inference", "train"),

@@ -393,16 +393,17 @@ def _record_projection(rec: Recorder, module, x: torch.Tensor, mode: str) -> Non
 
 
 def plan_workload(name: str, mode: str = "inference", dtype: torch.dtype = torch.float32, device: str = "H100",
-                  n: Optional[int] = None) -> Plan:
-    """The plan of one call of a WORKLOADS.md workload at its full batch size (or ``n``)."""
+                  n: Optional[int] = None, planner: Optional[Callable] = None, backend: str = "") -> Plan:
+    """The plan of one call of a WORKLOADS.md workload at its full batch size (or ``n``), by ``planner`` (a
+    ``plan_block`` of the same signature; default the Triton one), titled with ``backend`` where given."""
     from ..bench.workloads import WORKLOADS
 
     w = WORKLOADS[name]
     n = w.n if n is None else n
     with torch.device("meta"):
         module = w.fused_class(w.channels, **w.config)
-    return plan_block(module, w.input_shape(n), dtype, mode, device,
-                      title=f"{name} N={n} {mode} {str(dtype).replace('torch.', '')}")
+    title = f"{name} N={n} {mode} {str(dtype).replace('torch.', '')}" + (f" (backend {backend})" if backend else "")
+    return (planner or plan_block)(module, w.input_shape(n), dtype, mode, device, title=title)
 
 
 def as_dict(plan: Plan) -> dict:
