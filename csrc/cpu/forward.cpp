@@ -300,8 +300,8 @@ void epilogue_and_up(const BlockPlan& plan, const std::vector<BranchTaps<at::opm
             for (int64_t g = 0; g < G; ++g)
               ls[g] = static_cast<T>(static_cast<scalar_t>(activate<T>(A, alpha[c0 + g] * static_cast<T>(cs[g]) + beta[c0 + g])));
           }
-        const bool finite = std::all_of(level.begin(), level.begin() + G, [](T v) { return std::isfinite(v); });
-        if (h == 1 && w == 1 && finite) {
+        if (h == 1 && w == 1 &&
+            std::all_of(level.begin(), level.begin() + G, [](T v) { return std::isfinite(v); })) {
           // A 1x1 level (image pooling) resizes to its value everywhere: every mode's weights sum to 1. The
           // plain fill is what a write-bound pass can do (ATen's blend of equal taps differs by an ulp; for
           // an Inf, its zero weights make NaN, so those take the blend below).
