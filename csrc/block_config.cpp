@@ -143,4 +143,11 @@ void check_parameters(const at::Tensor& x, at::TensorList weight, const Optional
     }
 }
 
+bool pooled_only(c10::IntArrayRef factor, c10::IntArrayRef bins, std::string_view input_position) {
+  if (input_position != "none" || factor.empty() || bins.size() < 2 * factor.size()) return false;
+  for (size_t b = 0; b < factor.size(); ++b)
+    if (factor[b] != 0 || bins[2 * b] != 1 || bins[2 * b + 1] != 1) return false;
+  return true;
+}
+
 }  // namespace msfused

@@ -57,6 +57,11 @@ void check_backward_args(const BlockPlan& plan, const at::Tensor& grad_out, at::
 void check_parameters(const at::Tensor& x, at::TensorList weight, const OptionalTensorList& bias,
                       const OptionalTensorList& scale, const OptionalTensorList& shift);
 
+// True when every branch pools x to 1x1 (bins (1, 1)) and x is not part of the output: image pooling.
+// Such a block factorises as x's spatial mean, the block on that 1x1 level, and a broadcast back up,
+// so its backward can run on the 1x1 problem (autograd/).
+bool pooled_only(c10::IntArrayRef factor, c10::IntArrayRef bins, std::string_view input_position);
+
 // The dtype batch statistics and fp32-accumulated per-channel values are kept in.
 inline at::ScalarType stats_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;

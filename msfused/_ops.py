@@ -142,6 +142,15 @@ def _level_size(factor: int, bins: List[int], b: int, H, W):
     return bins[2 * b], bins[2 * b + 1]
 
 
+def pooled_only(factor, bins, input_position: str) -> bool:
+    """True when every branch pools ``x`` to 1x1 (bins (1, 1)) and ``x`` is not part of the output: image
+    pooling. Such a block is ``x``'s spatial mean, the block on that 1x1 level and a broadcast back up, so
+    autograd runs its backward on the 1x1 problem and gives ``x`` a broadcast view of the level's gradient
+    (as ATen's ``mean`` does). The C++ autograd's ``pooled_only`` (csrc/block_config.h) is the same rule."""
+    return input_position == "none" and len(factor) > 0 and all(
+        f == 0 and bins[2 * b] == 1 and bins[2 * b + 1] == 1 for b, f in enumerate(factor))
+
+
 def multi_scale_forward_fake(
     x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
     activation, input_position,

@@ -5,7 +5,8 @@ tensor the kernels allocate starts as NaN, so an element they forget to write fa
 * the levels pass sums rows of ``x`` in register blocks of 64, 32 and 16 elements and then one at a time
   (widths that use every block and a tail), pooling windows as a sum scaled once, other resizes weighted;
 * the up-resize expands each level row to the full width and blends two of them per output row;
-* image pooling alone (every branch pools to 1x1, x not in the output) takes its levels from one mean of x;
+* image pooling alone (every branch pools to 1x1, x not in the output) takes its levels from one mean of x,
+  and its backward runs on the 1x1 level, x's gradient a broadcast view;
 * a 1x1 convolution (float32 / float64) runs as a GEMM, in either memory format;
 * the convolution backward runs over chunks of the batch when a branch's conv-output gradient is large (without
   batch statistics, each chunk's gradient is made for the chunk alone: the whole one never exists);
@@ -113,7 +114,26 @@ def test_chunked_conv_backward(case):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-@pytest.mark.parametrize("name", ["stem_pyramid", "pyramid_wide", "pyramid_seed"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_image_pooling_gradient_is_a_broadcast(layout):
+    """Image pooling (every level 1x1, x not in the output): x's gradient comes back as a broadcast view of
+    the level's gradient, as ATen's mean gives it, so no full-size tensor is made inside the block's
+    backward; a leaf's .grad is still a dense tensor in x's memory format."""
+    case = Case("psp", dict(bins=(1, 1), branch_channels=(3, 2), norm="batch", input_position=None), (2, 5, 9, 7),
+                torch.float64, layout=layout, train=True)
+    naive, fused = build_case(case)
+    x = make_input(case.shape, case.dtype, case.layout).requires_grad_(True)
+    g = torch.randn(2, 5, 9, 7, dtype=case.dtype)
+    (gx,) = torch.autograd.grad(fused(x), [x], g)
+    assert gx.stride()[2:] == (0, 0)
+    (ref,) = torch.autograd.grad(naive(x), [x], g)
+    torch.testing.assert_close(gx, ref, rtol=1e-10, atol=1e-12)
+    fused(x).backward(g)
+    assert x.grad.stride() == x.stride()
+    torch.testing.assert_close(x.grad, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["stem_pyramid", "pyramid_wide", "pyramid_seed", "aspp_pool"])
 def test_training_peak_memory_at_most_naive(name):
     """The bench's peak-memory figure of one training step (CPU workload batch): fused <= naive."""
     built = workloads.build(workloads.WORKLOADS[name])

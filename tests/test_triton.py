@@ -75,6 +75,13 @@ BINS_CASES = [
     Case("psp", dict(bins=(1, 2, 3, 6), bias=(True, False, False, False), norm=(None, "batch", "batch", "batch"),
                      align_corners=True, input_position="last", branch_channels=3), (3, 5, 12, 12), torch.float32,
          train=True, steps=2, label="tr_psp_smp"),
+    # Image pooling (every level 1x1, x not in the output): backward on the 1x1 level, x's gradient a
+    # broadcast view of it.
+    Case("psp", dict(bins=(1, 1), branch_channels=(3, 2), kernel_size=(3, 1), norm="batch", activation="silu",
+                     up_mode="nearest", input_position=None), (2, 5, 9, 7), layout="channels_last", train=True,
+         label="tr_image_pool"),
+    Case("psp", dict(bins=(1,), align_corners=True, bias=True, input_position=None), (3, 4, 6, 11), torch.float32,
+         label="tr_image_pool"),
 ]
 
 
