@@ -77,6 +77,17 @@ def test_built_modules_share_weights_and_agree() -> None:
         assert runner.relative_error(built.fused(built.x), built.naive(built.x)) < 1e-5
 
 
+def test_memory_rates_are_the_best_over_buffer_sizes(monkeypatch) -> None:
+    """The read and write rates: the best over the CPU's buffer sizes (a cache holding a workload-sized
+    buffer makes it faster than the largest one; a floor must not be beaten), one timing per size."""
+    monkeypatch.setitem(floor._MEMORY_BYTES, "cpu", (2**20, 4 * 2**20))
+    for measure in (floor.measure_read_gbps, floor.measure_write_gbps):
+        times = [0.1, 0.2]  # ms: the 4 MiB buffer moves twice the bytes per ms of the 1 MiB one
+        monkeypatch.setattr(floor, "median_ms", lambda fn, device, warmup, reps: times.pop(0))
+        assert measure("cpu") == pytest.approx(4 * 2**20 / 0.2e-3 / 1e9)
+        assert times == []
+
+
 def test_floor_counts_psp_small_by_hand() -> None:
     w = workloads.WORKLOADS["psp_small"]  # N=8, C=64, 32x32, bins 1,2,3,6 to 16 channels, BN, input first
     x = 8 * 64 * 32 * 32 * 4
@@ -189,12 +200,15 @@ def test_compile_failure_is_one_readable_line() -> None:
 
 
 def test_implementations_are_timed_interleaved() -> None:
-    """One call of each implementation in turn, every repetition (a change in load hits them alike)."""
+    """One call of each implementation in turn, every repetition (a change in load hits them alike), the
+    turn starting one implementation later each round (each follows every other equally often)."""
     calls = []
     fns = [lambda name=name: calls.append(name) for name in ("naive", "compiled", "cpu")]
-    times = timing.time_interleaved(fns, "cpu", reps=3)
-    assert calls == ["naive", "compiled", "cpu"] * 3
-    assert [len(t) for t in times] == [3, 3, 3]
+    times = timing.time_interleaved(fns, "cpu", reps=4)
+    assert calls == ["naive", "compiled", "cpu", "compiled", "cpu", "naive", "cpu", "naive", "compiled",
+                     "naive", "compiled", "cpu"]
+    assert [len(t) for t in times] == [4, 4, 4]
+    assert timing.round_order(1, 5) == [0] and timing.round_order(0, 2) == []
 
 
 def test_batch_size_per_workload(capsys) -> None:

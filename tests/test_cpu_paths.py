@@ -5,7 +5,8 @@ tensor the kernels allocate starts as NaN, so an element they forget to write fa
 * the levels pass sums rows of ``x`` in register blocks of 64, 32 and 16 elements and then one at a time
   (widths that use every block and a tail), pooling windows as a sum scaled once, other resizes weighted;
 * the up-resize expands each level row to the full width and blends two of them per output row;
-* image pooling alone (every branch pools to 1x1, x not in the output) takes its levels from one mean of x,
+* image pooling alone (every branch pools to 1x1, x not in the output) takes its levels from one mean of x
+  (AVX-512 plane sums for contiguous float32 where ATen dispatches at AVX-512),
   and its backward runs on the 1x1 level, x's gradient a broadcast view;
 * a 1x1 convolution (float32 / float64) runs as a GEMM, in either memory format;
 * the convolution backward runs over chunks of the batch when a branch's conv-output gradient is large (without
@@ -56,6 +57,11 @@ POOL_CASES = [
          layout=layout, label="image_pool")
     for dtype, layout, ac in ((torch.float32, "contiguous", False), (torch.float64, "channels_last", True),
                               (torch.float32, "transposed", False))
+] + [
+    # A contiguous float32 map of 37 x 41 = 1517 values: the AVX-512 plane means' 1024-value chunk, then
+    # 64-value steps, 16-value steps and a scalar tail (ATen's mean where the CPU lacks AVX-512).
+    Case("psp", dict(bins=(1,), input_position=None, norm="batch"), (3, 5, 37, 41), torch.float32, train=True,
+         label="image_pool"),
 ] + [
     # Several image-pooling branches (one mean of x for all); a 1x1 convolution with bias as a GEMM in both
     # formats, at the level and at full resolution (factor 1).

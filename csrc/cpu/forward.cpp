@@ -18,6 +18,11 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/var_mean.h>
 #include <ATen/ops/where.h>
+#include <ATen/Version.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstring>
@@ -397,6 +402,67 @@ void identity_epilogue_from_channels_last(const BlockPlan& plan, const BranchPla
   });
 }
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MSFUSED_PLANE_MEANS_AVX512 1
+// The mean of each of `count` contiguous float32 planes of L elements, from plane `first` on: four 16-lane
+// accumulators over chunks of 1024 elements, each chunk's total added in double (no error growth with L).
+// 512-bit loads: for an x that comes from memory rather than L2, ATen's sum (its AVX2 kernel) measured about
+// 20% slower here (aspp_pool's 2 x 2048 x 64 x 64, 2 threads: 2.27 against 1.83 ms; torch.compile's
+// AVX-512 loop 2.19).
+__attribute__((target("avx512f"))) void plane_means_avx512(const float* x, int64_t first, int64_t count,
+                                                            int64_t L, float* out) {
+  constexpr int64_t kChunk = 1024;
+  for (int64_t r = first; r < first + count; ++r) {
+    const float* p = x + r * L;
+    double total = 0;
+    for (int64_t c0 = 0; c0 < L; c0 += kChunk) {
+      const int64_t c1 = std::min(L, c0 + kChunk);
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+      int64_t k = c0;
+      for (; k + 64 <= c1; k += 64) {
+        a0 = _mm512_add_ps(a0, _mm512_loadu_ps(p + k));
+        a1 = _mm512_add_ps(a1, _mm512_loadu_ps(p + k + 16));
+        a2 = _mm512_add_ps(a2, _mm512_loadu_ps(p + k + 32));
+        a3 = _mm512_add_ps(a3, _mm512_loadu_ps(p + k + 48));
+      }
+      for (; k + 16 <= c1; k += 16) a0 = _mm512_add_ps(a0, _mm512_loadu_ps(p + k));
+      float chunk = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+      for (; k < c1; ++k) chunk += p[k];
+      total += chunk;
+    }
+    out[r] = static_cast<float>(total / static_cast<double>(L));
+  }
+}
+#endif
+
+#ifdef MSFUSED_PLANE_MEANS_AVX512
+// Whether ATen dispatches its own kernels at AVX-512 (the CPU has it, and ATEN_CPU_CAPABILITY does not lower it).
+bool avx512_dispatch() {
+  static const bool yes = at::get_cpu_capability() == "AVX512";
+  return yes;
+}
+#endif
+
+// x's mean over the map, (N, C, 1, 1) in `fmt`: the image-pooling levels. ATen's mean, except for a
+// contiguous float32 x where ATen dispatches at AVX-512, which takes plane_means_avx512.
+Tensor image_pooling_level(const Tensor& x, at::MemoryFormat fmt) {
+#ifdef MSFUSED_PLANE_MEANS_AVX512
+  const int64_t L = x.size(2) * x.size(3);
+  if (x.scalar_type() == at::kFloat && x.is_contiguous() && L > 0 &&
+      avx512_dispatch()) {
+    Tensor level = at::empty({x.size(0), x.size(1), 1, 1}, x.options());
+    const float* px = x.const_data_ptr<float>();
+    float* pl = level.data_ptr<float>();
+    constexpr int64_t kGrainElements = 1 << 15;  // at least 128 KB of x per task
+    at::parallel_for(0, x.size(0) * x.size(1), std::max<int64_t>(1, kGrainElements / L), [&](int64_t b, int64_t e) {
+      plane_means_avx512(px, b, e - b, L, pl);
+    });
+    return level.contiguous(fmt);
+  }
+#endif
+  return at::mean(x, {2, 3}, /*keepdim=*/true).contiguous(fmt);
+}
+
 // Image pooling alone: every branch pools x to 1x1 (bins), and x is not part of the output.
 bool only_image_pooling(const BlockPlan& plan) {
   return plan.x_offset < 0 && std::all_of(plan.branches.begin(), plan.branches.end(), [](const BranchPlan& b) {
@@ -501,8 +567,8 @@ ForwardResult multi_scale_forward_cpu(const Tensor& x_in, at::TensorList weight,
   }
   if (only_image_pooling(plan)) {
     // Each level is the mean over the map, which is what the reference's adaptive_avg_pool2d computes for
-    // 1x1: ATen's one vectorised, parallel read of x (the levels pass would read x for nothing else).
-    const Tensor pooled = at::mean(x, {2, 3}, /*keepdim=*/true).contiguous(fmt);
+    // 1x1: one vectorised, parallel read of x (the levels pass would read x for nothing else).
+    const Tensor pooled = image_pooling_level(x, fmt);
     for (size_t b = 0; b < B; ++b) level[b] = b == 0 ? pooled : pooled.clone();  // outputs never alias
   } else {
     dispatch_levels_and_copy(plan, x, out, level, cl);

@@ -72,8 +72,10 @@ def time_interleaved(
 ) -> List[List[float]]:
     """Milliseconds of ``reps`` timed calls of each of ``fns`` (already warmed up), one call of each in
     turn, so that a change in the machine's load (another process taking a core) hits every function
-    alike instead of the one that happened to run then. ``contexts[i]()`` is entered around each call of
-    ``fns[i]``, outside the timed region. Garbage collection is paused while timing."""
+    alike instead of the one that happened to run then. The turn starts one function later each round
+    (:func:`round_order`): what ran just before a call (the caches and the allocator it leaves) is then the
+    same mix for every function, not always its fixed predecessor. ``contexts[i]()`` is entered around
+    each call of ``fns[i]``, outside the timed region. Garbage collection is paused while timing."""
     device = torch.device(device)
     contexts = contexts or [contextlib.nullcontext] * len(fns)
     times: List[List[float]] = [[] for _ in fns]
@@ -84,16 +86,23 @@ def time_interleaved(
         if device.type == "cuda":
             _time_cuda(fns, contexts, device, reps, times)
         else:
-            for _ in range(reps):
-                for fn, context, out in zip(fns, contexts, times):
-                    with context():
+            for r in range(reps):
+                for i in round_order(len(fns), r):
+                    with contexts[i]():
                         start = time.perf_counter()
-                        fn()
-                        out.append((time.perf_counter() - start) * 1e3)
+                        fns[i]()
+                        times[i].append((time.perf_counter() - start) * 1e3)
     finally:
         if gc_was_enabled:
             gc.enable()
     return times
+
+
+def round_order(count: int, round_index: int) -> List[int]:
+    """The order of the functions in round ``round_index``: all of them, starting ``round_index`` places
+    on (0, 1, 2; then 1, 2, 0; then 2, 0, 1; ...)."""
+    start = round_index % count if count else 0
+    return list(range(start, count)) + list(range(start))
 
 
 def time_calls(fn: Callable[[], Any], device: Union[str, torch.device], reps: int) -> List[float]:
@@ -110,13 +119,13 @@ def _time_cuda(fns, contexts, device: torch.device, reps: int, times: List[List[
     with torch.cuda.device(device):
         synchronize(device)
         for r in range(reps):
-            for fn, context, pairs in zip(fns, contexts, events):
-                with context():
+            for i in round_order(len(fns), r):
+                with contexts[i]():
                     flush.zero_()  # a cold L2 for every call
                     synchronize(device)  # from an idle device: the events span the call's host work too
-                    start, end = pairs[r]
+                    start, end = events[i][r]
                     start.record()
-                    fn()
+                    fns[i]()
                     end.record()
         synchronize(device)
     for out, pairs in zip(times, events):
