@@ -83,7 +83,7 @@ def test_memory_rates_are_the_best_over_buffer_sizes(monkeypatch) -> None:
     monkeypatch.setitem(floor._MEMORY_BYTES, "cpu", (2**20, 4 * 2**20))
     for measure in (floor.measure_read_gbps, floor.measure_write_gbps):
         times = [0.1, 0.2]  # ms: the 4 MiB buffer moves twice the bytes per ms of the 1 MiB one
-        monkeypatch.setattr(floor, "median_ms", lambda fn, device, warmup, reps: times.pop(0))
+        monkeypatch.setattr(floor, "best_ms", lambda fn, device, warmup, reps: times.pop(0))
         assert measure("cpu") == pytest.approx(4 * 2**20 / 0.2e-3 / 1e9)
         assert times == []
 

@@ -151,6 +151,24 @@ def pooled_only(factor, bins, input_position: str) -> bool:
         f == 0 and bins[2 * b] == 1 and bins[2 * b + 1] == 1 for b, f in enumerate(factor))
 
 
+def level_backward_inputs(grad_out, x, level, factor, bins, input_position):
+    """``(grad_out, x)`` for ``multi_scale_backward`` as autograd calls it: for an image-pooling block
+    (:func:`pooled_only`) the upstream gradient summed over the map and the (first) 1x1 level in place of
+    ``x``, so the operator works on the 1x1 problem; unchanged otherwise. Finish with
+    :func:`level_backward_grad_x`."""
+    if not pooled_only(factor, bins, input_position):
+        return grad_out, x
+    return grad_out.sum((2, 3), keepdim=True), level[0]
+
+
+def level_backward_grad_x(grad_x, x, factor, bins, input_position):
+    """``x``'s gradient from the operator's result after :func:`level_backward_inputs`: for image pooling the
+    level's gradient spread over the map (divided by its size) as a broadcast view of ``x``'s shape."""
+    if not pooled_only(factor, bins, input_position):
+        return grad_x
+    return grad_x.div_(x.shape[2] * x.shape[3]).expand(x.shape)
+
+
 def multi_scale_forward_fake(
     x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
     activation, input_position,

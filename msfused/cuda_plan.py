@@ -187,6 +187,7 @@ def plan_block(module, x_shape, dtype: torch.dtype = torch.float32, mode: str = 
     parameter-sized work outside the operators, the eval norm's folding and the running statistics' update,
     is not planned, as in the Triton plan). Returns a ``msfused.triton.plan.Plan`` (every figure an
     estimate)."""
+    from ._ops import level_backward_grad_x, level_backward_inputs
     from .functional import _norm_epilogue
     from .triton.plan import DEVICES, Plan, _call_args
 
@@ -222,8 +223,12 @@ def plan_block(module, x_shape, dtype: torch.dtype = torch.float32, mode: str = 
             recorder.flush()
             rec.stage = "backward"
             grad = torch.empty_like(out)
-            if project is None:
-                ops.multi_scale_backward(grad, x, weight, scale, shift, level, pre, mean, var, *config, [True, True])
+            if project is None:  # as autograd calls it (image pooling: on the 1x1 level)
+                block = (args["factor"], args["bins"], args["input_position"])
+                grad, op_x = level_backward_inputs(grad, x, level, *block)
+                grad_x = ops.multi_scale_backward(grad, op_x, weight, scale, shift, level, pre, mean, var, *config,
+                                                  [True, True])[0]
+                level_backward_grad_x(grad_x, x, *block)
             else:
                 ops.multi_scale_project_backward(grad, x, weight, scale, shift, level, pre, mean, var, *config, pw,
                                                  p_scale, p_shift, p_pre, p_mean, p_var, p_stats, p_eps, *pconf,

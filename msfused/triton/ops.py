@@ -134,14 +134,12 @@ def _backward(ctx, grad_out, _grad_level, _grad_pre, _grad_mean, _grad_var):
     output_mask = [bool(needs[0]), any(needs[1])]
     _batch_stats, _eps, factor, bins, _down, _up, _ac, _act, input_position = ctx.config
     # Image pooling: the backward on the 1x1 level, x's gradient a broadcast view (_ops.pooled_only).
-    on_level = output_mask[0] and _ops.pooled_only(factor, bins, input_position)
-    if on_level:
-        full_x, x, grad_out = x, level[0], grad_out.sum((2, 3), keepdim=True)
+    block = (factor, bins, input_position) if output_mask[0] else ((), (), "")
+    op_grad_out, op_x = _ops.level_backward_inputs(grad_out, x, level, *block)
     gx, gw, gb, gs, gt = torch.ops.msfused.multi_scale_backward_triton(
-        grad_out, x, weight, scale, shift, level, pre, mean, var, *ctx.config, output_mask
+        op_grad_out, op_x, weight, scale, shift, level, pre, mean, var, *ctx.config, output_mask
     )
-    if on_level:
-        gx = gx.div_(full_x.shape[2] * full_x.shape[3]).expand(full_x.shape)
+    gx = _ops.level_backward_grad_x(gx, x, *block)
     gw = [g if need else None for g, need in zip(gw, needs[1])]
     none_if_absent = lambda gs_, flags: [g if f else None for g, f in zip(gs_, flags)]  # noqa: E731
     return (gx if output_mask[0] else None, gw, none_if_absent(gb, has_bias), none_if_absent(gs, has_scale),

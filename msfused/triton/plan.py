@@ -34,6 +34,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .._ops import level_backward_grad_x, level_backward_inputs
+
 
 @dataclasses.dataclass(frozen=True)
 class Device:
@@ -355,8 +357,13 @@ def plan_block(module, x_shape, dtype: torch.dtype = torch.float32, mode: str = 
             rec.stage = "forward"
             out, level, pre, mean, var = launch.forward(x, weight, bias, scale, shift, stats, eps, **args)
             rec.stage = "backward"
-            launch.backward(torch.empty_like(out), x, weight, scale, shift, level, pre, mean, var, stats, eps,
-                            **args, output_mask=[True, True])
+            block = (args["factor"], args["bins"], args["input_position"])
+            with AtenRecorder(rec):  # the upstream gradient's sum where autograd takes the 1x1 problem
+                grad, op_x = level_backward_inputs(torch.empty_like(out), x, level, *block)
+            grad_x = launch.backward(grad, op_x, weight, scale, shift, level, pre, mean, var, stats, eps,
+                                     **args, output_mask=[True, True])[0]
+            with AtenRecorder(rec):
+                level_backward_grad_x(grad_x, x, *block)
     for lc in rec.launches:
         lc.estimate(dev)
     return Plan(title, dev, rec.launches)
