@@ -88,6 +88,18 @@ def test_memory_rates_are_the_best_over_buffer_sizes(monkeypatch) -> None:
         assert times == []
 
 
+def test_floor_counts_image_pooling_grad_x_as_a_broadcast() -> None:
+    """aspp_pool's training step writes x's gradient as a broadcast of N x C values (autograd's image-pooling
+    backward, as ATen's mean's), so the floor counts those, not a full map."""
+    w = workloads.WORKLOADS["aspp_pool"]  # C=2048, 64x64, bins 1 to 256 channels, BN, x not in the output
+    n, C, P = 2, 2048, 256
+    out = n * P * 64 * 64 * 4
+    params = (P * C + 2 * P) * 4  # conv weight, norm weight and bias
+    running_stats = 2 * P * 4 + 8
+    train = floor.count_work(w, n, "train", torch.float32)
+    assert train.write_bytes == out + n * C * 4 + params + running_stats
+
+
 def test_floor_counts_psp_small_by_hand() -> None:
     w = workloads.WORKLOADS["psp_small"]  # N=8, C=64, 32x32, bins 1,2,3,6 to 16 channels, BN, input first
     x = 8 * 64 * 32 * 32 * 4

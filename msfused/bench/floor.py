@@ -27,7 +27,9 @@ Counting rule (also in :func:`count_work`):
     running statistics); write the output.
   - training step (forward + backward, one function of ``x``, the parameters and the upstream gradient):
     read ``x``, the ``state_dict`` and the upstream gradient; write the output, ``grad x``, one gradient
-    per parameter, and the norms' updated running statistics.
+    per parameter, and the norms' updated running statistics. For image pooling alone (every branch a 1x1
+    level, ``x`` not in the output: ``aspp_pool``) ``grad x`` is one value per (n, c) spread over the map,
+    returned as a broadcast view as ATen's ``mean`` returns it, so it counts ``N * C`` elements.
 
 * FLOPs: the convolutions only, 2 per multiply-add: ``2 * N * Cb * C * k * k * h * w`` for a branch of
   ``Cb`` output channels at level ``h x w``. Pooling, resizing, norm and activation are a few operations
@@ -46,6 +48,7 @@ from typing import Iterator, Optional, Union
 
 import torch
 
+from .. import _ops
 from . import timing
 from .workloads import Workload
 
@@ -192,8 +195,11 @@ def count_work(workload: Workload, n: int, mode: str, dtype: torch.dtype) -> Wor
         if isinstance(m, torch.nn.BatchNorm2d) and m.track_running_stats
         for t in m.buffers()
     )
+    # grad x: for image pooling alone a broadcast of one value per (n, c) (_ops.pooled_only), as ATen's mean's
+    args = spec.op_args()
+    grad_x_bytes = N * C * element if _ops.pooled_only(args["factor"], args["bins"], args["input_position"]) else x_bytes
     reads = x_bytes + state_bytes + out_bytes  # x, state, upstream gradient (the output's shape)
-    writes = out_bytes + x_bytes + param_bytes + updated_buffer_bytes  # output, grad x, grads, running stats
+    writes = out_bytes + grad_x_bytes + param_bytes + updated_buffer_bytes  # output, grad x, grads, running stats
     return Work(reads, writes, 3 * flops)
 
 
