@@ -224,7 +224,8 @@ def _dot_of(dtype: torch.dtype) -> str:
 _CONVOLUTIONS = ("convolution", "convolution_backward")
 # Ops that move no data on the device: allocations and metadata.
 _NO_WORK = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias",
-            "lift_fresh", "lift_fresh_copy", "set_", "resize_", "_local_scalar_dense"}
+            "lift_fresh", "lift_fresh_copy", "set_", "resize_", "_local_scalar_dense",
+            "_unsafe_view"}  # (a view autograd does not track: reshape's result after its copy)
 
 
 class AtenRecorder(TorchDispatchMode):
