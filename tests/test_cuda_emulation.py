@@ -289,6 +289,10 @@ DRIVER = textwrap.dedent(
         case("ms14-f16", (2, 4, 12, 12), factors=(1, 4), dtype=torch.float16)
         case("ms12-bf16-stats", (4, 4, 10, 10), factors=(1, 2), dtype=torch.bfloat16, stats=True)
         case("nine-branches", (2, 2, 12, 12), factors=(1, 2, 3, 4, 1, 2, 3, 4, 6), k=1, cb=2, stats=True)
+        # Image pooling as autograd runs its backward (msfused._ops.pooled_only): the block on the 1x1 level
+        case("image-pool-on-1x1", (3, 5, 1, 1), bins=(1, 1), k=(3, 1), cb=(4, 2), pos="none", stats=True)
+        case("image-pool-on-1x1-cl-f32", (2, 6, 1, 1), bins=(1,), k=1, pos="none", cl=True, dtype=torch.float32,
+             act="silu")
         # torch.use_deterministic_algorithms: the weight gradient takes ATen's convolution backward
         # (cuBLAS is refused in that mode on a GPU without CUBLAS_WORKSPACE_CONFIG)
         torch.use_deterministic_algorithms(True)
