@@ -163,8 +163,9 @@ def level_backward_inputs(grad_out, x, level, factor, bins, input_position):
 
 def level_backward_grad_x(grad_x, x, factor, bins, input_position):
     """``x``'s gradient from the operator's result after :func:`level_backward_inputs`: for image pooling the
-    level's gradient spread over the map (divided by its size) as a broadcast view of ``x``'s shape."""
-    if not pooled_only(factor, bins, input_position):
+    level's gradient spread over the map (divided by its size) as a broadcast view of ``x``'s shape (the
+    empty tensor it is where the operator was not asked for it)."""
+    if not pooled_only(factor, bins, input_position) or grad_x.numel() == 0:
         return grad_x
     return grad_x.div_(x.shape[2] * x.shape[3]).expand(x.shape)
 

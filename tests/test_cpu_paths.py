@@ -137,6 +137,12 @@ def test_image_pooling_gradient_is_a_broadcast(layout):
     fused(x).backward(g)
     assert x.grad.stride() == x.stride()
     torch.testing.assert_close(x.grad, ref, rtol=1e-10, atol=1e-12)
+    # Parameters only (x needs no gradient): the same 1x1 backward, no gradient of x made.
+    x_const = x.detach()
+    got = torch.autograd.grad(fused(x_const), list(fused.parameters()), g)
+    want = torch.autograd.grad(naive(x_const), list(naive.parameters()), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["stem_pyramid", "pyramid_wide", "pyramid_seed", "aspp_pool"])

@@ -188,7 +188,7 @@ class MultiScaleFunction : public torch::autograd::Function<MultiScaleFunction> 
     // Image pooling: the backward of the block on its 1x1 level, x's gradient a broadcast view of it (as
     // ATen's mean gives). The full-size gradient is then only allocated (by its consumer) once this node
     // has released what it saved, which keeps the training peak at the naive composition's.
-    const bool on_level = need_x && pooled_only(factor, bins, input_position);
+    const bool on_level = pooled_only(factor, bins, input_position);
     const Tensor grad_out = on_level ? grad_outputs[0].sum({2, 3}, /*keepdim=*/true) : grad_outputs[0];
     auto [grad_x, grad_weight, grad_bias, grad_scale, grad_shift] = call_backward(
         grad_out, on_level ? group(0)[0] : x, weight, scale, shift, group(0), group(1), group(2), group(3),
@@ -196,7 +196,7 @@ class MultiScaleFunction : public torch::autograd::Function<MultiScaleFunction> 
         ctx->saved_data["down_mode"].toStringRef(), ctx->saved_data["up_mode"].toStringRef(),
         ctx->saved_data["align_corners"].toBool(), ctx->saved_data["activation"].toStringRef(), input_position,
         {need_x, need_weight});
-    if (on_level) grad_x = grad_x.div_(c10::Scalar(x.sym_size(2) * x.sym_size(3))).expand_symint(x.sym_sizes());
+    if (on_level && need_x) grad_x = grad_x.div_(c10::Scalar(x.sym_size(2) * x.sym_size(3))).expand_symint(x.sym_sizes());
 
     variable_list grads(1 + P + 2);
     if (need_x) grads[0] = grad_x;

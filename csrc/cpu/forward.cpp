@@ -433,9 +433,7 @@ __attribute__((target("avx512f"))) void plane_means_avx512(const float* x, int64
     out[r] = static_cast<float>(total / static_cast<double>(L));
   }
 }
-#endif
 
-#ifdef MSFUSED_PLANE_MEANS_AVX512
 // Whether ATen dispatches its own kernels at AVX-512 (the CPU has it, and ATEN_CPU_CAPABILITY does not lower it).
 bool avx512_dispatch() {
   static const bool yes = at::get_cpu_capability() == "AVX512";
@@ -448,8 +446,7 @@ bool avx512_dispatch() {
 Tensor image_pooling_level(const Tensor& x, at::MemoryFormat fmt) {
 #ifdef MSFUSED_PLANE_MEANS_AVX512
   const int64_t L = x.size(2) * x.size(3);
-  if (x.scalar_type() == at::kFloat && x.is_contiguous() && L > 0 &&
-      avx512_dispatch()) {
+  if (x.scalar_type() == at::kFloat && x.is_contiguous() && L > 0 && avx512_dispatch()) {
     Tensor level = at::empty({x.size(0), x.size(1), 1, 1}, x.options());
     const float* px = x.const_data_ptr<float>();
     float* pl = level.data_ptr<float>();
@@ -461,14 +458,6 @@ Tensor image_pooling_level(const Tensor& x, at::MemoryFormat fmt) {
   }
 #endif
   return at::mean(x, {2, 3}, /*keepdim=*/true).contiguous(fmt);
-}
-
-// Image pooling alone: every branch pools x to 1x1 (bins), and x is not part of the output.
-bool only_image_pooling(const BlockPlan& plan) {
-  return plan.x_offset < 0 && std::all_of(plan.branches.begin(), plan.branches.end(), [](const BranchPlan& b) {
-    return !b.identity && b.level_h == 1 && b.level_w == 1 && b.down_h == ResizeKind::Adaptive &&
-           b.down_w == ResizeKind::Adaptive;
-  });
 }
 
 // Whether a factor-1 branch of an NCHW block convolves x channels_last: oneDNN's NCHW convolution reorders
@@ -565,7 +554,7 @@ ForwardResult multi_scale_forward_cpu(const Tensor& x_in, at::TensorList weight,
     const BranchPlan& bp = plan.branches[b];
     level[b] = bp.identity ? at::empty({0}, opts) : at::empty({plan.N, plan.C, bp.level_h, bp.level_w}, opts.memory_format(fmt));
   }
-  if (only_image_pooling(plan)) {
+  if (pooled_only(factor, bins, input_position)) {  // image pooling alone (block_config.h)
     // Each level is the mean over the map, which is what the reference's adaptive_avg_pool2d computes for
     // 1x1: one vectorised, parallel read of x (the levels pass would read x for nothing else).
     const Tensor pooled = image_pooling_level(x, fmt);

@@ -134,7 +134,7 @@ def _backward(ctx, grad_out, _grad_level, _grad_pre, _grad_mean, _grad_var):
     output_mask = [bool(needs[0]), any(needs[1])]
     _batch_stats, _eps, factor, bins, _down, _up, _ac, _act, input_position = ctx.config
     # Image pooling: the backward on the 1x1 level, x's gradient a broadcast view (_ops.pooled_only).
-    block = (factor, bins, input_position) if output_mask[0] else ((), (), "")
+    block = (factor, bins, input_position)
     op_grad_out, op_x = _ops.level_backward_inputs(grad_out, x, level, *block)
     gx, gw, gb, gs, gt = torch.ops.msfused.multi_scale_backward_triton(
         op_grad_out, op_x, weight, scale, shift, level, pre, mean, var, *ctx.config, output_mask
