@@ -181,6 +181,9 @@ def gather_kernel(src, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, ty_idx, ty_w
     dy = tap // KS - KS // 2
     dx = tap % KS - KS // 2
     base = n[:, None] * s_n + (ch % P)[None, :] * s_c
+    # Separable, as the CPU kernels sum: per y tap the row's x taps, then that row sum times w_y. Rounding
+    # error grows with TY + TX terms instead of TY * TX: these adjoints are often cancelling sums (under a
+    # batch-statistics norm the map's gradient sums to zero).
     acc = K._zeros(BLOCK_P, BLOCK_C, F64)
     for t in range(R):
         ty = y0 + t
@@ -189,13 +192,15 @@ def gather_kernel(src, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, ty_idx, ty_w
         wy = tl.load(ty_w + oy * TY + ty, mask=ok_t, other=0.0).to(acc.dtype)
         sy = iy[:, None] - dy[None, :]
         ok_y = (ok_t & (iy >= 0))[:, None] & cm[None, :] & (sy >= 0) & (sy < HS)
+        x_sum = K._zeros(BLOCK_P, BLOCK_C, F64)
         for tx in range(TX):
             ix = tl.load(tx_idx + ox * TX + tx, mask=pm, other=-1)
             wx = tl.load(tx_w + ox * TX + tx, mask=pm, other=0.0).to(acc.dtype)
             sx = ix[:, None] - dx[None, :]
             ok = ok_y & (ix >= 0)[:, None] & (sx >= 0) & (sx < WS)
             v = tl.load(src + base + sy * s_h + sx * s_w, mask=ok, other=0.0)
-            acc += (wy * wx)[:, None] * v.to(acc.dtype)
+            x_sum += wx[:, None] * v.to(acc.dtype)
+        acc += wy[:, None] * x_sum
     dptr = dst + (n * d_n + row * d_h + ox * d_w)[:, None] + ch[None, :] * d_c
     m2 = pm[:, None] & cm[None, :]
     if ACCUMULATE:
