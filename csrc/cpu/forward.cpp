@@ -550,16 +550,17 @@ ForwardResult multi_scale_forward_cpu(const Tensor& x_in, at::TensorList weight,
   Tensor out = at::empty({plan.N, plan.out_channels, plan.H, plan.W}, opts.memory_format(fmt));
   const size_t B = plan.branches.size();
   TensorVector level(B), pre(B), mean(B), var(B);
-  for (size_t b = 0; b < B; ++b) {
-    const BranchPlan& bp = plan.branches[b];
-    level[b] = bp.identity ? at::empty({0}, opts) : at::empty({plan.N, plan.C, bp.level_h, bp.level_w}, opts.memory_format(fmt));
-  }
   if (pooled_only(factor, bins, input_position)) {  // image pooling alone (block_config.h)
     // Each level is the mean over the map, which is what the reference's adaptive_avg_pool2d computes for
     // 1x1: one vectorised, parallel read of x (the levels pass would read x for nothing else).
     const Tensor pooled = image_pooling_level(x, fmt);
     for (size_t b = 0; b < B; ++b) level[b] = b == 0 ? pooled : pooled.clone();  // outputs never alias
   } else {
+    for (size_t b = 0; b < B; ++b) {
+      const BranchPlan& bp = plan.branches[b];
+      level[b] = bp.identity ? at::empty({0}, opts)
+                             : at::empty({plan.N, plan.C, bp.level_h, bp.level_w}, opts.memory_format(fmt));
+    }
     dispatch_levels_and_copy(plan, x, out, level, cl);
   }
   TensorVector pre_cl(B);  // the channels_last convolution output of conv_channels_last branches

@@ -119,20 +119,22 @@ def _buffers(device: torch.device) -> Iterator[torch.Tensor]:
         yield torch.ones(nbytes // 4, dtype=torch.float32, device=device)
 
 
-def measure_read_gbps(device: Union[str, torch.device], reps: int = 10) -> float:
-    """The device's read rate in GB/s, from the best time of summing a large tensor (every thread,
-    vectorised: what a kernel that only reads can reach); the best over the buffer sizes."""
+def _memory_gbps(device: Union[str, torch.device], touch, reps: int) -> float:
+    """GB/s of ``touch(buffer)`` over each buffer size, from its best time; the best over the sizes."""
     device = torch.device(device)
-    return max(src.numel() * src.element_size() / (best_ms(lambda: torch.sum(src), device, warmup=2, reps=reps)
-                                                   * 1e-3) / 1e9 for src in _buffers(device))
+    return max(buf.numel() * buf.element_size() / (best_ms(lambda: touch(buf), device, warmup=2, reps=reps) * 1e-3)
+               / 1e9 for buf in _buffers(device))
+
+
+def measure_read_gbps(device: Union[str, torch.device], reps: int = 10) -> float:
+    """The device's read rate in GB/s: summing a large tensor (every thread, vectorised: what a kernel that
+    only reads can reach), the best time over the buffer sizes."""
+    return _memory_gbps(device, torch.sum, reps)
 
 
 def measure_write_gbps(device: Union[str, torch.device], reps: int = 10) -> float:
-    """The device's write rate in GB/s, from the best time of filling a large tensor; the best over the
-    buffer sizes."""
-    device = torch.device(device)
-    return max(dst.numel() * dst.element_size() / (best_ms(lambda: dst.fill_(2.0), device, warmup=2, reps=reps)
-                                                   * 1e-3) / 1e9 for dst in _buffers(device))
+    """The device's write rate in GB/s: filling a large tensor, the best time over the buffer sizes."""
+    return _memory_gbps(device, lambda buf: buf.fill_(2.0), reps)
 
 
 def measure_matmul_tflops(device: Union[str, torch.device], dtype: torch.dtype, reps: int = 5) -> float:
