@@ -463,35 +463,174 @@ __global__ void __launch_bounds__(kThreads, 1) merge_stats_kernel(const __grid_c
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Forward: norm, activation and the resize back up, one thread per output element of every branch.
+// Forward: norm, activation and the resize back up, a tile of one branch's outputs per block.
 // ---------------------------------------------------------------------------------------------------
+// Tiles: NCHW, tile_rows x tile_cols outputs of one (n, channel) plane; channels_last, tile_cols pixels of
+// one output row with every channel of the branch (channels fastest, as in memory). What depends on the
+// block only (branch, n, channel or row, per-channel parameters, scales, plane pointers) is computed once
+// per block, each axis's taps once per tile row and column (shared tables), so that an output element
+// costs a few table reads, its level loads and the sums: one thread per output element with all of that
+// per element ran ~600 instructions per element on an H200, instruction-bound at 10-30x the bandwidth
+// floor (bench/results/cuda-h200-2026-11-30.json).
+#ifdef MSFUSED_CUDA_EMULATION
+constexpr int64_t kUpTileElems = 64;  // small, so that the tests' small maps run several tiles
+#else
+constexpr int64_t kUpTileElems = 2048;  // outputs per tile: 8 per thread
+#endif
+constexpr int64_t kGpuUpTileElems = 2048;
+constexpr int64_t kUpTileMaxCols = 512, kUpTileMaxRows = 256;  // the shared tap tables' sizes
+#ifdef MSFUSED_CUDA_EMULATION
+constexpr int64_t kUpStage = 40;  // small, so that the tests run both the staged and the direct reads
+#else
+constexpr int64_t kUpStage = 3072;  // the staged level values (A) at most
+#endif
+
+// One output index's taps on one axis of an up-resize: i0 with weight l0, then (Linear only) i1 with l1.
+template <typename A>
+struct UpTap {
+  int i0, i1;
+  A l0, l1;
+};
+
+template <typename A>
+__device__ __forceinline__ UpTap<A> up_tap(ResizeKind kind, int64_t o, int64_t in, int64_t out, bool ac, A scale) {
+  UpTap<A> t{static_cast<int>(o), static_cast<int>(o), A(1), A(0)};  // Identity
+  if (kind == ResizeKind::Linear) {
+    int64_t i0, i1;
+    linear_taps<A>(o, in, scale, ac, &i0, &i1, &t.l0, &t.l1);
+    t.i0 = static_cast<int>(i0);
+    t.i1 = static_cast<int>(i1);
+  } else if (kind == ResizeKind::Nearest) {
+    t.i0 = t.i1 = static_cast<int>(nearest_source(o, in, out));
+  }
+  return t;
+}
+
+// The output from its taps, as for_each_tap visits them (the CPU kernel's order): the height taps summed
+// per width tap. level(i, j): the activated level value rounded to S (the reference's activation output).
+template <typename A, typename L>
+__device__ __forceinline__ A up_sum(const UpTap<A>& th, bool two_h, const UpTap<A>& tw, bool two_w, L&& level) {
+  A val = A(0);
+  {
+    A col = A(0);
+    col += th.l0 * level(th.i0, tw.i0);
+    if (two_h) col += th.l1 * level(th.i1, tw.i0);
+    val += tw.l0 * col;
+  }
+  if (two_w) {
+    A col = A(0);
+    col += th.l0 * level(th.i0, tw.i1);
+    if (two_h) col += th.l1 * level(th.i1, tw.i1);
+    val += tw.l1 * col;
+  }
+  return val;
+}
+
 template <typename S>
 __global__ void __launch_bounds__(kThreads, 1) epilogue_up_kernel(const __grid_constant__ EpilogueArgs a) {
   using A = acc_t<S>;
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (e >= a.N * a.group_channels * a.H * a.W) return;
-  int64_t n, gc, I, J;
-  unflatten(e, a.group_channels, a.H, a.W, a.channels_last, &n, &gc, &I, &J);
-  const int b = range_of(gc, a.num_branches, [&](int q) { return a.br[q].slice_begin; });
+  __shared__ UpTap<A> s_cols[kUpTileMaxCols];
+  __shared__ UpTap<A> s_rows[kUpTileMaxRows];
+  __shared__ A s_level[kUpStage];
+  const int t = threadIdx.x;
+  const int64_t blk = blockIdx.x;
+  const int b = range_of(blk, a.num_branches, [&](int q) { return a.br[q].block_begin; });
   const EpilogueBranch& eb = a.br[b];
-  const int64_t c = gc - eb.slice_begin, h = eb.h, w = eb.w;
-  const bool ac = a.align_corners;
-  const A sh = linear_scale<A>(h, a.H, ac), sw = linear_scale<A>(w, a.W, ac);
+  const bool cl = a.channels_last, ac = a.align_corners;
+  const int64_t h = eb.h, w = eb.w;
   const ResizeKind uh = static_cast<ResizeKind>(eb.up_h), uw = static_cast<ResizeKind>(eb.up_w);
-  const A alpha = param<A>(eb.alpha, c, A(1)), beta = param<A>(eb.beta, c, A(0));
+  const bool two_h = uh == ResizeKind::Linear, two_w = uw == ResizeKind::Linear;
+  const A sh = linear_scale<A>(h, a.H, ac), sw = linear_scale<A>(w, a.W, ac);
   const Activation act = static_cast<Activation>(a.activation);
-  const S* pre = cptr<S>(eb.pre);
-  // As the CPU kernel: the activated level value rounded to S (the reference's activation output), the
-  // height taps summed per width tap.
-  A val = A(0);
-  for_each_tap<A>(uw, J, w, a.W, 1, ac, sw, [&](int64_t jj, A ww) {
-    A col = A(0);
-    for_each_tap<A>(uh, I, h, a.H, 1, ac, sh, [&](int64_t ii, A wh) {
-      col += wh * round_to<S>(activate<A>(act, alpha * to_acc(pre[off4<S>(eb.pre, n, c, ii, jj)]) + beta));
-    });
-    val += ww * col;
-  });
-  mptr<S>(a.out)[off4<S>(a.out, n, eb.channel_offset + c, I, J)] = from_acc<S>(val);
+  // This block's tile: NCHW, rows [I0, I0 + rows) x columns [J0, J0 + cols) of channel c's plane;
+  // channels_last, row I0, columns [J0, J0 + cols), every channel (C of them).
+  int64_t tile = blk - eb.block_begin;
+  const int64_t J0 = (tile % eb.col_tiles) * eb.tile_cols;
+  tile /= eb.col_tiles;
+  int64_t n, c = 0, I0;
+  if (cl) {
+    I0 = tile % a.H;
+    n = tile / a.H;
+  } else {
+    I0 = (tile % eb.row_tiles) * eb.tile_rows;
+    tile /= eb.row_tiles;
+    c = tile % eb.channels;
+    n = tile / eb.channels;
+  }
+  const int cols = static_cast<int>(a.W - J0 < eb.tile_cols ? a.W - J0 : eb.tile_cols);
+  const int rows = cl ? 1 : static_cast<int>(a.H - I0 < eb.tile_rows ? a.H - I0 : eb.tile_rows);
+  const int C = cl ? static_cast<int>(eb.channels) : 1;
+  for (int q = t; q < cols; q += kThreads) s_cols[q] = up_tap<A>(uw, J0 + q, w, a.W, ac, sw);
+  for (int q = t; q < rows; q += kThreads) s_rows[q] = up_tap<A>(uh, I0 + q, h, a.H, ac, sh);
+  __syncthreads();
+
+  const View4& pv = eb.pre;
+  const View4& ov = a.out;
+  const S* __restrict__ pre = cptr<S>(pv) + n * pv.stride[0] + c * pv.stride[1];
+  S* __restrict__ out = mptr<S>(ov) + n * ov.stride[0] + (eb.channel_offset + c) * ov.stride[1] + I0 * ov.stride[2] +
+                        J0 * ov.stride[3];
+  // Channel cc's activated level value at (i, j), rounded to S (the reference's activation output).
+  auto activated = [&](int64_t cc, int64_t i, int64_t j) {
+    const A alpha = param<A>(eb.alpha, c + cc, A(1)), beta = param<A>(eb.beta, c + cc, A(0));
+    return round_to<S>(
+        activate<A>(act, alpha * to_acc(pre[cc * pv.stride[1] + i * pv.stride[2] + j * pv.stride[3]]) + beta));
+  };
+  // The level rectangle the tile reads (the taps are monotone in the output index), staged in shared
+  // memory, activated, when it is smaller than the tile's tap reads and fits: each value then is read and
+  // activated once per tile rather than once per tap.
+  const int i_lo = s_rows[0].i0, j_lo = s_cols[0].i0;
+  const int RH = s_rows[rows - 1].i1 - i_lo + 1, RW = s_cols[cols - 1].i1 - j_lo + 1;
+  const int64_t region = static_cast<int64_t>(RH) * RW * C;
+  const bool staged = region <= kUpStage && region < static_cast<int64_t>(rows) * cols * C * (two_h ? 2 : 1) * (two_w ? 2 : 1);
+  if (staged) {
+    for (int q = t; q < region; q += kThreads) {
+      const int cc = q % C, rc = q / C;
+      s_level[q] = activated(cc, i_lo + rc / RW, j_lo + rc % RW);
+    }
+    __syncthreads();
+  }
+
+  if (!cl) {
+    // (row r, column j) of the tile, columns fastest; the next element kThreads further on, stepped
+    // without a division.
+    auto run = [&](auto&& level) {
+      const int count = rows * cols, step_r = kThreads / cols, step_j = kThreads % cols;
+      int r = t / cols, j = t % cols;
+      for (int e = t; e < count; e += kThreads) {
+        out[r * ov.stride[2] + j * ov.stride[3]] = from_acc<S>(up_sum(s_rows[r], two_h, s_cols[j], two_w, level));
+        r += step_r;
+        j += step_j;
+        if (j >= cols) {
+          j -= cols;
+          ++r;
+        }
+      }
+    };
+    if (staged)
+      run([&](int i, int j) { return s_level[(i - i_lo) * RW + (j - j_lo)]; });
+    else
+      run([&](int i, int j) { return activated(0, i, j); });
+  } else {
+    // (column j, channel cc) of the row, channels fastest; the row's taps are the block's.
+    auto run = [&](auto&& level_of) {
+      const int count = cols * C, step_j = kThreads / C, step_c = kThreads % C;
+      int j = t / C, cc = t % C;
+      for (int e = t; e < count; e += kThreads) {
+        auto level = [&](int i, int jj) { return level_of(cc, i, jj); };
+        out[j * ov.stride[3] + cc * ov.stride[1]] = from_acc<S>(up_sum(s_rows[0], two_h, s_cols[j], two_w, level));
+        cc += step_c;
+        j += step_j;
+        if (cc >= C) {
+          cc -= C;
+          ++j;
+        }
+      }
+    };
+    if (staged)
+      run([&](int cc, int i, int j) { return s_level[((i - i_lo) * RW + (j - j_lo)) * C + cc]; });
+    else
+      run([&](int cc, int i, int j) { return activated(cc, i, j); });
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -866,6 +1005,8 @@ thread_local LaunchRecorder* recorder_ = nullptr;
 // Each kernel's cost model for the record-only mode (defined with the launchers, below): its launch's
 // groups of alike blocks, from the arguments its launcher filled; S: the dtype's size, A: opmath's.
 using Parts = std::vector<PlannedPart>;
+int64_t min64(int64_t a, int64_t b);
+int64_t max64(int64_t a, int64_t b);
 Parts kernel_cost(const PoolArgs& a, int64_t blocks, size_t S, size_t A);
 Parts kernel_cost(const LevelArgs& a, int64_t blocks, size_t S, size_t A);
 Parts kernel_cost(const StatsArgs& a, int64_t blocks, size_t S, size_t A);
@@ -1031,13 +1172,29 @@ cudaError_t launch_merge_stats(DType dtype, const MergeStatsArgs& args, cudaStre
 
 cudaError_t launch_epilogue_up(DType dtype, EpilogueArgs args, cudaStream_t stream) {
   if (!valid_group(args)) return cudaErrorInvalidValue;
-  int64_t channels = 0;
+  // The record-only mode plans the GPU build's tiles (the emulation build's are small for its tests).
+  const int64_t tile_elems = recorder_ != nullptr ? kGpuUpTileElems : kUpTileElems;
+  int64_t blocks = 0;
   for (int b = 0; b < args.num_branches; ++b) {
-    args.br[b].slice_begin = channels;
-    channels += args.br[b].channels;
+    EpilogueBranch& eb = args.br[b];
+    // The tables and the tile's element loop index in int: levels, maps and channels below 2^30.
+    if (eb.h >= (int64_t{1} << 30) || eb.w >= (int64_t{1} << 30) || args.H >= (int64_t{1} << 30) ||
+        args.W >= (int64_t{1} << 30) || eb.channels >= (int64_t{1} << 30))
+      return cudaErrorInvalidValue;
+    if (args.channels_last) {
+      eb.tile_rows = 1;
+      eb.tile_cols = max64(1, min64(min64(args.W, kUpTileMaxCols), ceil_div(tile_elems, max64(eb.channels, 1))));
+      eb.row_tiles = args.H;
+    } else {
+      eb.tile_cols = max64(1, min64(args.W, kUpTileMaxCols));
+      eb.tile_rows = max64(1, min64(min64(args.H, kUpTileMaxRows), ceil_div(tile_elems, eb.tile_cols)));
+      eb.row_tiles = ceil_div(args.H, eb.tile_rows);
+    }
+    eb.col_tiles = ceil_div(args.W, eb.tile_cols);
+    eb.block_begin = blocks;
+    blocks += args.N * (args.channels_last ? 1 : eb.channels) * eb.row_tiles * eb.col_tiles;
   }
-  args.group_channels = channels;
-  return launch(dtype, "epilogue_up", ceil_div(args.N * channels * args.H * args.W, kThreads), 0, args, stream,
+  return launch(dtype, "epilogue_up", args.H == 0 || args.W == 0 ? 0 : blocks, 0, args, stream,
                 [](auto s) { return epilogue_up_kernel<decltype(s)>; });
 }
 
@@ -1256,15 +1413,18 @@ Parts kernel_cost(const MergeStatsArgs& a, int64_t blocks, size_t, size_t A) {
                channels * (merge ? 4 : 2) * A)};
 }
 
-Parts kernel_cost(const EpilogueArgs& a, int64_t blocks, size_t S, size_t A) {
-  const int64_t total = a.N * a.group_channels * a.H * a.W;
-  int64_t read = 0, taps = 1;
+Parts kernel_cost(const EpilogueArgs& a, int64_t, size_t S, size_t A) {
+  Parts parts;
   for (int b = 0; b < a.num_branches; ++b) {
     const EpilogueBranch& eb = a.br[b];
-    read += (a.N * eb.h * eb.w * S + 2 * A) * eb.channels;
-    taps = max64(taps, up_taps(eb.up_h, eb.up_w));
+    // A block: one tile, its elements kThreads at a time, each reading its up-resize's taps.
+    const int64_t tile = eb.tile_rows * eb.tile_cols * (a.channels_last ? eb.channels : 1);
+    const int64_t blocks = a.N * (a.channels_last ? 1 : eb.channels) * eb.row_tiles * eb.col_tiles;
+    parts.push_back(part(level_name("branch", b, eb.h, eb.w) + " tiles", blocks, min64(kThreads, tile),
+                         ceil_div(tile, kThreads) * up_taps(eb.up_h, eb.up_w),
+                         (a.N * eb.h * eb.w * S + 2 * A) * eb.channels, a.N * eb.channels * a.H * a.W * S));
   }
-  return {part("every output element", blocks, min64(kThreads, total), taps, read, total * S)};
+  return parts;
 }
 
 Parts kernel_cost(const UpGradArgs& a, int64_t, size_t S, size_t) {

@@ -136,7 +136,10 @@ struct EpilogueBranch {
   int up_h = 0, up_w = 0;  // ResizeKind, level -> output
   const void* alpha = nullptr;
   const void* beta = nullptr;
-  int64_t slice_begin = 0;  // filled by the launcher: this branch's first channel among the group's
+  // Filled by the launcher: the branch's tiles (a block each) and where its blocks start. NCHW: a tile is
+  // tile_rows x tile_cols outputs of one (n, channel) plane; channels_last: tile_cols pixels of one row,
+  // every channel of the branch.
+  int64_t tile_rows = 1, tile_cols = 1, row_tiles = 1, col_tiles = 1, block_begin = 0;
 };
 struct EpilogueArgs {
   int64_t N = 0, H = 0, W = 0;
@@ -146,7 +149,6 @@ struct EpilogueArgs {
   int activation = 0;  // msfused::Activation
   int num_branches = 0;
   EpilogueBranch br[kMaxBranches];
-  int64_t group_channels = 0;  // filled by the launcher
 };
 cudaError_t launch_epilogue_up(DType dtype, EpilogueArgs args, cudaStream_t stream);
 
