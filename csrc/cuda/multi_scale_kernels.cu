@@ -13,9 +13,10 @@
 //       a large pooling window, e.g. bin 1, split over up to 256 lanes combined in a fixed tree) and copies
 //       x into its slice of the output; for bins branches pool_levels does that instead where its blocks
 //       (one per (n, channel group), each walking the whole map once, column sums in shared memory) fill
-//       the GPU; a pyramid mixing factor and bins branches may take both (2). epilogue_up: one thread per output
-//       element of every branch: bias is already in the convolution output; norm (alpha, beta),
-//       activation and the up-resize's taps, written straight into the branch's channel slice.
+//       the GPU; a pyramid mixing factor and bins branches may take both (2). epilogue_up: a tile of one
+//       branch's outputs per block (the taps tabulated per tile row and column, the level values the tile
+//       reads activated once into shared memory): bias is already in the convolution output; norm (alpha,
+//       beta), activation and the up-resize's taps, written straight into the branch's channel slice.
 //   forward with batch statistics ...... + stats_partial (1) + merge_stats (1, per-channel)
 //       stats_partial: (channel, chunk) blocks, enough to fill the GPU, each the (count, sum, M2) of its
 //       chunk in double; merge_stats: one thread per channel combines the chunks in chunk order and
