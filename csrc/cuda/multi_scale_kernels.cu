@@ -564,12 +564,16 @@ __global__ void __launch_bounds__(kThreads, 1) epilogue_up_kernel(const __grid_c
   } else {
     I0 = (tile % eb.row_tiles) * eb.tile_rows;
     tile /= eb.row_tiles;
-    c = tile % eb.channels;
-    n = tile / eb.channels;
+    const int64_t channel_tiles = (eb.channels + eb.tile_channels - 1) / eb.tile_channels;
+    c = (tile % channel_tiles) * eb.tile_channels;
+    n = tile / channel_tiles;
   }
   const int cols = static_cast<int>(a.W - J0 < eb.tile_cols ? a.W - J0 : eb.tile_cols);
   const int rows = cl ? 1 : static_cast<int>(a.H - I0 < eb.tile_rows ? a.H - I0 : eb.tile_rows);
-  const int C = cl ? static_cast<int>(eb.channels) : 1;
+  // The tile's channels: every channel of the branch (channels_last), else tile_channels planes from c
+  // (several only where a whole plane is smaller than a tile: levels' activations of a projection).
+  const int C =
+      static_cast<int>(cl ? eb.channels : (eb.channels - c < eb.tile_channels ? eb.channels - c : eb.tile_channels));
   for (int q = t; q < cols; q += kThreads) s_cols[q] = up_tap<A>(uw, J0 + q, w, a.W, ac, sw);
   for (int q = t; q < rows; q += kThreads) s_rows[q] = up_tap<A>(uh, I0 + q, h, a.H, ac, sh);
   __syncthreads();
@@ -591,7 +595,8 @@ __global__ void __launch_bounds__(kThreads, 1) epilogue_up_kernel(const __grid_c
   const int i_lo = s_rows[0].i0, j_lo = s_cols[0].i0;
   const int RH = s_rows[rows - 1].i1 - i_lo + 1, RW = s_cols[cols - 1].i1 - j_lo + 1;
   const int64_t region = static_cast<int64_t>(RH) * RW * C;
-  const bool staged = region <= kUpStage && region < static_cast<int64_t>(rows) * cols * C * (two_h ? 2 : 1) * (two_w ? 2 : 1);
+  const bool staged =
+      region <= kUpStage && region < static_cast<int64_t>(rows) * cols * C * (two_h ? 2 : 1) * (two_w ? 2 : 1);
   if (staged) {
     for (int q = t; q < region; q += kThreads) {
       const int cc = q % C, rc = q / C;
@@ -600,34 +605,19 @@ __global__ void __launch_bounds__(kThreads, 1) epilogue_up_kernel(const __grid_c
     __syncthreads();
   }
 
-  if (!cl) {
-    // (row r, column j) of the tile, columns fastest; the next element kThreads further on, stepped
-    // without a division.
-    auto run = [&](auto&& level) {
-      const int count = rows * cols, step_r = kThreads / cols, step_j = kThreads % cols;
-      int r = t / cols, j = t % cols;
-      for (int e = t; e < count; e += kThreads) {
-        out[r * ov.stride[2] + j * ov.stride[3]] = from_acc<S>(up_sum(s_rows[r], two_h, s_cols[j], two_w, level));
-        r += step_r;
-        j += step_j;
-        if (j >= cols) {
-          j -= cols;
-          ++r;
-        }
-      }
-    };
-    if (staged)
-      run([&](int i, int j) { return s_level[(i - i_lo) * RW + (j - j_lo)]; });
-    else
-      run([&](int i, int j) { return activated(0, i, j); });
-  } else {
-    // (column j, channel cc) of the row, channels fastest; the row's taps are the block's.
-    auto run = [&](auto&& level_of) {
+  // The output (channel cc, tile row r, tile column j) from level_of(cc, i, j).
+  auto emit = [&](int cc, int r, int j, auto&& level_of) {
+    auto level = [&](int i, int jj) { return level_of(cc, i, jj); };
+    out[cc * ov.stride[1] + r * ov.stride[2] + j * ov.stride[3]] =
+        from_acc<S>(up_sum(s_rows[r], two_h, s_cols[j], two_w, level));
+  };
+  auto run = [&](auto&& level_of) {
+    if (cl) {
+      // (column j, channel cc) of the row, channels fastest, stepped without a division.
       const int count = cols * C, step_j = kThreads / C, step_c = kThreads % C;
       int j = t / C, cc = t % C;
       for (int e = t; e < count; e += kThreads) {
-        auto level = [&](int i, int jj) { return level_of(cc, i, jj); };
-        out[j * ov.stride[3] + cc * ov.stride[1]] = from_acc<S>(up_sum(s_rows[0], two_h, s_cols[j], two_w, level));
+        emit(cc, 0, j, level_of);
         cc += step_c;
         j += step_j;
         if (cc >= C) {
@@ -635,12 +625,32 @@ __global__ void __launch_bounds__(kThreads, 1) epilogue_up_kernel(const __grid_c
           ++j;
         }
       }
-    };
-    if (staged)
-      run([&](int cc, int i, int j) { return s_level[((i - i_lo) * RW + (j - j_lo)) * C + cc]; });
-    else
-      run([&](int cc, int i, int j) { return activated(cc, i, j); });
-  }
+    } else if (C == 1) {
+      // (row r, column j) of one plane's tile, columns fastest, stepped without a division.
+      const int count = rows * cols, step_r = kThreads / cols, step_j = kThreads % cols;
+      int r = t / cols, j = t % cols;
+      for (int e = t; e < count; e += kThreads) {
+        emit(0, r, j, level_of);
+        r += step_r;
+        j += step_j;
+        if (j >= cols) {
+          j -= cols;
+          ++r;
+        }
+      }
+    } else {
+      // (channel cc, row r, column j) of several whole small planes.
+      const int plane = rows * cols, count = C * plane;
+      for (int e = t; e < count; e += kThreads) {
+        const int cc = e / plane, rc = e - cc * plane, r = rc / cols;
+        emit(cc, r, rc - r * cols, level_of);
+      }
+    }
+  };
+  if (staged)
+    run([&](int cc, int i, int j) { return s_level[((i - i_lo) * RW + (j - j_lo)) * C + cc]; });
+  else
+    run([&](int cc, int i, int j) { return activated(cc, i, j); });
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1263,10 +1273,14 @@ cudaError_t launch_epilogue_up(DType dtype, EpilogueArgs args, cudaStream_t stre
       eb.tile_cols = max64(1, min64(args.W, kUpTileMaxCols));
       eb.tile_rows = max64(1, min64(min64(args.H, kUpTileMaxRows), ceil_div(tile_elems, eb.tile_cols)));
       eb.row_tiles = ceil_div(args.H, eb.tile_rows);
+      // A plane smaller than a tile (the levels of a projection's branches): several planes per tile.
+      const bool whole = eb.tile_rows == args.H && eb.tile_cols == args.W;
+      eb.tile_channels = whole ? max64(1, min64(eb.channels, tile_elems / max64(1, args.H * args.W))) : 1;
     }
     eb.col_tiles = ceil_div(args.W, eb.tile_cols);
     eb.block_begin = blocks;
-    blocks += args.N * (args.channels_last ? 1 : eb.channels) * eb.row_tiles * eb.col_tiles;
+    blocks +=
+        args.N * (args.channels_last ? 1 : ceil_div(eb.channels, eb.tile_channels)) * eb.row_tiles * eb.col_tiles;
   }
   return launch(dtype, "epilogue_up", args.H == 0 || args.W == 0 ? 0 : blocks, 0, args, stream,
                 [](auto s) { return epilogue_up_kernel<decltype(s)>; });
@@ -1514,8 +1528,9 @@ Parts kernel_cost(const EpilogueArgs& a, int64_t, size_t S, size_t A) {
   for (int b = 0; b < a.num_branches; ++b) {
     const EpilogueBranch& eb = a.br[b];
     // A block: one tile, its elements kThreads at a time, each reading its up-resize's taps.
-    const int64_t tile = eb.tile_rows * eb.tile_cols * (a.channels_last ? eb.channels : 1);
-    const int64_t blocks = a.N * (a.channels_last ? 1 : eb.channels) * eb.row_tiles * eb.col_tiles;
+    const int64_t tile = eb.tile_rows * eb.tile_cols * (a.channels_last ? eb.channels : eb.tile_channels);
+    const int64_t blocks =
+        a.N * (a.channels_last ? 1 : ceil_div(eb.channels, eb.tile_channels)) * eb.row_tiles * eb.col_tiles;
     parts.push_back(part(level_name("branch", b, eb.h, eb.w) + " tiles", blocks, min64(kThreads, tile),
                          ceil_div(tile, kThreads) * up_taps(eb.up_h, eb.up_w),
                          (a.N * eb.h * eb.w * S + 2 * A) * eb.channels, a.N * eb.channels * a.H * a.W * S));

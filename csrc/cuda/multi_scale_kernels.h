@@ -137,9 +137,9 @@ struct EpilogueBranch {
   const void* alpha = nullptr;
   const void* beta = nullptr;
   // Filled by the launcher: the branch's tiles (a block each) and where its blocks start. NCHW: a tile is
-  // tile_rows x tile_cols outputs of one (n, channel) plane; channels_last: tile_cols pixels of one row,
-  // every channel of the branch.
-  int64_t tile_rows = 1, tile_cols = 1, row_tiles = 1, col_tiles = 1, block_begin = 0;
+  // tile_rows x tile_cols outputs of tile_channels (n, channel) planes (several only where a plane is
+  // smaller than a tile); channels_last: tile_cols pixels of one row, every channel of the branch.
+  int64_t tile_rows = 1, tile_cols = 1, tile_channels = 1, row_tiles = 1, col_tiles = 1, block_begin = 0;
 };
 struct EpilogueArgs {
   int64_t N = 0, H = 0, W = 0;
