@@ -82,6 +82,8 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxCopyBlocks = 2048;
+constexpr int64_t kDxBlocksPerSM = 4;  // dx's grid: its blocks tabulate once, then walk many elements
+constexpr int kDxUnroll = 4;  // dx: elements per thread at a time
 constexpr int64_t kMaxChunks = 64;  // chunks per channel of a whole-map reduction
 constexpr int64_t kGpuMinChunkElems = 2048;  // values (thread-steps) per chunk at least: 8 per thread
 #ifdef MSFUSED_CUDA_EMULATION
@@ -652,103 +654,248 @@ __global__ void __launch_bounds__(kThreads, 1) norm_grad_kernel(const __grid_con
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Backward 3: dx, one thread per element, written once (per group of kMaxBranches branches).
+// Backward 3: dx, written once (per group of kMaxBranches branches): x's slice of grad plus every branch's
+// down-resize adjoint, a gather per element (branches in order).
 // Which level rows read x's row i (and columns, column j) is a pair of binary searches over the resize's tap
-// spans, each step a few 64-bit divisions: per element and branch that was most of the kernel's time (the
-// first H200 run: 15 ms for psp_mmseg's backward). Each block therefore tabulates, per branch, the reader
-// ranges of every x row and column and the pooling weights of every level row and column in shared memory
-// (when they fit: dx_tables_bytes), once, and the elements read them.
+// spans, and their weights are the taps' float math: per element that was most of the kernel's time. Each
+// block therefore tabulates once, per branch, the reader range of every x row and column and the taps of
+// every level row and column (DxTap) in shared memory (when they fit: dx_tables_bytes), and then walks
+// elements in a grid-stride loop (the grid capped at kDxBlocksPerSM blocks per multiprocessor, so that the
+// tables serve many elements), in memory order (coalesced), the element's indices advanced by carries
+// (MemoryOrderCursor) instead of divided out. Without the tables every element searches its readers.
 // ---------------------------------------------------------------------------------------------------
-__host__ __device__ inline bool dx_pooling(int kind) {
-  return kind == static_cast<int>(ResizeKind::AvgFactor) || kind == static_cast<int>(ResizeKind::Adaptive);
+// A level row's (column's) taps as the adjoint reads them for x index i: weight l0 if i0 == i or i0 < 0 (any
+// i of its reader range: pooling, nearest, identity), then weight l1 if i1 == i (linear; both when i0 == i1
+// at the last row), in for_each_weight_of's order and arithmetic.
+template <typename A>
+struct DxTap {
+  int i0, i1;
+  A l0, l1;
+};
+
+template <typename A>
+__device__ __forceinline__ DxTap<A> dx_tap(ResizeKind kind, int64_t o, int64_t in, int64_t out, int64_t factor, bool ac) {
+  DxTap<A> t{-1, -1, A(1), A(0)};
+  if (kind == ResizeKind::AvgFactor || kind == ResizeKind::Adaptive) {
+    t.l0 = A(1) / static_cast<A>(pooling_run(kind, o, in, out, factor).count);
+  } else if (kind == ResizeKind::Linear) {
+    int64_t i0, i1;
+    linear_taps<A>(o, in, linear_scale<A>(in, out, ac), ac, &i0, &i1, &t.l0, &t.l1);
+    t.i0 = static_cast<int>(i0);
+    t.i1 = static_cast<int>(i1);
+  }
+  return t;
 }
 
-template <typename S>
+// The (n, c, i, j) of a memory-order index of an (N, C, H, W) tensor, advanced by a fixed step with carries
+// (no division per element): digits d0 (fastest), d1, d2 of radices r0, r1, r2 (NCHW: j, i, c;
+// channels_last: c, j, i) and d3 = n. C, H, W below 2^30 (a digit plus a step digit plus a carry fits int).
+template <bool CL>
+struct MemoryOrderCursor {
+  int r0, r1, r2, d0, d1, d2, s0, s1, s2;
+  int64_t d3, s3;
+  __device__ __forceinline__ MemoryOrderCursor(int64_t e, int64_t step, int C, int H, int W)
+      : r0(CL ? C : W), r1(CL ? W : H), r2(CL ? H : C) {
+    d0 = static_cast<int>(e % r0), e /= r0, d1 = static_cast<int>(e % r1), e /= r1;
+    d2 = static_cast<int>(e % r2), d3 = e / r2;
+    s0 = static_cast<int>(step % r0), step /= r0, s1 = static_cast<int>(step % r1), step /= r1;
+    s2 = static_cast<int>(step % r2), s3 = step / r2;
+  }
+  __device__ __forceinline__ int64_t n() const { return d3; }
+  __device__ __forceinline__ int c() const { return CL ? d0 : d2; }
+  __device__ __forceinline__ int i() const { return CL ? d2 : d1; }
+  __device__ __forceinline__ int j() const { return CL ? d1 : d0; }
+  __device__ __forceinline__ void advance() {
+    d0 += s0;
+    int carry = d0 >= r0;
+    d0 -= carry ? r0 : 0;
+    d1 += s1 + carry;
+    carry = d1 >= r1;
+    d1 -= carry ? r1 : 0;
+    d2 += s2 + carry;
+    carry = d2 >= r2;
+    d2 -= carry ? r2 : 0;
+    d3 += s3 + carry;
+  }
+};
+
+// Element offset of (n, c, i, j) in v, in I (int where launch_dx checked that every offset fits).
+template <typename I>
+__device__ __forceinline__ I dx_offset(const View4& v, I n, I c, I i, I j) {
+  return n * static_cast<I>(v.stride[0]) + c * static_cast<I>(v.stride[1]) + i * static_cast<I>(v.stride[2]) +
+         j * static_cast<I>(v.stride[3]);
+}
+
+// A branch's adjoint at x's (n, c, i, j), added to val, from the block's tables: rows, cols the reader
+// ranges of x's row i and column j; th, tw the taps of the level rows and columns; z the branch's dz at (n, c).
+template <typename S, typename A, typename I>
+__device__ __forceinline__ A dx_branch_tabulated(const S* __restrict__ z, I row_stride, I col_stride, int2 rows,
+                                                  int2 cols, const DxTap<A>* th, const DxTap<A>* tw, int i, int j,
+                                                  A val) {
+  // As the CPU kernel: the width adjoint per level row, then the height adjoint row by row.
+  for (int oh = rows.x; oh < rows.y; ++oh) {
+    const DxTap<A> ty = th[oh];
+    const S* __restrict__ zr = z + static_cast<I>(oh) * row_stride;
+    A row = A(0);
+    for (int ow = cols.x; ow < cols.y; ++ow) {
+      const DxTap<A> tx = tw[ow];
+      const A v = to_acc(zr[static_cast<I>(ow) * col_stride]);
+      if (tx.i0 < 0 || tx.i0 == j) row += tx.l0 * v;
+      if (tx.i1 == j) row += tx.l1 * v;
+    }
+    if (ty.i0 < 0 || ty.i0 == i) val += ty.l0 * row;
+    if (ty.i1 == i) val += ty.l1 * row;
+  }
+  return val;
+}
+
+__device__ __forceinline__ bool dx_identity(const DxBranch& db) {
+  return db.down_h == static_cast<int>(ResizeKind::Identity) && db.down_w == static_cast<int>(ResizeKind::Identity);
+}
+
+// A block's grid-stride walk with the tables: kDxUnroll elements per thread at a time (their grad and dx
+// loads in flight together; every branch's parameters read once for them), indices in I.
+template <typename S, bool CL, typename I>
+__device__ __forceinline__ void dx_walk(const DxArgs& a, const int2* readers, const DxTap<acc_t<S>>* taps,
+                                        int64_t first, int64_t step) {
+  using A = acc_t<S>;
+  constexpr int U = kDxUnroll;
+  const int64_t total = a.N * a.C * a.H * a.W;
+  const int H = static_cast<int>(a.H), per = static_cast<int>(a.H + a.W);
+  const S* __restrict__ grad = cptr<S>(a.grad);
+  S* dx = mptr<S>(a.dx);
+  MemoryOrderCursor<CL> at(first, step, static_cast<int>(a.C), static_cast<int>(a.H), static_cast<int>(a.W));
+  for (int64_t e = first; e < total; e += U * step) {
+    I n[U], ox[U];
+    int c[U], i[U], j[U];
+    bool ok[U];
+    A val[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      ok[u] = e + u * step < total;
+      n[u] = static_cast<I>(at.n());
+      c[u] = at.c();
+      i[u] = at.i();
+      j[u] = at.j();
+      at.advance();
+      ox[u] = dx_offset<I>(a.dx, n[u], c[u], i[u], j[u]);
+      val[u] = A(0);
+      if (ok[u] && a.accumulate) val[u] = to_acc(dx[ox[u]]);
+      if (ok[u] && a.x_offset >= 0)
+        val[u] += to_acc(grad[dx_offset<I>(a.grad, n[u], static_cast<I>(a.x_offset + c[u]), i[u], j[u])]);
+    }
+    for (int b = 0; b < a.num_branches; ++b) {
+      const DxBranch& db = a.br[b];
+      const S* __restrict__ dz = cptr<S>(db.dz);
+      if (dx_identity(db)) {
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+          if (ok[u]) val[u] += to_acc(dz[dx_offset<I>(db.dz, n[u], c[u], i[u], j[u])]);
+        continue;
+      }
+      const int2* rd = readers + b * per;
+      const DxTap<A>* th = taps + db.weight_base;
+      const DxTap<A>* tw = th + db.level_h;
+      const I s0 = static_cast<I>(db.dz.stride[0]), s1 = static_cast<I>(db.dz.stride[1]);
+      const I s2 = static_cast<I>(db.dz.stride[2]), s3 = static_cast<I>(db.dz.stride[3]);
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (ok[u])
+          val[u] = dx_branch_tabulated<S, A, I>(dz + (n[u] * s0 + c[u] * s1), s2, s3, rd[i[u]], rd[H + j[u]],
+                                                th, tw, i[u], j[u], val[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (ok[u]) dx[ox[u]] = from_acc<S>(val[u]);
+  }
+}
+
+// The same without tables: the readers searched and the weights computed per element.
+template <typename S, typename A>
+__device__ __forceinline__ A dx_branch_direct(const DxBranch& db, const DxArgs& a, int64_t n, int64_t c, int64_t i,
+                                               int64_t j, A val) {
+  const S* dz = cptr<S>(db.dz);
+  const bool ac = a.align_corners;
+  const ResizeKind kh = static_cast<ResizeKind>(db.down_h), kw = static_cast<ResizeKind>(db.down_w);
+  const A sh = linear_scale<A>(a.H, db.level_h, ac), sw = linear_scale<A>(a.W, db.level_w, ac);
+  int64_t O0, O1, P0, P1;
+  readers_of<A>(kh, i, a.H, db.level_h, db.factor, ac, sh, &O0, &O1);
+  readers_of<A>(kw, j, a.W, db.level_w, db.factor, ac, sw, &P0, &P1);
+  for (int64_t oh = O0; oh < O1; ++oh) {
+    auto add_row = [&](A wh) {
+      A row = A(0);
+      for (int64_t ow = P0; ow < P1; ++ow) {
+        const A v = to_acc(dz[off4<S>(db.dz, n, c, oh, ow)]);
+        for_each_weight_of<A>(kw, ow, j, a.W, db.level_w, db.factor, ac, sw, [&](A ww) { row += ww * v; });
+      }
+      val += wh * row;
+    };
+    for_each_weight_of<A>(kh, oh, i, a.H, db.level_h, db.factor, ac, sh, add_row);
+  }
+  return val;
+}
+
+template <typename S, bool CL>
 __global__ void __launch_bounds__(kThreads, 1) dx_kernel(const __grid_constant__ DxArgs a) {
   using A = acc_t<S>;
   MSFUSED_DYNAMIC_SHARED(smem_raw);
   const int64_t total = a.N * a.C * a.H * a.W;
-  const bool ac = a.align_corners;
-  const S* grad = cptr<S>(a.grad);
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x, step = a.blocks * kThreads;
+  const S* __restrict__ grad = cptr<S>(a.grad);
   S* dx = mptr<S>(a.dx);
-  // Tables, per branch b: readers[b * (H + W) + r] (rows r < H, then columns), then the weights 1 / count
-  // of every level row and column of a pooling branch at weight_base[b] (A values after the int2 tables).
-  int2* readers = reinterpret_cast<int2*>(smem_raw);
-  A* weights = reinterpret_cast<A*>(readers + a.num_branches * (a.H + a.W));
-  if (a.tables) {
-    const int64_t per = a.H + a.W;
-    for (int64_t idx = threadIdx.x; idx < a.num_branches * per; idx += kThreads) {
-      const DxBranch& db = a.br[idx / per];
-      const int64_t r = idx % per;
-      const bool row = r < a.H;
-      const ResizeKind kind = static_cast<ResizeKind>(row ? db.down_h : db.down_w);
-      const int64_t in = row ? a.H : a.W, out = row ? db.level_h : db.level_w, pos = row ? r : r - a.H;
-      int64_t o0 = pos, o1 = pos + 1;  // Identity: itself
-      if (kind != ResizeKind::Identity)
-        readers_of<A>(kind, pos, in, out, db.factor, ac, linear_scale<A>(in, out, ac), &o0, &o1);
-      readers[idx] = make_int2(static_cast<int>(o0), static_cast<int>(o1));
-    }
-    for (int b = 0; b < a.num_branches; ++b) {
-      const DxBranch& db = a.br[b];
-      for (int64_t q = threadIdx.x; q < db.level_h + db.level_w; q += kThreads) {
-        const bool row = q < db.level_h;
-        const int kind = row ? db.down_h : db.down_w;
-        if (!dx_pooling(kind)) continue;
-        const TapRun run = pooling_run(static_cast<ResizeKind>(kind), row ? q : q - db.level_h, row ? a.H : a.W,
-                                       row ? db.level_h : db.level_w, db.factor);
-        weights[db.weight_base + q] = A(1) / static_cast<A>(run.count);  // as for_each_weight_of
-      }
-    }
-    __syncthreads();
-  }
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (e < total) {
-    int64_t n, c, i, j;
-    unflatten(e, a.C, a.H, a.W, a.channels_last, &n, &c, &i, &j);
-    const int64_t ox = off4<S>(a.dx, n, c, i, j);
-    A val = a.accumulate ? to_acc(dx[ox]) : A(0);
+  // x's element (n, c, i, j): its grad slice and the earlier groups' sum (accumulate) into val.
+  auto start = [&](int64_t n, int64_t c, int64_t i, int64_t j, int64_t* ox) {
+    *ox = off4<S>(a.dx, n, c, i, j);
+    A val = a.accumulate ? to_acc(dx[*ox]) : A(0);
     if (a.x_offset >= 0) val += to_acc(grad[off4<S>(a.grad, n, a.x_offset + c, i, j)]);
-    for (int b = 0; b < a.num_branches; ++b) {
-      const DxBranch& db = a.br[b];
-      const S* dz = cptr<S>(db.dz);
-      const ResizeKind kh = static_cast<ResizeKind>(db.down_h), kw = static_cast<ResizeKind>(db.down_w);
-      if (kh == ResizeKind::Identity && kw == ResizeKind::Identity) {
-        val += to_acc(dz[off4<S>(db.dz, n, c, i, j)]);
-        continue;
-      }
-      const A sh = linear_scale<A>(a.H, db.level_h, ac), sw = linear_scale<A>(a.W, db.level_w, ac);
-      int64_t O0, O1, P0, P1;
-      if (a.tables) {
-        const int2 rows = readers[b * (a.H + a.W) + i], cols = readers[b * (a.H + a.W) + a.H + j];
-        O0 = rows.x, O1 = rows.y, P0 = cols.x, P1 = cols.y;
-      } else {
-        readers_of<A>(kh, i, a.H, db.level_h, db.factor, ac, sh, &O0, &O1);
-        readers_of<A>(kw, j, a.W, db.level_w, db.factor, ac, sw, &P0, &P1);
-      }
-      // The weight with which level row oh (column ow) reads x's row i (column j): tabulated for pooling
-      // (readers_of's range is exactly the windows holding i), else from the taps.
-      const bool table_h = a.tables && dx_pooling(db.down_h), table_w = a.tables && dx_pooling(db.down_w);
-      // As the CPU kernel: the width adjoint per level row, then the height adjoint row by row.
-      for (int64_t oh = O0; oh < O1; ++oh) {
-        auto add_row = [&](A wh) {
-          A row = A(0);
-          for (int64_t ow = P0; ow < P1; ++ow) {
-            const A v = to_acc(dz[off4<S>(db.dz, n, c, oh, ow)]);
-            if (table_w)
-              row += weights[db.weight_base + db.level_h + ow] * v;
-            else
-              for_each_weight_of<A>(kw, ow, j, a.W, db.level_w, db.factor, ac, sw, [&](A ww) { row += ww * v; });
-          }
-          val += wh * row;
-        };
-        if (table_h)
-          add_row(weights[db.weight_base + oh]);
+    return val;
+  };
+  if (!a.tables) {
+    for (int64_t e = first; e < total; e += step) {
+      int64_t n, c, i, j, ox;
+      unflatten(e, a.C, a.H, a.W, CL, &n, &c, &i, &j);
+      A val = start(n, c, i, j, &ox);
+      for (int b = 0; b < a.num_branches; ++b) {
+        const DxBranch& db = a.br[b];
+        if (dx_identity(db))
+          val += to_acc(cptr<S>(db.dz)[off4<S>(db.dz, n, c, i, j)]);
         else
-          for_each_weight_of<A>(kh, oh, i, a.H, db.level_h, db.factor, ac, sh, add_row);
+          val = dx_branch_direct<S>(db, a, n, c, i, j, val);
       }
+      dx[ox] = from_acc<S>(val);
     }
-    dx[ox] = from_acc<S>(val);
+    return;
   }
+  // Tables, per branch b: readers[b * (H + W) + r] (rows r < H, then columns), then the taps of every level
+  // row and column of every branch at its weight_base (after the int2 tables).
+  int2* readers = reinterpret_cast<int2*>(smem_raw);
+  DxTap<A>* taps = reinterpret_cast<DxTap<A>*>(readers + a.num_branches * (a.H + a.W));
+  const bool ac = a.align_corners;
+  const int per = static_cast<int>(a.H + a.W);
+  for (int idx = threadIdx.x; idx < a.num_branches * per; idx += kThreads) {
+    const DxBranch& db = a.br[idx / per];
+    const int r = idx % per;
+    const bool row = r < a.H;
+    const ResizeKind kind = static_cast<ResizeKind>(row ? db.down_h : db.down_w);
+    const int64_t in = row ? a.H : a.W, out = row ? db.level_h : db.level_w, pos = row ? r : r - a.H;
+    int64_t o0 = pos, o1 = pos + 1;  // Identity: itself
+    if (kind != ResizeKind::Identity)
+      readers_of<A>(kind, pos, in, out, db.factor, ac, linear_scale<A>(in, out, ac), &o0, &o1);
+    readers[idx] = make_int2(static_cast<int>(o0), static_cast<int>(o1));
+  }
+  for (int b = 0; b < a.num_branches; ++b) {
+    const DxBranch& db = a.br[b];
+    for (int64_t q = threadIdx.x; q < db.level_h + db.level_w; q += kThreads) {
+      const bool row = q < db.level_h;
+      taps[db.weight_base + q] = dx_tap<A>(static_cast<ResizeKind>(row ? db.down_h : db.down_w), row ? q : q - db.level_h,
+                                           row ? a.H : a.W, row ? db.level_h : db.level_w, db.factor, ac);
+    }
+  }
+  __syncthreads();
+  if (a.narrow)
+    dx_walk<S, CL, int>(a, readers, taps, first, step);
+  else
+    dx_walk<S, CL, int64_t>(a, readers, taps, first, step);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1108,24 +1255,47 @@ cudaError_t launch_pool_levels(DType dtype, const PoolArgs& args, cudaStream_t s
                 [](auto s) { return pool_levels_kernel<decltype(s)>; });
 }
 
-size_t dx_tables_bytes(DType dtype, DxArgs* args) {
-  int64_t weights = 0;
-  for (int b = 0; b < args->num_branches; ++b) {
-    args->br[b].weight_base = weights;
-    weights += args->br[b].level_h + args->br[b].level_w;
+// Whether every element offset of an (n, c, h, w) view (and each term of it) fits int.
+static bool offsets_fit_int(const View4& v, int64_t n, int64_t c, int64_t h, int64_t w) {
+  const int64_t size[4] = {n, c, h, w};
+  int64_t largest = 0;
+  for (int d = 0; d < 4; ++d) {
+    if (size[d] <= 1) continue;
+    const int64_t stride = v.stride[d] < 0 ? -v.stride[d] : v.stride[d];
+    if (size[d] > INT32_MAX || stride > INT32_MAX) return false;
+    largest += (size[d] - 1) * stride;
   }
+  return largest <= INT32_MAX;
+}
+
+size_t dx_tables_bytes(DType dtype, DxArgs* args) {
+  int64_t taps = 0;
+  for (int b = 0; b < args->num_branches; ++b) {
+    args->br[b].weight_base = taps;
+    taps += args->br[b].level_h + args->br[b].level_w;
+  }
+  const size_t tap_bytes = dtype == DType::Double ? sizeof(DxTap<double>) : sizeof(DxTap<float>);
   return static_cast<size_t>(args->num_branches) * (args->H + args->W) * sizeof(int2) +
-         static_cast<size_t>(weights) * acc_size(dtype);
+         static_cast<size_t>(taps) * tap_bytes;
 }
 
 cudaError_t launch_dx(DType dtype, const DxArgs& args, cudaStream_t stream) {
   if (args.num_branches < 0 || args.num_branches > kMaxBranches) return cudaErrorInvalidValue;
-  // One thread per element; the reader tables in shared memory where they fit (int2: sizes below 2^30).
+  // The tables in shared memory where they fit (int indices, MemoryOrderCursor: sizes below 2^30).
   DxArgs a = args;
   const size_t bytes = dx_tables_bytes(dtype, &a);
-  a.tables = a.num_branches > 0 && bytes <= 48 * 1024 && a.H < (int64_t{1} << 30) && a.W < (int64_t{1} << 30);
-  return launch(dtype, "dx", ceil_div(a.N * a.C * a.H * a.W, kThreads), a.tables ? bytes : 0, a, stream,
-                [](auto s) { return dx_kernel<decltype(s)>; });
+  constexpr int64_t kSmall = int64_t{1} << 30;
+  a.tables = a.num_branches > 0 && bytes <= 48 * 1024 && a.C < kSmall && a.H < kSmall && a.W < kSmall;
+  a.narrow = offsets_fit_int(a.dx, a.N, a.C, a.H, a.W) &&
+             (a.x_offset < 0 || offsets_fit_int(a.grad, a.N, a.x_offset + a.C, a.H, a.W));
+  for (int b = 0; b < a.num_branches; ++b)
+    a.narrow = a.narrow && offsets_fit_int(a.br[b].dz, a.N, a.C, a.br[b].level_h, a.br[b].level_w);
+  const int64_t need = ceil_div(a.N * a.C * a.H * a.W, kThreads), cap = kDxBlocksPerSM * multiprocessors();
+  a.blocks = need < cap ? need : cap;
+  return launch(dtype, "dx", a.blocks, a.tables ? bytes : 0, a, stream, [&](auto s) {
+    using T = decltype(s);
+    return a.channels_last ? dx_kernel<T, true> : dx_kernel<T, false>;
+  });
 }
 
 cudaError_t launch_project_accumulate(DType dtype, const ProjectAccArgs& args, cudaStream_t stream) {
@@ -1310,14 +1480,17 @@ Parts kernel_cost(const NormGradArgs& a, int64_t, size_t S, size_t) {
 
 Parts kernel_cost(const DxArgs& a, int64_t blocks, size_t S, size_t) {
   const int64_t total = a.N * a.C * a.H * a.W;
-  // Per element: every branch's readers (level rows x columns), after the block's tables.
-  int64_t serial = a.tables ? ceil_div(a.num_branches * (a.H + a.W), kThreads) : 0;
+  // The block's tables (once), then its grid-stride steps: per element every branch's readers (level rows x
+  // columns).
+  int64_t serial = 0, per_element = 0;
   int64_t read = (a.x_offset >= 0 ? total : 0) + (a.accumulate ? total : 0);
   for (int b = 0; b < a.num_branches; ++b) {
     const DxBranch& db = a.br[b];
-    serial += resize_readers(db.down_h, a.H, db.level_h) * resize_readers(db.down_w, a.W, db.level_w);
+    if (a.tables) serial += ceil_div(a.H + a.W, kThreads) + ceil_div(db.level_h + db.level_w, kThreads);
+    per_element += resize_readers(db.down_h, a.H, db.level_h) * resize_readers(db.down_w, a.W, db.level_w);
     read += a.N * a.C * db.level_h * db.level_w;
   }
+  serial += ceil_div(total, blocks * kThreads) * max64(per_element, 1);
   return {part("every element of dx", blocks, min64(kThreads, total), serial, read * S, total * S)};
 }
 

@@ -224,7 +224,8 @@ struct NormGradArgs {
 cudaError_t launch_norm_grad(DType dtype, NormGradArgs args, cudaStream_t stream);
 
 // dx written once: grad's x slice + every branch's adjoint down-resize of dz (the gradient wrt its level;
-// for an identity branch dz is (N, C, H, W) and is added as it is). Gathers, in branch order.
+// for an identity branch dz is (N, C, H, W) and is added as it is). Gathers, in branch order, by a few blocks
+// per multiprocessor, each walking many elements after tabulating the readers and taps once.
 struct DxBranch {
   View4 dz;
   int64_t level_h = 0, level_w = 0, factor = 1;
@@ -241,6 +242,8 @@ struct DxArgs {
   DxBranch br[kMaxBranches];
   bool accumulate = false;  // add to dx (a later group of branches) instead of writing it
   bool tables = false;  // set by launch_dx: the reader tables in shared memory (they fit)
+  int64_t blocks = 0;  // set by launch_dx: the grid (its blocks walk the elements in a grid-stride loop)
+  bool narrow = false;  // set by launch_dx: every element offset the kernel forms fits int
 };
 cudaError_t launch_dx(DType dtype, const DxArgs& args, cudaStream_t stream);
 
