@@ -91,6 +91,13 @@ constexpr int64_t kMinChunkElems = 16;  // small, so that the tests' small maps 
 #else
 constexpr int64_t kMinChunkElems = kGpuMinChunkElems;
 #endif
+// dx indexes in int up to this many elements (and offsets below 2^31); small in the emulation build, so that
+// its tests run the int64 path too.
+#ifdef MSFUSED_CUDA_EMULATION
+constexpr int64_t kDxNarrowLimit = 4096;
+#else
+constexpr int64_t kDxNarrowLimit = INT32_MAX;
+#endif
 
 // ---- dtypes: opmath (accumulation) type and explicit conversions (no implicit half conversions). ----
 template <typename S>
@@ -689,19 +696,20 @@ __device__ __forceinline__ DxTap<A> dx_tap(ResizeKind kind, int64_t o, int64_t i
 
 // The (n, c, i, j) of a memory-order index of an (N, C, H, W) tensor, advanced by a fixed step with carries
 // (no division per element): digits d0 (fastest), d1, d2 of radices r0, r1, r2 (NCHW: j, i, c;
-// channels_last: c, j, i) and d3 = n. C, H, W below 2^30 (a digit plus a step digit plus a carry fits int).
-template <bool CL>
+// channels_last: c, j, i) and d3 = n, in I (the flat index's type). C, H, W below 2^30 (a digit plus a step
+// digit plus a carry fits int).
+template <bool CL, typename I>
 struct MemoryOrderCursor {
   int r0, r1, r2, d0, d1, d2, s0, s1, s2;
-  int64_t d3, s3;
-  __device__ __forceinline__ MemoryOrderCursor(int64_t e, int64_t step, int C, int H, int W)
+  I d3, s3;
+  __device__ __forceinline__ MemoryOrderCursor(I e, I step, int C, int H, int W)
       : r0(CL ? C : W), r1(CL ? W : H), r2(CL ? H : C) {
     d0 = static_cast<int>(e % r0), e /= r0, d1 = static_cast<int>(e % r1), e /= r1;
     d2 = static_cast<int>(e % r2), d3 = e / r2;
     s0 = static_cast<int>(step % r0), step /= r0, s1 = static_cast<int>(step % r1), step /= r1;
     s2 = static_cast<int>(step % r2), s3 = step / r2;
   }
-  __device__ __forceinline__ int64_t n() const { return d3; }
+  __device__ __forceinline__ I n() const { return d3; }
   __device__ __forceinline__ int c() const { return CL ? d0 : d2; }
   __device__ __forceinline__ int i() const { return CL ? d2 : d1; }
   __device__ __forceinline__ int j() const { return CL ? d1 : d0; }
@@ -756,16 +764,16 @@ __device__ __forceinline__ bool dx_identity(const DxBranch& db) {
 // A block's grid-stride walk with the tables: kDxUnroll elements per thread at a time (their grad and dx
 // loads in flight together; every branch's parameters read once for them), indices in I.
 template <typename S, bool CL, typename I>
-__device__ __forceinline__ void dx_walk(const DxArgs& a, const int2* readers, const DxTap<acc_t<S>>* taps,
-                                        int64_t first, int64_t step) {
+__device__ __forceinline__ void dx_walk(const DxArgs& a, const int2* readers, const DxTap<acc_t<S>>* taps, I first,
+                                        I step) {
   using A = acc_t<S>;
   constexpr int U = kDxUnroll;
-  const int64_t total = a.N * a.C * a.H * a.W;
+  const I total = static_cast<I>(a.N * a.C * a.H * a.W);
   const int H = static_cast<int>(a.H), per = static_cast<int>(a.H + a.W);
   const S* __restrict__ grad = cptr<S>(a.grad);
   S* dx = mptr<S>(a.dx);
-  MemoryOrderCursor<CL> at(first, step, static_cast<int>(a.C), static_cast<int>(a.H), static_cast<int>(a.W));
-  for (int64_t e = first; e < total; e += U * step) {
+  MemoryOrderCursor<CL, I> at(first, step, static_cast<int>(a.C), static_cast<int>(a.H), static_cast<int>(a.W));
+  for (I e = first; e < total; e += U * step) {
     I n[U], ox[U];
     int c[U], i[U], j[U];
     bool ok[U];
@@ -773,12 +781,12 @@ __device__ __forceinline__ void dx_walk(const DxArgs& a, const int2* readers, co
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       ok[u] = e + u * step < total;
-      n[u] = static_cast<I>(at.n());
+      n[u] = at.n();
       c[u] = at.c();
       i[u] = at.i();
       j[u] = at.j();
       at.advance();
-      ox[u] = dx_offset<I>(a.dx, n[u], c[u], i[u], j[u]);
+      ox[u] = ok[u] ? dx_offset<I>(a.dx, n[u], c[u], i[u], j[u]) : I(0);
       val[u] = A(0);
       if (ok[u] && a.accumulate) val[u] = to_acc(dx[ox[u]]);
       if (ok[u] && a.x_offset >= 0)
@@ -835,26 +843,25 @@ __device__ __forceinline__ A dx_branch_direct(const DxBranch& db, const DxArgs& 
   return val;
 }
 
-template <typename S, bool CL>
+// I: int where launch_dx checked that every index and offset fits (with the tables only), else int64_t.
+template <typename S, bool CL, typename I>
 __global__ void __launch_bounds__(kThreads, 1) dx_kernel(const __grid_constant__ DxArgs a) {
   using A = acc_t<S>;
   MSFUSED_DYNAMIC_SHARED(smem_raw);
-  const int64_t total = a.N * a.C * a.H * a.W;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x, step = a.blocks * kThreads;
-  const S* __restrict__ grad = cptr<S>(a.grad);
-  S* dx = mptr<S>(a.dx);
+  const I first = static_cast<I>(blockIdx.x) * kThreads + static_cast<I>(threadIdx.x);
+  const I step = static_cast<I>(a.blocks * kThreads);
   // x's element (n, c, i, j): its grad slice and the earlier groups' sum (accumulate) into val.
-  auto start = [&](int64_t n, int64_t c, int64_t i, int64_t j, int64_t* ox) {
-    *ox = off4<S>(a.dx, n, c, i, j);
-    A val = a.accumulate ? to_acc(dx[*ox]) : A(0);
-    if (a.x_offset >= 0) val += to_acc(grad[off4<S>(a.grad, n, a.x_offset + c, i, j)]);
-    return val;
-  };
   if (!a.tables) {
+    if constexpr (sizeof(I) == sizeof(int)) return;  // launch_dx: never without the tables
+    const int64_t total = a.N * a.C * a.H * a.W;
+    const S* grad = cptr<S>(a.grad);
+    S* dx = mptr<S>(a.dx);
     for (int64_t e = first; e < total; e += step) {
-      int64_t n, c, i, j, ox;
+      int64_t n, c, i, j;
       unflatten(e, a.C, a.H, a.W, CL, &n, &c, &i, &j);
-      A val = start(n, c, i, j, &ox);
+      const int64_t ox = off4<S>(a.dx, n, c, i, j);
+      A val = a.accumulate ? to_acc(dx[ox]) : A(0);
+      if (a.x_offset >= 0) val += to_acc(grad[off4<S>(a.grad, n, a.x_offset + c, i, j)]);
       for (int b = 0; b < a.num_branches; ++b) {
         const DxBranch& db = a.br[b];
         if (dx_identity(db))
@@ -892,10 +899,7 @@ __global__ void __launch_bounds__(kThreads, 1) dx_kernel(const __grid_constant__
     }
   }
   __syncthreads();
-  if (a.narrow)
-    dx_walk<S, CL, int>(a, readers, taps, first, step);
-  else
-    dx_walk<S, CL, int64_t>(a, readers, taps, first, step);
+  dx_walk<S, CL, I>(a, readers, taps, first, step);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1286,16 +1290,35 @@ cudaError_t launch_dx(DType dtype, const DxArgs& args, cudaStream_t stream) {
   const size_t bytes = dx_tables_bytes(dtype, &a);
   constexpr int64_t kSmall = int64_t{1} << 30;
   a.tables = a.num_branches > 0 && bytes <= 48 * 1024 && a.C < kSmall && a.H < kSmall && a.W < kSmall;
-  a.narrow = offsets_fit_int(a.dx, a.N, a.C, a.H, a.W) &&
+  const int64_t total = a.N * a.C * a.H * a.W;
+  const int64_t past_end = (kDxUnroll + 1) * kDxBlocksPerSM * multiprocessors() * kThreads;  // the walk's overshoot
+  a.narrow = total <= kDxNarrowLimit && total + past_end <= INT32_MAX && offsets_fit_int(a.dx, a.N, a.C, a.H, a.W) &&
              (a.x_offset < 0 || offsets_fit_int(a.grad, a.N, a.x_offset + a.C, a.H, a.W));
   for (int b = 0; b < a.num_branches; ++b)
     a.narrow = a.narrow && offsets_fit_int(a.br[b].dz, a.N, a.C, a.br[b].level_h, a.br[b].level_w);
-  const int64_t need = ceil_div(a.N * a.C * a.H * a.W, kThreads), cap = kDxBlocksPerSM * multiprocessors();
-  a.blocks = need < cap ? need : cap;
-  return launch(dtype, "dx", a.blocks, a.tables ? bytes : 0, a, stream, [&](auto s) {
+  const bool narrow = a.tables && a.narrow;
+  auto kernel_of = [&](auto s) {
     using T = decltype(s);
-    return a.channels_last ? dx_kernel<T, true> : dx_kernel<T, false>;
-  });
+    if (narrow) return a.channels_last ? dx_kernel<T, true, int> : dx_kernel<T, false, int>;
+    return a.channels_last ? dx_kernel<T, true, int64_t> : dx_kernel<T, false, int64_t>;
+  };
+  const size_t smem = a.tables ? bytes : 0;
+  // As many blocks per multiprocessor as are resident at once (its registers), at most kDxBlocksPerSM: one
+  // wave, each block's share of the elements equal.
+  int64_t per_sm = kDxBlocksPerSM;
+#ifndef MSFUSED_CUDA_EMULATION
+  if (recorder_ == nullptr)
+    dispatch(dtype, [&](auto s) {
+      int resident = 0;
+      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel_of(s), kThreads, smem) == cudaSuccess &&
+          resident >= 1 && resident < per_sm)
+        per_sm = resident;
+      return cudaSuccess;
+    });
+#endif
+  const int64_t need = ceil_div(total, kThreads), cap = per_sm * multiprocessors();
+  a.blocks = need < cap ? need : cap;
+  return launch(dtype, "dx", a.blocks, smem, a, stream, kernel_of);
 }
 
 cudaError_t launch_project_accumulate(DType dtype, const ProjectAccArgs& args, cudaStream_t stream) {
