@@ -84,6 +84,7 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxCopyBlocks = 2048;
 constexpr int64_t kDxBlocksPerSM = 4;  // dx's grid: its blocks tabulate once, then walk many elements
 constexpr int kDxUnroll = 4;  // dx: elements per thread at a time
+constexpr size_t kUpGradTableBytes = 40 * 1024;  // up_grad's tables at most (beside its 3-4 KB static arrays)
 constexpr int64_t kMaxChunks = 64;  // chunks per channel of a whole-map reduction
 constexpr int64_t kGpuMinChunkElems = 2048;  // values (thread-steps) per chunk at least: 8 per thread
 #ifdef MSFUSED_CUDA_EMULATION
@@ -535,11 +536,62 @@ __device__ __forceinline__ A lane_rectangle_sum(int lane, int G, int64_t I0, int
   return part;
 }
 
+// The (n, c, i, j) of a memory-order index of an (N, C, H, W) tensor, advanced by a fixed step with carries
+// (no division per element): digits d0 (fastest), d1, d2 of radices r0, r1, r2 (NCHW: j, i, c;
+// channels_last: c, j, i) and d3 = n, in I (the flat index's type). C, H, W below 2^30 (a digit plus a step
+// digit plus a carry fits int).
+template <bool CL, typename I>
+struct MemoryOrderCursor {
+  int r0, r1, r2, d0, d1, d2, s0, s1, s2;
+  I d3, s3;
+  __device__ __forceinline__ MemoryOrderCursor(I e, I step, int C, int H, int W)
+      : r0(CL ? C : W), r1(CL ? W : H), r2(CL ? H : C) {
+    d0 = static_cast<int>(e % r0), e /= r0, d1 = static_cast<int>(e % r1), e /= r1;
+    d2 = static_cast<int>(e % r2), d3 = e / r2;
+    s0 = static_cast<int>(step % r0), step /= r0, s1 = static_cast<int>(step % r1), step /= r1;
+    s2 = static_cast<int>(step % r2), s3 = step / r2;
+  }
+  __device__ __forceinline__ I n() const { return d3; }
+  __device__ __forceinline__ int c() const { return CL ? d0 : d2; }
+  __device__ __forceinline__ int i() const { return CL ? d2 : d1; }
+  __device__ __forceinline__ int j() const { return CL ? d1 : d0; }
+  __device__ __forceinline__ void advance() {
+    d0 += s0;
+    int carry = d0 >= r0;
+    d0 -= carry ? r0 : 0;
+    d1 += s1 + carry;
+    carry = d1 >= r1;
+    d1 -= carry ? r1 : 0;
+    d2 += s2 + carry;
+    carry = d2 >= r2;
+    d2 -= carry ? r2 : 0;
+    d3 += s3 + carry;
+  }
+};
+
+// The readers of a level row (column) i of an up-resize from in to out, as up_grad's tables hold them: the
+// range [o0, o1) of output rows (columns) and each one's weight_of, at weights[i * width + o - o0].
+template <typename A>
+__device__ __forceinline__ void up_grad_table_entry(ResizeKind kind, int64_t i, int64_t in, int64_t out, bool ac,
+                                                    int64_t width, int2* range, A* weights) {
+  const A scale = linear_scale<A>(in, out, ac);
+  int64_t o0, o1;
+  readers_of<A>(kind, i, in, out, 1, ac, scale, &o0, &o1);
+  range[i] = make_int2(static_cast<int>(o0), static_cast<int>(o1));
+  for (int64_t o = o0; o < o1; ++o) weights[i * width + o - o0] = weight_of<A>(kind, o, i, in, out, ac, scale);
+}
+
+// A block: one channel's chunk of level pixels (n, i, j), kThreads / lanes at a time (rounds), each pixel's
+// readers split over its lanes. With the tables (ub.table_h > 0: launch_up_grad found that they fit) the
+// block first tabulates, per level row and column, its readers and their weights (weight_of: a float
+// resize computation per reader), and the readers' sum reads them (the same products in the same order).
+// An identity branch (a factor-1 level) reads grad itself. The pixel's (n, i, j) advance by carries.
 template <typename S>
 __global__ void __launch_bounds__(kThreads, 1) up_grad_kernel(const __grid_constant__ UpGradArgs a) {
   using A = acc_t<S>;
   __shared__ A s_acc[kThreads];
   __shared__ double s_red[kThreads];
+  MSFUSED_DYNAMIC_SHARED(smem_raw);
   const int64_t blk = blockIdx.x;
   const int b = range_of(blk, a.num_branches, [&](int q) { return a.br[q].block_begin; });
   const UpGradBranch& ub = a.br[b];
@@ -549,6 +601,8 @@ __global__ void __launch_bounds__(kThreads, 1) up_grad_kernel(const __grid_const
   chunk_range(chunk, ub.chunks, a.N * hw, &e0, &e1);
   const bool ac = a.align_corners;
   const ResizeKind kh = static_cast<ResizeKind>(ub.up_h), kw = static_cast<ResizeKind>(ub.up_w);
+  const bool identity = kh == ResizeKind::Identity && kw == ResizeKind::Identity;
+  const bool tables = !identity && ub.table_h > 0;
   const A sh = linear_scale<A>(h, a.H, ac), sw = linear_scale<A>(w, a.W, ac);
   // This channel's norm: the epilogue's alpha, beta; p (dconv = p * dY) and the center of the sums.
   const double mean = ub.batch_stats ? static_cast<double>(param<A>(ub.mean, c, A(0))) : 0.0;
@@ -560,40 +614,67 @@ __global__ void __launch_bounds__(kThreads, 1) up_grad_kernel(const __grid_const
   const A alpha = static_cast<A>(alpha_d), beta = static_cast<A>(beta_d);
   const double ps = ub.batch_stats ? 1.0 : scale;
   const Activation act = static_cast<Activation>(a.activation);
-  const S* grad = cptr<S>(a.grad);
-  const S* pre = cptr<S>(ub.pre);
+  const S* __restrict__ grad = cptr<S>(a.grad);
+  const S* __restrict__ pre = cptr<S>(ub.pre);
   S* dconv = mptr<S>(ub.dconv);
   const int64_t gc = ub.channel_offset + c;
   const int t = threadIdx.x;
   const int G = static_cast<int>(ub.lanes), lane = t % G, per_round = kThreads / G;
+  // Tables: the reader ranges of the h level rows, then of the w columns (int2), then their weights
+  // (table_h per row, table_w per column).
+  int2* ranges = reinterpret_cast<int2*>(smem_raw);
+  A* row_weights = reinterpret_cast<A*>(ranges + (tables ? h + w : 0));
+  A* col_weights = row_weights + (tables ? h * ub.table_h : 0);
+  if (tables) {  // uniform over the block (its branch)
+    for (int64_t q = t; q < h + w; q += kThreads) {
+      if (q < h)
+        up_grad_table_entry<A>(kh, q, h, a.H, ac, ub.table_h, ranges, row_weights);
+      else
+        up_grad_table_entry<A>(kw, q - h, w, a.W, ac, ub.table_w, ranges + h, col_weights);
+    }
+    __syncthreads();
+  }
+  // This thread's pixel, advanced by per_round pixels a round (by carries where the level's sizes fit the
+  // cursor, else divided out).
+  const bool small = h < (int64_t{1} << 30) && w < (int64_t{1} << 30);
+  MemoryOrderCursor<false, int64_t> at(e0 + t / G, per_round, 1, small ? static_cast<int>(h) : 1,
+                                       small ? static_cast<int>(w) : 1);
   double s1 = 0, s2 = 0;
   // Rounds: every thread runs the same number (the barriers of the lane tree are block-wide).
-  for (int64_t base = e0; base < e1; base += per_round) {
+  for (int64_t base = e0; base < e1; base += per_round, at.advance()) {
     const int64_t e = base + t / G;
     const bool valid = e < e1;
-    int64_t n = 0, i = 0, j = 0;
+    int64_t n = at.n(), i = at.i(), j = at.j();
+    if (!small) {
+      n = e / hw;
+      i = e % hw / w;
+      j = e % w;
+    }
     A part = A(0);
     if (valid) {
-      n = e / hw;
-      const int64_t rem = e % hw;
-      i = rem / w;
-      j = rem % w;
-      if (kh == ResizeKind::Identity && kw == ResizeKind::Identity) {
-        part = to_acc(grad[off4<S>(a.grad, n, gc, i, j)]);  // lanes == 1
+      const S* __restrict__ g = grad + n * a.grad.stride[0] + gc * a.grad.stride[1];
+      if (identity) {
+        part = to_acc(g[i * a.grad.stride[2] + j * a.grad.stride[3]]);  // lanes == 1
+      } else if (tables) {
+        const int2 rows = ranges[i], cols = ranges[h + j];
+        const A* wr = row_weights + i * ub.table_h;
+        const A* wc = col_weights + j * ub.table_w;
+        part = lane_rectangle_sum<A>(lane, G, rows.x, rows.y, cols.x, cols.y, [&](int64_t I, int64_t J) {
+          return wr[I - rows.x] * wc[J - cols.x] * to_acc(g[I * a.grad.stride[2] + J * a.grad.stride[3]]);
+        });
       } else {
         int64_t I0, I1, J0, J1;
         readers_of<A>(kh, i, h, a.H, 1, ac, sh, &I0, &I1);
         readers_of<A>(kw, j, w, a.W, 1, ac, sw, &J0, &J1);
         part = lane_rectangle_sum<A>(lane, G, I0, I1, J0, J1, [&](int64_t I, int64_t J) {
           return weight_of<A>(kh, I, i, h, a.H, ac, sh) * weight_of<A>(kw, J, j, w, a.W, ac, sw) *
-                 to_acc(grad[off4<S>(a.grad, n, gc, I, J)]);
+                 to_acc(g[I * a.grad.stride[2] + J * a.grad.stride[3]]);
         });
       }
     }
     if (G > 1) part = lane_tree_sum(part, s_acc, t, lane, G);
     if (valid && lane == 0) {
-      const int64_t po = off4<S>(ub.pre, n, c, i, j);
-      const A pv = to_acc(pre[po]);
+      const A pv = to_acc(pre[off4<S>(ub.pre, n, c, i, j)]);
       // The reference rounds the activation's incoming gradient to the dtype.
       const A dy = round_to<S>(part) * activate_grad<A>(act, alpha * pv + beta);
       s1 += static_cast<double>(dy);
@@ -694,39 +775,6 @@ __device__ __forceinline__ DxTap<A> dx_tap(ResizeKind kind, int64_t o, int64_t i
   return t;
 }
 
-// The (n, c, i, j) of a memory-order index of an (N, C, H, W) tensor, advanced by a fixed step with carries
-// (no division per element): digits d0 (fastest), d1, d2 of radices r0, r1, r2 (NCHW: j, i, c;
-// channels_last: c, j, i) and d3 = n, in I (the flat index's type). C, H, W below 2^30 (a digit plus a step
-// digit plus a carry fits int).
-template <bool CL, typename I>
-struct MemoryOrderCursor {
-  int r0, r1, r2, d0, d1, d2, s0, s1, s2;
-  I d3, s3;
-  __device__ __forceinline__ MemoryOrderCursor(I e, I step, int C, int H, int W)
-      : r0(CL ? C : W), r1(CL ? W : H), r2(CL ? H : C) {
-    d0 = static_cast<int>(e % r0), e /= r0, d1 = static_cast<int>(e % r1), e /= r1;
-    d2 = static_cast<int>(e % r2), d3 = e / r2;
-    s0 = static_cast<int>(step % r0), step /= r0, s1 = static_cast<int>(step % r1), step /= r1;
-    s2 = static_cast<int>(step % r2), s3 = step / r2;
-  }
-  __device__ __forceinline__ I n() const { return d3; }
-  __device__ __forceinline__ int c() const { return CL ? d0 : d2; }
-  __device__ __forceinline__ int i() const { return CL ? d2 : d1; }
-  __device__ __forceinline__ int j() const { return CL ? d1 : d0; }
-  __device__ __forceinline__ void advance() {
-    d0 += s0;
-    int carry = d0 >= r0;
-    d0 -= carry ? r0 : 0;
-    d1 += s1 + carry;
-    carry = d1 >= r1;
-    d1 -= carry ? r1 : 0;
-    d2 += s2 + carry;
-    carry = d2 >= r2;
-    d2 -= carry ? r2 : 0;
-    d3 += s3 + carry;
-  }
-};
-
 // Element offset of (n, c, i, j) in v, in I (int where launch_dx checked that every offset fits).
 template <typename I>
 __device__ __forceinline__ I dx_offset(const View4& v, I n, I c, I i, I j) {
@@ -740,14 +788,18 @@ template <typename S, typename A, typename I>
 __device__ __forceinline__ A dx_branch_tabulated(const S* __restrict__ z, I row_stride, I col_stride, int2 rows,
                                                   int2 cols, const DxTap<A>* th, const DxTap<A>* tw, int i, int j,
                                                   A val) {
-  // As the CPU kernel: the width adjoint per level row, then the height adjoint row by row.
-  for (int oh = rows.x; oh < rows.y; ++oh) {
+  // As the CPU kernel: the width adjoint per level row, then the height adjoint row by row. (Mostly one or
+  // two level rows and columns: not unrolled.)
+  const S* __restrict__ zr = z + static_cast<I>(rows.x) * row_stride;
+#pragma unroll 1
+  for (int oh = rows.x; oh < rows.y; ++oh, zr += row_stride) {
     const DxTap<A> ty = th[oh];
-    const S* __restrict__ zr = z + static_cast<I>(oh) * row_stride;
     A row = A(0);
-    for (int ow = cols.x; ow < cols.y; ++ow) {
+    const S* __restrict__ zc = zr + static_cast<I>(cols.x) * col_stride;
+#pragma unroll 1
+    for (int ow = cols.x; ow < cols.y; ++ow, zc += col_stride) {
       const DxTap<A> tx = tw[ow];
-      const A v = to_acc(zr[static_cast<I>(ow) * col_stride]);
+      const A v = to_acc(*zc);
       if (tx.i0 < 0 || tx.i0 == j) row += tx.l0 * v;
       if (tx.i1 == j) row += tx.l1 * v;
     }
@@ -1192,17 +1244,53 @@ cudaError_t launch_epilogue_up(DType dtype, EpilogueArgs args, cudaStream_t stre
                 [](auto s) { return epilogue_up_kernel<decltype(s)>; });
 }
 
+// The most readers any of the `in` rows (columns) of an up-resize to `out` has: every row's range searched,
+// in opmath A as the kernel does (a few microseconds for the largest maps).
+template <typename A>
+static int64_t most_readers(int kind, int64_t in, int64_t out, bool ac) {
+  const A scale = linear_scale<A>(in, out, ac);
+  int64_t most = 0;
+  for (int64_t i = 0; i < in; ++i) {
+    int64_t o0, o1;
+    readers_of<A>(static_cast<ResizeKind>(kind), i, in, out, 1, ac, scale, &o0, &o1);
+    most = o1 - o0 > most ? o1 - o0 : most;
+  }
+  return most;
+}
+
+// up_grad's tables of a branch (table_h, table_w: readers per level row and column; 0: none) and their bytes.
+static size_t up_grad_tables(DType dtype, const UpGradArgs& args, UpGradBranch* ub) {
+  ub->table_h = ub->table_w = 0;
+  const bool identity = ub->up_h == static_cast<int>(ResizeKind::Identity) && ub->up_w == ub->up_h;
+  constexpr int64_t kSmall = int64_t{1} << 30;
+  if (identity || ub->h >= kSmall || ub->w >= kSmall || args.H >= kSmall || args.W >= kSmall) return 0;
+  const bool dbl = dtype == DType::Double;
+  const int64_t th = dbl ? most_readers<double>(ub->up_h, ub->h, args.H, args.align_corners)
+                         : most_readers<float>(ub->up_h, ub->h, args.H, args.align_corners);
+  const int64_t tw = dbl ? most_readers<double>(ub->up_w, ub->w, args.W, args.align_corners)
+                         : most_readers<float>(ub->up_w, ub->w, args.W, args.align_corners);
+  const size_t bytes = static_cast<size_t>(ub->h + ub->w) * sizeof(int2) +
+                       static_cast<size_t>(ub->h * th + ub->w * tw) * acc_size(dtype);
+  if (bytes > kUpGradTableBytes) return 0;
+  ub->table_h = th;
+  ub->table_w = tw;
+  return bytes;
+}
+
 cudaError_t launch_up_grad(DType dtype, UpGradArgs* args, cudaStream_t stream) {
   if (!valid_group(*args, args->max_chunks)) return cudaErrorInvalidValue;
   int64_t blocks = 0;
+  size_t smem = 0;
   for (int b = 0; b < args->num_branches; ++b) {
     UpGradBranch& ub = args->br[b];
     ub.lanes = adjoint_lanes(ub.up_h, ub.h, ub.up_w, ub.w, args->H, args->W);
     ub.chunks = reduction_chunks(ub.channels, args->N * ub.h * ub.w * ub.lanes);
     ub.block_begin = blocks;
     blocks += ub.channels * ub.chunks;
+    const size_t bytes = up_grad_tables(dtype, *args, &ub);
+    smem = bytes > smem ? bytes : smem;
   }
-  return launch(dtype, "up_grad", args->N == 0 ? 0 : blocks, 0, *args, stream,
+  return launch(dtype, "up_grad", args->N == 0 ? 0 : blocks, smem, *args, stream,
                 [](auto s) { return up_grad_kernel<decltype(s)>; });
 }
 
@@ -1464,15 +1552,16 @@ Parts kernel_cost(const UpGradArgs& a, int64_t, size_t S, size_t) {
   Parts parts;
   for (int b = 0; b < a.num_branches; ++b) {
     const UpGradBranch& ub = a.br[b];
-    // A block: one channel's chunk of level pixels, kThreads / lanes at a time (rounds), each pixel's
-    // readers split over its lanes (then the tree).
+    // A block: its tables (each level row's and column's readers), then one channel's chunk of level pixels,
+    // kThreads / lanes at a time (rounds), each pixel's readers split over its lanes (then the tree).
     const int64_t pixels = a.N * ub.h * ub.w, per_chunk = ceil_div(pixels, ub.chunks);
     const int64_t entries = resize_readers(ub.up_h, ub.h, a.H) * resize_readers(ub.up_w, ub.w, a.W);
     int64_t active, per_pixel;
     lane_split(ub.lanes, entries, per_chunk, &active, &per_pixel);
     const int64_t rounds = ceil_div(per_chunk, kThreads / ub.lanes);
+    const int64_t tables = ub.table_h > 0 ? ceil_div(ub.h + ub.w, kThreads) * max64(ub.table_h, ub.table_w) : 0;
     parts.push_back(part(level_name("branch", b, ub.h, ub.w) + " x " + std::to_string(ub.chunks) + " chunks",
-                         ub.channels * ub.chunks, active, rounds * per_pixel,
+                         ub.channels * ub.chunks, active, tables + rounds * per_pixel,
                          ub.channels * (a.N * a.H * a.W + 2 * pixels) * S,
                          ub.channels * (pixels * S + ub.chunks * 2 * 8)));
   }

@@ -172,6 +172,7 @@ struct UpGradBranch {
   const void* var = nullptr;
   int64_t channel_base = 0;  // this branch's first row in partial
   int64_t chunks = 0, block_begin = 0, lanes = 1;  // filled by the launcher
+  int64_t table_h = 0, table_w = 0;  // filled by the launcher: readers per level row, column in the tables (0: none)
 };
 struct UpGradArgs {
   int64_t N = 0, H = 0, W = 0;
