@@ -24,13 +24,16 @@
 //                                        [+ norm_grad (1) with batch statistics]
 //                                        + per branch the convolution's backward (ATen: data and weight
 //                                        gradients, bias sum) + dx (1)
-//       up_grad: (channel, chunk) blocks over the level pixels; each level pixel's upsample adjoint is a
+//       up_grad: (channel, chunk) blocks over the level pixels; a block first tabulates every level row's
+//       and column's readers and weights (shared memory); each level pixel's upsample adjoint is a
 //       gather over the output pixels that read it, split over `lanes` threads (up to a block: bin 1
-//       reads the whole map) and combined in a fixed tree; then the activation's (and in eval mode the
-//       folded norm's) backward, dconv written, per-chunk partial sums. reduce_partials combines those in
-//       chunk order (the parameter gradients and the batch-statistics coefficients, csrc/norm.h).
-//       dx: one thread per element, written once: x's slice of grad plus every branch's down-resize
-//       adjoint (a gather, branches in order).
+//       reads the whole map) and combined in a fixed tree (a factor-1 level reads grad itself); then the
+//       activation's (and in eval mode the folded norm's) backward, dconv written, per-chunk partial sums.
+//       reduce_partials combines those in chunk order (the parameter gradients and the batch-statistics
+//       coefficients, csrc/norm.h).
+//       dx: a few blocks per multiprocessor, each tabulating once every x row's and column's readers and
+//       every level row's and column's taps, then walking elements in memory order (grid-stride), each
+//       written once: x's slice of grad plus every branch's down-resize adjoint (a gather, branches in order).
 //
 //   with a projection (csrc/projection.h decides which branch goes per tap; the binding's launch counts:
 //   docs/BACKENDS.md): project_accumulate: one thread per output element sums conv(x, W_x), the bias,
@@ -84,7 +87,6 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxCopyBlocks = 2048;
 constexpr int64_t kDxBlocksPerSM = 4;  // dx's grid: its blocks tabulate once, then walk many elements
 constexpr int kDxUnroll = 4;  // dx: elements per thread at a time
-constexpr size_t kUpGradTableBytes = 40 * 1024;  // up_grad's tables at most (beside its 3-4 KB static arrays)
 constexpr int64_t kMaxChunks = 64;  // chunks per channel of a whole-map reduction
 constexpr int64_t kGpuMinChunkElems = 2048;  // values (thread-steps) per chunk at least: 8 per thread
 #ifdef MSFUSED_CUDA_EMULATION
@@ -98,6 +100,14 @@ constexpr int64_t kMinChunkElems = kGpuMinChunkElems;
 constexpr int64_t kDxNarrowLimit = 4096;
 #else
 constexpr int64_t kDxNarrowLimit = INT32_MAX;
+#endif
+// up_grad's tables at most (beside its 3-4 KB of static shared arrays); small in the emulation build, so that
+// its tests run the path without them too (the launch plan takes the GPU build's).
+constexpr size_t kGpuUpGradTableBytes = 40 * 1024;
+#ifdef MSFUSED_CUDA_EMULATION
+constexpr size_t kUpGradTableBytes = 2048;
+#else
+constexpr size_t kUpGradTableBytes = kGpuUpGradTableBytes;
 #endif
 
 // ---- dtypes: opmath (accumulation) type and explicit conversions (no implicit half conversions). ----
@@ -1271,7 +1281,7 @@ static size_t up_grad_tables(DType dtype, const UpGradArgs& args, UpGradBranch* 
                          : most_readers<float>(ub->up_w, ub->w, args.W, args.align_corners);
   const size_t bytes = static_cast<size_t>(ub->h + ub->w) * sizeof(int2) +
                        static_cast<size_t>(ub->h * th + ub->w * tw) * acc_size(dtype);
-  if (bytes > kUpGradTableBytes) return 0;
+  if (bytes > (recorder_ != nullptr ? kGpuUpGradTableBytes : kUpGradTableBytes)) return 0;
   ub->table_h = th;
   ub->table_w = tw;
   return bytes;
