@@ -101,6 +101,14 @@ constexpr int64_t kDxNarrowLimit = 4096;
 #else
 constexpr int64_t kDxNarrowLimit = INT32_MAX;
 #endif
+// dx's row tiles hold this many elements at least (else its elements are walked in memory order); small in
+// the emulation build, so that its tests' small maps take them too.
+constexpr int64_t kGpuDxTileMinElems = kThreads;
+#ifdef MSFUSED_CUDA_EMULATION
+constexpr int64_t kDxTileMinElems = 16;
+#else
+constexpr int64_t kDxTileMinElems = kGpuDxTileMinElems;
+#endif
 // up_grad's tables at most (beside its 3-4 KB of static shared arrays); small in the emulation build, so that
 // its tests run the path without them too (the launch plan takes the GPU build's).
 constexpr size_t kGpuUpGradTableBytes = 40 * 1024;
@@ -905,6 +913,133 @@ __device__ __forceinline__ A dx_branch_direct(const DxBranch& db, const DxArgs& 
   return val;
 }
 
+// val + w * row in one rounding on the GPU: the contraction the gather's `val += w * row` compiles to (here
+// the compiler would otherwise share one add between a term's two kinds).
+template <typename A>
+__device__ __forceinline__ A dx_fma(A w, A row, A val) {
+#ifdef __CUDA_ARCH__
+  return fma(w, row, val);
+#else
+  return val + w * row;
+#endif
+}
+
+// NCHW in row tiles (a.tile_rows > 0): a unit is one (n, c) plane's rows [i_lo, i_lo + tile_rows), units
+// dealt to the blocks in turn. The adjoint is separable: per unit, every branch's width adjoint of each level
+// row the tile reads, at every x column (its `row` sum in dx_branch_tabulated, the same arithmetic), goes to
+// shared memory once, and each tile row's list of terms (which sums, times which height tap); then each
+// element adds its row's terms (a few instructions per term, instead of the whole gather per element).
+// In-plane offsets fit int (launch_dx).
+template <typename S, typename A>
+__device__ __forceinline__ void dx_row_tiles(const DxArgs& a, const int2* readers, const DxTap<A>* taps,
+                                             unsigned char* smem) {
+  const int H = static_cast<int>(a.H), W = static_cast<int>(a.W), per = H + W, TH = static_cast<int>(a.tile_rows);
+  const int K = static_cast<int>(a.row_terms);
+  A* sums = reinterpret_cast<A*>(smem + a.sums_at);
+  A* term_w = reinterpret_cast<A*>(smem + a.terms_at);
+  int* term_off = reinterpret_cast<int*>(term_w + TH * K);
+  int* term_n = term_off + TH * K;
+  const int64_t tiles = (a.H + TH - 1) / TH, units = a.N * a.C * tiles;
+  const S* __restrict__ grad = cptr<S>(a.grad);
+  S* dx = mptr<S>(a.dx);
+  const int t = threadIdx.x;
+  for (int64_t unit = blockIdx.x; unit < units; unit += a.blocks) {
+    const int64_t plane = unit / tiles, n = plane / a.C, c = plane % a.C;
+    const int i_lo = static_cast<int>(unit % tiles) * TH, i_hi = i_lo + TH < H ? i_lo + TH : H;
+    __syncthreads();  // the previous unit's sums are read
+    for (int b = 0; b < a.num_branches; ++b) {
+      const DxBranch& db = a.br[b];
+      if (dx_identity(db)) continue;
+      const int2* rd = readers + b * per;
+      const int oh_lo = rd[i_lo].x, oh_hi = rd[i_hi - 1].y > oh_lo ? rd[i_hi - 1].y : oh_lo;
+      const DxTap<A>* tw = taps + db.weight_base + db.level_h;
+      const S* __restrict__ z = cptr<S>(db.dz) + n * db.dz.stride[0] + c * db.dz.stride[1];
+      const int s2 = static_cast<int>(db.dz.stride[2]), s3 = static_cast<int>(db.dz.stride[3]);
+      A* rs = sums + db.sum_base;
+      for (int q = t; q < (oh_hi - oh_lo) * W; q += kThreads) {
+        const int r = q / W, j = q - r * W;
+        const int2 cols = rd[H + j];
+        const S* __restrict__ zr = z + (oh_lo + r) * s2;
+        A row = A(0);
+#pragma unroll 1
+        for (int ow = cols.x; ow < cols.y; ++ow) {
+          const DxTap<A> tx = tw[ow];
+          const A v = to_acc(zr[ow * s3]);
+          if (tx.i0 < 0 || tx.i0 == j) row += tx.l0 * v;
+          if (tx.i1 == j) row += tx.l1 * v;
+        }
+        rs[q] = row;
+      }
+    }
+    // Each tile row's terms, in the order the element adds them: per branch its level rows' sums (offset
+    // into sums) times their height taps, or (offset < 0) an identity branch's dz itself.
+    for (int r = t; r < i_hi - i_lo; r += kThreads) {
+      const int i = i_lo + r;
+      int count = 0;
+      int* to = term_off + r * K;
+      A* tw = term_w + r * K;
+      for (int b = 0; b < a.num_branches; ++b) {
+        const DxBranch& db = a.br[b];
+        if (dx_identity(db)) {
+          to[count] = -1 - b;
+          tw[count++] = A(1);
+          continue;
+        }
+        const int2* rd = readers + b * per;
+        const int2 rows = rd[i];
+        const DxTap<A>* th = taps + db.weight_base;
+        for (int oh = rows.x; oh < rows.y; ++oh) {
+          const DxTap<A> ty = th[oh];
+          const int off = static_cast<int>(db.sum_base) + (oh - rd[i_lo].x) * W;
+          if (ty.i0 < 0 || ty.i0 == i) {
+            to[count] = off;
+            tw[count++] = ty.l0;
+          }
+          if (ty.i1 == i) {
+            to[count] = off;
+            tw[count++] = ty.l1;
+          }
+        }
+      }
+      term_n[r] = count;
+    }
+    __syncthreads();
+    const int64_t dx_base = n * a.dx.stride[0] + c * a.dx.stride[1];
+    const int64_t grad_base = n * a.grad.stride[0] + (a.x_offset + c) * a.grad.stride[1];
+    const int dx2 = static_cast<int>(a.dx.stride[2]), dx3 = static_cast<int>(a.dx.stride[3]);
+    const int g2 = static_cast<int>(a.grad.stride[2]), g3 = static_cast<int>(a.grad.stride[3]);
+    // This thread's elements p = t, t + kThreads, ... of the tile: (i, j) advanced by carries.
+    const int di = kThreads / W, dj = kThreads % W;
+    int i = i_lo + t / W, j = t % W;
+    for (int p = t; p < (i_hi - i_lo) * W; p += kThreads) {
+      S* o = dx + dx_base + (i * dx2 + j * dx3);
+      A val = a.accumulate ? to_acc(*o) : A(0);
+      if (a.x_offset >= 0) val += to_acc(grad[grad_base + (i * g2 + j * g3)]);
+      const int r = i - i_lo, nt = term_n[r];
+      const int* to = term_off + r * K;
+      const A* tw = term_w + r * K;
+#pragma unroll 1
+      for (int k = 0; k < nt; ++k) {
+        const int off = to[k];
+        if (off >= 0) {
+          val = dx_fma(tw[k], sums[off + j], val);
+        } else {
+          const DxBranch& db = a.br[-1 - off];
+          const S* __restrict__ z = cptr<S>(db.dz) + n * db.dz.stride[0] + c * db.dz.stride[1];
+          val += to_acc(z[i * static_cast<int>(db.dz.stride[2]) + j * static_cast<int>(db.dz.stride[3])]);
+        }
+      }
+      *o = from_acc<S>(val);
+      i += di;
+      j += dj;
+      if (j >= W) {
+        j -= W;
+        ++i;
+      }
+    }
+  }
+}
+
 // I: int where launch_dx checked that every index and offset fits (with the tables only), else int64_t.
 template <typename S, bool CL, typename I>
 __global__ void __launch_bounds__(kThreads, 1) dx_kernel(const __grid_constant__ DxArgs a) {
@@ -961,7 +1096,10 @@ __global__ void __launch_bounds__(kThreads, 1) dx_kernel(const __grid_constant__
     }
   }
   __syncthreads();
-  dx_walk<S, CL, I>(a, readers, taps, first, step);
+  if (!CL && a.tile_rows > 0)
+    dx_row_tiles<S, A>(a, readers, taps, smem_raw);
+  else
+    dx_walk<S, CL, I>(a, readers, taps, first, step);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1370,6 +1508,26 @@ static bool offsets_fit_int(const View4& v, int64_t n, int64_t c, int64_t h, int
   return largest <= INT32_MAX;
 }
 
+// The most level rows one tile of `rows` x rows reads from branch db (its rows of sums in dx_row_tiles): the
+// reader ranges grow with the row, so a tile's are its first row's start to its last row's end.
+template <typename A>
+static int64_t dx_tile_level_rows(const DxArgs& a, const DxBranch& db, int64_t rows) {
+  const ResizeKind kind = static_cast<ResizeKind>(db.down_h);
+  const A scale = linear_scale<A>(a.H, db.level_h, a.align_corners);
+  auto range = [&](int64_t i, int64_t* o0, int64_t* o1) {
+    *o0 = i, *o1 = i + 1;  // Identity
+    if (kind != ResizeKind::Identity) readers_of<A>(kind, i, a.H, db.level_h, db.factor, a.align_corners, scale, o0, o1);
+  };
+  int64_t most = 0;
+  for (int64_t i0 = 0; i0 < a.H; i0 += rows) {
+    int64_t lo, hi, unused;
+    range(i0, &lo, &unused);
+    range((i0 + rows < a.H ? i0 + rows : a.H) - 1, &unused, &hi);
+    most = hi - lo > most ? hi - lo : most;
+  }
+  return most;
+}
+
 size_t dx_tables_bytes(DType dtype, DxArgs* args) {
   int64_t taps = 0;
   for (int b = 0; b < args->num_branches; ++b) {
@@ -1394,13 +1552,56 @@ cudaError_t launch_dx(DType dtype, const DxArgs& args, cudaStream_t stream) {
              (a.x_offset < 0 || offsets_fit_int(a.grad, a.N, a.x_offset + a.C, a.H, a.W));
   for (int b = 0; b < a.num_branches; ++b)
     a.narrow = a.narrow && offsets_fit_int(a.br[b].dz, a.N, a.C, a.br[b].level_h, a.br[b].level_w);
+  // NCHW: row tiles (dx_row_tiles) of as many rows as keep every block busy and the level-row sums beside the
+  // tables in shared memory.
+  size_t smem = a.tables ? bytes : 0;
+  a.tile_rows = 0;
+  bool plane_int = offsets_fit_int(a.dx, 1, 1, a.H, a.W) && offsets_fit_int(a.grad, 1, 1, a.H, a.W);
+  for (int b = 0; b < a.num_branches; ++b)
+    plane_int = plane_int && offsets_fit_int(a.br[b].dz, 1, 1, a.br[b].level_h, a.br[b].level_w);
+  if (a.tables && !a.channels_last && plane_int) {
+    const size_t sums_at = (bytes + 15) / 16 * 16;
+    const int64_t want_units = kDxBlocksPerSM * multiprocessors();
+    // Terms per x row at most: an identity branch's dz, else a term per reader (two for linear: both taps).
+    int64_t row_terms = 0;
+    for (int b = 0; b < a.num_branches; ++b) {
+      const DxBranch& db = a.br[b];
+      const bool identity = db.down_h == static_cast<int>(ResizeKind::Identity) && db.down_w == db.down_h;
+      const int64_t readers = identity ? 1
+                              : dtype == DType::Double ? dx_tile_level_rows<double>(a, db, 1)
+                                                       : dx_tile_level_rows<float>(a, db, 1);
+      row_terms += db.down_h == static_cast<int>(ResizeKind::Linear) ? 2 * readers : readers;
+    }
+    // (The launch plan: the GPU build's minimum.)
+    const int64_t min_elems = recorder_ != nullptr ? kGpuDxTileMinElems : kDxTileMinElems;
+    for (int64_t rows = a.H; rows >= 1 && rows * a.W >= min_elems; rows = rows == 1 ? 0 : (rows + 1) / 2) {
+      int64_t values = 0;
+      for (int b = 0; b < a.num_branches; ++b) {
+        DxBranch& db = a.br[b];
+        db.sum_base = values;
+        if (db.down_h == static_cast<int>(ResizeKind::Identity) && db.down_w == db.down_h) continue;
+        values += (dtype == DType::Double ? dx_tile_level_rows<double>(a, db, rows)
+                                          : dx_tile_level_rows<float>(a, db, rows)) * a.W;
+      }
+      const size_t terms_at = (sums_at + static_cast<size_t>(values) * acc_size(dtype) + 15) / 16 * 16;
+      const size_t need =
+          terms_at + static_cast<size_t>(rows) * (row_terms * (acc_size(dtype) + sizeof(int)) + sizeof(int));
+      if (need <= 48 * 1024 && (a.N * a.C * ceil_div(a.H, rows) >= want_units || rows == 1)) {
+        a.tile_rows = rows;
+        a.sums_at = static_cast<int64_t>(sums_at);
+        a.terms_at = static_cast<int64_t>(terms_at);
+        a.row_terms = row_terms;
+        smem = need;
+        break;
+      }
+    }
+  }
   const bool narrow = a.tables && a.narrow;
   auto kernel_of = [&](auto s) {
     using T = decltype(s);
     if (narrow) return a.channels_last ? dx_kernel<T, true, int> : dx_kernel<T, false, int>;
     return a.channels_last ? dx_kernel<T, true, int64_t> : dx_kernel<T, false, int64_t>;
   };
-  const size_t smem = a.tables ? bytes : 0;
   // As many blocks per multiprocessor as are resident at once (its registers), at most kDxBlocksPerSM: one
   // wave, each block's share of the elements equal.
   int64_t per_sm = kDxBlocksPerSM;
@@ -1414,7 +1615,8 @@ cudaError_t launch_dx(DType dtype, const DxArgs& args, cudaStream_t stream) {
       return cudaSuccess;
     });
 #endif
-  const int64_t need = ceil_div(total, kThreads), cap = per_sm * multiprocessors();
+  const int64_t need = a.tile_rows > 0 ? a.N * a.C * ceil_div(a.H, a.tile_rows) : ceil_div(total, kThreads);
+  const int64_t cap = per_sm * multiprocessors();
   a.blocks = need < cap ? need : cap;
   return launch(dtype, "dx", a.blocks, smem, a, stream, kernel_of);
 }
@@ -1612,8 +1814,21 @@ Parts kernel_cost(const DxArgs& a, int64_t blocks, size_t S, size_t) {
     per_element += resize_readers(db.down_h, a.H, db.level_h) * resize_readers(db.down_w, a.W, db.level_w);
     read += a.N * a.C * db.level_h * db.level_w;
   }
-  serial += ceil_div(total, blocks * kThreads) * max64(per_element, 1);
-  return {part("every element of dx", blocks, min64(kThreads, total), serial, read * S, total * S)};
+  if (a.tile_rows > 0) {
+    // Row tiles: per unit the level-row sums (each its columns' readers), then per element its level rows.
+    const int64_t units = a.N * a.C * ceil_div(a.H, a.tile_rows);
+    int64_t per_unit = ceil_div(a.tile_rows * a.W, kThreads) * (1 + a.num_branches * 2);
+    for (int b = 0; b < a.num_branches; ++b) {
+      const DxBranch& db = a.br[b];
+      const int64_t sum_rows = ceil_div(db.level_h * a.tile_rows, a.H) + 2;
+      per_unit += ceil_div(sum_rows * a.W, kThreads) * resize_readers(db.down_w, a.W, db.level_w);
+    }
+    serial += ceil_div(units, blocks) * per_unit;
+  } else {
+    serial += ceil_div(total, blocks * kThreads) * max64(per_element, 1);
+  }
+  return {part(a.tile_rows > 0 ? "every element of dx (row tiles)" : "every element of dx", blocks,
+               min64(kThreads, total), serial, read * S, total * S)};
 }
 
 Parts kernel_cost(const ProjectAccArgs& a, int64_t blocks, size_t S, size_t A) {

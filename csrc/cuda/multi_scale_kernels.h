@@ -231,7 +231,8 @@ struct DxBranch {
   View4 dz;
   int64_t level_h = 0, level_w = 0, factor = 1;
   int down_h = 0, down_w = 0;
-  int64_t weight_base = 0;  // set by launch_dx: this branch's pooling weights in the shared tables
+  int64_t weight_base = 0;  // set by launch_dx: this branch's taps in the shared tables
+  int64_t sum_base = 0;  // set by launch_dx: this branch's level-row sums (values after sums_at)
 };
 struct DxArgs {
   int64_t N = 0, C = 0, H = 0, W = 0;
@@ -245,6 +246,9 @@ struct DxArgs {
   bool tables = false;  // set by launch_dx: the reader tables in shared memory (they fit)
   int64_t blocks = 0;  // set by launch_dx: the grid (its blocks walk the elements in a grid-stride loop)
   bool narrow = false;  // set by launch_dx: every element offset the kernel forms fits int
+  int64_t tile_rows = 0;  // set by launch_dx: NCHW row tiles of this many rows (0: elements in memory order)
+  int64_t sums_at = 0;  // set by launch_dx: the row tiles' level-row sums in shared memory (bytes)
+  int64_t terms_at = 0, row_terms = 0;  // set by launch_dx: the row tiles' terms (bytes), most terms per row
 };
 cudaError_t launch_dx(DType dtype, const DxArgs& args, cudaStream_t stream);
 
