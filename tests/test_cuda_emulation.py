@@ -273,6 +273,8 @@ DRIVER = textwrap.dedent(
         # bin 1 on a larger map: the adjoint's readers split over many lanes; the statistics over chunks
         project_case("proj-psp12-large-map-lanes", (2, 2, 40, 33), bins=(1, 2), k=1, pk=3, P=3,
                      dtype=torch.float32, pstats=True, pbias=False)
+        # a wide map: the adjoint's reader tables past what this build gives them (the path without them)
+        project_case("proj-psp-wide-map-no-tables", (1, 2, 3, 700), bins=(1, (1, 2)), k=1, pk=3, P=2)
         # more than kMaxBranches per-tap branches: two accumulation launches, two adjoint groups
         project_case("proj-nine-branches", (2, 2, 9, 8), bins=(1, 2, 1, 2, 1, 2, 1, 2, 1), k=1, cb=2, P=2, pk=3,
                      pos="none")

@@ -1173,18 +1173,46 @@ __global__ void __launch_bounds__(kThreads, 1) project_adjoint_kernel(const __gr
   const ResizeKind kh = static_cast<ResizeKind>(br.up_h), kw = static_cast<ResizeKind>(br.up_w);
   const A sh = linear_scale<A>(h, a.H, ac), sw = linear_scale<A>(w, a.W, ac);
   const S* dpre = cptr<S>(a.dpre);
+  // The block's tables (as up_grad's: every level row's and column's readers and weights), where they fit.
+  MSFUSED_DYNAMIC_SHARED(smem_raw);
+  const bool tables = br.table_h > 0;
+  int2* ranges = reinterpret_cast<int2*>(smem_raw);
+  A* row_weights = reinterpret_cast<A*>(ranges + (tables ? h + w : 0));
+  A* col_weights = row_weights + (tables ? h * br.table_h : 0);
+  if (tables) {  // uniform over the block (its branch)
+    for (int64_t q = t; q < h + w; q += kThreads) {
+      if (q < h)
+        up_grad_table_entry<A>(kh, q, h, a.H, ac, br.table_h, ranges, row_weights);
+      else
+        up_grad_table_entry<A>(kw, q - h, w, a.W, ac, br.table_w, ranges + h, col_weights);
+    }
+    __syncthreads();
+  }
   A part = A(0);
   if (valid) {
     // The rows and columns of the resized map that read (i, j), kept where the shift lands inside.
     int64_t R0, R1, C0, C1;
-    readers_of<A>(kh, i, h, a.H, 1, ac, sh, &R0, &R1);
-    readers_of<A>(kw, j, w, a.W, 1, ac, sw, &C0, &C1);
+    if (tables) {
+      R0 = ranges[i].x, R1 = ranges[i].y, C0 = ranges[h + j].x, C1 = ranges[h + j].y;
+    } else {
+      readers_of<A>(kh, i, h, a.H, 1, ac, sh, &R0, &R1);
+      readers_of<A>(kw, j, w, a.W, 1, ac, sw, &C0, &C1);
+    }
+    const int64_t first_row = R0, first_col = C0;
     clip_to_shift(dy, a.H, &R0, &R1);
     clip_to_shift(dx, a.W, &C0, &C1);
-    part = lane_rectangle_sum<A>(lane, G, R0, R1, C0, C1, [&](int64_t R, int64_t Cc) {
-      return weight_of<A>(kh, R, i, h, a.H, ac, sh) * weight_of<A>(kw, Cc, j, w, a.W, ac, sw) *
-             to_acc(dpre[off4<S>(a.dpre, n, p, R - dy, Cc - dx)]);
-    });
+    if (tables) {
+      const A* wr = row_weights + i * br.table_h;
+      const A* wc = col_weights + j * br.table_w;
+      part = lane_rectangle_sum<A>(lane, G, R0, R1, C0, C1, [&](int64_t R, int64_t Cc) {
+        return wr[R - first_row] * wc[Cc - first_col] * to_acc(dpre[off4<S>(a.dpre, n, p, R - dy, Cc - dx)]);
+      });
+    } else {
+      part = lane_rectangle_sum<A>(lane, G, R0, R1, C0, C1, [&](int64_t R, int64_t Cc) {
+        return weight_of<A>(kh, R, i, h, a.H, ac, sh) * weight_of<A>(kw, Cc, j, w, a.W, ac, sw) *
+               to_acc(dpre[off4<S>(a.dpre, n, p, R - dy, Cc - dx)]);
+      });
+    }
   }
   if (G > 1) part = lane_tree_sum(part, s_acc, t, lane, G);
   if (valid && lane == 0) mptr<A>(br.dt)[off4<S>(br.dt, n, ch, i, j)] = part;  // opmath (tap_maps_dtype)
@@ -1406,22 +1434,21 @@ static int64_t most_readers(int kind, int64_t in, int64_t out, bool ac) {
   return most;
 }
 
-// up_grad's tables of a branch (table_h, table_w: readers per level row and column; 0: none) and their bytes.
-static size_t up_grad_tables(DType dtype, const UpGradArgs& args, UpGradBranch* ub) {
-  ub->table_h = ub->table_w = 0;
-  const bool identity = ub->up_h == static_cast<int>(ResizeKind::Identity) && ub->up_w == ub->up_h;
+// The tables of an up-resize's adjoint (up_grad, project_adjoint) from (h, w) to (H, W): *table_h, *table_w
+// readers per level row and column (0: none: an identity, or too large) and their bytes.
+static size_t adjoint_tables(DType dtype, int up_h, int64_t h, int up_w, int64_t w, int64_t H, int64_t W, bool ac,
+                             int64_t* table_h, int64_t* table_w) {
+  *table_h = *table_w = 0;
+  const bool identity = up_h == static_cast<int>(ResizeKind::Identity) && up_w == up_h;
   constexpr int64_t kSmall = int64_t{1} << 30;
-  if (identity || ub->h >= kSmall || ub->w >= kSmall || args.H >= kSmall || args.W >= kSmall) return 0;
+  if (identity || h >= kSmall || w >= kSmall || H >= kSmall || W >= kSmall) return 0;
   const bool dbl = dtype == DType::Double;
-  const int64_t th = dbl ? most_readers<double>(ub->up_h, ub->h, args.H, args.align_corners)
-                         : most_readers<float>(ub->up_h, ub->h, args.H, args.align_corners);
-  const int64_t tw = dbl ? most_readers<double>(ub->up_w, ub->w, args.W, args.align_corners)
-                         : most_readers<float>(ub->up_w, ub->w, args.W, args.align_corners);
-  const size_t bytes = static_cast<size_t>(ub->h + ub->w) * sizeof(int2) +
-                       static_cast<size_t>(ub->h * th + ub->w * tw) * acc_size(dtype);
+  const int64_t th = dbl ? most_readers<double>(up_h, h, H, ac) : most_readers<float>(up_h, h, H, ac);
+  const int64_t tw = dbl ? most_readers<double>(up_w, w, W, ac) : most_readers<float>(up_w, w, W, ac);
+  const size_t bytes = static_cast<size_t>(h + w) * sizeof(int2) + static_cast<size_t>(h * th + w * tw) * acc_size(dtype);
   if (bytes > (recorder_ != nullptr ? kGpuUpGradTableBytes : kUpGradTableBytes)) return 0;
-  ub->table_h = th;
-  ub->table_w = tw;
+  *table_h = th;
+  *table_w = tw;
   return bytes;
 }
 
@@ -1435,7 +1462,8 @@ cudaError_t launch_up_grad(DType dtype, UpGradArgs* args, cudaStream_t stream) {
     ub.chunks = reduction_chunks(ub.channels, args->N * ub.h * ub.w * ub.lanes);
     ub.block_begin = blocks;
     blocks += ub.channels * ub.chunks;
-    const size_t bytes = up_grad_tables(dtype, *args, &ub);
+    const size_t bytes = adjoint_tables(dtype, ub.up_h, ub.h, ub.up_w, ub.w, args->H, args->W, args->align_corners,
+                                        &ub.table_h, &ub.table_w);
     smem = bytes > smem ? bytes : smem;
   }
   return launch(dtype, "up_grad", args->N == 0 ? 0 : blocks, smem, *args, stream,
@@ -1632,13 +1660,17 @@ cudaError_t launch_project_accumulate(DType dtype, const ProjectAccArgs& args, c
 cudaError_t launch_project_adjoint(DType dtype, ProjectAdjointArgs args, cudaStream_t stream) {
   if (!valid_group(args) || args.k < 1 || args.k % 2 == 0) return cudaErrorInvalidValue;
   int64_t blocks = 0;
+  size_t smem = 0;
   for (int b = 0; b < args.num_branches; ++b) {
     ProjectAdjointBranch& br = args.br[b];
     br.lanes = adjoint_lanes(br.up_h, br.h, br.up_w, br.w, args.H, args.W);
     br.block_begin = blocks;
     blocks += ceil_div(args.N * args.k * args.k * args.P * br.h * br.w * br.lanes, kThreads);
+    const size_t bytes =
+        adjoint_tables(dtype, br.up_h, br.h, br.up_w, br.w, args.H, args.W, args.align_corners, &br.table_h, &br.table_w);
+    smem = bytes > smem ? bytes : smem;
   }
-  return launch(dtype, "project_adjoint", blocks, 0, args, stream,
+  return launch(dtype, "project_adjoint", blocks, smem, args, stream,
                 [](auto s) { return project_adjoint_kernel<decltype(s)>; });
 }
 
@@ -1851,6 +1883,7 @@ Parts kernel_cost(const ProjectAdjointArgs& a, int64_t, size_t S, size_t A) {
     const int64_t entries = resize_readers(br.up_h, br.h, a.H) * resize_readers(br.up_w, br.w, a.W);
     int64_t active, serial;
     lane_split(br.lanes, entries, elems, &active, &serial);
+    if (br.table_h > 0) serial += ceil_div(br.h + br.w, kThreads) * max64(br.table_h, br.table_w);  // the tables
     parts.push_back(part(level_name("branch", b, br.h, br.w), ceil_div(elems * br.lanes, kThreads), active, serial,
                          a.N * a.P * a.H * a.W * S, elems * A));
   }

@@ -294,6 +294,7 @@ struct ProjectAdjointBranch {
   int64_t h = 0, w = 0;
   int up_h = 0, up_w = 0;
   int64_t lanes = 1, block_begin = 0;  // filled by the launcher
+  int64_t table_h = 0, table_w = 0;  // filled by the launcher: readers per level row, column in the tables (0: none)
 };
 struct ProjectAdjointArgs {
   int64_t N = 0, P = 0, H = 0, W = 0, k = 1;
