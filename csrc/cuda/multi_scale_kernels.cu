@@ -683,21 +683,22 @@ __device__ __forceinline__ A weight_of(ResizeKind kind, int64_t o, int64_t i, in
 }
 
 // This lane's share of a sum over the rectangle [I0, I1) x [J0, J1) (a level pixel's readers): the
-// entries lane, lane + G, ... in row-major order, f(I, J) each, summed in that order.
-template <typename A, typename F>
-__device__ __forceinline__ A lane_rectangle_sum(int lane, int G, int64_t I0, int64_t I1, int64_t J0, int64_t J1, F&& f) {
-  const int64_t nJ = J1 - J0, total = (I1 - I0) * nJ;
+// entries lane, lane + G, ... in row-major order, f(I, J) each, summed in that order. Index type I: int
+// where the rectangle's entries count fits (the adjoints' table paths), else int64_t.
+template <typename A, typename I, typename F>
+__device__ __forceinline__ A lane_rectangle_sum(int lane, int G, I I0, I I1, I J0, I J1, F&& f) {
+  const I nJ = J1 - J0, total = (I1 - I0) * nJ;
   A part = A(0);
   if (lane >= total) return part;
-  int64_t I = I0 + lane / nJ, J = J0 + lane % nJ;
-  const int64_t step_i = G / nJ, step_j = G % nJ;
-  for (int64_t r = lane; r < total; r += G) {
-    part += f(I, J);
-    I += step_i;
+  I I_ = I0 + lane / nJ, J = J0 + lane % nJ;
+  const I step_i = G / nJ, step_j = G % nJ;
+  for (I r = lane; r < total; r += G) {
+    part += f(I_, J);
+    I_ += step_i;
     J += step_j;
     if (J >= J1) {
       J -= nJ;
-      ++I;
+      ++I_;
     }
   }
   return part;
@@ -823,11 +824,13 @@ __global__ void __launch_bounds__(kThreads, 1) up_grad_kernel(const __grid_const
       if (identity) {
         part = to_acc(g[i * a.grad.stride[2] + j * a.grad.stride[3]]);  // lanes == 1
       } else if (tables) {
+        // (int indices and in-plane offsets: adjoint_tables checked that they fit)
         const int2 rows = ranges[i], cols = ranges[h + j];
         const A* wr = row_weights + i * ub.table_h;
         const A* wc = col_weights + j * ub.table_w;
-        part = lane_rectangle_sum<A>(lane, G, rows.x, rows.y, cols.x, cols.y, [&](int64_t I, int64_t J) {
-          return wr[I - rows.x] * wc[J - cols.x] * to_acc(g[I * a.grad.stride[2] + J * a.grad.stride[3]]);
+        const int s2 = static_cast<int>(a.grad.stride[2]), s3 = static_cast<int>(a.grad.stride[3]);
+        part = lane_rectangle_sum<A>(lane, G, rows.x, rows.y, cols.x, cols.y, [&](int I, int J) {
+          return wr[I - rows.x] * wc[J - cols.x] * to_acc(g[I * s2 + J * s3]);
         });
       } else {
         int64_t I0, I1, J0, J1;
@@ -1414,12 +1417,17 @@ __global__ void __launch_bounds__(kThreads, 1) project_adjoint_kernel(const __gr
     const int64_t first_row = R0, first_col = C0;
     clip_to_shift(dy, a.H, &R0, &R1);
     clip_to_shift(dx, a.W, &C0, &C1);
-    if (tables) {
+    if (tables) {  // int indices and in-plane offsets (adjoint_tables checked that they fit)
       const A* wr = row_weights + i * br.table_h;
       const A* wc = col_weights + j * br.table_w;
-      part = lane_rectangle_sum<A>(lane, G, R0, R1, C0, C1, [&](int64_t R, int64_t Cc) {
-        return wr[R - first_row] * wc[Cc - first_col] * to_acc(dpre[off4<S>(a.dpre, n, p, R - dy, Cc - dx)]);
-      });
+      const int fr = static_cast<int>(first_row), fc = static_cast<int>(first_col);
+      const S* __restrict__ plane = dpre + (n * a.dpre.stride[0] + p * a.dpre.stride[1]);
+      const int s2 = static_cast<int>(a.dpre.stride[2]), s3 = static_cast<int>(a.dpre.stride[3]);
+      const int sy = static_cast<int>(dy), sx = static_cast<int>(dx);
+      part = lane_rectangle_sum<A>(lane, G, static_cast<int>(R0), static_cast<int>(R1), static_cast<int>(C0),
+                                   static_cast<int>(C1), [&](int R, int Cc) {
+                                     return wr[R - fr] * wc[Cc - fc] * to_acc(plane[(R - sy) * s2 + (Cc - sx) * s3]);
+                                   });
     } else {
       part = lane_rectangle_sum<A>(lane, G, R0, R1, C0, C1, [&](int64_t R, int64_t Cc) {
         return weight_of<A>(kh, R, i, h, a.H, ac, sh) * weight_of<A>(kw, Cc, j, w, a.W, ac, sw) *
@@ -1667,12 +1675,17 @@ static int64_t most_readers(int kind, int64_t in, int64_t out, bool ac) {
 
 // The tables of an up-resize's adjoint (up_grad, project_adjoint) from (h, w) to (H, W): *table_h, *table_w
 // readers per level row and column (0: none: an identity, or too large) and their bytes.
+static bool offsets_fit_int(const View4& v, int64_t n, int64_t c, int64_t h, int64_t w);
+
+// (The table paths index in int: the output plane's sizes, entries and offsets (`plane`: grad's) fit.)
 static size_t adjoint_tables(DType dtype, int up_h, int64_t h, int up_w, int64_t w, int64_t H, int64_t W, bool ac,
-                             int64_t* table_h, int64_t* table_w) {
+                             const View4& plane, int64_t* table_h, int64_t* table_w) {
   *table_h = *table_w = 0;
   const bool identity = up_h == static_cast<int>(ResizeKind::Identity) && up_w == up_h;
   constexpr int64_t kSmall = int64_t{1} << 30;
-  if (identity || h >= kSmall || w >= kSmall || H >= kSmall || W >= kSmall) return 0;
+  if (identity || h >= kSmall || w >= kSmall || H >= kSmall || W >= kSmall || H * W > INT32_MAX ||
+      !offsets_fit_int(plane, 1, 1, H, W))
+    return 0;
   const bool dbl = dtype == DType::Double;
   const int64_t th = dbl ? most_readers<double>(up_h, h, H, ac) : most_readers<float>(up_h, h, H, ac);
   const int64_t tw = dbl ? most_readers<double>(up_w, w, W, ac) : most_readers<float>(up_w, w, W, ac);
@@ -1694,7 +1707,7 @@ cudaError_t launch_up_grad(DType dtype, UpGradArgs* args, cudaStream_t stream) {
     ub.block_begin = blocks;
     blocks += ub.channels * ub.chunks;
     const size_t bytes = adjoint_tables(dtype, ub.up_h, ub.h, ub.up_w, ub.w, args->H, args->W, args->align_corners,
-                                        &ub.table_h, &ub.table_w);
+                                        args->grad, &ub.table_h, &ub.table_w);
     smem = bytes > smem ? bytes : smem;
   }
   return launch(dtype, "up_grad", args->N == 0 ? 0 : blocks, smem, *args, stream,
@@ -1920,7 +1933,8 @@ cudaError_t launch_project_adjoint(DType dtype, ProjectAdjointArgs args, cudaStr
     br.block_begin = blocks;
     blocks += ceil_div(args.N * args.k * args.k * args.P * br.h * br.w * br.lanes, kThreads);
     const size_t bytes =
-        adjoint_tables(dtype, br.up_h, br.h, br.up_w, br.w, args.H, args.W, args.align_corners, &br.table_h, &br.table_w);
+        adjoint_tables(dtype, br.up_h, br.h, br.up_w, br.w, args.H, args.W, args.align_corners, args.dpre, &br.table_h,
+                       &br.table_w);
     smem = bytes > smem ? bytes : smem;
   }
   return launch(dtype, "project_adjoint", blocks, smem, args, stream,
