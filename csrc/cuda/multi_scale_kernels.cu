@@ -1160,34 +1160,54 @@ __device__ __forceinline__ void dx_row_tiles(const DxArgs& a, const int2* reader
     const int64_t grad_base = n * a.grad.stride[0] + (a.x_offset + c) * a.grad.stride[1];
     const int dx2 = static_cast<int>(a.dx.stride[2]), dx3 = static_cast<int>(a.dx.stride[3]);
     const int g2 = static_cast<int>(a.grad.stride[2]), g3 = static_cast<int>(a.grad.stride[3]);
-    // This thread's elements p = t, t + kThreads, ... of the tile: (i, j) advanced by carries.
-    const int di = kThreads / W, dj = kThreads % W;
+    // This thread's elements p = t, t + kThreads, ... of the tile, kDxUnroll at a time (their grad and dx
+    // loads in flight together): (i, j) advanced by carries.
+    constexpr int U = kDxUnroll;
+    const int di = kThreads / W, dj = kThreads % W, count = (i_hi - i_lo) * W;
     int i = i_lo + t / W, j = t % W;
-    for (int p = t; p < (i_hi - i_lo) * W; p += kThreads) {
-      S* o = dx + dx_base + (i * dx2 + j * dx3);
-      A val = a.accumulate ? to_acc(*o) : A(0);
-      if (a.x_offset >= 0) val += to_acc(grad[grad_base + (i * g2 + j * g3)]);
-      const int r = i - i_lo, nt = term_n[r];
-      const int* to = term_off + r * K;
-      const A* tw = term_w + r * K;
-#pragma unroll 1
-      for (int k = 0; k < nt; ++k) {
-        const int off = to[k];
-        if (off >= 0) {
-          val = dx_fma(tw[k], sums[off + j], val);
-        } else {
-          const DxBranch& db = a.br[-1 - off];
-          const S* __restrict__ z = cptr<S>(db.dz) + n * db.dz.stride[0] + c * db.dz.stride[1];
-          val += to_acc(z[i * static_cast<int>(db.dz.stride[2]) + j * static_cast<int>(db.dz.stride[3])]);
+    for (int p = t; p < count; p += U * kThreads) {
+      int ii[U], jj[U];
+      bool ok[U];
+      S* o[U];
+      A val[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        ok[u] = p + u * kThreads < count;
+        ii[u] = i;
+        jj[u] = j;
+        o[u] = ok[u] ? dx + dx_base + (i * dx2 + j * dx3) : dx;
+        val[u] = A(0);
+        if (ok[u] && a.accumulate) val[u] = to_acc(*o[u]);
+        if (ok[u] && a.x_offset >= 0) val[u] += to_acc(grad[grad_base + (i * g2 + j * g3)]);
+        i += di;
+        j += dj;
+        if (j >= W) {
+          j -= W;
+          ++i;
         }
       }
-      *o = from_acc<S>(val);
-      i += di;
-      j += dj;
-      if (j >= W) {
-        j -= W;
-        ++i;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (!ok[u]) continue;
+        const int r = ii[u] - i_lo, nt = term_n[r];
+        const int* to = term_off + r * K;
+        const A* tw = term_w + r * K;
+#pragma unroll 1
+        for (int k = 0; k < nt; ++k) {
+          const int off = to[k];
+          if (off >= 0) {
+            val[u] = dx_fma(tw[k], sums[off + jj[u]], val[u]);
+          } else {
+            const DxBranch& db = a.br[-1 - off];
+            const S* __restrict__ z = cptr<S>(db.dz) + n * db.dz.stride[0] + c * db.dz.stride[1];
+            val[u] += to_acc(
+                z[ii[u] * static_cast<int>(db.dz.stride[2]) + jj[u] * static_cast<int>(db.dz.stride[3])]);
+          }
+        }
       }
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (ok[u]) *o[u] = from_acc<S>(val[u]);
     }
   }
 }
