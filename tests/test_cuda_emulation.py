@@ -273,6 +273,8 @@ DRIVER = textwrap.dedent(
         # bin 1 on a larger map: the adjoint's readers split over many lanes; the statistics over chunks
         project_case("proj-psp12-large-map-lanes", (2, 2, 40, 33), bins=(1, 2), k=1, pk=3, P=3,
                      dtype=torch.float32, pstats=True, pbias=False)
+        # a wide map: the adjoint's reader tables past what this build gives them (the path without them)
+        project_case("proj-psp-wide-map-no-tables", (1, 2, 3, 700), bins=(1, (1, 2)), k=1, pk=3, P=2)
         # more than kMaxBranches per-tap branches: two accumulation launches, two adjoint groups
         project_case("proj-nine-branches", (2, 2, 9, 8), bins=(1, 2, 1, 2, 1, 2, 1, 2, 1), k=1, cb=2, P=2, pk=3,
                      pos="none")
@@ -287,6 +289,11 @@ DRIVER = textwrap.dedent(
         case("ms13-k9-cl", (2, 3, 19, 14), factors=(1, 3), k=9, cl=True, stats=True)  # any k: ATen's convolution
         case("ms124-stats-cl-f64", (2, 5, 20, 17), factors=(1, 2, 4), stats=True, cl=True, ac=True, pos="last")
         case("ms14-f16", (2, 4, 12, 12), factors=(1, 4), dtype=torch.float16)
+        # dx's tap tables: bilinear down with align_corners (the last row's two taps on one x row), channels_last,
+        # odd sizes, the int indexing (at most 4096 elements in this build) and the int64 one
+        case("ms124-bilinear-ac-cl-dx-tables", (2, 3, 17, 5), factors=(1, 2, 4), down="bilinear", ac=True, k=1,
+             cl=True, dtype=torch.float32)
+        case("ms13-nearest-dx-int64", (3, 7, 23, 15), factors=(1, 3), down="nearest", k=1, pos="last")
         case("ms12-bf16-stats", (4, 4, 10, 10), factors=(1, 2), dtype=torch.bfloat16, stats=True)
         case("nine-branches", (2, 2, 12, 12), factors=(1, 2, 3, 4, 1, 2, 3, 4, 6), k=1, cb=2, stats=True)
         # Image pooling as autograd runs its backward (msfused._ops.pooled_only): the block on the 1x1 level
@@ -357,6 +364,9 @@ DRIVER = textwrap.dedent(
         case("psp-pairs-nearest-k3-f32", (2, 4, 9, 7), bins=((2, 5), (5, 2), 3), up="nearest", k=3,
              dtype=torch.float32, pos="last", act="silu")
         case("psp-larger-than-map", (3, 3, 5, 5), bins=((8, 6), 20, 1), ac=True, k=3, cl=True)
+        # one-row and one-column maps (levels larger than the map on one axis), both memory orders
+        case("psp-one-row-cl", (3, 5, 1, 7), bins=((1, 3), (2, 9)), k=1, cl=True, pos="last")
+        case("psp-one-column", (2, 3, 13, 1), bins=(1, 3, (5, 2)), k=1)
         case("psp-too-big-for-pool-kernel-cl", (2, 3, 40, 40), bins=(40, 2), k=1, cl=True, stats=True)
         case("psp-mixed-with-factor", (2, 3, 12, 12), factors=(1, 2), bins=(1, 3), k=1, pos="none")
         case("psp-f16", (8, 8, 12, 12), bins=(1, 2, 3, 6), k=1, dtype=torch.float16, stats=True)

@@ -25,13 +25,16 @@
 //                                        [+ norm_grad (1) with batch statistics]
 //                                        + per branch the convolution's backward (ATen: data and weight
 //                                        gradients, bias sum) + dx (1)
-//       up_grad: (channel, chunk) blocks over the level pixels; each level pixel's upsample adjoint is a
+//       up_grad: (channel, chunk) blocks over the level pixels; a block first tabulates every level row's
+//       and column's readers and weights (shared memory); each level pixel's upsample adjoint is a
 //       gather over the output pixels that read it, split over `lanes` threads (up to a block: bin 1
-//       reads the whole map) and combined in a fixed tree; then the activation's (and in eval mode the
-//       folded norm's) backward, dconv written, per-chunk partial sums. reduce_partials combines those in
-//       chunk order (the parameter gradients and the batch-statistics coefficients, csrc/norm.h).
-//       dx: one thread per element, written once: x's slice of grad plus every branch's down-resize
-//       adjoint (a gather, branches in order).
+//       reads the whole map) and combined in a fixed tree (a factor-1 level reads grad itself); then the
+//       activation's (and in eval mode the folded norm's) backward, dconv written, per-chunk partial sums.
+//       reduce_partials combines those in chunk order (the parameter gradients and the batch-statistics
+//       coefficients, csrc/norm.h).
+//       dx: a few blocks per multiprocessor, each tabulating once every x row's and column's readers and
+//       every level row's and column's taps, then walking elements in memory order (grid-stride), each
+//       written once: x's slice of grad plus every branch's down-resize adjoint (a gather, branches in order).
 //
 //   with a projection (csrc/projection.h decides which branch goes per tap; the binding's launch counts:
 //   docs/BACKENDS.md): project_accumulate: a tile of outputs per block (taps tabulated per tile row and
@@ -85,12 +88,37 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxCopyBlocks = 2048;
+constexpr int64_t kDxBlocksPerSM = 4;  // dx's grid: its blocks tabulate once, then walk many elements
+constexpr int kDxUnroll = 4;  // dx: elements per thread at a time
 constexpr int64_t kMaxChunks = 64;  // chunks per channel of a whole-map reduction
 constexpr int64_t kGpuMinChunkElems = 2048;  // values (thread-steps) per chunk at least: 8 per thread
 #ifdef MSFUSED_CUDA_EMULATION
 constexpr int64_t kMinChunkElems = 16;  // small, so that the tests' small maps run several chunks
 #else
 constexpr int64_t kMinChunkElems = kGpuMinChunkElems;
+#endif
+// dx indexes in int up to this many elements (and offsets below 2^31); small in the emulation build, so that
+// its tests run the int64 path too.
+#ifdef MSFUSED_CUDA_EMULATION
+constexpr int64_t kDxNarrowLimit = 4096;
+#else
+constexpr int64_t kDxNarrowLimit = INT32_MAX;
+#endif
+// dx's row tiles hold this many elements at least (else its elements are walked in memory order); small in
+// the emulation build, so that its tests' small maps take them too.
+constexpr int64_t kGpuDxTileMinElems = kThreads;
+#ifdef MSFUSED_CUDA_EMULATION
+constexpr int64_t kDxTileMinElems = 16;
+#else
+constexpr int64_t kDxTileMinElems = kGpuDxTileMinElems;
+#endif
+// up_grad's tables at most (beside its 3-4 KB of static shared arrays); small in the emulation build, so that
+// its tests run the path without them too (the launch plan takes the GPU build's).
+constexpr size_t kGpuUpGradTableBytes = 40 * 1024;
+#ifdef MSFUSED_CUDA_EMULATION
+constexpr size_t kUpGradTableBytes = 2048;
+#else
+constexpr size_t kUpGradTableBytes = kGpuUpGradTableBytes;
 #endif
 
 // ---- dtypes: opmath (accumulation) type and explicit conversions (no implicit half conversions). ----
@@ -665,31 +693,83 @@ __device__ __forceinline__ A weight_of(ResizeKind kind, int64_t o, int64_t i, in
 }
 
 // This lane's share of a sum over the rectangle [I0, I1) x [J0, J1) (a level pixel's readers): the
-// entries lane, lane + G, ... in row-major order, f(I, J) each, summed in that order.
-template <typename A, typename F>
-__device__ __forceinline__ A lane_rectangle_sum(int lane, int G, int64_t I0, int64_t I1, int64_t J0, int64_t J1, F&& f) {
-  const int64_t nJ = J1 - J0, total = (I1 - I0) * nJ;
+// entries lane, lane + G, ... in row-major order, f(I, J) each, summed in that order. Index type I: int
+// where the rectangle's entries count fits (the adjoints' table paths), else int64_t.
+template <typename A, typename I, typename F>
+__device__ __forceinline__ A lane_rectangle_sum(int lane, int G, I I0, I I1, I J0, I J1, F&& f) {
+  const I nJ = J1 - J0, total = (I1 - I0) * nJ;
   A part = A(0);
   if (lane >= total) return part;
-  int64_t I = I0 + lane / nJ, J = J0 + lane % nJ;
-  const int64_t step_i = G / nJ, step_j = G % nJ;
-  for (int64_t r = lane; r < total; r += G) {
-    part += f(I, J);
-    I += step_i;
+  I I_ = I0 + lane / nJ, J = J0 + lane % nJ;
+  const I step_i = G / nJ, step_j = G % nJ;
+  for (I r = lane; r < total; r += G) {
+    part += f(I_, J);
+    I_ += step_i;
     J += step_j;
     if (J >= J1) {
       J -= nJ;
-      ++I;
+      ++I_;
     }
   }
   return part;
 }
 
+// The (n, c, i, j) of a memory-order index of an (N, C, H, W) tensor, advanced by a fixed step with carries
+// (no division per element): digits d0 (fastest), d1, d2 of radices r0, r1, r2 (NCHW: j, i, c;
+// channels_last: c, j, i) and d3 = n, in I (the flat index's type). C, H, W below 2^30 (a digit plus a step
+// digit plus a carry fits int).
+template <bool CL, typename I>
+struct MemoryOrderCursor {
+  int r0, r1, r2, d0, d1, d2, s0, s1, s2;
+  I d3, s3;
+  __device__ __forceinline__ MemoryOrderCursor(I e, I step, int C, int H, int W)
+      : r0(CL ? C : W), r1(CL ? W : H), r2(CL ? H : C) {
+    d0 = static_cast<int>(e % r0), e /= r0, d1 = static_cast<int>(e % r1), e /= r1;
+    d2 = static_cast<int>(e % r2), d3 = e / r2;
+    s0 = static_cast<int>(step % r0), step /= r0, s1 = static_cast<int>(step % r1), step /= r1;
+    s2 = static_cast<int>(step % r2), s3 = step / r2;
+  }
+  __device__ __forceinline__ I n() const { return d3; }
+  __device__ __forceinline__ int c() const { return CL ? d0 : d2; }
+  __device__ __forceinline__ int i() const { return CL ? d2 : d1; }
+  __device__ __forceinline__ int j() const { return CL ? d1 : d0; }
+  __device__ __forceinline__ void advance() {
+    d0 += s0;
+    int carry = d0 >= r0;
+    d0 -= carry ? r0 : 0;
+    d1 += s1 + carry;
+    carry = d1 >= r1;
+    d1 -= carry ? r1 : 0;
+    d2 += s2 + carry;
+    carry = d2 >= r2;
+    d2 -= carry ? r2 : 0;
+    d3 += s3 + carry;
+  }
+};
+
+// The readers of a level row (column) i of an up-resize from in to out, as up_grad's tables hold them: the
+// range [o0, o1) of output rows (columns) and each one's weight_of, at weights[i * width + o - o0].
+template <typename A>
+__device__ __forceinline__ void up_grad_table_entry(ResizeKind kind, int64_t i, int64_t in, int64_t out, bool ac,
+                                                    int64_t width, int2* range, A* weights) {
+  const A scale = linear_scale<A>(in, out, ac);
+  int64_t o0, o1;
+  readers_of<A>(kind, i, in, out, 1, ac, scale, &o0, &o1);
+  range[i] = make_int2(static_cast<int>(o0), static_cast<int>(o1));
+  for (int64_t o = o0; o < o1; ++o) weights[i * width + o - o0] = weight_of<A>(kind, o, i, in, out, ac, scale);
+}
+
+// A block: one channel's chunk of level pixels (n, i, j), kThreads / lanes at a time (rounds), each pixel's
+// readers split over its lanes. With the tables (ub.table_h > 0: launch_up_grad found that they fit) the
+// block first tabulates, per level row and column, its readers and their weights (weight_of: a float
+// resize computation per reader), and the readers' sum reads them (the same products in the same order).
+// An identity branch (a factor-1 level) reads grad itself. The pixel's (n, i, j) advance by carries.
 template <typename S>
 __global__ void __launch_bounds__(kThreads, 1) up_grad_kernel(const __grid_constant__ UpGradArgs a) {
   using A = acc_t<S>;
   __shared__ A s_acc[kThreads];
   __shared__ double s_red[kThreads];
+  MSFUSED_DYNAMIC_SHARED(smem_raw);
   const int64_t blk = blockIdx.x;
   const int b = range_of(blk, a.num_branches, [&](int q) { return a.br[q].block_begin; });
   const UpGradBranch& ub = a.br[b];
@@ -699,6 +779,8 @@ __global__ void __launch_bounds__(kThreads, 1) up_grad_kernel(const __grid_const
   chunk_range(chunk, ub.chunks, a.N * hw, &e0, &e1);
   const bool ac = a.align_corners;
   const ResizeKind kh = static_cast<ResizeKind>(ub.up_h), kw = static_cast<ResizeKind>(ub.up_w);
+  const bool identity = kh == ResizeKind::Identity && kw == ResizeKind::Identity;
+  const bool tables = !identity && ub.table_h > 0;
   const A sh = linear_scale<A>(h, a.H, ac), sw = linear_scale<A>(w, a.W, ac);
   // This channel's norm: the epilogue's alpha, beta; p (dconv = p * dY) and the center of the sums.
   const double mean = ub.batch_stats ? static_cast<double>(param<A>(ub.mean, c, A(0))) : 0.0;
@@ -710,40 +792,69 @@ __global__ void __launch_bounds__(kThreads, 1) up_grad_kernel(const __grid_const
   const A alpha = static_cast<A>(alpha_d), beta = static_cast<A>(beta_d);
   const double ps = ub.batch_stats ? 1.0 : scale;
   const Activation act = static_cast<Activation>(a.activation);
-  const S* grad = cptr<S>(a.grad);
-  const S* pre = cptr<S>(ub.pre);
+  const S* __restrict__ grad = cptr<S>(a.grad);
+  const S* __restrict__ pre = cptr<S>(ub.pre);
   S* dconv = mptr<S>(ub.dconv);
   const int64_t gc = ub.channel_offset + c;
   const int t = threadIdx.x;
   const int G = static_cast<int>(ub.lanes), lane = t % G, per_round = kThreads / G;
+  // Tables: the reader ranges of the h level rows, then of the w columns (int2), then their weights
+  // (table_h per row, table_w per column).
+  int2* ranges = reinterpret_cast<int2*>(smem_raw);
+  A* row_weights = reinterpret_cast<A*>(ranges + (tables ? h + w : 0));
+  A* col_weights = row_weights + (tables ? h * ub.table_h : 0);
+  if (tables) {  // uniform over the block (its branch)
+    for (int64_t q = t; q < h + w; q += kThreads) {
+      if (q < h)
+        up_grad_table_entry<A>(kh, q, h, a.H, ac, ub.table_h, ranges, row_weights);
+      else
+        up_grad_table_entry<A>(kw, q - h, w, a.W, ac, ub.table_w, ranges + h, col_weights);
+    }
+    __syncthreads();
+  }
+  // This thread's pixel, advanced by per_round pixels a round (by carries where the level's sizes fit the
+  // cursor, else divided out).
+  const bool small = h < (int64_t{1} << 30) && w < (int64_t{1} << 30);
+  MemoryOrderCursor<false, int64_t> at(e0 + t / G, per_round, 1, small ? static_cast<int>(h) : 1,
+                                       small ? static_cast<int>(w) : 1);
   double s1 = 0, s2 = 0;
   // Rounds: every thread runs the same number (the barriers of the lane tree are block-wide).
-  for (int64_t base = e0; base < e1; base += per_round) {
+  for (int64_t base = e0; base < e1; base += per_round, at.advance()) {
     const int64_t e = base + t / G;
     const bool valid = e < e1;
-    int64_t n = 0, i = 0, j = 0;
+    int64_t n = at.n(), i = at.i(), j = at.j();
+    if (!small) {
+      n = e / hw;
+      i = e % hw / w;
+      j = e % w;
+    }
     A part = A(0);
     if (valid) {
-      n = e / hw;
-      const int64_t rem = e % hw;
-      i = rem / w;
-      j = rem % w;
-      if (kh == ResizeKind::Identity && kw == ResizeKind::Identity) {
-        part = to_acc(grad[off4<S>(a.grad, n, gc, i, j)]);  // lanes == 1
+      const S* __restrict__ g = grad + n * a.grad.stride[0] + gc * a.grad.stride[1];
+      if (identity) {
+        part = to_acc(g[i * a.grad.stride[2] + j * a.grad.stride[3]]);  // lanes == 1
+      } else if (tables) {
+        // (int indices and in-plane offsets: adjoint_tables checked that they fit)
+        const int2 rows = ranges[i], cols = ranges[h + j];
+        const A* wr = row_weights + i * ub.table_h;
+        const A* wc = col_weights + j * ub.table_w;
+        const int s2 = static_cast<int>(a.grad.stride[2]), s3 = static_cast<int>(a.grad.stride[3]);
+        part = lane_rectangle_sum<A>(lane, G, rows.x, rows.y, cols.x, cols.y, [&](int I, int J) {
+          return wr[I - rows.x] * wc[J - cols.x] * to_acc(g[I * s2 + J * s3]);
+        });
       } else {
         int64_t I0, I1, J0, J1;
         readers_of<A>(kh, i, h, a.H, 1, ac, sh, &I0, &I1);
         readers_of<A>(kw, j, w, a.W, 1, ac, sw, &J0, &J1);
         part = lane_rectangle_sum<A>(lane, G, I0, I1, J0, J1, [&](int64_t I, int64_t J) {
           return weight_of<A>(kh, I, i, h, a.H, ac, sh) * weight_of<A>(kw, J, j, w, a.W, ac, sw) *
-                 to_acc(grad[off4<S>(a.grad, n, gc, I, J)]);
+                 to_acc(g[I * a.grad.stride[2] + J * a.grad.stride[3]]);
         });
       }
     }
     if (G > 1) part = lane_tree_sum(part, s_acc, t, lane, G);
     if (valid && lane == 0) {
-      const int64_t po = off4<S>(ub.pre, n, c, i, j);
-      const A pv = to_acc(pre[po]);
+      const A pv = to_acc(pre[off4<S>(ub.pre, n, c, i, j)]);
       // The reference rounds the activation's incoming gradient to the dtype.
       const A dy = round_to<S>(part) * activate_grad<A>(act, alpha * pv + beta);
       s1 += static_cast<double>(dy);
@@ -811,103 +922,366 @@ __global__ void __launch_bounds__(kThreads, 1) norm_grad_kernel(const __grid_con
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Backward 3: dx, one thread per element, written once (per group of kMaxBranches branches).
+// Backward 3: dx, written once (per group of kMaxBranches branches): x's slice of grad plus every branch's
+// down-resize adjoint, a gather per element (branches in order).
 // Which level rows read x's row i (and columns, column j) is a pair of binary searches over the resize's tap
-// spans, each step a few 64-bit divisions: per element and branch that was most of the kernel's time (the
-// first H200 run: 15 ms for psp_mmseg's backward). Each block therefore tabulates, per branch, the reader
-// ranges of every x row and column and the pooling weights of every level row and column in shared memory
-// (when they fit: dx_tables_bytes), once, and the elements read them.
+// spans, and their weights are the taps' float math: per element that was most of the kernel's time. Each
+// block therefore tabulates once, per branch, the reader range of every x row and column and the taps of
+// every level row and column (DxTap) in shared memory (when they fit: dx_tables_bytes), and then walks
+// elements in a grid-stride loop (the grid capped at kDxBlocksPerSM blocks per multiprocessor, so that the
+// tables serve many elements), in memory order (coalesced), the element's indices advanced by carries
+// (MemoryOrderCursor) instead of divided out. Without the tables every element searches its readers.
 // ---------------------------------------------------------------------------------------------------
-__host__ __device__ inline bool dx_pooling(int kind) {
-  return kind == static_cast<int>(ResizeKind::AvgFactor) || kind == static_cast<int>(ResizeKind::Adaptive);
+// A level row's (column's) taps as the adjoint reads them for x index i: weight l0 if i0 == i or i0 < 0 (any
+// i of its reader range: pooling, nearest, identity), then weight l1 if i1 == i (linear; both when i0 == i1
+// at the last row), in for_each_weight_of's order and arithmetic.
+template <typename A>
+struct DxTap {
+  int i0, i1;
+  A l0, l1;
+};
+
+template <typename A>
+__device__ __forceinline__ DxTap<A> dx_tap(ResizeKind kind, int64_t o, int64_t in, int64_t out, int64_t factor, bool ac) {
+  DxTap<A> t{-1, -1, A(1), A(0)};
+  if (kind == ResizeKind::AvgFactor || kind == ResizeKind::Adaptive) {
+    t.l0 = A(1) / static_cast<A>(pooling_run(kind, o, in, out, factor).count);
+  } else if (kind == ResizeKind::Linear) {
+    int64_t i0, i1;
+    linear_taps<A>(o, in, linear_scale<A>(in, out, ac), ac, &i0, &i1, &t.l0, &t.l1);
+    t.i0 = static_cast<int>(i0);
+    t.i1 = static_cast<int>(i1);
+  }
+  return t;
 }
 
-template <typename S>
+// Element offset of (n, c, i, j) in v, in I (int where launch_dx checked that every offset fits).
+template <typename I>
+__device__ __forceinline__ I dx_offset(const View4& v, I n, I c, I i, I j) {
+  return n * static_cast<I>(v.stride[0]) + c * static_cast<I>(v.stride[1]) + i * static_cast<I>(v.stride[2]) +
+         j * static_cast<I>(v.stride[3]);
+}
+
+// A branch's adjoint at x's (n, c, i, j), added to val, from the block's tables: rows, cols the reader
+// ranges of x's row i and column j; th, tw the taps of the level rows and columns; z the branch's dz at (n, c).
+template <typename S, typename A, typename I>
+__device__ __forceinline__ A dx_branch_tabulated(const S* __restrict__ z, I row_stride, I col_stride, int2 rows,
+                                                  int2 cols, const DxTap<A>* th, const DxTap<A>* tw, int i, int j,
+                                                  A val) {
+  // As the CPU kernel: the width adjoint per level row, then the height adjoint row by row. (Mostly one or
+  // two level rows and columns: not unrolled.)
+  const S* __restrict__ zr = z + static_cast<I>(rows.x) * row_stride;
+#pragma unroll 1
+  for (int oh = rows.x; oh < rows.y; ++oh, zr += row_stride) {
+    const DxTap<A> ty = th[oh];
+    A row = A(0);
+    const S* __restrict__ zc = zr + static_cast<I>(cols.x) * col_stride;
+#pragma unroll 1
+    for (int ow = cols.x; ow < cols.y; ++ow, zc += col_stride) {
+      const DxTap<A> tx = tw[ow];
+      const A v = to_acc(*zc);
+      if (tx.i0 < 0 || tx.i0 == j) row += tx.l0 * v;
+      if (tx.i1 == j) row += tx.l1 * v;
+    }
+    if (ty.i0 < 0 || ty.i0 == i) val += ty.l0 * row;
+    if (ty.i1 == i) val += ty.l1 * row;
+  }
+  return val;
+}
+
+__device__ __forceinline__ bool dx_identity(const DxBranch& db) {
+  return db.down_h == static_cast<int>(ResizeKind::Identity) && db.down_w == static_cast<int>(ResizeKind::Identity);
+}
+
+// A block's grid-stride walk with the tables: kDxUnroll elements per thread at a time (their grad and dx
+// loads in flight together; every branch's parameters read once for them), indices in I.
+template <typename S, bool CL, typename I>
+__device__ __forceinline__ void dx_walk(const DxArgs& a, const int2* readers, const DxTap<acc_t<S>>* taps, I first,
+                                        I step) {
+  using A = acc_t<S>;
+  constexpr int U = kDxUnroll;
+  const I total = static_cast<I>(a.N * a.C * a.H * a.W);
+  const int H = static_cast<int>(a.H), per = static_cast<int>(a.H + a.W);
+  const S* __restrict__ grad = cptr<S>(a.grad);
+  S* dx = mptr<S>(a.dx);
+  MemoryOrderCursor<CL, I> at(first, step, static_cast<int>(a.C), static_cast<int>(a.H), static_cast<int>(a.W));
+  for (I e = first; e < total; e += U * step) {
+    I n[U], ox[U];
+    int c[U], i[U], j[U];
+    bool ok[U];
+    A val[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      ok[u] = e + u * step < total;
+      n[u] = at.n();
+      c[u] = at.c();
+      i[u] = at.i();
+      j[u] = at.j();
+      at.advance();
+      ox[u] = ok[u] ? dx_offset<I>(a.dx, n[u], c[u], i[u], j[u]) : I(0);
+      val[u] = A(0);
+      if (ok[u] && a.accumulate) val[u] = to_acc(dx[ox[u]]);
+      if (ok[u] && a.x_offset >= 0)
+        val[u] += to_acc(grad[dx_offset<I>(a.grad, n[u], static_cast<I>(a.x_offset + c[u]), i[u], j[u])]);
+    }
+    for (int b = 0; b < a.num_branches; ++b) {
+      const DxBranch& db = a.br[b];
+      const S* __restrict__ dz = cptr<S>(db.dz);
+      if (dx_identity(db)) {
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+          if (ok[u]) val[u] += to_acc(dz[dx_offset<I>(db.dz, n[u], c[u], i[u], j[u])]);
+        continue;
+      }
+      const int2* rd = readers + b * per;
+      const DxTap<A>* th = taps + db.weight_base;
+      const DxTap<A>* tw = th + db.level_h;
+      const I s0 = static_cast<I>(db.dz.stride[0]), s1 = static_cast<I>(db.dz.stride[1]);
+      const I s2 = static_cast<I>(db.dz.stride[2]), s3 = static_cast<I>(db.dz.stride[3]);
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (ok[u])
+          val[u] = dx_branch_tabulated<S, A, I>(dz + (n[u] * s0 + c[u] * s1), s2, s3, rd[i[u]], rd[H + j[u]],
+                                                th, tw, i[u], j[u], val[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (ok[u]) dx[ox[u]] = from_acc<S>(val[u]);
+  }
+}
+
+// The same without tables: the readers searched and the weights computed per element.
+template <typename S, typename A>
+__device__ __forceinline__ A dx_branch_direct(const DxBranch& db, const DxArgs& a, int64_t n, int64_t c, int64_t i,
+                                               int64_t j, A val) {
+  const S* dz = cptr<S>(db.dz);
+  const bool ac = a.align_corners;
+  const ResizeKind kh = static_cast<ResizeKind>(db.down_h), kw = static_cast<ResizeKind>(db.down_w);
+  const A sh = linear_scale<A>(a.H, db.level_h, ac), sw = linear_scale<A>(a.W, db.level_w, ac);
+  int64_t O0, O1, P0, P1;
+  readers_of<A>(kh, i, a.H, db.level_h, db.factor, ac, sh, &O0, &O1);
+  readers_of<A>(kw, j, a.W, db.level_w, db.factor, ac, sw, &P0, &P1);
+  for (int64_t oh = O0; oh < O1; ++oh) {
+    auto add_row = [&](A wh) {
+      A row = A(0);
+      for (int64_t ow = P0; ow < P1; ++ow) {
+        const A v = to_acc(dz[off4<S>(db.dz, n, c, oh, ow)]);
+        for_each_weight_of<A>(kw, ow, j, a.W, db.level_w, db.factor, ac, sw, [&](A ww) { row += ww * v; });
+      }
+      val += wh * row;
+    };
+    for_each_weight_of<A>(kh, oh, i, a.H, db.level_h, db.factor, ac, sh, add_row);
+  }
+  return val;
+}
+
+// val + w * row in one rounding on the GPU: the contraction the gather's `val += w * row` compiles to (here
+// the compiler would otherwise share one add between a term's two kinds).
+template <typename A>
+__device__ __forceinline__ A dx_fma(A w, A row, A val) {
+#ifdef __CUDA_ARCH__
+  return fma(w, row, val);
+#else
+  return val + w * row;
+#endif
+}
+
+// NCHW in row tiles (a.tile_rows > 0): a unit is one (n, c) plane's rows [i_lo, i_lo + tile_rows), units
+// dealt to the blocks in turn. The adjoint is separable: per unit, every branch's width adjoint of each level
+// row the tile reads, at every x column (its `row` sum in dx_branch_tabulated, the same arithmetic), goes to
+// shared memory once, and each tile row's list of terms (which sums, times which height tap); then each
+// element adds its row's terms (a few instructions per term, instead of the whole gather per element).
+// In-plane offsets fit int (launch_dx).
+template <typename S, typename A>
+__device__ __forceinline__ void dx_row_tiles(const DxArgs& a, const int2* readers, const DxTap<A>* taps,
+                                             unsigned char* smem) {
+  const int H = static_cast<int>(a.H), W = static_cast<int>(a.W), per = H + W, TH = static_cast<int>(a.tile_rows);
+  const int K = static_cast<int>(a.row_terms);
+  A* sums = reinterpret_cast<A*>(smem + a.sums_at);
+  A* term_w = reinterpret_cast<A*>(smem + a.terms_at);
+  int* term_off = reinterpret_cast<int*>(term_w + TH * K);
+  int* term_n = term_off + TH * K;
+  const int64_t tiles = (a.H + TH - 1) / TH, units = a.N * a.C * tiles;
+  const S* __restrict__ grad = cptr<S>(a.grad);
+  S* dx = mptr<S>(a.dx);
+  const int t = threadIdx.x;
+  for (int64_t unit = blockIdx.x; unit < units; unit += a.blocks) {
+    const int64_t plane = unit / tiles, n = plane / a.C, c = plane % a.C;
+    const int i_lo = static_cast<int>(unit % tiles) * TH, i_hi = i_lo + TH < H ? i_lo + TH : H;
+    __syncthreads();  // the previous unit's sums are read
+    for (int b = 0; b < a.num_branches; ++b) {
+      const DxBranch& db = a.br[b];
+      if (dx_identity(db)) continue;
+      const int2* rd = readers + b * per;
+      const int oh_lo = rd[i_lo].x, oh_hi = rd[i_hi - 1].y > oh_lo ? rd[i_hi - 1].y : oh_lo;
+      const DxTap<A>* tw = taps + db.weight_base + db.level_h;
+      const S* __restrict__ z = cptr<S>(db.dz) + n * db.dz.stride[0] + c * db.dz.stride[1];
+      const int s2 = static_cast<int>(db.dz.stride[2]), s3 = static_cast<int>(db.dz.stride[3]);
+      A* rs = sums + db.sum_base;
+      for (int q = t; q < (oh_hi - oh_lo) * W; q += kThreads) {
+        const int r = q / W, j = q - r * W;
+        const int2 cols = rd[H + j];
+        const S* __restrict__ zr = z + (oh_lo + r) * s2;
+        A row = A(0);
+#pragma unroll 1
+        for (int ow = cols.x; ow < cols.y; ++ow) {
+          const DxTap<A> tx = tw[ow];
+          const A v = to_acc(zr[ow * s3]);
+          if (tx.i0 < 0 || tx.i0 == j) row += tx.l0 * v;
+          if (tx.i1 == j) row += tx.l1 * v;
+        }
+        rs[q] = row;
+      }
+    }
+    // Each tile row's terms, in the order the element adds them: per branch its level rows' sums (offset
+    // into sums) times their height taps, or (offset < 0) an identity branch's dz itself.
+    for (int r = t; r < i_hi - i_lo; r += kThreads) {
+      const int i = i_lo + r;
+      int count = 0;
+      int* to = term_off + r * K;
+      A* tw = term_w + r * K;
+      for (int b = 0; b < a.num_branches; ++b) {
+        const DxBranch& db = a.br[b];
+        if (dx_identity(db)) {
+          to[count] = -1 - b;
+          tw[count++] = A(1);
+          continue;
+        }
+        const int2* rd = readers + b * per;
+        const int2 rows = rd[i];
+        const DxTap<A>* th = taps + db.weight_base;
+        for (int oh = rows.x; oh < rows.y; ++oh) {
+          const DxTap<A> ty = th[oh];
+          const int off = static_cast<int>(db.sum_base) + (oh - rd[i_lo].x) * W;
+          if (ty.i0 < 0 || ty.i0 == i) {
+            to[count] = off;
+            tw[count++] = ty.l0;
+          }
+          if (ty.i1 == i) {
+            to[count] = off;
+            tw[count++] = ty.l1;
+          }
+        }
+      }
+      term_n[r] = count;
+    }
+    __syncthreads();
+    const int64_t dx_base = n * a.dx.stride[0] + c * a.dx.stride[1];
+    const int64_t grad_base = n * a.grad.stride[0] + (a.x_offset + c) * a.grad.stride[1];
+    const int dx2 = static_cast<int>(a.dx.stride[2]), dx3 = static_cast<int>(a.dx.stride[3]);
+    const int g2 = static_cast<int>(a.grad.stride[2]), g3 = static_cast<int>(a.grad.stride[3]);
+    // This thread's elements p = t, t + kThreads, ... of the tile, kDxUnroll at a time (their grad and dx
+    // loads in flight together): (i, j) advanced by carries.
+    constexpr int U = kDxUnroll;
+    const int di = kThreads / W, dj = kThreads % W, count = (i_hi - i_lo) * W;
+    int i = i_lo + t / W, j = t % W;
+    for (int p = t; p < count; p += U * kThreads) {
+      int ii[U], jj[U];
+      bool ok[U];
+      S* o[U];
+      A val[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        ok[u] = p + u * kThreads < count;
+        ii[u] = i;
+        jj[u] = j;
+        o[u] = ok[u] ? dx + dx_base + (i * dx2 + j * dx3) : dx;
+        val[u] = A(0);
+        if (ok[u] && a.accumulate) val[u] = to_acc(*o[u]);
+        if (ok[u] && a.x_offset >= 0) val[u] += to_acc(grad[grad_base + (i * g2 + j * g3)]);
+        i += di;
+        j += dj;
+        if (j >= W) {
+          j -= W;
+          ++i;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (!ok[u]) continue;
+        const int r = ii[u] - i_lo, nt = term_n[r];
+        const int* to = term_off + r * K;
+        const A* tw = term_w + r * K;
+#pragma unroll 1
+        for (int k = 0; k < nt; ++k) {
+          const int off = to[k];
+          if (off >= 0) {
+            val[u] = dx_fma(tw[k], sums[off + jj[u]], val[u]);
+          } else {
+            const DxBranch& db = a.br[-1 - off];
+            const S* __restrict__ z = cptr<S>(db.dz) + n * db.dz.stride[0] + c * db.dz.stride[1];
+            val[u] += to_acc(
+                z[ii[u] * static_cast<int>(db.dz.stride[2]) + jj[u] * static_cast<int>(db.dz.stride[3])]);
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (ok[u]) *o[u] = from_acc<S>(val[u]);
+    }
+  }
+}
+
+// I: int where launch_dx checked that every index and offset fits (with the tables only), else int64_t.
+template <typename S, bool CL, typename I>
 __global__ void __launch_bounds__(kThreads, 1) dx_kernel(const __grid_constant__ DxArgs a) {
   using A = acc_t<S>;
   MSFUSED_DYNAMIC_SHARED(smem_raw);
-  const int64_t total = a.N * a.C * a.H * a.W;
-  const bool ac = a.align_corners;
-  const S* grad = cptr<S>(a.grad);
-  S* dx = mptr<S>(a.dx);
-  // Tables, per branch b: readers[b * (H + W) + r] (rows r < H, then columns), then the weights 1 / count
-  // of every level row and column of a pooling branch at weight_base[b] (A values after the int2 tables).
-  int2* readers = reinterpret_cast<int2*>(smem_raw);
-  A* weights = reinterpret_cast<A*>(readers + a.num_branches * (a.H + a.W));
-  if (a.tables) {
-    const int64_t per = a.H + a.W;
-    for (int64_t idx = threadIdx.x; idx < a.num_branches * per; idx += kThreads) {
-      const DxBranch& db = a.br[idx / per];
-      const int64_t r = idx % per;
-      const bool row = r < a.H;
-      const ResizeKind kind = static_cast<ResizeKind>(row ? db.down_h : db.down_w);
-      const int64_t in = row ? a.H : a.W, out = row ? db.level_h : db.level_w, pos = row ? r : r - a.H;
-      int64_t o0 = pos, o1 = pos + 1;  // Identity: itself
-      if (kind != ResizeKind::Identity)
-        readers_of<A>(kind, pos, in, out, db.factor, ac, linear_scale<A>(in, out, ac), &o0, &o1);
-      readers[idx] = make_int2(static_cast<int>(o0), static_cast<int>(o1));
-    }
-    for (int b = 0; b < a.num_branches; ++b) {
-      const DxBranch& db = a.br[b];
-      for (int64_t q = threadIdx.x; q < db.level_h + db.level_w; q += kThreads) {
-        const bool row = q < db.level_h;
-        const int kind = row ? db.down_h : db.down_w;
-        if (!dx_pooling(kind)) continue;
-        const TapRun run = pooling_run(static_cast<ResizeKind>(kind), row ? q : q - db.level_h, row ? a.H : a.W,
-                                       row ? db.level_h : db.level_w, db.factor);
-        weights[db.weight_base + q] = A(1) / static_cast<A>(run.count);  // as for_each_weight_of
-      }
-    }
-    __syncthreads();
-  }
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (e < total) {
-    int64_t n, c, i, j;
-    unflatten(e, a.C, a.H, a.W, a.channels_last, &n, &c, &i, &j);
-    const int64_t ox = off4<S>(a.dx, n, c, i, j);
-    A val = a.accumulate ? to_acc(dx[ox]) : A(0);
-    if (a.x_offset >= 0) val += to_acc(grad[off4<S>(a.grad, n, a.x_offset + c, i, j)]);
-    for (int b = 0; b < a.num_branches; ++b) {
-      const DxBranch& db = a.br[b];
-      const S* dz = cptr<S>(db.dz);
-      const ResizeKind kh = static_cast<ResizeKind>(db.down_h), kw = static_cast<ResizeKind>(db.down_w);
-      if (kh == ResizeKind::Identity && kw == ResizeKind::Identity) {
-        val += to_acc(dz[off4<S>(db.dz, n, c, i, j)]);
-        continue;
-      }
-      const A sh = linear_scale<A>(a.H, db.level_h, ac), sw = linear_scale<A>(a.W, db.level_w, ac);
-      int64_t O0, O1, P0, P1;
-      if (a.tables) {
-        const int2 rows = readers[b * (a.H + a.W) + i], cols = readers[b * (a.H + a.W) + a.H + j];
-        O0 = rows.x, O1 = rows.y, P0 = cols.x, P1 = cols.y;
-      } else {
-        readers_of<A>(kh, i, a.H, db.level_h, db.factor, ac, sh, &O0, &O1);
-        readers_of<A>(kw, j, a.W, db.level_w, db.factor, ac, sw, &P0, &P1);
-      }
-      // The weight with which level row oh (column ow) reads x's row i (column j): tabulated for pooling
-      // (readers_of's range is exactly the windows holding i), else from the taps.
-      const bool table_h = a.tables && dx_pooling(db.down_h), table_w = a.tables && dx_pooling(db.down_w);
-      // As the CPU kernel: the width adjoint per level row, then the height adjoint row by row.
-      for (int64_t oh = O0; oh < O1; ++oh) {
-        auto add_row = [&](A wh) {
-          A row = A(0);
-          for (int64_t ow = P0; ow < P1; ++ow) {
-            const A v = to_acc(dz[off4<S>(db.dz, n, c, oh, ow)]);
-            if (table_w)
-              row += weights[db.weight_base + db.level_h + ow] * v;
-            else
-              for_each_weight_of<A>(kw, ow, j, a.W, db.level_w, db.factor, ac, sw, [&](A ww) { row += ww * v; });
-          }
-          val += wh * row;
-        };
-        if (table_h)
-          add_row(weights[db.weight_base + oh]);
+  const I first = static_cast<I>(blockIdx.x) * kThreads + static_cast<I>(threadIdx.x);
+  const I step = static_cast<I>(a.blocks * kThreads);
+  // x's element (n, c, i, j): its grad slice and the earlier groups' sum (accumulate) into val.
+  if (!a.tables) {
+    if constexpr (sizeof(I) == sizeof(int)) return;  // launch_dx: never without the tables
+    const int64_t total = a.N * a.C * a.H * a.W;
+    const S* grad = cptr<S>(a.grad);
+    S* dx = mptr<S>(a.dx);
+    for (int64_t e = first; e < total; e += step) {
+      int64_t n, c, i, j;
+      unflatten(e, a.C, a.H, a.W, CL, &n, &c, &i, &j);
+      const int64_t ox = off4<S>(a.dx, n, c, i, j);
+      A val = a.accumulate ? to_acc(dx[ox]) : A(0);
+      if (a.x_offset >= 0) val += to_acc(grad[off4<S>(a.grad, n, a.x_offset + c, i, j)]);
+      for (int b = 0; b < a.num_branches; ++b) {
+        const DxBranch& db = a.br[b];
+        if (dx_identity(db))
+          val += to_acc(cptr<S>(db.dz)[off4<S>(db.dz, n, c, i, j)]);
         else
-          for_each_weight_of<A>(kh, oh, i, a.H, db.level_h, db.factor, ac, sh, add_row);
+          val = dx_branch_direct<S>(db, a, n, c, i, j, val);
       }
+      dx[ox] = from_acc<S>(val);
     }
-    dx[ox] = from_acc<S>(val);
+    return;
   }
+  // Tables, per branch b: readers[b * (H + W) + r] (rows r < H, then columns), then the taps of every level
+  // row and column of every branch at its weight_base (after the int2 tables).
+  int2* readers = reinterpret_cast<int2*>(smem_raw);
+  DxTap<A>* taps = reinterpret_cast<DxTap<A>*>(readers + a.num_branches * (a.H + a.W));
+  const bool ac = a.align_corners;
+  const int per = static_cast<int>(a.H + a.W);
+  for (int idx = threadIdx.x; idx < a.num_branches * per; idx += kThreads) {
+    const DxBranch& db = a.br[idx / per];
+    const int r = idx % per;
+    const bool row = r < a.H;
+    const ResizeKind kind = static_cast<ResizeKind>(row ? db.down_h : db.down_w);
+    const int64_t in = row ? a.H : a.W, out = row ? db.level_h : db.level_w, pos = row ? r : r - a.H;
+    int64_t o0 = pos, o1 = pos + 1;  // Identity: itself
+    if (kind != ResizeKind::Identity)
+      readers_of<A>(kind, pos, in, out, db.factor, ac, linear_scale<A>(in, out, ac), &o0, &o1);
+    readers[idx] = make_int2(static_cast<int>(o0), static_cast<int>(o1));
+  }
+  for (int b = 0; b < a.num_branches; ++b) {
+    const DxBranch& db = a.br[b];
+    for (int64_t q = threadIdx.x; q < db.level_h + db.level_w; q += kThreads) {
+      const bool row = q < db.level_h;
+      taps[db.weight_base + q] = dx_tap<A>(static_cast<ResizeKind>(row ? db.down_h : db.down_w), row ? q : q - db.level_h,
+                                           row ? a.H : a.W, row ? db.level_h : db.level_w, db.factor, ac);
+    }
+  }
+  __syncthreads();
+  if (!CL && a.tile_rows > 0)
+    dx_row_tiles<S, A>(a, readers, taps, smem_raw);
+  else
+    dx_walk<S, CL, I>(a, readers, taps, first, step);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1045,18 +1419,51 @@ __global__ void __launch_bounds__(kThreads, 1) project_adjoint_kernel(const __gr
   const ResizeKind kh = static_cast<ResizeKind>(br.up_h), kw = static_cast<ResizeKind>(br.up_w);
   const A sh = linear_scale<A>(h, a.H, ac), sw = linear_scale<A>(w, a.W, ac);
   const S* dpre = cptr<S>(a.dpre);
+  // The block's tables (as up_grad's: every level row's and column's readers and weights), where they fit.
+  MSFUSED_DYNAMIC_SHARED(smem_raw);
+  const bool tables = br.table_h > 0;
+  int2* ranges = reinterpret_cast<int2*>(smem_raw);
+  A* row_weights = reinterpret_cast<A*>(ranges + (tables ? h + w : 0));
+  A* col_weights = row_weights + (tables ? h * br.table_h : 0);
+  if (tables) {  // uniform over the block (its branch)
+    for (int64_t q = t; q < h + w; q += kThreads) {
+      if (q < h)
+        up_grad_table_entry<A>(kh, q, h, a.H, ac, br.table_h, ranges, row_weights);
+      else
+        up_grad_table_entry<A>(kw, q - h, w, a.W, ac, br.table_w, ranges + h, col_weights);
+    }
+    __syncthreads();
+  }
   A part = A(0);
   if (valid) {
     // The rows and columns of the resized map that read (i, j), kept where the shift lands inside.
     int64_t R0, R1, C0, C1;
-    readers_of<A>(kh, i, h, a.H, 1, ac, sh, &R0, &R1);
-    readers_of<A>(kw, j, w, a.W, 1, ac, sw, &C0, &C1);
+    if (tables) {
+      R0 = ranges[i].x, R1 = ranges[i].y, C0 = ranges[h + j].x, C1 = ranges[h + j].y;
+    } else {
+      readers_of<A>(kh, i, h, a.H, 1, ac, sh, &R0, &R1);
+      readers_of<A>(kw, j, w, a.W, 1, ac, sw, &C0, &C1);
+    }
+    const int64_t first_row = R0, first_col = C0;
     clip_to_shift(dy, a.H, &R0, &R1);
     clip_to_shift(dx, a.W, &C0, &C1);
-    part = lane_rectangle_sum<A>(lane, G, R0, R1, C0, C1, [&](int64_t R, int64_t Cc) {
-      return weight_of<A>(kh, R, i, h, a.H, ac, sh) * weight_of<A>(kw, Cc, j, w, a.W, ac, sw) *
-             to_acc(dpre[off4<S>(a.dpre, n, p, R - dy, Cc - dx)]);
-    });
+    if (tables) {  // int indices and in-plane offsets (adjoint_tables checked that they fit)
+      const A* wr = row_weights + i * br.table_h;
+      const A* wc = col_weights + j * br.table_w;
+      const int fr = static_cast<int>(first_row), fc = static_cast<int>(first_col);
+      const S* __restrict__ plane = dpre + (n * a.dpre.stride[0] + p * a.dpre.stride[1]);
+      const int s2 = static_cast<int>(a.dpre.stride[2]), s3 = static_cast<int>(a.dpre.stride[3]);
+      const int sy = static_cast<int>(dy), sx = static_cast<int>(dx);
+      part = lane_rectangle_sum<A>(lane, G, static_cast<int>(R0), static_cast<int>(R1), static_cast<int>(C0),
+                                   static_cast<int>(C1), [&](int R, int Cc) {
+                                     return wr[R - fr] * wc[Cc - fc] * to_acc(plane[(R - sy) * s2 + (Cc - sx) * s3]);
+                                   });
+    } else {
+      part = lane_rectangle_sum<A>(lane, G, R0, R1, C0, C1, [&](int64_t R, int64_t Cc) {
+        return weight_of<A>(kh, R, i, h, a.H, ac, sh) * weight_of<A>(kw, Cc, j, w, a.W, ac, sw) *
+               to_acc(dpre[off4<S>(a.dpre, n, p, R - dy, Cc - dx)]);
+      });
+    }
   }
   if (G > 1) part = lane_tree_sum(part, s_acc, t, lane, G);
   if (valid && lane == 0) mptr<A>(br.dt)[off4<S>(br.dt, n, ch, i, j)] = part;  // opmath (tap_maps_dtype)
@@ -1286,17 +1693,58 @@ cudaError_t launch_epilogue_up(DType dtype, EpilogueArgs args, cudaStream_t stre
                 [](auto s) { return epilogue_up_kernel<decltype(s)>; });
 }
 
+// The most readers any of the `in` rows (columns) of an up-resize to `out` has: every row's range searched,
+// in opmath A as the kernel does (a few microseconds for the largest maps).
+template <typename A>
+static int64_t most_readers(int kind, int64_t in, int64_t out, bool ac) {
+  const A scale = linear_scale<A>(in, out, ac);
+  int64_t most = 0;
+  for (int64_t i = 0; i < in; ++i) {
+    int64_t o0, o1;
+    readers_of<A>(static_cast<ResizeKind>(kind), i, in, out, 1, ac, scale, &o0, &o1);
+    most = o1 - o0 > most ? o1 - o0 : most;
+  }
+  return most;
+}
+
+// The tables of an up-resize's adjoint (up_grad, project_adjoint) from (h, w) to (H, W): *table_h, *table_w
+// readers per level row and column (0: none: an identity, or too large) and their bytes.
+static bool offsets_fit_int(const View4& v, int64_t n, int64_t c, int64_t h, int64_t w);
+
+// (The table paths index in int: the output plane's sizes, entries and offsets (`plane`: grad's) fit.)
+static size_t adjoint_tables(DType dtype, int up_h, int64_t h, int up_w, int64_t w, int64_t H, int64_t W, bool ac,
+                             const View4& plane, int64_t* table_h, int64_t* table_w) {
+  *table_h = *table_w = 0;
+  const bool identity = up_h == static_cast<int>(ResizeKind::Identity) && up_w == up_h;
+  constexpr int64_t kSmall = int64_t{1} << 30;
+  if (identity || h >= kSmall || w >= kSmall || H >= kSmall || W >= kSmall || H * W > INT32_MAX ||
+      !offsets_fit_int(plane, 1, 1, H, W))
+    return 0;
+  const bool dbl = dtype == DType::Double;
+  const int64_t th = dbl ? most_readers<double>(up_h, h, H, ac) : most_readers<float>(up_h, h, H, ac);
+  const int64_t tw = dbl ? most_readers<double>(up_w, w, W, ac) : most_readers<float>(up_w, w, W, ac);
+  const size_t bytes = static_cast<size_t>(h + w) * sizeof(int2) + static_cast<size_t>(h * th + w * tw) * acc_size(dtype);
+  if (bytes > (recorder_ != nullptr ? kGpuUpGradTableBytes : kUpGradTableBytes)) return 0;
+  *table_h = th;
+  *table_w = tw;
+  return bytes;
+}
+
 cudaError_t launch_up_grad(DType dtype, UpGradArgs* args, cudaStream_t stream) {
   if (!valid_group(*args, args->max_chunks)) return cudaErrorInvalidValue;
   int64_t blocks = 0;
+  size_t smem = 0;
   for (int b = 0; b < args->num_branches; ++b) {
     UpGradBranch& ub = args->br[b];
     ub.lanes = adjoint_lanes(ub.up_h, ub.h, ub.up_w, ub.w, args->H, args->W);
     ub.chunks = reduction_chunks(ub.channels, args->N * ub.h * ub.w * ub.lanes);
     ub.block_begin = blocks;
     blocks += ub.channels * ub.chunks;
+    const size_t bytes = adjoint_tables(dtype, ub.up_h, ub.h, ub.up_w, ub.w, args->H, args->W, args->align_corners,
+                                        args->grad, &ub.table_h, &ub.table_w);
+    smem = bytes > smem ? bytes : smem;
   }
-  return launch(dtype, "up_grad", args->N == 0 ? 0 : blocks, 0, *args, stream,
+  return launch(dtype, "up_grad", args->N == 0 ? 0 : blocks, smem, *args, stream,
                 [](auto s) { return up_grad_kernel<decltype(s)>; });
 }
 
@@ -1353,24 +1801,130 @@ cudaError_t launch_pool_levels(DType dtype, const PoolArgs& args, cudaStream_t s
                 [](auto s) { return pool_levels_kernel<decltype(s)>; });
 }
 
-size_t dx_tables_bytes(DType dtype, DxArgs* args) {
-  int64_t weights = 0;
-  for (int b = 0; b < args->num_branches; ++b) {
-    args->br[b].weight_base = weights;
-    weights += args->br[b].level_h + args->br[b].level_w;
+// Whether every element offset of an (n, c, h, w) view (and each term of it) fits int.
+static bool offsets_fit_int(const View4& v, int64_t n, int64_t c, int64_t h, int64_t w) {
+  const int64_t size[4] = {n, c, h, w};
+  int64_t largest = 0;
+  for (int d = 0; d < 4; ++d) {
+    if (size[d] <= 1) continue;
+    const int64_t stride = v.stride[d] < 0 ? -v.stride[d] : v.stride[d];
+    if (size[d] > INT32_MAX || stride > INT32_MAX) return false;
+    largest += (size[d] - 1) * stride;
   }
+  return largest <= INT32_MAX;
+}
+
+// The most level rows one tile of `rows` x rows reads from branch db (its rows of sums in dx_row_tiles): the
+// reader ranges grow with the row, so a tile's are its first row's start to its last row's end.
+template <typename A>
+static int64_t dx_tile_level_rows(const DxArgs& a, const DxBranch& db, int64_t rows) {
+  const ResizeKind kind = static_cast<ResizeKind>(db.down_h);
+  const A scale = linear_scale<A>(a.H, db.level_h, a.align_corners);
+  auto range = [&](int64_t i, int64_t* o0, int64_t* o1) {
+    *o0 = i, *o1 = i + 1;  // Identity
+    if (kind != ResizeKind::Identity) readers_of<A>(kind, i, a.H, db.level_h, db.factor, a.align_corners, scale, o0, o1);
+  };
+  int64_t most = 0;
+  for (int64_t i0 = 0; i0 < a.H; i0 += rows) {
+    int64_t lo, hi, unused;
+    range(i0, &lo, &unused);
+    range((i0 + rows < a.H ? i0 + rows : a.H) - 1, &unused, &hi);
+    most = hi - lo > most ? hi - lo : most;
+  }
+  return most;
+}
+
+size_t dx_tables_bytes(DType dtype, DxArgs* args) {
+  int64_t taps = 0;
+  for (int b = 0; b < args->num_branches; ++b) {
+    args->br[b].weight_base = taps;
+    taps += args->br[b].level_h + args->br[b].level_w;
+  }
+  const size_t tap_bytes = dtype == DType::Double ? sizeof(DxTap<double>) : sizeof(DxTap<float>);
   return static_cast<size_t>(args->num_branches) * (args->H + args->W) * sizeof(int2) +
-         static_cast<size_t>(weights) * acc_size(dtype);
+         static_cast<size_t>(taps) * tap_bytes;
 }
 
 cudaError_t launch_dx(DType dtype, const DxArgs& args, cudaStream_t stream) {
   if (args.num_branches < 0 || args.num_branches > kMaxBranches) return cudaErrorInvalidValue;
-  // One thread per element; the reader tables in shared memory where they fit (int2: sizes below 2^30).
+  // The tables in shared memory where they fit (int indices, MemoryOrderCursor: sizes below 2^30).
   DxArgs a = args;
   const size_t bytes = dx_tables_bytes(dtype, &a);
-  a.tables = a.num_branches > 0 && bytes <= 48 * 1024 && a.H < (int64_t{1} << 30) && a.W < (int64_t{1} << 30);
-  return launch(dtype, "dx", ceil_div(a.N * a.C * a.H * a.W, kThreads), a.tables ? bytes : 0, a, stream,
-                [](auto s) { return dx_kernel<decltype(s)>; });
+  constexpr int64_t kSmall = int64_t{1} << 30;
+  a.tables = a.num_branches > 0 && bytes <= 48 * 1024 && a.C < kSmall && a.H < kSmall && a.W < kSmall;
+  const int64_t total = a.N * a.C * a.H * a.W;
+  const int64_t past_end = (kDxUnroll + 1) * kDxBlocksPerSM * multiprocessors() * kThreads;  // the walk's overshoot
+  a.narrow = total <= kDxNarrowLimit && total + past_end <= INT32_MAX && offsets_fit_int(a.dx, a.N, a.C, a.H, a.W) &&
+             (a.x_offset < 0 || offsets_fit_int(a.grad, a.N, a.x_offset + a.C, a.H, a.W));
+  for (int b = 0; b < a.num_branches; ++b)
+    a.narrow = a.narrow && offsets_fit_int(a.br[b].dz, a.N, a.C, a.br[b].level_h, a.br[b].level_w);
+  // NCHW: row tiles (dx_row_tiles) of as many rows as keep every block busy and the level-row sums beside the
+  // tables in shared memory.
+  size_t smem = a.tables ? bytes : 0;
+  a.tile_rows = 0;
+  bool plane_int = offsets_fit_int(a.dx, 1, 1, a.H, a.W) && offsets_fit_int(a.grad, 1, 1, a.H, a.W);
+  for (int b = 0; b < a.num_branches; ++b)
+    plane_int = plane_int && offsets_fit_int(a.br[b].dz, 1, 1, a.br[b].level_h, a.br[b].level_w);
+  if (a.tables && !a.channels_last && plane_int) {
+    const size_t sums_at = (bytes + 15) / 16 * 16;
+    const int64_t want_units = kDxBlocksPerSM * multiprocessors();
+    // Terms per x row at most: an identity branch's dz, else a term per reader (two for linear: both taps).
+    int64_t row_terms = 0;
+    for (int b = 0; b < a.num_branches; ++b) {
+      const DxBranch& db = a.br[b];
+      const bool identity = db.down_h == static_cast<int>(ResizeKind::Identity) && db.down_w == db.down_h;
+      const int64_t readers = identity ? 1
+                              : dtype == DType::Double ? dx_tile_level_rows<double>(a, db, 1)
+                                                       : dx_tile_level_rows<float>(a, db, 1);
+      row_terms += db.down_h == static_cast<int>(ResizeKind::Linear) ? 2 * readers : readers;
+    }
+    // (The launch plan: the GPU build's minimum.)
+    const int64_t min_elems = recorder_ != nullptr ? kGpuDxTileMinElems : kDxTileMinElems;
+    for (int64_t rows = a.H; rows >= 1 && rows * a.W >= min_elems; rows = rows == 1 ? 0 : (rows + 1) / 2) {
+      int64_t values = 0;
+      for (int b = 0; b < a.num_branches; ++b) {
+        DxBranch& db = a.br[b];
+        db.sum_base = values;
+        if (db.down_h == static_cast<int>(ResizeKind::Identity) && db.down_w == db.down_h) continue;
+        values += (dtype == DType::Double ? dx_tile_level_rows<double>(a, db, rows)
+                                          : dx_tile_level_rows<float>(a, db, rows)) * a.W;
+      }
+      const size_t terms_at = (sums_at + static_cast<size_t>(values) * acc_size(dtype) + 15) / 16 * 16;
+      const size_t need =
+          terms_at + static_cast<size_t>(rows) * (row_terms * (acc_size(dtype) + sizeof(int)) + sizeof(int));
+      if (need <= 48 * 1024 && (a.N * a.C * ceil_div(a.H, rows) >= want_units || rows == 1)) {
+        a.tile_rows = rows;
+        a.sums_at = static_cast<int64_t>(sums_at);
+        a.terms_at = static_cast<int64_t>(terms_at);
+        a.row_terms = row_terms;
+        smem = need;
+        break;
+      }
+    }
+  }
+  const bool narrow = a.tables && a.narrow;
+  auto kernel_of = [&](auto s) {
+    using T = decltype(s);
+    if (narrow) return a.channels_last ? dx_kernel<T, true, int> : dx_kernel<T, false, int>;
+    return a.channels_last ? dx_kernel<T, true, int64_t> : dx_kernel<T, false, int64_t>;
+  };
+  // As many blocks per multiprocessor as are resident at once (its registers), at most kDxBlocksPerSM: one
+  // wave, each block's share of the elements equal.
+  int64_t per_sm = kDxBlocksPerSM;
+#ifndef MSFUSED_CUDA_EMULATION
+  if (recorder_ == nullptr)
+    dispatch(dtype, [&](auto s) {
+      int resident = 0;
+      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel_of(s), kThreads, smem) == cudaSuccess &&
+          resident >= 1 && resident < per_sm)
+        per_sm = resident;
+      return cudaSuccess;
+    });
+#endif
+  const int64_t need = a.tile_rows > 0 ? a.N * a.C * ceil_div(a.H, a.tile_rows) : ceil_div(total, kThreads);
+  const int64_t cap = per_sm * multiprocessors();
+  a.blocks = need < cap ? need : cap;
+  return launch(dtype, "dx", a.blocks, smem, a, stream, kernel_of);
 }
 
 cudaError_t launch_project_accumulate(DType dtype, const ProjectAccArgs& args, cudaStream_t stream) {
@@ -1406,13 +1960,18 @@ cudaError_t launch_project_accumulate(DType dtype, const ProjectAccArgs& args, c
 cudaError_t launch_project_adjoint(DType dtype, ProjectAdjointArgs args, cudaStream_t stream) {
   if (!valid_group(args) || args.k < 1 || args.k % 2 == 0) return cudaErrorInvalidValue;
   int64_t blocks = 0;
+  size_t smem = 0;
   for (int b = 0; b < args.num_branches; ++b) {
     ProjectAdjointBranch& br = args.br[b];
     br.lanes = adjoint_lanes(br.up_h, br.h, br.up_w, br.w, args.H, args.W);
     br.block_begin = blocks;
     blocks += ceil_div(args.N * args.k * args.k * args.P * br.h * br.w * br.lanes, kThreads);
+    const size_t bytes =
+        adjoint_tables(dtype, br.up_h, br.h, br.up_w, br.w, args.H, args.W, args.align_corners, args.dpre, &br.table_h,
+                       &br.table_w);
+    smem = bytes > smem ? bytes : smem;
   }
-  return launch(dtype, "project_adjoint", blocks, 0, args, stream,
+  return launch(dtype, "project_adjoint", blocks, smem, args, stream,
                 [](auto s) { return project_adjoint_kernel<decltype(s)>; });
 }
 
@@ -1542,15 +2101,16 @@ Parts kernel_cost(const UpGradArgs& a, int64_t, size_t S, size_t) {
   Parts parts;
   for (int b = 0; b < a.num_branches; ++b) {
     const UpGradBranch& ub = a.br[b];
-    // A block: one channel's chunk of level pixels, kThreads / lanes at a time (rounds), each pixel's
-    // readers split over its lanes (then the tree).
+    // A block: its tables (each level row's and column's readers), then one channel's chunk of level pixels,
+    // kThreads / lanes at a time (rounds), each pixel's readers split over its lanes (then the tree).
     const int64_t pixels = a.N * ub.h * ub.w, per_chunk = ceil_div(pixels, ub.chunks);
     const int64_t entries = resize_readers(ub.up_h, ub.h, a.H) * resize_readers(ub.up_w, ub.w, a.W);
     int64_t active, per_pixel;
     lane_split(ub.lanes, entries, per_chunk, &active, &per_pixel);
     const int64_t rounds = ceil_div(per_chunk, kThreads / ub.lanes);
+    const int64_t tables = ub.table_h > 0 ? ceil_div(ub.h + ub.w, kThreads) * max64(ub.table_h, ub.table_w) : 0;
     parts.push_back(part(level_name("branch", b, ub.h, ub.w) + " x " + std::to_string(ub.chunks) + " chunks",
-                         ub.channels * ub.chunks, active, rounds * per_pixel,
+                         ub.channels * ub.chunks, active, tables + rounds * per_pixel,
                          ub.channels * (a.N * a.H * a.W + 2 * pixels) * S,
                          ub.channels * (pixels * S + ub.chunks * 2 * 8)));
   }
@@ -1581,15 +2141,31 @@ Parts kernel_cost(const NormGradArgs& a, int64_t, size_t S, size_t) {
 
 Parts kernel_cost(const DxArgs& a, int64_t blocks, size_t S, size_t) {
   const int64_t total = a.N * a.C * a.H * a.W;
-  // Per element: every branch's readers (level rows x columns), after the block's tables.
-  int64_t serial = a.tables ? ceil_div(a.num_branches * (a.H + a.W), kThreads) : 0;
+  // The block's tables (once), then its grid-stride steps: per element every branch's readers (level rows x
+  // columns).
+  int64_t serial = 0, per_element = 0;
   int64_t read = (a.x_offset >= 0 ? total : 0) + (a.accumulate ? total : 0);
   for (int b = 0; b < a.num_branches; ++b) {
     const DxBranch& db = a.br[b];
-    serial += resize_readers(db.down_h, a.H, db.level_h) * resize_readers(db.down_w, a.W, db.level_w);
+    if (a.tables) serial += ceil_div(a.H + a.W, kThreads) + ceil_div(db.level_h + db.level_w, kThreads);
+    per_element += resize_readers(db.down_h, a.H, db.level_h) * resize_readers(db.down_w, a.W, db.level_w);
     read += a.N * a.C * db.level_h * db.level_w;
   }
-  return {part("every element of dx", blocks, min64(kThreads, total), serial, read * S, total * S)};
+  if (a.tile_rows > 0) {
+    // Row tiles: per unit the level-row sums (each its columns' readers), then per element its level rows.
+    const int64_t units = a.N * a.C * ceil_div(a.H, a.tile_rows);
+    int64_t per_unit = ceil_div(a.tile_rows * a.W, kThreads) * (1 + a.num_branches * 2);
+    for (int b = 0; b < a.num_branches; ++b) {
+      const DxBranch& db = a.br[b];
+      const int64_t sum_rows = ceil_div(db.level_h * a.tile_rows, a.H) + 2;
+      per_unit += ceil_div(sum_rows * a.W, kThreads) * resize_readers(db.down_w, a.W, db.level_w);
+    }
+    serial += ceil_div(units, blocks) * per_unit;
+  } else {
+    serial += ceil_div(total, blocks * kThreads) * max64(per_element, 1);
+  }
+  return {part(a.tile_rows > 0 ? "every element of dx (row tiles)" : "every element of dx", blocks,
+               min64(kThreads, total), serial, read * S, total * S)};
 }
 
 Parts kernel_cost(const ProjectAccArgs& a, int64_t blocks, size_t S, size_t A) {
@@ -1613,6 +2189,7 @@ Parts kernel_cost(const ProjectAdjointArgs& a, int64_t, size_t S, size_t A) {
     const int64_t entries = resize_readers(br.up_h, br.h, a.H) * resize_readers(br.up_w, br.w, a.W);
     int64_t active, serial;
     lane_split(br.lanes, entries, elems, &active, &serial);
+    if (br.table_h > 0) serial += ceil_div(br.h + br.w, kThreads) * max64(br.table_h, br.table_w);  // the tables
     parts.push_back(part(level_name("branch", b, br.h, br.w), ceil_div(elems * br.lanes, kThreads), active, serial,
                          a.N * a.P * a.H * a.W * S, elems * A));
   }

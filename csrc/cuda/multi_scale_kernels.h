@@ -174,6 +174,7 @@ struct UpGradBranch {
   const void* var = nullptr;
   int64_t channel_base = 0;  // this branch's first row in partial
   int64_t chunks = 0, block_begin = 0, lanes = 1;  // filled by the launcher
+  int64_t table_h = 0, table_w = 0;  // filled by the launcher: readers per level row, column in the tables (0: none)
 };
 struct UpGradArgs {
   int64_t N = 0, H = 0, W = 0;
@@ -226,12 +227,14 @@ struct NormGradArgs {
 cudaError_t launch_norm_grad(DType dtype, NormGradArgs args, cudaStream_t stream);
 
 // dx written once: grad's x slice + every branch's adjoint down-resize of dz (the gradient wrt its level;
-// for an identity branch dz is (N, C, H, W) and is added as it is). Gathers, in branch order.
+// for an identity branch dz is (N, C, H, W) and is added as it is). Gathers, in branch order, by a few blocks
+// per multiprocessor, each walking many elements after tabulating the readers and taps once.
 struct DxBranch {
   View4 dz;
   int64_t level_h = 0, level_w = 0, factor = 1;
   int down_h = 0, down_w = 0;
-  int64_t weight_base = 0;  // set by launch_dx: this branch's pooling weights in the shared tables
+  int64_t weight_base = 0;  // set by launch_dx: this branch's taps in the shared tables
+  int64_t sum_base = 0;  // set by launch_dx: this branch's level-row sums (values after sums_at)
 };
 struct DxArgs {
   int64_t N = 0, C = 0, H = 0, W = 0;
@@ -243,6 +246,11 @@ struct DxArgs {
   DxBranch br[kMaxBranches];
   bool accumulate = false;  // add to dx (a later group of branches) instead of writing it
   bool tables = false;  // set by launch_dx: the reader tables in shared memory (they fit)
+  int64_t blocks = 0;  // set by launch_dx: the grid (its blocks walk the elements in a grid-stride loop)
+  bool narrow = false;  // set by launch_dx: every element offset the kernel forms fits int
+  int64_t tile_rows = 0;  // set by launch_dx: NCHW row tiles of this many rows (0: elements in memory order)
+  int64_t sums_at = 0;  // set by launch_dx: the row tiles' level-row sums in shared memory (bytes)
+  int64_t terms_at = 0, row_terms = 0;  // set by launch_dx: the row tiles' terms (bytes), most terms per row
 };
 cudaError_t launch_dx(DType dtype, const DxArgs& args, cudaStream_t stream);
 
@@ -292,6 +300,7 @@ struct ProjectAdjointBranch {
   int64_t h = 0, w = 0;
   int up_h = 0, up_w = 0;
   int64_t lanes = 1, block_begin = 0;  // filled by the launcher
+  int64_t table_h = 0, table_w = 0;  // filled by the launcher: readers per level row, column in the tables (0: none)
 };
 struct ProjectAdjointArgs {
   int64_t N = 0, P = 0, H = 0, W = 0, k = 1;
