@@ -365,6 +365,17 @@ DRIVER = textwrap.dedent(
         case("psp12-large-map-lanes-chunks", (3, 2, 70, 45), bins=(1, 2), k=1, stats=True, dtype=torch.float32)
         # dx's reader tables (H + W entries per branch) past the shared memory it gives them: per element
         case("psp-dx-tables-do-not-fit", (2, 2, 3, 3100), bins=(1, (1, 5)), k=1, pos="last")
+        # pool_levels' tiles (csrc/cuda/multi_scale_kernels.cu, pool_tile): NCHW takes 4 channels x up to 64
+        # columns per chunk, the rest of the block as row groups; channels_last 32 channels x up to 8 columns
+        # (N * channel groups >= 4 here: the pooling kernel, not the gathers). W past the chunk (two chunks, a
+        # channel group not full); W below it (row groups, more of them than rows); one-row and one-column
+        # maps; bins past the map; no copy of x.
+        case("pool-nchw-two-chunks-odd", (2, 7, 13, 70), bins=(1, 2, 3, 6), k=1, pos="last", dtype=torch.float32)
+        case("pool-nchw-row-groups-bins-past-map", (2, 5, 9, 3), bins=(12, (1, 4)), k=1, pos="none")
+        case("pool-nchw-one-column", (2, 6, 17, 1), bins=(1, (5, 2)), k=1)
+        case("pool-nchw-one-row-bf16", (2, 5, 1, 23), bins=(1, 3), k=1, dtype=torch.bfloat16)
+        case("pool-cl-three-chunks", (4, 3, 11, 20), bins=(1, 2, 6), k=1, cl=True, dtype=torch.float32)
+        case("pool-cl-row-groups-bins-past-map", (4, 2, 3, 7), bins=((5, 9), 1), k=1, cl=True, pos="none")
     """
 )
 

@@ -203,22 +203,100 @@ __device__ __forceinline__ void unflatten(int64_t e, int64_t C, int64_t H, int64
 
 // ---------------------------------------------------------------------------------------------------
 // Forward: every bins level from one read of x (and x's slice of the output).
-// Block: one n and CG channels; threads: CG channels x TJ columns (channels fastest for channels_last,
-// columns fastest for NCHW, so the reads coalesce). Per column chunk each thread sums its column over
-// every bin row it falls in (shared memory, a slot per thread), then the bins add their columns.
-// Shared memory: colsum [rows][kThreads], bins [bins][CG], row table [H][branches] (int2).
+// Block: one n and CG channels; threads: CG channels x RG row groups x TJ columns (pool_tile; channels
+// fastest for channels_last, columns fastest for NCHW, so the reads coalesce; row groups keep every thread
+// busy when W < TJ's most). Per column chunk each thread walks its column down its row group's rows: the
+// rows are cut into segments (the runs of rows that lie in the same bin rows of every branch), a segment's
+// values are summed in a register (kPoolUnroll independent loads in flight: restrict pointers) and the sum
+// is added to each bin row the segment lies in (shared memory, a slot per thread); then the bins add their
+// columns of the chunk, row groups in order, columns in order (a fixed order: deterministic).
+// Shared memory: colsum [rows][kThreads], bins [bins][CG], per row of x: its bin rows per branch (int2)
+// and its segment's end (int).
 // ---------------------------------------------------------------------------------------------------
 __host__ __device__ inline int pool_group(bool cl) { return cl ? 32 : 4; }
+constexpr int kPoolUnroll = 8;
+
+// Columns per chunk (TJ, a power of two, up to kThreads / CG) and row groups (RG = kThreads / (CG * TJ)).
+__host__ __device__ inline void pool_tile(bool cl, int64_t W, int* TJ, int* RG) {
+  const int most = kThreads / pool_group(cl);
+  int tj = 1;
+  while (tj < most && tj < W) tj *= 2;
+  *TJ = tj;
+  *RG = most / tj;
+}
+
+// floor(p / q) for 0 <= p, 0 < q: 32-bit where both fit (a 64-bit division is a long software sequence).
+__device__ __forceinline__ int64_t pool_div(int64_t p, int64_t q) {
+  if (p <= int64_t{0xFFFFFFFF} && q <= int64_t{0xFFFFFFFF})
+    return static_cast<int64_t>(static_cast<uint32_t>(p) / static_cast<uint32_t>(q));
+  return p / q;
+}
+
+// Rows [0, m) (m <= kPoolUnroll; Full: m == kPoolUnroll) of one column from *p (row stride sh) added to acc
+// in row order, and copied to *q (row stride osh) if Copy; p and q advanced past them. Every load is issued
+// before the first add (restrict: the stores do not alias x), so m loads are in flight at once.
+template <bool Copy, bool Full, typename S, typename A>
+__device__ __forceinline__ void pool_rows(const S* __restrict__& p, S* __restrict__& q, int64_t sh, int64_t osh,
+                                          int m, A& acc) {
+  S v[kPoolUnroll];
+  const S* __restrict__ pk = p;
+#pragma unroll
+  for (int k = 0; k < kPoolUnroll; ++k) {
+    if (Full || k < m) v[k] = *pk;
+    pk += sh;
+  }
+  S* __restrict__ qk = q;
+#pragma unroll
+  for (int k = 0; k < kPoolUnroll; ++k) {
+    if (Full || k < m) {
+      if (Copy) *qk = v[k];
+      acc += to_acc(v[k]);
+    }
+    qk += osh;
+  }
+  p += m * sh;
+  q += m * osh;
+}
+
+// One column's rows [lo, hi) of x (xp: its row 0; sh, osh: the row strides of x and out), copied to out
+// (Copy) and summed per segment, each segment's sum added to the slots colsum[row * kThreads] of its bin
+// rows (this thread's).
+template <bool Copy, typename S, typename A>
+__device__ __forceinline__ void pool_column(const S* __restrict__ xp, S* __restrict__ op, int64_t sh, int64_t osh,
+                                            int64_t lo, int64_t hi, const int2* rows, const int* seg_end, int nb,
+                                            const PoolBranch* br, A* colsum) {
+  const S* __restrict__ p = xp + lo * sh;
+  S* __restrict__ q = op + (Copy ? lo * osh : 0);
+  for (int64_t i = lo; i < hi;) {
+    const int64_t first = i, e = seg_end[i] < hi ? seg_end[i] : hi;
+    A acc = A(0);
+    for (; i + kPoolUnroll <= e; i += kPoolUnroll) pool_rows<Copy, true>(p, q, sh, osh, kPoolUnroll, acc);
+    if (i < e) pool_rows<Copy, false>(p, q, sh, osh, static_cast<int>(e - i), acc);
+    i = e;
+    for (int b = 0; b < nb; ++b) {
+      const int2 span = rows[first * nb + b];
+      A* slot = colsum + br[b].row_base * kThreads;
+      for (int rr = span.x; rr < span.y; ++rr) slot[rr * kThreads] += acc;
+    }
+  }
+}
 
 template <typename S>
 __global__ void __launch_bounds__(kThreads, 1) pool_levels_kernel(const __grid_constant__ PoolArgs a) {
   using A = acc_t<S>;
   MSFUSED_DYNAMIC_SHARED(smem_raw);
   const bool cl = a.x_channels_last;
-  const int CG = pool_group(cl), TJ = kThreads / CG;
+  int TJ, RG;
+  pool_tile(cl, a.W, &TJ, &RG);
+  const int CG = pool_group(cl);
   const int t = threadIdx.x;
-  const int g = cl ? t % CG : t / TJ;
-  const int jj = cl ? t / CG : t % TJ;
+  const int g = cl ? t % CG : t / (RG * TJ);
+  const int rg = cl ? t / (CG * TJ) : (t / TJ) % RG;
+  const int jj = cl ? (t / CG) % TJ : t % TJ;
+  // The slot of column jx (of the chunk), channel gg, row group rgg.
+  auto lane_of = [&](int gg, int rgg, int64_t jx) {
+    return cl ? (rgg * TJ + static_cast<int>(jx)) * CG + gg : (gg * RG + rgg) * TJ + static_cast<int>(jx);
+  };
   const int64_t groups = (a.C + CG - 1) / CG;
   const int64_t n = blockIdx.x / groups, c0 = (blockIdx.x % groups) * CG, c = c0 + g;
   const int nb = a.num_branches;
@@ -227,32 +305,45 @@ __global__ void __launch_bounds__(kThreads, 1) pool_levels_kernel(const __grid_c
   A* colsum = reinterpret_cast<A*>(smem_raw);
   A* bins = colsum + R * kThreads;
   int2* rows = reinterpret_cast<int2*>(bins + Bt * CG);
+  int* seg_end = reinterpret_cast<int*>(rows + a.H * nb);
 
-  for (int64_t idx = t; idx < a.H * nb; idx += kThreads) {
-    const int64_t i = idx / nb;
-    const PoolBranch& pb = a.br[idx % nb];
-    int64_t r0, r1;
-    readers_of<A>(ResizeKind::Adaptive, i, a.H, pb.level_h, 1, false, A(0), &r0, &r1);
-    rows[idx] = make_int2(static_cast<int>(r0), static_cast<int>(r1));
+  // Per row i of x: the bin rows [r0, r1) of each branch that read it (adaptive windows: r0 = floor(i h / H),
+  // r1 = ceil((i + 1) h / H)), and the end of its segment: the next row where some branch's r0 or r1 changes
+  // (r0 at end(r0), r1 at start(r1)).
+  for (int64_t i = t; i < a.H; i += kThreads) {
+    int64_t next = a.H;
+    for (int b = 0; b < nb; ++b) {
+      const int64_t h = a.br[b].level_h;
+      const int64_t r0 = pool_div(i * h, a.H);
+      int64_t r1 = pool_div((i + 1) * h + a.H - 1, a.H);
+      r1 = r1 < h ? r1 : h;
+      rows[i * nb + b] = make_int2(static_cast<int>(r0), static_cast<int>(r1));
+      const int64_t e0 = adaptive_end(r0, h, a.H);
+      next = e0 < next ? e0 : next;
+      if (r1 < h) {
+        const int64_t s1 = adaptive_start(r1, h, a.H);
+        next = s1 < next ? s1 : next;
+      }
+    }
+    seg_end[i] = static_cast<int>(next);
   }
   for (int64_t idx = t; idx < Bt * CG; idx += kThreads) bins[idx] = A(0);
   __syncthreads();
 
+  // This thread's rows: its row group's share of H.
+  const int64_t lo = pool_div(rg * a.H, RG), hi = pool_div((rg + 1) * a.H, RG);
   const S* x = cptr<S>(a.x);
   S* out = mptr<S>(a.out);
   for (int64_t j0 = 0; j0 < a.W; j0 += TJ) {
     const int64_t j = j0 + jj;
-    for (int64_t rr = 0; rr < R; ++rr) colsum[rr * kThreads + t] = A(0);
+    for (int64_t rr = 0; rr < R; ++rr) colsum[rr * kThreads + t] = A(0);  // its own slots
     if (j < a.W && c < a.C) {
-      for (int64_t i = 0; i < a.H; ++i) {
-        const S xv = x[off4<S>(a.x, n, c, i, j)];
-        if (a.x_offset >= 0) out[off4<S>(a.out, n, a.x_offset + c, i, j)] = xv;
-        const A val = to_acc(xv);
-        for (int b = 0; b < nb; ++b) {
-          const int2 span = rows[i * nb + b];
-          const int64_t base = a.br[b].row_base;
-          for (int rr = span.x; rr < span.y; ++rr) colsum[(base + rr) * kThreads + t] += val;
-        }
+      const S* xp = x + n * a.x.stride[0] + c * a.x.stride[1] + j * a.x.stride[3];
+      if (a.x_offset >= 0) {
+        S* op = out + n * a.out.stride[0] + (a.x_offset + c) * a.out.stride[1] + j * a.out.stride[3];
+        pool_column<true>(xp, op, a.x.stride[2], a.out.stride[2], lo, hi, rows, seg_end, nb, a.br, colsum + t);
+      } else {
+        pool_column<false>(xp, out, a.x.stride[2], 0, lo, hi, rows, seg_end, nb, a.br, colsum + t);
       }
     }
     __syncthreads();
@@ -265,12 +356,14 @@ __global__ void __launch_bounds__(kThreads, 1) pool_levels_kernel(const __grid_c
       const PoolBranch& pb = a.br[b];
       const int64_t q = k - pb.bin_base, row = pb.row_base + q / pb.level_w, col = q % pb.level_w;
       const int64_t cs = adaptive_start(col, pb.level_w, a.W), ce = adaptive_end(col, pb.level_w, a.W);
-      const int64_t lo = cs > j0 ? cs : j0, hi = ce < j0 + TJ ? ce : j0 + TJ;
+      const int64_t jlo = cs > j0 ? cs : j0, jhi = ce < j0 + TJ ? ce : j0 + TJ;
+      const A* slots = colsum + row * kThreads;
       A s = A(0);
-      for (int64_t jx = lo; jx < hi; ++jx) s += colsum[row * kThreads + (cl ? (jx - j0) * CG + gg : gg * TJ + (jx - j0))];
+      for (int rgg = 0; rgg < RG; ++rgg)
+        for (int64_t jx = jlo; jx < jhi; ++jx) s += slots[lane_of(gg, rgg, jx - j0)];
       bins[idx] += s;
     }
-    __syncthreads();
+    __syncthreads();  // colsum read before the next chunk clears it
   }
   for (int64_t idx = t; idx < Bt * CG; idx += kThreads) {
     const int gg = static_cast<int>(idx % CG);
@@ -1089,14 +1182,15 @@ size_t pool_shared_bytes(DType dtype, PoolArgs* args) {
     rows += args->br[b].level_h;
     bins += args->br[b].level_h * args->br[b].level_w;
   }
-  // A table entry is an int2 of bin-row indices: levels must fit in int.
+  // A table entry is an int2 of bin-row indices and an int row: levels and H must fit in int.
+  if (args->H >= (int64_t{1} << 30)) return SIZE_MAX;
   for (int b = 0; b < args->num_branches; ++b)
     if (args->br[b].level_h >= (int64_t{1} << 30)) return SIZE_MAX;
   const size_t acc = acc_size(dtype);
   const size_t bytes = static_cast<size_t>(rows) * kThreads * acc +
                        static_cast<size_t>(bins) * pool_group(args->x_channels_last) * acc;
-  const size_t aligned = (bytes + 7) / 8 * 8;  // int2 table after the accumulators
-  return aligned + static_cast<size_t>(args->H) * args->num_branches * sizeof(int2);
+  const size_t aligned = (bytes + 7) / 8 * 8;  // int2 table after the accumulators, then the segment ends
+  return aligned + static_cast<size_t>(args->H) * (args->num_branches * sizeof(int2) + sizeof(int));
 }
 
 cudaError_t launch_pool_levels(DType dtype, const PoolArgs& args, cudaStream_t stream) {
@@ -1198,15 +1292,19 @@ void lane_split(int64_t lanes, int64_t entries, int64_t elems, int64_t* active, 
 }
 
 Parts kernel_cost(const PoolArgs& a, int64_t blocks, size_t S, size_t) {
-  // One block per (n, channel group): per chunk of TJ columns, each thread walks its column down every row
-  // (adding to each branch's bin row), then the block's bins add their columns of the chunk.
-  const int CG = pool_group(a.x_channels_last), TJ = kThreads / CG;
+  // One block per (n, channel group): the row table (a row per thread), then per chunk of TJ columns each
+  // thread walks its column down its row group's rows (a segment's sum added to its bin rows), then the
+  // block's bins add their columns of the chunk (every row group's).
+  const int CG = pool_group(a.x_channels_last);
+  int TJ, RG;
+  pool_tile(a.x_channels_last, a.W, &TJ, &RG);
   int64_t level_elems = 0;
   for (int b = 0; b < a.num_branches; ++b) level_elems += a.br[b].level_h * a.br[b].level_w;
   const int64_t x_elems = a.N * a.C * a.H * a.W;
-  const int64_t per_chunk = a.H * a.num_branches + ceil_div(level_elems * CG, kThreads) * TJ;
+  const int64_t per_chunk = ceil_div(a.H, RG) + ceil_div(level_elems * CG, kThreads) * RG * min64(TJ, a.W);
   return {part("x: every bins level" + std::string(a.x_offset >= 0 ? " + x's copy" : ""), blocks,
-               min64(CG, a.C) * min64(TJ, a.W), ceil_div(a.W, TJ) * per_chunk, x_elems * S,
+               min64(CG, a.C) * min64(TJ, a.W) * min64(RG, a.H),
+               ceil_div(a.H, kThreads) * a.num_branches + ceil_div(a.W, TJ) * per_chunk, x_elems * S,
                (a.N * a.C * level_elems + (a.x_offset >= 0 ? x_elems : 0)) * S)};
 }
 
