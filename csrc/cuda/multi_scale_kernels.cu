@@ -9,11 +9,12 @@
 // Launches per call (per group of up to kMaxBranches = 8 branches; B = the number of branches):
 //
 //   forward ............................ levels (1) + B convolutions (ATen) + epilogue_up (1)
-//       levels: one read of x computes every level (a gather of the down-resize's taps per level element;
-//       a large pooling window, e.g. bin 1, split over up to 256 lanes combined in a fixed tree) and copies
-//       x into its slice of the output; for bins branches pool_levels does that instead where its blocks
-//       (one per (n, channel group), each walking the whole map once, column sums in shared memory) fill
-//       the GPU; a pyramid mixing factor and bins branches may take both (2). epilogue_up: one thread per output
+//       levels: one read of x computes every level (a gather of the down-resize's taps per level element,
+//       4 elements per thread; a large pooling window, e.g. bin 1, split over up to 256 lanes combined in a
+//       fixed tree) and copies x into its slice of the output; for bins branches pool_levels does that
+//       instead where its blocks (one per (n, channel group), each walking the whole map once: per thread a
+//       column's rows in segments summed in registers, column sums per bin row in shared memory) fill the
+//       GPU; a pyramid mixing factor and bins branches may take both (2). epilogue_up: one thread per output
 //       element of every branch: bias is already in the convolution output; norm (alpha, beta),
 //       activation and the up-resize's taps, written straight into the branch's channel slice.
 //   forward with batch statistics ...... + stats_partial (1) + merge_stats (1, per-channel)
@@ -399,17 +400,121 @@ __device__ __forceinline__ int range_of(int64_t k, int count, const Ranges& firs
 // ---------------------------------------------------------------------------------------------------
 // Forward: the levels as gathers from x, and x's slice of the output (extra blocks).
 // A level element's taps are read by `lanes` threads (pooling windows: bins on a large map; 1 otherwise)
-// whose sums are combined in a fixed tree.
+// whose sums are combined in a fixed tree. With one lane, a thread takes kLevelPerThread elements (the
+// branch's constants once), reads a pooling window in tiles of 2 x 2 or 4 x 4 taps (every load of a tile in
+// flight at once), and finds an element's indices with three multiply-high divisions (LevelDivisor).
+// The copy: x's elements in memory order, kLevelUnroll per thread and step, each one's place in out from one
+// multiply-high division (copy_flat), else from its four indices.
 // ---------------------------------------------------------------------------------------------------
+constexpr int kLevelPerThread = 4;  // level elements per thread (one lane each), kThreads apart
+constexpr int kLevelUnroll = 4;
+
+__device__ __forceinline__ uint32_t level_div(uint32_t n, const LevelDivisor& d) {
+#ifdef MSFUSED_CUDA_EMULATION
+  const uint32_t hi = static_cast<uint32_t>((static_cast<uint64_t>(n) * d.magic) >> 32);
+#else
+  const uint32_t hi = __umulhi(n, d.magic);
+#endif
+  return (hi + n) >> d.shift;
+}
+
+// Element e (< 2^31) of an (N, C, h, w) tensor in memory order, as unflatten, with the dividers of C, h, w.
+__device__ __forceinline__ void level_unflatten(uint32_t e, const LevelDivisor& dc, const LevelDivisor& dh,
+                                                const LevelDivisor& dw, bool cl, int64_t* n, int64_t* c,
+                                                int64_t* i, int64_t* j) {
+  const LevelDivisor& d0 = cl ? dc : dw;  // the fastest index's
+  const LevelDivisor& d1 = cl ? dw : dh;
+  const LevelDivisor& d2 = cl ? dh : dc;
+  const uint32_t q0 = level_div(e, d0), q1 = level_div(q0, d1), q2 = level_div(q1, d2);
+  const uint32_t r0 = e - q0 * d0.d, r1 = q0 - q1 * d1.d, r2 = q1 - q2 * d2.d;
+  *n = q2;
+  if (cl) {
+    *c = r0;
+    *j = r1;
+    *i = r2;
+  } else {
+    *j = r0;
+    *i = r1;
+    *c = r2;
+  }
+}
+
+// One tile of a pooling window: rows [0, ni) x columns [0, nj) (ni, nj <= T) of x at p (strides sh, sw), each
+// column's rows weighted by wh and added to col[column] in row order; every load issued before the first add.
+template <int T, typename S, typename A>
+__device__ __forceinline__ void level_tile(const S* __restrict__ p, int64_t sh, int64_t sw, int ni, int nj, A wh,
+                                           A* col) {
+  S v[T][T];
+#pragma unroll
+  for (int jj = 0; jj < T; ++jj)
+#pragma unroll
+    for (int ii = 0; ii < T; ++ii)
+      if (jj < nj && ii < ni) v[jj][ii] = p[ii * sh + jj * sw];
+#pragma unroll
+  for (int jj = 0; jj < T; ++jj)
+#pragma unroll
+    for (int ii = 0; ii < T; ++ii)
+      if (jj < nj && ii < ni) col[jj] += wh * to_acc(v[jj][ii]);
+}
+
+// The pooling window [rs, rs + rc) x [cs, cs + cc) of x at base (strides sh, sw) as the general path sums it
+// (each column's rows weighted by wh, then the columns weighted by ww, in order), T x T loads at a time (one
+// tile without loops where the window fits it).
+template <int T, typename S, typename A>
+__device__ __forceinline__ A level_window(const S* __restrict__ base, int64_t sh, int64_t sw, int64_t rs, int64_t rc,
+                                          int64_t cs, int64_t cc, A wh, A ww) {
+  A acc = A(0);
+  A col[T];
+  if (rc <= T && cc <= T) {
+#pragma unroll
+    for (int jj = 0; jj < T; ++jj) col[jj] = A(0);
+    level_tile<T>(base + rs * sh + cs * sw, sh, sw, static_cast<int>(rc), static_cast<int>(cc), wh, col);
+#pragma unroll
+    for (int jj = 0; jj < T; ++jj)
+      if (jj < cc) acc += ww * col[jj];
+    return acc;
+  }
+  for (int64_t j0 = 0; j0 < cc; j0 += T) {
+#pragma unroll
+    for (int jj = 0; jj < T; ++jj) col[jj] = A(0);
+    const int nj = cc - j0 < T ? static_cast<int>(cc - j0) : T;
+    const S* __restrict__ pc = base + (cs + j0) * sw;
+    for (int64_t i0 = 0; i0 < rc; i0 += T)
+      level_tile<T>(pc + (rs + i0) * sh, sh, sw, rc - i0 < T ? static_cast<int>(rc - i0) : T, nj, wh, col);
+#pragma unroll
+    for (int jj = 0; jj < T; ++jj)
+      if (jj < nj) acc += ww * col[jj];
+  }
+  return acc;
+}
+
 template <typename S>
 __global__ void __launch_bounds__(kThreads, 1) levels_kernel(const __grid_constant__ LevelArgs a) {
   using A = acc_t<S>;
   __shared__ A s_acc[kThreads];
   const int64_t blk = blockIdx.x;
-  const S* x = cptr<S>(a.x);
+  const S* __restrict__ x = cptr<S>(a.x);
   if (blk < a.copy_blocks) {  // x into out[:, x_offset : x_offset + C], grid-stride
     const int64_t total = a.N * a.C * a.H * a.W;
-    S* out = mptr<S>(a.out);
+    S* __restrict__ out = mptr<S>(a.out);
+    if (a.copy_flat) {  // 32-bit element indices (x below 2^31 elements; the step below 2^21)
+      S* __restrict__ dst = out + a.x_offset * a.out.stride[1];
+      const int64_t gap = a.copy_run_stride - a.copy_run;
+      const uint32_t total32 = static_cast<uint32_t>(total);
+      const uint32_t step = static_cast<uint32_t>(a.copy_blocks) * kThreads * kLevelUnroll;
+      for (uint32_t e0 = static_cast<uint32_t>(blk) * kThreads * kLevelUnroll + threadIdx.x; e0 < total32; e0 += step) {
+        S v[kLevelUnroll];
+#pragma unroll
+        for (int k = 0; k < kLevelUnroll; ++k)
+          if (e0 + k * kThreads < total32) v[k] = x[e0 + k * kThreads];
+#pragma unroll
+        for (int k = 0; k < kLevelUnroll; ++k) {
+          const uint32_t e = e0 + k * kThreads;
+          if (e < total32) dst[static_cast<int64_t>(level_div(e, a.div_run)) * gap + e] = v[k];
+        }
+      }
+      return;
+    }
     for (int64_t e = blk * kThreads + threadIdx.x; e < total; e += a.copy_blocks * kThreads) {
       int64_t n, c, i, j;
       unflatten(e, a.C, a.H, a.W, a.x_channels_last, &n, &c, &i, &j);
@@ -420,49 +525,84 @@ __global__ void __launch_bounds__(kThreads, 1) levels_kernel(const __grid_consta
   const int64_t lb = blk - a.copy_blocks;
   const int b = range_of(lb, a.num_branches, [&](int q) { return a.br[q].block_begin; });
   const LevelBranch& br = a.br[b];
-  const int64_t h = br.level_h, w = br.level_w;
+  const int64_t h = br.level_h, w = br.level_w, elems = a.N * a.C * h * w;
   const int t = threadIdx.x, G = static_cast<int>(br.lanes), lane = t % G;
-  const int64_t e = (lb - br.block_begin) * (kThreads / G) + t / G;
-  const bool valid = e < a.N * a.C * h * w;  // (uniform control flow below: the lane tree has barriers)
-  int64_t n = 0, c = 0, y = 0, xx = 0;
-  if (valid) unflatten(e, a.C, h, w, a.x_channels_last, &n, &c, &y, &xx);
-  const bool ac = a.align_corners;
-  const A scale_h = linear_scale<A>(a.H, h, ac), scale_w = linear_scale<A>(a.W, w, ac);
+  const bool ac = a.align_corners, cl = a.x_channels_last;
   const ResizeKind kh = static_cast<ResizeKind>(br.down_h), kw = static_cast<ResizeKind>(br.down_w);
-  const S* base = x + n * a.x.stride[0] + c * a.x.stride[1];
+  const bool pool_h = kh == ResizeKind::AvgFactor || kh == ResizeKind::Adaptive;
+  const bool pool_w = kw == ResizeKind::AvgFactor || kw == ResizeKind::Adaptive;
   const int64_t sh = a.x.stride[2], sw = a.x.stride[3];
+  // Element e's indices (n, c, y, xx) and x's plane of (n, c).
+  auto locate = [&](int64_t e, int64_t* n, int64_t* c, int64_t* y, int64_t* xx) {
+    if (br.fast)
+      level_unflatten(static_cast<uint32_t>(e), a.div_c, br.div_h, br.div_w, cl, n, c, y, xx);
+    else
+      unflatten(e, a.C, h, w, cl, n, c, y, xx);
+    return x + *n * a.x.stride[0] + *c * a.x.stride[1];
+  };
+  if (G == 1) {  // (G is uniform over the block: no barrier below)
+    const A scale_h = kh == ResizeKind::Linear ? linear_scale<A>(a.H, h, ac) : A(0);
+    const A scale_w = kw == ResizeKind::Linear ? linear_scale<A>(a.W, w, ac) : A(0);
+    const bool window = (pool_h || kh == ResizeKind::Identity) && (pool_w || kw == ResizeKind::Identity);
+    // avg_pool's weights are the branch's (for_each_tap's 1 / count); adaptive windows' vary by element.
+    const A avg_weight = A(1) / static_cast<A>(br.factor);
+    const int64_t e0 = (lb - br.block_begin) * kThreads * kLevelPerThread + t;
+    for (int k = 0; k < kLevelPerThread; ++k) {
+      const int64_t e = e0 + k * kThreads;
+      if (e >= elems) break;
+      int64_t n, c, y, xx;
+      const S* __restrict__ base = locate(e, &n, &c, &y, &xx);
+      A acc = A(0);
+      if (window) {
+        // Pooling (or identity) on both axes: the window in tiles, the weights as for_each_tap gives them.
+        TapRun rows{y, 1}, cols{xx, 1};
+        if (pool_h) rows = pooling_run(kh, y, a.H, h, br.factor);
+        if (pool_w) cols = pooling_run(kw, xx, a.W, w, br.factor);
+        const A wh = kh == ResizeKind::AvgFactor ? avg_weight : pool_h ? A(1) / static_cast<A>(rows.count) : A(1);
+        const A ww = kw == ResizeKind::AvgFactor ? avg_weight : pool_w ? A(1) / static_cast<A>(cols.count) : A(1);
+        acc = rows.count <= 2 && cols.count <= 2
+                  ? level_window<2, S, A>(base, sh, sw, rows.start, rows.count, cols.start, cols.count, wh, ww)
+                  : level_window<4, S, A>(base, sh, sw, rows.start, rows.count, cols.start, cols.count, wh, ww);
+      } else {
+        // As the CPU kernel: the height taps summed per width tap.
+        for_each_tap<A>(kw, xx, a.W, w, br.factor, ac, scale_w, [&](int64_t j, A ww) {
+          A col = A(0);
+          for_each_tap<A>(kh, y, a.H, h, br.factor, ac, scale_h,
+                          [&](int64_t i, A wh) { col += wh * to_acc(base[i * sh + j * sw]); });
+          acc += ww * col;
+        });
+      }
+      // Rounded to S as the reference's level is.
+      mptr<S>(br.level)[off4<S>(br.level, n, c, y, xx)] = from_acc<S>(acc);
+    }
+    return;
+  }
+  // Pooling on both axes (the launcher's rule), kThreads / G elements per block: the window's sum over the
+  // lanes, then the weights.
+  const int64_t e = (lb - br.block_begin) * (kThreads / G) + t / G;
+  const bool valid = e < elems;  // (uniform control flow below: the lane tree has barriers)
+  int64_t n = 0, c = 0, y = 0, xx = 0;
+  const S* __restrict__ base = valid ? locate(e, &n, &c, &y, &xx) : x;
+  TapRun rows{y, 1}, cols{xx, 1};
+  if (kh != ResizeKind::Identity) rows = pooling_run(kh, y, a.H, h, br.factor);
+  if (kw != ResizeKind::Identity) cols = pooling_run(kw, xx, a.W, w, br.factor);
+  const int64_t total = valid ? rows.count * cols.count : 0;
   A acc = A(0);
-  if (G == 1) {
-    // As the CPU kernel: the height taps summed per width tap.
-    if (valid)
-      for_each_tap<A>(kw, xx, a.W, w, br.factor, ac, scale_w, [&](int64_t j, A ww) {
-        A col = A(0);
-        for_each_tap<A>(kh, y, a.H, h, br.factor, ac, scale_h,
-                        [&](int64_t i, A wh) { col += wh * to_acc(base[i * sh + j * sw]); });
-        acc += ww * col;
-      });
-  } else {
-    // Pooling on both axes (the launcher's rule): the window's sum over the lanes, then the weights.
-    TapRun rows{y, 1}, cols{xx, 1};
-    if (kh != ResizeKind::Identity) rows = pooling_run(kh, y, a.H, h, br.factor);
-    if (kw != ResizeKind::Identity) cols = pooling_run(kw, xx, a.W, w, br.factor);
-    const int64_t total = valid ? rows.count * cols.count : 0;
-    if (lane < total) {
-      int64_t i = rows.start + lane / cols.count, j = cols.start + lane % cols.count;
-      const int64_t step_i = G / cols.count, step_j = G % cols.count;
-      for (int64_t r = lane; r < total; r += G) {
-        acc += to_acc(base[i * sh + j * sw]);
-        i += step_i;
-        j += step_j;
-        if (j >= cols.start + cols.count) {
-          j -= cols.count;
-          ++i;
-        }
+  if (lane < total) {
+    int64_t i = rows.start + lane / cols.count, j = cols.start + lane % cols.count;
+    const int64_t step_i = G / cols.count, step_j = G % cols.count;
+    for (int64_t r = lane; r < total; r += G) {
+      acc += to_acc(base[i * sh + j * sw]);
+      i += step_i;
+      j += step_j;
+      if (j >= cols.start + cols.count) {
+        j -= cols.count;
+        ++i;
       }
     }
-    acc = lane_tree_sum(acc, s_acc, t, lane, G) * (A(1) / static_cast<A>(rows.count)) *
-          (A(1) / static_cast<A>(cols.count));
   }
+  acc = lane_tree_sum(acc, s_acc, t, lane, G) * (A(1) / static_cast<A>(rows.count)) *
+        (A(1) / static_cast<A>(cols.count));
   // Rounded to S as the reference's level is.
   if (valid && lane == 0) mptr<S>(br.level)[off4<S>(br.level, n, c, y, xx)] = from_acc<S>(acc);
 }
@@ -1086,18 +1226,73 @@ int64_t reduction_chunks(int64_t channels, int64_t elems) {
   return chunks < 1 ? 1 : chunks;
 }
 
+namespace {
+
+// The multiply-high divider of d (1 <= d < 2^31; exact for dividends below 2^31: IntDivider's method).
+LevelDivisor level_divisor(int64_t d) {
+  LevelDivisor r;
+  r.d = static_cast<uint32_t>(d);
+  while ((int64_t{1} << r.shift) < d) ++r.shift;
+  r.magic = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << r.shift) - r.d)) / r.d + 1);
+  return r;
+}
+
+// Whether a tensor of these sizes has these strides where they matter (sizes above 1).
+bool dense_strides(const int64_t* sizes, const int64_t* strides, const int64_t* want, int dims) {
+  for (int d = 0; d < dims; ++d)
+    if (sizes[d] > 1 && strides[d] != want[d]) return false;
+  return true;
+}
+
+// copy_flat (LevelArgs): x dense in its memory order, and out's x slice runs of x's order at a fixed stride.
+void plan_flat_copy(LevelArgs* a) {
+  const int64_t N = a->N, C = a->C, H = a->H, W = a->W, total = N * C * H * W;
+  const int64_t* os = a->out.stride;
+  const int64_t sizes[4] = {N, C, H, W};
+  a->copy_flat = false;
+  if (total <= 0 || total >= (int64_t{1} << 31)) return;
+  if (a->x_channels_last) {
+    const int64_t x_want[4] = {H * W * C, 1, W * C, C};
+    const int64_t P = W > 1 ? os[3] : H > 1 ? os[2] : os[0];  // out's pixel stride
+    const int64_t o_want[4] = {H * W * P, 1, W * P, P};
+    if (!dense_strides(sizes, a->x.stride, x_want, 4) || !dense_strides(sizes, os, o_want, 4)) return;
+    a->copy_run = C;
+    a->copy_run_stride = P;
+  } else {
+    const int64_t x_want[4] = {C * H * W, H * W, W, 1};
+    const int64_t o_want[4] = {os[0], H * W, W, 1};
+    if (!dense_strides(sizes, a->x.stride, x_want, 4) || !dense_strides(sizes + 1, os + 1, o_want + 1, 3)) return;
+    a->copy_run = C * H * W;
+    a->copy_run_stride = os[0];
+  }
+  a->div_run = level_divisor(a->copy_run);
+  a->copy_flat = true;
+}
+
+}  // namespace
+
 cudaError_t launch_levels(DType dtype, LevelArgs args, cudaStream_t stream) {
   if (args.num_branches < 0 || args.num_branches > kMaxBranches) return cudaErrorInvalidValue;
   const int64_t copy_total = args.N * args.C * args.H * args.W;
   args.copy_blocks = args.x_offset >= 0 && copy_total > 0
                          ? (ceil_div(copy_total, kThreads) < kMaxCopyBlocks ? ceil_div(copy_total, kThreads) : kMaxCopyBlocks)
                          : 0;
+  if (args.copy_blocks > 0) plan_flat_copy(&args);
+  const int64_t fits = int64_t{1} << 31;
+  if (args.C >= 1 && args.C < fits) args.div_c = level_divisor(args.C);
   int64_t blocks = 0;
   for (int b = 0; b < args.num_branches; ++b) {
     LevelBranch& br = args.br[b];
     br.lanes = level_lanes(br, args.N * args.C, args.H, args.W);
     br.block_begin = blocks;
-    blocks += ceil_div(args.N * args.C * br.level_h * br.level_w * br.lanes, kThreads);
+    const int64_t elems = args.N * args.C * br.level_h * br.level_w;
+    blocks += br.lanes == 1 ? ceil_div(elems, kThreads * kLevelPerThread) : ceil_div(elems * br.lanes, kThreads);
+    br.fast = args.N * args.C * br.level_h * br.level_w < fits && args.C >= 1 && args.C < fits && br.level_h >= 1 &&
+              br.level_w >= 1;
+    if (br.fast) {
+      br.div_h = level_divisor(br.level_h);
+      br.div_w = level_divisor(br.level_w);
+    }
   }
   return launch(dtype, "levels", blocks + args.copy_blocks, 0, args, stream,
                 [](auto s) { return levels_kernel<decltype(s)>; });
@@ -1319,10 +1514,17 @@ Parts kernel_cost(const LevelArgs& a, int64_t, size_t S, size_t) {
     const int64_t elems = a.N * a.C * br.level_h * br.level_w;
     const int64_t taps =
         down_taps(br.down_h, br.level_h, a.H, br.factor) * down_taps(br.down_w, br.level_w, a.W, br.factor);
-    int64_t active, serial;
-    lane_split(br.lanes, taps, elems, &active, &serial);
-    parts.push_back(part(level_name("level", b, br.level_h, br.level_w), ceil_div(elems * br.lanes, kThreads), active,
-                         serial, min64(x_elems, elems * taps) * S, elems * S));
+    int64_t active, serial, programs;
+    if (br.lanes == 1) {  // kLevelPerThread elements per thread
+      programs = ceil_div(elems, kThreads * kLevelPerThread);
+      active = min64(kThreads, elems);
+      serial = min64(kLevelPerThread, ceil_div(elems, kThreads)) * taps;
+    } else {
+      programs = ceil_div(elems * br.lanes, kThreads);
+      lane_split(br.lanes, taps, elems, &active, &serial);
+    }
+    parts.push_back(part(level_name("level", b, br.level_h, br.level_w), programs, active, serial,
+                         min64(x_elems, elems * taps) * S, elems * S));
   }
   return parts;
 }
