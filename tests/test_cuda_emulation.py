@@ -290,7 +290,7 @@ DRIVER = textwrap.dedent(
         case("ms12-bf16-stats", (4, 4, 10, 10), factors=(1, 2), dtype=torch.bfloat16, stats=True)
         case("nine-branches", (2, 2, 12, 12), factors=(1, 2, 3, 4, 1, 2, 3, 4, 6), k=1, cb=2, stats=True)
         # levels' one-thread pooling windows (at least 1024 level elements here, else the windows go over
-        # lanes) read in 4 x 4 tiles: 2 x 2 and 3 x 3 windows in channels_last
+        # lanes) read in 2 x 2 tiles: 2 x 2 (one tile) and 3 x 3 windows (partial tiles) in channels_last
         case("ms23-avg-tiles-cl-bf16", (2, 3, 40, 44), factors=(2, 3), k=1, cl=True, dtype=torch.bfloat16)
         # Image pooling as autograd runs its backward (msfused._ops.pooled_only): the block on the 1x1 level
         case("image-pool-on-1x1", (3, 5, 1, 1), bins=(1, 1), k=(3, 1), cb=(4, 2), pos="none", stats=True)
@@ -368,8 +368,8 @@ DRIVER = textwrap.dedent(
         case("psp12-large-map-lanes-chunks", (3, 2, 70, 45), bins=(1, 2), k=1, stats=True, dtype=torch.float32)
         # dx's reader tables (H + W entries per branch) past the shared memory it gives them: per element
         case("psp-dx-tables-do-not-fit", (2, 2, 3, 3100), bins=(1, (1, 5)), k=1, pos="last")
-        # bins as gathers (N * channel groups < 4): one-thread adaptive windows of 2 x 6 and 2 x 4 (two tiles of
-        # columns; a partial tile), x copied into the last slice
+        # bins as gathers (N * channel groups < 4): one-thread adaptive windows of 1 x 6 and 2 x 4 (several tiles
+        # of columns, partial tiles), x copied into the last slice
         case("gather-bins-windows-in-tiles", (1, 8, 30, 36), bins=((30, 6), (15, 9)), k=1, pos="last")
         # pool_levels' tiles (csrc/cuda/multi_scale_kernels.cu, pool_tile): NCHW takes 4 channels x up to 64
         # columns per chunk, the rest of the block as row groups; channels_last 32 channels x up to 8 columns

@@ -9,8 +9,8 @@
 // Launches per call (per group of up to kMaxBranches = 8 branches; B = the number of branches):
 //
 //   forward ............................ levels (1) + B convolutions (ATen) + epilogue_up (1)
-//       levels: one read of x computes every level (a gather of the down-resize's taps per level element,
-//       4 elements per thread; a large pooling window, e.g. bin 1, split over up to 256 lanes combined in a
+//       levels: one read of x computes every level (a gather of the down-resize's taps per level element;
+//       a large pooling window, e.g. bin 1, split over up to 256 lanes combined in a
 //       fixed tree) and copies x into its slice of the output; for bins branches pool_levels does that
 //       instead where its blocks (one per (n, channel group), each walking the whole map once: per thread a
 //       column's rows in segments summed in registers, column sums per bin row in shared memory) fill the
@@ -400,13 +400,14 @@ __device__ __forceinline__ int range_of(int64_t k, int count, const Ranges& firs
 // ---------------------------------------------------------------------------------------------------
 // Forward: the levels as gathers from x, and x's slice of the output (extra blocks).
 // A level element's taps are read by `lanes` threads (pooling windows: bins on a large map; 1 otherwise)
-// whose sums are combined in a fixed tree. With one lane, a thread takes kLevelPerThread elements (the
-// branch's constants once), reads a pooling window in tiles of 2 x 2 or 4 x 4 taps (every load of a tile in
-// flight at once), and finds an element's indices with three multiply-high divisions (LevelDivisor).
+// whose sums are combined in a fixed tree. With one lane, a thread reads a pooling window in tiles of
+// kLevelTile x kLevelTile taps (every load of a tile in flight at once) and finds its element's indices with
+// three multiply-high divisions (LevelDivisor). (4 x 4 tiles or 4 elements per thread took 96-118 registers
+// against 70 here: fewer resident warps.)
 // The copy: x's elements in memory order, kLevelUnroll per thread and step, each one's place in out from one
 // multiply-high division (copy_flat), else from its four indices.
 // ---------------------------------------------------------------------------------------------------
-constexpr int kLevelPerThread = 4;  // level elements per thread (one lane each), kThreads apart
+constexpr int kLevelTile = 2;  // pooling windows in tiles of kLevelTile x kLevelTile loads (more: registers)
 constexpr int kLevelUnroll = 4;
 
 __device__ __forceinline__ uint32_t level_div(uint32_t n, const LevelDivisor& d) {
@@ -544,12 +545,8 @@ __global__ void __launch_bounds__(kThreads, 1) levels_kernel(const __grid_consta
     const A scale_h = kh == ResizeKind::Linear ? linear_scale<A>(a.H, h, ac) : A(0);
     const A scale_w = kw == ResizeKind::Linear ? linear_scale<A>(a.W, w, ac) : A(0);
     const bool window = (pool_h || kh == ResizeKind::Identity) && (pool_w || kw == ResizeKind::Identity);
-    // avg_pool's weights are the branch's (for_each_tap's 1 / count); adaptive windows' vary by element.
-    const A avg_weight = A(1) / static_cast<A>(br.factor);
-    const int64_t e0 = (lb - br.block_begin) * kThreads * kLevelPerThread + t;
-    for (int k = 0; k < kLevelPerThread; ++k) {
-      const int64_t e = e0 + k * kThreads;
-      if (e >= elems) break;
+    const int64_t e = (lb - br.block_begin) * kThreads + t;
+    if (e < elems) {
       int64_t n, c, y, xx;
       const S* __restrict__ base = locate(e, &n, &c, &y, &xx);
       A acc = A(0);
@@ -558,11 +555,9 @@ __global__ void __launch_bounds__(kThreads, 1) levels_kernel(const __grid_consta
         TapRun rows{y, 1}, cols{xx, 1};
         if (pool_h) rows = pooling_run(kh, y, a.H, h, br.factor);
         if (pool_w) cols = pooling_run(kw, xx, a.W, w, br.factor);
-        const A wh = kh == ResizeKind::AvgFactor ? avg_weight : pool_h ? A(1) / static_cast<A>(rows.count) : A(1);
-        const A ww = kw == ResizeKind::AvgFactor ? avg_weight : pool_w ? A(1) / static_cast<A>(cols.count) : A(1);
-        acc = rows.count <= 2 && cols.count <= 2
-                  ? level_window<2, S, A>(base, sh, sw, rows.start, rows.count, cols.start, cols.count, wh, ww)
-                  : level_window<4, S, A>(base, sh, sw, rows.start, rows.count, cols.start, cols.count, wh, ww);
+        const A wh = pool_h ? A(1) / static_cast<A>(rows.count) : A(1);
+        const A ww = pool_w ? A(1) / static_cast<A>(cols.count) : A(1);
+        acc = level_window<kLevelTile, S, A>(base, sh, sw, rows.start, rows.count, cols.start, cols.count, wh, ww);
       } else {
         // As the CPU kernel: the height taps summed per width tap.
         for_each_tap<A>(kw, xx, a.W, w, br.factor, ac, scale_w, [&](int64_t j, A ww) {
@@ -1285,8 +1280,7 @@ cudaError_t launch_levels(DType dtype, LevelArgs args, cudaStream_t stream) {
     LevelBranch& br = args.br[b];
     br.lanes = level_lanes(br, args.N * args.C, args.H, args.W);
     br.block_begin = blocks;
-    const int64_t elems = args.N * args.C * br.level_h * br.level_w;
-    blocks += br.lanes == 1 ? ceil_div(elems, kThreads * kLevelPerThread) : ceil_div(elems * br.lanes, kThreads);
+    blocks += ceil_div(args.N * args.C * br.level_h * br.level_w * br.lanes, kThreads);
     br.fast = args.N * args.C * br.level_h * br.level_w < fits && args.C >= 1 && args.C < fits && br.level_h >= 1 &&
               br.level_w >= 1;
     if (br.fast) {
@@ -1514,17 +1508,10 @@ Parts kernel_cost(const LevelArgs& a, int64_t, size_t S, size_t) {
     const int64_t elems = a.N * a.C * br.level_h * br.level_w;
     const int64_t taps =
         down_taps(br.down_h, br.level_h, a.H, br.factor) * down_taps(br.down_w, br.level_w, a.W, br.factor);
-    int64_t active, serial, programs;
-    if (br.lanes == 1) {  // kLevelPerThread elements per thread
-      programs = ceil_div(elems, kThreads * kLevelPerThread);
-      active = min64(kThreads, elems);
-      serial = min64(kLevelPerThread, ceil_div(elems, kThreads)) * taps;
-    } else {
-      programs = ceil_div(elems * br.lanes, kThreads);
-      lane_split(br.lanes, taps, elems, &active, &serial);
-    }
-    parts.push_back(part(level_name("level", b, br.level_h, br.level_w), programs, active, serial,
-                         min64(x_elems, elems * taps) * S, elems * S));
+    int64_t active, serial;
+    lane_split(br.lanes, taps, elems, &active, &serial);
+    parts.push_back(part(level_name("level", b, br.level_h, br.level_w), ceil_div(elems * br.lanes, kThreads), active,
+                         serial, min64(x_elems, elems * taps) * S, elems * S));
   }
   return parts;
 }
