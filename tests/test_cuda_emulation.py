@@ -292,6 +292,11 @@ DRIVER = textwrap.dedent(
         # levels' one-thread pooling windows (at least 1024 level elements here, else the windows go over
         # lanes) read in 2 x 2 tiles: 2 x 2 (one tile) and 3 x 3 windows (partial tiles) in channels_last
         case("ms23-avg-tiles-cl-bf16", (2, 3, 40, 44), factors=(2, 3), k=1, cl=True, dtype=torch.bfloat16)
+        # x's copy in 16-byte chunks (runs and their stride multiples of 8 bfloat16): channels_last (runs of C = 8
+        # channels, out's 16 channels apart) and NCHW (one run per n), into the last slice
+        case("ms12-copy-chunks-cl-bf16", (2, 8, 6, 5), factors=(1, 2), k=1, cb=4, cl=True, dtype=torch.bfloat16,
+             pos="last")
+        case("ms12-copy-chunks-bf16", (2, 4, 8, 6), factors=(1, 2), k=1, cb=4, dtype=torch.bfloat16, pos="last")
         # Image pooling as autograd runs its backward (msfused._ops.pooled_only): the block on the 1x1 level
         case("image-pool-on-1x1", (3, 5, 1, 1), bins=(1, 1), k=(3, 1), cb=(4, 2), pos="none", stats=True)
         case("image-pool-on-1x1-cl-f32", (2, 6, 1, 1), bins=(1,), k=1, pos="none", cl=True, dtype=torch.float32,

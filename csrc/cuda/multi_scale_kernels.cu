@@ -404,11 +404,14 @@ __device__ __forceinline__ int range_of(int64_t k, int count, const Ranges& firs
 // kLevelTile x kLevelTile taps (every load of a tile in flight at once) and finds its element's indices with
 // three multiply-high divisions (LevelDivisor). (4 x 4 tiles or 4 elements per thread took 96-118 registers
 // against 70 here: fewer resident warps.)
-// The copy: x's elements in memory order, kLevelUnroll per thread and step, each one's place in out from one
-// multiply-high division (copy_flat), else from its four indices.
+// The copy: x's elements in memory order (16-byte chunks where copy_vec allows), kLevelUnroll per thread and
+// step, each one's place in out from one multiply-high division (copy_flat), else from its four indices.
 // ---------------------------------------------------------------------------------------------------
 constexpr int kLevelTile = 2;  // pooling windows in tiles of kLevelTile x kLevelTile loads (more: registers)
 constexpr int kLevelUnroll = 4;
+struct alignas(16) LevelChunk {  // the copy's 16-byte unit
+  uint32_t word[4];
+};
 
 __device__ __forceinline__ uint32_t level_div(uint32_t n, const LevelDivisor& d) {
 #ifdef MSFUSED_CUDA_EMULATION
@@ -502,6 +505,24 @@ __global__ void __launch_bounds__(kThreads, 1) levels_kernel(const __grid_consta
       S* __restrict__ dst = out + a.x_offset * a.out.stride[1];
       const int64_t gap = a.copy_run_stride - a.copy_run;
       const uint32_t total32 = static_cast<uint32_t>(total);
+      if (a.copy_vec > 1) {  // 16-byte chunks: a chunk never straddles a run (copy_vec divides run and stride)
+        const uint32_t vec = static_cast<uint32_t>(a.copy_vec), chunks = total32 / vec;
+        const LevelChunk* __restrict__ src = reinterpret_cast<const LevelChunk*>(x);
+        const uint32_t step = static_cast<uint32_t>(a.copy_blocks) * kThreads * kLevelUnroll;
+        for (uint32_t u0 = static_cast<uint32_t>(blk) * kThreads * kLevelUnroll + threadIdx.x; u0 < chunks; u0 += step) {
+          LevelChunk v[kLevelUnroll];
+#pragma unroll
+          for (int k = 0; k < kLevelUnroll; ++k)
+            if (u0 + k * kThreads < chunks) v[k] = src[u0 + k * kThreads];
+#pragma unroll
+          for (int k = 0; k < kLevelUnroll; ++k) {
+            const uint32_t e = (u0 + k * kThreads) * vec;
+            if (u0 + k * kThreads < chunks)
+              *reinterpret_cast<LevelChunk*>(dst + static_cast<int64_t>(level_div(e, a.div_run)) * gap + e) = v[k];
+          }
+        }
+        return;
+      }
       const uint32_t step = static_cast<uint32_t>(a.copy_blocks) * kThreads * kLevelUnroll;
       for (uint32_t e0 = static_cast<uint32_t>(blk) * kThreads * kLevelUnroll + threadIdx.x; e0 < total32; e0 += step) {
         S v[kLevelUnroll];
@@ -1239,8 +1260,9 @@ bool dense_strides(const int64_t* sizes, const int64_t* strides, const int64_t* 
   return true;
 }
 
-// copy_flat (LevelArgs): x dense in its memory order, and out's x slice runs of x's order at a fixed stride.
-void plan_flat_copy(LevelArgs* a) {
+// copy_flat (LevelArgs): x dense in its memory order, and out's x slice runs of x's order at a fixed stride;
+// copy_vec: elements of `elem` bytes per 16-byte chunk where runs, stride and both starts are 16-byte aligned.
+void plan_flat_copy(LevelArgs* a, size_t elem) {
   const int64_t N = a->N, C = a->C, H = a->H, W = a->W, total = N * C * H * W;
   const int64_t* os = a->out.stride;
   const int64_t sizes[4] = {N, C, H, W};
@@ -1262,6 +1284,13 @@ void plan_flat_copy(LevelArgs* a) {
   }
   a->div_run = level_divisor(a->copy_run);
   a->copy_flat = true;
+  const int64_t vec = static_cast<int64_t>(sizeof(LevelChunk) / elem);
+  const uintptr_t dst = reinterpret_cast<uintptr_t>(a->out.data) +
+                        static_cast<uintptr_t>(a->x_offset * a->out.stride[1]) * static_cast<uintptr_t>(elem);
+  a->copy_vec = vec > 1 && a->copy_run % vec == 0 && a->copy_run_stride % vec == 0 &&
+                        reinterpret_cast<uintptr_t>(a->x.data) % sizeof(LevelChunk) == 0 && dst % sizeof(LevelChunk) == 0
+                    ? static_cast<int>(vec)
+                    : 1;
 }
 
 }  // namespace
@@ -1272,7 +1301,7 @@ cudaError_t launch_levels(DType dtype, LevelArgs args, cudaStream_t stream) {
   args.copy_blocks = args.x_offset >= 0 && copy_total > 0
                          ? (ceil_div(copy_total, kThreads) < kMaxCopyBlocks ? ceil_div(copy_total, kThreads) : kMaxCopyBlocks)
                          : 0;
-  if (args.copy_blocks > 0) plan_flat_copy(&args);
+  if (args.copy_blocks > 0) plan_flat_copy(&args, elem_size(dtype));
   const int64_t fits = int64_t{1} << 31;
   if (args.C >= 1 && args.C < fits) args.div_c = level_divisor(args.C);
   int64_t blocks = 0;

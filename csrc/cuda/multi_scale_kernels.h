@@ -86,10 +86,12 @@ struct LevelArgs {
   // Filled by the launcher: the copy's blocks; copy_flat: x dense in its memory order and out's slice made of
   // runs of copy_run elements of x's order, copy_run_stride apart (NCHW: one per n; channels_last: one per
   // pixel), x below 2^31 elements: element e of x goes to out + x_offset * stride[1] + e + (e / copy_run) *
-  // (copy_run_stride - copy_run).
+  // (copy_run_stride - copy_run); in 16-byte chunks of copy_vec elements where the runs, their stride and both
+  // starts allow (copy_vec 1: element by element).
   int64_t copy_blocks = 0;
   bool copy_flat = false;
   int64_t copy_run = 0, copy_run_stride = 0;
+  int copy_vec = 1;
   LevelDivisor div_run, div_c;
 };
 cudaError_t launch_levels(DType dtype, LevelArgs args, cudaStream_t stream);
