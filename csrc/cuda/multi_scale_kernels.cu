@@ -10,13 +10,14 @@
 //
 //   forward ............................ levels (1) + B convolutions (ATen) + epilogue_up (1)
 //       levels: one read of x computes every level (a gather of the down-resize's taps per level element;
-//       a large pooling window, e.g. bin 1, split over up to 256 lanes combined in a
-//       fixed tree) and copies x into its slice of the output; for bins branches pool_levels does that
-//       instead where its blocks (one per (n, channel group), each walking the whole map once: per thread a
-//       column's rows in segments summed in registers, column sums per bin row in shared memory) fill the
-//       GPU; a pyramid mixing factor and bins branches may take both (2). epilogue_up: one thread per output
-//       element of every branch: bias is already in the convolution output; norm (alpha, beta),
-//       activation and the up-resize's taps, written straight into the branch's channel slice.
+//       a large pooling window, e.g. bin 1, split over up to 256 lanes combined in a fixed tree) and copies
+//       x into its slice of the output; for bins branches pool_levels does that instead where its blocks
+//       (one per (n, channel group), each walking the whole map once: per thread a column's rows in
+//       segments summed in registers, column sums per bin row in shared memory) fill the GPU; a pyramid
+//       mixing factor and bins branches may take both (2). epilogue_up: a tile of one
+//       branch's outputs per block (the taps tabulated per tile row and column, the level values the tile
+//       reads activated once into shared memory): bias is already in the convolution output; norm (alpha,
+//       beta), activation and the up-resize's taps, written straight into the branch's channel slice.
 //   forward with batch statistics ...... + stats_partial (1) + merge_stats (1, per-channel)
 //       stats_partial: (channel, chunk) blocks, enough to fill the GPU, each the (count, sum, M2) of its
 //       chunk in double; merge_stats: one thread per channel combines the chunks in chunk order and
@@ -34,7 +35,8 @@
 //       adjoint (a gather, branches in order).
 //
 //   with a projection (csrc/projection.h decides which branch goes per tap; the binding's launch counts:
-//   docs/BACKENDS.md): project_accumulate: one thread per output element sums conv(x, W_x), the bias,
+//   docs/BACKENDS.md): project_accumulate: a tile of outputs per block (taps tabulated per tile row and
+//   column), each output the sum of conv(x, W_x), the bias,
 //   the direct parts and every per-tap map resized up and shifted by its tap, and applies the norm (eval)
 //   and activation, the output written once; project_adjoint: each per-tap map's gradient as a gather at
 //   its level (the shifted up-resize's readers of a level pixel split over lanes, a fixed tree).
@@ -46,9 +48,10 @@
 // emulation.h) and compares every output with the CPU kernels. The launch plan (python -m msfused explain
 // --backend cuda, msfused/cuda_plan.py) runs that build on meta tensors with a launch recorder installed:
 // the launchers record (kernel_cost: each kernel's cost model, at the end of this file) instead of launching.
-// Registers: every kernel is __launch_bounds__(256, 1): with the default occupancy target ptxas spilled
-// around the 64-bit integer division and float division slow-path calls in the gathers; the build test
-// checks that no kernel spills.
+// Registers: the kernels are __launch_bounds__(256, 1): with the default occupancy target ptxas spilled
+// around the 64-bit integer division and float division slow-path calls in the gathers; except
+// project_accumulate, (256, 3): its tiled tap loops take 92 registers unbounded (2 blocks per SM), 72 at
+// 3 blocks per SM without spilling. The build test checks that no kernel spills.
 // Indexing: int64 offsets and element counts throughout (tensors may pass 2^31 elements); every tensor is
 // addressed through its strides, so NCHW and channels_last share the kernels.
 // Not yet measured on a GPU: the (channel, chunk) blocks of stats_partial and up_grad walk one channel's
@@ -712,35 +715,181 @@ __global__ void __launch_bounds__(kThreads, 1) merge_stats_kernel(const __grid_c
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Forward: norm, activation and the resize back up, one thread per output element of every branch.
+// Forward: norm, activation and the resize back up, a tile of one branch's outputs per block.
 // ---------------------------------------------------------------------------------------------------
+// Tiles: NCHW, tile_rows x tile_cols outputs of one (n, channel) plane; channels_last, tile_cols pixels of
+// one output row with every channel of the branch (channels fastest, as in memory). What depends on the
+// block only (branch, n, channel or row, per-channel parameters, scales, plane pointers) is computed once
+// per block, each axis's taps once per tile row and column (shared tables), so that an output element
+// costs a few table reads, its level loads and the sums: one thread per output element with all of that
+// per element ran ~600 instructions per element on an H200, instruction-bound at 10-30x the bandwidth
+// floor (bench/results/cuda-h200-2026-11-30.json).
+#ifdef MSFUSED_CUDA_EMULATION
+constexpr int64_t kUpTileElems = 64;  // small, so that the tests' small maps run several tiles
+#else
+constexpr int64_t kUpTileElems = 2048;  // outputs per tile: 8 per thread
+#endif
+constexpr int64_t kGpuUpTileElems = 2048;
+constexpr int64_t kUpTileMaxCols = 512, kUpTileMaxRows = 256;  // the shared tap tables' sizes
+#ifdef MSFUSED_CUDA_EMULATION
+constexpr int64_t kUpStage = 40;  // small, so that the tests run both the staged and the direct reads
+#else
+constexpr int64_t kUpStage = 3072;  // the staged level values (A) at most
+#endif
+
+// One output index's taps on one axis of an up-resize: i0 with weight l0, then (Linear only) i1 with l1.
+template <typename A>
+struct UpTap {
+  int i0, i1;
+  A l0, l1;
+};
+
+template <typename A>
+__device__ __forceinline__ UpTap<A> up_tap(ResizeKind kind, int64_t o, int64_t in, int64_t out, bool ac, A scale) {
+  UpTap<A> t{static_cast<int>(o), static_cast<int>(o), A(1), A(0)};  // Identity
+  if (kind == ResizeKind::Linear) {
+    int64_t i0, i1;
+    linear_taps<A>(o, in, scale, ac, &i0, &i1, &t.l0, &t.l1);
+    t.i0 = static_cast<int>(i0);
+    t.i1 = static_cast<int>(i1);
+  } else if (kind == ResizeKind::Nearest) {
+    t.i0 = t.i1 = static_cast<int>(nearest_source(o, in, out));
+  }
+  return t;
+}
+
+// val plus the up-resize's value from its taps, as for_each_tap visits them (the CPU kernels' order): per
+// width tap, the height taps summed, times the width weight, added to val. level(i, j): the level value.
+template <typename A, typename L>
+__device__ __forceinline__ void up_accumulate(A& val, const UpTap<A>& th, bool two_h, const UpTap<A>& tw, bool two_w,
+                                              L&& level) {
+  {
+    A col = A(0);
+    col += th.l0 * level(th.i0, tw.i0);
+    if (two_h) col += th.l1 * level(th.i1, tw.i0);
+    val += tw.l0 * col;
+  }
+  if (two_w) {
+    A col = A(0);
+    col += th.l0 * level(th.i0, tw.i1);
+    if (two_h) col += th.l1 * level(th.i1, tw.i1);
+    val += tw.l1 * col;
+  }
+}
+
+// The up-resized value alone (the block's epilogue: level(i, j) the activated level value rounded to S).
+template <typename A, typename L>
+__device__ __forceinline__ A up_sum(const UpTap<A>& th, bool two_h, const UpTap<A>& tw, bool two_w, L&& level) {
+  A val = A(0);
+  up_accumulate(val, th, two_h, tw, two_w, level);
+  return val;
+}
+
 template <typename S>
 __global__ void __launch_bounds__(kThreads, 1) epilogue_up_kernel(const __grid_constant__ EpilogueArgs a) {
   using A = acc_t<S>;
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (e >= a.N * a.group_channels * a.H * a.W) return;
-  int64_t n, gc, I, J;
-  unflatten(e, a.group_channels, a.H, a.W, a.channels_last, &n, &gc, &I, &J);
-  const int b = range_of(gc, a.num_branches, [&](int q) { return a.br[q].slice_begin; });
+  __shared__ UpTap<A> s_cols[kUpTileMaxCols];
+  __shared__ UpTap<A> s_rows[kUpTileMaxRows];
+  __shared__ A s_level[kUpStage];
+  const int t = threadIdx.x;
+  const int64_t blk = blockIdx.x;
+  const int b = range_of(blk, a.num_branches, [&](int q) { return a.br[q].block_begin; });
   const EpilogueBranch& eb = a.br[b];
-  const int64_t c = gc - eb.slice_begin, h = eb.h, w = eb.w;
-  const bool ac = a.align_corners;
-  const A sh = linear_scale<A>(h, a.H, ac), sw = linear_scale<A>(w, a.W, ac);
+  const bool cl = a.channels_last, ac = a.align_corners;
+  const int64_t h = eb.h, w = eb.w;
   const ResizeKind uh = static_cast<ResizeKind>(eb.up_h), uw = static_cast<ResizeKind>(eb.up_w);
-  const A alpha = param<A>(eb.alpha, c, A(1)), beta = param<A>(eb.beta, c, A(0));
+  const bool two_h = uh == ResizeKind::Linear, two_w = uw == ResizeKind::Linear;
+  const A sh = linear_scale<A>(h, a.H, ac), sw = linear_scale<A>(w, a.W, ac);
   const Activation act = static_cast<Activation>(a.activation);
-  const S* pre = cptr<S>(eb.pre);
-  // As the CPU kernel: the activated level value rounded to S (the reference's activation output), the
-  // height taps summed per width tap.
-  A val = A(0);
-  for_each_tap<A>(uw, J, w, a.W, 1, ac, sw, [&](int64_t jj, A ww) {
-    A col = A(0);
-    for_each_tap<A>(uh, I, h, a.H, 1, ac, sh, [&](int64_t ii, A wh) {
-      col += wh * round_to<S>(activate<A>(act, alpha * to_acc(pre[off4<S>(eb.pre, n, c, ii, jj)]) + beta));
-    });
-    val += ww * col;
-  });
-  mptr<S>(a.out)[off4<S>(a.out, n, eb.channel_offset + c, I, J)] = from_acc<S>(val);
+  // This block's tile: NCHW, rows [I0, I0 + rows) x columns [J0, J0 + cols) of channel c's plane;
+  // channels_last, row I0, columns [J0, J0 + cols), every channel (C of them).
+  int64_t tile = blk - eb.block_begin;
+  const int64_t J0 = (tile % eb.col_tiles) * eb.tile_cols;
+  tile /= eb.col_tiles;
+  int64_t n, c = 0, I0;
+  if (cl) {
+    I0 = tile % a.H;
+    n = tile / a.H;
+  } else {
+    I0 = (tile % eb.row_tiles) * eb.tile_rows;
+    tile /= eb.row_tiles;
+    c = tile % eb.channels;
+    n = tile / eb.channels;
+  }
+  const int cols = static_cast<int>(a.W - J0 < eb.tile_cols ? a.W - J0 : eb.tile_cols);
+  const int rows = cl ? 1 : static_cast<int>(a.H - I0 < eb.tile_rows ? a.H - I0 : eb.tile_rows);
+  const int C = cl ? static_cast<int>(eb.channels) : 1;
+  for (int q = t; q < cols; q += kThreads) s_cols[q] = up_tap<A>(uw, J0 + q, w, a.W, ac, sw);
+  for (int q = t; q < rows; q += kThreads) s_rows[q] = up_tap<A>(uh, I0 + q, h, a.H, ac, sh);
+  __syncthreads();
+
+  const View4& pv = eb.pre;
+  const View4& ov = a.out;
+  const S* __restrict__ pre = cptr<S>(pv) + n * pv.stride[0] + c * pv.stride[1];
+  S* __restrict__ out = mptr<S>(ov) + n * ov.stride[0] + (eb.channel_offset + c) * ov.stride[1] + I0 * ov.stride[2] +
+                        J0 * ov.stride[3];
+  // Channel cc's activated level value at (i, j), rounded to S (the reference's activation output).
+  auto activated = [&](int64_t cc, int64_t i, int64_t j) {
+    const A alpha = param<A>(eb.alpha, c + cc, A(1)), beta = param<A>(eb.beta, c + cc, A(0));
+    return round_to<S>(
+        activate<A>(act, alpha * to_acc(pre[cc * pv.stride[1] + i * pv.stride[2] + j * pv.stride[3]]) + beta));
+  };
+  // The level rectangle the tile reads (the taps are monotone in the output index), staged in shared
+  // memory, activated, when it is smaller than the tile's tap reads and fits: each value then is read and
+  // activated once per tile rather than once per tap.
+  const int i_lo = s_rows[0].i0, j_lo = s_cols[0].i0;
+  const int RH = s_rows[rows - 1].i1 - i_lo + 1, RW = s_cols[cols - 1].i1 - j_lo + 1;
+  const int64_t region = static_cast<int64_t>(RH) * RW * C;
+  const bool staged = region <= kUpStage && region < static_cast<int64_t>(rows) * cols * C * (two_h ? 2 : 1) * (two_w ? 2 : 1);
+  if (staged) {
+    for (int q = t; q < region; q += kThreads) {
+      const int cc = q % C, rc = q / C;
+      s_level[q] = activated(cc, i_lo + rc / RW, j_lo + rc % RW);
+    }
+    __syncthreads();
+  }
+
+  if (!cl) {
+    // (row r, column j) of the tile, columns fastest; the next element kThreads further on, stepped
+    // without a division.
+    auto run = [&](auto&& level) {
+      const int count = rows * cols, step_r = kThreads / cols, step_j = kThreads % cols;
+      int r = t / cols, j = t % cols;
+      for (int e = t; e < count; e += kThreads) {
+        out[r * ov.stride[2] + j * ov.stride[3]] = from_acc<S>(up_sum(s_rows[r], two_h, s_cols[j], two_w, level));
+        r += step_r;
+        j += step_j;
+        if (j >= cols) {
+          j -= cols;
+          ++r;
+        }
+      }
+    };
+    if (staged)
+      run([&](int i, int j) { return s_level[(i - i_lo) * RW + (j - j_lo)]; });
+    else
+      run([&](int i, int j) { return activated(0, i, j); });
+  } else {
+    // (column j, channel cc) of the row, channels fastest; the row's taps are the block's.
+    auto run = [&](auto&& level_of) {
+      const int count = cols * C, step_j = kThreads / C, step_c = kThreads % C;
+      int j = t / C, cc = t % C;
+      for (int e = t; e < count; e += kThreads) {
+        auto level = [&](int i, int jj) { return level_of(cc, i, jj); };
+        out[j * ov.stride[3] + cc * ov.stride[1]] = from_acc<S>(up_sum(s_rows[0], two_h, s_cols[j], two_w, level));
+        cc += step_c;
+        j += step_j;
+        if (cc >= C) {
+          cc -= C;
+          ++j;
+        }
+      }
+    };
+    if (staged)
+      run([&](int cc, int i, int j) { return s_level[((i - i_lo) * RW + (j - j_lo)) * C + cc]; });
+    else
+      run([&](int cc, int i, int j) { return activated(cc, i, j); });
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1005,46 +1154,110 @@ __global__ void __launch_bounds__(kThreads, 1) dx_kernel(const __grid_constant__
 // part, the bias, the direct parts and every per-tap branch's maps resized up and shifted; one thread per
 // output element, which reads its few taps of the small maps (L2-resident) and writes once.
 // ---------------------------------------------------------------------------------------------------
+// A tile of outputs per block, as epilogue_up's: NCHW rows x columns of one (n, p) plane, channels_last
+// columns of one row with every p. Each per-tap branch's taps for the tile's shifted rows and columns
+// (rows I0 - k/2 .. I0 + rows + k/2, the same for columns; i0 = -1 outside the map) are tabulated once per
+// block, so an output's k*k shifted samples per branch are table reads, loads and sums.
 template <typename S>
-__global__ void __launch_bounds__(kThreads, 1) project_accumulate_kernel(const __grid_constant__ ProjectAccArgs a) {
+__global__ void __launch_bounds__(kThreads, 3) project_accumulate_kernel(const __grid_constant__ ProjectAccArgs a) {
   using A = acc_t<S>;
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (e >= a.N * a.P * a.H * a.W) return;
-  int64_t n, p, I, J;
-  unflatten(e, a.P, a.H, a.W, a.channels_last, &n, &p, &I, &J);
-  const bool ac = a.align_corners;
-  const int64_t k = a.k, r = k / 2;
-  A val = a.acc.data != nullptr ? to_acc(cptr<S>(a.acc)[off4<S>(a.acc, n, p, I, J)]) : A(0);
-  val += param<A>(a.bias, p, A(0));
-  for (int d = 0; d < a.num_direct; ++d) val += to_acc(cptr<S>(a.direct[d])[off4<S>(a.direct[d], n, p, I, J)]);
-  for (int b = 0; b < a.num_taps; ++b) {
+  MSFUSED_DYNAMIC_SHARED(smem_raw);
+  UpTap<A>* tables = reinterpret_cast<UpTap<A>*>(smem_raw);
+  const int t = threadIdx.x;
+  const bool cl = a.channels_last, ac = a.align_corners;
+  const int k = static_cast<int>(a.k), rh = k / 2;
+  int64_t tile = blockIdx.x;
+  const int64_t J0 = (tile % a.col_tiles) * a.tile_cols;
+  tile /= a.col_tiles;
+  int64_t n, p0 = 0, I0;
+  if (cl) {
+    I0 = tile % a.H;
+    n = tile / a.H;
+  } else {
+    I0 = (tile % a.row_tiles) * a.tile_rows;
+    tile /= a.row_tiles;
+    p0 = tile % a.P;
+    n = tile / a.P;
+  }
+  const int cols = static_cast<int>(a.W - J0 < a.tile_cols ? a.W - J0 : a.tile_cols);
+  const int rows = cl ? 1 : static_cast<int>(a.H - I0 < a.tile_rows ? a.H - I0 : a.tile_rows);
+  // Branch b's tables: its rows' taps at b * per (source row I0 - rh + q), then its columns' at + trows.
+  const int trows = static_cast<int>(a.tile_rows) + 2 * rh, per = trows + static_cast<int>(a.tile_cols) + 2 * rh;
+  // The taps of the output row (column) `src` of branch b, or i0 = -1 where src lies outside the map.
+  auto tap_of = [&](int b, bool row, int64_t src) {
     const ProjectTapBranch& tb = a.tap[b];
-    const A* tm = cptr<A>(tb.tmap);  // opmath (tap_maps_dtype)
-    const ResizeKind uh = static_cast<ResizeKind>(tb.up_h), uw = static_cast<ResizeKind>(tb.up_w);
-    const A sh = linear_scale<A>(tb.h, a.H, ac), sw = linear_scale<A>(tb.w, a.W, ac);
-    for (int64_t ky = 0; ky < k; ++ky) {
-      int64_t row;
-      if (!shifted_source(I, ky - r, a.H, &row)) continue;
-      for (int64_t kx = 0; kx < k; ++kx) {
-        int64_t col;
-        if (!shifted_source(J, kx - r, a.W, &col)) continue;
-        const int64_t ch = (ky * k + kx) * a.P + p;
-        // As the block's epilogue: the height taps summed per width tap.
-        for_each_tap<A>(uw, col, tb.w, a.W, 1, ac, sw, [&](int64_t jj, A ww) {
-          A c = A(0);
-          for_each_tap<A>(uh, row, tb.h, a.H, 1, ac, sh,
-                          [&](int64_t ii, A wh) { c += wh * tm[off4<S>(tb.tmap, n, ch, ii, jj)]; });
-          val += ww * c;
-        });
+    const int64_t size = row ? a.H : a.W, level = row ? tb.h : tb.w;
+    UpTap<A> tap{-1, -1, A(0), A(0)};
+    if (src >= 0 && src < size)
+      tap = up_tap<A>(static_cast<ResizeKind>(row ? tb.up_h : tb.up_w), src, level, size, ac,
+                      linear_scale<A>(level, size, ac));
+    return tap;
+  };
+  if (a.tables) {
+    for (int q = t; q < a.num_taps * per; q += kThreads) {
+      const int b = q / per, e = q % per;
+      tables[q] = e < trows ? tap_of(b, true, I0 - rh + e) : tap_of(b, false, J0 - rh + (e - trows));
+    }
+    __syncthreads();
+  }
+  // The output at tile row r (cl: 0), tile column j, channel p.
+  auto element = [&](int r, int j, int64_t p) {
+    const int64_t I = I0 + r, J = J0 + j;
+    A val = a.acc.data != nullptr ? to_acc(cptr<S>(a.acc)[off4<S>(a.acc, n, p, I, J)]) : A(0);
+    val += param<A>(a.bias, p, A(0));
+    for (int d = 0; d < a.num_direct; ++d) val += to_acc(cptr<S>(a.direct[d])[off4<S>(a.direct[d], n, p, I, J)]);
+    for (int b = 0; b < a.num_taps; ++b) {
+      const ProjectTapBranch& tb = a.tap[b];
+      const bool two_h = static_cast<ResizeKind>(tb.up_h) == ResizeKind::Linear;
+      const bool two_w = static_cast<ResizeKind>(tb.up_w) == ResizeKind::Linear;
+      const A* tm = cptr<A>(tb.tmap) + n * tb.tmap.stride[0];  // opmath (tap_maps_dtype)
+      const UpTap<A>* rows_b = tables + b * per;
+      const UpTap<A>* cols_b = rows_b + trows;
+      for (int ky = 0; ky < k; ++ky) {
+        const UpTap<A> th = a.tables ? rows_b[r + ky] : tap_of(b, true, I + ky - rh);
+        if (th.i0 < 0) continue;
+        for (int kx = 0; kx < k; ++kx) {
+          const UpTap<A> tw = a.tables ? cols_b[j + kx] : tap_of(b, false, J + kx - rh);
+          if (tw.i0 < 0) continue;
+          const A* plane = tm + ((ky * k + kx) * a.P + p) * tb.tmap.stride[1];
+          up_accumulate(val, th, two_h, tw, two_w,
+                        [&](int i, int jj) { return plane[i * tb.tmap.stride[2] + jj * tb.tmap.stride[3]]; });
+        }
       }
     }
-  }
-  const S pre = from_acc<S>(val);  // the pre-activation as a tensor of S holds it
-  if (a.pre.data != nullptr) mptr<S>(a.pre)[off4<S>(a.pre, n, p, I, J)] = pre;
-  if (a.out.data != nullptr) {
-    const A alpha = param<A>(a.alpha, p, A(1)), beta = param<A>(a.beta, p, A(0));
-    mptr<S>(a.out)[off4<S>(a.out, n, p, I, J)] =
-        from_acc<S>(activate<A>(static_cast<Activation>(a.activation), alpha * to_acc(pre) + beta));
+    const S pre = from_acc<S>(val);  // the pre-activation as a tensor of S holds it
+    if (a.pre.data != nullptr) mptr<S>(a.pre)[off4<S>(a.pre, n, p, I, J)] = pre;
+    if (a.out.data != nullptr) {
+      const A alpha = param<A>(a.alpha, p, A(1)), beta = param<A>(a.beta, p, A(0));
+      mptr<S>(a.out)[off4<S>(a.out, n, p, I, J)] =
+          from_acc<S>(activate<A>(static_cast<Activation>(a.activation), alpha * to_acc(pre) + beta));
+    }
+  };
+  if (!cl) {  // (row r, column j), columns fastest, stepped without a division
+    const int count = rows * cols, step_r = kThreads / cols, step_j = kThreads % cols;
+    int r = t / cols, j = t % cols;
+    for (int e = t; e < count; e += kThreads) {
+      element(r, j, p0);
+      r += step_r;
+      j += step_j;
+      if (j >= cols) {
+        j -= cols;
+        ++r;
+      }
+    }
+  } else {  // (column j, channel p), channels fastest
+    const int P = static_cast<int>(a.P);
+    const int count = cols * P, step_j = kThreads / P, step_p = kThreads % P;
+    int j = t / P, p = t % P;
+    for (int e = t; e < count; e += kThreads) {
+      element(0, j, p);
+      p += step_p;
+      j += step_j;
+      if (p >= P) {
+        p -= P;
+        ++j;
+      }
+    }
   }
 }
 
@@ -1115,6 +1328,8 @@ thread_local LaunchRecorder* recorder_ = nullptr;
 // Each kernel's cost model for the record-only mode (defined with the launchers, below): its launch's
 // groups of alike blocks, from the arguments its launcher filled; S: the dtype's size, A: opmath's.
 using Parts = std::vector<PlannedPart>;
+int64_t min64(int64_t a, int64_t b);
+int64_t max64(int64_t a, int64_t b);
 Parts kernel_cost(const PoolArgs& a, int64_t blocks, size_t S, size_t A);
 Parts kernel_cost(const LevelArgs& a, int64_t blocks, size_t S, size_t A);
 Parts kernel_cost(const StatsArgs& a, int64_t blocks, size_t S, size_t A);
@@ -1342,13 +1557,29 @@ cudaError_t launch_merge_stats(DType dtype, const MergeStatsArgs& args, cudaStre
 
 cudaError_t launch_epilogue_up(DType dtype, EpilogueArgs args, cudaStream_t stream) {
   if (!valid_group(args)) return cudaErrorInvalidValue;
-  int64_t channels = 0;
+  // The record-only mode plans the GPU build's tiles (the emulation build's are small for its tests).
+  const int64_t tile_elems = recorder_ != nullptr ? kGpuUpTileElems : kUpTileElems;
+  int64_t blocks = 0;
   for (int b = 0; b < args.num_branches; ++b) {
-    args.br[b].slice_begin = channels;
-    channels += args.br[b].channels;
+    EpilogueBranch& eb = args.br[b];
+    // The tables and the tile's element loop index in int: levels, maps and channels below 2^30.
+    if (eb.h >= (int64_t{1} << 30) || eb.w >= (int64_t{1} << 30) || args.H >= (int64_t{1} << 30) ||
+        args.W >= (int64_t{1} << 30) || eb.channels >= (int64_t{1} << 30))
+      return cudaErrorInvalidValue;
+    if (args.channels_last) {
+      eb.tile_rows = 1;
+      eb.tile_cols = max64(1, min64(min64(args.W, kUpTileMaxCols), ceil_div(tile_elems, max64(eb.channels, 1))));
+      eb.row_tiles = args.H;
+    } else {
+      eb.tile_cols = max64(1, min64(args.W, kUpTileMaxCols));
+      eb.tile_rows = max64(1, min64(min64(args.H, kUpTileMaxRows), ceil_div(tile_elems, eb.tile_cols)));
+      eb.row_tiles = ceil_div(args.H, eb.tile_rows);
+    }
+    eb.col_tiles = ceil_div(args.W, eb.tile_cols);
+    eb.block_begin = blocks;
+    blocks += args.N * (args.channels_last ? 1 : eb.channels) * eb.row_tiles * eb.col_tiles;
   }
-  args.group_channels = channels;
-  return launch(dtype, "epilogue_up", ceil_div(args.N * channels * args.H * args.W, kThreads), 0, args, stream,
+  return launch(dtype, "epilogue_up", args.H == 0 || args.W == 0 ? 0 : blocks, 0, args, stream,
                 [](auto s) { return epilogue_up_kernel<decltype(s)>; });
 }
 
@@ -1444,7 +1675,29 @@ cudaError_t launch_project_accumulate(DType dtype, const ProjectAccArgs& args, c
   if (args.num_taps < 0 || args.num_taps > kMaxBranches || args.num_direct < 0 || args.num_direct > kMaxBranches ||
       args.k < 1 || args.k % 2 == 0)
     return cudaErrorInvalidValue;
-  return launch(dtype, "project_accumulate", ceil_div(args.N * args.P * args.H * args.W, kThreads), 0, args, stream,
+  // The tile loops index in int: maps, channels and k below 2^30.
+  if (args.H >= (int64_t{1} << 30) || args.W >= (int64_t{1} << 30) || args.P >= (int64_t{1} << 30) ||
+      args.k >= (int64_t{1} << 20))
+    return cudaErrorInvalidValue;
+  ProjectAccArgs a = args;
+  const int64_t tile_elems = recorder_ != nullptr ? kGpuUpTileElems : kUpTileElems;
+  if (a.channels_last) {
+    a.tile_rows = 1;
+    a.tile_cols = max64(1, min64(min64(a.W, kUpTileMaxCols), ceil_div(tile_elems, max64(a.P, 1))));
+    a.row_tiles = a.H;
+  } else {
+    a.tile_cols = max64(1, min64(a.W, kUpTileMaxCols));
+    a.tile_rows = max64(1, min64(min64(a.H, kUpTileMaxRows), ceil_div(tile_elems, a.tile_cols)));
+    a.row_tiles = ceil_div(a.H, a.tile_rows);
+  }
+  a.col_tiles = ceil_div(a.W, a.tile_cols);
+  // Tap tables per per-tap branch: the tile's rows and columns with k / 2 more on each side; computed per
+  // use where they would not fit (a very large k).
+  const size_t tables = static_cast<size_t>(a.num_taps) * (a.tile_rows + a.tile_cols + 2 * (a.k - 1)) *
+                        (acc_size(dtype) == 8 ? sizeof(UpTap<double>) : sizeof(UpTap<float>));
+  a.tables = a.num_taps > 0 && tables <= 48 * 1024;
+  const int64_t blocks = a.H == 0 || a.W == 0 ? 0 : a.N * (a.channels_last ? 1 : a.P) * a.row_tiles * a.col_tiles;
+  return launch(dtype, "project_accumulate", blocks, a.tables ? tables : 0, a, stream,
                 [](auto s) { return project_accumulate_kernel<decltype(s)>; });
 }
 
@@ -1572,15 +1825,18 @@ Parts kernel_cost(const MergeStatsArgs& a, int64_t blocks, size_t, size_t A) {
                channels * (merge ? 4 : 2) * A)};
 }
 
-Parts kernel_cost(const EpilogueArgs& a, int64_t blocks, size_t S, size_t A) {
-  const int64_t total = a.N * a.group_channels * a.H * a.W;
-  int64_t read = 0, taps = 1;
+Parts kernel_cost(const EpilogueArgs& a, int64_t, size_t S, size_t A) {
+  Parts parts;
   for (int b = 0; b < a.num_branches; ++b) {
     const EpilogueBranch& eb = a.br[b];
-    read += (a.N * eb.h * eb.w * S + 2 * A) * eb.channels;
-    taps = max64(taps, up_taps(eb.up_h, eb.up_w));
+    // A block: one tile, its elements kThreads at a time, each reading its up-resize's taps.
+    const int64_t tile = eb.tile_rows * eb.tile_cols * (a.channels_last ? eb.channels : 1);
+    const int64_t blocks = a.N * (a.channels_last ? 1 : eb.channels) * eb.row_tiles * eb.col_tiles;
+    parts.push_back(part(level_name("branch", b, eb.h, eb.w) + " tiles", blocks, min64(kThreads, tile),
+                         ceil_div(tile, kThreads) * up_taps(eb.up_h, eb.up_w),
+                         (a.N * eb.h * eb.w * S + 2 * A) * eb.channels, a.N * eb.channels * a.H * a.W * S));
   }
-  return {part("every output element", blocks, min64(kThreads, total), taps, read, total * S)};
+  return parts;
 }
 
 Parts kernel_cost(const UpGradArgs& a, int64_t, size_t S, size_t) {
@@ -1638,15 +1894,16 @@ Parts kernel_cost(const DxArgs& a, int64_t blocks, size_t S, size_t) {
 }
 
 Parts kernel_cost(const ProjectAccArgs& a, int64_t blocks, size_t S, size_t A) {
-  const int64_t total = a.N * a.P * a.H * a.W;
-  int64_t serial = a.num_direct, read = ((a.acc.data != nullptr ? 1 : 0) + a.num_direct) * total * S;
+  const int64_t total = a.N * a.P * a.H * a.W, tile = a.tile_rows * a.tile_cols * (a.channels_last ? a.P : 1);
+  // A block: one tile, kThreads outputs at a time, each its direct parts and every branch's k*k shifted taps.
+  int64_t per_output = a.num_direct, read = ((a.acc.data != nullptr ? 1 : 0) + a.num_direct) * total * S;
   for (int b = 0; b < a.num_taps; ++b) {
     const ProjectTapBranch& tb = a.tap[b];
-    serial += a.k * a.k * up_taps(tb.up_h, tb.up_w);
+    per_output += a.k * a.k * up_taps(tb.up_h, tb.up_w);
     read += a.N * a.k * a.k * a.P * tb.h * tb.w * A;
   }
   const int64_t written = ((a.pre.data != nullptr ? 1 : 0) + (a.out.data != nullptr ? 1 : 0)) * total * S;
-  return {part("every output element", blocks, min64(kThreads, total), serial, read, written)};
+  return {part("output tiles", blocks, min64(kThreads, tile), ceil_div(tile, kThreads) * per_output, read, written)};
 }
 
 Parts kernel_cost(const ProjectAdjointArgs& a, int64_t, size_t S, size_t A) {

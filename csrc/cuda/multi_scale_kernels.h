@@ -143,8 +143,8 @@ struct MergeStatsArgs {
 };
 cudaError_t launch_merge_stats(DType dtype, const MergeStatsArgs& args, cudaStream_t stream);
 
-// Norm, activation and the resize back up, every branch written straight into its channel slice of out:
-// one thread per output element, out(n, offset + c, I, J) = up-resize of act(alpha * pre + beta) (each
+// Norm, activation and the resize back up, every branch written straight into its channel slice of out
+// (a tile of one branch's outputs per block): out(n, offset + c, I, J) = up-resize of act(alpha * pre + beta) (each
 // tap rounded to the dtype, as the reference's activation output is). alpha/beta: opmath per channel
 // (nullptr: 1 and 0).
 struct EpilogueBranch {
@@ -153,7 +153,10 @@ struct EpilogueBranch {
   int up_h = 0, up_w = 0;  // ResizeKind, level -> output
   const void* alpha = nullptr;
   const void* beta = nullptr;
-  int64_t slice_begin = 0;  // filled by the launcher: this branch's first channel among the group's
+  // Filled by the launcher: the branch's tiles (a block each) and where its blocks start. NCHW: a tile is
+  // tile_rows x tile_cols outputs of one (n, channel) plane; channels_last: tile_cols pixels of one row,
+  // every channel of the branch.
+  int64_t tile_rows = 1, tile_cols = 1, row_tiles = 1, col_tiles = 1, block_begin = 0;
 };
 struct EpilogueArgs {
   int64_t N = 0, H = 0, W = 0;
@@ -163,7 +166,6 @@ struct EpilogueArgs {
   int activation = 0;  // msfused::Activation
   int num_branches = 0;
   EpilogueBranch br[kMaxBranches];
-  int64_t group_channels = 0;  // filled by the launcher
 };
 cudaError_t launch_epilogue_up(DType dtype, EpilogueArgs args, cudaStream_t stream);
 
@@ -273,12 +275,12 @@ struct ProjectTapBranch {
   int up_h = 0, up_w = 0;  // ResizeKind, level -> output
 };
 
-// The projection's pre-activation, one thread per output element (n, p, I, J): acc (conv(x, W_x); absent:
-// 0) + bias[p] + every direct branch's full-size part + every per-tap branch's maps resized up and shifted;
-// written to pre (if pre.data) rounded to the dtype, and act(alpha * pre + beta) to out (if out.data: the
-// norm's coefficients known before the sum, no batch statistics). pre and out may alias acc: each thread
-// reads its element before writing it. Blocks with more than kMaxBranches parts of either kind go in
-// several launches, acc = the previous launch's pre.
+// The projection's pre-activation per output element (n, p, I, J), a tile of outputs per block: acc
+// (conv(x, W_x); absent: 0) + bias[p] + every direct branch's full-size part + every per-tap branch's maps
+// resized up and shifted; written to pre (if pre.data) rounded to the dtype, and act(alpha * pre + beta) to
+// out (if out.data: the norm's coefficients known before the sum, no batch statistics). pre and out may
+// alias acc: each thread reads its element before writing it. Blocks with more than kMaxBranches parts of
+// either kind go in several launches, acc = the previous launch's pre.
 struct ProjectAccArgs {
   int64_t N = 0, P = 0, H = 0, W = 0, k = 1;
   View4 acc, pre, out;  // (N, P, H, W); acc.data / pre.data / out.data nullptr: absent
@@ -291,6 +293,10 @@ struct ProjectAccArgs {
   int num_taps = 0, num_direct = 0;
   ProjectTapBranch tap[kMaxBranches];
   View4 direct[kMaxBranches];  // (N, P, H, W)
+  // Filled by the launcher: NCHW, a tile is tile_rows x tile_cols outputs of one (n, p) plane;
+  // channels_last, tile_cols pixels of one row with every p. tables: the tap tables fit in shared memory.
+  int64_t tile_rows = 1, tile_cols = 1, row_tiles = 1, col_tiles = 1;
+  bool tables = false;
 };
 cudaError_t launch_project_accumulate(DType dtype, const ProjectAccArgs& args, cudaStream_t stream);
 
