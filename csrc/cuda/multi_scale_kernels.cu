@@ -51,7 +51,9 @@
 // Registers: the kernels are __launch_bounds__(256, 1): with the default occupancy target ptxas spilled
 // around the 64-bit integer division and float division slow-path calls in the gathers; except
 // project_accumulate, (256, 3): its tiled tap loops take 92 registers unbounded (2 blocks per SM), 72 at
-// 3 blocks per SM without spilling. The build test checks that no kernel spills.
+// 3 blocks per SM without spilling; and pool_levels, (256, 4): 72 registers unbounded (3 blocks per SM),
+// 56-64 at 4 without spilling (more loads in flight per SM; levels<double> spills at 4 on sm_80). The
+// build test checks that no kernel spills.
 // Indexing: int64 offsets and element counts throughout (tensors may pass 2^31 elements); every tensor is
 // addressed through its strides, so NCHW and channels_last share the kernels.
 // Not yet measured on a GPU: the (channel, chunk) blocks of stats_partial and up_grad walk one channel's
@@ -286,7 +288,7 @@ __device__ __forceinline__ void pool_column(const S* __restrict__ xp, S* __restr
 }
 
 template <typename S>
-__global__ void __launch_bounds__(kThreads, 1) pool_levels_kernel(const __grid_constant__ PoolArgs a) {
+__global__ void __launch_bounds__(kThreads, 4) pool_levels_kernel(const __grid_constant__ PoolArgs a) {
   using A = acc_t<S>;
   MSFUSED_DYNAMIC_SHARED(smem_raw);
   const bool cl = a.x_channels_last;
