@@ -213,8 +213,8 @@ __device__ __forceinline__ void unflatten(int64_t e, int64_t C, int64_t H, int64
 // fastest for channels_last, columns fastest for NCHW, so the reads coalesce; row groups keep every thread
 // busy when W < TJ's most). Per column chunk each thread walks its column down its row group's rows: the
 // rows are cut into segments (the runs of rows that lie in the same bin rows of every branch), a segment's
-// values are summed in a register (kPoolUnroll independent loads in flight: restrict pointers) and the sum
-// is added to each bin row the segment lies in (shared memory, a slot per thread); then the bins add their
+// values are summed in a register (rows in steps of kPoolUnroll independent loads in flight, across segment
+// ends: restrict pointers) and the sum is added to each bin row the segment lies in (shared memory, a slot per thread); then the bins add their
 // columns of the chunk, row groups in order, columns in order (a fixed order: deterministic).
 // Shared memory: colsum [rows][kThreads], bins [bins][CG], per row of x: its bin rows per branch (int2)
 // and its segment's end (int).
@@ -238,52 +238,64 @@ __device__ __forceinline__ int64_t pool_div(int64_t p, int64_t q) {
   return p / q;
 }
 
-// Rows [0, m) (m <= kPoolUnroll; Full: m == kPoolUnroll) of one column from *p (row stride sh) added to acc
-// in row order, and copied to *q (row stride osh) if Copy; p and q advanced past them. Every load is issued
-// before the first add (restrict: the stores do not alias x), so m loads are in flight at once.
-template <bool Copy, bool Full, typename S, typename A>
-__device__ __forceinline__ void pool_rows(const S* __restrict__& p, S* __restrict__& q, int64_t sh, int64_t osh,
-                                          int m, A& acc) {
-  S v[kPoolUnroll];
-  const S* __restrict__ pk = p;
-#pragma unroll
-  for (int k = 0; k < kPoolUnroll; ++k) {
-    if (Full || k < m) v[k] = *pk;
-    pk += sh;
+// A segment's sum added to the slots colsum[row * kThreads] of its bin rows (row `first`'s, every branch's).
+template <typename A>
+__device__ __forceinline__ void pool_flush(A acc, int64_t first, const int2* rows, int nb, const PoolBranch* br,
+                                           A* colsum) {
+  for (int b = 0; b < nb; ++b) {
+    const int2 span = rows[first * nb + b];
+    A* slot = colsum + br[b].row_base * kThreads;
+    for (int rr = span.x; rr < span.y; ++rr) slot[rr * kThreads] += acc;
   }
-  S* __restrict__ qk = q;
-#pragma unroll
-  for (int k = 0; k < kPoolUnroll; ++k) {
-    if (Full || k < m) {
-      if (Copy) *qk = v[k];
-      acc += to_acc(v[k]);
-    }
-    qk += osh;
-  }
-  p += m * sh;
-  q += m * osh;
 }
 
 // One column's rows [lo, hi) of x (xp: its row 0; sh, osh: the row strides of x and out), copied to out
-// (Copy) and summed per segment, each segment's sum added to the slots colsum[row * kThreads] of its bin
-// rows (this thread's).
+// (Copy) and summed per segment (in row order), each segment's sum flushed to its bin rows. Rows go in steps
+// of kPoolUnroll whatever the segments: every load of a step is issued before the first add (restrict: the
+// stores do not alias x), so that many loads are in flight; a step that holds a segment's end checks each row.
 template <bool Copy, typename S, typename A>
 __device__ __forceinline__ void pool_column(const S* __restrict__ xp, S* __restrict__ op, int64_t sh, int64_t osh,
                                             int64_t lo, int64_t hi, const int2* rows, const int* seg_end, int nb,
                                             const PoolBranch* br, A* colsum) {
   const S* __restrict__ p = xp + lo * sh;
   S* __restrict__ q = op + (Copy ? lo * osh : 0);
-  for (int64_t i = lo; i < hi;) {
-    const int64_t first = i, e = seg_end[i] < hi ? seg_end[i] : hi;
-    A acc = A(0);
-    for (; i + kPoolUnroll <= e; i += kPoolUnroll) pool_rows<Copy, true>(p, q, sh, osh, kPoolUnroll, acc);
-    if (i < e) pool_rows<Copy, false>(p, q, sh, osh, static_cast<int>(e - i), acc);
-    i = e;
-    for (int b = 0; b < nb; ++b) {
-      const int2 span = rows[first * nb + b];
-      A* slot = colsum + br[b].row_base * kThreads;
-      for (int rr = span.x; rr < span.y; ++rr) slot[rr * kThreads] += acc;
+  int64_t first = lo, e = lo < hi && seg_end[lo] < hi ? seg_end[lo] : hi;  // the current segment [first, e)
+  A acc = A(0);
+  for (int64_t i = lo; i < hi; i += kPoolUnroll) {
+    const int m = hi - i < kPoolUnroll ? static_cast<int>(hi - i) : kPoolUnroll;  // rows of this step
+    S v[kPoolUnroll];
+    const S* __restrict__ pk = p;
+#pragma unroll
+    for (int k = 0; k < kPoolUnroll; ++k) {
+      if (k < m) v[k] = *pk;
+      pk += sh;
     }
+    S* __restrict__ qk = q;
+    if (i + kPoolUnroll < e) {  // the whole step inside the segment (m == kPoolUnroll)
+#pragma unroll
+      for (int k = 0; k < kPoolUnroll; ++k) {
+        if (Copy) *qk = v[k];
+        acc += to_acc(v[k]);
+        qk += osh;
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < kPoolUnroll; ++k) {
+        if (k < m) {
+          if (Copy) *qk = v[k];
+          acc += to_acc(v[k]);
+          if (i + k + 1 == e) {  // the segment ends with this row
+            pool_flush(acc, first, rows, nb, br, colsum);
+            acc = A(0);
+            first = e;
+            if (e < hi) e = seg_end[e] < hi ? seg_end[e] : hi;
+          }
+        }
+        qk += osh;
+      }
+    }
+    p += kPoolUnroll * sh;
+    q += kPoolUnroll * osh;
   }
 }
 
