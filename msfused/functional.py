@@ -16,7 +16,6 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import autotune, backends
 from .reference import reference_forward
@@ -34,6 +33,18 @@ def _named_parts(branches: nn.ModuleList, project: Optional[nn.Module]):
     """(name, module) of every part with parameters: ``branches[i]``, then ``project``."""
     parts = [(f"branches[{i}]", br) for i, br in enumerate(branches)]
     return parts + ([("project", project)] if project is not None else [])
+
+
+def _walk(module: nn.Module, kind: str, prefix: str = ""):
+    """(name, tensor) of every parameter (kind '_parameters') or buffer ('_buffers') of ``module`` and its
+    submodules, as ``named_parameters`` / ``named_buffers`` name and order them, shared tensors repeated: the
+    same walk without their memo sets and generator chain (it runs per call)."""
+    for name, t in getattr(module, kind).items():
+        if t is not None:
+            yield prefix + name, t
+    for name, sub in module._modules.items():
+        if sub is not None:
+            yield from _walk(sub, kind, prefix + name + ".")
 
 
 def check_input(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList,
@@ -61,14 +72,15 @@ def check_input(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList,
     # One walk over the parameters (it is per call): the first misplaced tensor, else the first mistyped one.
     check_dtype = not backends.autocast_enabled(x.device.type)
     misplaced = mistyped = None
+    device, dtype = x.device, x.dtype
     for part, module in _named_parts(branches, project):
-        for name, t in module.named_parameters():
-            if misplaced is None and t.device != x.device:
+        for name, t in _walk(module, "_parameters"):
+            if misplaced is None and t.device != device:
                 misplaced = (part, name, t)
-            if check_dtype and mistyped is None and t.dtype != x.dtype:
+            if check_dtype and mistyped is None and t.dtype != dtype:
                 mistyped = (part, name, t)
-        for name, t in module.named_buffers():
-            if misplaced is None and t.device != x.device:
+        for name, t in _walk(module, "_buffers"):
+            if misplaced is None and t.device != device:
                 misplaced = (part, name, t)
     if misplaced is not None:
         part, name, t = misplaced
@@ -91,25 +103,48 @@ class ParamCache:
     the version counter, as gradcheck's perturbations do): no cached value is used where a gradient is taken."""
 
     def __init__(self) -> None:
-        self._entries = WeakIdKeyDictionary()
+        # id(owner) -> (a weak reference to owner, its entries): a plain dict looked up by id (a
+        # WeakIdKeyDictionary lookup builds a weak reference per call, ~7 us); the reference's callback drops
+        # the entries when the owner dies, and a reused id is told apart by the reference.
+        self._entries: dict = {}
 
-    @staticmethod
-    def _cacheable(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
+    def _owner_entries(self, owner: Any) -> dict:
+        key = id(owner)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0]() is owner:
+            return hit[1]
+        entries: dict = {}
+
+        def forget(_ref, key=key, entries=entries, table=self._entries):
+            if table.get(key, (None, None))[1] is entries:
+                del table[key]
+
+        self._entries[key] = (weakref.ref(owner, forget), entries)
+        return entries
+
+    #: Tensor types that belong to a trace (fake and functional tensors): never cached.
+    _TRACED = (torch._subclasses.FakeTensor, torch._subclasses.functional_tensor.FunctionalTensor)
+
+    @classmethod
+    def _cacheable(cls, tensors: Sequence[Optional[torch.Tensor]]) -> bool:
         if torch.compiler.is_compiling():
             return False
-        present = [t for t in tensors if t is not None]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in present):
-            return False
-        # inference tensors keep no version counter; fake and functional tensors belong to a trace
-        traced = (torch._subclasses.FakeTensor, torch._subclasses.functional_tensor.FunctionalTensor)
-        return not any(t.is_inference() or isinstance(t, traced) for t in present)
+        grad = torch.is_grad_enabled()
+        for t in tensors:
+            if t is None:
+                continue
+            if grad and t.requires_grad:
+                return False
+            # inference tensors keep no version counter
+            if t.is_inference() or isinstance(t, cls._TRACED):
+                return False
+        return True
 
     @staticmethod
     def _signature(tensors: Sequence[Optional[torch.Tensor]]) -> tuple:
         # a weak reference: the identity without keeping the tensor alive (an entry owned by it would
         # otherwise never die)
-        return tuple(None if t is None else (weakref.ref(t), t._version, t.data_ptr(), t.device, t.dtype,
-                                             tuple(t.shape))
+        return tuple(None if t is None else (weakref.ref(t), t._version, t.data_ptr(), t.device, t.dtype, t.shape)
                      for t in tensors)
 
     @staticmethod
@@ -119,26 +154,37 @@ class ParamCache:
             (u is not None and v is not None and u[0]() is not None and u[0]() is v[0]() and u[1:] == v[1:])
             for u, v in zip(a, b))
 
+    @staticmethod
+    def _matches(signature: tuple, tensors: Sequence[Optional[torch.Tensor]]) -> bool:
+        """``_same(signature, _signature(tensors))`` without building the new signature (it is per call)."""
+        if len(signature) != len(tensors):
+            return False
+        for s, t in zip(signature, tensors):
+            if s is None or t is None:
+                if s is not t:
+                    return False
+            elif (s[0]() is not t or s[1] != t._version or s[2] != t.data_ptr() or s[4] != t.dtype or
+                  s[3] != t.device or s[5] != t.shape):
+                return False
+        return True
+
     def get(self, owner: Any, name: str, tensors: Sequence[Optional[torch.Tensor]], extra: tuple,
             compute: Callable[[], Any]) -> Any:
         """``compute()`` for ``owner``'s ``name``, cached while ``tensors`` (and the plain values ``extra``) stay
         the same."""
         if not self._cacheable(tensors):
             return compute()
-        signature = self._signature(tensors)
-        entries = self._entries.get(owner)
-        if entries is None:
-            entries = self._entries[owner] = {}
+        entries = self._owner_entries(owner)
         hit = entries.get(name)
-        if hit is not None and hit[1] == extra and self._same(hit[0], signature):
+        if hit is not None and hit[1] == extra and self._matches(hit[0], tensors):
             return hit[2]
         with torch.inference_mode(False), torch.no_grad():  # a value later calls may use in any mode
             value = compute()
-        entries[name] = (signature, extra, value)
+        entries[name] = (self._signature(tensors), extra, value)
         return value
 
     def clear(self) -> None:
-        self._entries = WeakIdKeyDictionary()
+        self._entries = {}
 
 
 #: The functional layer's parameter cache, shared by every backend.

@@ -103,6 +103,29 @@ def test_signature_sees_the_device():
     assert not functional.ParamCache._same(sig, functional.ParamCache._signature([t.clone()]))
 
 
+def test_lookup_agrees_with_the_signature():
+    """The per-call lookup (_matches, which builds no signature) says what comparing signatures says."""
+    a, b = torch.ones(3), torch.zeros(2, 2)
+    sig = functional.ParamCache._signature([a, None, b])
+    cases = {
+        "same": ([a, None, b], True),
+        "another tensor": ([a.clone(), None, b], False),
+        "a None given a tensor": ([a, b, b], False),
+        "a tensor given None": ([a, None, None], False),
+        "shorter": ([a, None], False),
+    }
+    for what, (tensors, expected) in cases.items():
+        same = functional.ParamCache._same(sig, functional.ParamCache._signature(tensors))
+        assert functional.ParamCache._matches(sig, tensors) == same == expected, what
+    for what, change in (("in place", lambda: a.add_(1)), ("new data", lambda: setattr(b, "data", torch.zeros(4))),
+                         ("a view of other shape", lambda: setattr(a, "data", a.data.view(1, 3))),
+                         ("dtype", lambda: setattr(b, "data", b.data.double()))):
+        sig = functional.ParamCache._signature([a, None, b])
+        change()
+        assert not functional.ParamCache._matches(sig, [a, None, b]), what
+        assert not functional.ParamCache._same(sig, functional.ParamCache._signature([a, None, b])), what
+
+
 def test_never_cached_where_a_gradient_flows(folds):
     """Grad mode on and the norm's affine parameters requiring grad: the fold is computed per call and its
     gradient reaches them; frozen parameters (or no grad mode) use the cache."""
