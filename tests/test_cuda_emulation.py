@@ -296,6 +296,14 @@ DRIVER = textwrap.dedent(
         case("ms13-nearest-dx-int64", (3, 7, 23, 15), factors=(1, 3), down="nearest", k=1, pos="last")
         case("ms12-bf16-stats", (4, 4, 10, 10), factors=(1, 2), dtype=torch.bfloat16, stats=True)
         case("nine-branches", (2, 2, 12, 12), factors=(1, 2, 3, 4, 1, 2, 3, 4, 6), k=1, cb=2, stats=True)
+        # levels' one-thread pooling windows (at least 1024 level elements here, else the windows go over
+        # lanes) read in 2 x 2 tiles: 2 x 2 (one tile) and 3 x 3 windows (partial tiles) in channels_last
+        case("ms23-avg-tiles-cl-bf16", (2, 3, 40, 44), factors=(2, 3), k=1, cl=True, dtype=torch.bfloat16)
+        # x's copy in 16-byte chunks (runs and their stride multiples of 8 bfloat16): channels_last (runs of C = 8
+        # channels, out's 16 channels apart) and NCHW (one run per n), into the last slice
+        case("ms12-copy-chunks-cl-bf16", (2, 8, 6, 5), factors=(1, 2), k=1, cb=4, cl=True, dtype=torch.bfloat16,
+             pos="last")
+        case("ms12-copy-chunks-bf16", (2, 4, 8, 6), factors=(1, 2), k=1, cb=4, dtype=torch.bfloat16, pos="last")
         # Image pooling as autograd runs its backward (msfused._ops.pooled_only): the block on the 1x1 level
         case("image-pool-on-1x1", (3, 5, 1, 1), bins=(1, 1), k=(3, 1), cb=(4, 2), pos="none", stats=True)
         case("image-pool-on-1x1-cl-f32", (2, 6, 1, 1), bins=(1,), k=1, pos="none", cl=True, dtype=torch.float32,
@@ -375,6 +383,20 @@ DRIVER = textwrap.dedent(
         case("psp12-large-map-lanes-chunks", (3, 2, 70, 45), bins=(1, 2), k=1, stats=True, dtype=torch.float32)
         # dx's reader tables (H + W entries per branch) past the shared memory it gives them: per element
         case("psp-dx-tables-do-not-fit", (2, 2, 3, 3100), bins=(1, (1, 5)), k=1, pos="last")
+        # bins as gathers (N * channel groups < 4): one-thread adaptive windows of 1 x 6 and 2 x 4 (several tiles
+        # of columns, partial tiles), x copied into the last slice
+        case("gather-bins-windows-in-tiles", (1, 8, 30, 36), bins=((30, 6), (15, 9)), k=1, pos="last")
+        # pool_levels' tiles (csrc/cuda/multi_scale_kernels.cu, pool_tile): NCHW takes 4 channels x up to 64
+        # columns per chunk, the rest of the block as row groups; channels_last 32 channels x up to 8 columns
+        # (N * channel groups >= 4 here: the pooling kernel, not the gathers). W past the chunk (two chunks, a
+        # channel group not full); W below it (row groups, more of them than rows); one-row and one-column
+        # maps; bins past the map; no copy of x.
+        case("pool-nchw-two-chunks-odd", (2, 7, 13, 70), bins=(1, 2, 3, 6), k=1, pos="last", dtype=torch.float32)
+        case("pool-nchw-row-groups-bins-past-map", (2, 5, 9, 3), bins=(12, (1, 4)), k=1, pos="none")
+        case("pool-nchw-one-column", (2, 6, 17, 1), bins=(1, (5, 2)), k=1)
+        case("pool-nchw-one-row-bf16", (2, 5, 1, 23), bins=(1, 3), k=1, dtype=torch.bfloat16)
+        case("pool-cl-three-chunks", (4, 3, 11, 20), bins=(1, 2, 6), k=1, cl=True, dtype=torch.float32)
+        case("pool-cl-row-groups-bins-past-map", (4, 2, 3, 7), bins=((5, 9), 1), k=1, cl=True, pos="none")
     """
 )
 

@@ -12,8 +12,9 @@
 //       levels: one read of x computes every level (a gather of the down-resize's taps per level element;
 //       a large pooling window, e.g. bin 1, split over up to 256 lanes combined in a fixed tree) and copies
 //       x into its slice of the output; for bins branches pool_levels does that instead where its blocks
-//       (one per (n, channel group), each walking the whole map once, column sums in shared memory) fill
-//       the GPU; a pyramid mixing factor and bins branches may take both (2). epilogue_up: a tile of one
+//       (one per (n, channel group), each walking the whole map once: per thread a column's rows in
+//       segments summed in registers, column sums per bin row in shared memory) fill the GPU; a pyramid
+//       mixing factor and bins branches may take both (2). epilogue_up: a tile of one
 //       branch's outputs per block (the taps tabulated per tile row and column, the level values the tile
 //       reads activated once into shared memory): bias is already in the convolution output; norm (alpha,
 //       beta), activation and the up-resize's taps, written straight into the branch's channel slice.
@@ -53,7 +54,9 @@
 // Registers: the kernels are __launch_bounds__(256, 1): with the default occupancy target ptxas spilled
 // around the 64-bit integer division and float division slow-path calls in the gathers; except
 // project_accumulate, (256, 3): its tiled tap loops take 92 registers unbounded (2 blocks per SM), 72 at
-// 3 blocks per SM without spilling. The build test checks that no kernel spills.
+// 3 blocks per SM without spilling; and pool_levels, (256, 4): 72 registers unbounded (3 blocks per SM),
+// 56-64 at 4 without spilling (more loads in flight per SM; levels<double> spills at 4 on sm_80). The
+// build test checks that no kernel spills.
 // Indexing: int64 offsets and element counts throughout (tensors may pass 2^31 elements); every tensor is
 // addressed through its strides, so NCHW and channels_last share the kernels.
 // Not yet measured on a GPU: the (channel, chunk) blocks of stats_partial and up_grad walk one channel's
@@ -234,22 +237,112 @@ __device__ __forceinline__ void unflatten(int64_t e, int64_t C, int64_t H, int64
 
 // ---------------------------------------------------------------------------------------------------
 // Forward: every bins level from one read of x (and x's slice of the output).
-// Block: one n and CG channels; threads: CG channels x TJ columns (channels fastest for channels_last,
-// columns fastest for NCHW, so the reads coalesce). Per column chunk each thread sums its column over
-// every bin row it falls in (shared memory, a slot per thread), then the bins add their columns.
-// Shared memory: colsum [rows][kThreads], bins [bins][CG], row table [H][branches] (int2).
+// Block: one n and CG channels; threads: CG channels x RG row groups x TJ columns (pool_tile; channels
+// fastest for channels_last, columns fastest for NCHW, so the reads coalesce; row groups keep every thread
+// busy when W < TJ's most). Per column chunk each thread walks its column down its row group's rows: the
+// rows are cut into segments (the runs of rows that lie in the same bin rows of every branch), a segment's
+// values are summed in a register (rows in steps of kPoolUnroll independent loads in flight, across segment
+// ends: restrict pointers) and the sum is added to each bin row the segment lies in (shared memory, a slot per thread); then the bins add their
+// columns of the chunk, row groups in order, columns in order (a fixed order: deterministic).
+// Shared memory: colsum [rows][kThreads], bins [bins][CG], per row of x: its bin rows per branch (int2)
+// and its segment's end (int).
 // ---------------------------------------------------------------------------------------------------
 __host__ __device__ inline int pool_group(bool cl) { return cl ? 32 : 4; }
+constexpr int kPoolUnroll = 8;
+
+// Columns per chunk (TJ, a power of two, up to kThreads / CG) and row groups (RG = kThreads / (CG * TJ)).
+__host__ __device__ inline void pool_tile(bool cl, int64_t W, int* TJ, int* RG) {
+  const int most = kThreads / pool_group(cl);
+  int tj = 1;
+  while (tj < most && tj < W) tj *= 2;
+  *TJ = tj;
+  *RG = most / tj;
+}
+
+// floor(p / q) for 0 <= p, 0 < q: 32-bit where both fit (a 64-bit division is a long software sequence).
+__device__ __forceinline__ int64_t pool_div(int64_t p, int64_t q) {
+  if (p <= int64_t{0xFFFFFFFF} && q <= int64_t{0xFFFFFFFF})
+    return static_cast<int64_t>(static_cast<uint32_t>(p) / static_cast<uint32_t>(q));
+  return p / q;
+}
+
+// A segment's sum added to the slots colsum[row * kThreads] of its bin rows (row `first`'s, every branch's).
+template <typename A>
+__device__ __forceinline__ void pool_flush(A acc, int64_t first, const int2* rows, int nb, const PoolBranch* br,
+                                           A* colsum) {
+  for (int b = 0; b < nb; ++b) {
+    const int2 span = rows[first * nb + b];
+    A* slot = colsum + br[b].row_base * kThreads;
+    for (int rr = span.x; rr < span.y; ++rr) slot[rr * kThreads] += acc;
+  }
+}
+
+// One column's rows [lo, hi) of x (xp: its row 0; sh, osh: the row strides of x and out), copied to out
+// (Copy) and summed per segment (in row order), each segment's sum flushed to its bin rows. Rows go in steps
+// of kPoolUnroll whatever the segments: every load of a step is issued before the first add (restrict: the
+// stores do not alias x), so that many loads are in flight; a step that holds a segment's end checks each row.
+template <bool Copy, typename S, typename A>
+__device__ __forceinline__ void pool_column(const S* __restrict__ xp, S* __restrict__ op, int64_t sh, int64_t osh,
+                                            int64_t lo, int64_t hi, const int2* rows, const int* seg_end, int nb,
+                                            const PoolBranch* br, A* colsum) {
+  const S* __restrict__ p = xp + lo * sh;
+  S* __restrict__ q = op + (Copy ? lo * osh : 0);
+  int64_t first = lo, e = lo < hi && seg_end[lo] < hi ? seg_end[lo] : hi;  // the current segment [first, e)
+  A acc = A(0);
+  for (int64_t i = lo; i < hi; i += kPoolUnroll) {
+    const int m = hi - i < kPoolUnroll ? static_cast<int>(hi - i) : kPoolUnroll;  // rows of this step
+    S v[kPoolUnroll];
+    const S* __restrict__ pk = p;
+#pragma unroll
+    for (int k = 0; k < kPoolUnroll; ++k) {
+      if (k < m) v[k] = *pk;
+      pk += sh;
+    }
+    S* __restrict__ qk = q;
+    if (i + kPoolUnroll < e) {  // the whole step inside the segment (m == kPoolUnroll)
+#pragma unroll
+      for (int k = 0; k < kPoolUnroll; ++k) {
+        if (Copy) *qk = v[k];
+        acc += to_acc(v[k]);
+        qk += osh;
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < kPoolUnroll; ++k) {
+        if (k < m) {
+          if (Copy) *qk = v[k];
+          acc += to_acc(v[k]);
+          if (i + k + 1 == e) {  // the segment ends with this row
+            pool_flush(acc, first, rows, nb, br, colsum);
+            acc = A(0);
+            first = e;
+            if (e < hi) e = seg_end[e] < hi ? seg_end[e] : hi;
+          }
+        }
+        qk += osh;
+      }
+    }
+    p += kPoolUnroll * sh;
+    q += kPoolUnroll * osh;
+  }
+}
 
 template <typename S>
-__global__ void __launch_bounds__(kThreads, 1) pool_levels_kernel(const __grid_constant__ PoolArgs a) {
+__global__ void __launch_bounds__(kThreads, 4) pool_levels_kernel(const __grid_constant__ PoolArgs a) {
   using A = acc_t<S>;
   MSFUSED_DYNAMIC_SHARED(smem_raw);
   const bool cl = a.x_channels_last;
-  const int CG = pool_group(cl), TJ = kThreads / CG;
+  int TJ, RG;
+  pool_tile(cl, a.W, &TJ, &RG);
+  const int CG = pool_group(cl);
   const int t = threadIdx.x;
-  const int g = cl ? t % CG : t / TJ;
-  const int jj = cl ? t / CG : t % TJ;
+  const int g = cl ? t % CG : t / (RG * TJ);
+  const int rg = cl ? t / (CG * TJ) : (t / TJ) % RG;
+  const int jj = cl ? (t / CG) % TJ : t % TJ;
+  // The slot of column jx (of the chunk), channel gg, row group rgg.
+  auto lane_of = [&](int gg, int rgg, int64_t jx) {
+    return cl ? (rgg * TJ + static_cast<int>(jx)) * CG + gg : (gg * RG + rgg) * TJ + static_cast<int>(jx);
+  };
   const int64_t groups = (a.C + CG - 1) / CG;
   const int64_t n = blockIdx.x / groups, c0 = (blockIdx.x % groups) * CG, c = c0 + g;
   const int nb = a.num_branches;
@@ -258,32 +351,45 @@ __global__ void __launch_bounds__(kThreads, 1) pool_levels_kernel(const __grid_c
   A* colsum = reinterpret_cast<A*>(smem_raw);
   A* bins = colsum + R * kThreads;
   int2* rows = reinterpret_cast<int2*>(bins + Bt * CG);
+  int* seg_end = reinterpret_cast<int*>(rows + a.H * nb);
 
-  for (int64_t idx = t; idx < a.H * nb; idx += kThreads) {
-    const int64_t i = idx / nb;
-    const PoolBranch& pb = a.br[idx % nb];
-    int64_t r0, r1;
-    readers_of<A>(ResizeKind::Adaptive, i, a.H, pb.level_h, 1, false, A(0), &r0, &r1);
-    rows[idx] = make_int2(static_cast<int>(r0), static_cast<int>(r1));
+  // Per row i of x: the bin rows [r0, r1) of each branch that read it (adaptive windows: r0 = floor(i h / H),
+  // r1 = ceil((i + 1) h / H)), and the end of its segment: the next row where some branch's r0 or r1 changes
+  // (r0 at end(r0), r1 at start(r1)).
+  for (int64_t i = t; i < a.H; i += kThreads) {
+    int64_t next = a.H;
+    for (int b = 0; b < nb; ++b) {
+      const int64_t h = a.br[b].level_h;
+      const int64_t r0 = pool_div(i * h, a.H);
+      int64_t r1 = pool_div((i + 1) * h + a.H - 1, a.H);
+      r1 = r1 < h ? r1 : h;
+      rows[i * nb + b] = make_int2(static_cast<int>(r0), static_cast<int>(r1));
+      const int64_t e0 = adaptive_end(r0, h, a.H);
+      next = e0 < next ? e0 : next;
+      if (r1 < h) {
+        const int64_t s1 = adaptive_start(r1, h, a.H);
+        next = s1 < next ? s1 : next;
+      }
+    }
+    seg_end[i] = static_cast<int>(next);
   }
   for (int64_t idx = t; idx < Bt * CG; idx += kThreads) bins[idx] = A(0);
   __syncthreads();
 
+  // This thread's rows: its row group's share of H.
+  const int64_t lo = pool_div(rg * a.H, RG), hi = pool_div((rg + 1) * a.H, RG);
   const S* x = cptr<S>(a.x);
   S* out = mptr<S>(a.out);
   for (int64_t j0 = 0; j0 < a.W; j0 += TJ) {
     const int64_t j = j0 + jj;
-    for (int64_t rr = 0; rr < R; ++rr) colsum[rr * kThreads + t] = A(0);
+    for (int64_t rr = 0; rr < R; ++rr) colsum[rr * kThreads + t] = A(0);  // its own slots
     if (j < a.W && c < a.C) {
-      for (int64_t i = 0; i < a.H; ++i) {
-        const S xv = x[off4<S>(a.x, n, c, i, j)];
-        if (a.x_offset >= 0) out[off4<S>(a.out, n, a.x_offset + c, i, j)] = xv;
-        const A val = to_acc(xv);
-        for (int b = 0; b < nb; ++b) {
-          const int2 span = rows[i * nb + b];
-          const int64_t base = a.br[b].row_base;
-          for (int rr = span.x; rr < span.y; ++rr) colsum[(base + rr) * kThreads + t] += val;
-        }
+      const S* xp = x + n * a.x.stride[0] + c * a.x.stride[1] + j * a.x.stride[3];
+      if (a.x_offset >= 0) {
+        S* op = out + n * a.out.stride[0] + (a.x_offset + c) * a.out.stride[1] + j * a.out.stride[3];
+        pool_column<true>(xp, op, a.x.stride[2], a.out.stride[2], lo, hi, rows, seg_end, nb, a.br, colsum + t);
+      } else {
+        pool_column<false>(xp, out, a.x.stride[2], 0, lo, hi, rows, seg_end, nb, a.br, colsum + t);
       }
     }
     __syncthreads();
@@ -296,12 +402,14 @@ __global__ void __launch_bounds__(kThreads, 1) pool_levels_kernel(const __grid_c
       const PoolBranch& pb = a.br[b];
       const int64_t q = k - pb.bin_base, row = pb.row_base + q / pb.level_w, col = q % pb.level_w;
       const int64_t cs = adaptive_start(col, pb.level_w, a.W), ce = adaptive_end(col, pb.level_w, a.W);
-      const int64_t lo = cs > j0 ? cs : j0, hi = ce < j0 + TJ ? ce : j0 + TJ;
+      const int64_t jlo = cs > j0 ? cs : j0, jhi = ce < j0 + TJ ? ce : j0 + TJ;
+      const A* slots = colsum + row * kThreads;
       A s = A(0);
-      for (int64_t jx = lo; jx < hi; ++jx) s += colsum[row * kThreads + (cl ? (jx - j0) * CG + gg : gg * TJ + (jx - j0))];
+      for (int rgg = 0; rgg < RG; ++rgg)
+        for (int64_t jx = jlo; jx < jhi; ++jx) s += slots[lane_of(gg, rgg, jx - j0)];
       bins[idx] += s;
     }
-    __syncthreads();
+    __syncthreads();  // colsum read before the next chunk clears it
   }
   for (int64_t idx = t; idx < Bt * CG; idx += kThreads) {
     const int gg = static_cast<int>(idx % CG);
@@ -337,17 +445,143 @@ __device__ __forceinline__ int range_of(int64_t k, int count, const Ranges& firs
 // ---------------------------------------------------------------------------------------------------
 // Forward: the levels as gathers from x, and x's slice of the output (extra blocks).
 // A level element's taps are read by `lanes` threads (pooling windows: bins on a large map; 1 otherwise)
-// whose sums are combined in a fixed tree.
+// whose sums are combined in a fixed tree. With one lane, a thread reads a pooling window in tiles of
+// kLevelTile x kLevelTile taps (every load of a tile in flight at once) and finds its element's indices with
+// three multiply-high divisions (LevelDivisor). (4 x 4 tiles or 4 elements per thread took 96-118 registers
+// against 70 here: fewer resident warps.)
+// The copy: x's elements in memory order (16-byte chunks where copy_vec allows), kLevelUnroll per thread and
+// step, each one's place in out from one multiply-high division (copy_flat), else from its four indices.
 // ---------------------------------------------------------------------------------------------------
+constexpr int kLevelTile = 2;  // pooling windows in tiles of kLevelTile x kLevelTile loads (more: registers)
+constexpr int kLevelUnroll = 4;
+struct alignas(16) LevelChunk {  // the copy's 16-byte unit
+  uint32_t word[4];
+};
+
+__device__ __forceinline__ uint32_t level_div(uint32_t n, const LevelDivisor& d) {
+#ifdef MSFUSED_CUDA_EMULATION
+  const uint32_t hi = static_cast<uint32_t>((static_cast<uint64_t>(n) * d.magic) >> 32);
+#else
+  const uint32_t hi = __umulhi(n, d.magic);
+#endif
+  return (hi + n) >> d.shift;
+}
+
+// Element e (< 2^31) of an (N, C, h, w) tensor in memory order, as unflatten, with the dividers of C, h, w.
+__device__ __forceinline__ void level_unflatten(uint32_t e, const LevelDivisor& dc, const LevelDivisor& dh,
+                                                const LevelDivisor& dw, bool cl, int64_t* n, int64_t* c,
+                                                int64_t* i, int64_t* j) {
+  const LevelDivisor& d0 = cl ? dc : dw;  // the fastest index's
+  const LevelDivisor& d1 = cl ? dw : dh;
+  const LevelDivisor& d2 = cl ? dh : dc;
+  const uint32_t q0 = level_div(e, d0), q1 = level_div(q0, d1), q2 = level_div(q1, d2);
+  const uint32_t r0 = e - q0 * d0.d, r1 = q0 - q1 * d1.d, r2 = q1 - q2 * d2.d;
+  *n = q2;
+  if (cl) {
+    *c = r0;
+    *j = r1;
+    *i = r2;
+  } else {
+    *j = r0;
+    *i = r1;
+    *c = r2;
+  }
+}
+
+// One tile of a pooling window: rows [0, ni) x columns [0, nj) (ni, nj <= T) of x at p (strides sh, sw), each
+// column's rows weighted by wh and added to col[column] in row order; every load issued before the first add.
+template <int T, typename S, typename A>
+__device__ __forceinline__ void level_tile(const S* __restrict__ p, int64_t sh, int64_t sw, int ni, int nj, A wh,
+                                           A* col) {
+  S v[T][T];
+#pragma unroll
+  for (int jj = 0; jj < T; ++jj)
+#pragma unroll
+    for (int ii = 0; ii < T; ++ii)
+      if (jj < nj && ii < ni) v[jj][ii] = p[ii * sh + jj * sw];
+#pragma unroll
+  for (int jj = 0; jj < T; ++jj)
+#pragma unroll
+    for (int ii = 0; ii < T; ++ii)
+      if (jj < nj && ii < ni) col[jj] += wh * to_acc(v[jj][ii]);
+}
+
+// The pooling window [rs, rs + rc) x [cs, cs + cc) of x at base (strides sh, sw) as the general path sums it
+// (each column's rows weighted by wh, then the columns weighted by ww, in order), T x T loads at a time (one
+// tile without loops where the window fits it).
+template <int T, typename S, typename A>
+__device__ __forceinline__ A level_window(const S* __restrict__ base, int64_t sh, int64_t sw, int64_t rs, int64_t rc,
+                                          int64_t cs, int64_t cc, A wh, A ww) {
+  A acc = A(0);
+  A col[T];
+  if (rc <= T && cc <= T) {
+#pragma unroll
+    for (int jj = 0; jj < T; ++jj) col[jj] = A(0);
+    level_tile<T>(base + rs * sh + cs * sw, sh, sw, static_cast<int>(rc), static_cast<int>(cc), wh, col);
+#pragma unroll
+    for (int jj = 0; jj < T; ++jj)
+      if (jj < cc) acc += ww * col[jj];
+    return acc;
+  }
+  for (int64_t j0 = 0; j0 < cc; j0 += T) {
+#pragma unroll
+    for (int jj = 0; jj < T; ++jj) col[jj] = A(0);
+    const int nj = cc - j0 < T ? static_cast<int>(cc - j0) : T;
+    const S* __restrict__ pc = base + (cs + j0) * sw;
+    for (int64_t i0 = 0; i0 < rc; i0 += T)
+      level_tile<T>(pc + (rs + i0) * sh, sh, sw, rc - i0 < T ? static_cast<int>(rc - i0) : T, nj, wh, col);
+#pragma unroll
+    for (int jj = 0; jj < T; ++jj)
+      if (jj < nj) acc += ww * col[jj];
+  }
+  return acc;
+}
+
 template <typename S>
 __global__ void __launch_bounds__(kThreads, 1) levels_kernel(const __grid_constant__ LevelArgs a) {
   using A = acc_t<S>;
   __shared__ A s_acc[kThreads];
   const int64_t blk = blockIdx.x;
-  const S* x = cptr<S>(a.x);
+  const S* __restrict__ x = cptr<S>(a.x);
   if (blk < a.copy_blocks) {  // x into out[:, x_offset : x_offset + C], grid-stride
     const int64_t total = a.N * a.C * a.H * a.W;
-    S* out = mptr<S>(a.out);
+    S* __restrict__ out = mptr<S>(a.out);
+    if (a.copy_flat) {  // 32-bit element indices (x below 2^31 elements; the step below 2^21)
+      S* __restrict__ dst = out + a.x_offset * a.out.stride[1];
+      const int64_t gap = a.copy_run_stride - a.copy_run;
+      const uint32_t total32 = static_cast<uint32_t>(total);
+      if (a.copy_vec > 1) {  // 16-byte chunks: a chunk never straddles a run (copy_vec divides run and stride)
+        const uint32_t vec = static_cast<uint32_t>(a.copy_vec), chunks = total32 / vec;
+        const LevelChunk* __restrict__ src = reinterpret_cast<const LevelChunk*>(x);
+        const uint32_t step = static_cast<uint32_t>(a.copy_blocks) * kThreads * kLevelUnroll;
+        for (uint32_t u0 = static_cast<uint32_t>(blk) * kThreads * kLevelUnroll + threadIdx.x; u0 < chunks; u0 += step) {
+          LevelChunk v[kLevelUnroll];
+#pragma unroll
+          for (int k = 0; k < kLevelUnroll; ++k)
+            if (u0 + k * kThreads < chunks) v[k] = src[u0 + k * kThreads];
+#pragma unroll
+          for (int k = 0; k < kLevelUnroll; ++k) {
+            const uint32_t e = (u0 + k * kThreads) * vec;
+            if (u0 + k * kThreads < chunks)
+              *reinterpret_cast<LevelChunk*>(dst + static_cast<int64_t>(level_div(e, a.div_run)) * gap + e) = v[k];
+          }
+        }
+        return;
+      }
+      const uint32_t step = static_cast<uint32_t>(a.copy_blocks) * kThreads * kLevelUnroll;
+      for (uint32_t e0 = static_cast<uint32_t>(blk) * kThreads * kLevelUnroll + threadIdx.x; e0 < total32; e0 += step) {
+        S v[kLevelUnroll];
+#pragma unroll
+        for (int k = 0; k < kLevelUnroll; ++k)
+          if (e0 + k * kThreads < total32) v[k] = x[e0 + k * kThreads];
+#pragma unroll
+        for (int k = 0; k < kLevelUnroll; ++k) {
+          const uint32_t e = e0 + k * kThreads;
+          if (e < total32) dst[static_cast<int64_t>(level_div(e, a.div_run)) * gap + e] = v[k];
+        }
+      }
+      return;
+    }
     for (int64_t e = blk * kThreads + threadIdx.x; e < total; e += a.copy_blocks * kThreads) {
       int64_t n, c, i, j;
       unflatten(e, a.C, a.H, a.W, a.x_channels_last, &n, &c, &i, &j);
@@ -358,49 +592,78 @@ __global__ void __launch_bounds__(kThreads, 1) levels_kernel(const __grid_consta
   const int64_t lb = blk - a.copy_blocks;
   const int b = range_of(lb, a.num_branches, [&](int q) { return a.br[q].block_begin; });
   const LevelBranch& br = a.br[b];
-  const int64_t h = br.level_h, w = br.level_w;
+  const int64_t h = br.level_h, w = br.level_w, elems = a.N * a.C * h * w;
   const int t = threadIdx.x, G = static_cast<int>(br.lanes), lane = t % G;
-  const int64_t e = (lb - br.block_begin) * (kThreads / G) + t / G;
-  const bool valid = e < a.N * a.C * h * w;  // (uniform control flow below: the lane tree has barriers)
-  int64_t n = 0, c = 0, y = 0, xx = 0;
-  if (valid) unflatten(e, a.C, h, w, a.x_channels_last, &n, &c, &y, &xx);
-  const bool ac = a.align_corners;
-  const A scale_h = linear_scale<A>(a.H, h, ac), scale_w = linear_scale<A>(a.W, w, ac);
+  const bool ac = a.align_corners, cl = a.x_channels_last;
   const ResizeKind kh = static_cast<ResizeKind>(br.down_h), kw = static_cast<ResizeKind>(br.down_w);
-  const S* base = x + n * a.x.stride[0] + c * a.x.stride[1];
+  const bool pool_h = kh == ResizeKind::AvgFactor || kh == ResizeKind::Adaptive;
+  const bool pool_w = kw == ResizeKind::AvgFactor || kw == ResizeKind::Adaptive;
   const int64_t sh = a.x.stride[2], sw = a.x.stride[3];
+  // Element e's indices (n, c, y, xx) and x's plane of (n, c).
+  auto locate = [&](int64_t e, int64_t* n, int64_t* c, int64_t* y, int64_t* xx) {
+    if (br.fast)
+      level_unflatten(static_cast<uint32_t>(e), a.div_c, br.div_h, br.div_w, cl, n, c, y, xx);
+    else
+      unflatten(e, a.C, h, w, cl, n, c, y, xx);
+    return x + *n * a.x.stride[0] + *c * a.x.stride[1];
+  };
+  if (G == 1) {  // (G is uniform over the block: no barrier below)
+    const A scale_h = kh == ResizeKind::Linear ? linear_scale<A>(a.H, h, ac) : A(0);
+    const A scale_w = kw == ResizeKind::Linear ? linear_scale<A>(a.W, w, ac) : A(0);
+    const bool window = (pool_h || kh == ResizeKind::Identity) && (pool_w || kw == ResizeKind::Identity);
+    const int64_t e = (lb - br.block_begin) * kThreads + t;
+    if (e < elems) {
+      int64_t n, c, y, xx;
+      const S* __restrict__ base = locate(e, &n, &c, &y, &xx);
+      A acc = A(0);
+      if (window) {
+        // Pooling (or identity) on both axes: the window in tiles, the weights as for_each_tap gives them.
+        TapRun rows{y, 1}, cols{xx, 1};
+        if (pool_h) rows = pooling_run(kh, y, a.H, h, br.factor);
+        if (pool_w) cols = pooling_run(kw, xx, a.W, w, br.factor);
+        const A wh = pool_h ? A(1) / static_cast<A>(rows.count) : A(1);
+        const A ww = pool_w ? A(1) / static_cast<A>(cols.count) : A(1);
+        acc = level_window<kLevelTile, S, A>(base, sh, sw, rows.start, rows.count, cols.start, cols.count, wh, ww);
+      } else {
+        // As the CPU kernel: the height taps summed per width tap.
+        for_each_tap<A>(kw, xx, a.W, w, br.factor, ac, scale_w, [&](int64_t j, A ww) {
+          A col = A(0);
+          for_each_tap<A>(kh, y, a.H, h, br.factor, ac, scale_h,
+                          [&](int64_t i, A wh) { col += wh * to_acc(base[i * sh + j * sw]); });
+          acc += ww * col;
+        });
+      }
+      // Rounded to S as the reference's level is.
+      mptr<S>(br.level)[off4<S>(br.level, n, c, y, xx)] = from_acc<S>(acc);
+    }
+    return;
+  }
+  // Pooling on both axes (the launcher's rule), kThreads / G elements per block: the window's sum over the
+  // lanes, then the weights.
+  const int64_t e = (lb - br.block_begin) * (kThreads / G) + t / G;
+  const bool valid = e < elems;  // (uniform control flow below: the lane tree has barriers)
+  int64_t n = 0, c = 0, y = 0, xx = 0;
+  const S* __restrict__ base = valid ? locate(e, &n, &c, &y, &xx) : x;
+  TapRun rows{y, 1}, cols{xx, 1};
+  if (kh != ResizeKind::Identity) rows = pooling_run(kh, y, a.H, h, br.factor);
+  if (kw != ResizeKind::Identity) cols = pooling_run(kw, xx, a.W, w, br.factor);
+  const int64_t total = valid ? rows.count * cols.count : 0;
   A acc = A(0);
-  if (G == 1) {
-    // As the CPU kernel: the height taps summed per width tap.
-    if (valid)
-      for_each_tap<A>(kw, xx, a.W, w, br.factor, ac, scale_w, [&](int64_t j, A ww) {
-        A col = A(0);
-        for_each_tap<A>(kh, y, a.H, h, br.factor, ac, scale_h,
-                        [&](int64_t i, A wh) { col += wh * to_acc(base[i * sh + j * sw]); });
-        acc += ww * col;
-      });
-  } else {
-    // Pooling on both axes (the launcher's rule): the window's sum over the lanes, then the weights.
-    TapRun rows{y, 1}, cols{xx, 1};
-    if (kh != ResizeKind::Identity) rows = pooling_run(kh, y, a.H, h, br.factor);
-    if (kw != ResizeKind::Identity) cols = pooling_run(kw, xx, a.W, w, br.factor);
-    const int64_t total = valid ? rows.count * cols.count : 0;
-    if (lane < total) {
-      int64_t i = rows.start + lane / cols.count, j = cols.start + lane % cols.count;
-      const int64_t step_i = G / cols.count, step_j = G % cols.count;
-      for (int64_t r = lane; r < total; r += G) {
-        acc += to_acc(base[i * sh + j * sw]);
-        i += step_i;
-        j += step_j;
-        if (j >= cols.start + cols.count) {
-          j -= cols.count;
-          ++i;
-        }
+  if (lane < total) {
+    int64_t i = rows.start + lane / cols.count, j = cols.start + lane % cols.count;
+    const int64_t step_i = G / cols.count, step_j = G % cols.count;
+    for (int64_t r = lane; r < total; r += G) {
+      acc += to_acc(base[i * sh + j * sw]);
+      i += step_i;
+      j += step_j;
+      if (j >= cols.start + cols.count) {
+        j -= cols.count;
+        ++i;
       }
     }
-    acc = lane_tree_sum(acc, s_acc, t, lane, G) * (A(1) / static_cast<A>(rows.count)) *
-          (A(1) / static_cast<A>(cols.count));
   }
+  acc = lane_tree_sum(acc, s_acc, t, lane, G) * (A(1) / static_cast<A>(rows.count)) *
+        (A(1) / static_cast<A>(cols.count));
   // Rounded to S as the reference's level is.
   if (valid && lane == 0) mptr<S>(br.level)[off4<S>(br.level, n, c, y, xx)] = from_acc<S>(acc);
 }
@@ -1625,18 +1888,80 @@ int64_t reduction_chunks(int64_t channels, int64_t elems) {
   return chunks < 1 ? 1 : chunks;
 }
 
+namespace {
+
+// The multiply-high divider of d (1 <= d < 2^31; exact for dividends below 2^31: IntDivider's method).
+LevelDivisor level_divisor(int64_t d) {
+  LevelDivisor r;
+  r.d = static_cast<uint32_t>(d);
+  while ((int64_t{1} << r.shift) < d) ++r.shift;
+  r.magic = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << r.shift) - r.d)) / r.d + 1);
+  return r;
+}
+
+// Whether a tensor of these sizes has these strides where they matter (sizes above 1).
+bool dense_strides(const int64_t* sizes, const int64_t* strides, const int64_t* want, int dims) {
+  for (int d = 0; d < dims; ++d)
+    if (sizes[d] > 1 && strides[d] != want[d]) return false;
+  return true;
+}
+
+// copy_flat (LevelArgs): x dense in its memory order, and out's x slice runs of x's order at a fixed stride;
+// copy_vec: elements of `elem` bytes per 16-byte chunk where runs, stride and both starts are 16-byte aligned.
+void plan_flat_copy(LevelArgs* a, size_t elem) {
+  const int64_t N = a->N, C = a->C, H = a->H, W = a->W, total = N * C * H * W;
+  const int64_t* os = a->out.stride;
+  const int64_t sizes[4] = {N, C, H, W};
+  a->copy_flat = false;
+  if (total <= 0 || total >= (int64_t{1} << 31)) return;
+  if (a->x_channels_last) {
+    const int64_t x_want[4] = {H * W * C, 1, W * C, C};
+    const int64_t P = W > 1 ? os[3] : H > 1 ? os[2] : os[0];  // out's pixel stride
+    const int64_t o_want[4] = {H * W * P, 1, W * P, P};
+    if (!dense_strides(sizes, a->x.stride, x_want, 4) || !dense_strides(sizes, os, o_want, 4)) return;
+    a->copy_run = C;
+    a->copy_run_stride = P;
+  } else {
+    const int64_t x_want[4] = {C * H * W, H * W, W, 1};
+    const int64_t o_want[4] = {os[0], H * W, W, 1};
+    if (!dense_strides(sizes, a->x.stride, x_want, 4) || !dense_strides(sizes + 1, os + 1, o_want + 1, 3)) return;
+    a->copy_run = C * H * W;
+    a->copy_run_stride = os[0];
+  }
+  a->div_run = level_divisor(a->copy_run);
+  a->copy_flat = true;
+  const int64_t vec = static_cast<int64_t>(sizeof(LevelChunk) / elem);
+  const uintptr_t dst = reinterpret_cast<uintptr_t>(a->out.data) +
+                        static_cast<uintptr_t>(a->x_offset * a->out.stride[1]) * static_cast<uintptr_t>(elem);
+  a->copy_vec = vec > 1 && a->copy_run % vec == 0 && a->copy_run_stride % vec == 0 &&
+                        reinterpret_cast<uintptr_t>(a->x.data) % sizeof(LevelChunk) == 0 && dst % sizeof(LevelChunk) == 0
+                    ? static_cast<int>(vec)
+                    : 1;
+}
+
+}  // namespace
+
 cudaError_t launch_levels(DType dtype, LevelArgs args, cudaStream_t stream) {
   if (args.num_branches < 0 || args.num_branches > kMaxBranches) return cudaErrorInvalidValue;
   const int64_t copy_total = args.N * args.C * args.H * args.W;
   args.copy_blocks = args.x_offset >= 0 && copy_total > 0
                          ? (ceil_div(copy_total, kThreads) < kMaxCopyBlocks ? ceil_div(copy_total, kThreads) : kMaxCopyBlocks)
                          : 0;
+  if (args.copy_blocks > 0) plan_flat_copy(&args, elem_size(dtype));
+  const int64_t fits = int64_t{1} << 31;
+  if (args.C >= 1 && args.C < fits) args.div_c = level_divisor(args.C);
   int64_t blocks = 0;
   for (int b = 0; b < args.num_branches; ++b) {
     LevelBranch& br = args.br[b];
     br.lanes = level_lanes(br, args.N * args.C, args.H, args.W);
     br.block_begin = blocks;
     blocks += ceil_div(args.N * args.C * br.level_h * br.level_w * br.lanes, kThreads);
+    br.fast = args.N * args.C * br.level_h * br.level_w < fits && args.C >= 1 && args.C < fits && br.level_h >= 1 &&
+              br.level_w >= 1;
+    if (br.fast) {
+      br.div_h = level_divisor(br.level_h);
+      br.div_w = level_divisor(br.level_w);
+    }
   }
   return launch(dtype, "levels", blocks + args.copy_blocks, 0, args, stream,
                 [](auto s) { return levels_kernel<decltype(s)>; });
@@ -1782,14 +2107,15 @@ size_t pool_shared_bytes(DType dtype, PoolArgs* args) {
     rows += args->br[b].level_h;
     bins += args->br[b].level_h * args->br[b].level_w;
   }
-  // A table entry is an int2 of bin-row indices: levels must fit in int.
+  // A table entry is an int2 of bin-row indices and an int row: levels and H must fit in int.
+  if (args->H >= (int64_t{1} << 30)) return SIZE_MAX;
   for (int b = 0; b < args->num_branches; ++b)
     if (args->br[b].level_h >= (int64_t{1} << 30)) return SIZE_MAX;
   const size_t acc = acc_size(dtype);
   const size_t bytes = static_cast<size_t>(rows) * kThreads * acc +
                        static_cast<size_t>(bins) * pool_group(args->x_channels_last) * acc;
-  const size_t aligned = (bytes + 7) / 8 * 8;  // int2 table after the accumulators
-  return aligned + static_cast<size_t>(args->H) * args->num_branches * sizeof(int2);
+  const size_t aligned = (bytes + 7) / 8 * 8;  // int2 table after the accumulators, then the segment ends
+  return aligned + static_cast<size_t>(args->H) * (args->num_branches * sizeof(int2) + sizeof(int));
 }
 
 cudaError_t launch_pool_levels(DType dtype, const PoolArgs& args, cudaStream_t stream) {
@@ -2024,15 +2350,19 @@ void lane_split(int64_t lanes, int64_t entries, int64_t elems, int64_t* active, 
 }
 
 Parts kernel_cost(const PoolArgs& a, int64_t blocks, size_t S, size_t) {
-  // One block per (n, channel group): per chunk of TJ columns, each thread walks its column down every row
-  // (adding to each branch's bin row), then the block's bins add their columns of the chunk.
-  const int CG = pool_group(a.x_channels_last), TJ = kThreads / CG;
+  // One block per (n, channel group): the row table (a row per thread), then per chunk of TJ columns each
+  // thread walks its column down its row group's rows (a segment's sum added to its bin rows), then the
+  // block's bins add their columns of the chunk (every row group's).
+  const int CG = pool_group(a.x_channels_last);
+  int TJ, RG;
+  pool_tile(a.x_channels_last, a.W, &TJ, &RG);
   int64_t level_elems = 0;
   for (int b = 0; b < a.num_branches; ++b) level_elems += a.br[b].level_h * a.br[b].level_w;
   const int64_t x_elems = a.N * a.C * a.H * a.W;
-  const int64_t per_chunk = a.H * a.num_branches + ceil_div(level_elems * CG, kThreads) * TJ;
+  const int64_t per_chunk = ceil_div(a.H, RG) + ceil_div(level_elems * CG, kThreads) * RG * min64(TJ, a.W);
   return {part("x: every bins level" + std::string(a.x_offset >= 0 ? " + x's copy" : ""), blocks,
-               min64(CG, a.C) * min64(TJ, a.W), ceil_div(a.W, TJ) * per_chunk, x_elems * S,
+               min64(CG, a.C) * min64(TJ, a.W) * min64(RG, a.H),
+               ceil_div(a.H, kThreads) * a.num_branches + ceil_div(a.W, TJ) * per_chunk, x_elems * S,
                (a.N * a.C * level_elems + (a.x_offset >= 0 ? x_elems : 0)) * S)};
 }
 

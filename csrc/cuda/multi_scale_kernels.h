@@ -61,11 +61,19 @@ cudaError_t launch_pool_levels(DType dtype, const PoolArgs& args, cudaStream_t s
 // Levels as gathers from x (the down-resize's taps, resize.h; a large pooling window split over several
 // threads, combined in a fixed tree), plus x's slice of the output when x_offset >= 0 (extra blocks of
 // the same launch).
+// floor(n / d) for n, d < 2^31 as a multiply-high and a shift (launch_levels fills it; a division per element
+// would be a long sequence on the GPU).
+struct LevelDivisor {
+  uint32_t d = 1, magic = 1;
+  int shift = 0;
+};
 struct LevelBranch {
   View4 level;  // (N, C, h, w) written
   int64_t level_h = 0, level_w = 0, factor = 1;
   int down_h = 0, down_w = 0;  // ResizeKind, x -> level
   int64_t lanes = 1, block_begin = 0;  // filled by the launcher
+  bool fast = false;  // filled by the launcher: elements and sizes below 2^31 (the divisors below apply)
+  LevelDivisor div_h, div_w;
 };
 struct LevelArgs {
   int64_t N = 0, C = 0, H = 0, W = 0;
@@ -75,7 +83,16 @@ struct LevelArgs {
   bool align_corners = false;
   int num_branches = 0;
   LevelBranch br[kMaxBranches];
-  int64_t copy_blocks = 0;  // filled by the launcher
+  // Filled by the launcher: the copy's blocks; copy_flat: x dense in its memory order and out's slice made of
+  // runs of copy_run elements of x's order, copy_run_stride apart (NCHW: one per n; channels_last: one per
+  // pixel), x below 2^31 elements: element e of x goes to out + x_offset * stride[1] + e + (e / copy_run) *
+  // (copy_run_stride - copy_run); in 16-byte chunks of copy_vec elements where the runs, their stride and both
+  // starts allow (copy_vec 1: element by element).
+  int64_t copy_blocks = 0;
+  bool copy_flat = false;
+  int64_t copy_run = 0, copy_run_stride = 0;
+  int copy_vec = 1;
+  LevelDivisor div_run, div_c;
 };
 cudaError_t launch_levels(DType dtype, LevelArgs args, cudaStream_t stream);
 
