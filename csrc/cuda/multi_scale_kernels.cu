@@ -242,8 +242,9 @@ __device__ __forceinline__ void unflatten(int64_t e, int64_t C, int64_t H, int64
 // busy when W < TJ's most). Per column chunk each thread walks its column down its row group's rows: the
 // rows are cut into segments (the runs of rows that lie in the same bin rows of every branch), a segment's
 // values are summed in a register (rows in steps of kPoolUnroll independent loads in flight, across segment
-// ends: restrict pointers) and the sum is added to each bin row the segment lies in (shared memory, a slot per thread); then the bins add their
-// columns of the chunk, row groups in order, columns in order (a fixed order: deterministic).
+// ends: restrict pointers) and the sum is added to each bin row the segment lies in (shared memory, a slot
+// per thread); then the bins add their columns of the chunk, row groups in order, columns in order (a fixed
+// order: deterministic).
 // Shared memory: colsum [rows][kThreads], bins [bins][CG], per row of x: its bin rows per branch (int2)
 // and its segment's end (int).
 // ---------------------------------------------------------------------------------------------------
@@ -554,7 +555,8 @@ __global__ void __launch_bounds__(kThreads, 1) levels_kernel(const __grid_consta
         const uint32_t vec = static_cast<uint32_t>(a.copy_vec), chunks = total32 / vec;
         const LevelChunk* __restrict__ src = reinterpret_cast<const LevelChunk*>(x);
         const uint32_t step = static_cast<uint32_t>(a.copy_blocks) * kThreads * kLevelUnroll;
-        for (uint32_t u0 = static_cast<uint32_t>(blk) * kThreads * kLevelUnroll + threadIdx.x; u0 < chunks; u0 += step) {
+        const uint32_t first = static_cast<uint32_t>(blk) * kThreads * kLevelUnroll + threadIdx.x;
+        for (uint32_t u0 = first; u0 < chunks; u0 += step) {
           LevelChunk v[kLevelUnroll];
 #pragma unroll
           for (int k = 0; k < kLevelUnroll; ++k)
@@ -759,8 +761,9 @@ __global__ void __launch_bounds__(kThreads, 1) merge_stats_kernel(const __grid_c
 // ---------------------------------------------------------------------------------------------------
 // Forward: norm, activation and the resize back up, a tile of one branch's outputs per block.
 // ---------------------------------------------------------------------------------------------------
-// Tiles: NCHW, tile_rows x tile_cols outputs of one (n, channel) plane; channels_last, tile_cols pixels of
-// one output row with every channel of the branch (channels fastest, as in memory). What depends on the
+// Tiles (OutputTiles): NCHW, rows x cols outputs of one (n, channel) plane (of several small ones);
+// channels_last, cols pixels of one output row with every channel of the branch (channels fastest, as in
+// memory). What depends on the
 // block only (branch, n, channel or row, per-channel parameters, scales, plane pointers) is computed once
 // per block, each axis's taps once per tile row and column (shared tables), so that an output element
 // costs a few table reads, its level loads and the sums: one thread per output element with all of that
@@ -778,6 +781,26 @@ constexpr int64_t kUpStage = 40;  // small, so that the tests run both the stage
 #else
 constexpr int64_t kUpStage = 3072;  // the staged level values (A) at most
 #endif
+
+// Tile `tile`'s origin: its first (n, channel, row, column) (OutputTiles' order: columns fastest, then rows,
+// then channel groups, then n), and its extent clipped to the output (rows, cols, channels).
+struct TileAt {
+  int64_t n, c, I0, J0;
+  int rows, cols, channels;
+};
+__device__ __forceinline__ TileAt tile_at(const OutputTiles& ts, int64_t tile, int64_t C, int64_t H, int64_t W) {
+  TileAt at;
+  at.J0 = (tile % ts.col_tiles) * ts.cols;
+  tile /= ts.col_tiles;
+  at.I0 = (tile % ts.row_tiles) * ts.rows;
+  tile /= ts.row_tiles;
+  at.c = (tile % ts.channel_tiles) * ts.channels;
+  at.n = tile / ts.channel_tiles;
+  at.cols = static_cast<int>(W - at.J0 < ts.cols ? W - at.J0 : ts.cols);
+  at.rows = static_cast<int>(H - at.I0 < ts.rows ? H - at.I0 : ts.rows);
+  at.channels = static_cast<int>(C - at.c < ts.channels ? C - at.c : ts.channels);
+  return at;
+}
 
 // One output index's taps on one axis of an up-resize: i0 with weight l0, then (Linear only) i1 with l1.
 template <typename A>
@@ -843,28 +866,11 @@ __global__ void __launch_bounds__(kThreads, 1) epilogue_up_kernel(const __grid_c
   const bool two_h = uh == ResizeKind::Linear, two_w = uw == ResizeKind::Linear;
   const A sh = linear_scale<A>(h, a.H, ac), sw = linear_scale<A>(w, a.W, ac);
   const Activation act = static_cast<Activation>(a.activation);
-  // This block's tile: NCHW, rows [I0, I0 + rows) x columns [J0, J0 + cols) of channel c's plane;
+  // This block's tile: NCHW, rows [I0, I0 + rows) x columns [J0, J0 + cols) of C planes from channel c;
   // channels_last, row I0, columns [J0, J0 + cols), every channel (C of them).
-  int64_t tile = blk - eb.block_begin;
-  const int64_t J0 = (tile % eb.col_tiles) * eb.tile_cols;
-  tile /= eb.col_tiles;
-  int64_t n, c = 0, I0;
-  if (cl) {
-    I0 = tile % a.H;
-    n = tile / a.H;
-  } else {
-    I0 = (tile % eb.row_tiles) * eb.tile_rows;
-    tile /= eb.row_tiles;
-    const int64_t channel_tiles = (eb.channels + eb.tile_channels - 1) / eb.tile_channels;
-    c = (tile % channel_tiles) * eb.tile_channels;
-    n = tile / channel_tiles;
-  }
-  const int cols = static_cast<int>(a.W - J0 < eb.tile_cols ? a.W - J0 : eb.tile_cols);
-  const int rows = cl ? 1 : static_cast<int>(a.H - I0 < eb.tile_rows ? a.H - I0 : eb.tile_rows);
-  // The tile's channels: every channel of the branch (channels_last), else tile_channels planes from c
-  // (several only where a whole plane is smaller than a tile: levels' activations of a projection).
-  const int C =
-      static_cast<int>(cl ? eb.channels : (eb.channels - c < eb.tile_channels ? eb.channels - c : eb.tile_channels));
+  const TileAt at = tile_at(eb.tiles, blk - eb.block_begin, cl ? 1 : eb.channels, a.H, a.W);
+  const int64_t n = at.n, c = at.c, I0 = at.I0, J0 = at.J0;
+  const int rows = at.rows, cols = at.cols, C = cl ? static_cast<int>(eb.channels) : at.channels;
   for (int q = t; q < cols; q += kThreads) s_cols[q] = up_tap<A>(uw, J0 + q, w, a.W, ac, sw);
   for (int q = t; q < rows; q += kThreads) s_rows[q] = up_tap<A>(uh, I0 + q, h, a.H, ac, sh);
   __syncthreads();
@@ -949,7 +955,8 @@ __global__ void __launch_bounds__(kThreads, 1) epilogue_up_kernel(const __grid_c
 // ---------------------------------------------------------------------------------------------------
 // The summed weight with which output o of a resize reads input i (0 if it does not).
 template <typename A>
-__device__ __forceinline__ A weight_of(ResizeKind kind, int64_t o, int64_t i, int64_t in, int64_t out, bool ac, A scale) {
+__device__ __forceinline__ A weight_of(ResizeKind kind, int64_t o, int64_t i, int64_t in, int64_t out, bool ac,
+                                       A scale) {
   A wsum = A(0);
   for_each_weight_of<A>(kind, o, i, in, out, 1, ac, scale, [&](A wt) { wsum += wt; });
   return wsum;
@@ -1022,6 +1029,35 @@ __device__ __forceinline__ void up_grad_table_entry(ResizeKind kind, int64_t i, 
   for (int64_t o = o0; o < o1; ++o) weights[i * width + o - o0] = weight_of<A>(kind, o, i, in, out, ac, scale);
 }
 
+// The reader tables in the block's dynamic shared memory (up_grad, project_adjoint): the reader ranges of
+// the h level rows, then of the w columns (int2), then their weights (table_h per row, table_w per column);
+// built by the block's threads where `tables` (uniform over the block), else only laid out.
+template <typename A>
+struct AdjointTables {
+  int2* ranges;
+  A* row_weights;
+  A* col_weights;
+};
+template <typename A>
+__device__ __forceinline__ AdjointTables<A> build_adjoint_tables(unsigned char* smem, bool tables, ResizeKind kh,
+                                                                 ResizeKind kw, int64_t h, int64_t w, int64_t H,
+                                                                 int64_t W, bool ac, int64_t table_h, int64_t table_w) {
+  AdjointTables<A> tb;
+  tb.ranges = reinterpret_cast<int2*>(smem);
+  tb.row_weights = reinterpret_cast<A*>(tb.ranges + (tables ? h + w : 0));
+  tb.col_weights = tb.row_weights + (tables ? h * table_h : 0);
+  if (tables) {
+    for (int64_t q = threadIdx.x; q < h + w; q += kThreads) {
+      if (q < h)
+        up_grad_table_entry<A>(kh, q, h, H, ac, table_h, tb.ranges, tb.row_weights);
+      else
+        up_grad_table_entry<A>(kw, q - h, w, W, ac, table_w, tb.ranges + h, tb.col_weights);
+    }
+    __syncthreads();
+  }
+  return tb;
+}
+
 // A block: one channel's chunk of level pixels (n, i, j), kThreads / lanes at a time (rounds), each pixel's
 // readers split over its lanes. With the tables (ub.table_h > 0: launch_up_grad found that they fit) the
 // block first tabulates, per level row and column, its readers and their weights (weight_of: a float
@@ -1061,20 +1097,11 @@ __global__ void __launch_bounds__(kThreads, 1) up_grad_kernel(const __grid_const
   const int64_t gc = ub.channel_offset + c;
   const int t = threadIdx.x;
   const int G = static_cast<int>(ub.lanes), lane = t % G, per_round = kThreads / G;
-  // Tables: the reader ranges of the h level rows, then of the w columns (int2), then their weights
-  // (table_h per row, table_w per column).
-  int2* ranges = reinterpret_cast<int2*>(smem_raw);
-  A* row_weights = reinterpret_cast<A*>(ranges + (tables ? h + w : 0));
-  A* col_weights = row_weights + (tables ? h * ub.table_h : 0);
-  if (tables) {  // uniform over the block (its branch)
-    for (int64_t q = t; q < h + w; q += kThreads) {
-      if (q < h)
-        up_grad_table_entry<A>(kh, q, h, a.H, ac, ub.table_h, ranges, row_weights);
-      else
-        up_grad_table_entry<A>(kw, q - h, w, a.W, ac, ub.table_w, ranges + h, col_weights);
-    }
-    __syncthreads();
-  }
+  const AdjointTables<A> tb =
+      build_adjoint_tables<A>(smem_raw, tables, kh, kw, h, w, a.H, a.W, ac, ub.table_h, ub.table_w);
+  int2* ranges = tb.ranges;
+  A* row_weights = tb.row_weights;
+  A* col_weights = tb.col_weights;
   // This thread's pixel, advanced by per_round pixels a round (by carries where the level's sizes fit the
   // cursor, else divided out).
   const bool small = h < (int64_t{1} << 30) && w < (int64_t{1} << 30);
@@ -1205,7 +1232,8 @@ struct DxTap {
 };
 
 template <typename A>
-__device__ __forceinline__ DxTap<A> dx_tap(ResizeKind kind, int64_t o, int64_t in, int64_t out, int64_t factor, bool ac) {
+__device__ __forceinline__ DxTap<A> dx_tap(ResizeKind kind, int64_t o, int64_t in, int64_t out, int64_t factor,
+                                           bool ac) {
   DxTap<A> t{-1, -1, A(1), A(0)};
   if (kind == ResizeKind::AvgFactor || kind == ResizeKind::Adaptive) {
     t.l0 = A(1) / static_cast<A>(pooling_run(kind, o, in, out, factor).count);
@@ -1536,8 +1564,9 @@ __global__ void __launch_bounds__(kThreads, 1) dx_kernel(const __grid_constant__
     const DxBranch& db = a.br[b];
     for (int64_t q = threadIdx.x; q < db.level_h + db.level_w; q += kThreads) {
       const bool row = q < db.level_h;
-      taps[db.weight_base + q] = dx_tap<A>(static_cast<ResizeKind>(row ? db.down_h : db.down_w), row ? q : q - db.level_h,
-                                           row ? a.H : a.W, row ? db.level_h : db.level_w, db.factor, ac);
+      taps[db.weight_base + q] = dx_tap<A>(static_cast<ResizeKind>(row ? db.down_h : db.down_w),
+                                           row ? q : q - db.level_h, row ? a.H : a.W,
+                                           row ? db.level_h : db.level_w, db.factor, ac);
     }
   }
   __syncthreads();
@@ -1564,23 +1593,11 @@ __global__ void __launch_bounds__(kThreads, 3) project_accumulate_kernel(const _
   const int t = threadIdx.x;
   const bool cl = a.channels_last, ac = a.align_corners;
   const int k = static_cast<int>(a.k), rh = k / 2;
-  int64_t tile = blockIdx.x;
-  const int64_t J0 = (tile % a.col_tiles) * a.tile_cols;
-  tile /= a.col_tiles;
-  int64_t n, p0 = 0, I0;
-  if (cl) {
-    I0 = tile % a.H;
-    n = tile / a.H;
-  } else {
-    I0 = (tile % a.row_tiles) * a.tile_rows;
-    tile /= a.row_tiles;
-    p0 = tile % a.P;
-    n = tile / a.P;
-  }
-  const int cols = static_cast<int>(a.W - J0 < a.tile_cols ? a.W - J0 : a.tile_cols);
-  const int rows = cl ? 1 : static_cast<int>(a.H - I0 < a.tile_rows ? a.H - I0 : a.tile_rows);
+  const TileAt at = tile_at(a.tiles, blockIdx.x, cl ? 1 : a.P, a.H, a.W);
+  const int64_t n = at.n, p0 = at.c, I0 = at.I0, J0 = at.J0;
+  const int rows = at.rows, cols = at.cols;
   // Branch b's tables: its rows' taps at b * per (source row I0 - rh + q), then its columns' at + trows.
-  const int trows = static_cast<int>(a.tile_rows) + 2 * rh, per = trows + static_cast<int>(a.tile_cols) + 2 * rh;
+  const int trows = static_cast<int>(a.tiles.rows) + 2 * rh, per = trows + static_cast<int>(a.tiles.cols) + 2 * rh;
   // The taps of the output row (column) `src` of branch b, or i0 = -1 where src lies outside the map.
   auto tap_of = [&](int b, bool row, int64_t src) {
     const ProjectTapBranch& tb = a.tap[b];
@@ -1685,18 +1702,11 @@ __global__ void __launch_bounds__(kThreads, 1) project_adjoint_kernel(const __gr
   // The block's tables (as up_grad's: every level row's and column's readers and weights), where they fit.
   MSFUSED_DYNAMIC_SHARED(smem_raw);
   const bool tables = br.table_h > 0;
-  int2* ranges = reinterpret_cast<int2*>(smem_raw);
-  A* row_weights = reinterpret_cast<A*>(ranges + (tables ? h + w : 0));
-  A* col_weights = row_weights + (tables ? h * br.table_h : 0);
-  if (tables) {  // uniform over the block (its branch)
-    for (int64_t q = t; q < h + w; q += kThreads) {
-      if (q < h)
-        up_grad_table_entry<A>(kh, q, h, a.H, ac, br.table_h, ranges, row_weights);
-      else
-        up_grad_table_entry<A>(kw, q - h, w, a.W, ac, br.table_w, ranges + h, col_weights);
-    }
-    __syncthreads();
-  }
+  const AdjointTables<A> tb =
+      build_adjoint_tables<A>(smem_raw, tables, kh, kw, h, w, a.H, a.W, ac, br.table_h, br.table_w);
+  int2* ranges = tb.ranges;
+  A* row_weights = tb.row_weights;
+  A* col_weights = tb.col_weights;
   A part = A(0);
   if (valid) {
     // The rows and columns of the resized map that read (i, j), kept where the shift lands inside.
@@ -1933,10 +1943,10 @@ void plan_flat_copy(LevelArgs* a, size_t elem) {
   const int64_t vec = static_cast<int64_t>(sizeof(LevelChunk) / elem);
   const uintptr_t dst = reinterpret_cast<uintptr_t>(a->out.data) +
                         static_cast<uintptr_t>(a->x_offset * a->out.stride[1]) * static_cast<uintptr_t>(elem);
-  a->copy_vec = vec > 1 && a->copy_run % vec == 0 && a->copy_run_stride % vec == 0 &&
-                        reinterpret_cast<uintptr_t>(a->x.data) % sizeof(LevelChunk) == 0 && dst % sizeof(LevelChunk) == 0
-                    ? static_cast<int>(vec)
-                    : 1;
+  const bool aligned =
+      reinterpret_cast<uintptr_t>(a->x.data) % sizeof(LevelChunk) == 0 && dst % sizeof(LevelChunk) == 0;
+  const bool runs = a->copy_run % vec == 0 && a->copy_run_stride % vec == 0;
+  a->copy_vec = vec > 1 && runs && aligned ? static_cast<int>(vec) : 1;
 }
 
 }  // namespace
@@ -1944,9 +1954,7 @@ void plan_flat_copy(LevelArgs* a, size_t elem) {
 cudaError_t launch_levels(DType dtype, LevelArgs args, cudaStream_t stream) {
   if (args.num_branches < 0 || args.num_branches > kMaxBranches) return cudaErrorInvalidValue;
   const int64_t copy_total = args.N * args.C * args.H * args.W;
-  args.copy_blocks = args.x_offset >= 0 && copy_total > 0
-                         ? (ceil_div(copy_total, kThreads) < kMaxCopyBlocks ? ceil_div(copy_total, kThreads) : kMaxCopyBlocks)
-                         : 0;
+  args.copy_blocks = args.x_offset >= 0 && copy_total > 0 ? min64(ceil_div(copy_total, kThreads), kMaxCopyBlocks) : 0;
   if (args.copy_blocks > 0) plan_flat_copy(&args, elem_size(dtype));
   const int64_t fits = int64_t{1} << 31;
   if (args.C >= 1 && args.C < fits) args.div_c = level_divisor(args.C);
@@ -1986,6 +1994,26 @@ cudaError_t launch_merge_stats(DType dtype, const MergeStatsArgs& args, cudaStre
                 [](auto s) { return merge_stats_kernel<decltype(s)>; });
 }
 
+// The tiles of an (N, C, H, W) output of about tile_elems outputs each (OutputTiles); several_planes: NCHW
+// planes smaller than a tile share one.
+OutputTiles output_tiles(int64_t C, int64_t H, int64_t W, bool channels_last, int64_t tile_elems, bool several_planes) {
+  OutputTiles ts;
+  if (channels_last) {
+    ts.cols = max64(1, min64(min64(W, kUpTileMaxCols), ceil_div(tile_elems, max64(C, 1))));
+    ts.row_tiles = H;
+  } else {
+    ts.cols = max64(1, min64(W, kUpTileMaxCols));
+    ts.rows = max64(1, min64(min64(H, kUpTileMaxRows), ceil_div(tile_elems, ts.cols)));
+    ts.row_tiles = ceil_div(H, ts.rows);
+    if (several_planes && ts.rows == H && ts.cols == W) ts.channels = max64(1, min64(C, tile_elems / max64(1, H * W)));
+    ts.channel_tiles = ceil_div(C, ts.channels);
+  }
+  ts.col_tiles = ceil_div(W, ts.cols);
+  return ts;
+}
+
+int64_t tile_count(const OutputTiles& ts, int64_t N) { return N * ts.channel_tiles * ts.row_tiles * ts.col_tiles; }
+
 cudaError_t launch_epilogue_up(DType dtype, EpilogueArgs args, cudaStream_t stream) {
   if (!valid_group(args)) return cudaErrorInvalidValue;
   // The record-only mode plans the GPU build's tiles (the emulation build's are small for its tests).
@@ -1997,22 +2025,9 @@ cudaError_t launch_epilogue_up(DType dtype, EpilogueArgs args, cudaStream_t stre
     if (eb.h >= (int64_t{1} << 30) || eb.w >= (int64_t{1} << 30) || args.H >= (int64_t{1} << 30) ||
         args.W >= (int64_t{1} << 30) || eb.channels >= (int64_t{1} << 30))
       return cudaErrorInvalidValue;
-    if (args.channels_last) {
-      eb.tile_rows = 1;
-      eb.tile_cols = max64(1, min64(min64(args.W, kUpTileMaxCols), ceil_div(tile_elems, max64(eb.channels, 1))));
-      eb.row_tiles = args.H;
-    } else {
-      eb.tile_cols = max64(1, min64(args.W, kUpTileMaxCols));
-      eb.tile_rows = max64(1, min64(min64(args.H, kUpTileMaxRows), ceil_div(tile_elems, eb.tile_cols)));
-      eb.row_tiles = ceil_div(args.H, eb.tile_rows);
-      // A plane smaller than a tile (the levels of a projection's branches): several planes per tile.
-      const bool whole = eb.tile_rows == args.H && eb.tile_cols == args.W;
-      eb.tile_channels = whole ? max64(1, min64(eb.channels, tile_elems / max64(1, args.H * args.W))) : 1;
-    }
-    eb.col_tiles = ceil_div(args.W, eb.tile_cols);
+    eb.tiles = output_tiles(eb.channels, args.H, args.W, args.channels_last, tile_elems, true);
     eb.block_begin = blocks;
-    blocks +=
-        args.N * (args.channels_last ? 1 : ceil_div(eb.channels, eb.tile_channels)) * eb.row_tiles * eb.col_tiles;
+    blocks += tile_count(eb.tiles, args.N);
   }
   return launch(dtype, "epilogue_up", args.H == 0 || args.W == 0 ? 0 : blocks, 0, args, stream,
                 [](auto s) { return epilogue_up_kernel<decltype(s)>; });
@@ -2048,7 +2063,8 @@ static size_t adjoint_tables(DType dtype, int up_h, int64_t h, int up_w, int64_t
   const bool dbl = dtype == DType::Double;
   const int64_t th = dbl ? most_readers<double>(up_h, h, H, ac) : most_readers<float>(up_h, h, H, ac);
   const int64_t tw = dbl ? most_readers<double>(up_w, w, W, ac) : most_readers<float>(up_w, w, W, ac);
-  const size_t bytes = static_cast<size_t>(h + w) * sizeof(int2) + static_cast<size_t>(h * th + w * tw) * acc_size(dtype);
+  const size_t bytes =
+      static_cast<size_t>(h + w) * sizeof(int2) + static_cast<size_t>(h * th + w * tw) * acc_size(dtype);
   if (bytes > (recorder_ != nullptr ? kGpuUpGradTableBytes : kUpGradTableBytes)) return 0;
   *table_h = th;
   *table_w = tw;
@@ -2148,7 +2164,8 @@ static int64_t dx_tile_level_rows(const DxArgs& a, const DxBranch& db, int64_t r
   const A scale = linear_scale<A>(a.H, db.level_h, a.align_corners);
   auto range = [&](int64_t i, int64_t* o0, int64_t* o1) {
     *o0 = i, *o1 = i + 1;  // Identity
-    if (kind != ResizeKind::Identity) readers_of<A>(kind, i, a.H, db.level_h, db.factor, a.align_corners, scale, o0, o1);
+    if (kind != ResizeKind::Identity)
+      readers_of<A>(kind, i, a.H, db.level_h, db.factor, a.align_corners, scale, o0, o1);
   };
   int64_t most = 0;
   for (int64_t i0 = 0; i0 < a.H; i0 += rows) {
@@ -2262,23 +2279,13 @@ cudaError_t launch_project_accumulate(DType dtype, const ProjectAccArgs& args, c
       args.k >= (int64_t{1} << 20))
     return cudaErrorInvalidValue;
   ProjectAccArgs a = args;
-  const int64_t tile_elems = recorder_ != nullptr ? kGpuUpTileElems : kUpTileElems;
-  if (a.channels_last) {
-    a.tile_rows = 1;
-    a.tile_cols = max64(1, min64(min64(a.W, kUpTileMaxCols), ceil_div(tile_elems, max64(a.P, 1))));
-    a.row_tiles = a.H;
-  } else {
-    a.tile_cols = max64(1, min64(a.W, kUpTileMaxCols));
-    a.tile_rows = max64(1, min64(min64(a.H, kUpTileMaxRows), ceil_div(tile_elems, a.tile_cols)));
-    a.row_tiles = ceil_div(a.H, a.tile_rows);
-  }
-  a.col_tiles = ceil_div(a.W, a.tile_cols);
+  a.tiles = output_tiles(a.P, a.H, a.W, a.channels_last, recorder_ != nullptr ? kGpuUpTileElems : kUpTileElems, false);
   // Tap tables per per-tap branch: the tile's rows and columns with k / 2 more on each side; computed per
   // use where they would not fit (a very large k).
-  const size_t tables = static_cast<size_t>(a.num_taps) * (a.tile_rows + a.tile_cols + 2 * (a.k - 1)) *
+  const size_t tables = static_cast<size_t>(a.num_taps) * (a.tiles.rows + a.tiles.cols + 2 * (a.k - 1)) *
                         (acc_size(dtype) == 8 ? sizeof(UpTap<double>) : sizeof(UpTap<float>));
   a.tables = a.num_taps > 0 && tables <= 48 * 1024;
-  const int64_t blocks = a.H == 0 || a.W == 0 ? 0 : a.N * (a.channels_last ? 1 : a.P) * a.row_tiles * a.col_tiles;
+  const int64_t blocks = a.H == 0 || a.W == 0 ? 0 : tile_count(a.tiles, a.N);
   return launch(dtype, "project_accumulate", blocks, a.tables ? tables : 0, a, stream,
                 [](auto s) { return project_accumulate_kernel<decltype(s)>; });
 }
@@ -2417,9 +2424,8 @@ Parts kernel_cost(const EpilogueArgs& a, int64_t, size_t S, size_t A) {
   for (int b = 0; b < a.num_branches; ++b) {
     const EpilogueBranch& eb = a.br[b];
     // A block: one tile, its elements kThreads at a time, each reading its up-resize's taps.
-    const int64_t tile = eb.tile_rows * eb.tile_cols * (a.channels_last ? eb.channels : eb.tile_channels);
-    const int64_t blocks =
-        a.N * (a.channels_last ? 1 : ceil_div(eb.channels, eb.tile_channels)) * eb.row_tiles * eb.col_tiles;
+    const int64_t tile = eb.tiles.rows * eb.tiles.cols * (a.channels_last ? eb.channels : eb.tiles.channels);
+    const int64_t blocks = tile_count(eb.tiles, a.N);
     parts.push_back(part(level_name("branch", b, eb.h, eb.w) + " tiles", blocks, min64(kThreads, tile),
                          ceil_div(tile, kThreads) * up_taps(eb.up_h, eb.up_w),
                          (a.N * eb.h * eb.w * S + 2 * A) * eb.channels, a.N * eb.channels * a.H * a.W * S));
@@ -2499,7 +2505,7 @@ Parts kernel_cost(const DxArgs& a, int64_t blocks, size_t S, size_t) {
 }
 
 Parts kernel_cost(const ProjectAccArgs& a, int64_t blocks, size_t S, size_t A) {
-  const int64_t total = a.N * a.P * a.H * a.W, tile = a.tile_rows * a.tile_cols * (a.channels_last ? a.P : 1);
+  const int64_t total = a.N * a.P * a.H * a.W, tile = a.tiles.rows * a.tiles.cols * (a.channels_last ? a.P : 1);
   // A block: one tile, kThreads outputs at a time, each its direct parts and every branch's k*k shifted taps.
   int64_t per_output = a.num_direct, read = ((a.acc.data != nullptr ? 1 : 0) + a.num_direct) * total * S;
   for (int b = 0; b < a.num_taps; ++b) {

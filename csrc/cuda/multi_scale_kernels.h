@@ -143,6 +143,13 @@ struct MergeStatsArgs {
 };
 cudaError_t launch_merge_stats(DType dtype, const MergeStatsArgs& args, cudaStream_t stream);
 
+// The tiles of an (N, channels, H, W) output, a block each (epilogue_up, project_accumulate; filled by the
+// launchers): NCHW, rows x cols outputs of `channels` planes (several only where a whole plane is smaller
+// than a tile); channels_last, cols pixels of one row (rows 1, row_tiles H) with every channel.
+struct OutputTiles {
+  int64_t rows = 1, cols = 1, channels = 1, row_tiles = 1, col_tiles = 1, channel_tiles = 1;
+};
+
 // Norm, activation and the resize back up, every branch written straight into its channel slice of out
 // (a tile of one branch's outputs per block): out(n, offset + c, I, J) = up-resize of act(alpha * pre + beta) (each
 // tap rounded to the dtype, as the reference's activation output is). alpha/beta: opmath per channel
@@ -153,10 +160,8 @@ struct EpilogueBranch {
   int up_h = 0, up_w = 0;  // ResizeKind, level -> output
   const void* alpha = nullptr;
   const void* beta = nullptr;
-  // Filled by the launcher: the branch's tiles (a block each) and where its blocks start. NCHW: a tile is
-  // tile_rows x tile_cols outputs of tile_channels (n, channel) planes (several only where a plane is
-  // smaller than a tile); channels_last: tile_cols pixels of one row, every channel of the branch.
-  int64_t tile_rows = 1, tile_cols = 1, tile_channels = 1, row_tiles = 1, col_tiles = 1, block_begin = 0;
+  OutputTiles tiles;  // filled by the launcher, and where the branch's blocks start
+  int64_t block_begin = 0;
 };
 struct EpilogueArgs {
   int64_t N = 0, H = 0, W = 0;
@@ -301,9 +306,9 @@ struct ProjectAccArgs {
   int num_taps = 0, num_direct = 0;
   ProjectTapBranch tap[kMaxBranches];
   View4 direct[kMaxBranches];  // (N, P, H, W)
-  // Filled by the launcher: NCHW, a tile is tile_rows x tile_cols outputs of one (n, p) plane;
-  // channels_last, tile_cols pixels of one row with every p. tables: the tap tables fit in shared memory.
-  int64_t tile_rows = 1, tile_cols = 1, row_tiles = 1, col_tiles = 1;
+  // Filled by the launcher: the output's tiles (one plane per NCHW tile); tables: the tap tables fit in
+  // shared memory.
+  OutputTiles tiles;
   bool tables = false;
 };
 cudaError_t launch_project_accumulate(DType dtype, const ProjectAccArgs& args, cudaStream_t stream);
