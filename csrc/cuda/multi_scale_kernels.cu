@@ -538,6 +538,27 @@ __device__ __forceinline__ A level_window(const S* __restrict__ base, int64_t sh
   return acc;
 }
 
+// x's copy in memory order into the runs of out's slice: item u (vec elements of type T) is element
+// e = u * vec, written at dst + (e / run) * gap + e; kLevelUnroll loads in flight per thread, then their
+// stores.
+template <typename T, typename S>
+__device__ __forceinline__ void copy_to_runs(const T* __restrict__ src, S* __restrict__ dst, uint32_t count,
+                                             uint32_t vec, uint32_t first, uint32_t step, const LevelDivisor& run,
+                                             int64_t gap) {
+  for (uint32_t u0 = first; u0 < count; u0 += step) {
+    T v[kLevelUnroll];
+#pragma unroll
+    for (int k = 0; k < kLevelUnroll; ++k)
+      if (u0 + k * kThreads < count) v[k] = src[u0 + k * kThreads];
+#pragma unroll
+    for (int k = 0; k < kLevelUnroll; ++k) {
+      const uint32_t e = (u0 + k * kThreads) * vec;
+      if (u0 + k * kThreads < count)
+        *reinterpret_cast<T*>(dst + static_cast<int64_t>(level_div(e, run)) * gap + e) = v[k];
+    }
+  }
+}
+
 template <typename S>
 __global__ void __launch_bounds__(kThreads, 1) levels_kernel(const __grid_constant__ LevelArgs a) {
   using A = acc_t<S>;
@@ -551,37 +572,13 @@ __global__ void __launch_bounds__(kThreads, 1) levels_kernel(const __grid_consta
       S* __restrict__ dst = out + a.x_offset * a.out.stride[1];
       const int64_t gap = a.copy_run_stride - a.copy_run;
       const uint32_t total32 = static_cast<uint32_t>(total);
-      if (a.copy_vec > 1) {  // 16-byte chunks: a chunk never straddles a run (copy_vec divides run and stride)
-        const uint32_t vec = static_cast<uint32_t>(a.copy_vec), chunks = total32 / vec;
-        const LevelChunk* __restrict__ src = reinterpret_cast<const LevelChunk*>(x);
-        const uint32_t step = static_cast<uint32_t>(a.copy_blocks) * kThreads * kLevelUnroll;
-        const uint32_t first = static_cast<uint32_t>(blk) * kThreads * kLevelUnroll + threadIdx.x;
-        for (uint32_t u0 = first; u0 < chunks; u0 += step) {
-          LevelChunk v[kLevelUnroll];
-#pragma unroll
-          for (int k = 0; k < kLevelUnroll; ++k)
-            if (u0 + k * kThreads < chunks) v[k] = src[u0 + k * kThreads];
-#pragma unroll
-          for (int k = 0; k < kLevelUnroll; ++k) {
-            const uint32_t e = (u0 + k * kThreads) * vec;
-            if (u0 + k * kThreads < chunks)
-              *reinterpret_cast<LevelChunk*>(dst + static_cast<int64_t>(level_div(e, a.div_run)) * gap + e) = v[k];
-          }
-        }
-        return;
-      }
       const uint32_t step = static_cast<uint32_t>(a.copy_blocks) * kThreads * kLevelUnroll;
-      for (uint32_t e0 = static_cast<uint32_t>(blk) * kThreads * kLevelUnroll + threadIdx.x; e0 < total32; e0 += step) {
-        S v[kLevelUnroll];
-#pragma unroll
-        for (int k = 0; k < kLevelUnroll; ++k)
-          if (e0 + k * kThreads < total32) v[k] = x[e0 + k * kThreads];
-#pragma unroll
-        for (int k = 0; k < kLevelUnroll; ++k) {
-          const uint32_t e = e0 + k * kThreads;
-          if (e < total32) dst[static_cast<int64_t>(level_div(e, a.div_run)) * gap + e] = v[k];
-        }
-      }
+      const uint32_t first = static_cast<uint32_t>(blk) * kThreads * kLevelUnroll + threadIdx.x;
+      if (a.copy_vec > 1)  // 16-byte chunks: a chunk never straddles a run (copy_vec divides run and stride)
+        copy_to_runs(reinterpret_cast<const LevelChunk*>(x), dst, total32 / a.copy_vec,
+                     static_cast<uint32_t>(a.copy_vec), first, step, a.div_run, gap);
+      else
+        copy_to_runs(x, dst, total32, 1u, first, step, a.div_run, gap);
       return;
     }
     for (int64_t e = blk * kThreads + threadIdx.x; e < total; e += a.copy_blocks * kThreads) {
