@@ -60,31 +60,50 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-def build_directory() -> Path:
+#: Sanitizers the emulation build can be compiled with (``emulation_library(sanitize=...)``): their compile flags.
+SANITIZERS = {"address": ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]}
+
+
+def build_directory(sanitize: Optional[str] = None) -> Path:
     """Where the emulation library is built and cached: $MSFUSED_CUDA_EMULATION_BUILD, else a folder per
-    source checkout under torch's extension cache ($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions)."""
+    source checkout under torch's extension cache ($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions);
+    a sanitized build in a folder of its own beside it."""
     if os.environ.get("MSFUSED_CUDA_EMULATION_BUILD"):
-        return Path(os.environ["MSFUSED_CUDA_EMULATION_BUILD"])
-    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    digest = hashlib.sha1(str(ROOT).encode()).hexdigest()[:12]
-    return cache / f"msfused_cuda_emulation_{digest}"
+        base = Path(os.environ["MSFUSED_CUDA_EMULATION_BUILD"])
+    else:
+        cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+        base = cache / f"msfused_cuda_emulation_{hashlib.sha1(str(ROOT).encode()).hexdigest()[:12]}"
+    return base if sanitize is None else base.with_name(f"{base.name}_{sanitize}")
 
 
-_LOADED: Optional[Path] = None
+def sanitizer_preload(sanitize: str) -> str:
+    """LD_PRELOAD for a process that loads a sanitized build: the sanitizer's runtime must come first, and
+    libstdc++ with it (ASan's interceptor of C++ throws finds the real one only so)."""
+    import subprocess
+
+    libs = {"address": ["libasan.so", "libstdc++.so.6"]}[sanitize]
+    return " ".join(subprocess.check_output(["gcc", f"-print-file-name={lib}"], text=True).strip() for lib in libs)
 
 
-def emulation_library(verbose: bool = False) -> Path:
+_LOADED: dict = {}
+
+
+def emulation_library(verbose: bool = False, sanitize: Optional[str] = None) -> Path:
     """Builds (ninja: only what changed) and loads the emulation library; returns its path. Its operators are
-    then ``torch.ops.msfused_cuda_emulation.*``. Raises EmulationUnavailable when it cannot be built here."""
-    global _LOADED
-    if _LOADED is not None:
-        return _LOADED
+    then ``torch.ops.msfused_cuda_emulation.*``. Raises EmulationUnavailable when it cannot be built here.
+    ``sanitize='address'``: compiled with AddressSanitizer (out-of-bounds reads and writes of the kernels'
+    shared memory, which are static arrays or one heap buffer in this build, and of every tensor show as
+    reports); the process must have ``sanitizer_preload('address')`` in LD_PRELOAD."""
+    if sanitize is not None and sanitize not in SANITIZERS:
+        raise ValueError(f"sanitize must be one of {sorted(SANITIZERS)} or None, got {sanitize!r}")
+    if sanitize in _LOADED:
+        return _LOADED[sanitize]
     reason = unavailable_reason()
     if reason is not None:
         raise EmulationUnavailable(reason)
     from torch.utils import cpp_extension
 
-    build = build_directory()
+    build = build_directory(sanitize)
     build.mkdir(parents=True, exist_ok=True)
     wrapper = build / "kernels_emulated.cpp"  # the .cu as C++
     text = f'#include "{CSRC / "cuda" / "multi_scale_kernels.cu"}"\n'
@@ -95,9 +114,10 @@ def emulation_library(verbose: bool = False) -> Path:
             name="msfused_cuda_emulation",
             sources=[str(wrapper), str(CSRC / "cuda" / "multi_scale_cuda.cpp"), str(CSRC / "block_config.cpp"),
                      str(CSRC / "projection.cpp")],
-            extra_cflags=["-DMSFUSED_CUDA_EMULATION", "-O2", "-std=c++17", "-fopenmp", "-Wno-unknown-pragmas"],
+            extra_cflags=["-DMSFUSED_CUDA_EMULATION", "-O2", "-std=c++17", "-fopenmp", "-Wno-unknown-pragmas",
+                          *SANITIZERS.get(sanitize, [])],
             extra_include_paths=[str(CSRC), str(cuda_include())],
-            extra_ldflags=["-fopenmp"],
+            extra_ldflags=["-fopenmp", *SANITIZERS.get(sanitize, [])[:1]],
             build_directory=str(build),
             is_python_module=False,  # loads it: torch.ops.msfused_cuda_emulation
             with_cuda=False,
@@ -108,7 +128,7 @@ def emulation_library(verbose: bool = False) -> Path:
     lib = build / "msfused_cuda_emulation.so"
     if not lib.exists():
         raise EmulationUnavailable(f"the emulation build left no {lib.name} in {build}")
-    _LOADED = lib
+    _LOADED[sanitize] = lib
     return lib
 
 
