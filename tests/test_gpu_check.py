@@ -88,4 +88,6 @@ def test_configs_cover_the_grid():
     assert {k["kernel_size"] for k in kw} == {1, 3}
     assert {(k["norm"], c["train"]) for k, c in zip(kw, configs)} == {(n, t) for n in ("batch", None) for t in (0, 1)}
     assert gpu_check.make_configs(24, 0) == configs  # seeded
+    # maps over one tile of the CUDA kernels (2,048 outputs), so that their multi-tile paths run on the GPU
+    assert sum(c["shape"][2] * c["shape"][3] > 2048 for c in configs) >= 3
     assert torch.float64 in gpu_check.DTYPES.values()

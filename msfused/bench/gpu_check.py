@@ -81,7 +81,10 @@ def make_configs(count: int, seed: int, max_hw: int = 33) -> List[Dict[str, Any]
     """``count`` seeded random block configurations: factor pyramids and bins alternate; down modes, up modes,
     kernel sizes 1 and 3, norms (none, train, eval) cycle so that a few configurations cover each; the rest
     (levels, channels, bias, activation, input position, align_corners, sizes up to ``max_hw``) is drawn; every
-    fourth has a projection (its kernel size, norm, bias and activation cycle)."""
+    fourth has a projection (its kernel size, norm, bias and activation cycle). Every seventh from the sixth
+    has a map ``max_hw + 7`` larger on each side (49-73 for the default 33): more than one tile of the CUDA
+    kernels' (2,048 outputs), so that their multi-tile paths run on the GPU too (the CPU emulation runs them
+    with small tiles)."""
     rng = random.Random(seed)
     configs = []
     for i in range(count):
@@ -112,6 +115,8 @@ def make_configs(count: int, seed: int, max_hw: int = 33) -> List[Dict[str, Any]
         if train and norm and kind == "psp":
             n = 8  # float32 batch statistics over a handful of values are ill-conditioned (tests/conftest.py, Case)
         shape = (n, rng.randint(3, 12 if max_hw > 16 else 4), rng.randint(9, max_hw), rng.randint(9, max_hw))
+        if i % 7 == 5 and max_hw > 16:  # (no extra draw: the other configurations stay as they were)
+            shape = shape[:2] + (shape[2] + max_hw + 7, shape[3] + max_hw + 7)
         configs.append(dict(index=i, kind=kind, kwargs=kw, shape=shape, train=train))
     return configs
 
