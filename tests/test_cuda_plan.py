@@ -159,7 +159,7 @@ def test_explain_command():
 def test_explain_without_the_cuda_headers_says_what_it_needs(monkeypatch, capsys):
     from msfused.__main__ import main
 
-    monkeypatch.setattr(cuda_plan, "_LOADED", None)
+    monkeypatch.setattr(cuda_plan, "_LOADED", {})  # not built yet in this process
     monkeypatch.setattr(cuda_plan, "cuda_include", lambda: None)
     assert main(["explain", "psp_small", "--backend", "cuda"]) == 2
     err = capsys.readouterr().err

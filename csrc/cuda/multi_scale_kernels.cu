@@ -1016,9 +1016,9 @@ struct MemoryOrderCursor {
 
 // The readers of a level row (column) i of an up-resize from in to out, as up_grad's tables hold them: the
 // range [o0, o1) of output rows (columns) and each one's weight_of, at weights[i * width + o - o0].
-template <typename A>
+template <typename A, typename Wt = A>  // A: the resize's arithmetic (the forward's taps), Wt: the weights kept
 __device__ __forceinline__ void up_grad_table_entry(ResizeKind kind, int64_t i, int64_t in, int64_t out, bool ac,
-                                                    int64_t width, int2* range, A* weights) {
+                                                    int64_t width, int2* range, Wt* weights) {
   const A scale = linear_scale<A>(in, out, ac);
   int64_t o0, o1;
   readers_of<A>(kind, i, in, out, 1, ac, scale, &o0, &o1);
@@ -1029,26 +1029,26 @@ __device__ __forceinline__ void up_grad_table_entry(ResizeKind kind, int64_t i, 
 // The reader tables in the block's dynamic shared memory (up_grad, project_adjoint): the reader ranges of
 // the h level rows, then of the w columns (int2), then their weights (table_h per row, table_w per column);
 // built by the block's threads where `tables` (uniform over the block), else only laid out.
-template <typename A>
+template <typename Wt>
 struct AdjointTables {
   int2* ranges;
-  A* row_weights;
-  A* col_weights;
+  Wt* row_weights;
+  Wt* col_weights;
 };
-template <typename A>
-__device__ __forceinline__ AdjointTables<A> build_adjoint_tables(unsigned char* smem, bool tables, ResizeKind kh,
+template <typename A, typename Wt = A>  // A: the resize's arithmetic, Wt: the weights kept
+__device__ __forceinline__ AdjointTables<Wt> build_adjoint_tables(unsigned char* smem, bool tables, ResizeKind kh,
                                                                  ResizeKind kw, int64_t h, int64_t w, int64_t H,
                                                                  int64_t W, bool ac, int64_t table_h, int64_t table_w) {
-  AdjointTables<A> tb;
+  AdjointTables<Wt> tb;
   tb.ranges = reinterpret_cast<int2*>(smem);
-  tb.row_weights = reinterpret_cast<A*>(tb.ranges + (tables ? h + w : 0));
+  tb.row_weights = reinterpret_cast<Wt*>(tb.ranges + (tables ? h + w : 0));
   tb.col_weights = tb.row_weights + (tables ? h * table_h : 0);
   if (tables) {
     for (int64_t q = threadIdx.x; q < h + w; q += kThreads) {
       if (q < h)
-        up_grad_table_entry<A>(kh, q, h, H, ac, table_h, tb.ranges, tb.row_weights);
+        up_grad_table_entry<A, Wt>(kh, q, h, H, ac, table_h, tb.ranges, tb.row_weights);
       else
-        up_grad_table_entry<A>(kw, q - h, w, W, ac, table_w, tb.ranges + h, tb.col_weights);
+        up_grad_table_entry<A, Wt>(kw, q - h, w, W, ac, table_w, tb.ranges + h, tb.col_weights);
     }
     __syncthreads();
   }
@@ -1063,8 +1063,7 @@ __device__ __forceinline__ AdjointTables<A> build_adjoint_tables(unsigned char* 
 template <typename S>
 __global__ void __launch_bounds__(kThreads, 1) up_grad_kernel(const __grid_constant__ UpGradArgs a) {
   using A = acc_t<S>;
-  __shared__ A s_acc[kThreads];
-  __shared__ double s_red[kThreads];
+  __shared__ double s_red[kThreads];  // the lane tree's, then the block sums' slots
   MSFUSED_DYNAMIC_SHARED(smem_raw);
   const int64_t blk = blockIdx.x;
   const int b = range_of(blk, a.num_branches, [&](int q) { return a.br[q].block_begin; });
@@ -1077,6 +1076,10 @@ __global__ void __launch_bounds__(kThreads, 1) up_grad_kernel(const __grid_const
   const ResizeKind kh = static_cast<ResizeKind>(ub.up_h), kw = static_cast<ResizeKind>(ub.up_w);
   const bool identity = kh == ResizeKind::Identity && kw == ResizeKind::Identity;
   const bool tables = !identity && ub.table_h > 0;
+  // The adjoint's sums run in double, as the CPU kernels' (csrc/cpu/backward.cpp): a level value sums about
+  // (H / h) * (W / w) * 4 terms, and in float32 their rounding showed in the cancelling sums of the norm's
+  // parameter gradients (tests/test_cuda_emulation.py: 20x the CPU kernels' error). The readers and their
+  // weights are the forward's (opmath), widened.
   const A sh = linear_scale<A>(h, a.H, ac), sw = linear_scale<A>(w, a.W, ac);
   // This channel's norm: the epilogue's alpha, beta; p (dconv = p * dY) and the center of the sums.
   const double mean = ub.batch_stats ? static_cast<double>(param<A>(ub.mean, c, A(0))) : 0.0;
@@ -1094,11 +1097,11 @@ __global__ void __launch_bounds__(kThreads, 1) up_grad_kernel(const __grid_const
   const int64_t gc = ub.channel_offset + c;
   const int t = threadIdx.x;
   const int G = static_cast<int>(ub.lanes), lane = t % G, per_round = kThreads / G;
-  const AdjointTables<A> tb =
-      build_adjoint_tables<A>(smem_raw, tables, kh, kw, h, w, a.H, a.W, ac, ub.table_h, ub.table_w);
+  const AdjointTables<double> tb =
+      build_adjoint_tables<A, double>(smem_raw, tables, kh, kw, h, w, a.H, a.W, ac, ub.table_h, ub.table_w);
   int2* ranges = tb.ranges;
-  A* row_weights = tb.row_weights;
-  A* col_weights = tb.col_weights;
+  double* row_weights = tb.row_weights;
+  double* col_weights = tb.col_weights;
   // This thread's pixel, advanced by per_round pixels a round (by carries where the level's sizes fit the
   // cursor, else divided out).
   const bool small = h < (int64_t{1} << 30) && w < (int64_t{1} << 30);
@@ -1115,35 +1118,36 @@ __global__ void __launch_bounds__(kThreads, 1) up_grad_kernel(const __grid_const
       i = e % hw / w;
       j = e % w;
     }
-    A part = A(0);
+    double part = 0;
     if (valid) {
       const S* __restrict__ g = grad + n * a.grad.stride[0] + gc * a.grad.stride[1];
       if (identity) {
-        part = to_acc(g[i * a.grad.stride[2] + j * a.grad.stride[3]]);  // lanes == 1
+        part = static_cast<double>(to_acc(g[i * a.grad.stride[2] + j * a.grad.stride[3]]));  // lanes == 1
       } else if (tables) {
         // (int indices and in-plane offsets: adjoint_tables checked that they fit)
         const int2 rows = ranges[i], cols = ranges[h + j];
-        const A* wr = row_weights + i * ub.table_h;
-        const A* wc = col_weights + j * ub.table_w;
+        const double* wr = row_weights + i * ub.table_h;
+        const double* wc = col_weights + j * ub.table_w;
         const int s2 = static_cast<int>(a.grad.stride[2]), s3 = static_cast<int>(a.grad.stride[3]);
-        part = lane_rectangle_sum<A>(lane, G, rows.x, rows.y, cols.x, cols.y, [&](int I, int J) {
-          return wr[I - rows.x] * wc[J - cols.x] * to_acc(g[I * s2 + J * s3]);
+        part = lane_rectangle_sum<double>(lane, G, rows.x, rows.y, cols.x, cols.y, [&](int I, int J) {
+          return wr[I - rows.x] * wc[J - cols.x] * static_cast<double>(to_acc(g[I * s2 + J * s3]));
         });
       } else {
         int64_t I0, I1, J0, J1;
         readers_of<A>(kh, i, h, a.H, 1, ac, sh, &I0, &I1);
         readers_of<A>(kw, j, w, a.W, 1, ac, sw, &J0, &J1);
-        part = lane_rectangle_sum<A>(lane, G, I0, I1, J0, J1, [&](int64_t I, int64_t J) {
-          return weight_of<A>(kh, I, i, h, a.H, ac, sh) * weight_of<A>(kw, J, j, w, a.W, ac, sw) *
-                 to_acc(g[I * a.grad.stride[2] + J * a.grad.stride[3]]);
+        part = lane_rectangle_sum<double>(lane, G, I0, I1, J0, J1, [&](int64_t I, int64_t J) {
+          return static_cast<double>(weight_of<A>(kh, I, i, h, a.H, ac, sh)) *
+                 static_cast<double>(weight_of<A>(kw, J, j, w, a.W, ac, sw)) *
+                 static_cast<double>(to_acc(g[I * a.grad.stride[2] + J * a.grad.stride[3]]));
         });
       }
     }
-    if (G > 1) part = lane_tree_sum(part, s_acc, t, lane, G);
+    if (G > 1) part = lane_tree_sum(part, s_red, t, lane, G);
     if (valid && lane == 0) {
       const A pv = to_acc(pre[off4<S>(ub.pre, n, c, i, j)]);
       // The reference rounds the activation's incoming gradient to the dtype.
-      const A dy = round_to<S>(part) * activate_grad<A>(act, alpha * pv + beta);
+      const A dy = round_to<S>(static_cast<A>(part)) * activate_grad<A>(act, alpha * pv + beta);
       s1 += static_cast<double>(dy);
       s2 += static_cast<double>(dy) * (static_cast<double>(pv) - mean);
       dconv[off4<S>(ub.dconv, n, c, i, j)] = from_acc<S>(static_cast<A>(static_cast<double>(dy) * ps));
@@ -2049,8 +2053,9 @@ static int64_t most_readers(int kind, int64_t in, int64_t out, bool ac) {
 static bool offsets_fit_int(const View4& v, int64_t n, int64_t c, int64_t h, int64_t w);
 
 // (The table paths index in int: the output plane's sizes, entries and offsets (`plane`: grad's) fit.)
-static size_t adjoint_tables(DType dtype, int up_h, int64_t h, int up_w, int64_t w, int64_t H, int64_t W, bool ac,
-                             const View4& plane, int64_t* table_h, int64_t* table_w) {
+// double_weights: the kernel's weights are double whatever the dtype (up_grad), else opmath (project_adjoint).
+static size_t adjoint_tables(DType dtype, bool double_weights, int up_h, int64_t h, int up_w, int64_t w, int64_t H,
+                             int64_t W, bool ac, const View4& plane, int64_t* table_h, int64_t* table_w) {
   *table_h = *table_w = 0;
   const bool identity = up_h == static_cast<int>(ResizeKind::Identity) && up_w == up_h;
   constexpr int64_t kSmall = int64_t{1} << 30;
@@ -2060,8 +2065,8 @@ static size_t adjoint_tables(DType dtype, int up_h, int64_t h, int up_w, int64_t
   const bool dbl = dtype == DType::Double;
   const int64_t th = dbl ? most_readers<double>(up_h, h, H, ac) : most_readers<float>(up_h, h, H, ac);
   const int64_t tw = dbl ? most_readers<double>(up_w, w, W, ac) : most_readers<float>(up_w, w, W, ac);
-  const size_t bytes =
-      static_cast<size_t>(h + w) * sizeof(int2) + static_cast<size_t>(h * th + w * tw) * acc_size(dtype);
+  const size_t bytes = static_cast<size_t>(h + w) * sizeof(int2) +
+                       static_cast<size_t>(h * th + w * tw) * (double_weights ? sizeof(double) : acc_size(dtype));
   if (bytes > (recorder_ != nullptr ? kGpuUpGradTableBytes : kUpGradTableBytes)) return 0;
   *table_h = th;
   *table_w = tw;
@@ -2078,8 +2083,8 @@ cudaError_t launch_up_grad(DType dtype, UpGradArgs* args, cudaStream_t stream) {
     ub.chunks = reduction_chunks(ub.channels, args->N * ub.h * ub.w * ub.lanes);
     ub.block_begin = blocks;
     blocks += ub.channels * ub.chunks;
-    const size_t bytes = adjoint_tables(dtype, ub.up_h, ub.h, ub.up_w, ub.w, args->H, args->W, args->align_corners,
-                                        args->grad, &ub.table_h, &ub.table_w);
+    const size_t bytes = adjoint_tables(dtype, true, ub.up_h, ub.h, ub.up_w, ub.w, args->H, args->W,
+                                        args->align_corners, args->grad, &ub.table_h, &ub.table_w);
     smem = bytes > smem ? bytes : smem;
   }
   return launch(dtype, "up_grad", args->N == 0 ? 0 : blocks, smem, *args, stream,
@@ -2297,8 +2302,8 @@ cudaError_t launch_project_adjoint(DType dtype, ProjectAdjointArgs args, cudaStr
     br.block_begin = blocks;
     blocks += ceil_div(args.N * args.k * args.k * args.P * br.h * br.w * br.lanes, kThreads);
     const size_t bytes =
-        adjoint_tables(dtype, br.up_h, br.h, br.up_w, br.w, args.H, args.W, args.align_corners, args.dpre, &br.table_h,
-                       &br.table_w);
+        adjoint_tables(dtype, false, br.up_h, br.h, br.up_w, br.w, args.H, args.W, args.align_corners, args.dpre,
+                       &br.table_h, &br.table_w);
     smem = bytes > smem ? bytes : smem;
   }
   return launch(dtype, "project_adjoint", blocks, smem, args, stream,
