@@ -779,6 +779,39 @@ constexpr int64_t kUpStage = 40;  // small, so that the tests run both the stage
 constexpr int64_t kUpStage = 3072;  // the staged level values (A) at most
 #endif
 
+// The (n, c, i, j) of a memory-order index of an (N, C, H, W) tensor, advanced by a fixed step with carries
+// (no division per element): digits d0 (fastest), d1, d2 of radices r0, r1, r2 (NCHW: j, i, c;
+// channels_last: c, j, i) and d3 = n, in I (the flat index's type). C, H, W below 2^30 (a digit plus a step
+// digit plus a carry fits int).
+template <bool CL, typename I>
+struct MemoryOrderCursor {
+  int r0, r1, r2, d0, d1, d2, s0, s1, s2;
+  I d3, s3;
+  __device__ __forceinline__ MemoryOrderCursor(I e, I step, int C, int H, int W)
+      : r0(CL ? C : W), r1(CL ? W : H), r2(CL ? H : C) {
+    d0 = static_cast<int>(e % r0), e /= r0, d1 = static_cast<int>(e % r1), e /= r1;
+    d2 = static_cast<int>(e % r2), d3 = e / r2;
+    s0 = static_cast<int>(step % r0), step /= r0, s1 = static_cast<int>(step % r1), step /= r1;
+    s2 = static_cast<int>(step % r2), s3 = step / r2;
+  }
+  __device__ __forceinline__ I n() const { return d3; }
+  __device__ __forceinline__ int c() const { return CL ? d0 : d2; }
+  __device__ __forceinline__ int i() const { return CL ? d2 : d1; }
+  __device__ __forceinline__ int j() const { return CL ? d1 : d0; }
+  __device__ __forceinline__ void advance() {
+    d0 += s0;
+    int carry = d0 >= r0;
+    d0 -= carry ? r0 : 0;
+    d1 += s1 + carry;
+    carry = d1 >= r1;
+    d1 -= carry ? r1 : 0;
+    d2 += s2 + carry;
+    carry = d2 >= r2;
+    d2 -= carry ? r2 : 0;
+    d3 += s3 + carry;
+  }
+};
+
 // Tile `tile`'s origin: its first (n, channel, row, column) (OutputTiles' order: columns fastest, then rows,
 // then channel groups, then n), and its extent clipped to the output (rows, cols, channels).
 struct TileAt {
@@ -905,41 +938,16 @@ __global__ void __launch_bounds__(kThreads, 1) epilogue_up_kernel(const __grid_c
     out[cc * ov.stride[1] + r * ov.stride[2] + j * ov.stride[3]] =
         from_acc<S>(up_sum(s_rows[r], two_h, s_cols[j], two_w, level));
   };
+  // The tile's outputs in memory order (channels_last: (column, channel); NCHW: (channel, row, column)), the
+  // next one kThreads further on by carries (MemoryOrderCursor: no division per element).
   auto run = [&](auto&& level_of) {
-    if (cl) {
-      // (column j, channel cc) of the row, channels fastest, stepped without a division.
-      const int count = cols * C, step_j = kThreads / C, step_c = kThreads % C;
-      int j = t / C, cc = t % C;
-      for (int e = t; e < count; e += kThreads) {
-        emit(cc, 0, j, level_of);
-        cc += step_c;
-        j += step_j;
-        if (cc >= C) {
-          cc -= C;
-          ++j;
-        }
-      }
-    } else if (C == 1) {
-      // (row r, column j) of one plane's tile, columns fastest, stepped without a division.
-      const int count = rows * cols, step_r = kThreads / cols, step_j = kThreads % cols;
-      int r = t / cols, j = t % cols;
-      for (int e = t; e < count; e += kThreads) {
-        emit(0, r, j, level_of);
-        r += step_r;
-        j += step_j;
-        if (j >= cols) {
-          j -= cols;
-          ++r;
-        }
-      }
-    } else {
-      // (channel cc, row r, column j) of several whole small planes.
-      const int plane = rows * cols, count = C * plane;
-      for (int e = t; e < count; e += kThreads) {
-        const int cc = e / plane, rc = e - cc * plane, r = rc / cols;
-        emit(cc, r, rc - r * cols, level_of);
-      }
-    }
+    auto walk = [&](auto at) {
+      for (int e = t; e < C * rows * cols; e += kThreads, at.advance()) emit(at.c(), at.i(), at.j(), level_of);
+    };
+    if (cl)
+      walk(MemoryOrderCursor<true, int>(t, kThreads, C, 1, cols));
+    else
+      walk(MemoryOrderCursor<false, int>(t, kThreads, C, rows, cols));
   };
   if (staged)
     run([&](int cc, int i, int j) { return s_level[((i - i_lo) * RW + (j - j_lo)) * C + cc]; });
@@ -980,39 +988,6 @@ __device__ __forceinline__ A lane_rectangle_sum(int lane, int G, I I0, I I1, I J
   }
   return part;
 }
-
-// The (n, c, i, j) of a memory-order index of an (N, C, H, W) tensor, advanced by a fixed step with carries
-// (no division per element): digits d0 (fastest), d1, d2 of radices r0, r1, r2 (NCHW: j, i, c;
-// channels_last: c, j, i) and d3 = n, in I (the flat index's type). C, H, W below 2^30 (a digit plus a step
-// digit plus a carry fits int).
-template <bool CL, typename I>
-struct MemoryOrderCursor {
-  int r0, r1, r2, d0, d1, d2, s0, s1, s2;
-  I d3, s3;
-  __device__ __forceinline__ MemoryOrderCursor(I e, I step, int C, int H, int W)
-      : r0(CL ? C : W), r1(CL ? W : H), r2(CL ? H : C) {
-    d0 = static_cast<int>(e % r0), e /= r0, d1 = static_cast<int>(e % r1), e /= r1;
-    d2 = static_cast<int>(e % r2), d3 = e / r2;
-    s0 = static_cast<int>(step % r0), step /= r0, s1 = static_cast<int>(step % r1), step /= r1;
-    s2 = static_cast<int>(step % r2), s3 = step / r2;
-  }
-  __device__ __forceinline__ I n() const { return d3; }
-  __device__ __forceinline__ int c() const { return CL ? d0 : d2; }
-  __device__ __forceinline__ int i() const { return CL ? d2 : d1; }
-  __device__ __forceinline__ int j() const { return CL ? d1 : d0; }
-  __device__ __forceinline__ void advance() {
-    d0 += s0;
-    int carry = d0 >= r0;
-    d0 -= carry ? r0 : 0;
-    d1 += s1 + carry;
-    carry = d1 >= r1;
-    d1 -= carry ? r1 : 0;
-    d2 += s2 + carry;
-    carry = d2 >= r2;
-    d2 -= carry ? r2 : 0;
-    d3 += s3 + carry;
-  }
-};
 
 // The readers of a level row (column) i of an up-resize from in to out, as up_grad's tables hold them: the
 // range [o0, o1) of output rows (columns) and each one's weight_of, at weights[i * width + o - o0].
@@ -1649,32 +1624,15 @@ __global__ void __launch_bounds__(kThreads, 3) project_accumulate_kernel(const _
           from_acc<S>(activate<A>(static_cast<Activation>(a.activation), alpha * to_acc(pre) + beta));
     }
   };
-  if (!cl) {  // (row r, column j), columns fastest, stepped without a division
-    const int count = rows * cols, step_r = kThreads / cols, step_j = kThreads % cols;
-    int r = t / cols, j = t % cols;
-    for (int e = t; e < count; e += kThreads) {
-      element(r, j, p0);
-      r += step_r;
-      j += step_j;
-      if (j >= cols) {
-        j -= cols;
-        ++r;
-      }
-    }
-  } else {  // (column j, channel p), channels fastest
-    const int P = static_cast<int>(a.P);
-    const int count = cols * P, step_j = kThreads / P, step_p = kThreads % P;
-    int j = t / P, p = t % P;
-    for (int e = t; e < count; e += kThreads) {
-      element(0, j, p);
-      p += step_p;
-      j += step_j;
-      if (p >= P) {
-        p -= P;
-        ++j;
-      }
-    }
-  }
+  // The tile's outputs in memory order (NCHW: (row, column) of plane p0; channels_last: (column, p)), by
+  // carries (MemoryOrderCursor).
+  auto walk = [&](auto at, int count) {
+    for (int e = t; e < count; e += kThreads, at.advance()) element(at.i(), at.j(), p0 + at.c());
+  };
+  if (cl)
+    walk(MemoryOrderCursor<true, int>(t, kThreads, static_cast<int>(a.P), 1, cols), static_cast<int>(a.P) * cols);
+  else
+    walk(MemoryOrderCursor<false, int>(t, kThreads, 1, rows, cols), rows * cols);
 }
 
 // ---------------------------------------------------------------------------------------------------
