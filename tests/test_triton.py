@@ -143,6 +143,8 @@ def test_small_blocks(case, monkeypatch):
     and each packed launch's per-branch program ranges, are then really exercised."""
     monkeypatch.setattr(launch, "_block_p", lambda: 16)
     monkeypatch.setattr(launch, "_block_c", lambda c, f64=False: 4)
+    monkeypatch.setattr(launch, "_pool_blocks", lambda dt: (16, 16))  # (tl.dot's smallest)
+    monkeypatch.setattr(launch, "POOL_PIXELS_PER_CELL", 0)  # pooled in chunks however many cells
     monkeypatch.setattr(launch, "_convs_block_m", lambda f64: 16)
     monkeypatch.setattr(launch, "_fill_programs", lambda: 64)  # long reductions split into partials
     monkeypatch.setattr(launch, "SPLIT_STEPS", 4)  # pooling windows in chunks (bins)
@@ -192,6 +194,67 @@ def test_inference_split_pooling(monkeypatch):
     are summed by the block kernel's down taps, still two launches."""
     monkeypatch.setattr(launch, "SPLIT_STEPS", 4)
     test_inference_path(INFERENCE_CASES[3])
+
+
+POOL_CASES = [  # (levels as bins, shape, dtype, layout, small blocks: pixel chunks and channel blocks)
+    ((1, 2, 3, 6), (2, 5, 13, 11), torch.float64, "contiguous", False),
+    ((1, 2, 3, 6), (2, 19, 13, 11), torch.float32, "channels_last", True),
+    ((2, (3, 5), 1), (3, 4, 9, 14), torch.float32, "transposed", True),
+    (((4, 1), 6), (1, 3, 17, 7), torch.float64, "channels_last_slice", True),
+    ((1, 3), (2, 20, 10, 12), torch.bfloat16, "slice_h", True),
+    ((11, 6), (2, 3, 12, 12), torch.float32, "contiguous", False),  # 121 + 36 cells: two launches
+]
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=[f"{c[3]}-{c[2]}-small{c[4]:d}" for c in POOL_CASES])
+@pytest.mark.parametrize("combine", [True, False], ids=["combined", "partials"])
+def test_pool_levels(case, combine, monkeypatch):
+    """pool_kernel against ATen's adaptive_avg_pool2d: every level of a launch from one read of x, x's copy
+    into its output slice, pixel chunks (small blocks: partials summed by the combine launch, or returned
+    with the taps that sum them), every layout (dense rows or not), and non-finite values: a window holding
+    a NaN, or +Inf and -Inf, is NaN, one holding one infinity is that infinity, the rest finite and exact."""
+    bins, shape, dtype, layout, small = case
+    if small:
+        monkeypatch.setattr(launch, "_pool_blocks", lambda dt: (16, 16))
+        monkeypatch.setattr(launch, "_fill_programs", lambda: 64)
+        monkeypatch.setattr(launch, "POOL_PIXELS_PER_CELL", 0)
+    levels = [(b, b) if isinstance(b, int) else b for b in bins]
+    flat_bins = [v for hw in levels for v in hw]
+    N, C, H, W = shape
+    x = make_input(shape, dtype, layout, device=DEVICE)
+    x[0, 1, 2, 3] = float("nan")
+    x[N - 1, C - 1, H - 1, W - 1] = float("inf")
+    x[N - 1, C - 1, H - 2, W - 1] = -float("inf")
+    x[N - 1, 0, 0, 0] = float("inf")
+    out = torch.empty((N, C + 3, H, W), dtype=dtype, device=DEVICE,
+                      memory_format=torch._prims_common.suggest_memory_format(x)).fill_(float("nan"))
+    branches = list(range(len(levels)))
+    launched = []
+    real_launch = launch._launch
+    monkeypatch.setattr(launch, "_launch",
+                        lambda kernel, *a, **k: (launched.append(kernel), real_launch(kernel, *a, **k)))
+    made = launch._launch_levels(x, out, 2, True, branches, [0] * len(levels), flat_bins, "avg", False,
+                                 combine=combine)
+    pools = 1 + (sum(h * w for h, w in levels) > launch.MAX_POOL_CELLS)
+    assert launched.count(launch.K.pool_kernel) == pools and launch.K.levels_kernel not in launched[:pools]
+    assert torch.equal(out[:, 2:2 + C].cpu().nan_to_num(7.0), x.cpu().nan_to_num(7.0))  # (x's one NaN)
+    assert torch.isnan(out[:, :2]).all() and torch.isnan(out[:, 2 + C:]).all()  # nothing outside the slice
+    x64 = x.cpu().double()
+    for b, (h, w) in enumerate(levels):
+        src, (ty, tx) = made[b]
+        src = src.cpu().double()
+        # the level as the block kernel reads it: rows through the y taps (a sum of chunks), columns identity
+        rows = [sum(src[:, :, int(i)] * float(wt) for i, wt in zip(ty.idx[r].cpu(), ty.w[r].cpu()) if i >= 0)
+                for r in range(h)]
+        got = torch.stack(rows, 2)
+        assert torch.equal(tx.idx[:, 0].cpu(), torch.arange(w, dtype=torch.int32))
+        ref = torch.nn.functional.adaptive_avg_pool2d(x64, (h, w))
+        for mask in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(mask(got), mask(ref)), (b, mask.__name__)
+        fin = torch.isfinite(ref)
+        tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1e-2}[dtype]
+        err = (got[fin] - ref[fin]).abs().max().item()
+        assert err <= tol * max(1.0, ref[fin].abs().max().item()), (b, err)
 
 
 @pytest.mark.parametrize("value", ["inf", "nan"])

@@ -10,6 +10,9 @@ runs it):
 * ``levels_kernel``: ``x`` copied into its slice of the output and brought to up to four levels (the
   separable gather ``dst = sum w_y * w_x * src`` over tap tables, ``tables.py``); long pooling windows
   in chunks whose partial sums a later gather adds in a fixed order.
+* ``pool_kernel``: ``x`` read once, coalesced, and pooled to up to four bin levels at once (each program a
+  (cells, pixels) 0/1 window mask times a (pixels, channels) tile of ``x`` on ``tl.dot``), copied into its
+  slice of the output on the way; long maps in pixel chunks whose partials a later gather adds in order.
 * ``block_kernel``: the inference forward of up to four branches and the copy of ``x`` in one launch; each
   branch's programs (``_tile_program``) compute a tile of the level from its source inside the
   convolution's operand load, convolve (implicit GEMM on ``tl.dot``; float64 multiplies and sums),
@@ -61,6 +64,9 @@ NORM_NONE, NORM_AFFINE, NORM_BATCH = 0, 1, 2
 # How conv_kernel multiplies: multiply-and-sum (float64), tl.dot on half operands, on float32 operands
 # with IEEE precision or with TF32.
 DOT_FMA, DOT_HALF, DOT_IEEE, DOT_TF32 = 0, 1, 2, 3
+# How pool_kernel multiplies its 0/1 window masks with x: as the convolutions, but float32 in three TF32
+# products (about float32's accuracy: ATen's pooling never uses TF32).
+POOL_FMA, POOL_HALF, POOL_IEEE, POOL_TF32X3 = 0, 1, 2, 3
 
 
 @triton.jit
@@ -685,6 +691,131 @@ LEVELS = Slotted(
             BLOCK_P, BLOCK_C)""",
 )
 levels_kernel = LEVELS.jit(globals())
+
+
+
+
+@triton.jit
+def _pool_dot(acc, member, v, DOT: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += member @ v, member a (cells, pixels) 0/1 mask and v a (pixels, channels) tile of x: exact products
+    (0/1 times x), summed in acc's dtype. float32 x: three TF32 products (x split into two TF32 parts; the mask
+    is exact in TF32), about float32's accuracy, as ATen's pooling has whatever the TF32 flags say."""
+    if DOT == 0:  # POOL_FMA
+        acc += tl.sum(member.to(tl.float64)[:, :, None] * v.to(tl.float64)[None, :, :], axis=1)
+    elif UPCAST:  # the interpreter's tl.dot is wrong on bfloat16 operands
+        acc = tl.dot(member.to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+    elif DOT == 1:  # POOL_HALF
+        acc = tl.dot(member.to(v.dtype), v, acc)
+    elif DOT == 2:  # POOL_IEEE
+        acc = tl.dot(member.to(tl.float32), v, acc, input_precision="ieee")
+    else:  # POOL_TF32X3
+        acc = tl.dot(member.to(tl.float32), v, acc, input_precision="tf32x3")
+    return acc
+
+
+@triton.jit
+def _pool_sums(x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_w, n, c, cm, W, start, end, y0, y1, x0, x1, kind,
+               COPY: tl.constexpr, FIX: tl.constexpr, FLAT: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr,
+               F64: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Sum over pixels [start, end) of plane n of x (flattened h * W + w) of (cells, channels c): the cells'
+    windows [y0, y1) x [x0, x1) as a 0/1 mask built per step, times the pixels' tile of x (copied to xo where
+    COPY). FIX: instead of x, by ``kind`` (a runtime value: one loop for every kind) 0: x with its non-finite
+    values as 0, 1, 2, 3: indicators of +Inf, -Inf, NaN (so counts per window). FLAT: x's rows are dense (h
+    stride = W * w stride): a tile's address is linear in the pixel and the load coalesces along pixels
+    (NCHW) or channels (channels_last)."""
+    acc = _zeros(BLOCK_L, BLOCK_C, F64)
+    base = x + n * s_n
+    for p0 in range(start, end, BLOCK_K):
+        p = p0 + tl.arange(0, BLOCK_K)
+        pm = p < end
+        py = p // W
+        px = p % W
+        if FLAT:
+            off = p * s_w
+        else:
+            off = py * s_h + px * s_w
+        m2 = pm[:, None] & cm[None, :]
+        v = tl.load(base + off[:, None] + c[None, :] * s_c, mask=m2, other=0.0)
+        if COPY:
+            tl.store(xo + n * xo_n + (p * xo_w)[:, None] + c[None, :] * xo_c, v, mask=m2)
+        if FIX:  # (tested in acc's dtype: the 3.6 interpreter's bfloat16 NaN equals itself)
+            u = v.to(acc.dtype)
+            finite = tl.abs(u) < float("inf")
+            hit = tl.where(kind == 1, u == float("inf"), tl.where(kind == 2, u == -float("inf"), u != u))
+            v = tl.where(kind == 0, tl.where(finite, u, 0.0), tl.where(hit, 1.0, 0.0)).to(v.dtype)
+        member = ((py[None, :] >= y0[:, None]) & (py[None, :] < y1[:, None]) &
+                  (px[None, :] >= x0[:, None]) & (px[None, :] < x1[:, None]))
+        acc = _pool_dot(acc, member, v, DOT, UPCAST)
+    return acc
+
+
+@triton.jit
+def _pool_means(x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_w, cells, N, C, W, S, PK, HW,
+                COPY: tl.constexpr, FLAT: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr,
+                F64: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One program of pool_kernel: plane n, channels c, pixel chunk k (of S, PK pixels each): every cell's
+    sum over the chunk divided by the cell's window size (the chunks' partials add up to the mean). A window
+    holding a non-finite value: NaN if it holds a NaN or both infinities, else that infinity (ATen's sum);
+    such programs (their sums then non-finite) sum their chunk again, a path finite inputs never take."""
+    pid = tl.program_id(0)
+    k = pid % S
+    cb = (pid // S) % tl.cdiv(C, BLOCK_C)
+    n = pid // (S * tl.cdiv(C, BLOCK_C))
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    lane = tl.arange(0, BLOCK_L)
+    y0 = tl.load(cells + lane)
+    y1 = tl.load(cells + BLOCK_L + lane)
+    x0 = tl.load(cells + 2 * BLOCK_L + lane)
+    x1 = tl.load(cells + 3 * BLOCK_L + lane)
+    start = k * PK
+    end = tl.minimum(HW, start + PK)
+    acc = _pool_sums(x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_w, n, c, cm, W, start, end, y0, y1, x0, x1, 0,
+                     COPY, False, FLAT, DOT, UPCAST, F64, BLOCK_L, BLOCK_K, BLOCK_C)
+    # a masked product 0 * Inf is NaN: any non-finite value in x leaves a non-finite sum in its channel
+    if tl.sum((tl.abs(acc) < float("inf")).to(tl.int32)) < BLOCK_L * BLOCK_C:
+        for kind in range(4):  # the finite values' sums, then per kind of non-finite value a count overriding them
+            part = _pool_sums(x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_w, n, c, cm, W, start, end, y0, y1, x0,
+                              x1, kind, False, True, FLAT, DOT, UPCAST, F64, BLOCK_L, BLOCK_K, BLOCK_C)
+            over = tl.where(kind == 1, float("inf"),
+                            tl.where(kind == 3, float("nan"), tl.where(acc == float("inf"), float("nan"),
+                                                                       -float("inf"))))
+            acc = tl.where(kind == 0, part, tl.where(part > 0, over, acc))
+    size = ((y1 - y0) * (x1 - x0)).to(acc.dtype)
+    return acc / tl.where(size > 0, size, 1.0)[:, None], n, c, cm, k
+
+
+@triton.jit
+def _pool_store(mean, d, d_n, d_c, d_h, d_w, l0, h, w, n, c, cm, k, BLOCK_L: tl.constexpr):
+    """The rows of ``mean`` that are one level's cells [l0, l0 + h * w) (row-major) into that level's chunk k
+    (rows k * h + i of d)."""
+    cell = tl.arange(0, BLOCK_L) - l0
+    lm = (cell >= 0) & (cell < h * w)
+    i = cell // w
+    j = cell % w
+    tl.store(d + n * d_n + ((k * h + i) * d_h + j * d_w)[:, None] + c[None, :] * d_c,
+             _cast(mean, d.dtype.element_ty), mask=lm[:, None] & cm[None, :])
+
+
+POOL = Slotted(
+    name="pool_kernel",
+    doc="""x pooled to up to four bin levels (adaptive average pooling) from one read, and copied into its
+    slice of the output (channels from x_c0 of xo) where COPY. Grid N * cdiv(C, BLOCK_C) * S: a program sums a
+    chunk of PK pixels of one plane for BLOCK_C channels into every cell of every level at once (the cells'
+    windows in ``cells``: rows y0, y1, x0, x1 of BLOCK_L entries; a (cells, pixels) mask times the pixels'
+    tile, on tl.dot), then stores each level's cells (slot s: cells [l0_s, l0_s + h_s * w_s)) as chunk k of
+    d_s; S chunks' partials are summed later in chunk order.""",
+    shared="x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_w, x_c0, cells, N, C, W, S, PK, HW",
+    slot="d, d_n, d_c, d_h, d_w, l0, h, w",
+    constexprs="COPY, FLAT, DOT, UPCAST, F64, BLOCK_L, BLOCK_K, BLOCK_C",
+    together=True,
+    before="""
+        mean, n, c, cm, k = _pool_means(x, s_n, s_c, s_h, s_w, xo + x_c0 * xo_c, xo_n, xo_c, xo_w, cells, N, C,
+                                        W, S, PK, HW, COPY, FLAT, DOT, UPCAST, F64, BLOCK_L, BLOCK_K, BLOCK_C)
+    """,
+    program="_pool_store(mean, d, d_n, d_c, d_h, d_w, l0, h, w, n, c, cm, k, BLOCK_L)",
+)
+pool_kernel = POOL.jit(globals())
 
 
 @triton.jit

@@ -7,10 +7,10 @@ inference (``inference``: no gradient needed, norms folded into scale/shift or a
     factor pyramids: 1 -- block_kernel: the copy of x and, per branch and level tile, the level computed
         from x inside the convolution's operand load, the convolution, bias, norm, activation and the
         up-resize, stored into the branch's slice.
-    with bins: 2 -- levels_kernel pools x to every bin level (each level's programs read x) and copies x;
-        then block_kernel.
+    with bins: 2 -- pool_kernel pools x to every bin level from one read and copies x; then block_kernel.
 forward (``forward``: the training forward, which also returns level, pre and the batch statistics):
-    3 -- levels_kernel (x copied, every level other than x itself), convs_kernel (every convolution, its
+    3 -- pool_kernel / levels_kernel (x copied, every level other than x itself: bin levels pooled from one
+    read, factor levels gathered), convs_kernel (every convolution, its
     output stored; the epilogue straight into the output slice where the level is the input's size and
     no batch statistics are needed; per-tile statistics where they are), ups_kernel (norm with batch
     statistics, activation, up-resize into the remaining slices); a launch with nothing to do is skipped.
@@ -36,7 +36,7 @@ from ..functional import PARAM_CACHE
 from . import kernels as K
 from .plan import Part, cdiv, cost_model, nbytes
 from .slots import strided
-from .tables import axis_taps, stacked_taps
+from .tables import axis_taps, pool_cells, stacked_taps
 
 INT32_LIMIT = 2**31 - 1
 _ACT = {"none": K.ACT_NONE, "relu": K.ACT_RELU, "silu": K.ACT_SILU, "gelu": K.ACT_GELU}
@@ -332,20 +332,169 @@ def _gather_levels(x, out, x_c0: int, copy: bool, slots: list) -> None:
                 **consts, F64=x.dtype == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
 
 
-def _launch_levels(x, out, x_c0: int, copy: bool, branches: Sequence[int], factor, bins, down_mode, align_corners,
-                   combine: bool = True) -> dict:
-    """levels_kernel: x copied into ``out``'s channels from ``x_c0`` (if ``copy``) and brought to the level of each of
-    ``branches`` (at most MAX_SLOTS) in one launch; returns {branch: (level, its taps as a source)}.
+#: The most cells (pixels of the bin levels of one launch together) a pool_kernel program holds.
+MAX_POOL_CELLS = 128
 
-    A level whose pooling window loops over more than SPLIT_STEPS taps is computed in chunks of window
-    rows (so that its programs fill the GPU), their partial sums stacked along the rows of one buffer in
-    the accumulation dtype; with ``combine`` a second launch sums them in chunk order into the level
-    (identity taps), without it the partials are returned with the taps that sum them (the inference
-    block kernel's down taps, so that it stays one launch after this one)."""
+
+def _pool_blocks(dtype: torch.dtype) -> Tuple[int, int]:
+    """pool_kernel's pixels per step and channels per program: the largest that compile without spilling
+    registers at 128 cells (sm_90 and sm_80, tests/test_triton_compile.py; float32's three TF32 products need
+    more registers than half precision's one; float64 multiplies and sums a 3-D product in registers)."""
+    if interpreting():  # (float64's 3-D product at most Triton's 2**20 elements)
+        return (32, 64) if dtype == torch.float64 else (256, 64)
+    return {torch.float64: (2, 16), torch.float32: (32, 32)}.get(dtype, (32, 64))
+
+
+def _pool_mode(x: torch.Tensor) -> int:
+    if x.dtype == torch.float64:
+        return K.POOL_FMA
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return K.POOL_HALF
+    return K.POOL_IEEE if interpreting() else K.POOL_TF32X3
+
+
+_POOL_TUNED: dict = {}
+
+
+def _pool_launcher(block_l: int):
+    """pool_kernel with its one configuration (8 warps for 128 cells, else 4; 3 stages to keep x's loads in
+    flight), as a one-entry autotune list; the kernel itself under the interpreter."""
+    if interpreting():
+        return K.pool_kernel
+    warps = 8
+    if warps not in _POOL_TUNED:
+        _POOL_TUNED[warps] = triton.autotune(configs=[_config({}, num_warps=warps, num_stages=3)],
+                                             key=[])(K.pool_kernel)
+    return _POOL_TUNED[warps]
+
+
+#: A pixel chunk of pool_kernel holds at least this many pixels per cell: a chunk's partials (every cell, for
+#: its channels) then cost at most 1/4 of its read.
+POOL_PIXELS_PER_CELL = 4
+
+
+def _pool_chunks(N: int, C: int, HW: int, cells: int, block_k: int, block_c: int) -> Tuple[int, int]:
+    """(chunks S, pixels per chunk) of pool_kernel: enough programs to fill the GPU where the chunks stay
+    POOL_PIXELS_PER_CELL pixels per cell or more, and no chunk over SPLIT_STEPS steps."""
+    steps = cdiv(HW, block_k)
+    most = max(1, steps // max(1, cdiv(POOL_PIXELS_PER_CELL * cells, block_k)))
+    split = min(steps, max(min(most, cdiv(_fill_programs(), N * cdiv(C, block_c))), cdiv(steps, SPLIT_STEPS)))
+    per = cdiv(steps, split) * block_k
+    return cdiv(HW, per), per
+
+
+def _dense_rows(t: torch.Tensor) -> bool:
+    """Whether t's pixel (h, w) sits at offset (h * W + w) * stride(3) (pool_kernel's linear addressing)."""
+    return t.shape[2] == 1 or t.stride(2) == t.shape[3] * t.stride(3)
+
+
+def _pool_levels(x, out, x_c0: int, copy: bool, group: Sequence[Tuple[int, int, int]], combine: bool) -> dict:
+    """pool_kernel: x pooled to the bin levels ``group`` ((branch, h, w), MAX_POOL_CELLS cells in all) from one
+    read, copied into ``out``'s channels from ``x_c0`` where ``copy``; returns {branch: (level, its taps as a
+    source)} as ``_launch_levels``. A map long enough to be split into pixel chunks leaves per-chunk partials
+    stacked along the rows of one buffer (accumulation dtype), summed as ``_launch_levels`` says."""
     N, C, H, W = x.shape
     dt, dev, fmt = x.dtype, x.device, _fmt(x)
-    levels, slots, chunked = {}, [], []
+    block_k, block_c = _pool_blocks(dt)
+    cells = sum(h * wd for _, h, wd in group)
+    block_l = _pow2(cells, 16, MAX_POOL_CELLS)
+    chunks, per = _pool_chunks(N, C, H * W, cells, block_k, block_c)
+    windows = pool_cells(H, W, tuple((h, wd) for _, h, wd in group), block_l, dev)
+    ident = lambda n: axis_taps("identity", n, n, 0, False, dt, dev)  # noqa: E731
+    levels, slots, combined, l0 = {}, [], [], 0
+    buf = None
+    if chunks > 1:
+        buf = _empty((N, C, chunks * sum(h for _, h, _ in group), max(wd for _, _, wd in group)),
+                     dtype=_acc_dtype(dt), device=dev, memory_format=fmt)
+    first = 0
+    for b, h, wd in group:
+        if buf is None:
+            dst = _empty((N, C, h, wd), dtype=dt, device=dev, memory_format=fmt)
+            levels[b] = (dst, (ident(h), ident(wd)))
+        else:
+            dst = _rows(buf, first, chunks * h, wd)
+            sums = stacked_taps(h, chunks, first if combine else 0, dt, dev)
+            if combine:
+                lev = _empty((N, C, h, wd), dtype=dt, device=dev, memory_format=fmt)
+                combined.append((lev, h, wd, sums, chunks, ident(wd)))
+                levels[b] = (lev, (ident(h), ident(wd)))
+            else:
+                levels[b] = (dst, (sums, ident(wd)))
+            first += chunks * h
+        slots.append((dict(**strided("d", dst), l0=l0, h=h, w=wd), K.NoFlags()))
+        l0 += h * wd
+    assert not copy or _dense_rows(out), out.stride()
+    flat, consts = K.POOL.pack(slots)
+    if N * C * H * W == 0:
+        return levels
+    _launch(_pool_launcher(block_l), (N * cdiv(C, block_c) * chunks,), x, *_strides(x), out, out.stride(0),
+            out.stride(1), out.stride(3), x_c0, windows, N, C, W, chunks, per, H * W, *flat, **consts, COPY=copy,
+            FLAT=_dense_rows(x), DOT=_pool_mode(x), UPCAST=_upcast(x), F64=dt == torch.float64, BLOCK_L=block_l,
+            BLOCK_K=block_k, BLOCK_C=block_c)
+    if combined:
+        _gather_levels(buf, buf, 0, False, combined)
+    return levels
+
+
+@cost_model(K.pool_kernel)
+def _pool_cost(a):
+    """Plan model (estimates): N * channel blocks * S programs, each looping over its chunk's pixels BLOCK_K at a
+    time: x read once (and copied where COPY), every cell of the launch's levels per program from a (BLOCK_L
+    cells, BLOCK_K pixels) mask times (BLOCK_K pixels, BLOCK_C channels) product (three of them in TF32 for
+    float32)."""
+    x, N, C, S, pk, hw = a["x"], a["N"], a["C"], a["S"], a["PK"], a["HW"]
+    bl, bk, bc = a["BLOCK_L"], a["BLOCK_K"], a["BLOCK_C"]
+    programs = N * cdiv(C, bc) * S
+    steps = cdiv(min(pk, hw), bk)
+    levels = K.POOL.slots(a)
+    written = sum(nbytes(sl["d"], N * C * S * sl["h"] * sl["w"]) for sl in levels)
+    copy = nbytes(x, N * C * hw) if a["COPY"] else 0
+    what = "pool " + ", ".join(f"{sl['h']}x{sl['w']}" for sl in levels) + (" + copy x" if a["COPY"] else "") + \
+        (f" in {S} chunks" if S > 1 else "")
+    products = 3 if a["DOT"] == K.POOL_TF32X3 else 1
+    return [Part(what, programs, min(bk, hw) * min(bc, C), steps, nbytes(x, N * C * hw) + nbytes(a["cells"]),
+                 copy + written, 2 * products * programs * steps * bl * bk * bc)]
+
+
+def _pool_groups(branches: Sequence[int], factor, bins, H: int, W: int) -> List[List[Tuple[int, int, int]]]:
+    """The bin levels of ``branches`` that pool_kernel takes, in launches of at most MAX_POOL_CELLS cells (in
+    order, each launch as full as it goes); a larger level is left to levels_kernel's gather."""
+    groups: List[List[Tuple[int, int, int]]] = []
     for b in branches:
+        if factor[b] != 0:
+            continue
+        h, wd = _level(0, bins, b, H, W)
+        if h * wd > MAX_POOL_CELLS:
+            continue
+        if groups and sum(hh * ww for _, hh, ww in groups[-1]) + h * wd <= MAX_POOL_CELLS:
+            groups[-1].append((b, h, wd))
+        else:
+            groups.append([(b, h, wd)])
+    return groups
+
+
+def _launch_levels(x, out, x_c0: int, copy: bool, branches: Sequence[int], factor, bins, down_mode, align_corners,
+                   combine: bool = True) -> dict:
+    """x copied into ``out``'s channels from ``x_c0`` (if ``copy``) and brought to the level of each of
+    ``branches`` (at most MAX_SLOTS); returns {branch: (level, its taps as a source)}.
+
+    Bin levels of up to MAX_POOL_CELLS cells in all are pooled by pool_kernel from one read of x (which
+    also copies x); the other levels are gathered by one levels_kernel launch. A long reduction (a map
+    split into pixel chunks, or a pooling window looping over more than SPLIT_STEPS taps) is computed in
+    chunks, their partial sums stacked along the rows of one buffer in the accumulation dtype; with
+    ``combine`` a second launch sums them in chunk order into the level (identity taps), without it the
+    partials are returned with the taps that sum them (the inference block kernel's down taps, so that it
+    stays one launch after this one)."""
+    N, C, H, W = x.shape
+    dt, dev, fmt = x.dtype, x.device, _fmt(x)
+    levels = {}
+    for group in _pool_groups(branches, factor, bins, H, W):
+        levels.update(_pool_levels(x, out, x_c0, copy, group, combine))
+        copy = False
+    slots, chunked = [], []
+    for b in branches:
+        if b in levels:
+            continue
         h, wd = _level(factor[b], bins, b, H, W)
         ty, tx = _down_taps(factor[b], down_mode, H, W, h, wd, align_corners, dt, dev)
         rows = max(1, SPLIT_STEPS // tx.taps)  # window rows per chunk
@@ -372,7 +521,8 @@ def _launch_levels(x, out, x_c0: int, copy: bool, branches: Sequence[int], facto
             else:
                 levels[b] = (stack, (sums, ident))
             first += k * h
-    _gather_levels(x, out, x_c0, copy, slots)
+    if slots or copy:
+        _gather_levels(x, out, x_c0, copy, slots)
     if chunked and combine:
         _gather_levels(buf, buf, 0, False, combined)
     return levels

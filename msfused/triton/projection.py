@@ -26,11 +26,12 @@ convolutions are torch's (cuDNN on a GPU, deterministic algorithms); the Triton 
   the pre-activation (one full-size pass). ``norm_grad_kernel``: with batch statistics, that gradient once the
   sums are known (d recomputed: nothing full-size is stored in between). Deterministic, no atomics.
 
-The levels come from the block's ``levels_kernel`` (``launch._launch_levels``: every level of up to 4 branches
-in one launch, long pooling windows in chunks, +1 launch sums their partials in a fixed order).
+The levels come from the block's ``pool_kernel`` / ``levels_kernel`` (``launch._launch_levels``: the bin levels of
+up to 4 branches pooled from one read of x, factor levels gathered; a map or a long pooling window split in
+chunks where the GPU would not fill, +1 launch sums their partials in a fixed order).
 
-Launches per call ("torch" = cuDNN and reductions): forward: 1 levels launch per 4 levels (+1 where a pooling
-window is split: bins 1 and 2 of a 64 x 64 map); per branch its convolution (torch), [its batch statistics
+Launches per call ("torch" = cuDNN and reductions): forward: 1 levels launch per 4 levels (+1 where the
+pooling is split into chunks); per branch its convolution (torch), [its batch statistics
 (torch)], 1 epilogue pass (its activation at its level), [1 gather: resized up, direct branches], its part's
 convolution (torch); ``conv(x, W_x)`` (torch); **1** accumulation pass per 4 parts (``MAX_PARTS``); with the
 projection's batch statistics the last accumulation pass also writes the partial statistics, + 1
@@ -599,8 +600,8 @@ def project_forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bin
     B = len(weight)
     level, pre, mean, var, parts = [], [], [], [], []
     sdt = _stats_dtype(dt)
-    # Every level other than x itself: the block's levels_kernel, up to 4 levels per launch, its long pooling
-    # windows split into chunks that fill the GPU (+1 launch sums their partials in a fixed order).
+    # Every level other than x itself: the block's pool_kernel (bins) / levels_kernel (factors), up to 4 levels
+    # per launch, split into chunks that fill the GPU (+1 launch sums their partials in a fixed order).
     pooled = [b for b in range(B) if factor[b] != 1]
     levels = {}
     for i in range(0, len(pooled), K.MAX_SLOTS):

@@ -98,12 +98,8 @@ _cache: Dict[tuple, tuple] = {}
 _lock = threading.Lock()
 
 
-def axis_taps(kind: str, n_in: int, n_out: int, factor: int, align_corners: bool, dtype: torch.dtype,
-              device: torch.device) -> AxisTaps:
-    """The taps of one axis of a resize from ``n_in`` to ``n_out`` (``kind`` in 'identity', 'avg',
-    'adaptive', 'bilinear', 'nearest', 'stacked': see ``stacked_taps``), weights in ``dtype``, on ``device``. Cached; safe to call while
-    torch.compile traces (the tables are built from real tensors and enter the graph as constants)."""
-    wdtype = torch.float64 if dtype == torch.float64 else torch.float32
+def _lists(kind: str, n_in: int, n_out: int, factor: int, align_corners: bool, wdtype: torch.dtype):
+    """(cache key, the table's lists as ``_build`` gives them), built once per key."""
     key = (kind, n_in, n_out, factor, bool(align_corners) if kind == "bilinear" else False, wdtype)
     with _lock:
         lists = _cache.get(key)
@@ -112,21 +108,40 @@ def axis_taps(kind: str, n_in: int, n_out: int, factor: int, align_corners: bool
             lists = _build(kind, n_in, n_out, factor, align_corners, wdtype)
         with _lock:
             _cache[key] = lists
-    dev_key = key + (str(device),)
+    return key, lists
+
+
+def _on_device(key: tuple, make):
+    """``make()``'s device tensors, cached under ``key`` unless a fake mode traces (torch.compile / export: the
+    tables are then built from real tensors each time and enter the graph as constants)."""
     tracing = _tracing()
     if not tracing:
         with _lock:
-            hit = _cache.get(dev_key)
+            hit = _cache.get(key)
         if hit is not None:
             return hit
-    (idx, w, _), (adj_idx, adj_w, _), first = lists
-    make = lambda v, dt: torch.tensor(v, dtype=dt, device=device)  # noqa: E731
-    taps = AxisTaps(make(idx, torch.int32), make(w, wdtype), make(adj_idx, torch.int32), make(adj_w, wdtype),
-                    make(first, torch.int32))
+    value = make()
     if not tracing:
         with _lock:
-            _cache[dev_key] = taps
-    return taps
+            _cache[key] = value
+    return value
+
+
+def axis_taps(kind: str, n_in: int, n_out: int, factor: int, align_corners: bool, dtype: torch.dtype,
+              device: torch.device) -> AxisTaps:
+    """The taps of one axis of a resize from ``n_in`` to ``n_out`` (``kind`` in 'identity', 'avg', 'adaptive',
+    'bilinear', 'nearest', 'stacked': see ``stacked_taps``), weights in ``dtype``, on ``device``. Cached; safe to
+    call while torch.compile traces (the tables are built from real tensors and enter the graph as constants)."""
+    wdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    key, lists = _lists(kind, n_in, n_out, factor, align_corners, wdtype)
+
+    def make():
+        (idx, w, _), (adj_idx, adj_w, _), first = lists
+        tensor = lambda v, dt: torch.tensor(v, dtype=dt, device=device)  # noqa: E731
+        return AxisTaps(tensor(idx, torch.int32), tensor(w, wdtype), tensor(adj_idx, torch.int32),
+                        tensor(adj_w, wdtype), tensor(first, torch.int32))
+
+    return _on_device(key + (str(device),), make)
 
 
 def stacked_taps(n_out: int, count: int, offset: int, dtype: torch.dtype, device: torch.device) -> AxisTaps:
@@ -134,3 +149,26 @@ def stacked_taps(n_out: int, count: int, offset: int, dtype: torch.dtype, device
     reads ``offset + k * n_out + o`` for k = 0 .. count - 1, in that order, with weight 1 (a chunked
     reduction's fixed-order combine)."""
     return axis_taps("stacked", offset + count * n_out, n_out, count, False, dtype, device)
+
+
+def pool_cells(H: int, W: int, levels: Tuple[Tuple[int, int], ...], block_l: int, device: torch.device) -> torch.Tensor:
+    """The pooling windows of every cell of ``levels`` (bin levels (h, w) of an H x W map, adaptive average
+    pooling, each level's cells row-major, the levels one after another): int32 rows y0, y1, x0, x1 of
+    ``block_l`` entries each (a window is [y0, y1) x [x0, x1); padding entries are empty), from the tap tables
+    of ATen's own pooling (each window is the run of sources its taps read). Cached as ``axis_taps``."""
+
+    def make():
+        rows = [[0] * block_l for _ in range(4)]
+        cell = 0
+        for h, w in levels:
+            (ys, _, _), _, _ = _lists("adaptive", H, h, 0, False, torch.float32)[1]
+            (xs, _, _), _, _ = _lists("adaptive", W, w, 0, False, torch.float32)[1]
+            spans = [[(min(i for i in r if i >= 0), max(r) + 1) for r in taps] for taps in (ys, xs)]
+            for y0, y1 in spans[0]:
+                for x0, x1 in spans[1]:
+                    rows[0][cell], rows[1][cell], rows[2][cell], rows[3][cell] = y0, y1, x0, x1
+                    cell += 1
+        assert cell <= block_l, (levels, block_l)
+        return torch.tensor(rows, dtype=torch.int32, device=device).reshape(-1)
+
+    return _on_device(("cells", H, W, tuple(levels), block_l, str(device)), make)
