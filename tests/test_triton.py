@@ -257,6 +257,36 @@ def test_pool_levels(case, combine, monkeypatch):
         assert err <= tol * max(1.0, ref[fin].abs().max().item()), (b, err)
 
 
+def test_autotuner_fast_key_finds_what_triton_tuned(monkeypatch):
+    """launch._Autotuner looks a call's key up in one pass over the arguments; the key must be Triton's own (the
+    key arguments' values, then the tensor arguments' dtypes), so that a configuration Triton's ``run`` tuned
+    is found without tuning again, and a new size or dtype is tuned (stand-in timings: 32 wins)."""
+    import triton
+    import triton.language as tl
+    from triton.runtime.autotuner import Autotuner
+
+    @triton.jit
+    def add(a, b, out, N, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out + i, tl.load(a + i, mask=i < N) + tl.load(b + i, mask=i < N), mask=i < N)
+
+    tuner = launch._autotune([triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})], key=["N"])(add)
+    monkeypatch.setattr(Autotuner, "_bench", lambda self, *a, config=None, **k: [48.0 - config.kwargs["BLOCK"]])
+    tuned = []
+    real_run = Autotuner.run
+    monkeypatch.setattr(Autotuner, "run", lambda self, *a, **k: (tuned.append(k["grid"]), real_run(self, *a, **k))[1])
+    for n, dtype, new in ((40, torch.float32, True), (40, torch.float32, False), (50, torch.float32, True),
+                          (40, torch.float64, True), (50, torch.float32, False)):
+        a, b = torch.randn(n, dtype=dtype, device=DEVICE), torch.randn(n, dtype=dtype, device=DEVICE)
+        out = torch.full_like(a, float("nan"))
+        before = len(tuned)
+        tuner[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](a, b, out, n)
+        assert len(tuned) == before + new, (n, dtype)
+        assert torch.equal(out, a + b)
+        assert tuner.best_config.kwargs == {"BLOCK": 32}
+    assert len(tuner.cache) == 3
+
+
 @pytest.mark.parametrize("value", ["inf", "nan"])
 def test_batch_statistics_nonfinite(value, monkeypatch):
     """Inf or NaN in x with batch statistics over many tiles (16 pixels each): the same elements NaN / +Inf /

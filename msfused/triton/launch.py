@@ -77,6 +77,36 @@ def _config(kwargs: dict, **options) -> "triton.Config":
     return triton.Config(kwargs, maxnreg=MAXNREG, **options)
 
 
+class _Autotuner(triton.runtime.autotuner.Autotuner):
+    """``triton.autotune``'s tuner with its per-call key found in one pass over the arguments: Triton's own
+    ``run`` filters them with a list membership test per argument (quadratic: about 200 us a call here for
+    block_kernel's ~150 arguments, as much as the rest of its launch). The key is Triton's (the ``key``
+    arguments' values, then every tensor argument's dtype), so a key Triton's ``run`` tuned and cached is
+    found here; a new one goes to Triton's ``run`` (which benchmarks it)."""
+
+    def run(self, *args, **kwargs):
+        if len(self.configs) > 1:
+            named = dict(zip(self.arg_names, args))
+            named.update((k, v) for k, v in kwargs.items() if k in self.names)
+            key = tuple([named[k] for k in self.keys if k in named] +
+                        [str(v.dtype) for v in named.values() if hasattr(v, "dtype")])
+            config = self.cache.get(key)
+            if config is not None and config.pre_hook is None:
+                self.best_config = config
+                return self.fn.run(*args, **kwargs, **config.all_kwargs())
+        return super().run(*args, **kwargs)
+
+
+def _autotune(configs: List["triton.Config"], key: List[str]):
+    """``triton.autotune(configs, key)`` with ``_Autotuner``'s per-call key."""
+    def wrap(kernel):
+        tuner = triton.autotune(configs=configs, key=key)(kernel)
+        tuner.__class__ = _Autotuner
+        tuner.names = frozenset(tuner.arg_names)
+        return tuner
+    return wrap
+
+
 _PINNED: dict = {}
 
 
@@ -206,7 +236,7 @@ def _conv_configs(kind: str):
 
 
 # Block shapes per problem shape: pixels, channels in and out, kernel size, how the dot multiplies.
-conv_tuned = {kind: triton.autotune(configs=_conv_configs(kind), key=["N", "H", "W", "C", "CO", "KS", "DOT"])(
+conv_tuned = {kind: _autotune(configs=_conv_configs(kind), key=["N", "H", "W", "C", "CO", "KS", "DOT"])(
     K.conv_kernel) for kind in ("f32", "half")}
 
 
@@ -302,7 +332,7 @@ def _convs_block_m(f64: bool) -> int:
 
 
 _CONVS_KEY = ["N", "C"] + K.CONVS.per_slot("h", "w", "CO", "KS") + ["SLOTS", "DOT"]
-convs_tuned = {kind: triton.autotune(configs=_convs_configs(kind), key=_CONVS_KEY)(K.convs_kernel)
+convs_tuned = {kind: _autotune(configs=_convs_configs(kind), key=_CONVS_KEY)(K.convs_kernel)
                for kind in ("f32", "half")}
 
 
@@ -997,7 +1027,7 @@ def _block_configs(kind: str) -> List[triton.Config]:
 
 _BLOCK_KEY = ["N", "C", "H", "W"] + K.BLOCK.per_slot("h", "w", "CO", "KS", "HALO", "DY", "DX", "UY", "UX") + \
     ["SLOTS", "DOT"]
-block_tuned = {kind: triton.autotune(configs=_block_configs(kind), key=_BLOCK_KEY)(K.block_kernel)
+block_tuned = {kind: _autotune(configs=_block_configs(kind), key=_BLOCK_KEY)(K.block_kernel)
                for kind in ("f64", "f32", "half")}
 
 
