@@ -257,6 +257,29 @@ def test_pool_levels(case, combine, monkeypatch):
         assert err <= tol * max(1.0, ref[fin].abs().max().item()), (b, err)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_dx_output_gradient_any_strides(layout, monkeypatch):
+    """dx_kernel addresses dx and the output gradient's x slice linearly in a plane's pixels where their rows
+    are dense, by row and column otherwise: an output gradient whose rows are not dense (a transposed view)
+    gives the same dx, every element written, and dx = g's slice + each level's down-resize adjoint (against
+    autograd of the reference's avg pooling), over several pixel blocks per plane (blocks of 16)."""
+    monkeypatch.setattr(launch, "_block_p", lambda: 16)
+    N, C, H, W = 2, 3, 9, 7
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = make_input((N, C, H, W), torch.float64, layout, device=DEVICE)
+    grad = torch.randn(N, C + 2, H, W, dtype=torch.float64, device=DEVICE).contiguous(memory_format=fmt)
+    level_grad = torch.randn(N, C, 4, 3, dtype=torch.float64, device=DEVICE)
+    taps = launch._down_taps(2, "avg", H, W, 4, 3, False, torch.float64, x.device)
+    dense = launch._dx(grad, x, 1, [(level_grad, taps)], fmt, torch.float64)
+    strided_grad = grad.transpose(2, 3).contiguous().transpose(2, 3)  # the same values, rows not dense
+    assert not launch._dense_rows(strided_grad[:, 1:1 + C])
+    other = launch._dx(strided_grad, x, 1, [(level_grad, taps)], fmt, torch.float64)
+    assert torch.equal(dense, other)
+    xr = x.detach().cpu().clone().requires_grad_(True)
+    torch.nn.functional.avg_pool2d(xr, 2).backward(level_grad.cpu())
+    assert torch.allclose(dense.cpu(), grad[:, 1:1 + C].cpu() + xr.grad, rtol=0, atol=1e-12)
+
+
 def test_autotuner_fast_key_finds_what_triton_tuned(monkeypatch):
     """launch._Autotuner looks a call's key up in one pass over the arguments; the key must be Triton's own (the
     key arguments' values, then the tensor arguments' dtypes), so that a configuration Triton's ``run`` tuned

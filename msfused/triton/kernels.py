@@ -445,30 +445,35 @@ def wgrad_kernel(src, s_n, s_c, s_h, s_w, dpre, dwk, N, C, H, W, CO, KS, SPLIT, 
 DX = Slotted(
     name="dx_kernel",
     doc="""dx = g + sum over the slots of the down-resize adjoint of each level gradient l_s (gathered with
-    the adjoint taps yi_s / xi_s), written once. Grid (pixel blocks, channel blocks).""",
+    the adjoint taps yi_s / xi_s), written once. Grid (N * pixel blocks of a plane, channel blocks): a program's
+    pixels are consecutive in one plane, so dx (dense rows) and g (where G_FLAT: dense rows) are addressed
+    linearly in the pixel and load and store coalesced in NCHW as in channels_last.""",
     shared="dx, d_n, d_c, d_h, d_w, N, C, H, W, g, g_n, g_c, g_h, g_w",
     slot="l, l_n, l_c, l_h, l_w, yi, yw, Y, xi, xw, X",
-    constexprs="HAS_G, F64, BLOCK_P, BLOCK_C",
+    constexprs="HAS_G, G_FLAT, F64, BLOCK_P, BLOCK_C",
     together=True,
     before="""
-        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        blocks = tl.cdiv(H * W, BLOCK_P)
+        n = tl.program_id(0) // blocks
+        q = (tl.program_id(0) % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        pm = p < N * H * W
+        pm = q < H * W
         cm = c < C
-        x = p % W
-        y = (p // W) % H
-        n = p // (W * H)
+        x = q % W
+        y = q // W
         m2 = pm[:, None] & cm[None, :]
         acc = _zeros(BLOCK_P, BLOCK_C, F64)
         if HAS_G:
-            acc += tl.load(g + (n * g_n + y * g_h + x * g_w)[:, None] + c[None, :] * g_c, mask=m2,
-                           other=0.0).to(acc.dtype)
+            if G_FLAT:
+                g_at = n * g_n + q * g_w
+            else:
+                g_at = n * g_n + y * g_h + x * g_w
+            acc += tl.load(g + g_at[:, None] + c[None, :] * g_c, mask=m2, other=0.0).to(acc.dtype)
         one = acc * 0.0
     """,
     program="acc = _gather(acc, l, l_n, l_c, l_h, l_w, n, y, x, c, pm, cm, yi, yw, Y, xi, xw, X, one, one, 0, 0, 0, Y)",
     after="""
-        tl.store(dx + (n * d_n + y * d_h + x * d_w)[:, None] + c[None, :] * d_c, _cast(acc, dx.dtype.element_ty),
-                 mask=m2)
+        tl.store(dx + (n * d_n + q * d_w)[:, None] + c[None, :] * d_c, _cast(acc, dx.dtype.element_ty), mask=m2)
     """,
 )
 dx_kernel = DX.jit(globals())

@@ -969,7 +969,7 @@ def _dx(grad_out, x, x_off, slots, fmt, acc_dt):
         return dx
     g = grad_out[:, x_off:x_off + C] if x_off >= 0 else None
     block_c, block_p = _block_c(C), _block_p()
-    grid = (cdiv(N * H * W, block_p), cdiv(C, block_c))
+    grid = (N * cdiv(H * W, block_p), cdiv(C, block_c))  # (a program's pixels in one plane)
     chunks = [slots[i:i + K.MAX_SLOTS] for i in range(0, len(slots), K.MAX_SLOTS)] or [[]]
     for i, chunk in enumerate(chunks):
         last = i == len(chunks) - 1
@@ -979,21 +979,25 @@ def _dx(grad_out, x, x_off, slots, fmt, acc_dt):
         filler = dict(l=dst, l_n=0, l_c=0, l_h=0, l_w=0, yi=dst, yw=dst, Y=0, xi=dst, xw=dst, X=0)  # unused slots
         flat, consts = K.DX.pack(args, filler=filler)
         gt = g if g is not None else dst
+        assert _dense_rows(dst), dst.stride()
         _launch(_pinned(K.dx_kernel), grid, dst, *_strides(dst), N, C, H, W, gt, *_strides(gt), *flat, **consts,
-                HAS_G=g is not None, F64=acc_dt == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
+                HAS_G=g is not None, G_FLAT=_dense_rows(gt), F64=acc_dt == torch.float64, BLOCK_P=block_p,
+                BLOCK_C=block_c)
         g = dst
     return dx
 
 
 @cost_model(K.dx_kernel)
 def _dx_cost(a):
-    """Plan model (estimates): a (BLOCK_P, BLOCK_C) tile of dx per program, each level's adjoint taps in turn."""
+    """Plan model (estimates): a (BLOCK_P pixels of one plane, BLOCK_C channels) tile of dx per program, each
+    level's adjoint taps in turn."""
     N, C, H, W, bp, bc, dx = a["N"], a["C"], a["H"], a["W"], a["BLOCK_P"], a["BLOCK_C"], a["dx"]
     px = N * H * W
     slots = K.DX.slots(a)
     serial = max([sl["Y"] * sl["X"] for sl in slots], default=1)
     read = sum(nbytes(sl["l"]) for sl in slots) + (nbytes(a["g"], px * C) if a["HAS_G"] else 0)
-    return [Part("dx", cdiv(px, bp) * cdiv(C, bc), min(bp, px) * min(bc, C), serial, read, nbytes(dx, px * C))]
+    return [Part("dx", N * cdiv(H * W, bp) * cdiv(C, bc), min(bp, H * W) * min(bc, C), serial, read,
+                 nbytes(dx, px * C))]
 
 
 # ---------------------------------------------------------------------------------------------------
