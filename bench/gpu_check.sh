@@ -21,11 +21,12 @@
 #                         failure; cases a budget does not reach get SKIP lines
 #   pytest-gpu.log     2c. the suite's tests that need a GPU (GPU_TESTS), beside 2b (GPU_CHECK_TESTS=1)
 #   prewarm.log        the workloads' Triton kernels compiled and autotuned (during the build, for phase 3)
-#   results.json, table.txt, profile.txt (rewritten after each workload)
+#   results.json, table.txt, profile.txt, host_profile.txt (rewritten after each workload)
 #                      3. python -m msfused.bench.gpu_check speed: every workload at its full N in bfloat16,
 #                         inference and training: naive, 'cuda', 'triton', 'auto'; torch.compile of the naive
 #                         block in inference for psp_mmseg, pyramid_seed, psp_small (last); a torch.profiler
-#                         breakdown of one call per workload, mode and implementation
+#                         breakdown of one call per workload, mode and implementation; a cProfile of 20
+#                         training steps of each fused backend on the first workload (host_profile.txt)
 #   summary.txt        each phase's exit status and seconds
 #
 # Budget per phase. "Budget": no new case or group starts after it; "cap": `timeout` stops the phase, and what
@@ -176,7 +177,7 @@ fi
 
 # 3. Speed.
 t0=$(date +%s)
-log "3. speed -> results.json, table.txt, profile.txt"
+log "3. speed -> results.json, table.txt, profile.txt, host_profile.txt"
 timeout "${CAPS[3]}" "$PYTHON" -m msfused.bench.gpu_check speed --device "$DEVICE" --out "$OUTDIR" "${SPEED_ARGS[@]}"
 record "3. speed" $? $(( $(date +%s) - t0 ))
 

@@ -47,6 +47,9 @@ def test_gpu_check_smoke(tmp_path):
     assert {(p["mode"], p["impl"]) for p in result["profiles"] if p["kernels"]} == \
         {(m, i) for m in ("inference", "train") for i in ("naive", "cpu", "auto")}
     assert "psp_small" in (tmp_path / "table.txt").read_text()
+    # the host profile of a fused backend's training step (the CPU backend here)
+    assert [(h["mode"], h["impl"]) for h in result["host_profiles"]] == [("train", "cpu")]
+    assert "function calls" in (tmp_path / "host_profile.txt").read_text()
 
 
 def test_worker_reports_every_case(tmp_path, monkeypatch):

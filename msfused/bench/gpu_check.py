@@ -23,11 +23,12 @@ restarted after the case that killed it. Lines land in ``DIR/correctness/<shard>
 bfloat16, inference and training, naive, each fused backend and ``'auto'``, through
 :func:`msfused.bench.runner.run` (CUDA events, L2 flushed, interleaved, the floor); ``torch.compile`` of the
 naive block in inference for at most three workloads (measured last); a ``torch.profiler`` breakdown of
-one call per workload, mode and implementation. Before timing, the Triton kernels of every workload are
+one call per workload, mode and implementation, and a cProfile of 20 training steps of each fused backend on
+the first workload (where the host time goes). Before timing, the Triton kernels of every workload are
 compiled and autotuned once in parallel processes (Triton's on-disk cache then serves the timing process;
 its autotuner still measures every configuration of the shipped lists, alone on the GPU).
 ``DIR/results.json`` (device, versions, commit, every row, the profiles) is rewritten after each
-workload; ``table.txt`` and ``profile.txt`` beside it.
+workload; ``table.txt``, ``profile.txt`` and ``host_profile.txt`` beside it.
 """
 
 from __future__ import annotations
@@ -578,6 +579,30 @@ def host_us(step, device: torch.device, calls: int = 20) -> float:
     return round(elapsed / calls * 1e6, 1)
 
 
+def host_profile(step, device: torch.device, calls: int = 20, top: int = 30) -> str:
+    """cProfile of ``calls`` warmed-up calls of ``step`` (queued, one synchronisation at the end), the ``top``
+    functions by own time: where a fused backend's host time per call goes (Python launchers, Triton's
+    launch path, torch ops), which the speed rows give only in total."""
+    import cProfile
+    import io
+    import pstats
+
+    from .timing import synchronize
+
+    with step.active():
+        step()
+        synchronize(device)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            step()
+        prof.disable()
+        synchronize(device)
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()[-12000:]
+
+
 def _auto_diagnostics(args, workloads, dtype: torch.dtype, device: torch.device) -> Dict[str, Any]:
     """What 'auto' measures once everything is warm (its table cleared, each key measured again), beside the
     first measurement in ``autotune``; and where the host time of an 'auto' call goes (cProfile, the smallest
@@ -638,7 +663,8 @@ def speed(args) -> int:
     _say(f"speed on {device}: {len(workloads)} workloads, {args.dtype}, {', '.join(args.modes)}, {', '.join(impls)}; "
          f"torch.compile ({args.compile_backend}) in inference for {', '.join(compiled) or 'none'}")
     _prewarm(args, workloads, impls)
-    result: Dict[str, Any] = {"commit": commit(), "argv": sys.argv[1:], "rows": [], "profiles": [], "skipped": []}
+    result: Dict[str, Any] = {"commit": commit(), "argv": sys.argv[1:], "rows": [], "profiles": [], "skipped": [],
+                              "host_profiles": []}
     rates = None
 
     def save() -> None:
@@ -655,6 +681,10 @@ def speed(args) -> int:
                 host = f" (host {p['host_us']} us per call)" if p.get("host_us") is not None else ""
                 f.write(f"{p['workload']} {p['mode']} {p['impl']}{host}:\n")
                 f.writelines(f"  {k['us']:>10.1f} us  {k['calls']:>4}x  {k['name']}\n" for k in p["kernels"])
+        if result["host_profiles"]:
+            with open(os.path.join(args.out, "host_profile.txt"), "w") as f:
+                for h in result["host_profiles"]:
+                    f.write(f"== {h['workload']} {h['mode']} {h['impl']}, {h['calls']} calls ==\n{h['text']}\n")
 
     groups = [(w, m, impls) for w in workloads for m in args.modes] + \
         [(w, "inference", ["naive", "compiled"]) for w in workloads if w.name in compiled]
@@ -684,6 +714,11 @@ def speed(args) -> int:
                         step = runner.make_step(built, mode, impl)
                         entry["kernels"] = profile_call(step, device)
                         entry["host_us"] = host_us(step, device)
+                        if mode == "train" and impl not in ("naive", "auto") and not any(
+                                h["impl"] == impl for h in result["host_profiles"]):
+                            # where the host time of a fused training step goes (the first workload's)
+                            result["host_profiles"].append({"workload": w.name, "mode": mode, "impl": impl,
+                                                            "calls": 20, "text": host_profile(step, device)})
                         for row in result["rows"]:
                             if (row["workload"], row["mode"], row["impl"]) == (w.name, mode, impl):
                                 row["host_ms"] = entry["host_us"] / 1e3
