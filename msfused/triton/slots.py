@@ -25,6 +25,7 @@ against 777, another control flow).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import keyword
 import linecache
 import re
@@ -78,18 +79,28 @@ class Slotted:
     before: str = ""
     after: str = ""
 
-    # -- names ---------------------------------------------------------------------------------------
-    @property
+    # -- names (parsed once: the launchers pack a few launches per call) ----------------------------------
+    @functools.cached_property
     def shared_names(self) -> List[str]:
         return _names(self.shared)
 
-    @property
+    @functools.cached_property
     def slot_names(self) -> List[str]:
         return _names(self.slot)
 
-    @property
+    @functools.cached_property
+    def _slot_name_set(self) -> frozenset:
+        return frozenset(self.slot_names)
+
+    @functools.cached_property
     def flag_names(self) -> List[str]:
         return [f.name for f in dataclasses.fields(self.flags)]
+
+    @functools.cached_property
+    def _default_flags(self) -> Dict[str, Any]:
+        """Each slot's flag values by suffixed name for unused slots, from the flags type's defaults."""
+        defaults = self.flags()
+        return {f"{n}{s}": getattr(defaults, n) for s in range(MAX_SLOTS) for n in self.flag_names}
 
     @property
     def has_ends(self) -> bool:
@@ -171,10 +182,10 @@ class Slotted:
         the kernel takes them). Unused slots take ``filler``'s arguments (if given; else the first slot's) and
         default flags: never read, ``SLOTS`` stops them."""
         assert len(slots) <= MAX_SLOTS and (slots or filler is not None), (self.name, len(slots))
-        names = self.slot_names
+        names, expected = self.slot_names, self._slot_name_set
         for args, flags in list(slots) + ([(filler, self.flags())] if filler is not None else []):
-            if set(args) != set(names):
-                raise TypeError(f"{self.name}: slot arguments {sorted(set(args) ^ set(names))} do not match its "
+            if args.keys() != expected:
+                raise TypeError(f"{self.name}: slot arguments {sorted(set(args) ^ expected)} do not match its "
                                 "description")
             if not isinstance(flags, self.flags):
                 raise TypeError(f"{self.name}: flags must be a {self.flags.__name__}, got {type(flags).__name__}")
@@ -187,10 +198,10 @@ class Slotted:
             flat += [args[n] for n in names]
             if self.has_ends:
                 flat.append(ends[s + 1] if s < len(slots) else ends[-1])
-        consts = {"SLOTS": len(slots)}
-        for s in range(MAX_SLOTS):
-            flags = slots[s][1] if s < len(slots) else self.flags()
-            consts.update({f"{f.name}{s}": getattr(flags, f.name) for f in dataclasses.fields(flags)})
+        consts = {"SLOTS": len(slots), **self._default_flags}
+        flag_names = self.flag_names
+        for s, (_, flags) in enumerate(slots):
+            consts.update({f"{n}{s}": getattr(flags, n) for n in flag_names})
         return flat, consts
 
     def slots(self, a: Dict[str, Any]) -> List[Dict[str, Any]]:
