@@ -252,26 +252,37 @@ def _half_precision(x: torch.Tensor) -> bool:
         return False
 
 
-def _update_running_stats(norm: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-    """What ``nn.BatchNorm2d.forward`` does to its buffers in training mode, from the batch statistics."""
-    if not (norm.training and norm.track_running_stats):
+def _update_running_stats(updates: List[Tuple[nn.BatchNorm2d, torch.Tensor, torch.Tensor, int]]) -> None:
+    """What ``nn.BatchNorm2d.forward`` does to its buffers in training mode, for each (norm, batch mean, biased
+    batch variance, values per channel) of ``updates``: every norm's buffers in a few multi-tensor ops (a
+    block's four branches took ~40 small ops, a launch each on a GPU), element for element the arithmetic of
+    one norm's update (computed in the statistics' precision, rounded once into the buffer, as ATen does)."""
+    updates = [u for u in updates if u[0].training and u[0].track_running_stats]
+    if not updates:
         return
     # Detached statistics rather than a no_grad block: the same, and torch.export serialises it (a no_grad
     # block in a train-mode program becomes a set_grad_enabled node that torch.export.save refuses).
-    mean, var = mean.detach(), var.detach()
-    factor = norm.momentum
-    if norm.num_batches_tracked is not None:
-        norm.num_batches_tracked.add_(1)
-        if norm.momentum is None:  # cumulative moving average
+    tracked = [norm.num_batches_tracked for norm, *_ in updates if norm.num_batches_tracked is not None]
+    if tracked:
+        torch._foreach_add_(tracked, 1)
+    factors = []
+    for norm, *_ in updates:
+        factor = norm.momentum
+        if norm.num_batches_tracked is not None and norm.momentum is None:  # cumulative moving average
             factor = 1.0 / float(norm.num_batches_tracked)
-    if factor is None:
-        factor = 0.0
-    # Computed in the statistics' precision and rounded once into the buffer, as ATen does.
-    if norm.running_mean is not None:
-        norm.running_mean.copy_(norm.running_mean.to(mean.dtype) * (1.0 - factor) + mean * factor)
-    if norm.running_var is not None:
-        unbiased = var * (count / (count - 1))
-        norm.running_var.copy_(norm.running_var.to(var.dtype) * (1.0 - factor) + unbiased * factor)
+        factors.append(0.0 if factor is None else factor)
+    for which in ("running_mean", "running_var"):
+        rows = [(getattr(norm, which), mean if which == "running_mean" else var, count, f)
+                for (norm, mean, var, count), f in zip(updates, factors) if getattr(norm, which) is not None]
+        if not rows:
+            continue
+        buffers, f = [r[0] for r in rows], [r[3] for r in rows]
+        stats = [r[1].detach() for r in rows]
+        if which == "running_var":  # the unbiased variance
+            stats = torch._foreach_mul(stats, [count / (count - 1) for _, _, count, _ in rows])
+        new = torch._foreach_mul([b.to(s.dtype) for b, s in zip(buffers, stats)], [1.0 - v for v in f])
+        torch._foreach_add_(new, torch._foreach_mul(stats, f))
+        torch._foreach_copy_(buffers, new)
 
 
 def _needs_grad(x: torch.Tensor, branches: nn.ModuleList, project: Optional[nn.Module] = None) -> bool:
@@ -321,12 +332,15 @@ def _branch_args(x: torch.Tensor, spec: BlockSpec, branches) -> tuple:
     return weight, bias, scale, shift, batch_stats, eps
 
 
-def _update_branch_stats(x: torch.Tensor, spec: BlockSpec, branches, batch_stats, mean, var) -> None:
+def _branch_stats(x: torch.Tensor, spec: BlockSpec, branches, batch_stats, mean, var) -> list:
+    """The running-statistics updates of the branches whose norms used batch statistics."""
     N, _, H, W = x.shape
+    updates = []
     for i, branch in enumerate(branches):
         if batch_stats[i]:
             h, w = spec.branches[i].level_size(H, W)
-            _update_running_stats(branch.norm, mean[i], var[i], N * h * w)
+            updates.append((branch.norm, mean[i], var[i], N * h * w))
+    return updates
 
 
 def _fused_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList, backend: str,
@@ -344,7 +358,7 @@ def _fused_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList, ba
     out, _level, _pre, mean, var = _operator(backend)(
         x, weight, bias, scale, shift, batch_stats, eps, **spec.op_args()
     )
-    _update_branch_stats(x, spec, branches, batch_stats, mean, var)
+    _update_running_stats(_branch_stats(x, spec, branches, batch_stats, mean, var))
     return out
 
 
@@ -374,9 +388,8 @@ def _fused_project_forward(x: torch.Tensor, spec: BlockSpec, branches, project, 
         project_shift=p_shift, project_batch_stats=p_stats, project_eps=p_eps, **spec.project.op_args(),
         save_pre=save_pre,
     )
-    _update_branch_stats(x, spec, branches, batch_stats, mean, var)
-    if p_stats:
-        _update_running_stats(project.norm, p_mean, p_var, N * H * W)
+    _update_running_stats(_branch_stats(x, spec, branches, batch_stats, mean, var) +
+                          ([(project.norm, p_mean, p_var, N * H * W)] if p_stats else []))
     return out
 
 
