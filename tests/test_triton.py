@@ -280,6 +280,35 @@ def test_dx_output_gradient_any_strides(layout, monkeypatch):
     assert torch.allclose(dense.cpu(), grad[:, 1:1 + C].cpu() + xr.grad, rtol=0, atol=1e-12)
 
 
+def test_backward_gets_no_zero_gradients_for_saved_outputs():
+    """The forward operator's other outputs (levels, conv outputs, batch statistics) are what backward needs:
+    autograd passes None for their gradients (``set_materialize_grads(False)``) instead of a zero tensor of
+    each one's shape, allocated and filled per training step (16 for a 4-branch block); the gradients are
+    still the naive block's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    naive, fused = build_pair("psp", 3, dict(bins=(1, 2, 3, 6), norm="batch", branch_channels=2), torch.float64)
+    naive.train(), fused.to(DEVICE).train()
+    x = make_input((2, 3, 9, 8), torch.float64)
+    xf = x.to(DEVICE).requires_grad_(True)
+    with Ops() as ops:
+        fused(xf).sum().backward()
+    assert any("multi_scale_backward_triton" in n for n in ops.names), ops.names
+    assert not [n for n in ops.names if n.startswith(("aten.zeros", "aten.zero_", "aten.fill_"))], ops.names
+    xn = x.detach().clone().requires_grad_(True)
+    naive(xn).sum().backward()
+    assert (xf.grad.cpu() - xn.grad).norm() <= 1e-10 * xn.grad.norm()
+
+
 def test_autotuner_fast_key_finds_what_triton_tuned(monkeypatch):
     """launch._Autotuner looks a call's key up in one pass over the arguments; the key must be Triton's own (the
     key arguments' values, then the tensor arguments' dtypes), so that a configuration Triton's ``run`` tuned

@@ -110,6 +110,9 @@ def _no_grads(config) -> tuple:
 
 
 def _setup_context(ctx, inputs, output):
+    # Only the block's output has a gradient (the other outputs are what backward needs): autograd passes None
+    # for theirs instead of a zero tensor of each one's shape (an allocation and a fill apiece, per step).
+    ctx.set_materialize_grads(False)
     x, weight, bias, scale, shift, *config = inputs
     _out, level, pre, mean, var = output
     ctx.config = config
@@ -119,6 +122,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _grad_level, _grad_pre, _grad_mean, _grad_var):
+    if grad_out is None:  # (only the saved outputs reached the loss: they carry no gradient to the inputs)
+        return (None,) + tuple([None] * ctx.B for _ in range(4)) + _no_grads(ctx.config)
     B = ctx.B
     saved = list(ctx.saved_tensors)
     if torch.is_grad_enabled() and (grad_out.requires_grad or any(t.requires_grad for t in saved)):

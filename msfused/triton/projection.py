@@ -825,6 +825,9 @@ _BLOCK_CONFIG = 9  # batch_stats .. input_position: the arguments between the br
 
 
 def _setup_context(ctx, inputs, output):
+    # Only the block's output has a gradient (the other outputs are what backward needs): autograd passes None
+    # for theirs instead of a zero tensor of each one's shape (an allocation and a fill apiece, per step).
+    ctx.set_materialize_grads(False)
     x, weight, bias, scale, shift, *rest = inputs
     config = rest[:_BLOCK_CONFIG]
     pw, p_bias, p_scale, p_shift, p_stats, p_eps, p_act, _save_pre = rest[_BLOCK_CONFIG:]
@@ -837,6 +840,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, *_unused):
+    if grad_out is None:  # (only the saved outputs reached the loss: they carry no gradient to the inputs)
+        return (None,) + tuple([None] * ctx.B for _ in range(4)) + (None,) * (_BLOCK_CONFIG + 8)
     saved = list(ctx.saved_tensors)
     if torch.is_grad_enabled() and (grad_out.requires_grad or any(t is not None and t.requires_grad for t in saved)):
         raise RuntimeError("msfused: second-order gradients through the multi-scale block are not supported "
