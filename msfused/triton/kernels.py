@@ -24,8 +24,8 @@ runs it):
 * ``stats_combine_kernel``: batch mean and biased variance per channel from the per-tile (count, mean,
   M2), combined in tile order (Chan et al.): deterministic; a non-finite mean as ATen's sum / count. Also the
   projection's batch statistics (``projection.py``).
-* ``ups_kernel``: the training forward's up-resizes of up to four branches, the norm with batch
-  statistics and the activation applied per tap.
+* ``ups_kernel``: the training forward's up-resizes of up to four branches (and, before them, the norm with
+  batch statistics and the activation at the levels, the same kernel with identity taps).
 * ``up_adjoints_kernel``: for up to four branches, the backward of the up-resize as a gather, fused with
   the activation's backward and, without batch statistics, the norm's (it then writes the conv output's
   gradient); per-tile partial sums for the norm's gradients.
@@ -934,16 +934,20 @@ def _up_slot(t, src, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, N, C, H, W, ty
              a_ptr, b_ptr, eps, gamma, beta, NORM: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
              APPLY_ACT: tl.constexpr, ACT: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr,
              BLOCK_C: tl.constexpr):
-    """A branch's share of ups_kernel: (BLOCK_P output pixels, BLOCK_C channels) of its slice, the
-    up-resize of act(norm(src)) (NORM: NORM_*, with HAS_GAMMA / HAS_BETA; the activation if APPLY_ACT)."""
+    """A branch's share of ups_kernel: (BLOCK_P output pixels of one plane, BLOCK_C channels) of its slice,
+    the up-resize of act(norm(src)) (NORM: NORM_*, with HAS_GAMMA / HAS_BETA; the activation if APPLY_ACT).
+    ``dst``'s rows are dense: the tile's pixels are consecutive, addressed linearly (coalesced stores in NCHW
+    as in channels_last)."""
     pid_c = t % tl.cdiv(C, BLOCK_C)
-    p = (t // tl.cdiv(C, BLOCK_C)) * BLOCK_P + tl.arange(0, BLOCK_P)
+    tile = t // tl.cdiv(C, BLOCK_C)
+    blocks = tl.cdiv(H * W, BLOCK_P)
+    n = tile // blocks
+    q = (tile % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    pm = p < N * H * W
+    pm = q < H * W
     cm = c < C
-    ox = p % W
-    oy = (p // W) % H
-    n = p // (W * H)
+    ox = q % W
+    oy = q // W
     mul, add = _channel_affine(c, cm, a_ptr, b_ptr, eps, gamma, beta, NORM, HAS_GAMMA, HAS_BETA, F64)
     acc = _zeros(BLOCK_P, BLOCK_C, F64)
     if APPLY_ACT:
@@ -952,7 +956,7 @@ def _up_slot(t, src, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, N, C, H, W, ty
     else:
         acc = _gather(acc, src, s_n, s_c, s_h, s_w, n, oy, ox, c, pm, cm, ty_idx, ty_w, TY, tx_idx, tx_w, TX,
                       mul, add, NORM, 0, 0, TY)
-    tl.store(dst + (n * d_n + oy * d_h + ox * d_w)[:, None] + c[None, :] * d_c, _cast(acc, dst.dtype.element_ty),
+    tl.store(dst + (n * d_n + q * d_w)[:, None] + c[None, :] * d_c, _cast(acc, dst.dtype.element_ty),
              mask=pm[:, None] & cm[None, :])
 
 
@@ -965,11 +969,12 @@ class UpFlags(NormFlags):
 
 UPS = Slotted(
     name="ups_kernel",
-    doc="""The training forward's last launch for up to four branches: each slot's programs [E_s, E_s+1) write
-    its output slice, the up-resize of its level result (the norm with batch statistics and the
-    activation applied per tap where the convolution could not apply them).""",
-    shared="N, H, W",
-    slot="s, s_n, s_c, s_h, s_w, d, d_n, d_c, d_h, d_w, C, y, yw, Y, xt, xw, X, a, b, eps, g, be",
+    doc="""Up to four branches' resizes of a (N, C, h, w) source into an (N, C, H, W) destination (each slot's
+    own sizes): programs [E_s, E_s+1) write slot s's destination, the source gathered over the taps with the
+    norm and the activation applied per tap where NORM / APPLY_ACT (identity taps: the norm and activation at
+    the level alone).""",
+    shared="N",
+    slot="s, s_n, s_c, s_h, s_w, d, d_n, d_c, d_h, d_w, C, H, W, y, yw, Y, xt, xw, X, a, b, eps, g, be",
     flags=UpFlags,
     constexprs="ACT, F64, BLOCK_P, BLOCK_C",
     program="""_up_slot(t, s, s_n, s_c, s_h, s_w, d, d_n, d_c, d_h, d_w, N, C, H, W, y, yw, Y, xt, xw, X, a, b, eps, g,

@@ -12,9 +12,10 @@ forward (``forward``: the training forward, which also returns level, pre and th
     3 -- pool_kernel / levels_kernel (x copied, every level other than x itself: bin levels pooled from one
     read, factor levels gathered), convs_kernel (every convolution, its
     output stored; the epilogue straight into the output slice where the level is the input's size and
-    no batch statistics are needed; per-tile statistics where they are), ups_kernel (norm with batch
-    statistics, activation, up-resize into the remaining slices); a launch with nothing to do is skipped.
-    Each branch with batch statistics adds a parameter-sized combine of its per-tile statistics.
+    no batch statistics are needed; per-tile statistics where they are), ups_kernel (the up-resize into the
+    remaining slices); a launch with nothing to do is skipped. With batch statistics, one more ups_kernel
+    launch before the last applies the norm and the activation at the levels, and each such branch adds a
+    parameter-sized combine of its per-tile statistics.
 backward, per 4 branches: 1 launch of every up-resize adjoint fused with the activation's backward and,
     without batch statistics, the norm's (it writes the conv-output gradient); 1 of the fixed-order
     column sums of their per-tile partials; with batch statistics 1 of the conv-output gradients; then
@@ -580,8 +581,8 @@ def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_
     level, the conv output ``pre``, the batch mean and biased variance). Launches, per four branches:
     levels_kernel (x copied, every level other than x), convs_kernel (every convolution; the epilogue stored
     straight into the output where the level is the input's size and no batch statistics are needed),
-    ups_kernel (the rest: norm with batch statistics, activation, up-resize), plus a parameter-sized
-    combine of each batch-statistics branch's per-tile statistics."""
+    ups_kernel (the rest: with batch statistics the norm and activation at the levels first, then the
+    up-resize), plus a parameter-sized combine of each batch-statistics branch's per-tile statistics."""
     N, C, H, W = x.shape
     fmt = _fmt(x)
     dev, dt = x.device, x.dtype
@@ -646,29 +647,34 @@ def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_
         for b, (part_mean, part_m2) in partials.items():
             h, wd = _level(factor[b], bins, b, H, W)
             means[b], variances[b] = combine_statistics(part_mean, part_m2, N * h * wd, block_m)
-        # 4. the remaining output slices: norm with batch statistics, activation, up-resize
-        up_slots, ends = [], [0]
+        # 4. the remaining output slices. A branch with batch statistics first gets its norm and activation at
+        #    its level (a small pass, rounded to x's dtype as the reference's norm and activation outputs are),
+        #    so that the up-resize into the output only gathers (per tap it applied norm and activation: ~4x the
+        #    instructions per output element)
+        level_slots, up_slots = [], []
         up_bc = max((_block_c(weight[b].shape[0]) for b, _ in ups), default=4)
         for b, src in ups:
             co = weight[b].shape[0]
             h, wd = _level(factor[b], bins, b, H, W)
-            ty, tx = _up_taps(up_mode, h, wd, H, W, align_corners, dt, dev)
-            dst = out[:, offsets[b]:offsets[b] + co]
-            if batch_stats[b]:  # the norm with batch statistics and the activation, per tap
+            if batch_stats[b]:
+                activated = _empty((N, co, h, wd), dtype=dt, device=dev, memory_format=fmt)
                 flags = K.UpFlags(NORM=K.NORM_BATCH, HAS_GAMMA=scale[b] is not None, HAS_BETA=shift[b] is not None,
                                   APPLY_ACT=True)
-                a_, b_, g_, be_ = means[b], variances[b], scale[b], shift[b]
-            else:  # the epilogue already applied
-                flags, a_, b_, g_, be_ = K.UpFlags(), None, None, None, None
-            given = lambda t: ty.w if t is None else t  # noqa: E731  (an absent tensor is never read)
-            up_slots.append((dict(**strided("s", src), **strided("d", dst), C=co, y=ty.idx, yw=ty.w, Y=ty.taps,
-                                  xt=tx.idx, xw=tx.w, X=tx.taps, a=given(a_), b=given(b_), eps=float(eps[b]),
-                                  g=given(g_), be=given(be_)), flags))
-            ends.append(ends[-1] + cdiv(N * H * W, block_p) * cdiv(co, up_bc))
-        if up_slots and ends[-1] > 0:
-            flat, consts = K.UPS.pack(up_slots, ends)
-            _launch(_pinned(K.ups_kernel), (ends[-1],), N, H, W, *flat, **consts, ACT=act, F64=f64,
-                    BLOCK_P=block_p, BLOCK_C=up_bc)
+                level_slots.append((_up_slot_args(src, activated, co, h, wd, *_up_taps("identity", h, wd, h, wd,
+                                                                                        False, dt, dev),
+                                                  (means[b], variances[b], scale[b], shift[b]), eps[b]), flags))
+                src = activated
+            ty, tx = _up_taps(up_mode, h, wd, H, W, align_corners, dt, dev)
+            up_slots.append((_up_slot_args(src, out[:, offsets[b]:offsets[b] + co], co, H, W, ty, tx,
+                                           (None,) * 4, eps[b]), K.UpFlags()))
+        for slots_ in (level_slots, up_slots):
+            ends = [0]
+            for args, _ in slots_:
+                ends.append(ends[-1] + N * cdiv(args["H"] * args["W"], block_p) * cdiv(args["C"], up_bc))
+            if slots_ and ends[-1] > 0:
+                flat, consts = K.UPS.pack(slots_, ends)
+                _launch(_pinned(K.ups_kernel), (ends[-1],), N, *flat, **consts, ACT=act, F64=f64, BLOCK_P=block_p,
+                        BLOCK_C=up_bc)
     return out, levels, pres, means, variances
 
 
@@ -710,16 +716,27 @@ def _stats_combine_cost(a):
                  2 * nbytes(a["mean_out"], C))]
 
 
+def _up_slot_args(src, dst, co: int, H: int, W: int, ty, tx, norm: tuple, eps: float) -> dict:
+    """One slot of ups_kernel: ``src`` resized over the taps ty / tx into ``dst`` (N, co, H, W); ``norm``: the
+    batch mean, variance, gamma and beta applied per tap (None: absent)."""
+    given = lambda t: ty.w if t is None else t  # noqa: E731  (an absent tensor is never read)
+    a_, b_, g_, be_ = norm
+    assert _dense_rows(dst), dst.stride()  # (ups_kernel addresses a plane's pixels linearly)
+    return dict(**strided("s", src), **strided("d", dst), C=co, H=H, W=W, y=ty.idx, yw=ty.w, Y=ty.taps, xt=tx.idx,
+                xw=tx.w, X=tx.taps, a=given(a_), b=given(b_), eps=float(eps), g=given(g_), be=given(be_))
+
+
 @cost_model(K.ups_kernel)
 def _ups_cost(a):
     """Plan model (estimates): per branch slot a (BLOCK_P output pixels, BLOCK_C channels) tile per
     program, looping over the up-resize taps."""
-    N, H, W, bp, bc = a["N"], a["H"], a["W"], a["BLOCK_P"], a["BLOCK_C"]
+    N, bp, bc = a["N"], a["BLOCK_P"], a["BLOCK_C"]
     parts = []
     for sl in K.UPS.slots(a):
-        src, co = sl["s"], sl["C"]
-        parts.append(Part(f"up {tuple(src.shape[2:])}", sl["end"] - sl["start"], min(bp, N * H * W) * min(bc, co),
-                          sl["Y"] * sl["X"], nbytes(src), nbytes(src, N * co * H * W)))
+        src, co, H, W = sl["s"], sl["C"], sl["H"], sl["W"]
+        what = "norm, activation" if tuple(src.shape[2:]) == (H, W) else f"up {tuple(src.shape[2:])}"
+        parts.append(Part(what, sl["end"] - sl["start"], min(bp, H * W) * min(bc, co), sl["Y"] * sl["X"],
+                          nbytes(src), nbytes(sl["d"], N * co * H * W)))
     return parts
 
 
