@@ -71,15 +71,21 @@ def test_every_workload_mode_and_dtype_is_planned(survey):
     seen = {(r["workload"], r["mode"], r["dtype"]) for r in survey}
     assert seen == {(w, m, d) for w in WORKLOADS for m in ("inference", "train") for d in ("float32", "bfloat16")}
     for r in survey:
-        # the forward's launch counts (README): factor pyramids 1, pyramid pooling 2 in inference; a head's
-        # Triton launches (docs/BACKENDS.md, "With a projection"): the levels (1) and, where the pooling was
-        # split into pixel chunks, their combine (a levels_kernel gather: heads have no factor levels), each
-        # branch's norm and activation at its level (4), the accumulation pass (1)
+        # the forward's launch counts (README): factor pyramids 1, pyramid pooling 2 in inference (3 or 4 for
+        # large ones, launch.SPLIT_BINS_OUTPUTS); a head's Triton launches (docs/BACKENDS.md, "With a
+        # projection"): the levels (1) and, where the pooling was split into pixel chunks, their combine (a
+        # levels_kernel gather: heads have no factor levels), each branch's norm and activation at its level
+        # (4), the accumulation pass (1)
         if r["mode"] == "inference":
             if r["workload"] in HEADS:
                 expected = 1 + ("levels_kernel" in r["triton_kernels"]) + 4 + 1
-            else:
-                expected = 1 if WORKLOADS[r["workload"]].block == "multi_scale" else 2
+            elif WORKLOADS[r["workload"]].block == "multi_scale":
+                expected = 1
+            elif "block_kernel" in r["triton_kernels"]:  # pool, then every branch from its level
+                expected = 2
+            else:  # a large pyramid pooling block: pool (and its chunks' combine), convolutions, up-resize
+                expected = 3 + ("levels_kernel" in r["triton_kernels"])
+            if r["workload"] not in HEADS:
                 assert r["launches"] == r["triton_launches"], r  # a block's launchers run no ATen kernel
             assert r["triton_launches"] == expected, r
         # the kernels move at least what the call must: x read, the output written (the bytes floor)

@@ -189,6 +189,24 @@ def test_inference_path(case):
     assert err <= tol, f"{case.id}: err {err:.3e} > {tol:.0e}"
 
 
+@pytest.mark.parametrize("case", [c for c in INFERENCE_CASES if c.kind == "psp"],
+                         ids=case_ids([c for c in INFERENCE_CASES if c.kind == "psp"]))
+def test_inference_path_large_pyramid_pooling(case, monkeypatch):
+    """A large pyramid pooling block (SPLIT_BINS_OUTPUTS lowered so that these are) runs its inference as the
+    training forward without batch statistics: pool, convolutions with the folded norms' epilogue, up-resize;
+    the same results."""
+    monkeypatch.setattr(launch, "SPLIT_BINS_OUTPUTS", 1)
+    launched = []
+    real_launch = launch._launch
+    monkeypatch.setattr(launch, "_launch",
+                        lambda kernel, *a, **k: (launched.append(kernel), real_launch(kernel, *a, **k)))
+    test_inference_path(case)
+    from msfused.triton.plan import kernel_name
+
+    names = {kernel_name(k) for k in launched}
+    assert "block_kernel" not in names and {"pool_kernel", "convs_kernel", "ups_kernel"} <= names, names
+
+
 def test_inference_split_pooling(monkeypatch):
     """Pooling windows in chunks (SPLIT_STEPS shrunk so that small maps split too): their partial sums
     are summed by the block kernel's down taps, still two launches."""

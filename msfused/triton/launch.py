@@ -1073,17 +1073,34 @@ def _tile_slot(src, down, wk, ks, co, bias, scale, shift, out, c0, up, direct):
     return args, flags, (h, w, co, halo, direct)
 
 
+#: Pyramid pooling blocks whose bin branches write at least this many output elements run the inference
+#: as the training forward does without batch statistics (below).
+SPLIT_BINS_OUTPUTS = 1 << 22
+
+
 def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, align_corners, activation,
               input_position):
     """The block's output only (norms folded or absent; nothing saved for backward). Launches, for up to
     four branches: one (factor pyramids: the copy of x and every branch from x), or two with bins (x
     pooled to every bin level and copied; then every branch from its level). Every further four
-    branches add one launch (two with bins)."""
+    branches add one launch (two with bins).
+
+    Large pyramid pooling blocks (their bin branches' outputs SPLIT_BINS_OUTPUTS elements or more) instead
+    run the training forward's launches with the folded norms (pool, convolutions at the levels with their
+    epilogue, up-resize: three): block_kernel's program for a bin level's tile, the whole level, convolves
+    it and then writes the whole map for its channels in a serial loop (the H200: 622 us for ``psp_mmseg``
+    against a ~60 us bytes floor, 256 programs), where the up-resize pass spreads the map over every
+    program. Small ones keep the launch fewer (host time bounds them)."""
     N, C, H, W = x.shape
     fmt = _fmt(x)
     dev, dt = x.device, x.dtype
     offsets, x_off, c_out = _offsets(weight, C, input_position)
     check_index_limit(x, c_out)
+    binned = sum(w.shape[0] for w, f in zip(weight, factor) if f == 0)
+    if binned and N * binned * H * W >= SPLIT_BINS_OUTPUTS:
+        B = len(weight)
+        return forward(x, weight, bias, scale, shift, [False] * B, [0.0] * B, factor, bins, down_mode, up_mode,
+                       align_corners, activation, input_position)[0]
     out = _empty((N, c_out, H, W), dtype=dt, device=dev, memory_format=fmt)
     if out.numel() == 0:
         return out
