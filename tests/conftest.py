@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch import nn
 
 # Without a GPU the Triton backend runs its kernels on CPU tensors in Triton's interpreter; Triton reads
@@ -599,3 +600,15 @@ def spies(monkeypatch):
     monkeypatch.setattr(functional, "reference_forward", reference_spy)
     monkeypatch.delenv("MSFUSED_BACKEND", raising=False)
     return calls
+
+
+class OpNames(TorchDispatchMode):
+    """Records the name of every ATen (or custom) operator run under it, in order (``names``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: List[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))

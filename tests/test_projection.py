@@ -16,7 +16,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import msfused
 
-from .conftest import Case, build_case, build_pair, check_half_precision_grads, make_input, run_case
+from .conftest import (
+    Case, OpNames, build_case, build_pair, check_half_precision_grads, make_input, run_case,
+)
 
 FORWARD = torch.ops.msfused.multi_scale_project_forward.default
 BACKWARD = torch.ops.msfused.multi_scale_project_backward.default
@@ -380,23 +382,12 @@ def test_triton_backward_gets_no_zero_gradients(_triton):
     """The head operator's other outputs (levels, conv outputs, statistics, the projection's pre-activation:
     full-size) are what backward needs: autograd passes None for their gradients, not zero tensors it would
     allocate and fill per step; the gradients are still the naive head's."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     case = Case("psp", dict(bins=(1, 3), branch_channels=2, norm="batch", project=_proj(P=3, k=3)), (2, 3, 9, 8),
                 train=True, label="proj-no-zero-grads")
     naive, fused = build_case(case)
     x = make_input(case.shape, torch.float64)
     xf = x.to(_triton).requires_grad_(True)
-    with Ops() as ops:
+    with OpNames() as ops:
         fused.to(_triton)(xf).sum().backward()
     assert any("project_backward_triton" in n for n in ops.names), ops.names
     assert not [n for n in ops.names if n.startswith(("aten.zeros", "aten.zero_", "aten.fill_"))], ops.names

@@ -23,8 +23,8 @@ from msfused.triton import launch
 from msfused.triton.ops import absent_as_empty
 
 from .conftest import (
-    LAYOUTS, Case, assert_memory_format, build_case, build_pair, case_ids, check_half_precision_grads, make_input,
-    norm_err, reference64, run_case,
+    LAYOUTS, Case, OpNames, assert_memory_format, build_case, build_pair, case_ids, check_half_precision_grads,
+    make_input, norm_err, reference64, run_case,
 )
 from .test_opcheck import op_arguments
 
@@ -303,22 +303,11 @@ def test_backward_gets_no_zero_gradients_for_saved_outputs():
     autograd passes None for their gradients (``set_materialize_grads(False)``) instead of a zero tensor of
     each one's shape, allocated and filled per training step (16 for a 4-branch block); the gradients are
     still the naive block's."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     naive, fused = build_pair("psp", 3, dict(bins=(1, 2, 3, 6), norm="batch", branch_channels=2), torch.float64)
     naive.train(), fused.to(DEVICE).train()
     x = make_input((2, 3, 9, 8), torch.float64)
     xf = x.to(DEVICE).requires_grad_(True)
-    with Ops() as ops:
+    with OpNames() as ops:
         fused(xf).sum().backward()
     assert any("multi_scale_backward_triton" in n for n in ops.names), ops.names
     assert not [n for n in ops.names if n.startswith(("aten.zeros", "aten.zero_", "aten.fill_"))], ops.names
