@@ -405,11 +405,15 @@ POOL_PIXELS_PER_CELL = 4
 
 
 def _pool_chunks(N: int, C: int, HW: int, cells: int, block_k: int, block_c: int) -> Tuple[int, int]:
-    """(chunks S, pixels per chunk) of pool_kernel: enough programs to fill the GPU where the chunks stay
-    POOL_PIXELS_PER_CELL pixels per cell or more, and no chunk over SPLIT_STEPS steps."""
+    """(chunks S, pixels per chunk) of pool_kernel: unsplit where the (plane, channel block) programs give every
+    SM one (a split costs a launch that sums the chunks in training and in large blocks' inference), else
+    enough chunks to fill the GPU where they stay POOL_PIXELS_PER_CELL pixels per cell or more; no chunk over
+    SPLIT_STEPS steps."""
     steps = cdiv(HW, block_k)
+    programs = N * cdiv(C, block_c)
     most = max(1, steps // max(1, cdiv(POOL_PIXELS_PER_CELL * cells, block_k)))
-    split = min(steps, max(min(most, cdiv(_fill_programs(), N * cdiv(C, block_c))), cdiv(steps, SPLIT_STEPS)))
+    wanted = 1 if 2 * programs >= _fill_programs() else cdiv(_fill_programs(), programs)
+    split = min(steps, max(min(most, wanted), cdiv(steps, SPLIT_STEPS)))
     per = cdiv(steps, split) * block_k
     return cdiv(HW, per), per
 
