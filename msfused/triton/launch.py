@@ -387,16 +387,15 @@ def _pool_mode(x: torch.Tensor) -> int:
 _POOL_TUNED: dict = {}
 
 
-def _pool_launcher(block_l: int):
-    """pool_kernel with its one configuration (8 warps for 128 cells, else 4; 3 stages to keep x's loads in
-    flight), as a one-entry autotune list; the kernel itself under the interpreter."""
+def _pool_launcher():
+    """pool_kernel with its one configuration (8 warps: with 4, ptxas for sm_90 needed up to 255 registers and
+    spilled in float32; 3 stages to keep x's loads in flight), as a one-entry autotune list; the kernel itself
+    under the interpreter."""
     if interpreting():
         return K.pool_kernel
-    warps = 8
-    if warps not in _POOL_TUNED:
-        _POOL_TUNED[warps] = triton.autotune(configs=[_config({}, num_warps=warps, num_stages=3)],
-                                             key=[])(K.pool_kernel)
-    return _POOL_TUNED[warps]
+    if not _POOL_TUNED:
+        _POOL_TUNED[8] = triton.autotune(configs=[_config({}, num_warps=8, num_stages=3)], key=[])(K.pool_kernel)
+    return _POOL_TUNED[8]
 
 
 #: A pixel chunk of pool_kernel holds at least this many pixels per cell: a chunk's partials (every cell, for
@@ -462,7 +461,7 @@ def _pool_levels(x, out, x_c0: int, copy: bool, group: Sequence[Tuple[int, int, 
     flat, consts = K.POOL.pack(slots)
     if N * C * H * W == 0:
         return levels
-    _launch(_pool_launcher(block_l), (N * cdiv(C, block_c) * chunks,), x, *_strides(x), out, out.stride(0),
+    _launch(_pool_launcher(), (N * cdiv(C, block_c) * chunks,), x, *_strides(x), out, out.stride(0),
             out.stride(1), out.stride(3), x_c0, windows, N, C, W, chunks, per, H * W, *flat, **consts, COPY=copy,
             FLAT=_dense_rows(x), DOT=_pool_mode(x), UPCAST=_upcast(x), F64=dt == torch.float64, BLOCK_L=block_l,
             BLOCK_K=block_k, BLOCK_C=block_c)
