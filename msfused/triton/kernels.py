@@ -62,11 +62,8 @@ ACT_NONE, ACT_RELU, ACT_SILU, ACT_GELU = 0, 1, 2, 3
 # Per-channel transform applied to a conv output before the activation.
 NORM_NONE, NORM_AFFINE, NORM_BATCH = 0, 1, 2
 # How conv_kernel multiplies: multiply-and-sum (float64), tl.dot on half operands, on float32 operands
-# with IEEE precision or with TF32.
-DOT_FMA, DOT_HALF, DOT_IEEE, DOT_TF32 = 0, 1, 2, 3
-# How pool_kernel multiplies its 0/1 window masks with x: as the convolutions, but float32 in three TF32
-# products (about float32's accuracy: ATen's pooling never uses TF32).
-POOL_FMA, POOL_HALF, POOL_IEEE, POOL_TF32X3 = 0, 1, 2, 3
+# with IEEE precision or with TF32; pool_kernel also in three TF32 products (about float32's accuracy).
+DOT_FMA, DOT_HALF, DOT_IEEE, DOT_TF32, DOT_TF32X3 = 0, 1, 2, 3, 4
 
 
 @triton.jit
@@ -113,6 +110,17 @@ def _zeros(BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, F64: tl.constexpr):
     else:
         acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     return acc
+
+
+@triton.jit
+def _plane_pixels(tile, H, W, BLOCK_P: tl.constexpr):
+    """Program ``tile``'s pixels, BLOCK_P consecutive ones of one plane (tiles of a plane, plane by plane): the
+    plane n, the pixels' flat indices q (h * W + w, so that an address linear in q coalesces), their mask,
+    rows and columns."""
+    blocks = tl.cdiv(H * W, BLOCK_P)
+    n = tile // blocks
+    q = (tile % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return n, q, q < H * W, q // W, q % W
 
 
 @triton.jit
@@ -453,14 +461,9 @@ DX = Slotted(
     constexprs="HAS_G, G_FLAT, F64, BLOCK_P, BLOCK_C",
     together=True,
     before="""
-        blocks = tl.cdiv(H * W, BLOCK_P)
-        n = tl.program_id(0) // blocks
-        q = (tl.program_id(0) % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+        n, q, pm, y, x = _plane_pixels(tl.program_id(0), H, W, BLOCK_P)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        pm = q < H * W
         cm = c < C
-        x = q % W
-        y = q // W
         m2 = pm[:, None] & cm[None, :]
         acc = _zeros(BLOCK_P, BLOCK_C, F64)
         if HAS_G:
@@ -705,15 +708,15 @@ def _pool_dot(acc, member, v, DOT: tl.constexpr, UPCAST: tl.constexpr):
     """acc += member @ v, member a (cells, pixels) 0/1 mask and v a (pixels, channels) tile of x: exact products
     (0/1 times x), summed in acc's dtype. float32 x: three TF32 products (x split into two TF32 parts; the mask
     is exact in TF32), about float32's accuracy, as ATen's pooling has whatever the TF32 flags say."""
-    if DOT == 0:  # POOL_FMA
+    if DOT == 0:  # DOT_FMA
         acc += tl.sum(member.to(tl.float64)[:, :, None] * v.to(tl.float64)[None, :, :], axis=1)
     elif UPCAST:  # the interpreter's tl.dot is wrong on bfloat16 operands
         acc = tl.dot(member.to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
-    elif DOT == 1:  # POOL_HALF
+    elif DOT == 1:  # DOT_HALF
         acc = tl.dot(member.to(v.dtype), v, acc)
-    elif DOT == 2:  # POOL_IEEE
+    elif DOT == 2:  # DOT_IEEE
         acc = tl.dot(member.to(tl.float32), v, acc, input_precision="ieee")
-    else:  # POOL_TF32X3
+    else:  # DOT_TF32X3 (pool_kernel never takes DOT_TF32: the sums would round x)
         acc = tl.dot(member.to(tl.float32), v, acc, input_precision="tf32x3")
     return acc
 
@@ -939,15 +942,9 @@ def _up_slot(t, src, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, N, C, H, W, ty
     ``dst``'s rows are dense: the tile's pixels are consecutive, addressed linearly (coalesced stores in NCHW
     as in channels_last)."""
     pid_c = t % tl.cdiv(C, BLOCK_C)
-    tile = t // tl.cdiv(C, BLOCK_C)
-    blocks = tl.cdiv(H * W, BLOCK_P)
-    n = tile // blocks
-    q = (tile % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n, q, pm, oy, ox = _plane_pixels(t // tl.cdiv(C, BLOCK_C), H, W, BLOCK_P)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    pm = q < H * W
     cm = c < C
-    ox = q % W
-    oy = q // W
     mul, add = _channel_affine(c, cm, a_ptr, b_ptr, eps, gamma, beta, NORM, HAS_GAMMA, HAS_BETA, F64)
     acc = _zeros(BLOCK_P, BLOCK_C, F64)
     if APPLY_ACT:

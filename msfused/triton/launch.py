@@ -111,14 +111,15 @@ def _autotune(configs: List["triton.Config"], key: List[str]):
 _PINNED: dict = {}
 
 
-def _pinned(kernel):
-    """``kernel`` with its one launch configuration (4 warps, 3 stages, MAXNREG) as a one-entry autotune list,
-    which Triton runs without measuring; the kernel itself under the interpreter."""
+def _pinned(kernel, num_warps: int = 4):
+    """``kernel`` with its one launch configuration (``num_warps`` warps, 3 stages, MAXNREG) as a one-entry
+    autotune list, which Triton runs without measuring; the kernel itself under the interpreter."""
     if interpreting():
         return kernel
-    if kernel not in _PINNED:
-        _PINNED[kernel] = triton.autotune(configs=[_config({}, num_warps=4, num_stages=3)], key=[])(kernel)
-    return _PINNED[kernel]
+    if (kernel, num_warps) not in _PINNED:
+        _PINNED[kernel, num_warps] = triton.autotune(configs=[_config({}, num_warps=num_warps, num_stages=3)],
+                                                     key=[])(kernel)
+    return _PINNED[kernel, num_warps]
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -377,25 +378,11 @@ def _pool_blocks(dtype: torch.dtype) -> Tuple[int, int]:
 
 
 def _pool_mode(x: torch.Tensor) -> int:
-    if x.dtype == torch.float64:
-        return K.POOL_FMA
-    if x.dtype in (torch.float16, torch.bfloat16):
-        return K.POOL_HALF
-    return K.POOL_IEEE if interpreting() else K.POOL_TF32X3
-
-
-_POOL_TUNED: dict = {}
-
-
-def _pool_launcher():
-    """pool_kernel with its one configuration (8 warps: with 4, ptxas for sm_90 needed up to 255 registers and
-    spilled in float32; 3 stages to keep x's loads in flight), as a one-entry autotune list; the kernel itself
-    under the interpreter."""
-    if interpreting():
-        return K.pool_kernel
-    if not _POOL_TUNED:
-        _POOL_TUNED[8] = triton.autotune(configs=[_config({}, num_warps=8, num_stages=3)], key=[])(K.pool_kernel)
-    return _POOL_TUNED[8]
+    """How pool_kernel multiplies: as the convolutions (``_dot_mode``), but float32 on a GPU in three TF32
+    products whatever the TF32 flags say (ATen's pooling never rounds to TF32)."""
+    if x.dtype == torch.float32 and not interpreting():  # (the interpreter: IEEE, exact on the CPU)
+        return K.DOT_TF32X3
+    return _dot_mode(x)
 
 
 #: A pixel chunk of pool_kernel holds at least this many pixels per cell: a chunk's partials (every cell, for
@@ -461,7 +448,8 @@ def _pool_levels(x, out, x_c0: int, copy: bool, group: Sequence[Tuple[int, int, 
     flat, consts = K.POOL.pack(slots)
     if N * C * H * W == 0:
         return levels
-    _launch(_pool_launcher(), (N * cdiv(C, block_c) * chunks,), x, *_strides(x), out, out.stride(0),
+    # 8 warps: with 4, ptxas for sm_90 needed up to 255 registers and spilled in float32
+    _launch(_pinned(K.pool_kernel, num_warps=8), (N * cdiv(C, block_c) * chunks,), x, *_strides(x), out, out.stride(0),
             out.stride(1), out.stride(3), x_c0, windows, N, C, W, chunks, per, H * W, *flat, **consts, COPY=copy,
             FLAT=_dense_rows(x), DOT=_pool_mode(x), UPCAST=_upcast(x), F64=dt == torch.float64, BLOCK_L=block_l,
             BLOCK_K=block_k, BLOCK_C=block_c)
@@ -485,7 +473,7 @@ def _pool_cost(a):
     copy = nbytes(x, N * C * hw) if a["COPY"] else 0
     what = "pool " + ", ".join(f"{sl['h']}x{sl['w']}" for sl in levels) + (" + copy x" if a["COPY"] else "") + \
         (f" in {S} chunks" if S > 1 else "")
-    products = 3 if a["DOT"] == K.POOL_TF32X3 else 1
+    products = 3 if a["DOT"] == K.DOT_TF32X3 else 1
     return [Part(what, programs, min(bk, hw) * min(bc, C), steps, nbytes(x, N * C * hw) + nbytes(a["cells"]),
                  copy + written, 2 * products * programs * steps * bl * bk * bc)]
 
@@ -555,8 +543,7 @@ def _launch_levels(x, out, x_c0: int, copy: bool, branches: Sequence[int], facto
             else:
                 levels[b] = (stack, (sums, ident))
             first += k * h
-    if slots or copy:
-        _gather_levels(x, out, x_c0, copy, slots)
+    _gather_levels(x, out, x_c0, copy, slots)  # (no launch when it has nothing to do)
     if chunked and combine:
         _gather_levels(buf, buf, 0, False, combined)
     return levels
@@ -1100,15 +1087,15 @@ def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, a
     against a ~60 us bytes floor, 256 programs), where the up-resize pass spreads the map over every
     program. Small ones keep the launch fewer (host time bounds them)."""
     N, C, H, W = x.shape
-    fmt = _fmt(x)
-    dev, dt = x.device, x.dtype
-    offsets, x_off, c_out = _offsets(weight, C, input_position)
-    check_index_limit(x, c_out)
     binned = sum(w.shape[0] for w, f in zip(weight, factor) if f == 0)
     if binned and N * binned * H * W >= SPLIT_BINS_OUTPUTS:
         B = len(weight)
         return forward(x, weight, bias, scale, shift, [False] * B, [0.0] * B, factor, bins, down_mode, up_mode,
                        align_corners, activation, input_position)[0]
+    fmt = _fmt(x)
+    dev, dt = x.device, x.dtype
+    offsets, x_off, c_out = _offsets(weight, C, input_position)
+    check_index_limit(x, c_out)
     out = _empty((N, c_out, H, W), dtype=dt, device=dev, memory_format=fmt)
     if out.numel() == 0:
         return out

@@ -139,7 +139,7 @@ class Launch:
                         if not self.library and p.programs < MIN_WAVES * device.sms and p.serial > SERIAL_LIMIT]
 
 
-_DOT = {0: "fp64", 1: "half", 2: "fp32", 3: "tf32"}
+_DOT = {0: "fp64", 1: "half", 2: "fp32", 3: "tf32", 4: "tf32"}  # (4: three TF32 products, in the FLOPs)
 
 
 def _bind(fn, args: Sequence, meta: dict) -> dict:
