@@ -239,15 +239,23 @@ def stats_combine_kernel(part_mean, part_m2, T, total, C, mean_out, var_out,
 
 @triton.jit
 def _up_adjoint_slot(t, g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, gy, part, N, C, H, W,
-                     ty_idx, ty_w, TY, R, tx_idx, tx_w, TX, a_ptr, b_ptr, eps, gamma, beta,
+                     ty_idx, ty_w, TY, ty_cnt, R, tx_idx, tx_w, TX, tx_cnt, a_ptr, b_ptr, eps, gamma, beta,
                      NORM: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, FINAL: tl.constexpr,
-                     PARTIAL: tl.constexpr, ACT: tl.constexpr, F64: tl.constexpr,
-                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """A branch's share of up_adjoints_kernel, program t: (tile t // channel blocks, its channel block).
+                     PARTIAL: tl.constexpr, BLOCK_X: tl.constexpr, TAPS: tl.constexpr, X_IDENTITY: tl.constexpr,
+                     ACT: tl.constexpr,
+                     F64: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A branch's share of up_adjoints_kernel, program t: (tile t // channel blocks, its channel block), a tile
+    being BLOCK_X consecutive level pixels of one level row y of plane n (H x W: the level's sizes).
     At each level pixel: the up-resize's adjoint (gather of the output gradient over the pixels that read
     it), times the activation's derivative: gy (stored as a (pixels, C) matrix). Per tile, in the row
     part[tile, :2C]: sum gy, then sum gy * u with u the norm's input as it multiplies its weight (pre for
     a folded norm, the normalised value with batch statistics).
+    The gather: a level column's readers are a run of output columns (tx_idx[x, 0] on, tx_cnt[x] of them),
+    read TAPS at a time as the last axis of a (channels, columns, taps) tile, so that a warp's lanes read
+    consecutive addresses along a row in NCHW (along the channels in channels_last); per reader row (the y
+    taps of level row y, one scalar index and weight each) the tile is loaded and summed with its row
+    weight, and the column weights multiply once after the rows (sum_Y w_Y sum_X w_X g = the same products'
+    sum; a zero weight still multiplies an Inf or NaN into NaN, as ATen's adjoint does).
     NORM: the norm (NORM_*), with HAS_GAMMA / HAS_BETA its multiplier and offset. FINAL: no batch
     statistics, so the norm's derivative is per channel and gy holds the conv output's gradient itself
     (gy * scale, in the convolution's dtype); with batch statistics gy stays in the accumulation dtype for
@@ -255,45 +263,67 @@ def _up_adjoint_slot(t, g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, gy, part
     partial sums stored into rows k * H + y of ``pre`` (a long adjoint split so that the grid fills the
     GPU; a second launch sums the chunks as its gather, taps ``stacked_taps``, and finishes)."""
     nc = tl.cdiv(C, BLOCK_C)
+    nx = tl.cdiv(W, BLOCK_X)
     if PARTIAL:
-        per_chunk = tl.cdiv(N * H * W, BLOCK_P) * nc
+        per_chunk = N * H * nx * nc
         k = t // per_chunk
         t = t % per_chunk
     else:
         k = 0
     tile = t // nc
-    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
     c = (t % nc) * BLOCK_C + tl.arange(0, BLOCK_C)
-    pm = p < N * H * W
     cm = c < C
-    x = p % W
-    y = (p // W) % H
-    n = p // (W * H)
-    m2 = pm[:, None] & cm[None, :]
-    acc = _zeros(BLOCK_P, BLOCK_C, F64)
-    one = acc * 0.0
-    acc = _gather(acc, g, g_n, g_c, g_h, g_w, n, y, x, c, pm, cm, ty_idx, ty_w, TY, tx_idx, tx_w, TX,
-                  one, one, 0, 0, k * R, tl.minimum(TY, (k + 1) * R))
-    if PARTIAL:
-        tl.store(pre + (n * p_n + (k * H + y) * p_h + x * p_w)[:, None] + c[None, :] * p_c, acc, mask=m2)
+    x = (tile % nx) * BLOCK_X + tl.arange(0, BLOCK_X)
+    xm = x < W
+    y = (tile // nx) % H
+    n = tile // (nx * H)
+    first = tl.load(tx_idx + x * TX, mask=xm, other=0)
+    count = tl.load(tx_cnt + x, mask=xm, other=0)
+    rows = tl.minimum(tl.load(ty_cnt + y), (k + 1) * R)
+    # the (columns, taps) pairs flattened (tap fastest): a 2-D tile whose second axis is the warp's lanes
+    xt = tl.arange(0, BLOCK_X * TAPS)
+    col = (tile % nx) * BLOCK_X + xt // TAPS
+    if X_IDENTITY:  # (known to be the column itself: the compiler then sees a run along the lanes)
+        col_first = col
     else:
-        v = tl.load(pre + (n * p_n + y * p_h + x * p_w)[:, None] + c[None, :] * p_c, mask=m2, other=0.0)
+        col_first = tl.load(tx_idx + col * TX, mask=col < W, other=0)
+    col_count = tl.load(tx_cnt + col, mask=col < W, other=0)
+    base = g + n * g_n + (c * g_c)[:, None]
+    acc = _zeros(BLOCK_C, BLOCK_X, F64)  # (channels, level columns)
+    for j0 in range(0, tl.max(count, axis=0), TAPS):
+        j = j0 + xt % TAPS
+        jm = j < col_count
+        wx = tl.load(tx_w + col * TX + j, mask=jm, other=0.0).to(acc.dtype)
+        src = base + ((col_first + j) * g_w)[None, :]
+        m2t = cm[:, None] & jm[None, :]
+        rows_sum = _zeros(BLOCK_C, BLOCK_X * TAPS, F64)
+        for r in range(k * R, rows):
+            iy = tl.load(ty_idx + y * TY + r)
+            wy = tl.load(ty_w + y * TY + r).to(acc.dtype)
+            rows_sum += wy * tl.load(src + iy * g_h, mask=m2t, other=0.0).to(acc.dtype)
+        acc += tl.sum(tl.reshape(rows_sum * wx[None, :], (BLOCK_C, BLOCK_X, TAPS)), axis=2)
+    m2 = cm[:, None] & xm[None, :]
+    if PARTIAL:
+        tl.store(pre + n * p_n + (k * H + y) * p_h + (x * p_w)[None, :] + (c * p_c)[:, None], acc, mask=m2)
+    else:
+        v = tl.load(pre + n * p_n + y * p_h + (x * p_w)[None, :] + (c * p_c)[:, None], mask=m2, other=0.0)
         v = v.to(acc.dtype)
         mul, add = _channel_affine(c, cm, a_ptr, b_ptr, eps, gamma, beta, NORM, HAS_GAMMA, HAS_BETA, F64)
-        z = v * mul[None, :] + add[None, :]
+        z = v * mul[:, None] + add[:, None]
         d = tl.where(m2, _activate_grad(acc, z, ACT), 0.0)
+        at = gy + ((n * H + y) * W + x)[None, :] * C + c[:, None]
         if FINAL:
-            tl.store(gy + p[:, None] * C + c[None, :], _cast(d * mul[None, :], gy.dtype.element_ty), mask=m2)
+            tl.store(at, _cast(d * mul[:, None], gy.dtype.element_ty), mask=m2)
         else:
-            tl.store(gy + p[:, None] * C + c[None, :], d, mask=m2)
+            tl.store(at, d, mask=m2)
         if NORM == 2:
             mean = tl.load(a_ptr + c, mask=cm, other=0.0).to(acc.dtype)
             rstd = _rstd(tl.load(b_ptr + c, mask=cm, other=1.0).to(acc.dtype), eps)
-            u = (v - mean[None, :]) * rstd[None, :]
+            u = (v - mean[:, None]) * rstd[:, None]
         else:
             u = v
-        tl.store(part + tile * 2 * C + c, tl.sum(d, axis=0), mask=cm)
-        tl.store(part + tile * 2 * C + C + c, tl.sum(tl.where(m2, d * u, 0.0), axis=0), mask=cm)
+        tl.store(part + tile * 2 * C + c, tl.sum(d, axis=1), mask=cm)
+        tl.store(part + tile * 2 * C + C + c, tl.sum(tl.where(m2, d * u, 0.0), axis=1), mask=cm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,10 +337,14 @@ class NormFlags:
 
 @dataclasses.dataclass(frozen=True)
 class AdjointFlags(NormFlags):
-    """up_adjoints_kernel's per-slot compile-time values (see _up_adjoint_slot)."""
+    """up_adjoints_kernel's per-slot compile-time values (see _up_adjoint_slot): BLOCK_X level pixels of a row
+    per program, TAPS readers of a level column per load; X_IDENTITY: the x axis is not resized."""
 
     FINAL: bool = False
     PARTIAL: bool = False
+    BLOCK_X: int = 1
+    TAPS: int = 1
+    X_IDENTITY: bool = False
 
 
 UP_ADJOINTS = Slotted(
@@ -318,11 +352,13 @@ UP_ADJOINTS = Slotted(
     doc="""The backward's first launch for up to four branches (slot s runs programs [E_s, E_s+1)): the
     up-resize adjoint fused with the activation's (and, without batch statistics, the norm's) backward.""",
     shared="N",
-    slot="g, g_n, g_c, g_h, g_w, p, p_n, p_c, p_h, p_w, gy, pt, C, h, w, y, yw, Y, R, xt, xw, X, a, b, eps, ga, be",
+    slot="g, g_n, g_c, g_h, g_w, p, p_n, p_c, p_h, p_w, gy, pt, C, h, w, y, yw, Y, yc, R, xt, xw, X, xc, a, b, eps, "
+         "ga, be",
     flags=AdjointFlags,
-    constexprs="ACT, F64, BLOCK_P, BLOCK_C",
-    program="""_up_adjoint_slot(t, g, g_n, g_c, g_h, g_w, p, p_n, p_c, p_h, p_w, gy, pt, N, C, h, w, y, yw, Y, R,
-        xt, xw, X, a, b, eps, ga, be, NORM, HAS_GAMMA, HAS_BETA, FINAL, PARTIAL, ACT, F64, BLOCK_P, BLOCK_C)""",
+    constexprs="ACT, F64, BLOCK_C",
+    program="""_up_adjoint_slot(t, g, g_n, g_c, g_h, g_w, p, p_n, p_c, p_h, p_w, gy, pt, N, C, h, w, y, yw, Y, yc, R,
+        xt, xw, X, xc, a, b, eps, ga, be, NORM, HAS_GAMMA, HAS_BETA, FINAL, PARTIAL, BLOCK_X, TAPS, X_IDENTITY, ACT,
+        F64, BLOCK_C)""",
 )
 up_adjoints_kernel = UP_ADJOINTS.jit(globals())
 

@@ -28,7 +28,7 @@ backward, per 4 branches: 1 launch of every up-resize adjoint fused with the act
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -37,7 +37,7 @@ from ..functional import PARAM_CACHE
 from . import kernels as K
 from .plan import Part, cdiv, cost_model, nbytes
 from .slots import strided
-from .tables import axis_taps, pool_cells, stacked_taps
+from .tables import AxisTaps, axis_taps, pool_cells, stacked_taps
 
 INT32_LIMIT = 2**31 - 1
 _ACT = {"none": K.ACT_NONE, "relu": K.ACT_RELU, "silu": K.ACT_SILU, "gelu": K.ACT_GELU}
@@ -147,6 +147,20 @@ def _fill_programs() -> int:
 
 #: The longest serial loop a split reduction leaves to one program.
 SPLIT_STEPS = 256
+#: The same for up_adjoints_kernel, whose steps are tap vectors (TAPS readers of BLOCK_X columns at once).
+ADJOINT_STEPS = 32
+
+
+def _adjoint_tile(taps: AxisTaps, w: int, block_c: int, identity: bool) -> Dict[str, int]:
+    """up_adjoints_kernel's tile along a level row for a resize whose x axis has ``taps`` (a level w wide):
+    TAPS readers per load, the power of two at or below the typical reader count (an integer factor's
+    interior columns then take one load, its edge columns two), up to 32; BLOCK_X level columns, the
+    (channels, columns, taps) tile holding up to 2048 values (the interpreter, paying per operation: 16384);
+    X_IDENTITY where ``identity``: the x axis is not resized."""
+    assert taps.adj_run, "up_adjoints_kernel reads each level column's readers as a run"
+    n_taps = 1 << (min(max(taps.adj_typical, 1), 32).bit_length() - 1)
+    budget = (16384 if interpreting() else 2048) // (block_c * n_taps)
+    return dict(BLOCK_X=_pow2(w, 1, max(1, budget)), TAPS=n_taps, X_IDENTITY=identity)
 
 
 def _stats_block() -> int:
@@ -824,48 +838,51 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
             norm, a_t, b_t, g_t, be_t = _norm_of(b, batch_stats, scale, shift, mean, var)
             final = norm != K.NORM_BATCH
             gys[b] = _empty((total, co), dtype=dt if final else acc_dt, device=dev)
-            T = max(1, cdiv(total, block_p))
-            # per tile: sum gy | sum gy * u; an empty level launches nothing and sums to 0
-            parts[b] = (_empty if total else torch.zeros)((T, 2 * co), dtype=acc_dt, device=dev)
             g = grad_out[:, offsets[b]:offsets[b] + co]
             ty, tx = _up_taps(up_mode, h, wd, H, W, align_corners, dt, dev)
             given = lambda t: gys[b] if t is None else t  # noqa: E731  (an absent tensor is never read)
             tail = dict(a=given(a_t), b=given(b_t), eps=float(eps[b]), ga=given(g_t), be=given(be_t))
             # the norm's multiplier and offset are scale / shift: folded, or the batch norm's gamma / beta
             flags = K.AdjointFlags(NORM=norm, HAS_GAMMA=scale[b] is not None, HAS_BETA=shift[b] is not None,
-                                   FINAL=final)
-            rows = max(1, SPLIT_STEPS // tx.adj_taps)  # adjoint y taps per chunk
-            ytaps, xtaps = (ty.adj_idx, ty.adj_w, ty.adj_taps), (tx.adj_idx, tx.adj_w, tx.adj_taps)
+                                   FINAL=final, **_adjoint_tile(tx, wd, block_c, wd == W))
+            steps = cdiv(tx.adj_taps, flags.TAPS)  # tap vectors per reader row, at most
+            rows = max(1, ADJOINT_STEPS // steps)  # reader rows per chunk
+            ytaps = (ty.adj_idx, ty.adj_w, ty.adj_taps, ty.adj_count)
             if ty.adj_taps <= rows or not total:
-                adj.append((b, g, pre[b], ytaps, ty.adj_taps, xtaps, tail, flags, 1))
+                adj.append((b, g, pre[b], ytaps, ty.adj_taps, tx, tail, flags, 1))
             else:
-                chunked.append((b, g, ytaps, rows, xtaps, tail, flags, cdiv(ty.adj_taps, rows)))
+                chunked.append((b, g, ytaps, rows, tx, tail, flags, cdiv(ty.adj_taps, rows)))
         if chunked:
             buf = _empty((N, max(weight[b].shape[0] for b, *_ in chunked),
                           sum(k * _level(factor[b], bins, b, H, W)[0] for b, *_, k in chunked),
                           max(_level(factor[b], bins, b, H, W)[1] for b, *_ in chunked)), dtype=acc_dt, device=dev)
             first, finish = 0, []
-            for b, g, ytaps, rows, xtaps, tail, flags, k in chunked:
+            for b, g, ytaps, rows, tx, tail, flags, k in chunked:
                 co = weight[b].shape[0]
                 h, wd = _level(factor[b], bins, b, H, W)
                 stack = buf[:, :co, first:first + k * h, :wd]
-                adj.append((b, g, stack, ytaps, rows, xtaps, tail, dataclasses.replace(flags, PARTIAL=True), k))
-                sums = stacked_taps(h, k, 0, dt, dev)
+                adj.append((b, g, stack, ytaps, rows, tx, tail, dataclasses.replace(flags, PARTIAL=True), k))
+                sums = stacked_taps(h, k, 0, dt, dev)  # level row y: the chunks' rows i * h + y, i < k
                 ident = axis_taps("identity", wd, wd, 0, False, dt, dev)
-                finish.append((b, stack, pre[b], (sums.idx, sums.w, k), k, (ident.idx, ident.w, 1), tail, flags, 1))
+                finish.append((b, stack, pre[b], (sums.idx, sums.w, sums.taps, sums.count), k, ident, tail,
+                               dataclasses.replace(flags, **_adjoint_tile(ident, wd, block_c, True)), 1))
                 first += k * h
         for launch_slots in ([adj, finish] if chunked else [adj]):
             slot_args, ends = [], [0]
-            for b, g, p, (yi, yw, ytaps_n), rows, (xi, xw, xtaps_n), tail, flags, k in launch_slots:
+            for b, g, p, (yi, yw, ytaps_n, yc), rows, tx, tail, flags, k in launch_slots:
                 co = weight[b].shape[0]
                 h, wd = _level(factor[b], bins, b, H, W)
-                slot_args.append((dict(**strided("g", g), **strided("p", p), gy=gys[b], pt=parts[b], C=co, h=h, w=wd,
-                                       y=yi, yw=yw, Y=ytaps_n, R=rows, xt=xi, xw=xw, X=xtaps_n, **tail), flags))
-                ends.append(ends[-1] + k * cdiv(N * h * wd, block_p) * cdiv(co, block_c))
+                tiles = N * h * cdiv(wd, flags.BLOCK_X)
+                if not flags.PARTIAL:  # per tile: sum gy | sum gy * u; an empty level launches nothing, sums 0
+                    parts[b] = (_empty if tiles else torch.zeros)((max(tiles, 1), 2 * co), dtype=acc_dt, device=dev)
+                slot_args.append((dict(**strided("g", g), **strided("p", p), gy=gys[b], pt=parts.get(b, gys[b]), C=co,
+                                       h=h, w=wd, y=yi, yw=yw, Y=ytaps_n, yc=yc, R=rows,
+                                       xt=tx.adj_idx, xw=tx.adj_w, X=tx.adj_taps, xc=tx.adj_count, **tail), flags))
+                ends.append(ends[-1] + k * tiles * cdiv(co, block_c))
             if ends[-1] > 0:
                 flat, consts = K.UP_ADJOINTS.pack(slot_args, ends)
                 _launch(_pinned(K.up_adjoints_kernel), (ends[-1],), N, *flat, **consts, ACT=act, F64=f64,
-                        BLOCK_P=block_p, BLOCK_C=block_c)
+                        BLOCK_C=block_c)
         # 2. the partials' column sums, each in a fixed order, in one launch
         sums = {b: _empty((parts[b].shape[1],), dtype=acc_dt, device=dev) for b in chunk}
         _column_sums([(parts[b], sums[b]) for b in chunk])
@@ -931,18 +948,20 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
 
 @cost_model(K.up_adjoints_kernel)
 def _up_adjoints_cost(a):
-    """Plan model (estimates): per branch slot a (BLOCK_P level pixels, BLOCK_C channels) tile per program,
-    looping over a chunk of R of the adjoint's y taps (every output row that reads the level pixel) times
-    its x taps; PARTIAL slots store their partial sums only."""
-    N, bp, bc = a["N"], a["BLOCK_P"], a["BLOCK_C"]
+    """Plan model (estimates): per branch slot a (BLOCK_C channels, BLOCK_X level columns of a row, TAPS readers)
+    tile per program, looping over a chunk of R of the adjoint's reader rows times its tap vectors; PARTIAL
+    slots store their partial sums only."""
+    N, bc = a["N"], a["BLOCK_C"]
     parts = []
     for sl in K.UP_ADJOINTS.slots(a):
         g, co, px, partial = sl["g"], sl["C"], N * sl["h"] * sl["w"], sl["PARTIAL"]
         chunks = cdiv(sl["Y"], sl["R"])
         written = nbytes(sl["p"], chunks * px * co) if partial else nbytes(sl["gy"]) + nbytes(sl["pt"])
         read = nbytes(g, N * co * g.shape[2] * g.shape[3]) + (0 if partial else nbytes(sl["p"], px * co))
+        lanes = min(bc, co) * min(sl["BLOCK_X"], sl["w"]) * min(sl["TAPS"], sl["X"])
         parts.append(Part(f"up adjoint {sl['h']}x{sl['w']}" + (f" in {chunks} chunks" if partial else ""),
-                          sl["end"] - sl["start"], min(bp, px) * min(bc, co), sl["R"] * sl["X"], read, written))
+                          sl["end"] - sl["start"], lanes, min(sl["R"], sl["Y"]) * cdiv(sl["X"], sl["TAPS"]), read,
+                          written))
     return parts
 
 

@@ -29,13 +29,20 @@ from torch.utils._python_dispatch import _disable_current_modes
 class AxisTaps:
     """Forward taps ``idx/w`` of shape (out, taps), adjoint taps ``adj_idx/adj_w`` of shape (in, adj_taps), and
     ``first`` (in + 1,): first[l] is the first destination whose first tap is source l or later (a tile of
-    sources [l0, l1) is the first tap of destinations [first[l0], first[l1]))."""
+    sources [l0, l1) is the first tap of destinations [first[l0], first[l1])). ``count`` (out,): each
+    destination's number of taps; ``adj_count`` (in,): each source's number of readers; where ``adj_run`` (every kind but 'stacked'), a source's readers are the run
+    ``adj_idx[l, 0] + j``, j < adj_count[l] (resizes keep the order: a gather over them reads consecutive
+    destinations). ``adj_typical``: the median reader count (kernels size their tap vectors by it)."""
 
     idx: torch.Tensor
     w: torch.Tensor
     adj_idx: torch.Tensor
     adj_w: torch.Tensor
     first: torch.Tensor
+    count: torch.Tensor
+    adj_count: torch.Tensor
+    adj_run: bool
+    adj_typical: int
 
     @property
     def taps(self) -> int:
@@ -82,7 +89,10 @@ def _build(kind: str, n_in: int, n_out: int, factor: int, align_corners: bool, d
     adj = [[(d, w[d][i]) for d in range(n_out) if r[d][i]] for i in range(n_in)]
     first_taps = [row[0][0] if row else n_in for row in fwd]  # ascending: resizes keep the order
     first = [bisect.bisect_left(first_taps, src) for src in range(n_in + 1)]
-    return _pack(fwd), _pack(adj), first
+    counts = [len(row) for row in adj]
+    run = all([d for d, _ in row] == list(range(row[0][0], row[0][0] + len(row))) for row in adj if row)
+    typical = sorted(counts)[len(counts) // 2] if counts else 0
+    return _pack(fwd), _pack(adj), first, ([len(row) for row in fwd], counts, run, typical)
 
 
 def _tracing() -> bool:
@@ -136,10 +146,11 @@ def axis_taps(kind: str, n_in: int, n_out: int, factor: int, align_corners: bool
     key, lists = _lists(kind, n_in, n_out, factor, align_corners, wdtype)
 
     def make():
-        (idx, w, _), (adj_idx, adj_w, _), first = lists
+        (idx, w, _), (adj_idx, adj_w, _), first, (count, adj_count, run, typical) = lists
         tensor = lambda v, dt: torch.tensor(v, dtype=dt, device=device)  # noqa: E731
         return AxisTaps(tensor(idx, torch.int32), tensor(w, wdtype), tensor(adj_idx, torch.int32),
-                        tensor(adj_w, wdtype), tensor(first, torch.int32))
+                        tensor(adj_w, wdtype), tensor(first, torch.int32), tensor(count, torch.int32),
+                        tensor(adj_count, torch.int32), run, typical)
 
     return _on_device(key + (str(device),), make)
 
@@ -161,8 +172,8 @@ def pool_cells(H: int, W: int, levels: Tuple[Tuple[int, int], ...], block_l: int
         rows = [[0] * block_l for _ in range(4)]
         cell = 0
         for h, w in levels:
-            (ys, _, _), _, _ = _lists("adaptive", H, h, 0, False, torch.float32)[1]
-            (xs, _, _), _, _ = _lists("adaptive", W, w, 0, False, torch.float32)[1]
+            (ys, _, _), *_ = _lists("adaptive", H, h, 0, False, torch.float32)[1]
+            (xs, _, _), *_ = _lists("adaptive", W, w, 0, False, torch.float32)[1]
             spans = [[(min(i for i in r if i >= 0), max(r) + 1) for r in taps] for taps in (ys, xs)]
             for y0, y1 in spans[0]:
                 for x0, x1 in spans[1]:
