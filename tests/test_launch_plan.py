@@ -124,7 +124,7 @@ def test_the_head_plans_cover_the_projection(survey):
         train = r["mode"] == "train"
         # the backward's norm and activation in Triton passes: per-tile sums, their fixed-order combine and,
         # with the projection's batch statistics (both heads train so), the gradient pass
-        backward = {"gather_kernel", "act_grad_kernel", "column_sums_kernel", "norm_grad_kernel"}
+        backward = {"adjoint_kernel", "gather_kernel", "act_grad_kernel", "column_sums_kernel", "norm_grad_kernel"}
         needed = {"pool_kernel", "project_epilogue_kernel"} | (backward if train else set())
         assert needed <= set(r["triton_kernels"]), r
         # forward: each branch's convolution and its part's, conv(x, W_x); backward: each one's backward

@@ -396,7 +396,7 @@ def test_triton_backward_gets_no_zero_gradients(_triton):
     assert (xf.grad.cpu() - xn.grad).norm() <= 1e-10 * xn.grad.norm()
 
 
-# Long gathers split into chunks (launch.SPLIT_STEPS shrunk to 18 taps so that these small maps split too): the
+# Long gathers split into chunks (launch.ADJOINT_STEPS shrunk to 6 tap vectors so that these small maps split too): the
 # levels' pooling windows (levels_kernel) and, in the backward, a per-tap branch's maps gradient (bin 1: the
 # shifted up-resize's adjoint reads the whole map) and a direct branch's up-resize adjoint (bin 3 with k = 3).
 SPLIT_CASES = [
@@ -411,15 +411,18 @@ SPLIT_CASES = [
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=[c.id for c in SPLIT_CASES])
 def test_triton_split_gathers_match_naive(case, _triton, monkeypatch):
     """The split gathers' partial sums, summed in chunk order by a second launch (no atomics), give the naive
-    head's output and gradients; the split really happens (gather_kernel launched over chunks of y taps)."""
+    head's output and gradients; the split really happens (adjoint_kernel launched over chunks of reader rows, in
+    column tiles narrower than the rows)."""
     from msfused.triton import launch, projection
 
     monkeypatch.setattr(launch, "SPLIT_STEPS", 18)
+    monkeypatch.setattr(launch, "ADJOINT_STEPS", 6)
+    monkeypatch.setattr(launch, "_adjoint_budget", lambda: 64)
     chunked, real = [], launch._launch
 
     def watch(kernel, grid, *args, **meta):
-        if kernel is projection.gather_kernel and args[18] > args[24]:  # HD > HT: dst's rows are chunks
-            chunked.append((args[18] // args[24], args[25], args[12]))  # (chunks, y taps per chunk, y taps)
+        if kernel is projection.adjoint_kernel and args[20] > args[26]:  # HD > HT: dst's rows are chunks
+            chunked.append((args[20] // args[26], args[27], args[12]))  # (chunks, reader rows per chunk, rows)
         real(kernel, grid, *args, **meta)
 
     monkeypatch.setattr(launch, "_launch", watch)

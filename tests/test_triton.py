@@ -148,6 +148,8 @@ def test_small_blocks(case, monkeypatch):
     monkeypatch.setattr(launch, "_convs_block_m", lambda f64: 16)
     monkeypatch.setattr(launch, "_fill_programs", lambda: 64)  # long reductions split into partials
     monkeypatch.setattr(launch, "SPLIT_STEPS", 4)  # pooling windows in chunks (bins)
+    monkeypatch.setattr(launch, "ADJOINT_STEPS", 2)  # up-resize adjoints in chunks of reader rows
+    monkeypatch.setattr(launch, "_adjoint_budget", lambda: 32)  # several column tiles per level row
     run_case(case, device=DEVICE)
 
 

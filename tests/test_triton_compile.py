@@ -26,7 +26,8 @@ CHECK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_compile
 FULL = os.environ.get("MSFUSED_FULL_COMPILE", "0") not in ("", "0")
 KERNELS = ("block_kernel", "levels_kernel", "pool_kernel", "convs_kernel", "ups_kernel", "stats_combine_kernel",
            "conv_kernel", "up_adjoints_kernel", "column_sums_kernel", "dpres_kernel", "wgrad_kernel", "dx_kernel",
-           "project_epilogue_kernel", "gather_kernel", "act_grad_kernel", "norm_grad_kernel")  # the last four: projection.py
+           "project_epilogue_kernel", "gather_kernel", "adjoint_kernel", "act_grad_kernel",
+           "norm_grad_kernel")  # the last five: projection.py
 DTYPES = ("*fp32", "*fp64", "*fp16", "*bf16")
 
 

@@ -172,10 +172,12 @@ def record_projection_launches(dtypes=(torch.float32, torch.bfloat16)) -> None:
     from msfused.triton import projection
 
     launch._launch = _record
-    default_split = launch.SPLIT_STEPS
-    # and with SPLIT_STEPS lowered: the levels' pooling windows and the backward's adjoint gathers in chunks
+    default_split, default_adjoint = launch.SPLIT_STEPS, launch.ADJOINT_STEPS
+    # and with SPLIT_STEPS / ADJOINT_STEPS lowered: the levels' pooling windows and the backward's adjoint
+    # gathers in chunks
     for dtype, split in [(d, default_split) for d in dtypes] + [(dtypes[0], 8)]:
         launch.SPLIT_STEPS = split
+        launch.ADJOINT_STEPS = default_adjoint if split == default_split else 1
         sdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         x = torch.randn(2, 3, 9, 8, dtype=dtype)
         weight = [torch.randn(2, 3, 1, 1, dtype=dtype) for _ in range(3)]
@@ -193,7 +195,7 @@ def record_projection_launches(dtypes=(torch.float32, torch.bfloat16)) -> None:
                                         [False] * 3, [1e-5] * 3, **args, pw=pw, p_scale=ps, p_shift=pt, p_pre=p_pre,
                                         p_mean=p_mean, p_var=p_var, p_batch_stats=stats, p_eps=1e-5,
                                         p_activation="gelu", output_mask=[True, True])
-    launch.SPLIT_STEPS = default_split
+    launch.SPLIT_STEPS, launch.ADJOINT_STEPS = default_split, default_adjoint
 
 
 def operand_dtype(signature: dict) -> str:

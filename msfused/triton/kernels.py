@@ -238,6 +238,53 @@ def stats_combine_kernel(part_mean, part_m2, T, total, C, mean_out, var_out,
 
 
 @triton.jit
+def _run_gather(src, s_n, s_h, s_w, chan, cm, dy, dx, HS, WS, n, y, r0, r1, ty_idx, ty_w, TY, x0, W, tx_idx, tx_w,
+                TX, tx_cnt, SHIFT: tl.constexpr, X_IDENTITY: tl.constexpr, BLOCK_C: tl.constexpr,
+                BLOCK_X: tl.constexpr, TAPS: tl.constexpr, F64: tl.constexpr):
+    """(BLOCK_C channels, BLOCK_X columns x0 + i of a W-wide row y): the gather of src (plane n, channel offsets
+    ``chan``, valid where cm) over reader rows r0 <= r < r1 of table row y (ty_idx[y, r], weight ty_w) and each
+    column's run of readers (from tx_idx[x, 0], tx_cnt[x] of them, weights tx_w; X_IDENTITY: the column itself)
+    of w_y * w_x * src[iy - dy, ix - dx] (SHIFT: dy, dx per channel, zero outside HS x WS; else none).
+    A column's readers are read TAPS at a time as the second axis of a (channels, columns x taps) tile, the
+    warp's lanes: consecutive addresses along a row in NCHW, channel vectors in channels_last. Per reader row
+    the tile is summed with the row's weight; the column weights multiply once after the rows (the same
+    products' sum; a zero weight still turns an Inf or NaN into NaN, as ATen's adjoint does)."""
+    xt = tl.arange(0, BLOCK_X * TAPS)
+    col = x0 + xt // TAPS
+    colm = col < W
+    if X_IDENTITY:  # (known to be the column itself: the compiler then sees a run along the lanes)
+        col_first = col
+    else:
+        col_first = tl.load(tx_idx + col * TX, mask=colm, other=0)
+    col_count = tl.load(tx_cnt + col, mask=colm, other=0)
+    base = src + n * s_n + chan[:, None]
+    acc = _zeros(BLOCK_C, BLOCK_X, F64)
+    for j0 in range(0, tl.max(col_count, axis=0), TAPS):
+        j = j0 + xt % TAPS
+        jm = j < col_count
+        wx = tl.load(tx_w + col * TX + j, mask=jm, other=0.0).to(acc.dtype)
+        if SHIFT:
+            sx = (col_first + j)[None, :] - dx[:, None]
+            m2t = cm[:, None] & jm[None, :] & (sx >= 0) & (sx < WS)
+        else:
+            sx = (col_first + j)[None, :]
+            m2t = cm[:, None] & jm[None, :]
+        at = base + sx * s_w
+        rows_sum = _zeros(BLOCK_C, BLOCK_X * TAPS, F64)
+        for r in range(r0, r1):
+            iy = tl.load(ty_idx + y * TY + r)
+            wy = tl.load(ty_w + y * TY + r).to(acc.dtype)
+            if SHIFT:
+                sy = iy - dy
+                v = tl.load(at + (sy * s_h)[:, None], mask=m2t & ((sy >= 0) & (sy < HS))[:, None], other=0.0)
+            else:
+                v = tl.load(at + iy * s_h, mask=m2t, other=0.0)
+            rows_sum += wy * v.to(acc.dtype)
+        acc += tl.sum(tl.reshape(rows_sum * wx[None, :], (BLOCK_C, BLOCK_X, TAPS)), axis=2)
+    return acc
+
+
+@triton.jit
 def _up_adjoint_slot(t, g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, gy, part, N, C, H, W,
                      ty_idx, ty_w, TY, ty_cnt, R, tx_idx, tx_w, TX, tx_cnt, a_ptr, b_ptr, eps, gamma, beta,
                      NORM: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, FINAL: tl.constexpr,
@@ -250,12 +297,7 @@ def _up_adjoint_slot(t, g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, gy, part
     it), times the activation's derivative: gy (stored as a (pixels, C) matrix). Per tile, in the row
     part[tile, :2C]: sum gy, then sum gy * u with u the norm's input as it multiplies its weight (pre for
     a folded norm, the normalised value with batch statistics).
-    The gather: a level column's readers are a run of output columns (tx_idx[x, 0] on, tx_cnt[x] of them),
-    read TAPS at a time as the last axis of a (channels, columns, taps) tile, so that a warp's lanes read
-    consecutive addresses along a row in NCHW (along the channels in channels_last); per reader row (the y
-    taps of level row y, one scalar index and weight each) the tile is loaded and summed with its row
-    weight, and the column weights multiply once after the rows (sum_Y w_Y sum_X w_X g = the same products'
-    sum; a zero weight still multiplies an Inf or NaN into NaN, as ATen's adjoint does).
+    The gather: ``_run_gather`` (a level column's readers are a run of output columns).
     NORM: the norm (NORM_*), with HAS_GAMMA / HAS_BETA its multiplier and offset. FINAL: no batch
     statistics, so the norm's derivative is per channel and gy holds the conv output's gradient itself
     (gy * scale, in the convolution's dtype); with batch statistics gy stays in the accumulation dtype for
@@ -277,31 +319,10 @@ def _up_adjoint_slot(t, g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, gy, part
     xm = x < W
     y = (tile // nx) % H
     n = tile // (nx * H)
-    first = tl.load(tx_idx + x * TX, mask=xm, other=0)
-    count = tl.load(tx_cnt + x, mask=xm, other=0)
     rows = tl.minimum(tl.load(ty_cnt + y), (k + 1) * R)
-    # the (columns, taps) pairs flattened (tap fastest): a 2-D tile whose second axis is the warp's lanes
-    xt = tl.arange(0, BLOCK_X * TAPS)
-    col = (tile % nx) * BLOCK_X + xt // TAPS
-    if X_IDENTITY:  # (known to be the column itself: the compiler then sees a run along the lanes)
-        col_first = col
-    else:
-        col_first = tl.load(tx_idx + col * TX, mask=col < W, other=0)
-    col_count = tl.load(tx_cnt + col, mask=col < W, other=0)
-    base = g + n * g_n + (c * g_c)[:, None]
-    acc = _zeros(BLOCK_C, BLOCK_X, F64)  # (channels, level columns)
-    for j0 in range(0, tl.max(count, axis=0), TAPS):
-        j = j0 + xt % TAPS
-        jm = j < col_count
-        wx = tl.load(tx_w + col * TX + j, mask=jm, other=0.0).to(acc.dtype)
-        src = base + ((col_first + j) * g_w)[None, :]
-        m2t = cm[:, None] & jm[None, :]
-        rows_sum = _zeros(BLOCK_C, BLOCK_X * TAPS, F64)
-        for r in range(k * R, rows):
-            iy = tl.load(ty_idx + y * TY + r)
-            wy = tl.load(ty_w + y * TY + r).to(acc.dtype)
-            rows_sum += wy * tl.load(src + iy * g_h, mask=m2t, other=0.0).to(acc.dtype)
-        acc += tl.sum(tl.reshape(rows_sum * wx[None, :], (BLOCK_C, BLOCK_X, TAPS)), axis=2)
+    acc = _run_gather(g, g_n, g_h, g_w, c * g_c, cm, c, c, 0, 0, n, y, k * R, rows, ty_idx, ty_w, TY,
+                      (tile % nx) * BLOCK_X, W, tx_idx, tx_w, TX, tx_cnt, False, X_IDENTITY, BLOCK_C, BLOCK_X, TAPS,
+                      F64)  # (channels, level columns)
     m2 = cm[:, None] & xm[None, :]
     if PARTIAL:
         tl.store(pre + n * p_n + (k * H + y) * p_h + (x * p_w)[None, :] + (c * p_c)[:, None], acc, mask=m2)

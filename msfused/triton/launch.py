@@ -37,7 +37,7 @@ from ..functional import PARAM_CACHE
 from . import kernels as K
 from .plan import Part, cdiv, cost_model, nbytes
 from .slots import strided
-from .tables import AxisTaps, axis_taps, pool_cells, stacked_taps
+from .tables import axis_taps, pool_cells, stacked_taps
 
 INT32_LIMIT = 2**31 - 1
 _ACT = {"none": K.ACT_NONE, "relu": K.ACT_RELU, "silu": K.ACT_SILU, "gelu": K.ACT_GELU}
@@ -151,15 +151,19 @@ SPLIT_STEPS = 256
 ADJOINT_STEPS = 32
 
 
-def _adjoint_tile(taps: AxisTaps, w: int, block_c: int, identity: bool) -> Dict[str, int]:
-    """up_adjoints_kernel's tile along a level row for a resize whose x axis has ``taps`` (a level w wide):
+def _adjoint_budget() -> int:
+    return 16384 if interpreting() else 2048
+
+
+def _adjoint_tile(typical: int, w: int, block_c: int, identity: bool) -> Dict[str, int]:
+    """The tile of a run gather (``kernels._run_gather``: up_adjoints_kernel, the projection's adjoint_kernel)
+    along a destination row w wide whose columns typically have ``typical`` readers each:
     TAPS readers per load, the power of two at or below the typical reader count (an integer factor's
     interior columns then take one load, its edge columns two), up to 32; BLOCK_X level columns, the
     (channels, columns, taps) tile holding up to 2048 values (the interpreter, paying per operation: 16384);
     X_IDENTITY where ``identity``: the x axis is not resized."""
-    assert taps.adj_run, "up_adjoints_kernel reads each level column's readers as a run"
-    n_taps = 1 << (min(max(taps.adj_typical, 1), 32).bit_length() - 1)
-    budget = (16384 if interpreting() else 2048) // (block_c * n_taps)
+    n_taps = 1 << (min(max(typical, 1), 32).bit_length() - 1)
+    budget = _adjoint_budget() // (block_c * n_taps)
     return dict(BLOCK_X=_pow2(w, 1, max(1, budget)), TAPS=n_taps, X_IDENTITY=identity)
 
 
@@ -844,7 +848,8 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
             tail = dict(a=given(a_t), b=given(b_t), eps=float(eps[b]), ga=given(g_t), be=given(be_t))
             # the norm's multiplier and offset are scale / shift: folded, or the batch norm's gamma / beta
             flags = K.AdjointFlags(NORM=norm, HAS_GAMMA=scale[b] is not None, HAS_BETA=shift[b] is not None,
-                                   FINAL=final, **_adjoint_tile(tx, wd, block_c, wd == W))
+                                   FINAL=final, **_adjoint_tile(tx.adj_typical, wd, block_c, wd == W))
+            assert tx.adj_run, "up_adjoints_kernel reads each level column's readers as a run"
             steps = cdiv(tx.adj_taps, flags.TAPS)  # tap vectors per reader row, at most
             rows = max(1, ADJOINT_STEPS // steps)  # reader rows per chunk
             ytaps = (ty.adj_idx, ty.adj_w, ty.adj_taps, ty.adj_count)
@@ -865,7 +870,7 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
                 sums = stacked_taps(h, k, 0, dt, dev)  # level row y: the chunks' rows i * h + y, i < k
                 ident = axis_taps("identity", wd, wd, 0, False, dt, dev)
                 finish.append((b, stack, pre[b], (sums.idx, sums.w, sums.taps, sums.count), k, ident, tail,
-                               dataclasses.replace(flags, **_adjoint_tile(ident, wd, block_c, True)), 1))
+                               dataclasses.replace(flags, **_adjoint_tile(1, wd, block_c, True)), 1))
                 first += k * h
         for launch_slots in ([adj, finish] if chunked else [adj]):
             slot_args, ends = [], [0]

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,17 @@ MAX_PARTS = 4
 # ---------------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _at(n, q, oy, ox, s_n, s_h, s_w, FLAT: tl.constexpr):
+    """Offsets of pixels (n, oy, ox) of a tensor with strides s_*; q = oy * W + ox. FLAT: the tensor's rows are
+    dense, so the offset is linear in q: the compiler then sees runs of consecutive pixels (coalesced along them
+    in NCHW) where from (oy, ox) it proves nothing and orders a tile's lanes along the channels."""
+    if FLAT:
+        return n * s_n + q * s_w
+    else:
+        return n * s_n + oy * s_h + ox * s_w
+
+
 @triton.jit
 def _add_part(acc, t, t_n, t_c, t_h, t_w, ty_idx, ty_w, TY, tx_idx, tx_w, TX, KS, n, oy, ox, p, pm, cm, P, H, W):
     """acc += one part at output pixels (n, oy, ox) and channels p: for each tap (ky, kx) of a KS x KS
@@ -106,7 +117,8 @@ def project_epilogue_kernel(
         N, P, H, W,
         PARTS: tl.constexpr, HAS_ACC: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
         HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, STORE_PRE: tl.constexpr, STORE_OUT: tl.constexpr,
-        STATS: tl.constexpr, ACT: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        STATS: tl.constexpr, ACT: tl.constexpr, FLAT: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_C: tl.constexpr):
     """Grid: (tiles of BLOCK_P of the N * H * W output pixels, tiles of BLOCK_C of the P channels). One
     program: its tile's sum acc_in + bias + parts 0 .. PARTS - 1 (``_add_part``), rounded to the tensor's
     dtype and stored as the pre-activation (STORE_PRE); then the norm (K._channel_affine: NORM_AFFINE from
@@ -114,20 +126,22 @@ def project_epilogue_kernel(
     activation, stored as the output (STORE_OUT). STATS: the tile's per-channel mean and M2 of the stored
     (rounded) pre-activation, as the reference's norm sees it, into row pid 0 of part_mean / part_m2 (T, P) in
     the accumulation dtype (the block's conv epilogue's partials, combined in tile order by
-    K.stats_combine_kernel). Each element is read and written once."""
+    K.stats_combine_kernel). Each element is read and written once. FLAT: acc_in's, pre's and out's rows are
+    dense (``_at``)."""
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     e = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     pm = e < N * H * W
     n = e // (H * W)
-    oy = (e // W) % H
-    ox = e % W
+    q = e % (H * W)
+    oy = q // W
+    ox = q % W
     p = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = p < P
     m2 = pm[:, None] & cm[None, :]
     acc = K._zeros(BLOCK_P, BLOCK_C, F64)
     if HAS_ACC:
-        acc += tl.load(acc_in + (n * a_n + oy * a_h + ox * a_w)[:, None] + p[None, :] * a_c, mask=m2,
+        acc += tl.load(acc_in + _at(n, q, oy, ox, a_n, a_h, a_w, FLAT)[:, None] + p[None, :] * a_c, mask=m2,
                        other=0.0).to(acc.dtype)
     if HAS_BIAS:
         acc += tl.load(bias + p, mask=cm, other=0.0).to(acc.dtype)[None, :]
@@ -145,22 +159,25 @@ def project_epilogue_kernel(
                         n, oy, ox, p, pm, cm, P, H, W)
     v = K._cast(acc, pre.dtype.element_ty)  # the pre-activation as a tensor of its dtype holds it
     if STORE_PRE:
-        tl.store(pre + (n * p_n + oy * p_h + ox * p_w)[:, None] + p[None, :] * p_c, v, mask=m2)
+        tl.store(pre + _at(n, q, oy, ox, p_n, p_h, p_w, FLAT)[:, None] + p[None, :] * p_c, v, mask=m2)
     if STATS:
         K._store_tile_moments(v.to(acc.dtype), m2, tl.minimum(N * H * W - pid_p * BLOCK_P, BLOCK_P),
                               part_mean + pid_p * P, part_m2 + pid_p * P, p, cm)
     if STORE_OUT:
         mul, add = K._channel_affine(p, cm, norm_a, norm_b, eps, gamma, beta, NORM, HAS_GAMMA, HAS_BETA, F64)
         y = K._activate(v.to(acc.dtype) * mul[None, :] + add[None, :], ACT)
-        tl.store(out + (n * o_n + oy * o_h + ox * o_w)[:, None] + p[None, :] * o_c,
+        tl.store(out + _at(n, q, oy, ox, o_n, o_h, o_w, FLAT)[:, None] + p[None, :] * o_c,
                  K._cast(y, out.dtype.element_ty), mask=m2)
 
 
 @triton.jit
 def gather_kernel(src, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, ty_idx, ty_w, TY, tx_idx, tx_w, TX,
                   N, CD, HD, WD, P, HS, WS, KS, HT, R,
-                  ACCUMULATE: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Grid: (tiles of BLOCK_P of dst's N * HD * WD pixels, tiles of BLOCK_C of its CD channels). dst's rows
+                  ACCUMULATE: tl.constexpr, FLAT: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
+    """The gather onto a map at least as large as its source (an up-resize, a down-resize's adjoint;
+    ``adjoint_kernel`` reduces onto smaller maps). FLAT: dst's rows are dense (``_at``).
+    Grid: (tiles of BLOCK_P of dst's N * HD * WD pixels, tiles of BLOCK_C of its CD channels). dst's rows
     are HD // HT chunks of HT rows (the y table's rows); row r of chunk j = r // HT sums the y taps
     j * R .. j * R + R - 1 of table row r % HT (one chunk, R = TY: every tap). One program: dst[n, ch, r, x]
     (+ its old value with ACCUMULATE) = sum over its chunk's y taps and every x tap (in table order:
@@ -172,10 +189,11 @@ def gather_kernel(src, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, ty_idx, ty_w
     e = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     pm = e < N * HD * WD
     n = e // (HD * WD)
-    row = (e // WD) % HD
+    q = e % (HD * WD)
+    row = q // WD
     oy = row % HT
     y0 = (row // HT) * R  # the chunk's first y tap
-    ox = e % WD
+    ox = q % WD
     ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = ch < CD
     tap = ch // P
@@ -202,8 +220,46 @@ def gather_kernel(src, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, ty_idx, ty_w
             v = tl.load(src + base + sy * s_h + sx * s_w, mask=ok, other=0.0)
             x_sum += wx[:, None] * v.to(acc.dtype)
         acc += wy[:, None] * x_sum
-    dptr = dst + (n * d_n + row * d_h + ox * d_w)[:, None] + ch[None, :] * d_c
+    dptr = dst + _at(n, q, row, ox, d_n, d_h, d_w, FLAT)[:, None] + ch[None, :] * d_c
     m2 = pm[:, None] & cm[None, :]
+    if ACCUMULATE:
+        acc += tl.load(dptr, mask=m2, other=0.0).to(acc.dtype)
+    tl.store(dptr, K._cast(acc, dst.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def adjoint_kernel(src, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, ty_idx, ty_w, TY, ty_cnt, tx_idx, tx_w, TX,
+                   tx_cnt, N, CD, HD, WD, P, HS, WS, KS, HT, R,
+                   ACCUMULATE: tl.constexpr, SHIFT: tl.constexpr, X_IDENTITY: tl.constexpr, F64: tl.constexpr,
+                   BLOCK_X: tl.constexpr, TAPS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The gather onto a map smaller than its source (an up-resize's adjoint: each destination pixel reads a
+    run of source columns per source row, ``K._run_gather``). Grid: (N * HD * tiles of BLOCK_X of a row's WD
+    pixels, tiles of BLOCK_C of dst's CD channels); dst's rows are HD // HT chunks of HT rows (the y table's
+    rows): row r of chunk j = r // HT sums the reader rows j * R .. j * R + R - 1 of table row r % HT (one
+    chunk, R = TY: all of them). One program: dst[n, ch, r, x] (+ its old value with ACCUMULATE) = the gather
+    of src[n, ch % P, iy - dy, ix - dx], (dy, dx) the shift of tap ch // P of a KS x KS kernel (SHIFT; zero
+    outside src's HS x WS). Separable, as the CPU kernels sum: per reader row its weight times the row's
+    values, then the column weights (these adjoints are often cancelling sums: rounding error grows with the
+    rows plus the columns instead of their product). A long gather so split into chunks (partial sums
+    stacked along dst's rows) is finished by a second launch over ``stacked_taps``."""
+    pid = tl.program_id(0)
+    nx = tl.cdiv(WD, BLOCK_X)
+    x0 = (pid % nx) * BLOCK_X
+    row = (pid // nx) % HD
+    n = pid // (nx * HD)
+    oy = row % HT
+    r0 = (row // HT) * R
+    r1 = tl.minimum(tl.load(ty_cnt + oy), r0 + R)
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = ch < CD
+    tap = ch // P
+    dy = tap // KS - KS // 2
+    dx = tap % KS - KS // 2
+    acc = K._run_gather(src, s_n, s_h, s_w, (ch % P) * s_c, cm, dy, dx, HS, WS, n, oy, r0, r1, ty_idx, ty_w, TY,
+                        x0, WD, tx_idx, tx_w, TX, tx_cnt, SHIFT, X_IDENTITY, BLOCK_C, BLOCK_X, TAPS, F64)
+    x = x0 + tl.arange(0, BLOCK_X)
+    m2 = cm[:, None] & (x < WD)[None, :]
+    dptr = dst + n * d_n + row * d_h + (x * d_w)[None, :] + (ch * d_c)[:, None]
     if ACCUMULATE:
         acc += tl.load(dptr, mask=m2, other=0.0).to(acc.dtype)
     tl.store(dptr, K._cast(acc, dst.dtype.element_ty), mask=m2)
@@ -212,23 +268,27 @@ def gather_kernel(src, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, ty_idx, ty_w
 @triton.jit
 def _act_grad_tile(g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, norm_a, norm_b, gamma, beta, eps, N, C, H, W,
                    NORM: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr,
-                   F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                   FLAT: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program (pid 0, pid 1)'s tile of the activation's backward through a norm: d = g * act'(mul * pre + add)
     (zero outside the tensor), with u, the norm's input as it multiplies its weight (pre for a folded norm,
-    the normalised value with batch statistics), the norm's mul and the tile's addresses."""
+    the normalised value with batch statistics), the norm's mul and the tile's pixels (FLAT: g's, pre's and
+    dy's rows are dense, ``_at``)."""
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     e = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     pm = e < N * H * W
     n = e // (H * W)
-    oy = (e // W) % H
-    ox = e % W
+    q = e % (H * W)
+    oy = q // W
+    ox = q % W
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     m2 = pm[:, None] & cm[None, :]
     one = K._zeros(BLOCK_P, BLOCK_C, F64) + 1.0
-    gv = tl.load(g + (n * g_n + oy * g_h + ox * g_w)[:, None] + c[None, :] * g_c, mask=m2, other=0.0).to(one.dtype)
-    pv = tl.load(pre + (n * p_n + oy * p_h + ox * p_w)[:, None] + c[None, :] * p_c, mask=m2, other=0.0).to(one.dtype)
+    gv = tl.load(g + _at(n, q, oy, ox, g_n, g_h, g_w, FLAT)[:, None] + c[None, :] * g_c, mask=m2, other=0.0)
+    pv = tl.load(pre + _at(n, q, oy, ox, p_n, p_h, p_w, FLAT)[:, None] + c[None, :] * p_c, mask=m2, other=0.0)
+    gv = gv.to(one.dtype)
+    pv = pv.to(one.dtype)
     mul, add = K._channel_affine(c, cm, norm_a, norm_b, eps, gamma, beta, NORM, HAS_GAMMA, HAS_BETA, F64)
     d = tl.where(m2, K._activate_grad(gv, pv * mul[None, :] + add[None, :], ACT), 0.0)
     if NORM == 2:
@@ -238,14 +298,15 @@ def _act_grad_tile(g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, norm_a, norm_
     else:
         u = pv
         rstd = mul
-    return d, u, mul, rstd, n, oy, ox, c, cm, m2
+    return d, u, mul, rstd, n, q, oy, ox, c, cm, m2
 
 
 @triton.jit
 def act_grad_kernel(g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, dy, y_n, y_c, y_h, y_w, part,
                     norm_a, norm_b, gamma, beta, eps: tl.float64, N, C, H, W,
                     NORM: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr,
-                    STORE: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                    STORE: tl.constexpr, FLAT: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
     """Grid: (tiles of BLOCK_P of the N * H * W pixels, tiles of BLOCK_C of the C channels). One program:
     d = g * act'(mul * pre + add) on its tile (the norm's (mul, add) as project_epilogue_kernel's), and the
     tile's partial sums of the norm's gradients in row pid 0 of part (T, 2C), in the accumulation dtype:
@@ -254,11 +315,11 @@ def act_grad_kernel(g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, dy, y_n, y_c
     statistics: the norm's derivative is per channel): dy = d * mul, the gradient at pre, rounded to dy's
     dtype; with batch statistics nothing full-size is stored (norm_grad_kernel recomputes d once the sums are
     known)."""
-    d, u, mul, _rstd, n, oy, ox, c, cm, m2 = _act_grad_tile(
+    d, u, mul, _rstd, n, q, oy, ox, c, cm, m2 = _act_grad_tile(
         g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, norm_a, norm_b, gamma, beta, eps, N, C, H, W,
-        NORM, HAS_GAMMA, HAS_BETA, ACT, F64, BLOCK_P, BLOCK_C)
+        NORM, HAS_GAMMA, HAS_BETA, ACT, FLAT, F64, BLOCK_P, BLOCK_C)
     if STORE:
-        tl.store(dy + (n * y_n + oy * y_h + ox * y_w)[:, None] + c[None, :] * y_c,
+        tl.store(dy + _at(n, q, oy, ox, y_n, y_h, y_w, FLAT)[:, None] + c[None, :] * y_c,
                  K._cast(d * mul[None, :], dy.dtype.element_ty), mask=m2)
     row = part + tl.program_id(0) * 2 * C
     tl.store(row + c, tl.sum(d, axis=0), mask=cm)
@@ -268,15 +329,15 @@ def act_grad_kernel(g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, dy, y_n, y_c
 @triton.jit
 def norm_grad_kernel(g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, dy, y_n, y_c, y_h, y_w, sums,
                      mean, var, gamma, beta, eps: tl.float64, N, C, H, W,
-                     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr, F64: tl.constexpr,
-                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr, FLAT: tl.constexpr,
+                     F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Grid: as act_grad_kernel's. One program: the gradient at pre through a norm with batch statistics,
     dy = gamma * rstd * (d - sum d / M - xhat * sum d * xhat / M) (M = N * H * W), with d recomputed as
     act_grad_kernel's and the sums (sum d | sum d * xhat) the column sums of its partials; rounded to dy's
     dtype."""
-    d, xhat, _mul, rstd, n, oy, ox, c, cm, m2 = _act_grad_tile(
+    d, xhat, _mul, rstd, n, q, oy, ox, c, cm, m2 = _act_grad_tile(
         g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, mean, var, gamma, beta, eps, N, C, H, W,
-        2, HAS_GAMMA, HAS_BETA, ACT, F64, BLOCK_P, BLOCK_C)
+        2, HAS_GAMMA, HAS_BETA, ACT, FLAT, F64, BLOCK_P, BLOCK_C)
     total = N * H * W
     ma = tl.load(sums + c, mask=cm, other=0.0).to(d.dtype) / total
     mb = tl.load(sums + C + c, mask=cm, other=0.0).to(d.dtype) / total
@@ -284,8 +345,8 @@ def norm_grad_kernel(g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, dy, y_n, y_
     if HAS_GAMMA:
         w = w * tl.load(gamma + c, mask=cm, other=1.0).to(d.dtype)
     r = w[None, :] * (d - ma[None, :] - xhat * mb[None, :])
-    tl.store(dy + (n * y_n + oy * y_h + ox * y_w)[:, None] + c[None, :] * y_c, K._cast(r, dy.dtype.element_ty),
-             mask=m2)
+    tl.store(dy + _at(n, q, oy, ox, y_n, y_h, y_w, FLAT)[:, None] + c[None, :] * y_c,
+             K._cast(r, dy.dtype.element_ty), mask=m2)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -357,7 +418,8 @@ def _epilogue(acc: Optional[Tensor], parts: list, bias: Optional[Tensor], norm: 
                        PARTS=len(chunk), HAS_ACC=src is not None, HAS_BIAS=bias is not None and i == 0,
                        STORE_PRE=into is not None, STORE_OUT=last and out is not None,
                        STATS=last and stats is not None and into is not None, ACT=_ACT[act],
-                       F64=like.dtype == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c, **nrm.meta())
+                       FLAT=all(launch._dense_rows(t) for t in (a, q, o)), F64=like.dtype == torch.float64,
+                       BLOCK_P=block_p, BLOCK_C=block_c, **nrm.meta())
 
 
 def _sum_with_statistics(acc: Optional[Tensor], parts: list, bias: Optional[Tensor], pre: Tensor
@@ -377,41 +439,56 @@ def _sum_with_statistics(acc: Optional[Tensor], parts: list, bias: Optional[Tens
     return launch.combine_statistics(*stats, N * H * W, block_p)
 
 
-def _gather(src: Tensor, dst: Tensor, ty: Tuple[Tensor, Tensor, int], tx: Tuple[Tensor, Tensor, int],
-            ks: int = 1, p: Optional[int] = None, accumulate: bool = False) -> None:
-    """dst (+)= the separable gather of src over the tables ty, tx ((index, weight, taps) per destination row
-    / column), shifted per tap of a ks x ks kernel (channel tap * p + q of dst reads channel q of src): one
-    gather_kernel launch; or, where one program would loop over more than ``launch.SPLIT_STEPS`` taps (a
-    small level's adjoint reads most of the map), two, as the block's split reductions: the y taps in chunks
-    (enough programs to fill the GPU), their partial sums stacked along the rows of one buffer in the
-    accumulation dtype, then summed in chunk order (``stacked_taps``; no atomics, bit-identical run to run)."""
+def _gather(src: Tensor, dst: Tensor, ty: "_Taps", tx: "_Taps", ks: int = 1, p: Optional[int] = None,
+            accumulate: bool = False) -> None:
+    """dst (+)= the separable gather of src over the tables ty, tx (per destination row / column), shifted per
+    tap of a ks x ks kernel (channel tap * p + q of dst reads channel q of src). Onto a smaller map whose
+    columns read runs of source columns (an up-resize's adjoint): ``_reduce``; else one gather_kernel launch
+    (an up-resize, a down-resize's adjoint: a handful of taps per destination pixel)."""
     N, CD, HD, WD = dst.shape
     if dst.numel() == 0:
         return
-    rows = max(1, launch.SPLIT_STEPS // max(tx[2], 1))  # y taps per chunk
-    if ty[2] <= rows:
-        _gather_launch(src, dst, ty, tx, HD, ty[2], ks, p, accumulate)
+    if tx.run and HD * WD < src.shape[2] * src.shape[3]:
+        _reduce(src, dst, ty, tx, ks, p, accumulate)
         return
-    # and chunks enough for the partial pass's programs to fill the GPU (each chunk adds N * HD * WD pixels)
-    block_p, block_c, _ = _tiles(N * HD * WD, CD)
-    fill = (cdiv(launch._fill_programs(), cdiv(CD, block_c)) - 1) * block_p // (N * HD * WD) + 1
-    rows = max(1, min(rows, cdiv(ty[2], fill)))
-    chunks = cdiv(ty[2], rows)
-    part = launch._empty((N, CD, chunks * HD, WD), launch._acc_dtype(dst.dtype), dst.device, launch._fmt(dst))
-    _gather_launch(src, part, ty, tx, HD, rows, ks, p, False)
-    sums = stacked_taps(HD, chunks, 0, dst.dtype, dst.device)
-    ident = axis_taps("identity", WD, WD, 0, False, dst.dtype, dst.device)
-    _gather_launch(part, dst, _fwd(sums), _fwd(ident), HD, chunks, 1, None, accumulate)
-
-
-def _gather_launch(src: Tensor, dst: Tensor, ty, tx, rows: int, per_chunk: int, ks: int, p: Optional[int],
-                   accumulate: bool) -> None:
-    """One gather_kernel launch: dst's rows are chunks of ``rows`` rows, each summing ``per_chunk`` y taps."""
-    N, CD, HD, WD = dst.shape
     block_p, block_c, grid = _tiles(N * HD * WD, CD)
-    launch._launch(gather_kernel, grid, src, *src.stride(), dst, *dst.stride(), *ty, *tx,
-                   N, CD, HD, WD, p if p is not None else CD, src.shape[2], src.shape[3], ks, rows, per_chunk,
-                   ACCUMULATE=accumulate, F64=dst.dtype == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
+    launch._launch(gather_kernel, grid, src, *src.stride(), dst, *dst.stride(), *ty[:3], *tx[:3],
+                   N, CD, HD, WD, p if p is not None else CD, src.shape[2], src.shape[3], ks, HD, ty.taps,
+                   ACCUMULATE=accumulate, FLAT=launch._dense_rows(dst), F64=dst.dtype == torch.float64,
+                   BLOCK_P=block_p, BLOCK_C=block_c)
+
+
+def _reduce(src: Tensor, dst: Tensor, ty: "_Taps", tx: "_Taps", ks: int, p: Optional[int], accumulate: bool) -> None:
+    """``_gather`` onto a smaller map: one adjoint_kernel launch; or, where one program would loop over more than
+    ``launch.ADJOINT_STEPS`` tap vectors (a small level's adjoint reads most of the map), two, as the block's
+    split reductions: the reader rows in chunks, their partial sums stacked along the rows of one buffer in
+    the accumulation dtype, then summed in chunk order (``stacked_taps``; no atomics, bit-identical run to
+    run)."""
+    N, CD, HD, WD = dst.shape
+    block_c = _tiles(1, CD)[1]
+    tile = launch._adjoint_tile(tx.typical, WD, block_c, False)
+    rows = max(1, launch.ADJOINT_STEPS // cdiv(tx.taps, tile["TAPS"]))  # reader rows per chunk
+    if ty.taps <= rows:
+        _reduce_launch(src, dst, ty, tx, HD, ty.taps, ks, p, accumulate, tile, block_c)
+        return
+    chunks = cdiv(ty.taps, rows)
+    part = launch._empty((N, CD, chunks * HD, WD), launch._acc_dtype(dst.dtype), dst.device, launch._fmt(dst))
+    _reduce_launch(src, part, ty, tx, HD, rows, ks, p, False, tile, block_c)
+    sums = _fwd(stacked_taps(HD, chunks, 0, dst.dtype, dst.device))
+    ident = _fwd(axis_taps("identity", WD, WD, 0, False, dst.dtype, dst.device))
+    _reduce_launch(part, dst, sums, ident, HD, chunks, 1, None, accumulate,
+                   launch._adjoint_tile(1, WD, block_c, True), block_c)
+
+
+def _reduce_launch(src: Tensor, dst: Tensor, ty: "_Taps", tx: "_Taps", rows: int, per_chunk: int, ks: int,
+                   p: Optional[int], accumulate: bool, tile: dict, block_c: int) -> None:
+    """One adjoint_kernel launch: dst's rows are chunks of ``rows`` rows, each summing ``per_chunk`` reader rows."""
+    N, CD, HD, WD = dst.shape
+    grid = (N * HD * cdiv(WD, tile["BLOCK_X"]), cdiv(CD, block_c))
+    launch._launch(adjoint_kernel, grid, src, *src.stride(), dst, *dst.stride(), ty.idx, ty.w, ty.taps, ty.count,
+                   tx.idx, tx.w, tx.taps, tx.count, N, CD, HD, WD, p if p is not None else CD, src.shape[2],
+                   src.shape[3], ks, rows, per_chunk, ACCUMULATE=accumulate, SHIFT=ks > 1, F64=dst.dtype == torch.float64,
+                   BLOCK_C=block_c, **tile)
 
 
 @cost_model(project_epilogue_kernel)
@@ -445,6 +522,20 @@ def _gather_cost(a):
     return [Part(what, cdiv(px, bp) * cdiv(CD, bc), min(bp, px) * min(bc, CD), taps, read, nbytes(dst, px * CD))]
 
 
+@cost_model(adjoint_kernel)
+def _adjoint_cost(a):
+    """Plan model (estimates): a (BLOCK_C channels, BLOCK_X destination columns of a row, TAPS readers) tile per
+    program, looping over its chunk's R reader rows times the tap vectors; each source element read once at
+    most."""
+    src, dst, N, CD, HD, WD, bc = a["src"], a["dst"], a["N"], a["CD"], a["HD"], a["WD"], a["BLOCK_C"]
+    px, chunks, bx = N * HD * WD, HD // a["HT"], a["BLOCK_X"]
+    src_elements = N * min(a["P"], CD) * a["HS"] * a["WS"]
+    read = nbytes(src, min(src_elements, px * CD * a["R"] * a["TX"])) + (nbytes(dst, px * CD) if a["ACCUMULATE"] else 0)
+    what = f"adjoint {a['HS']}x{a['WS']} -> {a['HT']}x{WD}" + (f" in {chunks} chunks" if chunks > 1 else "")
+    return [Part(what, N * HD * cdiv(WD, bx) * cdiv(CD, bc), min(bc, CD) * min(bx, WD) * min(a["TAPS"], a["TX"]),
+                 min(a["R"], a["TY"]) * cdiv(a["TX"], a["TAPS"]), read, nbytes(dst, px * CD))]
+
+
 @cost_model(act_grad_kernel)
 def _act_grad_cost(a):
     """Plan model (estimates): an elementwise (BLOCK_P pixels, BLOCK_C channels) tile per program reading g and
@@ -467,12 +558,24 @@ def _norm_grad_cost(a):
                  nbytes(a["g"], px * C) + nbytes(a["pre"], px * C) + nbytes(a["sums"]), nbytes(a["dy"], px * C))]
 
 
-def _fwd(t: AxisTaps) -> Tuple[Tensor, Tensor, int]:
-    return t.idx, t.w, t.taps
+class _Taps(NamedTuple):
+    """One axis's tables as a gather reads them (``AxisTaps``' forward or adjoint side): per destination
+    index its source indices and weights (``taps`` wide), their count, whether they are runs, the median count."""
+
+    idx: Tensor
+    w: Tensor
+    taps: int
+    count: Tensor
+    run: bool
+    typical: int
 
 
-def _adj(t: AxisTaps) -> Tuple[Tensor, Tensor, int]:
-    return t.adj_idx, t.adj_w, t.adj_taps
+def _fwd(t: AxisTaps) -> _Taps:
+    return _Taps(t.idx, t.w, t.taps, t.count, t.run, t.typical)
+
+
+def _adj(t: AxisTaps) -> _Taps:
+    return _Taps(t.adj_idx, t.adj_w, t.adj_taps, t.adj_count, t.adj_run, t.adj_typical)
 
 
 def _identity_pair(n: int, like: Tensor) -> Tuple[AxisTaps, AxisTaps]:
@@ -659,7 +762,8 @@ def _epilogue_backward(grad: Tensor, pre_b: Tensor, norm: _Norm, act: str, fmt):
         block_p, block_c, grid = _tiles(N * H * W, C)
         part = launch._empty((grid[0], 2 * C), acc, pre_b.device)
         gs, ps, ys = grad.stride(), pre_b.stride(), dy.stride()
-        common = dict(ACT=_ACT[act], F64=pre_b.dtype == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
+        common = dict(ACT=_ACT[act], FLAT=all(launch._dense_rows(t) for t in (grad, pre_b, dy)),
+                      F64=pre_b.dtype == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
         launch._launch(act_grad_kernel, grid, grad, *gs, pre_b, *ps, dy, *ys, part, *norm.args(pre_b), N, C, H, W,
                        STORE=not norm.batch, **common, **norm.meta())
         launch._column_sums([(part, sums)])

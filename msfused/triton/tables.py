@@ -29,10 +29,10 @@ from torch.utils._python_dispatch import _disable_current_modes
 class AxisTaps:
     """Forward taps ``idx/w`` of shape (out, taps), adjoint taps ``adj_idx/adj_w`` of shape (in, adj_taps), and
     ``first`` (in + 1,): first[l] is the first destination whose first tap is source l or later (a tile of
-    sources [l0, l1) is the first tap of destinations [first[l0], first[l1])). ``count`` (out,): each
-    destination's number of taps; ``adj_count`` (in,): each source's number of readers; where ``adj_run`` (every kind but 'stacked'), a source's readers are the run
-    ``adj_idx[l, 0] + j``, j < adj_count[l] (resizes keep the order: a gather over them reads consecutive
-    destinations). ``adj_typical``: the median reader count (kernels size their tap vectors by it)."""
+    sources [l0, l1) is the first tap of destinations [first[l0], first[l1])). ``count`` (out,) and
+    ``adj_count`` (in,): each row's number of entries; ``run`` / ``adj_run``: every row's indices are
+    consecutive (``idx[d, 0] + j``, j < count[d]: a gather over them reads a run); ``typical`` /
+    ``adj_typical``: the median entry count (kernels size their tap vectors by it)."""
 
     idx: torch.Tensor
     w: torch.Tensor
@@ -41,7 +41,9 @@ class AxisTaps:
     first: torch.Tensor
     count: torch.Tensor
     adj_count: torch.Tensor
+    run: bool
     adj_run: bool
+    typical: int
     adj_typical: int
 
     @property
@@ -89,10 +91,14 @@ def _build(kind: str, n_in: int, n_out: int, factor: int, align_corners: bool, d
     adj = [[(d, w[d][i]) for d in range(n_out) if r[d][i]] for i in range(n_in)]
     first_taps = [row[0][0] if row else n_in for row in fwd]  # ascending: resizes keep the order
     first = [bisect.bisect_left(first_taps, src) for src in range(n_in + 1)]
-    counts = [len(row) for row in adj]
-    run = all([d for d, _ in row] == list(range(row[0][0], row[0][0] + len(row))) for row in adj if row)
-    typical = sorted(counts)[len(counts) // 2] if counts else 0
-    return _pack(fwd), _pack(adj), first, ([len(row) for row in fwd], counts, run, typical)
+    return _pack(fwd), _pack(adj), first, (_shape(fwd), _shape(adj))
+
+
+def _shape(rows) -> Tuple[list, bool, int]:
+    """(entry count per row, whether every row's indices are consecutive, the median count) of a tap list."""
+    counts = [len(row) for row in rows]
+    run = all([i for i, _ in row] == list(range(row[0][0], row[0][0] + len(row))) for row in rows if row)
+    return counts, run, sorted(counts)[len(counts) // 2] if counts else 0
 
 
 def _tracing() -> bool:
@@ -146,11 +152,11 @@ def axis_taps(kind: str, n_in: int, n_out: int, factor: int, align_corners: bool
     key, lists = _lists(kind, n_in, n_out, factor, align_corners, wdtype)
 
     def make():
-        (idx, w, _), (adj_idx, adj_w, _), first, (count, adj_count, run, typical) = lists
+        (idx, w, _), (adj_idx, adj_w, _), first, ((count, run, typical), (adj_count, adj_run, adj_typical)) = lists
         tensor = lambda v, dt: torch.tensor(v, dtype=dt, device=device)  # noqa: E731
         return AxisTaps(tensor(idx, torch.int32), tensor(w, wdtype), tensor(adj_idx, torch.int32),
                         tensor(adj_w, wdtype), tensor(first, torch.int32), tensor(count, torch.int32),
-                        tensor(adj_count, torch.int32), run, typical)
+                        tensor(adj_count, torch.int32), run, adj_run, typical, adj_typical)
 
     return _on_device(key + (str(device),), make)
 
