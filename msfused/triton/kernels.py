@@ -465,12 +465,13 @@ def wgrad_kernel(src, s_n, s_c, s_h, s_w, dpre, dwk, N, C, H, W, CO, KS, SPLIT, 
                  DOT: tl.constexpr, UPCAST: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
     """dwk[part, (ky * KS + kx) * C + c, co] = sum over the pixels of range ``part`` (M_SPLIT pixels from
-    part * M_SPLIT) of src[c] (shifted by the tap) * dpre[co]. Grid (taps x SPLIT, C blocks, CO blocks):
+    part * M_SPLIT) of src[c] (shifted by the tap) * dpre[co]. Grid (SPLIT x taps, C blocks, CO blocks):
     the pixel ranges split the long reduction over N * H * W so that the grid fills the GPU; each program
     sums its range in one fixed order, and the launcher sums the SPLIT partials in a fixed order too
-    (deterministic, no atomics)."""
-    tap = tl.program_id(0) // SPLIT
-    part = tl.program_id(0) % SPLIT
+    (deterministic, no atomics). A range's taps are neighbouring programs, which run together: the KS * KS
+    reads of the range's src and dpre tiles mostly hit L2 instead of streaming the maps KS * KS times."""
+    tap = tl.program_id(0) % (KS * KS)
+    part = tl.program_id(0) // (KS * KS)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     co = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     cm = c < C
