@@ -385,28 +385,32 @@ up_adjoints_kernel = UP_ADJOINTS.jit(globals())
 
 
 @triton.jit
-def _column_sum_slot(t, part, T, C, out, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out[c] = sum over rows r of part[r, c] for program t's block of columns: BLOCK_R rows at a time into
-    per-row-lane sums, then one tree sum over those lanes (a fixed order: the same bits every run)."""
-    c = t * BLOCK_C + tl.arange(0, BLOCK_C)
+def _column_sum_slot(t, part, T, C, R, out, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[k, c] = sum over the rows r of chunk k (rows [k * R, k * R + R) of T) of part[r, c], for program t's
+    chunk and block of columns: BLOCK_R rows at a time into per-row-lane sums, then one tree sum over those
+    lanes (a fixed order: the same bits every run). One chunk (R >= T): out[c], the columns' sums."""
+    nc = tl.cdiv(C, BLOCK_C)
+    k = t // nc
+    c = (t % nc) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     rows = tl.arange(0, BLOCK_R)
+    end = tl.minimum(T, k * R + R)
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=out.dtype.element_ty)
-    for r0 in range(0, T, BLOCK_R):
+    for r0 in range(k * R, end, BLOCK_R):
         r = r0 + rows
-        acc += tl.load(part + r[:, None] * C + c[None, :], mask=(r < T)[:, None] & cm[None, :], other=0.0)
-    tl.store(out + c, tl.sum(acc, axis=0), mask=cm)
+        acc += tl.load(part + r[:, None] * C + c[None, :], mask=(r < end)[:, None] & cm[None, :], other=0.0)
+    tl.store(out + k * C + c, tl.sum(acc, axis=0), mask=cm)
 
 
 COLUMN_SUMS = Slotted(
     name="column_sums_kernel",
     doc="""Fixed-order column sums of up to four (rows, columns) matrices of partials: the backward's per-tile
     partials of the norm's gradients, the weight gradients' per-pixel-range partials (slot s: programs
-    [E_s, E_s+1), BLOCK_C columns each).""",
+    [E_s, E_s+1), BLOCK_C columns of a chunk of R rows each: a long matrix's chunks, summed by a second launch).""",
     shared="",
-    slot="pt, T, C, o",
+    slot="pt, T, C, R, o",
     constexprs="BLOCK_R, BLOCK_C",
-    program="_column_sum_slot(t, pt, T, C, o, BLOCK_R, BLOCK_C)",
+    program="_column_sum_slot(t, pt, T, C, R, o, BLOCK_R, BLOCK_C)",
 )
 column_sums_kernel = COLUMN_SUMS.jit(globals())
 

@@ -777,19 +777,39 @@ def _wgrad(src: torch.Tensor, dpre: torch.Tensor, ks: int, co: int, acc_dt: torc
     return dwk, (None if split == 1 else (part, dwk.view(-1)))
 
 
+#: The most rows one column_sums_kernel program sums (16 steps of 64): a matrix of more than twice as many (the
+#: up-resize adjoints' per-tile partials of a large map: 28,672 rows for stem_pyramid's factor-1 branch, once
+#: on 3 programs) is summed in chunks of that many rows by as many programs, their sums by a second launch.
+COLUMN_CHUNK_ROWS = 1024
+
+
 def _column_sums(pairs) -> None:
     """out[c] = sum over rows of part[r, c] for each (part, out) of ``pairs``, in a fixed order: one launch
-    per MAX_SLOTS pairs (column_sums_kernel)."""
-    for i in range(0, len(pairs), K.MAX_SLOTS):
-        group = pairs[i:i + K.MAX_SLOTS]
-        bc = _pow2(max(part.shape[1] for part, _ in group), 4, 64)
-        br = _pow2(cdiv(max(part.shape[0] for part, _ in group), SPLIT_STEPS), 8, 64)
-        slots, ends = [], [0]
-        for part, out in group:
-            slots.append((dict(pt=part, T=part.shape[0], C=part.shape[1], o=out), K.NoFlags()))
-            ends.append(ends[-1] + cdiv(part.shape[1], bc))
-        flat, consts = K.COLUMN_SUMS.pack(slots, ends)
-        _launch(_pinned(K.column_sums_kernel), (ends[-1],), *flat, **consts, BLOCK_R=br, BLOCK_C=bc)
+    per MAX_SLOTS pairs (column_sums_kernel); long matrices first in chunks of rows (a launch more: the
+    chunks' sums, in chunk order)."""
+    first, second = [], []
+    for part, out in pairs:
+        T, C = part.shape
+        rows = COLUMN_CHUNK_ROWS
+        if T > 2 * rows:
+            sums = _empty((cdiv(T, rows), C), dtype=part.dtype, device=part.device)
+            first.append((part, rows, sums))
+            second.append((sums, sums.shape[0], out))
+        else:
+            first.append((part, T, out))
+    for level in (first, second):
+        for i in range(0, len(level), K.MAX_SLOTS):
+            group = level[i:i + K.MAX_SLOTS]
+            bc = _pow2(max(part.shape[1] for part, _, _ in group), 4, 64)
+            # rows per step: a chunk in about 16 steps (more where a matrix of over 1024 rows is not chunked)
+            br = _pow2(cdiv(max(min(rows, part.shape[0]) for part, rows, _ in group), 16), 8, 64)
+            slots, ends = [], [0]
+            for part, rows, out in group:
+                T, C = part.shape
+                slots.append((dict(pt=part, T=T, C=C, R=rows, o=out), K.NoFlags()))
+                ends.append(ends[-1] + cdiv(C, bc) * cdiv(T, rows))
+            flat, consts = K.COLUMN_SUMS.pack(slots, ends)
+            _launch(_pinned(K.column_sums_kernel), (ends[-1],), *flat, **consts, BLOCK_R=br, BLOCK_C=bc)
 
 
 @cost_model(K.wgrad_kernel)
@@ -972,12 +992,14 @@ def _up_adjoints_cost(a):
 
 @cost_model(K.column_sums_kernel)
 def _column_sums_cost(a):
-    """Plan model (estimates): per slot BLOCK_C columns per program, a loop over the rows BLOCK_R at a time."""
+    """Plan model (estimates): per slot BLOCK_C columns of a chunk of R rows per program, a loop over the rows
+    BLOCK_R at a time."""
     parts = []
     for sl in K.COLUMN_SUMS.slots(a):
-        T, C = sl["T"], sl["C"]
-        parts.append(Part("column sums", sl["end"] - sl["start"], min(a["BLOCK_C"], C) * min(a["BLOCK_R"], T),
-                          cdiv(T, a["BLOCK_R"]), nbytes(sl["pt"], T * C), nbytes(sl["o"], C)))
+        T, C, R = sl["T"], sl["C"], sl["R"]
+        parts.append(Part("column sums" + (f" in {cdiv(T, R)} chunks" if R < T else ""), sl["end"] - sl["start"],
+                          min(a["BLOCK_C"], C) * min(a["BLOCK_R"], T), cdiv(min(R, T), a["BLOCK_R"]),
+                          nbytes(sl["pt"], T * C), nbytes(sl["o"], cdiv(T, R) * C)))
     return parts
 
 
