@@ -188,14 +188,15 @@ def conv_kernel(src, s_n, s_c, s_h, s_w, wk, bias, pre, p_n, p_c, p_h, p_w, out,
                 scale, shift, N, C, H, W, CO, KS,
                 HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, STORE_OUT: tl.constexpr,
                 HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACT: tl.constexpr, DOT: tl.constexpr,
-                UPCAST: tl.constexpr, F64: tl.constexpr,
+                UPCAST: tl.constexpr, F64: tl.constexpr, TAPS_IN_K: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """pre = conv2d(src, weight, bias, padding=KS // 2) on an (N, C, H, W) map, weight packed as
     wk[(ky * KS + kx) * C + c, co]; out = act(pre * scale + shift). One branch per launch (the backward's
     level gradient: the convolution with flipped weights)."""
     _conv_program(tl.program_id(0), tl.program_id(1), src, s_n, s_c, s_h, s_w, wk, bias, pre, p_n, p_c, p_h, p_w,
                   out, o_n, o_c, o_h, o_w, scale, shift, pre, pre, N, C, H, W, CO, KS, HAS_BIAS, STORE_PRE,
-                  STORE_OUT, HAS_SCALE, HAS_SHIFT, False, ACT, DOT, UPCAST, F64, BLOCK_M, BLOCK_N, BLOCK_K)
+                  STORE_OUT, HAS_SCALE, HAS_SHIFT, False, ACT, DOT, UPCAST, F64, TAPS_IN_K, BLOCK_M, BLOCK_N,
+                  BLOCK_K)
 
 
 @triton.jit
@@ -889,15 +890,34 @@ pool_kernel = POOL.jit(globals())
 
 
 @triton.jit
+def _conv_dot(acc, a, b, DOT: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += a @ b in the convolutions' multiply mode (DOT_*)."""
+    if DOT == 0:
+        acc += tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
+    elif UPCAST:  # the interpreter's tl.dot is wrong on bfloat16 operands
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif DOT == 1:
+        acc = tl.dot(a, b, acc)
+    elif DOT == 2:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, input_precision="tf32")
+    return acc
+
+
+@triton.jit
 def _conv_program(pid_m, pid_n, src, s_n, s_c, s_h, s_w, wk, bias, pre, p_n, p_c, p_h, p_w, out, o_n, o_c, o_h,
                   o_w, scale, shift, part_mean, part_m2, N, C, H, W, CO, KS,
                   HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, STORE_OUT: tl.constexpr,
                   HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr,
-                  DOT: tl.constexpr, UPCAST: tl.constexpr, F64: tl.constexpr,
+                  DOT: tl.constexpr, UPCAST: tl.constexpr, F64: tl.constexpr, TAPS_IN_K: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One (BLOCK_M pixels, BLOCK_N output channels) tile of pre = conv2d(src, weight, bias, padding=KS // 2)
     on an (N, C, H, W) map, weight packed as wk[(ky * KS + kx) * C + c, co]; out = act(pre * scale + shift);
-    STATS: the tile's per-channel mean and M2 of pre (as stored) into row pid_m of part_mean / part_m2."""
+    STATS: the tile's per-channel mean and M2 of pre (as stored) into row pid_m of part_mean / part_m2.
+    The reduction runs over k = (ky * KS + kx) * C + c, BLOCK_K at a time: per tap over its channels, or, where
+    TAPS_IN_K (few channels: a stem's 3), over the flattened index itself, so that one step covers several taps
+    instead of padding each tap's 3 channels to BLOCK_K (9 steps of 3 useful in 32 become one of 27)."""
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mm = m < N * H * W
@@ -908,27 +928,31 @@ def _conv_program(pid_m, pid_n, src, s_n, s_c, s_h, s_w, wk, bias, pre, p_n, p_c
     pad = KS // 2
     acc = _zeros(BLOCK_M, BLOCK_N, F64)
     kk = tl.arange(0, BLOCK_K)
-    for tap in range(KS * KS):
-        iy = ly + tap // KS - pad
-        ix = lx + tap % KS - pad
-        ok = mm & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-        row = n * s_n + iy * s_h + ix * s_w
-        for c0 in range(0, C, BLOCK_K):
-            ck = c0 + kk
-            km = ck < C
-            a = tl.load(src + row[:, None] + ck[None, :] * s_c, mask=ok[:, None] & km[None, :], other=0.0)
-            b = tl.load(wk + (tap * C + ck)[:, None] * CO + co[None, :], mask=km[:, None] & com[None, :],
+    if TAPS_IN_K:
+        for k0 in range(0, KS * KS * C, BLOCK_K):
+            k = k0 + kk
+            km = k < KS * KS * C
+            tap = k // C
+            iy = ly[:, None] + (tap // KS - pad)[None, :]
+            ix = lx[:, None] + (tap % KS - pad)[None, :]
+            ok = mm[:, None] & km[None, :] & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+            a = tl.load(src + (n * s_n)[:, None] + iy * s_h + ix * s_w + ((k - tap * C) * s_c)[None, :], mask=ok,
                         other=0.0)
-            if DOT == 0:
-                acc += tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
-            elif UPCAST:  # the interpreter's tl.dot is wrong on bfloat16 operands
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-            elif DOT == 1:
-                acc = tl.dot(a, b, acc)
-            elif DOT == 2:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc, input_precision="tf32")
+            b = tl.load(wk + k[:, None] * CO + co[None, :], mask=km[:, None] & com[None, :], other=0.0)
+            acc = _conv_dot(acc, a, b, DOT, UPCAST)
+    else:
+        for tap in range(KS * KS):
+            iy = ly + tap // KS - pad
+            ix = lx + tap % KS - pad
+            ok = mm & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+            row = n * s_n + iy * s_h + ix * s_w
+            for c0 in range(0, C, BLOCK_K):
+                ck = c0 + kk
+                km = ck < C
+                a = tl.load(src + row[:, None] + ck[None, :] * s_c, mask=ok[:, None] & km[None, :], other=0.0)
+                b = tl.load(wk + (tap * C + ck)[:, None] * CO + co[None, :], mask=km[:, None] & com[None, :],
+                            other=0.0)
+                acc = _conv_dot(acc, a, b, DOT, UPCAST)
     if HAS_BIAS:
         acc += tl.load(bias + co, mask=com, other=0.0).to(acc.dtype)[None, :]
     m2 = mm[:, None] & com[None, :]
@@ -954,14 +978,14 @@ def _conv_program(pid_m, pid_n, src, s_n, s_c, s_h, s_w, wk, bias, pre, p_n, p_c
 def _conv_slot(t, src, s_n, s_c, s_h, s_w, wk, bias, pre, p_n, p_c, p_h, p_w, out, o_n, o_c, o_h, o_w, scale, shift,
                part_mean, part_m2, N, C, H, W, CO, KS, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
                HAS_SHIFT: tl.constexpr, STORE_OUT: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr,
-               DOT: tl.constexpr, UPCAST: tl.constexpr, F64: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               DOT: tl.constexpr, UPCAST: tl.constexpr, F64: tl.constexpr, TAPS_IN_K: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """A branch's share of convs_kernel: program t's (pixel tile, output channel block) of _conv_program,
     pre always stored."""
     nb = tl.cdiv(CO, BLOCK_N)
     _conv_program(t // nb, t % nb, src, s_n, s_c, s_h, s_w, wk, bias, pre, p_n, p_c, p_h, p_w, out, o_n, o_c, o_h,
                   o_w, scale, shift, part_mean, part_m2, N, C, H, W, CO, KS, HAS_BIAS, True, STORE_OUT, HAS_SCALE,
-                  HAS_SHIFT, STATS, ACT, DOT, UPCAST, F64, BLOCK_M, BLOCK_N, BLOCK_K)
+                  HAS_SHIFT, STATS, ACT, DOT, UPCAST, F64, TAPS_IN_K, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -985,11 +1009,11 @@ CONVS = Slotted(
     slot="l, l_n, l_c, l_h, l_w, wk, b, pr, pr_n, pr_c, pr_h, pr_w, o, o_n, o_c, o_h, o_w, sc, sh, pm, pq, h, w, CO,"
          " KS",
     flags=ConvFlags,
-    constexprs="ACT, DOT, UPCAST, F64, BLOCK_M, BLOCK_N, BLOCK_K",
+    constexprs="ACT, DOT, UPCAST, F64, TAPS_IN_K, BLOCK_M, BLOCK_N, BLOCK_K",
     ends="tl.cdiv(N * h * w, BLOCK_M) * tl.cdiv(CO, BLOCK_N)",
     program="""_conv_slot(t, l, l_n, l_c, l_h, l_w, wk, b, pr, pr_n, pr_c, pr_h, pr_w, o, o_n, o_c, o_h, o_w, sc, sh,
             pm, pq, N, C, h, w, CO, KS, HAS_BIAS, HAS_SCALE, HAS_SHIFT, STORE_OUT, STATS, ACT, DOT, UPCAST, F64,
-            BLOCK_M, BLOCK_N, BLOCK_K)""",
+            TAPS_IN_K, BLOCK_M, BLOCK_N, BLOCK_K)""",
 )
 convs_kernel = CONVS.jit(globals())
 

@@ -260,6 +260,12 @@ conv_tuned = {kind: _autotune(configs=_conv_configs(kind), key=["N", "H", "W", "
     K.conv_kernel) for kind in ("f32", "half")}
 
 
+def _taps_in_k(c: int) -> bool:
+    """Whether a convolution of ``c`` input channels reduces over (tap, channel) flattened (``_conv_program``'s
+    TAPS_IN_K): below 16 channels, where a step per tap would be mostly padding (tl.dot's K is 16 at least)."""
+    return c < 16
+
+
 def _conv(src: torch.Tensor, wk: torch.Tensor, ks: int, co: int, bias: Optional[torch.Tensor],
           pre: Optional[torch.Tensor], out: Optional[torch.Tensor], scale: Optional[torch.Tensor] = None,
           shift: Optional[torch.Tensor] = None, act: int = K.ACT_NONE) -> None:
@@ -279,7 +285,7 @@ def _conv(src: torch.Tensor, wk: torch.Tensor, ks: int, co: int, bias: Optional[
                 N, C, H, W, co, ks,
                 HAS_BIAS=bias is not None, STORE_PRE=pre is not None, STORE_OUT=out is not None,
                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, ACT=act, DOT=dot, UPCAST=False,
-                F64=True, **(dict(BLOCK_M=128, BLOCK_N=16, BLOCK_K=16) if interpreting()
+                F64=True, TAPS_IN_K=_taps_in_k(C), **(dict(BLOCK_M=128, BLOCK_N=16, BLOCK_K=16) if interpreting()
                              else dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=8)))
         return
     _launch(conv_tuned[_conv_kind(src.dtype)], grid, src, *_strides(src), wk, bias if bias is not None else dummy,
@@ -288,7 +294,7 @@ def _conv(src: torch.Tensor, wk: torch.Tensor, ks: int, co: int, bias: Optional[
             N, C, H, W, co, ks,
             HAS_BIAS=bias is not None, STORE_PRE=pre is not None, STORE_OUT=out is not None,
             HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, ACT=act, DOT=dot, UPCAST=_upcast(src),
-            F64=False)
+            F64=False, TAPS_IN_K=_taps_in_k(C))
 
 
 @cost_model(K.conv_kernel)
@@ -298,9 +304,15 @@ def _conv_cost(a):
     bm, bn, bk, px = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"], N * H * W
     programs = cdiv(px, bm) * cdiv(CO, bn)
     stores = int(a["STORE_PRE"]) + int(a["STORE_OUT"])
-    return [Part("conv", programs, min(bm, px) * min(bn, CO), KS * KS * cdiv(C, bk),
+    steps = _k_steps(KS, C, bk, a["TAPS_IN_K"])
+    return [Part("conv", programs, min(bm, px) * min(bn, CO), steps,
                  nbytes(src, px * C) + nbytes(a["wk"]), nbytes(src, px * CO * stores),
-                 2 * programs * bm * bn * KS * KS * cdiv(C, bk) * bk)]
+                 2 * programs * bm * bn * steps * bk)]
+
+
+def _k_steps(ks: int, c: int, bk: int, taps_in_k: bool) -> int:
+    """_conv_program's reduction steps of BLOCK_K: over (tap, channel) flattened, or per tap over its channels."""
+    return cdiv(ks * ks * c, bk) if taps_in_k else ks * ks * cdiv(c, bk)
 
 
 def _pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -650,7 +662,8 @@ def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_
                               else (convs_tuned[_conv_kind(dt)], {}))
             flat, consts = K.CONVS.pack(conv_slots)
             _launch(kernel, _conv_grid(sizes, N, block_m), N, C, *flat, **consts, ACT=act,
-                    DOT=K.DOT_FMA if f64 else _dot_mode(x), UPCAST=_upcast(x), F64=f64, BLOCK_M=block_m, **blocks)
+                    DOT=K.DOT_FMA if f64 else _dot_mode(x), UPCAST=_upcast(x), F64=f64, TAPS_IN_K=_taps_in_k(C),
+                    BLOCK_M=block_m, **blocks)
         # 3. batch statistics: the tiles' (count, mean, M2) combined in order (parameter-sized)
         for b, (part_mean, part_m2) in partials.items():
             h, wd = _level(factor[b], bins, b, H, W)
@@ -710,9 +723,10 @@ def _convs_cost(a):
         px, co, ks, src = N * sl["h"] * sl["w"], sl["CO"], sl["KS"], sl["l"]
         programs = cdiv(px, bm) * cdiv(co, bn)
         stores = 1 + int(sl["STORE_OUT"])
-        parts.append(Part(f"conv {sl['h']}x{sl['w']}", programs, min(bm, px) * min(bn, co),
-                          ks * ks * cdiv(C, bk), nbytes(src, px * C) + nbytes(sl["wk"]),
-                          nbytes(src, px * co * stores), 2 * programs * bm * bn * ks * ks * cdiv(C, bk) * bk))
+        steps = _k_steps(ks, C, bk, a["TAPS_IN_K"])
+        parts.append(Part(f"conv {sl['h']}x{sl['w']}", programs, min(bm, px) * min(bn, co), steps,
+                          nbytes(src, px * C) + nbytes(sl["wk"]), nbytes(src, px * co * stores),
+                          2 * programs * bm * bn * steps * bk))
     return parts
 
 
