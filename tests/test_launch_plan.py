@@ -71,18 +71,19 @@ def test_every_workload_mode_and_dtype_is_planned(survey):
     seen = {(r["workload"], r["mode"], r["dtype"]) for r in survey}
     assert seen == {(w, m, d) for w in WORKLOADS for m in ("inference", "train") for d in ("float32", "bfloat16")}
     for r in survey:
-        # the forward's launch counts (README): factor pyramids 1, pyramid pooling 2 in inference (3 or 4 for
-        # large ones, launch.SPLIT_BINS_OUTPUTS); a head's Triton launches (docs/BACKENDS.md, "With a
-        # projection"): the levels (1) and, where the pooling was split into pixel chunks, their combine (a
-        # levels_kernel gather: heads have no factor levels), each branch's norm and activation at its level
-        # (4), the accumulation pass (1)
+        # the forward's launch counts (README): factor pyramids 1, pyramid pooling 2 in inference; large blocks
+        # (launch.SPLIT_OUTPUTS) 3, pyramid pooling 4 where its pooling is split; a head's Triton launches
+        # (docs/BACKENDS.md, "With a projection"): the levels (1) and, where the pooling was split into pixel
+        # chunks, their combine (a levels_kernel gather: heads have no factor levels), each branch's norm and
+        # activation at its level (4), the accumulation pass (1)
+        factors = WORKLOADS[r["workload"]].block == "multi_scale"
         if r["mode"] == "inference":
             if r["workload"] in HEADS:
                 expected = 1 + ("levels_kernel" in r["triton_kernels"]) + 4 + 1
-            elif WORKLOADS[r["workload"]].block == "multi_scale":
-                expected = 1
-            elif "block_kernel" in r["triton_kernels"]:  # pool, then every branch from its level
-                expected = 2
+            elif "block_kernel" in r["triton_kernels"]:  # (pool, then) every branch from x or its level
+                expected = 1 if factors else 2
+            elif factors:  # a large block: the levels, convolutions, up-resize
+                expected = 3
             else:  # a large pyramid pooling block: pool (and its chunks' combine), convolutions, up-resize
                 expected = 3 + ("levels_kernel" in r["triton_kernels"])
             if r["workload"] not in HEADS:

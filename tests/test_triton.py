@@ -192,13 +192,12 @@ def test_inference_path(case):
     assert err <= tol, f"{case.id}: err {err:.3e} > {tol:.0e}"
 
 
-@pytest.mark.parametrize("case", [c for c in INFERENCE_CASES if c.kind == "psp"],
-                         ids=case_ids([c for c in INFERENCE_CASES if c.kind == "psp"]))
-def test_inference_path_large_pyramid_pooling(case, monkeypatch):
-    """A large pyramid pooling block (SPLIT_BINS_OUTPUTS lowered so that these are) runs its inference as the
-    training forward without batch statistics: pool, convolutions with the folded norms' epilogue, up-resize;
-    the same results."""
-    monkeypatch.setattr(launch, "SPLIT_BINS_OUTPUTS", 1)
+@pytest.mark.parametrize("case", INFERENCE_CASES, ids=case_ids(INFERENCE_CASES))
+def test_inference_path_large_blocks(case, monkeypatch):
+    """A large block (SPLIT_OUTPUTS lowered so that these are) runs its inference as the training forward
+    without batch statistics: the levels (pooled for bins), convolutions with the folded norms' epilogue,
+    up-resize; the same results."""
+    monkeypatch.setattr(launch, "SPLIT_OUTPUTS", 1)
     launched = []
     real_launch = launch._launch
     monkeypatch.setattr(launch, "_launch",
@@ -207,7 +206,8 @@ def test_inference_path_large_pyramid_pooling(case, monkeypatch):
     from msfused.triton.plan import kernel_name
 
     names = {kernel_name(k) for k in launched}
-    assert "block_kernel" not in names and {"pool_kernel", "convs_kernel", "ups_kernel"} <= names, names
+    levels = "pool_kernel" if case.kind == "psp" else "levels_kernel"
+    assert "block_kernel" not in names and {levels, "convs_kernel", "ups_kernel"} <= names, names
 
 
 def test_inference_split_pooling(monkeypatch):

@@ -1128,9 +1128,9 @@ def _tile_slot(src, down, wk, ks, co, bias, scale, shift, out, c0, up, direct):
 #: in float32); it was 16, four times the serial steps per tile.
 BLOCK_Q = 32
 
-#: Pyramid pooling blocks whose bin branches write at least this many output elements run the inference
-#: as the training forward does without batch statistics (below).
-SPLIT_BINS_OUTPUTS = 1 << 22
+#: Blocks whose branches write at least this many output elements run the inference as the training forward
+#: does without batch statistics (below).
+SPLIT_OUTPUTS = 1 << 22
 
 
 def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, align_corners, activation,
@@ -1140,15 +1140,17 @@ def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, a
     pooled to every bin level and copied; then every branch from its level). Every further four
     branches add one launch (two with bins).
 
-    Large pyramid pooling blocks (their bin branches' outputs SPLIT_BINS_OUTPUTS elements or more) instead
-    run the training forward's launches with the folded norms (pool, convolutions at the levels with their
-    epilogue, up-resize: three): block_kernel's program for a bin level's tile, the whole level, convolves
-    it and then writes the whole map for its channels in a serial loop (the H200: 622 us for ``psp_mmseg``
-    against a ~60 us bytes floor, 256 programs), where the up-resize pass spreads the map over every
-    program. Small ones keep the launch fewer (host time bounds them)."""
+    Large blocks (their branches' outputs SPLIT_OUTPUTS elements or more) instead run the training forward's
+    launches with the folded norms (the levels, convolutions at the levels with their epilogue, up-resize:
+    three). block_kernel's program for a bin level's tile, the whole level, convolves it and then writes the
+    whole map for its channels in a serial loop (the H200: 622 us for ``psp_mmseg`` against a ~60 us bytes
+    floor, 256 programs), where the up-resize pass spreads the map over every program; for a factor level it
+    recomputes the level's pixels from ``x`` at every tap of the convolution and up-resizes through a scratch
+    tile: on the H200 block_kernel took 1002 / 856 / 1617 us on ``pyramid_seed`` / ``pyramid_wide`` /
+    ``stem_pyramid``, where the training forward's three launches took 424 / 211 / 1160 us for the same
+    shapes. Small blocks keep the launch fewer (host time bounds them)."""
     N, C, H, W = x.shape
-    binned = sum(w.shape[0] for w, f in zip(weight, factor) if f == 0)
-    if binned and N * binned * H * W >= SPLIT_BINS_OUTPUTS:
+    if N * sum(w.shape[0] for w in weight) * H * W >= SPLIT_OUTPUTS:
         B = len(weight)
         return forward(x, weight, bias, scale, shift, [False] * B, [0.0] * B, factor, bins, down_mode, up_mode,
                        align_corners, activation, input_position)[0]
