@@ -976,24 +976,25 @@ def _conv_program(pid_m, pid_n, src, s_n, s_c, s_h, s_w, wk, bias, pre, p_n, p_c
 
 @triton.jit
 def _conv_slot(t, src, s_n, s_c, s_h, s_w, wk, bias, pre, p_n, p_c, p_h, p_w, out, o_n, o_c, o_h, o_w, scale, shift,
-               part_mean, part_m2, N, C, H, W, CO, KS, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-               HAS_SHIFT: tl.constexpr, STORE_OUT: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr,
+               part_mean, part_m2, N, C, H, W, CO, KS, HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr,
+               HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, STORE_OUT: tl.constexpr, STATS: tl.constexpr,
+               ACT: tl.constexpr,
                DOT: tl.constexpr, UPCAST: tl.constexpr, F64: tl.constexpr, TAPS_IN_K: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """A branch's share of convs_kernel: program t's (pixel tile, output channel block) of _conv_program,
-    pre always stored."""
+    """A branch's share of convs_kernel: program t's (pixel tile, output channel block) of _conv_program."""
     nb = tl.cdiv(CO, BLOCK_N)
     _conv_program(t // nb, t % nb, src, s_n, s_c, s_h, s_w, wk, bias, pre, p_n, p_c, p_h, p_w, out, o_n, o_c, o_h,
-                  o_w, scale, shift, part_mean, part_m2, N, C, H, W, CO, KS, HAS_BIAS, True, STORE_OUT, HAS_SCALE,
-                  HAS_SHIFT, STATS, ACT, DOT, UPCAST, F64, TAPS_IN_K, BLOCK_M, BLOCK_N, BLOCK_K)
+                  o_w, scale, shift, part_mean, part_m2, N, C, H, W, CO, KS, HAS_BIAS, STORE_PRE, STORE_OUT,
+                  HAS_SCALE, HAS_SHIFT, STATS, ACT, DOT, UPCAST, F64, TAPS_IN_K, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @dataclasses.dataclass(frozen=True)
 class ConvFlags:
-    """convs_kernel's per-slot compile-time values: bias, scale and shift present, the epilogue stored
-    (STORE_OUT), the tile's batch statistics stored (STATS)."""
+    """convs_kernel's per-slot compile-time values: bias, scale and shift present, the conv output stored
+    (STORE_PRE: for the backward), the epilogue stored (STORE_OUT), the tile's batch statistics stored (STATS)."""
 
     HAS_BIAS: bool = False
+    STORE_PRE: bool = True
     HAS_SCALE: bool = False
     HAS_SHIFT: bool = False
     STORE_OUT: bool = False
@@ -1012,8 +1013,8 @@ CONVS = Slotted(
     constexprs="ACT, DOT, UPCAST, F64, TAPS_IN_K, BLOCK_M, BLOCK_N, BLOCK_K",
     ends="tl.cdiv(N * h * w, BLOCK_M) * tl.cdiv(CO, BLOCK_N)",
     program="""_conv_slot(t, l, l_n, l_c, l_h, l_w, wk, b, pr, pr_n, pr_c, pr_h, pr_w, o, o_n, o_c, o_h, o_w, sc, sh,
-            pm, pq, N, C, h, w, CO, KS, HAS_BIAS, HAS_SCALE, HAS_SHIFT, STORE_OUT, STATS, ACT, DOT, UPCAST, F64,
-            TAPS_IN_K, BLOCK_M, BLOCK_N, BLOCK_K)""",
+            pm, pq, N, C, h, w, CO, KS, HAS_BIAS, STORE_PRE, HAS_SCALE, HAS_SHIFT, STORE_OUT, STATS, ACT, DOT, UPCAST,
+            F64, TAPS_IN_K, BLOCK_M, BLOCK_N, BLOCK_K)""",
 )
 convs_kernel = CONVS.jit(globals())
 

@@ -596,9 +596,10 @@ def _levels_cost(a):
 
 
 def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
-            activation, input_position):
+            activation, input_position, save=True):
     """The training forward: the output and what backward and the running statistics need (per branch the
-    level, the conv output ``pre``, the batch mean and biased variance). Launches, per four branches:
+    level, the conv output ``pre``, the batch mean and biased variance; ``save=False``, the inference of a large
+    block: the conv outputs of branches without batch statistics not stored, empty). Launches, per four branches:
     levels_kernel (x copied, every level other than x), convs_kernel (every convolution; the epilogue stored
     straight into the output where the level is the input's size and no batch statistics are needed),
     ups_kernel (the rest: with batch statistics the norm and activation at the levels first, then the
@@ -633,10 +634,12 @@ def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_
             co, _, k, _ = weight[b].shape
             h, wd = _level(factor[b], bins, b, H, W)
             src = x if factor[b] == 1 else levels[b]
-            pre = _empty((N, co, h, wd), dtype=dt, device=dev, memory_format=fmt)
-            pres[b] = pre
             dst = out[:, offsets[b]:offsets[b] + co]
             direct = (h, wd) == (H, W) and not batch_stats[b]
+            keep = save or batch_stats[b]  # (the inference's conv output goes straight through the epilogue)
+            pre = _empty((N, co, h, wd) if keep else (0,), dtype=dt, device=dev,
+                         memory_format=fmt if keep else torch.contiguous_format)
+            pres[b] = pre
             if batch_stats[b]:
                 T = cdiv(N * h * wd, block_m)
                 part = (_empty((T, co), dtype=stats_dt, device=dev), _empty((T, co), dtype=stats_dt, device=dev))
@@ -645,6 +648,7 @@ def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_
             else:
                 part = (pre, pre)  # unused
                 epi = dst if direct else _empty((N, co, h, wd), dtype=dt, device=dev, memory_format=fmt)
+                pre = pre if keep else epi  # (never written)
             if not direct:
                 ups.append((b, epi if not batch_stats[b] else pre))
             s_, t_ = (None, None) if batch_stats[b] else (scale[b], shift[b])
@@ -653,8 +657,8 @@ def forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_
             conv_slots.append((
                 dict(**strided("l", src), wk=wk, b=given(bias[b]), **strided("pr", pre), **strided("o", epi),
                      sc=given(s_), sh=given(t_), pm=part[0], pq=part[1], h=h, w=wd, CO=co, KS=k),
-                K.ConvFlags(HAS_BIAS=bias[b] is not None, HAS_SCALE=s_ is not None, HAS_SHIFT=t_ is not None,
-                            STORE_OUT=not batch_stats[b], STATS=batch_stats[b])))
+                K.ConvFlags(HAS_BIAS=bias[b] is not None, STORE_PRE=keep, HAS_SCALE=s_ is not None,
+                            HAS_SHIFT=t_ is not None, STORE_OUT=not batch_stats[b], STATS=batch_stats[b])))
             sizes.append((h, wd, co))
         if N > 0:
             # float64 multiplies and sums a 3-D product: fixed small blocks, no tuning
@@ -716,13 +720,14 @@ def combine_statistics(part_mean: torch.Tensor, part_m2: torch.Tensor, total: in
 
 @cost_model(K.convs_kernel)
 def _convs_cost(a):
-    """Plan model (estimates): per branch slot conv_kernel's tiles (pre stored; the epilogue where STORE_OUT)."""
+    """Plan model (estimates): per branch slot conv_kernel's tiles (pre stored where STORE_PRE; the epilogue where
+    STORE_OUT)."""
     N, C, bm, bn, bk = a["N"], a["C"], a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
     parts = []
     for sl in K.CONVS.slots(a):
         px, co, ks, src = N * sl["h"] * sl["w"], sl["CO"], sl["KS"], sl["l"]
         programs = cdiv(px, bm) * cdiv(co, bn)
-        stores = 1 + int(sl["STORE_OUT"])
+        stores = int(sl["STORE_PRE"]) + int(sl["STORE_OUT"])
         steps = _k_steps(ks, C, bk, a["TAPS_IN_K"])
         parts.append(Part(f"conv {sl['h']}x{sl['w']}", programs, min(bm, px) * min(bn, co), steps,
                           nbytes(src, px * C) + nbytes(sl["wk"]), nbytes(src, px * co * stores),
@@ -1153,7 +1158,7 @@ def inference(x, weight, bias, scale, shift, factor, bins, down_mode, up_mode, a
     if N * sum(w.shape[0] for w in weight) * H * W >= SPLIT_OUTPUTS:
         B = len(weight)
         return forward(x, weight, bias, scale, shift, [False] * B, [0.0] * B, factor, bins, down_mode, up_mode,
-                       align_corners, activation, input_position)[0]
+                       align_corners, activation, input_position, save=False)[0]
     fmt = _fmt(x)
     dev, dt = x.device, x.dtype
     offsets, x_off, c_out = _offsets(weight, C, input_position)

@@ -487,8 +487,8 @@ def _reduce_launch(src: Tensor, dst: Tensor, ty: "_Taps", tx: "_Taps", rows: int
     grid = (N * HD * cdiv(WD, tile["BLOCK_X"]), cdiv(CD, block_c))
     launch._launch(adjoint_kernel, grid, src, *src.stride(), dst, *dst.stride(), ty.idx, ty.w, ty.taps, ty.count,
                    tx.idx, tx.w, tx.taps, tx.count, N, CD, HD, WD, p if p is not None else CD, src.shape[2],
-                   src.shape[3], ks, rows, per_chunk, ACCUMULATE=accumulate, SHIFT=ks > 1, F64=dst.dtype == torch.float64,
-                   BLOCK_C=block_c, **tile)
+                   src.shape[3], ks, rows, per_chunk, ACCUMULATE=accumulate, SHIFT=ks > 1,
+                   F64=dst.dtype == torch.float64, BLOCK_C=block_c, **tile)
 
 
 @cost_model(project_epilogue_kernel)
