@@ -321,9 +321,10 @@ def _up_adjoint_slot(t, g, g_n, g_c, g_h, g_w, pre, p_n, p_c, p_h, p_w, gy, part
     y = (tile // nx) % H
     n = tile // (nx * H)
     rows = tl.minimum(tl.load(ty_cnt + y), (k + 1) * R)
+    # (channels, level columns); no tap shift (dy, dx, HS, WS unread)
     acc = _run_gather(g, g_n, g_h, g_w, c * g_c, cm, c, c, 0, 0, n, y, k * R, rows, ty_idx, ty_w, TY,
                       (tile % nx) * BLOCK_X, W, tx_idx, tx_w, TX, tx_cnt, False, X_IDENTITY, BLOCK_C, BLOCK_X, TAPS,
-                      F64)  # (channels, level columns)
+                      F64)
     m2 = cm[:, None] & xm[None, :]
     if PARTIAL:
         tl.store(pre + n * p_n + (k * H + y) * p_h + (x * p_w)[None, :] + (c * p_c)[:, None], acc, mask=m2)

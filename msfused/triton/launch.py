@@ -147,11 +147,14 @@ def _fill_programs() -> int:
 
 #: The longest serial loop a split reduction leaves to one program.
 SPLIT_STEPS = 256
-#: The same for up_adjoints_kernel, whose steps are tap vectors (TAPS readers of BLOCK_X columns at once).
+#: The same for the run gathers (up_adjoints_kernel, the projection's adjoint_kernel), whose steps are tap
+#: vectors (TAPS readers of BLOCK_X columns at once).
 ADJOINT_STEPS = 32
 
 
 def _adjoint_budget() -> int:
+    """Values in a run gather's (channels, columns x taps) tile: 2048 on a GPU (16 per thread at 4 warps:
+    48-135 registers for sm_90, no spills), 16384 under the interpreter (it pays per operation)."""
     return 16384 if interpreting() else 2048
 
 
@@ -160,8 +163,8 @@ def _adjoint_tile(typical: int, w: int, block_c: int, identity: bool) -> Dict[st
     along a destination row w wide whose columns typically have ``typical`` readers each:
     TAPS readers per load, the power of two at or below the typical reader count (an integer factor's
     interior columns then take one load, its edge columns two), up to 32; BLOCK_X level columns, the
-    (channels, columns, taps) tile holding up to 2048 values (the interpreter, paying per operation: 16384);
-    X_IDENTITY where ``identity``: the x axis is not resized."""
+    (channels, columns, taps) tile holding up to ``_adjoint_budget()`` values; X_IDENTITY where ``identity``:
+    the x axis is not resized."""
     n_taps = 1 << (min(max(typical, 1), 32).bit_length() - 1)
     budget = _adjoint_budget() // (block_c * n_taps)
     return dict(BLOCK_X=_pow2(w, 1, max(1, budget)), TAPS=n_taps, X_IDENTITY=identity)

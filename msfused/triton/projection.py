@@ -14,12 +14,14 @@ convolutions are torch's (cuDNN on a GPU, deterministic algorithms); the Triton 
   block's ``stats_combine_kernel`` (``launch.combine_statistics``; no torch op reads the full-size
   pre-activation), then a second pass of the same kernel applies norm and activation). The same kernel with
   no parts is the branches' norm and activation at their levels.
-* ``gather_kernel``: a separable resize as a gather over ``tables.py``'s tap tables (ATen's own index math):
-  a direct branch's resize back up in the forward; in the backward the adjoints, deterministic (no atomics):
-  each per-tap map's gradient (the shifted up-resize's readers of a level pixel), a direct branch's up-resize
-  adjoint, and ``dx`` (the down-resizes' adjoints, branch after branch). A gather whose program would loop
-  over more than ``launch.SPLIT_STEPS`` taps (a small level's adjoint reads most of the map) runs in chunks of
-  its y taps that fill the GPU, their partial sums summed in chunk order by a second launch (``_gather``).
+* ``gather_kernel`` / ``adjoint_kernel``: a separable resize as a gather over ``tables.py``'s tap tables (ATen's
+  own index math), deterministic (no atomics). ``gather_kernel`` onto full-size maps: a direct branch's resize
+  back up in the forward, and ``dx`` (the down-resizes' adjoints, branch after branch). ``adjoint_kernel``
+  onto a level (``K._run_gather``: a level column's readers are a run of columns, read along the warp's
+  lanes): each per-tap map's gradient (the shifted up-resize's readers of a level pixel) and a direct branch's
+  up-resize adjoint; one whose program would loop over more than ``launch.ADJOINT_STEPS`` tap vectors (a small
+  level's adjoint reads most of the map) runs in chunks of its reader rows, their partial sums summed in
+  chunk order by a second launch (``_reduce``).
 * ``act_grad_kernel``: the activation's backward through a norm, ``d = g * act'(mul * pre + add)``, with
   per-tile partial sums of the norm's gradients (sum d, sum d * u), added in a fixed order by the block's
   ``column_sums_kernel`` (``launch._column_sums``); without batch statistics it also writes the gradient at
@@ -38,7 +40,7 @@ projection's batch statistics the last accumulation pass also writes the partial
 ``stats_combine_kernel`` + 1 epilogue pass. Backward: the projection's epilogue
 backward, 1 ``act_grad_kernel`` + 1 ``column_sums_kernel`` (+ 1 ``norm_grad_kernel`` with batch statistics);
 ``conv(x, W_x)``'s backward (torch); per branch: 1 epilogue pass (its activation again; + 1 gather for a direct
-one), 1 gather (its maps' gradient, or its up-resize's adjoint; +1 where split), its part's convolution
+one), 1 adjoint (its maps' gradient, or its up-resize's adjoint; +1 where split), its part's convolution
 backward (torch), its epilogue backward (as the projection's), its convolution backward (torch); 1 gather per
 branch writes ``dx``. ``python -m msfused explain`` plans them all (``plan.py``; each kernel's cost model below
 its launchers).
