@@ -725,28 +725,41 @@ block_kernel = BLOCK.jit(globals())
 
 
 @triton.jit
-def _level_program(t, x, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, N, C, Hd, Wd, ty_idx, ty_w, TY, R, tx_idx,
-                   tx_w, TX, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One (BLOCK_P level pixels, BLOCK_C channels) tile of x brought to a level (separable gather), over
-    the y taps of one chunk of R (all TY when R == TY): chunk k's partial sums go to rows k * Hd + y of
-    dst, summed later in chunk order (long pooling windows split so that the grid fills the GPU)."""
+def _level_program(t, x, s_n, s_c, s_h, s_w, dst, d_n, d_c, d_h, d_w, N, C, Hd, Wd, ty_idx, ty_w, TY, ty_cnt, R,
+                   tx_idx, tx_w, TX, tx_cnt, BLOCK_X: tl.constexpr, TAPS: tl.constexpr, X_IDENTITY: tl.constexpr,
+                   F64: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One (BLOCK_C channels, BLOCK_X pixels of a level row) tile of x brought to a level (``_run_gather``: a
+    level column reads a run of x's columns), over the rows of one chunk of R of its taps (all when R == TY):
+    chunk k's partial sums go to rows k * Hd + y of dst, summed later in chunk order (long pooling windows
+    split so that the grid fills the GPU). Program t: chunk, then tile, then channel block."""
     nc = tl.cdiv(C, BLOCK_C)
-    per_chunk = tl.cdiv(N * Hd * Wd, BLOCK_P) * nc
+    nx = tl.cdiv(Wd, BLOCK_X)
+    per_chunk = N * Hd * nx * nc
     k = t // per_chunk
     t = t % per_chunk
-    pid_c = t % nc
-    p = (t // nc) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    pm = p < N * Hd * Wd
+    c = (t % nc) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
-    ox = p % Wd
-    oy = (p // Wd) % Hd
-    n = p // (Wd * Hd)
-    acc = _zeros(BLOCK_P, BLOCK_C, F64)
-    acc = _gather(acc, x, s_n, s_c, s_h, s_w, n, oy, ox, c, pm, cm, ty_idx, ty_w, TY, tx_idx, tx_w, TX,
-                  acc, acc, 0, 0, k * R, tl.minimum(TY, (k + 1) * R))
-    tl.store(dst + (n * d_n + (k * Hd + oy) * d_h + ox * d_w)[:, None] + c[None, :] * d_c,
-             _cast(acc, dst.dtype.element_ty), mask=pm[:, None] & cm[None, :])
+    tile = t // nc
+    x0 = (tile % nx) * BLOCK_X
+    y = (tile // nx) % Hd
+    n = tile // (nx * Hd)
+    rows = tl.minimum(tl.load(ty_cnt + y), (k + 1) * R)
+    # (channels, level columns); no tap shift (dy, dx, HS, WS unread)
+    acc = _run_gather(x, s_n, s_h, s_w, c * s_c, cm, c, c, 0, 0, n, y, k * R, rows, ty_idx, ty_w, TY, x0, Wd,
+                      tx_idx, tx_w, TX, tx_cnt, False, X_IDENTITY, BLOCK_C, BLOCK_X, TAPS, F64)
+    xs = x0 + tl.arange(0, BLOCK_X)
+    tl.store(dst + n * d_n + (k * Hd + y) * d_h + (xs * d_w)[None, :] + (c * d_c)[:, None],
+             _cast(acc, dst.dtype.element_ty), mask=cm[:, None] & (xs < Wd)[None, :])
+
+
+@dataclasses.dataclass(frozen=True)
+class LevelFlags:
+    """levels_kernel's per-slot compile-time values (see _level_program): BLOCK_X level pixels of a row per
+    program, TAPS source columns per load; X_IDENTITY: the x axis is not resized."""
+
+    BLOCK_X: int = 1
+    TAPS: int = 1
+    X_IDENTITY: bool = False
 
 
 LEVELS = Slotted(
@@ -755,12 +768,13 @@ LEVELS = Slotted(
     levels (programs [E_s, E_s+1): slot s, a separable gather over the tap tables y_s / xt_s: adaptive
     pooling for bins, the factor down-resize otherwise, its y taps in chunks of R_s) in one launch.""",
     shared="x, s_n, s_c, s_h, s_w, xo, xo_n, xo_c, xo_h, xo_w, x_c0, N, C, H, W",
-    slot="d, d_n, d_c, d_h, d_w, h, w, y, yw, Y, R, xt, xw, X",
+    slot="d, d_n, d_c, d_h, d_w, h, w, y, yw, Y, yc, R, xt, xw, X, xc",
+    flags=LevelFlags,
     constexprs="F64, BLOCK_P, BLOCK_C",
     prologue="""_copy_program(pid, x, s_n, s_c, s_h, s_w, xo + x_c0 * xo_c, xo_n, xo_c, xo_h, xo_w, C, H, W, N * H * W,
             F64, BLOCK_P, BLOCK_C)""",
-    program="""_level_program(t, x, s_n, s_c, s_h, s_w, d, d_n, d_c, d_h, d_w, N, C, h, w, y, yw, Y, R, xt, xw, X, F64,
-            BLOCK_P, BLOCK_C)""",
+    program="""_level_program(t, x, s_n, s_c, s_h, s_w, d, d_n, d_c, d_h, d_w, N, C, h, w, y, yw, Y, yc, R, xt, xw, X,
+            xc, BLOCK_X, TAPS, X_IDENTITY, F64, BLOCK_C)""",
 )
 levels_kernel = LEVELS.jit(globals())
 

@@ -379,18 +379,20 @@ def _rows(buf: torch.Tensor, first: int, rows: int, width: int) -> torch.Tensor:
 
 def _gather_levels(x, out, x_c0: int, copy: bool, slots: list) -> None:
     """One levels_kernel launch: x copied into ``out``'s channels from ``x_c0`` (if ``copy``), then for each
-    slot (dst, h, w, y taps, y taps per chunk, x taps) dst gathered from x (its chunks' partial sums stacked
-    along dst's rows)."""
+    slot (dst, h, w, y taps, y taps per chunk, x taps, whether x taps are the identity) dst gathered from x (its
+    chunks' partial sums stacked along dst's rows)."""
     N, C, H, W = x.shape
     block_p, block_c = _block_p(), _block_c(C)
     ends, args = [cdiv(N * H * W, block_p) * cdiv(C, block_c) if copy else 0], []
-    for dst, h, wd, ty, r, tx in slots:
-        args.append((dict(**strided("d", dst), h=h, w=wd, y=ty.idx, yw=ty.w, Y=ty.taps, R=r, xt=tx.idx, xw=tx.w,
-                          X=tx.taps), K.NoFlags()))
-        ends.append(ends[-1] + cdiv(ty.taps, r) * cdiv(N * h * wd, block_p) * cdiv(C, block_c))
+    for dst, h, wd, ty, r, tx, x_identity in slots:
+        assert tx.run, "levels_kernel reads each level column's source columns as a run"
+        flags = K.LevelFlags(**_adjoint_tile(tx.typical, wd, block_c, x_identity))
+        args.append((dict(**strided("d", dst), h=h, w=wd, y=ty.idx, yw=ty.w, Y=ty.taps, yc=ty.count, R=r,
+                          xt=tx.idx, xw=tx.w, X=tx.taps, xc=tx.count), flags))
+        ends.append(ends[-1] + cdiv(ty.taps, r) * N * h * cdiv(wd, flags.BLOCK_X) * cdiv(C, block_c))
     if ends[-1] > 0:
-        filler = None if args else dict(d=x, d_n=0, d_c=0, d_h=0, d_w=0, h=1, w=1, y=x, yw=x, Y=0, R=1, xt=x, xw=x,
-                                        X=0)  # (the copy alone)
+        filler = None if args else dict(d=x, d_n=0, d_c=0, d_h=0, d_w=0, h=1, w=1, y=x, yw=x, Y=0, yc=x, R=1, xt=x,
+                                        xw=x, X=0, xc=x)  # (the copy alone)
         flat, consts = K.LEVELS.pack(args, ends, filler)
         _launch(_pinned(K.levels_kernel), (ends[-1],), x, *_strides(x), out, *_strides(out), x_c0, N, C, H, W,
                 *flat,
@@ -470,7 +472,7 @@ def _pool_levels(x, out, x_c0: int, copy: bool, group: Sequence[Tuple[int, int, 
             sums = stacked_taps(h, chunks, first if combine else 0, dt, dev)
             if combine:
                 lev = _empty((N, C, h, wd), dtype=dt, device=dev, memory_format=fmt)
-                combined.append((lev, h, wd, sums, chunks, ident(wd)))
+                combined.append((lev, h, wd, sums, chunks, ident(wd), True))
                 levels[b] = (lev, (ident(h), ident(wd)))
             else:
                 levels[b] = (dst, (sums, ident(wd)))
@@ -557,7 +559,7 @@ def _launch_levels(x, out, x_c0: int, copy: bool, branches: Sequence[int], facto
             lev = _empty((N, C, h, wd), dtype=dt, device=dev, memory_format=fmt)
             levels[b] = (lev, (axis_taps("identity", h, h, 0, False, dt, dev),
                                axis_taps("identity", wd, wd, 0, False, dt, dev)))
-            slots.append((lev, h, wd, ty, ty.taps, tx))
+            slots.append((lev, h, wd, ty, ty.taps, tx, False))
         else:
             chunked.append((b, h, wd, ty, rows, tx, cdiv(ty.taps, rows)))
     if chunked:
@@ -566,12 +568,12 @@ def _launch_levels(x, out, x_c0: int, copy: bool, branches: Sequence[int], facto
         first, combined = 0, []
         for b, h, wd, ty, rows, tx, k in chunked:
             stack = _rows(buf, first, k * h, wd)
-            slots.append((stack, h, wd, ty, rows, tx))
+            slots.append((stack, h, wd, ty, rows, tx, False))
             sums = stacked_taps(h, k, first if combine else 0, dt, dev)
             ident = axis_taps("identity", wd, wd, 0, False, dt, dev)
             if combine:
                 lev = _empty((N, C, h, wd), dtype=dt, device=dev, memory_format=fmt)
-                combined.append((lev, h, wd, sums, k, ident))
+                combined.append((lev, h, wd, sums, k, ident, True))
                 levels[b] = (lev, (axis_taps("identity", h, h, 0, False, dt, dev), ident))
             else:
                 levels[b] = (stack, (sums, ident))
@@ -584,8 +586,8 @@ def _launch_levels(x, out, x_c0: int, copy: bool, branches: Sequence[int], facto
 
 @cost_model(K.levels_kernel)
 def _levels_cost(a):
-    """Plan model (estimates): copy programs, then per level a (BLOCK_P pixels, BLOCK_C channels) tile per
-    program looping over the taps of its chunk of window rows (R of Y) times every column tap (X)."""
+    """Plan model (estimates): copy programs, then per level a (BLOCK_C channels, BLOCK_X pixels of a row, TAPS
+    source columns) tile per program looping over its chunk of window rows (R of Y) times its tap vectors."""
     x, N, C, H, W, bp, bc = a["x"], a["N"], a["C"], a["H"], a["W"], a["BLOCK_P"], a["BLOCK_C"]
     parts = [Part("copy x", a["E0"], min(bp, N * H * W) * min(bc, C), 1, nbytes(x, N * C * H * W),
                   nbytes(x, N * C * H * W))]
@@ -593,7 +595,8 @@ def _levels_cost(a):
         px, taps = N * sl["h"] * sl["w"], sl["Y"] * sl["X"]
         chunks = cdiv(sl["Y"], sl["R"])
         parts.append(Part(f"level {sl['h']}x{sl['w']}" + (f" in {chunks} chunks" if chunks > 1 else ""),
-                          sl["end"] - sl["start"], min(bp, px) * min(bc, C), sl["R"] * sl["X"],
+                          sl["end"] - sl["start"], min(bc, C) * min(sl["BLOCK_X"], sl["w"]) * min(sl["TAPS"], sl["X"]),
+                          min(sl["R"], sl["Y"]) * cdiv(sl["X"], sl["TAPS"]),
                           nbytes(x, C * min(px * taps, N * H * W)), nbytes(sl["d"], chunks * px * C)))
     return parts
 
