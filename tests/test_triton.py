@@ -373,6 +373,57 @@ def test_batch_statistics_nonfinite(value, monkeypatch):
         assert any(torch.isinf(b).any() for n, b in naive.named_buffers() if n.endswith("running_mean"))
 
 
+def _same_nonfinite(got, ref, what):
+    for name, mask in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        assert torch.equal(mask(got), mask(ref)), f"{what}: {name} elements differ"
+    finite = torch.isfinite(ref)
+    assert (got[finite] - ref[finite]).abs().max() <= 1e-12 * max(ref[finite].abs().max(), 1.0), what
+
+
+@pytest.mark.parametrize("up", ["bilinear", "nearest"])
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_run_gathers_match_aten_with_nonfinite_values(up, value, monkeypatch):
+    """The run gathers (kernels._run_gather: a destination column's taps read as a run along the lanes) against
+    ATen, element for element, with Inf or NaN among their inputs: the factor levels from x (levels_kernel:
+    avg and bilinear down-resizes; bin levels: pool_kernel) and every up-resize's adjoint at its level
+    (up_adjoints_kernel; the gradient at the conv output, seen by the weight gradient). The same NaN / +Inf /
+    -Inf elements and the finite values to float64 rounding: a zero tap weight still turns an Inf or NaN into
+    NaN, as ATen's resize and its adjoint read every tap (an edge column's clamped taps weigh 0)."""
+    F = torch.nn.functional
+    gen = torch.Generator().manual_seed(5)
+    seen, real = [], launch._wgrad
+    monkeypatch.setattr(launch, "_wgrad", lambda src, dpre, *a: (seen.append(dpre.clone()), real(src, dpre, *a))[1])
+    N, C, H, W = 2, 2, 13, 17
+    for factor, bins, down in (([2, 4], [0] * 4, "avg"), ([3, 2], [0] * 4, "bilinear"), ([0, 0], [2, 2, 3, 5], "avg")):
+        x = torch.randn(N, C, H, W, dtype=torch.float64, generator=gen)
+        x[1, 0, 5, 9] = x[0, 1, 0, W - 1] = float(value)
+        weight = [torch.eye(C, dtype=x.dtype).reshape(C, C, 1, 1).to(DEVICE)] * 2
+        none = [None] * 2
+        args = dict(factor=factor, bins=bins, down_mode=down, up_mode=up, align_corners=False, activation="none",
+                    input_position="none")
+        out, level, pre, mean, var = launch.forward(x.to(DEVICE), weight, none, none, none, [False] * 2, [0.0] * 2,
+                                                    **args)
+        grad = torch.randn(out.shape, dtype=x.dtype, generator=gen)
+        grad[0, 1, 3, 2] = grad[1, C, H - 1, W - 1] = float(value)
+        seen.clear()
+        launch.backward(grad.to(DEVICE), x.to(DEVICE), weight, none, none, level, pre, mean, var, [False] * 2,
+                        [0.0] * 2, **args, output_mask=[True, True])
+        for b in range(2):
+            f = factor[b]
+            h, w = (H // f, W // f) if f else (bins[2 * b], bins[2 * b + 1])
+            if f == 0:
+                ref = F.adaptive_avg_pool2d(x, (h, w))
+            elif down == "avg":
+                ref = F.avg_pool2d(x, kernel_size=f, stride=f)
+            else:
+                ref = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+            _same_nonfinite(level[b].cpu(), ref, f"level {b} ({down}, {h}x{w})")
+            lv = torch.zeros((N, C, h, w), dtype=x.dtype, requires_grad=True)
+            kw = dict(align_corners=False) if up == "bilinear" else {}
+            ref, = torch.autograd.grad(F.interpolate(lv, size=(H, W), mode=up, **kw), lv, grad[:, b * C:(b + 1) * C])
+            _same_nonfinite(seen[b].cpu().reshape(N, h, w, C).permute(0, 3, 1, 2), ref, f"adjoint {b} ({up}, {h}x{w})")
+
+
 def test_parameter_grads_without_x_grad():
     case = Case("ms", dict(scales=(1, 2), norm="batch", activation="silu"), (2, 3, 7, 6), train=True, label="tr")
     run_case(case, x_requires_grad=False, device=DEVICE)
