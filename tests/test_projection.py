@@ -417,7 +417,7 @@ def test_triton_split_gathers_match_naive(case, _triton, monkeypatch):
 
     monkeypatch.setattr(launch, "SPLIT_STEPS", 18)
     monkeypatch.setattr(launch, "ADJOINT_STEPS", 6)
-    monkeypatch.setattr(launch, "_adjoint_budget", lambda: 64)
+    monkeypatch.setattr(launch, "_run_budget", lambda: 64)
     chunked, real = [], launch._launch
 
     def watch(kernel, grid, *args, **meta):

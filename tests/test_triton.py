@@ -149,7 +149,7 @@ def test_small_blocks(case, monkeypatch):
     monkeypatch.setattr(launch, "_fill_programs", lambda: 64)  # long reductions split into partials
     monkeypatch.setattr(launch, "SPLIT_STEPS", 4)  # pooling windows in chunks (bins)
     monkeypatch.setattr(launch, "ADJOINT_STEPS", 2)  # up-resize adjoints in chunks of reader rows
-    monkeypatch.setattr(launch, "_adjoint_budget", lambda: 32)  # several column tiles per level row
+    monkeypatch.setattr(launch, "_run_budget", lambda: 32)  # several column tiles per level row
     monkeypatch.setattr(launch, "COLUMN_CHUNK_ROWS", 8)  # the partials' column sums in chunks of rows
     run_case(case, device=DEVICE)
 

@@ -467,6 +467,26 @@ dpres_kernel = DPRES.jit(globals())
 
 
 @triton.jit
+def _dot(acc, a, b, DOT: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += a @ b in the multiply mode DOT (DOT_*; the operands in the dtypes that mode multiplies): float64
+    multiply-and-sum, tl.dot on half-precision operands, or float32 ones in IEEE, TF32 or three-TF32 products.
+    UPCAST: both operands to float32 in IEEE first (the 3.6 interpreter's tl.dot is wrong on bfloat16)."""
+    if DOT == 0:  # DOT_FMA
+        acc += tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
+    elif UPCAST:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif DOT == 1:  # DOT_HALF
+        acc = tl.dot(a, b, acc)
+    elif DOT == 2:  # DOT_IEEE
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    elif DOT == 3:  # DOT_TF32
+        acc = tl.dot(a, b, acc, input_precision="tf32")
+    else:  # DOT_TF32X3
+        acc = tl.dot(a, b, acc, input_precision="tf32x3")
+    return acc
+
+
+@triton.jit
 def wgrad_kernel(src, s_n, s_c, s_h, s_w, dpre, dwk, N, C, H, W, CO, KS, SPLIT, M_SPLIT,
                  DOT: tl.constexpr, UPCAST: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -500,16 +520,7 @@ def wgrad_kernel(src, s_n, s_c, s_h, s_w, dpre, dwk, N, C, H, W, CO, KS, SPLIT, 
         a = tl.load(src + (n * s_n + iy * s_h + ix * s_w)[:, None] + c[None, :] * s_c,
                     mask=ok[:, None] & cm[None, :], other=0.0)
         b = tl.load(dpre + m[:, None] * CO + co[None, :], mask=mm[:, None] & com[None, :], other=0.0)
-        if DOT == 0:
-            acc += tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[:, None, :], axis=0)
-        elif UPCAST:
-            acc = tl.dot(tl.trans(a.to(tl.float32)), b.to(tl.float32), acc, input_precision="ieee")
-        elif DOT == 1:
-            acc = tl.dot(tl.trans(a), b, acc)
-        elif DOT == 2:
-            acc = tl.dot(tl.trans(a), b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(tl.trans(a), b, acc, input_precision="tf32")
+        acc = _dot(acc, tl.trans(a), b, DOT, UPCAST)
     tl.store(dwk + ((part * KS * KS + tap) * C + c)[:, None] * CO + co[None, :], _cast(acc, dwk.dtype.element_ty),
              mask=cm[:, None] & com[None, :])
 
@@ -608,16 +619,9 @@ def _tile_program(t, x, s_n, s_c, s_h, s_w, dy_idx, dy_w, DY: tl.constexpr, dx_i
                     a += (wy * wx)[:, None] * v.to(a.dtype)
             b = tl.load(wk + (tap * C + ck)[:, None] * CO + co[None, :], mask=km[:, None] & com[None, :],
                         other=0.0)
-            if DOT == 0:
-                acc += tl.sum(a[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
-            elif UPCAST:  # the interpreter's tl.dot is wrong on bfloat16 operands
-                acc = tl.dot(_cast(a, b.dtype).to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-            elif DOT == 1:
-                acc = tl.dot(_cast(a, b.dtype), b, acc)
-            elif DOT == 2:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc, input_precision="tf32")
+            if DOT == 1 or UPCAST:  # the level values rounded to the operand dtype, as the reference's level
+                a = _cast(a, b.dtype)
+            acc = _dot(acc, a, b, DOT, UPCAST)
     if HAS_BIAS:
         acc += tl.load(bias + co, mask=com, other=0.0).to(acc.dtype)[None, :]
     if HAS_SCALE:
@@ -786,17 +790,12 @@ def _pool_dot(acc, member, v, DOT: tl.constexpr, UPCAST: tl.constexpr):
     """acc += member @ v, member a (cells, pixels) 0/1 mask and v a (pixels, channels) tile of x: exact products
     (0/1 times x), summed in acc's dtype. float32 x: three TF32 products (x split into two TF32 parts; the mask
     is exact in TF32), about float32's accuracy, as ATen's pooling has whatever the TF32 flags say."""
-    if DOT == 0:  # DOT_FMA
-        acc += tl.sum(member.to(tl.float64)[:, :, None] * v.to(tl.float64)[None, :, :], axis=1)
-    elif UPCAST:  # the interpreter's tl.dot is wrong on bfloat16 operands
-        acc = tl.dot(member.to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
-    elif DOT == 1:  # DOT_HALF
-        acc = tl.dot(member.to(v.dtype), v, acc)
-    elif DOT == 2:  # DOT_IEEE
-        acc = tl.dot(member.to(tl.float32), v, acc, input_precision="ieee")
-    else:  # DOT_TF32X3 (pool_kernel never takes DOT_TF32: the sums would round x)
-        acc = tl.dot(member.to(tl.float32), v, acc, input_precision="tf32x3")
-    return acc
+    # (pool_kernel never takes DOT_TF32: the sums would round x; the 3.6 interpreter's bool -> bfloat16 is wrong)
+    if DOT == 1 and not UPCAST:
+        member = member.to(v.dtype)
+    else:
+        member = member.to(tl.float32)
+    return _dot(acc, member, v, DOT, UPCAST)
 
 
 @triton.jit
@@ -905,22 +904,6 @@ pool_kernel = POOL.jit(globals())
 
 
 @triton.jit
-def _conv_dot(acc, a, b, DOT: tl.constexpr, UPCAST: tl.constexpr):
-    """acc += a @ b in the convolutions' multiply mode (DOT_*)."""
-    if DOT == 0:
-        acc += tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
-    elif UPCAST:  # the interpreter's tl.dot is wrong on bfloat16 operands
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    elif DOT == 1:
-        acc = tl.dot(a, b, acc)
-    elif DOT == 2:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc, input_precision="tf32")
-    return acc
-
-
-@triton.jit
 def _conv_program(pid_m, pid_n, src, s_n, s_c, s_h, s_w, wk, bias, pre, p_n, p_c, p_h, p_w, out, o_n, o_c, o_h,
                   o_w, scale, shift, part_mean, part_m2, N, C, H, W, CO, KS,
                   HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, STORE_OUT: tl.constexpr,
@@ -954,7 +937,7 @@ def _conv_program(pid_m, pid_n, src, s_n, s_c, s_h, s_w, wk, bias, pre, p_n, p_c
             a = tl.load(src + (n * s_n)[:, None] + iy * s_h + ix * s_w + ((k - tap * C) * s_c)[None, :], mask=ok,
                         other=0.0)
             b = tl.load(wk + k[:, None] * CO + co[None, :], mask=km[:, None] & com[None, :], other=0.0)
-            acc = _conv_dot(acc, a, b, DOT, UPCAST)
+            acc = _dot(acc, a, b, DOT, UPCAST)
     else:
         for tap in range(KS * KS):
             iy = ly + tap // KS - pad
@@ -967,7 +950,7 @@ def _conv_program(pid_m, pid_n, src, s_n, s_c, s_h, s_w, wk, bias, pre, p_n, p_c
                 a = tl.load(src + row[:, None] + ck[None, :] * s_c, mask=ok[:, None] & km[None, :], other=0.0)
                 b = tl.load(wk + (tap * C + ck)[:, None] * CO + co[None, :], mask=km[:, None] & com[None, :],
                             other=0.0)
-                acc = _conv_dot(acc, a, b, DOT, UPCAST)
+                acc = _dot(acc, a, b, DOT, UPCAST)
     if HAS_BIAS:
         acc += tl.load(bias + co, mask=com, other=0.0).to(acc.dtype)[None, :]
     m2 = mm[:, None] & com[None, :]

@@ -152,21 +152,21 @@ SPLIT_STEPS = 256
 ADJOINT_STEPS = 32
 
 
-def _adjoint_budget() -> int:
+def _run_budget() -> int:
     """Values in a run gather's (channels, columns x taps) tile: 2048 on a GPU (16 per thread at 4 warps:
     48-135 registers for sm_90, no spills), 16384 under the interpreter (it pays per operation)."""
     return 16384 if interpreting() else 2048
 
 
-def _adjoint_tile(typical: int, w: int, block_c: int, identity: bool) -> Dict[str, int]:
-    """The tile of a run gather (``kernels._run_gather``: up_adjoints_kernel, the projection's adjoint_kernel)
-    along a destination row w wide whose columns typically have ``typical`` readers each:
+def _run_tile(typical: int, w: int, block_c: int, identity: bool) -> Dict[str, int]:
+    """The tile of a run gather (``kernels._run_gather``: levels_kernel, up_adjoints_kernel, the projection's
+    adjoint_kernel) along a destination row w wide whose columns typically have ``typical`` readers each:
     TAPS readers per load, the power of two at or below the typical reader count (an integer factor's
     interior columns then take one load, its edge columns two), up to 32; BLOCK_X level columns, the
-    (channels, columns, taps) tile holding up to ``_adjoint_budget()`` values; X_IDENTITY where ``identity``:
+    (channels, columns, taps) tile holding up to ``_run_budget()`` values; X_IDENTITY where ``identity``:
     the x axis is not resized."""
     n_taps = 1 << (min(max(typical, 1), 32).bit_length() - 1)
-    budget = _adjoint_budget() // (block_c * n_taps)
+    budget = _run_budget() // (block_c * n_taps)
     return dict(BLOCK_X=_pow2(w, 1, max(1, budget)), TAPS=n_taps, X_IDENTITY=identity)
 
 
@@ -386,7 +386,7 @@ def _gather_levels(x, out, x_c0: int, copy: bool, slots: list) -> None:
     ends, args = [cdiv(N * H * W, block_p) * cdiv(C, block_c) if copy else 0], []
     for dst, h, wd, ty, r, tx, x_identity in slots:
         assert tx.run, "levels_kernel reads each level column's source columns as a run"
-        flags = K.LevelFlags(**_adjoint_tile(tx.typical, wd, block_c, x_identity))
+        flags = K.LevelFlags(**_run_tile(tx.typical, wd, block_c, x_identity))
         args.append((dict(**strided("d", dst), h=h, w=wd, y=ty.idx, yw=ty.w, Y=ty.taps, yc=ty.count, R=r,
                           xt=tx.idx, xw=tx.w, X=tx.taps, xc=tx.count), flags))
         ends.append(ends[-1] + cdiv(ty.taps, r) * N * h * cdiv(wd, flags.BLOCK_X) * cdiv(C, block_c))
@@ -893,7 +893,7 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
             tail = dict(a=given(a_t), b=given(b_t), eps=float(eps[b]), ga=given(g_t), be=given(be_t))
             # the norm's multiplier and offset are scale / shift: folded, or the batch norm's gamma / beta
             flags = K.AdjointFlags(NORM=norm, HAS_GAMMA=scale[b] is not None, HAS_BETA=shift[b] is not None,
-                                   FINAL=final, **_adjoint_tile(tx.adj_typical, wd, block_c, wd == W))
+                                   FINAL=final, **_run_tile(tx.adj_typical, wd, block_c, wd == W))
             assert tx.adj_run, "up_adjoints_kernel reads each level column's readers as a run"
             steps = cdiv(tx.adj_taps, flags.TAPS)  # tap vectors per reader row, at most
             rows = max(1, ADJOINT_STEPS // steps)  # reader rows per chunk
@@ -915,7 +915,7 @@ def backward(grad_out, x, weight, scale, shift, level, pre, mean, var, batch_sta
                 sums = stacked_taps(h, k, 0, dt, dev)  # level row y: the chunks' rows i * h + y, i < k
                 ident = axis_taps("identity", wd, wd, 0, False, dt, dev)
                 finish.append((b, stack, pre[b], (sums.idx, sums.w, sums.taps, sums.count), k, ident, tail,
-                               dataclasses.replace(flags, **_adjoint_tile(1, wd, block_c, True)), 1))
+                               dataclasses.replace(flags, **_run_tile(1, wd, block_c, True)), 1))
                 first += k * h
         for launch_slots in ([adj, finish] if chunked else [adj]):
             slot_args, ends = [], [0]

@@ -468,7 +468,7 @@ def _reduce(src: Tensor, dst: Tensor, ty: "_Taps", tx: "_Taps", ks: int, p: Opti
     run)."""
     N, CD, HD, WD = dst.shape
     block_c = _tiles(1, CD)[1]
-    tile = launch._adjoint_tile(tx.typical, WD, block_c, False)
+    tile = launch._run_tile(tx.typical, WD, block_c, False)
     rows = max(1, launch.ADJOINT_STEPS // cdiv(tx.taps, tile["TAPS"]))  # reader rows per chunk
     if ty.taps <= rows:
         _reduce_launch(src, dst, ty, tx, HD, ty.taps, ks, p, accumulate, tile, block_c)
@@ -479,7 +479,7 @@ def _reduce(src: Tensor, dst: Tensor, ty: "_Taps", tx: "_Taps", ks: int, p: Opti
     sums = _fwd(stacked_taps(HD, chunks, 0, dst.dtype, dst.device))
     ident = _fwd(axis_taps("identity", WD, WD, 0, False, dst.dtype, dst.device))
     _reduce_launch(part, dst, sums, ident, HD, chunks, 1, None, accumulate,
-                   launch._adjoint_tile(1, WD, block_c, True), block_c)
+                   launch._run_tile(1, WD, block_c, True), block_c)
 
 
 def _reduce_launch(src: Tensor, dst: Tensor, ty: "_Taps", tx: "_Taps", rows: int, per_chunk: int, ks: int,
