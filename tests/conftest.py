@@ -83,6 +83,19 @@ def _seed_every_test(request):
     yield seed
 
 
+@pytest.fixture(autouse=True)
+def _triton_bounds():
+    """Every Triton kernel the interpreter runs has its memory accesses checked (tests/triton_bounds.py):
+    an active lane outside every tensor argument fails the test, as it would fault on a GPU."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    from tests.triton_bounds import checking
+
+    with checking():
+        yield
+
+
 # ---------------------------------------------------------------------------------------------------
 # The SPEC.md error metric (msfused/bench/accuracy.py: shared with the GPU check)
 # ---------------------------------------------------------------------------------------------------
