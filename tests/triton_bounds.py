@@ -62,20 +62,36 @@ def _arguments(fn, args, kwargs) -> List[Tuple[str, torch.Tensor]]:
     return found
 
 
+def _merged(ranges) -> Tuple[np.ndarray, np.ndarray]:
+    """The union of the (first, end) byte ranges as sorted, disjoint, non-touching intervals (starts, ends)."""
+    starts, ends = [], []
+    for lo, hi in sorted((lo, hi) for lo, hi, _, _ in ranges):
+        if starts and lo <= ends[-1]:
+            ends[-1] = max(ends[-1], hi)
+        else:
+            starts.append(lo)
+            ends.append(hi)
+    return np.array(starts, dtype=np.uint64), np.array(ends, dtype=np.uint64)
+
+
 def _check(ptrs, mask, what: str) -> None:
     ranges = getattr(_state, "ranges", None)
     if ranges is None:  # a launch not seen by the wrapper (should not happen): nothing to check against
         return
     addr = np.asarray(ptrs.data, dtype=np.uint64).reshape(-1)
-    active = np.ones(addr.shape, dtype=bool) if mask is None else np.broadcast_to(
-        np.asarray(mask.data, dtype=bool), np.shape(ptrs.data)).reshape(-1)
-    addr = addr[active]
+    if mask is not None:
+        addr = addr[np.broadcast_to(np.asarray(mask.data, dtype=bool), np.shape(ptrs.data)).reshape(-1)]
     if addr.size == 0:
         return
-    nbytes = max(1, ptrs.get_element_ty().primitive_bitwidth // 8)
-    inside = np.zeros(addr.shape, dtype=bool)
-    for lo, hi, _, _ in ranges:
-        inside |= (addr >= lo) & (addr + nbytes <= hi)
+    nbytes = np.uint64(max(1, ptrs.get_element_ty().primitive_bitwidth // 8))
+    starts, ends = _state.merged
+    # each access [a, a + nbytes) must lie in one interval of the union: the one starting at or before a
+    first = addr.min()
+    i = int(np.searchsorted(starts, first, side="right")) - 1
+    if i >= 0 and addr.max() + nbytes <= ends[i]:  # (the usual case: every lane in one tensor)
+        return
+    j = np.searchsorted(starts, addr, side="right") - 1
+    inside = (j >= 0) & (addr + nbytes <= ends[np.maximum(j, 0)])
     if inside.all():
         return
     bad = int(addr[~inside][0])
@@ -118,14 +134,15 @@ def checking():
         return saved["create_atomic_cas"](self, ptr, cmp, val, *rest)
 
     def call(self, *args, **kwargs):
-        outer = getattr(_state, "ranges", None), getattr(_state, "kernel", None)
+        outer = tuple(getattr(_state, k, None) for k in ("ranges", "merged", "kernel"))
         tensors = _arguments(self, args, kwargs)
         _state.ranges = [e for e in (_extent(n, t) for n, t in tensors) if e is not None]
+        _state.merged = _merged(_state.ranges)
         _state.kernel = getattr(self.fn, "__name__", "kernel")
         try:
             return saved_call(self, *args, **kwargs)
         finally:
-            _state.ranges, _state.kernel = outer
+            _state.ranges, _state.merged, _state.kernel = outer
 
     builder.create_masked_load, builder.create_masked_store = masked_load, masked_store
     builder.create_atomic_rmw, builder.create_atomic_cas = atomic_rmw, atomic_cas
