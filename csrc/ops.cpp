@@ -16,8 +16,11 @@
 // block's; the concatenation itself is never built. Besides the branches' saved tensors it returns the
 // projection's pre-activation (bias included) and its batch mean and biased variance (empty without
 // batch statistics); with save_pre False (nothing will be differentiated) the pre-activation comes back
-// empty and the output may be computed in its place. Its backward returns the block's gradients plus the projection's weight (if
-// output_mask[1]), bias, scale and shift gradients.
+// empty and the output may be computed in its place. project_parts: empty, or project_weight's parts in the
+// layouts the forward convolves them in (csrc/projection.h, projection_parts), precomputed by a caller that
+// keeps them per version of the weight; they carry no gradient (project_weight's flows through project_weight).
+// Its backward returns the block's gradients plus the projection's weight (if output_mask[1]), bias, scale and
+// shift gradients.
 #include <torch/library.h>
 
 TORCH_LIBRARY(msfused, m) {
@@ -41,7 +44,7 @@ TORCH_LIBRARY(msfused, m) {
       "bool[] batch_stats, float[] eps, int[] factor, int[] bins, str down_mode, str up_mode, "
       "bool align_corners, str activation, str input_position, Tensor project_weight, Tensor? project_bias, "
       "Tensor? project_scale, Tensor? project_shift, bool project_batch_stats, float project_eps, "
-      "str project_activation, bool save_pre) "
+      "str project_activation, bool save_pre, Tensor[] project_parts) "
       "-> (Tensor out, Tensor[] level, Tensor[] pre, Tensor[] mean, Tensor[] var, Tensor project_pre, "
       "Tensor project_mean, Tensor project_var)",
       {at::Tag::pt2_compliant_tag});

@@ -80,6 +80,48 @@ at::Tensor tap_weight(const at::Tensor& pw, int64_t offset, int64_t count) {
   return pw.narrow(1, offset, count).permute({2, 3, 0, 1}).reshape({k * k * P, count, 1, 1});
 }
 
+std::vector<at::Tensor> projection_parts(const BlockPlan& plan, const Projection& proj, const at::Tensor& pw,
+                                         at::TensorList given) {
+  const size_t B = plan.branches.size();
+  const at::ScalarType tdt = tap_maps_dtype(pw.scalar_type());
+  std::vector<at::Tensor> parts(1 + B);
+  if (given.empty()) {
+    if (plan.x_offset >= 0) parts[0] = weight_slice(pw, plan.x_offset, plan.C);
+    for (size_t b = 0; b < B; ++b) {
+      const BranchPlan& bp = plan.branches[b];
+      parts[1 + b] = convolves_resized(bp, proj.k, plan.H, plan.W)
+                         ? weight_slice(pw, bp.channel_offset, bp.out_channels)
+                         : tap_weight(pw, bp.channel_offset, bp.out_channels).to(tdt);
+    }
+    return parts;
+  }
+  TORCH_CHECK_VALUE(given.size() == 1 + B, "msfused: project_parts needs ", 1 + B,
+                    " tensors (x's part, then one per branch) or none, got ", given.size());
+  const int64_t P = proj.P, k = proj.k;
+  auto take = [&](size_t i, std::vector<int64_t> shape, at::ScalarType dtype, const char* what) {
+    const at::Tensor& t = given[i];
+    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(shape), "msfused: project_parts[", i, "] (", what,
+                      ") must have shape ", at::IntArrayRef(shape), ", got ", t.sizes());
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype, "msfused: project_parts[", i, "] (", what, ") must have dtype ",
+                     dtype, ", got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == pw.device(), "msfused: project_parts[", i, "] is on ", t.device(),
+                      " but project_weight is on ", pw.device());
+    parts[i] = t;
+  };
+  if (plan.x_offset >= 0)
+    take(0, {P, plan.C, k, k}, pw.scalar_type(), "x's slice of project_weight");
+  else
+    TORCH_CHECK_VALUE(given[0].numel() == 0, "msfused: project_parts[0] must be empty: x is not in the output");
+  for (size_t b = 0; b < B; ++b) {
+    const BranchPlan& bp = plan.branches[b];
+    if (convolves_resized(bp, k, plan.H, plan.W))
+      take(1 + b, {P, bp.out_channels, k, k}, pw.scalar_type(), "the branch's slice of project_weight");
+    else
+      take(1 + b, {k * k * P, bp.out_channels, 1, 1}, tdt, "the branch's per-tap weight");
+  }
+  return parts;
+}
+
 std::pair<at::Tensor, at::Tensor> tap_maps_backward(const at::Tensor& dt, const at::Tensor& a, const at::Tensor& pw,
                                                     int64_t offset, bool need_w, at::MemoryFormat fmt) {
   const int64_t P = pw.size(0), k = pw.size(2), Cb = a.size(1);

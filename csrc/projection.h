@@ -10,6 +10,7 @@
 
 #include <string_view>
 #include <utility>
+#include <vector>
 
 #include "block_config.h"
 
@@ -57,6 +58,14 @@ at::Tensor tap_weight(const at::Tensor& pw, int64_t offset, int64_t count);
 // Each is a partial sum of the one convolution the reference rounds once, so neither is rounded to x's dtype;
 // their 1x1 convolutions run in it (a half-precision activation and weight are exact there).
 inline at::ScalarType tap_maps_dtype(at::ScalarType t) { return stats_dtype(t); }
+
+// The projection weight's parts as the forward convolves them: [0] x's slice (P, C, k, k) (undefined where x is
+// not in the output), [1 + b] branch b's: its slice where it convolves its resized branch directly, else its
+// per-tap weight (k * k * P, Cb, 1, 1) in tap_maps_dtype. `given` (the operator's project_parts): empty (they
+// are computed here), or these, precomputed by the caller from pw (msfused/functional.py keeps them per version
+// of the weight); each is checked against the part it stands for (shape, dtype, device) and used as it is.
+std::vector<at::Tensor> projection_parts(const BlockPlan& plan, const Projection& proj, const at::Tensor& pw,
+                                         at::TensorList given);
 
 // The backward of T_b = tap_weight(pw, offset, Cb) . a (a's per-tap maps, one 1x1 convolution at its level)
 // from dt (tap_maps_dtype): the gradient of a, rounded once to a's dtype, in `fmt`; and (need_w) that of the

@@ -170,6 +170,40 @@ def level_backward_grad_x(grad_x, x, factor, bins, input_position):
     return grad_x.div_(x.shape[2] * x.shape[3]).expand(x.shape)
 
 
+def convolves_resized(identity: bool, h: int, w: int, k: int, H: int, W: int) -> bool:
+    """Whether a branch's part of a k x k projection convolves its resized branch directly, rather than per tap
+    at its level (csrc/projection.h's convolves_resized: every backend splits the work by this rule)."""
+    return identity or h * w * k * k > H * W
+
+
+def tap_weight(pw: torch.Tensor, offset: int, count: int) -> torch.Tensor:
+    """The projection weight's part that reads channels [offset, offset + count) of the concatenation as one 1x1
+    convolution to k * k * P channels (channel (ky * k + kx) * P + p): csrc/projection.h's tap_weight. A view of
+    pw for k = 1, else a copy (no view has this layout)."""
+    P, _, k, _ = pw.shape
+    return pw[:, offset:offset + count].permute(2, 3, 0, 1).reshape(k * k * P, count, 1, 1)
+
+
+def project_parts(pw: torch.Tensor, C: int, x_offset: int, branches, H: int, W: int, copy: bool = True) -> list:
+    """The projection weight's parts in the layouts multi_scale_project_forward convolves them in (its
+    ``project_parts``; csrc/projection.h's projection_parts): x's slice (P, C, k, k) (empty where x is not in
+    the output, ``x_offset`` -1), then per branch (channel offset, channels, (h, w) level, identity): its slice
+    where it convolves its resized branch directly, else its per-tap weight in the per-tap maps' dtype. With
+    ``copy``, each a tensor of its own (never a view of pw)."""
+    k = pw.shape[2]
+    fmt = torch._prims_common.suggest_memory_format(pw)
+    own = (lambda t: t.clone(memory_format=torch.contiguous_format) if t._base is not None else t) if copy \
+        else (lambda t: t)  # noqa: E731
+    parts = [pw[:, x_offset:x_offset + C].contiguous(memory_format=fmt) if x_offset >= 0
+             else pw.new_empty((0,))]
+    for offset, count, (h, w), identity in branches:
+        if convolves_resized(identity, h, w, k, H, W):
+            parts.append(pw[:, offset:offset + count].contiguous(memory_format=fmt))
+        else:
+            parts.append(own(tap_weight(pw, offset, count).to(_stats_dtype(pw.dtype))))
+    return [own(t) for t in parts]
+
+
 def multi_scale_forward_fake(
     x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
     activation, input_position,
@@ -218,7 +252,7 @@ def multi_scale_backward_fake(
 def multi_scale_project_forward_fake(
     x, weight, bias, scale, shift, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
     activation, input_position, project_weight, project_bias, project_scale, project_shift, project_batch_stats,
-    project_eps, project_activation, save_pre,
+    project_eps, project_activation, save_pre, project_parts=(),
 ):
     """Shapes, dtypes and memory formats of multi_scale_project_forward's results: the block's saved
     tensors as multi_scale_forward's, the output and the projection's pre-activation (N, P, H, W; empty

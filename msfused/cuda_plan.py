@@ -238,7 +238,8 @@ def plan_block(module, x_shape, dtype: torch.dtype = torch.float32, mode: str = 
             out, level, pre, mean, var = ops.multi_scale_forward(x, weight, bias, scale, shift, *config)
         else:
             out, level, pre, mean, var, p_pre, p_mean, p_var = ops.multi_scale_project_forward(
-                x, weight, bias, scale, shift, *config, pw, p_bias, p_scale, p_shift, p_stats, p_eps, *pconf, train)
+                x, weight, bias, scale, shift, *config, pw, p_bias, p_scale, p_shift, p_stats, p_eps, *pconf, train,
+                [])  # (project_parts: none, the operator slices the weight: ATen copies, not planned)
         if train:
             recorder.flush()
             rec.stage = "backward"

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import autotune, backends
+from . import _ops, autotune, backends
 from .reference import reference_forward
 from .spec import BlockSpec
 
@@ -362,6 +362,26 @@ def _fused_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList, ba
     return out
 
 
+def _project_parts(x: torch.Tensor, spec: BlockSpec, project) -> List[torch.Tensor]:
+    """The projection weight's parts in the layouts the C++ operators convolve them in (``_ops.project_parts``),
+    from the parameter cache: copied once per version of the weight (and per layout: a branch's changes with
+    the input's size), not per call. Under torch.compile none (the operator makes them in the graph)."""
+    pw = project.conv.weight
+    if torch.compiler.is_compiling() or not PARAM_CACHE._cacheable([pw]):
+        return []
+    N, C, H, W = x.shape
+    offset = C if spec.input_position == "first" else 0
+    branches = []
+    for branch in spec.branches:
+        branches.append((offset, branch.out_channels, branch.level_size(H, W), branch.is_identity_level))
+        offset += branch.out_channels
+    x_offset = {"first": 0, "last": offset}.get(spec.input_position, -1)
+    k = pw.shape[2]
+    layout = tuple(_ops.convolves_resized(identity, h, w, k, H, W) for _, _, (h, w), identity in branches)
+    return PARAM_CACHE.get(pw, f"project_parts.{C}.{layout}", (pw,), (),
+                           lambda: _ops.project_parts(pw, C, x_offset, branches, H, W))
+
+
 def _fused_project_forward(x: torch.Tensor, spec: BlockSpec, branches, project, backend: str) -> torch.Tensor:
     """The block and its projection through msfused::multi_scale_project_forward (backends 'cpu' and 'cuda':
     the operator's kernel for the device) or msfused::multi_scale_project_forward_triton (backend 'triton')."""
@@ -382,11 +402,14 @@ def _fused_project_forward(x: torch.Tensor, spec: BlockSpec, branches, project, 
     for branch in branches:
         tensors += [branch.conv.weight, branch.conv.bias, *branch.norm.parameters()]
     save_pre = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    # Without a gradient the C++ operators take the weight's parts from the parameter cache (Triton caches its
+    # own per-tap weights)
+    parts = {} if backend == "triton" else dict(project_parts=[] if save_pre else _project_parts(x, spec, project))
     out, _level, _pre, mean, var, _p_pre, p_mean, p_var = op(
         x, weight, bias, scale, shift, batch_stats, eps, **spec.op_args(),
         project_weight=project.conv.weight, project_bias=p_bias, project_scale=p_scale,
         project_shift=p_shift, project_batch_stats=p_stats, project_eps=p_eps, **spec.project.op_args(),
-        save_pre=save_pre,
+        save_pre=save_pre, **parts,
     )
     _update_running_stats(_branch_stats(x, spec, branches, batch_stats, mean, var) +
                           ([(project.norm, p_mean, p_var, N * H * W)] if p_stats else []))

@@ -72,6 +72,7 @@ DRIVER = textwrap.dedent(
     import functools, math, sys
     import torch
     import msfused  # noqa: F401  (loads msfused._C: the CPU kernels)
+    from msfused import _ops
 
     from tests.conftest import TOL, norm_err  # SPEC.md's metric and tolerances
 
@@ -177,9 +178,19 @@ DRIVER = textwrap.dedent(
         config = ([stats] * B, [1e-5] * B, factor, binl, down, up, ac, act, pos)
         pconf = (pstats, 1e-5, pact)
 
-        def fwd(op, x, weight, bias_, scale_, shift_, pw, pb, ps, pt, save_pre=True):
+        def fwd(op, x, weight, bias_, scale_, shift_, pw, pb, ps, pt, save_pre=True, parts=()):
             return op.multi_scale_project_forward(x, weight, bias_, scale_, shift_, *config, pw, pb, ps, pt, *pconf,
-                                                  save_pre)
+                                                  save_pre, list(parts))
+
+        def parts_of(pw):
+            # project_parts as msfused.functional passes them (from its parameter cache) to an inference call
+            N, C, H, W = x.shape
+            offset, branches = (C if pos == "first" else 0), []
+            for b, w_ in enumerate(weight):
+                level = (H // factor[b], W // factor[b]) if factor[b] else (binl[2 * b], binl[2 * b + 1])
+                branches.append((offset, w_.shape[0], level, factor[b] == 1))
+                offset += w_.shape[0]
+            return _ops.project_parts(pw, C, {"first": 0, "last": offset}.get(pos, -1), branches, H, W)
 
         worst = []
         compare = functools.partial(compare_outputs, name, dtype, worst)
@@ -192,6 +203,9 @@ DRIVER = textwrap.dedent(
         compare("forward", names, got, want, ref)
         lean = fwd(emu, x, weight, bias_, scale_, shift_, pw, pb, ps, pt, save_pre=False)
         assert lean[5].numel() == 0 and torch.equal(lean[0], got[0]), (name, "save_pre=False")
+        # the weight's parts given (as the functional layer's cache gives them): the same output, bit for bit
+        given = fwd(emu, x, weight, bias_, scale_, shift_, pw, pb, ps, pt, save_pre=False, parts=parts_of(pw))
+        assert torch.equal(given[0], got[0]), (name, "project_parts")
         grad = torch.randn(want[0].shape, dtype=torch.float64).to(dtype)
         gnames = ["grad_x", "grad_weight", "grad_bias", "grad_scale", "grad_shift", "grad_project_weight",
                   "grad_project_bias", "grad_project_scale", "grad_project_shift"]
@@ -247,7 +261,7 @@ DRIVER = textwrap.dedent(
             conf = (stats_, eps_, *spec.op_args().values())
             pconf = (pst, peps, *spec.project.op_args().values())
             f = emu.multi_scale_project_forward(x, weight, bias_, scale_, shift_, *conf, proj.conv.weight,
-                                                pb, ps, pt, *pconf, True)
+                                                pb, ps, pt, *pconf, True, [])
             b = emu.multi_scale_project_backward(g, x, weight, scale_, shift_, *f[1:5], *conf, proj.conv.weight, ps,
                                                  pt, *f[5:8], *pconf, [True, True])
             got = {"x": b[0], "project.conv.weight": b[5], "project.conv.bias": b[6]}

@@ -212,8 +212,16 @@ def _op_arguments(block, x, requires_grad):
     args = (x, *lists, batch_stats, eps)
     kwargs = dict(block.spec.op_args(), project_weight=leaf(block.project.conv.weight),
                   project_bias=leaf(p_bias), project_scale=leaf(p_scale), project_shift=leaf(p_shift),
-                  project_batch_stats=p_stats, project_eps=p_eps, **block.spec.project.op_args(), save_pre=True)
+                  project_batch_stats=p_stats, project_eps=p_eps, **block.spec.project.op_args(), save_pre=True,
+                  project_parts=[])
     return args, kwargs
+
+
+def _project_parts(block, x, pw):
+    """project_parts as msfused.functional gives them (its cache aside)."""
+    from msfused.functional import _project_parts
+
+    return _project_parts(x, block.spec, type("Projection", (), {"conv": type("Conv", (), {"weight": pw})})())
 
 
 OP_CASES = [
@@ -241,12 +249,16 @@ def test_opcheck(case):
         assert lean[5].numel() == 0 and torch.equal(lean[0], out)
         if not requires_grad:
             torch.library.opcheck(FORWARD, args, kwargs)
+            # the weight's parts given, as the functional layer's cache gives them: the same output, bit for bit
+            kwargs["project_parts"] = _project_parts(fused, x, kwargs["project_weight"])
+            torch.library.opcheck(FORWARD, args, kwargs)
+            assert torch.equal(FORWARD(*args, **kwargs)[0], out)
     args, kwargs = _op_arguments(fused, x, False)
     out, level, pre, mean, var, p_pre, p_mean, p_var = FORWARD(*args, **kwargs)
     x, weight, _bias, scale, shift, batch_stats, eps = args
     for mask in ([True, True], [False, True], [True, False]):
         bargs = (torch.randn_like(out), x, weight, scale, shift, level, pre, mean, var, batch_stats, eps)
-        bkw = {k: v for k, v in kwargs.items() if k not in ("project_bias", "save_pre")}
+        bkw = {k: v for k, v in kwargs.items() if k not in ("project_bias", "save_pre", "project_parts")}
         bkw.update(project_pre=p_pre, project_mean=p_mean, project_var=p_var, output_mask=mask)
         torch.library.opcheck(BACKWARD, bargs, bkw)
 
@@ -368,6 +380,7 @@ def test_triton_opcheck_and_deterministic(_triton):
 
     args, kwargs = _op_arguments(fused, x, True)
     args = args[:2] + tuple(absent_as_empty(ts, x) for ts in args[2:5]) + args[5:]
+    del kwargs["project_parts"]  # (Triton caches its own per-tap weights)
     forward = torch.ops.msfused.multi_scale_project_forward_triton.default
     torch.library.opcheck(forward, args, kwargs, test_utils=("test_schema", "test_faketensor"))
     out = forward(*args, **kwargs)[0]

@@ -263,6 +263,7 @@ struct ProjectConfig {
   double eps = 0;
   std::string activation;
   bool save_pre = true;
+  TensorVector parts;  // project_parts: a cache of the weight's layout, no gradient (kept out of the graph)
 };
 
 class MultiScaleProjectFunction : public torch::autograd::Function<MultiScaleProjectFunction> {
@@ -288,11 +289,11 @@ class MultiScaleProjectFunction : public torch::autograd::Function<MultiScalePro
                              c10::IntArrayRef, c10::IntArrayRef, c10::string_view, c10::string_view, bool,
                              c10::string_view, c10::string_view, const Tensor&, const std::optional<Tensor>&,
                              const std::optional<Tensor>&, const std::optional<Tensor>&, bool, double,
-                             c10::string_view, bool)>();
+                             c10::string_view, bool, at::TensorList)>();
     auto [out, level, pre, mean, var, p_pre, p_mean, p_var] =
         op.call(x, weight, bias, scale, shift, cfg.batch_stats, cfg.eps, cfg.factor, cfg.bins, cfg.down_mode,
                 cfg.up_mode, cfg.align_corners, cfg.activation, cfg.input_position, p[B], p_bias, p_scale, p_shift,
-                pcfg.batch_stats, pcfg.eps, pcfg.activation, pcfg.save_pre);
+                pcfg.batch_stats, pcfg.eps, pcfg.activation, pcfg.save_pre, pcfg.parts);
     variable_list result{out};
     for (const TensorVector* list : {&level, &pre, &mean, &var}) result.insert(result.end(), list->begin(), list->end());
     result.insert(result.end(), {p_pre, p_mean, p_var});
@@ -365,8 +366,11 @@ ProjectForwardResult multi_scale_project_forward_autograd(
     bool align_corners, c10::string_view activation, c10::string_view input_position, const Tensor& project_weight,
     const std::optional<Tensor>& project_bias, const std::optional<Tensor>& project_scale,
     const std::optional<Tensor>& project_shift, bool project_batch_stats, double project_eps,
-    c10::string_view project_activation, bool save_pre) {
+    c10::string_view project_activation, bool save_pre, at::TensorList project_parts) {
   const int64_t B = static_cast<int64_t>(weight.size());
+  for (const Tensor& part : project_parts)
+    TORCH_CHECK_VALUE(!part.requires_grad(), "msfused: project_parts must not require grad: they are a copy of "
+                      "project_weight's layout, whose gradient flows through project_weight");
   TORCH_CHECK_VALUE(bias.size() == static_cast<size_t>(B) && scale.size() == static_cast<size_t>(B) &&
                         shift.size() == static_cast<size_t>(B),
                     "msfused: bias, scale and shift need one entry (or None) per branch");
@@ -384,7 +388,8 @@ ProjectForwardResult multi_scale_project_forward_autograd(
              std::string(down_mode),      std::string(up_mode),
              std::string(activation),     std::string(input_position),
              align_corners};
-  ProjectConfig pcfg{project_batch_stats, project_eps, std::string(project_activation), save_pre};
+  ProjectConfig pcfg{project_batch_stats, project_eps, std::string(project_activation), save_pre,
+                     project_parts.vec()};
   const variable_list r = MultiScaleProjectFunction::apply(x, at::TensorList(params), layout.encode(), cfg, pcfg);
   auto group = [&](int64_t k) { return TensorVector(r.begin() + 1 + k * B, r.begin() + 1 + (k + 1) * B); };
   const int64_t tail = 1 + 4 * B;

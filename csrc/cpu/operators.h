@@ -46,7 +46,7 @@ ProjectForwardResult multi_scale_project_forward_cpu(
     c10::IntArrayRef factor, c10::IntArrayRef bins, c10::string_view down_mode, c10::string_view up_mode,
     bool align_corners, c10::string_view activation, c10::string_view input_position, const Tensor& pw,
     const std::optional<Tensor>& p_bias, const std::optional<Tensor>& p_scale, const std::optional<Tensor>& p_shift,
-    bool p_batch_stats, double p_eps, c10::string_view p_activation, bool save_pre);
+    bool p_batch_stats, double p_eps, c10::string_view p_activation, bool save_pre, at::TensorList project_parts);
 
 ProjectBackwardResult multi_scale_project_backward_cpu(
     const Tensor& grad_in, const Tensor& x_in, at::TensorList weight, const OptionalTensorList& scale,

@@ -253,7 +253,7 @@ ProjectForwardResult multi_scale_project_forward_cpu(
     c10::IntArrayRef factor, c10::IntArrayRef bins, c10::string_view down_mode, c10::string_view up_mode,
     bool align_corners, c10::string_view activation, c10::string_view input_position, const Tensor& pw,
     const std::optional<Tensor>& p_bias, const std::optional<Tensor>& p_scale, const std::optional<Tensor>& p_shift,
-    bool p_batch_stats, double p_eps, c10::string_view p_activation, bool save_pre) {
+    bool p_batch_stats, double p_eps, c10::string_view p_activation, bool save_pre, at::TensorList project_parts) {
   const BlockPlan plan = make_plan(x_in, weight, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
                                    activation, input_position);
   TORCH_CHECK_VALUE(bias.size() == weight.size() && scale.size() == weight.size() && shift.size() == weight.size(),
@@ -274,10 +274,9 @@ ProjectForwardResult multi_scale_project_forward_cpu(
   BlockPlan levels_plan = plan;
   levels_plan.x_offset = -1;  // there is no concatenation to copy x into
   dispatch_levels_and_copy(levels_plan, x, Tensor(), level, cl);
+  const TensorVector parts = projection_parts(plan, proj, pw, project_parts);
   // The x part of the projection: conv(x, W_x) with the weight's x slice (a GEMM for a 1x1 kernel).
-  const Tensor acc = plan.x_offset >= 0 ? branch_conv(x, weight_slice(pw, plan.x_offset, plan.C), std::nullopt, pad, fmt)
-                                              .contiguous(fmt)
-                                        : Tensor();
+  const Tensor acc = plan.x_offset >= 0 ? branch_conv(x, parts[0], std::nullopt, pad, fmt).contiguous(fmt) : Tensor();
   TensorVector tmaps(B), direct(B);
   const at::ScalarType tdt = tap_maps_dtype(x.scalar_type());
   for (size_t b = 0; b < B; ++b) {
@@ -289,11 +288,9 @@ ProjectForwardResult multi_scale_project_forward_cpu(
     const Tensor a = branch_epilogue(branch_alone(plan, b, !whole), pre[b], scale.get(b), shift.get(b), mean[b],
                                      var[b], fmt);
     if (whole)
-      direct[b] = branch_conv(a, weight_slice(pw, bp.channel_offset, bp.out_channels), std::nullopt, pad, fmt)
-                      .contiguous(fmt);
+      direct[b] = branch_conv(a, parts[1 + b], std::nullopt, pad, fmt).contiguous(fmt);
     else
-      tmaps[b] = branch_conv(a.to(tdt), tap_weight(pw, bp.channel_offset, bp.out_channels).to(tdt), std::nullopt, 0, fmt)
-                     .contiguous(fmt);
+      tmaps[b] = branch_conv(a.to(tdt), parts[1 + b], std::nullopt, 0, fmt).contiguous(fmt);
   }
   const BlockPlan pp = projection_plan(plan, proj);
   // Without batch statistics the norm and activation run in the accumulation pass; in place when the

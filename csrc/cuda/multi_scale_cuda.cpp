@@ -724,7 +724,7 @@ ProjectForwardResult multi_scale_project_forward_cuda(
     c10::IntArrayRef factor, c10::IntArrayRef bins, c10::string_view down_mode, c10::string_view up_mode,
     bool align_corners, c10::string_view activation, c10::string_view input_position, const Tensor& pw,
     const std::optional<Tensor>& p_bias, const std::optional<Tensor>& p_scale, const std::optional<Tensor>& p_shift,
-    bool p_batch_stats, double p_eps, c10::string_view p_activation, bool save_pre) {
+    bool p_batch_stats, double p_eps, c10::string_view p_activation, bool save_pre, at::TensorList project_parts) {
   const BlockPlan plan = make_plan(x_in, weight, batch_stats, eps, factor, bins, down_mode, up_mode, align_corners,
                                    activation, input_position);
   TORCH_CHECK_VALUE(bias.size() == weight.size() && scale.size() == weight.size() && shift.size() == weight.size(),
@@ -790,18 +790,15 @@ ProjectForwardResult multi_scale_project_forward_cuda(
       act[b] = branch_activation(branch_alone(plan, b, !whole), pre[b], alpha[b], beta[b], cl, dt, stream);
     }
     const DeterministicConvolutions deterministic;
-    if (plan.x_offset >= 0)
-      acc = convolution(x, weight_slice(pw, plan.x_offset, plan.C), std::nullopt, pad).contiguous(fmt);
+    const TensorVector parts = projection_parts(plan, proj, pw, project_parts);
+    if (plan.x_offset >= 0) acc = convolution(x, parts[0], std::nullopt, pad).contiguous(fmt);
     for (size_t b = 0; b < B; ++b) {
       const BranchPlan& bp = plan.branches[b];
       if (convolves_resized(bp, k, H, W)) {
-        const Tensor part = convolution(act[b], weight_slice(pw, bp.channel_offset, bp.out_channels), std::nullopt, pad);
-        direct.push_back(part.contiguous(fmt));
+        direct.push_back(convolution(act[b], parts[1 + b], std::nullopt, pad).contiguous(fmt));
       } else {
         const at::ScalarType tdt = tap_maps_dtype(x.scalar_type());
-        tmaps.push_back(convolution(act[b].to(tdt), tap_weight(pw, bp.channel_offset, bp.out_channels).to(tdt),
-                                    std::nullopt, 0)
-                            .contiguous(fmt));
+        tmaps.push_back(convolution(act[b].to(tdt), parts[1 + b], std::nullopt, 0).contiguous(fmt));
         tap_branch.push_back(b);
       }
     }

@@ -603,12 +603,6 @@ def _up(up_mode: str, h: int, w: int, H: int, W: int, ac: bool, like: Tensor):
             axis_taps("identity" if w == W else up_mode, w, W, 0, ac, like.dtype, like.device))
 
 
-def convolves_resized(identity: bool, h: int, w: int, k: int, H: int, W: int) -> bool:
-    """Whether a branch's part of a k x k projection convolves its resized branch directly: csrc/projection.h's
-    convolves_resized, the rule the CPU and CUDA backends split the work by (so that every backend does)."""
-    return identity or h * w * k * k > H * W
-
-
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -644,18 +638,17 @@ def _conv(z: Tensor, w: Tensor, bias: Optional[Tensor], pad: int, fmt) -> Tensor
 
 
 def _tap_weight(pw: Tensor, offset: int, count: int, cached: bool = False) -> Tensor:
-    """The projection weight's part that reads channels [offset, offset + count) of the concatenation as one
-    1x1 convolution to k * k * P channels (channel (ky * k + kx) * P + p), as csrc/projection.h's tap_weight: a
-    view of pw for k = 1, a copy for k > 1 (no view has this layout). ``cached`` (a call no gradient flows
-    through: the forward without save_pre) takes the copy from the functional layer's parameter cache, made
-    once per version of pw (as the block's packed weights, ``launch._packed_weight``); a training call copies."""
-    P, _, k, _ = pw.shape
-    view = pw[:, offset:offset + count].permute(2, 3, 0, 1)
+    """The projection weight's part for channels [offset, offset + count) as one 1x1 convolution to k * k * P
+    channels (``_ops.tap_weight``: a view of pw for k = 1, a copy for k > 1). ``cached`` (a call no gradient
+    flows through: the forward without save_pre) takes the copy from the functional layer's parameter cache,
+    made once per version of pw (as the block's packed weights, ``launch._packed_weight``); a training call
+    copies."""
+    k = pw.shape[2]
     if k == 1 or not cached:
-        return view.reshape(k * k * P, count, 1, 1)
+        return _ops.tap_weight(pw, offset, count)
 
     def copy():
-        t = view.reshape(k * k * P, count, 1, 1)
+        t = _ops.tap_weight(pw, offset, count)
         return t.clone() if t._base is not None else t  # (P = 1: a view, which would keep pw alive)
 
     return PARAM_CACHE.get(pw, f"triton.tap_weight.{offset}.{count}", (pw,), (), copy)
@@ -675,7 +668,7 @@ class _Branch:
     def __init__(self, b, factor, bins, H, W, k):
         self.h, self.w = _level_size(factor[b], bins, b, H, W)
         self.identity = factor[b] == 1
-        self.whole = convolves_resized(self.identity, self.h, self.w, k, H, W)
+        self.whole = _ops.convolves_resized(self.identity, self.h, self.w, k, H, W)
 
 
 def _activation(pre_b: Tensor, norm: _Norm, act: str, up, fmt) -> Tuple[Tensor, Optional[Tensor]]:
@@ -697,7 +690,7 @@ def project_forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bin
     N, C, H, W = x.shape
     P, k = pw.shape[0], pw.shape[2]
     pad = k // 2
-    launch.check_index_limit(x, P)  # the per-tap maps are smaller than the output (convolves_resized)
+    launch.check_index_limit(x, P)  # the per-tap maps are smaller than the output (_ops.convolves_resized)
     fmt = launch._fmt(x)
     x = x.contiguous(memory_format=fmt)
     dt, dev = x.dtype, x.device
