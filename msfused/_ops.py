@@ -184,16 +184,15 @@ def tap_weight(pw: torch.Tensor, offset: int, count: int) -> torch.Tensor:
     return pw[:, offset:offset + count].permute(2, 3, 0, 1).reshape(k * k * P, count, 1, 1)
 
 
-def project_parts(pw: torch.Tensor, C: int, x_offset: int, branches, H: int, W: int, copy: bool = True) -> list:
+def project_parts(pw: torch.Tensor, C: int, x_offset: int, branches, H: int, W: int) -> list:
     """The projection weight's parts in the layouts multi_scale_project_forward convolves them in (its
     ``project_parts``; csrc/projection.h's projection_parts): x's slice (P, C, k, k) (empty where x is not in
     the output, ``x_offset`` -1), then per branch (channel offset, channels, (h, w) level, identity): its slice
-    where it convolves its resized branch directly, else its per-tap weight in the per-tap maps' dtype. With
-    ``copy``, each a tensor of its own (never a view of pw)."""
+    where it convolves its resized branch directly, else its per-tap weight in the per-tap maps' dtype. Each a
+    tensor of its own, never a view of pw (which a cache entry owned by pw would keep alive)."""
     k = pw.shape[2]
     fmt = torch._prims_common.suggest_memory_format(pw)
-    own = (lambda t: t.clone(memory_format=torch.contiguous_format) if t._base is not None else t) if copy \
-        else (lambda t: t)  # noqa: E731
+    own = lambda t: t.clone() if t._base is not None else t  # noqa: E731
     parts = [pw[:, x_offset:x_offset + C].contiguous(memory_format=fmt) if x_offset >= 0
              else pw.new_empty((0,))]
     for offset, count, (h, w), identity in branches:

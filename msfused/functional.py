@@ -365,7 +365,8 @@ def _fused_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList, ba
 def _project_parts(x: torch.Tensor, spec: BlockSpec, project) -> List[torch.Tensor]:
     """The projection weight's parts in the layouts the C++ operators convolve them in (``_ops.project_parts``),
     from the parameter cache: copied once per version of the weight (and per layout: a branch's changes with
-    the input's size), not per call. Under torch.compile none (the operator makes them in the graph)."""
+    the input's size), not per call. None where the cache keeps nothing (torch.compile, inference tensors): the
+    operator then slices the weight itself."""
     pw = project.conv.weight
     if torch.compiler.is_compiling() or not PARAM_CACHE._cacheable([pw]):
         return []

@@ -306,3 +306,42 @@ def test_triton_packed_weights_recomputed_when_a_parameter_changes(packs):
     for m in (naive, fused):
         torch.optim.SGD(m.parameters(), lr=0.1).step()
     check(20)
+
+
+@pytest.mark.skipif(not msfused.availability("cpu")[0], reason="the CPU backend (msfused._C) is not built")
+@pytest.mark.parametrize("pos", ["first", None])
+def test_projection_parts_cached_until_the_weight_changes(monkeypatch, pos):
+    """The C++ operators' projection weight parts (x's slice, per-tap weights) are made once per version of the
+    weight in calls without a gradient and passed in; remade after an in-place update or a dtype move; never
+    made (the operator slices) where a gradient flows; each time with the naive module's numbers. No part is a
+    view of the weight."""
+    from msfused import _ops
+
+    functional.PARAM_CACHE.clear()
+    made = _count_calls(monkeypatch, _ops, "project_parts")
+    project = dict(out_channels=3, kernel_size=3, bias=True)
+    naive, fused = build_pair("psp", 4, dict(bins=(1, 2), branch_channels=2, norm="batch", input_position=pos,
+                                             project=project), torch.float64)
+    naive.eval(), fused.eval()
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64)
+
+    def check(expected, grad=False):
+        with torch.set_grad_enabled(grad), msfused.use_backend("cpu"):
+            assert norm_err(fused(x), naive(x)) <= (1e-10 if x.dtype == torch.float64 else 1e-5)
+        assert made[0] == expected
+
+    check(1)
+    check(1)
+    with torch.no_grad():
+        parts = functional._project_parts(x, fused.spec, fused.project)
+    assert made[0] == 1 and all(p._base is None for p in parts) and len(parts) == 3
+    assert (parts[0].numel() > 0) == (pos is not None)
+    with torch.no_grad():  # in place (an optimizer step)
+        for m in (naive, fused):
+            m.project.conv.weight.mul_(-1.5)
+    check(2)
+    check(2, grad=True)  # a gradient flows: the operator slices the weight itself
+    naive.float(), fused.float()  # a dtype move
+    x = x.float()
+    check(3)
+    functional.PARAM_CACHE.clear()
