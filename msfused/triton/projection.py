@@ -654,6 +654,19 @@ def _tap_weight(pw: Tensor, offset: int, count: int, cached: bool = False) -> Te
     return PARAM_CACHE.get(pw, f"triton.tap_weight.{offset}.{count}", (pw,), (), copy)
 
 
+def _slice_weight(pw: Tensor, offset: int, count: int, cached: bool = False) -> Tensor:
+    """The projection weight's slice for channels [offset, offset + count) of the concatenation (P, count, k, k),
+    as its own convolution takes it: a view of pw, which the convolution copies into a dense weight (cuDNN),
+    unless ``cached`` (a call no gradient flows through): then that dense copy from the functional layer's
+    parameter cache, made once per version of pw."""
+    view = pw[:, offset:offset + count]
+    if not cached:
+        return view
+    fmt = launch._fmt(pw)
+    return PARAM_CACHE.get(pw, f"triton.slice.{offset}.{count}", (pw,), (),
+                           lambda: view.clone(memory_format=fmt))
+
+
 def _offsets(weight: List[Tensor], C: int, input_position: str) -> Tuple[List[int], int]:
     offsets, o = [], C if input_position == "first" else 0
     for w in weight:
@@ -724,12 +737,13 @@ def project_forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bin
             a, full = _activation(pre_b, norm, activation, up, fmt)
             cb, off = weight[b].shape[0], offsets[b]
             if g.whole:
-                parts.append((_conv(full if full is not None else a, pw[:, off:off + cb], None, pad, fmt),
+                parts.append((_conv(full if full is not None else a, _slice_weight(pw, off, cb, not save_pre), None,
+                                    pad, fmt),
                               _identity_pair(H, x)[:1] + _identity_pair(W, x)[:1], 1))
             else:
                 parts.append((_conv(a, _tap_weight(pw, off, cb, cached=not save_pre), None, 0, fmt),
                               _up(up_mode, g.h, g.w, H, W, align_corners, x), k))
-        acc = _conv(x, pw[:, x_off:x_off + C], None, pad, fmt) if x_off >= 0 else None
+        acc = _conv(x, _slice_weight(pw, x_off, C, not save_pre), None, pad, fmt) if x_off >= 0 else None
     p_pre = launch._empty((N, P, H, W), dt, dev, fmt)
     fused = not p_batch_stats  # the norm is known before the sum: one pass writes the output
     out = launch._empty((N, P, H, W), dt, dev, fmt) if save_pre else p_pre  # else in place of the sum
