@@ -78,10 +78,10 @@ def gpu_launches(monkeypatch):
         yield every
 
 
-def _every_config(gpu_launches, check, tuned: bool) -> None:
-    """``check()`` once per configuration index of the longest list (fresh inputs each time); with ``tuned``,
-    that some autotuned kernel ran a list longer than one."""
-    for index in range(gpu_launches.longest):
+def _every_config(gpu_launches, check, tuned: bool, indices=None) -> None:
+    """``check()`` once per configuration index of the longest list (or of ``indices``; fresh inputs each
+    time); with ``tuned``, that some autotuned kernel ran a list longer than one."""
+    for index in (range(gpu_launches.longest) if indices is None else indices):
         gpu_launches.index = index
         check()
         if index == 0 and tuned:
@@ -114,12 +114,18 @@ CASES = [
 def test_gpu_launch_parameters(case, gpu_launches):
     """Training steps (forward and backward) and their checks against the float64 reference, under every
     configuration of the GPU's lists."""
+    indices = None
     if case.dtype in (torch.float16, torch.bfloat16):
-        check = lambda: check_half_precision_grads(case, trials=2)  # noqa: E731
+        # SPEC's rule on the mean of 8 draws (one draw's error is heavy-tailed: with 2, a ReLU flip in one draw
+        # failed the rule for seed 1122701384), so two configurations, not all: index 0 steps 32 input channels,
+        # index 3 steps 64 (conv_kernel's and convs_kernel's half-precision lists)
+        check = lambda: check_half_precision_grads(case, trials=8)  # noqa: E731
+        indices = (0, 3)
     else:
         check = lambda: run_case(case)  # noqa: E731
     # (float64 is not tuned; the projection's own passes are not, its convolutions are ATen's)
-    _every_config(gpu_launches, check, tuned=case.dtype != torch.float64 and "project" not in case.kwargs)
+    _every_config(gpu_launches, check, tuned=case.dtype != torch.float64 and "project" not in case.kwargs,
+                  indices=indices)
 
 
 INFERENCE_CASES = [
