@@ -34,7 +34,8 @@ pytestmark = pytest.mark.skipif(not (OK and launch.interpreting()),
 
 
 def _production_configs():
-    """Each autotuner's list as a GPU gets it (``launch`` builds them at import, under the interpreter)."""
+    """Each autotuner's production list, as a GPU gets it: ``launch`` built its tuners at import with the
+    interpreter's one configuration each; the lists are made again here with ``interpreting`` answering False."""
     lists = {}
     for tuned, make in ((launch.conv_tuned, launch._conv_configs), (launch.convs_tuned, launch._convs_configs),
                         (launch.block_tuned, launch._block_configs)):
