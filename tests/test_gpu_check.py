@@ -94,3 +94,39 @@ def test_configs_cover_the_grid():
     # maps over one tile of the CUDA kernels (2,048 outputs), so that their multi-tile paths run on the GPU
     assert sum(c["shape"][2] * c["shape"][3] > 2048 for c in configs) >= 3
     assert torch.float64 in gpu_check.DTYPES.values()
+
+
+@pytest.mark.parametrize("early, late, status, draws", [(3.0, 0.1, "PASS", 8), (3.0, 3.0, "FAIL", 8),
+                                                    (0.5, 3.0, "PASS", 3)])
+def test_half_precision_case_drawn_again_where_three_draws_fail(monkeypatch, early, late, status, draws):
+    """A bfloat16 case over its limit on the mean of 3 draws is drawn 5 more times and judged on the mean of 8
+    (gpu_check.HALF_DRAWS); one within it stops at 3; a float32 case takes one draw. The error metric is
+    scripted: the naive module's err is 1 (limit 2.001), the fused one's ``early`` for the first 3 draws, then
+    ``late``."""
+    from msfused.bench import accuracy
+
+    cfg = gpu_check.make_configs(1, 0, max_hw=9)[0]
+    counted = [0]
+
+    def counting(a, b, scale=None):
+        counted[0] += 1
+        return 0.0
+
+    # the tensors one draw measures (fused and naive each): a float32 case, one draw
+    monkeypatch.setattr(accuracy, "norm_err", counting)
+    assert gpu_check.check_case(cfg, torch.float32, "nchw", "reference", torch.device("cpu"), 0)["status"] == "PASS"
+    per_draw = counted[0] // 2
+    assert per_draw > 0
+    calls = [0]
+
+    def scripted(a, b, scale=None):  # check_case measures the fused tensor, then the naive one, per tensor
+        calls[0] += 1
+        draw = (calls[0] - 1) // (2 * per_draw)
+        return (early if draw < gpu_check.HALF_DRAWS else late) if calls[0] % 2 else 1.0
+
+    monkeypatch.setattr(accuracy, "norm_err", scripted)
+    result = gpu_check.check_case(cfg, torch.bfloat16, "nchw", "reference", torch.device("cpu"), 0)
+    assert calls[0] == 2 * per_draw * draws, (calls[0], per_draw)
+    assert result["status"] == status, result
+    if status == "FAIL":
+        assert all("mean of 8 draws" in f for f in result["failures"]), result["failures"]

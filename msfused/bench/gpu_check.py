@@ -9,7 +9,7 @@ mode, biases, activations and input positions varied), in float64, float32 (TF32
 and channels_last: the output and every gradient (x, each parameter) and the running statistics against
 the naive composition run in float64 on the same device, with SPEC.md's rules (:mod:`.accuracy`, the test
 suite's): float64 1e-10, float32 1e-5 (ill-conditioned tensors: within 4x the naive module's own float32
-error), bfloat16 within twice the naive module's own error plus 1e-3 (mean over 3 draws), gradients whose
+error), bfloat16 within twice the naive module's own error plus 1e-3 (mean over 3 draws, 8 where 3 fail: ``HALF_DRAWS``), gradients whose
 true value is 0 within their rounding bound. Outputs are poisoned: Triton's buffers start as NaN
 (``msfused.triton.launch.POISON``) and, on CUDA, the caching allocator's free blocks are filled with NaN
 bytes before each case, so an element a kernel forgets to write shows. One line per case (``PASS``,
@@ -53,7 +53,12 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.
 FORMATS = ("nchw", "channels_last")
 #: torch.compile of the naive block (inference) for at most three workloads: compiling costs ~10-30 s each.
 COMPILE_WORKLOADS = ("psp_mmseg", "pyramid_seed", "psp_small")
-HALF_DRAWS = 3
+#: Draws whose mean error a half-precision case is judged on, and how many it is judged on where that mean is
+#: over its limit: one draw's error is heavy-tailed (a ReLU mask flip, a near-cancelling sum), and the suite
+#: judges on 8 (tests/conftest.py, check_half_precision_grads: with 4 about 1% of draw sets of a passing case
+#: failed; none of 2000 sets of 8). A case failing at 3 draws is drawn 5 more times and judged on all 8, so a
+#: passing case costs 3 draws.
+HALF_DRAWS, HALF_DRAWS_AGAIN = 3, 8
 
 
 def _say(message: str) -> None:
@@ -194,14 +199,15 @@ def check_case(cfg: Dict[str, Any], dtype: torch.dtype, fmt: str, backend: str, 
 
     naive64, fused64 = _build(cfg, device, seed)
     half = dtype in (torch.float16, torch.bfloat16)
-    draws = HALF_DRAWS if half else 1
+    draws = 0
     memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
     names = ["x"] + [n for n, _ in fused64.named_parameters()]
     zero = true_zero_gradients(fused64)
     sums: Dict[str, List[float]] = {}  # name -> [err fused, err naive] summed over draws
     problems: List[str] = []
     gen = torch.Generator().manual_seed(seed + 1)
-    for _ in range(draws):
+
+    def draw():
         ref, own, fused = copy.deepcopy(naive64), copy.deepcopy(naive64).to(dtype), copy.deepcopy(fused64).to(dtype)
         x = torch.randn(cfg["shape"], generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
         x = x.contiguous(memory_format=memory_format)
@@ -247,18 +253,32 @@ def check_case(cfg: Dict[str, Any], dtype: torch.dtype, fmt: str, backend: str, 
                         problems.append(f"{name} (true value 0) over its rounding bound")
                     continue
                 acc = sums.setdefault(name, [0.0, 0.0])
-                acc[0] += norm_err(a, b, scale) / draws
-                acc[1] += norm_err(c, b, scale) / draws
+                acc[0] += norm_err(a, b, scale)
+                acc[1] += norm_err(c, b, scale)
         finally:
             probe.remove()
-    worst_name, worst_ratio, worst = None, -1.0, ""
-    for name, (e, e_own) in sums.items():
-        limit = spec_limit(dtype, e_own)
-        ratio = e / limit
-        if not e <= limit:
-            problems.append(f"{name}: err {e:.2e} > {limit:.2e} (naive in {str(dtype)[6:]}: {e_own:.2e})")
-        if not ratio <= worst_ratio:  # NaN counts as the worst
-            worst_name, worst_ratio, worst = name, ratio, f"{name} err {e:.2e} / limit {limit:.2e}"
+
+    def over_limits():  # (tensors over their limit on the mean of the draws so far, the worst)
+        over, worst_ratio, worst = [], -1.0, ""
+        for name, (e_sum, e_own_sum) in sums.items():
+            e, e_own = e_sum / draws, e_own_sum / draws
+            limit = spec_limit(dtype, e_own)
+            ratio = e / limit
+            if not e <= limit:
+                mean = f"; mean of {draws} draws" if half else ""
+                over.append(f"{name}: err {e:.2e} > {limit:.2e} (naive in {str(dtype)[6:]}: {e_own:.2e}{mean})")
+            if not ratio <= worst_ratio:  # NaN counts as the worst
+                worst_ratio, worst = ratio, f"{name} err {e:.2e} / limit {limit:.2e}"
+        return over, worst
+
+    for target in ((HALF_DRAWS, HALF_DRAWS_AGAIN) if half else (1,)):
+        while draws < target:
+            draw()
+            draws += 1
+        over, worst = over_limits()
+        if not over or problems:
+            break
+    problems += over
     return {"status": "FAIL" if problems else "PASS", "worst": worst, "failures": problems}
 
 
