@@ -83,41 +83,38 @@ at::Tensor tap_weight(const at::Tensor& pw, int64_t offset, int64_t count) {
 std::vector<at::Tensor> projection_parts(const BlockPlan& plan, const Projection& proj, const at::Tensor& pw,
                                          at::TensorList given) {
   const size_t B = plan.branches.size();
-  const at::ScalarType tdt = tap_maps_dtype(pw.scalar_type());
-  std::vector<at::Tensor> parts(1 + B);
-  if (given.empty()) {
-    if (plan.x_offset >= 0) parts[0] = weight_slice(pw, plan.x_offset, plan.C);
-    for (size_t b = 0; b < B; ++b) {
-      const BranchPlan& bp = plan.branches[b];
-      parts[1 + b] = convolves_resized(bp, proj.k, plan.H, plan.W)
-                         ? weight_slice(pw, bp.channel_offset, bp.out_channels)
-                         : tap_weight(pw, bp.channel_offset, bp.out_channels).to(tdt);
-    }
-    return parts;
-  }
-  TORCH_CHECK_VALUE(given.size() == 1 + B, "msfused: project_parts needs ", 1 + B,
+  TORCH_CHECK_VALUE(given.empty() || given.size() == 1 + B, "msfused: project_parts needs ", 1 + B,
                     " tensors (x's part, then one per branch) or none, got ", given.size());
   const int64_t P = proj.P, k = proj.k;
-  auto take = [&](size_t i, std::vector<int64_t> shape, at::ScalarType dtype, const char* what) {
+  const at::ScalarType tdt = tap_maps_dtype(pw.scalar_type());
+  std::vector<at::Tensor> parts(1 + B);
+  // Part i, channels [offset, offset + count) of pw: its slice, or (tap) its per-tap weight; the given one
+  // checked against it, else made.
+  auto part = [&](size_t i, int64_t offset, int64_t count, bool tap) {
+    if (given.empty()) {
+      parts[i] = tap ? tap_weight(pw, offset, count).to(tdt) : weight_slice(pw, offset, count);
+      return;
+    }
     const at::Tensor& t = given[i];
+    const std::vector<int64_t> shape = tap ? std::vector<int64_t>{k * k * P, count, 1, 1}
+                                           : std::vector<int64_t>{P, count, k, k};
+    const char* what = tap ? "a per-tap weight" : "a slice of project_weight";
     TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(shape), "msfused: project_parts[", i, "] (", what,
                       ") must have shape ", at::IntArrayRef(shape), ", got ", t.sizes());
-    TORCH_CHECK_TYPE(t.scalar_type() == dtype, "msfused: project_parts[", i, "] (", what, ") must have dtype ",
-                     dtype, ", got ", t.scalar_type());
+    TORCH_CHECK_TYPE(t.scalar_type() == (tap ? tdt : pw.scalar_type()), "msfused: project_parts[", i, "] (", what,
+                     ") must have dtype ", tap ? tdt : pw.scalar_type(), ", got ", t.scalar_type());
     TORCH_CHECK_VALUE(t.device() == pw.device(), "msfused: project_parts[", i, "] is on ", t.device(),
                       " but project_weight is on ", pw.device());
     parts[i] = t;
   };
   if (plan.x_offset >= 0)
-    take(0, {P, plan.C, k, k}, pw.scalar_type(), "x's slice of project_weight");
+    part(0, plan.x_offset, plan.C, false);
   else
-    TORCH_CHECK_VALUE(given[0].numel() == 0, "msfused: project_parts[0] must be empty: x is not in the output");
+    TORCH_CHECK_VALUE(given.empty() || given[0].numel() == 0,
+                      "msfused: project_parts[0] must be empty: x is not in the output");
   for (size_t b = 0; b < B; ++b) {
     const BranchPlan& bp = plan.branches[b];
-    if (convolves_resized(bp, k, plan.H, plan.W))
-      take(1 + b, {P, bp.out_channels, k, k}, pw.scalar_type(), "the branch's slice of project_weight");
-    else
-      take(1 + b, {k * k * P, bp.out_channels, 1, 1}, tdt, "the branch's per-tap weight");
+    part(1 + b, bp.channel_offset, bp.out_channels, !convolves_resized(bp, k, plan.H, plan.W));
   }
   return parts;
 }

@@ -192,15 +192,14 @@ def project_parts(pw: torch.Tensor, C: int, x_offset: int, branches, H: int, W: 
     tensor of its own, never a view of pw (which a cache entry owned by pw would keep alive)."""
     k = pw.shape[2]
     fmt = torch._prims_common.suggest_memory_format(pw)
-    own = lambda t: t.clone() if t._base is not None else t  # noqa: E731
     parts = [pw[:, x_offset:x_offset + C].contiguous(memory_format=fmt) if x_offset >= 0
              else pw.new_empty((0,))]
     for offset, count, (h, w), identity in branches:
         if convolves_resized(identity, h, w, k, H, W):
             parts.append(pw[:, offset:offset + count].contiguous(memory_format=fmt))
         else:
-            parts.append(own(tap_weight(pw, offset, count).to(_stats_dtype(pw.dtype))))
-    return [own(t) for t in parts]
+            parts.append(tap_weight(pw, offset, count).to(_stats_dtype(pw.dtype)))
+    return [t.clone() if t._base is not None else t for t in parts]
 
 
 def multi_scale_forward_fake(

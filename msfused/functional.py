@@ -362,12 +362,11 @@ def _fused_forward(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList, ba
     return out
 
 
-def _project_parts(x: torch.Tensor, spec: BlockSpec, project) -> List[torch.Tensor]:
-    """The projection weight's parts in the layouts the C++ operators convolve them in (``_ops.project_parts``),
-    from the parameter cache: copied once per version of the weight (and per layout: a branch's changes with
-    the input's size), not per call. None where the cache keeps nothing (torch.compile, inference tensors): the
-    operator then slices the weight itself."""
-    pw = project.conv.weight
+def _project_parts(x: torch.Tensor, spec: BlockSpec, pw: torch.Tensor) -> List[torch.Tensor]:
+    """The projection weight ``pw``'s parts in the layouts the C++ operators convolve them in
+    (``_ops.project_parts``), from the parameter cache: copied once per version of the weight (and per layout: a
+    branch's changes with the input's size), not per call. None where the cache keeps nothing (torch.compile,
+    inference tensors): the operator then slices the weight itself."""
     if torch.compiler.is_compiling() or not PARAM_CACHE._cacheable([pw]):
         return []
     N, C, H, W = x.shape
@@ -405,7 +404,7 @@ def _fused_project_forward(x: torch.Tensor, spec: BlockSpec, branches, project, 
     save_pre = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     # Without a gradient the C++ operators take the weight's parts from the parameter cache (Triton caches its
     # own per-tap weights)
-    parts = {} if backend == "triton" else dict(project_parts=[] if save_pre else _project_parts(x, spec, project))
+    parts = {} if backend == "triton" else dict(project_parts=[] if save_pre else _project_parts(x, spec, project.conv.weight))
     out, _level, _pre, mean, var, _p_pre, p_mean, p_var = op(
         x, weight, bias, scale, shift, batch_stats, eps, **spec.op_args(),
         project_weight=project.conv.weight, project_bias=p_bias, project_scale=p_scale,

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import msfused
+from msfused import functional
 
 from .conftest import (
     Case, OpNames, build_case, build_pair, check_half_precision_grads, make_input, run_case,
@@ -217,13 +218,6 @@ def _op_arguments(block, x, requires_grad):
     return args, kwargs
 
 
-def _project_parts(block, x, pw):
-    """project_parts as msfused.functional gives them (its cache aside)."""
-    from msfused.functional import _project_parts
-
-    return _project_parts(x, block.spec, type("Projection", (), {"conv": type("Conv", (), {"weight": pw})})())
-
-
 OP_CASES = [
     Case("ms", dict(scales=(1, 2, 3), norm="batch", bias=False, project=_proj(P=3, k=3, activation="gelu")),
          (2, 3, 9, 7), train=True, label="op"),
@@ -250,7 +244,7 @@ def test_opcheck(case):
         if not requires_grad:
             torch.library.opcheck(FORWARD, args, kwargs)
             # the weight's parts given, as the functional layer's cache gives them: the same output, bit for bit
-            kwargs["project_parts"] = _project_parts(fused, x, kwargs["project_weight"])
+            kwargs["project_parts"] = functional._project_parts(x, fused.spec, kwargs["project_weight"])
             torch.library.opcheck(FORWARD, args, kwargs)
             assert torch.equal(FORWARD(*args, **kwargs)[0], out)
     args, kwargs = _op_arguments(fused, x, False)
