@@ -176,6 +176,14 @@ def convolves_resized(identity: bool, h: int, w: int, k: int, H: int, W: int) ->
     return identity or h * w * k * k > H * W
 
 
+def tap_maps_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a per-tap branch's maps and of their gradient (csrc/projection.h's tap_maps_dtype): opmath
+    (float32 for half and bfloat16). Each map is a partial sum of the one convolution the reference rounds once,
+    so none is rounded to x's dtype; their 1x1 convolutions run in it (a half-precision activation and weight are
+    exact there, TF32 included)."""
+    return _stats_dtype(dtype)
+
+
 def tap_weight(pw: torch.Tensor, offset: int, count: int) -> torch.Tensor:
     """The projection weight's part that reads channels [offset, offset + count) of the concatenation as one 1x1
     convolution to k * k * P channels (channel (ky * k + kx) * P + p): csrc/projection.h's tap_weight. A view of
@@ -198,7 +206,7 @@ def project_parts(pw: torch.Tensor, C: int, x_offset: int, branches, H: int, W: 
         if convolves_resized(identity, h, w, k, H, W):
             parts.append(pw[:, offset:offset + count].contiguous(memory_format=fmt))
         else:
-            parts.append(tap_weight(pw, offset, count).to(_stats_dtype(pw.dtype)))
+            parts.append(tap_weight(pw, offset, count).to(tap_maps_dtype(pw.dtype)))
     return [t.clone() if t._base is not None else t for t in parts]
 
 

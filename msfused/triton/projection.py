@@ -639,16 +639,16 @@ def _conv(z: Tensor, w: Tensor, bias: Optional[Tensor], pad: int, fmt) -> Tensor
 
 def _tap_weight(pw: Tensor, offset: int, count: int, cached: bool = False) -> Tensor:
     """The projection weight's part for channels [offset, offset + count) as one 1x1 convolution to k * k * P
-    channels (``_ops.tap_weight``: a view of pw for k = 1, a copy for k > 1). ``cached`` (a call no gradient
-    flows through: the forward without save_pre) takes the copy from the functional layer's parameter cache,
-    made once per version of pw (as the block's packed weights, ``launch._packed_weight``); a training call
-    copies."""
-    k = pw.shape[2]
-    if k == 1 or not cached:
-        return _ops.tap_weight(pw, offset, count)
+    channels in the per-tap maps' dtype (``_ops.tap_weight`` / ``tap_maps_dtype``: a view of pw for k = 1 in
+    float32 / float64, else a copy). ``cached`` (a call no gradient flows through: the forward without save_pre)
+    takes the copy from the functional layer's parameter cache, made once per version of pw (as the block's
+    packed weights, ``launch._packed_weight``); a training call copies."""
+    view = pw.shape[2] == 1 and _ops.tap_maps_dtype(pw.dtype) == pw.dtype
+    if view or not cached:
+        return _ops.tap_weight(pw, offset, count).to(_ops.tap_maps_dtype(pw.dtype))
 
     def copy():
-        t = _ops.tap_weight(pw, offset, count)
+        t = _ops.tap_weight(pw, offset, count).to(_ops.tap_maps_dtype(pw.dtype))
         return t.clone() if t._base is not None else t  # (P = 1: a view, which would keep pw alive)
 
     return PARAM_CACHE.get(pw, f"triton.tap_weight.{offset}.{count}", (pw,), (), copy)
@@ -710,7 +710,7 @@ def project_forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bin
     offsets, x_off = _offsets(weight, C, input_position)
     B = len(weight)
     level, pre, mean, var, parts = [], [], [], [], []
-    sdt = _stats_dtype(dt)
+    sdt, tdt = _stats_dtype(dt), _ops.tap_maps_dtype(dt)
     # Every level other than x itself: the block's pool_kernel (bins) / levels_kernel (factors), up to 4 levels
     # per launch, split into chunks that fill the GPU (+1 launch sums their partials in a fixed order).
     pooled = [b for b in range(B) if factor[b] != 1]
@@ -740,8 +740,8 @@ def project_forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bin
                 parts.append((_conv(full if full is not None else a, _slice_weight(pw, off, cb, not save_pre), None,
                                     pad, fmt),
                               _identity_pair(H, x)[:1] + _identity_pair(W, x)[:1], 1))
-            else:
-                parts.append((_conv(a, _tap_weight(pw, off, cb, cached=not save_pre), None, 0, fmt),
+            else:  # the per-tap maps in opmath (_ops.tap_maps_dtype: partial sums, not rounded to x's dtype)
+                parts.append((_conv(a.to(tdt), _tap_weight(pw, off, cb, cached=not save_pre), None, 0, fmt),
                               _up(up_mode, g.h, g.w, H, W, align_corners, x), k))
         acc = _conv(x, _slice_weight(pw, x_off, C, not save_pre), None, pad, fmt) if x_off >= 0 else None
     p_pre = launch._empty((N, P, H, W), dt, dev, fmt)
@@ -842,13 +842,16 @@ def project_backward(grad_out, x, weight, scale, shift, level, pre, mean, var, b
                     da = gz.contiguous(memory_format=fmt)
                 if need_w:
                     grad_pw[:, off:off + cb] = gw
-            else:  # the per-tap maps' gradient: the adjoint of the shifted up-resize, a gather at the level
-                dt_b = launch._empty((N, k * k * P, g.h, g.w), x.dtype, x.device, fmt)
+            else:  # the per-tap maps' gradient: the adjoint of the shifted up-resize, a gather at the level, in
+                # opmath as the maps (_ops.tap_maps_dtype); a's gradient rounded once to its dtype, the weight's
+                # part's once into grad_pw
+                tdt = _ops.tap_maps_dtype(x.dtype)
+                dt_b = launch._empty((N, k * k * P, g.h, g.w), tdt, x.device, fmt)
                 _gather(dpre, dt_b, _adj(up[0]), _adj(up[1]), ks=k, p=P)
                 gz, gw, _ = torch.ops.aten.convolution_backward(
-                    dt_b, a, _tap_weight(pw, off, cb), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                    dt_b, a.to(tdt), _tap_weight(pw, off, cb), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
                     [True, need_w, False])
-                da = gz.contiguous(memory_format=fmt)
+                da = gz.to(a.dtype).contiguous(memory_format=fmt)
                 if need_w:  # (k * k * P, Cb, 1, 1) back to the (P, Cb, k, k) slice
                     grad_pw[:, off:off + cb] = gw.reshape(k, k, P, cb).permute(2, 3, 0, 1)
             dconv, gs, gt, _ = _epilogue_backward(da, pre_b, norm, activation, fmt)
