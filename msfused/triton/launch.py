@@ -60,11 +60,20 @@ def _empty(shape, dtype, device, memory_format=torch.contiguous_format) -> torch
     return t
 
 
+try:
+    from torch._library.triton import is_wrap_triton_enabled as _wrap_enabled
+except ImportError:  # a torch without it: always wrap
+    def _wrap_enabled() -> bool:
+        return True
+
+
 def _launch(kernel, grid, *args, **meta):
-    # wrap_triton makes the launch visible to torch.compile and export. Interpreted kernels are called
-    # as they are: nothing can trace them (fake tensors hold no data), and torch before 2.13 refuses to
-    # wrap them ("wrap_triton only works on functions annotated with triton.jit").
-    (kernel if interpreting() else torch.library.wrap_triton(kernel))[grid](*args, **meta)
+    # wrap_triton makes the launch visible to torch.compile and export. Where it is off (the eager body of a
+    # torch.library.triton_op: the wrapper would only call the kernel) the kernel is called as it is, which
+    # spares building the wrapper per launch (~5 us of a launch's ~15-80 us host time, bench/triton_host_cost.py).
+    # Interpreted kernels too: nothing can trace them (fake tensors hold no data), and torch before 2.13
+    # refuses to wrap them ("wrap_triton only works on functions annotated with triton.jit").
+    (kernel if interpreting() or not _wrap_enabled() else torch.library.wrap_triton(kernel))[grid](*args, **meta)
 
 
 #: ptxas's register limit for every kernel (``.maxnreg``): without it ptxas may cap a kernel below what it
@@ -90,7 +99,7 @@ class _Autotuner(triton.runtime.autotuner.Autotuner):
             named = dict(zip(self.arg_names, args))
             named.update((k, v) for k, v in kwargs.items() if k in self.names)
             key = tuple([named[k] for k in self.keys if k in named] +
-                        [str(v.dtype) for v in named.values() if hasattr(v, "dtype")])
+                        [str(v.dtype) for v in named.values() if isinstance(v, torch.Tensor)])
             config = self.cache.get(key)
             if config is not None and config.pre_hook is None:
                 self.best_config = config
