@@ -404,7 +404,8 @@ def _fused_project_forward(x: torch.Tensor, spec: BlockSpec, branches, project, 
     save_pre = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     # Without a gradient the C++ operators take the weight's parts from the parameter cache (Triton caches its
     # own per-tap weights)
-    parts = {} if backend == "triton" else dict(project_parts=[] if save_pre else _project_parts(x, spec, project.conv.weight))
+    parts = {} if backend == "triton" else dict(
+        project_parts=[] if save_pre else _project_parts(x, spec, project.conv.weight))
     out, _level, _pre, mean, var, _p_pre, p_mean, p_var = op(
         x, weight, bias, scale, shift, batch_stats, eps, **spec.op_args(),
         project_weight=project.conv.weight, project_bias=p_bias, project_scale=p_scale,

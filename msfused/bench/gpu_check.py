@@ -9,10 +9,10 @@ mode, biases, activations and input positions varied), in float64, float32 (TF32
 and channels_last: the output and every gradient (x, each parameter) and the running statistics against
 the naive composition run in float64 on the same device, with SPEC.md's rules (:mod:`.accuracy`, the test
 suite's): float64 1e-10, float32 1e-5 (ill-conditioned tensors: within 4x the naive module's own float32
-error), bfloat16 within twice the naive module's own error plus 1e-3 (mean over 3 draws, 8 where 3 fail: ``HALF_DRAWS``), gradients whose
-true value is 0 within their rounding bound. Outputs are poisoned: Triton's buffers start as NaN
-(``msfused.triton.launch.POISON``) and, on CUDA, the caching allocator's free blocks are filled with NaN
-bytes before each case, so an element a kernel forgets to write shows. One line per case (``PASS``,
+error), bfloat16 within twice the naive module's own error plus 1e-3 (mean over 3 draws, 8 where 3 fail:
+``HALF_DRAWS``), gradients whose true value is 0 within their rounding bound. Outputs are poisoned: Triton's
+buffers start as NaN (``msfused.triton.launch.POISON``) and, on CUDA, the caching allocator's free blocks are
+filled with NaN bytes before each case, so an element a kernel forgets to write shows. One line per case (``PASS``,
 ``FAIL`` with the tensors over their limits, ``ERROR`` with the exception); a case never stops the rest.
 The cases are split into shards (one per backend and dtype) run as parallel processes: Triton compiles
 kernels on the CPU, one process each; a shard whose process dies (a CUDA error poisons a process) is

@@ -808,6 +808,7 @@ def project_backward(grad_out, x, weight, scale, shift, level, pre, mean, var, b
     need_x, need_w = bool(output_mask[0]), bool(output_mask[1])
     offsets, x_off = _offsets(weight, C, input_position)
     B = len(weight)
+    tdt = _ops.tap_maps_dtype(x.dtype)
     # The projection's epilogue backward: the gradient of its pre-activation (bias included).
     pnorm = _Norm(p_scale, p_shift, p_mean, p_var, p_eps, p_batch_stats)
     dpre, grad_p_scale, grad_p_shift, grad_p_bias = _epilogue_backward(grad, p_pre.contiguous(memory_format=fmt),
@@ -845,7 +846,6 @@ def project_backward(grad_out, x, weight, scale, shift, level, pre, mean, var, b
             else:  # the per-tap maps' gradient: the adjoint of the shifted up-resize, a gather at the level, in
                 # opmath as the maps (_ops.tap_maps_dtype); a's gradient rounded once to its dtype, the weight's
                 # part's once into grad_pw
-                tdt = _ops.tap_maps_dtype(x.dtype)
                 dt_b = launch._empty((N, k * k * P, g.h, g.w), tdt, x.device, fmt)
                 _gather(dpre, dt_b, _adj(up[0]), _adj(up[1]), ks=k, p=P)
                 gz, gw, _ = torch.ops.aten.convolution_backward(
