@@ -86,6 +86,30 @@ def test_matches_naive(case):
     run_case(case)
 
 
+# The CPU backend's oneDNN x part (float32, an NCHW x, a 1x1 projection) in bands: several samples to a band,
+# and one sample split into bands of rows (over 8 MiB of acc a sample), each band's channels_last acc transposed
+# into the NCHW output by the pass. P = 37 leaves a group of 16 channels and a block of 4 partial; W is odd.
+ONEDNN_CASES = [
+    Case("psp", dict(bins=(1, 2, 3, 6), branch_channels=3, input_position="last",
+                     project=_proj(P=37, bias=True, activation="gelu")),
+         (2, 3, 239, 241), dtype=torch.float32, label="onednn-row-bands-eval"),
+    Case("psp", dict(bins=(2, 3, 6), branch_channels=3, project=_proj(P=37, activation="relu")),
+         (3, 3, 145, 145), dtype=torch.float32, train=True, steps=2, label="onednn-sample-bands-train"),
+    Case("psp", dict(bins=(2, 6), branch_channels=2, norm=None, input_position="last",
+                     project=_proj(P=37, bias=True, norm=None, activation="silu")),
+         (1, 2, 239, 241), dtype=torch.float32, train=True, label="onednn-row-bands-train-no-norm"),
+]
+
+
+@pytest.mark.parametrize("case", ONEDNN_CASES, ids=[c.id for c in ONEDNN_CASES])
+def test_matches_naive_onednn_bands(case):
+    """As test_matches_naive, where the x part takes the banded oneDNN path (x_part_bands in
+    csrc/cpu/projection_forward.cpp); with oneDNN switched off, the same case through branch_conv's GEMM."""
+    run_case(case)
+    with torch.backends.mkldnn.flags(enabled=False):
+        run_case(case, grads=False)
+
+
 def _small_block(kind="ms", train=True, layout_cl=False):
     if kind == "ms":
         naive, fused = build_pair("ms", 2, dict(scales=(1, 2, 3), norm="batch", bias=False, branch_channels=2,

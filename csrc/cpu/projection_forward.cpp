@@ -3,18 +3,28 @@
 // (which branch goes per tap, the plans) is csrc/projection.h, shared with the CUDA backend; the block's own
 // passes (the levels, each branch's epilogue and its backward, dx) are forward.cpp's and backward.cpp's.
 
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+#include <ATen/ops/conv2d.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/from_blob.h>
 
 #include <algorithm>
+#include <type_traits>
+#include <cstdlib>
 #include <tuple>
 #include <utility>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <xmmintrin.h>
+#endif
 
 #include "../projection.h"
 #include "common.h"
@@ -25,26 +35,114 @@ namespace cpu {
 using namespace detail;
 namespace {
 
-// Forward pass over acc (N, P, H, W), which holds conv(x, W_x) (or is null: zeros): the projection's
-// pre-activation v = acc + bias + every direct branch's full-size part + every tap branch's maps resized up
-// and shifted by their tap (zero outside). Separable: per tap row ky, the k maps of that row expanded along
-// the width and summed at the level (E, h x W, once per item), then each output row adds the (one or two)
-// E rows its height taps read, contiguously. One read of acc and one write per output element:
+// rw (planar: channel g's W values at g * W) = bias[g] + the first G channels of the W pixels at src (pixel
+// stride pix), or += them without bias. For float, 4 x 4 blocks transposed in SSE registers; reads run along
+// a pixel's channels, writes along a channel's row.
+template <bool ADD, typename T, typename scalar_t>
+inline void transposed_into(T* rw, const scalar_t* src, int64_t W, int64_t pix, int64_t G, const T* bias) {
+  const auto put = [&](int64_t g, int64_t J, T v) {
+    if constexpr (ADD)
+      rw[g * W + J] += v;
+    else
+      rw[g * W + J] = bias[g] + v;
+  };
+  int64_t J0 = 0;
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<scalar_t, float>) {
+    const int64_t G4 = G / 4 * 4;
+    for (; J0 + 4 <= W; J0 += 4) {
+      for (int64_t g0 = 0; g0 < G4; g0 += 4) {
+        const float* s0 = src + J0 * pix + g0;
+        __m128 r0 = _mm_loadu_ps(s0), r1 = _mm_loadu_ps(s0 + pix), r2 = _mm_loadu_ps(s0 + 2 * pix),
+               r3 = _mm_loadu_ps(s0 + 3 * pix);
+        _MM_TRANSPOSE4_PS(r0, r1, r2, r3);  // r_i: channel g0 + i at pixels J0 .. J0 + 3
+        const __m128 rows[4] = {r0, r1, r2, r3};
+        for (int64_t i = 0; i < 4; ++i) {
+          float* d = rw + (g0 + i) * W + J0;
+          _mm_storeu_ps(d, _mm_add_ps(rows[i], ADD ? _mm_loadu_ps(d) : _mm_set1_ps(bias[g0 + i])));
+        }
+      }
+      for (int64_t g = G4; g < G; ++g)
+        for (int64_t J = J0; J < J0 + 4; ++J) put(g, J, src[J * pix + g]);
+    }
+  }
+#endif
+  for (int64_t J = J0; J < W; ++J)
+    for (int64_t g = 0; g < G; ++g) put(g, J, static_cast<T>(src[J * pix + g]));
+}
+
+// The pass's hottest loop (add_rows) also compiled for AVX2 and AVX-512, the one the CPU has chosen when the
+// library loads (function multiversioning): the package is built for baseline x86-64 (SSE2). No FMA in any
+// clone, so all of them round alike.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#define MSFUSED_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MSFUSED_SIMD_CLONES
+#endif
+
+// rw[0, n) += sum over m of w[m] * e[m][0, n): four rows per sweep, so that rw is loaded and stored once per
+// four of them.
+template <typename T>
+inline void add_rows_impl(T* rw, const std::vector<std::pair<int64_t, T>>& rd, const T* e, int64_t n) {
+  size_t m = 0;
+  for (; m + 4 <= rd.size(); m += 4) {
+    const T *e0 = e + rd[m].first, *e1 = e + rd[m + 1].first, *e2 = e + rd[m + 2].first, *e3 = e + rd[m + 3].first;
+    const T w0 = rd[m].second, w1 = rd[m + 1].second, w2 = rd[m + 2].second, w3 = rd[m + 3].second;
+    for (int64_t q = 0; q < n; ++q) rw[q] += (w0 * e0[q] + w1 * e1[q]) + (w2 * e2[q] + w3 * e3[q]);
+  }
+  for (; m + 2 <= rd.size(); m += 2) {
+    const T *e0 = e + rd[m].first, *e1 = e + rd[m + 1].first;
+    const T w0 = rd[m].second, w1 = rd[m + 1].second;
+    for (int64_t q = 0; q < n; ++q) rw[q] += w0 * e0[q] + w1 * e1[q];
+  }
+  if (m < rd.size()) {
+    const T* e0 = e + rd[m].first;
+    const T w0 = rd[m].second;
+    for (int64_t q = 0; q < n; ++q) rw[q] += w0 * e0[q];
+  }
+}
+MSFUSED_SIMD_CLONES void add_rows(float* rw, const std::vector<std::pair<int64_t, float>>& rd, const float* e, int64_t n) {
+  add_rows_impl(rw, rd, e, n);
+}
+MSFUSED_SIMD_CLONES void add_rows(double* rw, const std::vector<std::pair<int64_t, double>>& rd, const double* e, int64_t n) {
+  add_rows_impl(rw, rd, e, n);
+}
+
+// The samples [n0, n1) and rows [r0, r1) one call of accumulate_projection computes, and the layout of its acc:
+// (n1 - n0, P, r1 - r0, W), in the work layout.
+struct Band {
+  int64_t n0, n1, r0, r1;
+};
+
+// Forward pass over a band of acc (the band's conv(x, W_x), or null: zeros): the projection's pre-activation
+// v = acc + bias + every direct branch's full-size part + every tap branch's maps resized up and shifted by
+// their tap (zero outside). Separable: per tap row ky, the k maps of that row expanded along the width and
+// summed at the level (E, h x W, once per item), then each output row adds the (one or two) E rows its height
+// taps read, contiguously. One read of acc and one write per output element:
 //   * with `epi` (no batch statistics) out = act(epi(v)) (out may be acc: inference keeps nothing), and
 //     pre_out (may be null, or acc) keeps v for backward;
 //   * without, v goes to pre_out, and part_sum / part_m2 get each (n, channel)'s sum and sum of squared
-//     deviations from its own mean (in double; combined in batch order by projection_batch_stats).
+//     deviations from its own mean (in double; combined in batch order by projection_batch_stats); the band
+//     then holds whole samples.
+// CL is the work layout (acc, the maps, the direct parts), OUT_CL that of pre_out and out (the caller's): a
+// channels_last band (the x part as oneDNN computes it fastest) can write an NCHW output. Then an item's row
+// and E rows are planar (channel g's W values at g * W), acc is transposed as it is read, and the rest runs
+// over contiguous rows as in NCHW.
 // Values are rounded to scalar_t before the norm and the statistics, as the reference's convolution output is.
-template <typename scalar_t, bool CL, Activation A>
+template <typename scalar_t, bool CL, bool OUT_CL, Activation A>
 void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const std::vector<TapBranch<scalar_t>>& tb,
                            const std::vector<const scalar_t*>& direct, const std::vector<at::opmath_type<scalar_t>>& bias,
-                           const Epilogue<at::opmath_type<scalar_t>>* epi, const scalar_t* acc, scalar_t* pre_out,
-                           scalar_t* out, double* part_sum, double* part_m2) {
+                           const Epilogue<at::opmath_type<scalar_t>>* epi, const Band& band, const scalar_t* acc,
+                           scalar_t* pre_out, scalar_t* out, double* part_sum, double* part_m2) {
+  static_assert(CL || !OUT_CL, "an NCHW work layout writes an NCHW output");
   using T = at::opmath_type<scalar_t>;
   constexpr int64_t S = CL ? kGroup : 1;
-  const int64_t H = plan.H, W = plan.W, r = k / 2, KP = k * k * P, WS = W * S;
+  constexpr bool PLANAR = CL && !OUT_CL;
+  const int64_t H = plan.H, W = plan.W, r = k / 2, KP = k * k * P, WS = W * S, rows = band.r1 - band.r0;
+  TORCH_INTERNAL_ASSERT(out || (band.r0 == 0 && band.r1 == H), "batch statistics need whole samples");
   const Groups<CL> groups(P);
   const Plane<CL> ap = Plane<CL>::make(W, P);
+  const Plane<OUT_CL> op = Plane<OUT_CL>::make(W, P);
   int64_t e_size = 0;
   std::vector<int64_t> e_at;  // offset of tap branch t's E rows in the scratch
   for (const auto& t : tb) {
@@ -53,23 +151,24 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
   }
   // Per output row, the E rows it reads (offsets into the scratch) and their weights: per tap branch and tap
   // row, the height taps at I + dy (none outside the map: the zero padding).
-  std::vector<std::vector<std::pair<int64_t, T>>> reads(H);
-  for (int64_t I = 0; I < H; ++I)
+  std::vector<std::vector<std::pair<int64_t, T>>> reads(rows);
+  for (int64_t I = band.r0; I < band.r1; ++I)
     for (size_t b = 0; b < tb.size(); ++b) {
       const TapBranch<scalar_t>& t = tb[b];
       for (int64_t ky = 0; ky < k; ++ky) {
         const int64_t O = I + ky - r;
         if (O < 0 || O >= H) continue;
         const int64_t at = e_at[b] + ky * t.h * WS;
-        reads[I].emplace_back(at + t.uh.i0[O] * WS, t.uh.two ? t.uh.w0[O] : T(1));
-        if (t.uh.two) reads[I].emplace_back(at + t.uh.i1[O] * WS, t.uh.w1[O]);
+        reads[I - band.r0].emplace_back(at + t.uh.i0[O] * WS, t.uh.two ? t.uh.w0[O] : T(1));
+        if (t.uh.two) reads[I - band.r0].emplace_back(at + t.uh.i1[O] * WS, t.uh.w1[O]);
       }
     }
-  at::parallel_for(0, plan.N * groups.per_n, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, (band.n1 - band.n0) * groups.per_n, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> e(e_size), row(WS);
     for (int64_t item = begin; item < end; ++item) {
       int64_t n, c0, g_count;
       groups.at(item, &n, &c0, &g_count);
+      n += band.n0;
       const int64_t G = CL ? g_count : 1;
       std::fill(e.begin(), e.end(), T(0));
       for (size_t b = 0; b < tb.size(); ++b) {
@@ -82,33 +181,37 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
             for (int64_t i = 0; i < t.h; ++i) {
               T* erow = e.data() + e_at[b] + (ky * t.h + i) * WS;
               const T* srow = src + i * tp.row;
-              if (!CL && t.col_runs) {  // each level value spread over its run of outputs
-                for (int64_t j = 0; j < t.w; ++j) {
-                  int64_t u0, u1;
-                  t.runs(j, dx, W, &u0, &u1);
-                  const T v = srow[j * tp.pix];
-                  T* eo = erow + t.col_first[j] - dx;
-                  const T* cw = t.col_w.data() + t.col_ptr[j];
-                  for (int64_t u = u0; u < u1; ++u) eo[u] += v * cw[u];
-                }
+              if ((!CL || PLANAR) && t.col_runs) {  // each level value spread over its run of outputs
+                for (int64_t g = 0; g < G; ++g)
+                  for (int64_t j = 0; j < t.w; ++j) {
+                    int64_t u0, u1;
+                    t.runs(j, dx, W, &u0, &u1);
+                    const T v = srow[j * tp.pix + g];
+                    T* eo = erow + g * W + t.col_first[j] - dx;
+                    const T* cw = t.col_w.data() + t.col_ptr[j];
+                    for (int64_t u = u0; u < u1; ++u) eo[u] += v * cw[u];
+                  }
                 continue;
               }
               for (int64_t J = j0; J < j1; ++J) {
                 const int64_t q = J + dx;
                 const T* a0 = srow + t.uw.i0[q] * tp.pix;
                 const T* a1 = srow + t.uw.i1[q] * tp.pix;
-                T* es = erow + J * S;
+                T* es = erow + (PLANAR ? J : J * S);
+                const int64_t es_g = PLANAR ? W : 1;  // channel g of output J at es[g * es_g]
                 if (t.uw.two) {
                   const T w0 = t.uw.w0[q], w1 = t.uw.w1[q];
-                  for (int64_t g = 0; g < G; ++g) es[g] += w0 * a0[g] + w1 * a1[g];
+                  for (int64_t g = 0; g < G; ++g) es[g * es_g] += w0 * a0[g] + w1 * a1[g];
                 } else {
-                  for (int64_t g = 0; g < G; ++g) es[g] += a0[g];
+                  for (int64_t g = 0; g < G; ++g) es[g * es_g] += a0[g];
                 }
               }
             }
           }
       }
-      const int64_t origin = Plane<CL>::origin(n, c0, P, H, W);
+      const int64_t work_origin = Plane<CL>::origin(n, c0, P, H, W);
+      const int64_t acc_origin = Plane<CL>::origin(n - band.n0, c0, P, rows, W);
+      const int64_t out_origin = Plane<OUT_CL>::origin(n, c0, P, H, W);
       T bias_g[S] = {}, alpha_g[S] = {}, beta_g[S] = {};
       for (int64_t g = 0; g < G; ++g) {
         bias_g[g] = bias.empty() ? T(0) : bias[c0 + g];
@@ -118,65 +221,64 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
         }
       }
       double sum[S] = {};
-      for (int64_t I = 0; I < H; ++I) {
+      for (int64_t I = band.r0; I < band.r1; ++I) {
         // acc, the bias and the direct branches (layout-specialised loops, so that they vectorise).
-        const int64_t at_row = origin + I * ap.row;
+        const int64_t work_row = work_origin + I * ap.row, acc_row = acc_origin + (I - band.r0) * ap.row;
         T* rw = row.data();
+        if constexpr (CL) {  // the next row's lines of acc: one per pixel, a pixel's P channels apart
+          if (acc && I + 1 < band.r1)
+            for (int64_t J = 0; J < W; ++J) __builtin_prefetch(acc + acc_row + ap.row + J * ap.pix);
+        }
         if constexpr (!CL) {
           const T b0 = bias_g[0];
           if (acc) {
-            const scalar_t* arow = acc + at_row;
+            const scalar_t* arow = acc + acc_row;
             for (int64_t J = 0; J < W; ++J) rw[J] = static_cast<T>(arow[J]) + b0;
           } else {
             for (int64_t J = 0; J < W; ++J) rw[J] = b0;
           }
           for (const scalar_t* d : direct) {
-            const scalar_t* drw = d + at_row;
+            const scalar_t* drw = d + work_row;
             for (int64_t J = 0; J < W; ++J) rw[J] += static_cast<T>(drw[J]);
           }
+        } else if constexpr (PLANAR) {  // acc's pixels transposed into the channels' rows
+          for (int64_t g = acc ? G : 0; g < S; ++g) std::fill(rw + g * W, rw + (g + 1) * W, bias_g[g]);  // zero past G
+          if (acc) transposed_into<false>(rw, acc + acc_row, W, ap.pix, G, bias_g);
+          for (const scalar_t* d : direct) transposed_into<true>(rw, d + work_row, W, ap.pix, G, bias_g);
         } else {
           for (int64_t J = 0; J < W; ++J) {
-            const int64_t at = at_row + J * ap.pix;
             T* rs = rw + J * S;
             for (int64_t g = 0; g < S; ++g) rs[g] = bias_g[g];  // zero past G
             if (acc)
-              for (int64_t g = 0; g < G; ++g) rs[g] += static_cast<T>(acc[at + g]);
+              for (int64_t g = 0; g < G; ++g) rs[g] += static_cast<T>(acc[acc_row + J * ap.pix + g]);
             for (const scalar_t* d : direct)
-              for (int64_t g = 0; g < G; ++g) rs[g] += static_cast<T>(d[at + g]);
+              for (int64_t g = 0; g < G; ++g) rs[g] += static_cast<T>(d[work_row + J * ap.pix + g]);
           }
         }
-        const auto& rd = reads[I];
-        size_t m = 0;
-        for (; m + 1 < rd.size(); m += 2) {  // two rows per sweep: half the loads and stores of row
-          const T *e0 = e.data() + rd[m].first, *e1 = e.data() + rd[m + 1].first;
-          const T w0 = rd[m].second, w1 = rd[m + 1].second;
-          for (int64_t q = 0; q < WS; ++q) rw[q] += w0 * e0[q] + w1 * e1[q];
-        }
-        if (m < rd.size()) {
-          const T* e0 = e.data() + rd[m].first;
-          const T w0 = rd[m].second;
-          for (int64_t q = 0; q < WS; ++q) rw[q] += w0 * e0[q];
-        }
+        add_rows(rw, reads[I - band.r0], e.data(), WS);
         // The row out: the pre-activation, and the norm and activation or the statistics' sums.
-        if constexpr (!CL) {
-          if (pre_out) {
-            scalar_t* prw = pre_out + at_row;
-            for (int64_t J = 0; J < W; ++J) prw[J] = static_cast<scalar_t>(rw[J]);
-          }
-          if (out) {
-            scalar_t* orw = out + at_row;
-            const T al = alpha_g[0], be = beta_g[0];
-            for (int64_t J = 0; J < W; ++J)
-              orw[J] = static_cast<scalar_t>(activate<T>(A, al * static_cast<T>(static_cast<scalar_t>(rw[J])) + be));
-          } else {
-            T s0 = 0;  // the row's sum in opmath, the rows' in double
+        const int64_t out_row = out_origin + I * op.row;
+        if constexpr (!OUT_CL) {  // per channel, its row of the NCHW plane (planar rw: its row g)
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t og = out_row + g * H * W;
+            const T* rg = rw + g * W;
+            if (pre_out)
+              for (int64_t J = 0; J < W; ++J) pre_out[og + J] = static_cast<scalar_t>(rg[J]);
+            if (out) {
+              const T al = alpha_g[g], be = beta_g[g];
+              scalar_t* orw = out + og;
+              for (int64_t J = 0; J < W; ++J)
+                orw[J] = static_cast<scalar_t>(activate<T>(A, al * static_cast<T>(static_cast<scalar_t>(rg[J])) + be));
+            } else {
+              T s0 = 0;  // the row's sum in opmath, the rows' in double
 #pragma omp simd reduction(+ : s0)
-            for (int64_t J = 0; J < W; ++J) s0 += static_cast<T>(static_cast<scalar_t>(rw[J]));
-            sum[0] += static_cast<double>(s0);
+              for (int64_t J = 0; J < W; ++J) s0 += static_cast<T>(static_cast<scalar_t>(rg[J]));
+              sum[g] += static_cast<double>(s0);
+            }
           }
         } else {
           for (int64_t J = 0; J < W; ++J) {
-            const int64_t at = at_row + J * ap.pix;
+            const int64_t at = out_row + J * op.pix;
             const T* rs = rw + J * S;
             if (pre_out)
               for (int64_t g = 0; g < G; ++g) pre_out[at + g] = static_cast<scalar_t>(rs[g]);
@@ -196,20 +298,23 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
       double mean[S], m2[S] = {};
       for (int64_t g = 0; g < G; ++g) mean[g] = sum[g] / count;
       for (int64_t I = 0; I < H; ++I) {
-        const scalar_t* prw = pre_out + origin + I * ap.row;
-        if constexpr (!CL) {
-          const T mu = static_cast<T>(mean[0]);
-          T s2 = 0;
+        const scalar_t* prw = pre_out + out_origin + I * op.row;
+        if constexpr (!OUT_CL) {
+          for (int64_t g = 0; g < G; ++g) {
+            const scalar_t* pg = prw + g * H * W;
+            const T mu = static_cast<T>(mean[g]);
+            T s2 = 0;
 #pragma omp simd reduction(+ : s2)
-          for (int64_t J = 0; J < W; ++J) {
-            const T d = static_cast<T>(prw[J]) - mu;
-            s2 += d * d;
+            for (int64_t J = 0; J < W; ++J) {
+              const T d = static_cast<T>(pg[J]) - mu;
+              s2 += d * d;
+            }
+            m2[g] += static_cast<double>(s2);
           }
-          m2[0] += static_cast<double>(s2);
         } else {
           for (int64_t J = 0; J < W; ++J)
             for (int64_t g = 0; g < G; ++g) {
-              const double d = static_cast<double>(prw[J * ap.pix + g]) - mean[g];
+              const double d = static_cast<double>(prw[J * op.pix + g]) - mean[g];
               m2[g] += d * d;
             }
         }
@@ -220,6 +325,92 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
       }
     }
   });
+}
+
+// Whether the x part (conv(x, W_x), the bulk of the projection's FLOPs) runs as oneDNN's channels_last 1x1
+// convolution: float32 with oneDNN on. On CPUs where MKL's sgemm takes its AVX2 path (AMD's), oneDNN's AVX-512
+// kernels run that product about 1.65x faster (bench: psp_decoder_smp); where both use AVX-512 they match.
+bool x_part_on_onednn(int64_t k, const Tensor& x) {
+  return k == 1 && x.scalar_type() == at::kFloat && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
+}
+
+// The bands of an NCHW x's part: whole samples while a band's channels_last acc (P channels) stays within
+// kBandBytes, else rows of one sample (whole samples with batch statistics: their pass reads whole planes).
+// Small enough to be read back from cache; large enough that oneDNN's call costs little beside the product.
+std::vector<Band> x_part_bands(int64_t N, int64_t P, int64_t H, int64_t W, int64_t elem, bool whole_samples) {
+  constexpr int64_t kBandBytes = int64_t(8) << 20;
+  const int64_t row_bytes = std::max<int64_t>(1, P * W * elem);
+  std::vector<Band> bands;
+  if (whole_samples || row_bytes * H <= kBandBytes) {
+    const int64_t per = std::max<int64_t>(1, kBandBytes / (row_bytes * H));
+    for (int64_t n = 0; n < N; n += per) bands.push_back({n, std::min(N, n + per), 0, H});
+    return bands;
+  }
+  const int64_t rows = std::max<int64_t>(1, kBandBytes / row_bytes);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t r = 0; r < H; r += rows) bands.push_back({n, n + 1, r, std::min(H, r + rows)});
+  return bands;
+}
+
+// x's band (samples [n0, n1), rows [r0, r1) of an NCHW x) copied channels_last into dst, (n1 - n0, rows, W, C)
+// contiguous: 8 x 8 tiles through a local array, so that both the reads and the writes run along memory
+// (about 7x ATen's strided copy on the workloads' bands).
+template <typename scalar_t>
+void band_to_channels_last(const scalar_t* x, int64_t C, int64_t H, int64_t W, const Band& band, scalar_t* dst) {
+  constexpr int64_t kTile = 8;
+  const int64_t pixels = (band.r1 - band.r0) * W, blocks = (pixels + kTile - 1) / kTile;
+  at::parallel_for(0, (band.n1 - band.n0) * blocks, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / blocks, p0 = (item % blocks) * kTile, p1 = std::min(pixels, p0 + kTile);
+      const scalar_t* src = x + ((band.n0 + n) * C * H + band.r0) * W;  // (c, p) at src[c * H * W + p]
+      scalar_t* out = dst + n * pixels * C;
+      for (int64_t c0 = 0; c0 < C; c0 += kTile) {
+        const int64_t c1 = std::min(C, c0 + kTile);
+        if (p1 - p0 == kTile && c1 - c0 == kTile) {
+          scalar_t t[kTile][kTile];
+          for (int64_t i = 0; i < kTile; ++i)
+            for (int64_t j = 0; j < kTile; ++j) t[j][i] = src[(c0 + i) * H * W + p0 + j];
+          for (int64_t j = 0; j < kTile; ++j)
+            for (int64_t i = 0; i < kTile; ++i) out[(p0 + j) * C + c0 + i] = t[j][i];
+        } else {
+          for (int64_t q = p0; q < p1; ++q)
+            for (int64_t c = c0; c < c1; ++c) out[q * C + c] = src[c * H * W + q];
+        }
+      }
+    }
+  });
+}
+
+// oneDNN's 1x1 convolutions through the operators Inductor's CPU fusions call (ATen's conv2d picks a slower
+// unfolded path for some 1x1 cases, e.g. on one thread); at::conv2d where torch was built without oneDNN.
+// conv1x1(x, w): a new tensor, channels_last. conv1x1_into(dst, x, w): dst = conv(x, w) in dst's memory,
+// through the in-place form that adds into a tensor (here zeros): a band's acc then reuses one buffer (a
+// fresh 4 MiB costs about 1 ms of page faults on a VM, about what oneDNN takes for the band's product).
+std::optional<c10::OperatorHandle> find_op(const char* name, const char* overload) {
+  return c10::Dispatcher::singleton().findOp({name, overload});
+}
+
+Tensor conv1x1(const Tensor& x, const Tensor& w) {
+  static const std::optional<c10::OperatorHandle> op = find_op("mkldnn::_convolution_pointwise", "");
+  if (!op) return at::conv2d(x, w).contiguous(at::MemoryFormat::ChannelsLast);
+  const std::vector<int64_t> zeros{0, 0}, ones{1, 1};
+  torch::jit::Stack stack{x, w, c10::IValue(), zeros, ones, ones, int64_t(1), "none",
+                          c10::List<std::optional<c10::Scalar>>(), c10::IValue()};
+  op->callBoxed(&stack);
+  return stack.back().toTensor().contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+void conv1x1_into(Tensor& dst, const Tensor& x, const Tensor& w) {
+  static const std::optional<c10::OperatorHandle> op = find_op("mkldnn::_convolution_pointwise_", "binary");
+  if (!op) {
+    dst.copy_(at::conv2d(x, w));
+    return;
+  }
+  dst.zero_();
+  const std::vector<int64_t> zeros{0, 0}, ones{1, 1};
+  torch::jit::Stack stack{dst, x, w, c10::IValue(), zeros, ones, ones, int64_t(1), "add", c10::Scalar(1.0),
+                          c10::IValue(), c10::List<std::optional<c10::Scalar>>(), c10::IValue()};
+  op->callBoxed(&stack);
 }
 
 // The batch mean and biased variance per channel from accumulate_projection's per-(n, channel) sums and
@@ -275,8 +466,16 @@ ProjectForwardResult multi_scale_project_forward_cpu(
   levels_plan.x_offset = -1;  // there is no concatenation to copy x into
   dispatch_levels_and_copy(levels_plan, x, Tensor(), level, cl);
   const TensorVector parts = projection_parts(plan, proj, pw, project_parts);
-  // The x part of the projection: conv(x, W_x) with the weight's x slice (a GEMM for a 1x1 kernel).
-  const Tensor acc = plan.x_offset >= 0 ? branch_conv(x, parts[0], std::nullopt, pad, fmt).contiguous(fmt) : Tensor();
+  // The x part of the projection: conv(x, W_x) with the weight's x slice. A 1x1 one in float32 is oneDNN's
+  // channels_last convolution (x_part_on_onednn); for an NCHW x, in bands of samples or rows (x_part_bands)
+  // that the accumulation reads from cache and writes out transposed. Otherwise it is branch_conv's, whole.
+  const bool onednn = plan.x_offset >= 0 && x_part_on_onednn(k, x);
+  const bool banded = onednn && !cl;
+  const bool work_cl = cl || onednn;  // the layout of acc, the maps and the direct parts
+  const auto wfmt = work_cl ? at::MemoryFormat::ChannelsLast : fmt;
+  Tensor acc;
+  if (plan.x_offset >= 0 && !banded)
+    acc = onednn ? conv1x1(x, parts[0]) : branch_conv(x, parts[0], std::nullopt, pad, fmt).contiguous(fmt);
   TensorVector tmaps(B), direct(B);
   const at::ScalarType tdt = tap_maps_dtype(x.scalar_type());
   for (size_t b = 0; b < B; ++b) {
@@ -288,16 +487,16 @@ ProjectForwardResult multi_scale_project_forward_cpu(
     const Tensor a = branch_epilogue(branch_alone(plan, b, !whole), pre[b], scale.get(b), shift.get(b), mean[b],
                                      var[b], fmt);
     if (whole)
-      direct[b] = branch_conv(a, parts[1 + b], std::nullopt, pad, fmt).contiguous(fmt);
+      direct[b] = branch_conv(a, parts[1 + b], std::nullopt, pad, wfmt).contiguous(wfmt);
     else
-      tmaps[b] = branch_conv(a.to(tdt), parts[1 + b], std::nullopt, 0, fmt).contiguous(fmt);
+      tmaps[b] = branch_conv(a.to(tdt), parts[1 + b], std::nullopt, 0, wfmt).contiguous(wfmt);
   }
   const BlockPlan pp = projection_plan(plan, proj);
   // Without batch statistics the norm and activation run in the accumulation pass; in place when the
   // pre-activation need not be kept (nothing will differentiate it). With them, the pass keeps the
   // pre-activation (in acc's place) and its per-sample statistics, and one more pass applies the norm.
   const bool fuse_epilogue = !proj.batch_stats;
-  Tensor p_pre = acc.defined() ? acc : at::empty({plan.N, P, H, W}, opts.memory_format(fmt));
+  Tensor p_pre = acc.defined() ? acc : at::empty({plan.N, P, H, W}, opts.memory_format(fmt));  // acc: in wfmt
   Tensor out = fuse_epilogue ? (save_pre ? at::empty_like(p_pre, fmt) : p_pre) : Tensor();
   std::vector<double> part_sum(proj.batch_stats ? plan.N * P : 0), part_m2(part_sum.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msfused_project_accumulate_cpu", [&] {
@@ -318,16 +517,36 @@ ProjectForwardResult multi_scale_project_forward_cpu(
       for (double v : to_doubles(p_bias, P, 0.0)) pb.push_back(static_cast<T>(v));
     }
     const Epilogue<T> epi = make_epilogue<T>(pp.branches[0], p_scale, p_shift, Tensor(), Tensor());
-    const scalar_t* a = acc.defined() ? acc.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* pre_out = !fuse_epilogue || save_pre ? p_pre.data_ptr<scalar_t>() : nullptr;
     scalar_t* o = fuse_epilogue ? out.data_ptr<scalar_t>() : nullptr;
-    if (p_pre.numel() > 0) {
-      with_activation(proj.activation, [&](auto act) {
-        constexpr Activation A = decltype(act)::value;
-        auto run = cl ? accumulate_projection<scalar_t, true, A> : accumulate_projection<scalar_t, false, A>;
-        run(plan, P, k, tb, dv, pb, &epi, a, pre_out, o, part_sum.data(), part_m2.data());
-      });
-    }
+    if (p_pre.numel() == 0) return;
+    with_activation(proj.activation, [&](auto act) {
+      constexpr Activation A = decltype(act)::value;
+      auto run = !work_cl ? accumulate_projection<scalar_t, false, false, A>
+                 : cl     ? accumulate_projection<scalar_t, true, true, A>
+                          : accumulate_projection<scalar_t, true, false, A>;
+      if (!banded) {
+        run(plan, P, k, tb, dv, pb, &epi, Band{0, plan.N, 0, H}, acc.defined() ? acc.const_data_ptr<scalar_t>() : nullptr,
+            pre_out, o, part_sum.data(), part_m2.data());
+        return;
+      }
+      const std::vector<Band> bands = x_part_bands(plan.N, P, H, W, x.element_size(), proj.batch_stats);
+      int64_t most = 0;  // the largest band's pixels
+      for (const Band& b : bands) most = std::max(most, (b.n1 - b.n0) * (b.r1 - b.r0) * W);
+      // Each band of x and of acc in turn, channels_last, in two buffers of the largest band's size.
+      const Tensor x_buf = at::empty({most * plan.C}, opts), acc_buf = at::empty({most * P}, opts);
+      const auto band_view = [&](const Tensor& buf, int64_t bn, int64_t rows, int64_t channels) {
+        return buf.narrow(0, 0, bn * rows * W * channels).view({bn, rows, W, channels}).permute({0, 3, 1, 2});
+      };
+      for (const Band& band : bands) {
+        const int64_t bn = band.n1 - band.n0, rows = band.r1 - band.r0;
+        band_to_channels_last(x.const_data_ptr<scalar_t>(), plan.C, H, W, band, x_buf.mutable_data_ptr<scalar_t>());
+        Tensor ab = band_view(acc_buf, bn, rows, P);
+        conv1x1_into(ab, band_view(x_buf, bn, rows, plan.C), parts[0]);
+        run(plan, P, k, tb, dv, pb, &epi, band, ab.const_data_ptr<scalar_t>(), pre_out, o, part_sum.data(),
+            part_m2.data());
+      }
+    });
   });
   Tensor p_mean, p_var;
   if (proj.batch_stats) {
