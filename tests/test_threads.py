@@ -1,7 +1,8 @@
 """Two Python threads calling the same fused module at once on CPU (issue 6) get the results sequential calls
 give: eval mode (with gradients), and train mode under no_grad (batch statistics; the running statistics
 are updated once per call, as nn.BatchNorm2d's are, whatever the order). The C++ operator holds no state
-between calls, and the backend choice (use_backend) is thread-local."""
+between calls (the CPU projection's band workspace is per thread, and scratch only), and the backend choice
+(use_backend) is thread-local."""
 
 from __future__ import annotations
 
@@ -69,6 +70,28 @@ def test_two_threads_eval_with_gradients(kind, kwargs):
         for r in range(ROUNDS):
             for i, (a, b) in enumerate(zip(got[t][r], expected[t][r])):
                 assert torch.equal(a, b), f"thread {t}, round {r}: result {i} differs from the sequential call"
+
+
+def test_two_threads_projection_bands():
+    """The CPU projection's banded oneDNN x part (an NCHW float32 x) in both threads at once, with bands of
+    different sizes per thread: each thread's band workspace is its own."""
+    _, fused = build_pair("psp", 6, dict(bins=(1, 2, 3, 6), input_position="last",
+                                         project=dict(out_channels=37, activation="gelu")), torch.float32)
+    fused.eval()
+    shapes = [(3, 6, 15, 13), (2, 6, 41, 33)]
+    xs = [[make_input(shapes[t], torch.float32, "contiguous") for _ in range(ROUNDS)] for t in range(2)]
+    with torch.no_grad():
+        expected = [[fused(xs[t][r]) for r in range(ROUNDS)] for t in range(2)]
+    got = [[None] * ROUNDS for _ in range(2)]
+
+    def work(t, r):
+        with torch.no_grad():
+            got[t][r] = fused(xs[t][r])
+
+    _hammer(work)
+    for t in range(2):
+        for r in range(ROUNDS):
+            assert torch.equal(got[t][r], expected[t][r]), f"thread {t}, round {r} differs from the sequential call"
 
 
 def test_two_threads_train_no_grad():

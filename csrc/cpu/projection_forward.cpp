@@ -16,6 +16,8 @@
 #include <ATen/ops/from_blob.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <memory>
 #include <type_traits>
 #include <cstdlib>
 #include <tuple>
@@ -225,10 +227,6 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
         // acc, the bias and the direct branches (layout-specialised loops, so that they vectorise).
         const int64_t work_row = work_origin + I * ap.row, acc_row = acc_origin + (I - band.r0) * ap.row;
         T* rw = row.data();
-        if constexpr (CL) {  // the next row's lines of acc: one per pixel, a pixel's P channels apart
-          if (acc && I + 1 < band.r1)
-            for (int64_t J = 0; J < W; ++J) __builtin_prefetch(acc + acc_row + ap.row + J * ap.pix);
-        }
         if constexpr (!CL) {
           const T b0 = bias_g[0];
           if (acc) {
@@ -379,6 +377,24 @@ void band_to_channels_last(const scalar_t* x, int64_t C, int64_t H, int64_t W, c
       }
     }
   });
+}
+
+// The bands' buffers (x's band and acc's), kept per calling thread between calls and grown to the largest
+// asked for: on a VM a fresh 10 MiB costs about 2.5k page faults (~3 ms, 15% of psp_decoder_smp's forward
+// here). Plain memory, not a tensor, so that nothing of torch's is left to free at thread or process exit.
+void* band_workspace(int64_t bytes) {
+  struct Free {
+    void operator()(void* p) const { std::free(p); }
+  };
+  thread_local std::unique_ptr<void, Free> buf;
+  thread_local int64_t size = 0;
+  if (bytes > size) {
+    const int64_t rounded = (bytes + 63) / 64 * 64;
+    buf.reset(std::aligned_alloc(64, static_cast<size_t>(rounded)));
+    TORCH_CHECK(buf, "msfused: cannot allocate ", rounded, " bytes for the projection's bands");
+    size = rounded;
+  }
+  return buf.get();
 }
 
 // oneDNN's 1x1 convolutions through the operators Inductor's CPU fusions call (ATen's conv2d picks a slower
@@ -533,16 +549,17 @@ ProjectForwardResult multi_scale_project_forward_cpu(
       const std::vector<Band> bands = x_part_bands(plan.N, P, H, W, x.element_size(), proj.batch_stats);
       int64_t most = 0;  // the largest band's pixels
       for (const Band& b : bands) most = std::max(most, (b.n1 - b.n0) * (b.r1 - b.r0) * W);
-      // Each band of x and of acc in turn, channels_last, in two buffers of the largest band's size.
-      const Tensor x_buf = at::empty({most * plan.C}, opts), acc_buf = at::empty({most * P}, opts);
-      const auto band_view = [&](const Tensor& buf, int64_t bn, int64_t rows, int64_t channels) {
-        return buf.narrow(0, 0, bn * rows * W * channels).view({bn, rows, W, channels}).permute({0, 3, 1, 2});
+      // Each band of x and of acc in turn, channels_last, in the thread's band workspace.
+      const int64_t x_at = 0, acc_at = (most * plan.C + 15) / 16 * 16;  // 64-byte aligned for float
+      scalar_t* ws = static_cast<scalar_t*>(band_workspace((acc_at + most * P) * x.element_size()));
+      const auto band_view = [&](int64_t at, int64_t bn, int64_t rows, int64_t channels) {
+        return at::from_blob(ws + at, {bn, channels, rows, W}, {rows * W * channels, 1, W * channels, channels}, opts);
       };
       for (const Band& band : bands) {
         const int64_t bn = band.n1 - band.n0, rows = band.r1 - band.r0;
-        band_to_channels_last(x.const_data_ptr<scalar_t>(), plan.C, H, W, band, x_buf.mutable_data_ptr<scalar_t>());
-        Tensor ab = band_view(acc_buf, bn, rows, P);
-        conv1x1_into(ab, band_view(x_buf, bn, rows, plan.C), parts[0]);
+        band_to_channels_last(x.const_data_ptr<scalar_t>(), plan.C, H, W, band, ws + x_at);
+        Tensor ab = band_view(acc_at, bn, rows, P);
+        conv1x1_into(ab, band_view(x_at, bn, rows, plan.C), parts[0]);
         run(plan, P, k, tb, dv, pb, &epi, band, ab.const_data_ptr<scalar_t>(), pre_out, o, part_sum.data(),
             part_m2.data());
       }
