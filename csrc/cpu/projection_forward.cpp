@@ -73,10 +73,10 @@ inline void transposed_into(T* rw, const scalar_t* src, int64_t W, int64_t pix, 
     for (int64_t g = 0; g < G; ++g) put(g, J, static_cast<T>(src[J * pix + g]));
 }
 
-// The pass's hottest loop (add_rows) also compiled for AVX2 and AVX-512, the one the CPU has chosen when the
-// library loads (function multiversioning): the package is built for baseline x86-64 (SSE2). No FMA in any
-// clone, so all of them round alike.
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+// The pass's hottest loops (add_rows, epilogue_row) also compiled for AVX2 and AVX-512, the one the CPU has
+// chosen when the library loads (GCC's function multiversioning): the package is built for baseline x86-64
+// (SSE2). No FMA in any clone, so all of them round alike.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
 #define MSFUSED_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define MSFUSED_SIMD_CLONES
@@ -108,6 +108,14 @@ MSFUSED_SIMD_CLONES void add_rows(float* rw, const std::vector<std::pair<int64_t
 }
 MSFUSED_SIMD_CLONES void add_rows(double* rw, const std::vector<std::pair<int64_t, double>>& rd, const double* e, int64_t n) {
   add_rows_impl(rw, rd, e, n);
+}
+
+// out[J] = act(al * v + be) for the W values of r, each rounded to scalar_t first (as the reference's
+// convolution output is): an NCHW row's norm and activation.
+template <typename scalar_t, typename T, Activation A>
+MSFUSED_SIMD_CLONES void epilogue_row(scalar_t* out, const T* r, T al, T be, int64_t W) {
+  for (int64_t J = 0; J < W; ++J)
+    out[J] = static_cast<scalar_t>(activate<T>(A, al * static_cast<T>(static_cast<scalar_t>(r[J])) + be));
 }
 
 // The samples [n0, n1) and rows [r0, r1) one call of accumulate_projection computes, and the layout of its acc:
@@ -263,10 +271,7 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
             if (pre_out)
               for (int64_t J = 0; J < W; ++J) pre_out[og + J] = static_cast<scalar_t>(rg[J]);
             if (out) {
-              const T al = alpha_g[g], be = beta_g[g];
-              scalar_t* orw = out + og;
-              for (int64_t J = 0; J < W; ++J)
-                orw[J] = static_cast<scalar_t>(activate<T>(A, al * static_cast<T>(static_cast<scalar_t>(rg[J])) + be));
+              epilogue_row<scalar_t, T, A>(out + og, rg, alpha_g[g], beta_g[g], W);
             } else {
               T s0 = 0;  // the row's sum in opmath, the rows' in double
 #pragma omp simd reduction(+ : s0)
