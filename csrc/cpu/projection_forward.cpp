@@ -17,15 +17,16 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <memory>
 #include <type_traits>
-#include <cstdlib>
 #include <tuple>
 #include <utility>
 #include <vector>
 
 #if defined(__SSE2__)
 #include <xmmintrin.h>
+#endif
+#if defined(__unix__)
+#include <sys/mman.h>
 #endif
 
 #include "../projection.h"
@@ -386,20 +387,39 @@ void band_to_channels_last(const scalar_t* x, int64_t C, int64_t H, int64_t W, c
 
 // The bands' buffers (x's band and acc's), kept per calling thread between calls and grown to the largest
 // asked for: on a VM a fresh 10 MiB costs about 2.5k page faults (~3 ms, 15% of psp_decoder_smp's forward
-// here). Plain memory, not a tensor, so that nothing of torch's is left to free at thread or process exit.
+// here). Its own mapping where there is mmap, so that a long-lived buffer does not split malloc's heap (whose
+// large free blocks let a later large tensor, such as the output, reuse pages already mapped); plain memory,
+// not a tensor, so that nothing of torch's is left to free at thread or process exit.
 void* band_workspace(int64_t bytes) {
-  struct Free {
-    void operator()(void* p) const { std::free(p); }
+  struct Buffer {
+    void* p = nullptr;
+    size_t size = 0;
+    void release() {
+#if defined(__unix__)
+      if (p) munmap(p, size);
+#else
+      std::free(p);
+#endif
+      p = nullptr;
+      size = 0;
+    }
+    ~Buffer() { release(); }
   };
-  thread_local std::unique_ptr<void, Free> buf;
-  thread_local int64_t size = 0;
-  if (bytes > size) {
-    const int64_t rounded = (bytes + 63) / 64 * 64;
-    buf.reset(std::aligned_alloc(64, static_cast<size_t>(rounded)));
-    TORCH_CHECK(buf, "msfused: cannot allocate ", rounded, " bytes for the projection's bands");
-    size = rounded;
+  thread_local Buffer buf;
+  if (static_cast<size_t>(bytes) > buf.size) {
+    buf.release();
+    const size_t rounded = (static_cast<size_t>(bytes) + 4095) / 4096 * 4096;
+#if defined(__unix__)
+    void* p = mmap(nullptr, rounded, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(p != MAP_FAILED, "msfused: cannot map ", rounded, " bytes for the projection's bands");
+#else
+    void* p = std::aligned_alloc(4096, rounded);
+    TORCH_CHECK(p, "msfused: cannot allocate ", rounded, " bytes for the projection's bands");
+#endif
+    buf.p = p;
+    buf.size = rounded;
   }
-  return buf.get();
+  return buf.p;
 }
 
 // oneDNN's 1x1 convolutions through the operators Inductor's CPU fusions call (ATen's conv2d picks a slower
