@@ -22,6 +22,7 @@
 
 #include "../projection.h"
 #include "common.h"
+#include "onednn.h"
 #include "tap_branch.h"
 
 namespace msfused {
@@ -212,7 +213,8 @@ bool x_part_is_gemm(int64_t k, const Tensor& x) {
 }
 
 // The x part's backward as GEMMs (x_part_is_gemm): dx = W_x^T dv and dW_x = dv x^T summed over the batch
-// in order (NCHW, per sample), or over the rows (N H W, channels) of channels_last maps.
+// in order (NCHW, per sample; on oneDNN in float32: x_part_on_onednn), or over the rows (N H W, channels) of
+// channels_last maps.
 std::pair<Tensor, Tensor> x_part_gemm_backward(const Tensor& dpre, const Tensor& x, const Tensor& wx, bool need_x,
                                                bool need_w, at::MemoryFormat fmt) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = wx.size(0);
@@ -223,6 +225,29 @@ std::pair<Tensor, Tensor> x_part_gemm_backward(const Tensor& dpre, const Tensor&
     const Tensor xrows = x.permute({0, 2, 3, 1}).reshape({N * H * W, C});
     if (need_x) dx = at::mm(rows, w2).view({N, H, W, C}).permute({0, 3, 1, 2});
     if (need_w) dw = at::mm(rows.t(), xrows);
+  } else if (N > 0 && x_part_on_onednn(1, x)) {
+    // NCHW on oneDNN (onednn.h), per sample in batch order: dW_x += dv[n] x[n]^T, x[n] (C, HW) the inner
+    // product's weight as NCHW keeps it; dx[n] = (dv[n]^T W_x)^T, dv[n] transposed into the workspace and the
+    // (HW, C) product transposed back into dx.
+    const Tensor cols = dpre.contiguous().view({N, P, H * W});
+    const Tensor xcols = x.view({N, C, H * W});
+    if (need_w)
+      for (int64_t n = 0; n < N; ++n) {
+        const Tensor part = linear(cols.select(0, n), xcols.select(0, n));
+        dw = n == 0 ? part : dw.add_(part);
+      }
+    if (need_x) {
+      dx = at::empty({N, C, H * W}, x.options());
+      const Tensor wt = w2.t().contiguous();  // (C, P)
+      float* ws = static_cast<float*>(band_workspace(H * W * P * static_cast<int64_t>(sizeof(float))));
+      const Tensor dv_t = at::from_blob(ws, {H * W, P}, x.options());
+      for (int64_t n = 0; n < N; ++n) {
+        transpose_into(cols.select(0, n).const_data_ptr<float>(), P, H * W, H * W, ws);
+        const Tensor rows = linear(dv_t, wt).contiguous();  // (HW, C)
+        transpose_into(rows.const_data_ptr<float>(), H * W, C, C, dx.select(0, n).mutable_data_ptr<float>());
+      }
+      dx = dx.view({N, C, H, W});
+    }
   } else {
     const Tensor cols = dpre.view({N, P, H * W});
     const Tensor xcols = x.view({N, C, H * W});

@@ -3,20 +3,15 @@
 // (which branch goes per tap, the plans) is csrc/projection.h, shared with the CUDA backend; the block's own
 // passes (the levels, each branch's epilogue and its backward, dx) are forward.cpp's and backward.cpp's.
 
-#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/core/stack.h>
-#include <ATen/ops/conv2d.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/from_blob.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <type_traits>
 #include <tuple>
 #include <utility>
@@ -25,12 +20,10 @@
 #if defined(__SSE2__)
 #include <xmmintrin.h>
 #endif
-#if defined(__unix__)
-#include <sys/mman.h>
-#endif
 
 #include "../projection.h"
 #include "common.h"
+#include "onednn.h"
 #include "tap_branch.h"
 
 namespace msfused {
@@ -331,13 +324,6 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
   });
 }
 
-// Whether the x part (conv(x, W_x), the bulk of the projection's FLOPs) runs as oneDNN's channels_last 1x1
-// convolution: float32 with oneDNN on. On CPUs where MKL's sgemm takes its AVX2 path (AMD's), oneDNN's AVX-512
-// kernels run that product about 1.65x faster (bench: psp_decoder_smp); where both use AVX-512 they match.
-bool x_part_on_onednn(int64_t k, const Tensor& x) {
-  return k == 1 && x.scalar_type() == at::kFloat && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
-}
-
 // The bands of an NCHW x's part: whole samples while a band's channels_last acc (P channels) stays within
 // kBandBytes, else rows of one sample (whole samples with batch statistics: their pass reads whole planes).
 // Small enough to be read back from cache; large enough that oneDNN's call costs little beside the product.
@@ -357,101 +343,12 @@ std::vector<Band> x_part_bands(int64_t N, int64_t P, int64_t H, int64_t W, int64
 }
 
 // x's band (samples [n0, n1), rows [r0, r1) of an NCHW x) copied channels_last into dst, (n1 - n0, rows, W, C)
-// contiguous: 8 x 8 tiles through a local array, so that both the reads and the writes run along memory
-// (about 7x ATen's strided copy on the workloads' bands).
+// contiguous: per sample the (C, rows * W) block transposed.
 template <typename scalar_t>
 void band_to_channels_last(const scalar_t* x, int64_t C, int64_t H, int64_t W, const Band& band, scalar_t* dst) {
-  constexpr int64_t kTile = 8;
-  const int64_t pixels = (band.r1 - band.r0) * W, blocks = (pixels + kTile - 1) / kTile;
-  at::parallel_for(0, (band.n1 - band.n0) * blocks, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / blocks, p0 = (item % blocks) * kTile, p1 = std::min(pixels, p0 + kTile);
-      const scalar_t* src = x + ((band.n0 + n) * C * H + band.r0) * W;  // (c, p) at src[c * H * W + p]
-      scalar_t* out = dst + n * pixels * C;
-      for (int64_t c0 = 0; c0 < C; c0 += kTile) {
-        const int64_t c1 = std::min(C, c0 + kTile);
-        if (p1 - p0 == kTile && c1 - c0 == kTile) {
-          scalar_t t[kTile][kTile];
-          for (int64_t i = 0; i < kTile; ++i)
-            for (int64_t j = 0; j < kTile; ++j) t[j][i] = src[(c0 + i) * H * W + p0 + j];
-          for (int64_t j = 0; j < kTile; ++j)
-            for (int64_t i = 0; i < kTile; ++i) out[(p0 + j) * C + c0 + i] = t[j][i];
-        } else {
-          for (int64_t q = p0; q < p1; ++q)
-            for (int64_t c = c0; c < c1; ++c) out[q * C + c] = src[c * H * W + q];
-        }
-      }
-    }
-  });
-}
-
-// The bands' buffers (x's band and acc's), kept per calling thread between calls and grown to the largest
-// asked for: on a VM a fresh 10 MiB costs about 2.5k page faults (~3 ms, 15% of psp_decoder_smp's forward
-// here). Its own mapping where there is mmap, so that a long-lived buffer does not split malloc's heap (whose
-// large free blocks let a later large tensor, such as the output, reuse pages already mapped); plain memory,
-// not a tensor, so that nothing of torch's is left to free at thread or process exit.
-void* band_workspace(int64_t bytes) {
-  struct Buffer {
-    void* p = nullptr;
-    size_t size = 0;
-    void release() {
-#if defined(__unix__)
-      if (p) munmap(p, size);
-#else
-      std::free(p);
-#endif
-      p = nullptr;
-      size = 0;
-    }
-    ~Buffer() { release(); }
-  };
-  thread_local Buffer buf;
-  if (static_cast<size_t>(bytes) > buf.size) {
-    buf.release();
-    const size_t rounded = (static_cast<size_t>(bytes) + 4095) / 4096 * 4096;
-#if defined(__unix__)
-    void* p = mmap(nullptr, rounded, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    TORCH_CHECK(p != MAP_FAILED, "msfused: cannot map ", rounded, " bytes for the projection's bands");
-#else
-    void* p = std::aligned_alloc(4096, rounded);
-    TORCH_CHECK(p, "msfused: cannot allocate ", rounded, " bytes for the projection's bands");
-#endif
-    buf.p = p;
-    buf.size = rounded;
-  }
-  return buf.p;
-}
-
-// oneDNN's 1x1 convolutions through the operators Inductor's CPU fusions call (ATen's conv2d picks a slower
-// unfolded path for some 1x1 cases, e.g. on one thread); at::conv2d where torch was built without oneDNN.
-// conv1x1(x, w): a new tensor, channels_last. conv1x1_into(dst, x, w): dst = conv(x, w) in dst's memory,
-// through the in-place form that adds into a tensor (here zeros): a band's acc then reuses one buffer (a
-// fresh 4 MiB costs about 1 ms of page faults on a VM, about what oneDNN takes for the band's product).
-std::optional<c10::OperatorHandle> find_op(const char* name, const char* overload) {
-  return c10::Dispatcher::singleton().findOp({name, overload});
-}
-
-Tensor conv1x1(const Tensor& x, const Tensor& w) {
-  static const std::optional<c10::OperatorHandle> op = find_op("mkldnn::_convolution_pointwise", "");
-  if (!op) return at::conv2d(x, w).contiguous(at::MemoryFormat::ChannelsLast);
-  const std::vector<int64_t> zeros{0, 0}, ones{1, 1};
-  torch::jit::Stack stack{x, w, c10::IValue(), zeros, ones, ones, int64_t(1), "none",
-                          c10::List<std::optional<c10::Scalar>>(), c10::IValue()};
-  op->callBoxed(&stack);
-  return stack.back().toTensor().contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-void conv1x1_into(Tensor& dst, const Tensor& x, const Tensor& w) {
-  static const std::optional<c10::OperatorHandle> op = find_op("mkldnn::_convolution_pointwise_", "binary");
-  if (!op) {
-    dst.copy_(at::conv2d(x, w));
-    return;
-  }
-  dst.zero_();
-  const std::vector<int64_t> zeros{0, 0}, ones{1, 1};
-  torch::jit::Stack stack{dst, x, w, c10::IValue(), zeros, ones, ones, int64_t(1), "add", c10::Scalar(1.0),
-                          c10::IValue(), c10::List<std::optional<c10::Scalar>>(), c10::IValue()};
-  op->callBoxed(&stack);
+  const int64_t pixels = (band.r1 - band.r0) * W;
+  for (int64_t n = band.n0; n < band.n1; ++n)
+    transpose_into(x + (n * C * H + band.r0) * W, C, pixels, H * W, dst + (n - band.n0) * pixels * C);
 }
 
 // The batch mean and biased variance per channel from accumulate_projection's per-(n, channel) sums and
