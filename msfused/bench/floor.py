@@ -154,7 +154,7 @@ def measure_matmul_tflops(device: Union[str, torch.device], dtype: torch.dtype, 
         # (about 2x on an AMD EPYC, where MKL takes its AVX2 path), and the floor takes the faster.
         image = a.view(1, size, 1, size).permute(0, 3, 1, 2)
         weight = b.t().contiguous().view(size, size, 1, 1)
-        ms = min(ms, best_ms(lambda: torch.conv2d(image, weight), device, warmup=2, reps=reps))
+        ms = min(ms, best_ms(lambda: torch.conv2d(image, weight), device, warmup=2, reps=max(reps, 10)))
     return 2 * size**3 / (ms * 1e-3) / 1e12
 
 
