@@ -42,6 +42,24 @@ def _hammer(work, n_threads: int = 2):
         raise errors[0]
 
 
+def _no_grad_calls_in_threads(fused, xs):
+    """fused(xs[t][r]) under no_grad, thread t running its rounds, both threads together (_hammer)."""
+    got = [[None] * ROUNDS for _ in range(2)]
+
+    def work(t, r):
+        with torch.no_grad():
+            got[t][r] = fused(xs[t][r])
+
+    _hammer(work)
+    return got
+
+
+def _assert_as_sequential(got, expected):
+    for t in range(2):
+        for r in range(ROUNDS):
+            assert torch.equal(got[t][r], expected[t][r]), f"thread {t}, round {r} differs from the sequential call"
+
+
 @pytest.mark.parametrize("kind,kwargs", [
     ("ms", dict(scales=(1, 2, 4), down_mode="bilinear", norm="batch", activation="gelu")),
     ("psp", dict(bins=(1, 2, 3, 6), bias=(True, False, False, False), norm=(None, "batch", "batch", "batch"))),
@@ -82,16 +100,7 @@ def test_two_threads_projection_bands():
     xs = [[make_input(shapes[t], torch.float32, "contiguous") for _ in range(ROUNDS)] for t in range(2)]
     with torch.no_grad():
         expected = [[fused(xs[t][r]) for r in range(ROUNDS)] for t in range(2)]
-    got = [[None] * ROUNDS for _ in range(2)]
-
-    def work(t, r):
-        with torch.no_grad():
-            got[t][r] = fused(xs[t][r])
-
-    _hammer(work)
-    for t in range(2):
-        for r in range(ROUNDS):
-            assert torch.equal(got[t][r], expected[t][r]), f"thread {t}, round {r} differs from the sequential call"
+    _assert_as_sequential(_no_grad_calls_in_threads(fused, xs), expected)
 
 
 def test_two_threads_train_no_grad():
@@ -104,17 +113,8 @@ def test_two_threads_train_no_grad():
     sequential = copy.deepcopy(fused)
     with torch.no_grad():
         expected = [[sequential(xs[t][r]) for r in range(ROUNDS)] for t in range(2)]
-    got = [[None] * ROUNDS for _ in range(2)]
     counts = [int(m.num_batches_tracked) for m in norms]
-
-    def work(t, r):
-        with torch.no_grad():
-            got[t][r] = fused(xs[t][r])
-
-    _hammer(work)
-    for t in range(2):
-        for r in range(ROUNDS):
-            assert torch.equal(got[t][r], expected[t][r]), f"thread {t}, round {r}: output differs"
+    _assert_as_sequential(_no_grad_calls_in_threads(fused, xs), expected)
     # The running statistics are shared state updated in place, by nn.BatchNorm2d as here, without a lock:
     # concurrent updates may interleave (PyTorch gives no more), so only sanity is asserted for them.
     for m, c in zip(norms, counts):
