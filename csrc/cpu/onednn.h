@@ -32,13 +32,17 @@ inline bool x_part_on_onednn(int64_t k, const at::Tensor& x) {
   return k == 1 && x.scalar_type() == at::kFloat && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
 }
 
-inline std::optional<c10::OperatorHandle> find_op(const char* name, const char* overload) {
-  return c10::Dispatcher::singleton().findOp({name, overload});
+// The operator, where torch registers it with the schema these calls push (its argument count): else none,
+// and the caller's ATen fallback runs.
+inline std::optional<c10::OperatorHandle> find_op(const char* name, const char* overload, size_t arguments) {
+  auto op = c10::Dispatcher::singleton().findOp({name, overload});
+  if (op && op->hasSchema() && op->schema().arguments().size() == arguments) return op;
+  return std::nullopt;
 }
 
 // conv(x, w) for a 1x1 w, as a new channels_last tensor.
 inline at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& w) {
-  static const std::optional<c10::OperatorHandle> op = find_op("mkldnn::_convolution_pointwise", "");
+  static const std::optional<c10::OperatorHandle> op = find_op("mkldnn::_convolution_pointwise", "", 10);
   if (!op) return at::conv2d(x, w).contiguous(at::MemoryFormat::ChannelsLast);
   const std::vector<int64_t> zeros{0, 0}, ones{1, 1};
   torch::jit::Stack stack{x, w, c10::IValue(), zeros, ones, ones, int64_t(1), "none",
@@ -50,7 +54,7 @@ inline at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& w) {
 // dst = conv(x, w) for a 1x1 w, all channels_last, in dst's memory: the in-place form, which adds the product
 // into a tensor (here zeros), so that a band's product reuses one buffer.
 inline void conv1x1_into(at::Tensor& dst, const at::Tensor& x, const at::Tensor& w) {
-  static const std::optional<c10::OperatorHandle> op = find_op("mkldnn::_convolution_pointwise_", "binary");
+  static const std::optional<c10::OperatorHandle> op = find_op("mkldnn::_convolution_pointwise_", "binary", 13);
   if (!op) {
     dst.copy_(at::conv2d(x, w));
     return;
@@ -64,7 +68,7 @@ inline void conv1x1_into(at::Tensor& dst, const at::Tensor& x, const at::Tensor&
 
 // a b^T for row-major a (M, K) and b (O, K): oneDNN's inner product, b as its weight.
 inline at::Tensor linear(const at::Tensor& a, const at::Tensor& b) {
-  static const std::optional<c10::OperatorHandle> op = find_op("mkldnn::_linear_pointwise", "");
+  static const std::optional<c10::OperatorHandle> op = find_op("mkldnn::_linear_pointwise", "", 6);
   if (!op) return at::mm(a, b.t());
   torch::jit::Stack stack{a, b, c10::IValue(), "none", c10::List<std::optional<c10::Scalar>>(), c10::IValue()};
   op->callBoxed(&stack);

@@ -68,9 +68,9 @@ inline void transposed_into(T* rw, const scalar_t* src, int64_t W, int64_t pix, 
 }
 
 // The pass's hottest loops (add_rows, epilogue_row) also compiled for AVX2 and AVX-512, the one the CPU has
-// chosen when the library loads (GCC's function multiversioning): the package is built for baseline x86-64
-// (SSE2). No FMA in any clone, so all of them round alike.
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+// chosen when the library loads (GCC's function multiversioning, through glibc's ifunc): the package is built
+// for baseline x86-64 (SSE2). No FMA in any clone, so all of them round alike.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__)
 #define MSFUSED_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define MSFUSED_SIMD_CLONES
