@@ -102,12 +102,12 @@ ONEDNN_CASES = [
 
 
 @pytest.mark.parametrize("case", ONEDNN_CASES, ids=[c.id for c in ONEDNN_CASES])
-def test_matches_naive_onednn_bands(case):
+def test_matches_naive_onednn_bands(case, monkeypatch):
     """As test_matches_naive, where the x part takes the banded oneDNN path (x_part_bands in
     csrc/cpu/projection_forward.cpp); with oneDNN switched off, the same case through branch_conv's GEMM."""
     run_case(case)
-    with torch.backends.mkldnn.flags(enabled=False):
-        run_case(case, grads=False)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    run_case(case, grads=False)
 
 
 def _small_block(kind="ms", train=True, layout_cl=False):
