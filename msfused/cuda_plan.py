@@ -2,7 +2,7 @@
 
 **The emulation build.** ``csrc/cuda/multi_scale_kernels.cu`` and the binding ``multi_scale_cuda.cpp``
 compiled with the host compiler and ``-DMSFUSED_CUDA_EMULATION`` (``csrc/cuda/emulation.h``: blocks in order,
-a block's threads an OpenMP team), registered as the operators ``torch.ops.msfused_cuda_emulation.*`` over
+a block's threads fibers on the calling thread), registered as the operators ``torch.ops.msfused_cuda_emulation.*`` over
 CPU tensors. It needs the CUDA toolkit's headers (not a GPU, not the CUDA runtime) and a source checkout (the
 ``csrc/`` folder). :func:`emulation_library` builds it once with ``torch.utils.cpp_extension`` and ninja into a
 cache folder (ninja rebuilds what changed) and loads it; ``tests/test_cuda_emulation.py`` checks its outputs
@@ -114,10 +114,10 @@ def emulation_library(verbose: bool = False, sanitize: Optional[str] = None) -> 
             name="msfused_cuda_emulation",
             sources=[str(wrapper), str(CSRC / "cuda" / "multi_scale_cuda.cpp"), str(CSRC / "block_config.cpp"),
                      str(CSRC / "projection.cpp")],
-            extra_cflags=["-DMSFUSED_CUDA_EMULATION", "-O2", "-std=c++17", "-fopenmp", "-Wno-unknown-pragmas",
+            extra_cflags=["-DMSFUSED_CUDA_EMULATION", "-O2", "-std=c++17", "-Wno-unknown-pragmas",
                           *SANITIZERS.get(sanitize, [])],
             extra_include_paths=[str(CSRC), str(cuda_include())],
-            extra_ldflags=["-fopenmp", *SANITIZERS.get(sanitize, [])[:1]],
+            extra_ldflags=[*SANITIZERS.get(sanitize, [])[:1]],
             build_directory=str(build),
             is_python_module=False,  # loads it: torch.ops.msfused_cuda_emulation
             with_cuda=False,

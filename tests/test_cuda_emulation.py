@@ -1,6 +1,6 @@
 """The CUDA backend's kernels and binding, run on the CPU: csrc/cuda/multi_scale_kernels.cu and
 multi_scale_cuda.cpp compiled with the host compiler and -DMSFUSED_CUDA_EMULATION (csrc/cuda/emulation.h:
-blocks in order, a block's threads as an OpenMP team, __syncthreads as a barrier), registered as the
+blocks in order, a block's threads as fibers, __syncthreads as a switch between them), registered as the
 operators torch.ops.msfused_cuda_emulation.*, and compared with the CPU kernels (torch.ops.msfused.*) on the
 same inputs: every forward output (out, level, pre, mean, var) and every backward gradient; the same for the
 block with its projection (multi_scale_project_forward / _backward: also the projection's pre-activation,
@@ -12,7 +12,8 @@ CPU tensors here) without a GPU; it does not check the hardware's behaviour (mem
 test_cuda_backend.py does that where a GPU is.
 Needs the CUDA toolkit's headers (cuda_runtime_api.h, cuda_fp16.h) and the CPU extension msfused._C; the
 library is built by msfused.cuda_plan.emulation_library (shared with the launch plan, tests/test_cuda_plan.py).
-Runs in a subprocess (its own OpenMP settings: 256 threads per emulated block on few cores).
+Runs in a subprocess: a fault in an emulated kernel ends the driver, not the test session, and a sanitized build
+needs its runtime preloaded.
 """
 
 from __future__ import annotations
@@ -474,7 +475,7 @@ DRIVER = textwrap.dedent(
 
 @pytest.mark.parametrize("which", ["factor", "bins", "random", "project"])
 def test_emulated_cuda_matches_cpu(emulation_library, which, _seed_every_test):
-    env = _sanitizer_env(dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_DYNAMIC="false", PYTHONPATH=str(ROOT)))
+    env = _sanitizer_env(dict(os.environ, PYTHONPATH=str(ROOT)))
     r = subprocess.run([sys.executable, "-c", DRIVER, str(emulation_library), str(_seed_every_test), which],
                        capture_output=True, text=True, timeout=1500, env=env, cwd=str(ROOT))
     # (a sanitizer's report is at the start of stderr, the Python traceback at its end)
