@@ -11,7 +11,10 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
+#include <atomic>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -140,6 +143,21 @@ void with_activation(Activation a, F&& f) {
     case Activation::Gelu: f(std::integral_constant<Activation, Activation::Gelu>{}); break;
     default: f(std::integral_constant<Activation, Activation::None>{}); break;
   }
+}
+
+// Runs worker(next) once on each intra-op thread (at most count of them), where next() hands out the items
+// [0, count) one at a time and then -1. A thread slowed by page faults of fresh output memory, or by another
+// process on its core, takes fewer items instead of holding the others at the region's end. Only for items
+// that write disjoint outputs: the results cannot depend on which thread ran an item. Inside another parallel
+// region it runs inline, one worker taking every item.
+template <typename Worker>
+void parallel_items(int64_t count, const Worker& worker) {
+  std::atomic<int64_t> next_item{0};
+  const auto next = [&]() -> int64_t {
+    const int64_t i = next_item.fetch_add(1, std::memory_order_relaxed);
+    return i < count ? i : -1;
+  };
+  at::parallel_for(0, std::min<int64_t>(count, at::get_num_threads()), 1, [&](int64_t, int64_t) { worker(next); });
 }
 
 // ---------------------------------------------------------------------------------------------------

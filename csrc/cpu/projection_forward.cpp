@@ -167,9 +167,10 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
         if (t.uh.two) reads[I - band.r0].emplace_back(at + t.uh.i1[O] * WS, t.uh.w1[O]);
       }
     }
-  at::parallel_for(0, (band.n1 - band.n0) * groups.per_n, 1, [&](int64_t begin, int64_t end) {
+  // Items handed out one at a time: the output's fresh pages fault unevenly over the threads.
+  parallel_items((band.n1 - band.n0) * groups.per_n, [&](const auto& next) {
     std::vector<T> e(e_size), row(WS);
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = next(); item >= 0; item = next()) {
       int64_t n, c0, g_count;
       groups.at(item, &n, &c0, &g_count);
       n += band.n0;
