@@ -118,6 +118,24 @@ def test_matches_naive_onednn_bands(case, monkeypatch):
     run_case(case, grads=False)
 
 
+# projection_grad_pass (csrc/cpu/projection_backward.cpp) takes channels_last items of 64 channels where there are
+# items enough for the threads (N * ceil(P / 64) >= 2 * threads), else of 16: N = 2 takes 64 at one thread and 16 at
+# sixteen; P = 37 leaves a partial item either way.
+CL_WIDTH_CASE = Case("ms", dict(scales=(1, 2), branch_channels=3, project=_proj(P=37, activation="silu")),
+                     (2, 3, 11, 9), train=True, steps=2, layout="channels_last", label="cl-item-width")
+
+
+@pytest.mark.parametrize("threads", [1, 16])
+def test_channels_last_backward_item_widths(threads):
+    """Both channels_last item widths of the projection's backward against float64 (test_matches_naive's rule)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        run_case(CL_WIDTH_CASE)
+    finally:
+        torch.set_num_threads(before)
+
+
 def _small_block(kind="ms", train=True, layout_cl=False):
     if kind == "ms":
         naive, fused = build_pair("ms", 2, dict(scales=(1, 2, 3), norm="batch", bias=False, branch_channels=2,

@@ -48,17 +48,18 @@ struct Plane {
   }
 };
 
-// Work items: (n, first channel, channel count) over `channels` channels.
-template <bool CL>
+// Work items: (n, first channel, channel count) over `channels` channels; channels_last items take Width
+// channels (kGroup, or a multiple of it where a pass walks the whole map per item).
+template <bool CL, int64_t Width = kGroup>
 struct Groups {
   int64_t per_n;
   int64_t channels;
-  explicit Groups(int64_t channels_) : per_n(CL ? (channels_ + kGroup - 1) / kGroup : channels_), channels(channels_) {}
+  explicit Groups(int64_t channels_) : per_n(CL ? (channels_ + Width - 1) / Width : channels_), channels(channels_) {}
   void at(int64_t item, int64_t* n, int64_t* c0, int64_t* g) const {
     *n = item / per_n;
     const int64_t k = item % per_n;
-    *c0 = CL ? k * kGroup : k;
-    *g = CL ? std::min(kGroup, channels - *c0) : 1;
+    *c0 = CL ? k * Width : k;
+    *g = CL ? std::min(Width, channels - *c0) : 1;
   }
 };
 
