@@ -30,6 +30,12 @@ namespace cpu {
 using namespace detail;
 namespace {
 
+#if defined(__GNUC__) || defined(__clang__)
+#define MSFUSED_PREFETCH(p) __builtin_prefetch(p)
+#else
+#define MSFUSED_PREFETCH(p) ((void)0)
+#endif
+
 constexpr int64_t kGradWide = 4 * kGroup;  // channels per channels_last item of projection_grad_pass, at most
 
 // A channels_last item's per-lane coefficients (its channels': the activation's alpha and beta, the norm
@@ -54,8 +60,8 @@ inline void grad_lanes(int64_t W, int64_t pix, int64_t lanes, const scalar_t* __
     const int64_t at = J * pix;
     if (J + kAhead < W)
       for (int64_t g = 0; g < n_lanes; g += kLine) {
-        __builtin_prefetch(pre + at + kAhead * pix + g);
-        __builtin_prefetch(grad + at + kAhead * pix + g);
+        MSFUSED_PREFETCH(pre + at + kAhead * pix + g);
+        MSFUSED_PREFETCH(grad + at + kAhead * pix + g);
       }
 #pragma omp simd
     for (int64_t g = 0; g < n_lanes; ++g) {
