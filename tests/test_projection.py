@@ -102,8 +102,8 @@ ONEDNN_CASES = [
     Case("psp", dict(bins=(2, 6), branch_channels=2, norm=None, input_position="last",
                      project=_proj(P=37, bias=True, norm=None, activation="silu")),
          (1, 2, 239, 241), dtype=torch.float32, train=True, label="onednn-row-bands-train-no-norm"),
-    # channels_last: the x part's backward through ATen's convolution backward (oneDNN's nhwc kernels), the
-    # epilogue's backward over full groups of 16 channels and a partial one (37 = 2 x 16 + 5)
+    # channels_last (no bands): the x part's backward through ATen's convolution backward (oneDNN's nhwc
+    # kernels), the epilogue's backward on a partial item (P = 37)
     Case("psp", dict(bins=(1, 2, 3, 6), branch_channels=3, project=_proj(P=37, activation="silu")),
          (2, 5, 33, 29), dtype=torch.float32, train=True, steps=2, layout="channels_last", label="onednn-cl-train"),
 ]
