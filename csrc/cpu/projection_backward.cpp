@@ -263,29 +263,24 @@ std::vector<double> sum_over_batch(const std::vector<double>& part, int64_t N, i
   return s;
 }
 
-// Whether the projection's x part is the GEMM it is (1x1 kernel, a dtype BLAS computes): then the forward
-// and backward run it as matrix products (ATen's 1x1 convolution reorders NCHW maps in and out of oneDNN's
-// blocked layout, costing more than the product itself at these sizes).
-bool x_part_is_gemm(int64_t k, const Tensor& x) {
+// Whether the projection's x part backward runs as matrix products (1x1 kernel, a dtype BLAS computes): ATen's
+// 1x1 convolution reorders NCHW maps in and out of oneDNN's blocked layout, costing more than the product itself
+// at these sizes. Not for channels_last maps in float32 on oneDNN: there ATen's convolution backward runs
+// oneDNN's nhwc kernels on the maps as they are (on an AMD EPYC, psp_decoder_smp at N = 4: 16 ms for dx and
+// dW_x, against 28 ms for MKL's GEMMs over the rows, which take their AVX2 path there).
+bool x_part_is_gemm(int64_t k, const Tensor& x, at::MemoryFormat fmt) {
+  if (fmt == at::MemoryFormat::ChannelsLast && x_part_on_onednn(k, x)) return false;
   return k == 1 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
 }
 
 // The x part's backward as GEMMs (x_part_is_gemm): dx = W_x^T dv and dW_x = dv x^T summed over the batch
 // in order (NCHW, per sample; on oneDNN in float32: x_part_on_onednn), or over the rows (N H W, channels) of
-// channels_last maps (in float32 on oneDNN: ATen's convolution backward).
+// channels_last maps.
 std::pair<Tensor, Tensor> x_part_gemm_backward(const Tensor& dpre, const Tensor& x, const Tensor& wx, bool need_x,
                                                bool need_w, at::MemoryFormat fmt) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = wx.size(0);
   const Tensor w2 = wx.reshape({P, C});
   Tensor dx, dw;
-  if (fmt == at::MemoryFormat::ChannelsLast && x_part_on_onednn(1, x)) {
-    // channels_last in float32: ATen's 1x1 convolution backward, which runs oneDNN's nhwc kernels as the maps
-    // are (on an AMD EPYC, psp_decoder_smp at N = 4: 16 ms for dx and dW_x, against 28 ms for MKL's GEMMs below,
-    // which take their AVX2 path there).
-    auto g = at::convolution_backward(dpre, x, wx, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1,
-                                      {need_x, need_w, false});
-    return {std::get<0>(g), std::get<1>(g)};
-  }
   if (fmt == at::MemoryFormat::ChannelsLast) {
     const Tensor rows = dpre.permute({0, 2, 3, 1}).reshape({N * H * W, P});
     const Tensor xrows = x.permute({0, 2, 3, 1}).reshape({N * H * W, C});
@@ -427,7 +422,7 @@ ProjectBackwardResult multi_scale_project_backward_cpu(
   if (plan.x_offset >= 0) {
     const Tensor wx = weight_slice(pw, plan.x_offset, plan.C);
     Tensor dx_g, dw_g;
-    if (x_part_is_gemm(k, x)) {
+    if (x_part_is_gemm(k, x, fmt)) {
       std::tie(dx_g, dw_g) = x_part_gemm_backward(dpre, x, wx, output_mask[0], need_w, fmt);
     } else {
       auto g = at::convolution_backward(dpre, x, wx, std::nullopt, {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1,
