@@ -118,6 +118,22 @@ def test_matches_naive_onednn_bands(case, monkeypatch):
     run_case(case, grads=False)
 
 
+def test_onednn_bands_scratch_left_zeroed():
+    """The banded x part's product is added into a thread's scratch that the pass clears as it reads it
+    (ZeroedScratch in csrc/cpu/onednn.h): calls of growing and shrinking sizes, and repeated ones, each match
+    the naive block (a value left over would add a previous band's product)."""
+    naive, fused = build_pair("psp", 3, dict(bins=(1, 2, 3), input_position="last",
+                                             project=_proj(P=37, bias=True, activation="silu")), dtype=torch.float32)
+    naive = naive.double().eval()
+    fused.eval()
+    with torch.no_grad():
+        for shape in [(1, 3, 9, 11), (2, 3, 41, 37), (1, 3, 9, 11), (2, 3, 41, 37)]:
+            x = make_input(shape, torch.float32)
+            first = fused(x)
+            torch.testing.assert_close(first.double(), naive(x.double()), rtol=1e-5, atol=1e-5)  # float32's rule
+            assert torch.equal(fused(x), first)
+
+
 # projection_grad_pass (csrc/cpu/projection_backward.cpp) takes channels_last items of 64 channels where there are
 # items enough for the threads (N * ceil(P / 64) >= 2 * threads), else of 16: N = 2 takes 64 at one thread and 16 at
 # sixteen; P = 37 leaves a partial item either way.

@@ -133,11 +133,12 @@ struct Band {
 // and E rows are planar (channel g's W values at g * W), acc is transposed as it is read, and the rest runs
 // over contiguous rows as in NCHW.
 // Values are rounded to scalar_t before the norm and the statistics, as the reference's convolution output is.
+// With clear_acc (acc then being scratch of the caller's), each value of acc is set to zero once read.
 template <typename scalar_t, bool CL, bool OUT_CL, Activation A>
 void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const std::vector<TapBranch<scalar_t>>& tb,
                            const std::vector<const scalar_t*>& direct, const std::vector<at::opmath_type<scalar_t>>& bias,
                            const Epilogue<at::opmath_type<scalar_t>>* epi, const Band& band, const scalar_t* acc,
-                           scalar_t* pre_out, scalar_t* out, double* part_sum, double* part_m2) {
+                           bool clear_acc, scalar_t* pre_out, scalar_t* out, double* part_sum, double* part_m2) {
   static_assert(CL || !OUT_CL, "an NCHW work layout writes an NCHW output");
   using T = at::opmath_type<scalar_t>;
   constexpr int64_t S = CL ? kGroup : 1;
@@ -255,6 +256,13 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
             for (const scalar_t* d : direct)
               for (int64_t g = 0; g < G; ++g) rs[g] += static_cast<T>(d[work_row + J * ap.pix + g]);
           }
+        }
+        if (acc && clear_acc) {  // read just above: in cache
+          scalar_t* arow = const_cast<scalar_t*>(acc) + acc_row;
+          if constexpr (CL)
+            for (int64_t J = 0; J < W; ++J) std::fill_n(arow + J * ap.pix, G, scalar_t(0));
+          else
+            std::fill_n(arow, W, scalar_t(0));
         }
         add_rows(rw, reads[I - band.r0], e.data(), WS);
         // The row out: the pre-activation, and the norm and activation or the statistics' sums.
@@ -466,26 +474,28 @@ ProjectForwardResult multi_scale_project_forward_cpu(
                           : accumulate_projection<scalar_t, true, false, A>;
       if (!banded) {
         run(plan, P, k, tb, dv, pb, &epi, Band{0, plan.N, 0, H}, acc.defined() ? acc.const_data_ptr<scalar_t>() : nullptr,
-            pre_out, o, part_sum.data(), part_m2.data());
+            false, pre_out, o, part_sum.data(), part_m2.data());
         return;
       }
       const std::vector<Band> bands = x_part_bands(plan.N, P, H, W, x.element_size(), proj.batch_stats);
       int64_t most = 0;  // the largest band's pixels
       for (const Band& b : bands) most = std::max(most, (b.n1 - b.n0) * (b.r1 - b.r0) * W);
-      // Each band of x and of acc in turn, channels_last, in the thread's band workspace.
-      const int64_t x_at = 0, acc_at = (most * plan.C + 15) / 16 * 16;  // 64-byte aligned for float
-      scalar_t* ws = static_cast<scalar_t*>(band_workspace((acc_at + most * P) * x.element_size()));
-      const auto band_view = [&](int64_t at, int64_t bn, int64_t rows, int64_t channels) {
-        return at::from_blob(ws + at, {bn, channels, rows, W}, {rows * W * channels, 1, W * channels, channels}, opts);
+      // Each band of x and of acc in turn, channels_last, in the thread's scratch: acc's from zeros, as the
+      // product adds into it, and left zeroed by the pass (which clears what it reads) for the next band.
+      scalar_t* xs = static_cast<scalar_t*>(band_workspace(most * plan.C * x.element_size()));
+      ZeroedScratch acc_scratch(most * P * x.element_size());
+      scalar_t* as = static_cast<scalar_t*>(acc_scratch.data());
+      const auto band_view = [&](scalar_t* at, int64_t bn, int64_t rows, int64_t channels) {
+        return at::from_blob(at, {bn, channels, rows, W}, {rows * W * channels, 1, W * channels, channels}, opts);
       };
       for (const Band& band : bands) {
         const int64_t bn = band.n1 - band.n0, rows = band.r1 - band.r0;
-        band_to_channels_last(x.const_data_ptr<scalar_t>(), plan.C, H, W, band, ws + x_at);
-        Tensor ab = band_view(acc_at, bn, rows, P);
-        conv1x1_into(ab, band_view(x_at, bn, rows, plan.C), parts[0]);
-        run(plan, P, k, tb, dv, pb, &epi, band, ab.const_data_ptr<scalar_t>(), pre_out, o, part_sum.data(),
-            part_m2.data());
+        band_to_channels_last(x.const_data_ptr<scalar_t>(), plan.C, H, W, band, xs);
+        Tensor ab = band_view(as, bn, rows, P);
+        conv1x1_add_into(ab, band_view(xs, bn, rows, plan.C), parts[0]);
+        run(plan, P, k, tb, dv, pb, &epi, band, as, true, pre_out, o, part_sum.data(), part_m2.data());
       }
+      acc_scratch.leave_zeroed();
     });
   });
   Tensor p_mean, p_var;
