@@ -86,9 +86,9 @@ def test_matches_naive(case):
     run_case(case)
 
 
-# The CPU backend's oneDNN x part (float32, an NCHW x, a 1x1 projection) in bands: several samples to a band,
-# and one sample split into bands of rows (over 8 MiB of acc a sample), each band's channels_last acc transposed
-# into the NCHW output by the pass. P = 37 leaves a group of 16 channels and a block of 4 partial; W is odd.
+# The CPU backend's oneDNN x part (float32, an NCHW x, a 1x1 projection) in bands: a sample to a band, and one
+# sample split into bands of rows (over 8 MiB of acc a sample), each band's product (W_x times the band's block
+# of x, read transposed) NCHW like the output. P = 37 leaves a group of 16 channels and a block of 4 partial; W is odd.
 # Smooth activations: over millions of pre-activations (a train-mode norm centres them at 0) float32 rounding
 # flips a ReLU's mask now and then, in the naive module too (12 draws of the sample-bands case under ReLU: 2
 # flips fused, 7 naive), and one flip is a whole pixel's gradient (seed 405909305: grad x err 6.9e-4, naive
@@ -118,10 +118,10 @@ def test_matches_naive_onednn_bands(case, monkeypatch):
     run_case(case, grads=False)
 
 
-def test_onednn_bands_scratch_left_zeroed():
-    """The banded x part's product is added into a thread's scratch that the pass clears as it reads it
-    (ZeroedScratch in csrc/cpu/onednn.h): calls of growing and shrinking sizes, and repeated ones, each match
-    the naive block (a value left over would add a previous band's product)."""
+def test_onednn_bands_repeated_calls():
+    """The banded oneDNN x part over calls of growing and shrinking sizes, each repeated: every call matches
+    the float64 naive block, and a repeated call gives the same output bit for bit (nothing of a previous
+    band or call is left in what the pass reads)."""
     naive, fused = build_pair("psp", 3, dict(bins=(1, 2, 3), input_position="last",
                                              project=_proj(P=37, bias=True, activation="silu")), dtype=torch.float32)
     naive = naive.double().eval()

@@ -1,8 +1,8 @@
 // The projection's x part on oneDNN (forward: projection_forward.cpp, backward: projection_backward.cpp).
 // MKL's sgemm takes its AVX2 path on AMD CPUs: on the 2-core AMD EPYC of 2026-12-01 it ran the x part's
 // products at about 0.2 TFLOP/s where oneDNN's AVX-512 kernels reached about 0.4. oneDNN is reached through
-// the operators Inductor's CPU fusions call (mkldnn::_convolution_pointwise, its in-place form, and
-// mkldnn::_linear_pointwise), found in the dispatcher; where torch has none, ATen's conv2d / mm instead.
+// the operators Inductor's CPU fusions call (mkldnn::_convolution_pointwise and mkldnn::_linear_pointwise),
+// found in the dispatcher; where torch has none, ATen's conv2d / mm instead.
 #pragma once
 
 #include <ATen/Context.h>
@@ -15,7 +15,6 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -56,21 +55,8 @@ inline at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& w) {
   return stack.back().toTensor().contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-// dst += conv(x, w) for a 1x1 w, all channels_last, in dst's memory: oneDNN's in-place form (a binary add
-// post-op), so that a band's product lands in a buffer that is reused (and, from a ZeroedScratch, already zero).
-inline void conv1x1_add_into(at::Tensor& dst, const at::Tensor& x, const at::Tensor& w) {
-  static const std::optional<c10::OperatorHandle> op = find_op("mkldnn::_convolution_pointwise_", "binary", 13);
-  if (!op) {
-    dst.add_(at::conv2d(x, w));
-    return;
-  }
-  const std::vector<int64_t> zeros{0, 0}, ones{1, 1};
-  torch::jit::Stack stack{dst, x, w, c10::IValue(), zeros, ones, ones, int64_t(1), "add", c10::Scalar(1.0),
-                          c10::IValue(), c10::List<std::optional<c10::Scalar>>(), c10::IValue()};
-  op->callBoxed(&stack);
-}
-
-// a b^T for row-major a (M, K) and b (O, K): oneDNN's inner product, b as its weight.
+// a b^T for a row-major a (M, K) and a b (O, K) of any strides (the transposed view of a (K, O) block serves):
+// oneDNN's inner product, b as its weight.
 inline at::Tensor linear(const at::Tensor& a, const at::Tensor& b) {
   static const std::optional<c10::OperatorHandle> op = find_op("mkldnn::_linear_pointwise", "", 6);
   if (!op) return at::mm(a, b.t());
@@ -82,8 +68,8 @@ inline at::Tensor linear(const at::Tensor& a, const at::Tensor& b) {
 // dst (cols, rows), contiguous = the transpose of src's (rows, cols), rows ld apart, over all threads. A
 // block of kTile columns (a 64-byte line of float32 at each source row) against every row in turn, so that
 // the reads take whole lines and the writes fill the block's destination rows (rows apart) in order; float
-// in 4 x 4 SSE transposes (1.8x the 8 x 8 scalar tiles of before on psp_decoder_smp's x bands, 2.7x on its
-// backward's (512, 4096) planes, on the 2-core AMD EPYC).
+// in 4 x 4 SSE transposes (on the 2-core AMD EPYC, 2.7x the 8 x 8 scalar tiles of before on psp_decoder_smp's
+// (512, 4096) planes in its backward, 1.8x on (128, 4096) ones).
 template <typename scalar_t>
 void transpose_into(const scalar_t* src, int64_t rows, int64_t cols, int64_t ld, scalar_t* dst) {
   constexpr int64_t kTile = 16;
@@ -116,70 +102,43 @@ void transpose_into(const scalar_t* src, int64_t rows, int64_t cols, int64_t ld,
   });
 }
 
-// A thread's scratch mapping, kept between calls and grown to the largest asked for: on a VM a fresh 10 MiB
-// costs about 2.5k page faults (~3 ms, 15% of psp_decoder_smp's forward there). Its own mapping where there
-// is mmap, so that a long-lived buffer does not split malloc's heap (whose large free blocks let a later
-// large tensor, such as the output, reuse pages already mapped); plain memory, not a tensor, so that nothing
-// of torch's is left to free at thread or process exit. Fresh pages read as zeros.
-struct ScratchBuffer {
-  void* p = nullptr;
-  size_t size = 0;
-  bool zero = true;  // (ZeroedScratch's) every byte is zero
-  void reserve(int64_t bytes) {
-    if (static_cast<size_t>(bytes) <= size) return;
-    release();
+// Scratch for the x part's transposes in the backward, kept per calling thread between calls and grown to
+// the largest asked for: on a VM a fresh 10 MiB costs about 2.5k page faults (~3 ms, 15% of psp_decoder_smp's
+// forward there). Its own mapping where there is mmap, so that a long-lived buffer does not split malloc's
+// heap (whose large free blocks let a later large tensor, such as the output, reuse pages already mapped);
+// plain memory, not a tensor, so that nothing of torch's is left to free at thread or process exit. Nothing in
+// it outlives a call.
+inline void* band_workspace(int64_t bytes) {
+  struct Buffer {
+    void* p = nullptr;
+    size_t size = 0;
+    void release() {
+#if defined(__unix__)
+      if (p) munmap(p, size);
+#else
+      std::free(p);
+#endif
+      p = nullptr;
+      size = 0;
+    }
+    ~Buffer() { release(); }
+  };
+  thread_local Buffer buf;
+  if (static_cast<size_t>(bytes) > buf.size) {
+    buf.release();
     const size_t rounded = (static_cast<size_t>(bytes) + 4095) / 4096 * 4096;
 #if defined(__unix__)
-    void* q = mmap(nullptr, rounded, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    TORCH_CHECK(q != MAP_FAILED, "msfused: cannot map ", rounded, " bytes of scratch for the projection's x part");
+    void* p = mmap(nullptr, rounded, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(p != MAP_FAILED, "msfused: cannot map ", rounded, " bytes for the projection's x part");
 #else
-    void* q = std::calloc(rounded, 1);
-    TORCH_CHECK(q, "msfused: cannot allocate ", rounded, " bytes of scratch for the projection's x part");
+    void* p = std::aligned_alloc(4096, rounded);
+    TORCH_CHECK(p, "msfused: cannot allocate ", rounded, " bytes for the projection's x part");
 #endif
-    p = q;
-    size = rounded;
-    zero = true;
+    buf.p = p;
+    buf.size = rounded;
   }
-  void release() {
-#if defined(__unix__)
-    if (p) munmap(p, size);
-#else
-    std::free(p);
-#endif
-    p = nullptr;
-    size = 0;
-  }
-  ~ScratchBuffer() { release(); }
-};
-
-// Scratch for the x part's bands and transposes. The forward and the backward use it in turn (nothing in it
-// outlives a call).
-inline void* band_workspace(int64_t bytes) {
-  thread_local ScratchBuffer buf;
-  buf.reserve(bytes);
   return buf.p;
 }
-
-// Scratch that reads as zeros when taken, for the x part's product to be added into (conv1x1_add_into): the
-// forward's accumulation pass clears what it reads of it, and says so (leave_zeroed), so that no pass of
-// its own zeroes each band. A user that does not (an exception, say) leaves it to be cleared at the next take.
-class ZeroedScratch {
- public:
-  explicit ZeroedScratch(int64_t bytes) : buf_(buffer()) {
-    buf_.reserve(bytes);
-    if (!buf_.zero) std::memset(buf_.p, 0, buf_.size);
-    buf_.zero = false;
-  }
-  void* data() const { return buf_.p; }
-  void leave_zeroed() { buf_.zero = true; }  // the caller has set every byte it wrote back to zero
-
- private:
-  static ScratchBuffer& buffer() {
-    thread_local ScratchBuffer buf;
-    return buf;
-  }
-  ScratchBuffer& buf_;
-};
 
 }  // namespace detail
 }  // namespace cpu

@@ -17,10 +17,6 @@
 #include <utility>
 #include <vector>
 
-#if defined(__SSE2__)
-#include <xmmintrin.h>
-#endif
-
 #include "../projection.h"
 #include "common.h"
 #include "onednn.h"
@@ -30,42 +26,6 @@ namespace msfused {
 namespace cpu {
 using namespace detail;
 namespace {
-
-// rw (planar: channel g's W values at g * W) = bias[g] + the first G channels of the W pixels at src (pixel
-// stride pix), or += them without bias. For float, 4 x 4 blocks transposed in SSE registers; reads run along
-// a pixel's channels, writes along a channel's row.
-template <bool ADD, typename T, typename scalar_t>
-inline void transposed_into(T* rw, const scalar_t* src, int64_t W, int64_t pix, int64_t G, const T* bias) {
-  const auto put = [&](int64_t g, int64_t J, T v) {
-    if constexpr (ADD)
-      rw[g * W + J] += v;
-    else
-      rw[g * W + J] = bias[g] + v;
-  };
-  int64_t J0 = 0;
-#if defined(__SSE2__)
-  if constexpr (std::is_same_v<T, float> && std::is_same_v<scalar_t, float>) {
-    const int64_t G4 = G / 4 * 4;
-    for (; J0 + 4 <= W; J0 += 4) {
-      for (int64_t g0 = 0; g0 < G4; g0 += 4) {
-        const float* s0 = src + J0 * pix + g0;
-        __m128 r0 = _mm_loadu_ps(s0), r1 = _mm_loadu_ps(s0 + pix), r2 = _mm_loadu_ps(s0 + 2 * pix),
-               r3 = _mm_loadu_ps(s0 + 3 * pix);
-        _MM_TRANSPOSE4_PS(r0, r1, r2, r3);  // r_i: channel g0 + i at pixels J0 .. J0 + 3
-        const __m128 rows[4] = {r0, r1, r2, r3};
-        for (int64_t i = 0; i < 4; ++i) {
-          float* d = rw + (g0 + i) * W + J0;
-          _mm_storeu_ps(d, _mm_add_ps(rows[i], ADD ? _mm_loadu_ps(d) : _mm_set1_ps(bias[g0 + i])));
-        }
-      }
-      for (int64_t g = G4; g < G; ++g)
-        for (int64_t J = J0; J < J0 + 4; ++J) put(g, J, src[J * pix + g]);
-    }
-  }
-#endif
-  for (int64_t J = J0; J < W; ++J)
-    for (int64_t g = 0; g < G; ++g) put(g, J, static_cast<T>(src[J * pix + g]));
-}
 
 // The pass's hottest loops (add_rows, epilogue_row) also compiled for AVX2 and AVX-512, the one the CPU has
 // chosen when the library loads (GCC's function multiversioning, through glibc's ifunc): the package is built
@@ -128,26 +88,19 @@ struct Band {
 //   * without, v goes to pre_out, and part_sum / part_m2 get each (n, channel)'s sum and sum of squared
 //     deviations from its own mean (in double; combined in batch order by projection_batch_stats); the band
 //     then holds whole samples.
-// CL is the work layout (acc, the maps, the direct parts), OUT_CL that of pre_out and out (the caller's): a
-// channels_last band (the x part as oneDNN computes it fastest) can write an NCHW output. Then an item's row
-// and E rows are planar (channel g's W values at g * W), acc is transposed as it is read, and the rest runs
-// over contiguous rows as in NCHW.
+// CL is the layout of acc, the maps, the direct parts, pre_out and out (the caller's).
 // Values are rounded to scalar_t before the norm and the statistics, as the reference's convolution output is.
-// With clear_acc (acc then being scratch of the caller's), each value of acc is set to zero once read.
-template <typename scalar_t, bool CL, bool OUT_CL, Activation A>
+template <typename scalar_t, bool CL, Activation A>
 void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const std::vector<TapBranch<scalar_t>>& tb,
                            const std::vector<const scalar_t*>& direct, const std::vector<at::opmath_type<scalar_t>>& bias,
                            const Epilogue<at::opmath_type<scalar_t>>* epi, const Band& band, const scalar_t* acc,
-                           bool clear_acc, scalar_t* pre_out, scalar_t* out, double* part_sum, double* part_m2) {
-  static_assert(CL || !OUT_CL, "an NCHW work layout writes an NCHW output");
+                           scalar_t* pre_out, scalar_t* out, double* part_sum, double* part_m2) {
   using T = at::opmath_type<scalar_t>;
   constexpr int64_t S = CL ? kGroup : 1;
-  constexpr bool PLANAR = CL && !OUT_CL;
   const int64_t H = plan.H, W = plan.W, r = k / 2, KP = k * k * P, WS = W * S, rows = band.r1 - band.r0;
   TORCH_INTERNAL_ASSERT(out || (band.r0 == 0 && band.r1 == H), "batch statistics need whole samples");
   const Groups<CL> groups(P);
   const Plane<CL> ap = Plane<CL>::make(W, P);
-  const Plane<OUT_CL> op = Plane<OUT_CL>::make(W, P);
   int64_t e_size = 0;
   std::vector<int64_t> e_at;  // offset of tap branch t's E rows in the scratch
   for (const auto& t : tb) {
@@ -187,7 +140,7 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
             for (int64_t i = 0; i < t.h; ++i) {
               T* erow = e.data() + e_at[b] + (ky * t.h + i) * WS;
               const T* srow = src + i * tp.row;
-              if ((!CL || PLANAR) && t.col_runs) {  // each level value spread over its run of outputs
+              if (!CL && t.col_runs) {  // each level value spread over its run of outputs
                 for (int64_t g = 0; g < G; ++g)
                   for (int64_t j = 0; j < t.w; ++j) {
                     int64_t u0, u1;
@@ -203,13 +156,12 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
                 const int64_t q = J + dx;
                 const T* a0 = srow + t.uw.i0[q] * tp.pix;
                 const T* a1 = srow + t.uw.i1[q] * tp.pix;
-                T* es = erow + (PLANAR ? J : J * S);
-                const int64_t es_g = PLANAR ? W : 1;  // channel g of output J at es[g * es_g]
+                T* es = erow + J * S;
                 if (t.uw.two) {
                   const T w0 = t.uw.w0[q], w1 = t.uw.w1[q];
-                  for (int64_t g = 0; g < G; ++g) es[g * es_g] += w0 * a0[g] + w1 * a1[g];
+                  for (int64_t g = 0; g < G; ++g) es[g] += w0 * a0[g] + w1 * a1[g];
                 } else {
-                  for (int64_t g = 0; g < G; ++g) es[g * es_g] += a0[g];
+                  for (int64_t g = 0; g < G; ++g) es[g] += a0[g];
                 }
               }
             }
@@ -217,7 +169,6 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
       }
       const int64_t work_origin = Plane<CL>::origin(n, c0, P, H, W);
       const int64_t acc_origin = Plane<CL>::origin(n - band.n0, c0, P, rows, W);
-      const int64_t out_origin = Plane<OUT_CL>::origin(n, c0, P, H, W);
       T bias_g[S] = {}, alpha_g[S] = {}, beta_g[S] = {};
       for (int64_t g = 0; g < G; ++g) {
         bias_g[g] = bias.empty() ? T(0) : bias[c0 + g];
@@ -243,10 +194,6 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
             const scalar_t* drw = d + work_row;
             for (int64_t J = 0; J < W; ++J) rw[J] += static_cast<T>(drw[J]);
           }
-        } else if constexpr (PLANAR) {  // acc's pixels transposed into the channels' rows
-          for (int64_t g = acc ? G : 0; g < S; ++g) std::fill(rw + g * W, rw + (g + 1) * W, bias_g[g]);  // zero past G
-          if (acc) transposed_into<false>(rw, acc + acc_row, W, ap.pix, G, bias_g);
-          for (const scalar_t* d : direct) transposed_into<true>(rw, d + work_row, W, ap.pix, G, bias_g);
         } else {
           for (int64_t J = 0; J < W; ++J) {
             T* rs = rw + J * S;
@@ -257,17 +204,10 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
               for (int64_t g = 0; g < G; ++g) rs[g] += static_cast<T>(d[work_row + J * ap.pix + g]);
           }
         }
-        if (acc && clear_acc) {  // read just above: in cache
-          scalar_t* arow = const_cast<scalar_t*>(acc) + acc_row;
-          if constexpr (CL)
-            for (int64_t J = 0; J < W; ++J) std::fill_n(arow + J * ap.pix, G, scalar_t(0));
-          else
-            std::fill_n(arow, W, scalar_t(0));
-        }
         add_rows(rw, reads[I - band.r0], e.data(), WS);
         // The row out: the pre-activation, and the norm and activation or the statistics' sums.
-        const int64_t out_row = out_origin + I * op.row;
-        if constexpr (!OUT_CL) {  // per channel, its row of the NCHW plane (planar rw: its row g)
+        const int64_t out_row = work_origin + I * ap.row;
+        if constexpr (!CL) {  // its row of the NCHW plane
           for (int64_t g = 0; g < G; ++g) {
             const int64_t og = out_row + g * H * W;
             const T* rg = rw + g * W;
@@ -284,7 +224,7 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
           }
         } else {
           for (int64_t J = 0; J < W; ++J) {
-            const int64_t at = out_row + J * op.pix;
+            const int64_t at = out_row + J * ap.pix;
             const T* rs = rw + J * S;
             if (pre_out)
               for (int64_t g = 0; g < G; ++g) pre_out[at + g] = static_cast<scalar_t>(rs[g]);
@@ -304,8 +244,8 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
       double mean[S], m2[S] = {};
       for (int64_t g = 0; g < G; ++g) mean[g] = sum[g] / count;
       for (int64_t I = 0; I < H; ++I) {
-        const scalar_t* prw = pre_out + out_origin + I * op.row;
-        if constexpr (!OUT_CL) {
+        const scalar_t* prw = pre_out + work_origin + I * ap.row;
+        if constexpr (!CL) {
           for (int64_t g = 0; g < G; ++g) {
             const scalar_t* pg = prw + g * H * W;
             const T mu = static_cast<T>(mean[g]);
@@ -320,7 +260,7 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
         } else {
           for (int64_t J = 0; J < W; ++J)
             for (int64_t g = 0; g < G; ++g) {
-              const double d = static_cast<double>(prw[J * op.pix + g]) - mean[g];
+              const double d = static_cast<double>(prw[J * ap.pix + g]) - mean[g];
               m2[g] += d * d;
             }
         }
@@ -333,31 +273,17 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
   });
 }
 
-// The bands of an NCHW x's part: whole samples while a band's channels_last acc (P channels) stays within
-// kBandBytes, else rows of one sample (whole samples with batch statistics: their pass reads whole planes).
-// Small enough to be read back from cache; large enough that oneDNN's call costs little beside the product.
+// The bands of an NCHW x's part: one sample each, or rows of one sample where its P planes pass kBandBytes
+// (whole samples with batch statistics: their pass reads whole planes). Small enough to be read back from
+// cache; large enough that oneDNN's call costs little beside the product.
 std::vector<Band> x_part_bands(int64_t N, int64_t P, int64_t H, int64_t W, int64_t elem, bool whole_samples) {
   constexpr int64_t kBandBytes = int64_t(8) << 20;
   const int64_t row_bytes = std::max<int64_t>(1, P * W * elem);
+  const int64_t rows = whole_samples ? H : std::max<int64_t>(1, kBandBytes / row_bytes);
   std::vector<Band> bands;
-  if (whole_samples || row_bytes * H <= kBandBytes) {
-    const int64_t per = std::max<int64_t>(1, kBandBytes / (row_bytes * H));
-    for (int64_t n = 0; n < N; n += per) bands.push_back({n, std::min(N, n + per), 0, H});
-    return bands;
-  }
-  const int64_t rows = std::max<int64_t>(1, kBandBytes / row_bytes);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t r = 0; r < H; r += rows) bands.push_back({n, n + 1, r, std::min(H, r + rows)});
   return bands;
-}
-
-// x's band (samples [n0, n1), rows [r0, r1) of an NCHW x) copied channels_last into dst, (n1 - n0, rows, W, C)
-// contiguous: per sample the (C, rows * W) block transposed.
-template <typename scalar_t>
-void band_to_channels_last(const scalar_t* x, int64_t C, int64_t H, int64_t W, const Band& band, scalar_t* dst) {
-  const int64_t pixels = (band.r1 - band.r0) * W;
-  for (int64_t n = band.n0; n < band.n1; ++n)
-    transpose_into(x + (n * C * H + band.r0) * W, C, pixels, H * W, dst + (n - band.n0) * pixels * C);
 }
 
 // The batch mean and biased variance per channel from accumulate_projection's per-(n, channel) sums and
@@ -414,12 +340,14 @@ ProjectForwardResult multi_scale_project_forward_cpu(
   dispatch_levels_and_copy(levels_plan, x, Tensor(), level, cl);
   const TensorVector parts = projection_parts(plan, proj, pw, project_parts);
   // The x part of the projection: conv(x, W_x) with the weight's x slice. A 1x1 one in float32 is oneDNN's
-  // channels_last convolution (x_part_on_onednn); for an NCHW x, in bands of samples or rows (x_part_bands)
-  // that the accumulation reads from cache and writes out transposed. Otherwise it is branch_conv's, whole.
+  // (x_part_on_onednn): for a channels_last x its convolution, whole; for an NCHW x the product W_x X per
+  // band (X: the band's (C, pixels) block of x, read transposed where it lies), NCHW like the output, in
+  // bands of a sample or of its rows (x_part_bands) that the accumulation reads back from cache. (oneDNN's
+  // convolution of an NCHW x reorders it and its output, and a transpose to channels_last and back cost more
+  // than the product.) Otherwise it is branch_conv's, whole. acc, the maps and the direct parts are in x's
+  // layout.
   const bool onednn = plan.x_offset >= 0 && x_part_on_onednn(k, x);
   const bool banded = onednn && !cl;
-  const bool work_cl = cl || onednn;  // the layout of acc, the maps and the direct parts
-  const auto wfmt = work_cl ? at::MemoryFormat::ChannelsLast : fmt;
   Tensor acc;
   if (plan.x_offset >= 0 && !banded)
     acc = onednn ? conv1x1(x, parts[0]) : branch_conv(x, parts[0], std::nullopt, pad, fmt).contiguous(fmt);
@@ -434,16 +362,16 @@ ProjectForwardResult multi_scale_project_forward_cpu(
     const Tensor a = branch_epilogue(branch_alone(plan, b, !whole), pre[b], scale.get(b), shift.get(b), mean[b],
                                      var[b], fmt);
     if (whole)
-      direct[b] = branch_conv(a, parts[1 + b], std::nullopt, pad, wfmt).contiguous(wfmt);
+      direct[b] = branch_conv(a, parts[1 + b], std::nullopt, pad, fmt).contiguous(fmt);
     else
-      tmaps[b] = branch_conv(a.to(tdt), parts[1 + b], std::nullopt, 0, wfmt).contiguous(wfmt);
+      tmaps[b] = branch_conv(a.to(tdt), parts[1 + b], std::nullopt, 0, fmt).contiguous(fmt);
   }
   const BlockPlan pp = projection_plan(plan, proj);
   // Without batch statistics the norm and activation run in the accumulation pass; in place when the
   // pre-activation need not be kept (nothing will differentiate it). With them, the pass keeps the
   // pre-activation (in acc's place) and its per-sample statistics, and one more pass applies the norm.
   const bool fuse_epilogue = !proj.batch_stats;
-  Tensor p_pre = acc.defined() ? acc : at::empty({plan.N, P, H, W}, opts.memory_format(fmt));  // acc: in wfmt
+  Tensor p_pre = acc.defined() ? acc : at::empty({plan.N, P, H, W}, opts.memory_format(fmt));
   Tensor out = fuse_epilogue ? (save_pre ? at::empty_like(p_pre, fmt) : p_pre) : Tensor();
   std::vector<double> part_sum(proj.batch_stats ? plan.N * P : 0), part_m2(part_sum.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msfused_project_accumulate_cpu", [&] {
@@ -469,33 +397,19 @@ ProjectForwardResult multi_scale_project_forward_cpu(
     if (p_pre.numel() == 0) return;
     with_activation(proj.activation, [&](auto act) {
       constexpr Activation A = decltype(act)::value;
-      auto run = !work_cl ? accumulate_projection<scalar_t, false, false, A>
-                 : cl     ? accumulate_projection<scalar_t, true, true, A>
-                          : accumulate_projection<scalar_t, true, false, A>;
+      auto run = cl ? accumulate_projection<scalar_t, true, A> : accumulate_projection<scalar_t, false, A>;
       if (!banded) {
         run(plan, P, k, tb, dv, pb, &epi, Band{0, plan.N, 0, H}, acc.defined() ? acc.const_data_ptr<scalar_t>() : nullptr,
-            false, pre_out, o, part_sum.data(), part_m2.data());
+            pre_out, o, part_sum.data(), part_m2.data());
         return;
       }
-      const std::vector<Band> bands = x_part_bands(plan.N, P, H, W, x.element_size(), proj.batch_stats);
-      int64_t most = 0;  // the largest band's pixels
-      for (const Band& b : bands) most = std::max(most, (b.n1 - b.n0) * (b.r1 - b.r0) * W);
-      // Each band of x and of acc in turn, channels_last, in the thread's scratch: acc's from zeros, as the
-      // product adds into it, and left zeroed by the pass (which clears what it reads) for the next band.
-      scalar_t* xs = static_cast<scalar_t*>(band_workspace(most * plan.C * x.element_size()));
-      ZeroedScratch acc_scratch(most * P * x.element_size());
-      scalar_t* as = static_cast<scalar_t*>(acc_scratch.data());
-      const auto band_view = [&](scalar_t* at, int64_t bn, int64_t rows, int64_t channels) {
-        return at::from_blob(at, {bn, channels, rows, W}, {rows * W * channels, 1, W * channels, channels}, opts);
-      };
-      for (const Band& band : bands) {
-        const int64_t bn = band.n1 - band.n0, rows = band.r1 - band.r0;
-        band_to_channels_last(x.const_data_ptr<scalar_t>(), plan.C, H, W, band, xs);
-        Tensor ab = band_view(as, bn, rows, P);
-        conv1x1_add_into(ab, band_view(xs, bn, rows, plan.C), parts[0]);
-        run(plan, P, k, tb, dv, pb, &epi, band, as, true, pre_out, o, part_sum.data(), part_m2.data());
+      const Tensor wx = parts[0].reshape({P, plan.C}).contiguous();
+      for (const Band& band : x_part_bands(plan.N, P, H, W, x.element_size(), proj.batch_stats)) {
+        const Tensor xb = x.select(0, band.n0).view({plan.C, H * W}).slice(1, band.r0 * W, band.r1 * W);
+        const Tensor ab = linear(wx, xb.t());  // (P, pixels): the band's rows of each of the P planes
+        run(plan, P, k, tb, dv, pb, &epi, band, ab.const_data_ptr<scalar_t>(), pre_out, o, part_sum.data(),
+            part_m2.data());
       }
-      acc_scratch.leave_zeroed();
     });
   });
   Tensor p_mean, p_var;
