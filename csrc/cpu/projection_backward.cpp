@@ -288,8 +288,8 @@ std::pair<Tensor, Tensor> x_part_gemm_backward(const Tensor& dpre, const Tensor&
     if (need_w) dw = at::mm(rows.t(), xrows);
   } else if (N > 0 && x_part_on_onednn(1, x)) {
     // NCHW on oneDNN (onednn.h), per sample in batch order: dW_x += dv[n] x[n]^T, x[n] (C, HW) the inner
-    // product's weight as NCHW keeps it; dx[n] = (dv[n]^T W_x)^T, dv[n] transposed into the workspace and the
-    // (HW, C) product transposed back into dx.
+    // product's weight as NCHW keeps it; dx[n] = W_x^T dv[n], dv[n]'s (P, HW) plane read transposed as the
+    // weight, so that the product is NCHW like dx.
     const Tensor cols = dpre.contiguous().view({N, P, H * W});
     const Tensor xcols = x.view({N, C, H * W});
     if (need_w)
@@ -300,13 +300,7 @@ std::pair<Tensor, Tensor> x_part_gemm_backward(const Tensor& dpre, const Tensor&
     if (need_x) {
       dx = at::empty({N, C, H * W}, x.options());
       const Tensor wt = w2.t().contiguous();  // (C, P)
-      float* ws = static_cast<float*>(band_workspace(H * W * P * static_cast<int64_t>(sizeof(float))));
-      const Tensor dv_t = at::from_blob(ws, {H * W, P}, x.options());
-      for (int64_t n = 0; n < N; ++n) {
-        transpose_into(cols.select(0, n).const_data_ptr<float>(), P, H * W, H * W, ws);
-        const Tensor rows = linear(dv_t, wt).contiguous();  // (HW, C)
-        transpose_into(rows.const_data_ptr<float>(), H * W, C, C, dx.select(0, n).mutable_data_ptr<float>());
-      }
+      for (int64_t n = 0; n < N; ++n) dx.select(0, n).copy_(linear(wt, cols.select(0, n).t()));
       dx = dx.view({N, C, H, W});
     }
   } else {
