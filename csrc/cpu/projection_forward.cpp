@@ -12,7 +12,6 @@
 #include <ATen/ops/from_blob.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <tuple>
 #include <utility>
 #include <vector>
