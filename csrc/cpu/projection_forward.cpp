@@ -87,14 +87,12 @@ struct Band {
 //   * without, v goes to pre_out, and part_sum / part_m2 get each (n, channel)'s sum and sum of squared
 //     deviations from its own mean (in double; combined in batch order by projection_batch_stats); the band
 //     then holds whole samples.
-// CL is the layout of acc, the maps, the direct parts, pre_out and out (the caller's); acc, the maps and the
-// direct parts are in opmath.
+// CL is the layout of acc, the maps, the direct parts, pre_out and out (the caller's).
 // Values are rounded to scalar_t before the norm and the statistics, as the reference's convolution output is.
 template <typename scalar_t, bool CL, Activation A>
 void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const std::vector<TapBranch<scalar_t>>& tb,
-                           const std::vector<const at::opmath_type<scalar_t>*>& direct,
-                           const std::vector<at::opmath_type<scalar_t>>& bias,
-                           const Epilogue<at::opmath_type<scalar_t>>* epi, const Band& band, const at::opmath_type<scalar_t>* acc,
+                           const std::vector<const scalar_t*>& direct, const std::vector<at::opmath_type<scalar_t>>& bias,
+                           const Epilogue<at::opmath_type<scalar_t>>* epi, const Band& band, const scalar_t* acc,
                            scalar_t* pre_out, scalar_t* out, double* part_sum, double* part_m2) {
   using T = at::opmath_type<scalar_t>;
   constexpr int64_t S = CL ? kGroup : 1;
@@ -186,13 +184,13 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
         if constexpr (!CL) {
           const T b0 = bias_g[0];
           if (acc) {
-            const T* arow = acc + acc_row;
+            const scalar_t* arow = acc + acc_row;
             for (int64_t J = 0; J < W; ++J) rw[J] = static_cast<T>(arow[J]) + b0;
           } else {
             for (int64_t J = 0; J < W; ++J) rw[J] = b0;
           }
-          for (const T* d : direct) {
-            const T* drw = d + work_row;
+          for (const scalar_t* d : direct) {
+            const scalar_t* drw = d + work_row;
             for (int64_t J = 0; J < W; ++J) rw[J] += static_cast<T>(drw[J]);
           }
         } else {
@@ -201,7 +199,7 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
             for (int64_t g = 0; g < S; ++g) rs[g] = bias_g[g];  // zero past G
             if (acc)
               for (int64_t g = 0; g < G; ++g) rs[g] += static_cast<T>(acc[acc_row + J * ap.pix + g]);
-            for (const T* d : direct)
+            for (const scalar_t* d : direct)
               for (int64_t g = 0; g < G; ++g) rs[g] += static_cast<T>(d[work_row + J * ap.pix + g]);
           }
         }
@@ -346,18 +344,14 @@ ProjectForwardResult multi_scale_project_forward_cpu(
   // bands of a sample or of its rows (x_part_bands) that the accumulation reads back from cache. (oneDNN's
   // convolution of an NCHW x reorders it and its output, and a transpose to channels_last and back cost more
   // than the product.) Otherwise it is branch_conv's, whole. acc, the maps and the direct parts are in x's
-  // layout and in opmath (tap_maps_dtype: float32 for half precision, whose products are exact there), so
-  // that the pass sums the parts before the one rounding the reference's convolution makes (SPEC.md: half
-  // precision accumulates in float32); rounded apart, x's part and a direct part doubled the branches'
-  // gradient errors in bfloat16 (the GPU check's c19).
+  // layout.
   const bool onednn = plan.x_offset >= 0 && x_part_on_onednn(k, x);
   const bool banded = onednn && !cl;
-  const at::ScalarType tdt = tap_maps_dtype(x.scalar_type());
   Tensor acc;
   if (plan.x_offset >= 0 && !banded)
-    acc = onednn ? conv1x1(x, parts[0])
-                 : branch_conv(x.to(tdt), parts[0].to(tdt), std::nullopt, pad, fmt).contiguous(fmt);
+    acc = onednn ? conv1x1(x, parts[0]) : branch_conv(x, parts[0], std::nullopt, pad, fmt).contiguous(fmt);
   TensorVector tmaps(B), direct(B);
+  const at::ScalarType tdt = tap_maps_dtype(x.scalar_type());
   for (size_t b = 0; b < B; ++b) {
     const BranchPlan& bp = plan.branches[b];
     const Tensor& z = bp.identity ? x : level[b];
@@ -367,27 +361,25 @@ ProjectForwardResult multi_scale_project_forward_cpu(
     const Tensor a = branch_epilogue(branch_alone(plan, b, !whole), pre[b], scale.get(b), shift.get(b), mean[b],
                                      var[b], fmt);
     if (whole)
-      direct[b] = branch_conv(a.to(tdt), parts[1 + b].to(tdt), std::nullopt, pad, fmt).contiguous(fmt);
+      direct[b] = branch_conv(a, parts[1 + b], std::nullopt, pad, fmt).contiguous(fmt);
     else
       tmaps[b] = branch_conv(a.to(tdt), parts[1 + b], std::nullopt, 0, fmt).contiguous(fmt);
   }
   const BlockPlan pp = projection_plan(plan, proj);
   // Without batch statistics the norm and activation run in the accumulation pass; in place when the
   // pre-activation need not be kept (nothing will differentiate it). With them, the pass keeps the
-  // pre-activation (in acc's place where acc has x's dtype) and its per-sample statistics, and one more pass
-  // applies the norm.
+  // pre-activation (in acc's place) and its per-sample statistics, and one more pass applies the norm.
   const bool fuse_epilogue = !proj.batch_stats;
-  Tensor p_pre = acc.defined() && acc.scalar_type() == x.scalar_type() ? acc
-                                                                      : at::empty({plan.N, P, H, W}, opts.memory_format(fmt));
+  Tensor p_pre = acc.defined() ? acc : at::empty({plan.N, P, H, W}, opts.memory_format(fmt));
   Tensor out = fuse_epilogue ? (save_pre ? at::empty_like(p_pre, fmt) : p_pre) : Tensor();
   std::vector<double> part_sum(proj.batch_stats ? plan.N * P : 0), part_m2(part_sum.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msfused_project_accumulate_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const auto taps = make_branch_taps<T>(plan);
     std::vector<TapBranch<scalar_t>> tb;
-    std::vector<const T*> dv;
+    std::vector<const scalar_t*> dv;
     for (size_t b = 0; b < B; ++b) {
-      if (direct[b].defined()) dv.push_back(direct[b].const_data_ptr<T>());
+      if (direct[b].defined()) dv.push_back(direct[b].const_data_ptr<scalar_t>());
       if (!tmaps[b].defined()) continue;
       tb.emplace_back(plan.branches[b], taps[b]);
       tb.back().maps = tmaps[b].const_data_ptr<T>();
@@ -406,7 +398,7 @@ ProjectForwardResult multi_scale_project_forward_cpu(
       constexpr Activation A = decltype(act)::value;
       auto run = cl ? accumulate_projection<scalar_t, true, A> : accumulate_projection<scalar_t, false, A>;
       if (!banded) {
-        run(plan, P, k, tb, dv, pb, &epi, Band{0, plan.N, 0, H}, acc.defined() ? acc.const_data_ptr<T>() : nullptr,
+        run(plan, P, k, tb, dv, pb, &epi, Band{0, plan.N, 0, H}, acc.defined() ? acc.const_data_ptr<scalar_t>() : nullptr,
             pre_out, o, part_sum.data(), part_m2.data());
         return;
       }
@@ -414,7 +406,7 @@ ProjectForwardResult multi_scale_project_forward_cpu(
       for (const Band& band : x_part_bands(plan.N, P, H, W, x.element_size(), proj.batch_stats)) {
         const Tensor xb = x.select(0, band.n0).view({plan.C, H * W}).slice(1, band.r0 * W, band.r1 * W);
         const Tensor ab = linear(wx, xb.t());  // (P, pixels): the band's rows of each of the P planes
-        run(plan, P, k, tb, dv, pb, &epi, band, ab.const_data_ptr<T>(), pre_out, o, part_sum.data(),
+        run(plan, P, k, tb, dv, pb, &epi, band, ab.const_data_ptr<scalar_t>(), pre_out, o, part_sum.data(),
             part_m2.data());
       }
     });
