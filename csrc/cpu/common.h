@@ -9,9 +9,8 @@
 
 #pragma once
 
-#include <ATen/core/Tensor.h>
-
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <atomic>
