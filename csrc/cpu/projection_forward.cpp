@@ -20,6 +20,7 @@
 #include "common.h"
 #include "onednn.h"
 #include "tap_branch.h"
+#include "widened_conv.h"
 
 namespace msfused {
 namespace cpu {
@@ -87,13 +88,16 @@ struct Band {
 //   * without, v goes to pre_out, and part_sum / part_m2 get each (n, channel)'s sum and sum of squared
 //     deviations from its own mean (in double; combined in batch order by projection_batch_stats); the band
 //     then holds whole samples.
-// CL is the layout of acc, the maps, the direct parts, pre_out and out (the caller's).
-// Values are rounded to scalar_t before the norm and the statistics, as the reference's convolution output is.
+// CL is the layout of acc, the maps, the direct parts, pre_out and out (the caller's). acc, the maps and the
+// direct parts are in opmath: the sum is rounded to scalar_t once, before the norm and the statistics, as the
+// reference's convolution output is.
 template <typename scalar_t, bool CL, Activation A>
 void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const std::vector<TapBranch<scalar_t>>& tb,
-                           const std::vector<const scalar_t*>& direct, const std::vector<at::opmath_type<scalar_t>>& bias,
-                           const Epilogue<at::opmath_type<scalar_t>>* epi, const Band& band, const scalar_t* acc,
-                           scalar_t* pre_out, scalar_t* out, double* part_sum, double* part_m2) {
+                           const std::vector<const at::opmath_type<scalar_t>*>& direct,
+                           const std::vector<at::opmath_type<scalar_t>>& bias,
+                           const Epilogue<at::opmath_type<scalar_t>>* epi, const Band& band,
+                           const at::opmath_type<scalar_t>* acc, scalar_t* pre_out, scalar_t* out, double* part_sum,
+                           double* part_m2) {
   using T = at::opmath_type<scalar_t>;
   constexpr int64_t S = CL ? kGroup : 1;
   const int64_t H = plan.H, W = plan.W, r = k / 2, KP = k * k * P, WS = W * S, rows = band.r1 - band.r0;
@@ -184,23 +188,23 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
         if constexpr (!CL) {
           const T b0 = bias_g[0];
           if (acc) {
-            const scalar_t* arow = acc + acc_row;
-            for (int64_t J = 0; J < W; ++J) rw[J] = static_cast<T>(arow[J]) + b0;
+            const T* arow = acc + acc_row;
+            for (int64_t J = 0; J < W; ++J) rw[J] = arow[J] + b0;
           } else {
             for (int64_t J = 0; J < W; ++J) rw[J] = b0;
           }
-          for (const scalar_t* d : direct) {
-            const scalar_t* drw = d + work_row;
-            for (int64_t J = 0; J < W; ++J) rw[J] += static_cast<T>(drw[J]);
+          for (const T* d : direct) {
+            const T* drw = d + work_row;
+            for (int64_t J = 0; J < W; ++J) rw[J] += drw[J];
           }
         } else {
           for (int64_t J = 0; J < W; ++J) {
             T* rs = rw + J * S;
             for (int64_t g = 0; g < S; ++g) rs[g] = bias_g[g];  // zero past G
             if (acc)
-              for (int64_t g = 0; g < G; ++g) rs[g] += static_cast<T>(acc[acc_row + J * ap.pix + g]);
-            for (const scalar_t* d : direct)
-              for (int64_t g = 0; g < G; ++g) rs[g] += static_cast<T>(d[work_row + J * ap.pix + g]);
+              for (int64_t g = 0; g < G; ++g) rs[g] += acc[acc_row + J * ap.pix + g];
+            for (const T* d : direct)
+              for (int64_t g = 0; g < G; ++g) rs[g] += d[work_row + J * ap.pix + g];
           }
         }
         add_rows(rw, reads[I - band.r0], e.data(), WS);
@@ -272,12 +276,12 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
   });
 }
 
-// The bands of an NCHW x's part: one sample each, or rows of one sample where its P planes pass kBandBytes
+// The bands of x's part (float32): one sample each, or rows of one sample where its P planes pass kBandBytes
 // (whole samples with batch statistics: their pass reads whole planes). Small enough to be read back from
 // cache; large enough that oneDNN's call costs little beside the product.
-std::vector<Band> x_part_bands(int64_t N, int64_t P, int64_t H, int64_t W, int64_t elem, bool whole_samples) {
+std::vector<Band> x_part_bands(int64_t N, int64_t P, int64_t H, int64_t W, bool whole_samples) {
   constexpr int64_t kBandBytes = int64_t(8) << 20;
-  const int64_t row_bytes = std::max<int64_t>(1, P * W * elem);
+  const int64_t row_bytes = std::max<int64_t>(1, P * W * int64_t(sizeof(float)));
   const int64_t rows = whole_samples ? H : std::max<int64_t>(1, kBandBytes / row_bytes);
   std::vector<Band> bands;
   for (int64_t n = 0; n < N; ++n)
@@ -338,20 +342,24 @@ ProjectForwardResult multi_scale_project_forward_cpu(
   levels_plan.x_offset = -1;  // there is no concatenation to copy x into
   dispatch_levels_and_copy(levels_plan, x, Tensor(), level, cl);
   const TensorVector parts = projection_parts(plan, proj, pw, project_parts);
-  // The x part of the projection: conv(x, W_x) with the weight's x slice. A 1x1 one in float32 is oneDNN's
-  // (x_part_on_onednn): for a channels_last x its convolution, whole; for an NCHW x the product W_x X per
-  // band (X: the band's (C, pixels) block of x, read transposed where it lies), NCHW like the output, in
+  // The x part of the projection: conv(x, W_x) with the weight's x slice, in opmath. A 1x1 one in float32 is
+  // oneDNN's (x_part_on_onednn): for a channels_last x its convolution, whole; for an NCHW x the product W_x X
+  // per band (X: the band's (C, pixels) block of x, read transposed where it lies), NCHW like the output, in
   // bands of a sample or of its rows (x_part_bands) that the accumulation reads back from cache. (oneDNN's
   // convolution of an NCHW x reorders it and its output, and a transpose to channels_last and back cost more
-  // than the product.) Otherwise it is branch_conv's, whole. acc, the maps and the direct parts are in x's
-  // layout.
+  // than the product.) Half precision: widened_conv (summed in float32, not rounded: the pass adds every part
+  // before its one rounding), in bands too where it runs on oneDNN's micro-kernel. Otherwise branch_conv's,
+  // whole. acc, the maps and the direct parts are in x's layout.
+  const at::ScalarType tdt = tap_maps_dtype(x.scalar_type());
+  const bool widen = tdt != x.scalar_type();
   const bool onednn = plan.x_offset >= 0 && x_part_on_onednn(k, x);
-  const bool banded = onednn && !cl;
+  const bool banded = plan.x_offset >= 0 && ((onednn && !cl) || (widen && widened_on_ukernel(x, cl)));
   Tensor acc;
   if (plan.x_offset >= 0 && !banded)
-    acc = onednn ? conv1x1(x, parts[0]) : branch_conv(x, parts[0], std::nullopt, pad, fmt).contiguous(fmt);
+    acc = onednn  ? conv1x1(x, parts[0])
+          : widen ? widened_conv(x, parts[0], cl)
+                  : branch_conv(x, parts[0], std::nullopt, pad, fmt).contiguous(fmt);
   TensorVector tmaps(B), direct(B);
-  const at::ScalarType tdt = tap_maps_dtype(x.scalar_type());
   for (size_t b = 0; b < B; ++b) {
     const BranchPlan& bp = plan.branches[b];
     const Tensor& z = bp.identity ? x : level[b];
@@ -361,25 +369,27 @@ ProjectForwardResult multi_scale_project_forward_cpu(
     const Tensor a = branch_epilogue(branch_alone(plan, b, !whole), pre[b], scale.get(b), shift.get(b), mean[b],
                                      var[b], fmt);
     if (whole)
-      direct[b] = branch_conv(a, parts[1 + b], std::nullopt, pad, fmt).contiguous(fmt);
+      direct[b] = widen ? widened_conv(a.contiguous(fmt), parts[1 + b], cl)
+                        : branch_conv(a, parts[1 + b], std::nullopt, pad, fmt).contiguous(fmt);
     else
       tmaps[b] = branch_conv(a.to(tdt), parts[1 + b], std::nullopt, 0, fmt).contiguous(fmt);
   }
   const BlockPlan pp = projection_plan(plan, proj);
   // Without batch statistics the norm and activation run in the accumulation pass; in place when the
   // pre-activation need not be kept (nothing will differentiate it). With them, the pass keeps the
-  // pre-activation (in acc's place) and its per-sample statistics, and one more pass applies the norm.
+  // pre-activation (in acc's place where acc has x's dtype) and its per-sample statistics, and one more pass
+  // applies the norm.
   const bool fuse_epilogue = !proj.batch_stats;
-  Tensor p_pre = acc.defined() ? acc : at::empty({plan.N, P, H, W}, opts.memory_format(fmt));
+  Tensor p_pre = acc.defined() && !widen ? acc : at::empty({plan.N, P, H, W}, opts.memory_format(fmt));
   Tensor out = fuse_epilogue ? (save_pre ? at::empty_like(p_pre, fmt) : p_pre) : Tensor();
   std::vector<double> part_sum(proj.batch_stats ? plan.N * P : 0), part_m2(part_sum.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msfused_project_accumulate_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const auto taps = make_branch_taps<T>(plan);
     std::vector<TapBranch<scalar_t>> tb;
-    std::vector<const scalar_t*> dv;
+    std::vector<const T*> dv;
     for (size_t b = 0; b < B; ++b) {
-      if (direct[b].defined()) dv.push_back(direct[b].const_data_ptr<scalar_t>());
+      if (direct[b].defined()) dv.push_back(direct[b].const_data_ptr<T>());
       if (!tmaps[b].defined()) continue;
       tb.emplace_back(plan.branches[b], taps[b]);
       tb.back().maps = tmaps[b].const_data_ptr<T>();
@@ -398,16 +408,27 @@ ProjectForwardResult multi_scale_project_forward_cpu(
       constexpr Activation A = decltype(act)::value;
       auto run = cl ? accumulate_projection<scalar_t, true, A> : accumulate_projection<scalar_t, false, A>;
       if (!banded) {
-        run(plan, P, k, tb, dv, pb, &epi, Band{0, plan.N, 0, H}, acc.defined() ? acc.const_data_ptr<scalar_t>() : nullptr,
+        run(plan, P, k, tb, dv, pb, &epi, Band{0, plan.N, 0, H}, acc.defined() ? acc.const_data_ptr<T>() : nullptr,
             pre_out, o, part_sum.data(), part_m2.data());
         return;
       }
-      const Tensor wx = parts[0].reshape({P, plan.C}).contiguous();
-      for (const Band& band : x_part_bands(plan.N, P, H, W, x.element_size(), proj.batch_stats)) {
-        const Tensor xb = x.select(0, band.n0).view({plan.C, H * W}).slice(1, band.r0 * W, band.r1 * W);
-        const Tensor ab = linear(wx, xb.t());  // (P, pixels): the band's rows of each of the P planes
-        run(plan, P, k, tb, dv, pb, &epi, band, ab.const_data_ptr<scalar_t>(), pre_out, o, part_sum.data(),
-            part_m2.data());
+      const Tensor wx = onednn ? parts[0].reshape({P, plan.C}).contiguous() : parts[0];
+      const std::vector<Band> bands = x_part_bands(plan.N, P, H, W, proj.batch_stats);
+      Tensor buffer;  // widened_conv's bands, one after the other (fresh memory faults page by page)
+      for (const Band& band : bands) {
+        const T* ab;  // the band's part: (samples, P, rows, W) in x's layout
+        Tensor product;
+        if (onednn) {  // (P, pixels): the band's rows of each of the P planes
+          const Tensor xb = x.select(0, band.n0).view({plan.C, H * W}).slice(1, band.r0 * W, band.r1 * W);
+          product = linear(wx, xb.t());
+          ab = product.const_data_ptr<T>();
+        } else {
+          if (!buffer.defined())
+            buffer = at::empty({(bands[0].n1 - bands[0].n0) * P * (bands[0].r1 - bands[0].r0) * W}, opts.dtype(at::kFloat));
+          widened_conv_into(x, wx, band.n0, band.n1, band.r0, band.r1, cl, buffer.data_ptr<float>());
+          ab = reinterpret_cast<const T*>(buffer.const_data_ptr<float>());
+        }
+        run(plan, P, k, tb, dv, pb, &epi, band, ab, pre_out, o, part_sum.data(), part_m2.data());
       }
     });
   });
