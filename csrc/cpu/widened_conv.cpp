@@ -14,7 +14,6 @@
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
 #include <ATen/ops/conv2d.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -24,10 +23,20 @@
 
 #include "common.h"
 
+// ATen's CPUBlas.h includes oneDNN's micro-kernel header in x86 builds with oneDNN; a torch that ships without
+// it gets the float32 convolution instead of a build error.
+#if defined(__has_include)
+#if __has_include(<ATen/native/CPUBlas.h>) && (!(defined(__x86_64__) || defined(_M_X64)) || __has_include(<oneapi/dnnl/dnnl_ukernel.hpp>))
+#define MSFUSED_HAVE_BRGEMM 1
+#include <ATen/native/CPUBlas.h>
+#endif
+#endif
+
 namespace msfused {
 namespace cpu {
 namespace detail {
 namespace {
+#ifdef MSFUSED_HAVE_BRGEMM
 
 namespace blas = at::native::cpublas;
 
@@ -179,16 +188,21 @@ void conv_channels_last(const scalar_t* z, const scalar_t* w, float* out, int64_
   });
 }
 
+#endif  // MSFUSED_HAVE_BRGEMM
 }  // namespace
 
 bool widened_on_ukernel(const at::Tensor& z, bool cl) {
   if (!at::globalContext().userEnabledMkldnn()) return false;
   if (cl && z.size(1) % 2 != 0) return false;  // x's rows feed the micro-kernel as they lie: K in pairs
+#ifdef MSFUSED_HAVE_BRGEMM
   switch (z.scalar_type()) {
     case at::kBFloat16: return ukernel_takes<at::BFloat16>();
     case at::kHalf: return ukernel_takes<at::Half>();
     default: return false;
   }
+#else
+  return false;
+#endif
 }
 
 void widened_conv_into(const at::Tensor& z, const at::Tensor& w, int64_t n0, int64_t n1, int64_t r0, int64_t r1,
@@ -198,11 +212,15 @@ void widened_conv_into(const at::Tensor& z, const at::Tensor& w, int64_t n0, int
                                                                           : at::MemoryFormat::Contiguous));
   TORCH_INTERNAL_ASSERT(w.scalar_type() == z.scalar_type() && w.size(1) == C && w.size(3) == k && k % 2 == 1);
   TORCH_INTERNAL_ASSERT(0 <= n0 && n0 < n1 && n1 <= z.size(0) && 0 <= r0 && r0 < r1 && r1 <= H);
+#ifdef MSFUSED_HAVE_BRGEMM
   const at::Tensor wc = w.contiguous();
   AT_DISPATCH_REDUCED_FLOATING_TYPES(z.scalar_type(), "msfused_widened_conv", [&] {
     auto run = cl ? conv_channels_last<scalar_t> : conv_nchw<scalar_t>;
     run(z.const_data_ptr<scalar_t>(), wc.const_data_ptr<scalar_t>(), out, C, H, W, P, k, n0, n1, r0, r1);
   });
+#else
+  (void)W, (void)P, (void)out;  // unreachable: widened_on_ukernel is false
+#endif
 }
 
 at::Tensor widened_conv(const at::Tensor& z, const at::Tensor& w, bool cl) {
