@@ -367,19 +367,23 @@ BF16_CASES = [
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # (the flags context, on CPUs)
 @pytest.mark.parametrize("onednn", [True, False], ids=["ukernel", "widened-conv"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("C,k,shape", [(6, 1, (2, 13, 11)), (5, 3, (2, 13, 11)), (6, 3, (3, 9, 17)),
-                                       (4, 3, (1, 70, 520))], ids=["C6-k1", "C5-k3", "C6-k3", "C4-k3-bands"])
-def test_bfloat16_parts_rounded_once(C, k, shape, layout, onednn):
+@pytest.mark.parametrize("C,k,shape,P", [(6, 1, (2, 13, 11), 24), (5, 3, (2, 13, 11), 24), (6, 3, (3, 9, 17), 24),
+                                         (6, 1, (2, 19, 23), 150), (4, 5, (1, 9, 70), 150),
+                                         (4, 3, (1, 70, 520), 64)],
+                         ids=["C6-k1", "C5-k3", "C6-k3", "C6-k1-P150", "C4-k5-P150", "C4-k3-bands"])
+def test_bfloat16_parts_rounded_once(C, k, shape, P, layout, onednn):
     """SPEC.md: half precision accumulates in float32, and the reference's projection is one convolution, so x's
     part and a directly convolved branch's part are summed before the one rounding (csrc/cpu/widened_conv.h).
     A factor-1 branch with an identity convolution and no norm or activation makes the output exactly
     round(conv(x, W_x + W_b)): computed in float64 and rounded once, it must match but for the rare sum that
     float32 leaves on the other side of a rounding boundary (about 1e-4 of the values; parts rounded apart
-    miss a third of them). Odd and even channel counts, k 1 and 3, both layouts, bands of rows (the last
+    miss a third of them). Odd and even channel counts, k 1, 3 and 5, both layouts, bands of rows (the last
     shape: 64 output channels of 520 columns pass the 8 MiB band), with oneDNN's micro-kernel and without
-    (torch.backends.mkldnn off: the float32 convolution)."""
+    (torch.backends.mkldnn off: the float32 convolution). P = 150 leaves a partial block of output channels
+    in both layouts' micro-kernel calls (64 a call NCHW, 128 channels_last), 437 pixels a partial run of a 1x1
+    (256 a call), 70 columns a partial block of a channels_last row (64 a call) with k = 5's shifts at its
+    edge."""
     N, H, W = shape
-    P = 64 if H > 60 else 24
     kw = dict(scales=(1,), branch_channels=C, kernel_size=1, bias=False, norm=None, activation=None,
               input_position="first", project=_proj(P=P, k=k, norm=None, activation=None))
     block = msfused.MultiScaleBlock(C, **kw).to(torch.bfloat16)
