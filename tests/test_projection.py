@@ -355,7 +355,7 @@ BF16_CASES = [
     # The GPU check's c19 (failed on the H200, 2026-11-30, on 3 draws): x's part was rounded to bfloat16 before
     # the pass added the branches' parts, where the reference's one convolution rounds once; the branches' bias
     # gradients came out at 2-3x the naive module's error (on this CPU, 1 of 24 seeds over the rule on 8 draws).
-    # x's part and the direct parts are now summed in float32 (widened_conv); test_bfloat16_parts_rounded_once
+    # x's part and the direct parts are now summed in float32 (widened_conv); test_half_parts_rounded_once
     # is the exact check.
     Case("psp", dict(bins=((2, 3), 1, 6, 2), kernel_size=1, up_mode="nearest", align_corners=True, bias=True,
                      norm=None, activation="silu", branch_channels=2, input_position="last",
@@ -366,12 +366,13 @@ BF16_CASES = [
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # (the flags context, on CPUs)
 @pytest.mark.parametrize("onednn", [True, False], ids=["ukernel", "widened-conv"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("C,k,shape,P", [(6, 1, (2, 13, 11), 24), (5, 3, (2, 13, 11), 24), (6, 3, (3, 9, 17), 24),
                                          (6, 1, (2, 19, 23), 150), (4, 5, (1, 9, 70), 150),
                                          (4, 3, (1, 70, 520), 64)],
                          ids=["C6-k1", "C5-k3", "C6-k3", "C6-k1-P150", "C4-k5-P150", "C4-k3-bands"])
-def test_bfloat16_parts_rounded_once(C, k, shape, P, layout, onednn):
+def test_half_parts_rounded_once(C, k, shape, P, layout, dtype, onednn):
     """SPEC.md: half precision accumulates in float32, and the reference's projection is one convolution, so x's
     part and a directly convolved branch's part are summed before the one rounding (csrc/cpu/widened_conv.h).
     A factor-1 branch with an identity convolution and no norm or activation makes the output exactly
@@ -382,31 +383,33 @@ def test_bfloat16_parts_rounded_once(C, k, shape, P, layout, onednn):
     (torch.backends.mkldnn off: the float32 convolution). P = 150 leaves a partial block of output channels
     in both layouts' micro-kernel calls (64 a call NCHW, 128 channels_last), 437 pixels a partial run of a 1x1
     (256 a call), 70 columns a partial block of a channels_last row (64 a call) with k = 5's shifts at its
-    edge."""
+    edge. float16 takes the float32 convolution on CPUs without AVX512-FP16 (oneDNN's micro-kernel raises
+    there: ukernel_takes)."""
     N, H, W = shape
     kw = dict(scales=(1,), branch_channels=C, kernel_size=1, bias=False, norm=None, activation=None,
               input_position="first", project=_proj(P=P, k=k, norm=None, activation=None))
-    block = msfused.MultiScaleBlock(C, **kw).to(torch.bfloat16)
+    block = msfused.MultiScaleBlock(C, **kw).to(dtype)
     gen = torch.Generator().manual_seed(random.randrange(2**31))
     with torch.no_grad():
         block.branches[0].conv.weight.copy_(torch.eye(C).view(C, C, 1, 1))
         block.project.conv.weight.copy_(torch.randn(P, 2 * C, k, k, generator=gen))
-    x = torch.randn(N, C, H, W, generator=gen).to(torch.bfloat16)
+    x = torch.randn(N, C, H, W, generator=gen).to(dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     wp = block.project.conv.weight.double()
     exact = torch.nn.functional.conv2d(x.double(), wp[:, :C] + wp[:, C:], padding=k // 2)
-    want = exact.to(torch.bfloat16)
+    want = exact.to(dtype)
     with torch.no_grad(), torch.backends.mkldnn.flags(enabled=onednn):
         got = block(x)
-    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert got.dtype == dtype and got.shape == want.shape
     miss = (got != want).double().mean().item()
     assert miss <= 0.01, miss
-    # Everywhere: the one rounding (half a bfloat16 ulp, 2^-8 relative) plus float32's summation error of the
-    # 2 C k^2 terms (at most their count times 2^-24 times their magnitudes' sum: where they cancel, a small
-    # value may miss by more than its own ulp).
+    # Everywhere: the one rounding (half an ulp: 2^-8 relative in bfloat16, 2^-11 in float16, whose subnormals
+    # are 2^-24 apart) plus float32's summation error of the 2 C k^2 terms (at most their count times 2^-24
+    # times their magnitudes' sum: where they cancel, a small value may miss by more than its own ulp).
     mag = torch.nn.functional.conv2d(x.double().abs(), wp[:, :C].abs() + wp[:, C:].abs(), padding=k // 2)
-    bound = exact.abs() * 2.0 ** -8 + 1.01 * 2 * C * k * k * 2.0 ** -24 * mag
+    half_ulp = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    bound = exact.abs() * half_ulp + 2.0 ** -25 + 1.01 * 2 * C * k * k * 2.0 ** -24 * mag
     assert bool(((got.double() - exact).abs() <= bound).all())
 
 
