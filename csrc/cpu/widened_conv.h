@@ -6,7 +6,7 @@
 // run oneDNN's matrix micro-kernel (ATen's cpublas::brgemm: bfloat16 x bfloat16 -> float32, B in VNNI pairs) on
 // the layouts as they lie; where it is unavailable (no AVX-512, float16 without AVX512-FP16, oneDNN off,
 // channels_last with an odd channel count), the convolution of the operands widened to float32 (exact: their
-// products are exact in float32), 2-4x slower.
+// products are exact in float32; in bfloat16 2-4x the micro-kernel's time, docs/BACKENDS.md).
 
 #pragma once
 
