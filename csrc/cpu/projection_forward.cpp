@@ -12,6 +12,7 @@
 #include <ATen/ops/from_blob.h>
 
 #include <algorithm>
+#include <optional>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -412,9 +413,11 @@ ProjectForwardResult multi_scale_project_forward_cpu(
             pre_out, o, part_sum.data(), part_m2.data());
         return;
       }
-      const Tensor wx = onednn ? parts[0].reshape({P, plan.C}).contiguous() : parts[0];
+      const Tensor wx = onednn ? parts[0].reshape({P, plan.C}).contiguous() : Tensor();
+      const std::optional<WidenedConv> widened =
+          onednn ? std::nullopt : std::optional<WidenedConv>(std::in_place, parts[0], cl);  // packed once
       const std::vector<Band> bands = x_part_bands(plan.N, P, H, W, proj.batch_stats);
-      Tensor buffer;  // widened_conv's bands, one after the other (fresh memory faults page by page)
+      Tensor buffer;  // the widened bands, one after the other (fresh memory faults page by page)
       for (const Band& band : bands) {
         const T* ab;  // the band's part: (samples, P, rows, W) in x's layout
         Tensor product;
@@ -425,7 +428,7 @@ ProjectForwardResult multi_scale_project_forward_cpu(
         } else {
           if (!buffer.defined())
             buffer = at::empty({(bands[0].n1 - bands[0].n0) * P * (bands[0].r1 - bands[0].r0) * W}, opts.dtype(at::kFloat));
-          widened_conv_into(x, wx, band.n0, band.n1, band.r0, band.r1, cl, buffer.data_ptr<float>());
+          widened->run(x, band.n0, band.n1, band.r0, band.r1, buffer.data_ptr<float>());
           ab = reinterpret_cast<const T*>(buffer.const_data_ptr<float>());
         }
         run(plan, P, k, tb, dv, pb, &epi, band, ab, pre_out, o, part_sum.data(), part_m2.data());

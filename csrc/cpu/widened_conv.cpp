@@ -73,13 +73,6 @@ bool ukernel_takes() {
   return ok;
 }
 
-// n uninitialised elements (every one the caller reads it writes first), held by *buffer.
-template <typename scalar_t>
-scalar_t* scratch(int64_t n, at::Tensor* buffer) {
-  *buffer = at::empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value));
-  return buffer->data_ptr<scalar_t>();
-}
-
 // Runs worker(item) over [0, count) as parallel_items does, releasing the micro-kernel's per-thread hardware
 // context (AMX tiles, where used) when a thread is done.
 template <typename F>
@@ -90,8 +83,39 @@ void for_items(int64_t count, const F& f) {
   });
 }
 
+// A for NCHW: the weight per tap, (taps, P, Ce), Ce = C rounded up to even, zero past C.
 template <typename scalar_t>
-void conv_nchw(const scalar_t* z, const scalar_t* w, float* out, int64_t C, int64_t H, int64_t W, int64_t P,
+void pack_weight_nchw(const scalar_t* w, scalar_t* wr, int64_t C, int64_t P, int64_t k) {
+  const int64_t taps = k * k, Ce = (C + 1) / 2 * 2;
+  at::parallel_for(0, P, 16, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t t = 0; t < taps; ++t) {
+        scalar_t* d = wr + (t * P + p) * Ce;
+        for (int64_t c = 0; c < C; ++c) d[c] = w[(p * C + c) * taps + t];
+        if (Ce > C) d[C] = scalar_t(0.0f);
+      }
+  });
+}
+
+// B for channels_last: per block of kChannelsN output channels and tap, the weight's (pairs, block width, 2),
+// contiguous (C even).
+template <typename scalar_t>
+void pack_weight_channels_last(const scalar_t* w, scalar_t* wb, int64_t C, int64_t P, int64_t k) {
+  const int64_t taps = k * k;
+  at::parallel_for(0, P, 16, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t pb = p / kChannelsN, np = std::min(kChannelsN, P - pb * kChannelsN), q = p - pb * kChannelsN;
+      for (int64_t t = 0; t < taps; ++t) {
+        scalar_t* d = wb + (pb * taps * kChannelsN + t * np) * C;
+        for (int64_t c = 0; c < C; ++c) d[((c / 2) * np + q) * 2 + c % 2] = w[(p * C + c) * taps + t];
+      }
+    }
+  });
+}
+
+// wr: pack_weight_nchw's.
+template <typename scalar_t>
+void conv_nchw(const scalar_t* z, const scalar_t* wr, float* out, int64_t C, int64_t H, int64_t W, int64_t P,
                int64_t k, int64_t n0, int64_t n1, int64_t r0, int64_t r1) {
   const int64_t r = k / 2, taps = k * k, Ce = (C + 1) / 2 * 2, pairs = Ce / 2, rows = r1 - r0, plane = rows * W,
                 samples = n1 - n0;
@@ -101,8 +125,9 @@ void conv_nchw(const scalar_t* z, const scalar_t* w, float* out, int64_t C, int6
   // and below, each with k / 2 columns either side, zero outside the map), each row all its channel pairs,
   // so that one call's B (a run, shifted by a tap) lies in one block of pairs * Wp pixel pairs.
   const int64_t packed = k == 1 ? runs : rows + 2 * r, Wp = k == 1 ? run : W + 2 * r, row_size = pairs * Wp * 2;
-  at::Tensor xb_buffer, wr_buffer;
-  scalar_t* const xb = scratch<scalar_t>(samples * packed * row_size, &xb_buffer);
+  const at::Tensor xb_buffer =  // uninitialised: every element is written below
+      at::empty({samples * packed * row_size}, at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value));
+  scalar_t* const xb = xb_buffer.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, samples * packed, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t n = n0 + i / packed, pr = i % packed;
@@ -111,26 +136,22 @@ void conv_nchw(const scalar_t* z, const scalar_t* w, float* out, int64_t C, int6
       const int64_t I = r0 - r + pr;
       const bool inside = k == 1 || (I >= 0 && I < H);
       const int64_t q0 = k == 1 ? r0 * W + pr * run : I * W, len = k == 1 ? std::min(run, plane - pr * run) : W;
+      if (!inside) {
+        std::fill(dst, dst + row_size, scalar_t(0.0f));
+        continue;
+      }
       for (int64_t c2 = 0; c2 < pairs; ++c2) {
         scalar_t* d = dst + c2 * Wp * 2;
-        std::fill(d, d + Wp * 2, scalar_t(0.0f));
-        if (!inside) continue;
+        std::fill(d, d + 2 * r, scalar_t(0.0f));  // the halo columns (and a 1x1's run's tail) are zero
+        std::fill(d + 2 * (r + len), d + Wp * 2, scalar_t(0.0f));
         const scalar_t* s0 = z + (n * C + 2 * c2) * H * W + q0;
-        for (int64_t J = 0; J < len; ++J) d[2 * (r + J)] = s0[J];
-        if (2 * c2 + 1 < C)
-          for (int64_t J = 0; J < len; ++J) d[2 * (r + J) + 1] = s0[H * W + J];
+        const scalar_t* s1 = 2 * c2 + 1 < C ? s0 + H * W : nullptr;
+        for (int64_t J = 0; J < len; ++J) {
+          d[2 * (r + J)] = s0[J];
+          d[2 * (r + J) + 1] = s1 ? s1[J] : scalar_t(0.0f);
+        }
       }
     }
-  });
-  // A: the weight per tap, (taps, P, Ce), zero past C.
-  scalar_t* const wr = scratch<scalar_t>(taps * P * Ce, &wr_buffer);
-  at::parallel_for(0, P, 16, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      for (int64_t t = 0; t < taps; ++t) {
-        scalar_t* d = wr + (t * P + p) * Ce;
-        for (int64_t c = 0; c < C; ++c) d[c] = w[(p * C + c) * taps + t];
-        if (Ce > C) d[C] = scalar_t(0.0f);
-      }
   });
   // Items: (sample, run, output channel block); the blocks of a run are neighbours, sharing its packed rows.
   const int64_t mblocks = (P + kChannelsM - 1) / kChannelsM;
@@ -147,23 +168,11 @@ void conv_nchw(const scalar_t* z, const scalar_t* w, float* out, int64_t C, int6
   });
 }
 
+// wb: pack_weight_channels_last's.
 template <typename scalar_t>
-void conv_channels_last(const scalar_t* z, const scalar_t* w, float* out, int64_t C, int64_t H, int64_t W,
+void conv_channels_last(const scalar_t* z, const scalar_t* wb, float* out, int64_t C, int64_t H, int64_t W,
                         int64_t P, int64_t k, int64_t n0, int64_t n1, int64_t r0, int64_t r1) {
-  const int64_t r = k / 2, taps = k * k, rows = r1 - r0;
-  // B: per block of kChannelsN output channels and tap, the weight's (pairs, block width, 2), contiguous.
-  const int64_t pblocks = (P + kChannelsN - 1) / kChannelsN;
-  at::Tensor wb_buffer;
-  scalar_t* const wb = scratch<scalar_t>(taps * C * P, &wb_buffer);
-  at::parallel_for(0, P, 16, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t pb = p / kChannelsN, np = std::min(kChannelsN, P - pb * kChannelsN), q = p - pb * kChannelsN;
-      for (int64_t t = 0; t < taps; ++t) {
-        scalar_t* d = wb + (pb * taps * kChannelsN + t * np) * C;
-        for (int64_t c = 0; c < C; ++c) d[((c / 2) * np + q) * 2 + c % 2] = w[(p * C + c) * taps + t];
-      }
-    }
-  });
+  const int64_t r = k / 2, taps = k * k, rows = r1 - r0, pblocks = (P + kChannelsN - 1) / kChannelsN;
   // Items: (output channel block, sample, row, column block), the channel block slowest: the threads share
   // its packed weight.
   const int64_t cblocks = (W + kColumnsM - 1) / kColumnsM;
@@ -205,21 +214,33 @@ bool widened_on_ukernel(const at::Tensor& z, bool cl) {
 #endif
 }
 
-void widened_conv_into(const at::Tensor& z, const at::Tensor& w, int64_t n0, int64_t n1, int64_t r0, int64_t r1,
-                       bool cl, float* out) {
-  const int64_t C = z.size(1), H = z.size(2), W = z.size(3), P = w.size(0), k = w.size(2);
-  TORCH_INTERNAL_ASSERT(widened_on_ukernel(z, cl) && z.is_contiguous(cl ? at::MemoryFormat::ChannelsLast
-                                                                          : at::MemoryFormat::Contiguous));
-  TORCH_INTERNAL_ASSERT(w.scalar_type() == z.scalar_type() && w.size(1) == C && w.size(3) == k && k % 2 == 1);
-  TORCH_INTERNAL_ASSERT(0 <= n0 && n0 < n1 && n1 <= z.size(0) && 0 <= r0 && r0 < r1 && r1 <= H);
+WidenedConv::WidenedConv(const at::Tensor& w, bool cl)
+    : cl_(cl), C_(w.size(1)), P_(w.size(0)), k_(w.size(2)) {
+  TORCH_INTERNAL_ASSERT(w.dim() == 4 && w.size(3) == k_ && k_ % 2 == 1 && (!cl || C_ % 2 == 0));
 #ifdef MSFUSED_HAVE_BRGEMM
   const at::Tensor wc = w.contiguous();
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(z.scalar_type(), "msfused_widened_conv", [&] {
-    auto run = cl ? conv_channels_last<scalar_t> : conv_nchw<scalar_t>;
-    run(z.const_data_ptr<scalar_t>(), wc.const_data_ptr<scalar_t>(), out, C, H, W, P, k, n0, n1, r0, r1);
+  packed_ = at::empty({k_ * k_ * P_ * ((C_ + 1) / 2 * 2)}, w.options());
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(w.scalar_type(), "msfused_widened_pack", [&] {
+    auto pack = cl ? pack_weight_channels_last<scalar_t> : pack_weight_nchw<scalar_t>;
+    pack(wc.const_data_ptr<scalar_t>(), packed_.mutable_data_ptr<scalar_t>(), C_, P_, k_);
   });
 #else
-  (void)W, (void)P, (void)out;  // unreachable: widened_on_ukernel is false
+  TORCH_INTERNAL_ASSERT(false, "msfused: built without oneDNN's micro-kernel (widened_on_ukernel is false)");
+#endif
+}
+
+void WidenedConv::run(const at::Tensor& z, int64_t n0, int64_t n1, int64_t r0, int64_t r1, float* out) const {
+  const int64_t H = z.size(2), W = z.size(3);
+  TORCH_INTERNAL_ASSERT(widened_on_ukernel(z, cl_) && z.scalar_type() == packed_.scalar_type() && z.size(1) == C_ &&
+                        z.is_contiguous(cl_ ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  TORCH_INTERNAL_ASSERT(0 <= n0 && n0 < n1 && n1 <= z.size(0) && 0 <= r0 && r0 < r1 && r1 <= H);
+#ifdef MSFUSED_HAVE_BRGEMM
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(z.scalar_type(), "msfused_widened_conv", [&] {
+    auto conv = cl_ ? conv_channels_last<scalar_t> : conv_nchw<scalar_t>;
+    conv(z.const_data_ptr<scalar_t>(), packed_.const_data_ptr<scalar_t>(), out, C_, H, W, P_, k_, n0, n1, r0, r1);
+  });
+#else
+  (void)W, (void)out;  // unreachable: the constructor raises
 #endif
 }
 
@@ -228,7 +249,7 @@ at::Tensor widened_conv(const at::Tensor& z, const at::Tensor& w, bool cl) {
   if (!widened_on_ukernel(z, cl))
     return at::conv2d(z.to(at::kFloat), w.to(at::kFloat), {}, 1, w.size(2) / 2).contiguous(fmt);
   at::Tensor out = at::empty({z.size(0), w.size(0), z.size(2), z.size(3)}, z.options().dtype(at::kFloat).memory_format(fmt));
-  widened_conv_into(z, w, 0, z.size(0), 0, z.size(2), cl, out.data_ptr<float>());
+  WidenedConv(w, cl).run(z, 0, z.size(0), 0, z.size(2), out.data_ptr<float>());
   return out;
 }
 

@@ -23,10 +23,19 @@ namespace detail {
 // layout too.
 at::Tensor widened_conv(const at::Tensor& z, const at::Tensor& w, bool cl);
 
-// Its samples [n0, n1) and output rows [r0, r1) into out, (n1 - n0, P, r1 - r0, W) in `cl`'s layout: only where
-// widened_on_ukernel(z, cl).
-void widened_conv_into(const at::Tensor& z, const at::Tensor& w, int64_t n0, int64_t n1, int64_t r0, int64_t r1,
-                       bool cl, float* out);
+// The same convolution over bands of z, the weight packed for oneDNN's micro-kernel once (construction), each
+// band run on it: only where widened_on_ukernel(z, cl).
+class WidenedConv {
+ public:
+  WidenedConv(const at::Tensor& w, bool cl);
+  // Samples [n0, n1) and output rows [r0, r1) of conv(z, w) into out, (n1 - n0, P, r1 - r0, W) in cl's layout.
+  void run(const at::Tensor& z, int64_t n0, int64_t n1, int64_t r0, int64_t r1, float* out) const;
+
+ private:
+  at::Tensor packed_;  // w as the micro-kernel's A (NCHW) or B (channels_last): widened_conv.cpp
+  bool cl_;
+  int64_t C_, P_, k_;
+};
 
 // Whether widened_conv of z runs on oneDNN's micro-kernel (else on the float32 convolution).
 bool widened_on_ukernel(const at::Tensor& z, bool cl);
