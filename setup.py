@@ -47,7 +47,9 @@ sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp") + _sources("csrc/a
 cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
 # -fopenmp: at::parallel_for is inlined into our kernels and is an OpenMP region in torch's CPU builds;
 # without the flag it silently runs on one thread. omp simd: the kernels' lane-parallel reductions.
-cxx_flags += ["-std=c++17", "-fopenmp", "-fdiagnostics-color=always"]
+# -ffp-contract=off: no FMA where the CPU has it, so that the kernels' AVX2 and AVX-512 clones (csrc/cpu/simd.h)
+# and the baseline build round alike, and a result does not depend on the machine's vector width.
+cxx_flags += ["-std=c++17", "-fopenmp", "-ffp-contract=off", "-fdiagnostics-color=always"]
 link_flags = ["-fopenmp"]  # resolves to the libgomp.so.1 torch already loaded
 define_macros = [("MSFUSED_WITH_CUDA", "1")] if with_cuda else []
 # No --use_fast_math: the kernels must match the reference (gelu's erf, exact division and sqrt).

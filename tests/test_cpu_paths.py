@@ -160,3 +160,25 @@ def test_training_peak_memory_at_most_naive(name):
     if peaks["naive"] is None:
         pytest.skip("the profiler gives no memory events here")
     assert peaks["cpu"] <= peaks["naive"], {k: v / 2**20 for k, v in peaks.items()}
+
+
+def test_no_fused_multiply_add_in_the_cpu_kernels():
+    """The CPU kernels' hottest loops are compiled per SIMD width and chosen at load (csrc/cpu/simd.h), and a
+    result must not depend on which one the machine gets: GCC contracts a * b + c into one FMA (one rounding
+    instead of two) in the AVX2 and AVX-512 clones unless told not to (setup.py's -ffp-contract=off), so the
+    built library must hold no FMA instruction (the baseline x86-64 build has none to use)."""
+    import platform
+    import shutil
+    import subprocess
+
+    import msfused._C as ext
+
+    objdump = shutil.which("objdump")
+    if platform.machine() != "x86_64" or objdump is None:
+        pytest.skip("needs x86-64 and binutils' objdump")
+    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", ext.__file__], capture_output=True, text=True,
+                          check=True).stdout
+    if "zmm" not in text:
+        pytest.skip("built without simd.h's clones (not GCC on glibc): nothing to contract")
+    fma = [line for line in text.splitlines() if any(op in line for op in ("vfmadd", "vfmsub", "vfnmadd", "vfnmsub"))]
+    assert not fma, fma[:5]

@@ -413,6 +413,44 @@ def test_half_parts_rounded_once(C, k, shape, P, layout, dtype, onednn):
     assert bool(((got.double() - exact).abs() <= bound).all())
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("train_branch", [False, True], ids=["eval", "branch-train"])
+def test_bfloat16_epilogue_gradient_rounded_as_aten(layout, train_branch):
+    """The projection epilogue's backward in bfloat16 rounds as ATen's ops do: dyv = dY * relu'(v) and then
+    dv = dyv * scale, each rounded to bfloat16 to nearest even (csrc/cpu/simd.h's Narrow, which the passes'
+    vectorised loops use in place of c10::BFloat16's conversion). Built so that dx is dv exactly: x's slice of
+    the projection is the identity, the branch's slice zero, no bias, the eval norm's scale gamma / 2 (running
+    variance 4, eps 0; shift 0), so that dv = round(dY * [x > 0] * gamma / 2), a product exact in float64 and
+    rounded once. The products of two bfloat16 values hit rounding ties (about 1 in 256): a truncating or
+    round-half-up conversion fails; 37 columns leave a partial run of the NCHW row's 16 lanes, 20 channels a
+    full and a partial channels_last group. The branch in training mode (batch statistics at its level) must
+    not change it."""
+    C = 20
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    block = msfused.MultiScaleBlock(C, scales=(4,), branch_channels=3, kernel_size=1, bias=False, input_position="first",
+                                    norm="batch", activation="relu",
+                                    project=_proj(P=C, k=1, norm="batch", activation="relu"))
+    gamma = torch.rand(C, generator=gen).add(0.5).to(torch.bfloat16)
+    with torch.no_grad():
+        block.project.conv.weight.zero_()
+        block.project.conv.weight[:, :C, 0, 0].copy_(torch.eye(C))
+        block.project.norm.weight.copy_(gamma)
+        block.project.norm.bias.zero_()
+        block.project.norm.running_mean.zero_()
+        block.project.norm.running_var.fill_(4.0)
+    block.project.norm.eps = 0.0
+    block = block.to(torch.bfloat16).eval()
+    block.branches[0].train(train_branch)
+    x = torch.randn(2, C, 23, 37, generator=gen).to(torch.bfloat16)
+    dy = torch.randn(2, C, 23, 37, generator=gen).to(torch.bfloat16)
+    if layout == "channels_last":
+        x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    block(x).backward(dy)
+    want = (dy.double() * (x.detach() > 0).double() * (gamma.double() / 2).view(1, C, 1, 1)).to(torch.bfloat16)
+    assert torch.equal(x.grad, want), (x.grad != want).sum().item()
+
+
 @pytest.mark.parametrize("case", BF16_CASES, ids=[c.id for c in BF16_CASES])
 def test_bfloat16_gradients(case):
     """bfloat16 (not under autocast: x and every parameter in bfloat16) with a projection: the output and the

@@ -23,7 +23,9 @@
 #include "../projection.h"
 #include "common.h"
 #include "onednn.h"
+#include "simd.h"
 #include "tap_branch.h"
+#include "widened_conv.h"
 
 namespace msfused {
 namespace cpu {
@@ -47,12 +49,15 @@ struct LaneCoefs {
 
 // One row of a channels_last item in projection_grad_pass: per pixel its `lanes` channels (L of them, known at
 // compile time for a full item so that the lanes vectorise; L = 0: `lanes` at run time), each lane's sums in
-// pixel order as one NCHW channel's. The pixels are a whole pixel's channels apart (pix): the next ones'
-// lines are prefetched, as the hardware's prefetch stops at each page.
-template <typename scalar_t, typename T, Activation A, bool SumsOnly, int64_t L, int64_t S>
-inline void grad_lanes(int64_t W, int64_t pix, int64_t lanes, const scalar_t* __restrict grad,
-                       const scalar_t* __restrict pre, scalar_t* __restrict dpre, T* __restrict drow,
-                       const LaneCoefs<T, S>& co, T* __restrict a1, T* __restrict a2, T* __restrict a3) {
+// pixel order. The pixels are a whole pixel's channels apart (pix): the next ones' lines are prefetched, as the
+// hardware's prefetch stops at each page. Raw: Narrow's element type (simd.h).
+template <typename scalar_t, typename T, Activation A, bool SumsOnly, int64_t L, int64_t S,
+          typename Raw = typename Narrow<scalar_t, T>::Raw>
+MSFUSED_SIMD_CLONES void grad_lanes(int64_t W, int64_t pix, int64_t lanes, const Raw* __restrict grad,
+                                    const Raw* __restrict pre, Raw* __restrict dpre, T* __restrict drow,
+                                    const LaneCoefs<T, S>& co, T* __restrict a1, T* __restrict a2,
+                                    T* __restrict a3) {
+  using Nr = Narrow<scalar_t, T>;
   constexpr int64_t kAhead = 4;  // pixels
   constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));
   const int64_t n_lanes = L > 0 ? L : lanes;
@@ -65,19 +70,64 @@ inline void grad_lanes(int64_t W, int64_t pix, int64_t lanes, const scalar_t* __
       }
 #pragma omp simd
     for (int64_t g = 0; g < n_lanes; ++g) {
-      const T v = static_cast<T>(pre[at + g]);
-      const T dyv =
-          static_cast<T>(static_cast<scalar_t>(static_cast<T>(grad[at + g]) * activate_grad<T>(A, co.al[g] * v + co.be[g])));
+      const T v = Nr::load(pre[at + g]);
+      const T dyv = Nr::round(Nr::load(grad[at + g]) * activate_grad_simd<A>(co.al[g] * v + co.be[g]));
       a1[g] += dyv;
       a2[g] += dyv * (v - co.ctr[g]);
       if constexpr (!SumsOnly) {
-        const scalar_t dv = static_cast<scalar_t>(co.p[g] * dyv + co.q[g] * v + co.r[g]);
-        dpre[at + g] = dv;
-        drow[J * S + g] = static_cast<T>(dv);
-        a3[g] += static_cast<T>(dv);
+        const T dv = Nr::round(co.p[g] * dyv + co.q[g] * v + co.r[g]);
+        dpre[at + g] = Nr::store(dv);
+        drow[J * S + g] = dv;
+        a3[g] += dv;
       }
     }
   }
+}
+
+// One row of an NCHW item in projection_grad_pass (one channel; the pass's comment says what is computed):
+// sums[0..2] = the row's sums of dyv, dyv * (v - ctr) and dv. First the elementwise work (dyv and its product
+// into `scratch`, 2 W values; dv into dpre and drow), then each sum in kRowLanes lanes (lane l takes the pixels
+// J = l mod kRowLanes, in order), the lanes added in order: a fixed order whatever the clone's vector width, so
+// that every clone and thread count gives the same bits.
+constexpr int64_t kRowLanes = 16;
+template <typename T>
+inline T lane_sum(int64_t W, const T* __restrict a) {
+  T acc[kRowLanes] = {};
+  int64_t J0 = 0;
+  for (; J0 + kRowLanes <= W; J0 += kRowLanes)
+    for (int64_t l = 0; l < kRowLanes; ++l) acc[l] += a[J0 + l];
+  for (int64_t l = 0; J0 + l < W; ++l) acc[l] += a[J0 + l];
+  T s = 0;
+  for (int64_t l = 0; l < kRowLanes; ++l) s += acc[l];
+  return s;
+}
+template <typename scalar_t, typename T, Activation A, bool SumsOnly, typename Raw = typename Narrow<scalar_t, T>::Raw>
+MSFUSED_SIMD_CLONES void grad_row(int64_t W, const Raw* __restrict grad, const Raw* __restrict pre,
+                                  Raw* __restrict dpre, T* __restrict drow, T* __restrict scratch, T al, T be, T ctr,
+                                  T pc, T qc, T rc, T* sums) {
+  using Nr = Narrow<scalar_t, T>;
+  T* __restrict dy = scratch;
+  T* __restrict dyc = scratch + W;
+  for (int64_t J = 0; J < W; ++J) {
+    const T v = Nr::load(pre[J]);
+    const T dyv = Nr::round(Nr::load(grad[J]) * activate_grad_simd<A>(al * v + be));
+    dy[J] = dyv;
+    dyc[J] = dyv * (v - ctr);
+    if constexpr (!SumsOnly) {
+      const T dv = Nr::round(pc * dyv + qc * v + rc);
+      dpre[J] = Nr::store(dv);
+      drow[J] = dv;
+    }
+  }
+  sums[0] = lane_sum(W, dy);
+  sums[1] = lane_sum(W, dyc);
+  sums[2] = SumsOnly ? T(0) : lane_sum(W, drow);
+}
+
+// y[0, n) += a * x[0, n): the height adjoint's row updates.
+template <typename T>
+MSFUSED_SIMD_CLONES void add_scaled(T* __restrict y, T a, const T* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
 // The projection epilogue's backward, per work item (n, channel group), from grad (dY of the output) and the
@@ -113,7 +163,7 @@ void projection_grad_pass(const BlockPlan& plan, int64_t P, int64_t k, const std
     r_size += k * t.h * WS;
   }
   at::parallel_for(0, plan.N * groups.per_n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> rbuf(SumsOnly ? 0 : r_size), drow(SumsOnly ? 0 : WS), lrow;
+    std::vector<T> rbuf(SumsOnly ? 0 : r_size), drow(SumsOnly ? 0 : WS), scratch(CL ? 0 : 2 * W), lrow;
     for (int64_t item = begin; item < end; ++item) {
       int64_t n, c0, g_count;
       groups.at(item, &n, &c0, &g_count);
@@ -138,41 +188,27 @@ void projection_grad_pass(const BlockPlan& plan, int64_t P, int64_t k, const std
       }
       for (int64_t I = 0; I < H; ++I) {
         const int64_t at_row = origin + I * ap.row;
-        if constexpr (!CL) {  // one channel: the sums along the row in independent lanes (a fixed order)
-          const T al = epi.alpha[c0], be = epi.beta[c0], pc = p[c0], qc = q[c0], rc = r_coef[c0];
-          const double ctr = center[c0];
-          const scalar_t* gs = grad + at_row;
-          const scalar_t* vs = pre + at_row;
-          // Row sums in opmath (as ATen's batch norm accumulates), the rows' sums in double.
-          const T ctr_t = static_cast<T>(ctr);
-          T a1 = 0, a2 = 0, a3 = 0;
-#pragma omp simd reduction(+ : a1, a2, a3)
-          for (int64_t J = 0; J < W; ++J) {
-            const T v = static_cast<T>(vs[J]);
-            const T dyv = static_cast<T>(static_cast<scalar_t>(static_cast<T>(gs[J]) * activate_grad<T>(A, al * v + be)));
-            a1 += dyv;
-            a2 += dyv * (v - ctr_t);
-            if constexpr (!SumsOnly) {
-              const scalar_t dv = static_cast<scalar_t>(pc * dyv + qc * v + rc);
-              dpre[at_row + J] = dv;
-              drow[J] = static_cast<T>(dv);
-              a3 += static_cast<T>(dv);
-            }
-          }
-          s_dy[0] += static_cast<double>(a1);
-          s_dyc[0] += static_cast<double>(a2);
-          s_dv[0] += static_cast<double>(a3);
+        if constexpr (!CL) {  // one channel: the row's sums in opmath (as ATen's batch norm accumulates)
+          T sums[3];
+          grad_row<scalar_t, T, A, SumsOnly>(W, raw<scalar_t, T>(grad + at_row), raw<scalar_t, T>(pre + at_row),
+                                             SumsOnly ? nullptr : raw<scalar_t, T>(dpre + at_row), drow.data(),
+                                             scratch.data(), epi.alpha[c0], epi.beta[c0], static_cast<T>(center[c0]),
+                                             p[c0], q[c0], r_coef[c0], sums);
+          s_dy[0] += static_cast<double>(sums[0]);
+          s_dyc[0] += static_cast<double>(sums[1]);
+          s_dv[0] += static_cast<double>(sums[2]);
         } else {
           // The group's channels as lanes (each lane's sums in pixel order, as one channel's above); a full
           // group takes the loop with its lane count known at compile time, so that it vectorises.
           T a1[S] = {}, a2[S] = {}, a3[S] = {};
           const LaneCoefs<T, S> co{al_g, be_g, p_g, q_g, r_g, ctr_g};
-          scalar_t* dp = SumsOnly ? nullptr : dpre + at_row;
+          const auto gr = raw<scalar_t, T>(grad + at_row), vr = raw<scalar_t, T>(pre + at_row);
+          const auto dp = SumsOnly ? nullptr : raw<scalar_t, T>(dpre + at_row);
           T* dr = SumsOnly ? nullptr : drow.data();
           if (G == S)
-            grad_lanes<scalar_t, T, A, SumsOnly, S, S>(W, ap.pix, S, grad + at_row, pre + at_row, dp, dr, co, a1, a2, a3);
+            grad_lanes<scalar_t, T, A, SumsOnly, S, S>(W, ap.pix, S, gr, vr, dp, dr, co, a1, a2, a3);
           else
-            grad_lanes<scalar_t, T, A, SumsOnly, 0, S>(W, ap.pix, G, grad + at_row, pre + at_row, dp, dr, co, a1, a2, a3);
+            grad_lanes<scalar_t, T, A, SumsOnly, 0, S>(W, ap.pix, G, gr, vr, dp, dr, co, a1, a2, a3);
           for (int64_t g = 0; g < G; ++g) {
             s_dy[g] += static_cast<double>(a1[g]);
             s_dyc[g] += static_cast<double>(a2[g]);
@@ -188,13 +224,8 @@ void projection_grad_pass(const BlockPlan& plan, int64_t P, int64_t k, const std
               if (O < 0 || O >= H) continue;
               T* rb = rbuf.data() + r_at[b] + ky * t.h * WS;
               T* r0 = rb + t.uh.i0[O] * WS;
-              const T w0 = t.uh.two ? t.uh.w0[O] : T(1);
-              for (int64_t x = 0; x < WS; ++x) r0[x] += w0 * drow[x];
-              if (t.uh.two) {
-                T* r1 = rb + t.uh.i1[O] * WS;
-                const T w1 = t.uh.w1[O];
-                for (int64_t x = 0; x < WS; ++x) r1[x] += w1 * drow[x];
-              }
+              add_scaled(r0, t.uh.two ? t.uh.w0[O] : T(1), drow.data(), WS);
+              if (t.uh.two) add_scaled(rb + t.uh.i1[O] * WS, t.uh.w1[O], drow.data(), WS);
             }
           }
         }
@@ -268,14 +299,20 @@ std::vector<double> sum_over_batch(const std::vector<double>& part, int64_t N, i
 // at these sizes. Not for channels_last maps in float32 on oneDNN: there ATen's convolution backward runs
 // oneDNN's nhwc kernels on the maps as they are (on an AMD EPYC, psp_decoder_smp at N = 4: 16 ms for dx and
 // dW_x, against 28 ms for MKL's GEMMs over the rows, which take their AVX2 path there).
+// NCHW bfloat16 too where the CPU multiplies bfloat16 natively (widened_on_ukernel's probe: ATen's mm then runs
+// oneDNN's bfloat16 GEMM; on the AMD EPYC, psp_decoder_smp N = 4: 8 ms against 13 for the convolution's
+// backward); in channels_last the two were even.
 bool x_part_is_gemm(int64_t k, const Tensor& x, at::MemoryFormat fmt) {
-  if (fmt == at::MemoryFormat::ChannelsLast && x_part_on_onednn(k, x)) return false;
-  return k == 1 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
+  if (k != 1) return false;
+  if (fmt == at::MemoryFormat::ChannelsLast)
+    return x.scalar_type() == at::kDouble || (x.scalar_type() == at::kFloat && !x_part_on_onednn(k, x));
+  return x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
+         (x.scalar_type() == at::kBFloat16 && widened_on_ukernel(x, false));
 }
 
 // The x part's backward as GEMMs (x_part_is_gemm): dx = W_x^T dv and dW_x = dv x^T summed over the batch
-// in order (NCHW, per sample; on oneDNN in float32: x_part_on_onednn), or over the rows (N H W, channels) of
-// channels_last maps.
+// in order (NCHW float32 / float64, per sample; on oneDNN in float32: x_part_on_onednn; bfloat16 in one
+// product), or over the rows (N H W, channels) of channels_last maps.
 std::pair<Tensor, Tensor> x_part_gemm_backward(const Tensor& dpre, const Tensor& x, const Tensor& wx, bool need_x,
                                                bool need_w, at::MemoryFormat fmt) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = wx.size(0);
@@ -314,7 +351,13 @@ std::pair<Tensor, Tensor> x_part_gemm_backward(const Tensor& dpre, const Tensor&
       }
       dx = dx.view({N, C, H, W});
     }
-    if (need_w) {
+    if (need_w && x.scalar_type() == at::kBFloat16) {
+      // One product over the whole batch (the samples' columns side by side), rounded once as the reference's
+      // weight gradient is: per-sample products would round each partial sum to bfloat16.
+      const Tensor a = dpre.transpose(0, 1).reshape({P, N * H * W});
+      const Tensor b = x.transpose(0, 1).reshape({C, N * H * W});
+      dw = at::mm(a, b.t());
+    } else if (need_w) {
       dw = at::zeros({P, C}, x.options());
       for (int64_t n = 0; n < N; ++n) dw.addmm_(cols.select(0, n), xcols.select(0, n).t());
     }

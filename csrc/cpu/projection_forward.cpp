@@ -20,6 +20,7 @@
 #include "../projection.h"
 #include "common.h"
 #include "onednn.h"
+#include "simd.h"
 #include "tap_branch.h"
 #include "widened_conv.h"
 
@@ -27,15 +28,6 @@ namespace msfused {
 namespace cpu {
 using namespace detail;
 namespace {
-
-// The pass's hottest loops (add_rows, epilogue_row) also compiled for AVX2 and AVX-512, the one the CPU has
-// chosen when the library loads (GCC's function multiversioning, through glibc's ifunc): the package is built
-// for baseline x86-64 (SSE2). No FMA in any clone, so all of them round alike.
-#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__)
-#define MSFUSED_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MSFUSED_SIMD_CLONES
-#endif
 
 // rw[0, n) += sum over m of w[m] * e[m][0, n): four rows per sweep, so that rw is loaded and stored once per
 // four of them.
@@ -67,10 +59,11 @@ MSFUSED_SIMD_CLONES void add_rows(double* rw, const std::vector<std::pair<int64_
 
 // out[J] = act(al * v + be) for the W values of r, each rounded to scalar_t first (as the reference's
 // convolution output is): an NCHW row's norm and activation.
-template <typename scalar_t, typename T, Activation A>
-MSFUSED_SIMD_CLONES void epilogue_row(scalar_t* out, const T* r, T al, T be, int64_t W) {
-  for (int64_t J = 0; J < W; ++J)
-    out[J] = static_cast<scalar_t>(activate<T>(A, al * static_cast<T>(static_cast<scalar_t>(r[J])) + be));
+// The pass's hottest loops, this and add_rows, are compiled per SIMD width (simd.h).
+template <typename scalar_t, typename T, Activation A, typename Raw = typename Narrow<scalar_t, T>::Raw>
+MSFUSED_SIMD_CLONES void epilogue_row(Raw* out, const T* r, T al, T be, int64_t W) {
+  using Nr = Narrow<scalar_t, T>;
+  for (int64_t J = 0; J < W; ++J) out[J] = Nr::store(activate<T>(A, al * Nr::load(Nr::store(r[J])) + be));
 }
 
 // The samples [n0, n1) and rows [r0, r1) one call of accumulate_projection computes, and the layout of its acc:
@@ -218,7 +211,7 @@ void accumulate_projection(const BlockPlan& plan, int64_t P, int64_t k, const st
             if (pre_out)
               for (int64_t J = 0; J < W; ++J) pre_out[og + J] = static_cast<scalar_t>(rg[J]);
             if (out) {
-              epilogue_row<scalar_t, T, A>(out + og, rg, alpha_g[g], beta_g[g], W);
+              epilogue_row<scalar_t, T, A>(raw<scalar_t, T>(out + og), rg, alpha_g[g], beta_g[g], W);
             } else {
               T s0 = 0;  // the row's sum in opmath, the rows' in double
 #pragma omp simd reduction(+ : s0)

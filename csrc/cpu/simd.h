@@ -1,0 +1,85 @@
+// What lets the CPU passes' hottest loops vectorise: the package is built for baseline x86-64 (SSE2), so those
+// loops are also compiled for AVX2 and AVX-512 and the one the CPU has is chosen when the library loads (GCC's
+// function multiversioning, through glibc's ifunc); and a bfloat16 load and rounding written on the bits, so that
+// a loop of them has no branch. No FMA in any clone (ISO C++ mode: no contraction), so all of them round alike.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include "../activation.h"
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__)
+#define MSFUSED_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MSFUSED_SIMD_CLONES
+#endif
+
+namespace msfused {
+namespace cpu {
+namespace detail {
+
+// scalar_t's values in opmath T and back, as a vectorising loop reads, rounds and writes them: `Raw` is the
+// element type the loop's pointers have; round(v) is v rounded to scalar_t, in T. Every dtype but bfloat16 goes
+// through its own conversions.
+template <typename scalar_t, typename T>
+struct Narrow {
+  using Raw = scalar_t;
+  static T load(Raw v) { return static_cast<T>(v); }
+  static Raw store(T v) { return static_cast<scalar_t>(v); }
+  static T round(T v) { return static_cast<T>(static_cast<scalar_t>(v)); }
+};
+
+template <typename To, typename From>
+inline To bits_as(From v) {
+  static_assert(sizeof(To) == sizeof(From), "same size");
+  To out;
+  std::memcpy(&out, &v, sizeof(out));
+  return out;
+}
+
+// bfloat16 as its bits: exactly c10::BFloat16's conversions (round to nearest even; a NaN becomes 0x7FC0), the
+// NaN case a select instead of c10's branch.
+template <>
+struct Narrow<c10::BFloat16, float> {
+  using Raw = uint16_t;
+  static float load(Raw v) { return bits_as<float>(static_cast<uint32_t>(v) << 16); }
+  // f rounded to bfloat16, as float32 bits.
+  static uint32_t round_bits(float f) {
+    const uint32_t u = bits_as<uint32_t>(f);
+    const uint32_t rounded = (u + UINT32_C(0x7FFF) + ((u >> 16) & 1)) & UINT32_C(0xFFFF0000);
+    return f != f ? UINT32_C(0x7FC00000) : rounded;
+  }
+  static Raw store(float f) { return static_cast<Raw>(round_bits(f) >> 16); }
+  static float round(float f) { return bits_as<float>(round_bits(f)); }
+};
+
+// activate_grad(A, y) (activation.h), ReLU's 0 or 1 as a mask of 1's bits: GCC vectorises neither a select
+// nor a bool's conversion beside Narrow's NaN select in one loop.
+template <Activation A, typename T>
+inline T activate_grad_simd(T y) {
+  if constexpr (A == Activation::Relu && (sizeof(T) == 4 || sizeof(T) == 8)) {
+    using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+    return bits_as<T>(bits_as<U>(T(1)) & (U(0) - static_cast<U>(!(y <= T(0)))));
+  } else {
+    return activate_grad<T>(A, y);
+  }
+}
+
+// A scalar_t pointer as the Raw pointer Narrow's loops take (c10::BFloat16 is a standard-layout struct of its
+// bits: pointer-interconvertible with them).
+template <typename scalar_t, typename T, typename P>
+auto raw(P* p) {
+  using Raw = typename Narrow<scalar_t, T>::Raw;
+  if constexpr (std::is_const_v<P>)
+    return reinterpret_cast<const Raw*>(p);
+  else
+    return reinterpret_cast<Raw*>(p);
+}
+
+}  // namespace detail
+}  // namespace cpu
+}  // namespace msfused
