@@ -559,14 +559,21 @@ def run_case(case: Case, grads: bool = True, x_requires_grad: bool = True, devic
                            x_requires_grad=x_requires_grad, device=device)
 
 
-def check_half_precision_grads(case: Case, trials: int, device: str = "cpu") -> None:
+# Draws per half-precision check where they are cheap (the CPU kernels, a GPU). With 8, c19's projection case
+# (tests/test_projection.py) failed the rule on 2 of 200 seeds on the CPU kernels (its 2-channel branch biases,
+# a sum of 12 level values each, whose error is heavy-tailed) although their mean error over 400 draws is
+# 0.84-1.00x the naive module's; resampled from 800 draws, 3 of 4000 sets of 8 failed, none of 16, 24 or 32.
+HALF_PRECISION_TRIALS = 24
+
+
+def check_half_precision_grads(case: Case, trials: int = HALF_PRECISION_TRIALS, device: str = "cpu") -> None:
     """SPEC.md's half-precision rule for the output and every gradient (x and each parameter), applied to
     the mean err over ``trials`` fresh draws (one draw of a bf16 error is noisy: one rounding more or less):
     mean err_fused <= 2 x mean err_naive + 1e-3 per tensor, the naive module running in the same dtype on
     the CPU, both against the float64 reference. Gradients whose true value is 0 (conv biases before batch
     statistics) are left to the float32 / float64 checks.
 
-    Use 8 trials or more: one draw's error is heavy-tailed (a near-cancelling sum rounds far off), and with
+    Use 8 trials or more (HALF_PRECISION_TRIALS where draws are cheap): one draw's error is heavy-tailed (a near-cancelling sum rounds far off), and with
     4 the mean of a draw set where the naive module happened to be lucky failed the rule for about 1% of seeds
     (test_triton_projection_statistics_bfloat16's case over 480 draws on the CPU kernels, whose error averages
     0.64x the naive module's; none of 2000 resampled sets of 8 failed)."""

@@ -100,7 +100,7 @@ HALF_CASES = [
 
 @pytest.mark.parametrize("case", HALF_CASES, ids=case_ids(HALF_CASES))
 def test_half_precision_cuda(case):
-    check_half_precision_grads(case, trials=8, device="cuda")
+    check_half_precision_grads(case, device="cuda")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -355,6 +355,8 @@ BF16_CASES = [
     # The GPU check's c19 (failed on the H200, 2026-11-30, on 3 draws): x's part was rounded to bfloat16 before
     # the pass added the branches' parts, where the reference's one convolution rounds once; the branches' bias
     # gradients came out at 2-3x the naive module's error (on this CPU, 1 of 24 seeds over the rule on 8 draws).
+    # Since, judged on 8 draws, it still failed on about 1% of seeds from the rule's noise alone (its mean errors
+    # over 400 draws are 0.77-1.00x the naive module's): conftest.HALF_PRECISION_TRIALS.
     # x's part and the direct parts are now summed in float32 (widened_conv); test_half_parts_rounded_once
     # is the exact check.
     Case("psp", dict(bins=((2, 3), 1, 6, 2), kernel_size=1, up_mode="nearest", align_corners=True, bias=True,
@@ -454,10 +456,10 @@ def test_bfloat16_epilogue_gradient_rounded_as_aten(layout, train_branch):
 @pytest.mark.parametrize("case", BF16_CASES, ids=[c.id for c in BF16_CASES])
 def test_bfloat16_gradients(case):
     """bfloat16 (not under autocast: x and every parameter in bfloat16) with a projection: the output and the
-    gradients of x and every parameter within SPEC.md's half-precision rule, on the mean err over 8 fresh
+    gradients of x and every parameter within SPEC.md's half-precision rule, on the mean err over 24 fresh
     draws (conftest.check_half_precision_grads; smooth activations: a ReLU kink flipped by one bf16 rounding is
     a large error for any implementation)."""
-    check_half_precision_grads(case, trials=8)
+    check_half_precision_grads(case)
 
 
 def test_autocast_output_dtype():
