@@ -47,6 +47,25 @@ def _cuda_build(build: dict) -> str:
     return f"yes (CUDA {build['cuda']}, archs {build.get('cuda_arch_list')})"
 
 
+def _cpu_paths() -> str:
+    """The CPU code paths this machine gets, from the extension (csrc/python_module.cpp)."""
+    import torch
+
+    from msfused import _C
+
+    paths = _C.cpu_paths()
+    onednn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+
+    def half(dtype: str) -> str:
+        if paths[f"{dtype}_ukernel"] and onednn:
+            return f"{dtype} on oneDNN's micro-kernel"
+        why = "torch.backends.mkldnn off" if paths[f"{dtype}_ukernel"] else "no micro-kernel for it here"
+        return f"{dtype} as a float32 convolution of the widened operands ({why})"
+
+    return (f"SIMD clone {paths['simd']}; the projection's half-precision parts: {half('bfloat16')}, "
+            f"{half('float16')}")
+
+
 def info() -> int:
     import torch
 
@@ -61,6 +80,7 @@ def info() -> int:
             f"extension msfused._C: loaded, built against torch {build.get('torch', '?')}, "
             f"CUDA kernels: {_cuda_build(build)}"
         )
+        print(f"CPU kernels: {_cpu_paths()}")
     else:
         print(f"extension msfused._C: not loaded: {_ops.load_error()}")
     try:

@@ -34,6 +34,18 @@ def test_info_lists_every_backend():
     assert any(line.startswith(f"msfused {msfused.__version__}") for line in lines), r.stdout
     assert f"torch {torch.__version__}" in r.stdout
     assert "extension msfused._C: loaded" in r.stdout
+    # The CPU paths: the SIMD clone the loader picks is AVX-512 wherever ATen dispatches at AVX-512 (which needs
+    # more of it than avx512f), and a half-precision dtype takes the micro-kernel exactly where _C says it runs.
+    from msfused import _C
+
+    paths = _C.cpu_paths()
+    cpu_line = [line for line in lines if line.startswith("CPU kernels: SIMD clone ")]
+    assert len(cpu_line) == 1, r.stdout
+    if torch.backends.cpu.get_cpu_capability() == "AVX512" and "none" not in paths["simd"]:
+        assert paths["simd"] == "avx512f", paths
+    for dtype in ("bfloat16", "float16"):
+        assert (f" {dtype} on oneDNN's micro-kernel" in cpu_line[0]) == (
+            paths[f"{dtype}_ukernel"] and torch.backends.mkldnn.enabled), cpu_line[0]
     for name in msfused.BACKENDS:
         ok, why = msfused.availability(name)
         entry = [line for line in lines if line.strip().startswith(name + " ")]

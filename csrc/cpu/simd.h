@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__)
+#define MSFUSED_HAVE_SIMD_CLONES 1
 #define MSFUSED_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define MSFUSED_SIMD_CLONES

@@ -200,18 +200,23 @@ void conv_channels_last(const scalar_t* z, const scalar_t* wb, float* out, int64
 #endif  // MSFUSED_HAVE_BRGEMM
 }  // namespace
 
-bool widened_on_ukernel(const at::Tensor& z, bool cl) {
-  if (!at::globalContext().userEnabledMkldnn()) return false;
-  if (cl && z.size(1) % 2 != 0) return false;  // x's rows feed the micro-kernel as they lie: K in pairs
+bool ukernel_available(at::ScalarType dtype) {
 #ifdef MSFUSED_HAVE_BRGEMM
-  switch (z.scalar_type()) {
+  switch (dtype) {
     case at::kBFloat16: return ukernel_takes<at::BFloat16>();
     case at::kHalf: return ukernel_takes<at::Half>();
     default: return false;
   }
 #else
+  (void)dtype;
   return false;
 #endif
+}
+
+bool widened_on_ukernel(const at::Tensor& z, bool cl) {
+  if (!at::globalContext().userEnabledMkldnn()) return false;
+  if (cl && z.size(1) % 2 != 0) return false;  // x's rows feed the micro-kernel as they lie: K in pairs
+  return ukernel_available(z.scalar_type());
 }
 
 WidenedConv::WidenedConv(const at::Tensor& w, bool cl)

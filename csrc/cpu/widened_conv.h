@@ -40,6 +40,10 @@ class WidenedConv {
 // Whether widened_conv of z runs on oneDNN's micro-kernel (else on the float32 convolution).
 bool widened_on_ukernel(const at::Tensor& z, bool cl);
 
+// Whether oneDNN's micro-kernel takes `dtype` operands on this CPU and build (torch.backends.mkldnn aside):
+// what `python -m msfused info` reports.
+bool ukernel_available(at::ScalarType dtype);
+
 }  // namespace detail
 }  // namespace cpu
 }  // namespace msfused
