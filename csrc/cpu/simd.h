@@ -1,7 +1,8 @@
 // What lets the CPU passes' hottest loops vectorise: the package is built for baseline x86-64 (SSE2), so those
 // loops are also compiled for AVX2 and AVX-512 and the one the CPU has is chosen when the library loads (GCC's
 // function multiversioning, through glibc's ifunc); and a bfloat16 load and rounding written on the bits, so that
-// a loop of them has no branch. No FMA in any clone (ISO C++ mode: no contraction), so all of them round alike.
+// a loop of them has no branch. No FMA in any clone (the build passes -ffp-contract=off: GCC would otherwise
+// contract a * b + c in the AVX2 and AVX-512 clones), so all of them round alike.
 #pragma once
 
 #include <c10/util/BFloat16.h>
