@@ -86,21 +86,8 @@ MSFUSED_SIMD_CLONES void grad_lanes(int64_t W, int64_t pix, int64_t lanes, const
 
 // One row of an NCHW item in projection_grad_pass (one channel; the pass's comment says what is computed):
 // sums[0..2] = the row's sums of dyv, dyv * (v - ctr) and dv. First the elementwise work (dyv and its product
-// into `scratch`, 2 W values; dv into dpre and drow), then each sum in kRowLanes lanes (lane l takes the pixels
-// J = l mod kRowLanes, in order), the lanes added in order: a fixed order whatever the clone's vector width, so
-// that every clone and thread count gives the same bits.
-constexpr int64_t kRowLanes = 16;
-template <typename T>
-inline T lane_sum(int64_t W, const T* __restrict a) {
-  T acc[kRowLanes] = {};
-  int64_t J0 = 0;
-  for (; J0 + kRowLanes <= W; J0 += kRowLanes)
-    for (int64_t l = 0; l < kRowLanes; ++l) acc[l] += a[J0 + l];
-  for (int64_t l = 0; J0 + l < W; ++l) acc[l] += a[J0 + l];
-  T s = 0;
-  for (int64_t l = 0; l < kRowLanes; ++l) s += acc[l];
-  return s;
-}
+// into `scratch`, 2 W values; dv into dpre and drow), then each sum in simd.h's lane_sum order: the same bits on
+// every clone and thread count.
 template <typename scalar_t, typename T, Activation A, bool SumsOnly, typename Raw = typename Narrow<scalar_t, T>::Raw>
 MSFUSED_SIMD_CLONES void grad_row(int64_t W, const Raw* __restrict grad, const Raw* __restrict pre,
                                   Raw* __restrict dpre, T* __restrict drow, T* __restrict scratch, T al, T be, T ctr,
@@ -119,9 +106,9 @@ MSFUSED_SIMD_CLONES void grad_row(int64_t W, const Raw* __restrict grad, const R
       drow[J] = dv;
     }
   }
-  sums[0] = lane_sum(W, dy);
-  sums[1] = lane_sum(W, dyc);
-  sums[2] = SumsOnly ? T(0) : lane_sum(W, drow);
+  sums[0] = lane_sum<T>(W, [&](int64_t J) { return dy[J]; });
+  sums[1] = lane_sum<T>(W, [&](int64_t J) { return dyc[J]; });
+  sums[2] = SumsOnly ? T(0) : lane_sum<T>(W, [&](int64_t J) { return drow[J]; });
 }
 
 // y[0, n) += a * x[0, n): the height adjoint's row updates.

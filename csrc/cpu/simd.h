@@ -71,6 +71,22 @@ inline T activate_grad_simd(T y) {
   }
 }
 
+// The sum over J < W of f(J) in kRowLanes fixed lanes (lane l takes J = l mod kRowLanes, in order), the lanes
+// then added in order: the same bits whatever the vector width of the clone it is inlined into, and it vectorises
+// (one plain accumulator would not: its order is serial).
+constexpr int64_t kRowLanes = 16;
+template <typename T, typename F>
+inline T lane_sum(int64_t W, F&& f) {
+  T acc[kRowLanes] = {};
+  int64_t J0 = 0;
+  for (; J0 + kRowLanes <= W; J0 += kRowLanes)
+    for (int64_t l = 0; l < kRowLanes; ++l) acc[l] += f(J0 + l);
+  for (int64_t l = 0; J0 + l < W; ++l) acc[l] += f(J0 + l);
+  T s = 0;
+  for (int64_t l = 0; l < kRowLanes; ++l) s += acc[l];
+  return s;
+}
+
 // A scalar_t pointer as the Raw pointer Narrow's loops take (c10::BFloat16 is a standard-layout struct of its
 // bits: pointer-interconvertible with them).
 template <typename scalar_t, typename T, typename P>
