@@ -573,10 +573,11 @@ def check_half_precision_grads(case: Case, trials: int = HALF_PRECISION_TRIALS, 
     the CPU, both against the float64 reference. Gradients whose true value is 0 (conv biases before batch
     statistics) are left to the float32 / float64 checks.
 
-    Use 8 trials or more (HALF_PRECISION_TRIALS where draws are cheap): one draw's error is heavy-tailed (a near-cancelling sum rounds far off), and with
-    4 the mean of a draw set where the naive module happened to be lucky failed the rule for about 1% of seeds
-    (test_triton_projection_statistics_bfloat16's case over 480 draws on the CPU kernels, whose error averages
-    0.64x the naive module's; none of 2000 resampled sets of 8 failed)."""
+    Use 8 trials or more (HALF_PRECISION_TRIALS where draws are cheap): one draw's error is heavy-tailed (a
+    near-cancelling sum rounds far off), and with 4 the mean of a draw set where the naive module happened to be
+    lucky failed the rule for about 1% of seeds (test_triton_projection_statistics_bfloat16's case over 480
+    draws on the CPU kernels, whose error averages 0.64x the naive module's; none of 2000 resampled sets of 8
+    failed)."""
     sums: Dict[str, List[float]] = {}
     for _ in range(trials):
         naive, fused = build_case(case)
