@@ -6,11 +6,11 @@
 #pragma once
 
 #include <c10/util/BFloat16.h>
+#include <c10/util/bit_cast.h>
 
 #include "../activation.h"
 
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__)
@@ -35,28 +35,20 @@ struct Narrow {
   static T round(T v) { return static_cast<T>(static_cast<scalar_t>(v)); }
 };
 
-template <typename To, typename From>
-inline To bits_as(From v) {
-  static_assert(sizeof(To) == sizeof(From), "same size");
-  To out;
-  std::memcpy(&out, &v, sizeof(out));
-  return out;
-}
-
 // bfloat16 as its bits: exactly c10::BFloat16's conversions (round to nearest even; a NaN becomes 0x7FC0), the
 // NaN case a select instead of c10's branch.
 template <>
 struct Narrow<c10::BFloat16, float> {
   using Raw = uint16_t;
-  static float load(Raw v) { return bits_as<float>(static_cast<uint32_t>(v) << 16); }
+  static float load(Raw v) { return c10::bit_cast<float>(static_cast<uint32_t>(v) << 16); }
   // f rounded to bfloat16, as float32 bits.
   static uint32_t round_bits(float f) {
-    const uint32_t u = bits_as<uint32_t>(f);
+    const uint32_t u = c10::bit_cast<uint32_t>(f);
     const uint32_t rounded = (u + UINT32_C(0x7FFF) + ((u >> 16) & 1)) & UINT32_C(0xFFFF0000);
     return f != f ? UINT32_C(0x7FC00000) : rounded;
   }
   static Raw store(float f) { return static_cast<Raw>(round_bits(f) >> 16); }
-  static float round(float f) { return bits_as<float>(round_bits(f)); }
+  static float round(float f) { return c10::bit_cast<float>(round_bits(f)); }
 };
 
 // activate_grad(A, y) (activation.h), ReLU's 0 or 1 as a mask of 1's bits: GCC vectorises neither a select
@@ -65,7 +57,7 @@ template <Activation A, typename T>
 inline T activate_grad_simd(T y) {
   if constexpr (A == Activation::Relu && (sizeof(T) == 4 || sizeof(T) == 8)) {
     using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
-    return bits_as<T>(bits_as<U>(T(1)) & (U(0) - static_cast<U>(!(y <= T(0)))));
+    return c10::bit_cast<T>(c10::bit_cast<U>(T(1)) & (U(0) - static_cast<U>(!(y <= T(0)))));
   } else {
     return activate_grad<T>(A, y);
   }
