@@ -376,43 +376,92 @@ BF16_CASES = [
                          ids=["C6-k1", "C5-k3", "C6-k3", "C6-k1-P150", "C4-k5-P150", "C4-k3-bands"])
 def test_half_parts_rounded_once(C, k, shape, P, layout, dtype, onednn):
     """SPEC.md: half precision accumulates in float32, and the reference's projection is one convolution, so x's
-    part and a directly convolved branch's part are summed before the one rounding (csrc/cpu/widened_conv.h).
-    A factor-1 branch with an identity convolution and no norm or activation makes the output exactly
-    round(conv(x, W_x + W_b)): computed in float64 and rounded once, it must match but for the rare sum that
-    float32 leaves on the other side of a rounding boundary (about 1e-4 of the values; parts rounded apart
-    miss a third of them). Odd and even channel counts, k 1, 3 and 5, both layouts, bands of rows (the last
-    shape: 64 output channels of 520 columns pass the 8 MiB band), with oneDNN's micro-kernel and without
-    (torch.backends.mkldnn off: the float32 convolution). P = 150 leaves a partial block of output channels
-    in both layouts' micro-kernel calls (64 a call NCHW, 128 channels_last), 437 pixels a partial run of a 1x1
-    (256 a call), 70 columns a partial block of a channels_last row (64 a call) with k = 5's shifts at its
-    edge. float16 takes the float32 convolution on CPUs without AVX512-FP16 (oneDNN's micro-kernel raises
+    part and a directly convolved branch's part are summed before the one rounding (csrc/cpu/widened_conv.h):
+    check_parts_rounded_once on the CPU backend. Odd and even channel counts, k 1, 3 and 5, both layouts, bands
+    of rows (the last shape: 64 output channels of 520 columns pass the 8 MiB band), with oneDNN's micro-kernel
+    and without (torch.backends.mkldnn off: the float32 convolution). P = 150 leaves a partial block of output
+    channels in both layouts' micro-kernel calls (64 a call NCHW, 128 channels_last), 437 pixels a partial run
+    of a 1x1 (256 a call), 70 columns a partial block of a channels_last row (64 a call) with k = 5's shifts at
+    its edge. float16 takes the float32 convolution on CPUs without AVX512-FP16 (oneDNN's micro-kernel raises
     there: ukernel_takes)."""
+    with torch.backends.mkldnn.flags(enabled=onednn):
+        check_parts_rounded_once(C, k, shape, P, layout, dtype)
+
+
+def check_parts_rounded_once(C, k, shape, P, layout, dtype, branches=1, device="cpu"):
+    """A block of ``branches`` factor-1 branches with identity convolutions and no norm or activation, input
+    first, makes the output exactly round(conv(x, W_x + sum of W_b)): computed in float64 and rounded once, the
+    backend's output must match but for the rare sum that float32 leaves on the other side of a rounding
+    boundary (about 1e-4 of the values; parts rounded apart miss a third of them), and lie within the one
+    rounding plus float32's summation error everywhere."""
     N, H, W = shape
-    kw = dict(scales=(1,), branch_channels=C, kernel_size=1, bias=False, norm=None, activation=None,
+    kw = dict(scales=(1,) * branches, branch_channels=C, kernel_size=1, bias=False, norm=None, activation=None,
               input_position="first", project=_proj(P=P, k=k, norm=None, activation=None))
     block = msfused.MultiScaleBlock(C, **kw).to(dtype)
     gen = torch.Generator().manual_seed(random.randrange(2**31))
     with torch.no_grad():
-        block.branches[0].conv.weight.copy_(torch.eye(C).view(C, C, 1, 1))
-        block.project.conv.weight.copy_(torch.randn(P, 2 * C, k, k, generator=gen))
+        for branch in block.branches:
+            branch.conv.weight.copy_(torch.eye(C).view(C, C, 1, 1))
+        block.project.conv.weight.copy_(torch.randn(P, (1 + branches) * C, k, k, generator=gen))
+    block = block.to(device)
     x = torch.randn(N, C, H, W, generator=gen).to(dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    wp = block.project.conv.weight.double()
-    exact = torch.nn.functional.conv2d(x.double(), wp[:, :C] + wp[:, C:], padding=k // 2)
+    wp = block.project.conv.weight.double().cpu()
+    w_sum = sum(wp[:, i * C:(i + 1) * C] for i in range(1 + branches))
+    exact = torch.nn.functional.conv2d(x.double(), w_sum, padding=k // 2)
     want = exact.to(dtype)
-    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=onednn):
-        got = block(x)
+    with torch.no_grad():
+        got = block(x.to(device)).cpu()
     assert got.dtype == dtype and got.shape == want.shape
     miss = (got != want).double().mean().item()
     assert miss <= 0.01, miss
     # Everywhere: the one rounding (half an ulp: 2^-8 relative in bfloat16, 2^-11 in float16, whose subnormals
-    # are 2^-24 apart) plus float32's summation error of the 2 C k^2 terms (at most their count times 2^-24
-    # times their magnitudes' sum: where they cancel, a small value may miss by more than its own ulp).
-    mag = torch.nn.functional.conv2d(x.double().abs(), wp[:, :C].abs() + wp[:, C:].abs(), padding=k // 2)
+    # are 2^-24 apart) plus float32's summation error of the (1 + branches) C k^2 terms (at most their count
+    # times 2^-24 times their magnitudes' sum: where they cancel, a small value may miss by more than its own
+    # ulp).
+    mag = torch.nn.functional.conv2d(x.double().abs(), sum(wp[:, i * C:(i + 1) * C].abs()
+                                                           for i in range(1 + branches)), padding=k // 2)
     half_ulp = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
-    bound = exact.abs() * half_ulp + 2.0 ** -25 + 1.01 * 2 * C * k * k * 2.0 ** -24 * mag
+    bound = exact.abs() * half_ulp + 2.0 ** -25 + 1.01 * (1 + branches) * C * k * k * 2.0 ** -24 * mag
     assert bool(((got.double() - exact).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("N,C,H,W,P,k", [(2, 5, 7, 9, 6, 1), (3, 4, 13, 2, 5, 3), (1, 3, 1, 1, 4, 5), (2, 6, 9, 17, 7, 5),
+                                         (0, 3, 4, 4, 2, 3), (2, 0, 4, 5, 3, 3)])
+def test_tap_gemm_conv(N, C, H, W, P, k, layout, dtype):
+    """msfused::tap_gemm_conv, the GPU backends' full-size parts in half precision (csrc/tap_gemm.h), here with
+    its CPU products: conv(z, w) in float32, within float32's summation error of the float64 convolution of the
+    same operands (no rounding to the half dtype), in z's layout; z and w untouched. Odd sizes, a 1x1 map under
+    a 5x5 kernel (every tap but the centre reads padding), a map narrower than the kernel, no samples, no
+    channels; a non-contiguous z (a channel slice)."""
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    z = torch.randn(N, C + 2, H, W, generator=gen).to(dtype)
+    z = z[:, 1:C + 1] if layout == "strided" else z[:, :C].contiguous()
+    if layout == "channels_last":
+        z = z.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(P, C, k, k, generator=gen).to(dtype)
+    z0, w0 = z.clone(), w.clone()
+    got = torch.ops.msfused.tap_gemm_conv(z, w)
+
+    def conv64(a, b):  # (without channels, ATen's convolution gives no output channels either: zeros here)
+        if C == 0:
+            return torch.zeros(N, P, H, W, dtype=torch.float64)
+        return torch.nn.functional.conv2d(a.double(), b.double(), padding=k // 2)
+
+    exact = conv64(z, w)
+    assert got.dtype == torch.float32 and got.shape == exact.shape
+    if layout == "channels_last" and N * C * H * W * P > 0 and H * W > 1:  # (else z's layout is ambiguous)
+        assert got.permute(0, 2, 3, 1).stride()[-1] == 1  # channels_last pixels
+    mag = conv64(z.abs(), w.abs())
+    assert bool(((got.double() - exact).abs() <= C * k * k * 2.0 ** -24 * mag).all())
+    assert torch.equal(z, z0) and torch.equal(w, w0)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        torch.ops.msfused.tap_gemm_conv(z.float(), w.float())
+    with pytest.raises(ValueError, match="k odd"):
+        torch.ops.msfused.tap_gemm_conv(z, w.new_zeros(P, C, 2, 2))
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -527,6 +576,18 @@ def _triton(monkeypatch):
 def test_matches_naive_triton(case, _triton):
     """As test_matches_naive, through the Triton operators (msfused/triton/projection.py)."""
     run_case(case, device=_triton)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("C,k,shape,P,branches", [(6, 1, (2, 13, 11), 24, 1), (5, 3, (2, 9, 7), 12, 1),
+                                                  (3, 3, (1, 7, 9), 10, 5)],
+                         ids=["C6-k1", "C5-k3", "C3-k3-chained"])
+def test_half_parts_rounded_once_triton(C, k, shape, P, branches, layout, dtype, _triton):
+    """check_parts_rounded_once through the Triton operators: x's part and the direct parts in float32
+    (msfused::tap_gemm_conv), and with 5 direct parts (more than one accumulation launch adds, MAX_PARTS) the
+    sum carried between launches in float32 too."""
+    check_parts_rounded_once(C, k, shape, P, layout, dtype, branches=branches, device=_triton)
 
 
 def test_triton_opcheck_and_deterministic(_triton):
