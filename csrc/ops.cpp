@@ -21,10 +21,6 @@
 // keeps them per version of the weight; they carry no gradient (project_weight's flows through project_weight).
 // Its backward returns the block's gradients plus the projection's weight (if output_mask[1]), bias, scale and
 // shift gradients.
-//
-// tap_gemm_conv, a building block of the GPU backends' projection (csrc/tap_gemm.h): conv(z, weight) (stride 1,
-// padding k // 2) of float16 / bfloat16 operands, summed and returned in float32. No autograd (the backends
-// call it inside their operators); one composite kernel for every device, its fake kernel included.
 #include <torch/library.h>
 
 TORCH_LIBRARY(msfused, m) {
@@ -63,5 +59,4 @@ TORCH_LIBRARY(msfused, m) {
       "Tensor grad_project_weight, Tensor grad_project_bias, Tensor grad_project_scale, "
       "Tensor grad_project_shift)",
       {at::Tag::pt2_compliant_tag});
-  m.def("tap_gemm_conv(Tensor z, Tensor weight) -> Tensor", {at::Tag::pt2_compliant_tag});
 }

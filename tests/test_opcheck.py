@@ -115,16 +115,3 @@ def test_forward_outputs_match_schema_description():
         elif isinstance(a, list) and a and isinstance(a[0], (torch.Tensor, type(None))):
             for u, v in zip(a, b):
                 assert (u is None and v is None) or torch.equal(u, v)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("k", [1, 3])
-def test_opcheck_tap_gemm_conv(k, layout, dtype):
-    """msfused::tap_gemm_conv (csrc/tap_gemm.h), the GPU backends' building block: schema, fake kernel (its
-    composite kernel on meta tensors: the same strided view), dispatch."""
-    z = torch.randn(2, 5, 7, 6).to(dtype)
-    if layout == "channels_last":
-        z = z.contiguous(memory_format=torch.channels_last)
-    w = torch.randn(3, 5, k, k).to(dtype)
-    torch.library.opcheck(torch.ops.msfused.tap_gemm_conv.default, (z, w))

@@ -806,7 +806,8 @@ ProjectForwardResult multi_scale_project_forward_cuda(
 
   // 5. One pass: the sum, the bias and (without batch statistics) the norm and activation, the output
   // written once; the pre-activation kept only for a backward (else the output takes its place). Over
-  // kMaxBranches parts of a kind: several launches, each adding its parts to the previous one's sum.
+  // kMaxBranches parts of a kind: several launches, each adding its parts to the previous one's sum, carried
+  // between them in opmath (a buffer of its own for half / bfloat16: the sum is rounded once).
   const bool fused_epilogue = !proj.batch_stats;
   const Tensor pre_sum = acc.defined() ? acc : fresh(at::empty({plan.N, P, H, W}, opts.memory_format(fmt)));
   Tensor out = save_pre ? fresh(at::empty({plan.N, P, H, W}, opts.memory_format(fmt))) : pre_sum;
@@ -815,6 +816,10 @@ ProjectForwardResult multi_scale_project_forward_cuda(
   const Tensor p_beta = fused_epilogue ? per_channel(p_shift, x) : Tensor();
   const size_t launches = std::max<size_t>({1, (tmaps.size() + kMaxBranches - 1) / kMaxBranches,
                                             (direct.size() + kMaxBranches - 1) / kMaxBranches});
+  const Tensor partial = launches == 1 ? Tensor()
+                         : opmath(x.scalar_type()) == x.scalar_type()
+                             ? pre_sum
+                             : fresh(at::empty({plan.N, P, H, W}, opts.dtype(at::kFloat).memory_format(fmt)));
   for (size_t l = 0; l < launches; ++l) {
     const bool last = l + 1 == launches;
     ProjectAccArgs a;
@@ -823,7 +828,9 @@ ProjectForwardResult multi_scale_project_forward_cuda(
     a.H = H;
     a.W = W;
     a.k = k;
-    a.acc = view(l == 0 ? acc : pre_sum);
+    a.acc = l == 0 ? view(acc) : View4();
+    a.carry = l == 0 ? View4() : view(partial);
+    a.partial = last ? View4() : view(partial);
     a.pre = last && fused_epilogue && !save_pre ? View4() : view(pre_sum);
     a.out = last && fused_epilogue ? view(out) : View4();
     a.bias = l == 0 ? ptr(p_bias_acc) : nullptr;

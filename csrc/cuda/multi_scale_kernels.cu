@@ -1594,7 +1594,9 @@ __global__ void __launch_bounds__(kThreads, 3) project_accumulate_kernel(const _
   // The output at tile row r (cl: 0), tile column j, channel p.
   auto element = [&](int r, int j, int64_t p) {
     const int64_t I = I0 + r, J = J0 + j;
-    A val = a.acc.data != nullptr ? to_acc(cptr<S>(a.acc)[off4<S>(a.acc, n, p, I, J)]) : A(0);
+    A val = a.carry.data != nullptr ? cptr<A>(a.carry)[off4<A>(a.carry, n, p, I, J)]
+            : a.acc.data != nullptr ? to_acc(cptr<S>(a.acc)[off4<S>(a.acc, n, p, I, J)])
+                                    : A(0);
     val += param<A>(a.bias, p, A(0));
     for (int d = 0; d < a.num_direct; ++d) val += to_acc(cptr<S>(a.direct[d])[off4<S>(a.direct[d], n, p, I, J)]);
     for (int b = 0; b < a.num_taps; ++b) {
@@ -1615,6 +1617,10 @@ __global__ void __launch_bounds__(kThreads, 3) project_accumulate_kernel(const _
                         [&](int i, int jj) { return plane[i * tb.tmap.stride[2] + jj * tb.tmap.stride[3]]; });
         }
       }
+    }
+    if (a.partial.data != nullptr) {  // a launch before the last: its sum, unrounded
+      mptr<A>(a.partial)[off4<A>(a.partial, n, p, I, J)] = val;
+      return;
     }
     const S pre = from_acc<S>(val);  // the pre-activation as a tensor of S holds it
     if (a.pre.data != nullptr) mptr<S>(a.pre)[off4<S>(a.pre, n, p, I, J)] = pre;
@@ -2467,13 +2473,16 @@ Parts kernel_cost(const DxArgs& a, int64_t blocks, size_t S, size_t) {
 Parts kernel_cost(const ProjectAccArgs& a, int64_t blocks, size_t S, size_t A) {
   const int64_t total = a.N * a.P * a.H * a.W, tile = a.tiles.rows * a.tiles.cols * (a.channels_last ? a.P : 1);
   // A block: one tile, kThreads outputs at a time, each its direct parts and every branch's k*k shifted taps.
-  int64_t per_output = a.num_direct, read = ((a.acc.data != nullptr ? 1 : 0) + a.num_direct) * total * S;
+  int64_t per_output = a.num_direct, read = ((a.acc.data != nullptr ? 1 : 0) + a.num_direct) * total * S +
+                                           (a.carry.data != nullptr ? total * A : 0);
   for (int b = 0; b < a.num_taps; ++b) {
     const ProjectTapBranch& tb = a.tap[b];
     per_output += a.k * a.k * up_taps(tb.up_h, tb.up_w);
     read += a.N * a.k * a.k * a.P * tb.h * tb.w * A;
   }
-  const int64_t written = ((a.pre.data != nullptr ? 1 : 0) + (a.out.data != nullptr ? 1 : 0)) * total * S;
+  const int64_t written = a.partial.data != nullptr
+                              ? total * A
+                              : ((a.pre.data != nullptr ? 1 : 0) + (a.out.data != nullptr ? 1 : 0)) * total * S;
   return {part("output tiles", blocks, min64(kThreads, tile), ceil_div(tile, kThreads) * per_output, read, written)};
 }
 

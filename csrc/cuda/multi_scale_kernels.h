@@ -293,10 +293,12 @@ struct ProjectTapBranch {
 // resized up and shifted; written to pre (if pre.data) rounded to the dtype, and act(alpha * pre + beta) to
 // out (if out.data: the norm's coefficients known before the sum, no batch statistics). pre and out may
 // alias acc: each thread reads its element before writing it. Blocks with more than kMaxBranches parts of
-// either kind go in several launches, acc = the previous launch's pre.
+// either kind go in several launches: each one before the last writes its sum unrounded to partial (opmath)
+// and nothing else, the next one reads it as carry in place of acc (so the sum is rounded once).
 struct ProjectAccArgs {
   int64_t N = 0, P = 0, H = 0, W = 0, k = 1;
   View4 acc, pre, out;  // (N, P, H, W); acc.data / pre.data / out.data nullptr: absent
+  View4 carry, partial;  // (N, P, H, W) in opmath; data nullptr: the first launch / the last launch
   const void* bias = nullptr;  // opmath per channel; nullptr: none
   const void* alpha = nullptr;  // opmath per channel; nullptr: 1
   const void* beta = nullptr;  // opmath per channel; nullptr: 0

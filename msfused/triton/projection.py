@@ -6,9 +6,7 @@ The concatenation is never built. ``conv(cat)`` is ``conv(x, W_x)`` plus, per br
 level one 1x1 convolution to ``k * k * P`` channels (the per-tap maps), read resized up and shifted by each tap
 (zero outside the map); a branch close to full size (x itself, or ``k * k`` per-tap maps larger than one
 full-size map: the CPU and CUDA backends' rule, ``csrc/projection.h``) convolved directly after its resize. The
-convolutions are torch's (cuDNN on a GPU, deterministic algorithms), but for the full-size parts in float16 /
-bfloat16: a GEMM per tap with float32 results (``msfused::tap_gemm_conv``, cuBLAS), as every part is summed in
-float32 and rounded once (SPEC.md). The Triton kernels here do the rest:
+convolutions are torch's (cuDNN on a GPU, deterministic algorithms); the Triton kernels here do the rest:
 
 * ``project_epilogue_kernel``: the one fused pass over the output: ``conv(x, W_x)`` + bias + every part
   (resized up and shifted per tap) + norm + activation, the output written once (with the projection's batch
@@ -37,8 +35,7 @@ chunks where the GPU would not fill, +1 launch sums their partials in a fixed or
 Launches per call ("torch" = cuDNN and reductions): forward: 1 levels launch per 4 levels (+1 where the
 pooling is split into chunks); per branch its convolution (torch), [its batch statistics
 (torch)], 1 epilogue pass (its activation at its level), [1 gather: resized up, direct branches], its part's
-convolution (torch); ``conv(x, W_x)`` (torch; float16 / bfloat16: ``k * k`` GEMMs, + 1 zero-padded copy of x
-for k > 1, as for a direct branch's part); **1** accumulation pass per 4 parts (``MAX_PARTS``); with the
+convolution (torch); ``conv(x, W_x)`` (torch); **1** accumulation pass per 4 parts (``MAX_PARTS``); with the
 projection's batch statistics the last accumulation pass also writes the partial statistics, + 1
 ``stats_combine_kernel`` + 1 epilogue pass. Backward: the projection's epilogue
 backward, 1 ``act_grad_kernel`` + 1 ``column_sums_kernel`` (+ 1 ``norm_grad_kernel`` with batch statistics);
@@ -397,8 +394,9 @@ def _epilogue(acc: Optional[Tensor], parts: list, bias: Optional[Tensor], norm: 
     """project_epilogue_kernel over ``like``'s shape: the sum of ``acc`` (None: 0), ``bias`` and the parts
     (each (maps, its up taps (y, x), KS)) stored in ``pre`` (if given), then ``norm`` (None: none) and ``act``
     applied into ``out`` (if given). One launch per MAX_PARTS parts: a later launch adds its parts to the sum
-    the previous one stored (in ``pre``, else in ``out``); each element is read and written by one program, so
-    ``acc``, ``pre`` and ``out`` may be one tensor. ``stats``: (part_mean, part_m2), (tiles, P) buffers the
+    the previous one stored (in ``pre``, else in ``out``; in float16 / bfloat16 in a float32 buffer instead, so
+    that the sum is rounded once); each element is read and written by one program, so ``acc``, ``pre`` and
+    ``out`` may be one tensor. ``stats``: (part_mean, part_m2), (tiles, P) buffers the
     last launch writes its tiles' partial statistics of the stored ``pre`` into (``_sum_with_statistics``)."""
     N, P, H, W = like.shape
     if N * P * H * W == 0:
@@ -408,7 +406,7 @@ def _epilogue(acc: Optional[Tensor], parts: list, bias: Optional[Tensor], norm: 
     d = like  # stands in for absent pointers (never read)
     nrm = norm if norm is not None else _Norm(None, None)
     sums = pre if pre is not None else out
-    if len(chunks) > 1 and _half(like.dtype):  # the sums between launches unrounded (SPEC.md: one rounding)
+    if len(chunks) > 1 and like.dtype in (torch.float16, torch.bfloat16):  # the sums between launches unrounded
         sums = launch._empty(like.shape, torch.float32, like.device, launch._fmt(like))
     part_mean, part_m2 = stats if stats is not None else (d, d)
     for i, chunk in enumerate(chunks):
@@ -642,20 +640,6 @@ def _conv(z: Tensor, w: Tensor, bias: Optional[Tensor], pad: int, fmt) -> Tensor
     return F.conv2d(z, w, bias, padding=pad).contiguous(memory_format=fmt)
 
 
-def _half(dtype: torch.dtype) -> bool:
-    return dtype in (torch.float16, torch.bfloat16)
-
-
-def _full_size_part(z: Tensor, w: Tensor, pad: int, fmt) -> Tensor:
-    """A full-size part of the projection, conv(z, w) (x's, a directly convolved branch's): for float16 /
-    bfloat16 in float32 (``msfused::tap_gemm_conv``, csrc/tap_gemm.h: a GEMM per tap with half-precision operands
-    and float32 results), since the reference's one convolution rounds the whole sum once (SPEC.md: half
-    precision accumulates in float32; cuDNN would round each part to the dtype); else torch's convolution."""
-    if _half(z.dtype):
-        return torch.ops.msfused.tap_gemm_conv(z, w)
-    return _conv(z, w, None, pad, fmt)
-
-
 def _tap_weight(pw: Tensor, offset: int, count: int, cached: bool = False) -> Tensor:
     """The projection weight's part for channels [offset, offset + count) as one 1x1 convolution to k * k * P
     channels in the per-tap maps' dtype (``_ops.tap_weight`` / ``tap_maps_dtype``: a view of pw for k = 1 in
@@ -756,13 +740,13 @@ def project_forward(x, weight, bias, scale, shift, batch_stats, eps, factor, bin
             a, full = _activation(pre_b, norm, activation, up, fmt)
             cb, off = weight[b].shape[0], offsets[b]
             if g.whole:
-                parts.append((_full_size_part(full if full is not None else a, _slice_weight(pw, off, cb, not save_pre),
-                                              pad, fmt),
+                parts.append((_conv(full if full is not None else a, _slice_weight(pw, off, cb, not save_pre), None,
+                                    pad, fmt),
                               _identity_pair(H, x)[:1] + _identity_pair(W, x)[:1], 1))
             else:  # the per-tap maps in opmath (_ops.tap_maps_dtype: partial sums, not rounded to x's dtype)
                 parts.append((_conv(a.to(tdt), _tap_weight(pw, off, cb, cached=not save_pre), None, 0, fmt),
                               _up(up_mode, g.h, g.w, H, W, align_corners, x), k))
-        acc = _full_size_part(x, _slice_weight(pw, x_off, C, not save_pre), pad, fmt) if x_off >= 0 else None
+        acc = _conv(x, _slice_weight(pw, x_off, C, not save_pre), None, pad, fmt) if x_off >= 0 else None
     p_pre = launch._empty((N, P, H, W), dt, dev, fmt)
     fused = not p_batch_stats  # the norm is known before the sum: one pass writes the output
     out = launch._empty((N, P, H, W), dt, dev, fmt) if save_pre else p_pre  # else in place of the sum
