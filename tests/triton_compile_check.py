@@ -199,6 +199,16 @@ def record_projection_launches(dtypes=(torch.float32, torch.bfloat16)) -> None:
                                         p_mean=p_mean, p_var=p_var, p_batch_stats=stats, p_eps=1e-5,
                                         p_activation="gelu", output_mask=[True, True])
     launch.SPLIT_STEPS, launch.ADJOINT_STEPS = default_split, default_adjoint
+    # more parts than one accumulation launch adds (MAX_PARTS): in half precision the sum between launches in a
+    # float32 buffer (pointers of two dtypes in one launch)
+    half = dtypes[-1]
+    x = torch.randn(2, 3, 9, 8, dtype=half)
+    B = projection.MAX_PARTS + 1
+    projection.project_forward(x, [torch.randn(2, 3, 1, 1, dtype=half) for _ in range(B)], *[[None] * B] * 3,
+                               [False] * B, [1e-5] * B, factor=[1] * B, bins=[0, 0] * B, down_mode="avg",
+                               up_mode="bilinear", align_corners=False, activation="relu", input_position="first",
+                               pw=torch.randn(4, 3 + 2 * B, 3, 3, dtype=half), p_bias=None, p_scale=None,
+                               p_shift=None, p_batch_stats=False, p_eps=1e-5, p_activation="relu", save_pre=False)
 
 
 def operand_dtype(signature: dict) -> str:
