@@ -396,8 +396,8 @@ def _epilogue(acc: Optional[Tensor], parts: list, bias: Optional[Tensor], norm: 
     applied into ``out`` (if given). One launch per MAX_PARTS parts: a later launch adds its parts to the sum
     the previous one stored (in ``pre``, else in ``out``; in float16 / bfloat16 in a float32 buffer instead, so
     that the sum is rounded once); each element is read and written by one program, so ``acc``, ``pre`` and
-    ``out`` may be one tensor. ``stats``: (part_mean, part_m2), (tiles, P) buffers the
-    last launch writes its tiles' partial statistics of the stored ``pre`` into (``_sum_with_statistics``)."""
+    ``out`` may be one tensor. ``stats``: (part_mean, part_m2), (tiles, P) buffers the last launch writes its
+    tiles' partial statistics of the stored ``pre`` into (``_sum_with_statistics``)."""
     N, P, H, W = like.shape
     if N * P * H * W == 0:
         return
