@@ -69,12 +69,17 @@ def test_worker_reports_every_case(tmp_path, monkeypatch):
 
     monkeypatch.setattr(launch, "POISON", launch.POISON)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
+    # (cuBLAS's flag is no attribute of its module object, which routes it through __getattr__ / __setattr__:
+    # pytest >= 9.2's monkeypatch would delete it on undo, which fails and leaves the other undos undone)
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
     lines = tmp_path / "lines.txt"
     args = gpu_check.parser().parse_args(
         ["_worker", "--device", "cpu", "--backend", "reference", "--shard-dtype", "float64", "--lines", str(lines),
          "--configs", "2", "--seed", "0", "--dtypes", "float64", "--max-hw", "9", "--chunk", "0", "--chunks", "1"])
-    assert gpu_check._worker(args) == 0
+    try:
+        assert gpu_check._worker(args) == 0
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
     got = lines.read_text().splitlines()
     assert [line.split()[0] for line in got] == ["ERROR", "FAIL", "PASS", "PASS"], got
     assert "RuntimeError: boom" in got[0] and "output: err 1 > 1e-10" in got[1]
