@@ -452,7 +452,8 @@ BF16_GRAD_CASES = [
 def test_bfloat16_gradients(case):
     """bfloat16 gradients against the float64 reference within SPEC.md's half-precision rule. A single draw
     of a low-precision error is noisy (one rounding more or less), so the rule is applied to the mean err
-    over 24 fresh draws (conftest.HALF_PRECISION_TRIALS), per tensor: mean err_fused <= 2 x mean err_naive_bf16 + 1e-3. Smooth activations
+    over conftest.HALF_PRECISION_TRIALS fresh draws, per tensor: mean err_fused <= 2 x mean err_naive_bf16 +
+    1e-3. Smooth activations
     (or none): a ReLU kink flipped by one bf16 rounding is a large error for any implementation.
     Conv biases before a batch-statistics norm (true gradient 0) are left to the float32/float64 checks."""
     check_half_precision_grads(case)

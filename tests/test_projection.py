@@ -407,9 +407,8 @@ def check_parts_rounded_once(C, k, shape, P, layout, dtype, branches=1):
     x = torch.randn(N, C, H, W, generator=gen).to(dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    wp = block.project.conv.weight.double()
-    w_sum = sum(wp[:, i * C:(i + 1) * C] for i in range(1 + branches))
-    exact = torch.nn.functional.conv2d(x.double(), w_sum, padding=k // 2)
+    w_parts = block.project.conv.weight.double().split(C, dim=1)  # x's and each branch's slice
+    exact = torch.nn.functional.conv2d(x.double(), sum(w_parts), padding=k // 2)
     want = exact.to(dtype)
     with torch.no_grad():
         got = block(x)
@@ -420,8 +419,7 @@ def check_parts_rounded_once(C, k, shape, P, layout, dtype, branches=1):
     # are 2^-24 apart) plus float32's summation error of the (1 + branches) C k^2 terms (at most their count
     # times 2^-24 times their magnitudes' sum: where they cancel, a small value may miss by more than its own
     # ulp).
-    mag = torch.nn.functional.conv2d(x.double().abs(), sum(wp[:, i * C:(i + 1) * C].abs()
-                                                           for i in range(1 + branches)), padding=k // 2)
+    mag = torch.nn.functional.conv2d(x.double().abs(), sum(w.abs() for w in w_parts), padding=k // 2)
     half_ulp = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
     bound = exact.abs() * half_ulp + 2.0 ** -25 + 1.01 * (1 + branches) * C * k * k * 2.0 ** -24 * mag
     assert bool(((got.double() - exact).abs() <= bound).all())

@@ -816,10 +816,11 @@ ProjectForwardResult multi_scale_project_forward_cuda(
   const Tensor p_beta = fused_epilogue ? per_channel(p_shift, x) : Tensor();
   const size_t launches = std::max<size_t>({1, (tmaps.size() + kMaxBranches - 1) / kMaxBranches,
                                             (direct.size() + kMaxBranches - 1) / kMaxBranches});
+  const at::ScalarType sum_dt = opmath(x.scalar_type());
   const Tensor partial = launches == 1 ? Tensor()
-                         : opmath(x.scalar_type()) == x.scalar_type()
+                         : sum_dt == x.scalar_type()
                              ? pre_sum
-                             : fresh(at::empty({plan.N, P, H, W}, opts.dtype(at::kFloat).memory_format(fmt)));
+                             : fresh(at::empty({plan.N, P, H, W}, opts.dtype(sum_dt).memory_format(fmt)));
   for (size_t l = 0; l < launches; ++l) {
     const bool last = l + 1 == launches;
     ProjectAccArgs a;

@@ -406,8 +406,8 @@ def _epilogue(acc: Optional[Tensor], parts: list, bias: Optional[Tensor], norm: 
     d = like  # stands in for absent pointers (never read)
     nrm = norm if norm is not None else _Norm(None, None)
     sums = pre if pre is not None else out
-    if len(chunks) > 1 and like.dtype in (torch.float16, torch.bfloat16):  # the sums between launches unrounded
-        sums = launch._empty(like.shape, torch.float32, like.device, launch._fmt(like))
+    if len(chunks) > 1 and launch._acc_dtype(like.dtype) != like.dtype:  # the sums between launches unrounded
+        sums = launch._empty(like.shape, launch._acc_dtype(like.dtype), like.device, launch._fmt(like))
     part_mean, part_m2 = stats if stats is not None else (d, d)
     for i, chunk in enumerate(chunks):
         last = i == len(chunks) - 1
