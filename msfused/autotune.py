@@ -48,6 +48,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 from torch import nn
 
+from .naive import conv_and_norm
+
 ENV_VAR = "MSFUSED_AUTOTUNE"
 FILE_ENV_VAR = "MSFUSED_AUTOTUNE_FILE"
 #: Preference order: the fixed order without measurement, and how exact ties are broken.
@@ -154,15 +156,32 @@ def _format_spec(spec) -> str:
             f"{spec.input_position}|project={proj}")
 
 
+_key_texts: Dict[tuple, str] = {}
+
+
 def key(x: torch.Tensor, spec, branches: Sequence[nn.Module], needs_grad: bool,
         project: Optional[nn.Module] = None) -> str:
-    """The measurement key of a call (plain string formatting, so that torch.compile can trace it)."""
-    norms = ",".join(_norm_mode(part.norm) for part in [*branches, *([project] if project is not None else [])])
+    """The measurement key of a call (plain string formatting when traced, so that torch.compile can trace
+    it; in eager calls formatted once per distinct call, the text looked up by what it is made of)."""
+    parts = [*branches, project] if project is not None else branches
+    norms = tuple(_norm_mode(conv_and_norm(part)[1]) for part in parts)
+    device_type = x.device.type
+    cast = torch.get_autocast_dtype(device_type) if _autocast_on(device_type) else None
+    if torch.compiler.is_compiling():
+        return _format_key(x, _spec_text(spec), norms, needs_grad, cast)
+    made_of = (_spec_text(spec), x.shape, x.stride(), x.dtype, norms, needs_grad, cast, x.device)
+    text = _key_texts.get(made_of)
+    if text is None:
+        if len(_key_texts) >= 4096:  # (a bound, as _spec_texts')
+            _key_texts.clear()
+        text = _key_texts[made_of] = _format_key(x, made_of[0], norms, needs_grad, cast)
+    return text
+
+
+def _format_key(x: torch.Tensor, spec_text: str, norms: tuple, needs_grad: bool, cast) -> str:
     fmt = "cl" if torch._prims_common.suggest_memory_format(x) == torch.channels_last else "nchw"
-    device = x.device.type
-    cast = str(torch.get_autocast_dtype(device)) if _autocast_on(device) else "-"
-    return (f"{_spec_text(spec)}|{tuple(x.shape)}|{x.dtype}|{fmt}|{norms}|grad={needs_grad}|autocast={cast}|"
-            f"{x.device}")
+    return (f"{spec_text}|{tuple(x.shape)}|{x.dtype}|{fmt}|{','.join(norms)}|grad={needs_grad}|"
+            f"autocast={'-' if cast is None else cast}|{x.device}")
 
 
 def _autocast_on(device_type: str) -> bool:

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _ops, autotune, backends
+from .naive import conv_and_norm
 from .reference import reference_forward
 from .spec import BlockSpec
 
@@ -47,6 +48,25 @@ def _walk(module: nn.Module, kind: str, prefix: str = ""):
             yield from _walk(sub, kind, prefix + name + ".")
 
 
+def _tensors_match(branches: nn.ModuleList, project: Optional[nn.Module], device: torch.device, dtype: torch.dtype,
+                   check_dtype: bool) -> bool:
+    """Whether every parameter and buffer is on ``device`` (and every parameter of ``dtype``, if
+    ``check_dtype``): :func:`check_input`'s per-call walk, without the names its messages need."""
+    stack: List[nn.Module] = [branches] if project is None else [branches, project]
+    while stack:
+        m = stack.pop()
+        if m is None:  # (a submodule slot set to None)
+            continue
+        for t in m._parameters.values():
+            if t is not None and (t.device != device or (check_dtype and t.dtype != dtype)):
+                return False
+        for t in m._buffers.values():
+            if t is not None and t.device != device:
+                return False
+        stack.extend(m._modules.values())
+    return True
+
+
 def check_input(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList,
                 project: Optional[nn.Module] = None) -> None:
     """Raises a clear exception naming the argument for any input SPEC.md calls bad."""
@@ -69,10 +89,12 @@ def check_input(x: torch.Tensor, spec: BlockSpec, branches: nn.ModuleList,
             )
     if (project is None) != (spec.project is None):
         raise ValueError("the block's project module and its spec.project disagree (one is None)")
-    # One walk over the parameters (it is per call): the first misplaced tensor, else the first mistyped one.
     check_dtype = not backends.autocast_enabled(x.device.type)
-    misplaced = mistyped = None
     device, dtype = x.device, x.dtype
+    if _tensors_match(branches, project, device, dtype, check_dtype):
+        return
+    # A walk with names for the message: the first misplaced tensor, else the first mistyped one.
+    misplaced = mistyped = None
     for part, module in _named_parts(branches, project):
         for name, t in _walk(module, "_parameters"):
             if misplaced is None and t.device != device:
@@ -522,10 +544,23 @@ class _FourD:
 _FOUR_D = _FourD()
 
 
+_norm_reasons: dict = {}  # type -> norm_unfusable_reason (asked per call)
+
+
 def norm_unfusable_reason(norm: nn.Module) -> Optional[str]:
     """Why the fused kernels cannot compute ``norm`` on a 4-D conv output as its own ``forward`` would, from
     its type alone (SPEC.md: ``nn.Identity``, or a ``_BatchNorm`` subclass that keeps ``_BatchNorm.forward``
-    and takes 4-D input; ``nn.SyncBatchNorm`` too, whose training mode ``unfusable_reason`` refuses), or None."""
+    and takes 4-D input; ``nn.SyncBatchNorm`` too, whose training mode ``unfusable_reason`` refuses), or None.
+    Found once per type."""
+    if torch.compiler.is_compiling():
+        return _norm_type_reason(norm)
+    cls = type(norm)
+    if cls not in _norm_reasons:
+        _norm_reasons[cls] = _norm_type_reason(norm)
+    return _norm_reasons[cls]
+
+
+def _norm_type_reason(norm: nn.Module) -> Optional[str]:
     if type(norm) is nn.Identity:
         return None
     name = type(norm).__name__
@@ -552,7 +587,7 @@ def unfusable_reason(spec: BlockSpec, branches: nn.ModuleList, now: bool = True,
         p = spec.project
         parts.append(("project", project, p.kernel_size, spec.concat_channels, p.out_channels))
     for name, part, k, in_channels, out_channels in parts:
-        conv, norm = part.conv, part.norm
+        conv, norm = conv_and_norm(part)
         if type(conv) is not nn.Conv2d or conv.kernel_size != (k, k) or conv.stride != (1, 1) or \
                 conv.padding != (k // 2, k // 2) or conv.dilation != (1, 1) or conv.groups != 1 or \
                 conv.padding_mode != "zeros" or conv.in_channels != in_channels or \

@@ -180,6 +180,35 @@ def test_key(measured):
     assert len(timer.asked) == 3 * 5 + 2
 
 
+def test_eager_key_is_the_traced_key(monkeypatch):
+    """The eager key (formatted once per distinct call, looked up by what it is made of) is the text the
+    traced path formats, for every part of the key, and tells apart what the key must: a stride-only change
+    of layout, a norm's mode, a projection's norm."""
+    _, fused = _block()
+    proj = msfused.MultiScaleBlock(3, scales=(1, 2), branch_channels=2, norm="batch", project=dict(out_channels=4))
+    x = torch.randn(X_SHAPE)
+    calls = [(x, fused, False), (x, fused, True), (x.contiguous(memory_format=torch.channels_last), fused, False),
+             (x[:, :, :, :4], fused, False), (x.transpose(2, 3), fused, False), (x.double(), fused, False),
+             (x, proj, False)]
+    modes = [lambda m: m.eval(), lambda m: m.train(),
+             lambda m: setattr(m.branches[0].norm, "running_mean", None) or m.eval()]
+    seen = set()
+    for mode in modes:
+        for xi, m, grad in calls:
+            mode(m)
+            args = (xi, m.spec, m.branches, grad, m.project)
+            eager = autotune.key(*args)
+            assert autotune.key(*args) is eager  # the second call looks it up
+            with monkeypatch.context() as patched:
+                patched.setattr(torch.compiler, "is_compiling", lambda: True)
+                assert autotune.key(*args) == eager
+            assert eager not in seen, eager
+            seen.add(eager)
+    assert len(seen) == len(calls) * len(modes), "calls that differ got the same key"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "autocast=torch.bfloat16" in autotune.key(x, fused.spec, fused.branches, False, None)
+
+
 def test_no_timing_while_tracing_or_capturing(measured, monkeypatch):
     """Under torch.compile / export (is_compiling) or CUDA graph capture: the cached choice, else the fixed
     order; nothing timed."""
