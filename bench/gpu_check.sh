@@ -26,7 +26,9 @@
 #                         inference and training: naive, 'cuda', 'triton', 'auto'; torch.compile of the naive
 #                         block in inference for psp_mmseg, pyramid_seed, psp_small (last); a torch.profiler
 #                         breakdown of one call per workload, mode and implementation; a cProfile of 20
-#                         training steps of each fused backend on the first workload (host_profile.txt)
+#                         training steps of each fused backend on the first workload (host_profile.txt);
+#                         an implementation that breaks the device (a sticky CUDA error) costs its group
+#                         only: the phase restarts itself without it ("broken" in results.json)
 #   summary.txt        each phase's exit status and seconds
 #
 # Budget per phase. "Budget": no new case or group starts after it; "cap": `timeout` stops the phase, and what

@@ -137,3 +137,46 @@ def test_half_precision_case_drawn_again_where_three_draws_fail(monkeypatch, ear
     if status == "FAIL":
         want = f"mean of {gpu_check.HALF_DRAWS_AGAIN} draws"
         assert all(want in f for f in result["failures"]), result["failures"]
+
+
+def test_speed_starts_again_without_an_implementation_that_broke_the_device(tmp_path, monkeypatch):
+    """A sticky device error (stand-in: the CPU backend 'breaks the device' in its first call) would fail every
+    later group of the speed phase: the group is dropped, the phase restarts itself from results.json without
+    that implementation, and 'auto' chooses among the rest; naive and 'auto' are measured in every group."""
+    from msfused import backends, functional
+
+    broken = []
+    real_run = functional._run
+
+    def run(x, branches, backend, spec, project=None):
+        if backend == "cpu":
+            broken.append(True)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (stand-in)")
+        return real_run(x, branches, backend, spec, project)
+
+    monkeypatch.setattr(functional, "_run", run)
+    monkeypatch.setattr(gpu_check, "_device_broken", lambda device: bool(broken))
+    restarts = []
+    monkeypatch.setattr(gpu_check, "_restart", restarts.append)
+    argv = ["speed", "--device", "cpu", "--out", str(tmp_path), "--workloads", "psp_small", "--n", "2",
+            "--dtype", "float32", "--backends", "cpu,auto", "--compile-workloads", "", "--warmup", "1", "--reps", "2",
+            "--max-seconds", "0.1", "--budget", "600"]
+    candidates = dict(backends.AUTO_CANDIDATES)
+    assert gpu_check.main(argv) == 1
+    assert len(restarts) == 1 and restarts[0][:len(argv)] == argv
+    child = restarts[0]
+    assert child[child.index("--exclude") + 1] == "cpu" and float(child[child.index("--deadline") + 1]) > 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["rows"] == [] and result["done"] == []  # the broken group dropped, to be measured again
+    assert [(b["group"], b["impl"]) for b in result["broken"]] == [("psp_small inference", "cpu")]
+    assert "illegal memory access" in result["broken"][0]["error"]
+
+    broken.clear()  # the fresh process: the device works again
+    assert gpu_check.main(child) == 1  # (1: something broke during the phase)
+    assert backends.AUTO_CANDIDATES == candidates  # restored after the phase
+    assert len(restarts) == 1
+    result = json.loads((tmp_path / "results.json").read_text())
+    got = {(r["mode"], r["impl"]) for r in result["rows"] if r["median_ms"] and not r["error"]}
+    assert got == {(m, i) for m in ("inference", "train") for i in ("naive", "auto")}
+    assert result["done"] == ["psp_small inference", "psp_small train"] and len(result["broken"]) == 1
+    assert not broken  # 'auto' no longer ran the excluded backend

@@ -28,7 +28,9 @@ the first workload (where the host time goes). Before timing, the Triton kernels
 compiled and autotuned once in parallel processes (Triton's on-disk cache then serves the timing process;
 its autotuner still measures every configuration of the shipped lists, alone on the GPU).
 ``DIR/results.json`` (device, versions, commit, every row, the profiles) is rewritten after each
-workload; ``table.txt``, ``profile.txt`` and ``host_profile.txt`` beside it.
+workload; ``table.txt``, ``profile.txt`` and ``host_profile.txt`` beside it. An implementation that breaks
+the device (a sticky CUDA error) costs only the group it broke: the phase starts again without it
+(:func:`speed`).
 """
 
 from __future__ import annotations
@@ -669,30 +671,95 @@ def _auto_diagnostics(args, workloads, dtype: torch.dtype, device: torch.device)
     return out
 
 
+#: Times the speed phase starts itself again after an implementation broke the device (see :func:`speed`).
+MAX_RESTARTS = 3
+
+
+def _device_broken(device: torch.device) -> bool:
+    """Whether the device is unusable in this process (a CUDA error such as an illegal address is sticky)."""
+    return device.type == "cuda" and _cuda_broken()
+
+
+def _restart(argv: List[str]) -> None:
+    """Replaces this process by ``python -m msfused.bench.gpu_check *argv`` (a fresh CUDA context; the same
+    PID, so the shell's ``timeout`` still applies)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "msfused.bench.gpu_check", *argv])
+
+
+def _group_label(w, mode: str, impls: Sequence[str]) -> str:
+    return f"{w.name} {mode}" + (" compiled" if "compiled" in impls else "")
+
+
+def _culprit(rows: List[Dict[str, Any]], profiles: List[Dict[str, Any]]):
+    """(implementation, error) that broke the device in a group: the first to fail in the order the group ran
+    them (each implementation's warm-up ends in a synchronisation, so an asynchronous fault is reported
+    by the call that caused it: naive first, then as listed), else the first failed profile; (None, None)."""
+    for row in sorted(rows, key=lambda r: r["impl"] != "naive"):
+        if row["error"]:
+            return row["impl"], row["error"]
+    for p in profiles:
+        if p.get("error"):
+            return p["impl"], p["error"]
+    return None, None
+
+
 def speed(args) -> int:
+    """The ``speed`` command (the module's docstring). An implementation that breaks the device (a sticky
+    CUDA error: every later call in the process fails) would cost every later group: the group is dropped,
+    the phase saves what it has and starts itself again (:func:`_restart`) from ``results.json``
+    (``--resume``) without that implementation (``--exclude``; 'auto' then chooses among the others), on
+    the same deadline, at most :data:`MAX_RESTARTS` times; ``broken`` in the JSON says what broke where."""
+    with _auto_without(args.exclude):
+        return _speed(args)
+
+
+@contextlib.contextmanager
+def _auto_without(excluded: Sequence[str]):
+    """'auto' chooses among its candidates less ``excluded`` meanwhile."""
+    from msfused import backends
+
+    saved = dict(backends.AUTO_CANDIDATES)
+    backends.AUTO_CANDIDATES.update({k: tuple(c for c in v if c not in excluded) for k, v in saved.items()})
+    try:
+        yield
+    finally:
+        backends.AUTO_CANDIDATES.update(saved)
+
+
+def _speed(args) -> int:
     from . import report, runner
     from .workloads import build, select
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     workloads = select(args.workloads)
-    impls = ["naive"] + (args.backends or device_backends(device) + ["auto"])
+    excluded = list(args.exclude)
+    impls = ["naive"] + [i for i in args.backends or device_backends(device) + ["auto"] if i not in excluded]
     compiled = [w for w in (args.compile_workloads or []) if w in {x.name for x in workloads}][:3]
     os.makedirs(args.out, exist_ok=True)
-    deadline = time.time() + args.budget if args.budget else None
+    results_path = os.path.join(args.out, "results.json")
+    deadline = args.deadline or (time.time() + args.budget if args.budget else None)
     _say(f"speed on {device}: {len(workloads)} workloads, {args.dtype}, {', '.join(args.modes)}, {', '.join(impls)}; "
-         f"torch.compile ({args.compile_backend}) in inference for {', '.join(compiled) or 'none'}")
-    _prewarm(args, workloads, impls)
-    result: Dict[str, Any] = {"commit": commit(), "argv": sys.argv[1:], "rows": [], "profiles": [], "skipped": [],
-                              "host_profiles": []}
-    rates = None
+         f"torch.compile ({args.compile_backend}) in inference for {', '.join(compiled) or 'none'}"
+         + (f"; without {', '.join(excluded)} (broke the device), resuming {args.resume}" if args.resume else ""))
+    if not args.resume:  # (resumed: compiled by the first process; Triton's on-disk cache has them)
+        _prewarm(args, workloads, impls)
+    if args.resume:
+        with open(args.resume) as f:
+            result: Dict[str, Any] = json.load(f)
+    else:
+        result = {"commit": commit(), "argv": args.argv, "rows": [], "profiles": [], "skipped": [],
+                  "host_profiles": [], "done": [], "broken": []}
+    rates = {dtype: _rates_of(result)} if result.get("rates") else None  # (resumed: measured already)
 
     def save() -> None:
         from msfused import autotune  # what 'auto' chose per key, with the times it measured
 
         result["autotune"] = {k: {"backend": c.backend, "times_ms": c.times_ms, "errors": c.errors}
                               for k, c in autotune.table().items()}
-        report.save_json(result, os.path.join(args.out, "results.json"))
+        report.save_json(result, results_path)
         if result["rows"]:
             with open(os.path.join(args.out, "table.txt"), "w") as f:
                 f.write(report.format_table(result) + "\n")
@@ -709,10 +776,15 @@ def speed(args) -> int:
     groups = [(w, m, impls) for w in workloads for m in args.modes] + \
         [(w, "inference", ["naive", "compiled"]) for w in workloads if w.name in compiled]
     for w, mode, group_impls in groups:
+        label = _group_label(w, mode, group_impls)
+        if label in result["done"]:  # (measured before a restart)
+            continue
         if deadline and time.time() > deadline:
             result["skipped"].append(f"{w.name} {mode} {','.join(group_impls)}: the phase's time budget was spent")
+            result["done"].append(label)
             save()
             continue
+        had = {k: len(result[k]) for k in ("rows", "profiles", "host_profiles")}
         part = runner.run([w], modes=[mode], dtypes=[dtype], impls=group_impls, device=device, n=args.n,
                           full_n=True, warmup=args.warmup, reps=args.reps, max_seconds=args.max_seconds,
                           memory=device.type == "cuda", progress=_say, rates=rates,
@@ -749,6 +821,27 @@ def speed(args) -> int:
             except Exception as e:  # noqa: BLE001  (e.g. out of memory)
                 result["profiles"].append({"workload": w.name, "mode": mode, "impl": "*", "kernels": [],
                                            "error": f"{type(e).__name__}: {e}"[:300]})
+        if _device_broken(device):
+            culprit, error = _culprit(part["rows"], result["profiles"][had["profiles"]:])
+            if "compiled" not in group_impls:
+                for k, n in had.items():
+                    del result[k][n:]
+            result["broken"].append({"group": label, "impl": culprit, "error": error})
+            rerun = culprit not in (None, "naive", "compiled", "*")  # else the group itself is given up
+            if not rerun:
+                result["skipped"].append(f"{label}: the device broke ({culprit or 'cause unknown'}: {error})")
+                result["done"].append(label)
+            save()
+            if len(result["broken"]) <= MAX_RESTARTS:
+                _say(f"speed: {culprit} broke the device in {label} ({error}); starting again without it")
+                _restart(args.argv + ["--resume", results_path, "--exclude",
+                                      ",".join(excluded + ([culprit] if rerun else [])), "--deadline", repr(deadline or 0.0)])
+                return 1  # (a stand-in _restart returns)
+            result["skipped"] += [f"{_group_label(*g)}: the device broke {len(result['broken'])} times"
+                                  for g in groups if _group_label(*g) not in result["done"]]
+            save()
+            break
+        result["done"].append(label)
         save()
     if device.type == "cuda" and "auto" in impls:
         try:
@@ -757,8 +850,9 @@ def speed(args) -> int:
             result["diagnostics"] = {"error": f"{type(e).__name__}: {e}"[:300]}
         save()
     failed = [r for r in result["rows"] if r["error"] and r["impl"] != "compiled"]
-    _say(f"speed: {len(result['rows'])} rows, {len(failed)} failed, {len(result['skipped'])} groups skipped")
-    return 1 if failed or result["skipped"] else 0
+    _say(f"speed: {len(result['rows'])} rows, {len(failed)} failed, {len(result['skipped'])} groups skipped, "
+         f"{len(result['broken'])} broke the device")
+    return 1 if failed or result["skipped"] or result["broken"] else 0
 
 
 def _merge_compiled(rows: List[Dict[str, Any]], part: List[Dict[str, Any]]) -> None:
@@ -837,6 +931,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--jobs", type=int, default=jobs, help="parallel processes compiling Triton kernels first")
     s.add_argument("--prewarm-budget", type=float, default=90.0, help="seconds (0: no prewarm)")
     s.add_argument("--budget", type=float, default=0.0, help="seconds after which no new group starts (0: none)")
+    # set by the phase itself when it starts again after an implementation broke the device
+    s.add_argument("--resume", default=None, help=argparse.SUPPRESS)
+    s.add_argument("--exclude", type=_list, default=[], help=argparse.SUPPRESS)
+    s.add_argument("--deadline", type=float, default=0.0, help=argparse.SUPPRESS)
 
     pp = sub.add_parser("prewarm", help="compile and autotune the Triton kernels of the workloads (parallel processes)")
     pp.add_argument("--device", default=default_device)
@@ -859,7 +957,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
+    args.argv = argv
     for name in ("dtypes",):
         bad = [d for d in getattr(args, name, []) or [] if d not in DTYPES]
         if bad:
