@@ -248,7 +248,8 @@ def sample(variants: dict, per_kernel_only: bool = False) -> list:
     return chosen
 
 
-_PTXAS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads\s+ptxas info\s+: Used (\d+) registers")
+# (Triton 3.9 names the tool in its report: "ptxas-blackwell info", also for sm_90)
+_PTXAS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads\s+ptxas(?:-[\w-]+)? info\s+: Used (\d+) registers")
 
 
 def compile_variant(variant, arch: int):
