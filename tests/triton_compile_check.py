@@ -249,7 +249,8 @@ def sample(variants: dict, per_kernel_only: bool = False) -> list:
 
 
 # (Triton 3.9 names the tool in its report: "ptxas-blackwell info", also for sm_90)
-_PTXAS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads\s+ptxas(?:-[\w-]+)? info\s+: Used (\d+) registers")
+_PTXAS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads\s+"
+                    r"ptxas(?:-[\w-]+)? info\s+: Used (\d+) registers")
 
 
 def compile_variant(variant, arch: int):

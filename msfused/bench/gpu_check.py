@@ -744,12 +744,11 @@ def _speed(args) -> int:
     _say(f"speed on {device}: {len(workloads)} workloads, {args.dtype}, {', '.join(args.modes)}, {', '.join(impls)}; "
          f"torch.compile ({args.compile_backend}) in inference for {', '.join(compiled) or 'none'}"
          + (f"; without {', '.join(excluded)} (broke the device), resuming {args.resume}" if args.resume else ""))
-    if not args.resume:  # (resumed: compiled by the first process; Triton's on-disk cache has them)
-        _prewarm(args, workloads, impls)
-    if args.resume:
+    if args.resume:  # (the kernels compiled by the first process: Triton's on-disk cache has them)
         with open(args.resume) as f:
             result: Dict[str, Any] = json.load(f)
     else:
+        _prewarm(args, workloads, impls)
         result = {"commit": commit(), "argv": args.argv, "rows": [], "profiles": [], "skipped": [],
                   "host_profiles": [], "done": [], "broken": []}
     rates = {dtype: _rates_of(result)} if result.get("rates") else None  # (resumed: measured already)
@@ -834,8 +833,9 @@ def _speed(args) -> int:
             save()
             if len(result["broken"]) <= MAX_RESTARTS:
                 _say(f"speed: {culprit} broke the device in {label} ({error}); starting again without it")
-                _restart(args.argv + ["--resume", results_path, "--exclude",
-                                      ",".join(excluded + ([culprit] if rerun else [])), "--deadline", repr(deadline or 0.0)])
+                exclude = ",".join(excluded + ([culprit] if rerun else []))
+                _restart(args.argv + ["--resume", results_path, "--exclude", exclude,
+                                      "--deadline", repr(deadline or 0.0)])
                 return 1  # (a stand-in _restart returns)
             result["skipped"] += [f"{_group_label(*g)}: the device broke {len(result['broken'])} times"
                                   for g in groups if _group_label(*g) not in result["done"]]

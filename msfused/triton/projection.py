@@ -388,6 +388,12 @@ class _Norm:
         return dict(NORM=K.NORM_AFFINE, HAS_GAMMA=self.a is not None, HAS_BETA=self.b is not None)
 
 
+def _launch(kernel, grid, *args, **meta) -> None:
+    """A launch with the kernels' register limit (``launch._pinned``: without it Triton 3.7 and later let ptxas
+    spill project_epilogue_kernel at 40 registers)."""
+    launch._launch(launch._pinned(kernel), grid, *args, **meta)
+
+
 def _epilogue(acc: Optional[Tensor], parts: list, bias: Optional[Tensor], norm: Optional[_Norm], act: str,
               pre: Optional[Tensor], out: Optional[Tensor], like: Tensor,
               stats: Optional[Tuple[Tensor, Tensor]] = None) -> None:
@@ -418,13 +424,13 @@ def _epilogue(acc: Optional[Tensor], parts: list, bias: Optional[Tensor], norm: 
             t, (ty, tx), ks = chunk[s] if s < len(chunk) else (d, _identity_pair(1, d), 1)
             slots += [t, *t.stride(), ty.idx, ty.w, ty.taps, tx.idx, tx.w, tx.taps, ks]
         a, q, o = (t if t is not None else d for t in (src, into, out if last else None))
-        launch._launch(launch._pinned(project_epilogue_kernel), grid, a, *a.stride(), q, *q.stride(), o, *o.stride(),
-                       bias if bias is not None else d, *nrm.args(d), part_mean, part_m2, *slots, N, P, H, W,
-                       PARTS=len(chunk), HAS_ACC=src is not None, HAS_BIAS=bias is not None and i == 0,
-                       STORE_PRE=into is not None, STORE_OUT=last and out is not None,
-                       STATS=last and stats is not None and into is not None, ACT=_ACT[act],
-                       FLAT=all(launch._dense_rows(t) for t in (a, q, o)), F64=like.dtype == torch.float64,
-                       BLOCK_P=block_p, BLOCK_C=block_c, **nrm.meta())
+        _launch(project_epilogue_kernel, grid, a, *a.stride(), q, *q.stride(), o, *o.stride(),
+                bias if bias is not None else d, *nrm.args(d), part_mean, part_m2, *slots, N, P, H, W,
+                PARTS=len(chunk), HAS_ACC=src is not None, HAS_BIAS=bias is not None and i == 0,
+                STORE_PRE=into is not None, STORE_OUT=last and out is not None,
+                STATS=last and stats is not None and into is not None, ACT=_ACT[act],
+                FLAT=all(launch._dense_rows(t) for t in (a, q, o)), F64=like.dtype == torch.float64,
+                BLOCK_P=block_p, BLOCK_C=block_c, **nrm.meta())
 
 
 def _sum_with_statistics(acc: Optional[Tensor], parts: list, bias: Optional[Tensor], pre: Tensor
@@ -457,10 +463,10 @@ def _gather(src: Tensor, dst: Tensor, ty: "_Taps", tx: "_Taps", ks: int = 1, p: 
         _reduce(src, dst, ty, tx, ks, p, accumulate)
         return
     block_p, block_c, grid = _tiles(N * HD * WD, CD)
-    launch._launch(launch._pinned(gather_kernel), grid, src, *src.stride(), dst, *dst.stride(), *ty[:3], *tx[:3],
-                   N, CD, HD, WD, p if p is not None else CD, src.shape[2], src.shape[3], ks, HD, ty.taps,
-                   ACCUMULATE=accumulate, FLAT=launch._dense_rows(dst), F64=dst.dtype == torch.float64,
-                   BLOCK_P=block_p, BLOCK_C=block_c)
+    _launch(gather_kernel, grid, src, *src.stride(), dst, *dst.stride(), *ty[:3], *tx[:3],
+            N, CD, HD, WD, p if p is not None else CD, src.shape[2], src.shape[3], ks, HD, ty.taps,
+            ACCUMULATE=accumulate, FLAT=launch._dense_rows(dst), F64=dst.dtype == torch.float64,
+            BLOCK_P=block_p, BLOCK_C=block_c)
 
 
 def _reduce(src: Tensor, dst: Tensor, ty: "_Taps", tx: "_Taps", ks: int, p: Optional[int], accumulate: bool) -> None:
@@ -490,10 +496,10 @@ def _reduce_launch(src: Tensor, dst: Tensor, ty: "_Taps", tx: "_Taps", rows: int
     """One adjoint_kernel launch: dst's rows are chunks of ``rows`` rows, each summing ``per_chunk`` reader rows."""
     N, CD, HD, WD = dst.shape
     grid = (N * HD * cdiv(WD, tile["BLOCK_X"]), cdiv(CD, block_c))
-    launch._launch(launch._pinned(adjoint_kernel), grid, src, *src.stride(), dst, *dst.stride(), ty.idx, ty.w, ty.taps, ty.count,
-                   tx.idx, tx.w, tx.taps, tx.count, N, CD, HD, WD, p if p is not None else CD, src.shape[2],
-                   src.shape[3], ks, rows, per_chunk, ACCUMULATE=accumulate, SHIFT=ks > 1,
-                   F64=dst.dtype == torch.float64, BLOCK_C=block_c, **tile)
+    _launch(adjoint_kernel, grid, src, *src.stride(), dst, *dst.stride(), ty.idx, ty.w, ty.taps, ty.count,
+            tx.idx, tx.w, tx.taps, tx.count, N, CD, HD, WD, p if p is not None else CD, src.shape[2],
+            src.shape[3], ks, rows, per_chunk, ACCUMULATE=accumulate, SHIFT=ks > 1,
+            F64=dst.dtype == torch.float64, BLOCK_C=block_c, **tile)
 
 
 @cost_model(project_epilogue_kernel)
@@ -776,13 +782,13 @@ def _epilogue_backward(grad: Tensor, pre_b: Tensor, norm: _Norm, act: str, fmt):
         gs, ps, ys = grad.stride(), pre_b.stride(), dy.stride()
         common = dict(ACT=_ACT[act], FLAT=all(launch._dense_rows(t) for t in (grad, pre_b, dy)),
                       F64=pre_b.dtype == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
-        launch._launch(launch._pinned(act_grad_kernel), grid, grad, *gs, pre_b, *ps, dy, *ys, part, *norm.args(pre_b), N, C, H, W,
-                       STORE=not norm.batch, **common, **norm.meta())
+        _launch(act_grad_kernel, grid, grad, *gs, pre_b, *ps, dy, *ys, part, *norm.args(pre_b), N, C, H, W,
+                STORE=not norm.batch, **common, **norm.meta())
         launch._column_sums([(part, sums)])
         if norm.batch:
             a, b, gamma, beta, eps = norm.args(pre_b)
-            launch._launch(launch._pinned(norm_grad_kernel), grid, grad, *gs, pre_b, *ps, dy, *ys, sums, a, b, gamma, beta, eps,
-                           N, C, H, W, HAS_GAMMA=norm.gamma is not None, HAS_BETA=norm.beta is not None, **common)
+            _launch(norm_grad_kernel, grid, grad, *gs, pre_b, *ps, dy, *ys, sums, a, b, gamma, beta, eps,
+                    N, C, H, W, HAS_GAMMA=norm.gamma is not None, HAS_BETA=norm.beta is not None, **common)
     sum_d, sum_du = sums[:C], sums[C:]
     scale_t, shift_t = (norm.gamma, norm.beta) if norm.batch else (norm.a, norm.b)
     # copies: an operator's outputs must not share storage (sums holds both)
